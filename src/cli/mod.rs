@@ -1,0 +1,155 @@
+//! The command line: argument definitions, the shared context, and dispatch to one module per
+//! group of commands.
+
+mod audit_cmd;
+mod output;
+mod vault_cmds;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::Config;
+use crate::passphrase::{self, Purpose};
+use crate::store::Store;
+use crate::vault::Vault;
+
+/// keywarden: a secrets vault and automatic key-rotation daemon.
+#[derive(Debug, Parser)]
+#[command(
+    name = "keywarden",
+    version,
+    about = "Secrets vault and automatic key-rotation daemon",
+    long_about = "keywarden keeps credentials encrypted in a local SQLite store, rotates them on \
+                  schedule through provider plugins, and hands them to agents over a Unix socket.\n\n\
+                  The passphrase is read from KEYWARDEN_PASSPHRASE, the file named by \
+                  KEYWARDEN_PASSPHRASE_FILE, $CREDENTIALS_DIRECTORY/passphrase (systemd), or a \
+                  prompt on a terminal.",
+    after_help = "Start here:\n  keywarden init                       create a store\n  \
+                  printf %s \"$KEY\" | keywarden put openai/prod   store a value (read from stdin)\n  \
+                  keywarden get openai/prod            print it\n  \
+                  keywarden list                       what is stored\n  \
+                  keywarden audit verify               check the audit chain"
+)]
+pub struct Cli {
+    /// Config file (TOML).
+    #[arg(long, global = true, env = "KEYWARDEN_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Store file, overriding the config's `[store] path`.
+    #[arg(long, global = true, env = "KEYWARDEN_STORE", value_name = "PATH")]
+    store: Option<PathBuf>,
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log level filter on stderr (also KEYWARDEN_LOG), e.g. `info` or `keywarden=debug`.
+    #[arg(long, global = true, env = "KEYWARDEN_LOG", value_name = "FILTER")]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a new store with a fresh root key, wrapped under the passphrase.
+    Init(vault_cmds::InitArgs),
+    /// Store a new version of a secret; the value is read from stdin or --value-file, never argv.
+    Put(vault_cmds::PutArgs),
+    /// Print a secret's value (the current version unless --version).
+    Get(vault_cmds::GetArgs),
+    /// List secrets with their versions and rotation state; never values.
+    List(vault_cmds::ListArgs),
+    /// Remove a secret: destroys its data key, so no version of it can be opened again.
+    Rm(vault_cmds::RmArgs),
+    /// Change the passphrase (rewraps the root key; values are untouched).
+    Passwd,
+    /// Replace the root key and rewrap every data key under it (values are untouched).
+    Rekey,
+    /// Check or print the audit chain.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCommand),
+}
+
+/// What every command can use: the parsed config and the CLI's overrides.
+pub(crate) struct Context {
+    config: Config,
+    store_override: Option<PathBuf>,
+    actor: String,
+}
+
+impl Context {
+    fn store_path(&self) -> anyhow::Result<PathBuf> {
+        Ok(self.config.store_path(self.store_override.as_deref())?)
+    }
+
+    async fn open_store(&self) -> anyhow::Result<Store> {
+        Ok(Store::open(&self.store_path()?).await?)
+    }
+
+    async fn unlock(&self) -> anyhow::Result<Vault> {
+        let store = self.open_store().await?;
+        let passphrase = passphrase::obtain(Purpose::Unlock)?;
+        Ok(Vault::unlock(store, &passphrase).await?)
+    }
+}
+
+fn init_logging(format: LogFormat, filter: Option<&str>) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("warn"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Parses the command line and runs the command. Exit codes: 0 ok, 1 failure, 2 usage.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, cli.log.as_deref());
+    crate::hardening::harden_process();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let ctx = Context {
+        config,
+        store_override: cli.store,
+        actor: format!("cli uid={}", rustix::process::getuid().as_raw()),
+    };
+    match cli.command {
+        Command::Init(args) => vault_cmds::init(&ctx, args).await,
+        Command::Put(args) => vault_cmds::put(&ctx, args).await,
+        Command::Get(args) => vault_cmds::get(&ctx, args).await,
+        Command::List(args) => vault_cmds::list(&ctx, args).await,
+        Command::Rm(args) => vault_cmds::rm(&ctx, args).await,
+        Command::Passwd => vault_cmds::passwd(&ctx).await,
+        Command::Rekey => vault_cmds::rekey(&ctx).await,
+        Command::Audit(cmd) => audit_cmd::run(&ctx, cmd).await,
+    }
+}

@@ -1,0 +1,72 @@
+//! Output helpers shared by commands: JSON documents on stdout, times, aligned tables.
+
+use std::io::Write;
+
+use crate::store::Millis;
+
+/// Prints one JSON document (pretty, newline-terminated) on stdout.
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// RFC 3339 in UTC with second precision.
+pub(crate) fn rfc3339(ms: Millis) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// A coarse human duration: `42s`, `5m`, `3h`, `12d`.
+pub(crate) fn coarse_duration(ms: i64) -> String {
+    let s = ms.abs() / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+/// `5m ago` or `in 5m` relative to now.
+pub(crate) fn relative(ms: Millis) -> String {
+    let delta = ms - crate::store::now_millis();
+    if delta <= 0 {
+        format!("{} ago", coarse_duration(delta))
+    } else {
+        format!("in {}", coarse_duration(delta))
+    }
+}
+
+/// Prints rows as left-aligned columns under a header.
+pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let line = |cells: Vec<&str>| -> String {
+        let last = cells.len().saturating_sub(1);
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == last {
+                    c.to_string()
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    writeln!(out, "{}", line(header.to_vec()))?;
+    for row in rows {
+        writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! `init`, `put`, `get`, `list`, `rm`, `passwd`, `rekey`: the store commands.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use super::output::{print_json, print_table, relative, rfc3339};
+use super::Context;
+use crate::passphrase::{self, Purpose};
+use crate::value::SecretValue;
+use crate::vault::{Meta, Vault};
+
+/// Largest value `put` accepts. Values travel in one protocol line (1 MiB) with room to spare.
+const MAX_VALUE_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, Args)]
+pub(crate) struct InitArgs {
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    printf %s \"$OPENAI_API_KEY\" | keywarden put openai/prod\n  \
+    keywarden put aws/rotator --value-file secret.txt --meta access_key_id=AKIA...\n\n\
+    One trailing newline is stripped from the value (so `echo` works); --keep-newline keeps it.")]
+pub(crate) struct PutArgs {
+    /// Secret name: letters, digits, '.', '_', '-', segments separated by '/'.
+    name: String,
+    /// Read the value from this file ('-' for stdin). Default: stdin (prompted on a terminal).
+    #[arg(long, value_name = "FILE")]
+    value_file: Option<PathBuf>,
+    /// A non-secret fact to store beside the value, such as an access key id. Repeatable.
+    #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
+    meta: Vec<(String, String)>,
+    /// Keep a trailing newline in the value.
+    #[arg(long)]
+    keep_newline: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GetArgs {
+    /// Secret name.
+    name: String,
+    /// A specific version instead of the current one.
+    #[arg(long)]
+    version: Option<i64>,
+    /// Print {"name","version","value","meta"} as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ListArgs {
+    /// Print an array of {"name","provider","version","updated_at","next_rotation_at",
+    /// "rotation_state","quarantined","tags"}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RmArgs {
+    /// Secret name.
+    name: String,
+    /// Do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(long)]
+    yes: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_meta(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))?;
+    if k.is_empty() {
+        return Err("the meta key must not be empty".into());
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+pub(crate) async fn init(ctx: &Context, args: InitArgs) -> anyhow::Result<ExitCode> {
+    let path = ctx.store_path()?;
+    if path.exists() {
+        bail!("a store already exists at {}; refusing to overwrite it", path.display());
+    }
+    let kdf = ctx.config.store.kdf;
+    let passphrase = passphrase::obtain(Purpose::Create)?;
+    Vault::init(&path, &passphrase, kdf, &ctx.actor).await?;
+    if args.json {
+        print_json(&json!({ "store": path, "kdf": kdf }))?;
+    } else {
+        println!("created a store at {} ({kdf})", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_value(args: &PutArgs) -> anyhow::Result<SecretValue> {
+    let mut buf = Zeroizing::new(Vec::new());
+    match &args.value_file {
+        Some(path) if path.as_os_str() != "-" => {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot open the value file {}", path.display()))?;
+            file.take(MAX_VALUE_BYTES as u64 + 1)
+                .read_to_end(&mut buf)
+                .with_context(|| format!("cannot read the value file {}", path.display()))?;
+        }
+        _ if args.value_file.is_none() && std::io::stdin().is_terminal() => {
+            let typed = rpassword::prompt_password(format!("value for {}: ", args.name))
+                .context("cannot read the value from the terminal")?;
+            buf.extend_from_slice(typed.as_bytes());
+            drop(Zeroizing::new(typed));
+        }
+        _ => {
+            std::io::stdin()
+                .lock()
+                .take(MAX_VALUE_BYTES as u64 + 1)
+                .read_to_end(&mut buf)
+                .context("cannot read the value from stdin")?;
+        }
+    }
+    if buf.len() > MAX_VALUE_BYTES {
+        bail!("the value is larger than {} KiB", MAX_VALUE_BYTES / 1024);
+    }
+    if !args.keep_newline {
+        if buf.ends_with(b"\r\n") {
+            let len = buf.len() - 2;
+            buf.truncate(len);
+        } else if buf.ends_with(b"\n") {
+            let len = buf.len() - 1;
+            buf.truncate(len);
+        }
+    }
+    if buf.is_empty() {
+        bail!("the value is empty; nothing stored");
+    }
+    SecretValue::from_utf8(buf).map_err(|_| anyhow::anyhow!("the value is not UTF-8 text"))
+}
+
+pub(crate) async fn put(ctx: &Context, args: PutArgs) -> anyhow::Result<ExitCode> {
+    crate::name::validate(&args.name)?;
+    let value = read_value(&args)?;
+    let meta: Meta = args
+        .meta
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    let vault = ctx.unlock().await?;
+    let version = vault.put(&args.name, "manual", &value, meta, &ctx.actor).await?;
+    if args.json {
+        print_json(&json!({ "name": args.name, "version": version }))?;
+    } else {
+        println!("stored {} version {version}", args.name);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn get(ctx: &Context, args: GetArgs) -> anyhow::Result<ExitCode> {
+    crate::name::validate(&args.name)?;
+    let vault = ctx.unlock().await?;
+    let revealed = vault.get(&args.name, args.version, &ctx.actor).await?;
+    if args.json {
+        print_json(&json!({
+            "name": revealed.name,
+            "version": revealed.version,
+            "value": revealed.value.expose(),
+            "meta": revealed.meta,
+        }))?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        out.write_all(revealed.value.expose().as_bytes())?;
+        if out.is_terminal() {
+            writeln!(out)?;
+        }
+        out.flush()?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<ExitCode> {
+    let store = ctx.open_store().await?;
+    let secrets = store.list().await?;
+    if args.json {
+        let items: Vec<_> = secrets
+            .iter()
+            .map(|s| {
+                json!({
+                    "name": s.name,
+                    "provider": s.provider,
+                    "version": s.version,
+                    "updated_at": rfc3339(s.updated_at),
+                    "next_rotation_at": serde_json::Value::Null,
+                    "rotation_state": serde_json::Value::Null,
+                    "quarantined": false,
+                    "tags": s.tags,
+                })
+            })
+            .collect();
+        print_json(&items)?;
+    } else if secrets.is_empty() {
+        eprintln!("no secrets yet; add one with `keywarden put NAME`");
+    } else {
+        let rows: Vec<Vec<String>> = secrets
+            .iter()
+            .map(|s| {
+                vec![
+                    s.name.clone(),
+                    s.provider.clone(),
+                    s.version.map_or("-".into(), |v| v.to_string()),
+                    relative(s.updated_at),
+                    s.tags.join(","),
+                ]
+            })
+            .collect();
+        print_table(&["NAME", "PROVIDER", "VERSION", "UPDATED", "TAGS"], &rows)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn rm(ctx: &Context, args: RmArgs) -> anyhow::Result<ExitCode> {
+    crate::name::validate(&args.name)?;
+    if !args.yes {
+        if !std::io::stdin().is_terminal() {
+            bail!("refusing to remove {} without --yes (stdin is not a terminal)", args.name);
+        }
+        eprint!(
+            "This destroys {}'s data key: no version of it can be opened again.\n\
+             Type the name to confirm: ",
+            args.name
+        );
+        let mut typed = String::new();
+        std::io::stdin().read_line(&mut typed)?;
+        if typed.trim_end() != args.name {
+            bail!("not confirmed; nothing removed");
+        }
+    }
+    let vault = ctx.unlock().await?;
+    let versions = vault.remove(&args.name, &ctx.actor).await?;
+    if args.json {
+        print_json(&json!({ "name": args.name, "versions_destroyed": versions }))?;
+    } else {
+        println!(
+            "removed {}: its data key is destroyed and its {versions} version(s) can no longer be \
+             opened from this store (backups taken before now still hold them)",
+            args.name
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn passwd(ctx: &Context) -> anyhow::Result<ExitCode> {
+    let vault = ctx.unlock().await?;
+    let new = passphrase::obtain(Purpose::Change)?;
+    vault
+        .change_passphrase(&new, ctx.config.store.kdf, &ctx.actor)
+        .await?;
+    println!(
+        "passphrase changed for {} ({})",
+        vault.store().path().display(),
+        ctx.config.store.kdf
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn rekey(ctx: &Context) -> anyhow::Result<ExitCode> {
+    let store = ctx.open_store().await?;
+    let passphrase = passphrase::obtain(Purpose::Unlock)?;
+    let mut vault = Vault::unlock(store, &passphrase).await?;
+    let count = vault.rekey(&passphrase, &ctx.actor).await?;
+    println!("new root key installed; {count} data key(s) rewrapped; values untouched");
+    Ok(ExitCode::SUCCESS)
+}

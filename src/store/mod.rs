@@ -1,0 +1,414 @@
+//! Persistence: the rows keywarden keeps, and the atomic operations on them.
+//!
+//! Callers see [`Store`] and the record types here, never SQL. Each method that changes state is
+//! one transaction and appends its audit rows inside that same transaction, so a change and its
+//! audit row are durable together or not at all. The backend is chosen when the store is opened;
+//! today that is SQLite ([`sqlite`]); a PostgreSQL backend would be another variant of `Backend`
+//! implementing the same methods, and no caller would change.
+//!
+//! Nothing here encrypts or decrypts: values arrive sealed and leave sealed.
+
+mod sqlite;
+
+use std::path::{Path, PathBuf};
+
+use crate::audit::{AuditEvent, AuditRecord};
+use crate::crypto::KdfParams;
+
+/// Unix time in milliseconds, the unit of every timestamp in the store.
+pub type Millis = i64;
+
+/// The current time as [`Millis`].
+pub fn now_millis() -> Millis {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No store file where one was expected.
+    #[error("no store at {path} ({hint})")]
+    NotFound {
+        /// Where we looked.
+        path: PathBuf,
+        /// How to create one.
+        hint: &'static str,
+    },
+    /// The store file exists but cannot be opened.
+    #[error("cannot open the store at {path}: {source}")]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's reason.
+        source: std::io::Error,
+    },
+    /// `init` found a store already there.
+    #[error("a store already exists at {path}; refusing to overwrite it")]
+    AlreadyExists {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The store was written by a newer keywarden.
+    #[error(
+        "the store at {path} has schema version {found}, newer than this keywarden supports \
+         ({supported}); upgrade keywarden to open it"
+    )]
+    SchemaTooNew {
+        /// The file.
+        path: PathBuf,
+        /// The store's schema version.
+        found: i64,
+        /// The newest this build knows.
+        supported: i64,
+    },
+    /// The file is an SQLite database but holds no vault.
+    #[error("the store at {path} holds no vault (was `keywarden init` interrupted?)")]
+    NotInitialized {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Another writer changed what this operation was based on; retry it.
+    #[error("{0} changed concurrently; try again")]
+    Conflict(String),
+    /// The root key was replaced (by `rekey` in another process) since this process unlocked.
+    #[error("the store was rekeyed by another process; unlock it again")]
+    StaleKeys,
+    /// A row holds something this build cannot read.
+    #[error("the store is damaged: {0}")]
+    Corrupt(String),
+    /// The database failed.
+    #[error("store database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Applying the schema failed.
+    #[error("cannot apply the store schema: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A filesystem operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What we tried.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The operating system's reason.
+        source: std::io::Error,
+    },
+}
+
+/// The record that unlocks the vault: KDF parameters, salt and the wrapped keys.
+#[derive(Debug, Clone)]
+pub struct VaultHeader {
+    /// Argon2id parameters for the key-encryption key.
+    pub kdf: KdfParams,
+    /// Argon2id salt.
+    pub salt: Vec<u8>,
+    /// The root key, sealed under the key-encryption key.
+    pub wrapped_root_key: Vec<u8>,
+    /// The fingerprint key, sealed under the root key.
+    pub wrapped_fingerprint_key: Vec<u8>,
+    /// Incremented by every `rekey`; writes of wrapped material check it.
+    pub root_generation: i64,
+}
+
+/// Where a version stands in its secret's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Created by a rotation, not yet served.
+    Pending,
+    /// The version fetches receive.
+    Current,
+    /// The version before current, still valid while it drains.
+    Previous,
+    /// No longer valid; kept for audit and leak matching.
+    Revoked,
+}
+
+impl Stage {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Pending => "pending",
+            Stage::Current => "current",
+            Stage::Previous => "previous",
+            Stage::Revoked => "revoked",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, StoreError> {
+        Ok(match text {
+            "pending" => Stage::Pending,
+            "current" => Stage::Current,
+            "previous" => Stage::Previous,
+            "revoked" => Stage::Revoked,
+            other => return Err(StoreError::Corrupt(format!("unknown version stage {other:?}"))),
+        })
+    }
+}
+
+/// A secret's row, without its versions.
+#[derive(Debug, Clone)]
+pub struct SecretRecord {
+    /// Immutable random id; bound into every ciphertext of the secret.
+    pub id: String,
+    /// Unique name, such as `openai/prod`.
+    pub name: String,
+    /// Provider kind (`manual`, `random`, a plugin kind).
+    pub provider: String,
+    /// The data key, sealed under the root key.
+    pub wrapped_data_key: Vec<u8>,
+    /// Free-form labels for scoping.
+    pub tags: Vec<String>,
+    /// When the secret was created.
+    pub created_at: Millis,
+    /// When a version last changed.
+    pub updated_at: Millis,
+    /// The highest version number, if any.
+    pub latest_version: Option<i64>,
+}
+
+/// One version of a secret, still sealed.
+#[derive(Debug, Clone)]
+pub struct VersionRecord {
+    /// Version number, from 1.
+    pub version: i64,
+    /// Its stage.
+    pub stage: Stage,
+    /// The value sealed under the secret's data key.
+    pub ciphertext: Vec<u8>,
+    /// Non-secret facts (a key id, a user name).
+    pub meta: serde_json::Map<String, serde_json::Value>,
+    /// Keyed fingerprint of the value.
+    pub fingerprint: Vec<u8>,
+    /// When it was created.
+    pub created_at: Millis,
+}
+
+/// A secret and one of its versions, as the read path needs them.
+#[derive(Debug, Clone)]
+pub struct SealedSecret {
+    /// The secret's id.
+    pub secret_id: String,
+    /// The secret's data key, sealed under the root key.
+    pub wrapped_data_key: Vec<u8>,
+    /// The version.
+    pub version: VersionRecord,
+}
+
+/// What `list` shows of a secret.
+#[derive(Debug, Clone)]
+pub struct SecretSummary {
+    /// Name.
+    pub name: String,
+    /// Provider kind.
+    pub provider: String,
+    /// The current version, if any.
+    pub version: Option<i64>,
+    /// When a version last changed.
+    pub updated_at: Millis,
+    /// Tags.
+    pub tags: Vec<String>,
+}
+
+/// A secret to create together with its first version.
+#[derive(Debug, Clone)]
+pub struct NewSecret {
+    /// Its random id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Its provider kind.
+    pub provider: String,
+    /// Its data key, sealed under the root key.
+    pub wrapped_data_key: Vec<u8>,
+    /// Its tags.
+    pub tags: Vec<String>,
+}
+
+/// A version to add.
+#[derive(Debug, Clone)]
+pub struct NewVersion {
+    /// Its number: the secret's latest plus one.
+    pub version: i64,
+    /// The sealed value.
+    pub ciphertext: Vec<u8>,
+    /// Non-secret facts.
+    pub meta: serde_json::Map<String, serde_json::Value>,
+    /// Keyed fingerprint of the value.
+    pub fingerprint: Vec<u8>,
+}
+
+/// Which secret a new version belongs to.
+#[derive(Debug, Clone)]
+pub enum VersionTarget {
+    /// A secret that does not exist yet; created in the same transaction.
+    New(NewSecret),
+    /// An existing secret, whose latest version must still be `expected_latest`.
+    Existing {
+        /// The secret's id.
+        secret_id: String,
+        /// The latest version the caller saw.
+        expected_latest: Option<i64>,
+    },
+}
+
+/// A data key rewrapped under a new root key.
+#[derive(Debug, Clone)]
+pub struct RewrappedKey {
+    /// The secret's id.
+    pub secret_id: String,
+    /// The data key sealed under the new root key.
+    pub wrapped_data_key: Vec<u8>,
+}
+
+enum Backend {
+    Sqlite(sqlite::SqliteStore),
+}
+
+/// The store. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct Store {
+    backend: std::sync::Arc<Backend>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Creates a new store file holding `header` (mode 0600; a missing directory is created
+    /// 0700). Fails if a file is already there; leaves nothing behind if it fails.
+    pub async fn create(
+        path: &Path,
+        header: &VaultHeader,
+        audit: AuditEvent,
+    ) -> Result<Store, StoreError> {
+        let backend = sqlite::SqliteStore::create(path, header, audit).await?;
+        Ok(Store {
+            backend: std::sync::Arc::new(Backend::Sqlite(backend)),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens an existing store, applying newer schema migrations if needed.
+    pub async fn open(path: &Path) -> Result<Store, StoreError> {
+        let backend = sqlite::SqliteStore::open(path).await?;
+        Ok(Store {
+            backend: std::sync::Arc::new(Backend::Sqlite(backend)),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The path the store was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn sqlite(&self) -> &sqlite::SqliteStore {
+        match &*self.backend {
+            Backend::Sqlite(s) => s,
+        }
+    }
+
+    /// The vault header, or [`StoreError::NotInitialized`].
+    pub async fn header(&self) -> Result<VaultHeader, StoreError> {
+        self.sqlite()
+            .header()
+            .await?
+            .ok_or_else(|| StoreError::NotInitialized {
+                path: self.path.clone(),
+            })
+    }
+
+    /// Replaces the KDF parameters, salt and wrapped root key (a passphrase change).
+    pub async fn replace_root_wrapping(
+        &self,
+        header: &VaultHeader,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.sqlite().replace_root_wrapping(header, audit).await
+    }
+
+    /// Installs a new root key: the header and every data key, in one transaction. Fails with
+    /// [`StoreError::Conflict`] if the set of secrets changed since `rewrapped` was computed.
+    pub async fn rekey(
+        &self,
+        old_generation: i64,
+        header: &VaultHeader,
+        rewrapped: &[RewrappedKey],
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.sqlite()
+            .rekey(old_generation, header, rewrapped, audit)
+            .await
+    }
+
+    /// Every secret's id, name and wrapped data key (for `rekey`).
+    pub async fn all_data_keys(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
+        self.sqlite().all_data_keys().await
+    }
+
+    /// A secret by name.
+    pub async fn secret(&self, name: &str) -> Result<Option<SecretRecord>, StoreError> {
+        self.sqlite().secret(name).await
+    }
+
+    /// A secret's current version (`version = None`) or a given version, still sealed.
+    pub async fn sealed(
+        &self,
+        name: &str,
+        version: Option<i64>,
+    ) -> Result<Option<SealedSecret>, StoreError> {
+        self.sqlite().sealed(name, version).await
+    }
+
+    /// Adds a version and makes it current (the old current becomes previous, the old previous
+    /// revoked). Checks that the root key generation is still `generation`.
+    pub async fn put_version(
+        &self,
+        generation: i64,
+        target: &VersionTarget,
+        version: &NewVersion,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.sqlite()
+            .put_version(generation, target, version, audit)
+            .await
+    }
+
+    /// All secrets, by name.
+    pub async fn list(&self) -> Result<Vec<SecretSummary>, StoreError> {
+        self.sqlite().list().await
+    }
+
+    /// Deletes a secret, its data key and all its versions. Returns how many versions it had,
+    /// or `None` if there was no such secret.
+    pub async fn remove_secret(
+        &self,
+        name: &str,
+        audit: AuditEvent,
+    ) -> Result<Option<i64>, StoreError> {
+        self.sqlite().remove_secret(name, audit).await
+    }
+
+    /// Appends audit rows in one transaction.
+    pub async fn append_audit(&self, events: &[AuditEvent]) -> Result<(), StoreError> {
+        self.sqlite().append_audit(events).await
+    }
+
+    /// Up to `limit` audit rows with `seq > after`, in order.
+    pub async fn audit_page(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        self.sqlite().audit_page(after, limit).await
+    }
+
+    /// The last `limit` audit rows, in order.
+    pub async fn audit_tail(&self, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
+        self.sqlite().audit_tail(limit).await
+    }
+}

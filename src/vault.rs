@@ -1,0 +1,460 @@
+//! The vault: the key hierarchy on top of the store.
+//!
+//! ```text
+//! passphrase ──Argon2id──► key-encryption key ──wraps──► root key ──wraps──► data key (per secret)
+//!                                                          │                   └─seals─► each version
+//!                                                          └─wraps──► fingerprint key (HMAC)
+//! ```
+//!
+//! Associated data binds every wrapped key and sealed value to its place: a data key to its
+//! secret's id, a value to its secret's id and version number. A ciphertext copied to another row
+//! or version therefore fails to open, and the failure is reported as an integrity error naming
+//! the secret, while every other secret still opens.
+
+use std::path::Path;
+
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use crate::audit::AuditEvent;
+use crate::crypto::{self, CryptoError, FingerprintKey, KdfParams, SymmetricKey};
+use crate::name::{self, InvalidName};
+use crate::store::{
+    NewSecret, NewVersion, RewrappedKey, SealedSecret, Stage, Store, StoreError, VaultHeader,
+    VersionTarget,
+};
+use crate::value::SecretValue;
+
+const ROOT_KEY_AAD: &[u8] = b"keywarden/root-key";
+const FINGERPRINT_KEY_AAD: &[u8] = b"keywarden/fingerprint-key";
+const CONFLICT_RETRIES: usize = 5;
+
+fn data_key_aad(secret_id: &str) -> Vec<u8> {
+    format!("keywarden/data-key/{secret_id}").into_bytes()
+}
+
+fn value_aad(secret_id: &str, version: i64) -> Vec<u8> {
+    format!("keywarden/value/{secret_id}/{version}").into_bytes()
+}
+
+/// Non-secret facts stored in plaintext beside a version.
+pub type Meta = serde_json::Map<String, serde_json::Value>;
+
+/// A passphrase, zeroized when dropped.
+pub type Passphrase = Zeroizing<String>;
+
+/// Errors from the vault.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    /// The passphrase does not unwrap the root key.
+    #[error(
+        "wrong passphrase for the store at {path} (or its key record is damaged); nothing was changed"
+    )]
+    WrongPassphrase {
+        /// The store.
+        path: String,
+    },
+    /// A wrapped key or sealed value failed to authenticate.
+    #[error(
+        "integrity check failed for secret {name:?}{}: its ciphertext does not authenticate \
+         (edited, or moved from another secret or version); other secrets are unaffected",
+        version.map(|v| format!(" version {v}")).unwrap_or_default()
+    )]
+    Integrity {
+        /// The secret.
+        name: String,
+        /// The version, when the value (not the data key) failed.
+        version: Option<i64>,
+    },
+    /// The vault's own key record failed to authenticate after the passphrase matched.
+    #[error("the store's key record is damaged: {0}")]
+    DamagedHeader(&'static str),
+    /// No secret by that name.
+    #[error("no secret named {0:?}")]
+    NoSuchSecret(String),
+    /// The secret exists but not that version.
+    #[error("secret {name:?} has no version {version}")]
+    NoSuchVersion {
+        /// The secret.
+        name: String,
+        /// The version asked for.
+        version: i64,
+    },
+    /// The secret exists but has no current version yet.
+    #[error("secret {0:?} has no current version yet")]
+    NoCurrentVersion(String),
+    /// A stored value is not UTF-8 (values are strings by protocol).
+    #[error("secret {0:?} holds a value that is not UTF-8")]
+    NotUtf8(String),
+    /// The passphrase is unusable.
+    #[error("{0}")]
+    BadPassphrase(&'static str),
+    /// The name is not valid.
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Crypto failed for a reason other than authentication (randomness, KDF parameters).
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+/// A decrypted version.
+#[derive(Debug, Clone)]
+pub struct Revealed {
+    /// The secret's name.
+    pub name: String,
+    /// The version number.
+    pub version: i64,
+    /// The version's stage.
+    pub stage: Stage,
+    /// The value.
+    pub value: SecretValue,
+    /// Non-secret facts.
+    pub meta: Meta,
+    /// Keyed fingerprint of the value.
+    pub fingerprint: Vec<u8>,
+}
+
+impl Revealed {
+    /// A short fingerprint for audit rows and logs.
+    pub fn short_fingerprint(&self) -> String {
+        short_fingerprint(&self.fingerprint)
+    }
+}
+
+/// The first 8 bytes of a fingerprint, as hex: enough to tell versions apart in a log.
+pub fn short_fingerprint(fingerprint: &[u8]) -> String {
+    crypto::hex(&fingerprint[..fingerprint.len().min(8)])
+}
+
+struct Keyring {
+    root: SymmetricKey,
+    fingerprint: FingerprintKey,
+    generation: i64,
+}
+
+/// An unlocked vault.
+pub struct Vault {
+    store: Store,
+    keys: Keyring,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault").field("store", &self.store).finish_non_exhaustive()
+    }
+}
+
+async fn derive_kek(
+    passphrase: &Passphrase,
+    salt: &[u8],
+    params: KdfParams,
+) -> Result<SymmetricKey, VaultError> {
+    let passphrase = passphrase.clone();
+    let salt = salt.to_vec();
+    // Argon2id takes a noticeable fraction of a second by design: keep it off the async workers.
+    tokio::task::spawn_blocking(move || {
+        crypto::derive_key_encryption_key(passphrase.as_bytes(), &salt, &params)
+    })
+    .await
+    .expect("the key derivation task panicked")
+    .map_err(VaultError::from)
+}
+
+fn check_new_passphrase(passphrase: &Passphrase) -> Result<(), VaultError> {
+    if passphrase.is_empty() {
+        return Err(VaultError::BadPassphrase("the passphrase must not be empty"));
+    }
+    if passphrase.chars().count() < 12 {
+        tracing::warn!("the passphrase is shorter than 12 characters; consider a longer one");
+    }
+    Ok(())
+}
+
+impl Vault {
+    /// Creates a store at `path` with a new random root key wrapped under `passphrase`.
+    pub async fn init(
+        path: &Path,
+        passphrase: &Passphrase,
+        kdf: KdfParams,
+        actor: &str,
+    ) -> Result<Vault, VaultError> {
+        check_new_passphrase(passphrase)?;
+        let salt = crypto::random_bytes(crypto::SALT_LEN)?;
+        let kek = derive_kek(passphrase, &salt, kdf).await?;
+        let keys = Keyring {
+            root: SymmetricKey::generate()?,
+            fingerprint: FingerprintKey::generate()?,
+            generation: 1,
+        };
+        let header = VaultHeader {
+            kdf,
+            salt: salt.to_vec(),
+            wrapped_root_key: kek.wrap(ROOT_KEY_AAD, &keys.root)?,
+            wrapped_fingerprint_key: keys
+                .root
+                .wrap_fingerprint_key(FINGERPRINT_KEY_AAD, &keys.fingerprint)?,
+            root_generation: keys.generation,
+        };
+        let audit = AuditEvent::new(actor, "vault.init").detail(json!({ "kdf": kdf.to_string() }));
+        let store = Store::create(path, &header, audit).await?;
+        Ok(Vault { store, keys })
+    }
+
+    /// Unlocks an opened store with `passphrase`.
+    pub async fn unlock(store: Store, passphrase: &Passphrase) -> Result<Vault, VaultError> {
+        let header = store.header().await?;
+        let kek = derive_kek(passphrase, &header.salt, header.kdf).await?;
+        let root = kek
+            .unwrap_key(ROOT_KEY_AAD, &header.wrapped_root_key)
+            .map_err(|_| VaultError::WrongPassphrase {
+                path: store.path().display().to_string(),
+            })?;
+        let fingerprint = root
+            .unwrap_fingerprint_key(FINGERPRINT_KEY_AAD, &header.wrapped_fingerprint_key)
+            .map_err(|_| VaultError::DamagedHeader("the fingerprint key does not authenticate"))?;
+        Ok(Vault {
+            store,
+            keys: Keyring {
+                root,
+                fingerprint,
+                generation: header.root_generation,
+            },
+        })
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The keyed fingerprint of a value.
+    pub fn fingerprint(&self, value: &[u8]) -> [u8; crypto::DIGEST_LEN] {
+        self.keys.fingerprint.fingerprint(value)
+    }
+
+    fn data_key(&self, name: &str, secret_id: &str, wrapped: &[u8]) -> Result<SymmetricKey, VaultError> {
+        self.keys
+            .root
+            .unwrap_key(&data_key_aad(secret_id), wrapped)
+            .map_err(|_| VaultError::Integrity {
+                name: name.to_string(),
+                version: None,
+            })
+    }
+
+    /// Stores `value` as a new current version of `name` (creating the secret, provider
+    /// `provider`, if it does not exist). Returns the new version number.
+    pub async fn put(
+        &self,
+        name: &str,
+        provider: &str,
+        value: &SecretValue,
+        meta: Meta,
+        actor: &str,
+    ) -> Result<i64, VaultError> {
+        name::validate(name)?;
+        let fingerprint = self.fingerprint(value.expose().as_bytes());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (target, data_key, version) = match self.store.secret(name).await? {
+                Some(secret) => {
+                    let key = self.data_key(name, &secret.id, &secret.wrapped_data_key)?;
+                    let next = secret.latest_version.unwrap_or(0) + 1;
+                    let target = VersionTarget::Existing {
+                        secret_id: secret.id,
+                        expected_latest: secret.latest_version,
+                    };
+                    (target, key, next)
+                }
+                None => {
+                    let id = uuid::Uuid::new_v4().to_string();
+                    let key = SymmetricKey::generate()?;
+                    let wrapped = self.keys.root.wrap(&data_key_aad(&id), &key)?;
+                    let target = VersionTarget::New(NewSecret {
+                        id,
+                        name: name.to_string(),
+                        provider: provider.to_string(),
+                        wrapped_data_key: wrapped,
+                        tags: Vec::new(),
+                    });
+                    (target, key, 1)
+                }
+            };
+            let secret_id = match &target {
+                VersionTarget::New(s) => s.id.as_str(),
+                VersionTarget::Existing { secret_id, .. } => secret_id.as_str(),
+            };
+            let new_version = NewVersion {
+                version,
+                ciphertext: data_key.seal(&value_aad(secret_id, version), value.expose().as_bytes())?,
+                meta: meta.clone(),
+                fingerprint: fingerprint.to_vec(),
+            };
+            let audit = AuditEvent::new(actor, "secret.put").secret(name).detail(json!({
+                "version": version,
+                "fingerprint": short_fingerprint(&fingerprint),
+                "meta_keys": meta.keys().collect::<Vec<_>>(),
+            }));
+            match self
+                .store
+                .put_version(self.keys.generation, &target, &new_version, audit)
+                .await
+            {
+                Err(StoreError::Conflict(_)) if attempt < CONFLICT_RETRIES => continue,
+                other => {
+                    other?;
+                    return Ok(version);
+                }
+            }
+        }
+    }
+
+    /// Decrypts the current version of `name` (or `version`), without writing an audit row.
+    /// Callers that reveal the value to someone audit it themselves; see [`Vault::get`].
+    pub async fn read(&self, name: &str, version: Option<i64>) -> Result<Revealed, VaultError> {
+        name::validate(name)?;
+        let Some(sealed) = self.store.sealed(name, version).await? else {
+            return Err(self.missing(name, version).await);
+        };
+        self.open_sealed(name, &sealed)
+    }
+
+    /// Decrypts a version fetched from the store.
+    pub fn open_sealed(&self, name: &str, sealed: &SealedSecret) -> Result<Revealed, VaultError> {
+        let key = self.data_key(name, &sealed.secret_id, &sealed.wrapped_data_key)?;
+        let v = &sealed.version;
+        let plain = key
+            .open(&value_aad(&sealed.secret_id, v.version), &v.ciphertext)
+            .map_err(|_| VaultError::Integrity {
+                name: name.to_string(),
+                version: Some(v.version),
+            })?;
+        let value = SecretValue::from_utf8(plain).map_err(|_| VaultError::NotUtf8(name.to_string()))?;
+        Ok(Revealed {
+            name: name.to_string(),
+            version: v.version,
+            stage: v.stage,
+            value,
+            meta: v.meta.clone(),
+            fingerprint: v.fingerprint.clone(),
+        })
+    }
+
+    async fn missing(&self, name: &str, version: Option<i64>) -> VaultError {
+        match self.store.secret(name).await {
+            Ok(None) => VaultError::NoSuchSecret(name.to_string()),
+            Ok(Some(_)) => match version {
+                Some(version) => VaultError::NoSuchVersion {
+                    name: name.to_string(),
+                    version,
+                },
+                None => VaultError::NoCurrentVersion(name.to_string()),
+            },
+            Err(e) => e.into(),
+        }
+    }
+
+    /// Decrypts a version for `actor` and records that in the audit chain before returning it.
+    pub async fn get(
+        &self,
+        name: &str,
+        version: Option<i64>,
+        actor: &str,
+    ) -> Result<Revealed, VaultError> {
+        let revealed = self.read(name, version).await?;
+        let audit = AuditEvent::new(actor, "secret.get").secret(name).detail(json!({
+            "version": revealed.version,
+            "fingerprint": revealed.short_fingerprint(),
+        }));
+        self.store.append_audit(&[audit]).await?;
+        Ok(revealed)
+    }
+
+    /// Deletes a secret and destroys its data key. Returns how many versions became unreadable.
+    pub async fn remove(&self, name: &str, actor: &str) -> Result<i64, VaultError> {
+        name::validate(name)?;
+        let audit = AuditEvent::new(actor, "secret.remove").secret(name);
+        self.store
+            .remove_secret(name, audit)
+            .await?
+            .ok_or_else(|| VaultError::NoSuchSecret(name.to_string()))
+    }
+
+    /// Wraps the root key under a new passphrase (and the configured KDF parameters).
+    pub async fn change_passphrase(
+        &self,
+        new_passphrase: &Passphrase,
+        kdf: KdfParams,
+        actor: &str,
+    ) -> Result<(), VaultError> {
+        check_new_passphrase(new_passphrase)?;
+        let mut header = self.store.header().await?;
+        let salt = crypto::random_bytes(crypto::SALT_LEN)?;
+        let kek = derive_kek(new_passphrase, &salt, kdf).await?;
+        header.kdf = kdf;
+        header.salt = salt.to_vec();
+        header.wrapped_root_key = kek.wrap(ROOT_KEY_AAD, &self.keys.root)?;
+        header.root_generation = self.keys.generation;
+        let audit = AuditEvent::new(actor, "vault.passwd").detail(json!({ "kdf": kdf.to_string() }));
+        self.store.replace_root_wrapping(&header, audit).await?;
+        Ok(())
+    }
+
+    /// Replaces the root key with a new random one and rewraps every data key and the
+    /// fingerprint key under it, in one transaction. Values are not re-encrypted. Returns the
+    /// number of data keys rewrapped.
+    pub async fn rekey(&mut self, passphrase: &Passphrase, actor: &str) -> Result<usize, VaultError> {
+        let old_header = self.store.header().await?;
+        derive_kek(passphrase, &old_header.salt, old_header.kdf)
+            .await?
+            .unwrap_key(ROOT_KEY_AAD, &old_header.wrapped_root_key)
+            .map_err(|_| VaultError::WrongPassphrase {
+                path: self.store.path().display().to_string(),
+            })?;
+        let salt = crypto::random_bytes(crypto::SALT_LEN)?;
+        let kek = derive_kek(passphrase, &salt, old_header.kdf).await?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let new_root = SymmetricKey::generate()?;
+            let mut rewrapped = Vec::new();
+            for (secret_id, name, wrapped) in self.store.all_data_keys().await? {
+                let aad = data_key_aad(&secret_id);
+                let key = self.data_key(&name, &secret_id, &wrapped)?;
+                rewrapped.push(RewrappedKey {
+                    wrapped_data_key: new_root.wrap(&aad, &key)?,
+                    secret_id,
+                });
+            }
+            let header = VaultHeader {
+                kdf: old_header.kdf,
+                salt: salt.to_vec(),
+                wrapped_root_key: kek.wrap(ROOT_KEY_AAD, &new_root)?,
+                wrapped_fingerprint_key: new_root
+                    .wrap_fingerprint_key(FINGERPRINT_KEY_AAD, &self.keys.fingerprint)?,
+                root_generation: self.keys.generation + 1,
+            };
+            let audit = AuditEvent::new(actor, "vault.rekey").detail(json!({
+                "data_keys": rewrapped.len(),
+                "root_generation": header.root_generation,
+            }));
+            match self
+                .store
+                .rekey(self.keys.generation, &header, &rewrapped, audit)
+                .await
+            {
+                Err(StoreError::Conflict(_)) if attempt < CONFLICT_RETRIES => continue,
+                Err(e) => return Err(e.into()),
+                Ok(()) => {
+                    self.keys.root = new_root;
+                    self.keys.generation = header.root_generation;
+                    return Ok(rewrapped.len());
+                }
+            }
+        }
+    }
+}
