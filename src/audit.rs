@@ -172,7 +172,9 @@ impl ChainVerifier {
             ));
         }
         if !crypto::constant_time_eq(&row.hash, &row.expected_hash()) {
-            return Err(fail("its contents do not match its hash (the row was edited)".into()));
+            return Err(fail(
+                "its contents do not match its hash (the row was edited)".into(),
+            ));
         }
         self.prev_hash.clone_from(&row.hash);
         self.prev_seq = row.seq;

@@ -112,9 +112,12 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named_with_their_line() {
-        let err = Config::parse("[store]\npath = \"x.db\"\npaht = 1\n", Path::new("/etc/kw.toml"))
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse(
+            "[store]\npath = \"x.db\"\npaht = 1\n",
+            Path::new("/etc/kw.toml"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("line 3"), "{err}");
         assert!(err.contains("paht"), "{err}");
         assert!(err.contains("/etc/kw.toml"), "{err}");
@@ -122,8 +125,15 @@ mod tests {
 
     #[test]
     fn relative_store_path_is_resolved_against_the_config_dir() {
-        let c = Config::parse("[store]\npath = \"data/v.db\"\n", Path::new("/srv/kw/kw.toml")).unwrap();
-        assert_eq!(c.store_path(None).unwrap(), PathBuf::from("/srv/kw/data/v.db"));
+        let c = Config::parse(
+            "[store]\npath = \"data/v.db\"\n",
+            Path::new("/srv/kw/kw.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.store_path(None).unwrap(),
+            PathBuf::from("/srv/kw/data/v.db")
+        );
         assert_eq!(
             c.store_path(Some(Path::new("/tmp/o.db"))).unwrap(),
             PathBuf::from("/tmp/o.db")
@@ -134,8 +144,19 @@ mod tests {
     fn kdf_defaults_to_rfc9106_second_option_and_can_be_lowered() {
         let c = Config::parse("", Path::new("k.toml")).unwrap();
         assert_eq!(c.store.kdf, KdfParams::default());
-        assert_eq!((c.store.kdf.memory_kib, c.store.kdf.iterations, c.store.kdf.parallelism), (65536, 3, 4));
-        let c = Config::parse("[store.kdf]\nmemory_kib = 8\niterations = 1\nparallelism = 1\n", Path::new("k.toml")).unwrap();
+        assert_eq!(
+            (
+                c.store.kdf.memory_kib,
+                c.store.kdf.iterations,
+                c.store.kdf.parallelism
+            ),
+            (65536, 3, 4)
+        );
+        let c = Config::parse(
+            "[store.kdf]\nmemory_kib = 8\niterations = 1\nparallelism = 1\n",
+            Path::new("k.toml"),
+        )
+        .unwrap();
         assert_eq!(c.store.kdf.memory_kib, 8);
     }
 }

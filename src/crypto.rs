@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
@@ -157,7 +157,8 @@ impl SymmetricKey {
             return Err(CryptoError::DecryptionFailed);
         }
         let (nonce, body) = sealed.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::DecryptionFailed)?;
+        let nonce =
+            Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::DecryptionFailed)?;
         let mut buf = Zeroizing::new(body.to_vec());
         let len = self
             .aead_key()
@@ -283,7 +284,11 @@ pub fn derive_key_encryption_key(
         Some(KEY_LEN),
     )
     .map_err(|e| CryptoError::InvalidKdfParams(e.to_string()))?;
-    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, argon_params);
+    let argon = argon2::Argon2::new(
+        argon2::Algorithm::Argon2id,
+        argon2::Version::V0x13,
+        argon_params,
+    );
     let mut key = Zeroizing::new([0u8; KEY_LEN]);
     argon
         .hash_password_into(passphrase, salt, key.as_mut())

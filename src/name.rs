@@ -53,7 +53,13 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_names() {
-        for ok in ["openai/prod", "aws/ci-deployer", "db.main_pw", "a", "x/y/z.v2"] {
+        for ok in [
+            "openai/prod",
+            "aws/ci-deployer",
+            "db.main_pw",
+            "a",
+            "x/y/z.v2",
+        ] {
             assert!(validate(ok).is_ok(), "{ok}");
         }
     }
@@ -61,8 +67,18 @@ mod tests {
     #[test]
     fn refuses_traversal_and_odd_bytes() {
         for bad in [
-            "", "/abs", "trail/", "a//b", "../etc", "a/./b", "a/..", "sp ace", "new\nline",
-            "pct%2f", "uni\u{e9}", "back\\slash",
+            "",
+            "/abs",
+            "trail/",
+            "a//b",
+            "../etc",
+            "a/./b",
+            "a/..",
+            "sp ace",
+            "new\nline",
+            "pct%2f",
+            "uni\u{e9}",
+            "back\\slash",
         ] {
             assert!(validate(bad).is_err(), "{bad:?} accepted");
         }

@@ -143,7 +143,9 @@ pub struct Vault {
 
 impl std::fmt::Debug for Vault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vault").field("store", &self.store).finish_non_exhaustive()
+        f.debug_struct("Vault")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
     }
 }
 
@@ -165,7 +167,9 @@ async fn derive_kek(
 
 fn check_new_passphrase(passphrase: &Passphrase) -> Result<(), VaultError> {
     if passphrase.is_empty() {
-        return Err(VaultError::BadPassphrase("the passphrase must not be empty"));
+        return Err(VaultError::BadPassphrase(
+            "the passphrase must not be empty",
+        ));
     }
     if passphrase.chars().count() < 12 {
         tracing::warn!("the passphrase is shorter than 12 characters; consider a longer one");
@@ -235,7 +239,12 @@ impl Vault {
         self.keys.fingerprint.fingerprint(value)
     }
 
-    fn data_key(&self, name: &str, secret_id: &str, wrapped: &[u8]) -> Result<SymmetricKey, VaultError> {
+    fn data_key(
+        &self,
+        name: &str,
+        secret_id: &str,
+        wrapped: &[u8],
+    ) -> Result<SymmetricKey, VaultError> {
         self.keys
             .root
             .unwrap_key(&data_key_aad(secret_id), wrapped)
@@ -290,18 +299,21 @@ impl Vault {
             };
             let new_version = NewVersion {
                 version,
-                ciphertext: data_key.seal(&value_aad(secret_id, version), value.expose().as_bytes())?,
+                ciphertext: data_key
+                    .seal(&value_aad(secret_id, version), value.expose().as_bytes())?,
                 meta: meta.clone(),
                 fingerprint: fingerprint.to_vec(),
             };
-            let audit = AuditEvent::new(actor, "secret.put").secret(name).detail(json!({
-                "version": version,
-                "fingerprint": short_fingerprint(&fingerprint),
-                "meta_keys": meta.keys().collect::<Vec<_>>(),
-            }));
+            let audit = AuditEvent::new(actor, "secret.put")
+                .secret(name)
+                .detail(json!({
+                    "version": version,
+                    "fingerprint": short_fingerprint(&fingerprint),
+                    "meta_keys": meta.keys().collect::<Vec<_>>(),
+                }));
             match self
                 .store
-                .put_version(self.keys.generation, &target, &new_version, audit)
+                .put_version(name, self.keys.generation, &target, &new_version, audit)
                 .await
             {
                 Err(StoreError::Conflict(_)) if attempt < CONFLICT_RETRIES => continue,
@@ -333,7 +345,8 @@ impl Vault {
                 name: name.to_string(),
                 version: Some(v.version),
             })?;
-        let value = SecretValue::from_utf8(plain).map_err(|_| VaultError::NotUtf8(name.to_string()))?;
+        let value =
+            SecretValue::from_utf8(plain).map_err(|_| VaultError::NotUtf8(name.to_string()))?;
         Ok(Revealed {
             name: name.to_string(),
             version: v.version,
@@ -366,10 +379,12 @@ impl Vault {
         actor: &str,
     ) -> Result<Revealed, VaultError> {
         let revealed = self.read(name, version).await?;
-        let audit = AuditEvent::new(actor, "secret.get").secret(name).detail(json!({
-            "version": revealed.version,
-            "fingerprint": revealed.short_fingerprint(),
-        }));
+        let audit = AuditEvent::new(actor, "secret.get")
+            .secret(name)
+            .detail(json!({
+                "version": revealed.version,
+                "fingerprint": revealed.short_fingerprint(),
+            }));
         self.store.append_audit(&[audit]).await?;
         Ok(revealed)
     }
@@ -399,7 +414,8 @@ impl Vault {
         header.salt = salt.to_vec();
         header.wrapped_root_key = kek.wrap(ROOT_KEY_AAD, &self.keys.root)?;
         header.root_generation = self.keys.generation;
-        let audit = AuditEvent::new(actor, "vault.passwd").detail(json!({ "kdf": kdf.to_string() }));
+        let audit =
+            AuditEvent::new(actor, "vault.passwd").detail(json!({ "kdf": kdf.to_string() }));
         self.store.replace_root_wrapping(&header, audit).await?;
         Ok(())
     }
@@ -407,7 +423,11 @@ impl Vault {
     /// Replaces the root key with a new random one and rewraps every data key and the
     /// fingerprint key under it, in one transaction. Values are not re-encrypted. Returns the
     /// number of data keys rewrapped.
-    pub async fn rekey(&mut self, passphrase: &Passphrase, actor: &str) -> Result<usize, VaultError> {
+    pub async fn rekey(
+        &mut self,
+        passphrase: &Passphrase,
+        actor: &str,
+    ) -> Result<usize, VaultError> {
         let old_header = self.store.header().await?;
         derive_kek(passphrase, &old_header.salt, old_header.kdf)
             .await?

@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use serde_json::json;
 
-use super::output::{print_json, rfc3339};
 use super::Context;
+use super::output::{print_json, rfc3339};
 use crate::audit::ChainVerifier;
+use crate::store::Access;
 
 const PAGE: i64 = 1000;
 
@@ -31,7 +32,7 @@ pub(crate) enum AuditCommand {
 }
 
 pub(crate) async fn run(ctx: &Context, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
-    let store = ctx.open_store().await?;
+    let store = ctx.open_store(Access::ReadOnly).await?;
     match cmd {
         AuditCommand::Verify { json } => {
             let mut verifier = ChainVerifier::default();
@@ -62,7 +63,9 @@ pub(crate) async fn run(ctx: &Context, cmd: AuditCommand) -> anyhow::Result<Exit
                 }
             }
             if json {
-                print_json(&json!({ "ok": true, "rows": verifier.rows(), "head": verifier.head() }))?;
+                print_json(
+                    &json!({ "ok": true, "rows": verifier.rows(), "head": verifier.head() }),
+                )?;
             } else {
                 println!(
                     "audit chain intact: {} rows, head {}",

@@ -5,6 +5,7 @@ mod audit_cmd;
 mod output;
 mod vault_cmds;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -12,7 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::Config;
 use crate::passphrase::{self, Purpose};
-use crate::store::Store;
+use crate::store::{Access, Store};
 use crate::vault::Vault;
 
 /// keywarden: a secrets vault and automatic key-rotation daemon.
@@ -88,12 +89,13 @@ impl Context {
         Ok(self.config.store_path(self.store_override.as_deref())?)
     }
 
-    async fn open_store(&self) -> anyhow::Result<Store> {
-        Ok(Store::open(&self.store_path()?).await?)
+    async fn open_store(&self, access: Access) -> anyhow::Result<Store> {
+        Ok(Store::open(&self.store_path()?, access).await?)
     }
 
+    /// Opens the store for writing and unlocks it with the passphrase.
     async fn unlock(&self) -> anyhow::Result<Vault> {
-        let store = self.open_store().await?;
+        let store = self.open_store(Access::Shared).await?;
         let passphrase = passphrase::obtain(Purpose::Unlock)?;
         Ok(Vault::unlock(store, &passphrase).await?)
     }
@@ -104,6 +106,7 @@ fn init_logging(format: LogFormat, filter: Option<&str>) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -116,7 +119,10 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, cli.log.as_deref());
     crate::hardening::harden_process();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

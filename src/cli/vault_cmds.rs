@@ -4,14 +4,15 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use clap::Args;
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use super::output::{print_json, print_table, relative, rfc3339};
 use super::Context;
+use super::output::{print_json, print_table, relative, rfc3339};
 use crate::passphrase::{self, Purpose};
+use crate::store::Access;
 use crate::value::SecretValue;
 use crate::vault::{Meta, Vault};
 
@@ -92,7 +93,10 @@ fn parse_meta(text: &str) -> Result<(String, String), String> {
 pub(crate) async fn init(ctx: &Context, args: InitArgs) -> anyhow::Result<ExitCode> {
     let path = ctx.store_path()?;
     if path.exists() {
-        bail!("a store already exists at {}; refusing to overwrite it", path.display());
+        bail!(
+            "a store already exists at {}; refusing to overwrite it",
+            path.display()
+        );
     }
     let kdf = ctx.config.store.kdf;
     let passphrase = passphrase::obtain(Purpose::Create)?;
@@ -156,7 +160,9 @@ pub(crate) async fn put(ctx: &Context, args: PutArgs) -> anyhow::Result<ExitCode
         .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
         .collect();
     let vault = ctx.unlock().await?;
-    let version = vault.put(&args.name, "manual", &value, meta, &ctx.actor).await?;
+    let version = vault
+        .put(&args.name, "manual", &value, meta, &ctx.actor)
+        .await?;
     if args.json {
         print_json(&json!({ "name": args.name, "version": version }))?;
     } else {
@@ -188,7 +194,7 @@ pub(crate) async fn get(ctx: &Context, args: GetArgs) -> anyhow::Result<ExitCode
 }
 
 pub(crate) async fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<ExitCode> {
-    let store = ctx.open_store().await?;
+    let store = ctx.open_store(Access::ReadOnly).await?;
     let secrets = store.list().await?;
     if args.json {
         let items: Vec<_> = secrets
@@ -231,7 +237,10 @@ pub(crate) async fn rm(ctx: &Context, args: RmArgs) -> anyhow::Result<ExitCode> 
     crate::name::validate(&args.name)?;
     if !args.yes {
         if !std::io::stdin().is_terminal() {
-            bail!("refusing to remove {} without --yes (stdin is not a terminal)", args.name);
+            bail!(
+                "refusing to remove {} without --yes (stdin is not a terminal)",
+                args.name
+            );
         }
         eprint!(
             "This destroys {}'s data key: no version of it can be opened again.\n\
@@ -273,7 +282,7 @@ pub(crate) async fn passwd(ctx: &Context) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) async fn rekey(ctx: &Context) -> anyhow::Result<ExitCode> {
-    let store = ctx.open_store().await?;
+    let store = ctx.open_store(Access::Shared).await?;
     let passphrase = passphrase::obtain(Purpose::Unlock)?;
     let mut vault = Vault::unlock(store, &passphrase).await?;
     let count = vault.rekey(&passphrase, &ctx.actor).await?;

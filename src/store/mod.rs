@@ -8,9 +8,15 @@
 //!
 //! Nothing here encrypts or decrypts: values arrive sealed and leave sealed.
 
+mod cache;
+mod lock;
 mod sqlite;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cache::SealedCache;
+use lock::{LockError, StoreLock};
 
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::crypto::KdfParams;
@@ -65,6 +71,26 @@ pub enum StoreError {
     #[error("the store at {path} holds no vault (was `keywarden init` interrupted?)")]
     NotInitialized {
         /// The file.
+        path: PathBuf,
+    },
+    /// A daemon holds the store (for a CLI writer), or another daemon does (for a daemon).
+    #[error(
+        "the store at {path} is in use by a running keywarden daemon (lock {lock}); \
+         stop it, or run the command against the daemon"
+    )]
+    Locked {
+        /// The store.
+        path: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// The store's schema is older than this build and the store was opened read-only.
+    #[error(
+        "the store at {path} has an older schema than this keywarden; run a command that writes \
+         (or start the daemon) to upgrade it"
+    )]
+    SchemaTooOld {
+        /// The store.
         path: PathBuf,
     },
     /// Another writer changed what this operation was based on; retry it.
@@ -140,7 +166,11 @@ impl Stage {
             "current" => Stage::Current,
             "previous" => Stage::Previous,
             "revoked" => Stage::Revoked,
-            other => return Err(StoreError::Corrupt(format!("unknown version stage {other:?}"))),
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "unknown version stage {other:?}"
+                )));
+            }
         })
     }
 }
@@ -264,16 +294,53 @@ enum Backend {
     Sqlite(sqlite::SqliteStore),
 }
 
-/// The store. Cheap to clone; clones share connections.
+/// How a process uses the store; see [`lock`] for the locking rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Reads only (`list`, `audit`): no lock, no migrations.
+    ReadOnly,
+    /// A CLI command that writes: shared lock, fails while a daemon runs.
+    Shared,
+    /// The daemon: exclusive lock for the process's life; reads of current versions cached.
+    Exclusive,
+}
+
+struct Inner {
+    backend: Backend,
+    path: PathBuf,
+    cache: Option<SealedCache>,
+    _lock: Option<StoreLock>,
+}
+
+/// The store. Cheap to clone; clones share connections, lock and cache.
 #[derive(Clone)]
 pub struct Store {
-    backend: std::sync::Arc<Backend>,
-    path: PathBuf,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+fn take_lock(path: &Path, access: Access) -> Result<Option<StoreLock>, StoreError> {
+    if access == Access::ReadOnly {
+        return Ok(None);
+    }
+    match StoreLock::acquire(path, access == Access::Exclusive) {
+        Ok(lock) => Ok(Some(lock)),
+        Err(LockError::Busy(lock)) => Err(StoreError::Locked {
+            path: path.to_path_buf(),
+            lock,
+        }),
+        Err(LockError::Io(lock, source)) => Err(StoreError::Io {
+            what: "cannot open the store lock",
+            path: lock,
+            source,
+        }),
     }
 }
 
@@ -286,29 +353,62 @@ impl Store {
         audit: AuditEvent,
     ) -> Result<Store, StoreError> {
         let backend = sqlite::SqliteStore::create(path, header, audit).await?;
-        Ok(Store {
-            backend: std::sync::Arc::new(Backend::Sqlite(backend)),
-            path: path.to_path_buf(),
-        })
+        let lock = take_lock(path, Access::Shared)?;
+        Ok(Store::assemble(
+            Backend::Sqlite(backend),
+            path,
+            Access::Shared,
+            lock,
+        ))
     }
 
-    /// Opens an existing store, applying newer schema migrations if needed.
-    pub async fn open(path: &Path) -> Result<Store, StoreError> {
-        let backend = sqlite::SqliteStore::open(path).await?;
-        Ok(Store {
-            backend: std::sync::Arc::new(Backend::Sqlite(backend)),
-            path: path.to_path_buf(),
-        })
+    /// Opens an existing store. Unless read-only, takes the store lock and applies newer schema
+    /// migrations if needed.
+    pub async fn open(path: &Path, access: Access) -> Result<Store, StoreError> {
+        // Look for the file before creating its lock file beside it.
+        if !path.exists() {
+            return Err(StoreError::NotFound {
+                path: path.to_path_buf(),
+                hint: "run `keywarden init` to create one, or point --store or [store] path at \
+                       an existing store",
+            });
+        }
+        let lock = take_lock(path, access)?;
+        let backend = sqlite::SqliteStore::open(path, access != Access::ReadOnly).await?;
+        Ok(Store::assemble(
+            Backend::Sqlite(backend),
+            path,
+            access,
+            lock,
+        ))
+    }
+
+    fn assemble(backend: Backend, path: &Path, access: Access, lock: Option<StoreLock>) -> Store {
+        Store {
+            inner: Arc::new(Inner {
+                backend,
+                path: path.to_path_buf(),
+                cache: (access == Access::Exclusive).then(SealedCache::default),
+                _lock: lock,
+            }),
+        }
     }
 
     /// The path the store was opened from.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
     }
 
     fn sqlite(&self) -> &sqlite::SqliteStore {
-        match &*self.backend {
+        match &self.inner.backend {
             Backend::Sqlite(s) => s,
+        }
+    }
+
+    /// Forgets cached rows after a write: of `name`, or all of them.
+    fn invalidate(&self, name: Option<&str>) {
+        if let Some(cache) = &self.inner.cache {
+            cache.invalidate(name);
         }
     }
 
@@ -318,7 +418,7 @@ impl Store {
             .header()
             .await?
             .ok_or_else(|| StoreError::NotInitialized {
-                path: self.path.clone(),
+                path: self.inner.path.clone(),
             })
     }
 
@@ -340,9 +440,12 @@ impl Store {
         rewrapped: &[RewrappedKey],
         audit: AuditEvent,
     ) -> Result<(), StoreError> {
-        self.sqlite()
+        let result = self
+            .sqlite()
             .rekey(old_generation, header, rewrapped, audit)
-            .await
+            .await;
+        self.invalidate(None);
+        result
     }
 
     /// Every secret's id, name and wrapped data key (for `rekey`).
@@ -360,22 +463,37 @@ impl Store {
         &self,
         name: &str,
         version: Option<i64>,
-    ) -> Result<Option<SealedSecret>, StoreError> {
-        self.sqlite().sealed(name, version).await
+    ) -> Result<Option<Arc<SealedSecret>>, StoreError> {
+        let Some(cache) = self.inner.cache.as_ref().filter(|_| version.is_none()) else {
+            return Ok(self.sqlite().sealed(name, version).await?.map(Arc::new));
+        };
+        let epoch = match cache.get(name) {
+            Ok(hit) => return Ok(Some(hit)),
+            Err(epoch) => epoch,
+        };
+        let found = self.sqlite().sealed(name, None).await?.map(Arc::new);
+        if let Some(sealed) = &found {
+            cache.insert(epoch, name, sealed.clone());
+        }
+        Ok(found)
     }
 
     /// Adds a version and makes it current (the old current becomes previous, the old previous
     /// revoked). Checks that the root key generation is still `generation`.
     pub async fn put_version(
         &self,
+        name: &str,
         generation: i64,
         target: &VersionTarget,
         version: &NewVersion,
         audit: AuditEvent,
     ) -> Result<(), StoreError> {
-        self.sqlite()
+        let result = self
+            .sqlite()
             .put_version(generation, target, version, audit)
-            .await
+            .await;
+        self.invalidate(Some(name));
+        result
     }
 
     /// All secrets, by name.
@@ -390,7 +508,9 @@ impl Store {
         name: &str,
         audit: AuditEvent,
     ) -> Result<Option<i64>, StoreError> {
-        self.sqlite().remove_secret(name, audit).await
+        let result = self.sqlite().remove_secret(name, audit).await;
+        self.invalidate(Some(name));
+        result
     }
 
     /// Appends audit rows in one transaction.
@@ -399,11 +519,7 @@ impl Store {
     }
 
     /// Up to `limit` audit rows with `seq > after`, in order.
-    pub async fn audit_page(
-        &self,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<AuditRecord>, StoreError> {
+    pub async fn audit_page(&self, after: i64, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
         self.sqlite().audit_page(after, limit).await
     }
 

@@ -8,22 +8,22 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
 };
-use sqlx::Row;
 
 use super::{
-    now_millis, Millis, NewVersion, RewrappedKey, SealedSecret, SecretRecord, SecretSummary,
-    Stage, StoreError, VaultHeader, VersionRecord, VersionTarget,
+    Millis, NewVersion, RewrappedKey, SealedSecret, SecretRecord, SecretSummary, Stage, StoreError,
+    VaultHeader, VersionRecord, VersionTarget, now_millis,
 };
-use crate::audit::{chain_hash, AuditEvent, AuditRecord, GENESIS_HASH};
+use crate::audit::{AuditEvent, AuditRecord, GENESIS_HASH, chain_hash};
 use crate::crypto::KdfParams;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-const READERS: u32 = 4;
+const READERS: u32 = 8;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) struct SqliteStore {
@@ -98,20 +98,20 @@ impl SqliteStore {
         result
     }
 
-    pub(super) async fn open(path: &Path) -> Result<Self, StoreError> {
+    pub(super) async fn open(path: &Path, migrate: bool) -> Result<Self, StoreError> {
         match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(StoreError::NotFound {
                     path: path.to_path_buf(),
                     hint: "run `keywarden init` to create one, or point --store or [store] path \
                            at an existing store",
-                })
+                });
             }
             Err(e) => {
                 return Err(StoreError::Unreadable {
                     path: path.to_path_buf(),
                     source: e,
-                })
+                });
             }
             Ok(meta) => {
                 if meta.permissions().mode() & 0o077 != 0 {
@@ -156,7 +156,14 @@ impl SqliteStore {
                 supported,
             });
         }
-        MIGRATOR.run(&store.writer).await?;
+        if found.unwrap_or(0) < supported {
+            if !migrate {
+                return Err(StoreError::SchemaTooOld {
+                    path: path.to_path_buf(),
+                });
+            }
+            MIGRATOR.run(&store.writer).await?;
+        }
         Ok(store)
     }
 
@@ -164,11 +171,15 @@ impl SqliteStore {
         let options = connect_options(path);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await
             .map_err(|e| unreadable(path, e))?;
+        // A local file connection does not go stale: skip sqlx's ping before each acquire,
+        // which would double the cost of a point read.
         let reader = SqlitePoolOptions::new()
             .max_connections(READERS)
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(|e| unreadable(path, e))?;
@@ -195,7 +206,8 @@ impl SqliteStore {
         }
         let param = |i: usize| -> Result<u32, StoreError> {
             let v: i64 = row.try_get(i)?;
-            u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("KDF parameter {v} out of range")))
+            u32::try_from(v)
+                .map_err(|_| StoreError::Corrupt(format!("KDF parameter {v} out of range")))
         };
         Ok(Some(VaultHeader {
             kdf: KdfParams {
@@ -210,11 +222,7 @@ impl SqliteStore {
         }))
     }
 
-    async fn init_header(
-        &self,
-        header: &VaultHeader,
-        audit: AuditEvent,
-    ) -> Result<(), StoreError> {
+    async fn init_header(&self, header: &VaultHeader, audit: AuditEvent) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
         let now = now_millis();
         sqlx::query(
@@ -267,9 +275,7 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub(super) async fn all_data_keys(
-        &self,
-    ) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
+    pub(super) async fn all_data_keys(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
         let rows = sqlx::query("SELECT id, name, wrapped_data_key FROM secrets ORDER BY id")
             .fetch_all(&self.reader)
             .await?;
@@ -355,19 +361,17 @@ impl SqliteStore {
         name: &str,
         version: Option<i64>,
     ) -> Result<Option<SealedSecret>, StoreError> {
-        let row = match version {
-            None => {
-                sqlx::query(
+        let row =
+            match version {
+                None => sqlx::query(
                     "SELECT s.id, s.wrapped_data_key, v.version, v.stage, v.ciphertext, v.meta, \
                      v.fingerprint, v.created_at FROM secrets s JOIN versions v \
                      ON v.secret_id = s.id AND v.stage = 'current' WHERE s.name = ?",
                 )
                 .bind(name)
                 .fetch_optional(&self.reader)
-                .await?
-            }
-            Some(n) => {
-                sqlx::query(
+                .await?,
+                Some(n) => sqlx::query(
                     "SELECT s.id, s.wrapped_data_key, v.version, v.stage, v.ciphertext, v.meta, \
                      v.fingerprint, v.created_at FROM secrets s JOIN versions v \
                      ON v.secret_id = s.id AND v.version = ? WHERE s.name = ?",
@@ -375,9 +379,8 @@ impl SqliteStore {
                 .bind(n)
                 .bind(name)
                 .fetch_optional(&self.reader)
-                .await?
-            }
-        };
+                .await?,
+            };
         row.map(|row| {
             Ok(SealedSecret {
                 secret_id: row.try_get(0)?,
@@ -415,7 +418,7 @@ impl SqliteStore {
                 .await;
                 match inserted {
                     Err(e) if is_unique_violation(&e) => {
-                        return Err(StoreError::Conflict(format!("secret {:?}", secret.name)))
+                        return Err(StoreError::Conflict(format!("secret {:?}", secret.name)));
                     }
                     other => other?,
                 };
@@ -580,10 +583,7 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
         .is_some_and(|d| d.is_unique_violation())
 }
 
-async fn check_generation(
-    tx: &mut SqliteConnection,
-    generation: i64,
-) -> Result<(), StoreError> {
+async fn check_generation(tx: &mut SqliteConnection, generation: i64) -> Result<(), StoreError> {
     let current: i64 = sqlx::query_scalar("SELECT root_generation FROM vault WHERE id = 1")
         .fetch_one(&mut *tx)
         .await?;
@@ -655,7 +655,11 @@ fn version_from_row(row: &SqliteRow, first: usize) -> Result<VersionRecord, Stor
     let meta: String = row.try_get(first + 3)?;
     let meta = match serde_json::from_str(&meta) {
         Ok(serde_json::Value::Object(map)) => map,
-        _ => return Err(StoreError::Corrupt("a version's meta is not a JSON object".into())),
+        _ => {
+            return Err(StoreError::Corrupt(
+                "a version's meta is not a JSON object".into(),
+            ));
+        }
     };
     Ok(VersionRecord {
         version: row.try_get(first)?,
@@ -668,7 +672,8 @@ fn version_from_row(row: &SqliteRow, first: usize) -> Result<VersionRecord, Stor
 }
 
 fn parse_tags(text: &str) -> Result<Vec<String>, StoreError> {
-    serde_json::from_str(text).map_err(|_| StoreError::Corrupt("a secret's tags are not a JSON list".into()))
+    serde_json::from_str(text)
+        .map_err(|_| StoreError::Corrupt("a secret's tags are not a JSON list".into()))
 }
 
 /// Removes a half-created store and its SQLite side files.

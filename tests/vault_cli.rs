@@ -1,0 +1,361 @@
+//! The store commands end to end, through the real binary: init, put, get, list, rm, passwd,
+//! rekey, and what happens with bad input (wrong passphrase, tampered or moved ciphertexts, a
+//! newer schema, a missing store).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+
+use common::{Env, contains, store_bytes};
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn init_creates_a_private_store_and_refuses_to_overwrite() {
+    let env = Env::new();
+    let out = env.ok(&["init"], None);
+    assert!(out.contains("created a store"), "{out}");
+    assert_eq!(mode(&env.store), 0o600);
+    assert_eq!(mode(env.store.parent().unwrap()), 0o700);
+    let before = std::fs::read(&env.store).unwrap();
+    let err = env.fails(1, &["init"], None);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(std::fs::read(&env.store).unwrap(), before);
+    // The file of `init` is the file the rest of the CLI opens.
+    env.put("a", "value-a");
+    assert_eq!(env.get("a"), "value-a");
+}
+
+#[test]
+fn init_without_any_passphrase_source_fails_clearly() {
+    let env = Env::new();
+    let mut cmd = env.cmd();
+    cmd.env_remove("KEYWARDEN_PASSPHRASE_FILE");
+    let out = common::run_with(cmd, &["init"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no passphrase"), "{err}");
+    assert!(!env.store.exists());
+}
+
+#[test]
+fn passphrase_from_env_and_systemd_credentials_directory() {
+    let env = Env::new();
+    let creds = env.dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("passphrase"), common::PASSPHRASE).unwrap();
+    let mut cmd = env.cmd();
+    cmd.env_remove("KEYWARDEN_PASSPHRASE_FILE")
+        .env("CREDENTIALS_DIRECTORY", &creds);
+    assert!(common::run_with(cmd, &["init"], None).status.success());
+    let mut cmd = env.cmd();
+    cmd.env_remove("KEYWARDEN_PASSPHRASE_FILE")
+        .env("KEYWARDEN_PASSPHRASE", common::PASSPHRASE);
+    assert!(
+        common::run_with(cmd, &["put", "x"], Some(b"v"))
+            .status
+            .success()
+    );
+    assert_eq!(env.get("x"), "v");
+}
+
+#[test]
+fn put_get_versions_meta_and_json_shapes() {
+    let env = Env::initialized();
+    env.ok(
+        &["put", "aws/rotator", "--meta", "access_key_id=AKIAEXAMPLE"],
+        Some(b"first\n"),
+    );
+    env.put("aws/rotator", "second");
+    assert_eq!(env.get("aws/rotator"), "second");
+    let v1: serde_json::Value =
+        serde_json::from_str(&env.ok(&["get", "aws/rotator", "--version", "1", "--json"], None))
+            .unwrap();
+    assert_eq!(v1["name"], "aws/rotator");
+    assert_eq!(v1["version"], 1);
+    assert_eq!(v1["value"], "first", "one trailing newline is stripped");
+    assert_eq!(v1["meta"]["access_key_id"], "AKIAEXAMPLE");
+
+    let file = env.dir.path().join("value.txt");
+    std::fs::write(&file, "from-a-file\n").unwrap();
+    env.ok(
+        &[
+            "put",
+            "from/file",
+            "--value-file",
+            file.to_str().unwrap(),
+            "--keep-newline",
+        ],
+        None,
+    );
+    assert_eq!(env.get("from/file"), "from-a-file\n");
+
+    let list: serde_json::Value = serde_json::from_str(&env.ok(&["list", "--json"], None)).unwrap();
+    let items = list.as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    let rot = items.iter().find(|i| i["name"] == "aws/rotator").unwrap();
+    for key in [
+        "name",
+        "provider",
+        "version",
+        "updated_at",
+        "next_rotation_at",
+        "rotation_state",
+        "quarantined",
+        "tags",
+    ] {
+        assert!(rot.get(key).is_some(), "list --json lacks {key}: {rot}");
+    }
+    assert_eq!(rot["version"], 2);
+    assert_eq!(rot["provider"], "manual");
+    assert!(rot["updated_at"].as_str().unwrap().ends_with('Z'));
+}
+
+#[test]
+fn values_never_come_from_argv_and_bad_names_are_refused() {
+    let env = Env::initialized();
+    let err = env.fails(2, &["put", "x", "the-value"], None);
+    assert!(err.contains("unexpected argument"), "{err}");
+    let err = env.fails(1, &["put", "../etc/passwd"], Some(b"v"));
+    assert!(err.contains("invalid secret name"), "{err}");
+    let err = env.fails(1, &["put", "empty"], Some(b""));
+    assert!(err.contains("empty"), "{err}");
+    let err = env.fails(1, &["get", "nope"], None);
+    assert!(err.contains("no secret named \"nope\""), "{err}");
+    let err = env.fails(1, &["get", "empty", "--version", "1"], None);
+    assert!(err.contains("no secret named"), "{err}");
+}
+
+#[test]
+fn wrong_passphrase_is_a_clear_error_and_changes_nothing() {
+    let env = Env::initialized();
+    env.put("a", "value-a");
+    let audit_rows = env.sql_i64("SELECT count(*) FROM audit");
+    let wrong = env.dir.path().join("wrong");
+    std::fs::write(&wrong, "not the passphrase").unwrap();
+    for args in [
+        &["get", "a"][..],
+        &["rekey"],
+        &["passwd"],
+        &["rm", "a", "--yes"],
+    ] {
+        let mut cmd = env.cmd();
+        cmd.env("KEYWARDEN_PASSPHRASE_FILE", &wrong)
+            .env("KEYWARDEN_NEW_PASSPHRASE", "another passphrase entirely");
+        let out = common::run_with(cmd, args, Some(b"v2"));
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("wrong passphrase"), "{args:?}: {err}");
+        assert!(err.contains(env.store.to_str().unwrap()), "{err}");
+    }
+    assert_eq!(env.sql_i64("SELECT count(*) FROM audit"), audit_rows);
+    assert_eq!(env.get("a"), "value-a");
+}
+
+#[test]
+fn tampered_or_moved_ciphertexts_fail_naming_the_secret_and_others_still_open() {
+    let env = Env::initialized();
+    env.put("alpha", "alpha-v1");
+    env.put("alpha", "alpha-v2");
+    env.put("beta", "beta-v1");
+    env.put("gamma", "gamma-v1");
+
+    // One flipped byte in alpha's current ciphertext.
+    env.sql(&["UPDATE versions SET ciphertext = \
+               substr(ciphertext, 1, 20) || CAST(X'FF' AS BLOB) || substr(ciphertext, 22) \
+               WHERE version = 2 AND secret_id = (SELECT id FROM secrets WHERE name = 'alpha')"]);
+    let err = env.fails(1, &["get", "alpha"], None);
+    assert!(
+        err.contains("integrity check failed for secret \"alpha\" version 2"),
+        "{err}"
+    );
+    assert_eq!(env.get("beta"), "beta-v1");
+    assert_eq!(
+        env.ok(&["get", "alpha", "--version", "1"], None),
+        "alpha-v1"
+    );
+
+    // alpha's version 1 ciphertext moved onto version... of another secret (beta).
+    env.sql(&[
+        "UPDATE versions SET ciphertext = (SELECT v.ciphertext FROM versions v JOIN secrets s \
+               ON s.id = v.secret_id WHERE s.name = 'alpha' AND v.version = 1) \
+               WHERE secret_id = (SELECT id FROM secrets WHERE name = 'beta')",
+    ]);
+    let err = env.fails(1, &["get", "beta"], None);
+    assert!(
+        err.contains("integrity check failed for secret \"beta\""),
+        "{err}"
+    );
+
+    // A version's ciphertext moved to another version of the same secret.
+    env.put("delta", "delta-v1");
+    env.put("delta", "delta-v2");
+    env.sql(&[
+        "UPDATE versions SET ciphertext = (SELECT ciphertext FROM versions WHERE version = 1 \
+               AND secret_id = (SELECT id FROM secrets WHERE name = 'delta')) \
+               WHERE version = 2 AND secret_id = (SELECT id FROM secrets WHERE name = 'delta')",
+    ]);
+    let err = env.fails(1, &["get", "delta"], None);
+    assert!(err.contains("\"delta\" version 2"), "{err}");
+
+    // gamma's wrapped data key replaced by delta's.
+    env.sql(&[
+        "UPDATE secrets SET wrapped_data_key = (SELECT wrapped_data_key FROM secrets \
+               WHERE name = 'delta') WHERE name = 'gamma'",
+    ]);
+    let err = env.fails(1, &["get", "gamma"], None);
+    assert!(
+        err.contains("integrity check failed for secret \"gamma\""),
+        "{err}"
+    );
+
+    // Nothing secret in any of those messages.
+    for v in ["alpha-v1", "alpha-v2", "beta-v1", "gamma-v1", "delta-v1"] {
+        assert!(!err.contains(v));
+    }
+}
+
+#[test]
+fn a_store_from_a_newer_schema_is_refused() {
+    let env = Env::initialized();
+    env.sql(&[
+        "INSERT INTO _sqlx_migrations (version, description, installed_on, success, \
+               checksum, execution_time) VALUES (9999, 'future', CURRENT_TIMESTAMP, 1, X'00', 0)",
+    ]);
+    let err = env.fails(1, &["list"], None);
+    assert!(err.contains("schema version 9999"), "{err}");
+    assert!(err.contains("upgrade keywarden"), "{err}");
+}
+
+#[test]
+fn missing_or_unusable_store_says_where_it_looked() {
+    let env = Env::new();
+    let err = env.fails(1, &["list"], None);
+    assert!(
+        err.contains(&format!("no store at {}", env.store.display())),
+        "{err}"
+    );
+    assert!(err.contains("keywarden init"), "{err}");
+
+    let garbage = env.dir.path().join("garbage.db");
+    std::fs::write(&garbage, vec![0x42u8; 8192]).unwrap();
+    let err = env.fails(1, &["--store", garbage.to_str().unwrap(), "list"], None);
+    assert!(err.contains(garbage.to_str().unwrap()), "{err}");
+
+    let dir_store = env.dir.path().join("a-directory");
+    std::fs::create_dir(&dir_store).unwrap();
+    let err = env.fails(1, &["--store", dir_store.to_str().unwrap(), "list"], None);
+    assert!(err.contains(dir_store.to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn malformed_config_names_the_key_and_line() {
+    let env = Env::with_config("[store.kdf2]\nx = 1\n");
+    let err = env.fails(1, &["list"], None);
+    assert!(err.contains("line 9"), "{err}");
+    assert!(err.contains("kdf2"), "{err}");
+}
+
+#[test]
+fn rm_destroys_the_data_key_and_says_so() {
+    let env = Env::initialized();
+    env.put("doomed", "doomed-value-1");
+    env.put("kept", "kept-value");
+    let wrapped = env.sql_blob("SELECT wrapped_data_key FROM secrets WHERE name = 'doomed'");
+    let ciphertext = env.sql_blob(
+        "SELECT ciphertext FROM versions WHERE version = 1 AND \
+                                   secret_id = (SELECT id FROM secrets WHERE name = 'doomed')",
+    );
+    let err = env.fails(1, &["rm", "doomed"], None);
+    assert!(err.contains("--yes"), "{err}");
+    let out = env.ok(&["rm", "doomed", "--yes"], None);
+    assert!(out.contains("data key is destroyed"), "{out}");
+    assert!(out.contains("1 version(s)"), "{out}");
+    let err = env.fails(1, &["get", "doomed"], None);
+    assert!(err.contains("no secret named"), "{err}");
+    assert_eq!(env.get("kept"), "kept-value");
+    assert!(
+        !contains(&store_bytes(&env.store), &wrapped),
+        "the wrapped data key is still on disk after rm"
+    );
+    assert!(
+        !contains(&store_bytes(&env.store), &ciphertext),
+        "the ciphertext is still on disk after rm"
+    );
+}
+
+#[test]
+fn passwd_rewraps_and_rekey_replaces_the_root_key_without_touching_values() {
+    let env = Env::initialized();
+    for i in 0..5 {
+        env.put(&format!("s{i}"), &format!("value-{i}"));
+    }
+    let ciphertexts = env.sql_blob("SELECT group_concat(hex(ciphertext)) FROM versions");
+    let root_before = env.sql_blob("SELECT wrapped_root_key FROM vault");
+
+    let new_pass = env.dir.path().join("new-passphrase");
+    std::fs::write(&new_pass, "a brand new passphrase\n").unwrap();
+    let mut cmd = env.cmd();
+    cmd.env("KEYWARDEN_NEW_PASSPHRASE_FILE", &new_pass);
+    assert!(common::run_with(cmd, &["passwd"], None).status.success());
+    let err = env.fails(1, &["get", "s1"], None);
+    assert!(err.contains("wrong passphrase"), "{err}");
+    std::fs::copy(&new_pass, &env.passphrase_file).unwrap();
+    assert_eq!(env.get("s1"), "value-1");
+
+    let out = env.ok(&["rekey"], None);
+    assert!(out.contains("5 data key(s) rewrapped"), "{out}");
+    assert_ne!(
+        env.sql_blob("SELECT wrapped_root_key FROM vault"),
+        root_before
+    );
+    assert_eq!(env.sql_i64("SELECT root_generation FROM vault"), 2);
+    assert_eq!(
+        env.sql_blob("SELECT group_concat(hex(ciphertext)) FROM versions"),
+        ciphertexts,
+        "rekey must not re-encrypt values"
+    );
+    for i in 0..5 {
+        assert_eq!(env.get(&format!("s{i}")), format!("value-{i}"));
+    }
+    let actions = env.ok(&["audit", "tail", "--json"], None);
+    assert!(actions.contains("vault.passwd") && actions.contains("vault.rekey"));
+}
+
+#[test]
+fn a_running_daemon_keeps_cli_writers_out_but_not_readers() {
+    let env = Env::initialized();
+    env.put("a", "value-a");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Hold the store the way the daemon does.
+    let daemon = rt
+        .block_on(keywarden::store::Store::open(
+            &env.store,
+            keywarden::store::Access::Exclusive,
+        ))
+        .unwrap();
+    let err = env.fails(1, &["put", "b"], Some(b"v"));
+    assert!(
+        err.contains("in use by a running keywarden daemon"),
+        "{err}"
+    );
+    let list = env.ok(&["list", "--json"], None);
+    assert!(list.contains("\"a\""), "{list}");
+    env.ok(&["audit", "verify"], None);
+    // A second daemon is refused too.
+    let second = rt.block_on(keywarden::store::Store::open(
+        &env.store,
+        keywarden::store::Access::Exclusive,
+    ));
+    assert!(matches!(
+        second,
+        Err(keywarden::store::StoreError::Locked { .. })
+    ));
+    drop(daemon);
+    env.put("b", "v");
+}
