@@ -1,13 +1,21 @@
 //! The configuration file: one TOML document, typed, unknown keys rejected.
 //!
 //! Every default is written once, here. Relative paths are resolved against the directory of
-//! the config file, so a config means the same thing whatever the working directory.
+//! the config file, so a config means the same thing whatever the working directory. Errors name
+//! the line and the key.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use crate::crypto::KdfParams;
+use crate::generate::GeneratePolicy;
+use crate::rotation::scheduler::Schedule;
+
+/// Settings passed through to a plugin, as a JSON object.
+pub type Settings = serde_json::Map<String, serde_json::Value>;
 
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +36,18 @@ pub enum ConfigError {
         /// toml's message, with line, column and the offending key.
         message: String,
     },
+    /// A value parses but makes no sense (a bad cron line, a consumer that does not exist).
+    #[error("invalid config file {path}, line {line}, {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The line of the table that holds the key.
+        line: usize,
+        /// The key, dotted (`secrets."openai/prod".schedule`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
     /// No store path is configured and no home directory is known.
     #[error("no store path: pass --store, set [store] path in the config, or set HOME")]
     NoStorePath,
@@ -40,9 +60,29 @@ pub struct Config {
     /// `[store]`
     #[serde(default)]
     pub store: StoreConfig,
+    /// `[daemon]`
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    /// `[agent]`
+    #[serde(default)]
+    pub agent: AgentConfig,
+    /// `[plugins.NAME]`
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginConfig>,
+    /// `[secrets."NAME"]`
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretConfig>,
+    /// `[consumers.NAME]`
+    #[serde(default)]
+    pub consumers: BTreeMap<String, ConsumerConfig>,
     /// The directory of the config file, for resolving relative paths.
     #[serde(skip)]
     pub base_dir: Option<PathBuf>,
+    /// The file it was read from, for messages.
+    #[serde(skip)]
+    pub source_path: Option<PathBuf>,
+    #[serde(skip)]
+    source_text: String,
 }
 
 /// `[store]`: where the vault lives and how its passphrase is stretched.
@@ -57,6 +97,199 @@ pub struct StoreConfig {
     pub kdf: KdfParams,
 }
 
+/// `[daemon]`: the rotation engine's limits and timings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Rotations in flight at once, across all secrets.
+    pub max_concurrent_rotations: usize,
+    /// First retry delay of a failed step; doubles per attempt, with jitter.
+    #[serde(deserialize_with = "duration")]
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    #[serde(deserialize_with = "duration")]
+    pub retry_max: Duration,
+    /// Failed attempts before a secret is quarantined (per secret: `max_attempts`).
+    pub max_attempts: u32,
+    /// How long a plugin may take to answer one request (per plugin: `timeout`).
+    #[serde(deserialize_with = "duration")]
+    pub plugin_timeout: Duration,
+    /// How long `serve` waits for steps in flight when asked to stop.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_timeout: Duration,
+    /// Where plugins get their private working directories (default: beside the store).
+    pub work_dir: Option<PathBuf>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            max_concurrent_rotations: 8,
+            retry_base: Duration::from_secs(2),
+            retry_max: Duration::from_secs(300),
+            max_attempts: 5,
+            plugin_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(30),
+            work_dir: None,
+        }
+    }
+}
+
+/// `[agent]`: the sockets.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// The agent socket.
+    pub socket: PathBuf,
+    /// Its mode, octal.
+    #[serde(deserialize_with = "octal_mode")]
+    pub socket_mode: u32,
+    /// The admin socket (always 0600).
+    pub admin_socket: PathBuf,
+    /// Uids allowed on the admin socket besides the daemon's own (root always is).
+    pub admin_uids: Vec<u32>,
+    /// Lease length when a request names none.
+    #[serde(deserialize_with = "duration")]
+    pub default_ttl: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            socket: PathBuf::from("/run/keywarden/agent.sock"),
+            socket_mode: 0o660,
+            admin_socket: PathBuf::from("/run/keywarden/admin.sock"),
+            admin_uids: Vec::new(),
+            default_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `[plugins.NAME]`: a plugin executable, pinned by hash.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The executable and its arguments; `command[0]` is the pinned file.
+    pub command: Vec<String>,
+    /// SHA-256 of `command[0]`, hex.
+    pub sha256: String,
+    /// Environment the plugin gets (besides `PATH` and `LANG=C`).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Per-request timeout (default `[daemon] plugin_timeout`).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub timeout: Option<Duration>,
+    /// Requests in flight to this plugin at once.
+    #[serde(default = "default_plugin_concurrency")]
+    pub max_concurrency: usize,
+}
+
+fn default_plugin_concurrency() -> usize {
+    16
+}
+
+/// `[secrets."NAME"]`: a secret keywarden manages.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretConfig {
+    /// A kind from a plugin, or `random` / `manual`.
+    pub provider: String,
+    /// Other secrets this one's plugin may see, by role (`admin = "aws/rotator"`).
+    #[serde(default)]
+    pub credentials: BTreeMap<String, String>,
+    /// Settings for the plugin.
+    #[serde(default)]
+    pub settings: Settings,
+    /// A 6-field cron line (sec min hour day month weekday), UTC.
+    pub schedule: Option<String>,
+    /// Or: rotate this long after the last rotation.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub rotate_every: Option<Duration>,
+    /// Random delay added to each scheduled time, up to this much.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub jitter: Option<Duration>,
+    /// Longest the old version stays valid after promotion while leases drain.
+    #[serde(default = "default_grace", deserialize_with = "duration")]
+    pub grace: Duration,
+    /// Labels for scoping (`rotate-all --tag`).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Consumers that receive each new version.
+    #[serde(default)]
+    pub consumers: Vec<String>,
+    /// Failed attempts before quarantine (default `[daemon] max_attempts`).
+    pub max_attempts: Option<u32>,
+    /// How proposed (and `random`) values are generated.
+    #[serde(default)]
+    pub generate: GeneratePolicy,
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// `[consumers.NAME]`: where new versions are delivered.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// `file`, or a plugin kind that supports `push`.
+    pub kind: String,
+    /// file: the path written.
+    pub path: Option<PathBuf>,
+    /// file: its mode, octal (default 0600).
+    #[serde(default, deserialize_with = "opt_octal_mode")]
+    pub mode: Option<u32>,
+    /// file: owner (user name or uid).
+    pub owner: Option<String>,
+    /// file: group (group name or gid).
+    pub group: Option<String>,
+    /// file: the content, over `{{value}}`, `{{version}}`, `{{name}}`, `{{meta.KEY}}`.
+    pub template: Option<String>,
+    /// file: a command run after each write.
+    #[serde(default)]
+    pub after: Vec<String>,
+    /// file: how long `after` may run.
+    #[serde(default = "default_after_timeout", deserialize_with = "duration")]
+    pub after_timeout: Duration,
+    /// plugin: settings sent with `push`.
+    #[serde(default)]
+    pub settings: Settings,
+    /// plugin: other secrets the push may use, by role.
+    #[serde(default)]
+    pub credentials: BTreeMap<String, String>,
+}
+
+fn default_after_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+fn octal_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let text = String::deserialize(d)?;
+    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!("invalid octal mode {text:?} (e.g. \"0640\")"))
+        })
+}
+
+fn opt_octal_mode<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    octal_mode(d).map(Some)
+}
+
+/// The names the built-in providers answer to.
+pub const BUILTIN_PROVIDERS: [&str; 2] = ["random", "manual"];
+
 impl Config {
     /// Parses a config document; `path` is used in messages and to resolve relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
@@ -65,6 +298,9 @@ impl Config {
             message: e.to_string().trim_end().to_string(),
         })?;
         config.base_dir = path.parent().map(Path::to_path_buf);
+        config.source_path = Some(path.to_path_buf());
+        config.source_text = text.to_string();
+        config.validate()?;
         Ok(config)
     }
 
@@ -94,6 +330,175 @@ impl Config {
             return Ok(self.resolve(path));
         }
         default_store_path().ok_or(ConfigError::NoStorePath)
+    }
+
+    /// The line of `key` in the table `[section.name]` (or of the table header when the key is
+    /// not written there), or 1 when the table cannot be found.
+    pub fn line_of(&self, section: &str, name: &str, key: &str) -> usize {
+        let headers = [
+            format!("[{section}.\"{name}\"]"),
+            format!("[{section}.{name}]"),
+            format!("[{section}.'{name}']"),
+        ];
+        let lines: Vec<&str> = self.source_text.lines().collect();
+        let Some(start) = lines.iter().position(|l| {
+            headers
+                .iter()
+                .any(|h| l.trim_start().starts_with(h.as_str()))
+        }) else {
+            return 1;
+        };
+        let first_key = key.split('.').next().unwrap_or("");
+        let in_table = lines[start + 1..]
+            .iter()
+            .take_while(|l| !l.trim_start().starts_with('['))
+            .position(|l| {
+                let l = l.trim_start();
+                !first_key.is_empty()
+                    && l.strip_prefix(first_key)
+                        .is_some_and(|rest| rest.trim_start().starts_with('='))
+            });
+        start + 1 + in_table.map_or(0, |i| i + 1)
+    }
+
+    /// An [`ConfigError::Invalid`] for `key` of the table `[section.name]`.
+    pub fn invalid(&self, section: &str, name: &str, key: &str, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.source_path.clone().unwrap_or_default(),
+            line: self.line_of(section, name, key),
+            key: if key.is_empty() {
+                format!("{section}.\"{name}\"")
+            } else {
+                format!("{section}.\"{name}\".{key}")
+            },
+            message,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, plugin) in &self.plugins {
+            if plugin.command.is_empty() {
+                return Err(self.invalid(
+                    "plugins",
+                    name,
+                    "command",
+                    "must name the executable".into(),
+                ));
+            }
+            if crate::crypto::from_hex(&plugin.sha256).is_none_or(|h| h.len() != 32) {
+                return Err(self.invalid(
+                    "plugins",
+                    name,
+                    "sha256",
+                    "must be 64 hex digits; `keywarden plugin pin PATH` prints it".into(),
+                ));
+            }
+            if plugin.max_concurrency == 0 {
+                return Err(self.invalid(
+                    "plugins",
+                    name,
+                    "max_concurrency",
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+        for (name, secret) in &self.secrets {
+            crate::name::validate(name)
+                .map_err(|e| self.invalid("secrets", name, "", e.to_string()))?;
+            if secret.schedule.is_some() && secret.rotate_every.is_some() {
+                return Err(self.invalid(
+                    "secrets",
+                    name,
+                    "schedule",
+                    "set either schedule or rotate_every, not both".into(),
+                ));
+            }
+            if let Some(line) = &secret.schedule {
+                Schedule::cron(line).map_err(|e| self.invalid("secrets", name, "schedule", e))?;
+            }
+            if secret
+                .rotate_every
+                .is_some_and(|d| d < Duration::from_secs(1))
+            {
+                return Err(self.invalid(
+                    "secrets",
+                    name,
+                    "rotate_every",
+                    "must be at least 1s".into(),
+                ));
+            }
+            for consumer in &secret.consumers {
+                if !self.consumers.contains_key(consumer) {
+                    return Err(self.invalid(
+                        "secrets",
+                        name,
+                        "consumers",
+                        format!("no consumer named {consumer:?} is declared under [consumers]"),
+                    ));
+                }
+            }
+            for (role, other) in &secret.credentials {
+                crate::name::validate(other).map_err(|e| {
+                    self.invalid(
+                        "secrets",
+                        name,
+                        &format!("credentials.{role}"),
+                        e.to_string(),
+                    )
+                })?;
+            }
+            secret
+                .generate
+                .check()
+                .map_err(|e| self.invalid("secrets", name, "generate", e))?;
+            if secret.max_attempts == Some(0) {
+                return Err(self.invalid(
+                    "secrets",
+                    name,
+                    "max_attempts",
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+        for (name, consumer) in &self.consumers {
+            if consumer.kind == "file" {
+                if consumer.path.is_none() {
+                    return Err(self.invalid(
+                        "consumers",
+                        name,
+                        "path",
+                        "a file consumer needs a path".into(),
+                    ));
+                }
+                if let Some(template) = &consumer.template {
+                    crate::consumer::check_template(template)
+                        .map_err(|e| self.invalid("consumers", name, "template", e))?;
+                }
+            } else if consumer.path.is_some()
+                || consumer.template.is_some()
+                || !consumer.after.is_empty()
+            {
+                return Err(self.invalid(
+                    "consumers",
+                    name,
+                    "kind",
+                    format!(
+                        "path, template and after apply to kind = \"file\", not {:?}",
+                        consumer.kind
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The schedule of a secret, if it has one.
+    pub fn schedule_of(&self, secret: &SecretConfig) -> Option<Schedule> {
+        match (&secret.schedule, secret.rotate_every) {
+            (Some(line), _) => Schedule::cron(line).ok(),
+            (None, Some(every)) => Some(Schedule::Every(every)),
+            (None, None) => None,
+        }
     }
 }
 
@@ -158,5 +563,89 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.store.kdf.memory_kib, 8);
+    }
+
+    const FULL: &str = r#"
+[store]
+path = "/var/lib/keywarden/vault.db"
+
+[agent]
+socket = "/run/keywarden/agent.sock"
+socket_mode = "0660"
+admin_socket = "/run/keywarden/admin.sock"
+default_ttl = "5m"
+
+[plugins.aws]
+command = ["/usr/libexec/keywarden/keywarden-plugin-aws"]
+sha256 = "9f2c000000000000000000000000000000000000000000000000000000000000"
+env = { AWS_REGION = "eu-west-1" }
+
+[secrets."aws/ci-deployer"]
+provider = "aws-iam"
+credentials = { admin = "aws/rotator" }
+settings = { user_name = "ci-deployer" }
+schedule = "0 0 3 * * *"
+grace = "1h"
+tags = ["prod", "aws"]
+consumers = ["deploy-env"]
+
+[consumers.deploy-env]
+kind = "file"
+path = "/etc/deploy/aws.env"
+mode = "0640"
+template = "AWS_ACCESS_KEY_ID={{meta.access_key_id}}\nAWS_SECRET_ACCESS_KEY={{value}}\n"
+after = ["systemctl", "reload", "deploy-agent"]
+"#;
+
+    #[test]
+    fn the_design_example_parses() {
+        let c = Config::parse(FULL, Path::new("/etc/keywarden/keywarden.toml")).unwrap();
+        let s = &c.secrets["aws/ci-deployer"];
+        assert_eq!(s.provider, "aws-iam");
+        assert_eq!(s.grace, Duration::from_secs(3600));
+        assert_eq!(s.settings["user_name"], "ci-deployer");
+        assert_eq!(c.consumers["deploy-env"].mode, Some(0o640));
+        assert_eq!(c.agent.default_ttl, Duration::from_secs(300));
+        assert!(matches!(c.schedule_of(s), Some(Schedule::Cron(_))));
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key_and_line() {
+        let bad = FULL.replace("schedule = \"0 0 3 * * *\"", "schedule = \"every tuesday\"");
+        let err = Config::parse(&bad, Path::new("kw.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 20"), "{err}");
+        assert!(
+            err.contains("secrets.\"aws/ci-deployer\".schedule"),
+            "{err}"
+        );
+
+        let bad = FULL.replace("consumers = [\"deploy-env\"]", "consumers = [\"nope\"]");
+        let err = Config::parse(&bad, Path::new("kw.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no consumer named \"nope\""), "{err}");
+
+        let bad = FULL.replace("grace = \"1h\"", "grace = \"soon\"");
+        let err = Config::parse(&bad, Path::new("kw.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 21") && err.contains("invalid duration"),
+            "{err}"
+        );
+
+        let bad = FULL.replace("sha256 = \"9f2c", "sha256 = \"zz2c");
+        let err = Config::parse(&bad, Path::new("kw.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("plugins.\"aws\".sha256"), "{err}");
+
+        let bad = FULL.replace("{{meta.access_key_id}}", "{{meta.}}");
+        let err = Config::parse(&bad, Path::new("kw.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("template"), "{err}");
     }
 }

@@ -11,19 +11,34 @@
 //! - [`name`]: what a valid secret name is.
 //! - [`value`]: the zeroizing, never-printed secret value type.
 //! - [`hardening`]: process hardening at start (no core dumps).
+//! - [`rotation`]: the rotation engine (journaled state machine) and the scheduler.
+//! - [`plugin_host`]: runs plugin processes and speaks protocol v1 to them.
+//! - [`provider`], [`consumer`], [`generate`]: where values come from and where they go.
+//! - [`daemon`]: `serve` wiring; [`admin`]: the admin API; [`http`]: HTTP over Unix sockets.
+//! - [`status`]: what `list` and `status` report; [`clock`]: time, pausable in tests.
 //! - [`cli`]: the `keywarden` command line.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![warn(unreachable_pub, missing_debug_implementations)]
 
+pub mod admin;
 pub mod audit;
 pub mod cli;
+pub mod clock;
 pub mod config;
+pub mod consumer;
 pub mod crypto;
+pub mod daemon;
+pub mod generate;
 pub mod hardening;
+pub mod http;
 pub mod name;
 pub mod passphrase;
+pub mod plugin_host;
+pub mod provider;
+pub mod rotation;
+pub mod status;
 pub mod store;
 pub mod value;
 pub mod vault;

@@ -20,8 +20,8 @@ use crate::audit::AuditEvent;
 use crate::crypto::{self, CryptoError, FingerprintKey, KdfParams, SymmetricKey};
 use crate::name::{self, InvalidName};
 use crate::store::{
-    NewSecret, NewVersion, RewrappedKey, SealedSecret, Stage, Store, StoreError, VaultHeader,
-    VersionTarget,
+    NewSecret, NewVersion, RewrappedKey, SealedSecret, SecretRecord, Stage, Store, StoreError,
+    VaultHeader, VersionTarget,
 };
 use crate::value::SecretValue;
 
@@ -35,6 +35,10 @@ fn data_key_aad(secret_id: &str) -> Vec<u8> {
 
 fn value_aad(secret_id: &str, version: i64) -> Vec<u8> {
     format!("keywarden/value/{secret_id}/{version}").into_bytes()
+}
+
+fn proposed_aad(secret_id: &str, rotation_id: &str) -> Vec<u8> {
+    format!("keywarden/proposed/{secret_id}/{rotation_id}").into_bytes()
 }
 
 /// Non-secret facts stored in plaintext beside a version.
@@ -476,5 +480,82 @@ impl Vault {
                 }
             }
         }
+    }
+
+    /// Makes sure a declared secret exists with this provider and tags (creating it, with a new
+    /// data key, if needed). Returns its record and whether anything changed.
+    pub async fn register(
+        &self,
+        name: &str,
+        provider: &str,
+        tags: &[String],
+        actor: &str,
+    ) -> Result<(SecretRecord, bool), VaultError> {
+        name::validate(name)?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let key = SymmetricKey::generate()?;
+        let secret = NewSecret {
+            wrapped_data_key: self.keys.root.wrap(&data_key_aad(&id), &key)?,
+            id,
+            name: name.to_string(),
+            provider: provider.to_string(),
+            tags: tags.to_vec(),
+        };
+        let audit = AuditEvent::new(actor, "secret.register")
+            .secret(name)
+            .detail(json!({ "provider": provider, "tags": tags }));
+        Ok(self
+            .store
+            .register_secret(self.keys.generation, &secret, audit)
+            .await?)
+    }
+
+    /// Seals a rotation's proposed value under the secret's data key, bound to the rotation.
+    pub fn seal_proposed(
+        &self,
+        secret: &SecretRecord,
+        rotation_id: &str,
+        value: &SecretValue,
+    ) -> Result<Vec<u8>, VaultError> {
+        let key = self.data_key(&secret.name, &secret.id, &secret.wrapped_data_key)?;
+        Ok(key.seal(
+            &proposed_aad(&secret.id, rotation_id),
+            value.expose().as_bytes(),
+        )?)
+    }
+
+    /// Opens a value sealed by [`Vault::seal_proposed`].
+    pub fn open_proposed(
+        &self,
+        secret: &SecretRecord,
+        rotation_id: &str,
+        sealed: &[u8],
+    ) -> Result<SecretValue, VaultError> {
+        let key = self.data_key(&secret.name, &secret.id, &secret.wrapped_data_key)?;
+        let integrity = || VaultError::Integrity {
+            name: secret.name.clone(),
+            version: None,
+        };
+        let plain = key
+            .open(&proposed_aad(&secret.id, rotation_id), sealed)
+            .map_err(|_| integrity())?;
+        SecretValue::from_utf8(plain).map_err(|_| integrity())
+    }
+
+    /// Seals `value` as version `version` of `secret`, with its fingerprint.
+    pub fn seal_version(
+        &self,
+        secret: &SecretRecord,
+        version: i64,
+        value: &SecretValue,
+        meta: Meta,
+    ) -> Result<NewVersion, VaultError> {
+        let key = self.data_key(&secret.name, &secret.id, &secret.wrapped_data_key)?;
+        Ok(NewVersion {
+            version,
+            ciphertext: key.seal(&value_aad(&secret.id, version), value.expose().as_bytes())?,
+            meta,
+            fingerprint: self.fingerprint(value.expose().as_bytes()).to_vec(),
+        })
     }
 }

@@ -2,6 +2,7 @@
 //! group of commands.
 
 mod audit_cmd;
+mod daemon_cmds;
 mod output;
 mod vault_cmds;
 
@@ -75,6 +76,15 @@ enum Command {
     /// Check or print the audit chain.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCommand),
+    /// Run the daemon: scheduler, rotation engine, plugins and sockets.
+    Serve(daemon_cmds::ServeArgs),
+    /// Rotate one secret now (through the daemon when it runs, directly otherwise).
+    Rotate(daemon_cmds::RotateArgs),
+    /// Show versions, ages, last and next rotations, rotation states and quarantines.
+    Status(daemon_cmds::StatusArgs),
+    /// Plugin helpers.
+    #[command(subcommand)]
+    Plugin(daemon_cmds::PluginCommand),
 }
 
 /// What every command can use: the parsed config and the CLI's overrides.
@@ -157,5 +167,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Passwd => vault_cmds::passwd(&ctx).await,
         Command::Rekey => vault_cmds::rekey(&ctx).await,
         Command::Audit(cmd) => audit_cmd::run(&ctx, cmd).await,
+        Command::Serve(args) => daemon_cmds::serve(&ctx, args).await,
+        Command::Rotate(args) => daemon_cmds::rotate(&ctx, args).await,
+        Command::Status(args) => daemon_cmds::status(&ctx, args).await,
+        Command::Plugin(cmd) => daemon_cmds::plugin(cmd),
     }
 }

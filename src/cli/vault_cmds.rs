@@ -10,7 +10,7 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use super::Context;
-use super::output::{print_json, print_table, relative, rfc3339};
+use super::output::{print_json, print_table};
 use crate::passphrase::{self, Purpose};
 use crate::store::Access;
 use crate::value::SecretValue;
@@ -195,40 +195,30 @@ pub(crate) async fn get(ctx: &Context, args: GetArgs) -> anyhow::Result<ExitCode
 
 pub(crate) async fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<ExitCode> {
     let store = ctx.open_store(Access::ReadOnly).await?;
-    let secrets = store.list().await?;
+    let secrets: Vec<serde_json::Value> = store
+        .list()
+        .await?
+        .iter()
+        .map(crate::status::secret_entry)
+        .collect();
     if args.json {
-        let items: Vec<_> = secrets
-            .iter()
-            .map(|s| {
-                json!({
-                    "name": s.name,
-                    "provider": s.provider,
-                    "version": s.version,
-                    "updated_at": rfc3339(s.updated_at),
-                    "next_rotation_at": serde_json::Value::Null,
-                    "rotation_state": serde_json::Value::Null,
-                    "quarantined": false,
-                    "tags": s.tags,
-                })
-            })
-            .collect();
-        print_json(&items)?;
+        print_json(&secrets)?;
     } else if secrets.is_empty() {
         eprintln!("no secrets yet; add one with `keywarden put NAME`");
     } else {
-        let rows: Vec<Vec<String>> = secrets
-            .iter()
-            .map(|s| {
-                vec![
-                    s.name.clone(),
-                    s.provider.clone(),
-                    s.version.map_or("-".into(), |v| v.to_string()),
-                    relative(s.updated_at),
-                    s.tags.join(","),
-                ]
-            })
-            .collect();
-        print_table(&["NAME", "PROVIDER", "VERSION", "UPDATED", "TAGS"], &rows)?;
+        let rows: Vec<Vec<String>> = secrets.iter().map(super::daemon_cmds::secret_row).collect();
+        print_table(
+            &[
+                "NAME",
+                "PROVIDER",
+                "VERSION",
+                "AGE",
+                "LAST ROTATED",
+                "NEXT ROTATION",
+                "STATE",
+            ],
+            &rows,
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

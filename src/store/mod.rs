@@ -20,6 +20,7 @@ use lock::{LockError, StoreLock};
 
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::crypto::KdfParams;
+use crate::rotation::RotationState;
 
 /// Unix time in milliseconds, the unit of every timestamp in the store.
 pub type Millis = i64;
@@ -93,6 +94,9 @@ pub enum StoreError {
         /// The store.
         path: PathBuf,
     },
+    /// A rotation of the secret is in progress; a manual write would race it.
+    #[error("a rotation of {0:?} is in progress; wait for it to finish")]
+    RotationInProgress(String),
     /// Another writer changed what this operation was based on; retry it.
     #[error("{0} changed concurrently; try again")]
     Conflict(String),
@@ -224,9 +228,11 @@ pub struct SealedSecret {
     pub version: VersionRecord,
 }
 
-/// What `list` shows of a secret.
+/// What `list` and `status` show of a secret.
 #[derive(Debug, Clone)]
 pub struct SecretSummary {
+    /// The secret's id.
+    pub id: String,
     /// Name.
     pub name: String,
     /// Provider kind.
@@ -237,6 +243,124 @@ pub struct SecretSummary {
     pub updated_at: Millis,
     /// Tags.
     pub tags: Vec<String>,
+    /// When the scheduler will next rotate it.
+    pub next_rotation_at: Option<Millis>,
+    /// When a rotation last completed its promotion.
+    pub last_rotated_at: Option<Millis>,
+    /// The state of the latest rotation, if any.
+    pub rotation_state: Option<RotationState>,
+    /// Failed rotations since the last success.
+    pub failed_attempts: i64,
+    /// When automatic rotation was stopped for a person to look, if it was.
+    pub quarantined_at: Option<Millis>,
+    /// The last rotation error.
+    pub last_error: Option<String>,
+}
+
+/// A rotation journal row.
+#[derive(Debug, Clone)]
+pub struct RotationRecord {
+    /// The rotation id (sent to plugins as `rotation_id`).
+    pub id: String,
+    /// The secret's id.
+    pub secret_id: String,
+    /// The secret's name.
+    pub secret_name: String,
+    /// Where it stands.
+    pub state: RotationState,
+    /// The version being replaced (N), if any.
+    pub from_version: Option<i64>,
+    /// The new version (N+1), once created.
+    pub to_version: Option<i64>,
+    /// The proposed value, sealed under the secret's data key.
+    pub proposed: Option<Vec<u8>>,
+    /// Why it started.
+    pub reason: String,
+    /// Emergency rotations revoke N right after promotion.
+    pub emergency: bool,
+    /// The incident it belongs to.
+    pub incident_id: Option<String>,
+    /// Failed attempts of the current step.
+    pub attempts: i64,
+    /// The last step error.
+    pub last_error: Option<String>,
+    /// When the current step may be retried.
+    pub next_attempt_at: Option<Millis>,
+    /// When draining began.
+    pub draining_since: Option<Millis>,
+    /// When it was planned.
+    pub created_at: Millis,
+    /// When it last moved.
+    pub updated_at: Millis,
+}
+
+/// A rotation to plan.
+#[derive(Debug, Clone)]
+pub struct NewRotation {
+    /// Its id.
+    pub id: String,
+    /// The secret.
+    pub secret_id: String,
+    /// The current version it replaces (must still be current).
+    pub from_version: Option<i64>,
+    /// The proposed value, sealed.
+    pub proposed: Option<Vec<u8>>,
+    /// Why.
+    pub reason: String,
+    /// Whether it is an emergency rotation.
+    pub emergency: bool,
+    /// The incident.
+    pub incident_id: Option<String>,
+}
+
+/// One step of a rotation: the state move and everything that changes with it, applied in one
+/// transaction, and only if the rotation is still in `from`.
+#[derive(Debug, Clone)]
+pub struct StepChange {
+    /// The state the step starts from.
+    pub from: RotationState,
+    /// The state it ends in (may equal `from` for an effect without a move).
+    pub to: RotationState,
+    /// `created`: the new version, stored as `pending`.
+    pub insert_pending: Option<NewVersion>,
+    /// `promoted`: pending → current, current → previous, previous → revoked.
+    pub promote: bool,
+    /// A version that is now revoked (N at done, N+1 at rollback).
+    pub revoke_version: Option<i64>,
+    /// `draining`: when it began.
+    pub draining_since: Option<Millis>,
+    /// `done`: clear the secret's failure count and error.
+    pub succeeded: bool,
+}
+
+impl StepChange {
+    /// A plain state move.
+    pub fn to(from: RotationState, to: RotationState) -> Self {
+        StepChange {
+            from,
+            to,
+            insert_pending: None,
+            promote: false,
+            revoke_version: None,
+            draining_since: None,
+            succeeded: false,
+        }
+    }
+}
+
+/// What a consumer has acknowledged for a secret.
+#[derive(Debug, Clone)]
+pub struct DeliveryRecord {
+    /// The consumer's name.
+    pub consumer: String,
+    /// The version last attempted or acknowledged.
+    pub version: i64,
+    /// When that version was acknowledged, if it was.
+    pub acked_at: Option<Millis>,
+    /// Failed attempts at that version.
+    pub attempts: i64,
+    /// The last delivery error.
+    pub last_error: Option<String>,
 }
 
 /// A secret to create together with its first version.
@@ -498,7 +622,7 @@ impl Store {
 
     /// All secrets, by name.
     pub async fn list(&self) -> Result<Vec<SecretSummary>, StoreError> {
-        self.sqlite().list().await
+        self.sqlite().summaries(None).await
     }
 
     /// Deletes a secret, its data key and all its versions. Returns how many versions it had,
@@ -523,8 +647,166 @@ impl Store {
         self.sqlite().audit_page(after, limit).await
     }
 
+    /// The chain head: the last row's sequence number and hash.
+    pub async fn audit_head(&self) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .sqlite()
+            .audit_tail(1)
+            .await?
+            .pop()
+            .map(|r| (r.seq, r.hash)))
+    }
+
     /// The last `limit` audit rows, in order.
     pub async fn audit_tail(&self, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
         self.sqlite().audit_tail(limit).await
+    }
+
+    /// Creates a secret row (with a fresh wrapped data key) if `name` does not exist, or updates
+    /// its provider and tags if they changed. Returns the secret and whether anything changed.
+    pub async fn register_secret(
+        &self,
+        generation: i64,
+        secret: &NewSecret,
+        audit: AuditEvent,
+    ) -> Result<(SecretRecord, bool), StoreError> {
+        self.sqlite()
+            .register_secret(generation, secret, audit)
+            .await
+    }
+
+    /// Sets when the scheduler next rotates a secret.
+    pub async fn set_next_rotation(
+        &self,
+        secret_id: &str,
+        at: Option<Millis>,
+    ) -> Result<(), StoreError> {
+        self.sqlite().set_next_rotation(secret_id, at).await
+    }
+
+    /// Counts a failed rotation against a secret; quarantines it if asked. Returns the count.
+    pub async fn record_secret_failure(
+        &self,
+        secret_id: &str,
+        error: &str,
+        quarantine: bool,
+        audit: AuditEvent,
+    ) -> Result<i64, StoreError> {
+        self.sqlite()
+            .record_secret_failure(secret_id, error, quarantine, audit)
+            .await
+    }
+
+    /// Lifts a quarantine and resets the failure count.
+    pub async fn unquarantine(&self, secret_id: &str, audit: AuditEvent) -> Result<(), StoreError> {
+        self.sqlite().unquarantine(secret_id, audit).await
+    }
+
+    /// Plans a rotation. Fails with [`StoreError::Conflict`] if one is already active for the
+    /// secret or the current version moved.
+    pub async fn plan_rotation(
+        &self,
+        rotation: &NewRotation,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.sqlite().plan_rotation(rotation, audit).await
+    }
+
+    /// Applies one step. Fails with [`StoreError::Conflict`] if the rotation is no longer in
+    /// `change.from`.
+    pub async fn advance_rotation(
+        &self,
+        rotation: &RotationRecord,
+        change: &StepChange,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let result = self
+            .sqlite()
+            .advance_rotation(rotation, change, audit)
+            .await;
+        if change.promote || change.revoke_version.is_some() {
+            self.invalidate(Some(&rotation.secret_name));
+        }
+        result
+    }
+
+    /// Records a failed attempt at the current step and when to retry it.
+    pub async fn retry_rotation_later(
+        &self,
+        rotation_id: &str,
+        error: &str,
+        next_attempt_at: Millis,
+    ) -> Result<i64, StoreError> {
+        self.sqlite()
+            .retry_rotation_later(rotation_id, error, next_attempt_at)
+            .await
+    }
+
+    /// Resets a rotation's attempt count (an operator asked to resume it).
+    pub async fn reset_rotation_attempts(&self, rotation_id: &str) -> Result<(), StoreError> {
+        self.sqlite().reset_rotation_attempts(rotation_id).await
+    }
+
+    /// Marks an active rotation as an emergency of `incident_id`.
+    pub async fn escalate_rotation(
+        &self,
+        rotation_id: &str,
+        incident_id: Option<&str>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.sqlite()
+            .escalate_rotation(rotation_id, incident_id, audit)
+            .await
+    }
+
+    /// A rotation by id.
+    pub async fn rotation(&self, id: &str) -> Result<Option<RotationRecord>, StoreError> {
+        self.sqlite().rotation(id).await
+    }
+
+    /// Every rotation not in a terminal state.
+    pub async fn active_rotations(&self) -> Result<Vec<RotationRecord>, StoreError> {
+        self.sqlite().active_rotations().await
+    }
+
+    /// The latest rotation of a secret, active or not.
+    pub async fn latest_rotation(
+        &self,
+        secret_id: &str,
+    ) -> Result<Option<RotationRecord>, StoreError> {
+        self.sqlite().latest_rotation(secret_id).await
+    }
+
+    /// What each consumer of a secret has acknowledged.
+    pub async fn deliveries(&self, secret_id: &str) -> Result<Vec<DeliveryRecord>, StoreError> {
+        self.sqlite().deliveries(secret_id).await
+    }
+
+    /// Records a delivery attempt: `Ok` acknowledges `version`; `Err` counts a failure.
+    pub async fn record_delivery(
+        &self,
+        secret_id: &str,
+        consumer: &str,
+        version: i64,
+        outcome: Result<(), &str>,
+    ) -> Result<(), StoreError> {
+        self.sqlite()
+            .record_delivery(secret_id, consumer, version, outcome)
+            .await
+    }
+
+    /// Live leases on a version at `now`, and the earliest expiry among them.
+    pub async fn live_leases(
+        &self,
+        secret_id: &str,
+        version: i64,
+        now: Millis,
+    ) -> Result<(i64, Option<Millis>), StoreError> {
+        self.sqlite().live_leases(secret_id, version, now).await
+    }
+
+    /// One secret's summary.
+    pub async fn secret_summary(&self, name: &str) -> Result<Option<SecretSummary>, StoreError> {
+        Ok(self.sqlite().summaries(Some(name)).await?.pop())
     }
 }

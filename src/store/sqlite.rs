@@ -15,11 +15,13 @@ use sqlx::sqlite::{
 };
 
 use super::{
-    Millis, NewVersion, RewrappedKey, SealedSecret, SecretRecord, SecretSummary, Stage, StoreError,
-    VaultHeader, VersionRecord, VersionTarget, now_millis,
+    DeliveryRecord, Millis, NewRotation, NewSecret, NewVersion, RewrappedKey, RotationRecord,
+    SealedSecret, SecretRecord, SecretSummary, Stage, StepChange, StoreError, VaultHeader,
+    VersionRecord, VersionTarget, now_millis,
 };
 use crate::audit::{AuditEvent, AuditRecord, GENESIS_HASH, chain_hash};
 use crate::crypto::KdfParams;
+use crate::rotation::RotationState;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -438,6 +440,13 @@ impl SqliteStore {
                 if row != Some(*expected_latest) {
                     return Err(StoreError::Conflict("the secret".into()));
                 }
+                if active_rotation_in(&mut tx, secret_id).await?.is_some() {
+                    let name: String = sqlx::query_scalar("SELECT name FROM secrets WHERE id = ?")
+                        .bind(secret_id.as_str())
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    return Err(StoreError::RotationInProgress(name));
+                }
                 secret_id.as_str()
             }
         };
@@ -480,22 +489,38 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub(super) async fn list(&self) -> Result<Vec<SecretSummary>, StoreError> {
+    pub(super) async fn summaries(
+        &self,
+        name: Option<&str>,
+    ) -> Result<Vec<SecretSummary>, StoreError> {
         let rows = sqlx::query(
-            "SELECT s.name, s.provider, \
+            "SELECT s.id, s.name, s.provider, \
              (SELECT version FROM versions v WHERE v.secret_id = s.id AND v.stage = 'current'), \
-             s.updated_at, s.tags FROM secrets s ORDER BY s.name",
+             s.updated_at, s.tags, s.next_rotation_at, s.last_rotated_at, \
+             (SELECT state FROM rotations r WHERE r.secret_id = s.id \
+              ORDER BY r.created_at DESC, r.rowid DESC LIMIT 1), \
+             s.failed_attempts, s.quarantined_at, s.last_error \
+             FROM secrets s WHERE ?1 IS NULL OR s.name = ?1 ORDER BY s.name",
         )
+        .bind(name)
         .fetch_all(&self.reader)
         .await?;
         rows.iter()
             .map(|row| {
+                let state: Option<String> = row.try_get(8)?;
                 Ok(SecretSummary {
-                    name: row.try_get(0)?,
-                    provider: row.try_get(1)?,
-                    version: row.try_get(2)?,
-                    updated_at: row.try_get(3)?,
-                    tags: parse_tags(&row.try_get::<String, _>(4)?)?,
+                    id: row.try_get(0)?,
+                    name: row.try_get(1)?,
+                    provider: row.try_get(2)?,
+                    version: row.try_get(3)?,
+                    updated_at: row.try_get(4)?,
+                    tags: parse_tags(&row.try_get::<String, _>(5)?)?,
+                    next_rotation_at: row.try_get(6)?,
+                    last_rotated_at: row.try_get(7)?,
+                    rotation_state: state.as_deref().map(parse_state).transpose()?,
+                    failed_attempts: row.try_get(9)?,
+                    quarantined_at: row.try_get(10)?,
+                    last_error: row.try_get(11)?,
                 })
             })
             .collect()
@@ -569,6 +594,481 @@ impl SqliteStore {
         .await?;
         rows.iter().map(audit_from_row).collect()
     }
+
+    pub(super) async fn register_secret(
+        &self,
+        generation: i64,
+        secret: &NewSecret,
+        audit: AuditEvent,
+    ) -> Result<(SecretRecord, bool), StoreError> {
+        let mut tx = self.begin_write().await?;
+        check_generation(&mut tx, generation).await?;
+        let tags = serde_json::to_string(&secret.tags).expect("tags serialize");
+        let existing: Option<(String, String, String)> =
+            sqlx::query_as("SELECT id, provider, tags FROM secrets WHERE name = ?")
+                .bind(secret.name.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let now = now_millis();
+        let changed = match existing {
+            None => {
+                sqlx::query(
+                    "INSERT INTO secrets (id, name, provider, wrapped_data_key, tags, created_at, \
+                     updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(secret.id.as_str())
+                .bind(secret.name.as_str())
+                .bind(secret.provider.as_str())
+                .bind(secret.wrapped_data_key.as_slice())
+                .bind(tags.as_str())
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                true
+            }
+            Some((id, provider, old_tags)) if provider != secret.provider || old_tags != tags => {
+                sqlx::query("UPDATE secrets SET provider = ?, tags = ? WHERE id = ?")
+                    .bind(secret.provider.as_str())
+                    .bind(tags.as_str())
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                true
+            }
+            Some(_) => false,
+        };
+        if changed {
+            append_audit_in(&mut tx, &[audit]).await?;
+        }
+        tx.commit().await?;
+        let record = self
+            .secret(&secret.name)
+            .await?
+            .ok_or_else(|| StoreError::Conflict(format!("secret {:?}", secret.name)))?;
+        Ok((record, changed))
+    }
+
+    pub(super) async fn set_next_rotation(
+        &self,
+        secret_id: &str,
+        at: Option<Millis>,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE secrets SET next_rotation_at = ? WHERE id = ?")
+            .bind(at)
+            .bind(secret_id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn record_secret_failure(
+        &self,
+        secret_id: &str,
+        error: &str,
+        quarantine: bool,
+        audit: AuditEvent,
+    ) -> Result<i64, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let count: i64 = sqlx::query_scalar(
+            "UPDATE secrets SET failed_attempts = failed_attempts + 1, last_error = ?, \
+             quarantined_at = CASE WHEN ? THEN coalesce(quarantined_at, ?) ELSE quarantined_at END \
+             WHERE id = ? RETURNING failed_attempts",
+        )
+        .bind(error)
+        .bind(quarantine)
+        .bind(now_millis())
+        .bind(secret_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(count)
+    }
+
+    pub(super) async fn unquarantine(
+        &self,
+        secret_id: &str,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let changed = sqlx::query(
+            "UPDATE secrets SET quarantined_at = NULL, failed_attempts = 0 \
+             WHERE id = ? AND (quarantined_at IS NOT NULL OR failed_attempts > 0)",
+        )
+        .bind(secret_id)
+        .execute(&mut *tx)
+        .await?;
+        if changed.rows_affected() > 0 {
+            append_audit_in(&mut tx, &[audit]).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn plan_rotation(
+        &self,
+        rotation: &NewRotation,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let current: Option<i64> = sqlx::query_scalar(
+            "SELECT version FROM versions WHERE secret_id = ? AND stage = 'current'",
+        )
+        .bind(rotation.secret_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if current != rotation.from_version {
+            return Err(StoreError::Conflict("the current version".into()));
+        }
+        let now = now_millis();
+        let inserted = sqlx::query(
+            "INSERT INTO rotations (id, secret_id, state, from_version, proposed, reason, \
+             emergency, incident_id, created_at, updated_at) \
+             VALUES (?, ?, 'planned', ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(rotation.id.as_str())
+        .bind(rotation.secret_id.as_str())
+        .bind(rotation.from_version)
+        .bind(rotation.proposed.as_deref())
+        .bind(rotation.reason.as_str())
+        .bind(rotation.emergency)
+        .bind(rotation.incident_id.as_deref())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(StoreError::Conflict("an active rotation".into()));
+            }
+            other => other?,
+        };
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn advance_rotation(
+        &self,
+        rotation: &RotationRecord,
+        change: &StepChange,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let now = now_millis();
+        let moved = sqlx::query(
+            "UPDATE rotations SET state = ?, updated_at = ?, attempts = 0, last_error = NULL, \
+             next_attempt_at = NULL, draining_since = coalesce(?, draining_since), \
+             to_version = coalesce(?, to_version) WHERE id = ? AND state = ?",
+        )
+        .bind(change.to.as_str())
+        .bind(now)
+        .bind(change.draining_since)
+        .bind(change.insert_pending.as_ref().map(|v| v.version))
+        .bind(rotation.id.as_str())
+        .bind(change.from.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            return Err(StoreError::Conflict(format!("rotation {}", rotation.id)));
+        }
+        let secret_id = rotation.secret_id.as_str();
+        if let Some(version) = &change.insert_pending {
+            let latest: Option<i64> =
+                sqlx::query_scalar("SELECT max(version) FROM versions WHERE secret_id = ?")
+                    .bind(secret_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if latest.unwrap_or(0) + 1 != version.version {
+                return Err(StoreError::Conflict("the secret's versions".into()));
+            }
+            sqlx::query(
+                "INSERT INTO versions (secret_id, version, stage, ciphertext, meta, fingerprint, \
+                 created_at, stage_changed_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?)",
+            )
+            .bind(secret_id)
+            .bind(version.version)
+            .bind(version.ciphertext.as_slice())
+            .bind(serde_json::Value::Object(version.meta.clone()).to_string())
+            .bind(version.fingerprint.as_slice())
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if change.promote {
+            let to = rotation.to_version.ok_or_else(|| {
+                StoreError::Corrupt("promoting a rotation with no new version".into())
+            })?;
+            for (sql, version) in [
+                (
+                    "UPDATE versions SET stage = 'revoked', stage_changed_at = ? \
+                  WHERE secret_id = ? AND stage = 'previous' AND version != ?",
+                    None,
+                ),
+                (
+                    "UPDATE versions SET stage = 'previous', stage_changed_at = ? \
+                  WHERE secret_id = ? AND stage = 'current' AND version != ?",
+                    None,
+                ),
+                (
+                    "UPDATE versions SET stage = 'current', stage_changed_at = ? \
+                  WHERE secret_id = ? AND version = ?",
+                    Some(to),
+                ),
+            ] {
+                sqlx::query(sql)
+                    .bind(now)
+                    .bind(secret_id)
+                    .bind(version.unwrap_or(to))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query("UPDATE secrets SET updated_at = ?, last_rotated_at = ? WHERE id = ?")
+                .bind(now)
+                .bind(now)
+                .bind(secret_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(version) = change.revoke_version {
+            sqlx::query(
+                "UPDATE versions SET stage = 'revoked', stage_changed_at = ? \
+                 WHERE secret_id = ? AND version = ? AND stage != 'revoked'",
+            )
+            .bind(now)
+            .bind(secret_id)
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if change.succeeded {
+            sqlx::query("UPDATE secrets SET failed_attempts = 0, last_error = NULL WHERE id = ?")
+                .bind(secret_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn retry_rotation_later(
+        &self,
+        rotation_id: &str,
+        error: &str,
+        next_attempt_at: Millis,
+    ) -> Result<i64, StoreError> {
+        let attempts: i64 = sqlx::query_scalar(
+            "UPDATE rotations SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?, \
+             updated_at = ? WHERE id = ? RETURNING attempts",
+        )
+        .bind(error)
+        .bind(next_attempt_at)
+        .bind(now_millis())
+        .bind(rotation_id)
+        .fetch_one(&self.writer)
+        .await?;
+        Ok(attempts)
+    }
+
+    pub(super) async fn reset_rotation_attempts(
+        &self,
+        rotation_id: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE rotations SET attempts = 0, next_attempt_at = NULL WHERE id = ?")
+            .bind(rotation_id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn escalate_rotation(
+        &self,
+        rotation_id: &str,
+        incident_id: Option<&str>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE rotations SET emergency = 1, incident_id = coalesce(?, incident_id), \
+             updated_at = ? WHERE id = ?",
+        )
+        .bind(incident_id)
+        .bind(now_millis())
+        .bind(rotation_id)
+        .execute(&mut *tx)
+        .await?;
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn rotation(&self, id: &str) -> Result<Option<RotationRecord>, StoreError> {
+        let row = sqlx::query(ROTATION_SELECT_BY_ID)
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(rotation_from_row).transpose()
+    }
+
+    pub(super) async fn active_rotations(&self) -> Result<Vec<RotationRecord>, StoreError> {
+        let rows = sqlx::query(ROTATION_SELECT_ACTIVE)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(rotation_from_row).collect()
+    }
+
+    pub(super) async fn latest_rotation(
+        &self,
+        secret_id: &str,
+    ) -> Result<Option<RotationRecord>, StoreError> {
+        let row = sqlx::query(ROTATION_SELECT_LATEST)
+            .bind(secret_id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(rotation_from_row).transpose()
+    }
+
+    pub(super) async fn deliveries(
+        &self,
+        secret_id: &str,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT consumer, version, acked_at, attempts, last_error FROM deliveries \
+             WHERE secret_id = ? ORDER BY consumer",
+        )
+        .bind(secret_id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeliveryRecord {
+                    consumer: r.try_get(0)?,
+                    version: r.try_get(1)?,
+                    acked_at: r.try_get(2)?,
+                    attempts: r.try_get(3)?,
+                    last_error: r.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn record_delivery(
+        &self,
+        secret_id: &str,
+        consumer: &str,
+        version: i64,
+        outcome: Result<(), &str>,
+    ) -> Result<(), StoreError> {
+        let now = now_millis();
+        match outcome {
+            Ok(()) => {
+                sqlx::query(
+                    "INSERT INTO deliveries (secret_id, consumer, version, acked_at, attempts) \
+                     VALUES (?, ?, ?, ?, 0) ON CONFLICT (secret_id, consumer) DO UPDATE SET \
+                     version = excluded.version, acked_at = excluded.acked_at, attempts = 0, \
+                     last_error = NULL",
+                )
+                .bind(secret_id)
+                .bind(consumer)
+                .bind(version)
+                .bind(now)
+                .execute(&self.writer)
+                .await?;
+            }
+            Err(error) => {
+                sqlx::query(
+                    "INSERT INTO deliveries (secret_id, consumer, version, attempts, last_error) \
+                     VALUES (?, ?, ?, 1, ?) ON CONFLICT (secret_id, consumer) DO UPDATE SET \
+                     attempts = CASE WHEN deliveries.version = excluded.version \
+                                THEN deliveries.attempts + 1 ELSE 1 END, \
+                     acked_at = CASE WHEN deliveries.version = excluded.version \
+                                THEN deliveries.acked_at ELSE NULL END, \
+                     version = excluded.version, last_error = excluded.last_error",
+                )
+                .bind(secret_id)
+                .bind(consumer)
+                .bind(version)
+                .bind(error)
+                .execute(&self.writer)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn live_leases(
+        &self,
+        secret_id: &str,
+        version: i64,
+        now: Millis,
+    ) -> Result<(i64, Option<Millis>), StoreError> {
+        let (count, next): (i64, Option<Millis>) = sqlx::query_as(
+            "SELECT count(*), min(expires_at) FROM leases WHERE secret_id = ? AND version = ? \
+             AND ended_at IS NULL AND expires_at > ?",
+        )
+        .bind(secret_id)
+        .bind(version)
+        .bind(now)
+        .fetch_one(&self.reader)
+        .await?;
+        Ok((count, next))
+    }
+}
+
+const ROTATION_SELECT_BY_ID: &str = "SELECT r.id, r.secret_id, s.name, r.state, r.from_version, \
+     r.to_version, r.proposed, r.reason, r.emergency, r.incident_id, r.attempts, r.last_error, \
+     r.next_attempt_at, r.draining_since, r.created_at, r.updated_at \
+     FROM rotations r JOIN secrets s ON s.id = r.secret_id WHERE r.id = ?";
+const ROTATION_SELECT_ACTIVE: &str = "SELECT r.id, r.secret_id, s.name, r.state, r.from_version, \
+     r.to_version, r.proposed, r.reason, r.emergency, r.incident_id, r.attempts, r.last_error, \
+     r.next_attempt_at, r.draining_since, r.created_at, r.updated_at \
+     FROM rotations r JOIN secrets s ON s.id = r.secret_id \
+     WHERE r.state NOT IN ('done', 'failed', 'rolled-back') ORDER BY r.created_at";
+const ROTATION_SELECT_LATEST: &str = "SELECT r.id, r.secret_id, s.name, r.state, r.from_version, \
+     r.to_version, r.proposed, r.reason, r.emergency, r.incident_id, r.attempts, r.last_error, \
+     r.next_attempt_at, r.draining_since, r.created_at, r.updated_at \
+     FROM rotations r JOIN secrets s ON s.id = r.secret_id WHERE r.secret_id = ? \
+     ORDER BY r.created_at DESC, r.rowid DESC LIMIT 1";
+
+fn parse_state(text: &str) -> Result<RotationState, StoreError> {
+    RotationState::parse(text)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown rotation state {text:?}")))
+}
+
+fn rotation_from_row(row: &SqliteRow) -> Result<RotationRecord, StoreError> {
+    Ok(RotationRecord {
+        id: row.try_get(0)?,
+        secret_id: row.try_get(1)?,
+        secret_name: row.try_get(2)?,
+        state: parse_state(&row.try_get::<String, _>(3)?)?,
+        from_version: row.try_get(4)?,
+        to_version: row.try_get(5)?,
+        proposed: row.try_get(6)?,
+        reason: row.try_get(7)?,
+        emergency: row.try_get(8)?,
+        incident_id: row.try_get(9)?,
+        attempts: row.try_get(10)?,
+        last_error: row.try_get(11)?,
+        next_attempt_at: row.try_get(12)?,
+        draining_since: row.try_get(13)?,
+        created_at: row.try_get(14)?,
+        updated_at: row.try_get(15)?,
+    })
+}
+
+async fn active_rotation_in(
+    tx: &mut SqliteConnection,
+    secret_id: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM rotations WHERE secret_id = ? AND state NOT IN ('done', 'failed', 'rolled-back')",
+    )
+    .bind(secret_id)
+    .fetch_optional(&mut *tx)
+    .await?)
 }
 
 fn unreadable(path: &Path, e: sqlx::Error) -> StoreError {

@@ -1,0 +1,168 @@
+//! The admin API on `admin.sock` (mode 0600; only root, the daemon's own uid and `admin_uids`):
+//! `POST /v1/admin/rotate/{name}[?wait=SECS]` and `GET /v1/admin/status`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+
+use crate::audit::AuditEvent;
+use crate::http::{self, Handler, Peer};
+use crate::rotation::Reason;
+use crate::rotation::engine::{Engine, EngineError};
+
+/// Longest a `rotate` request waits for the rotation to settle.
+const MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// The admin API.
+#[derive(Debug)]
+pub struct AdminApi {
+    engine: Arc<Engine>,
+    allowed_uids: HashSet<u32>,
+}
+
+impl AdminApi {
+    /// An API over `engine`, open to root, the daemon's uid and `extra_uids`.
+    pub fn new(engine: Arc<Engine>, extra_uids: &[u32]) -> Self {
+        let mut allowed_uids: HashSet<u32> = extra_uids.iter().copied().collect();
+        allowed_uids.insert(0);
+        allowed_uids.insert(rustix::process::getuid().as_raw());
+        AdminApi {
+            engine,
+            allowed_uids,
+        }
+    }
+
+    fn actor(peer: Peer) -> String {
+        format!("admin uid={} pid={}", peer.uid, peer.pid.unwrap_or(0))
+    }
+
+    async fn rotate(&self, name: &str, query: Option<&str>, peer: Peer) -> Response<Full<Bytes>> {
+        if let Err(e) = crate::name::validate(name) {
+            return http::error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
+        }
+        let mut wait = Duration::ZERO;
+        for (k, v) in http::query_pairs(query) {
+            match (k, v.parse::<u64>()) {
+                ("wait", Ok(secs)) => wait = Duration::from_secs(secs).min(MAX_WAIT),
+                _ => {
+                    return http::error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        format!("unknown or bad query parameter {k:?}"),
+                    );
+                }
+            }
+        }
+        let audit = AuditEvent::new(Self::actor(peer), "admin.rotate").secret(name);
+        if let Err(e) = self.engine.vault().store().append_audit(&[audit]).await {
+            return http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string());
+        }
+        let ticket = match self.engine.request(name, Reason::Manual, false, None).await {
+            Ok(t) => t,
+            Err(EngineError::UnknownSecret(_)) => {
+                return http::error(
+                    StatusCode::NOT_FOUND,
+                    "unknown",
+                    format!("no secret named {name:?} is declared"),
+                );
+            }
+            Err(e @ EngineError::NeedsPerson { .. }) => {
+                return http::error(StatusCode::CONFLICT, "needs_person", e.to_string());
+            }
+            Err(e) => {
+                return http::error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string());
+            }
+        };
+        let record = if wait.is_zero() {
+            self.engine
+                .vault()
+                .store()
+                .rotation(&ticket.rotation_id)
+                .await
+        } else {
+            self.engine.wait(&ticket.rotation_id, wait).await
+        };
+        let record = match record {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return http::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the rotation vanished",
+                );
+            }
+            Err(e) => {
+                return http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string());
+            }
+        };
+        let quarantined = self
+            .engine
+            .vault()
+            .store()
+            .secret_summary(name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| s.quarantined_at.map(|_| s.last_error.unwrap_or_default()));
+        http::json(
+            StatusCode::OK,
+            &json!({
+                "rotation_id": record.id,
+                "secret": record.secret_name,
+                "joined": ticket.joined,
+                "state": record.state.as_str(),
+                "from_version": record.from_version,
+                "to_version": record.to_version,
+                "last_error": record.last_error,
+                "quarantined": quarantined.is_some(),
+                "quarantine_reason": quarantined,
+            }),
+        )
+    }
+}
+
+impl Handler for AdminApi {
+    async fn handle(&self, request: Request<Bytes>, peer: Peer) -> Response<Full<Bytes>> {
+        if !self.allowed_uids.contains(&peer.uid) {
+            let audit = AuditEvent::new(Self::actor(peer), "admin.denied")
+                .detail(json!({ "path": request.uri().path() }));
+            let _ = self.engine.vault().store().append_audit(&[audit]).await;
+            return http::error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this uid may not use the admin socket",
+            );
+        }
+        let path = request.uri().path().to_string();
+        let query = request.uri().query().map(str::to_string);
+        match (request.method(), path.as_str()) {
+            (&Method::POST, p) if p.starts_with("/v1/admin/rotate/") => {
+                self.rotate(&p["/v1/admin/rotate/".len()..], query.as_deref(), peer)
+                    .await
+            }
+            (&Method::GET, "/v1/admin/status") => {
+                match crate::status::report(
+                    self.engine.vault().store(),
+                    Some(&self.engine.catalog().plugins),
+                )
+                .await
+                {
+                    Ok(report) => http::json(StatusCode::OK, &report),
+                    Err(e) => {
+                        http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+                    }
+                }
+            }
+            _ => http::error(
+                StatusCode::NOT_FOUND,
+                "unknown",
+                format!("no endpoint {} {path}", request.method()),
+            ),
+        }
+    }
+}

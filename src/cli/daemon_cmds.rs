@@ -1,0 +1,376 @@
+//! `serve`, `rotate`, `status` and `plugin pin`: the commands around the daemon.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use super::Context;
+use super::output::{print_json, print_table, relative};
+use crate::admin::AdminApi;
+use crate::clock::Clock;
+use crate::daemon::Runtime;
+use crate::http;
+use crate::passphrase::{self, Purpose};
+use crate::rotation::Reason;
+use crate::store::{Access, Store, StoreError};
+use crate::vault::Vault;
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Create the store first if it does not exist (for first runs and quickstarts).
+    #[arg(long)]
+    init: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RotateArgs {
+    /// The secret to rotate (declared in the config).
+    name: String,
+    /// Return once the rotation is planned instead of waiting for it to settle.
+    #[arg(long)]
+    no_wait: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// Print {"daemon","secrets","audit"} as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PluginCommand {
+    /// Print the `[plugins.NAME]` lines for an executable, with its SHA-256.
+    Pin {
+        /// The plugin executable (or script).
+        path: PathBuf,
+        /// The name under [plugins] (default: the file name without `keywarden-plugin-`).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let path = ctx.store_path()?;
+    let creating = args.init && !path.exists();
+    let passphrase = passphrase::obtain(if creating {
+        Purpose::Create
+    } else {
+        Purpose::Unlock
+    })?;
+    if creating {
+        Vault::init(&path, &passphrase, ctx.config.store.kdf, &ctx.actor).await?;
+        tracing::info!(store = %path.display(), "created a new store");
+    }
+    let store = Store::open(&path, Access::Exclusive).await?;
+    let vault = Arc::new(Vault::unlock(store, &passphrase).await?);
+    drop(passphrase);
+    let runtime = Runtime::start(&ctx.config, vault, Clock::System, true).await?;
+    let agent = &ctx.config.agent;
+    let admin = http::bind_socket(&agent.admin_socket, 0o600, 0o700)?;
+    let admin_api = Arc::new(AdminApi::new(runtime.engine.clone(), &agent.admin_uids));
+    let admin_task = tokio::spawn(http::serve(
+        admin,
+        admin_api,
+        http::Limits::default(),
+        runtime.shutdown_signal(),
+    ));
+    tracing::info!(
+        store = %path.display(),
+        admin_socket = %agent.admin_socket.display(),
+        secrets = ctx.config.secrets.len(),
+        "keywarden is serving"
+    );
+    let signal = wait_for_signal().await?;
+    tracing::info!(signal, "stopping: finishing or parking steps in flight");
+    runtime.stop(ctx.config.daemon.shutdown_timeout).await;
+    let _ = admin_task.await;
+    let _ = std::fs::remove_file(&agent.admin_socket);
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Whether a daemon answers on the admin socket.
+async fn daemon_socket(ctx: &Context) -> Option<&Path> {
+    let socket = ctx.config.agent.admin_socket.as_path();
+    tokio::net::UnixStream::connect(socket)
+        .await
+        .ok()
+        .map(|_| socket)
+}
+
+fn rotate_outcome(result: &Value, json_out: bool) -> anyhow::Result<ExitCode> {
+    let state = result["state"].as_str().unwrap_or("");
+    let failed = matches!(state, "failed" | "rolled-back") || result["quarantined"] == true;
+    if json_out {
+        print_json(result)?;
+    } else {
+        let secret = result["secret"].as_str().unwrap_or("");
+        let versions = format!(
+            "{} -> {}",
+            result["from_version"]
+                .as_i64()
+                .map_or("none".into(), |v| v.to_string()),
+            result["to_version"]
+                .as_i64()
+                .map_or("?".into(), |v| v.to_string())
+        );
+        if failed {
+            eprintln!(
+                "rotation of {secret} {state}{}: {}",
+                if result["quarantined"] == true {
+                    " (secret quarantined)"
+                } else {
+                    ""
+                },
+                result["quarantine_reason"]
+                    .as_str()
+                    .or(result["last_error"].as_str())
+                    .unwrap_or("see `keywarden status`")
+            );
+        } else if state == "draining" {
+            println!(
+                "rotated {secret} ({versions}); the old version is revoked once its leases expire"
+            );
+        } else {
+            println!("rotated {secret} ({versions}): {state}");
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+pub(crate) async fn rotate(ctx: &Context, args: RotateArgs) -> anyhow::Result<ExitCode> {
+    crate::name::validate(&args.name)?;
+    let path = ctx.store_path()?;
+    let store = match Store::open(&path, Access::Shared).await {
+        Ok(store) => store,
+        Err(StoreError::Locked { .. }) => {
+            let socket = daemon_socket(ctx)
+                .await
+                .context("the daemon holds the store but its admin socket does not answer")?;
+            let wait = if args.no_wait { 0 } else { 600 };
+            let (status, body) = http::request(
+                socket,
+                Method::POST,
+                &format!("/v1/admin/rotate/{}?wait={wait}", args.name),
+                None,
+            )
+            .await
+            .with_context(|| format!("cannot reach the daemon at {}", socket.display()))?;
+            let body: Value =
+                serde_json::from_slice(&body).context("the daemon's reply is not JSON")?;
+            if status != StatusCode::OK {
+                bail!(
+                    "{}",
+                    body["error"]["message"]
+                        .as_str()
+                        .unwrap_or("the daemon refused")
+                );
+            }
+            return rotate_outcome(&body, args.json);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // No daemon: run the rotation here, with the plugins, and wait for it.
+    let passphrase = passphrase::obtain(Purpose::Unlock)?;
+    let vault = Arc::new(Vault::unlock(store, &passphrase).await?);
+    drop(passphrase);
+    let runtime = Runtime::start(&ctx.config, vault, Clock::System, false).await?;
+    let engine = runtime.engine.clone();
+    let outcome = async {
+        let ticket = engine
+            .request(&args.name, Reason::Manual, false, None)
+            .await?;
+        let grace = engine
+            .catalog()
+            .secrets
+            .get(&args.name)
+            .map_or(Duration::ZERO, |s| s.grace);
+        let mut record = engine
+            .wait(&ticket.rotation_id, Duration::from_secs(600))
+            .await?;
+        if record
+            .as_ref()
+            .is_some_and(|r| r.state == crate::rotation::RotationState::Draining)
+            && !args.no_wait
+        {
+            eprintln!("waiting for leases on the old version to expire (at most {grace:?})...");
+            let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(60);
+            while record.as_ref().is_some_and(|r| !r.state.is_terminal())
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                record = engine.vault().store().rotation(&ticket.rotation_id).await?;
+            }
+        }
+        let record = record.context("the rotation vanished")?;
+        let summary = engine.vault().store().secret_summary(&args.name).await?;
+        let quarantine =
+            summary.and_then(|s| s.quarantined_at.map(|_| s.last_error.unwrap_or_default()));
+        anyhow::Ok(json!({
+            "rotation_id": record.id,
+            "secret": record.secret_name,
+            "joined": ticket.joined,
+            "state": record.state.as_str(),
+            "from_version": record.from_version,
+            "to_version": record.to_version,
+            "last_error": record.last_error,
+            "quarantined": quarantine.is_some(),
+            "quarantine_reason": quarantine,
+        }))
+    }
+    .await;
+    runtime.stop(Duration::from_secs(10)).await;
+    rotate_outcome(&outcome?, args.json)
+}
+
+pub(crate) async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let report = match daemon_socket(ctx).await {
+        Some(socket) => {
+            let (status, body) =
+                http::request(socket, Method::GET, "/v1/admin/status", None).await?;
+            let body: Value =
+                serde_json::from_slice(&body).context("the daemon's reply is not JSON")?;
+            if status != StatusCode::OK {
+                bail!(
+                    "{}",
+                    body["error"]["message"]
+                        .as_str()
+                        .unwrap_or("the daemon refused")
+                );
+            }
+            body
+        }
+        None => {
+            let store = ctx.open_store(Access::ReadOnly).await?;
+            crate::status::report(&store, None).await?
+        }
+    };
+    if args.json {
+        print_json(&report)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let running = report["daemon"]["running"] == true;
+    println!(
+        "daemon: {}",
+        if running { "running" } else { "not running" }
+    );
+    for p in report["daemon"]["plugins"].as_array().into_iter().flatten() {
+        println!(
+            "plugin {}: {} (restarts {})",
+            p["name"].as_str().unwrap_or(""),
+            if p["running"] == true {
+                "running"
+            } else {
+                "stopped"
+            },
+            p["restarts"]
+        );
+    }
+    println!(
+        "audit chain: {} rows, head {}",
+        report["audit"]["rows"],
+        report["audit"]["head"].as_str().unwrap_or("-")
+    );
+    let rows: Vec<Vec<String>> = report["secrets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(secret_row)
+        .collect();
+    print_table(
+        &[
+            "NAME",
+            "PROVIDER",
+            "VERSION",
+            "AGE",
+            "LAST ROTATED",
+            "NEXT ROTATION",
+            "STATE",
+        ],
+        &rows,
+    )?;
+    for s in report["secrets"].as_array().into_iter().flatten() {
+        if s["quarantined"] == true {
+            println!(
+                "QUARANTINED {}: {} (resume with `keywarden rotate {}`)",
+                s["name"].as_str().unwrap_or(""),
+                s["last_error"].as_str().unwrap_or("no error recorded"),
+                s["name"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn when(v: &Value) -> String {
+    v.as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map_or("-".into(), |t| relative(t.timestamp_millis()))
+}
+
+/// A row of the `list`/`status` table from a [`crate::status::secret_entry`].
+pub(crate) fn secret_row(s: &Value) -> Vec<String> {
+    let state = match (s["rotation_state"].as_str(), s["quarantined"] == true) {
+        (_, true) => "QUARANTINED".to_string(),
+        (Some(state), false) => state.to_string(),
+        (None, false) => "-".to_string(),
+    };
+    vec![
+        s["name"].as_str().unwrap_or("").to_string(),
+        s["provider"].as_str().unwrap_or("").to_string(),
+        s["version"].as_i64().map_or("-".into(), |v| v.to_string()),
+        when(&s["updated_at"]),
+        when(&s["last_rotated_at"]),
+        when(&s["next_rotation_at"]),
+        state,
+    ]
+}
+
+pub(crate) fn plugin(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PluginCommand::Pin { path, name } => {
+            let absolute = std::fs::canonicalize(&path)
+                .with_context(|| format!("cannot find {}", path.display()))?;
+            let sha = crate::plugin_host::file_sha256(&absolute)
+                .with_context(|| format!("cannot read {}", absolute.display()))?;
+            let name = name.unwrap_or_else(|| {
+                let stem = absolute
+                    .file_stem()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                stem.strip_prefix("keywarden-plugin-")
+                    .unwrap_or(&stem)
+                    .to_string()
+            });
+            println!("[plugins.{name}]");
+            println!("command = [{:?}]", absolute.display().to_string());
+            println!("sha256 = \"{sha}\"");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! Consumers: where each new version is delivered. The built-in `file` consumer (atomic write
+//! through a temporary file and rename, mode and owner as configured, a template, an optional
+//! command afterwards) and plugin kinds that support `push`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use zeroize::Zeroizing;
+
+use crate::config::Settings;
+use crate::plugin_host::PluginHost;
+use crate::value::SecretValue;
+use crate::vault::Meta;
+
+/// One version on its way to a consumer.
+#[derive(Debug)]
+pub struct Delivery<'a> {
+    /// The secret's name.
+    pub secret: &'a str,
+    /// The version number.
+    pub version: i64,
+    /// The value.
+    pub value: &'a SecretValue,
+    /// Its non-secret facts.
+    pub meta: &'a Meta,
+}
+
+/// A configured consumer.
+#[derive(Debug)]
+pub enum Consumer {
+    /// Writes a file.
+    File(FileConsumer),
+    /// Calls `push` on a plugin kind.
+    Plugin {
+        /// The plugin.
+        host: Arc<PluginHost>,
+        /// The kind.
+        kind: String,
+        /// Settings sent with each push.
+        settings: Settings,
+        /// Other secrets the push may use, by role.
+        credentials: BTreeMap<String, String>,
+    },
+}
+
+/// The `file` consumer.
+#[derive(Debug, Clone)]
+pub struct FileConsumer {
+    /// The file written.
+    pub path: PathBuf,
+    /// Its mode.
+    pub mode: u32,
+    /// Its owner, if set.
+    pub owner: Option<u32>,
+    /// Its group, if set.
+    pub group: Option<u32>,
+    /// Its content template (default `{{value}}`).
+    pub template: String,
+    /// A command run after each write.
+    pub after: Vec<String>,
+    /// How long `after` may run.
+    pub after_timeout: Duration,
+}
+
+/// Checks a template's placeholders: `{{value}}`, `{{version}}`, `{{name}}`, `{{meta.KEY}}`.
+pub fn check_template(template: &str) -> Result<(), String> {
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        let after = &rest[start + 2..];
+        let end = after
+            .find("}}")
+            .ok_or_else(|| "a '{{' has no closing '}}'".to_string())?;
+        let key = after[..end].trim();
+        match key {
+            "value" | "version" | "name" => {}
+            k if k.strip_prefix("meta.").is_some_and(|m| !m.is_empty()) => {}
+            other => {
+                return Err(format!(
+                    "unknown placeholder {{{{{other}}}}}; use value, version, name or meta.KEY"
+                ));
+            }
+        }
+        rest = &after[end + 2..];
+    }
+    Ok(())
+}
+
+/// Renders a checked template.
+pub fn render(template: &str, d: &Delivery<'_>) -> Result<Zeroizing<String>, String> {
+    let mut out = Zeroizing::new(String::with_capacity(template.len() + d.value.len()));
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find("}}").ok_or("unterminated placeholder")?;
+        match after[..end].trim() {
+            "value" => out.push_str(d.value.expose()),
+            "version" => out.push_str(&d.version.to_string()),
+            "name" => out.push_str(d.secret),
+            key => {
+                let field = key.strip_prefix("meta.").ok_or("unknown placeholder")?;
+                match d.meta.get(field) {
+                    Some(serde_json::Value::String(s)) => out.push_str(s),
+                    Some(other) => out.push_str(&other.to_string()),
+                    None => {
+                        return Err(format!("the version has no meta.{field} for the template"));
+                    }
+                }
+            }
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Resolves a user (or group) given by name or number, from /etc/passwd (or /etc/group).
+pub fn resolve_id(spec: &str, database: &str) -> Result<u32, String> {
+    if let Ok(id) = spec.parse::<u32>() {
+        return Ok(id);
+    }
+    let text =
+        std::fs::read_to_string(database).map_err(|e| format!("cannot read {database}: {e}"))?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            Some((f.next()?, f.nth(1)?))
+        })
+        .find(|(name, _)| *name == spec)
+        .and_then(|(_, id)| id.parse().ok())
+        .ok_or_else(|| format!("no entry {spec:?} in {database}"))
+}
+
+impl FileConsumer {
+    /// Writes the rendered template atomically, then runs `after`.
+    pub async fn deliver(&self, d: &Delivery<'_>) -> Result<(), String> {
+        let content = render(&self.template, d)?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.write_atomically(&content))
+            .await
+            .map_err(|e| format!("the write task failed: {e}"))??;
+        if !self.after.is_empty() {
+            self.run_after(d).await?;
+        }
+        Ok(())
+    }
+
+    fn write_atomically(&self, content: &str) -> Result<(), String> {
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let file_name = self.path.file_name().ok_or("the path has no file name")?;
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            file_name.to_string_lossy(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let result = (|| -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(content.as_bytes())?;
+            if self.owner.is_some() || self.group.is_some() {
+                rustix::fs::fchown(
+                    &f,
+                    self.owner.map(rustix::fs::Uid::from_raw),
+                    self.group.map(rustix::fs::Gid::from_raw),
+                )?;
+            }
+            f.set_permissions(std::fs::Permissions::from_mode(self.mode))?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+            std::fs::File::open(dir)?.sync_all()
+        })();
+        result.map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            format!("cannot write {}: {e}", self.path.display())
+        })
+    }
+
+    async fn run_after(&self, d: &Delivery<'_>) -> Result<(), String> {
+        let mut cmd = tokio::process::Command::new(&self.after[0]);
+        cmd.args(&self.after[1..])
+            .env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+            )
+            .env("LANG", "C")
+            .env("KEYWARDEN_SECRET", d.secret)
+            .env("KEYWARDEN_VERSION", d.version.to_string())
+            .env("KEYWARDEN_FILE", &self.path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run {:?}: {e}", self.after[0]))?;
+        match tokio::time::timeout(self.after_timeout, child.wait_with_output()).await {
+            Err(_) => Err(format!(
+                "{:?} did not finish within {:?} and was killed",
+                self.after[0], self.after_timeout
+            )),
+            Ok(Err(e)) => Err(format!("{:?} failed: {e}", self.after[0])),
+            Ok(Ok(out)) if out.status.success() => Ok(()),
+            Ok(Ok(out)) => {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                let tail: String = stderr
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .chars()
+                    .take(200)
+                    .collect();
+                Err(format!(
+                    "{:?} exited with {}{}",
+                    self.after[0],
+                    out.status,
+                    if tail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {tail}")
+                    }
+                ))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_render_value_version_name_and_meta() {
+        let value = SecretValue::new("s3cr3t".into());
+        let mut meta = Meta::new();
+        meta.insert("access_key_id".into(), "AKIA1".into());
+        let d = Delivery {
+            secret: "aws/x",
+            version: 7,
+            value: &value,
+            meta: &meta,
+        };
+        let t = "ID={{meta.access_key_id}}\nKEY={{ value }}\n# {{name}} v{{version}}\n";
+        check_template(t).unwrap();
+        assert_eq!(
+            render(t, &d).unwrap().as_str(),
+            "ID=AKIA1\nKEY=s3cr3t\n# aws/x v7\n"
+        );
+        assert!(
+            render("{{meta.nope}}", &d)
+                .unwrap_err()
+                .contains("meta.nope")
+        );
+        assert!(check_template("{{secret}}").is_err());
+        assert!(check_template("{{value").is_err());
+        assert!(check_template("{{meta.}}").is_err());
+    }
+
+    #[test]
+    fn ids_resolve_by_number_or_name() {
+        assert_eq!(resolve_id("1234", "/etc/passwd").unwrap(), 1234);
+        assert_eq!(resolve_id("root", "/etc/passwd").unwrap(), 0);
+        assert!(resolve_id("no-such-user-here", "/etc/passwd").is_err());
+    }
+
+    #[tokio::test]
+    async fn file_consumer_writes_atomically_with_mode_and_runs_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.env");
+        let marker = dir.path().join("after-ran");
+        let c = FileConsumer {
+            path: path.clone(),
+            mode: 0o640,
+            owner: None,
+            group: None,
+            template: "KEY={{value}}\n".into(),
+            after: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("echo $KEYWARDEN_VERSION > {}", marker.display()),
+            ],
+            after_timeout: Duration::from_secs(10),
+        };
+        let value = SecretValue::new("v1".into());
+        let meta = Meta::new();
+        c.deliver(&Delivery {
+            secret: "s",
+            version: 3,
+            value: &value,
+            meta: &meta,
+        })
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "KEY=v1\n");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        assert_eq!(std::fs::read_to_string(&marker).unwrap().trim(), "3");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            2,
+            "no temporary file left"
+        );
+
+        let failing = FileConsumer {
+            after: vec!["false".into()],
+            ..c.clone()
+        };
+        let err = failing
+            .deliver(&Delivery {
+                secret: "s",
+                version: 4,
+                value: &value,
+                meta: &meta,
+            })
+            .await;
+        assert!(err.unwrap_err().contains("exited with"));
+        let slow = FileConsumer {
+            after: vec!["sleep".into(), "30".into()],
+            after_timeout: Duration::from_millis(200),
+            ..c
+        };
+        let err = slow
+            .deliver(&Delivery {
+                secret: "s",
+                version: 5,
+                value: &value,
+                meta: &meta,
+            })
+            .await;
+        assert!(err.unwrap_err().contains("was killed"));
+    }
+}

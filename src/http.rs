@@ -1,0 +1,274 @@
+//! HTTP/1.1 over Unix sockets: creating a socket safely, serving it with limits that keep a
+//! hostile or slow client from hurting anyone else, and a small client for the CLI.
+//!
+//! Limits: a connection cap, a deadline for the request head (slow clients), a cap on header
+//! and body sizes, JSON error bodies of the form `{"error":{"code","message"}}`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, watch};
+
+/// Who is on the other end of a connection, from `SO_PEERCRED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Process id (absent if the kernel did not say).
+    pub pid: Option<i32>,
+}
+
+/// Errors creating a socket.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// A live daemon already listens there.
+    #[error("{0} is in use by a running process; refusing to take it over")]
+    InUse(PathBuf),
+    /// Something other than a socket is at the path.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// A filesystem or socket call failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was tried.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}
+
+/// Binds a listening socket at `path` with `mode`. A missing parent directory is created with
+/// `dir_mode` (an existing one is left as it is); a stale socket from a dead process is
+/// replaced; a live one is never stolen.
+pub fn bind_socket(path: &Path, mode: u32, dir_mode: u32) -> Result<UnixListener, SocketError> {
+    let io = |what, path: &Path, source| SocketError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(dir_mode)
+            .create(dir)
+            .map_err(|e| io("cannot create the socket directory", dir, e))?;
+        // The umask may have trimmed the mode; set it exactly.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))
+            .map_err(|e| io("cannot set the mode of", dir, e))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(SocketError::InUse(path.to_path_buf())),
+                Err(_) => {
+                    tracing::info!(path = %path.display(), "replacing a stale socket");
+                    std::fs::remove_file(path)
+                        .map_err(|e| io("cannot remove the stale socket", path, e))?;
+                }
+            }
+        }
+        Ok(_) => return Err(SocketError::NotASocket(path.to_path_buf())),
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).map_err(|e| io("cannot listen on", path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io("cannot set the mode of", path, e))?;
+    Ok(listener)
+}
+
+/// Limits applied to every connection.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Time allowed to send a complete request head.
+    pub header_timeout: Duration,
+    /// Largest request head, bytes.
+    pub max_header_bytes: usize,
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 256,
+            header_timeout: Duration::from_secs(5),
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// A request handler.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request from `peer`. The body is already read (and size-limited).
+    fn handle(
+        &self,
+        request: Request<Bytes>,
+        peer: Peer,
+    ) -> impl Future<Output = Response<Full<Bytes>>> + Send;
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// An error response `{"error":{"code","message"}}`.
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Full<Bytes>> {
+    json(
+        status,
+        &serde_json::json!({ "error": { "code": code, "message": message.into() } }),
+    )
+}
+
+/// Serves `listener` with `handler` until `shutdown` turns true.
+pub async fn serve<H: Handler>(
+    listener: UnixListener,
+    handler: Arc<H>,
+    limits: Limits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let limits = Arc::new(limits);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shutdown.changed() => return,
+        };
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let peer = match stream.peer_cred() {
+            Ok(c) => Peer {
+                uid: c.uid(),
+                gid: c.gid(),
+                pid: c.pid(),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read peer credentials; closing the connection");
+                continue;
+            }
+        };
+        let handler = handler.clone();
+        let limits = limits.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let max_body = limits.max_body_bytes;
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let handler = handler.clone();
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let body = match Limited::new(body, max_body).collect().await {
+                        Ok(b) => b.to_bytes(),
+                        Err(_) => {
+                            return Ok::<_, Infallible>(error(
+                                StatusCode::PAYLOAD_TOO_LARGE,
+                                "too_large",
+                                format!("the request body is larger than {max_body} bytes"),
+                            ));
+                        }
+                    };
+                    Ok(handler.handle(Request::from_parts(parts, body), peer).await)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(limits.max_header_bytes.max(8192))
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                }
+                _ = shutdown.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+}
+
+/// Sends one request over a Unix socket and returns the status and body.
+pub async fn request(
+    socket: &Path,
+    method: hyper::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> std::io::Result<(StatusCode, Bytes)> {
+    let stream = UnixStream::connect(socket).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "keywarden")
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .map_err(std::io::Error::other)?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(std::io::Error::other)?;
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    Ok((status, bytes))
+}
+
+/// Splits a query string into key/value pairs (no percent-decoding: keywarden's keys and
+/// values are plain).
+pub fn query_pairs(query: Option<&str>) -> Vec<(&str, &str)> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+        .collect()
+}

@@ -1,0 +1,719 @@
+//! The plugin host: runs one plugin process and talks protocol v1 to it (DESIGN.md §5).
+//!
+//! Before every start the file `command[0]` is hashed and compared with the pinned SHA-256; a
+//! mismatch is refused, naming both hashes. The process gets an empty environment (except
+//! `PATH`, `LANG=C` and what its config lists) and a private, empty working directory. Requests
+//! carry unique ids and several may be in flight; replies are matched by id. A request that gets
+//! no reply within the timeout kills the process (it is restarted on next use); a crash fails
+//! the requests in flight and the host restarts the plugin and retries each once, which is safe
+//! because every request is idempotent by construction. A plugin that writes garbage or answers
+//! an id it was never sent is stopped with a clear error. Its stderr goes to the log at debug
+//! level with the values it was sent redacted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keywarden_plugin_sdk::{Hello, MAX_LINE_BYTES, OkReply, Op, PLUGIN_FLAG, Reply, Request};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::sync::{Semaphore, oneshot};
+use zeroize::Zeroizing;
+
+use crate::crypto;
+
+/// How a plugin is started, from `[plugins.NAME]`.
+#[derive(Debug, Clone)]
+pub struct PluginSpec {
+    /// The config name.
+    pub name: String,
+    /// Executable and arguments.
+    pub command: Vec<String>,
+    /// Pinned SHA-256 of `command[0]`, hex.
+    pub sha256: String,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    /// Requests in flight at once.
+    pub max_concurrency: usize,
+    /// Parent of the private working directories.
+    pub work_dir: PathBuf,
+}
+
+/// What went wrong talking to a plugin.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PluginError {
+    /// The executable's hash does not match the pin.
+    #[error(
+        "plugin {plugin}: {path} has SHA-256 {actual} but the config pins {expected}; refusing \
+         to run it (if the change is intended, re-pin with `keywarden plugin pin {path}`)"
+    )]
+    PinMismatch {
+        /// Plugin name.
+        plugin: String,
+        /// The executable.
+        path: String,
+        /// The pinned hash.
+        expected: String,
+        /// The file's hash.
+        actual: String,
+    },
+    /// The executable cannot be read or started, or is unsafe to run.
+    #[error("plugin {plugin}: cannot start {path}: {message}")]
+    Spawn {
+        /// Plugin name.
+        plugin: String,
+        /// The executable.
+        path: String,
+        /// Why.
+        message: String,
+    },
+    /// The plugin did not say hello properly.
+    #[error("plugin {plugin}: bad handshake: {message}")]
+    Handshake {
+        /// Plugin name.
+        plugin: String,
+        /// Why.
+        message: String,
+    },
+    /// No reply in time; the process was killed.
+    #[error(
+        "plugin {plugin}: no reply to {op} within {timeout:?}; the plugin was killed and will be restarted"
+    )]
+    Timeout {
+        /// Plugin name.
+        plugin: String,
+        /// The operation.
+        op: String,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The process exited while requests were in flight.
+    #[error("plugin {plugin} exited ({status}) before answering {op}")]
+    Crashed {
+        /// Plugin name.
+        plugin: String,
+        /// The operation.
+        op: String,
+        /// How it exited.
+        status: String,
+    },
+    /// The plugin broke the protocol and was stopped.
+    #[error("plugin {plugin} broke the protocol ({message}); it was stopped")]
+    Protocol {
+        /// Plugin name.
+        plugin: String,
+        /// What it did.
+        message: String,
+    },
+    /// The plugin answered with an error.
+    #[error("plugin {plugin}: {op} failed: {message}")]
+    Failed {
+        /// Plugin name.
+        plugin: String,
+        /// The operation.
+        op: String,
+        /// Whether the plugin says a retry may help.
+        retryable: bool,
+        /// The plugin's message (known values redacted).
+        message: String,
+    },
+}
+
+impl PluginError {
+    /// Whether retrying later may help.
+    pub fn retryable(&self) -> bool {
+        match self {
+            PluginError::Timeout { .. }
+            | PluginError::Crashed { .. }
+            | PluginError::Protocol { .. } => true,
+            PluginError::Failed { retryable, .. } => *retryable,
+            PluginError::PinMismatch { .. }
+            | PluginError::Spawn { .. }
+            | PluginError::Handshake { .. } => false,
+        }
+    }
+}
+
+type Pending = HashMap<u64, (String, oneshot::Sender<Result<Reply, PluginError>>)>;
+
+/// One running plugin process.
+struct Running {
+    stdin: tokio::sync::Mutex<ChildStdin>,
+    pending: Mutex<Pending>,
+    dead: AtomicBool,
+    kill: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl Running {
+    fn fail_all(&self, error: impl Fn(&str) -> PluginError) {
+        self.dead.store(true, Ordering::SeqCst);
+        let pending: Vec<_> = self.pending.lock().expect("pending lock").drain().collect();
+        for (_, (op, tx)) in pending {
+            let _ = tx.send(Err(error(&op)));
+        }
+    }
+
+    fn kill(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+        if let Some(tx) = self.kill.lock().expect("kill lock").take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Values recently sent to or received from plugins, for scrubbing their stderr and messages.
+#[derive(Debug, Default)]
+pub struct Redactor {
+    values: Mutex<std::collections::VecDeque<Zeroizing<String>>>,
+}
+
+const REDACT_KEEP: usize = 512;
+
+impl Redactor {
+    /// Remembers a value to scrub (values shorter than 4 bytes are not worth it).
+    pub fn remember(&self, value: &str) {
+        if value.len() < 4 {
+            return;
+        }
+        let mut values = self.values.lock().expect("redactor lock");
+        if values.iter().any(|v| v.as_str() == value) {
+            return;
+        }
+        if values.len() >= REDACT_KEEP {
+            values.pop_front();
+        }
+        values.push_back(Zeroizing::new(value.to_string()));
+    }
+
+    /// `text` with every remembered value replaced by `[redacted]`.
+    pub fn scrub(&self, text: &str) -> String {
+        let values = self.values.lock().expect("redactor lock");
+        let mut out = text.to_string();
+        for v in values.iter() {
+            if out.contains(v.as_str()) {
+                out = out.replace(v.as_str(), "[redacted]");
+            }
+        }
+        out
+    }
+}
+
+/// The host of one plugin.
+pub struct PluginHost {
+    spec: PluginSpec,
+    running: tokio::sync::Mutex<Option<Arc<Running>>>,
+    hello: Mutex<Option<Hello>>,
+    next_id: AtomicU64,
+    permits: Semaphore,
+    restarts: AtomicU64,
+    redactor: Arc<Redactor>,
+}
+
+impl std::fmt::Debug for PluginHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginHost")
+            .field("name", &self.spec.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The SHA-256 of a file, hex.
+pub fn file_sha256(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = crypto::Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(crypto::hex(&hasher.finish()))
+}
+
+impl PluginHost {
+    /// A host for `spec`; nothing runs until [`PluginHost::start`] or the first request.
+    pub fn new(spec: PluginSpec, redactor: Arc<Redactor>) -> Self {
+        let permits = Semaphore::new(spec.max_concurrency.max(1));
+        PluginHost {
+            spec,
+            running: tokio::sync::Mutex::new(None),
+            hello: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+            permits,
+            restarts: AtomicU64::new(0),
+            redactor,
+        }
+    }
+
+    /// The plugin's config name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// How many times the process was (re)started after the first start.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// The hello of the last start, if it started.
+    pub fn hello(&self) -> Option<Hello> {
+        self.hello.lock().expect("hello lock").clone()
+    }
+
+    /// Whether a process is running now.
+    pub async fn is_running(&self) -> bool {
+        self.running
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|r| !r.dead.load(Ordering::SeqCst))
+    }
+
+    /// Starts the plugin if it is not running, and returns its hello.
+    pub async fn start(&self) -> Result<Hello, PluginError> {
+        self.ensure_running().await?;
+        Ok(self.hello().expect("hello after start"))
+    }
+
+    fn path(&self) -> String {
+        self.spec.command[0].clone()
+    }
+
+    fn check_pin(&self) -> Result<(), PluginError> {
+        let path = Path::new(&self.spec.command[0]);
+        let spawn_error = |message: String| PluginError::Spawn {
+            plugin: self.spec.name.clone(),
+            path: self.path(),
+            message,
+        };
+        let meta = std::fs::metadata(path).map_err(|e| spawn_error(e.to_string()))?;
+        if meta.permissions().mode() & 0o002 != 0 {
+            return Err(spawn_error("the file is world-writable".into()));
+        }
+        let actual = file_sha256(path).map_err(|e| spawn_error(e.to_string()))?;
+        if !actual.eq_ignore_ascii_case(&self.spec.sha256) {
+            return Err(PluginError::PinMismatch {
+                plugin: self.spec.name.clone(),
+                path: self.path(),
+                expected: self.spec.sha256.to_lowercase(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+
+    async fn ensure_running(&self) -> Result<Arc<Running>, PluginError> {
+        let mut slot = self.running.lock().await;
+        if let Some(r) = slot.as_ref().filter(|r| !r.dead.load(Ordering::SeqCst)) {
+            return Ok(r.clone());
+        }
+        if slot.is_some() {
+            self.restarts.fetch_add(1, Ordering::Relaxed);
+        }
+        *slot = None;
+        let running = self.spawn().await?;
+        *slot = Some(running.clone());
+        Ok(running)
+    }
+
+    async fn spawn(&self) -> Result<Arc<Running>, PluginError> {
+        self.check_pin()?;
+        let plugin = self.spec.name.clone();
+        let spawn_error = |message: String| PluginError::Spawn {
+            plugin: plugin.clone(),
+            path: self.path(),
+            message,
+        };
+        let work = self.spec.work_dir.join(format!(
+            "{}-{}",
+            self.spec.name,
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&work)
+            .map_err(|e| {
+                spawn_error(format!(
+                    "cannot create its working directory {}: {e}",
+                    work.display()
+                ))
+            })?;
+        let mut cmd = tokio::process::Command::new(&self.spec.command[0]);
+        cmd.args(&self.spec.command[1..])
+            .arg(PLUGIN_FLAG)
+            .env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+            )
+            .env("LANG", "C")
+            .envs(&self.spec.env)
+            .current_dir(&work)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| {
+            let _ = std::fs::remove_dir_all(&work);
+            spawn_error(e.to_string())
+        })?;
+        let stdin = child.stdin.take().expect("piped stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let stderr = child.stderr.take().expect("piped stderr");
+        self.forward_stderr(stderr);
+
+        let handshake = async {
+            let line = read_line(&mut stdout).await;
+            match line {
+                Ok(Some(line)) => serde_json::from_slice::<Hello>(&line)
+                    .map_err(|e| format!("the first line is not a hello: {e}")),
+                Ok(None) => Err("the plugin exited before saying hello".to_string()),
+                Err(e) => Err(e),
+            }
+        };
+        let hello = match tokio::time::timeout(self.spec.timeout, handshake).await {
+            Ok(Ok(hello)) if hello.keywarden_plugin == keywarden_plugin_sdk::PROTOCOL_VERSION => {
+                hello
+            }
+            Ok(Ok(hello)) => {
+                let _ = child.kill().await;
+                let _ = std::fs::remove_dir_all(&work);
+                return Err(PluginError::Handshake {
+                    plugin,
+                    message: format!(
+                        "it speaks protocol {}, this keywarden speaks 1",
+                        hello.keywarden_plugin
+                    ),
+                });
+            }
+            Ok(Err(message)) => {
+                let _ = child.kill().await;
+                let _ = std::fs::remove_dir_all(&work);
+                return Err(PluginError::Handshake { plugin, message });
+            }
+            Err(_) => {
+                let _ = child.kill().await;
+                let _ = std::fs::remove_dir_all(&work);
+                return Err(PluginError::Handshake {
+                    plugin,
+                    message: format!("no hello within {:?}", self.spec.timeout),
+                });
+            }
+        };
+        tracing::info!(
+            plugin = %self.spec.name,
+            name = %hello.name,
+            version = %hello.version,
+            kinds = ?hello.kinds.keys().collect::<Vec<_>>(),
+            pid = child.id(),
+            "plugin started"
+        );
+        *self.hello.lock().expect("hello lock") = Some(hello);
+
+        let (kill_tx, kill_rx) = oneshot::channel();
+        let running = Arc::new(Running {
+            stdin: tokio::sync::Mutex::new(stdin),
+            pending: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+            kill: Mutex::new(Some(kill_tx)),
+        });
+        tokio::spawn(read_replies(
+            self.spec.name.clone(),
+            running.clone(),
+            stdout,
+            child,
+            kill_rx,
+            work,
+        ));
+        Ok(running)
+    }
+
+    fn forward_stderr(&self, stderr: tokio::process::ChildStderr) {
+        let plugin = self.spec.name.clone();
+        let redactor = self.redactor.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let line: String = line.chars().take(4096).collect();
+                tracing::debug!(plugin = %plugin, "plugin stderr: {}", redactor.scrub(&line));
+            }
+        });
+    }
+
+    fn remember_values(&self, request: &Request) {
+        let r = &self.redactor;
+        for c in request.credentials.values() {
+            r.remember(c.value.expose());
+        }
+        for c in [&request.current, &request.candidate, &request.target]
+            .into_iter()
+            .flatten()
+        {
+            r.remember(c.value.expose());
+        }
+        for v in [&request.proposed, &request.value].into_iter().flatten() {
+            r.remember(v.expose());
+        }
+    }
+
+    /// Sends a request and waits for its reply. The `id` field is assigned here. A crash is
+    /// retried once on a restarted process.
+    pub async fn call(&self, mut request: Request) -> Result<OkReply, PluginError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("semaphore never closed");
+        self.remember_values(&request);
+        let op = request.op.clone();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            request.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            match self.call_once(&request).await {
+                Err(PluginError::Crashed { .. }) if attempt == 1 => {
+                    tracing::warn!(plugin = %self.spec.name, op = %op, "plugin crashed; restarting it and retrying");
+                    continue;
+                }
+                Ok(reply) => {
+                    if let Some(v) = &reply.value {
+                        self.redactor.remember(v.expose());
+                    }
+                    return Ok(reply);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn call_once(&self, request: &Request) -> Result<OkReply, PluginError> {
+        let running = self.ensure_running().await?;
+        let (tx, rx) = oneshot::channel();
+        running
+            .pending
+            .lock()
+            .expect("pending lock")
+            .insert(request.id, (request.op.clone(), tx));
+        let line = Zeroizing::new(serde_json::to_string(request).expect("requests serialize"));
+        let written = {
+            let mut stdin = running.stdin.lock().await;
+            let result = async {
+                stdin.write_all(line.as_bytes()).await?;
+                stdin.write_all(b"\n").await?;
+                stdin.flush().await
+            };
+            result.await
+        };
+        drop(line);
+        if written.is_err() {
+            // The reader will report the exit; make sure this request does not wait forever.
+            running.kill();
+        }
+        let reply = match tokio::time::timeout(self.spec.timeout, rx).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(_)) => {
+                return Err(PluginError::Crashed {
+                    plugin: self.spec.name.clone(),
+                    op: request.op.clone(),
+                    status: "unknown".into(),
+                });
+            }
+            Err(_) => {
+                running
+                    .pending
+                    .lock()
+                    .expect("pending lock")
+                    .remove(&request.id);
+                running.kill();
+                return Err(PluginError::Timeout {
+                    plugin: self.spec.name.clone(),
+                    op: request.op.clone(),
+                    timeout: self.spec.timeout,
+                });
+            }
+        };
+        match reply.into_result() {
+            Some(Ok(ok)) => Ok(ok),
+            Some(Err(err)) => Err(PluginError::Failed {
+                plugin: self.spec.name.clone(),
+                op: request.op.clone(),
+                retryable: err.retryable,
+                message: self.redactor.scrub(&err.message),
+            }),
+            None => {
+                running.kill();
+                Err(PluginError::Protocol {
+                    plugin: self.spec.name.clone(),
+                    message: "a reply carried neither (or both) of ok and err".into(),
+                })
+            }
+        }
+    }
+
+    /// Asks the plugin to exit, then kills it if it has not within a few seconds.
+    pub async fn shutdown(&self) {
+        let Some(running) = self.running.lock().await.take() else {
+            return;
+        };
+        if running.dead.load(Ordering::SeqCst) {
+            return;
+        }
+        let request = Request {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            op: Op::Shutdown.as_str().into(),
+            ..Request::default()
+        };
+        let line = serde_json::to_string(&request).expect("requests serialize");
+        {
+            let mut stdin = running.stdin.lock().await;
+            let _ = stdin.write_all(format!("{line}\n").as_bytes()).await;
+            let _ = stdin.flush().await;
+        }
+        for _ in 0..50 {
+            if running.dead.load(Ordering::SeqCst) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        running.kill();
+    }
+}
+
+/// Reads one line of at most [`MAX_LINE_BYTES`]; `None` at end of input.
+async fn read_line(reader: &mut BufReader<ChildStdout>) -> Result<Option<Vec<u8>>, String> {
+    let mut line = Vec::new();
+    let n = reader
+        .take(MAX_LINE_BYTES as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|e| format!("reading its output failed: {e}"))?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > MAX_LINE_BYTES {
+        return Err(format!(
+            "it wrote a line longer than {MAX_LINE_BYTES} bytes"
+        ));
+    }
+    Ok(Some(line))
+}
+
+/// The reader task of one process: routes replies by id; on exit, garbage or a lie, fails what
+/// is pending and reaps the process.
+async fn read_replies(
+    plugin: String,
+    running: Arc<Running>,
+    mut stdout: BufReader<ChildStdout>,
+    mut child: Child,
+    mut kill: oneshot::Receiver<()>,
+    work: PathBuf,
+) {
+    let violation: Option<String> = loop {
+        let line = tokio::select! {
+            line = read_line(&mut stdout) => line,
+            _ = &mut kill => break None,
+        };
+        let line = match line {
+            Ok(Some(line)) => Zeroizing::new(line),
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        };
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let reply: Reply = match serde_json::from_slice(&line) {
+            Ok(reply) => reply,
+            Err(_) => {
+                break Some(format!(
+                    "it wrote a line that is not a JSON reply ({} bytes)",
+                    line.len()
+                ));
+            }
+        };
+        let waiter = running
+            .pending
+            .lock()
+            .expect("pending lock")
+            .remove(&reply.id);
+        match waiter {
+            Some((_, tx)) => {
+                let _ = tx.send(Ok(reply));
+            }
+            None => {
+                break Some(format!(
+                    "it answered request id {}, which is not in flight",
+                    reply.id
+                ));
+            }
+        }
+    };
+    running.dead.store(true, Ordering::SeqCst);
+    let _ = child.start_kill();
+    let status = match child.wait().await {
+        Ok(status) => status.to_string(),
+        Err(e) => e.to_string(),
+    };
+    match violation {
+        Some(message) => {
+            tracing::error!(plugin = %plugin, "{message}; stopping the plugin");
+            running.fail_all(|_| PluginError::Protocol {
+                plugin: plugin.clone(),
+                message: message.clone(),
+            });
+        }
+        None => {
+            tracing::info!(plugin = %plugin, status = %status, "plugin exited");
+            running.fail_all(|op| PluginError::Crashed {
+                plugin: plugin.clone(),
+                op: op.to_string(),
+                status: status.clone(),
+            });
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redactor_scrubs_remembered_values_only() {
+        let r = Redactor::default();
+        r.remember("sk-very-secret-1");
+        r.remember("abc"); // too short to be worth scrubbing
+        assert_eq!(
+            r.scrub("got sk-very-secret-1 and abc"),
+            "got [redacted] and abc"
+        );
+    }
+
+    #[test]
+    fn retryability() {
+        let t = PluginError::Timeout {
+            plugin: "p".into(),
+            op: "create".into(),
+            timeout: Duration::from_secs(1),
+        };
+        assert!(t.retryable());
+        let pin = PluginError::PinMismatch {
+            plugin: "p".into(),
+            path: "/x".into(),
+            expected: "a".into(),
+            actual: "b".into(),
+        };
+        assert!(!pin.retryable());
+        assert!(pin.to_string().contains("a") && pin.to_string().contains("b"));
+    }
+}

@@ -1,0 +1,58 @@
+//! What `list` and `status` report, built once for the CLI and the admin API alike.
+
+use serde_json::{Value, json};
+
+use crate::crypto;
+use crate::plugin_host::PluginHost;
+use crate::store::{Millis, SecretSummary, Store, StoreError};
+
+fn time(ms: Option<Millis>) -> Value {
+    ms.and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
+        .unwrap_or(Value::Null)
+}
+
+/// One secret as `list --json` shows it (DESIGN.md §7 shape, plus fields `status` uses).
+pub fn secret_entry(s: &SecretSummary) -> Value {
+    json!({
+        "name": s.name,
+        "provider": s.provider,
+        "version": s.version,
+        "updated_at": time(Some(s.updated_at)),
+        "next_rotation_at": time(s.next_rotation_at),
+        "rotation_state": s.rotation_state.map(|r| r.as_str()),
+        "quarantined": s.quarantined_at.is_some(),
+        "tags": s.tags,
+        "last_rotated_at": time(s.last_rotated_at),
+        "failed_attempts": s.failed_attempts,
+        "last_error": s.last_error,
+    })
+}
+
+/// The `status` report: every secret, the audit chain head, and the plugins when a daemon runs.
+pub async fn report(
+    store: &Store,
+    plugins: Option<&[std::sync::Arc<PluginHost>]>,
+) -> Result<Value, StoreError> {
+    let secrets: Vec<Value> = store.list().await?.iter().map(secret_entry).collect();
+    let head = store.audit_head().await?;
+    let mut plugin_entries = Vec::new();
+    if let Some(plugins) = plugins {
+        for p in plugins {
+            plugin_entries.push(json!({
+                "name": p.name(),
+                "running": p.is_running().await,
+                "restarts": p.restarts(),
+                "kinds": p.hello().map(|h| h.kinds.keys().cloned().collect::<Vec<_>>()).unwrap_or_default(),
+            }));
+        }
+    }
+    Ok(json!({
+        "daemon": { "running": plugins.is_some(), "plugins": plugin_entries },
+        "secrets": secrets,
+        "audit": {
+            "rows": head.as_ref().map_or(0, |h| h.0),
+            "head": head.map(|h| crypto::hex(&h.1)),
+        },
+    }))
+}
