@@ -297,11 +297,44 @@ impl Config {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        config.base_dir = path.parent().map(Path::to_path_buf);
+        config.base_dir = std::path::absolute(path)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf));
         config.source_path = Some(path.to_path_buf());
         config.source_text = text.to_string();
         config.validate()?;
+        config.resolve_paths();
         Ok(config)
+    }
+
+    /// Makes every path in the config absolute, against the config file's directory.
+    fn resolve_paths(&mut self) {
+        let resolve = |p: &mut PathBuf, base: &Option<PathBuf>| {
+            if let Some(base) = base.as_ref().filter(|_| p.is_relative()) {
+                *p = base.join(&*p);
+            }
+        };
+        let base = self.base_dir.clone();
+        if let Some(p) = self.store.path.as_mut() {
+            resolve(p, &base);
+        }
+        resolve(&mut self.agent.socket, &base);
+        resolve(&mut self.agent.admin_socket, &base);
+        if let Some(p) = self.daemon.work_dir.as_mut() {
+            resolve(p, &base);
+        }
+        for plugin in self.plugins.values_mut() {
+            if plugin.command[0].contains('/') {
+                let mut p = PathBuf::from(&plugin.command[0]);
+                resolve(&mut p, &base);
+                plugin.command[0] = p.display().to_string();
+            }
+        }
+        for consumer in self.consumers.values_mut() {
+            if let Some(p) = consumer.path.as_mut() {
+                resolve(p, &base);
+            }
+        }
     }
 
     /// Reads and parses a config file.
@@ -313,21 +346,13 @@ impl Config {
         Config::parse(&text, path)
     }
 
-    /// Resolves a path from the config against the config file's directory.
-    pub fn resolve(&self, path: &Path) -> PathBuf {
-        match &self.base_dir {
-            Some(base) if path.is_relative() => base.join(path),
-            _ => path.to_path_buf(),
-        }
-    }
-
     /// The store path: the `--store` override, else `[store] path`, else the default.
     pub fn store_path(&self, cli_override: Option<&Path>) -> Result<PathBuf, ConfigError> {
         if let Some(path) = cli_override {
             return Ok(path.to_path_buf());
         }
         if let Some(path) = &self.store.path {
-            return Ok(self.resolve(path));
+            return Ok(path.clone());
         }
         default_store_path().ok_or(ConfigError::NoStorePath)
     }

@@ -50,7 +50,7 @@ pub enum StartError {
 /// Where plugins get their private working directories.
 pub fn work_dir(config: &Config, store_path: &Path) -> PathBuf {
     match &config.daemon.work_dir {
-        Some(dir) => config.resolve(dir),
+        Some(dir) => dir.clone(),
         None => store_path
             .parent()
             .unwrap_or(Path::new("."))
@@ -70,18 +70,7 @@ pub async fn build_catalog(config: &Config, store_path: &Path) -> Result<Catalog
     for (name, plugin) in &config.plugins {
         let spec = PluginSpec {
             name: name.clone(),
-            command: plugin
-                .command
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    if i == 0 {
-                        config.resolve(Path::new(c)).display().to_string()
-                    } else {
-                        c.clone()
-                    }
-                })
-                .collect(),
+            command: plugin.command.clone(),
             sha256: plugin.sha256.clone(),
             env: plugin.env.clone(),
             timeout: plugin.timeout.unwrap_or(config.daemon.plugin_timeout),
@@ -134,7 +123,7 @@ pub async fn build_catalog(config: &Config, store_path: &Path) -> Result<Catalog
                 .transpose()
                 .map_err(|e| config.invalid("consumers", name, "group", e))?;
             Consumer::File(FileConsumer {
-                path: config.resolve(c.path.as_deref().expect("checked at parse")),
+                path: c.path.clone().expect("checked at parse"),
                 mode: c.mode.unwrap_or(0o600),
                 owner,
                 group,

@@ -1203,7 +1203,8 @@ impl Engine {
         }
     }
 
-    /// Waits until the rotation is over, draining, or parked; returns its last record.
+    /// Waits until the rotation is over, parked, or draining behind live leases; returns its
+    /// last record.
     pub async fn wait(
         &self,
         rotation_id: &str,
@@ -1220,7 +1221,18 @@ impl Engine {
                 .secret_summary(&r.secret_name)
                 .await?
                 .is_some_and(|s| s.quarantined_at.is_some());
-            if r.state.is_terminal() || r.state == RotationState::Draining || parked {
+            let waiting_on_leases = match (r.state, r.from_version) {
+                (RotationState::Draining, Some(from)) => {
+                    self.vault
+                        .store()
+                        .live_leases(&r.secret_id, from, self.clock.now())
+                        .await?
+                        .0
+                        > 0
+                }
+                _ => false,
+            };
+            if r.state.is_terminal() || waiting_on_leases || parked {
                 return Ok(Some(r));
             }
             let event = tokio::time::timeout_at(deadline, async {

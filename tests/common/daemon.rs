@@ -1,0 +1,244 @@
+//! Running the real daemon in tests: a config with the Python example plugin pinned, the
+//! daemon started in the background with its log captured, polling helpers that wait on
+//! conditions (never on fixed sleeps), and access to the plugin's upstream state.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::Env;
+
+/// The Python example plugin in this repository.
+pub fn example_plugin() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/examples/example-plugin.py")
+}
+
+/// The SHA-256 of a file, hex (computed independently of keywarden's own code).
+pub fn sha256_of(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+/// Test timings: quick retries, short plugin timeouts, sockets in the scratch directory.
+pub fn base_config(plugin_timeout: &str) -> String {
+    format!(
+        r#"[daemon]
+retry_base = "50ms"
+retry_max = "400ms"
+max_attempts = 4
+plugin_timeout = "{plugin_timeout}"
+shutdown_timeout = "5s"
+
+[agent]
+socket = "run/agent.sock"
+admin_socket = "run/admin.sock"
+default_ttl = "5m"
+"#
+    )
+}
+
+/// A `[plugins.example]` section for the Python plugin with its state in `dir/upstream.db`.
+pub fn example_plugin_config(dir: &Path, extra_env: &str) -> String {
+    let plugin = example_plugin();
+    format!(
+        "[plugins.example]\ncommand = [{:?}]\nsha256 = \"{}\"\nenv = {{ EXAMPLE_STATE = {:?}{extra_env} }}\n",
+        plugin.display().to_string(),
+        sha256_of(&plugin),
+        dir.join("upstream.db").display().to_string()
+    )
+}
+
+/// An environment whose config has the test timings, the example plugin, and `extra`.
+pub fn env_with_plugin(extra: &str) -> Env {
+    env_with_plugin_timeout(extra, "3s")
+}
+
+/// Like [`env_with_plugin`] with a given plugin timeout.
+pub fn env_with_plugin_timeout(extra: &str, timeout: &str) -> Env {
+    let env = Env::new();
+    let config = format!(
+        "{}\n{}\n{}",
+        base_config(timeout),
+        example_plugin_config(env.dir.path(), ""),
+        extra
+    );
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, format!("{base}\n{config}")).unwrap();
+    env
+}
+
+/// Waits until `check` returns `Some`, polling every 20 ms, or panics after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A daemon process under test.
+pub struct Daemon {
+    child: Option<Child>,
+    /// Its log (stderr).
+    pub log: PathBuf,
+    admin: PathBuf,
+}
+
+impl Env {
+    /// The admin socket of this environment's config.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.path().join("run/admin.sock")
+    }
+
+    /// The agent socket of this environment's config.
+    pub fn agent_socket(&self) -> PathBuf {
+        self.dir.path().join("run/agent.sock")
+    }
+
+    /// Starts `keywarden serve --init` and waits until its admin socket answers.
+    pub fn start_daemon(&self) -> Daemon {
+        self.start_daemon_with(&[])
+    }
+
+    /// Starts the daemon with extra environment variables.
+    pub fn start_daemon_with(&self, vars: &[(&str, &str)]) -> Daemon {
+        let n = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("daemon-")
+            })
+            .count();
+        let log = self.dir.path().join(format!("daemon-{n}.log"));
+        let mut cmd = self.cmd();
+        cmd.args(["serve", "--init"])
+            .env("KEYWARDEN_LOG", "keywarden=debug")
+            .envs(vars.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = cmd.spawn().expect("spawn keywarden serve");
+        let mut daemon = Daemon {
+            child: Some(child),
+            log,
+            admin: self.admin_socket(),
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// Runs `serve` expecting it to fail at start; returns its exit code and stderr.
+    pub fn serve_fails(&self) -> (Option<i32>, String) {
+        let mut cmd = self.cmd();
+        cmd.args(["serve", "--init"]);
+        let out = super::run_with(cmd, &[], None);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Reads one value from the example plugin's upstream state.
+    pub fn upstream_i64(&self, query: &str) -> i64 {
+        super::sql_one(&self.dir.path().join("upstream.db"), query)
+    }
+
+    /// Reads one text value from the upstream state.
+    pub fn upstream_text(&self, query: &str) -> String {
+        super::sql_one(&self.dir.path().join("upstream.db"), query)
+    }
+
+    /// `list --json` as JSON.
+    pub fn list(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["list", "--json"], None)).unwrap()
+    }
+
+    /// One secret's entry from `list --json`.
+    pub fn entry(&self, name: &str) -> serde_json::Value {
+        self.list()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Daemon {
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.admin).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "the daemon exited ({status}) before it was ready:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not become ready:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// kill -9, as a crash or an OOM killer would.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM; returns the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        let mut child = self.child.take().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the daemon did not stop on SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

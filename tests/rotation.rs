@@ -1,0 +1,431 @@
+//! The rotation engine end to end: the real daemon, the real Python example plugin over its
+//! protocol, files written by the file consumer, and the plugin's upstream state checked from
+//! outside.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Env;
+use common::daemon::{env_with_plugin, env_with_plugin_timeout, wait_for};
+
+const SECRET: &str = r#"
+[secrets."svc/api"]
+provider = "example"
+consumers = ["api-file", "api-push"]
+grace = "10m"
+
+[consumers.api-file]
+kind = "file"
+path = "out/api.env"
+mode = "0640"
+template = "API_KEY_ID={{meta.key_id}}\nAPI_KEY={{value}}\n"
+
+[consumers.api-push]
+kind = "example"
+settings = { consumer_name = "mirror" }
+"#;
+
+fn rotate_json(env: &Env, name: &str) -> (Option<i32>, serde_json::Value) {
+    let out = env.run(&["rotate", name, "--json"], None);
+    let body = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "rotate printed no JSON: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), body)
+}
+
+/// Upstream invariants after convergence: exactly one live credential for the secret, it is
+/// the provider's current one and keywarden's current version; everything else is revoked or
+/// deleted (no orphan).
+fn assert_converged(env: &Env, name: &str) -> String {
+    let active = env.upstream_i64(&format!(
+        "SELECT count(*) FROM creds WHERE secret = '{name}' AND status = 'active' AND issued = 0"
+    ));
+    assert_eq!(active, 1, "exactly one live credential upstream for {name}");
+    let current = env.upstream_text(&format!(
+        "SELECT key_id FROM creds WHERE secret = '{name}' AND status = 'active' AND issued = 0"
+    ));
+    let ours = env.ok(&["get", name, "--json"], None);
+    let ours: serde_json::Value = serde_json::from_str(&ours).unwrap();
+    assert_eq!(
+        ours["meta"]["key_id"], current,
+        "keywarden's current version is the live one"
+    );
+    let value = env.upstream_text(&format!(
+        "SELECT value FROM creds WHERE key_id = '{current}'"
+    ));
+    assert_eq!(ours["value"], value.as_str());
+    let orphans = env.upstream_i64(&format!(
+        "SELECT count(*) FROM creds WHERE secret = '{name}' AND status NOT IN ('active', 'revoked', 'deleted')"
+    ));
+    assert_eq!(orphans, 0);
+    value
+}
+
+#[test]
+fn a_plugin_rotation_creates_verifies_promotes_pushes_and_revokes() {
+    let env = env_with_plugin(SECRET);
+    let daemon = env.start_daemon();
+    // The declared secret gets its first version at registration.
+    let first = wait_for("the first version", Duration::from_secs(20), || {
+        let e = env.entry("svc/api");
+        (e["rotation_state"] == "done").then(|| e["version"].as_i64().unwrap())
+    });
+    assert_eq!(first, 1);
+    let first_key = env.upstream_text("SELECT key_id FROM creds WHERE current = 1");
+
+    let (code, result) = rotate_json(&env, "svc/api");
+    assert_eq!(code, Some(0), "{result}");
+    assert_eq!(
+        result["state"], "done",
+        "no leases: draining ends at once: {result}"
+    );
+    assert_eq!(result["from_version"], 1);
+    assert_eq!(result["to_version"], 2);
+
+    // Upstream: the old key revoked, the new one current.
+    assert_eq!(
+        env.upstream_text(&format!(
+            "SELECT status FROM creds WHERE key_id = '{first_key}'"
+        )),
+        "revoked"
+    );
+    // Both consumers hold version 2.
+    assert_eq!(
+        env.upstream_i64("SELECT max(version) FROM pushes WHERE consumer = 'mirror'"),
+        2
+    );
+    let file = std::fs::read_to_string(env.dir.path().join("out/api.env")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(env.dir.path().join("out/api.env"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o640);
+    assert_eq!(daemon.terminate(), Some(0), "SIGTERM exits 0");
+
+    let value = assert_converged(&env, "svc/api");
+    let key_id = env.upstream_text("SELECT key_id FROM creds WHERE current = 1");
+    assert_eq!(file, format!("API_KEY_ID={key_id}\nAPI_KEY={value}\n"));
+    let pushed = env.upstream_text("SELECT value FROM pushes WHERE version = 2");
+    assert_eq!(pushed, value);
+
+    // Every step is in the audit chain, which still verifies.
+    let audit = env.ok(&["audit", "tail", "-n", "100", "--json"], None);
+    for step in [
+        "rotation.planned",
+        "rotation.created",
+        "rotation.verified",
+        "rotation.promoted",
+        "rotation.pushed",
+        "rotation.draining",
+        "rotation.done",
+        "consumer.delivered",
+    ] {
+        assert!(audit.contains(step), "{step} missing from the audit log");
+    }
+    assert!(!audit.contains(&value), "a value in the audit log");
+    env.ok(&["audit", "verify"], None);
+}
+
+#[test]
+fn a_random_secret_rotates_on_schedule_into_a_file() {
+    let env = env_with_plugin(
+        r#"
+[secrets."demo/token"]
+provider = "random"
+rotate_every = "1s"
+generate = { length = 24, charset = "hex" }
+consumers = ["token-file"]
+
+[consumers.token-file]
+kind = "file"
+path = "out/token"
+"#,
+    );
+    let daemon = env.start_daemon();
+    let version = wait_for("three scheduled rotations", Duration::from_secs(30), || {
+        let e = env.entry("demo/token");
+        (e["version"].as_i64().unwrap_or(0) >= 3 && e["rotation_state"] == "done")
+            .then(|| e["version"].as_i64().unwrap())
+    });
+    assert!(version >= 3);
+    assert!(env.entry("demo/token")["next_rotation_at"].is_string());
+    assert_eq!(daemon.terminate(), Some(0));
+    let value = env.get("demo/token");
+    assert_eq!(value.len(), 24);
+    assert!(value.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(
+        std::fs::read_to_string(env.dir.path().join("out/token")).unwrap(),
+        value
+    );
+}
+
+#[test]
+fn a_failed_verification_rolls_back_and_keeps_the_current_credential() {
+    let env = env_with_plugin(
+        r#"
+[secrets."svc/fragile"]
+provider = "example"
+settings = { fail = { op = "verify", retryable = false, once = false } }
+"#,
+    );
+    let daemon = env.start_daemon();
+    let state = wait_for("the first rotation to end", Duration::from_secs(20), || {
+        let e = env.entry("svc/fragile");
+        e["rotation_state"]
+            .as_str()
+            .filter(|s| *s != "planned" && *s != "created")
+            .map(str::to_string)
+    });
+    assert_eq!(state, "rolled-back");
+    // Upstream, the credential it created was revoked.
+    assert_eq!(
+        env.upstream_i64("SELECT count(*) FROM creds WHERE status = 'active'"),
+        0
+    );
+    assert_eq!(
+        env.upstream_i64("SELECT count(*) FROM creds WHERE status = 'revoked'"),
+        1
+    );
+    let (code, result) = rotate_json(&env, "svc/fragile");
+    assert_eq!(code, Some(1), "{result}");
+    assert_eq!(result["state"], "rolled-back");
+    let e = env.entry("svc/fragile");
+    assert!(e["version"].is_null(), "nothing became current: {e}");
+    assert!(
+        e["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("injected failure of verify"),
+        "{e}"
+    );
+    drop(daemon);
+}
+
+#[test]
+fn a_hanging_plugin_is_killed_restarted_and_the_rotation_finishes() {
+    let env = env_with_plugin_timeout(
+        r#"
+[secrets."svc/slow"]
+provider = "example"
+settings = { hang = { op = "verify", once = true } }
+"#,
+        "1s",
+    );
+    let daemon = env.start_daemon();
+    wait_for("the rotation to finish", Duration::from_secs(30), || {
+        (env.entry("svc/slow")["rotation_state"] == "done").then_some(())
+    });
+    assert_eq!(
+        env.upstream_i64("SELECT count(*) FROM events WHERE op = 'hung:verify'"),
+        1
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&env.ok(&["status", "--json"], None)).unwrap();
+    assert!(
+        status["daemon"]["plugins"][0]["restarts"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+    assert!(daemon.log_text().contains("no reply to verify within 1s"));
+    assert_eq!(daemon.terminate(), Some(0));
+    assert_converged(&env, "svc/slow");
+}
+
+#[test]
+fn a_plugin_crashing_mid_request_is_restarted_and_the_request_retried() {
+    let env = env_with_plugin(
+        r#"
+[secrets."svc/crashy"]
+provider = "example"
+settings = { crash = { op = "create", once = true } }
+"#,
+    );
+    let daemon = env.start_daemon();
+    wait_for("the rotation to finish", Duration::from_secs(30), || {
+        (env.entry("svc/crashy")["rotation_state"] == "done").then_some(())
+    });
+    assert_eq!(
+        env.upstream_i64("SELECT count(*) FROM events WHERE op = 'crashed:create'"),
+        1
+    );
+    assert!(
+        daemon
+            .log_text()
+            .contains("plugin crashed; restarting it and retrying")
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+    assert_converged(&env, "svc/crashy");
+}
+
+#[test]
+fn a_plugin_that_writes_garbage_or_lies_is_stopped_and_the_secret_quarantined() {
+    for misbehaviour in ["garbage", "lie"] {
+        let env = env_with_plugin(&format!(
+            "[secrets.\"svc/bad\"]\nprovider = \"example\"\nsettings = {{ {misbehaviour} = {{ op = \"create\" }} }}\n"
+        ));
+        let daemon = env.start_daemon();
+        let e = wait_for("quarantine", Duration::from_secs(30), || {
+            let e = env.entry("svc/bad");
+            (e["quarantined"] == true).then_some(e)
+        });
+        assert!(
+            e["last_error"]
+                .as_str()
+                .unwrap()
+                .contains("broke the protocol"),
+            "{e}"
+        );
+        assert_eq!(
+            e["rotation_state"], "planned",
+            "the rotation keeps its place"
+        );
+        let status = env.ok(&["status"], None);
+        assert!(status.contains("QUARANTINED svc/bad"), "{status}");
+        assert!(daemon.log_text().contains("stopping the plugin"));
+        drop(daemon);
+    }
+}
+
+#[test]
+fn a_plugin_whose_hash_does_not_match_its_pin_is_refused() {
+    let env = Env::with_config(&format!(
+        "{}\n[plugins.example]\ncommand = [{:?}]\nsha256 = \"{}\"\nenv = {{ EXAMPLE_STATE = \"x.db\" }}\n",
+        common::daemon::base_config("2s"),
+        common::daemon::example_plugin().display().to_string(),
+        "ab".repeat(32)
+    ));
+    let (code, err) = env.serve_fails();
+    assert_eq!(code, Some(1));
+    let actual = common::daemon::sha256_of(&common::daemon::example_plugin());
+    assert!(
+        err.contains(&"ab".repeat(32)) && err.contains(&actual),
+        "{err}"
+    );
+    assert!(err.contains("refusing to run it"), "{err}");
+    assert!(
+        !env.dir.path().join("upstream.db").exists(),
+        "the plugin never ran"
+    );
+}
+
+#[test]
+fn the_same_secret_is_never_rotated_twice_at_once() {
+    let env = env_with_plugin(
+        r#"
+[secrets."svc/busy"]
+provider = "example"
+settings = { block = { op = "verify", once = true } }
+"#,
+    );
+    let daemon = env.start_daemon();
+    wait_for(
+        "the first rotation to block in verify",
+        Duration::from_secs(20),
+        || {
+            (env.upstream_i64("SELECT count(*) FROM events WHERE op = 'blocked:verify'") == 1)
+                .then_some(())
+        },
+    );
+    let ids: Vec<String> = (0..5)
+        .map(|_| {
+            let out = env.ok(&["rotate", "svc/busy", "--no-wait", "--json"], None);
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(v["joined"], true, "{v}");
+            v["rotation_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
+    assert_eq!(env.sql_i64("SELECT count(*) FROM rotations"), 1);
+    assert_eq!(
+        env.upstream_i64("SELECT count(*) FROM events WHERE op = 'create'"),
+        1
+    );
+    drop(daemon);
+}
+
+#[test]
+fn an_exclusive_provider_skips_draining() {
+    let env = env_with_plugin(
+        r#"
+[secrets."svc/single"]
+provider = "example-exclusive"
+grace = "1h"
+"#,
+    );
+    let daemon = env.start_daemon();
+    wait_for("the first version", Duration::from_secs(20), || {
+        (env.entry("svc/single")["rotation_state"] == "done").then_some(())
+    });
+    let (code, result) = rotate_json(&env, "svc/single");
+    assert_eq!(code, Some(0), "{result}");
+    assert_eq!(
+        result["state"], "done",
+        "overlap = false never drains: {result}"
+    );
+    drop(daemon);
+    assert_converged(&env, "svc/single");
+    assert_eq!(
+        env.sql_i64("SELECT count(*) FROM versions WHERE stage = 'revoked'"),
+        1
+    );
+}
+
+#[test]
+fn plugin_stderr_reaches_the_log_with_values_redacted() {
+    let env = env_with_plugin(
+        r#"
+[secrets."svc/chatty"]
+provider = "example"
+settings = { chatty = true }
+"#,
+    );
+    let daemon = env.start_daemon();
+    wait_for("the first version", Duration::from_secs(20), || {
+        (env.entry("svc/chatty")["rotation_state"] == "done").then_some(())
+    });
+    let (code, _) = rotate_json(&env, "svc/chatty");
+    assert_eq!(code, Some(0));
+    let log = daemon.log_text();
+    assert_eq!(daemon.terminate(), Some(0));
+    assert!(
+        log.contains("chatty: verify got candidate [redacted]"),
+        "{log}"
+    );
+    let value = env.get("svc/chatty");
+    for v in [
+        value.as_str(),
+        &env.ok(&["get", "svc/chatty", "--version", "1"], None),
+    ] {
+        assert!(!log.contains(v), "a value reached the log");
+    }
+}
+
+#[test]
+fn serve_rejects_a_config_naming_an_unknown_provider_with_its_line() {
+    let env = env_with_plugin("[secrets.\"x/y\"]\nprovider = \"nope\"\n");
+    let (code, err) = env.serve_fails();
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("secrets.\"x/y\".provider") && err.contains("no provider \"nope\""),
+        "{err}"
+    );
+    assert!(err.contains("line "), "{err}");
+}
+
+#[test]
+fn plugin_pin_prints_a_config_section_with_the_hash() {
+    let env = Env::new();
+    let plugin = common::daemon::example_plugin();
+    let out = env.ok(&["plugin", "pin", plugin.to_str().unwrap()], None);
+    assert!(out.starts_with("[plugins.example-plugin]\n"), "{out}");
+    assert!(out.contains(&common::daemon::sha256_of(&plugin)), "{out}");
+    assert!(
+        out.contains(&format!("command = [{:?}]", plugin.display().to_string())),
+        "{out}"
+    );
+}
