@@ -17,6 +17,7 @@ Settings (per secret or consumer) that make it misbehave, for tests:
   hang = {op, once}                    never answer that op
   crash = {op, once}                   exit without answering
   block = {op, once}                   do the op's effect upstream, record it, then never answer
+  (any of these takes skip = N: let the first N such ops through)
   garbage = {op}                       answer with a line that is not JSON
   lie = {op}                           answer with an id that was never sent
   chatty = true                        write the values it handles to stderr (redaction tests)
@@ -70,6 +71,7 @@ def setup():
             consumer TEXT, secret TEXT, version INTEGER, value TEXT, at REAL);
         CREATE TABLE IF NOT EXISTS events (op TEXT, secret TEXT, detail TEXT, at REAL);
         CREATE TABLE IF NOT EXISTS once (tag TEXT PRIMARY KEY);
+        CREATE TABLE IF NOT EXISTS counts (tag TEXT PRIMARY KEY, n INTEGER);
         """
     )
     conn.close()
@@ -88,6 +90,12 @@ def first_time(conn, tag):
         return False
 
 
+def count(conn, tag):
+    """How many times a tag has been seen, this time included, across restarts."""
+    conn.execute("INSERT INTO counts VALUES (?, 1) ON CONFLICT (tag) DO UPDATE SET n = n + 1", (tag,))
+    return conn.execute("SELECT n FROM counts WHERE tag = ?", (tag,)).fetchone()[0]
+
+
 def reply(obj):
     line = json.dumps(obj, separators=(",", ":"))
     with OUT:
@@ -102,6 +110,8 @@ def misbehaviour(conn, req, when):
     def selected(key):
         rule = settings.get(key)
         if not rule or rule.get("op") != op:
+            return None
+        if rule.get("skip") and count(conn, f"skip:{key}:{op}:{secret}:{when}") <= int(rule["skip"]):
             return None
         if rule.get("once") and not first_time(conn, f"{key}:{op}:{secret}"):
             return None
@@ -196,11 +206,12 @@ def promote(conn, req):
 
 def revoke(conn, req):
     key_id, _ = lookup(conn, req.get("target"))
-    conn.execute(
+    changed = conn.execute(
         "UPDATE creds SET status = 'revoked', revoked_at = ?, current = 0 WHERE key_id = ? AND status = 'active'",
         (time.time(), key_id),
-    )
-    event(conn, "revoke", req.get("secret"), key_id or "")
+    ).rowcount
+    # Revoking the revoked is fine (idempotent); the events tell the two apart.
+    event(conn, "revoke" if changed else "revoke-again", req.get("secret"), key_id or "")
     return {}
 
 
