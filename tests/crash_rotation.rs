@@ -8,8 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::daemon::{env_with_plugin, wait_for};
 use common::Env;
+use common::daemon::{env_with_plugin, wait_for};
 
 fn config(secret_settings: &str, push_settings: &str) -> String {
     format!(
@@ -42,73 +42,126 @@ fn kill_at(secret_settings: &str, push_settings: &str, marker: &str) {
     let env = env_with_plugin(&config(secret_settings, push_settings));
     let daemon = env.start_daemon();
     wait_for("the first version", Duration::from_secs(30), || {
-        (env.entry("svc/crash")["version"] == 1 && env.entry("svc/crash")["rotation_state"] == "done")
+        (env.entry("svc/crash")["version"] == 1
+            && env.entry("svc/crash")["rotation_state"] == "done")
             .then_some(())
     });
     let old_key = env.upstream_text("SELECT key_id FROM creds WHERE current = 1");
     env.ok(&["rotate", "svc/crash", "--no-wait"], None);
-    wait_for(marker, Duration::from_secs(30), || (events(&env, marker) == 1).then_some(()));
+    wait_for(marker, Duration::from_secs(30), || {
+        (events(&env, marker) == 1).then_some(())
+    });
     daemon.kill9();
 
     let daemon = env.start_daemon();
-    wait_for("the rotation to converge after the restart", Duration::from_secs(60), || {
-        let e = env.entry("svc/crash");
-        assert_ne!(e["quarantined"], true, "quarantined: {e}");
-        (e["rotation_state"] == "done" && e["version"] == 2).then_some(())
-    });
+    wait_for(
+        "the rotation to converge after the restart",
+        Duration::from_secs(60),
+        || {
+            let e = env.entry("svc/crash");
+            assert_ne!(e["quarantined"], true, "quarantined: {e}");
+            (e["rotation_state"] == "done" && e["version"] == 2).then_some(())
+        },
+    );
     assert_eq!(daemon.terminate(), Some(0));
 
     // Exactly one current version, and it is the one live upstream.
-    assert_eq!(env.sql_i64("SELECT count(*) FROM versions WHERE stage = 'current'"), 1);
-    let current: serde_json::Value = serde_json::from_str(&env.ok(&["get", "svc/crash", "--json"], None)).unwrap();
+    assert_eq!(
+        env.sql_i64("SELECT count(*) FROM versions WHERE stage = 'current'"),
+        1
+    );
+    let current: serde_json::Value =
+        serde_json::from_str(&env.ok(&["get", "svc/crash", "--json"], None)).unwrap();
     let key = current["meta"]["key_id"].as_str().unwrap().to_string();
     let value = current["value"].as_str().unwrap().to_string();
-    assert_eq!(env.upstream_text("SELECT key_id FROM creds WHERE current = 1"), key);
+    assert_eq!(
+        env.upstream_text("SELECT key_id FROM creds WHERE current = 1"),
+        key
+    );
     assert_eq!(
         env.upstream_i64("SELECT count(*) FROM creds WHERE status = 'active' AND issued = 0"),
         1,
         "no orphan: only the current credential is live upstream"
     );
     // The old credential was revoked, exactly once.
-    assert_eq!(env.upstream_text(&format!("SELECT status FROM creds WHERE key_id = '{old_key}'")), "revoked");
     assert_eq!(
-        env.upstream_i64(&format!("SELECT count(*) FROM events WHERE op = 'revoke' AND detail = '{old_key}'")),
+        env.upstream_text(&format!(
+            "SELECT status FROM creds WHERE key_id = '{old_key}'"
+        )),
+        "revoked"
+    );
+    assert_eq!(
+        env.upstream_i64(&format!(
+            "SELECT count(*) FROM events WHERE op = 'revoke' AND detail = '{old_key}'"
+        )),
         1
     );
     // Both consumers hold the current version.
-    assert_eq!(std::fs::read_to_string(env.dir.path().join("out/crash")).unwrap(), format!("{key}={value}"));
-    assert_eq!(env.upstream_text("SELECT value FROM pushes WHERE version = (SELECT max(version) FROM pushes)"), value);
+    assert_eq!(
+        std::fs::read_to_string(env.dir.path().join("out/crash")).unwrap(),
+        format!("{key}={value}")
+    );
+    assert_eq!(
+        env.upstream_text(
+            "SELECT value FROM pushes WHERE version = (SELECT max(version) FROM pushes)"
+        ),
+        value
+    );
     env.ok(&["audit", "verify"], None);
 }
 
 #[test]
 fn killed_while_planned_before_create_reaches_upstream() {
-    kill_at("hang = { op = \"create\", once = true, skip = 1 }", "", "hung:create");
+    kill_at(
+        "hang = { op = \"create\", once = true, skip = 1 }",
+        "",
+        "hung:create",
+    );
 }
 
 #[test]
 fn killed_after_create_reached_upstream_but_before_the_journal_said_created() {
-    kill_at("block = { op = \"create\", once = true, skip = 1 }", "", "blocked:create");
+    kill_at(
+        "block = { op = \"create\", once = true, skip = 1 }",
+        "",
+        "blocked:create",
+    );
 }
 
 #[test]
 fn killed_while_created_during_verify() {
-    kill_at("block = { op = \"verify\", once = true, skip = 1 }", "", "blocked:verify");
+    kill_at(
+        "block = { op = \"verify\", once = true, skip = 1 }",
+        "",
+        "blocked:verify",
+    );
 }
 
 #[test]
 fn killed_after_promote_reached_upstream_but_before_the_journal_said_promoted() {
-    kill_at("block = { op = \"promote\", once = true, skip = 1 }", "", "blocked:promote");
+    kill_at(
+        "block = { op = \"promote\", once = true, skip = 1 }",
+        "",
+        "blocked:promote",
+    );
 }
 
 #[test]
 fn killed_while_promoted_during_a_consumer_push() {
-    kill_at("", ", block = { op = \"push\", once = true, skip = 1 }", "blocked:push");
+    kill_at(
+        "",
+        ", block = { op = \"push\", once = true, skip = 1 }",
+        "blocked:push",
+    );
 }
 
 #[test]
 fn killed_after_the_old_credential_was_revoked_but_before_the_journal_said_done() {
-    kill_at("block = { op = \"revoke\", once = true }", "", "blocked:revoke");
+    kill_at(
+        "block = { op = \"revoke\", once = true }",
+        "",
+        "blocked:revoke",
+    );
 }
 
 #[test]
@@ -139,16 +192,24 @@ path = "out/b"
         daemon.take().unwrap().kill9();
         daemon = Some(env.start_daemon());
     }
-    wait_for("rotations to continue after the crashes", Duration::from_secs(60), || {
-        ["svc/a", "svc/b", "svc/c"]
-            .iter()
-            .all(|n| env.entry(n)["version"].as_i64().unwrap_or(0) >= 3)
-            .then_some(())
-    });
+    wait_for(
+        "rotations to continue after the crashes",
+        Duration::from_secs(60),
+        || {
+            ["svc/a", "svc/b", "svc/c"]
+                .iter()
+                .all(|n| env.entry(n)["version"].as_i64().unwrap_or(0) >= 3)
+                .then_some(())
+        },
+    );
     // One last crash, then a calm restart (rotations hourly) to let everything settle.
     daemon.take().unwrap().kill9();
     let config = std::fs::read_to_string(&env.config).unwrap();
-    std::fs::write(&env.config, config.replace("rotate_every = \"1s\"", "rotate_every = \"1h\"")).unwrap();
+    std::fs::write(
+        &env.config,
+        config.replace("rotate_every = \"1s\"", "rotate_every = \"1h\""),
+    )
+    .unwrap();
     let daemon = env.start_daemon();
     wait_for("every rotation to settle", Duration::from_secs(60), || {
         ["svc/a", "svc/b", "svc/c"]
@@ -166,7 +227,10 @@ path = "out/b"
              AND r.state NOT IN ('done', 'failed', 'rolled-back')"
         ));
         assert_eq!(active_rotation, 0);
-        assert_eq!(live, 1, "{name}: only the current credential is live upstream");
+        assert_eq!(
+            live, 1,
+            "{name}: only the current credential is live upstream"
+        );
         let current: serde_json::Value =
             serde_json::from_str(&env.ok(&["get", name, "--json"], None)).unwrap();
         let key = current["meta"]["key_id"].as_str().unwrap();
@@ -183,6 +247,9 @@ path = "out/b"
             1
         );
     }
-    assert_eq!(std::fs::read_to_string(env.dir.path().join("out/b")).unwrap(), env.get("svc/b"));
+    assert_eq!(
+        std::fs::read_to_string(env.dir.path().join("out/b")).unwrap(),
+        env.get("svc/b")
+    );
     env.ok(&["audit", "verify"], None);
 }

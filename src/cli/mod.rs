@@ -111,9 +111,9 @@ impl Context {
     }
 }
 
-fn init_logging(format: LogFormat, filter: Option<&str>) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("warn"))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+fn init_logging(format: LogFormat, filter: Option<&str>, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or(default))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -127,7 +127,12 @@ fn init_logging(format: LogFormat, filter: Option<&str>) {
 /// Parses the command line and runs the command. Exit codes: 0 ok, 1 failure, 2 usage.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, cli.log.as_deref());
+    // The daemon reports what it does; one-shot commands only warn.
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    init_logging(cli.log_format, cli.log.as_deref(), default_level);
     crate::hardening::harden_process();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
