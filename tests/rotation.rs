@@ -429,3 +429,35 @@ fn plugin_pin_prints_a_config_section_with_the_hash() {
         "{out}"
     );
 }
+
+#[test]
+fn rotate_without_a_daemon_runs_the_rotation_in_the_cli() {
+    let env = env_with_plugin(
+        r#"
+[secrets."svc/offline"]
+provider = "example"
+consumers = ["offline-file"]
+
+[secrets."svc/by-hand"]
+provider = "manual"
+
+[consumers.offline-file]
+kind = "file"
+path = "out/offline"
+"#,
+    );
+    env.ok(&["init"], None);
+    let (code, first) = rotate_json(&env, "svc/offline");
+    assert_eq!(code, Some(0), "{first}");
+    assert_eq!(first["state"], "done");
+    let (code, second) = rotate_json(&env, "svc/offline");
+    assert_eq!(code, Some(0), "{second}");
+    assert_eq!(second["from_version"], first["to_version"]);
+    assert_eq!(std::fs::read_to_string(env.dir.path().join("out/offline")).unwrap(), env.get("svc/offline"));
+    assert_converged(&env, "svc/offline");
+
+    let err = env.fails(1, &["rotate", "svc/by-hand"], None);
+    assert!(err.contains("cannot be rotated automatically") && err.contains("keywarden put svc/by-hand"), "{err}");
+    let err = env.fails(1, &["rotate", "svc/undeclared"], None);
+    assert!(err.contains("no secret named \"svc/undeclared\" is declared"), "{err}");
+}
