@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use keywarden::clock::Clock;
 use keywarden::config::Config;
 use keywarden::crypto::KdfParams;
-use keywarden::daemon::Runtime;
+use keywarden::daemon::{Mode, Runtime};
 use keywarden::rotation::Reason;
 use keywarden::store::{Access, Store};
 use keywarden::vault::Vault;
@@ -122,7 +122,7 @@ async fn run(concurrency: usize) {
 
     // Registration plans a first rotation for every secret (create, verify, promote; no revoke).
     let start = Instant::now();
-    let runtime = Runtime::start(&config, vault.clone(), Clock::System, false)
+    let runtime = Runtime::start(&config, vault.clone(), Clock::System, Mode::OneShot)
         .await
         .unwrap();
     wait_all_done(&store, 1).await;

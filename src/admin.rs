@@ -1,5 +1,5 @@
 //! The admin API on `admin.sock` (mode 0600; only root, the daemon's own uid and `admin_uids`):
-//! `POST /v1/admin/rotate/{name}[?wait=SECS]` and `GET /v1/admin/status`.
+//! `POST /v1/admin/rotate/{name}[?wait=SECS]`, `GET /v1/admin/status` and `GET /metrics`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -12,6 +12,8 @@ use serde_json::json;
 
 use crate::audit::AuditEvent;
 use crate::http::{self, Handler, Peer};
+use crate::leases::{DaemonLeaseBackend, Leases};
+use crate::metrics::Metrics;
 use crate::rotation::Reason;
 use crate::rotation::engine::{Engine, EngineError};
 
@@ -22,17 +24,26 @@ const MAX_WAIT: Duration = Duration::from_secs(600);
 #[derive(Debug)]
 pub struct AdminApi {
     engine: Arc<Engine>,
+    leases: Arc<Leases<DaemonLeaseBackend>>,
+    metrics: Arc<Metrics>,
     allowed_uids: HashSet<u32>,
 }
 
 impl AdminApi {
     /// An API over `engine`, open to root, the daemon's uid and `extra_uids`.
-    pub fn new(engine: Arc<Engine>, extra_uids: &[u32]) -> Self {
+    pub fn new(
+        engine: Arc<Engine>,
+        leases: Arc<Leases<DaemonLeaseBackend>>,
+        metrics: Arc<Metrics>,
+        extra_uids: &[u32],
+    ) -> Self {
         let mut allowed_uids: HashSet<u32> = extra_uids.iter().copied().collect();
         allowed_uids.insert(0);
         allowed_uids.insert(rustix::process::getuid().as_raw());
         AdminApi {
             engine,
+            leases,
+            metrics,
             allowed_uids,
         }
     }
@@ -127,7 +138,14 @@ impl AdminApi {
 }
 
 impl Handler for AdminApi {
-    async fn handle(&self, request: Request<Bytes>, peer: Peer) -> Response<Full<Bytes>> {
+    type Conn = Peer;
+
+    fn connect(&self, peer: Peer, _accepted: f64) -> Peer {
+        peer
+    }
+
+    async fn handle(&self, peer: &Peer, request: Request<Bytes>) -> Response<Full<Bytes>> {
+        let peer = *peer;
         if !self.allowed_uids.contains(&peer.uid) {
             let audit = AuditEvent::new(Self::actor(peer), "admin.denied")
                 .detail(json!({ "path": request.uri().path() }));
@@ -153,6 +171,23 @@ impl Handler for AdminApi {
                 .await
                 {
                     Ok(report) => http::json(StatusCode::OK, &report),
+                    Err(e) => {
+                        http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+                    }
+                }
+            }
+            (&Method::GET, "/metrics") => {
+                match crate::metrics::render(&self.engine, &self.metrics, self.leases.live_count())
+                    .await
+                {
+                    Ok(text) => {
+                        let mut r = Response::new(Full::new(Bytes::from(text)));
+                        r.headers_mut().insert(
+                            hyper::header::CONTENT_TYPE,
+                            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                        );
+                        r
+                    }
                     Err(e) => {
                         http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
                     }

@@ -75,6 +75,9 @@ pub struct Config {
     /// `[consumers.NAME]`
     #[serde(default)]
     pub consumers: BTreeMap<String, ConsumerConfig>,
+    /// `[[policy]]`: who may fetch what over the agent socket (deny by default).
+    #[serde(default)]
+    pub policy: Vec<PolicyConfig>,
     /// The directory of the config file, for resolving relative paths.
     #[serde(skip)]
     pub base_dir: Option<PathBuf>,
@@ -151,6 +154,13 @@ pub struct AgentConfig {
     /// Lease length when a request names none.
     #[serde(deserialize_with = "duration")]
     pub default_ttl: Duration,
+    /// Connections served at once on each socket.
+    pub max_connections: usize,
+    /// Fetches per second allowed to one uid (0: no limit); more get 429.
+    pub max_fetches_per_second: u32,
+    /// Longest a watch (`wait=`) may wait.
+    #[serde(deserialize_with = "duration")]
+    pub max_wait: Duration,
 }
 
 impl Default for AgentConfig {
@@ -161,6 +171,9 @@ impl Default for AgentConfig {
             admin_socket: PathBuf::from("/run/keywarden/admin.sock"),
             admin_uids: Vec::new(),
             default_ttl: Duration::from_secs(300),
+            max_connections: 256,
+            max_fetches_per_second: 0,
+            max_wait: Duration::from_secs(300),
         }
     }
 }
@@ -257,6 +270,38 @@ pub struct ConsumerConfig {
     /// plugin: other secrets the push may use, by role.
     #[serde(default)]
     pub credentials: BTreeMap<String, String>,
+}
+
+/// `[[policy]]`: one rule of who may fetch which secrets, and for how long.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// A name for audit rows and errors.
+    pub name: String,
+    /// Peer uids allowed (any, if empty).
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    /// Peer gids allowed (any, if empty).
+    #[serde(default)]
+    pub gids: Vec<u32>,
+    /// Allow peers running as the daemon's own user.
+    #[serde(default)]
+    pub same_user: bool,
+    /// Executables allowed, by absolute path (any, if empty).
+    #[serde(default)]
+    pub exe: Vec<PathBuf>,
+    /// Executables allowed, by SHA-256 of the file (any, if empty).
+    #[serde(default)]
+    pub exe_sha256: Vec<String>,
+    /// Secret-name globs (`openai/*`; `*` stays within a segment, `**` crosses them).
+    pub secrets: Vec<String>,
+    /// Longest lease this policy grants.
+    #[serde(default = "default_max_ttl", deserialize_with = "duration")]
+    pub max_ttl: Duration,
+}
+
+fn default_max_ttl() -> Duration {
+    Duration::from_secs(900)
 }
 
 fn default_after_timeout() -> Duration {
@@ -514,7 +559,27 @@ impl Config {
                 ));
             }
         }
+        for (i, policy) in self.policy.iter().enumerate() {
+            crate::policy::check(policy)
+                .map_err(|(key, message)| self.invalid_policy(i, key, message))?;
+        }
         Ok(())
+    }
+
+    fn invalid_policy(&self, index: usize, key: &str, message: String) -> ConfigError {
+        let line = self
+            .source_text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.trim_start().starts_with("[[policy]]"))
+            .nth(index)
+            .map_or(1, |(i, _)| i + 1);
+        ConfigError::Invalid {
+            path: self.source_path.clone().unwrap_or_default(),
+            line,
+            key: format!("policy[{index}].{key}"),
+            message,
+        }
     }
 
     /// The schedule of a secret, if it has one.

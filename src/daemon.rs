@@ -10,6 +10,9 @@ use tokio::sync::{mpsc, watch};
 use crate::clock::Clock;
 use crate::config::{BUILTIN_PROVIDERS, Config, ConfigError};
 use crate::consumer::{Consumer, FileConsumer, resolve_id};
+use crate::group_commit::GroupCommit;
+use crate::leases::{DaemonLeaseBackend, Leases};
+use crate::metrics::Metrics;
 use crate::plugin_host::{PluginError, PluginHost, PluginSpec, Redactor};
 use crate::provider::Provider;
 use crate::rotation::Reason;
@@ -201,13 +204,27 @@ pub async fn build_catalog(config: &Config, store_path: &Path) -> Result<Catalog
     Ok(catalog)
 }
 
-/// The running components: engine, scheduler, and the task that feeds it.
+/// What a [`Runtime`] is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `serve`: scheduler, leases and the audit writer run too.
+    Daemon,
+    /// A one-shot command (`rotate` without a daemon): the engine alone.
+    OneShot,
+}
+
+/// The running components: engine, scheduler, leases, and the tasks that feed them.
 #[derive(Debug)]
 pub struct Runtime {
     /// The engine.
     pub engine: Arc<Engine>,
+    /// The lease table (daemon mode).
+    pub leases: Option<Arc<Leases<DaemonLeaseBackend>>>,
+    /// In-memory counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    writer: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Runtime {
@@ -218,7 +235,7 @@ impl Runtime {
         config: &Config,
         vault: Arc<Vault>,
         clock: Clock,
-        schedule: bool,
+        mode: Mode,
     ) -> Result<Runtime, StartError> {
         let catalog = Arc::new(build_catalog(config, vault.store().path()).await?);
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -261,7 +278,21 @@ impl Runtime {
                 }));
             }
         }
-        if schedule {
+        let mut leases = None;
+        let mut writer = None;
+        if mode == Mode::Daemon {
+            let (commit, writer_task) =
+                GroupCommit::start(vault.store().clone(), shutdown_rx.clone());
+            writer = Some(writer_task);
+            let open = vault.store().open_leases().await?;
+            let table = Leases::new(
+                DaemonLeaseBackend::new(commit, engine.clone()),
+                clock.clone(),
+                open,
+                engine.lease_wake(),
+            );
+            tasks.push(tokio::spawn(table.clone().run_sweeper(shutdown_rx.clone())));
+            leases = Some(table);
             let entries: BTreeMap<String, Entry> = catalog
                 .secrets
                 .values()
@@ -292,8 +323,11 @@ impl Runtime {
         }
         Ok(Runtime {
             engine,
+            leases,
+            metrics: Arc::default(),
             shutdown,
             tasks,
+            writer,
         })
     }
 
@@ -314,6 +348,9 @@ impl Runtime {
         }
         for task in self.tasks {
             task.abort();
+        }
+        if let Some(writer) = self.writer {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), writer).await;
         }
         for plugin in &self.engine.catalog().plugins {
             plugin.shutdown().await;

@@ -119,11 +119,18 @@ impl Default for Limits {
 
 /// A request handler.
 pub trait Handler: Send + Sync + 'static {
-    /// Answers one request from `peer`. The body is already read (and size-limited).
+    /// What the handler keeps per connection (the peer's identity).
+    type Conn: Send + Sync + 'static;
+
+    /// Called once per connection, with the peer's credentials and the moment the connection
+    /// was accepted (seconds since boot).
+    fn connect(&self, peer: Peer, accepted: f64) -> Self::Conn;
+
+    /// Answers one request. The body is already read (and size-limited).
     fn handle(
         &self,
+        conn: &Self::Conn,
         request: Request<Bytes>,
-        peer: Peer,
     ) -> impl Future<Output = Response<Full<Bytes>>> + Send;
 }
 
@@ -182,6 +189,7 @@ pub async fn serve<H: Handler>(
                 continue;
             }
         };
+        let conn_state = Arc::new(handler.connect(peer, crate::attest::boot_seconds()));
         let handler = handler.clone();
         let limits = limits.clone();
         let mut shutdown = shutdown.clone();
@@ -190,6 +198,7 @@ pub async fn serve<H: Handler>(
             let max_body = limits.max_body_bytes;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
+                let conn_state = conn_state.clone();
                 async move {
                     let (parts, body) = req.into_parts();
                     let body = match Limited::new(body, max_body).collect().await {
@@ -202,7 +211,9 @@ pub async fn serve<H: Handler>(
                             ));
                         }
                     };
-                    Ok(handler.handle(Request::from_parts(parts, body), peer).await)
+                    Ok(handler
+                        .handle(&conn_state, Request::from_parts(parts, body))
+                        .await)
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()

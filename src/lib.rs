@@ -14,7 +14,11 @@
 //! - [`rotation`]: the rotation engine (journaled state machine) and the scheduler.
 //! - [`plugin_host`]: runs plugin processes and speaks protocol v1 to them.
 //! - [`provider`], [`consumer`], [`generate`]: where values come from and where they go.
-//! - [`daemon`]: `serve` wiring; [`admin`]: the admin API; [`http`]: HTTP over Unix sockets.
+//! - [`agent_api`]: the agent socket (fetch, watch, leases); [`attest`]: who the peer is;
+//!   [`policy`]: who may fetch what; [`leases`]: lease lifetimes; [`group_commit`]: batched
+//!   audit and lease writes.
+//! - [`daemon`]: `serve` wiring; [`admin`]: the admin API; [`metrics`]: `/metrics`;
+//!   [`http`]: HTTP over Unix sockets.
 //! - [`status`]: what `list` and `status` report; [`clock`]: time, pausable in tests.
 //! - [`cli`]: the `keywarden` command line.
 
@@ -23,6 +27,8 @@
 #![warn(unreachable_pub, missing_debug_implementations)]
 
 pub mod admin;
+pub mod agent_api;
+pub mod attest;
 pub mod audit;
 pub mod cli;
 pub mod clock;
@@ -31,11 +37,15 @@ pub mod consumer;
 pub mod crypto;
 pub mod daemon;
 pub mod generate;
+pub mod group_commit;
 pub mod hardening;
 pub mod http;
+pub mod leases;
+pub mod metrics;
 pub mod name;
 pub mod passphrase;
 pub mod plugin_host;
+pub mod policy;
 pub mod provider;
 pub mod rotation;
 pub mod status;

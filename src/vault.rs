@@ -37,8 +37,21 @@ fn value_aad(secret_id: &str, version: i64) -> Vec<u8> {
     format!("keywarden/value/{secret_id}/{version}").into_bytes()
 }
 
-fn proposed_aad(secret_id: &str, rotation_id: &str) -> Vec<u8> {
-    format!("keywarden/proposed/{secret_id}/{rotation_id}").into_bytes()
+fn bound_aad(secret_id: &str, context: &Bound<'_>) -> Vec<u8> {
+    match context {
+        Bound::Proposed(rotation_id) => format!("keywarden/proposed/{secret_id}/{rotation_id}"),
+        Bound::Issued(lease_id) => format!("keywarden/issued/{secret_id}/{lease_id}"),
+    }
+    .into_bytes()
+}
+
+/// What a value sealed outside the versions table is bound to.
+#[derive(Debug, Clone, Copy)]
+pub enum Bound<'a> {
+    /// A rotation's proposed value, by rotation id.
+    Proposed(&'a str),
+    /// A credential issued for one lease, by lease id.
+    Issued(&'a str),
 }
 
 /// Non-secret facts stored in plaintext beside a version.
@@ -510,25 +523,23 @@ impl Vault {
             .await?)
     }
 
-    /// Seals a rotation's proposed value under the secret's data key, bound to the rotation.
-    pub fn seal_proposed(
+    /// Seals a value that is not a version (a rotation's proposed value, a credential issued
+    /// for a lease) under the secret's data key, bound to its rotation or lease.
+    pub fn seal_bound(
         &self,
         secret: &SecretRecord,
-        rotation_id: &str,
+        context: Bound<'_>,
         value: &SecretValue,
     ) -> Result<Vec<u8>, VaultError> {
         let key = self.data_key(&secret.name, &secret.id, &secret.wrapped_data_key)?;
-        Ok(key.seal(
-            &proposed_aad(&secret.id, rotation_id),
-            value.expose().as_bytes(),
-        )?)
+        Ok(key.seal(&bound_aad(&secret.id, &context), value.expose().as_bytes())?)
     }
 
-    /// Opens a value sealed by [`Vault::seal_proposed`].
-    pub fn open_proposed(
+    /// Opens a value sealed by [`Vault::seal_bound`] with the same context.
+    pub fn open_bound(
         &self,
         secret: &SecretRecord,
-        rotation_id: &str,
+        context: Bound<'_>,
         sealed: &[u8],
     ) -> Result<SecretValue, VaultError> {
         let key = self.data_key(&secret.name, &secret.id, &secret.wrapped_data_key)?;
@@ -537,7 +548,7 @@ impl Vault {
             version: None,
         };
         let plain = key
-            .open(&proposed_aad(&secret.id, rotation_id), sealed)
+            .open(&bound_aad(&secret.id, &context), sealed)
             .map_err(|_| integrity())?;
         SecretValue::from_utf8(plain).map_err(|_| integrity())
     }

@@ -453,11 +453,21 @@ path = "out/offline"
     let (code, second) = rotate_json(&env, "svc/offline");
     assert_eq!(code, Some(0), "{second}");
     assert_eq!(second["from_version"], first["to_version"]);
-    assert_eq!(std::fs::read_to_string(env.dir.path().join("out/offline")).unwrap(), env.get("svc/offline"));
+    assert_eq!(
+        std::fs::read_to_string(env.dir.path().join("out/offline")).unwrap(),
+        env.get("svc/offline")
+    );
     assert_converged(&env, "svc/offline");
 
     let err = env.fails(1, &["rotate", "svc/by-hand"], None);
-    assert!(err.contains("cannot be rotated automatically") && err.contains("keywarden put svc/by-hand"), "{err}");
+    assert!(
+        err.contains("cannot be rotated automatically")
+            && err.contains("keywarden put svc/by-hand"),
+        "{err}"
+    );
     let err = env.fails(1, &["rotate", "svc/undeclared"], None);
-    assert!(err.contains("no secret named \"svc/undeclared\" is declared"), "{err}");
+    assert!(
+        err.contains("no secret named \"svc/undeclared\" is declared"),
+        "{err}"
+    );
 }

@@ -7,8 +7,9 @@ would keep. It proves the protocol is open to any language, and the integration 
 real daemon through it and then check this state from outside.
 
 Kinds:
-  example            create, verify, promote, revoke, push, issue   (overlap: old and new coexist)
-  example-exclusive  create, verify, revoke                         (overlap false: create retires the old)
+  example            create, verify, promote, revoke, push   (overlap: old and new coexist)
+  example-exclusive  create, verify, revoke                  (overlap false: create retires the old)
+  example-sts        issue, revoke                           (a short-lived credential per lease)
 
 Settings (per secret or consumer) that make it misbehave, for tests:
   use_proposed = true                  the new value is the daemon's proposed value
@@ -38,8 +39,9 @@ STATE = os.environ.get("EXAMPLE_STATE")
 DELAY = int(os.environ.get("EXAMPLE_DELAY_MS", "0")) / 1000.0
 OUT = threading.Lock()
 KINDS = {
-    "example": {"ops": ["create", "verify", "promote", "revoke", "push", "issue"], "overlap": True},
+    "example": {"ops": ["create", "verify", "promote", "revoke", "push"], "overlap": True},
     "example-exclusive": {"ops": ["create", "verify", "revoke"], "overlap": False},
+    "example-sts": {"ops": ["issue", "revoke"]},
 }
 
 
@@ -242,7 +244,7 @@ def handle(req):
     try:
         op = req.get("op")
         kind = req.get("kind")
-        if op not in OPS or (kind is not None and kind not in KINDS and op != "push"):
+        if op not in OPS or (kind is not None and (kind not in KINDS or op not in KINDS[kind]["ops"])):
             return {"id": req["id"], "err": {"retryable": False, "message": "unsupported op"}}
         if DELAY:
             time.sleep(DELAY)

@@ -13,10 +13,12 @@ use serde_json::{Value, json};
 use super::Context;
 use super::output::{print_json, print_table, relative};
 use crate::admin::AdminApi;
+use crate::agent_api::{AgentApi, AgentSettings};
 use crate::clock::Clock;
-use crate::daemon::Runtime;
+use crate::daemon::{Mode, Runtime};
 use crate::http;
 use crate::passphrase::{self, Purpose};
+use crate::policy::Policy;
 use crate::rotation::Reason;
 use crate::store::{Access, Store, StoreError};
 use crate::vault::Vault;
@@ -84,18 +86,48 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
     let store = Store::open(&path, Access::Exclusive).await?;
     let vault = Arc::new(Vault::unlock(store, &passphrase).await?);
     drop(passphrase);
-    let runtime = Runtime::start(&ctx.config, vault, Clock::System, true).await?;
+    let runtime = Runtime::start(&ctx.config, vault, Clock::System, Mode::Daemon).await?;
     let agent = &ctx.config.agent;
+    let limits = http::Limits {
+        max_connections: agent.max_connections,
+        ..http::Limits::default()
+    };
+    let leases = runtime.leases.clone().expect("daemon mode has leases");
     let admin = http::bind_socket(&agent.admin_socket, 0o600, 0o700)?;
-    let admin_api = Arc::new(AdminApi::new(runtime.engine.clone(), &agent.admin_uids));
+    let admin_api = Arc::new(AdminApi::new(
+        runtime.engine.clone(),
+        leases.clone(),
+        runtime.metrics.clone(),
+        &agent.admin_uids,
+    ));
     let admin_task = tokio::spawn(http::serve(
         admin,
         admin_api,
-        http::Limits::default(),
+        limits.clone(),
+        runtime.shutdown_signal(),
+    ));
+    let agent_listener = http::bind_socket(&agent.socket, agent.socket_mode, 0o755)?;
+    let agent_api = Arc::new(AgentApi::new(
+        runtime.engine.clone(),
+        leases,
+        AgentSettings {
+            policies: ctx.config.policy.iter().map(Policy::compile).collect(),
+            default_ttl: agent.default_ttl,
+            max_wait: agent.max_wait,
+            max_fetches_per_second: agent.max_fetches_per_second,
+        },
+        runtime.metrics.clone(),
+        runtime.shutdown_signal(),
+    ));
+    let agent_task = tokio::spawn(http::serve(
+        agent_listener,
+        agent_api,
+        limits,
         runtime.shutdown_signal(),
     ));
     tracing::info!(
         store = %path.display(),
+        agent_socket = %agent.socket.display(),
         admin_socket = %agent.admin_socket.display(),
         secrets = ctx.config.secrets.len(),
         "keywarden is serving"
@@ -104,7 +136,9 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
     tracing::info!(signal, "stopping: finishing or parking steps in flight");
     runtime.stop(ctx.config.daemon.shutdown_timeout).await;
     let _ = admin_task.await;
+    let _ = agent_task.await;
     let _ = std::fs::remove_file(&agent.admin_socket);
+    let _ = std::fs::remove_file(&agent.socket);
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -198,7 +232,7 @@ pub(crate) async fn rotate(ctx: &Context, args: RotateArgs) -> anyhow::Result<Ex
     let passphrase = passphrase::obtain(Purpose::Unlock)?;
     let vault = Arc::new(Vault::unlock(store, &passphrase).await?);
     drop(passphrase);
-    let runtime = Runtime::start(&ctx.config, vault, Clock::System, false).await?;
+    let runtime = Runtime::start(&ctx.config, vault, Clock::System, Mode::OneShot).await?;
     let engine = runtime.engine.clone();
     let outcome = async {
         let ticket = engine

@@ -29,7 +29,7 @@ use crate::provider::Provider;
 use crate::rotation::scheduler::Schedule;
 use crate::store::{Millis, NewRotation, RotationRecord, SecretRecord, StepChange, StoreError};
 use crate::value::SecretValue;
-use crate::vault::{Meta, Revealed, Vault, VaultError, short_fingerprint};
+use crate::vault::{Bound, Meta, Revealed, Vault, VaultError, short_fingerprint};
 
 /// The actor name engine steps write in the audit log.
 const ACTOR: &str = "engine";
@@ -386,7 +386,9 @@ impl Engine {
             let current = store.sealed(name, None).await?.map(|s| s.version.version);
             let rotation_id = uuid::Uuid::new_v4().to_string();
             let proposed = spec.generate.generate().map_err(VaultError::from)?;
-            let sealed = self.vault.seal_proposed(&secret, &rotation_id, &proposed)?;
+            let sealed =
+                self.vault
+                    .seal_bound(&secret, Bound::Proposed(&rotation_id), &proposed)?;
             let plan = NewRotation {
                 id: rotation_id.clone(),
                 secret_id: secret.id.clone(),
@@ -587,6 +589,15 @@ impl Engine {
         Ok(out)
     }
 
+    /// The current versions of secrets named as credentials, by role (for plugin requests made
+    /// outside rotations: `issue`, lease revocations).
+    pub async fn credentials_for(
+        &self,
+        roles: &BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, Credential>, String> {
+        self.credentials(roles).await.map_err(|e| e.message)
+    }
+
     async fn request_for(
         &self,
         op: Op,
@@ -648,7 +659,10 @@ impl Engine {
     ) -> Result<Outcome, StepError> {
         let secret = self.secret_record(&spec.name).await?;
         let proposed = match &rotation.proposed {
-            Some(sealed) => self.vault.open_proposed(&secret, &rotation.id, sealed)?,
+            Some(sealed) => {
+                self.vault
+                    .open_bound(&secret, Bound::Proposed(&rotation.id), sealed)?
+            }
             None => spec.generate.generate().map_err(VaultError::from)?,
         };
         let (value, meta) = match provider {

@@ -348,6 +348,69 @@ impl StepChange {
     }
 }
 
+/// A lease as stored.
+#[derive(Debug, Clone)]
+pub struct LeaseRow {
+    /// Lease id.
+    pub id: String,
+    /// The secret's id.
+    pub secret_id: String,
+    /// The secret's name (not stored: joined on load).
+    pub secret_name: String,
+    /// The stored version served, or `None` for a credential issued for this lease.
+    pub version: Option<i64>,
+    /// An issued credential's value, sealed under the secret's data key.
+    pub issued: Option<Vec<u8>>,
+    /// An issued credential's non-secret facts.
+    pub issued_meta: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Holder's uid.
+    pub uid: u32,
+    /// Holder's gid.
+    pub gid: u32,
+    /// Holder's pid.
+    pub pid: i32,
+    /// Holder's executable.
+    pub exe: Option<String>,
+    /// When it was granted.
+    pub created_at: Millis,
+    /// When it expires.
+    pub expires_at: Millis,
+    /// When it ended (expired, deleted, revoked), if it did.
+    pub ended_at: Option<Millis>,
+    /// For issued credentials: `live`, `revoke-pending` or `revoked`.
+    pub upstream_state: Option<String>,
+}
+
+/// A change to the lease table, applied in a batch with audit rows.
+#[derive(Debug, Clone)]
+pub enum LeaseOp {
+    /// A new lease.
+    Insert(Box<LeaseRow>),
+    /// A renewed lease.
+    Renew {
+        /// Lease id.
+        id: String,
+        /// New expiry.
+        expires_at: Millis,
+    },
+    /// A lease that ended.
+    End {
+        /// Lease id.
+        id: String,
+        /// When.
+        at: Millis,
+        /// `expired`, `deleted`, `revoked`.
+        reason: String,
+        /// For issued credentials: the upstream state now.
+        upstream_state: Option<String>,
+    },
+    /// An issued credential revoked upstream after its lease ended.
+    UpstreamRevoked {
+        /// Lease id.
+        id: String,
+    },
+}
+
 /// What a consumer has acknowledged for a secret.
 #[derive(Debug, Clone)]
 pub struct DeliveryRecord {
@@ -808,5 +871,26 @@ impl Store {
     /// One secret's summary.
     pub async fn secret_summary(&self, name: &str) -> Result<Option<SecretSummary>, StoreError> {
         Ok(self.sqlite().summaries(Some(name)).await?.pop())
+    }
+
+    /// Applies lease changes and audit rows in one group-committed transaction. Durable
+    /// against a crash of the process (the write-ahead log is written before this returns) but
+    /// not fsynced individually, so many fetches share one disk flush.
+    pub async fn apply_lease_batch(
+        &self,
+        ops: &[LeaseOp],
+        audit: &[AuditEvent],
+    ) -> Result<(), StoreError> {
+        self.sqlite().apply_lease_batch(ops, audit).await
+    }
+
+    /// Leases still live, and issued credentials whose upstream revocation is pending.
+    pub async fn open_leases(&self) -> Result<Vec<LeaseRow>, StoreError> {
+        self.sqlite().open_leases().await
+    }
+
+    /// How many rotations ended in each terminal state.
+    pub async fn rotation_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.sqlite().rotation_counts().await
     }
 }

@@ -15,9 +15,9 @@ use sqlx::sqlite::{
 };
 
 use super::{
-    DeliveryRecord, Millis, NewRotation, NewSecret, NewVersion, RewrappedKey, RotationRecord,
-    SealedSecret, SecretRecord, SecretSummary, Stage, StepChange, StoreError, VaultHeader,
-    VersionRecord, VersionTarget, now_millis,
+    DeliveryRecord, LeaseOp, LeaseRow, Millis, NewRotation, NewSecret, NewVersion, RewrappedKey,
+    RotationRecord, SealedSecret, SecretRecord, SecretSummary, Stage, StepChange, StoreError,
+    VaultHeader, VersionRecord, VersionTarget, now_millis,
 };
 use crate::audit::{AuditEvent, AuditRecord, GENESIS_HASH, chain_hash};
 use crate::crypto::KdfParams;
@@ -997,6 +997,131 @@ impl SqliteStore {
             }
         }
         Ok(())
+    }
+
+    pub(super) async fn apply_lease_batch(
+        &self,
+        ops: &[LeaseOp],
+        audit: &[AuditEvent],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.writer.acquire().await?;
+        // Group commit: the WAL is written before COMMIT returns (a crash of this process loses
+        // nothing), but the fsync is left to the next checkpoint or FULL commit.
+        sqlx::query("PRAGMA synchronous = NORMAL")
+            .execute(&mut *conn)
+            .await?;
+        let result = async {
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
+            for op in ops {
+                match op {
+                    LeaseOp::Insert(l) => {
+                        sqlx::query(
+                            "INSERT INTO leases (id, secret_id, version, issued, issued_meta, uid, gid, \
+                             pid, exe, created_at, expires_at, upstream_state) \
+                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        )
+                        .bind(l.id.as_str())
+                        .bind(l.secret_id.as_str())
+                        .bind(l.version)
+                        .bind(l.issued.as_deref())
+                        .bind(l.issued_meta.as_ref().map(|m| serde_json::Value::Object(m.clone()).to_string()))
+                        .bind(l.uid)
+                        .bind(l.gid)
+                        .bind(l.pid)
+                        .bind(l.exe.as_deref())
+                        .bind(l.created_at)
+                        .bind(l.expires_at)
+                        .bind(l.upstream_state.as_deref())
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    LeaseOp::Renew { id, expires_at } => {
+                        sqlx::query("UPDATE leases SET expires_at = ? WHERE id = ? AND ended_at IS NULL")
+                            .bind(expires_at)
+                            .bind(id.as_str())
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    LeaseOp::End {
+                        id,
+                        at,
+                        reason,
+                        upstream_state,
+                    } => {
+                        sqlx::query(
+                            "UPDATE leases SET ended_at = ?, end_reason = ?, \
+                             upstream_state = coalesce(?, upstream_state) WHERE id = ? AND ended_at IS NULL",
+                        )
+                        .bind(at)
+                        .bind(reason.as_str())
+                        .bind(upstream_state.as_deref())
+                        .bind(id.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    LeaseOp::UpstreamRevoked { id } => {
+                        sqlx::query("UPDATE leases SET upstream_state = 'revoked' WHERE id = ?")
+                            .bind(id.as_str())
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+            }
+            append_audit_in(&mut tx, audit).await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        let reset = sqlx::query("PRAGMA synchronous = FULL")
+            .execute(&mut *conn)
+            .await;
+        result?;
+        reset?;
+        Ok(())
+    }
+
+    pub(super) async fn open_leases(&self) -> Result<Vec<LeaseRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT l.id, l.secret_id, s.name, l.version, l.issued, l.issued_meta, l.uid, l.gid, \
+             l.pid, l.exe, l.created_at, l.expires_at, l.ended_at, l.upstream_state \
+             FROM leases l JOIN secrets s ON s.id = l.secret_id \
+             WHERE l.ended_at IS NULL OR l.upstream_state = 'revoke-pending'",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let meta: Option<String> = r.try_get(5)?;
+                Ok(LeaseRow {
+                    id: r.try_get(0)?,
+                    secret_id: r.try_get(1)?,
+                    secret_name: r.try_get(2)?,
+                    version: r.try_get(3)?,
+                    issued: r.try_get(4)?,
+                    issued_meta: meta.and_then(|m| match serde_json::from_str(&m) {
+                        Ok(serde_json::Value::Object(map)) => Some(map),
+                        _ => None,
+                    }),
+                    uid: r.try_get(6)?,
+                    gid: r.try_get(7)?,
+                    pid: r.try_get(8)?,
+                    exe: r.try_get(9)?,
+                    created_at: r.try_get(10)?,
+                    expires_at: r.try_get(11)?,
+                    ended_at: r.try_get(12)?,
+                    upstream_state: r.try_get(13)?,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn rotation_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT state, count(*) FROM rotations WHERE state IN ('done', 'failed', 'rolled-back') \
+             GROUP BY state ORDER BY state",
+        )
+        .fetch_all(&self.reader)
+        .await?)
     }
 
     pub(super) async fn live_leases(

@@ -1,0 +1,607 @@
+//! The agent socket API (DESIGN.md §6): peer-attested fetches with leases, watches, renewals.
+//!
+//! | request | reply |
+//! |---|---|
+//! | `GET /v1/secrets/{name}[?ttl=SECS]` | `{"name","version","value","meta","lease_id","expires_at"}` |
+//! | `GET /v1/secrets/{name}?min_version=N&wait=SECS` | as above once version ≥ N, or 304 |
+//! | `PUT /v1/leases/{id}/renew[?ttl=SECS]` | `{"lease_id","name","version","expires_at"}` |
+//! | `DELETE /v1/leases/{id}` | 204 |
+//! | `GET /v1/health` | `{"status":"ok"}` |
+//!
+//! Deny by default: a fetch needs a `[[policy]]` that admits the peer and covers the name.
+//! Every allow and deny is an audit row, committed before the answer.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use keywarden_plugin_sdk::{Op, Request as PluginRequest};
+use serde_json::json;
+use tokio::sync::{broadcast, watch};
+
+use crate::attest::{ExeHashCache, PeerIdentity};
+use crate::audit::AuditEvent;
+use crate::http::{self, Handler, Peer};
+use crate::leases::{DaemonLeaseBackend, LeaseError, Leases};
+use crate::metrics::Metrics;
+use crate::policy::{self, Policy};
+use crate::provider::Provider;
+use crate::rotation::engine::Engine;
+use crate::store::{LeaseRow, Millis};
+use crate::value::SecretValue;
+use crate::vault::{Bound, short_fingerprint};
+
+/// Longest TTL anyone may ask for; beyond it a request is malformed, not just clamped.
+const MAX_TTL_SECS: u64 = 366 * 86_400;
+
+/// Per-connection state: the peer, attested once.
+#[derive(Debug)]
+pub struct AgentConn {
+    identity: tokio::sync::Mutex<PeerIdentity>,
+}
+
+/// A token bucket per uid.
+#[derive(Debug)]
+struct RateLimiter {
+    per_second: f64,
+    buckets: Mutex<HashMap<u32, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    fn allow(&self, uid: u32) -> bool {
+        let mut buckets = self.buckets.lock().expect("rate lock");
+        let now = Instant::now();
+        let (tokens, last) = buckets.entry(uid).or_insert((self.per_second, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second)
+            .min(self.per_second);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The agent API.
+#[derive(Debug)]
+pub struct AgentApi {
+    engine: Arc<Engine>,
+    leases: Arc<Leases<DaemonLeaseBackend>>,
+    policies: Vec<Policy>,
+    needs_hash: bool,
+    default_ttl: Duration,
+    max_wait: Duration,
+    rate: Option<RateLimiter>,
+    hashes: Arc<ExeHashCache>,
+    daemon_uid: u32,
+    metrics: Arc<Metrics>,
+    closing: watch::Receiver<bool>,
+}
+
+/// Settings of the agent API, from `[agent]` and `[[policy]]`.
+#[derive(Debug)]
+pub struct AgentSettings {
+    /// Compiled policies, in order.
+    pub policies: Vec<Policy>,
+    /// TTL when a request names none.
+    pub default_ttl: Duration,
+    /// Longest watch.
+    pub max_wait: Duration,
+    /// Fetches per second per uid (0: no limit).
+    pub max_fetches_per_second: u32,
+}
+
+struct FetchQuery {
+    ttl: Option<u64>,
+    min_version: Option<i64>,
+    wait: Option<u64>,
+}
+
+fn bad(message: impl Into<String>) -> Response<Full<Bytes>> {
+    http::error(StatusCode::BAD_REQUEST, "bad_request", message)
+}
+
+fn parse_query(
+    query: Option<&str>,
+    allowed: &[&str],
+) -> Result<HashMap<String, u64>, Response<Full<Bytes>>> {
+    let mut out = HashMap::new();
+    for (k, v) in http::query_pairs(query) {
+        if !allowed.contains(&k) {
+            return Err(bad(format!(
+                "unknown query parameter {:?}",
+                k.chars().take(40).collect::<String>()
+            )));
+        }
+        let n: u64 = v.parse().map_err(|_| {
+            bad(format!(
+                "{k} must be a whole number, not {:?}",
+                v.chars().take(40).collect::<String>()
+            ))
+        })?;
+        if out.insert(k.to_string(), n).is_some() {
+            return Err(bad(format!("{k} is given twice")));
+        }
+    }
+    Ok(out)
+}
+
+fn rfc3339(ms: Millis) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
+impl AgentApi {
+    /// An API over the engine's vault and the lease table.
+    pub fn new(
+        engine: Arc<Engine>,
+        leases: Arc<Leases<DaemonLeaseBackend>>,
+        settings: AgentSettings,
+        metrics: Arc<Metrics>,
+        closing: watch::Receiver<bool>,
+    ) -> Self {
+        let needs_hash = settings.policies.iter().any(Policy::checks_hash);
+        AgentApi {
+            engine,
+            leases,
+            needs_hash,
+            policies: settings.policies,
+            default_ttl: settings.default_ttl,
+            max_wait: settings.max_wait,
+            rate: (settings.max_fetches_per_second > 0).then(|| RateLimiter {
+                per_second: f64::from(settings.max_fetches_per_second),
+                buckets: Mutex::new(HashMap::new()),
+            }),
+            hashes: Arc::default(),
+            daemon_uid: rustix::process::getuid().as_raw(),
+            metrics,
+            closing,
+        }
+    }
+
+    /// The peer's identity, with the executable hash computed (off the async threads) when a
+    /// policy needs it.
+    async fn identity(&self, conn: &AgentConn) -> PeerIdentity {
+        let mut guard = conn.identity.lock().await;
+        if self.needs_hash && !guard.hash_known() {
+            let mut copy = guard.clone();
+            if let Ok(done) = tokio::task::spawn_blocking(move || {
+                policy::Identity::exe_sha256(&mut copy);
+                copy
+            })
+            .await
+            {
+                *guard = done;
+            }
+        }
+        guard.clone()
+    }
+
+    async fn audit(&self, events: Vec<AuditEvent>) -> Result<(), Response<Full<Bytes>>> {
+        self.leases
+            .backend()
+            .writer()
+            .write(Vec::new(), events)
+            .await
+            .map_err(|e| {
+                http::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store",
+                    format!("cannot write the audit log: {e}"),
+                )
+            })
+    }
+
+    async fn deny(&self, who: &PeerIdentity, name: &str, reason: &str) -> Response<Full<Bytes>> {
+        self.metrics.fetch_denied.fetch_add(1, Ordering::Relaxed);
+        let event = AuditEvent::new(format!("agent {}", who.describe()), "fetch.denied")
+            .secret(name)
+            .detail(json!({ "reason": reason }));
+        if let Err(r) = self.audit(vec![event]).await {
+            return r;
+        }
+        http::error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("no policy allows this peer to fetch {name:?}"),
+        )
+    }
+
+    async fn fetch(
+        &self,
+        conn: &AgentConn,
+        name: &str,
+        query: Option<&str>,
+    ) -> Response<Full<Bytes>> {
+        let q = match parse_query(query, &["ttl", "min_version", "wait"]) {
+            Ok(q) => FetchQuery {
+                ttl: q.get("ttl").copied(),
+                min_version: q.get("min_version").map(|v| *v as i64),
+                wait: q.get("wait").copied(),
+            },
+            Err(r) => return r,
+        };
+        if let Some(ttl) = q.ttl {
+            if ttl == 0 || ttl > MAX_TTL_SECS {
+                return bad(format!("ttl must be between 1 and {MAX_TTL_SECS} seconds"));
+            }
+        }
+        let mut who = self.identity(conn).await;
+        let Some(policy) = policy::decide(&self.policies, &mut who, name, self.daemon_uid).cloned()
+        else {
+            return self.deny(&who, name, "no policy matches").await;
+        };
+        if let Some(rate) = &self.rate {
+            if !rate.allow(who.peer.uid) {
+                self.metrics
+                    .fetch_rate_limited
+                    .fetch_add(1, Ordering::Relaxed);
+                return http::error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "too many fetches; slow down",
+                );
+            }
+        }
+        let store = self.engine.vault().store();
+        if let Some(min) = q.min_version {
+            match self.wait_for_version(name, min, q.wait.unwrap_or(0)).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    let mut r = Response::new(Full::new(Bytes::new()));
+                    *r.status_mut() = StatusCode::NOT_MODIFIED;
+                    return r;
+                }
+                Err(r) => return r,
+            }
+        }
+        let ttl =
+            Duration::from_secs(q.ttl.unwrap_or(self.default_ttl.as_secs())).min(policy.max_ttl);
+        let secret = match store.secret(name).await {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                return http::error(
+                    StatusCode::NOT_FOUND,
+                    "unknown",
+                    format!("no secret named {name:?}"),
+                );
+            }
+            Err(e) => {
+                return http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string());
+            }
+        };
+        let now = self.engine.clock().now();
+        let lease_id = uuid::Uuid::new_v4().to_string();
+        let issuer = self
+            .engine
+            .catalog()
+            .secrets
+            .get(name)
+            .and_then(|spec| {
+                self.engine
+                    .catalog()
+                    .providers
+                    .get(&spec.provider)
+                    .map(|p| (spec, p))
+            })
+            .filter(|(_, p)| p.can(Op::Issue) && !p.can(Op::Create));
+        let (version, value, meta, expires_at, issued) = match issuer {
+            Some((spec, Provider::Plugin { host, kind, .. })) => {
+                let credentials = match self.engine.credentials_for(&spec.credentials).await {
+                    Ok(c) => c,
+                    Err(e) => return http::error(StatusCode::BAD_GATEWAY, "upstream", e),
+                };
+                let request = PluginRequest {
+                    op: Op::Issue.as_str().into(),
+                    kind: Some(kind.clone()),
+                    secret: Some(name.to_string()),
+                    settings: spec.settings.clone(),
+                    credentials,
+                    ttl_seconds: Some(ttl.as_secs()),
+                    ..PluginRequest::default()
+                };
+                let reply = match host.call(request).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return http::error(StatusCode::BAD_GATEWAY, "upstream", e.to_string());
+                    }
+                };
+                let Some(value) = reply.value else {
+                    return http::error(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream",
+                        "the plugin issued no value",
+                    );
+                };
+                let value = SecretValue::new(value.expose().to_string());
+                let upstream_expiry = reply
+                    .expires_at
+                    .as_deref()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.timestamp_millis());
+                let expires = upstream_expiry.map_or(now + ttl.as_millis() as Millis, |u| {
+                    u.min(now + ttl.as_millis() as Millis)
+                });
+                let sealed =
+                    match self
+                        .engine
+                        .vault()
+                        .seal_bound(&secret, Bound::Issued(&lease_id), &value)
+                    {
+                        Ok(s) => s,
+                        Err(e) => {
+                            return http::error(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "vault",
+                                e.to_string(),
+                            );
+                        }
+                    };
+                (None, value, reply.meta, expires, Some(sealed))
+            }
+            _ => match self.engine.vault().read(name, None).await {
+                Ok(r) => (
+                    Some(r.version),
+                    r.value,
+                    r.meta,
+                    now + ttl.as_millis() as Millis,
+                    None,
+                ),
+                Err(crate::vault::VaultError::NoCurrentVersion(_)) => {
+                    return http::error(
+                        StatusCode::NOT_FOUND,
+                        "unknown",
+                        format!("{name:?} has no value yet"),
+                    );
+                }
+                Err(e) => {
+                    return http::error(StatusCode::INTERNAL_SERVER_ERROR, "vault", e.to_string());
+                }
+            },
+        };
+        let lease = LeaseRow {
+            id: lease_id.clone(),
+            secret_id: secret.id.clone(),
+            secret_name: name.to_string(),
+            version,
+            issued_meta: issued.as_ref().map(|_| meta.clone()),
+            upstream_state: issued.as_ref().map(|_| "live".to_string()),
+            issued,
+            uid: who.peer.uid,
+            gid: who.peer.gid,
+            pid: who.peer.pid.unwrap_or(0),
+            exe: who.exe.as_ref().map(|e| e.display().to_string()),
+            created_at: now,
+            expires_at,
+            ended_at: None,
+        };
+        let fingerprint =
+            short_fingerprint(&self.engine.vault().fingerprint(value.expose().as_bytes()));
+        let audit = AuditEvent::new(format!("agent {}", who.describe()), "fetch.allowed")
+            .secret(name)
+            .detail(json!({
+                "policy": policy.name,
+                "version": version,
+                "lease_id": lease_id,
+                "ttl_seconds": (expires_at - now) / 1000,
+                "fingerprint": fingerprint,
+                "issued": version.is_none(),
+            }));
+        if let Err(e) = self.leases.grant(lease, audit).await {
+            return http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string());
+        }
+        self.metrics.fetch_allowed.fetch_add(1, Ordering::Relaxed);
+        http::json(
+            StatusCode::OK,
+            &json!({
+                "name": name,
+                "version": version,
+                "value": value.expose(),
+                "meta": meta,
+                "lease_id": lease_id,
+                "expires_at": rfc3339(expires_at),
+            }),
+        )
+    }
+
+    /// Waits (up to `wait` seconds) until `name`'s current version is at least `min`.
+    async fn wait_for_version(
+        &self,
+        name: &str,
+        min: i64,
+        wait: u64,
+    ) -> Result<bool, Response<Full<Bytes>>> {
+        let mut events = self.engine.subscribe();
+        let current = || async {
+            self.engine
+                .vault()
+                .store()
+                .sealed(name, None)
+                .await
+                .map(|s| s.map(|s| s.version.version))
+                .map_err(|e| http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()))
+        };
+        if current().await?.is_some_and(|v| v >= min) {
+            return Ok(true);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(wait).min(self.max_wait);
+        let mut closing = self.closing.clone();
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Ok(e) if e.secret == name && e.promoted_version.is_some_and(|v| v >= min) => return Ok(true),
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if current().await?.is_some_and(|v| v >= min) {
+                            return Ok(true);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Ok(false),
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.metrics.watch_timeouts.fetch_add(1, Ordering::Relaxed);
+                    return Ok(false);
+                }
+                _ = closing.changed() => {
+                    return Err(http::error(StatusCode::SERVICE_UNAVAILABLE, "sealed", "the daemon is stopping"));
+                }
+            }
+        }
+    }
+
+    async fn renew(
+        &self,
+        conn: &AgentConn,
+        id: &str,
+        query: Option<&str>,
+    ) -> Response<Full<Bytes>> {
+        let q = match parse_query(query, &["ttl"]) {
+            Ok(q) => q,
+            Err(r) => return r,
+        };
+        let mut who = self.identity(conn).await;
+        let Some(lease) = self.leases.get(id) else {
+            return http::error(
+                StatusCode::NOT_FOUND,
+                "unknown",
+                "no live lease with that id",
+            );
+        };
+        if lease.issued.is_some() {
+            return http::error(
+                StatusCode::CONFLICT,
+                "issued",
+                "a credential issued for a lease expires upstream and cannot be renewed; fetch a new one",
+            );
+        }
+        let Some(policy) = policy::decide(
+            &self.policies,
+            &mut who,
+            &lease.secret_name,
+            self.daemon_uid,
+        )
+        .cloned() else {
+            return self
+                .deny(&who, &lease.secret_name, "no policy matches the renewal")
+                .await;
+        };
+        let ttl = match q.get("ttl") {
+            Some(0) => return bad("ttl must be at least 1 second"),
+            Some(t) if *t > MAX_TTL_SECS => {
+                return bad(format!("ttl must be at most {MAX_TTL_SECS} seconds"));
+            }
+            Some(t) => Duration::from_secs(*t),
+            None => self.default_ttl,
+        }
+        .min(policy.max_ttl);
+        let expires_at = self.engine.clock().now() + ttl.as_millis() as Millis;
+        let audit = AuditEvent::new(format!("agent {}", who.describe()), "lease.renewed")
+            .secret(&lease.secret_name)
+            .detail(json!({ "lease_id": id, "ttl_seconds": ttl.as_secs() }));
+        match self.leases.renew(id, who.peer.uid, expires_at, audit).await {
+            Ok(l) => http::json(
+                StatusCode::OK,
+                &json!({ "lease_id": l.id, "name": l.secret_name, "version": l.version, "expires_at": rfc3339(l.expires_at) }),
+            ),
+            Err(e) => lease_error(e),
+        }
+    }
+
+    async fn delete(&self, conn: &AgentConn, id: &str) -> Response<Full<Bytes>> {
+        let who = self.identity(conn).await;
+        let Some(lease) = self.leases.get(id) else {
+            return http::error(
+                StatusCode::NOT_FOUND,
+                "unknown",
+                "no live lease with that id",
+            );
+        };
+        let audit = AuditEvent::new(format!("agent {}", who.describe()), "lease.deleted")
+            .secret(&lease.secret_name)
+            .detail(json!({ "lease_id": id }));
+        match self.leases.delete(id, who.peer.uid, audit).await {
+            Ok(()) => {
+                let mut r = Response::new(Full::new(Bytes::new()));
+                *r.status_mut() = StatusCode::NO_CONTENT;
+                r
+            }
+            Err(e) => lease_error(e),
+        }
+    }
+}
+
+fn lease_error(e: LeaseError) -> Response<Full<Bytes>> {
+    match e {
+        LeaseError::NotFound => http::error(StatusCode::NOT_FOUND, "unknown", e.to_string()),
+        LeaseError::Forbidden => http::error(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
+        LeaseError::Store(_) => {
+            http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+        }
+    }
+}
+
+fn valid_lease_id(id: &str) -> bool {
+    id.len() == 36 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
+impl Handler for AgentApi {
+    type Conn = AgentConn;
+
+    fn connect(&self, peer: Peer, accepted: f64) -> AgentConn {
+        AgentConn {
+            identity: tokio::sync::Mutex::new(PeerIdentity::attest(
+                peer,
+                accepted,
+                self.hashes.clone(),
+            )),
+        }
+    }
+
+    async fn handle(&self, conn: &AgentConn, request: Request<Bytes>) -> Response<Full<Bytes>> {
+        if *self.closing.borrow() {
+            return http::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sealed",
+                "the daemon is stopping",
+            );
+        }
+        let path = request.uri().path();
+        let query = request.uri().query();
+        if path.contains('%') {
+            return bad("percent-encoded paths are not accepted");
+        }
+        let method = request.method();
+        if path == "/v1/health" {
+            return http::json(StatusCode::OK, &json!({ "status": "ok" }));
+        }
+        if let Some(name) = path.strip_prefix("/v1/secrets/") {
+            if method != Method::GET {
+                return http::error(StatusCode::METHOD_NOT_ALLOWED, "method", "use GET");
+            }
+            if let Err(e) = crate::name::validate(name) {
+                return bad(e.to_string());
+            }
+            return self.fetch(conn, name, query).await;
+        }
+        if let Some(rest) = path.strip_prefix("/v1/leases/") {
+            return match (method, rest.strip_suffix("/renew")) {
+                (&Method::PUT, Some(id)) if valid_lease_id(id) => self.renew(conn, id, query).await,
+                (&Method::DELETE, None) if valid_lease_id(rest) => self.delete(conn, rest).await,
+                (&Method::PUT | &Method::DELETE, _) => bad("malformed lease id"),
+                _ => http::error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method",
+                    "use PUT …/renew or DELETE",
+                ),
+            };
+        }
+        http::error(StatusCode::NOT_FOUND, "unknown", "no such endpoint")
+    }
+}

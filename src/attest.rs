@@ -1,0 +1,188 @@
+//! Peer attestation for the agent socket: who is on the other end.
+//!
+//! The kernel tells us the peer's uid, gid and pid (`SO_PEERCRED`, fixed at `connect`). The
+//! executable comes from `/proc/PID/exe`, and its SHA-256 from the file that link points to,
+//! computed only when a policy asks and cached by device, inode, size and mtime. A pid can be
+//! reused by a new process after the peer exits, so the process's start time (from
+//! `/proc/PID/stat`) must be no later than the moment the connection was accepted and must not
+//! change while we look; otherwise the executable is treated as unknown and exe policies deny.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::http::Peer;
+use crate::policy::Identity;
+
+/// Entries kept in the executable hash cache.
+const HASH_CACHE_ENTRIES: usize = 4096;
+
+/// SHA-256s of executables by (device, inode, size, mtime).
+#[derive(Debug, Default)]
+pub struct ExeHashCache {
+    entries: Mutex<HashMap<(u64, u64, u64, i64, i64), String>>,
+}
+
+/// Seconds since boot (CLOCK_BOOTTIME), the clock `/proc/PID/stat` start times count in.
+pub fn boot_seconds() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+}
+
+/// A process's start time in seconds since boot.
+fn start_time(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    Some(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
+}
+
+/// What we know of a connected peer.
+#[derive(Debug, Clone)]
+pub struct PeerIdentity {
+    /// From SO_PEERCRED.
+    pub peer: Peer,
+    /// The executable, when it could be resolved and the pid was not reused.
+    pub exe: Option<PathBuf>,
+    start: Option<f64>,
+    hash: Option<Option<String>>,
+    cache: Arc<ExeHashCache>,
+}
+
+impl PeerIdentity {
+    /// Attests a peer whose connection was accepted at `accepted` (seconds since boot).
+    pub fn attest(peer: Peer, accepted: f64, cache: Arc<ExeHashCache>) -> PeerIdentity {
+        let mut identity = PeerIdentity {
+            peer,
+            exe: None,
+            start: None,
+            hash: None,
+            cache,
+        };
+        let Some(pid) = peer.pid.filter(|p| *p > 0) else {
+            return identity;
+        };
+        let Some(before) = start_time(pid) else {
+            return identity;
+        };
+        // A process that started after we accepted the connection cannot be the peer.
+        let tick = 1.0 / rustix::param::clock_ticks_per_second() as f64;
+        if before > accepted + tick + 0.01 {
+            tracing::warn!(
+                pid,
+                "peer pid was reused by a newer process; its executable is unknown"
+            );
+            return identity;
+        }
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+        if start_time(pid) != Some(before) {
+            tracing::warn!(pid, "peer process changed while being attested");
+            return identity;
+        }
+        identity.exe = exe;
+        identity.start = Some(before);
+        identity
+    }
+
+    /// Whether the executable hash was already looked at (computed or found unavailable).
+    pub fn hash_known(&self) -> bool {
+        self.hash.is_some()
+    }
+
+    /// A short description for audit rows: `uid=1001 gid=1001 pid=42 exe=/usr/bin/python3`.
+    pub fn describe(&self) -> String {
+        format!(
+            "uid={} gid={} pid={} exe={}",
+            self.peer.uid,
+            self.peer.gid,
+            self.peer.pid.unwrap_or(0),
+            self.exe
+                .as_deref()
+                .map_or("unknown".into(), |e| e.display().to_string())
+        )
+    }
+
+    fn compute_hash(&self) -> Option<String> {
+        let pid = self.peer.pid?;
+        let start = self.start?;
+        let link = format!("/proc/{pid}/exe");
+        let meta = std::fs::metadata(&link).ok()?;
+        let key = (
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+        );
+        if let Some(h) = self.cache.entries.lock().expect("hash cache").get(&key) {
+            return Some(h.clone());
+        }
+        let hash = crate::plugin_host::file_sha256(Path::new(&link)).ok()?;
+        if start_time(pid) != Some(start) {
+            return None;
+        }
+        let mut entries = self.cache.entries.lock().expect("hash cache");
+        if entries.len() >= HASH_CACHE_ENTRIES {
+            entries.clear();
+        }
+        entries.insert(key, hash.clone());
+        Some(hash)
+    }
+}
+
+impl Identity for PeerIdentity {
+    fn uid(&self) -> u32 {
+        self.peer.uid
+    }
+
+    fn gid(&self) -> u32 {
+        self.peer.gid
+    }
+
+    fn exe(&self) -> Option<&Path> {
+        self.exe.as_deref()
+    }
+
+    fn exe_sha256(&mut self) -> Option<String> {
+        if self.hash.is_none() {
+            self.hash = Some(self.compute_hash());
+        }
+        self.hash.clone().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attests_this_very_process() {
+        let me = Peer {
+            uid: rustix::process::getuid().as_raw(),
+            gid: rustix::process::getgid().as_raw(),
+            pid: Some(std::process::id() as i32),
+        };
+        let mut id = PeerIdentity::attest(me, boot_seconds(), Arc::default());
+        assert_eq!(
+            id.exe.as_deref(),
+            Some(std::env::current_exe().unwrap().as_path())
+        );
+        let expected = crate::plugin_host::file_sha256(&std::env::current_exe().unwrap()).unwrap();
+        assert_eq!(id.exe_sha256(), Some(expected));
+        assert!(id.describe().contains("exe=/"));
+    }
+
+    #[test]
+    fn a_process_newer_than_the_connection_is_not_trusted() {
+        let me = Peer {
+            uid: 0,
+            gid: 0,
+            pid: Some(std::process::id() as i32),
+        };
+        // Pretend the connection was accepted long before this process started.
+        let id = PeerIdentity::attest(me, 0.0, Arc::default());
+        assert!(id.exe.is_none());
+    }
+}

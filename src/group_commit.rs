@@ -1,0 +1,91 @@
+//! Group commit for the fetch path: lease changes and audit rows from many requests share one
+//! transaction, so a busy socket costs one write per batch instead of one per fetch. Each
+//! caller waits until its batch is committed before answering: a fetch is never answered
+//! before its audit row is in the store.
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::audit::AuditEvent;
+use crate::store::{LeaseOp, Store};
+
+/// Requests folded into one transaction at most.
+const MAX_BATCH: usize = 512;
+
+struct Item {
+    ops: Vec<LeaseOp>,
+    audit: Vec<AuditEvent>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// A handle to the writer task. When every handle is dropped, the task commits what is queued
+/// and ends.
+#[derive(Debug, Clone)]
+pub struct GroupCommit {
+    tx: mpsc::Sender<Item>,
+}
+
+impl std::fmt::Debug for Item {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Item").finish_non_exhaustive()
+    }
+}
+
+impl GroupCommit {
+    /// Starts the writer task. When `shutdown` turns true it stops taking new work, commits
+    /// what is queued, and ends.
+    pub fn start(
+        store: Store,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> (GroupCommit, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::channel::<Item>(4096);
+        let task = tokio::spawn(async move {
+            loop {
+                let first = tokio::select! {
+                    item = rx.recv() => item,
+                    _ = shutdown.changed() => {
+                        rx.close();
+                        rx.recv().await
+                    }
+                };
+                let Some(first) = first else { break };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(item) => batch.push(item),
+                        Err(_) => break,
+                    }
+                }
+                let mut ops = Vec::new();
+                let mut audit = Vec::new();
+                let mut waiters = Vec::with_capacity(batch.len());
+                for item in batch {
+                    ops.extend(item.ops);
+                    audit.extend(item.audit);
+                    waiters.push(item.done);
+                }
+                let result = store
+                    .apply_lease_batch(&ops, &audit)
+                    .await
+                    .map_err(|e| e.to_string());
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, rows = audit.len(), "a batch of audit rows and leases could not be written");
+                }
+                for waiter in waiters {
+                    let _ = waiter.send(result.clone());
+                }
+            }
+        });
+        (GroupCommit { tx }, task)
+    }
+
+    /// Queues lease changes and audit rows and waits until they are committed.
+    pub async fn write(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), String> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Item { ops, audit, done })
+            .await
+            .map_err(|_| "the audit writer has stopped".to_string())?;
+        wait.await
+            .map_err(|_| "the audit writer has stopped".to_string())?
+    }
+}

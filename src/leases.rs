@@ -1,0 +1,597 @@
+//! Leases: every fetch over the agent socket is a lease with a TTL, durable in the store and
+//! tracked here in memory for renewals, deletions and expiry.
+//!
+//! A sweeper ends leases when they expire. A lease on a credential issued for it alone (a
+//! provider with `issue`, such as STS) revokes that credential upstream when it ends, retrying
+//! until the provider confirms. The rotation engine's draining step waits on the live leases of
+//! the old version; ending a lease wakes it.
+//!
+//! Persistence and upstream revocation sit behind [`LeaseBackend`], so expiry, renewal and
+//! revocation are unit-tested under paused time with an in-memory backend.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+
+use crate::audit::AuditEvent;
+use crate::clock::Clock;
+use crate::store::{LeaseOp, LeaseRow, Millis};
+
+/// How long to wait before retrying a failed upstream revocation.
+const REVOKE_RETRY: Duration = Duration::from_secs(5);
+
+/// Persistence and upstream effects of leases.
+pub trait LeaseBackend: Send + Sync + 'static {
+    /// Durably applies lease changes with their audit rows.
+    fn persist(
+        &self,
+        ops: Vec<LeaseOp>,
+        audit: Vec<AuditEvent>,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// Revokes a credential issued for a lease, upstream.
+    fn revoke_issued(&self, lease: &LeaseRow) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// Why a lease operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    /// No live lease by that id.
+    #[error("no live lease with that id")]
+    NotFound,
+    /// The lease belongs to another uid.
+    #[error("the lease belongs to another user")]
+    Forbidden,
+    /// Persisting the change failed.
+    #[error("the lease could not be recorded: {0}")]
+    Store(String),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    live: HashMap<String, LeaseRow>,
+    expiry: BTreeSet<(Millis, String)>,
+    revoke_pending: HashMap<String, LeaseRow>,
+}
+
+/// The lease table in memory.
+pub struct Leases<B> {
+    backend: B,
+    clock: Clock,
+    state: Mutex<State>,
+    sweeper: Notify,
+    ended: Arc<Notify>,
+}
+
+impl<B> std::fmt::Debug for Leases<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leases").finish_non_exhaustive()
+    }
+}
+
+impl<B: LeaseBackend> Leases<B> {
+    /// A lease table starting from `open` (from the store); `ended` is notified whenever a
+    /// lease ends (the engine's drain waits on it).
+    pub fn new(backend: B, clock: Clock, open: Vec<LeaseRow>, ended: Arc<Notify>) -> Arc<Self> {
+        let mut state = State::default();
+        for lease in open {
+            if lease.ended_at.is_none() {
+                state.expiry.insert((lease.expires_at, lease.id.clone()));
+                state.live.insert(lease.id.clone(), lease);
+            } else {
+                state.revoke_pending.insert(lease.id.clone(), lease);
+            }
+        }
+        Arc::new(Leases {
+            backend,
+            clock,
+            state: Mutex::new(state),
+            sweeper: Notify::new(),
+            ended,
+        })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Live leases right now.
+    pub fn live_count(&self) -> usize {
+        self.state.lock().expect("lease state").live.len()
+    }
+
+    /// Live leases on one version of a secret.
+    pub fn live_on(&self, secret_id: &str, version: i64) -> usize {
+        self.state
+            .lock()
+            .expect("lease state")
+            .live
+            .values()
+            .filter(|l| l.secret_id == secret_id && l.version == Some(version))
+            .count()
+    }
+
+    /// A live lease by id.
+    pub fn get(&self, id: &str) -> Option<LeaseRow> {
+        self.state
+            .lock()
+            .expect("lease state")
+            .live
+            .get(id)
+            .cloned()
+    }
+
+    /// Records a new lease (durably, with its audit row) and starts its clock.
+    pub async fn grant(&self, lease: LeaseRow, audit: AuditEvent) -> Result<(), LeaseError> {
+        self.backend
+            .persist(vec![LeaseOp::Insert(Box::new(lease.clone()))], vec![audit])
+            .await
+            .map_err(LeaseError::Store)?;
+        let mut state = self.state.lock().expect("lease state");
+        let earliest = state.expiry.first().map(|(t, _)| *t);
+        state.expiry.insert((lease.expires_at, lease.id.clone()));
+        if earliest.is_none_or(|e| lease.expires_at < e) {
+            self.sweeper.notify_one();
+        }
+        state.live.insert(lease.id.clone(), lease);
+        Ok(())
+    }
+
+    /// Extends a lease of `uid` to `expires_at`.
+    pub async fn renew(
+        &self,
+        id: &str,
+        uid: u32,
+        expires_at: Millis,
+        audit: AuditEvent,
+    ) -> Result<LeaseRow, LeaseError> {
+        let lease = self.owned(id, uid)?;
+        self.backend
+            .persist(
+                vec![LeaseOp::Renew {
+                    id: id.to_string(),
+                    expires_at,
+                }],
+                vec![audit],
+            )
+            .await
+            .map_err(LeaseError::Store)?;
+        let mut state = self.state.lock().expect("lease state");
+        let Some(live) = state.live.get_mut(id) else {
+            return Err(LeaseError::NotFound);
+        };
+        live.expires_at = expires_at;
+        let renewed = live.clone();
+        state.expiry.remove(&(lease.expires_at, id.to_string()));
+        state.expiry.insert((expires_at, id.to_string()));
+        self.sweeper.notify_one();
+        Ok(renewed)
+    }
+
+    fn owned(&self, id: &str, uid: u32) -> Result<LeaseRow, LeaseError> {
+        let state = self.state.lock().expect("lease state");
+        let lease = state.live.get(id).ok_or(LeaseError::NotFound)?;
+        if lease.uid != uid && uid != 0 {
+            return Err(LeaseError::Forbidden);
+        }
+        Ok(lease.clone())
+    }
+
+    /// Ends a lease of `uid` now (the holder is done with it).
+    pub async fn delete(&self, id: &str, uid: u32, audit: AuditEvent) -> Result<(), LeaseError> {
+        let lease = self.owned(id, uid)?;
+        self.end(vec![lease], "deleted", vec![audit]).await
+    }
+
+    /// Ends every live lease matching `filter` (a compromise revokes leases in scope). Returns
+    /// the leases ended.
+    pub async fn revoke_where(
+        &self,
+        filter: impl Fn(&LeaseRow) -> bool,
+        audit: Vec<AuditEvent>,
+    ) -> Result<Vec<LeaseRow>, LeaseError> {
+        let leases: Vec<LeaseRow> = self
+            .state
+            .lock()
+            .expect("lease state")
+            .live
+            .values()
+            .filter(|l| filter(l))
+            .cloned()
+            .collect();
+        self.end(leases.clone(), "revoked", audit).await?;
+        Ok(leases)
+    }
+
+    async fn end(
+        &self,
+        leases: Vec<LeaseRow>,
+        reason: &str,
+        audit: Vec<AuditEvent>,
+    ) -> Result<(), LeaseError> {
+        if leases.is_empty() && audit.is_empty() {
+            return Ok(());
+        }
+        let at = self.clock.now();
+        let ops = leases
+            .iter()
+            .map(|l| LeaseOp::End {
+                id: l.id.clone(),
+                at,
+                reason: reason.to_string(),
+                upstream_state: l.issued.as_ref().map(|_| "revoke-pending".to_string()),
+            })
+            .collect();
+        self.backend
+            .persist(ops, audit)
+            .await
+            .map_err(LeaseError::Store)?;
+        {
+            let mut state = self.state.lock().expect("lease state");
+            for l in &leases {
+                state.live.remove(&l.id);
+                state.expiry.remove(&(l.expires_at, l.id.clone()));
+                if l.issued.is_some() {
+                    let mut ended = l.clone();
+                    ended.ended_at = Some(at);
+                    state.revoke_pending.insert(l.id.clone(), ended);
+                }
+            }
+        }
+        self.ended.notify_waiters();
+        self.ended.notify_one();
+        self.revoke_pending().await;
+        Ok(())
+    }
+
+    /// Revokes upstream every issued credential whose lease ended; failures stay pending.
+    async fn revoke_pending(&self) {
+        let pending: Vec<LeaseRow> = self
+            .state
+            .lock()
+            .expect("lease state")
+            .revoke_pending
+            .values()
+            .cloned()
+            .collect();
+        for lease in pending {
+            match self.backend.revoke_issued(&lease).await {
+                Ok(()) => {
+                    let audit = AuditEvent::new("leases", "lease.upstream-revoked")
+                        .secret(&lease.secret_name)
+                        .detail(serde_json::json!({ "lease_id": lease.id }));
+                    if self
+                        .backend
+                        .persist(
+                            vec![LeaseOp::UpstreamRevoked {
+                                id: lease.id.clone(),
+                            }],
+                            vec![audit],
+                        )
+                        .await
+                        .is_ok()
+                    {
+                        self.state
+                            .lock()
+                            .expect("lease state")
+                            .revoke_pending
+                            .remove(&lease.id);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %lease.id, secret = %lease.secret_name, error = %e, "revoking an issued credential failed; will retry");
+                }
+            }
+        }
+    }
+
+    /// Ends leases as they expire, and retries pending upstream revocations, until `shutdown`.
+    pub async fn run_sweeper(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let now = self.clock.now();
+            let expired: Vec<LeaseRow> = {
+                let state = self.state.lock().expect("lease state");
+                state
+                    .expiry
+                    .iter()
+                    .take_while(|(t, _)| *t <= now)
+                    .filter_map(|(_, id)| state.live.get(id).cloned())
+                    .collect()
+            };
+            if !expired.is_empty() {
+                let audit = expired
+                    .iter()
+                    .map(|l| {
+                        AuditEvent::new("leases", "lease.expired")
+                            .secret(&l.secret_name)
+                            .detail(serde_json::json!({ "lease_id": l.id, "version": l.version, "uid": l.uid }))
+                    })
+                    .collect();
+                if let Err(e) = self.end(expired, "expired", audit).await {
+                    tracing::error!(error = %e, "could not record expired leases; retrying");
+                }
+            } else if !self
+                .state
+                .lock()
+                .expect("lease state")
+                .revoke_pending
+                .is_empty()
+            {
+                self.revoke_pending().await;
+            }
+            let (next, pending) = {
+                let state = self.state.lock().expect("lease state");
+                (
+                    state.expiry.first().map(|(t, _)| *t),
+                    !state.revoke_pending.is_empty(),
+                )
+            };
+            let retry_at = pending.then(|| self.clock.now() + REVOKE_RETRY.as_millis() as Millis);
+            let wake_at = match (next, retry_at) {
+                (Some(a), Some(b)) => a.min(b),
+                (Some(a), None) | (None, Some(a)) => a,
+                (None, None) => self.clock.now() + 60_000,
+            };
+            tokio::select! {
+                _ = self.clock.sleep_until(wake_at) => {}
+                _ = self.sweeper.notified() => {}
+                _ = shutdown.changed() => {}
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Millis = 1_800_000_000_000;
+
+    #[derive(Default)]
+    struct Memory {
+        ops: Mutex<Vec<LeaseOp>>,
+        audit: Mutex<Vec<String>>,
+        revoked: Mutex<Vec<String>>,
+        fail_revokes: Mutex<u32>,
+    }
+
+    impl LeaseBackend for Arc<Memory> {
+        async fn persist(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), String> {
+            self.ops.lock().unwrap().extend(ops);
+            self.audit
+                .lock()
+                .unwrap()
+                .extend(audit.into_iter().map(|a| a.action));
+            Ok(())
+        }
+
+        async fn revoke_issued(&self, lease: &LeaseRow) -> Result<(), String> {
+            let mut fail = self.fail_revokes.lock().unwrap();
+            if *fail > 0 {
+                *fail -= 1;
+                return Err("provider unavailable".into());
+            }
+            self.revoked.lock().unwrap().push(lease.id.clone());
+            Ok(())
+        }
+    }
+
+    fn lease(id: &str, uid: u32, ttl_s: i64, issued: bool) -> LeaseRow {
+        LeaseRow {
+            id: id.into(),
+            secret_id: "sid".into(),
+            secret_name: "s".into(),
+            version: if issued { None } else { Some(1) },
+            issued: issued.then(|| vec![1, 2, 3]),
+            issued_meta: None,
+            uid,
+            gid: uid,
+            pid: 1,
+            exe: None,
+            created_at: T0,
+            expires_at: T0 + ttl_s * 1000,
+            ended_at: None,
+            upstream_state: issued.then(|| "live".into()),
+        }
+    }
+
+    fn setup() -> (Arc<Memory>, Arc<Leases<Arc<Memory>>>, watch::Sender<bool>) {
+        let memory = Arc::new(Memory::default());
+        let leases = Leases::new(
+            memory.clone(),
+            Clock::tokio(T0),
+            vec![],
+            Arc::new(Notify::new()),
+        );
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(leases.clone().run_sweeper(rx));
+        (memory, leases, tx)
+    }
+
+    fn ev() -> AuditEvent {
+        AuditEvent::new("t", "lease.granted")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_expire_on_time() {
+        let (memory, leases, _stop) = setup();
+        leases
+            .grant(lease("a", 1000, 60, false), ev())
+            .await
+            .unwrap();
+        leases
+            .grant(lease("b", 1000, 300, false), ev())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert_eq!(leases.live_count(), 2);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(leases.live_count(), 1);
+        assert!(leases.get("a").is_none());
+        assert_eq!(leases.live_on("sid", 1), 1);
+        tokio::time::sleep(Duration::from_secs(240)).await;
+        assert_eq!(leases.live_count(), 0);
+        assert_eq!(
+            memory
+                .audit
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|a| *a == "lease.expired")
+                .count(),
+            2
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renew_extends_and_delete_ends_only_for_the_owner() {
+        let (_memory, leases, _stop) = setup();
+        leases
+            .grant(lease("a", 1000, 60, false), ev())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(50)).await;
+        assert_eq!(
+            leases
+                .renew("a", 1001, T0 + 200_000, ev())
+                .await
+                .unwrap_err(),
+            LeaseError::Forbidden
+        );
+        leases.renew("a", 1000, T0 + 200_000, ev()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert!(
+            leases.get("a").is_some(),
+            "renewed lease outlives its first expiry"
+        );
+        assert_eq!(
+            leases.delete("a", 1001, ev()).await,
+            Err(LeaseError::Forbidden)
+        );
+        leases.delete("a", 1000, ev()).await.unwrap();
+        assert!(leases.get("a").is_none());
+        assert_eq!(
+            leases.delete("a", 1000, ev()).await,
+            Err(LeaseError::NotFound)
+        );
+        assert_eq!(
+            leases
+                .renew("a", 1000, T0 + 300_000, ev())
+                .await
+                .unwrap_err(),
+            LeaseError::NotFound
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn issued_credentials_are_revoked_upstream_at_expiry_and_on_delete_with_retries() {
+        let (memory, leases, _stop) = setup();
+        leases
+            .grant(lease("sts-1", 1000, 900, true), ev())
+            .await
+            .unwrap();
+        leases
+            .grant(lease("sts-2", 1000, 900, true), ev())
+            .await
+            .unwrap();
+        leases.delete("sts-2", 1000, ev()).await.unwrap();
+        assert_eq!(*memory.revoked.lock().unwrap(), ["sts-2"]);
+        *memory.fail_revokes.lock().unwrap() = 2;
+        tokio::time::sleep(Duration::from_secs(901)).await;
+        assert!(leases.get("sts-1").is_none(), "expired");
+        assert_eq!(
+            memory.revoked.lock().unwrap().len(),
+            1,
+            "the provider failed twice so far"
+        );
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(*memory.revoked.lock().unwrap(), ["sts-2", "sts-1"]);
+        let ops = memory.ops.lock().unwrap();
+        assert_eq!(
+            ops.iter()
+                .filter(|o| matches!(o, LeaseOp::UpstreamRevoked { .. }))
+                .count(),
+            2
+        );
+    }
+}
+
+/// The daemon's lease backend: the store (through group commit) and the plugins.
+#[derive(Debug, Clone)]
+pub struct DaemonLeaseBackend {
+    writer: crate::group_commit::GroupCommit,
+    engine: Arc<crate::rotation::engine::Engine>,
+}
+
+impl DaemonLeaseBackend {
+    /// A backend writing through `writer` and revoking through the engine's providers.
+    pub fn new(
+        writer: crate::group_commit::GroupCommit,
+        engine: Arc<crate::rotation::engine::Engine>,
+    ) -> Self {
+        DaemonLeaseBackend { writer, engine }
+    }
+
+    /// The group-commit writer (the agent API writes denials through it too).
+    pub fn writer(&self) -> &crate::group_commit::GroupCommit {
+        &self.writer
+    }
+}
+
+impl LeaseBackend for DaemonLeaseBackend {
+    async fn persist(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), String> {
+        self.writer.write(ops, audit).await
+    }
+
+    async fn revoke_issued(&self, lease: &LeaseRow) -> Result<(), String> {
+        use keywarden_plugin_sdk::{Credential, Op, Request, Secret};
+        let catalog = self.engine.catalog();
+        let spec = catalog
+            .secrets
+            .get(&lease.secret_name)
+            .ok_or_else(|| format!("{:?} is no longer declared", lease.secret_name))?;
+        let Some(crate::provider::Provider::Plugin { host, kind, .. }) =
+            catalog.providers.get(&spec.provider)
+        else {
+            return Err(format!("provider {:?} is not available", spec.provider));
+        };
+        let vault = self.engine.vault();
+        let secret = vault
+            .store()
+            .secret(&lease.secret_name)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the secret is gone")?;
+        let sealed = lease
+            .issued
+            .as_deref()
+            .ok_or("the lease has no issued credential")?;
+        let value = vault
+            .open_bound(&secret, crate::vault::Bound::Issued(&lease.id), sealed)
+            .map_err(|e| e.to_string())?;
+        let request = Request {
+            op: Op::Revoke.as_str().into(),
+            kind: Some(kind.clone()),
+            secret: Some(lease.secret_name.clone()),
+            settings: spec.settings.clone(),
+            credentials: self.engine.credentials_for(&spec.credentials).await?,
+            target: Some(Credential {
+                version: None,
+                value: Secret::new(value.expose()),
+                meta: lease.issued_meta.clone().unwrap_or_default(),
+            }),
+            ..Request::default()
+        };
+        host.call(request)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,131 @@
+//! `GET /metrics` on the admin socket, in Prometheus text format: secret ages, rotations by
+//! result, ages of rotations in progress, live leases, fetch decisions, plugin restarts.
+//!
+//! Written by hand (a few counters and a text format) to keep the key-holding process's
+//! dependency tree small.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::rotation::engine::Engine;
+use crate::store::StoreError;
+
+/// Counters kept in memory (the rest is read from the store at scrape time).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Fetches answered.
+    pub fetch_allowed: AtomicU64,
+    /// Fetches denied by policy.
+    pub fetch_denied: AtomicU64,
+    /// Fetches refused by the rate limit.
+    pub fetch_rate_limited: AtomicU64,
+    /// Watches that ended without a new version.
+    pub watch_timeouts: AtomicU64,
+}
+
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Renders every metric.
+pub async fn render(
+    engine: &Engine,
+    metrics: &Metrics,
+    live_leases: usize,
+) -> Result<String, StoreError> {
+    let store = engine.vault().store();
+    let now = engine.clock().now();
+    let mut out = String::new();
+    let secrets = store.list().await?;
+
+    out.push_str(
+        "# HELP keywarden_secret_age_seconds Seconds since the secret's current version was set.\n",
+    );
+    out.push_str("# TYPE keywarden_secret_age_seconds gauge\n");
+    for s in secrets.iter().filter(|s| s.version.is_some()) {
+        let _ = writeln!(
+            out,
+            "keywarden_secret_age_seconds{{secret=\"{}\"}} {}",
+            label(&s.name),
+            (now - s.updated_at).max(0) / 1000
+        );
+    }
+    out.push_str("# HELP keywarden_secret_quarantined Whether automatic rotation of the secret is stopped.\n");
+    out.push_str("# TYPE keywarden_secret_quarantined gauge\n");
+    for s in &secrets {
+        let _ = writeln!(
+            out,
+            "keywarden_secret_quarantined{{secret=\"{}\"}} {}",
+            label(&s.name),
+            u8::from(s.quarantined_at.is_some())
+        );
+    }
+
+    out.push_str("# HELP keywarden_rotations_total Rotations by result (terminal state), since the store was created.\n");
+    out.push_str("# TYPE keywarden_rotations_total counter\n");
+    for (state, count) in store.rotation_counts().await? {
+        let _ = writeln!(
+            out,
+            "keywarden_rotations_total{{result=\"{state}\"}} {count}"
+        );
+    }
+
+    out.push_str(
+        "# HELP keywarden_pending_rotation_age_seconds Age of each rotation in progress.\n",
+    );
+    out.push_str("# TYPE keywarden_pending_rotation_age_seconds gauge\n");
+    for r in store.active_rotations().await? {
+        let _ = writeln!(
+            out,
+            "keywarden_pending_rotation_age_seconds{{secret=\"{}\",state=\"{}\"}} {}",
+            label(&r.secret_name),
+            r.state,
+            (now - r.created_at).max(0) / 1000
+        );
+    }
+
+    out.push_str(
+        "# HELP keywarden_active_leases Live leases.\n# TYPE keywarden_active_leases gauge\n",
+    );
+    let _ = writeln!(out, "keywarden_active_leases {live_leases}");
+
+    out.push_str("# HELP keywarden_fetch_decisions_total Fetch decisions on the agent socket.\n");
+    out.push_str("# TYPE keywarden_fetch_decisions_total counter\n");
+    for (decision, counter) in [
+        ("allow", &metrics.fetch_allowed),
+        ("deny", &metrics.fetch_denied),
+        ("rate_limited", &metrics.fetch_rate_limited),
+    ] {
+        let _ = writeln!(
+            out,
+            "keywarden_fetch_decisions_total{{decision=\"{decision}\"}} {}",
+            counter.load(Ordering::Relaxed)
+        );
+    }
+    out.push_str(
+        "# HELP keywarden_watch_timeouts_total Watches that ended without a new version.\n",
+    );
+    out.push_str("# TYPE keywarden_watch_timeouts_total counter\n");
+    let _ = writeln!(
+        out,
+        "keywarden_watch_timeouts_total {}",
+        metrics.watch_timeouts.load(Ordering::Relaxed)
+    );
+
+    out.push_str(
+        "# HELP keywarden_plugin_restarts_total Plugin process restarts after the first start.\n",
+    );
+    out.push_str("# TYPE keywarden_plugin_restarts_total counter\n");
+    for p in &engine.catalog().plugins {
+        let _ = writeln!(
+            out,
+            "keywarden_plugin_restarts_total{{plugin=\"{}\"}} {}",
+            label(p.name()),
+            p.restarts()
+        );
+    }
+    Ok(out)
+}
