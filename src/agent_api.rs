@@ -25,7 +25,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::attest::{ExeHashCache, PeerIdentity};
 use crate::audit::AuditEvent;
-use crate::http::{self, Handler, Peer};
+use crate::http::{self, ApiError, Handler, Peer};
 use crate::leases::{DaemonLeaseBackend, LeaseError, Leases};
 use crate::metrics::Metrics;
 use crate::policy::{self, Policy};
@@ -104,29 +104,33 @@ struct FetchQuery {
 }
 
 fn bad(message: impl Into<String>) -> Response<Full<Bytes>> {
-    http::error(StatusCode::BAD_REQUEST, "bad_request", message)
+    bad_request(message).response()
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
 }
 
 fn parse_query(
     query: Option<&str>,
     allowed: &[&str],
-) -> Result<HashMap<String, u64>, Response<Full<Bytes>>> {
+) -> Result<HashMap<String, u64>, ApiError> {
     let mut out = HashMap::new();
     for (k, v) in http::query_pairs(query) {
         if !allowed.contains(&k) {
-            return Err(bad(format!(
+            return Err(bad_request(format!(
                 "unknown query parameter {:?}",
                 k.chars().take(40).collect::<String>()
             )));
         }
         let n: u64 = v.parse().map_err(|_| {
-            bad(format!(
+            bad_request(format!(
                 "{k} must be a whole number, not {:?}",
                 v.chars().take(40).collect::<String>()
             ))
         })?;
         if out.insert(k.to_string(), n).is_some() {
-            return Err(bad(format!("{k} is given twice")));
+            return Err(bad_request(format!("{k} is given twice")));
         }
     }
     Ok(out)
@@ -184,14 +188,14 @@ impl AgentApi {
         guard.clone()
     }
 
-    async fn audit(&self, events: Vec<AuditEvent>) -> Result<(), Response<Full<Bytes>>> {
+    async fn audit(&self, events: Vec<AuditEvent>) -> Result<(), ApiError> {
         self.leases
             .backend()
             .writer()
             .write(Vec::new(), events)
             .await
             .map_err(|e| {
-                http::error(
+                ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "store",
                     format!("cannot write the audit log: {e}"),
@@ -204,8 +208,8 @@ impl AgentApi {
         let event = AuditEvent::new(format!("agent {}", who.describe()), "fetch.denied")
             .secret(name)
             .detail(json!({ "reason": reason }));
-        if let Err(r) = self.audit(vec![event]).await {
-            return r;
+        if let Err(e) = self.audit(vec![event]).await {
+            return e.response();
         }
         http::error(
             StatusCode::FORBIDDEN,
@@ -226,7 +230,7 @@ impl AgentApi {
                 min_version: q.get("min_version").map(|v| *v as i64),
                 wait: q.get("wait").copied(),
             },
-            Err(r) => return r,
+            Err(e) => return e.response(),
         };
         if let Some(ttl) = q.ttl {
             if ttl == 0 || ttl > MAX_TTL_SECS {
@@ -259,7 +263,7 @@ impl AgentApi {
                     *r.status_mut() = StatusCode::NOT_MODIFIED;
                     return r;
                 }
-                Err(r) => return r,
+                Err(e) => return e.response(),
             }
         }
         let ttl =
@@ -417,7 +421,7 @@ impl AgentApi {
         name: &str,
         min: i64,
         wait: u64,
-    ) -> Result<bool, Response<Full<Bytes>>> {
+    ) -> Result<bool, ApiError> {
         let mut events = self.engine.subscribe();
         let current = || async {
             self.engine
@@ -426,7 +430,7 @@ impl AgentApi {
                 .sealed(name, None)
                 .await
                 .map(|s| s.map(|s| s.version.version))
-                .map_err(|e| http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()))
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()))
         };
         if current().await?.is_some_and(|v| v >= min) {
             return Ok(true);
@@ -450,7 +454,7 @@ impl AgentApi {
                     return Ok(false);
                 }
                 _ = closing.changed() => {
-                    return Err(http::error(StatusCode::SERVICE_UNAVAILABLE, "sealed", "the daemon is stopping"));
+                    return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sealed", "the daemon is stopping"));
                 }
             }
         }
@@ -464,7 +468,7 @@ impl AgentApi {
     ) -> Response<Full<Bytes>> {
         let q = match parse_query(query, &["ttl"]) {
             Ok(q) => q,
-            Err(r) => return r,
+            Err(e) => return e.response(),
         };
         let mut who = self.identity(conn).await;
         let Some(lease) = self.leases.get(id) else {

@@ -18,10 +18,13 @@ use crate::policy::Identity;
 /// Entries kept in the executable hash cache.
 const HASH_CACHE_ENTRIES: usize = 4096;
 
-/// SHA-256s of executables by (device, inode, size, mtime).
+/// Identifies one version of a file: device, inode, size, mtime (seconds, nanoseconds).
+type FileVersion = (u64, u64, u64, i64, i64);
+
+/// SHA-256s of executables by file version.
 #[derive(Debug, Default)]
 pub struct ExeHashCache {
-    entries: Mutex<HashMap<(u64, u64, u64, i64, i64), String>>,
+    entries: Mutex<HashMap<FileVersion, String>>,
 }
 
 /// Seconds since boot (CLOCK_BOOTTIME), the clock `/proc/PID/stat` start times count in.

@@ -153,6 +153,33 @@ pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
     )
 }
 
+/// An error answer, small enough to pass around in `Result`s.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Machine-readable code.
+    pub code: &'static str,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+impl ApiError {
+    /// A new error.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The response `{"error":{"code","message"}}`.
+    pub fn response(&self) -> Response<Full<Bytes>> {
+        error(self.status, self.code, self.message.clone())
+    }
+}
+
 /// Serves `listener` with `handler` until `shutdown` turns true.
 pub async fn serve<H: Handler>(
     listener: UnixListener,
