@@ -111,10 +111,7 @@ fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
 }
 
-fn parse_query(
-    query: Option<&str>,
-    allowed: &[&str],
-) -> Result<HashMap<String, u64>, ApiError> {
+fn parse_query(query: Option<&str>, allowed: &[&str]) -> Result<HashMap<String, u64>, ApiError> {
     let mut out = HashMap::new();
     for (k, v) in http::query_pairs(query) {
         if !allowed.contains(&k) {
@@ -416,12 +413,7 @@ impl AgentApi {
     }
 
     /// Waits (up to `wait` seconds) until `name`'s current version is at least `min`.
-    async fn wait_for_version(
-        &self,
-        name: &str,
-        min: i64,
-        wait: u64,
-    ) -> Result<bool, ApiError> {
+    async fn wait_for_version(&self, name: &str, min: i64, wait: u64) -> Result<bool, ApiError> {
         let mut events = self.engine.subscribe();
         let current = || async {
             self.engine
@@ -430,7 +422,9 @@ impl AgentApi {
                 .sealed(name, None)
                 .await
                 .map(|s| s.map(|s| s.version.version))
-                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()))
+                .map_err(|e| {
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+                })
         };
         if current().await?.is_some_and(|v| v >= min) {
             return Ok(true);

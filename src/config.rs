@@ -161,6 +161,9 @@ pub struct AgentConfig {
     /// Longest a watch (`wait=`) may wait.
     #[serde(deserialize_with = "duration")]
     pub max_wait: Duration,
+    /// Time a client has to send a complete request head (slow clients are cut off).
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
 }
 
 impl Default for AgentConfig {
@@ -174,6 +177,7 @@ impl Default for AgentConfig {
             max_connections: 256,
             max_fetches_per_second: 0,
             max_wait: Duration::from_secs(300),
+            header_timeout: Duration::from_secs(5),
         }
     }
 }

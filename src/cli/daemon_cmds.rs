@@ -90,6 +90,7 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
     let agent = &ctx.config.agent;
     let limits = http::Limits {
         max_connections: agent.max_connections,
+        header_timeout: agent.header_timeout,
         ..http::Limits::default()
     };
     let leases = runtime.leases.clone().expect("daemon mode has leases");

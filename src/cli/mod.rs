@@ -1,6 +1,7 @@
 //! The command line: argument definitions, the shared context, and dispatch to one module per
 //! group of commands.
 
+mod agent_cmds;
 mod audit_cmd;
 mod daemon_cmds;
 mod output;
@@ -85,6 +86,8 @@ enum Command {
     /// Plugin helpers.
     #[command(subcommand)]
     Plugin(daemon_cmds::PluginCommand),
+    /// Run a command with secrets in its environment; restart or signal it when they rotate.
+    Exec(agent_cmds::ExecArgs),
 }
 
 /// What every command can use: the parsed config and the CLI's overrides.
@@ -176,5 +179,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rotate(args) => daemon_cmds::rotate(&ctx, args).await,
         Command::Status(args) => daemon_cmds::status(&ctx, args).await,
         Command::Plugin(cmd) => daemon_cmds::plugin(cmd),
+        Command::Exec(args) => agent_cmds::exec(&ctx, args).await,
     }
 }

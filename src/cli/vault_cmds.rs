@@ -12,7 +12,7 @@ use zeroize::Zeroizing;
 use super::Context;
 use super::output::{print_json, print_table};
 use crate::passphrase::{self, Purpose};
-use crate::store::Access;
+use crate::store::{Access, Store, StoreError};
 use crate::value::SecretValue;
 use crate::vault::{Meta, Vault};
 
@@ -173,7 +173,16 @@ pub(crate) async fn put(ctx: &Context, args: PutArgs) -> anyhow::Result<ExitCode
 
 pub(crate) async fn get(ctx: &Context, args: GetArgs) -> anyhow::Result<ExitCode> {
     crate::name::validate(&args.name)?;
-    let vault = ctx.unlock().await?;
+    let store = match Store::open(&ctx.store_path()?, Access::Shared).await {
+        Ok(store) => store,
+        // The daemon holds the store: ask it, over the agent socket, like any agent.
+        Err(StoreError::Locked { .. }) => {
+            return super::agent_cmds::get(ctx, &args.name, args.version, args.json).await;
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let passphrase = passphrase::obtain(Purpose::Unlock)?;
+    let vault = Vault::unlock(store, &passphrase).await?;
     let revealed = vault.get(&args.name, args.version, &ctx.actor).await?;
     if args.json {
         print_json(&json!({

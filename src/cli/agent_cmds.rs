@@ -1,0 +1,327 @@
+//! The agent side of the CLI: `get` through the agent socket while the daemon runs, and
+//! `exec`, which runs a command with secrets in its environment and restarts or signals it
+//! when they rotate.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use hyper::{Method, StatusCode};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use zeroize::Zeroizing;
+
+use super::Context;
+use crate::http;
+
+/// How `exec` reacts to a rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnRotate {
+    /// Stop the command (SIGTERM, then SIGKILL after 10 s) and start it with the new values.
+    Restart,
+    /// Send the command a signal (it re-reads its secrets some other way).
+    Signal(rustix::process::Signal),
+    /// Do nothing.
+    Nothing,
+}
+
+fn parse_on_rotate(text: &str) -> Result<OnRotate, String> {
+    use rustix::process::Signal;
+    match text {
+        "restart" => Ok(OnRotate::Restart),
+        "none" => Ok(OnRotate::Nothing),
+        _ => {
+            let name = text
+                .strip_prefix("signal:")
+                .ok_or_else(|| format!("expected restart, signal:NAME or none, got {text:?}"))?;
+            let signal = match name.trim_start_matches("SIG") {
+                "HUP" => Signal::HUP,
+                "USR1" => Signal::USR1,
+                "USR2" => Signal::USR2,
+                "TERM" => Signal::TERM,
+                "INT" => Signal::INT,
+                "QUIT" => Signal::QUIT,
+                "WINCH" => Signal::WINCH,
+                other => {
+                    return Err(format!(
+                        "unknown signal {other:?} (HUP, USR1, USR2, TERM, INT, QUIT, WINCH)"
+                    ));
+                }
+            };
+            Ok(OnRotate::Signal(signal))
+        }
+    }
+}
+
+fn parse_env_map(text: &str) -> Result<(String, String), String> {
+    let (var, name) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected VAR=SECRET, got {text:?}"))?;
+    if var.is_empty() || !var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(format!("{var:?} is not a valid environment variable name"));
+    }
+    crate::name::validate(name).map_err(|e| e.to_string())?;
+    Ok((var.to_string(), name.to_string()))
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  keywarden exec --env OPENAI_API_KEY=openai/prod -- python agent.py\n\n\
+    The command's exit code is keywarden's. Needs the daemon (it watches for rotations)."
+)]
+pub(crate) struct ExecArgs {
+    /// VAR=SECRET: put SECRET's current value in the environment variable VAR. Repeatable.
+    #[arg(long = "env", value_name = "VAR=SECRET", value_parser = parse_env_map, required = true)]
+    env: Vec<(String, String)>,
+    /// On rotation: restart, signal:HUP (or another signal), or none.
+    #[arg(long, value_name = "ACTION", default_value = "restart", value_parser = parse_on_rotate)]
+    on_rotate: OnRotate,
+    /// Lease length to ask for, in seconds (leases are renewed while the command runs).
+    #[arg(long, value_name = "SECS")]
+    ttl: Option<u64>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+/// One fetched secret.
+struct Fetched {
+    version: Option<i64>,
+    value: Zeroizing<String>,
+    lease_id: String,
+    expires_at: Option<chrono::DateTime<chrono::FixedOffset>>,
+}
+
+fn error_message(status: StatusCode, body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("the daemon answered {status}"))
+}
+
+/// GET a secret from the agent socket. `None` when a watch timed out (304).
+async fn fetch(socket: &Path, name: &str, query: &str) -> anyhow::Result<Option<(Value, Fetched)>> {
+    let (status, body) = http::request(
+        socket,
+        Method::GET,
+        &format!("/v1/secrets/{name}{query}"),
+        None,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "cannot reach the daemon's agent socket {}",
+            socket.display()
+        )
+    })?;
+    if status == StatusCode::NOT_MODIFIED {
+        return Ok(None);
+    }
+    let body = Zeroizing::new(body.to_vec());
+    if status != StatusCode::OK {
+        bail!("cannot fetch {name}: {}", error_message(status, &body));
+    }
+    let json: Value = serde_json::from_slice(&body).context("the daemon's reply is not JSON")?;
+    let fetched = Fetched {
+        version: json["version"].as_i64(),
+        value: Zeroizing::new(json["value"].as_str().unwrap_or_default().to_string()),
+        lease_id: json["lease_id"].as_str().unwrap_or_default().to_string(),
+        expires_at: json["expires_at"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
+    };
+    Ok(Some((json, fetched)))
+}
+
+/// `get` while the daemon runs: through the agent socket, as a lease.
+pub(crate) async fn get(
+    ctx: &Context,
+    name: &str,
+    version: Option<i64>,
+    json_out: bool,
+) -> anyhow::Result<ExitCode> {
+    if version.is_some() {
+        bail!(
+            "--version reads the store directly, which the running daemon holds; stop it, or fetch the current version"
+        );
+    }
+    let socket = &ctx.config.agent.socket;
+    let (json, fetched) = fetch(socket, name, "").await?.context("no value")?;
+    if json_out {
+        super::output::print_json(&json)?;
+    } else {
+        use std::io::{IsTerminal, Write};
+        let mut out = std::io::stdout().lock();
+        out.write_all(fetched.value.as_bytes())?;
+        if out.is_terminal() {
+            writeln!(out)?;
+        }
+        out.flush()?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn release(socket: &Path, leases: impl Iterator<Item = &String>) {
+    for id in leases {
+        let _ = http::request(socket, Method::DELETE, &format!("/v1/leases/{id}"), None).await;
+    }
+}
+
+fn spawn_child(
+    command: &[String],
+    env: &BTreeMap<String, Fetched>,
+    vars: &[(String, String)],
+) -> anyhow::Result<tokio::process::Child> {
+    let mut cmd = tokio::process::Command::new(&command[0]);
+    cmd.args(&command[1..]);
+    for key in [
+        "KEYWARDEN_PASSPHRASE",
+        "KEYWARDEN_PASSPHRASE_FILE",
+        "KEYWARDEN_NEW_PASSPHRASE",
+        "KEYWARDEN_NEW_PASSPHRASE_FILE",
+    ] {
+        cmd.env_remove(key);
+    }
+    for (var, name) in vars {
+        cmd.env(var, env[name].value.as_str());
+    }
+    cmd.spawn()
+        .with_context(|| format!("cannot run {:?}", command[0]))
+}
+
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => ExitCode::from(code as u8),
+        (None, Some(signal)) => ExitCode::from((128 + signal) as u8),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn send(child: &tokio::process::Child, signal: rustix::process::Signal) {
+    if let Some(pid) = child
+        .id()
+        .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+    {
+        let _ = rustix::process::kill_process(pid, signal);
+    }
+}
+
+async fn stop(child: &mut tokio::process::Child) -> anyhow::Result<std::process::ExitStatus> {
+    send(child, rustix::process::Signal::TERM);
+    match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+        Ok(status) => Ok(status?),
+        Err(_) => {
+            child.kill().await?;
+            Ok(child.wait().await?)
+        }
+    }
+}
+
+/// `exec`: fetch, inject, watch, restart or signal; exit with the command's code.
+pub(crate) async fn exec(ctx: &Context, args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let socket = ctx.config.agent.socket.clone();
+    let ttl_query = args.ttl.map(|t| format!("?ttl={t}")).unwrap_or_default();
+    let names: Vec<String> = {
+        let mut n: Vec<String> = args.env.iter().map(|(_, name)| name.clone()).collect();
+        n.sort();
+        n.dedup();
+        n
+    };
+    let mut current: BTreeMap<String, Fetched> = BTreeMap::new();
+    for name in &names {
+        let (_, fetched) = fetch(&socket, name, &ttl_query)
+            .await?
+            .context("no value")?;
+        current.insert(name.clone(), fetched);
+    }
+    let mut child = spawn_child(&args.command, &current, &args.env)?;
+
+    // One watcher per secret: a long poll for the next version, never a busy loop.
+    let (tx, mut rotated) = mpsc::channel::<(String, Fetched)>(16);
+    for name in &names {
+        let tx = tx.clone();
+        let socket = socket.clone();
+        let name = name.clone();
+        let ttl = args.ttl;
+        let mut version = current[&name].version.unwrap_or(0);
+        tokio::spawn(async move {
+            loop {
+                let query = format!(
+                    "?min_version={}&wait=300{}",
+                    version + 1,
+                    ttl.map(|t| format!("&ttl={t}")).unwrap_or_default()
+                );
+                match fetch(&socket, &name, &query).await {
+                    Ok(Some((_, fetched))) => {
+                        version = fetched.version.unwrap_or(version + 1);
+                        if tx.send((name.clone(), fetched)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(secret = %name, error = %e, "watch failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                }
+            }
+        });
+    }
+    drop(tx);
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut renew_tick = tokio::time::interval(Duration::from_secs(5));
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status?,
+            Some((name, fetched)) = rotated.recv() => {
+                let old = current.insert(name.clone(), fetched);
+                release(&socket, old.iter().map(|f| &f.lease_id)).await;
+                match args.on_rotate {
+                    OnRotate::Restart => {
+                        eprintln!("keywarden exec: {name} rotated; restarting {}", args.command[0]);
+                        stop(&mut child).await?;
+                        child = spawn_child(&args.command, &current, &args.env)?;
+                    }
+                    OnRotate::Signal(signal) => send(&child, signal),
+                    OnRotate::Nothing => {}
+                }
+            }
+            _ = renew_tick.tick() => {
+                // Renew leases past two thirds of their life; refetch any that lapsed.
+                let now = chrono::Utc::now();
+                for (name, f) in current.iter_mut() {
+                    let Some(expires) = f.expires_at else { continue };
+                    let left = expires.with_timezone(&chrono::Utc) - now;
+                    if left > chrono::Duration::seconds(30) {
+                        continue;
+                    }
+                    let path = format!("/v1/leases/{}/renew{ttl_query}", f.lease_id);
+                    match http::request(&socket, Method::PUT, &path, None).await {
+                        Ok((StatusCode::OK, body)) => {
+                            let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+                            f.expires_at = v["expires_at"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+                        }
+                        _ => {
+                            if let Ok(Some((_, fresh))) = fetch(&socket, name, &ttl_query).await {
+                                *f = fresh;
+                            }
+                        }
+                    }
+                }
+            }
+            _ = term.recv() => send(&child, rustix::process::Signal::TERM),
+            _ = int.recv() => send(&child, rustix::process::Signal::INT),
+            _ = hup.recv() => send(&child, rustix::process::Signal::HUP),
+        }
+    };
+    release(&socket, current.values().map(|f| &f.lease_id)).await;
+    Ok(exit_code(status))
+}
