@@ -86,31 +86,29 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
     let store = Store::open(&path, Access::Exclusive).await?;
     let vault = Arc::new(Vault::unlock(store, &passphrase).await?);
     drop(passphrase);
-    let runtime = Runtime::start(&ctx.config, vault, Clock::System, Mode::Daemon).await?;
+    // Sockets first, so a conflict with another daemon fails before any work is done. The
+    // agent socket before the admin one: a directory it creates is 0755 so agents can reach
+    // it; the admin socket's own mode (0600) protects it even in a shared directory.
     let agent = &ctx.config.agent;
+    let agent_listener = http::bind_socket(&agent.socket, agent.socket_mode, 0o755)?;
+    let admin = http::bind_socket(&agent.admin_socket, 0o600, 0o700)?;
+    let runtime = match Runtime::start(&ctx.config, vault, Clock::System, Mode::Daemon).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&agent.socket);
+            let _ = std::fs::remove_file(&agent.admin_socket);
+            return Err(e.into());
+        }
+    };
     let limits = http::Limits {
         max_connections: agent.max_connections,
         header_timeout: agent.header_timeout,
         ..http::Limits::default()
     };
     let leases = runtime.leases.clone().expect("daemon mode has leases");
-    let admin = http::bind_socket(&agent.admin_socket, 0o600, 0o700)?;
-    let admin_api = Arc::new(AdminApi::new(
-        runtime.engine.clone(),
-        leases.clone(),
-        runtime.metrics.clone(),
-        &agent.admin_uids,
-    ));
-    let admin_task = tokio::spawn(http::serve(
-        admin,
-        admin_api,
-        limits.clone(),
-        runtime.shutdown_signal(),
-    ));
-    let agent_listener = http::bind_socket(&agent.socket, agent.socket_mode, 0o755)?;
     let agent_api = Arc::new(AgentApi::new(
         runtime.engine.clone(),
-        leases,
+        leases.clone(),
         AgentSettings {
             policies: ctx.config.policy.iter().map(Policy::compile).collect(),
             default_ttl: agent.default_ttl,
@@ -123,6 +121,18 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
     let agent_task = tokio::spawn(http::serve(
         agent_listener,
         agent_api,
+        limits.clone(),
+        runtime.shutdown_signal(),
+    ));
+    let admin_api = Arc::new(AdminApi::new(
+        runtime.engine.clone(),
+        leases,
+        runtime.metrics.clone(),
+        &agent.admin_uids,
+    ));
+    let admin_task = tokio::spawn(http::serve(
+        admin,
+        admin_api,
         limits,
         runtime.shutdown_signal(),
     ));

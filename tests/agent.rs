@@ -1,0 +1,683 @@
+//! The agent socket end to end: real peers (curl, a copied binary, another uid through
+//! `setpriv`, Python and Node), policies, leases, issued credentials, watches, hostile input,
+//! `get` and `exec` through the socket, metrics, and safe socket creation.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::Env;
+use common::daemon::{env_with_plugin, sha256_of, wait_for};
+
+fn canonical(path: &str) -> PathBuf {
+    std::fs::canonicalize(path).unwrap()
+}
+
+/// `curl --unix-socket` with extra args; returns (status, body).
+fn curl(socket: &Path, method: &str, path: &str, extra: &[&str]) -> (u16, String) {
+    curl_with(Path::new("/usr/bin/curl"), socket, method, path, extra)
+}
+
+fn curl_with(bin: &Path, socket: &Path, method: &str, path: &str, extra: &[&str]) -> (u16, String) {
+    let out = Command::new(bin)
+        .args([
+            "-s",
+            "--path-as-is",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+            "--unix-socket",
+        ])
+        .arg(socket)
+        .args(extra)
+        .arg(format!("http://localhost{path}"))
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"))
+}
+
+const APP: &str = r#"
+[secrets."app/token"]
+provider = "random"
+grace = "1m"
+"#;
+
+fn policy_exe(name: &str, exe: &Path, secrets: &str) -> String {
+    format!(
+        "[[policy]]\nname = \"{name}\"\nexe = [{:?}]\nsecrets = [\"{secrets}\"]\nmax_ttl = \"10m\"\n",
+        exe.display().to_string()
+    )
+}
+
+/// Adds a line to the `[agent]` table of the environment's config.
+fn set_agent(env: &Env, line: &str) {
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        config.replacen(
+            "default_ttl = \"5m\"",
+            &format!("default_ttl = \"5m\"\n{line}"),
+            1,
+        ),
+    )
+    .unwrap();
+}
+
+fn started(extra: &str) -> (Env, common::daemon::Daemon) {
+    let env = env_with_plugin(&format!("{APP}\n{extra}"));
+    let daemon = env.start_daemon();
+    wait_for("the first version", Duration::from_secs(20), || {
+        (env.entry("app/token")["version"] == 1).then_some(())
+    });
+    (env, daemon)
+}
+
+#[test]
+fn an_allowed_executable_is_served_and_a_copy_elsewhere_is_denied() {
+    let (env, daemon) = started(&policy_exe("curl", Path::new("/usr/bin/curl"), "app/*"));
+    let sock = env.agent_socket();
+    let (code, body) = curl(&sock, "GET", "/v1/secrets/app/token?ttl=120", &[]);
+    assert_eq!(code, 200, "{body}");
+    let v = json(&body);
+    for key in ["name", "version", "value", "meta", "lease_id", "expires_at"] {
+        assert!(v.get(key).is_some(), "{key} missing: {v}");
+    }
+    assert_eq!(v["name"], "app/token");
+    assert_eq!(v["version"], 1);
+    let lease_id = v["lease_id"].as_str().unwrap();
+    assert_eq!(
+        env.sql_i64(&format!("SELECT count(*) FROM leases WHERE id = '{lease_id}' AND exe = '/usr/bin/curl' AND ended_at IS NULL")),
+        1,
+        "the lease is durable before the answer"
+    );
+
+    let copy = env.dir.path().join("curl-copy");
+    std::fs::copy("/usr/bin/curl", &copy).unwrap();
+    let (code, body) = curl_with(&copy, &sock, "GET", "/v1/secrets/app/token", &[]);
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(json(&body)["error"]["code"], "forbidden");
+    assert!(!body.contains(v["value"].as_str().unwrap()));
+
+    // A TTL beyond the policy's max is clamped to it.
+    let (_, body) = curl(&sock, "GET", "/v1/secrets/app/token?ttl=86400", &[]);
+    let expires =
+        chrono::DateTime::parse_from_rfc3339(json(&body)["expires_at"].as_str().unwrap()).unwrap();
+    assert!(expires.timestamp() <= chrono::Utc::now().timestamp() + 601);
+    // Known-good endpoints still answer; unknown secrets are 404 once allowed.
+    assert_eq!(
+        curl(&sock, "GET", "/v1/health", &[]),
+        (200, "{\"status\":\"ok\"}".into())
+    );
+    assert_eq!(curl(&sock, "GET", "/v1/secrets/app/nothing", &[]).0, 404);
+
+    drop(daemon);
+    let audit = env.ok(&["audit", "tail", "-n", "50", "--json"], None);
+    let rows: serde_json::Value = json(&audit);
+    let allowed = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "fetch.allowed")
+        .count();
+    let denied: Vec<_> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "fetch.denied")
+        .collect();
+    assert_eq!(allowed, 2, "{audit}");
+    assert_eq!(denied.len(), 1);
+    assert!(
+        denied[0]["actor"].as_str().unwrap().contains("curl-copy"),
+        "{audit}"
+    );
+    assert!(
+        !audit.contains(v["value"].as_str().unwrap()),
+        "a value in the audit log"
+    );
+}
+
+#[test]
+fn a_peer_with_another_uid_is_denied_with_403_and_an_audit_row() {
+    let env = env_with_plugin(&format!(
+        "{APP}\n[[policy]]\nname = \"root\"\nuids = [0]\nsecrets = [\"app/*\"]\n"
+    ));
+    set_agent(&env, "socket_mode = \"0666\"");
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = env.start_daemon();
+    wait_for("the first version", Duration::from_secs(20), || {
+        (env.entry("app/token")["version"] == 1).then_some(())
+    });
+    let sock = env.agent_socket();
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o666
+    );
+    assert_eq!(curl(&sock, "GET", "/v1/secrets/app/token", &[]).0, 200);
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/curl",
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            "--unix-socket",
+        ])
+        .arg(&sock)
+        .arg("http://localhost/v1/secrets/app/token")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("403"), "{text}");
+    drop(daemon);
+    let audit = env.ok(&["audit", "tail", "-n", "50", "--json"], None);
+    assert!(
+        json(&audit)
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["action"] == "fetch.denied"
+                && r["actor"].as_str().unwrap().contains("uid=65534")),
+        "{audit}"
+    );
+}
+
+#[test]
+fn a_hash_policy_catches_a_swapped_binary() {
+    let env = Env::new();
+    let agent = env.dir.path().join("agent-bin");
+    let policy = format!(
+        "[[policy]]\nname = \"pinned\"\nexe = [{:?}]\nexe_sha256 = [\"{}\"]\nsecrets = [\"app/*\"]\n",
+        agent.display().to_string(),
+        sha256_of(Path::new("/usr/bin/curl"))
+    );
+    let config = format!(
+        "{}\n{}\n{APP}\n{policy}",
+        common::daemon::base_config("3s"),
+        ""
+    );
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, format!("{base}\n{config}")).unwrap();
+    let daemon = env.start_daemon();
+    wait_for("the first version", Duration::from_secs(20), || {
+        (env.entry("app/token")["version"] == 1).then_some(())
+    });
+    let sock = env.agent_socket();
+    std::fs::copy("/usr/bin/curl", &agent).unwrap();
+    assert_eq!(
+        curl_with(&agent, &sock, "GET", "/v1/secrets/app/token", &[]).0,
+        200
+    );
+    // Same path, different program: the keywarden binary, asking through the socket.
+    std::fs::remove_file(&agent).unwrap();
+    std::fs::copy(common::keywarden_bin(), &agent).unwrap();
+    let out = common::run_with(
+        Command::new(&agent),
+        &["--config", env.config.to_str().unwrap(), "get", "app/token"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no policy allows"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(daemon);
+}
+
+#[test]
+fn leases_expire_renew_and_delete() {
+    let (env, daemon) = started(&policy_exe("curl", Path::new("/usr/bin/curl"), "app/*"));
+    let sock = env.agent_socket();
+    let (_, body) = curl(&sock, "GET", "/v1/secrets/app/token?ttl=1", &[]);
+    let short = json(&body)["lease_id"].as_str().unwrap().to_string();
+    wait_for("the short lease to expire", Duration::from_secs(10), || {
+        (env.sql_i64(&format!(
+            "SELECT count(*) FROM leases WHERE id = '{short}' AND end_reason = 'expired'"
+        )) == 1)
+            .then_some(())
+    });
+    assert_eq!(
+        curl(&sock, "PUT", &format!("/v1/leases/{short}/renew"), &[]).0,
+        404,
+        "an expired lease cannot be renewed"
+    );
+
+    let (_, body) = curl(&sock, "GET", "/v1/secrets/app/token?ttl=30", &[]);
+    let lease = json(&body);
+    let id = lease["lease_id"].as_str().unwrap().to_string();
+    let (code, body) = curl(&sock, "PUT", &format!("/v1/leases/{id}/renew?ttl=300"), &[]);
+    assert_eq!(code, 200, "{body}");
+    assert!(json(&body)["expires_at"].as_str().unwrap() > lease["expires_at"].as_str().unwrap());
+    assert_eq!(
+        curl(&sock, "DELETE", &format!("/v1/leases/{id}"), &[]).0,
+        204
+    );
+    assert_eq!(
+        curl(&sock, "DELETE", &format!("/v1/leases/{id}"), &[]).0,
+        404
+    );
+    assert_eq!(
+        env.sql_i64(&format!(
+            "SELECT count(*) FROM leases WHERE id = '{id}' AND end_reason = 'deleted'"
+        )),
+        1
+    );
+    assert_eq!(curl(&sock, "DELETE", "/v1/leases/not-a-lease", &[]).0, 400);
+    drop(daemon);
+}
+
+#[test]
+fn draining_waits_for_the_last_lease_on_the_old_version() {
+    let (env, daemon) = started(&policy_exe("curl", Path::new("/usr/bin/curl"), "app/*"));
+    let sock = env.agent_socket();
+    let (_, body) = curl(&sock, "GET", "/v1/secrets/app/token?ttl=3", &[]);
+    let lease = json(&body)["lease_id"].as_str().unwrap().to_string();
+    let out = env.ok(&["rotate", "app/token", "--json"], None);
+    assert_eq!(
+        json(&out)["state"],
+        "draining",
+        "a live lease holds the old version: {out}"
+    );
+    assert_eq!(
+        env.entry("app/token")["version"],
+        2,
+        "the new version is served meanwhile"
+    );
+    wait_for(
+        "the rotation to finish once the lease expires",
+        Duration::from_secs(20),
+        || (env.entry("app/token")["rotation_state"] == "done").then_some(()),
+    );
+    drop(daemon);
+    let rows = json(&env.ok(&["audit", "tail", "-n", "100", "--json"], None));
+    let seq_of = |pred: &dyn Fn(&serde_json::Value) -> bool| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| pred(r))
+            .map(|r| r["seq"].as_i64().unwrap())
+            .unwrap()
+    };
+    let expired =
+        seq_of(&|r| r["action"] == "lease.expired" && r["detail"]["lease_id"] == lease.as_str());
+    let done = seq_of(&|r| r["action"] == "rotation.done" && r["detail"]["revoked_version"] == 1);
+    assert!(
+        expired < done,
+        "the old version was revoked only after its lease expired"
+    );
+}
+
+#[test]
+fn issued_credentials_are_minted_per_fetch_and_revoked_when_their_lease_ends() {
+    let (env, daemon) = started(&format!(
+        "[secrets.\"app/sts\"]\nprovider = \"example-sts\"\n\n{}",
+        policy_exe("curl", Path::new("/usr/bin/curl"), "app/*")
+    ));
+    let sock = env.agent_socket();
+    let (code, a) = curl(&sock, "GET", "/v1/secrets/app/sts?ttl=60", &[]);
+    assert_eq!(code, 200, "{a}");
+    let (_, b) = curl(&sock, "GET", "/v1/secrets/app/sts?ttl=2", &[]);
+    let (a, b) = (json(&a), json(&b));
+    assert_ne!(
+        a["value"], b["value"],
+        "each fetch mints its own credential"
+    );
+    assert!(a["version"].is_null());
+    assert_eq!(
+        env.upstream_i64("SELECT count(*) FROM creds WHERE issued = 1 AND status = 'active'"),
+        2
+    );
+    let key_a = a["meta"]["key_id"].as_str().unwrap();
+    let key_b = b["meta"]["key_id"].as_str().unwrap();
+    assert_eq!(
+        curl(
+            &sock,
+            "PUT",
+            &format!("/v1/leases/{}/renew", a["lease_id"].as_str().unwrap()),
+            &[]
+        )
+        .0,
+        409
+    );
+    assert_eq!(
+        curl(
+            &sock,
+            "DELETE",
+            &format!("/v1/leases/{}", a["lease_id"].as_str().unwrap()),
+            &[]
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        env.upstream_text(&format!(
+            "SELECT status FROM creds WHERE key_id = '{key_a}'"
+        )),
+        "revoked"
+    );
+    wait_for(
+        "the short lease's credential to be revoked upstream",
+        Duration::from_secs(15),
+        || {
+            (env.upstream_text(&format!(
+                "SELECT status FROM creds WHERE key_id = '{key_b}'"
+            )) == "revoked")
+                .then_some(())
+        },
+    );
+    drop(daemon);
+}
+
+#[test]
+fn a_watch_wakes_on_promotion_and_times_out_with_304() {
+    let (env, daemon) = started(&policy_exe("curl", Path::new("/usr/bin/curl"), "app/*"));
+    let sock = env.agent_socket();
+    assert_eq!(
+        curl(
+            &sock,
+            "GET",
+            "/v1/secrets/app/token?min_version=9&wait=1",
+            &[]
+        )
+        .0,
+        304
+    );
+    let watcher = Command::new("/usr/bin/curl")
+        .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(&sock)
+        .arg("http://localhost/v1/secrets/app/token?min_version=2&wait=60")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Whether the rotation lands before or after the watch arrives, the answer is version 2.
+    env.ok(&["rotate", "app/token", "--no-wait"], None);
+    let out = watcher.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    assert_eq!(code, "200", "{text}");
+    assert_eq!(json(body)["version"], 2);
+    drop(daemon);
+}
+
+fn raw(sock: &Path, bytes: &[u8]) -> String {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn hostile_requests_get_their_4xx_and_everyone_else_is_still_served() {
+    let (env, daemon) = started(&format!(
+        "{}\n",
+        policy_exe("curl", Path::new("/usr/bin/curl"), "app/*")
+    ));
+    // Tighten the limits for this test: restart with a short header timeout and few connections.
+    drop(daemon);
+    set_agent(&env, "header_timeout = \"1s\"\nmax_connections = 6");
+    let _daemon = env.start_daemon();
+    let sock = env.agent_socket();
+
+    for (path, why) in [
+        ("/v1/secrets/app/..%2Fetc", "percent-encoded"),
+        ("/v1/secrets/app/../token", "dot segments"),
+        ("/v1/secrets//app/token", "empty segment"),
+        ("/v1/secrets/app/token?ttl=0", "ttl zero"),
+        ("/v1/secrets/app/token?ttl=abc", "ttl not a number"),
+        ("/v1/secrets/app/token?ttl=99999999999", "absurd ttl"),
+        ("/v1/secrets/app/token?ttl=5&ttl=6", "repeated parameter"),
+        ("/v1/secrets/app/token?sneaky=1", "unknown parameter"),
+    ] {
+        let (code, body) = curl(&sock, "GET", path, &[]);
+        assert_eq!(code, 400, "{why}: {body}");
+        assert_eq!(json(&body)["error"]["code"], "bad_request", "{why}");
+    }
+    assert_eq!(curl(&sock, "POST", "/v1/secrets/app/token", &[]).0, 405);
+    let big_header = format!("X-Junk: {}", "a".repeat(40_000));
+    assert_eq!(
+        curl(&sock, "GET", "/v1/health", &["-H", &big_header]).0,
+        431
+    );
+    let big_body = "b".repeat(100_000);
+    assert_eq!(
+        curl(&sock, "GET", "/v1/health", &["--data-binary", &big_body]).0,
+        413
+    );
+    assert!(raw(&sock, b"\x00\x01\x02 not http at all\r\n\r\n").starts_with("HTTP/1.1 400"));
+
+    // Slow clients hold connections only until the header timeout; others are served meanwhile.
+    let slow: Vec<UnixStream> = (0..6)
+        .map(|_| {
+            let mut s = UnixStream::connect(&sock).unwrap();
+            s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    let (code, _) = curl(&sock, "GET", "/v1/secrets/app/token", &["--max-time", "15"]);
+    assert_eq!(code, 200, "served once a slot frees up");
+    for mut s in slow {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf);
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 408"),
+            "{text}"
+        );
+    }
+    assert_eq!(curl(&sock, "GET", "/v1/health", &[]).0, 200);
+}
+
+#[test]
+fn the_python_and_node_snippets_of_the_readme_fetch_from_the_real_daemon() {
+    let python = String::from_utf8(
+        Command::new("python3")
+            .args([
+                "-c",
+                "import sys, os; print(os.path.realpath(sys.executable))",
+            ])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let python = PathBuf::from(python.trim());
+    let node = canonical("/usr/bin/node");
+    let (env, daemon) = started(&format!(
+        "{}\n{}",
+        policy_exe("python", &python, "app/*"),
+        policy_exe("node", &node, "app/*")
+    ));
+    let sock = env.agent_socket();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    for file in ["deploy/examples/fetch.py", "deploy/examples/fetch.js"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        assert!(
+            readme.contains(text.trim()),
+            "README.md must show {file} verbatim"
+        );
+    }
+    let out = Command::new(&python)
+        .arg(root.join("deploy/examples/fetch.py"))
+        .arg(&sock)
+        .arg("app/token")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let py = String::from_utf8(out.stdout).unwrap();
+    let out = Command::new(&node)
+        .arg(root.join("deploy/examples/fetch.js"))
+        .arg(&sock)
+        .arg("app/token")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let js = String::from_utf8(out.stdout).unwrap();
+    drop(daemon);
+    let value = env.get("app/token");
+    assert!(py.starts_with("1 ") && py.ends_with(&value), "{py}");
+    assert!(js.starts_with("1 ") && js.ends_with(&value), "{js}");
+}
+
+#[test]
+fn cli_get_uses_the_socket_and_exec_restarts_the_command_on_rotation() {
+    let cli = canonical(common::keywarden_bin().to_str().unwrap());
+    let (env, daemon) = started(&format!(
+        "{}\n{}",
+        policy_exe("cli", &cli, "app/*"),
+        policy_exe("curl", Path::new("/usr/bin/curl"), "app/*")
+    ));
+    let via_socket = env.ok(&["get", "app/token"], None);
+    let (_, body) = curl(&env.agent_socket(), "GET", "/v1/secrets/app/token", &[]);
+    assert_eq!(via_socket, json(&body)["value"].as_str().unwrap());
+    let full = json(&env.ok(&["get", "app/token", "--json"], None));
+    assert!(full["lease_id"].is_string() && full["expires_at"].is_string());
+
+    // exec: the child sees the value; a rotation restarts it with the new one.
+    let starts = env.dir.path().join("starts.txt");
+    let script = format!("echo \"$TOKEN\" >> {}; exec sleep 600", starts.display());
+    let mut exec = env
+        .cmd()
+        .args([
+            "exec",
+            "--env",
+            "TOKEN=app/token",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = || {
+        std::fs::read_to_string(&starts)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    wait_for("the command to start", Duration::from_secs(10), || {
+        (lines().len() == 1).then_some(())
+    });
+    assert_eq!(lines()[0], via_socket);
+    env.ok(&["rotate", "app/token", "--no-wait"], None);
+    wait_for("the command to restart", Duration::from_secs(20), || {
+        (lines().len() == 2).then_some(())
+    });
+    let (_, body) = curl(&env.agent_socket(), "GET", "/v1/secrets/app/token", &[]);
+    assert_eq!(lines()[1], json(&body)["value"].as_str().unwrap());
+    assert_ne!(lines()[0], lines()[1]);
+    Command::new("kill")
+        .args(["-TERM", &exec.id().to_string()])
+        .status()
+        .unwrap();
+    let status = exec.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(143),
+        "exec exits with the child's status (killed by SIGTERM)"
+    );
+
+    let out = env.run(
+        &[
+            "exec",
+            "--env",
+            "TOKEN=app/token",
+            "--",
+            "sh",
+            "-c",
+            "test -n \"$TOKEN\" && exit 7",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(7));
+    drop(daemon);
+}
+
+#[test]
+fn sockets_are_created_safely_and_metrics_are_served() {
+    let (env, daemon) = started(&policy_exe("curl", Path::new("/usr/bin/curl"), "app/*"));
+    let run = env.dir.path().join("run");
+    assert_eq!(
+        std::fs::metadata(&run).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+    assert_eq!(
+        std::fs::metadata(env.admin_socket())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(env.agent_socket())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o660
+    );
+    curl(&env.agent_socket(), "GET", "/v1/secrets/app/token", &[]);
+    let (code, metrics) = curl(&env.admin_socket(), "GET", "/metrics", &[]);
+    assert_eq!(code, 200);
+    for line in [
+        "keywarden_active_leases 1",
+        "keywarden_fetch_decisions_total{decision=\"allow\"} 1",
+        "keywarden_rotations_total{result=\"done\"} 1",
+        "keywarden_secret_age_seconds{secret=\"app/token\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+
+    // A second daemon (another store) never steals the live sockets.
+    let other = Env::new();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &other.config,
+        config.replace(
+            "\"run/agent.sock\"",
+            &format!("{:?}", env.agent_socket().display().to_string()),
+        ),
+    )
+    .unwrap();
+    let (code, err) = other.serve_fails();
+    assert_eq!(code, Some(1));
+    assert!(err.contains("in use by a running process"), "{err}");
+
+    // A stale socket from a killed daemon is replaced.
+    daemon.kill9();
+    assert!(env.agent_socket().exists());
+    let daemon = env.start_daemon();
+    assert_eq!(curl(&env.agent_socket(), "GET", "/v1/health", &[]).0, 200);
+    drop(daemon);
+}
