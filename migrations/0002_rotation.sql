@@ -42,7 +42,10 @@ CREATE TABLE deliveries (
     PRIMARY KEY (secret_id, consumer)
 );
 
--- Leases handed to agents; draining waits for the live ones on the old version.
+-- Leases handed to agents. While the daemon runs its in-memory lease table is authoritative
+-- (expiry, draining); this is its durable copy, written in group commits, so it carries no
+-- secondary index: one b-tree insert per fetch. Ended leases are purged after a day (the audit
+-- log keeps their history).
 CREATE TABLE leases (
     id             TEXT    PRIMARY KEY,
     secret_id      TEXT    NOT NULL REFERENCES secrets (id) ON DELETE CASCADE,
@@ -58,6 +61,4 @@ CREATE TABLE leases (
     ended_at       INTEGER,
     end_reason     TEXT,
     upstream_state TEXT
-);
-CREATE INDEX leases_live ON leases (secret_id, version) WHERE ended_at IS NULL;
-CREATE INDEX leases_expiry ON leases (expires_at) WHERE ended_at IS NULL;
+) WITHOUT ROWID;

@@ -22,6 +22,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use keywarden_plugin_sdk::{Op, Request as PluginRequest};
 use serde_json::json;
 use tokio::sync::{broadcast, watch};
+use zeroize::Zeroizing;
 
 use crate::attest::{ExeHashCache, PeerIdentity};
 use crate::audit::AuditEvent;
@@ -37,6 +38,28 @@ use crate::vault::{Bound, short_fingerprint};
 
 /// Longest TTL anyone may ask for; beyond it a request is malformed, not just clamped.
 const MAX_TTL_SECS: u64 = 366 * 86_400;
+
+/// A fetch's answer (DESIGN.md §6 shape).
+#[derive(serde::Serialize)]
+struct FetchReply<'a> {
+    name: &'a str,
+    version: Option<i64>,
+    value: &'a str,
+    meta: &'a crate::vault::Meta,
+    lease_id: &'a str,
+    expires_at: String,
+}
+
+/// The audit detail of an allowed fetch.
+#[derive(serde::Serialize)]
+struct AllowedDetail<'a> {
+    policy: &'a str,
+    version: Option<i64>,
+    lease_id: &'a str,
+    ttl_seconds: i64,
+    fingerprint: &'a str,
+    issued: bool,
+}
 
 /// Per-connection state: the peer, attested once.
 #[derive(Debug)]
@@ -189,7 +212,7 @@ impl AgentApi {
         self.leases
             .backend()
             .writer()
-            .write(Vec::new(), events)
+            .queue(Vec::new(), events)
             .await
             .map_err(|e| {
                 ApiError::new(
@@ -202,7 +225,7 @@ impl AgentApi {
 
     async fn deny(&self, who: &PeerIdentity, name: &str, reason: &str) -> Response<Full<Bytes>> {
         self.metrics.fetch_denied.fetch_add(1, Ordering::Relaxed);
-        let event = AuditEvent::new(format!("agent {}", who.describe()), "fetch.denied")
+        let event = AuditEvent::new(who.actor(), "fetch.denied")
             .secret(name)
             .detail(json!({ "reason": reason }));
         if let Err(e) = self.audit(vec![event]).await {
@@ -235,8 +258,7 @@ impl AgentApi {
             }
         }
         let mut who = self.identity(conn).await;
-        let Some(policy) = policy::decide(&self.policies, &mut who, name, self.daemon_uid).cloned()
-        else {
+        let Some(policy) = policy::decide(&self.policies, &mut who, name, self.daemon_uid) else {
             return self.deny(&who, name, "no policy matches").await;
         };
         if let Some(rate) = &self.rate {
@@ -265,21 +287,9 @@ impl AgentApi {
         }
         let ttl =
             Duration::from_secs(q.ttl.unwrap_or(self.default_ttl.as_secs())).min(policy.max_ttl);
-        let secret = match store.secret(name).await {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                return http::error(
-                    StatusCode::NOT_FOUND,
-                    "unknown",
-                    format!("no secret named {name:?}"),
-                );
-            }
-            Err(e) => {
-                return http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string());
-            }
-        };
         let now = self.engine.clock().now();
-        let lease_id = uuid::Uuid::new_v4().to_string();
+        // Time-ordered ids keep lease inserts at the end of the index.
+        let lease_id = uuid::Uuid::now_v7().to_string();
         let issuer = self
             .engine
             .catalog()
@@ -293,8 +303,25 @@ impl AgentApi {
                     .map(|p| (spec, p))
             })
             .filter(|(_, p)| p.can(Op::Issue) && !p.can(Op::Create));
-        let (version, value, meta, expires_at, issued) = match issuer {
+        let (secret_id, version, value, meta, expires_at, issued) = match issuer {
             Some((spec, Provider::Plugin { host, kind, .. })) => {
+                let secret = match store.secret(name).await {
+                    Ok(Some(s)) => s,
+                    Ok(None) => {
+                        return http::error(
+                            StatusCode::NOT_FOUND,
+                            "unknown",
+                            format!("no secret named {name:?}"),
+                        );
+                    }
+                    Err(e) => {
+                        return http::error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "store",
+                            e.to_string(),
+                        );
+                    }
+                };
                 let credentials = match self.engine.credentials_for(&spec.credentials).await {
                     Ok(c) => c,
                     Err(e) => return http::error(StatusCode::BAD_GATEWAY, "upstream", e),
@@ -345,16 +372,24 @@ impl AgentApi {
                             );
                         }
                     };
-                (None, value, reply.meta, expires, Some(sealed))
+                (secret.id, None, value, reply.meta, expires, Some(sealed))
             }
             _ => match self.engine.vault().read(name, None).await {
                 Ok(r) => (
+                    r.secret_id,
                     Some(r.version),
                     r.value,
                     r.meta,
                     now + ttl.as_millis() as Millis,
                     None,
                 ),
+                Err(crate::vault::VaultError::NoSuchSecret(_)) => {
+                    return http::error(
+                        StatusCode::NOT_FOUND,
+                        "unknown",
+                        format!("no secret named {name:?}"),
+                    );
+                }
                 Err(crate::vault::VaultError::NoCurrentVersion(_)) => {
                     return http::error(
                         StatusCode::NOT_FOUND,
@@ -369,7 +404,7 @@ impl AgentApi {
         };
         let lease = LeaseRow {
             id: lease_id.clone(),
-            secret_id: secret.id.clone(),
+            secret_id,
             secret_name: name.to_string(),
             version,
             issued_meta: issued.as_ref().map(|_| meta.clone()),
@@ -385,31 +420,35 @@ impl AgentApi {
         };
         let fingerprint =
             short_fingerprint(&self.engine.vault().fingerprint(value.expose().as_bytes()));
-        let audit = AuditEvent::new(format!("agent {}", who.describe()), "fetch.allowed")
+        let audit = AuditEvent::new(who.actor(), "fetch.allowed")
             .secret(name)
-            .detail(json!({
-                "policy": policy.name,
-                "version": version,
-                "lease_id": lease_id,
-                "ttl_seconds": (expires_at - now) / 1000,
-                "fingerprint": fingerprint,
-                "issued": version.is_none(),
-            }));
+            .detail(AllowedDetail {
+                policy: &policy.name,
+                version,
+                lease_id: &lease_id,
+                ttl_seconds: (expires_at - now) / 1000,
+                fingerprint: &fingerprint,
+                issued: version.is_none(),
+            });
+        let reply = FetchReply {
+            name,
+            version,
+            value: value.expose(),
+            meta: &meta,
+            lease_id: &lease_id,
+            expires_at: rfc3339(expires_at),
+        };
+        let body = Zeroizing::new(serde_json::to_vec(&reply).expect("replies serialize"));
         if let Err(e) = self.leases.grant(lease, audit).await {
             return http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string());
         }
         self.metrics.fetch_allowed.fetch_add(1, Ordering::Relaxed);
-        http::json(
-            StatusCode::OK,
-            &json!({
-                "name": name,
-                "version": version,
-                "value": value.expose(),
-                "meta": meta,
-                "lease_id": lease_id,
-                "expires_at": rfc3339(expires_at),
-            }),
-        )
+        let mut response = Response::new(Full::new(Bytes::copy_from_slice(&body)));
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        response
     }
 
     /// Waits (up to `wait` seconds) until `name`'s current version is at least `min`.
@@ -500,7 +539,7 @@ impl AgentApi {
         }
         .min(policy.max_ttl);
         let expires_at = self.engine.clock().now() + ttl.as_millis() as Millis;
-        let audit = AuditEvent::new(format!("agent {}", who.describe()), "lease.renewed")
+        let audit = AuditEvent::new(who.actor(), "lease.renewed")
             .secret(&lease.secret_name)
             .detail(json!({ "lease_id": id, "ttl_seconds": ttl.as_secs() }));
         match self.leases.renew(id, who.peer.uid, expires_at, audit).await {
@@ -521,7 +560,7 @@ impl AgentApi {
                 "no live lease with that id",
             );
         };
-        let audit = AuditEvent::new(format!("agent {}", who.describe()), "lease.deleted")
+        let audit = AuditEvent::new(who.actor(), "lease.deleted")
             .secret(&lease.secret_name)
             .detail(json!({ "lease_id": id }));
         match self.leases.delete(id, who.peer.uid, audit).await {

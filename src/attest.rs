@@ -52,6 +52,18 @@ pub struct PeerIdentity {
     start: Option<f64>,
     hash: Option<Option<String>>,
     cache: Arc<ExeHashCache>,
+    actor: Arc<str>,
+}
+
+fn actor_of(peer: &Peer, exe: Option<&Path>) -> Arc<str> {
+    format!(
+        "agent uid={} gid={} pid={} exe={}",
+        peer.uid,
+        peer.gid,
+        peer.pid.unwrap_or(0),
+        exe.map_or("unknown".into(), |e| e.display().to_string())
+    )
+    .into()
 }
 
 impl PeerIdentity {
@@ -63,6 +75,7 @@ impl PeerIdentity {
             start: None,
             hash: None,
             cache,
+            actor: actor_of(&peer, None),
         };
         let Some(pid) = peer.pid.filter(|p| *p > 0) else {
             return identity;
@@ -84,6 +97,7 @@ impl PeerIdentity {
             tracing::warn!(pid, "peer process changed while being attested");
             return identity;
         }
+        identity.actor = actor_of(&peer, exe.as_deref());
         identity.exe = exe;
         identity.start = Some(before);
         identity
@@ -94,17 +108,9 @@ impl PeerIdentity {
         self.hash.is_some()
     }
 
-    /// A short description for audit rows: `uid=1001 gid=1001 pid=42 exe=/usr/bin/python3`.
-    pub fn describe(&self) -> String {
-        format!(
-            "uid={} gid={} pid={} exe={}",
-            self.peer.uid,
-            self.peer.gid,
-            self.peer.pid.unwrap_or(0),
-            self.exe
-                .as_deref()
-                .map_or("unknown".into(), |e| e.display().to_string())
-        )
+    /// The audit actor: `agent uid=1001 gid=1001 pid=42 exe=/usr/bin/python3`.
+    pub fn actor(&self) -> String {
+        self.actor.to_string()
     }
 
     fn compute_hash(&self) -> Option<String> {
@@ -174,7 +180,7 @@ mod tests {
         );
         let expected = crate::plugin_host::file_sha256(&std::env::current_exe().unwrap()).unwrap();
         assert_eq!(id.exe_sha256(), Some(expected));
-        assert!(id.describe().contains("exe=/"));
+        assert!(id.actor().contains("exe=/"));
     }
 
     #[test]

@@ -26,8 +26,8 @@ pub struct AuditEvent {
     pub secret: Option<String>,
     /// The incident (compromise run) it belongs to, if any.
     pub incident_id: Option<String>,
-    /// Non-secret details (versions, fingerprints, reasons).
-    pub detail: serde_json::Value,
+    /// Non-secret details (versions, fingerprints, reasons), as JSON text.
+    pub detail: String,
 }
 
 impl AuditEvent {
@@ -38,7 +38,7 @@ impl AuditEvent {
             action: action.into(),
             secret: None,
             incident_id: None,
-            detail: serde_json::Value::Object(Default::default()),
+            detail: "{}".to_string(),
         }
     }
 
@@ -54,9 +54,9 @@ impl AuditEvent {
         self
     }
 
-    /// Sets the detail object.
-    pub fn detail(mut self, detail: serde_json::Value) -> Self {
-        self.detail = detail;
+    /// Sets the detail object (anything that serializes to a JSON object).
+    pub fn detail(mut self, detail: impl Serialize) -> Self {
+        self.detail = serde_json::to_string(&detail).expect("audit details serialize");
         self
     }
 }

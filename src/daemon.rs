@@ -292,6 +292,7 @@ impl Runtime {
                 engine.lease_wake(),
             );
             tasks.push(tokio::spawn(table.clone().run_sweeper(shutdown_rx.clone())));
+            engine.set_lease_view(table.clone());
             leases = Some(table);
             let entries: BTreeMap<String, Entry> = catalog
                 .secrets

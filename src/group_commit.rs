@@ -1,7 +1,11 @@
 //! Group commit for the fetch path: lease changes and audit rows from many requests share one
-//! transaction, so a busy socket costs one write per batch instead of one per fetch. Each
-//! caller waits until its batch is committed before answering: a fetch is never answered
-//! before its audit row is in the store.
+//! transaction, so a busy socket costs one write per batch instead of one per fetch.
+//!
+//! A fetch is answered once its audit row and lease are queued here (DESIGN.md §3 allows this:
+//! queued in a way that survives a clean shutdown). On shutdown the writer stops taking work,
+//! commits everything queued, and only then ends. The queue is bounded, so a writer that falls
+//! behind slows fetches down rather than growing without limit. While the daemon runs, the
+//! in-memory lease table is authoritative; the store is its durable copy.
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -14,7 +18,7 @@ const MAX_BATCH: usize = 512;
 struct Item {
     ops: Vec<LeaseOp>,
     audit: Vec<AuditEvent>,
-    done: oneshot::Sender<Result<(), String>>,
+    done: Option<oneshot::Sender<Result<(), String>>>,
 }
 
 /// A handle to the writer task. When every handle is dropped, the task commits what is queued
@@ -61,7 +65,7 @@ impl GroupCommit {
                 for item in batch {
                     ops.extend(item.ops);
                     audit.extend(item.audit);
-                    waiters.push(item.done);
+                    waiters.extend(item.done);
                 }
                 let result = store
                     .apply_lease_batch(&ops, &audit)
@@ -78,11 +82,27 @@ impl GroupCommit {
         (GroupCommit { tx }, task)
     }
 
+    /// Queues lease changes and audit rows for the next batch.
+    pub async fn queue(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), String> {
+        self.tx
+            .send(Item {
+                ops,
+                audit,
+                done: None,
+            })
+            .await
+            .map_err(|_| "the audit writer has stopped".to_string())
+    }
+
     /// Queues lease changes and audit rows and waits until they are committed.
     pub async fn write(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), String> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Item { ops, audit, done })
+            .send(Item {
+                ops,
+                audit,
+                done: Some(done),
+            })
             .await
             .map_err(|_| "the audit writer has stopped".to_string())?;
         wait.await

@@ -22,11 +22,23 @@ use crate::store::{LeaseOp, LeaseRow, Millis};
 
 /// How long to wait before retrying a failed upstream revocation.
 const REVOKE_RETRY: Duration = Duration::from_secs(5);
+/// How long ended leases stay in the store before they are purged.
+const KEEP_ENDED: Millis = 24 * 3600 * 1000;
+/// How often ended leases are purged.
+const PURGE_EVERY: Millis = 3600 * 1000;
 
 /// Persistence and upstream effects of leases.
 pub trait LeaseBackend: Send + Sync + 'static {
-    /// Durably applies lease changes with their audit rows.
+    /// Queues lease changes with their audit rows (committed shortly, and at a clean shutdown).
     fn persist(
+        &self,
+        ops: Vec<LeaseOp>,
+        audit: Vec<AuditEvent>,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// Applies lease changes with their audit rows and waits until they are committed (used
+    /// when leases end, so a drain that this wakes is recorded after them).
+    fn commit(
         &self,
         ops: Vec<LeaseOp>,
         audit: Vec<AuditEvent>,
@@ -52,7 +64,7 @@ pub enum LeaseError {
 
 #[derive(Debug, Default)]
 struct State {
-    live: HashMap<String, LeaseRow>,
+    live: HashMap<String, Arc<LeaseRow>>,
     expiry: BTreeSet<(Millis, String)>,
     revoke_pending: HashMap<String, LeaseRow>,
 }
@@ -80,7 +92,7 @@ impl<B: LeaseBackend> Leases<B> {
         for lease in open {
             if lease.ended_at.is_none() {
                 state.expiry.insert((lease.expires_at, lease.id.clone()));
-                state.live.insert(lease.id.clone(), lease);
+                state.live.insert(lease.id.clone(), Arc::new(lease));
             } else {
                 state.revoke_pending.insert(lease.id.clone(), lease);
             }
@@ -104,15 +116,19 @@ impl<B: LeaseBackend> Leases<B> {
         self.state.lock().expect("lease state").live.len()
     }
 
-    /// Live leases on one version of a secret.
-    pub fn live_on(&self, secret_id: &str, version: i64) -> usize {
-        self.state
-            .lock()
-            .expect("lease state")
-            .live
-            .values()
-            .filter(|l| l.secret_id == secret_id && l.version == Some(version))
-            .count()
+    /// Live leases on one version of a secret, and the earliest of their expiries. A lease is
+    /// live until the sweeper has ended it (and recorded that), even a moment past its expiry.
+    pub fn live_on(&self, secret_id: &str, version: i64) -> (i64, Option<Millis>) {
+        let state = self.state.lock().expect("lease state");
+        let mut count = 0;
+        let mut earliest: Option<Millis> = None;
+        for l in state.live.values() {
+            if l.secret_id == secret_id && l.version == Some(version) {
+                count += 1;
+                earliest = Some(earliest.map_or(l.expires_at, |e| e.min(l.expires_at)));
+            }
+        }
+        (count, earliest)
     }
 
     /// A live lease by id.
@@ -122,13 +138,14 @@ impl<B: LeaseBackend> Leases<B> {
             .expect("lease state")
             .live
             .get(id)
-            .cloned()
+            .map(|l| LeaseRow::clone(l))
     }
 
     /// Records a new lease (durably, with its audit row) and starts its clock.
     pub async fn grant(&self, lease: LeaseRow, audit: AuditEvent) -> Result<(), LeaseError> {
+        let lease = Arc::new(lease);
         self.backend
-            .persist(vec![LeaseOp::Insert(Box::new(lease.clone()))], vec![audit])
+            .persist(vec![LeaseOp::Insert(lease.clone())], vec![audit])
             .await
             .map_err(LeaseError::Store)?;
         let mut state = self.state.lock().expect("lease state");
@@ -164,8 +181,8 @@ impl<B: LeaseBackend> Leases<B> {
         let Some(live) = state.live.get_mut(id) else {
             return Err(LeaseError::NotFound);
         };
-        live.expires_at = expires_at;
-        let renewed = live.clone();
+        Arc::make_mut(live).expires_at = expires_at;
+        let renewed = LeaseRow::clone(live);
         state.expiry.remove(&(lease.expires_at, id.to_string()));
         state.expiry.insert((expires_at, id.to_string()));
         self.sweeper.notify_one();
@@ -178,7 +195,7 @@ impl<B: LeaseBackend> Leases<B> {
         if lease.uid != uid && uid != 0 {
             return Err(LeaseError::Forbidden);
         }
-        Ok(lease.clone())
+        Ok(LeaseRow::clone(lease))
     }
 
     /// Ends a lease of `uid` now (the holder is done with it).
@@ -201,7 +218,7 @@ impl<B: LeaseBackend> Leases<B> {
             .live
             .values()
             .filter(|l| filter(l))
-            .cloned()
+            .map(|l| LeaseRow::clone(l))
             .collect();
         self.end(leases.clone(), "revoked", audit).await?;
         Ok(leases)
@@ -227,7 +244,7 @@ impl<B: LeaseBackend> Leases<B> {
             })
             .collect();
         self.backend
-            .persist(ops, audit)
+            .commit(ops, audit)
             .await
             .map_err(LeaseError::Store)?;
         {
@@ -291,15 +308,25 @@ impl<B: LeaseBackend> Leases<B> {
 
     /// Ends leases as they expire, and retries pending upstream revocations, until `shutdown`.
     pub async fn run_sweeper(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut next_purge = self.clock.now();
         loop {
             let now = self.clock.now();
+            if now >= next_purge {
+                next_purge = now + PURGE_EVERY;
+                let purge = LeaseOp::PurgeEnded {
+                    before: now - KEEP_ENDED,
+                };
+                if let Err(e) = self.backend.persist(vec![purge], Vec::new()).await {
+                    tracing::warn!(error = %e, "could not purge old leases");
+                }
+            }
             let expired: Vec<LeaseRow> = {
                 let state = self.state.lock().expect("lease state");
                 state
                     .expiry
                     .iter()
                     .take_while(|(t, _)| *t <= now)
-                    .filter_map(|(_, id)| state.live.get(id).cloned())
+                    .filter_map(|(_, id)| state.live.get(id).map(|l| LeaseRow::clone(l)))
                     .collect()
             };
             if !expired.is_empty() {
@@ -372,6 +399,10 @@ mod tests {
             Ok(())
         }
 
+        async fn commit(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), String> {
+            self.persist(ops, audit).await
+        }
+
         async fn revoke_issued(&self, lease: &LeaseRow) -> Result<(), String> {
             let mut fail = self.fail_revokes.lock().unwrap();
             if *fail > 0 {
@@ -435,7 +466,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(leases.live_count(), 1);
         assert!(leases.get("a").is_none());
-        assert_eq!(leases.live_on("sid", 1), 1);
+        assert_eq!(leases.live_on("sid", 1), (1, Some(T0 + 300_000)));
         tokio::time::sleep(Duration::from_secs(240)).await;
         assert_eq!(leases.live_count(), 0);
         assert_eq!(
@@ -523,6 +554,12 @@ mod tests {
     }
 }
 
+impl<B: LeaseBackend> crate::rotation::engine::LeaseView for Leases<B> {
+    fn live_on(&self, secret_id: &str, version: i64, _now: Millis) -> (i64, Option<Millis>) {
+        Leases::live_on(self, secret_id, version)
+    }
+}
+
 /// The daemon's lease backend: the store (through group commit) and the plugins.
 #[derive(Debug, Clone)]
 pub struct DaemonLeaseBackend {
@@ -547,6 +584,10 @@ impl DaemonLeaseBackend {
 
 impl LeaseBackend for DaemonLeaseBackend {
     async fn persist(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), String> {
+        self.writer.queue(ops, audit).await
+    }
+
+    async fn commit(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), String> {
         self.writer.write(ops, audit).await
     }
 

@@ -122,6 +122,8 @@ pub enum VaultError {
 pub struct Revealed {
     /// The secret's name.
     pub name: String,
+    /// The secret's id.
+    pub secret_id: String,
     /// The version number.
     pub version: i64,
     /// The version's stage.
@@ -366,6 +368,7 @@ impl Vault {
             SecretValue::from_utf8(plain).map_err(|_| VaultError::NotUtf8(name.to_string()))?;
         Ok(Revealed {
             name: name.to_string(),
+            secret_id: sealed.secret_id.clone(),
             version: v.version,
             stage: v.stage,
             value,

@@ -97,10 +97,15 @@ fn an_allowed_executable_is_served_and_a_copy_elsewhere_is_denied() {
     assert_eq!(v["name"], "app/token");
     assert_eq!(v["version"], 1);
     let lease_id = v["lease_id"].as_str().unwrap();
-    assert_eq!(
-        env.sql_i64(&format!("SELECT count(*) FROM leases WHERE id = '{lease_id}' AND exe = '/usr/bin/curl' AND ended_at IS NULL")),
-        1,
-        "the lease is durable before the answer"
+    wait_for(
+        "the lease to reach the store",
+        Duration::from_secs(10),
+        || {
+            (env.sql_i64(&format!(
+            "SELECT count(*) FROM leases WHERE id = '{lease_id}' AND exe = '/usr/bin/curl' AND ended_at IS NULL"
+        )) == 1)
+            .then_some(())
+        },
     );
 
     let copy = env.dir.path().join("curl-copy");
@@ -122,7 +127,8 @@ fn an_allowed_executable_is_served_and_a_copy_elsewhere_is_denied() {
     );
     assert_eq!(curl(&sock, "GET", "/v1/secrets/app/nothing", &[]).0, 404);
 
-    drop(daemon);
+    // A clean shutdown commits every queued audit row.
+    assert_eq!(daemon.terminate(), Some(0));
     let audit = env.ok(&["audit", "tail", "-n", "50", "--json"], None);
     let rows: serde_json::Value = json(&audit);
     let allowed = rows
@@ -183,7 +189,8 @@ fn a_peer_with_another_uid_is_denied_with_403_and_an_audit_row() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.ends_with("403"), "{text}");
-    drop(daemon);
+    // A clean shutdown commits every queued audit row.
+    assert_eq!(daemon.terminate(), Some(0));
     let audit = env.ok(&["audit", "tail", "-n", "50", "--json"], None);
     assert!(
         json(&audit)
@@ -303,7 +310,7 @@ fn draining_waits_for_the_last_lease_on_the_old_version() {
         Duration::from_secs(20),
         || (env.entry("app/token")["rotation_state"] == "done").then_some(()),
     );
-    drop(daemon);
+    assert_eq!(daemon.terminate(), Some(0));
     let rows = json(&env.ok(&["audit", "tail", "-n", "100", "--json"], None));
     let seq_of = |pred: &dyn Fn(&serde_json::Value) -> bool| {
         rows.as_array()
@@ -318,7 +325,7 @@ fn draining_waits_for_the_last_lease_on_the_old_version() {
     let done = seq_of(&|r| r["action"] == "rotation.done" && r["detail"]["revoked_version"] == 1);
     assert!(
         expired < done,
-        "the old version was revoked only after its lease expired"
+        "the old version was revoked only after its lease expired: {rows:#}"
     );
 }
 

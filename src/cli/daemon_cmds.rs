@@ -61,17 +61,32 @@ pub(crate) enum PluginCommand {
     },
 }
 
-async fn wait_for_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// SIGTERM and SIGINT, caught from the moment `serve` starts (so a stop request during start-up
+/// is honoured once the daemon is up, rather than killing it half-way).
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn wait(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
 
 pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut signals = StopSignals::install()?;
     let path = ctx.store_path()?;
     let creating = args.init && !path.exists();
     let passphrase = passphrase::obtain(if creating {
@@ -143,7 +158,7 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
         secrets = ctx.config.secrets.len(),
         "keywarden is serving"
     );
-    let signal = wait_for_signal().await?;
+    let signal = signals.wait().await;
     tracing::info!(signal, "stopping: finishing or parking steps in flight");
     runtime.stop(ctx.config.daemon.shutdown_timeout).await;
     let _ = admin_task.await;

@@ -214,7 +214,10 @@ where
         if now >= deadline {
             return Ok(DrainEnd::GraceElapsed);
         }
-        let until = next_expiry.map_or(deadline, |e| e.min(deadline));
+        // A lease past its expiry is still live until the sweeper ends it (and wakes us).
+        let until = next_expiry
+            .map_or(deadline, |e| e.min(deadline))
+            .max(now + 100);
         tokio::select! {
             _ = clock.sleep_until(until) => {}
             _ = wake.notified() => {}
@@ -224,6 +227,12 @@ where
             return Ok(DrainEnd::Shutdown);
         }
     }
+}
+
+/// Live leases as the daemon's lease table sees them (authoritative while it runs).
+pub trait LeaseView: Send + Sync {
+    /// Live leases on a version at `now`, and the earliest of their expiries.
+    fn live_on(&self, secret_id: &str, version: i64, now: Millis) -> (i64, Option<Millis>);
 }
 
 /// The rotation engine.
@@ -238,6 +247,7 @@ pub struct Engine {
     events: broadcast::Sender<RotationEvent>,
     scheduler_wake: Arc<Notify>,
     lease_wake: Arc<Notify>,
+    lease_view: std::sync::OnceLock<Arc<dyn LeaseView>>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -268,6 +278,7 @@ impl Engine {
             events,
             scheduler_wake: Arc::new(Notify::new()),
             lease_wake: Arc::new(Notify::new()),
+            lease_view: std::sync::OnceLock::new(),
             shutdown,
         })
     }
@@ -295,6 +306,29 @@ impl Engine {
     /// Notified when the engine moves a due time (the scheduler re-reads).
     pub fn scheduler_wake(&self) -> Arc<Notify> {
         self.scheduler_wake.clone()
+    }
+
+    /// Makes draining consult the daemon's lease table instead of the store.
+    pub fn set_lease_view(&self, view: Arc<dyn LeaseView>) {
+        let _ = self.lease_view.set(view);
+    }
+
+    /// Live leases on a version: from the lease table when the daemon runs, else the store.
+    async fn live_leases(
+        &self,
+        secret_id: &str,
+        version: i64,
+        now: Millis,
+    ) -> Result<(i64, Option<Millis>), StoreError> {
+        match self.lease_view.get() {
+            Some(view) => Ok(view.live_on(secret_id, version, now)),
+            None => {
+                self.vault
+                    .store()
+                    .live_leases(secret_id, version, now)
+                    .await
+            }
+        }
     }
 
     /// Notify this when a lease ends, so draining re-checks at once.
@@ -1016,17 +1050,11 @@ impl Engine {
             .ok_or_else(|| StepError::fatal("draining a rotation without an old version"))?;
         let since = rotation.draining_since.unwrap_or_else(|| self.clock.now());
         let deadline = since + spec.grace.as_millis() as Millis;
-        let store = self.vault.store().clone();
-        let secret_id = rotation.secret_id.clone();
         let mut shutdown = self.shutdown.clone();
         let end = drain(
             &self.clock,
             deadline,
-            |now| {
-                let store = store.clone();
-                let secret_id = secret_id.clone();
-                async move { store.live_leases(&secret_id, from, now).await }
-            },
+            |now| self.live_leases(&rotation.secret_id, from, now),
             &self.lease_wake,
             &mut shutdown,
         )
@@ -1237,9 +1265,7 @@ impl Engine {
                 .is_some_and(|s| s.quarantined_at.is_some());
             let waiting_on_leases = match (r.state, r.from_version) {
                 (RotationState::Draining, Some(from)) => {
-                    self.vault
-                        .store()
-                        .live_leases(&r.secret_id, from, self.clock.now())
+                    self.live_leases(&r.secret_id, from, self.clock.now())
                         .await?
                         .0
                         > 0

@@ -385,7 +385,7 @@ pub struct LeaseRow {
 #[derive(Debug, Clone)]
 pub enum LeaseOp {
     /// A new lease.
-    Insert(Box<LeaseRow>),
+    Insert(Arc<LeaseRow>),
     /// A renewed lease.
     Renew {
         /// Lease id.
@@ -403,6 +403,11 @@ pub enum LeaseOp {
         reason: String,
         /// For issued credentials: the upstream state now.
         upstream_state: Option<String>,
+    },
+    /// Deletes ended leases older than `before` (their history stays in the audit log).
+    PurgeEnded {
+        /// Cut-off time.
+        before: Millis,
     },
     /// An issued credential revoked upstream after its lease ended.
     UpstreamRevoked {
@@ -561,7 +566,12 @@ impl Store {
             });
         }
         let lock = take_lock(path, access)?;
-        let backend = sqlite::SqliteStore::open(path, access != Access::ReadOnly).await?;
+        let backend = sqlite::SqliteStore::open(
+            path,
+            access != Access::ReadOnly,
+            access == Access::Exclusive,
+        )
+        .await?;
         Ok(Store::assemble(
             Backend::Sqlite(backend),
             path,

@@ -6,6 +6,7 @@
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::Row;
@@ -31,7 +32,12 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Dropped with the store: stops the background checkpointer.
+    _checkpointer: Option<tokio::sync::watch::Sender<()>>,
 }
+
+/// How often the daemon's background checkpointer moves the write-ahead log into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 fn connect_options(path: &Path) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
@@ -88,7 +94,7 @@ impl SqliteStore {
                 _ => io_error("cannot create the store file", path, e),
             })?;
         let result = async {
-            let store = Self::connect(path).await?;
+            let store = Self::connect(path, false).await?;
             MIGRATOR.run(&store.writer).await?;
             store.init_header(header, audit).await?;
             Ok(store)
@@ -100,7 +106,11 @@ impl SqliteStore {
         result
     }
 
-    pub(super) async fn open(path: &Path, migrate: bool) -> Result<Self, StoreError> {
+    pub(super) async fn open(
+        path: &Path,
+        migrate: bool,
+        background_checkpoints: bool,
+    ) -> Result<Self, StoreError> {
         match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(StoreError::NotFound {
@@ -134,7 +144,10 @@ impl SqliteStore {
                 path: path.to_path_buf(),
                 source: e,
             })?;
-        let store = Self::connect(path).await?;
+        let mut store = Self::connect(path, background_checkpoints).await?;
+        if background_checkpoints {
+            store._checkpointer = Some(Self::start_checkpointer(path).await?);
+        }
         let has_migrations: bool = sqlx::query_scalar(
             "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
         )
@@ -169,12 +182,19 @@ impl SqliteStore {
         Ok(store)
     }
 
-    async fn connect(path: &Path) -> Result<Self, StoreError> {
+    async fn connect(path: &Path, background_checkpoints: bool) -> Result<Self, StoreError> {
         let options = connect_options(path);
+        // In the daemon, commits never run a checkpoint themselves (which would fsync the
+        // database while every fetch waits behind it); a background connection does instead.
+        let writer_options = if background_checkpoints {
+            options.clone().pragma("wal_autocheckpoint", "0")
+        } else {
+            options.clone()
+        };
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .test_before_acquire(false)
-            .connect_with(options.clone())
+            .connect_with(writer_options)
             .await
             .map_err(|e| unreadable(path, e))?;
         // A local file connection does not go stale: skip sqlx's ping before each acquire,
@@ -185,7 +205,42 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(|e| unreadable(path, e))?;
-        Ok(Self { writer, reader })
+        Ok(Self {
+            writer,
+            reader,
+            _checkpointer: None,
+        })
+    }
+
+    /// Starts the daemon's checkpointer: a PASSIVE checkpoint every half second on its own
+    /// connection, so writers never wait for one. It stops when the store is dropped.
+    async fn start_checkpointer(path: &Path) -> Result<tokio::sync::watch::Sender<()>, StoreError> {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(false)
+            .connect_with(connect_options(path))
+            .await
+            .map_err(|e| unreadable(path, e))?;
+        let (stop, mut stopped) = tokio::sync::watch::channel(());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+                    _ = stopped.changed() => break,
+                }
+                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&pool)
+                    .await
+                {
+                    tracing::warn!(error = %e, "background checkpoint failed");
+                }
+            }
+            let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&pool)
+                .await;
+            pool.close().await;
+        });
+        Ok(stop)
     }
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
@@ -1012,29 +1067,43 @@ impl SqliteStore {
             .await?;
         let result = async {
             let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
-            for op in ops {
-                match op {
-                    LeaseOp::Insert(l) => {
-                        sqlx::query(
-                            "INSERT INTO leases (id, secret_id, version, issued, issued_meta, uid, gid, \
-                             pid, exe, created_at, expires_at, upstream_state) \
-                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        )
+            let inserts: Vec<&Arc<LeaseRow>> = ops
+                .iter()
+                .filter_map(|op| match op {
+                    LeaseOp::Insert(l) => Some(l),
+                    _ => None,
+                })
+                .collect();
+            let mut rest = inserts.as_slice();
+            while !rest.is_empty() {
+                let n = chunk_len(rest.len());
+                let (chunk, tail) = rest.split_at(n);
+                rest = tail;
+                let mut query = sqlx::query(multi_row_insert(MultiRowTable::Leases, n));
+                for l in chunk {
+                    query = query
                         .bind(l.id.as_str())
                         .bind(l.secret_id.as_str())
                         .bind(l.version)
                         .bind(l.issued.as_deref())
-                        .bind(l.issued_meta.as_ref().map(|m| serde_json::Value::Object(m.clone()).to_string()))
+                        .bind(
+                            l.issued_meta
+                                .as_ref()
+                                .map(|m| serde_json::Value::Object(m.clone()).to_string()),
+                        )
                         .bind(l.uid)
                         .bind(l.gid)
                         .bind(l.pid)
                         .bind(l.exe.as_deref())
                         .bind(l.created_at)
                         .bind(l.expires_at)
-                        .bind(l.upstream_state.as_deref())
-                        .execute(&mut *tx)
-                        .await?;
-                    }
+                        .bind(l.upstream_state.as_deref());
+                }
+                query.execute(&mut *tx).await?;
+            }
+            for op in ops {
+                match op {
+                    LeaseOp::Insert(_) => {}
                     LeaseOp::Renew { id, expires_at } => {
                         sqlx::query("UPDATE leases SET expires_at = ? WHERE id = ? AND ended_at IS NULL")
                             .bind(expires_at)
@@ -1056,6 +1125,15 @@ impl SqliteStore {
                         .bind(reason.as_str())
                         .bind(upstream_state.as_deref())
                         .bind(id.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    LeaseOp::PurgeEnded { before } => {
+                        sqlx::query(
+                            "DELETE FROM leases WHERE ended_at IS NOT NULL AND ended_at < ? \
+                             AND (upstream_state IS NULL OR upstream_state = 'revoked')",
+                        )
+                        .bind(before)
                         .execute(&mut *tx)
                         .await?;
                     }
@@ -1223,15 +1301,19 @@ async fn append_audit_in(
     tx: &mut SqliteConnection,
     events: &[AuditEvent],
 ) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
     let last: Option<(i64, Vec<u8>)> =
         sqlx::query_as("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut *tx)
             .await?;
     let (mut seq, mut prev) = last.unwrap_or((0, GENESIS_HASH.to_vec()));
     let at: Millis = now_millis();
+    let mut rows = Vec::with_capacity(events.len());
     for event in events {
         seq += 1;
-        let detail = event.detail.to_string();
+        let detail = event.detail.clone();
         let hash = chain_hash(
             &prev,
             seq,
@@ -1241,25 +1323,88 @@ async fn append_audit_in(
             event.secret.as_deref(),
             event.incident_id.as_deref(),
             &detail,
-        );
-        sqlx::query(
-            "INSERT INTO audit (seq, at, actor, action, secret, incident_id, detail, prev_hash, \
-             hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
-        .bind(seq)
-        .bind(at)
-        .bind(event.actor.as_str())
-        .bind(event.action.as_str())
-        .bind(event.secret.as_deref())
-        .bind(event.incident_id.as_deref())
-        .bind(detail)
-        .bind(prev.as_slice())
-        .bind(hash.as_slice())
-        .execute(&mut *tx)
-        .await?;
-        prev = hash.to_vec();
+        .to_vec();
+        rows.push((
+            seq,
+            event,
+            detail,
+            std::mem::replace(&mut prev, hash.clone()),
+            hash,
+        ));
+    }
+    let mut rest = rows.as_slice();
+    while !rest.is_empty() {
+        let n = chunk_len(rest.len());
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        let mut query = sqlx::query(multi_row_insert(MultiRowTable::Audit, n));
+        for (seq, event, detail, prev_hash, hash) in chunk {
+            query = query
+                .bind(*seq)
+                .bind(at)
+                .bind(event.actor.as_str())
+                .bind(event.action.as_str())
+                .bind(event.secret.as_deref())
+                .bind(event.incident_id.as_deref())
+                .bind(detail.as_str())
+                .bind(prev_hash.as_slice())
+                .bind(hash.as_slice());
+        }
+        query.execute(&mut *tx).await?;
     }
     Ok(())
+}
+
+/// Rows per multi-row INSERT: a few fixed sizes, so the prepared statements stay cached.
+fn chunk_len(remaining: usize) -> usize {
+    [64, 16, 4, 1]
+        .into_iter()
+        .find(|n| *n <= remaining)
+        .unwrap_or(1)
+}
+
+/// The tables written with multi-row inserts.
+#[derive(Clone, Copy)]
+enum MultiRowTable {
+    Leases,
+    Audit,
+}
+
+/// `INSERT INTO … VALUES (?, …), (?, …)` for `rows` rows, built once per shape from constant
+/// text and counts (never from data) and kept for the life of the process.
+fn multi_row_insert(table: MultiRowTable, rows: usize) -> sqlx::AssertSqlSafe<&'static str> {
+    static CACHE: std::sync::OnceLock<std::collections::HashMap<(u8, usize), &'static str>> =
+        std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(|| {
+        let mut map = std::collections::HashMap::new();
+        for (tag, prefix, columns) in [
+            (
+                0u8,
+                "INSERT INTO leases (id, secret_id, version, issued, issued_meta, uid, gid, pid, \
+                 exe, created_at, expires_at, upstream_state)",
+                12,
+            ),
+            (
+                1u8,
+                "INSERT INTO audit (seq, at, actor, action, secret, incident_id, detail, \
+                 prev_hash, hash)",
+                9,
+            ),
+        ] {
+            let row = format!("({})", vec!["?"; columns].join(", "));
+            for n in [1usize, 4, 16, 64] {
+                let sql = format!("{prefix} VALUES {}", vec![row.as_str(); n].join(", "));
+                map.insert((tag, n), &*Box::leak(sql.into_boxed_str()));
+            }
+        }
+        map
+    });
+    let tag = match table {
+        MultiRowTable::Leases => 0,
+        MultiRowTable::Audit => 1,
+    };
+    sqlx::AssertSqlSafe(cache[&(tag, rows)])
 }
 
 fn audit_from_row(row: &SqliteRow) -> Result<AuditRecord, StoreError> {

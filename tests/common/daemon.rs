@@ -178,8 +178,15 @@ impl Daemon {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if std::os::unix::net::UnixStream::connect(&self.admin).is_ok() {
-                return;
+            // Ready means answering: the sockets are bound before start-up finishes.
+            if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&self.admin) {
+                use std::io::{Read, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = s.write_all(b"GET /v1/admin/status HTTP/1.0\r\nHost: x\r\n\r\n");
+                let mut head = [0u8; 12];
+                if s.read_exact(&mut head).is_ok() && head[8..] == *b" 200" {
+                    return;
+                }
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!(
