@@ -1,5 +1,7 @@
 //! The admin API on `admin.sock` (mode 0600; only root, the daemon's own uid and `admin_uids`):
-//! `POST /v1/admin/rotate/{name}[?wait=SECS]`, `GET /v1/admin/status` and `GET /metrics`.
+//! `POST /v1/admin/rotate/{name}[?wait=SECS]`, `POST /v1/admin/compromise[?wait=SECS]` (body:
+//! the scope), `POST /v1/admin/compromise/plan`, `GET /v1/admin/incidents/{id}`,
+//! `GET /v1/admin/status` and `GET /metrics`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
 use crate::audit::AuditEvent;
+use crate::compromise::{CompromiseError, Incidents, Scope};
 use crate::http::{self, Handler, Peer};
 use crate::leases::{DaemonLeaseBackend, Leases};
 use crate::metrics::Metrics;
@@ -26,7 +29,42 @@ pub struct AdminApi {
     engine: Arc<Engine>,
     leases: Arc<Leases<DaemonLeaseBackend>>,
     metrics: Arc<Metrics>,
+    incidents: Arc<Incidents>,
     allowed_uids: HashSet<u32>,
+}
+
+/// The body of `POST /v1/admin/compromise` (and `…/plan`): the scope, and how to run.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompromiseBody {
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    names: Vec<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    providers: Vec<String>,
+    /// Revoke leases and old versions without grace (the default for this endpoint).
+    #[serde(default = "yes")]
+    assume_compromise: bool,
+    /// Secrets rotated at once.
+    concurrency: Option<usize>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl CompromiseBody {
+    fn scope(&self) -> Scope {
+        Scope {
+            all: self.all,
+            names: self.names.clone(),
+            tags: self.tags.clone(),
+            providers: self.providers.clone(),
+        }
+    }
 }
 
 impl AdminApi {
@@ -35,6 +73,7 @@ impl AdminApi {
         engine: Arc<Engine>,
         leases: Arc<Leases<DaemonLeaseBackend>>,
         metrics: Arc<Metrics>,
+        incidents: Arc<Incidents>,
         extra_uids: &[u32],
     ) -> Self {
         let mut allowed_uids: HashSet<u32> = extra_uids.iter().copied().collect();
@@ -44,7 +83,65 @@ impl AdminApi {
             engine,
             leases,
             metrics,
+            incidents,
             allowed_uids,
+        }
+    }
+
+    async fn compromise(
+        &self,
+        body: &Bytes,
+        query: Option<&str>,
+        peer: Peer,
+        plan_only: bool,
+    ) -> Response<Full<Bytes>> {
+        let body: CompromiseBody = match serde_json::from_slice(if body.is_empty() { b"{}" } else { body }) {
+            Ok(b) => b,
+            Err(e) => return http::error(StatusCode::BAD_REQUEST, "bad_request", format!("bad scope: {e}")),
+        };
+        let scope = body.scope();
+        if plan_only {
+            return match self.incidents.plan(&scope).await {
+                Ok(plan) => http::json(StatusCode::OK, &serde_json::to_value(&plan).expect("plans serialize")),
+                Err(e) => compromise_error(e),
+            };
+        }
+        let mut wait = Duration::ZERO;
+        for (k, v) in http::query_pairs(query) {
+            match (k, v.parse::<u64>()) {
+                ("wait", Ok(secs)) => wait = Duration::from_secs(secs).min(Duration::from_secs(3600)),
+                _ => return http::error(StatusCode::BAD_REQUEST, "bad_request", format!("unknown or bad query parameter {k:?}")),
+            }
+        }
+        let audit = AuditEvent::new(Self::actor(peer), "admin.compromise")
+            .detail(json!({ "scope": scope, "assume_compromise": body.assume_compromise }));
+        if let Err(e) = self.engine.vault().store().append_audit(&[audit]).await {
+            return http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string());
+        }
+        let id = match self
+            .incidents
+            .start(scope, body.assume_compromise, body.concurrency.unwrap_or(8), "admin")
+            .await
+        {
+            Ok(id) => id,
+            Err(e) => return compromise_error(e),
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if !self.incidents.is_running(&id) {
+                return self.incident(&id).await;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return http::json(StatusCode::ACCEPTED, &json!({ "incident_id": id, "finished": false }));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn incident(&self, id: &str) -> Response<Full<Bytes>> {
+        match self.incidents.report(id).await {
+            Ok(report) => http::json(StatusCode::OK, &serde_json::to_value(&report).expect("reports serialize")),
+            Err(e) => compromise_error(e),
         }
     }
 
@@ -163,6 +260,15 @@ impl Handler for AdminApi {
                 self.rotate(&p["/v1/admin/rotate/".len()..], query.as_deref(), peer)
                     .await
             }
+            (&Method::POST, "/v1/admin/compromise") => {
+                self.compromise(request.body(), query.as_deref(), peer, false).await
+            }
+            (&Method::POST, "/v1/admin/compromise/plan") => {
+                self.compromise(request.body(), query.as_deref(), peer, true).await
+            }
+            (&Method::GET, p) if p.starts_with("/v1/admin/incidents/") => {
+                self.incident(&p["/v1/admin/incidents/".len()..]).await
+            }
             (&Method::GET, "/v1/admin/status") => {
                 match crate::status::report(
                     self.engine.vault().store(),
@@ -199,5 +305,12 @@ impl Handler for AdminApi {
                 format!("no endpoint {} {path}", request.method()),
             ),
         }
+    }
+}
+
+fn compromise_error(e: CompromiseError) -> Response<Full<Bytes>> {
+    match e {
+        CompromiseError::UnknownSecret(_) => http::error(StatusCode::NOT_FOUND, "unknown", e.to_string()),
+        CompromiseError::Store(_) => http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
     }
 }

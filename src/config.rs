@@ -78,6 +78,9 @@ pub struct Config {
     /// `[[policy]]`: who may fetch what over the agent socket (deny by default).
     #[serde(default)]
     pub policy: Vec<PolicyConfig>,
+    /// `[signals]`: compromise signals, leak reports, canaries, anomalies and alerts.
+    #[serde(default)]
+    pub signals: SignalsConfig,
     /// The directory of the config file, for resolving relative paths.
     #[serde(skip)]
     pub base_dir: Option<PathBuf>,
@@ -239,6 +242,9 @@ pub struct SecretConfig {
     /// How proposed (and `random`) values are generated.
     #[serde(default)]
     pub generate: GeneratePolicy,
+    /// A canary: no one legitimate fetches it, so any fetch is a compromise signal.
+    #[serde(default)]
+    pub canary: bool,
 }
 
 fn default_grace() -> Duration {
@@ -274,6 +280,61 @@ pub struct ConsumerConfig {
     /// plugin: other secrets the push may use, by role.
     #[serde(default)]
     pub credentials: BTreeMap<String, String>,
+}
+
+/// What a signal does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Response {
+    /// Raise an alert only.
+    Alert,
+    /// Raise an alert and start a compromise run of the signal's scope.
+    Compromise,
+}
+
+/// `[signals]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SignalsConfig {
+    /// Address of the signal listener (`127.0.0.1:8787`); off when unset.
+    pub listen: Option<String>,
+    /// The secret whose value is the HMAC-SHA256 key that signs signals.
+    pub hmac_secret: Option<String>,
+    /// A signed `POST /v1/signals`.
+    pub on_signal: Response,
+    /// A leaked value that matches a stored version (the scope is that secret).
+    pub on_leak: Response,
+    /// Any fetch of a canary secret (the scope is everything).
+    pub on_canary: Response,
+    /// A new caller of a secret, or a fetch rate far above its baseline (the scope is that
+    /// secret).
+    pub on_anomaly: Response,
+    /// Fetches per minute above this many times a secret's baseline are an anomaly.
+    pub anomaly_rate_factor: f64,
+    /// ... and only above this many per minute.
+    pub anomaly_min_rate: u32,
+    /// A command run for each alert, with the alert as JSON on stdin.
+    #[serde(default)]
+    pub alert_command: Vec<String>,
+    /// A consumer (a plugin kind with `push`) that receives each alert as JSON.
+    pub alert_consumer: Option<String>,
+}
+
+impl Default for SignalsConfig {
+    fn default() -> Self {
+        SignalsConfig {
+            listen: None,
+            hmac_secret: None,
+            on_signal: Response::Compromise,
+            on_leak: Response::Compromise,
+            on_canary: Response::Alert,
+            on_anomaly: Response::Alert,
+            anomaly_rate_factor: 10.0,
+            anomaly_min_rate: 60,
+            alert_command: Vec::new(),
+            alert_consumer: None,
+        }
+    }
 }
 
 /// `[[policy]]`: one rule of who may fetch which secrets, and for how long.
@@ -562,6 +623,36 @@ impl Config {
                     ),
                 ));
             }
+        }
+        let signals = &self.signals;
+        let signals_error = |key: &str, message: String| ConfigError::Invalid {
+            path: self.source_path.clone().unwrap_or_default(),
+            line: self
+                .source_text
+                .lines()
+                .position(|l| l.trim_start().starts_with("[signals]"))
+                .map_or(1, |i| i + 1),
+            key: format!("signals.{key}"),
+            message,
+        };
+        if let Some(listen) = &signals.listen {
+            if listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(signals_error("listen", format!("{listen:?} is not an address such as \"127.0.0.1:8787\"")));
+            }
+            if signals.hmac_secret.is_none() {
+                return Err(signals_error("hmac_secret", "the listener needs the secret that holds its HMAC key".into()));
+            }
+        }
+        if let Some(name) = &signals.hmac_secret {
+            crate::name::validate(name).map_err(|e| signals_error("hmac_secret", e.to_string()))?;
+        }
+        if let Some(consumer) = &signals.alert_consumer {
+            if !self.consumers.contains_key(consumer) {
+                return Err(signals_error("alert_consumer", format!("no consumer named {consumer:?}")));
+            }
+        }
+        if signals.anomaly_rate_factor < 1.0 {
+            return Err(signals_error("anomaly_rate_factor", "must be at least 1".into()));
         }
         for (i, policy) in self.policy.iter().enumerate() {
             crate::policy::check(policy)

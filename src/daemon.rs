@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch};
 use crate::clock::Clock;
 use crate::config::{BUILTIN_PROVIDERS, Config, ConfigError};
 use crate::consumer::{Consumer, FileConsumer, resolve_id};
+use crate::compromise::Incidents;
 use crate::group_commit::GroupCommit;
 use crate::leases::{DaemonLeaseBackend, Leases};
 use crate::metrics::Metrics;
@@ -48,6 +49,9 @@ pub enum StartError {
     /// A first rotation could not be planned.
     #[error(transparent)]
     Engine(#[from] crate::rotation::engine::EngineError),
+    /// An unfinished compromise run could not be resumed.
+    #[error(transparent)]
+    Compromise(#[from] crate::compromise::CompromiseError),
 }
 
 /// Where plugins get their private working directories.
@@ -198,6 +202,7 @@ pub async fn build_catalog(config: &Config, store_path: &Path) -> Result<Catalog
                 max_attempts: s.max_attempts.unwrap_or(config.daemon.max_attempts),
                 generate: s.generate,
                 schedule: config.schedule_of(s),
+                canary: s.canary,
             },
         );
     }
@@ -207,8 +212,11 @@ pub async fn build_catalog(config: &Config, store_path: &Path) -> Result<Catalog
 /// What a [`Runtime`] is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// `serve`: scheduler, leases and the audit writer run too.
+    /// `serve`: scheduler, leases and the audit writer run too, and unfinished compromise runs
+    /// resume.
     Daemon,
+    /// `rotate-all` without a daemon: leases and the audit writer, no scheduler.
+    Maintenance,
     /// A one-shot command (`rotate` without a daemon): the engine alone.
     OneShot,
 }
@@ -222,6 +230,8 @@ pub struct Runtime {
     pub leases: Option<Arc<Leases<DaemonLeaseBackend>>>,
     /// In-memory counters for `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// Compromise runs.
+    pub incidents: Arc<Incidents>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     writer: Option<tokio::task::JoinHandle<()>>,
@@ -280,7 +290,7 @@ impl Runtime {
         }
         let mut leases = None;
         let mut writer = None;
-        if mode == Mode::Daemon {
+        if mode != Mode::OneShot {
             let (commit, writer_task) =
                 GroupCommit::start(vault.store().clone(), shutdown_rx.clone());
             writer = Some(writer_task);
@@ -294,6 +304,12 @@ impl Runtime {
             tasks.push(tokio::spawn(table.clone().run_sweeper(shutdown_rx.clone())));
             engine.set_lease_view(table.clone());
             leases = Some(table);
+        }
+        let incidents = Incidents::new(engine.clone(), leases.clone());
+        if mode == Mode::Daemon {
+            incidents
+                .resume_unfinished(config.daemon.max_concurrent_rotations)
+                .await?;
             let entries: BTreeMap<String, Entry> = catalog
                 .secrets
                 .values()
@@ -326,6 +342,7 @@ impl Runtime {
             engine,
             leases,
             metrics: Arc::default(),
+            incidents,
             shutdown,
             tasks,
             writer,
@@ -341,6 +358,7 @@ impl Runtime {
     /// the plugins down.
     pub async fn stop(self, timeout: std::time::Duration) {
         let _ = self.shutdown.send(true);
+        self.incidents.wait_idle(std::time::Duration::from_millis(200)).await;
         if !self.engine.wait_idle(timeout).await {
             tracing::warn!(
                 ?timeout,

@@ -131,6 +131,17 @@ impl<B: LeaseBackend> Leases<B> {
         (count, earliest)
     }
 
+    /// Live leases on any version of a secret.
+    pub fn live_for_secret(&self, secret_id: &str) -> usize {
+        self.state
+            .lock()
+            .expect("lease state")
+            .live
+            .values()
+            .filter(|l| l.secret_id == secret_id)
+            .count()
+    }
+
     /// A live lease by id.
     pub fn get(&self, id: &str) -> Option<LeaseRow> {
         self.state

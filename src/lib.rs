@@ -32,6 +32,7 @@ pub mod attest;
 pub mod audit;
 pub mod cli;
 pub mod clock;
+pub mod compromise;
 pub mod config;
 pub mod consumer;
 pub mod crypto;

@@ -143,6 +143,7 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
         runtime.engine.clone(),
         leases,
         runtime.metrics.clone(),
+        runtime.incidents.clone(),
         &agent.admin_uids,
     ));
     let admin_task = tokio::spawn(http::serve(

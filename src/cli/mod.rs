@@ -3,6 +3,7 @@
 
 mod agent_cmds;
 mod audit_cmd;
+mod compromise_cmd;
 mod daemon_cmds;
 mod output;
 mod vault_cmds;
@@ -88,6 +89,9 @@ enum Command {
     Plugin(daemon_cmds::PluginCommand),
     /// Run a command with secrets in its environment; restart or signal it when they rotate.
     Exec(agent_cmds::ExecArgs),
+    /// Rotate everything in a scope now; with --assume-compromise, revoke leases and old
+    /// versions without grace. Prints the plan first, then an incident report.
+    RotateAll(compromise_cmd::RotateAllArgs),
 }
 
 /// What every command can use: the parsed config and the CLI's overrides.
@@ -180,5 +184,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => daemon_cmds::status(&ctx, args).await,
         Command::Plugin(cmd) => daemon_cmds::plugin(cmd),
         Command::Exec(args) => agent_cmds::exec(&ctx, args).await,
+        Command::RotateAll(args) => compromise_cmd::rotate_all(&ctx, args).await,
     }
 }

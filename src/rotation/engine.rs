@@ -57,6 +57,8 @@ pub struct SecretSpec {
     pub generate: GeneratePolicy,
     /// Its schedule, if it rotates automatically.
     pub schedule: Option<Schedule>,
+    /// A canary: any fetch is a compromise signal.
+    pub canary: bool,
 }
 
 /// Everything the engine can reach: secrets, consumers, providers and plugins.

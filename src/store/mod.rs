@@ -409,11 +409,69 @@ pub enum LeaseOp {
         /// Cut-off time.
         before: Millis,
     },
+    /// A caller (uid, executable) seen fetching a secret for the first time.
+    AccessSeen {
+        /// The secret's id.
+        secret_id: String,
+        /// Caller uid.
+        uid: u32,
+        /// Caller executable.
+        exe: String,
+        /// When.
+        at: Millis,
+    },
     /// An issued credential revoked upstream after its lease ended.
     UpstreamRevoked {
         /// Lease id.
         id: String,
     },
+}
+
+/// A compromise run.
+#[derive(Debug, Clone)]
+pub struct IncidentRecord {
+    /// Incident id (in every audit row the run writes).
+    pub id: String,
+    /// When it started.
+    pub started_at: Millis,
+    /// When every secret in scope was rotated, if that happened.
+    pub finished_at: Option<Millis>,
+    /// Its scope, as JSON.
+    pub scope: String,
+    /// Whether old versions and leases were revoked without grace.
+    pub assume_compromise: bool,
+    /// What started it (`cli`, `admin`, `signal`, `leak`, `canary`, `anomaly`).
+    pub trigger: String,
+    /// Leases it revoked.
+    pub leases_revoked: i64,
+}
+
+/// The latest rotation of a secret under an incident.
+#[derive(Debug, Clone)]
+pub struct IncidentRotation {
+    /// The secret.
+    pub secret: String,
+    /// The rotation's state.
+    pub state: RotationState,
+    /// Its last error.
+    pub last_error: Option<String>,
+}
+
+/// An alert.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AlertRecord {
+    /// Row id.
+    pub id: i64,
+    /// When.
+    pub at: Millis,
+    /// `signal`, `leak`, `canary`, `anomaly`.
+    pub kind: String,
+    /// The secret concerned.
+    pub secret: Option<String>,
+    /// What happened.
+    pub message: String,
+    /// The incident it started, if any.
+    pub incident_id: Option<String>,
 }
 
 /// What a consumer has acknowledged for a secret.
@@ -902,5 +960,80 @@ impl Store {
     /// How many rotations ended in each terminal state.
     pub async fn rotation_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
         self.sqlite().rotation_counts().await
+    }
+
+    /// Records a new incident.
+    pub async fn create_incident(
+        &self,
+        incident: &IncidentRecord,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.sqlite().create_incident(incident, audit).await
+    }
+
+    /// An incident by id.
+    pub async fn incident(&self, id: &str) -> Result<Option<IncidentRecord>, StoreError> {
+        Ok(self.sqlite().incidents(Some(id), false).await?.pop())
+    }
+
+    /// Incidents not yet finished, oldest first.
+    pub async fn unfinished_incidents(&self) -> Result<Vec<IncidentRecord>, StoreError> {
+        self.sqlite().incidents(None, true).await
+    }
+
+    /// Adds to an incident's count of revoked leases.
+    pub async fn add_incident_leases(&self, id: &str, revoked: i64) -> Result<(), StoreError> {
+        self.sqlite().add_incident_leases(id, revoked).await
+    }
+
+    /// Marks an incident finished.
+    pub async fn finish_incident(&self, id: &str, audit: AuditEvent) -> Result<(), StoreError> {
+        self.sqlite().finish_incident(id, audit).await
+    }
+
+    /// The latest rotation of each secret under an incident.
+    pub async fn incident_rotations(&self, id: &str) -> Result<Vec<IncidentRotation>, StoreError> {
+        self.sqlite().incident_rotations(id).await
+    }
+
+    /// Marks a version revoked outside a rotation (a credential deactivated by hand or in an
+    /// emergency, for providers that cannot create a replacement).
+    pub async fn revoke_version(
+        &self,
+        name: &str,
+        secret_id: &str,
+        version: i64,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let result = self.sqlite().revoke_version(secret_id, version, audit).await;
+        self.invalidate(Some(name));
+        result
+    }
+
+    /// Records an alert (with its audit row). Returns its id.
+    pub async fn insert_alert(
+        &self,
+        alert: &AlertRecord,
+        audit: AuditEvent,
+    ) -> Result<i64, StoreError> {
+        self.sqlite().insert_alert(alert, audit).await
+    }
+
+    /// The most recent alerts, newest first.
+    pub async fn recent_alerts(&self, limit: i64) -> Result<Vec<AlertRecord>, StoreError> {
+        self.sqlite().recent_alerts(limit).await
+    }
+
+    /// Every (secret id, uid, executable) seen fetching.
+    pub async fn access_seen(&self) -> Result<Vec<(String, u32, String)>, StoreError> {
+        self.sqlite().access_seen().await
+    }
+
+    /// Versions whose keyed fingerprint is `fingerprint`: (secret name, version, stage).
+    pub async fn versions_by_fingerprint(
+        &self,
+        fingerprint: &[u8],
+    ) -> Result<Vec<(String, i64, Stage)>, StoreError> {
+        self.sqlite().versions_by_fingerprint(fingerprint).await
     }
 }

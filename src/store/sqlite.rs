@@ -16,7 +16,7 @@ use sqlx::sqlite::{
 };
 
 use super::{
-    DeliveryRecord, LeaseOp, LeaseRow, Millis, NewRotation, NewSecret, NewVersion, RewrappedKey,
+    AlertRecord, DeliveryRecord, IncidentRecord, IncidentRotation, LeaseOp, LeaseRow, Millis, NewRotation, NewSecret, NewVersion, RewrappedKey,
     RotationRecord, SealedSecret, SecretRecord, SecretSummary, Stage, StepChange, StoreError,
     VaultHeader, VersionRecord, VersionTarget, now_millis,
 };
@@ -1137,6 +1137,23 @@ impl SqliteStore {
                         .execute(&mut *tx)
                         .await?;
                     }
+                    LeaseOp::AccessSeen {
+                        secret_id,
+                        uid,
+                        exe,
+                        at,
+                    } => {
+                        sqlx::query(
+                            "INSERT OR IGNORE INTO access_seen (secret_id, uid, exe, first_seen) \
+                             VALUES (?, ?, ?, ?)",
+                        )
+                        .bind(secret_id.as_str())
+                        .bind(uid)
+                        .bind(exe.as_str())
+                        .bind(at)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
                     LeaseOp::UpstreamRevoked { id } => {
                         sqlx::query("UPDATE leases SET upstream_state = 'revoked' WHERE id = ?")
                             .bind(id.as_str())
@@ -1190,6 +1207,181 @@ impl SqliteStore {
                     upstream_state: r.try_get(13)?,
                 })
             })
+            .collect()
+    }
+
+    pub(super) async fn create_incident(
+        &self,
+        incident: &IncidentRecord,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO incidents (id, started_at, scope, assume_compromise, trigger) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(incident.id.as_str())
+        .bind(incident.started_at)
+        .bind(incident.scope.as_str())
+        .bind(incident.assume_compromise)
+        .bind(incident.trigger.as_str())
+        .execute(&mut *tx)
+        .await?;
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn incidents(
+        &self,
+        id: Option<&str>,
+        unfinished: bool,
+    ) -> Result<Vec<IncidentRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, started_at, finished_at, scope, assume_compromise, trigger, leases_revoked \
+             FROM incidents WHERE (?1 IS NULL OR id = ?1) AND (NOT ?2 OR finished_at IS NULL) \
+             ORDER BY started_at",
+        )
+        .bind(id)
+        .bind(unfinished)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(IncidentRecord {
+                    id: r.try_get(0)?,
+                    started_at: r.try_get(1)?,
+                    finished_at: r.try_get(2)?,
+                    scope: r.try_get(3)?,
+                    assume_compromise: r.try_get(4)?,
+                    trigger: r.try_get(5)?,
+                    leases_revoked: r.try_get(6)?,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn add_incident_leases(&self, id: &str, revoked: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE incidents SET leases_revoked = leases_revoked + ? WHERE id = ?")
+            .bind(revoked)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn finish_incident(&self, id: &str, audit: AuditEvent) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("UPDATE incidents SET finished_at = ? WHERE id = ? AND finished_at IS NULL")
+            .bind(now_millis())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn incident_rotations(&self, id: &str) -> Result<Vec<IncidentRotation>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.name, r.state, r.last_error FROM rotations r JOIN secrets s ON s.id = r.secret_id \
+             WHERE r.incident_id = ? AND r.rowid = (SELECT r2.rowid FROM rotations r2 \
+             WHERE r2.incident_id = r.incident_id AND r2.secret_id = r.secret_id \
+             ORDER BY r2.created_at DESC, r2.rowid DESC LIMIT 1) ORDER BY s.name",
+        )
+        .bind(id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(IncidentRotation {
+                    secret: r.try_get(0)?,
+                    state: parse_state(&r.try_get::<String, _>(1)?)?,
+                    last_error: r.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn revoke_version(
+        &self,
+        secret_id: &str,
+        version: i64,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE versions SET stage = 'revoked', stage_changed_at = ? \
+             WHERE secret_id = ? AND version = ? AND stage != 'revoked'",
+        )
+        .bind(now_millis())
+        .bind(secret_id)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn insert_alert(&self, alert: &AlertRecord, audit: AuditEvent) -> Result<i64, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO alerts (at, kind, secret, message, incident_id) VALUES (?, ?, ?, ?, ?) \
+             RETURNING id",
+        )
+        .bind(alert.at)
+        .bind(alert.kind.as_str())
+        .bind(alert.secret.as_deref())
+        .bind(alert.message.as_str())
+        .bind(alert.incident_id.as_deref())
+        .fetch_one(&mut *tx)
+        .await?;
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    pub(super) async fn recent_alerts(&self, limit: i64) -> Result<Vec<AlertRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, at, kind, secret, message, incident_id FROM alerts ORDER BY id DESC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AlertRecord {
+                    id: r.try_get(0)?,
+                    at: r.try_get(1)?,
+                    kind: r.try_get(2)?,
+                    secret: r.try_get(3)?,
+                    message: r.try_get(4)?,
+                    incident_id: r.try_get(5)?,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn access_seen(&self) -> Result<Vec<(String, u32, String)>, StoreError> {
+        Ok(sqlx::query_as("SELECT secret_id, uid, exe FROM access_seen")
+            .fetch_all(&self.reader)
+            .await?)
+    }
+
+    pub(super) async fn versions_by_fingerprint(
+        &self,
+        fingerprint: &[u8],
+    ) -> Result<Vec<(String, i64, Stage)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.name, v.version, v.stage FROM versions v JOIN secrets s ON s.id = v.secret_id \
+             WHERE v.fingerprint = ?",
+        )
+        .bind(fingerprint)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, Stage::parse(&r.try_get::<String, _>(2)?)?)))
             .collect()
     }
 

@@ -1,0 +1,235 @@
+//! `rotate-all [--assume-compromise]`: the plan, a confirmation, the run with progress, and the
+//! incident report. Through the daemon when it runs; in this process otherwise.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use hyper::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use super::output::print_json;
+use super::Context;
+use crate::clock::Clock;
+use crate::compromise::{describe_plan, Plan, Report, Scope};
+use crate::daemon::{Mode, Runtime};
+use crate::http;
+use crate::passphrase::{self, Purpose};
+use crate::store::{Access, Store};
+use crate::vault::Vault;
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    keywarden rotate-all --assume-compromise --dry-run          # the plan only\n  \
+    keywarden rotate-all --assume-compromise --yes --json       # everything, now\n  \
+    keywarden rotate-all --tag prod --provider aws-iam --yes    # an ordinary rotation of a scope\n\n\
+    Running the same scope again resumes what did not finish. Exit code 1 if anything failed.")]
+pub(crate) struct RotateAllArgs {
+    /// Secrets to include by name (besides those matched by --tag / --provider).
+    names: Vec<String>,
+    /// Revoke every lease in scope first, then revoke each old version right after promotion
+    /// (no grace). Without it, an ordinary rotation of everything in scope.
+    #[arg(long)]
+    assume_compromise: bool,
+    /// Only secrets with this tag (repeatable).
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// Only secrets of this provider kind (repeatable).
+    #[arg(long = "provider", value_name = "KIND")]
+    providers: Vec<String>,
+    /// Print the plan and stop.
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(long)]
+    yes: bool,
+    /// Secrets rotated at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    concurrency: u32,
+    /// Print the report (or, with --dry-run, the plan) as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Where the run happens.
+enum Runner {
+    Daemon(std::path::PathBuf),
+    Local(Runtime),
+}
+
+impl Runner {
+    async fn plan(&self, body: &Value) -> anyhow::Result<Plan> {
+        match self {
+            Runner::Daemon(socket) => {
+                let value = admin(socket, Method::POST, "/v1/admin/compromise/plan", Some(body.clone())).await?;
+                Ok(serde_json::from_value(value).context("the daemon's plan is not understood")?)
+            }
+            Runner::Local(rt) => Ok(rt.incidents.plan(&scope_of(body)).await?),
+        }
+    }
+
+    async fn start(&self, body: &Value) -> anyhow::Result<String> {
+        match self {
+            Runner::Daemon(socket) => {
+                let value = admin(socket, Method::POST, "/v1/admin/compromise?wait=0", Some(body.clone())).await?;
+                Ok(value["incident_id"].as_str().context("no incident id")?.to_string())
+            }
+            Runner::Local(rt) => Ok(rt
+                .incidents
+                .start(
+                    scope_of(body),
+                    body["assume_compromise"].as_bool().unwrap_or(false),
+                    body["concurrency"].as_u64().unwrap_or(8) as usize,
+                    "cli",
+                )
+                .await?),
+        }
+    }
+
+    async fn report(&self, id: &str) -> anyhow::Result<Report> {
+        match self {
+            Runner::Daemon(socket) => {
+                let value = admin(socket, Method::GET, &format!("/v1/admin/incidents/{id}"), None).await?;
+                Ok(serde_json::from_value(value).context("the daemon's report is not understood")?)
+            }
+            Runner::Local(rt) => Ok(rt.incidents.report(id).await?),
+        }
+    }
+}
+
+fn scope_of(body: &Value) -> Scope {
+    serde_json::from_value(json!({
+        "all": body["all"],
+        "names": body["names"],
+        "tags": body["tags"],
+        "providers": body["providers"],
+    }))
+    .unwrap_or_default()
+}
+
+async fn admin(socket: &std::path::Path, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    let (status, bytes) = http::request(socket, method, path, body)
+        .await
+        .with_context(|| format!("cannot reach the daemon at {}", socket.display()))?;
+    let value: Value = serde_json::from_slice(&bytes).context("the daemon's reply is not JSON")?;
+    if !(status == StatusCode::OK || status == StatusCode::ACCEPTED) {
+        bail!("{}", value["error"]["message"].as_str().unwrap_or("the daemon refused"));
+    }
+    Ok(value)
+}
+
+pub(crate) async fn rotate_all(ctx: &Context, args: RotateAllArgs) -> anyhow::Result<ExitCode> {
+    for name in &args.names {
+        crate::name::validate(name)?;
+    }
+    let body = json!({
+        "all": args.names.is_empty() && args.tags.is_empty() && args.providers.is_empty(),
+        "names": args.names,
+        "tags": args.tags,
+        "providers": args.providers,
+        "assume_compromise": args.assume_compromise,
+        "concurrency": args.concurrency,
+    });
+    let socket = ctx.config.agent.admin_socket.clone();
+    let runner = if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+        Runner::Daemon(socket)
+    } else {
+        let store = Store::open(&ctx.store_path()?, Access::Shared).await?;
+        let passphrase = passphrase::obtain(Purpose::Unlock)?;
+        let vault = Arc::new(Vault::unlock(store, &passphrase).await?);
+        drop(passphrase);
+        Runner::Local(Runtime::start(&ctx.config, vault, Clock::System, Mode::Maintenance).await?)
+    };
+    let outcome = run(&runner, &args, &body).await;
+    if let Runner::Local(rt) = runner {
+        rt.stop(Duration::from_secs(30)).await;
+    }
+    outcome
+}
+
+async fn run(runner: &Runner, args: &RotateAllArgs, body: &Value) -> anyhow::Result<ExitCode> {
+    let plan = runner.plan(body).await?;
+    if args.dry_run {
+        if args.json {
+            print_json(&plan)?;
+        } else {
+            println!("{}", describe_plan(&plan).join("\n"));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    // The plan goes to stderr so that --json leaves one document on stdout.
+    eprintln!("{}", describe_plan(&plan).join("\n"));
+    if !args.yes {
+        if !std::io::stdin().is_terminal() {
+            bail!("refusing to run without --yes: stdin is not a terminal to confirm on");
+        }
+        eprint!(
+            "{} {} secret(s){}. Type 'yes' to proceed: ",
+            if args.assume_compromise { "Assume compromise: rotate and revoke" } else { "Rotate" },
+            plan.secrets.len(),
+            if args.assume_compromise { format!(" and revoke {} lease(s)", plan.live_leases) } else { String::new() }
+        );
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if answer.trim() != "yes" {
+            bail!("not confirmed; nothing was done");
+        }
+    }
+    let id = runner.start(body).await?;
+    let total = plan.secrets.len();
+    let tty = std::io::stderr().is_terminal();
+    let mut last = (usize::MAX, usize::MAX);
+    let report = loop {
+        let report = runner.report(&id).await?;
+        let progress = (report.rotated.len(), report.failed.len());
+        if progress != last {
+            last = progress;
+            let line = format!(
+                "incident {id}: {}/{total} rotated, {} failed, {} in progress",
+                progress.0,
+                progress.1,
+                total.saturating_sub(progress.0 + progress.1)
+            );
+            if tty {
+                eprint!("\r{line}");
+                let _ = std::io::stderr().flush();
+            } else {
+                eprintln!("{line}");
+            }
+        }
+        if report.finished {
+            if tty {
+                eprintln!();
+            }
+            break report;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if args.json {
+        print_json(&report)?;
+    } else {
+        println!(
+            "incident {}: rotated {}, failed {}, leases revoked {}",
+            report.incident_id,
+            report.rotated.len(),
+            report.failed.len(),
+            report.leases_revoked
+        );
+        for name in &report.rotated {
+            println!("  rotated  {name}");
+        }
+        for f in report.failed.iter().filter(|f| !report.needs_person.contains(f)) {
+            println!("  FAILED   {}: {}", f.name, f.error);
+        }
+        for f in &report.needs_person {
+            println!("  PERSON   {}: {}", f.name, f.error);
+        }
+        if !report.failed.is_empty() {
+            println!("run the same command again to retry what failed (incident {})", report.incident_id);
+        }
+    }
+    Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

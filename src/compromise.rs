@@ -1,0 +1,676 @@
+//! Assume compromise (DESIGN.md §8): rotate and revoke everything in a scope at once, safely,
+//! and say what was done.
+//!
+//! A run is an *incident*: a row with its scope, and an id carried by every audit row and every
+//! rotation the run writes. With `assume_compromise`, every lease in scope is revoked first
+//! (credentials issued for leases are revoked upstream), then every secret in scope is rotated
+//! as an emergency (its old version revoked right after promotion, without grace), with bounded
+//! concurrency. Which secrets an incident has rotated is read from the rotations carrying its
+//! id, so running the same scope again resumes only what is not finished, and a daemon killed
+//! mid-run resumes the incident when it starts again.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keywarden_plugin_sdk::{Credential, Op, Request, Secret};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+use crate::audit::AuditEvent;
+use crate::leases::{DaemonLeaseBackend, Leases};
+use crate::provider::Provider;
+use crate::rotation::engine::{Engine, EngineError};
+use crate::rotation::{Reason, RotationState};
+use crate::store::{IncidentRecord, Millis, StoreError};
+
+/// Which secrets a run covers. Explicit names are always in scope; tags and providers filter
+/// the rest (both must match when both are given). Nothing given (or `all`) means everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scope {
+    /// Everything.
+    #[serde(default)]
+    pub all: bool,
+    /// These secrets.
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// Secrets with any of these tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Secrets of any of these provider kinds.
+    #[serde(default)]
+    pub providers: Vec<String>,
+}
+
+impl Scope {
+    /// Everything.
+    pub fn everything() -> Scope {
+        Scope {
+            all: true,
+            ..Scope::default()
+        }
+    }
+
+    /// One secret.
+    pub fn secret(name: &str) -> Scope {
+        Scope {
+            names: vec![name.to_string()],
+            ..Scope::default()
+        }
+    }
+
+    /// Whether a secret is in scope.
+    pub fn covers(&self, name: &str, tags: &[String], provider: &str) -> bool {
+        if self.names.iter().any(|n| n == name) {
+            return true;
+        }
+        let filtered = !self.tags.is_empty() || !self.providers.is_empty();
+        if !filtered {
+            return self.all || self.names.is_empty();
+        }
+        (self.tags.is_empty() || tags.iter().any(|t| self.tags.contains(t)))
+            && (self.providers.is_empty() || self.providers.iter().any(|p| p == provider))
+    }
+
+    fn canonical(&self) -> String {
+        let mut s = self.clone();
+        s.names.sort();
+        s.tags.sort();
+        s.providers.sort();
+        serde_json::to_string(&s).expect("scopes serialize")
+    }
+}
+
+/// What a run will do to one secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Rotate it through its provider.
+    Rotate,
+    /// Its provider cannot create credentials but can revoke: revoke (deactivate) the current
+    /// one, and a person must create the replacement.
+    Deactivate,
+    /// Nothing automatic is possible; a person must replace it.
+    NeedsPerson,
+}
+
+/// One secret in a plan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanItem {
+    /// The secret.
+    pub name: String,
+    /// Its provider kind.
+    pub provider: String,
+    /// Its current version.
+    pub version: Option<i64>,
+    /// What will be done.
+    pub action: Action,
+    /// For `deactivate` and `needs-person`: what a person must do.
+    pub reason: Option<String>,
+    /// Consumers that will receive the new version.
+    pub consumers: Vec<String>,
+    /// Live leases on it.
+    pub live_leases: usize,
+}
+
+/// What a run will do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    /// The scope.
+    pub scope: Scope,
+    /// Secrets in scope.
+    pub secrets: Vec<PlanItem>,
+    /// Live leases in scope.
+    pub live_leases: usize,
+}
+
+/// A secret that was not rotated, and why.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Failure {
+    /// The secret.
+    pub name: String,
+    /// Why.
+    pub error: String,
+}
+
+/// The incident report (DESIGN.md §7 `rotate-all --json` shape, plus `needs_person`,
+/// `pending`, `finished`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    /// The incident.
+    pub incident_id: String,
+    /// Secrets rotated.
+    pub rotated: Vec<String>,
+    /// Secrets not rotated (including those that need a person), with reasons.
+    pub failed: Vec<Failure>,
+    /// Leases revoked.
+    pub leases_revoked: i64,
+    /// The subset of `failed` that only a person can finish, with what to do.
+    pub needs_person: Vec<Failure>,
+    /// Secrets still in progress (a run stopped midway).
+    pub pending: Vec<String>,
+    /// Whether the run is over.
+    pub finished: bool,
+    /// Whether old versions and leases were revoked without grace.
+    pub assume_compromise: bool,
+}
+
+/// Errors starting a run.
+#[derive(Debug, thiserror::Error)]
+pub enum CompromiseError {
+    /// A name in the scope is not a secret.
+    #[error("no secret named {0:?}")]
+    UnknownSecret(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Runs incidents; in the daemon, they outlive the request that started them.
+pub struct Incidents {
+    engine: Arc<Engine>,
+    leases: Option<Arc<Leases<DaemonLeaseBackend>>>,
+    running: Mutex<HashSet<String>>,
+    tasks: Mutex<tokio::task::JoinSet<()>>,
+}
+
+impl std::fmt::Debug for Incidents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incidents").finish_non_exhaustive()
+    }
+}
+
+const ACTOR: &str = "compromise";
+
+impl Incidents {
+    /// A runner over the engine and (in the daemon) the lease table.
+    pub fn new(engine: Arc<Engine>, leases: Option<Arc<Leases<DaemonLeaseBackend>>>) -> Arc<Self> {
+        Arc::new(Incidents {
+            engine,
+            leases,
+            running: Mutex::new(HashSet::new()),
+            tasks: Mutex::new(tokio::task::JoinSet::new()),
+        })
+    }
+
+    /// What a run of `scope` would do.
+    pub async fn plan(&self, scope: &Scope) -> Result<Plan, CompromiseError> {
+        let catalog = self.engine.catalog();
+        let stored = self.engine.vault().store().list().await?;
+        for name in &scope.names {
+            if !stored.iter().any(|s| &s.name == name) {
+                return Err(CompromiseError::UnknownSecret(name.clone()));
+            }
+        }
+        let mut items = Vec::new();
+        let mut total_leases = 0;
+        for s in stored {
+            let spec = catalog.secrets.get(&s.name);
+            let provider_kind = spec.map_or(s.provider.clone(), |spec| spec.provider.clone());
+            let tags = spec.map_or(s.tags.clone(), |spec| spec.tags.clone());
+            if !scope.covers(&s.name, &tags, &provider_kind) {
+                continue;
+            }
+            let provider = spec.and_then(|_| catalog.providers.get(&provider_kind));
+            let console = spec
+                .and_then(|spec| spec.settings.get("console_url"))
+                .and_then(|v| v.as_str())
+                .map(|u| format!(" at {u}"))
+                .unwrap_or_default();
+            let (action, reason) = match provider {
+                Some(p) if p.can(Op::Create) || p.can(Op::Issue) => (Action::Rotate, None),
+                Some(p) if p.can(Op::Revoke) && s.version.is_some() => (
+                    Action::Deactivate,
+                    Some(format!(
+                        "provider {provider_kind} cannot create keys through its API: the current \
+                         key is deactivated; create a replacement{console} and store it with \
+                         `keywarden put {}`",
+                        s.name
+                    )),
+                ),
+                _ => (
+                    Action::NeedsPerson,
+                    Some(format!(
+                        "keywarden cannot rotate {provider_kind:?} secrets: replace the credential \
+                         upstream{console}, then store it with `keywarden put {}`",
+                        s.name
+                    )),
+                ),
+            };
+            let live = self.live_leases(&s.id);
+            total_leases += live;
+            items.push(PlanItem {
+                name: s.name,
+                provider: provider_kind,
+                version: s.version,
+                action,
+                reason,
+                consumers: spec.map(|spec| spec.consumers.clone()).unwrap_or_default(),
+                live_leases: live,
+            });
+        }
+        Ok(Plan {
+            scope: scope.clone(),
+            secrets: items,
+            live_leases: total_leases,
+        })
+    }
+
+    fn live_leases(&self, secret_id: &str) -> usize {
+        self.leases
+            .as_ref()
+            .map_or(0, |l| l.live_for_secret(secret_id))
+    }
+
+    /// Starts a run (or resumes the unfinished incident of the same scope) in the background.
+    /// Returns the incident id.
+    pub async fn start(
+        self: &Arc<Self>,
+        scope: Scope,
+        assume_compromise: bool,
+        concurrency: usize,
+        trigger: &str,
+    ) -> Result<String, CompromiseError> {
+        let plan = self.plan(&scope).await?;
+        let incident = self.open_incident(&scope, assume_compromise, trigger).await?;
+        self.spawn(incident.clone(), plan, concurrency);
+        Ok(incident.id)
+    }
+
+    fn spawn(self: &Arc<Self>, incident: IncidentRecord, plan: Plan, concurrency: usize) {
+        if !self.running.lock().expect("running lock").insert(incident.id.clone()) {
+            return;
+        }
+        let this = self.clone();
+        self.tasks.lock().expect("tasks lock").spawn(async move {
+            let id = incident.id.clone();
+            if let Err(e) = this.execute(&incident, &plan, concurrency).await {
+                tracing::error!(incident = %id, error = %e, "compromise run failed");
+            }
+            this.running.lock().expect("running lock").remove(&id);
+        });
+    }
+
+    /// Runs to the end (the CLI without a daemon) and returns the report.
+    pub async fn run(
+        self: &Arc<Self>,
+        scope: Scope,
+        assume_compromise: bool,
+        concurrency: usize,
+        trigger: &str,
+    ) -> Result<Report, CompromiseError> {
+        let plan = self.plan(&scope).await?;
+        let incident = self.open_incident(&scope, assume_compromise, trigger).await?;
+        self.execute(&incident, &plan, concurrency).await?;
+        self.report(&incident.id).await
+    }
+
+    /// Resumes incidents a previous daemon left unfinished.
+    pub async fn resume_unfinished(self: &Arc<Self>, concurrency: usize) -> Result<usize, CompromiseError> {
+        let open = self.engine.vault().store().unfinished_incidents().await?;
+        for incident in &open {
+            let scope: Scope = serde_json::from_str(&incident.scope).unwrap_or_default();
+            match self.plan(&scope).await {
+                Ok(plan) => {
+                    tracing::info!(incident = %incident.id, "resuming an unfinished compromise run");
+                    self.spawn(incident.clone(), plan, concurrency);
+                }
+                Err(e) => tracing::error!(incident = %incident.id, error = %e, "cannot resume incident"),
+            }
+        }
+        Ok(open.len())
+    }
+
+    /// Whether a run of `id` is in progress here.
+    pub fn is_running(&self, id: &str) -> bool {
+        self.running.lock().expect("running lock").contains(id)
+    }
+
+    async fn open_incident(
+        &self,
+        scope: &Scope,
+        assume_compromise: bool,
+        trigger: &str,
+    ) -> Result<IncidentRecord, CompromiseError> {
+        let store = self.engine.vault().store();
+        let canonical = scope.canonical();
+        if let Some(open) = store
+            .unfinished_incidents()
+            .await?
+            .into_iter()
+            .rev()
+            .find(|i| i.scope == canonical && i.assume_compromise == assume_compromise)
+        {
+            let audit = AuditEvent::new(ACTOR, "compromise.resumed")
+                .incident(Some(open.id.clone()))
+                .detail(json!({ "trigger": trigger }));
+            store.append_audit(&[audit]).await?;
+            return Ok(open);
+        }
+        let incident = IncidentRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            started_at: self.engine.clock().now(),
+            finished_at: None,
+            scope: canonical,
+            assume_compromise,
+            trigger: trigger.to_string(),
+            leases_revoked: 0,
+        };
+        let audit = AuditEvent::new(ACTOR, "compromise.started")
+            .incident(Some(incident.id.clone()))
+            .detail(json!({ "scope": scope, "assume_compromise": assume_compromise, "trigger": trigger }));
+        store.create_incident(&incident, audit).await?;
+        Ok(incident)
+    }
+
+    async fn execute(&self, incident: &IncidentRecord, plan: &Plan, concurrency: usize) -> Result<(), CompromiseError> {
+        let store = self.engine.vault().store();
+        let id = incident.id.as_str();
+        if incident.assume_compromise {
+            if let Some(leases) = &self.leases {
+                let ids: HashSet<String> = {
+                    let stored = store.list().await?;
+                    let names: HashSet<&str> = plan.secrets.iter().map(|p| p.name.as_str()).collect();
+                    stored.into_iter().filter(|s| names.contains(s.name.as_str())).map(|s| s.id).collect()
+                };
+                let audit = vec![AuditEvent::new(ACTOR, "compromise.leases-revoked").incident(Some(id.to_string()))];
+                match leases.revoke_where(|l| ids.contains(&l.secret_id), audit).await {
+                    Ok(revoked) => {
+                        store.add_incident_leases(id, revoked.len() as i64).await?;
+                        tracing::warn!(incident = id, leases = revoked.len(), "revoked every lease in scope");
+                    }
+                    Err(e) => tracing::error!(incident = id, error = %e, "could not revoke leases"),
+                }
+            }
+        }
+        let done: HashSet<String> = store
+            .incident_rotations(id)
+            .await?
+            .into_iter()
+            .filter(|r| r.state == RotationState::Done)
+            .map(|r| r.secret)
+            .collect();
+        let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+        let mut work = tokio::task::JoinSet::new();
+        for item in plan.secrets.iter().filter(|i| !done.contains(&i.name)).cloned() {
+            let permits = permits.clone();
+            let engine = self.engine.clone();
+            let incident = incident.clone();
+            work.spawn(async move {
+                let _permit = permits.acquire_owned().await.expect("semaphore never closed");
+                if let Err(e) = act(&engine, &incident, &item).await {
+                    tracing::warn!(incident = %incident.id, secret = %item.name, error = %e, "not rotated");
+                }
+            });
+        }
+        while work.join_next().await.is_some() {}
+        let report = self.report(id).await?;
+        if report.failed.is_empty() && report.pending.is_empty() {
+            let audit = AuditEvent::new(ACTOR, "compromise.finished")
+                .incident(Some(id.to_string()))
+                .detail(json!({ "rotated": report.rotated.len(), "leases_revoked": report.leases_revoked }));
+            store.finish_incident(id, audit).await?;
+        } else {
+            let audit = AuditEvent::new(ACTOR, "compromise.incomplete")
+                .incident(Some(id.to_string()))
+                .detail(json!({
+                    "rotated": report.rotated.len(),
+                    "failed": report.failed.len(),
+                    "pending": report.pending.len(),
+                }));
+            store.append_audit(&[audit]).await?;
+        }
+        Ok(())
+    }
+
+    /// The report of an incident, from the store (consistent across restarts).
+    pub async fn report(&self, id: &str) -> Result<Report, CompromiseError> {
+        let store = self.engine.vault().store();
+        let incident = store
+            .incident(id)
+            .await?
+            .ok_or_else(|| CompromiseError::UnknownSecret(format!("incident {id}")))?;
+        let scope: Scope = serde_json::from_str(&incident.scope).unwrap_or_default();
+        let plan = self.plan(&scope).await?;
+        let rotations: HashMap<String, (RotationState, Option<String>)> = store
+            .incident_rotations(id)
+            .await?
+            .into_iter()
+            .map(|r| (r.secret, (r.state, r.last_error)))
+            .collect();
+        let quarantine: HashMap<String, Option<String>> = store
+            .list()
+            .await?
+            .into_iter()
+            .filter(|s| s.quarantined_at.is_some())
+            .map(|s| (s.name, s.last_error))
+            .collect();
+        let running = self.is_running(id);
+        let mut report = Report {
+            incident_id: id.to_string(),
+            rotated: Vec::new(),
+            failed: Vec::new(),
+            leases_revoked: incident.leases_revoked,
+            needs_person: Vec::new(),
+            pending: Vec::new(),
+            finished: !running,
+            assume_compromise: incident.assume_compromise,
+        };
+        for item in &plan.secrets {
+            if item.action == Action::Rotate && is_issue_only(&self.engine, &item.name) {
+                // Only per-lease credentials, all revoked with the leases.
+                report.rotated.push(item.name.clone());
+                continue;
+            }
+            match (&item.action, rotations.get(&item.name)) {
+                (Action::Deactivate | Action::NeedsPerson, _) => {
+                    let f = Failure {
+                        name: item.name.clone(),
+                        error: format!("needs a person: {}", item.reason.as_deref().unwrap_or("")),
+                    };
+                    report.needs_person.push(f.clone());
+                    report.failed.push(f);
+                }
+                (Action::Rotate, Some((RotationState::Done, _))) => report.rotated.push(item.name.clone()),
+                (Action::Rotate, Some((RotationState::Draining, _))) if !incident.assume_compromise => {
+                    report.rotated.push(item.name.clone())
+                }
+                (Action::Rotate, Some((state @ (RotationState::Failed | RotationState::RolledBack), error))) => {
+                    report.failed.push(Failure {
+                        name: item.name.clone(),
+                        error: error.clone().unwrap_or_else(|| state.to_string()),
+                    })
+                }
+                (Action::Rotate, _) if quarantine.contains_key(&item.name) => report.failed.push(Failure {
+                    name: item.name.clone(),
+                    error: quarantine[&item.name].clone().unwrap_or_else(|| "quarantined".into()),
+                }),
+                (Action::Rotate, Some(_)) if !running => report.failed.push(Failure {
+                    name: item.name.clone(),
+                    error: "the rotation did not finish (it resumes in the daemon)".into(),
+                }),
+                (Action::Rotate, None) if !running => report.failed.push(Failure {
+                    name: item.name.clone(),
+                    error: "not attempted".into(),
+                }),
+                (Action::Rotate, _) => report.pending.push(item.name.clone()),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Waits for background runs to finish (daemon shutdown), up to `timeout`.
+    pub async fn wait_idle(&self, timeout: Duration) {
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks lock"));
+        let _ = tokio::time::timeout(timeout, async { while tasks.join_next().await.is_some() {} }).await;
+    }
+}
+
+/// Does what the plan says for one secret.
+async fn act(engine: &Arc<Engine>, incident: &IncidentRecord, item: &PlanItem) -> Result<(), String> {
+    let id = Some(incident.id.as_str());
+    match &item.action {
+        Action::NeedsPerson => Ok(()),
+        Action::Deactivate => deactivate(engine, incident, &item.name).await,
+        Action::Rotate => {
+            if is_issue_only(engine, &item.name) {
+                // Nothing stored to rotate: every credential was per lease, and those leases
+                // were revoked above. Record the secret as handled for the incident.
+                return Ok(());
+            }
+            for round in 0..2 {
+                let ticket = match engine.request(&item.name, Reason::Compromise, incident.assume_compromise, id).await {
+                    Ok(t) => t,
+                    Err(EngineError::NeedsPerson { reason, .. }) => return Err(reason),
+                    Err(e) => return Err(e.to_string()),
+                };
+                let record = engine
+                    .wait(&ticket.rotation_id, Duration::from_secs(24 * 3600))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or("the rotation vanished")?;
+                // A rotation that was already under way may have promoted a value minted before
+                // the incident began (and so possibly exposed): rotate once more.
+                let fresh = current_created_at(engine, &item.name).await.is_some_and(|t| t >= incident.started_at);
+                if record.state == RotationState::Done && !fresh && round == 0 {
+                    continue;
+                }
+                return Ok(());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn is_issue_only(engine: &Engine, name: &str) -> bool {
+    let catalog = engine.catalog();
+    catalog
+        .secrets
+        .get(name)
+        .and_then(|s| catalog.providers.get(&s.provider))
+        .is_some_and(|p| p.can(Op::Issue) && !p.can(Op::Create))
+}
+
+async fn current_created_at(engine: &Engine, name: &str) -> Option<Millis> {
+    engine
+        .vault()
+        .store()
+        .sealed(name, None)
+        .await
+        .ok()
+        .flatten()
+        .map(|s| s.version.created_at)
+}
+
+/// For providers that cannot create keys: revoke (deactivate) the current one upstream.
+async fn deactivate(engine: &Arc<Engine>, incident: &IncidentRecord, name: &str) -> Result<(), String> {
+    let catalog = engine.catalog();
+    let spec = catalog.secrets.get(name).ok_or("not declared")?;
+    let Some(Provider::Plugin { host, kind, .. }) = catalog.providers.get(&spec.provider) else {
+        return Err("no plugin".into());
+    };
+    let vault = engine.vault();
+    let Ok(current) = vault.read(name, None).await else {
+        return Ok(()); // nothing current: nothing to deactivate
+    };
+    let request = Request {
+        op: Op::Revoke.as_str().into(),
+        kind: Some(kind.clone()),
+        secret: Some(name.to_string()),
+        settings: spec.settings.clone(),
+        credentials: engine.credentials_for(&spec.credentials).await?,
+        target: Some(Credential {
+            version: Some(current.version),
+            value: Secret::new(current.value.expose()),
+            meta: current.meta.clone(),
+        }),
+        ..Request::default()
+    };
+    host.call(request).await.map_err(|e| e.to_string())?;
+    let audit = AuditEvent::new(ACTOR, "secret.deactivated")
+        .secret(name)
+        .incident(Some(incident.id.clone()))
+        .detail(json!({ "version": current.version }));
+    vault
+        .store()
+        .revoke_version(name, &current.secret_id, current.version, audit)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::warn!(secret = name, version = current.version, "deactivated; a person must create the replacement");
+    Ok(())
+}
+
+/// A one-line summary per secret for the plan printout.
+pub fn describe_plan(plan: &Plan) -> Vec<String> {
+    let mut by_action: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut lines = Vec::new();
+    for item in &plan.secrets {
+        let what = match item.action {
+            Action::Rotate => "rotate",
+            Action::Deactivate => "deactivate",
+            Action::NeedsPerson => "needs a person",
+        };
+        let why = item.reason.as_ref();
+        *by_action.entry(what).or_default() += 1;
+        lines.push(format!(
+            "  {:<14} {} (provider {}, version {}, {} consumer(s), {} live lease(s)){}",
+            what,
+            item.name,
+            item.provider,
+            item.version.map_or("-".into(), |v| v.to_string()),
+            item.consumers.len(),
+            item.live_leases,
+            why.map(|w| format!(": {w}")).unwrap_or_default()
+        ));
+    }
+    let summary = by_action
+        .iter()
+        .map(|(k, v)| format!("{v} to {k}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    lines.insert(
+        0,
+        format!(
+            "plan: {} secret(s) in scope ({summary}); {} live lease(s)",
+            plan.secrets.len(),
+            plan.live_leases
+        ),
+    );
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(t: &[&str]) -> Vec<String> {
+        t.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn scopes_select_by_name_tag_and_provider() {
+        let all = Scope::default();
+        assert!(all.covers("a", &[], "random"));
+        let names = Scope::secret("a");
+        assert!(names.covers("a", &[], "x") && !names.covers("b", &[], "x"));
+        let prod_aws = Scope {
+            tags: tags(&["prod"]),
+            providers: tags(&["aws-iam"]),
+            ..Scope::default()
+        };
+        assert!(prod_aws.covers("x", &tags(&["prod", "aws"]), "aws-iam"));
+        assert!(!prod_aws.covers("x", &tags(&["prod"]), "random"));
+        assert!(!prod_aws.covers("x", &tags(&["dev"]), "aws-iam"));
+        let with_name = Scope {
+            names: tags(&["special"]),
+            ..prod_aws.clone()
+        };
+        assert!(with_name.covers("special", &[], "manual"));
+        assert_eq!(
+            Scope { names: tags(&["b", "a"]), ..Scope::default() }.canonical(),
+            Scope { names: tags(&["a", "b"]), ..Scope::default() }.canonical()
+        );
+    }
+}
