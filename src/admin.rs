@@ -95,22 +95,40 @@ impl AdminApi {
         peer: Peer,
         plan_only: bool,
     ) -> Response<Full<Bytes>> {
-        let body: CompromiseBody = match serde_json::from_slice(if body.is_empty() { b"{}" } else { body }) {
-            Ok(b) => b,
-            Err(e) => return http::error(StatusCode::BAD_REQUEST, "bad_request", format!("bad scope: {e}")),
-        };
+        let body: CompromiseBody =
+            match serde_json::from_slice(if body.is_empty() { b"{}" } else { body }) {
+                Ok(b) => b,
+                Err(e) => {
+                    return http::error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        format!("bad scope: {e}"),
+                    );
+                }
+            };
         let scope = body.scope();
         if plan_only {
             return match self.incidents.plan(&scope).await {
-                Ok(plan) => http::json(StatusCode::OK, &serde_json::to_value(&plan).expect("plans serialize")),
+                Ok(plan) => http::json(
+                    StatusCode::OK,
+                    &serde_json::to_value(&plan).expect("plans serialize"),
+                ),
                 Err(e) => compromise_error(e),
             };
         }
         let mut wait = Duration::ZERO;
         for (k, v) in http::query_pairs(query) {
             match (k, v.parse::<u64>()) {
-                ("wait", Ok(secs)) => wait = Duration::from_secs(secs).min(Duration::from_secs(3600)),
-                _ => return http::error(StatusCode::BAD_REQUEST, "bad_request", format!("unknown or bad query parameter {k:?}")),
+                ("wait", Ok(secs)) => {
+                    wait = Duration::from_secs(secs).min(Duration::from_secs(3600))
+                }
+                _ => {
+                    return http::error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        format!("unknown or bad query parameter {k:?}"),
+                    );
+                }
             }
         }
         let audit = AuditEvent::new(Self::actor(peer), "admin.compromise")
@@ -120,7 +138,12 @@ impl AdminApi {
         }
         let id = match self
             .incidents
-            .start(scope, body.assume_compromise, body.concurrency.unwrap_or(8), "admin")
+            .start(
+                scope,
+                body.assume_compromise,
+                body.concurrency.unwrap_or(8),
+                "admin",
+            )
             .await
         {
             Ok(id) => id,
@@ -132,7 +155,10 @@ impl AdminApi {
                 return self.incident(&id).await;
             }
             if tokio::time::Instant::now() >= deadline {
-                return http::json(StatusCode::ACCEPTED, &json!({ "incident_id": id, "finished": false }));
+                return http::json(
+                    StatusCode::ACCEPTED,
+                    &json!({ "incident_id": id, "finished": false }),
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -140,7 +166,10 @@ impl AdminApi {
 
     async fn incident(&self, id: &str) -> Response<Full<Bytes>> {
         match self.incidents.report(id).await {
-            Ok(report) => http::json(StatusCode::OK, &serde_json::to_value(&report).expect("reports serialize")),
+            Ok(report) => http::json(
+                StatusCode::OK,
+                &serde_json::to_value(&report).expect("reports serialize"),
+            ),
             Err(e) => compromise_error(e),
         }
     }
@@ -261,10 +290,12 @@ impl Handler for AdminApi {
                     .await
             }
             (&Method::POST, "/v1/admin/compromise") => {
-                self.compromise(request.body(), query.as_deref(), peer, false).await
+                self.compromise(request.body(), query.as_deref(), peer, false)
+                    .await
             }
             (&Method::POST, "/v1/admin/compromise/plan") => {
-                self.compromise(request.body(), query.as_deref(), peer, true).await
+                self.compromise(request.body(), query.as_deref(), peer, true)
+                    .await
             }
             (&Method::GET, p) if p.starts_with("/v1/admin/incidents/") => {
                 self.incident(&p["/v1/admin/incidents/".len()..]).await
@@ -310,7 +341,11 @@ impl Handler for AdminApi {
 
 fn compromise_error(e: CompromiseError) -> Response<Full<Bytes>> {
     match e {
-        CompromiseError::UnknownSecret(_) => http::error(StatusCode::NOT_FOUND, "unknown", e.to_string()),
-        CompromiseError::Store(_) => http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+        CompromiseError::UnknownSecret(_) => {
+            http::error(StatusCode::NOT_FOUND, "unknown", e.to_string())
+        }
+        CompromiseError::Store(_) => {
+            http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+        }
     }
 }

@@ -274,13 +274,20 @@ impl Incidents {
         trigger: &str,
     ) -> Result<String, CompromiseError> {
         let plan = self.plan(&scope).await?;
-        let incident = self.open_incident(&scope, assume_compromise, trigger).await?;
+        let incident = self
+            .open_incident(&scope, assume_compromise, trigger)
+            .await?;
         self.spawn(incident.clone(), plan, concurrency);
         Ok(incident.id)
     }
 
     fn spawn(self: &Arc<Self>, incident: IncidentRecord, plan: Plan, concurrency: usize) {
-        if !self.running.lock().expect("running lock").insert(incident.id.clone()) {
+        if !self
+            .running
+            .lock()
+            .expect("running lock")
+            .insert(incident.id.clone())
+        {
             return;
         }
         let this = self.clone();
@@ -302,13 +309,18 @@ impl Incidents {
         trigger: &str,
     ) -> Result<Report, CompromiseError> {
         let plan = self.plan(&scope).await?;
-        let incident = self.open_incident(&scope, assume_compromise, trigger).await?;
+        let incident = self
+            .open_incident(&scope, assume_compromise, trigger)
+            .await?;
         self.execute(&incident, &plan, concurrency).await?;
         self.report(&incident.id).await
     }
 
     /// Resumes incidents a previous daemon left unfinished.
-    pub async fn resume_unfinished(self: &Arc<Self>, concurrency: usize) -> Result<usize, CompromiseError> {
+    pub async fn resume_unfinished(
+        self: &Arc<Self>,
+        concurrency: usize,
+    ) -> Result<usize, CompromiseError> {
         let open = self.engine.vault().store().unfinished_incidents().await?;
         for incident in &open {
             let scope: Scope = serde_json::from_str(&incident.scope).unwrap_or_default();
@@ -317,7 +329,9 @@ impl Incidents {
                     tracing::info!(incident = %incident.id, "resuming an unfinished compromise run");
                     self.spawn(incident.clone(), plan, concurrency);
                 }
-                Err(e) => tracing::error!(incident = %incident.id, error = %e, "cannot resume incident"),
+                Err(e) => {
+                    tracing::error!(incident = %incident.id, error = %e, "cannot resume incident")
+                }
             }
         }
         Ok(open.len())
@@ -365,21 +379,41 @@ impl Incidents {
         Ok(incident)
     }
 
-    async fn execute(&self, incident: &IncidentRecord, plan: &Plan, concurrency: usize) -> Result<(), CompromiseError> {
+    async fn execute(
+        &self,
+        incident: &IncidentRecord,
+        plan: &Plan,
+        concurrency: usize,
+    ) -> Result<(), CompromiseError> {
         let store = self.engine.vault().store();
         let id = incident.id.as_str();
         if incident.assume_compromise {
             if let Some(leases) = &self.leases {
                 let ids: HashSet<String> = {
                     let stored = store.list().await?;
-                    let names: HashSet<&str> = plan.secrets.iter().map(|p| p.name.as_str()).collect();
-                    stored.into_iter().filter(|s| names.contains(s.name.as_str())).map(|s| s.id).collect()
+                    let names: HashSet<&str> =
+                        plan.secrets.iter().map(|p| p.name.as_str()).collect();
+                    stored
+                        .into_iter()
+                        .filter(|s| names.contains(s.name.as_str()))
+                        .map(|s| s.id)
+                        .collect()
                 };
-                let audit = vec![AuditEvent::new(ACTOR, "compromise.leases-revoked").incident(Some(id.to_string()))];
-                match leases.revoke_where(|l| ids.contains(&l.secret_id), audit).await {
+                let audit = vec![
+                    AuditEvent::new(ACTOR, "compromise.leases-revoked")
+                        .incident(Some(id.to_string())),
+                ];
+                match leases
+                    .revoke_where(|l| ids.contains(&l.secret_id), audit)
+                    .await
+                {
                     Ok(revoked) => {
                         store.add_incident_leases(id, revoked.len() as i64).await?;
-                        tracing::warn!(incident = id, leases = revoked.len(), "revoked every lease in scope");
+                        tracing::warn!(
+                            incident = id,
+                            leases = revoked.len(),
+                            "revoked every lease in scope"
+                        );
                     }
                     Err(e) => tracing::error!(incident = id, error = %e, "could not revoke leases"),
                 }
@@ -394,7 +428,12 @@ impl Incidents {
             .collect();
         let permits = Arc::new(Semaphore::new(concurrency.max(1)));
         let mut work = tokio::task::JoinSet::new();
-        for item in plan.secrets.iter().filter(|i| !done.contains(&i.name)).cloned() {
+        for item in plan
+            .secrets
+            .iter()
+            .filter(|i| !done.contains(&i.name))
+            .cloned()
+        {
             let permits = permits.clone();
             let engine = self.engine.clone();
             let incident = incident.clone();
@@ -473,20 +512,29 @@ impl Incidents {
                     report.needs_person.push(f.clone());
                     report.failed.push(f);
                 }
-                (Action::Rotate, Some((RotationState::Done, _))) => report.rotated.push(item.name.clone()),
-                (Action::Rotate, Some((RotationState::Draining, _))) if !incident.assume_compromise => {
+                (Action::Rotate, Some((RotationState::Done, _))) => {
                     report.rotated.push(item.name.clone())
                 }
-                (Action::Rotate, Some((state @ (RotationState::Failed | RotationState::RolledBack), error))) => {
+                (Action::Rotate, Some((RotationState::Draining, _)))
+                    if !incident.assume_compromise =>
+                {
+                    report.rotated.push(item.name.clone())
+                }
+                (
+                    Action::Rotate,
+                    Some((state @ (RotationState::Failed | RotationState::RolledBack), error)),
+                ) => report.failed.push(Failure {
+                    name: item.name.clone(),
+                    error: error.clone().unwrap_or_else(|| state.to_string()),
+                }),
+                (Action::Rotate, _) if quarantine.contains_key(&item.name) => {
                     report.failed.push(Failure {
                         name: item.name.clone(),
-                        error: error.clone().unwrap_or_else(|| state.to_string()),
+                        error: quarantine[&item.name]
+                            .clone()
+                            .unwrap_or_else(|| "quarantined".into()),
                     })
                 }
-                (Action::Rotate, _) if quarantine.contains_key(&item.name) => report.failed.push(Failure {
-                    name: item.name.clone(),
-                    error: quarantine[&item.name].clone().unwrap_or_else(|| "quarantined".into()),
-                }),
                 (Action::Rotate, Some(_)) if !running => report.failed.push(Failure {
                     name: item.name.clone(),
                     error: "the rotation did not finish (it resumes in the daemon)".into(),
@@ -504,12 +552,19 @@ impl Incidents {
     /// Waits for background runs to finish (daemon shutdown), up to `timeout`.
     pub async fn wait_idle(&self, timeout: Duration) {
         let mut tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks lock"));
-        let _ = tokio::time::timeout(timeout, async { while tasks.join_next().await.is_some() {} }).await;
+        let _ = tokio::time::timeout(timeout, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
     }
 }
 
 /// Does what the plan says for one secret.
-async fn act(engine: &Arc<Engine>, incident: &IncidentRecord, item: &PlanItem) -> Result<(), String> {
+async fn act(
+    engine: &Arc<Engine>,
+    incident: &IncidentRecord,
+    item: &PlanItem,
+) -> Result<(), String> {
     let id = Some(incident.id.as_str());
     match &item.action {
         Action::NeedsPerson => Ok(()),
@@ -521,7 +576,15 @@ async fn act(engine: &Arc<Engine>, incident: &IncidentRecord, item: &PlanItem) -
                 return Ok(());
             }
             for round in 0..2 {
-                let ticket = match engine.request(&item.name, Reason::Compromise, incident.assume_compromise, id).await {
+                let ticket = match engine
+                    .request(
+                        &item.name,
+                        Reason::Compromise,
+                        incident.assume_compromise,
+                        id,
+                    )
+                    .await
+                {
                     Ok(t) => t,
                     Err(EngineError::NeedsPerson { reason, .. }) => return Err(reason),
                     Err(e) => return Err(e.to_string()),
@@ -533,7 +596,9 @@ async fn act(engine: &Arc<Engine>, incident: &IncidentRecord, item: &PlanItem) -
                     .ok_or("the rotation vanished")?;
                 // A rotation that was already under way may have promoted a value minted before
                 // the incident began (and so possibly exposed): rotate once more.
-                let fresh = current_created_at(engine, &item.name).await.is_some_and(|t| t >= incident.started_at);
+                let fresh = current_created_at(engine, &item.name)
+                    .await
+                    .is_some_and(|t| t >= incident.started_at);
                 if record.state == RotationState::Done && !fresh && round == 0 {
                     continue;
                 }
@@ -565,7 +630,11 @@ async fn current_created_at(engine: &Engine, name: &str) -> Option<Millis> {
 }
 
 /// For providers that cannot create keys: revoke (deactivate) the current one upstream.
-async fn deactivate(engine: &Arc<Engine>, incident: &IncidentRecord, name: &str) -> Result<(), String> {
+async fn deactivate(
+    engine: &Arc<Engine>,
+    incident: &IncidentRecord,
+    name: &str,
+) -> Result<(), String> {
     let catalog = engine.catalog();
     let spec = catalog.secrets.get(name).ok_or("not declared")?;
     let Some(Provider::Plugin { host, kind, .. }) = catalog.providers.get(&spec.provider) else {
@@ -598,7 +667,11 @@ async fn deactivate(engine: &Arc<Engine>, incident: &IncidentRecord, name: &str)
         .revoke_version(name, &current.secret_id, current.version, audit)
         .await
         .map_err(|e| e.to_string())?;
-    tracing::warn!(secret = name, version = current.version, "deactivated; a person must create the replacement");
+    tracing::warn!(
+        secret = name,
+        version = current.version,
+        "deactivated; a person must create the replacement"
+    );
     Ok(())
 }
 
@@ -669,8 +742,16 @@ mod tests {
         };
         assert!(with_name.covers("special", &[], "manual"));
         assert_eq!(
-            Scope { names: tags(&["b", "a"]), ..Scope::default() }.canonical(),
-            Scope { names: tags(&["a", "b"]), ..Scope::default() }.canonical()
+            Scope {
+                names: tags(&["b", "a"]),
+                ..Scope::default()
+            }
+            .canonical(),
+            Scope {
+                names: tags(&["a", "b"]),
+                ..Scope::default()
+            }
+            .canonical()
         );
     }
 }

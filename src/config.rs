@@ -637,10 +637,16 @@ impl Config {
         };
         if let Some(listen) = &signals.listen {
             if listen.parse::<std::net::SocketAddr>().is_err() {
-                return Err(signals_error("listen", format!("{listen:?} is not an address such as \"127.0.0.1:8787\"")));
+                return Err(signals_error(
+                    "listen",
+                    format!("{listen:?} is not an address such as \"127.0.0.1:8787\""),
+                ));
             }
             if signals.hmac_secret.is_none() {
-                return Err(signals_error("hmac_secret", "the listener needs the secret that holds its HMAC key".into()));
+                return Err(signals_error(
+                    "hmac_secret",
+                    "the listener needs the secret that holds its HMAC key".into(),
+                ));
             }
         }
         if let Some(name) = &signals.hmac_secret {
@@ -648,11 +654,17 @@ impl Config {
         }
         if let Some(consumer) = &signals.alert_consumer {
             if !self.consumers.contains_key(consumer) {
-                return Err(signals_error("alert_consumer", format!("no consumer named {consumer:?}")));
+                return Err(signals_error(
+                    "alert_consumer",
+                    format!("no consumer named {consumer:?}"),
+                ));
             }
         }
         if signals.anomaly_rate_factor < 1.0 {
-            return Err(signals_error("anomaly_rate_factor", "must be at least 1".into()));
+            return Err(signals_error(
+                "anomaly_rate_factor",
+                "must be at least 1".into(),
+            ));
         }
         for (i, policy) in self.policy.iter().enumerate() {
             crate::policy::check(policy)

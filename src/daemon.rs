@@ -8,9 +8,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 use crate::clock::Clock;
+use crate::compromise::Incidents;
 use crate::config::{BUILTIN_PROVIDERS, Config, ConfigError};
 use crate::consumer::{Consumer, FileConsumer, resolve_id};
-use crate::compromise::Incidents;
 use crate::group_commit::GroupCommit;
 use crate::leases::{DaemonLeaseBackend, Leases};
 use crate::metrics::Metrics;
@@ -358,7 +358,9 @@ impl Runtime {
     /// the plugins down.
     pub async fn stop(self, timeout: std::time::Duration) {
         let _ = self.shutdown.send(true);
-        self.incidents.wait_idle(std::time::Duration::from_millis(200)).await;
+        self.incidents
+            .wait_idle(std::time::Duration::from_millis(200))
+            .await;
         if !self.engine.wait_idle(timeout).await {
             tracing::warn!(
                 ?timeout,

@@ -14,7 +14,7 @@ Kinds:
 Settings (per secret or consumer) that make it misbehave, for tests:
   use_proposed = true                  the new value is the daemon's proposed value
   fail = {op, retryable, once}         answer that op with an error
-  fail_pct = {op, pct}                 fail the first attempt of that op for ~pct% of secrets
+  fail_pct = {op, pct, skip}           fail once, after `skip` successes, that op for ~pct% of secrets
   hang = {op, once}                    never answer that op
   crash = {op, once}                   exit without answering
   block = {op, once}                   do the op's effect upstream, record it, then never answer
@@ -125,8 +125,9 @@ def misbehaviour(conn, req, when):
             event(conn, "failed:" + op, secret)
             raise Failure(f"injected failure of {op}", bool(rule.get("retryable")))
         rule = settings.get("fail_pct")
-        if rule and rule.get("op") == op:
-            if zlib.crc32(secret.encode()) % 100 < int(rule["pct"]) and first_time(conn, f"pct:{op}:{secret}"):
+        if rule and rule.get("op") == op and zlib.crc32(secret.encode()) % 100 < int(rule["pct"]):
+            # Fail once per chosen secret: the (skip+1)-th time this op runs for it.
+            if count(conn, f"pct:{op}:{secret}") == int(rule.get("skip", 0)) + 1:
                 event(conn, "failed:" + op, secret)
                 raise Failure(f"injected failure of {op} for {secret}", False)
         if selected("hang"):

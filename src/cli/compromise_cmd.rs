@@ -6,15 +6,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use clap::Args;
 use hyper::{Method, StatusCode};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
-use super::output::print_json;
 use super::Context;
+use super::output::print_json;
 use crate::clock::Clock;
-use crate::compromise::{describe_plan, Plan, Report, Scope};
+use crate::compromise::{Plan, Report, Scope, describe_plan};
 use crate::daemon::{Mode, Runtime};
 use crate::http;
 use crate::passphrase::{self, Purpose};
@@ -64,7 +64,13 @@ impl Runner {
     async fn plan(&self, body: &Value) -> anyhow::Result<Plan> {
         match self {
             Runner::Daemon(socket) => {
-                let value = admin(socket, Method::POST, "/v1/admin/compromise/plan", Some(body.clone())).await?;
+                let value = admin(
+                    socket,
+                    Method::POST,
+                    "/v1/admin/compromise/plan",
+                    Some(body.clone()),
+                )
+                .await?;
                 Ok(serde_json::from_value(value).context("the daemon's plan is not understood")?)
             }
             Runner::Local(rt) => Ok(rt.incidents.plan(&scope_of(body)).await?),
@@ -74,8 +80,17 @@ impl Runner {
     async fn start(&self, body: &Value) -> anyhow::Result<String> {
         match self {
             Runner::Daemon(socket) => {
-                let value = admin(socket, Method::POST, "/v1/admin/compromise?wait=0", Some(body.clone())).await?;
-                Ok(value["incident_id"].as_str().context("no incident id")?.to_string())
+                let value = admin(
+                    socket,
+                    Method::POST,
+                    "/v1/admin/compromise?wait=0",
+                    Some(body.clone()),
+                )
+                .await?;
+                Ok(value["incident_id"]
+                    .as_str()
+                    .context("no incident id")?
+                    .to_string())
             }
             Runner::Local(rt) => Ok(rt
                 .incidents
@@ -92,8 +107,15 @@ impl Runner {
     async fn report(&self, id: &str) -> anyhow::Result<Report> {
         match self {
             Runner::Daemon(socket) => {
-                let value = admin(socket, Method::GET, &format!("/v1/admin/incidents/{id}"), None).await?;
-                Ok(serde_json::from_value(value).context("the daemon's report is not understood")?)
+                let value = admin(
+                    socket,
+                    Method::GET,
+                    &format!("/v1/admin/incidents/{id}"),
+                    None,
+                )
+                .await?;
+                Ok(serde_json::from_value(value)
+                    .context("the daemon's report is not understood")?)
             }
             Runner::Local(rt) => Ok(rt.incidents.report(id).await?),
         }
@@ -110,13 +132,23 @@ fn scope_of(body: &Value) -> Scope {
     .unwrap_or_default()
 }
 
-async fn admin(socket: &std::path::Path, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+async fn admin(
+    socket: &std::path::Path,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<Value> {
     let (status, bytes) = http::request(socket, method, path, body)
         .await
         .with_context(|| format!("cannot reach the daemon at {}", socket.display()))?;
     let value: Value = serde_json::from_slice(&bytes).context("the daemon's reply is not JSON")?;
     if !(status == StatusCode::OK || status == StatusCode::ACCEPTED) {
-        bail!("{}", value["error"]["message"].as_str().unwrap_or("the daemon refused"));
+        bail!(
+            "{}",
+            value["error"]["message"]
+                .as_str()
+                .unwrap_or("the daemon refused")
+        );
     }
     Ok(value)
 }
@@ -168,9 +200,17 @@ async fn run(runner: &Runner, args: &RotateAllArgs, body: &Value) -> anyhow::Res
         }
         eprint!(
             "{} {} secret(s){}. Type 'yes' to proceed: ",
-            if args.assume_compromise { "Assume compromise: rotate and revoke" } else { "Rotate" },
+            if args.assume_compromise {
+                "Assume compromise: rotate and revoke"
+            } else {
+                "Rotate"
+            },
             plan.secrets.len(),
-            if args.assume_compromise { format!(" and revoke {} lease(s)", plan.live_leases) } else { String::new() }
+            if args.assume_compromise {
+                format!(" and revoke {} lease(s)", plan.live_leases)
+            } else {
+                String::new()
+            }
         );
         let mut answer = String::new();
         std::io::stdin().read_line(&mut answer)?;
@@ -221,15 +261,26 @@ async fn run(runner: &Runner, args: &RotateAllArgs, body: &Value) -> anyhow::Res
         for name in &report.rotated {
             println!("  rotated  {name}");
         }
-        for f in report.failed.iter().filter(|f| !report.needs_person.contains(f)) {
+        for f in report
+            .failed
+            .iter()
+            .filter(|f| !report.needs_person.contains(f))
+        {
             println!("  FAILED   {}: {}", f.name, f.error);
         }
         for f in &report.needs_person {
             println!("  PERSON   {}: {}", f.name, f.error);
         }
         if !report.failed.is_empty() {
-            println!("run the same command again to retry what failed (incident {})", report.incident_id);
+            println!(
+                "run the same command again to retry what failed (incident {})",
+                report.incident_id
+            );
         }
     }
-    Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

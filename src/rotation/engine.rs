@@ -777,6 +777,7 @@ impl Engine {
         }
         let change = StepChange {
             revoke_version: Some(to),
+            error: Some(why.to_string()),
             ..StepChange::to(RotationState::Created, RotationState::RolledBack)
         };
         let outcome = self
@@ -1175,7 +1176,10 @@ impl Engine {
                     let outcome = self
                         .advance(
                             rotation,
-                            StepChange::to(RotationState::Planned, RotationState::Failed),
+                            StepChange {
+                                error: Some(error.message.clone()),
+                                ..StepChange::to(RotationState::Planned, RotationState::Failed)
+                            },
                             json!({ "error": error.message }),
                         )
                         .await?;

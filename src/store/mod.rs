@@ -331,6 +331,8 @@ pub struct StepChange {
     pub draining_since: Option<Millis>,
     /// `done`: clear the secret's failure count and error.
     pub succeeded: bool,
+    /// `failed`, `rolled-back`: why (kept as the rotation's last error).
+    pub error: Option<String>,
 }
 
 impl StepChange {
@@ -344,6 +346,7 @@ impl StepChange {
             revoke_version: None,
             draining_since: None,
             succeeded: false,
+            error: None,
         }
     }
 }
@@ -1005,7 +1008,10 @@ impl Store {
         version: i64,
         audit: AuditEvent,
     ) -> Result<(), StoreError> {
-        let result = self.sqlite().revoke_version(secret_id, version, audit).await;
+        let result = self
+            .sqlite()
+            .revoke_version(secret_id, version, audit)
+            .await;
         self.invalidate(Some(name));
         result
     }

@@ -16,9 +16,10 @@ use sqlx::sqlite::{
 };
 
 use super::{
-    AlertRecord, DeliveryRecord, IncidentRecord, IncidentRotation, LeaseOp, LeaseRow, Millis, NewRotation, NewSecret, NewVersion, RewrappedKey,
-    RotationRecord, SealedSecret, SecretRecord, SecretSummary, Stage, StepChange, StoreError,
-    VaultHeader, VersionRecord, VersionTarget, now_millis,
+    AlertRecord, DeliveryRecord, IncidentRecord, IncidentRotation, LeaseOp, LeaseRow, Millis,
+    NewRotation, NewSecret, NewVersion, RewrappedKey, RotationRecord, SealedSecret, SecretRecord,
+    SecretSummary, Stage, StepChange, StoreError, VaultHeader, VersionRecord, VersionTarget,
+    now_millis,
 };
 use crate::audit::{AuditEvent, AuditRecord, GENESIS_HASH, chain_hash};
 use crate::crypto::KdfParams;
@@ -813,12 +814,13 @@ impl SqliteStore {
         let mut tx = self.begin_write().await?;
         let now = now_millis();
         let moved = sqlx::query(
-            "UPDATE rotations SET state = ?, updated_at = ?, attempts = 0, last_error = NULL, \
+            "UPDATE rotations SET state = ?, updated_at = ?, attempts = 0, last_error = ?, \
              next_attempt_at = NULL, draining_since = coalesce(?, draining_since), \
              to_version = coalesce(?, to_version) WHERE id = ? AND state = ?",
         )
         .bind(change.to.as_str())
         .bind(now)
+        .bind(change.error.as_deref())
         .bind(change.draining_since)
         .bind(change.insert_pending.as_ref().map(|v| v.version))
         .bind(rotation.id.as_str())
@@ -1261,7 +1263,11 @@ impl SqliteStore {
             .collect()
     }
 
-    pub(super) async fn add_incident_leases(&self, id: &str, revoked: i64) -> Result<(), StoreError> {
+    pub(super) async fn add_incident_leases(
+        &self,
+        id: &str,
+        revoked: i64,
+    ) -> Result<(), StoreError> {
         sqlx::query("UPDATE incidents SET leases_revoked = leases_revoked + ? WHERE id = ?")
             .bind(revoked)
             .bind(id)
@@ -1270,7 +1276,11 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub(super) async fn finish_incident(&self, id: &str, audit: AuditEvent) -> Result<(), StoreError> {
+    pub(super) async fn finish_incident(
+        &self,
+        id: &str,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE incidents SET finished_at = ? WHERE id = ? AND finished_at IS NULL")
             .bind(now_millis())
@@ -1282,7 +1292,10 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub(super) async fn incident_rotations(&self, id: &str) -> Result<Vec<IncidentRotation>, StoreError> {
+    pub(super) async fn incident_rotations(
+        &self,
+        id: &str,
+    ) -> Result<Vec<IncidentRotation>, StoreError> {
         let rows = sqlx::query(
             "SELECT s.name, r.state, r.last_error FROM rotations r JOIN secrets s ON s.id = r.secret_id \
              WHERE r.incident_id = ? AND r.rowid = (SELECT r2.rowid FROM rotations r2 \
@@ -1324,7 +1337,11 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub(super) async fn insert_alert(&self, alert: &AlertRecord, audit: AuditEvent) -> Result<i64, StoreError> {
+    pub(super) async fn insert_alert(
+        &self,
+        alert: &AlertRecord,
+        audit: AuditEvent,
+    ) -> Result<i64, StoreError> {
         let mut tx = self.begin_write().await?;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO alerts (at, kind, secret, message, incident_id) VALUES (?, ?, ?, ?, ?) \
@@ -1364,9 +1381,11 @@ impl SqliteStore {
     }
 
     pub(super) async fn access_seen(&self) -> Result<Vec<(String, u32, String)>, StoreError> {
-        Ok(sqlx::query_as("SELECT secret_id, uid, exe FROM access_seen")
-            .fetch_all(&self.reader)
-            .await?)
+        Ok(
+            sqlx::query_as("SELECT secret_id, uid, exe FROM access_seen")
+                .fetch_all(&self.reader)
+                .await?,
+        )
     }
 
     pub(super) async fn versions_by_fingerprint(
@@ -1381,7 +1400,13 @@ impl SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, Stage::parse(&r.try_get::<String, _>(2)?)?)))
+            .map(|r| {
+                Ok((
+                    r.try_get(0)?,
+                    r.try_get(1)?,
+                    Stage::parse(&r.try_get::<String, _>(2)?)?,
+                ))
+            })
             .collect()
     }
 

@@ -1,0 +1,379 @@
+//! Assume compromise end to end, through the real daemon and the Python example plugin: 200
+//! secrets with file consumers and live leases rotated and revoked at once, an exact report,
+//! failures retried by a second run, and a daemon killed in the middle.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::Env;
+use common::daemon::{env_with_plugin, wait_for};
+
+const FLEET: usize = 200;
+
+fn fleet_config(settings: &str) -> String {
+    let mut config = String::from(
+        "[[policy]]\nname = \"curl\"\nexe = [\"/usr/bin/curl\"]\nsecrets = [\"fleet/*\", \"other/*\"]\nmax_ttl = \"1h\"\n\n\
+         [secrets.\"other/untouched\"]\nprovider = \"example\"\ntags = [\"dev\"]\n\n",
+    );
+    for i in 0..FLEET {
+        config.push_str(&format!(
+            "[secrets.\"fleet/{i:03}\"]\nprovider = \"example\"\ntags = [\"prod\"]\nconsumers = [\"file-{i:03}\"]\ngrace = \"1h\"\n{settings}\n\
+             [consumers.file-{i:03}]\nkind = \"file\"\npath = \"out/{i:03}.key\"\n\n"
+        ));
+    }
+    config
+}
+
+fn settle(env: &Env, expected: i64) {
+    wait_for(
+        "every secret to have its version",
+        Duration::from_secs(120),
+        || {
+            let list = env.list();
+            let ready = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["name"].as_str().unwrap().starts_with("fleet/"))
+                .filter(|e| {
+                    e["version"].as_i64() == Some(expected) && e["rotation_state"] == "done"
+                })
+                .count();
+            (ready == FLEET).then_some(())
+        },
+    );
+}
+
+fn curl_lease(sock: &Path, name: &str) -> String {
+    let out = Command::new("/usr/bin/curl")
+        .args(["-s", "--unix-socket"])
+        .arg(sock)
+        .arg(format!("http://localhost/v1/secrets/{name}?ttl=3600"))
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["lease_id"].as_str().unwrap().to_string()
+}
+
+fn renew_status(sock: &Path, lease: &str) -> String {
+    let out = Command::new("/usr/bin/curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "PUT",
+            "--unix-socket",
+        ])
+        .arg(sock)
+        .arg(format!("http://localhost/v1/leases/{lease}/renew"))
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn rotate_all(env: &Env, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let mut all = vec!["rotate-all"];
+    all.extend_from_slice(args);
+    let out = env.run(&all, None);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "no JSON report: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), report)
+}
+
+fn names(v: &serde_json::Value) -> Vec<String> {
+    let mut n: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect();
+    n.sort();
+    n
+}
+
+#[test]
+fn assume_compromise_rotates_and_revokes_two_hundred_secrets_and_reports_exactly() {
+    let env = env_with_plugin(&fleet_config(""));
+    let daemon = env.start_daemon();
+    settle(&env, 1);
+    let old_keys = env.upstream_i64("SELECT count(*) FROM creds WHERE status = 'active'");
+    assert_eq!(old_keys, FLEET as i64 + 1);
+    let sock = env.agent_socket();
+    let leases: Vec<String> = (0..FLEET)
+        .map(|i| curl_lease(&sock, &format!("fleet/{i:03}")))
+        .collect();
+    let other_lease = curl_lease(&sock, "other/untouched");
+
+    // The plan first; without --yes and a terminal it refuses.
+    let (code, plan) = rotate_all(
+        &env,
+        &[
+            "--assume-compromise",
+            "--tag",
+            "prod",
+            "--dry-run",
+            "--json",
+        ],
+    );
+    assert_eq!(code, Some(0));
+    assert_eq!(plan["secrets"].as_array().unwrap().len(), FLEET);
+    assert_eq!(plan["live_leases"], FLEET);
+    let err = env.fails(
+        1,
+        &["rotate-all", "--assume-compromise", "--tag", "prod"],
+        None,
+    );
+    assert!(err.contains("refusing to run without --yes"), "{err}");
+
+    let (code, report) = rotate_all(
+        &env,
+        &[
+            "--assume-compromise",
+            "--tag",
+            "prod",
+            "--yes",
+            "--json",
+            "--concurrency",
+            "16",
+        ],
+    );
+    assert_eq!(code, Some(0), "{report}");
+    let expected: Vec<String> = (0..FLEET).map(|i| format!("fleet/{i:03}")).collect();
+    assert_eq!(
+        names(&report["rotated"]),
+        expected,
+        "the report lists exactly the secrets in scope"
+    );
+    assert_eq!(report["failed"], serde_json::json!([]));
+    assert_eq!(report["leases_revoked"], FLEET);
+    let incident = report["incident_id"].as_str().unwrap().to_string();
+
+    // Upstream: every old key revoked, one live key per fleet secret (the new current one).
+    assert_eq!(
+        env.upstream_i64(
+            "SELECT count(*) FROM creds WHERE secret LIKE 'fleet/%' AND status = 'active'"
+        ),
+        FLEET as i64
+    );
+    assert_eq!(
+        env.upstream_i64(
+            "SELECT count(*) FROM creds WHERE secret LIKE 'fleet/%' AND status = 'revoked'"
+        ),
+        FLEET as i64
+    );
+    // No old lease still works; the lease outside the scope does.
+    for lease in leases.iter().step_by(17) {
+        assert_eq!(
+            renew_status(&sock, lease),
+            "404",
+            "a revoked lease was renewed"
+        );
+    }
+    assert_eq!(renew_status(&sock, &other_lease), "200");
+    assert_eq!(daemon.terminate(), Some(0));
+
+    for i in (0..FLEET).step_by(23) {
+        let name = format!("fleet/{i:03}");
+        let current = env.ok(&["get", &name], None);
+        assert_eq!(
+            std::fs::read_to_string(env.dir.path().join(format!("out/{i:03}.key"))).unwrap(),
+            current
+        );
+        assert_eq!(env.entry(&name)["version"], 2);
+    }
+    assert_eq!(env.entry("other/untouched")["version"], 1, "out of scope");
+    // Every audit row of the run carries the incident id.
+    let tagged = env.sql_i64(&format!(
+        "SELECT count(*) FROM audit WHERE incident_id = '{incident}'"
+    ));
+    assert!(tagged > FLEET as i64 * 5, "{tagged}");
+    let untagged_rotation_rows = env.sql_i64(&format!(
+        "SELECT count(*) FROM audit WHERE action LIKE 'rotation.%' AND incident_id IS NULL \
+         AND seq > (SELECT min(seq) FROM audit WHERE incident_id = '{incident}')"
+    ));
+    assert_eq!(untagged_rotation_rows, 0);
+    env.ok(&["audit", "verify"], None);
+}
+
+fn failed_upstream(env: &Env) -> Vec<String> {
+    let out = Command::new("python3")
+        .args(["-c", "import sqlite3,sys; print('\\n'.join(r[0] for r in sqlite3.connect(sys.argv[1]).execute(\"SELECT secret FROM events WHERE op = 'failed:create' ORDER BY secret\")))"])
+        .arg(env.dir.path().join("upstream.db"))
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn failures_are_reported_exactly_and_a_second_run_finishes_only_them() {
+    // About one secret in ten fails its second create (the first built version 1).
+    let env = env_with_plugin(&fleet_config(
+        "settings = { fail_pct = { op = \"create\", pct = 10, skip = 1 } }\n",
+    ));
+    let daemon = env.start_daemon();
+    settle(&env, 1);
+    let (code, first) = rotate_all(
+        &env,
+        &["--assume-compromise", "--tag", "prod", "--yes", "--json"],
+    );
+    assert_eq!(code, Some(1), "a failure means exit 1: {first}");
+    let failed = failed_upstream(&env);
+    assert!(
+        failed.len() > 5 && failed.len() < 40,
+        "about 10 %: {}",
+        failed.len()
+    );
+    let mut reported: Vec<String> = first["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            assert!(
+                f["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("injected failure of create"),
+                "{f}"
+            );
+            f["name"].as_str().unwrap().to_string()
+        })
+        .collect();
+    reported.sort();
+    assert_eq!(
+        reported, failed,
+        "the report lists exactly the secrets whose create failed"
+    );
+    assert_eq!(
+        first["rotated"].as_array().unwrap().len(),
+        FLEET - failed.len()
+    );
+    for name in &failed {
+        assert_eq!(
+            env.entry(name)["version"],
+            1,
+            "{name} kept its current version"
+        );
+    }
+
+    let (code, second) = rotate_all(
+        &env,
+        &["--assume-compromise", "--tag", "prod", "--yes", "--json"],
+    );
+    assert_eq!(code, Some(0), "{second}");
+    assert_eq!(
+        second["incident_id"], first["incident_id"],
+        "the same incident resumes"
+    );
+    assert_eq!(second["rotated"].as_array().unwrap().len(), FLEET);
+    assert_eq!(second["failed"], serde_json::json!([]));
+    // Only the failed ones were rotated again: every secret is at version 2, none at 3.
+    let versions: Vec<i64> = env
+        .list()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"].as_str().unwrap().starts_with("fleet/"))
+        .map(|e| e["version"].as_i64().unwrap())
+        .collect();
+    assert!(versions.iter().all(|v| *v == 2), "{versions:?}");
+    drop(daemon);
+}
+
+#[test]
+fn a_daemon_killed_in_the_middle_finishes_after_restart_and_a_rerun_converges() {
+    let env = Env::new();
+    let config = format!(
+        "{}\n{}\n{}",
+        common::daemon::base_config("5s"),
+        common::daemon::example_plugin_config(env.dir.path(), ", EXAMPLE_DELAY_MS = \"25\""),
+        fleet_config("")
+    );
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, format!("{base}\n{config}")).unwrap();
+    let daemon = env.start_daemon();
+    settle(&env, 1);
+    let mut run = env
+        .cmd()
+        .args([
+            "rotate-all",
+            "--assume-compromise",
+            "--tag",
+            "prod",
+            "--yes",
+            "--json",
+            "--concurrency",
+            "4",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("some rotations to finish", Duration::from_secs(60), || {
+        let done = env
+            .list()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["version"] == 2 && e["name"].as_str().unwrap().starts_with("fleet/"))
+            .count();
+        (done >= 20).then_some(())
+    });
+    daemon.kill9();
+    let _ = run.wait();
+    let not_yet = env
+        .list()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["version"] == 1 && e["name"].as_str().unwrap().starts_with("fleet/"))
+        .count();
+    assert!(not_yet > 0, "the kill landed mid-run");
+
+    // On restart the daemon resumes the incident by itself.
+    let daemon = env.start_daemon();
+    settle(&env, 2);
+    let (code, report) = rotate_all(
+        &env,
+        &["--assume-compromise", "--tag", "prod", "--yes", "--json"],
+    );
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(report["rotated"].as_array().unwrap().len(), FLEET);
+    assert_eq!(daemon.terminate(), Some(0));
+    assert_eq!(
+        env.upstream_i64(
+            "SELECT count(*) FROM creds WHERE secret LIKE 'fleet/%' AND status = 'active'"
+        ),
+        FLEET as i64,
+        "exactly one live key per secret"
+    );
+    for i in (0..FLEET).step_by(19) {
+        let name = format!("fleet/{i:03}");
+        let current: serde_json::Value =
+            serde_json::from_str(&env.ok(&["get", &name, "--json"], None)).unwrap();
+        let key = current["meta"]["key_id"].as_str().unwrap();
+        assert_eq!(
+            env.upstream_text(&format!("SELECT status FROM creds WHERE key_id = '{key}'")),
+            "active"
+        );
+        assert_eq!(
+            std::fs::read_to_string(env.dir.path().join(format!("out/{i:03}.key"))).unwrap(),
+            current["value"].as_str().unwrap()
+        );
+    }
+    env.ok(&["audit", "verify"], None);
+}
