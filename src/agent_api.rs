@@ -32,6 +32,7 @@ use crate::metrics::Metrics;
 use crate::policy::{self, Policy};
 use crate::provider::Provider;
 use crate::rotation::engine::Engine;
+use crate::signals::Signals;
 use crate::store::{LeaseRow, Millis};
 use crate::value::SecretValue;
 use crate::vault::{Bound, short_fingerprint};
@@ -105,6 +106,7 @@ pub struct AgentApi {
     daemon_uid: u32,
     metrics: Arc<Metrics>,
     closing: watch::Receiver<bool>,
+    signals: Option<Arc<Signals>>,
 }
 
 /// Settings of the agent API, from `[agent]` and `[[policy]]`.
@@ -170,6 +172,7 @@ impl AgentApi {
         settings: AgentSettings,
         metrics: Arc<Metrics>,
         closing: watch::Receiver<bool>,
+        signals: Option<Arc<Signals>>,
     ) -> Self {
         let needs_hash = settings.policies.iter().any(Policy::checks_hash);
         AgentApi {
@@ -187,6 +190,22 @@ impl AgentApi {
             daemon_uid: rustix::process::getuid().as_raw(),
             metrics,
             closing,
+            signals,
+        }
+    }
+
+    /// Any fetch of a canary, allowed or not, is a signal (answered as usual, so as not to
+    /// warn whoever is fetching).
+    fn note_canary(&self, name: &str, who: &PeerIdentity) {
+        let canary = self
+            .engine
+            .catalog()
+            .secrets
+            .get(name)
+            .is_some_and(|s| s.canary);
+        if let (true, Some(signals)) = (canary, &self.signals) {
+            let (signals, name, actor) = (signals.clone(), name.to_string(), who.actor());
+            tokio::spawn(async move { signals.canary(&name, &actor).await });
         }
     }
 
@@ -258,6 +277,7 @@ impl AgentApi {
             }
         }
         let mut who = self.identity(conn).await;
+        self.note_canary(name, &who);
         let Some(policy) = policy::decide(&self.policies, &mut who, name, self.daemon_uid) else {
             return self.deny(&who, name, "no policy matches").await;
         };
@@ -402,6 +422,7 @@ impl AgentApi {
                 }
             },
         };
+        let lease_secret_id = secret_id.clone();
         let lease = LeaseRow {
             id: lease_id.clone(),
             secret_id,
@@ -443,6 +464,22 @@ impl AgentApi {
             return http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string());
         }
         self.metrics.fetch_allowed.fetch_add(1, Ordering::Relaxed);
+        if let Some(signals) = &self.signals {
+            let signals = signals.clone();
+            let (name, actor) = (name.to_string(), who.actor());
+            let (uid, exe) = (
+                who.peer.uid,
+                who.exe
+                    .as_ref()
+                    .map_or("unknown".into(), |e| e.display().to_string()),
+            );
+            let secret_id = lease_secret_id;
+            tokio::spawn(async move {
+                signals
+                    .observe_fetch(&name, &secret_id, uid, &exe, &actor)
+                    .await
+            });
+        }
         let mut response = Response::new(Full::new(Bytes::copy_from_slice(&body)));
         response.headers_mut().insert(
             hyper::header::CONTENT_TYPE,

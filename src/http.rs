@@ -180,9 +180,56 @@ impl ApiError {
     }
 }
 
+/// A listening socket whose connections the server accepts.
+pub trait Listener: Send + 'static {
+    /// The connection type.
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+
+    /// Accepts a connection and says who is on the other end (`None`: refuse it).
+    fn accept_peer(
+        &mut self,
+    ) -> impl Future<Output = std::io::Result<(Self::Stream, Option<Peer>)>> + Send;
+}
+
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+
+    async fn accept_peer(&mut self) -> std::io::Result<(UnixStream, Option<Peer>)> {
+        let (stream, _) = self.accept().await?;
+        let peer = match stream.peer_cred() {
+            Ok(c) => Some(Peer {
+                uid: c.uid(),
+                gid: c.gid(),
+                pid: c.pid(),
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read peer credentials; closing the connection");
+                None
+            }
+        };
+        Ok((stream, peer))
+    }
+}
+
+/// A TCP peer has no credentials: handlers of TCP listeners authenticate each request.
+pub const REMOTE_PEER: Peer = Peer {
+    uid: u32::MAX,
+    gid: u32::MAX,
+    pid: None,
+};
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+
+    async fn accept_peer(&mut self) -> std::io::Result<(tokio::net::TcpStream, Option<Peer>)> {
+        let (stream, _) = self.accept().await?;
+        Ok((stream, Some(REMOTE_PEER)))
+    }
+}
+
 /// Serves `listener` with `handler` until `shutdown` turns true.
-pub async fn serve<H: Handler>(
-    listener: UnixListener,
+pub async fn serve<H: Handler, L: Listener>(
+    mut listener: L,
     handler: Arc<H>,
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
@@ -194,8 +241,8 @@ pub async fn serve<H: Handler>(
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
             _ = shutdown.changed() => return,
         };
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept_peer() => match accepted {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -205,17 +252,7 @@ pub async fn serve<H: Handler>(
             },
             _ = shutdown.changed() => return,
         };
-        let peer = match stream.peer_cred() {
-            Ok(c) => Peer {
-                uid: c.uid(),
-                gid: c.gid(),
-                pid: c.pid(),
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read peer credentials; closing the connection");
-                continue;
-            }
-        };
+        let Some(peer) = peer else { continue };
         let conn_state = Arc::new(handler.connect(peer, crate::attest::boot_seconds()));
         let handler = handler.clone();
         let limits = limits.clone();

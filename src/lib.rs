@@ -28,6 +28,7 @@
 
 pub mod admin;
 pub mod agent_api;
+pub mod alerts;
 pub mod attest;
 pub mod audit;
 pub mod cli;
@@ -49,6 +50,7 @@ pub mod plugin_host;
 pub mod policy;
 pub mod provider;
 pub mod rotation;
+pub mod signals;
 pub mod status;
 pub mod store;
 pub mod value;

@@ -21,6 +21,22 @@ pub struct Metrics {
     pub fetch_rate_limited: AtomicU64,
     /// Watches that ended without a new version.
     pub watch_timeouts: AtomicU64,
+    /// Signals refused for a bad or missing signature.
+    pub signals_rejected: AtomicU64,
+    /// Alerts raised, by kind.
+    alerts: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Metrics {
+    /// Counts an alert of `kind`.
+    pub fn count_alert(&self, kind: &str) {
+        *self
+            .alerts
+            .lock()
+            .expect("metrics lock")
+            .entry(kind.to_string())
+            .or_default() += 1;
+    }
 }
 
 fn label(value: &str) -> String {
@@ -115,6 +131,22 @@ pub async fn render(
         metrics.watch_timeouts.load(Ordering::Relaxed)
     );
 
+    out.push_str("# HELP keywarden_alerts_total Alerts raised, by kind.\n");
+    out.push_str("# TYPE keywarden_alerts_total counter\n");
+    for (kind, n) in metrics.alerts.lock().expect("metrics lock").iter() {
+        let _ = writeln!(
+            out,
+            "keywarden_alerts_total{{kind=\"{}\"}} {n}",
+            label(kind)
+        );
+    }
+    out.push_str("# HELP keywarden_signals_rejected_total Signals refused for a bad signature.\n");
+    out.push_str("# TYPE keywarden_signals_rejected_total counter\n");
+    let _ = writeln!(
+        out,
+        "keywarden_signals_rejected_total {}",
+        metrics.signals_rejected.load(Ordering::Relaxed)
+    );
     out.push_str(
         "# HELP keywarden_plugin_restarts_total Plugin process restarts after the first start.\n",
     );

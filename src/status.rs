@@ -47,8 +47,22 @@ pub async fn report(
             }));
         }
     }
+    let alerts = store.recent_alerts(10).await?;
+    let alerts: Vec<Value> = alerts
+        .iter()
+        .map(|a| {
+            json!({
+                "at": time(Some(a.at)),
+                "kind": a.kind,
+                "secret": a.secret,
+                "message": a.message,
+                "incident_id": a.incident_id,
+            })
+        })
+        .collect();
     Ok(json!({
         "daemon": { "running": plugins.is_some(), "plugins": plugin_entries },
+        "alerts": alerts,
         "secrets": secrets,
         "audit": {
             "rows": head.as_ref().map_or(0, |h| h.0),

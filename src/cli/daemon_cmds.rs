@@ -14,12 +14,14 @@ use super::Context;
 use super::output::{print_json, print_table, relative};
 use crate::admin::AdminApi;
 use crate::agent_api::{AgentApi, AgentSettings};
+use crate::alerts::Alerts;
 use crate::clock::Clock;
 use crate::daemon::{Mode, Runtime};
 use crate::http;
 use crate::passphrase::{self, Purpose};
 use crate::policy::Policy;
 use crate::rotation::Reason;
+use crate::signals::{SignalApi, Signals, SignalsSettings};
 use crate::store::{Access, Store, StoreError};
 use crate::vault::Vault;
 
@@ -86,7 +88,7 @@ impl StopSignals {
 }
 
 pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let mut signals = StopSignals::install()?;
+    let mut stop = StopSignals::install()?;
     let path = ctx.store_path()?;
     let creating = args.init && !path.exists();
     let passphrase = passphrase::obtain(if creating {
@@ -107,6 +109,14 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
     let agent = &ctx.config.agent;
     let agent_listener = http::bind_socket(&agent.socket, agent.socket_mode, 0o755)?;
     let admin = http::bind_socket(&agent.admin_socket, 0o600, 0o700)?;
+    let signal_listener = match &ctx.config.signals.listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen for signals on {address}"))?,
+        ),
+        None => None,
+    };
     let runtime = match Runtime::start(&ctx.config, vault, Clock::System, Mode::Daemon).await {
         Ok(r) => r,
         Err(e) => {
@@ -121,6 +131,37 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
         ..http::Limits::default()
     };
     let leases = runtime.leases.clone().expect("daemon mode has leases");
+    let signal_cfg = &ctx.config.signals;
+    let alerts = Alerts::new(
+        runtime.engine.clone(),
+        runtime.metrics.clone(),
+        signal_cfg.alert_command.clone(),
+        signal_cfg.alert_consumer.clone(),
+    );
+    let signals = Signals::new(
+        runtime.engine.clone(),
+        runtime.incidents.clone(),
+        alerts,
+        runtime.metrics.clone(),
+        SignalsSettings::from(signal_cfg),
+    )
+    .await?;
+    let signal_task = signal_listener.map(|listener| {
+        tracing::info!(address = ?listener.local_addr().ok(), "listening for signals");
+        let api = Arc::new(SignalApi {
+            signals: signals.clone(),
+        });
+        let limits = http::Limits {
+            max_body_bytes: 1 << 20,
+            ..http::Limits::default()
+        };
+        tokio::spawn(http::serve(
+            listener,
+            api,
+            limits,
+            runtime.shutdown_signal(),
+        ))
+    });
     let agent_api = Arc::new(AgentApi::new(
         runtime.engine.clone(),
         leases.clone(),
@@ -132,6 +173,7 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
         },
         runtime.metrics.clone(),
         runtime.shutdown_signal(),
+        Some(signals),
     ));
     let agent_task = tokio::spawn(http::serve(
         agent_listener,
@@ -159,11 +201,14 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
         secrets = ctx.config.secrets.len(),
         "keywarden is serving"
     );
-    let signal = signals.wait().await;
+    let signal = stop.wait().await;
     tracing::info!(signal, "stopping: finishing or parking steps in flight");
     runtime.stop(ctx.config.daemon.shutdown_timeout).await;
     let _ = admin_task.await;
     let _ = agent_task.await;
+    if let Some(task) = signal_task {
+        let _ = task.await;
+    }
     let _ = std::fs::remove_file(&agent.admin_socket);
     let _ = std::fs::remove_file(&agent.socket);
     tracing::info!("stopped");
@@ -374,6 +419,14 @@ pub(crate) async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<Ex
         ],
         &rows,
     )?;
+    for a in report["alerts"].as_array().into_iter().flatten() {
+        println!(
+            "ALERT {} {}: {}",
+            a["at"].as_str().unwrap_or(""),
+            a["kind"].as_str().unwrap_or(""),
+            a["message"].as_str().unwrap_or("")
+        );
+    }
     for s in report["secrets"].as_array().into_iter().flatten() {
         if s["quarantined"] == true {
             println!(

@@ -1,0 +1,484 @@
+//! Compromise signals (DESIGN.md §8): a signed webhook for outside detectors, leaked-value
+//! reports matched by keyed fingerprint, canary secrets, and access anomalies. Each signal is
+//! audited and answered as configured: an alert only, or an alert and a compromise run of the
+//! signal's scope.
+//!
+//! The listener (`[signals] listen`, off by default) takes:
+//! - `POST /v1/signals` — `{"type":"compromise"|"alert","scope":{...},"message":"..."}`;
+//! - `POST /v1/signals/leak` — GitHub secret-scanning partner reports,
+//!   `[{"token","type","url","source"}]`.
+//!
+//! Both are signed: `X-Keywarden-Signature: sha256=<hex HMAC-SHA256 of the body>`, under the
+//! value of the secret `[signals] hmac_secret`. Unsigned or badly signed requests get 401, an
+//! audit row and a counter.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::alerts::Alerts;
+use crate::audit::AuditEvent;
+use crate::compromise::{Incidents, Scope};
+use crate::config::{Response as Reaction, SignalsConfig};
+use crate::crypto;
+use crate::http::{self, Handler, Peer};
+use crate::metrics::Metrics;
+use crate::rotation::engine::Engine;
+use crate::store::{LeaseOp, Millis};
+
+/// The header carrying a signal's signature.
+pub const SIGNATURE_HEADER: &str = "x-keywarden-signature";
+/// Quiet time between two rate alerts for the same secret.
+const RATE_ALERT_QUIET: Millis = 10 * 60 * 1000;
+
+/// A signal from an outside detector.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignalBody {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    scope: Option<Scope>,
+    #[serde(default)]
+    message: String,
+}
+
+/// One item of a GitHub secret-scanning partner report.
+#[derive(Debug, Deserialize)]
+struct LeakItem {
+    token: String,
+    #[serde(rename = "type", default)]
+    token_type: String,
+    #[serde(default)]
+    url: String,
+    #[serde(default)]
+    source: String,
+}
+
+/// Fetches per minute of one secret, against a baseline (an exponential moving average over
+/// minutes, idle minutes counting as zero).
+#[derive(Debug, Default)]
+struct Rate {
+    minute: i64,
+    count: u32,
+    baseline: Option<f64>,
+    last_alert: Millis,
+}
+
+impl Rate {
+    /// Counts a fetch at `now`; returns (this minute's count, baseline) when it is a spike:
+    /// above `factor` × baseline and above `min_rate`, at most once per quiet period.
+    fn fetched(&mut self, now: Millis, factor: f64, min_rate: u32) -> Option<(u32, f64)> {
+        let minute = now / 60_000;
+        if self.minute != minute {
+            if self.count > 0 || self.baseline.is_some() {
+                let idle = (minute - self.minute - 1).clamp(0, 60) as i32;
+                let mut b = self.baseline.unwrap_or(f64::from(self.count));
+                b = 0.8 * b + 0.2 * f64::from(self.count);
+                b *= 0.8f64.powi(idle);
+                self.baseline = Some(b);
+            }
+            self.minute = minute;
+            self.count = 0;
+        }
+        self.count += 1;
+        let baseline = self.baseline?;
+        let spike = f64::from(self.count) > factor * baseline.max(1.0)
+            && self.count > min_rate
+            && now - self.last_alert > RATE_ALERT_QUIET;
+        if spike {
+            self.last_alert = now;
+        }
+        spike.then_some((self.count, baseline))
+    }
+}
+
+/// Who has fetched what, and how often: the anomaly detector's memory.
+#[derive(Debug, Default)]
+struct Seen {
+    callers: HashSet<(String, u32, String)>,
+    secrets: HashSet<String>,
+    rates: HashMap<String, Rate>,
+}
+
+/// Signal handling shared by the listener and the agent socket.
+pub struct Signals {
+    engine: Arc<Engine>,
+    incidents: Arc<Incidents>,
+    alerts: Arc<Alerts>,
+    metrics: Arc<Metrics>,
+    config: SignalsSettings,
+    seen: Mutex<Seen>,
+}
+
+/// The parts of `[signals]` the handler needs.
+#[derive(Debug, Clone)]
+pub struct SignalsSettings {
+    /// The secret holding the HMAC key.
+    pub hmac_secret: Option<String>,
+    /// Reaction to `POST /v1/signals` of type compromise.
+    pub on_signal: Reaction,
+    /// Reaction to a matched leak.
+    pub on_leak: Reaction,
+    /// Reaction to a canary fetch.
+    pub on_canary: Reaction,
+    /// Reaction to an anomaly.
+    pub on_anomaly: Reaction,
+    /// Rate anomaly factor over the baseline.
+    pub rate_factor: f64,
+    /// Rate anomaly floor, fetches per minute.
+    pub min_rate: u32,
+}
+
+impl From<&SignalsConfig> for SignalsSettings {
+    fn from(c: &SignalsConfig) -> Self {
+        SignalsSettings {
+            hmac_secret: c.hmac_secret.clone(),
+            on_signal: c.on_signal,
+            on_leak: c.on_leak,
+            on_canary: c.on_canary,
+            on_anomaly: c.on_anomaly,
+            rate_factor: c.anomaly_rate_factor,
+            min_rate: c.anomaly_min_rate,
+        }
+    }
+}
+
+impl std::fmt::Debug for Signals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signals").finish_non_exhaustive()
+    }
+}
+
+impl Signals {
+    /// Signal handling over the engine, with callers already seen loaded from the store.
+    pub async fn new(
+        engine: Arc<Engine>,
+        incidents: Arc<Incidents>,
+        alerts: Arc<Alerts>,
+        metrics: Arc<Metrics>,
+        config: SignalsSettings,
+    ) -> Result<Arc<Self>, crate::store::StoreError> {
+        let mut seen = Seen::default();
+        for (secret_id, uid, exe) in engine.vault().store().access_seen().await? {
+            seen.secrets.insert(secret_id.clone());
+            seen.callers.insert((secret_id, uid, exe));
+        }
+        Ok(Arc::new(Signals {
+            engine,
+            incidents,
+            alerts,
+            metrics,
+            config,
+            seen: Mutex::new(seen),
+        }))
+    }
+
+    /// Raises an alert and, if `reaction` says so, starts a compromise run of `scope`.
+    pub async fn react(
+        &self,
+        kind: &str,
+        reaction: Reaction,
+        scope: Scope,
+        secret: Option<&str>,
+        message: String,
+    ) {
+        let incident = match reaction {
+            Reaction::Alert => None,
+            Reaction::Compromise => match self.incidents.start(scope, true, 8, kind).await {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::error!(kind, error = %e, "could not start the compromise run a signal asked for");
+                    None
+                }
+            },
+        };
+        self.alerts.raise(kind, secret, message, incident).await;
+    }
+
+    /// A fetch of a canary secret (allowed or not): any such fetch means compromise.
+    pub async fn canary(&self, secret: &str, caller: &str) {
+        self.react(
+            "canary",
+            self.config.on_canary,
+            Scope::everything(),
+            Some(secret),
+            format!("canary {secret} was fetched by {caller}"),
+        )
+        .await;
+    }
+
+    /// Notes an allowed fetch; raises an anomaly for a new caller of a secret that had callers
+    /// before, or for a fetch rate far above the secret's baseline.
+    pub async fn observe_fetch(
+        &self,
+        name: &str,
+        secret_id: &str,
+        uid: u32,
+        exe: &str,
+        caller: &str,
+    ) {
+        let now = self.engine.clock().now();
+        let (new_caller, first_ever, rate_alert) = {
+            let mut seen = self.seen.lock().expect("seen lock");
+            let key = (secret_id.to_string(), uid, exe.to_string());
+            let new_caller = !seen.callers.contains(&key);
+            let first_ever = !seen.secrets.contains(secret_id);
+            if new_caller {
+                seen.callers.insert(key);
+                seen.secrets.insert(secret_id.to_string());
+            }
+            let rate = seen.rates.entry(secret_id.to_string()).or_default();
+            let spike = rate.fetched(now, self.config.rate_factor, self.config.min_rate);
+            (new_caller, first_ever, spike)
+        };
+        if new_caller {
+            let op = LeaseOp::AccessSeen {
+                secret_id: secret_id.to_string(),
+                uid,
+                exe: exe.to_string(),
+                at: now,
+            };
+            if let Err(e) = self
+                .engine
+                .vault()
+                .store()
+                .apply_lease_batch(&[op], &[])
+                .await
+            {
+                tracing::warn!(error = %e, "could not record a new caller");
+            }
+            if !first_ever {
+                self.react(
+                    "anomaly",
+                    self.config.on_anomaly,
+                    Scope::secret(name),
+                    Some(name),
+                    format!("{name} was fetched by a caller never seen before: {caller}"),
+                )
+                .await;
+            }
+        }
+        if let Some((count, baseline)) = rate_alert {
+            self.react(
+                "anomaly",
+                self.config.on_anomaly,
+                Scope::secret(name),
+                Some(name),
+                format!("{name} was fetched {count} times this minute; its baseline is {baseline:.1} per minute"),
+            )
+            .await;
+        }
+    }
+
+    async fn verify(&self, request: &Request<Bytes>) -> Result<(), &'static str> {
+        let Some(name) = &self.config.hmac_secret else {
+            return Err("no signing key is configured");
+        };
+        let header = request
+            .headers()
+            .get(SIGNATURE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or("missing signature")?;
+        let hex = header
+            .strip_prefix("sha256=")
+            .ok_or("malformed signature")?;
+        let tag = crypto::from_hex(hex).ok_or("malformed signature")?;
+        let key = self
+            .engine
+            .vault()
+            .read(name, None)
+            .await
+            .map_err(|_| "the signing key is unavailable")?;
+        if crypto::hmac_sha256_verify(key.value.expose().as_bytes(), request.body(), &tag) {
+            Ok(())
+        } else {
+            Err("bad signature")
+        }
+    }
+
+    async fn handle_signal(&self, body: &[u8]) -> Response<Full<Bytes>> {
+        let signal: SignalBody = match serde_json::from_slice(body) {
+            Ok(s) => s,
+            Err(e) => {
+                return http::error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("bad signal: {e}"),
+                );
+            }
+        };
+        let scope = signal.scope.unwrap_or_else(Scope::everything);
+        let reaction = match signal.kind.as_str() {
+            "compromise" => self.config.on_signal,
+            "alert" => Reaction::Alert,
+            other => {
+                return http::error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("unknown signal type {other:?}"),
+                );
+            }
+        };
+        let message = format!(
+            "signal ({}): {}",
+            signal.kind,
+            signal.message.chars().take(500).collect::<String>()
+        );
+        self.react("signal", reaction, scope, None, message).await;
+        http::json(
+            StatusCode::ACCEPTED,
+            &json!({ "accepted": true, "reaction": format!("{reaction:?}").to_lowercase() }),
+        )
+    }
+
+    async fn handle_leak(&self, body: &[u8]) -> Response<Full<Bytes>> {
+        let items: Vec<LeakItem> = match serde_json::from_slice(body) {
+            Ok(i) => i,
+            Err(e) => {
+                return http::error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("bad leak report: {e}"),
+                );
+            }
+        };
+        let mut matched = 0;
+        for item in &items {
+            let fingerprint = self.engine.vault().fingerprint(item.token.as_bytes());
+            let hits = match self
+                .engine
+                .vault()
+                .store()
+                .versions_by_fingerprint(&fingerprint)
+                .await
+            {
+                Ok(h) => h,
+                Err(e) => {
+                    return http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string());
+                }
+            };
+            if hits.is_empty() {
+                tracing::info!(token_type = %item.token_type, url = %item.url, "leak report: the token matches no stored value");
+                continue;
+            }
+            matched += 1;
+            let mut secrets: Vec<&str> = hits.iter().map(|(name, _, _)| name.as_str()).collect();
+            secrets.dedup();
+            for secret in secrets {
+                let versions: Vec<String> = hits
+                    .iter()
+                    .filter(|(n, _, _)| n == secret)
+                    .map(|(_, v, stage)| format!("{v} ({})", stage.as_str()))
+                    .collect();
+                self.react(
+                    "leak",
+                    self.config.on_leak,
+                    Scope::secret(secret),
+                    Some(secret),
+                    format!(
+                        "a value of {secret} (version {}) was reported leaked: {} {} ({})",
+                        versions.join(", "),
+                        item.token_type,
+                        item.url,
+                        item.source
+                    ),
+                )
+                .await;
+            }
+        }
+        http::json(
+            StatusCode::OK,
+            &json!({ "reports": items.len(), "matched": matched }),
+        )
+    }
+}
+
+/// The signal listener's HTTP handler.
+#[derive(Debug)]
+pub struct SignalApi {
+    /// The signal handling.
+    pub signals: Arc<Signals>,
+}
+
+impl Handler for SignalApi {
+    type Conn = ();
+
+    fn connect(&self, _peer: Peer, _accepted: f64) {}
+
+    async fn handle(&self, _conn: &(), request: Request<Bytes>) -> Response<Full<Bytes>> {
+        let path = request.uri().path().to_string();
+        if request.method() != Method::POST
+            || !matches!(path.as_str(), "/v1/signals" | "/v1/signals/leak")
+        {
+            return http::error(
+                StatusCode::NOT_FOUND,
+                "unknown",
+                "POST /v1/signals or /v1/signals/leak",
+            );
+        }
+        let signals = &self.signals;
+        if let Err(why) = signals.verify(&request).await {
+            signals
+                .metrics
+                .signals_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            let audit = AuditEvent::new("signals", "signal.rejected")
+                .detail(json!({ "path": path, "reason": why }));
+            let _ = signals.engine.vault().store().append_audit(&[audit]).await;
+            tracing::warn!(path = %path, reason = why, "rejected a signal");
+            return http::error(StatusCode::UNAUTHORIZED, "unauthorized", why);
+        }
+        let audit = AuditEvent::new("signals", "signal.received").detail(json!({ "path": path }));
+        let _ = signals.engine.vault().store().append_audit(&[audit]).await;
+        if path == "/v1/signals" {
+            signals.handle_signal(request.body()).await
+        } else {
+            signals.handle_leak(request.body()).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fetch_rate_far_above_the_baseline_is_a_spike_once() {
+        let mut rate = Rate::default();
+        let minute = 60_000;
+        // A steady 20 per minute for ten minutes: no spike.
+        for m in 0..10 {
+            for i in 0..20 {
+                assert!(rate.fetched(m * minute + i * 100, 10.0, 60).is_none());
+            }
+        }
+        // Then 300 in a minute: one spike, when the count passes 10 × ~20.
+        let spikes: Vec<_> = (0..300)
+            .filter_map(|i| rate.fetched(10 * minute + i * 10, 10.0, 60))
+            .collect();
+        assert_eq!(spikes.len(), 1);
+        assert!(spikes[0].0 > 190 && spikes[0].1 > 15.0, "{spikes:?}");
+        // A quiet secret with a small burst under the floor is not a spike.
+        let mut quiet = Rate::default();
+        quiet.fetched(0, 10.0, 60);
+        for i in 0..50 {
+            assert!(quiet.fetched(minute + i, 10.0, 60).is_none());
+        }
+    }
+
+    #[test]
+    fn signatures_are_hmac_sha256_hex() {
+        let body = br#"{"type":"alert"}"#;
+        let tag = crate::crypto::hmac_sha256(b"key", body);
+        assert!(crate::crypto::hmac_sha256_verify(b"key", body, &tag));
+        assert!(!crate::crypto::hmac_sha256_verify(b"other", body, &tag));
+        assert_eq!(crate::crypto::hex(&tag).len(), 64);
+    }
+}

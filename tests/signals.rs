@@ -1,0 +1,294 @@
+//! Compromise signals end to end: a signed signal, badly signed ones, leaked-token reports that
+//! match and that do not, a canary fetch and an access anomaly — each through the real daemon,
+//! checked by its effects (rotations, alerts delivered to a command, audit rows, metrics).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::Env;
+use common::daemon::{env_with_plugin, wait_for};
+
+const KEY: &str = "signal-signing-key-for-tests";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn sign(body: &str, key: &str) -> String {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import hmac, hashlib, sys; print(hmac.new(sys.argv[1].encode(), sys.argv[2].encode(), hashlib.sha256).hexdigest())",
+            key,
+            body,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn post(port: u16, path: &str, body: &str, signature: Option<String>) -> (u16, String) {
+    let mut cmd = Command::new("/usr/bin/curl");
+    cmd.args([
+        "-s",
+        "-w",
+        "\n%{http_code}",
+        "-X",
+        "POST",
+        "--data-binary",
+        body,
+    ]);
+    if let Some(sig) = signature {
+        cmd.args(["-H", &format!("X-Keywarden-Signature: sha256={sig}")]);
+    }
+    let out = cmd
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_string())
+}
+
+fn fetch(bin: &Path, sock: &Path, name: &str) -> serde_json::Value {
+    let out = Command::new(bin)
+        .args(["-s", "--unix-socket"])
+        .arg(sock)
+        .arg(format!("http://localhost/v1/secrets/{name}"))
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn alerts(env: &Env) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(env.dir.path().join("alerts.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn setup() -> (Env, u16, common::daemon::Daemon) {
+    let port = free_port();
+    let env = env_with_plugin("");
+    let alerts = env.dir.path().join("alerts.jsonl");
+    let config = format!(
+        r#"
+[signals]
+listen = "127.0.0.1:{port}"
+hmac_secret = "signals/key"
+on_signal = "compromise"
+on_leak = "compromise"
+on_canary = "alert"
+on_anomaly = "alert"
+alert_command = ["sh", "-c", "cat >> {alerts}; echo >> {alerts}"]
+
+[secrets."signals/key"]
+provider = "manual"
+
+[secrets."app/a"]
+provider = "random"
+
+[secrets."app/b"]
+provider = "random"
+
+[secrets."trap/canary"]
+provider = "random"
+canary = true
+
+[[policy]]
+name = "curl"
+exe = ["/usr/bin/curl"]
+secrets = ["app/*", "trap/*"]
+"#,
+        alerts = alerts.display()
+    );
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, format!("{base}\n{config}")).unwrap();
+    env.ok(&["init"], None);
+    env.put("signals/key", KEY);
+    let daemon = env.start_daemon();
+    wait_for("first versions", Duration::from_secs(20), || {
+        ["app/a", "app/b", "trap/canary"]
+            .iter()
+            .all(|n| env.entry(n)["version"] == 1)
+            .then_some(())
+    });
+    (env, port, daemon)
+}
+
+#[test]
+fn a_signed_signal_starts_a_compromise_run_and_bad_signatures_are_rejected_and_counted() {
+    let (env, port, daemon) = setup();
+    let body =
+        r#"{"type":"compromise","scope":{"names":["app/a"]},"message":"EDR flagged the host"}"#;
+    assert_eq!(
+        post(port, "/v1/signals", body, Some(sign(body, "not the key"))).0,
+        401
+    );
+    assert_eq!(post(port, "/v1/signals", body, None).0, 401);
+    assert_eq!(post(port, "/v1/signals", body, Some("zz".into())).0, 401);
+    assert_eq!(env.entry("app/a")["version"], 1, "nothing happened");
+
+    let (code, reply) = post(port, "/v1/signals", body, Some(sign(body, KEY)));
+    assert_eq!(code, 202, "{reply}");
+    wait_for("app/a to be rotated", Duration::from_secs(20), || {
+        (env.entry("app/a")["version"] == 2).then_some(())
+    });
+    assert_eq!(
+        env.entry("app/b")["version"],
+        1,
+        "outside the signal's scope"
+    );
+    let alert = wait_for("the alert", Duration::from_secs(10), || {
+        alerts(&env).into_iter().find(|a| a["kind"] == "signal")
+    });
+    assert!(
+        alert["message"]
+            .as_str()
+            .unwrap()
+            .contains("EDR flagged the host")
+    );
+    assert!(alert["incident_id"].is_string());
+
+    let (_, metrics) = metrics(&env);
+    assert!(
+        metrics.contains("keywarden_signals_rejected_total 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("keywarden_alerts_total{kind=\"signal\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+    let audit = env.ok(&["audit", "tail", "-n", "100", "--json"], None);
+    assert_eq!(audit.matches("\"signal.rejected\"").count(), 3);
+    assert!(audit.contains("\"signal.received\""));
+}
+
+fn metrics(env: &Env) -> (u16, String) {
+    let out = Command::new("/usr/bin/curl")
+        .args(["-s", "--unix-socket"])
+        .arg(env.admin_socket())
+        .arg("http://localhost/metrics")
+        .output()
+        .unwrap();
+    (200, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn a_leaked_token_that_matches_rotates_its_secret_and_one_that_does_not_changes_nothing() {
+    let (env, port, daemon) = setup();
+    let leaked = fetch(Path::new("/usr/bin/curl"), &env.agent_socket(), "app/b");
+    let value = leaked["value"].as_str().unwrap();
+    let miss = r#"[{"token":"ghp_not_ours_at_all_0000000000","type":"github_pat","url":"https://example.com/a","source":"content"}]"#;
+    let (code, reply) = post(port, "/v1/signals/leak", miss, Some(sign(miss, KEY)));
+    assert_eq!(code, 200);
+    assert!(reply.contains("\"matched\":0"), "{reply}");
+
+    let report = format!(
+        r#"[{{"token":"{value}","type":"keywarden_api_key","url":"https://gist.example/leak","source":"gist"}}]"#
+    );
+    let (code, reply) = post(port, "/v1/signals/leak", &report, Some(sign(&report, KEY)));
+    assert_eq!(code, 200);
+    assert!(reply.contains("\"matched\":1"), "{reply}");
+    wait_for("app/b to be rotated", Duration::from_secs(20), || {
+        (env.entry("app/b")["version"] == 2).then_some(())
+    });
+    let alert = wait_for("the alert", Duration::from_secs(10), || {
+        alerts(&env).into_iter().find(|a| a["kind"] == "leak")
+    });
+    assert!(alert["message"].as_str().unwrap().contains("app/b"));
+    assert!(
+        alert["message"]
+            .as_str()
+            .unwrap()
+            .contains("https://gist.example/leak")
+    );
+    assert!(
+        !alert.to_string().contains(value),
+        "the leaked value is not repeated in alerts"
+    );
+    assert_eq!(alerts(&env).len(), 1, "the unmatched report raised nothing");
+    assert_eq!(env.entry("app/a")["version"], 1);
+    drop(daemon);
+}
+
+#[test]
+fn a_canary_fetch_and_a_new_caller_raise_alerts_with_the_callers_identity() {
+    let (env, _port, daemon) = setup();
+    let sock = env.agent_socket();
+    // The canary is served like any secret: whoever fetches it must not notice.
+    let v = fetch(Path::new("/usr/bin/curl"), &sock, "trap/canary");
+    assert!(v["value"].is_string());
+    let alert = wait_for("the canary alert", Duration::from_secs(10), || {
+        alerts(&env).into_iter().find(|a| a["kind"] == "canary")
+    });
+    assert!(
+        alert["message"]
+            .as_str()
+            .unwrap()
+            .contains("exe=/usr/bin/curl"),
+        "{alert}"
+    );
+
+    // app/a has a first caller (curl); a second executable fetching it is an anomaly. The
+    // policy is widened to let the copy through, so only the anomaly detector can object.
+    fetch(Path::new("/usr/bin/curl"), &sock, "app/a");
+    wait_for(
+        "the first caller to be remembered",
+        Duration::from_secs(10),
+        || {
+            (env.sql_i64(
+                "SELECT count(*) FROM access_seen a JOIN secrets s ON s.id = a.secret_id \
+             WHERE s.name = 'app/a' AND a.exe = '/usr/bin/curl'",
+            ) == 1)
+                .then_some(())
+        },
+    );
+    let copy = env.dir.path().join("curl-two");
+    std::fs::copy("/usr/bin/curl", &copy).unwrap();
+    drop(daemon);
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        config.replace(
+            "exe = [\"/usr/bin/curl\"]",
+            &format!(
+                "exe = [\"/usr/bin/curl\", {:?}]",
+                copy.display().to_string()
+            ),
+        ),
+    )
+    .unwrap();
+    let daemon = env.start_daemon();
+    fetch(&copy, &sock, "app/a");
+    let alert = wait_for("the anomaly alert", Duration::from_secs(10), || {
+        alerts(&env).into_iter().find(|a| a["kind"] == "anomaly")
+    });
+    assert!(
+        alert["message"].as_str().unwrap().contains("curl-two"),
+        "{alert}"
+    );
+    assert!(
+        alert["message"]
+            .as_str()
+            .unwrap()
+            .contains("never seen before"),
+        "{alert}"
+    );
+    let status = env.ok(&["status"], None);
+    assert!(
+        status.contains("ALERT") && status.contains("anomaly"),
+        "{status}"
+    );
+    drop(daemon);
+}
