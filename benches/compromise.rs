@@ -33,7 +33,9 @@ impl Plugin for Slow {
             kinds: [(
                 "slow".to_string(),
                 KindInfo {
-                    ops: ["create", "verify", "promote", "revoke"].map(String::from).to_vec(),
+                    ops: ["create", "verify", "promote", "revoke"]
+                        .map(String::from)
+                        .to_vec(),
                     overlap: Some(true),
                 },
             )]
@@ -45,7 +47,9 @@ impl Plugin for Slow {
         tokio::time::sleep(OP_DELAY).await;
         match request.op.as_str() {
             "create" => Ok(OkReply::credential(
-                request.proposed.unwrap_or_else(|| Secret::new("x".repeat(32))),
+                request
+                    .proposed
+                    .unwrap_or_else(|| Secret::new("x".repeat(32))),
                 Meta::new(),
             )),
             "verify" | "promote" | "revoke" => Ok(OkReply::default()),
@@ -59,7 +63,10 @@ fn main() {
         let ok = keywarden_plugin_sdk::serve(Slow) == std::process::ExitCode::SUCCESS;
         std::process::exit(if ok { 0 } else { 1 });
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     println!("| secrets | concurrency | wall | ideal | ratio | per secret |");
     println!("|---|---|---|---|---|---|");
     for (secrets, concurrency) in [(1_000usize, 32usize), (10_000, 32)] {
@@ -77,19 +84,37 @@ async fn run(secrets: usize, concurrency: usize) {
         exe.display().to_string()
     );
     for i in 0..secrets {
-        config.push_str(&format!("[secrets.\"fleet/{i}\"]\nprovider = \"slow\"\ngrace = \"0s\"\n"));
+        config.push_str(&format!(
+            "[secrets.\"fleet/{i}\"]\nprovider = \"slow\"\ngrace = \"0s\"\n"
+        ));
     }
     let config = Config::parse(&config, &dir.path().join("keywarden.toml")).unwrap();
     let passphrase = Zeroizing::new("bench passphrase".to_string());
-    let kdf = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+    let kdf = KdfParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
     let store_path = dir.path().join("vault.db");
-    drop(Vault::init(&store_path, &passphrase, kdf, "bench").await.unwrap());
+    drop(
+        Vault::init(&store_path, &passphrase, kdf, "bench")
+            .await
+            .unwrap(),
+    );
     let store = Store::open(&store_path, Access::Exclusive).await.unwrap();
     let vault = Arc::new(Vault::unlock(store.clone(), &passphrase).await.unwrap());
-    let runtime = Runtime::start(&config, vault, Clock::System, Mode::Maintenance).await.unwrap();
+    let runtime = Runtime::start(&config, vault, Clock::System, Mode::Maintenance)
+        .await
+        .unwrap();
     // Registration gives every secret its first version; wait for all of them.
     loop {
-        let ready = store.list().await.unwrap().iter().filter(|s| s.version == Some(1)).count();
+        let ready = store
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|s| s.version == Some(1))
+            .count();
         if ready == secrets && store.active_rotations().await.unwrap().is_empty() {
             break;
         }

@@ -10,7 +10,7 @@ use super::Env;
 
 /// The Python example plugin in this repository.
 pub fn example_plugin() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/examples/example-plugin.py")
+    super::workspace_root().join("plugins/examples/example-plugin.py")
 }
 
 /// The SHA-256 of a file, hex (computed independently of keywarden's own code).

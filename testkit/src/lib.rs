@@ -1,0 +1,237 @@
+//! Helpers shared by the integration tests of keywarden and its plugins: a scratch directory
+//! with a config that uses small Argon2 parameters, the real `keywarden` binary run in it (as a
+//! CLI or as a daemon), SQL access to the files it writes, and polling on conditions.
+
+pub mod daemon;
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// The passphrase every test store uses.
+pub const PASSPHRASE: &str = "test passphrase, not for production";
+
+/// A scratch directory holding a config, a passphrase file and (after `init`) a store.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub store: PathBuf,
+    pub passphrase_file: PathBuf,
+}
+
+impl Env {
+    /// A fresh directory with a config (`extra` appended) and a passphrase file; no store yet.
+    pub fn with_config(extra: &str) -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("data").join("vault.db");
+        let config = dir.path().join("keywarden.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[store]\npath = \"data/vault.db\"\n\n[store.kdf]\nmemory_kib = 64\niterations = 1\nparallelism = 1\n\n{extra}"
+            ),
+        )
+        .unwrap();
+        let passphrase_file = dir.path().join("passphrase");
+        std::fs::write(&passphrase_file, format!("{PASSPHRASE}\n")).unwrap();
+        std::fs::set_permissions(&passphrase_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Env {
+            dir,
+            config,
+            store,
+            passphrase_file,
+        }
+    }
+
+    /// A fresh directory with the default test config; no store yet.
+    pub fn new() -> Env {
+        Env::with_config("")
+    }
+
+    /// A fresh directory with an initialized store.
+    pub fn initialized() -> Env {
+        let env = Env::new();
+        env.ok(&["init"], None);
+        env
+    }
+
+    /// `keywarden` with a clean environment pointing at this directory.
+    pub fn cmd(&self) -> Command {
+        let mut cmd = Command::new(keywarden_bin());
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("KEYWARDEN_") || key == "CREDENTIALS_DIRECTORY" {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env("KEYWARDEN_CONFIG", &self.config)
+            .env("KEYWARDEN_PASSPHRASE_FILE", &self.passphrase_file)
+            .current_dir(self.dir.path());
+        cmd
+    }
+
+    /// Runs `keywarden ARGS` with `stdin` (or an empty stdin) and returns everything it did.
+    pub fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        run_with(self.cmd(), args, stdin)
+    }
+
+    /// Like [`Env::run`], asserting success; returns stdout.
+    pub fn ok(&self, args: &[&str], stdin: Option<&[u8]>) -> String {
+        let out = self.run(args, stdin);
+        assert!(
+            out.status.success(),
+            "keywarden {args:?} failed ({:?}):\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Like [`Env::run`], asserting exit code `code`; returns stderr.
+    pub fn fails(&self, code: i32, args: &[&str], stdin: Option<&[u8]>) -> String {
+        let out = self.run(args, stdin);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "keywarden {args:?}: expected exit {code}:\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// `put NAME` with `value` on stdin.
+    pub fn put(&self, name: &str, value: &str) {
+        self.ok(&["put", name], Some(value.as_bytes()));
+    }
+
+    /// `get NAME`, returning the raw value.
+    pub fn get(&self, name: &str) -> String {
+        self.ok(&["get", name], None)
+    }
+
+    /// Runs SQL statements against the store file directly (as an attacker or a bad disk would).
+    pub fn sql(&self, statements: &[&str]) {
+        sql(&self.store, statements)
+    }
+
+    /// Reads one integer with SQL.
+    pub fn sql_i64(&self, query: &str) -> i64 {
+        sql_one(&self.store, query)
+    }
+
+    /// Reads one blob (or text, as bytes) with SQL.
+    pub fn sql_blob(&self, query: &str) -> Vec<u8> {
+        sql_one(&self.store, query)
+    }
+}
+
+/// The `keywarden` binary under test: beside the running test in the target directory, built
+/// first if this test run did not build it (`cargo test -p` of a plugin).
+pub fn keywarden_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable");
+        // target/<profile>/deps/<test> → target/<profile>/keywarden
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target directory");
+        let bin = dir.join("keywarden");
+        if !bin.exists() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "-p", "keywarden", "--bin", "keywarden"])
+                .current_dir(workspace_root())
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "building keywarden failed");
+        }
+        bin
+    })
+    .clone()
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
+}
+
+/// Runs a prepared command with `stdin`.
+pub fn run_with(mut cmd: Command, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn keywarden");
+    let mut pipe = child.stdin.take().unwrap();
+    if let Some(data) = stdin {
+        pipe.write_all(data).unwrap();
+    }
+    drop(pipe);
+    child.wait_with_output().unwrap()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Runs SQL statements against an SQLite file.
+pub fn sql(db: &Path, statements: &[&str]) {
+    runtime().block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        for s in statements {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(s.to_string()))
+                .execute(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("{s}: {e}"));
+        }
+        conn.close().await.unwrap();
+    })
+}
+
+/// Reads one value from an SQLite file.
+pub fn sql_one<T>(db: &Path, query: &str) -> T
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite> + Send + Unpin,
+{
+    runtime().block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        let v: T = sqlx::query_scalar(sqlx::AssertSqlSafe(query.to_string()))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        v
+    })
+}
+
+/// Every byte of the store and its SQLite side files.
+pub fn store_bytes(store: &Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for suffix in ["", "-wal", "-shm"] {
+        let path = PathBuf::from(format!("{}{suffix}", store.display()));
+        if let Ok(bytes) = std::fs::read(&path) {
+            all.extend(bytes);
+        }
+    }
+    all
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
