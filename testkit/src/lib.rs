@@ -45,6 +45,7 @@ impl Env {
     }
 
     /// A fresh directory with the default test config; no store yet.
+    #[allow(clippy::new_without_default)] // a scratch directory is created, not defaulted
     pub fn new() -> Env {
         Env::with_config("")
     }
