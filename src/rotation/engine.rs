@@ -378,10 +378,17 @@ impl Engine {
                 reason: format!("its provider {:?} is not available", spec.provider),
             })?;
         if !provider.can(Op::Create) {
+            let console = spec
+                .settings
+                .get("console_url")
+                .and_then(|v| v.as_str())
+                .map(|u| format!(" (create it at {u})"))
+                .unwrap_or_default();
             return Err(EngineError::NeedsPerson {
                 name: name.to_string(),
                 reason: format!(
-                    "provider {:?} cannot create credentials; store a new value with `keywarden put {name}`",
+                    "provider {:?} cannot create credentials{console}; store a new value with \
+                     `keywarden put {name}`",
                     spec.provider
                 ),
             });
