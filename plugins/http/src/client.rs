@@ -33,22 +33,35 @@ fn fatal(message: impl Into<String>) -> ErrReply {
 
 /// Parses a URL and checks it may be reached: its host is allowed, its scheme is https (or
 /// http where allowed).
-pub fn checked_url(text: &str, allowed_hosts: &[String], allow_http: bool, what: &str) -> Result<reqwest::Url, ErrReply> {
+pub fn checked_url(
+    text: &str,
+    allowed_hosts: &[String],
+    allow_http: bool,
+    what: &str,
+) -> Result<reqwest::Url, ErrReply> {
     let url = reqwest::Url::parse(text).map_err(|e| fatal(format!("{what}: bad URL: {e}")))?;
     let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
     if !allowed_hosts.iter().any(|h| h.eq_ignore_ascii_case(&host)) {
-        return Err(fatal(format!("{what}: host {host:?} is not in allowed_hosts")));
+        return Err(fatal(format!(
+            "{what}: host {host:?} is not in allowed_hosts"
+        )));
     }
     match url.scheme() {
         "https" => Ok(url),
         "http" if allow_http => Ok(url),
-        other => Err(fatal(format!("{what}: scheme {other:?} is not allowed (https only unless allow_http)"))),
+        other => Err(fatal(format!(
+            "{what}: scheme {other:?} is not allowed (https only unless allow_http)"
+        ))),
     }
 }
 
 impl Http {
     /// A client with no redirects, the timeout and the extra CA of these settings.
-    pub fn client(&self, ca_file: Option<&str>, timeout_seconds: u64) -> Result<reqwest::Client, ErrReply> {
+    pub fn client(
+        &self,
+        ca_file: Option<&str>,
+        timeout_seconds: u64,
+    ) -> Result<reqwest::Client, ErrReply> {
         let key = (ca_file.map(str::to_string), timeout_seconds);
         if let Some(c) = self.clients.lock().expect("client lock").get(&key) {
             return Ok(c.clone());
@@ -59,7 +72,8 @@ impl Http {
             .connect_timeout(Duration::from_secs(timeout_seconds.min(10)))
             .no_proxy();
         if let Some(path) = ca_file {
-            let pem = std::fs::read(path).map_err(|e| fatal(format!("cannot read ca_file {path}: {e}")))?;
+            let pem = std::fs::read(path)
+                .map_err(|e| fatal(format!("cannot read ca_file {path}: {e}")))?;
             let cert = reqwest::Certificate::from_pem(&pem)
                 .map_err(|e| fatal(format!("ca_file {path} is not a PEM certificate: {e}")))?;
             builder = builder.tls_certs_merge([cert]);
@@ -67,14 +81,28 @@ impl Http {
         let client = builder
             .build()
             .map_err(|e| fatal(format!("cannot build the HTTP client: {e}")))?;
-        self.clients.lock().expect("client lock").insert(key, client.clone());
+        self.clients
+            .lock()
+            .expect("client lock")
+            .insert(key, client.clone());
         Ok(client)
     }
 
     /// Renders `spec` against `ctx`, sends it, checks the answer.
-    pub async fn call(&self, settings: &Settings, spec: &OpSpec, ctx: &Value, what: &str) -> Result<Answer, ErrReply> {
+    pub async fn call(
+        &self,
+        settings: &Settings,
+        spec: &OpSpec,
+        ctx: &Value,
+        what: &str,
+    ) -> Result<Answer, ErrReply> {
         let url_text = render_str(&spec.url, ctx).map_err(fatal)?;
-        let url = checked_url(&url_text, &settings.allowed_hosts, settings.allow_http, what)?;
+        let url = checked_url(
+            &url_text,
+            &settings.allowed_hosts,
+            settings.allow_http,
+            what,
+        )?;
         let host = url.host_str().unwrap_or_default().to_string();
         let method = reqwest::Method::from_bytes(spec.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| fatal(format!("{what}: bad method {:?}", spec.method)))?;
@@ -92,14 +120,20 @@ impl Http {
                 .body(serde_json::to_vec(&body).expect("JSON serializes"));
         }
         let mut response = request.send().await.map_err(|e| {
-            let kind = if e.is_timeout() { "timed out" } else { "failed" };
+            let kind = if e.is_timeout() {
+                "timed out"
+            } else {
+                "failed"
+            };
             // The URL may carry secrets in its query: never repeat it.
             let e = e.without_url();
             ErrReply::retryable(format!("{label} {kind}: {}", error_chain(&e)))
         })?;
         let status = response.status().as_u16();
         if (300..400).contains(&status) {
-            return Err(fatal(format!("{label} answered a redirect ({status}); redirects are not followed")));
+            return Err(fatal(format!(
+                "{label} answered a redirect ({status}); redirects are not followed"
+            )));
         }
         let mut body = Vec::new();
         while let Some(chunk) = response
@@ -108,7 +142,10 @@ impl Http {
             .map_err(|e| ErrReply::retryable(format!("{label}: reading the answer failed: {e}")))?
         {
             if body.len() + chunk.len() > settings.max_response_bytes {
-                return Err(fatal(format!("{label}: the answer is larger than {} bytes", settings.max_response_bytes)));
+                return Err(fatal(format!(
+                    "{label}: the answer is larger than {} bytes",
+                    settings.max_response_bytes
+                )));
             }
             body.extend_from_slice(&chunk);
         }
@@ -135,7 +172,9 @@ impl Http {
         }
         for (pointer, want) in &spec.expect_json {
             if json.pointer(pointer) != Some(want) {
-                return Err(fatal(format!("{label}: {pointer} is not {want} in the answer")));
+                return Err(fatal(format!(
+                    "{label}: {pointer} is not {want} in the answer"
+                )));
             }
         }
         Ok(Answer {
@@ -150,7 +189,9 @@ fn provider_message(json: &Value) -> String {
     let found = ["/error/message", "/errors/0/message", "/message", "/error"]
         .iter()
         .find_map(|p| json.pointer(p).and_then(Value::as_str));
-    found.map_or(String::new(), |m| format!(": {}", m.chars().take(200).collect::<String>()))
+    found.map_or(String::new(), |m| {
+        format!(": {}", m.chars().take(200).collect::<String>())
+    })
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

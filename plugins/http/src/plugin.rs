@@ -10,7 +10,9 @@
 
 use std::collections::BTreeMap;
 
-use keywarden_plugin_sdk::{Credential, ErrReply, Hello, KindInfo, Meta, OkReply, Op, Plugin, Request, Secret};
+use keywarden_plugin_sdk::{
+    Credential, ErrReply, Hello, KindInfo, Meta, OkReply, Op, Plugin, Request, Secret,
+};
 use serde_json::{Map, Value, json};
 
 use crate::client::Http;
@@ -50,7 +52,11 @@ fn context(request: &Request, settings: &Settings, subject: Option<&Credential>)
         .map(|(role, c)| (role.clone(), credential_json(c)))
         .collect();
     ctx.insert("credentials".into(), Value::Object(credentials));
-    for (name, c) in [("current", &request.current), ("candidate", &request.candidate), ("target", &request.target)] {
+    for (name, c) in [
+        ("current", &request.current),
+        ("candidate", &request.candidate),
+        ("target", &request.target),
+    ] {
         if let Some(c) = c {
             ctx.insert(name.into(), credential_json(c));
         }
@@ -70,16 +76,17 @@ fn extract(spec: &OpSpec, answer: &Value, ctx: &Value, what: &str) -> Result<OkR
             .pointer(pointer)
             .and_then(Value::as_str)
             .filter(|v| !v.is_empty())
-            .ok_or_else(|| ErrReply::fatal(format!("{what}: the answer has no text at {pointer}")))?;
+            .ok_or_else(|| {
+                ErrReply::fatal(format!("{what}: the answer has no text at {pointer}"))
+            })?;
         reply.value = Some(Secret::new(value));
     }
     let mut meta = Meta::new();
     for (name, source) in &spec.meta {
         let v = if source.starts_with('/') {
-            answer
-                .pointer(source)
-                .cloned()
-                .ok_or_else(|| ErrReply::fatal(format!("{what}: the answer has nothing at {source}")))?
+            answer.pointer(source).cloned().ok_or_else(|| {
+                ErrReply::fatal(format!("{what}: the answer has nothing at {source}"))
+            })?
         } else {
             Value::String(crate::template::render_str(source, ctx).map_err(ErrReply::fatal)?)
         };
@@ -87,13 +94,22 @@ fn extract(spec: &OpSpec, answer: &Value, ctx: &Value, what: &str) -> Result<OkR
     }
     reply.meta = meta;
     if let Some(pointer) = &spec.expires_at {
-        reply.expires_at = answer.pointer(pointer).and_then(Value::as_str).map(str::to_string);
+        reply.expires_at = answer
+            .pointer(pointer)
+            .and_then(Value::as_str)
+            .map(str::to_string);
     }
     Ok(reply)
 }
 
 impl HttpPlugin {
-    async fn run(&self, settings: &Settings, spec: &OpSpec, ctx: &Value, what: &str) -> Result<OkReply, ErrReply> {
+    async fn run(
+        &self,
+        settings: &Settings,
+        spec: &OpSpec,
+        ctx: &Value,
+        what: &str,
+    ) -> Result<OkReply, ErrReply> {
         let answer = self.http.call(settings, spec, ctx, what).await?;
         if answer.nothing_to_read {
             return Ok(OkReply::default());
@@ -104,8 +120,13 @@ impl HttpPlugin {
     /// Deletes whatever an earlier try of this rotation created, so a retried create leaves no
     /// orphan behind.
     async fn cleanup(&self, settings: &Settings, ctx: &Value) -> Result<(), ErrReply> {
-        let Some(cleanup) = &settings.cleanup else { return Ok(()) };
-        let listing = self.http.call(settings, &cleanup.list, ctx, "cleanup list").await?;
+        let Some(cleanup) = &settings.cleanup else {
+            return Ok(());
+        };
+        let listing = self
+            .http
+            .call(settings, &cleanup.list, ctx, "cleanup list")
+            .await?;
         let items = listing
             .json
             .pointer(&cleanup.items)
@@ -119,10 +140,15 @@ impl HttpPlugin {
             .collect::<Result<_, String>>()
             .map_err(ErrReply::fatal)?;
         for item in items {
-            if wanted.iter().all(|(p, v)| item.pointer(p).and_then(Value::as_str) == Some(v.as_str())) {
+            if wanted
+                .iter()
+                .all(|(p, v)| item.pointer(p).and_then(Value::as_str) == Some(v.as_str()))
+            {
                 let mut item_ctx = ctx.clone();
                 item_ctx["item"] = item;
-                self.http.call(settings, &cleanup.delete, &item_ctx, "cleanup delete").await?;
+                self.http
+                    .call(settings, &cleanup.delete, &item_ctx, "cleanup delete")
+                    .await?;
             }
         }
         Ok(())
@@ -157,7 +183,9 @@ impl HttpPlugin {
         };
         let Some(spec) = spec else {
             return if required {
-                Err(ErrReply::fatal(format!("settings.{op} is not configured for this secret")))
+                Err(ErrReply::fatal(format!(
+                    "settings.{op} is not configured for this secret"
+                )))
             } else {
                 Ok(OkReply::default())
             };
@@ -167,7 +195,9 @@ impl HttpPlugin {
         }
         let reply = self.run(&settings, spec, &ctx, op.as_str()).await?;
         if matches!(op, Op::Create | Op::Issue) && reply.value.is_none() {
-            return Err(ErrReply::fatal(format!("settings.{op} has no `value` pointer")));
+            return Err(ErrReply::fatal(format!(
+                "settings.{op} has no `value` pointer"
+            )));
         }
         Ok(reply)
     }
@@ -199,7 +229,9 @@ impl Plugin for HttpPlugin {
             (Some("webhook"), Op::Push) => webhook::push(&self.http, &request).await,
             (Some("webhook"), _) | (_, Op::Push) => Err(ErrReply::unsupported()),
             (Some("http-manual"), Op::Create | Op::Promote | Op::Issue)
-            | (Some("http-lease"), Op::Create | Op::Verify | Op::Promote) => Err(ErrReply::unsupported()),
+            | (Some("http-lease"), Op::Create | Op::Verify | Op::Promote) => {
+                Err(ErrReply::unsupported())
+            }
             _ => self.rest(request, op).await,
         }
     }

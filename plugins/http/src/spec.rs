@@ -9,9 +9,18 @@ use serde_json::{Map, Value};
 
 /// The presets shipped with the plugin, by name.
 pub const PRESETS: &[(&str, &str)] = &[
-    ("openai-service-account", include_str!("../presets/openai-service-account.toml")),
-    ("cloudflare-token", include_str!("../presets/cloudflare-token.toml")),
-    ("anthropic-admin-deactivate", include_str!("../presets/anthropic-admin-deactivate.toml")),
+    (
+        "openai-service-account",
+        include_str!("../presets/openai-service-account.toml"),
+    ),
+    (
+        "cloudflare-token",
+        include_str!("../presets/cloudflare-token.toml"),
+    ),
+    (
+        "anthropic-admin-deactivate",
+        include_str!("../presets/anthropic-admin-deactivate.toml"),
+    ),
     ("bearer-token", include_str!("../presets/bearer-token.toml")),
 ];
 
@@ -119,7 +128,8 @@ pub fn load(settings: &Map<String, Value>) -> Result<Settings, String> {
                 let known: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
                 format!("unknown preset {name:?}; known: {known:?}")
             })?;
-        let preset: Value = toml::from_str(text).map_err(|e| format!("preset {name} is broken: {e}"))?;
+        let preset: Value =
+            toml::from_str(text).map_err(|e| format!("preset {name} is broken: {e}"))?;
         if let Value::Object(map) = preset {
             merged.extend(map);
         }
@@ -128,7 +138,9 @@ pub fn load(settings: &Map<String, Value>) -> Result<Settings, String> {
     let parsed: Settings =
         serde_json::from_value(Value::Object(merged)).map_err(|e| format!("bad settings: {e}"))?;
     if parsed.allowed_hosts.is_empty() {
-        return Err("settings.allowed_hosts must list the hosts this secret's requests may reach".into());
+        return Err(
+            "settings.allowed_hosts must list the hosts this secret's requests may reach".into(),
+        );
     }
     Ok(parsed)
 }
@@ -141,7 +153,12 @@ mod tests {
     #[test]
     fn every_preset_parses_and_user_settings_override_it() {
         for (name, _) in PRESETS {
-            let s = load(json!({"preset": name, "allowed_hosts": ["x"]}).as_object().unwrap()).unwrap();
+            let s = load(
+                json!({"preset": name, "allowed_hosts": ["x"]})
+                    .as_object()
+                    .unwrap(),
+            )
+            .unwrap();
             assert!(s.vars.contains_key("base_url"), "{name} sets base_url");
             assert!(s.revoke.is_some() || s.create.is_some(), "{name}");
         }
@@ -153,7 +170,23 @@ mod tests {
 
     #[test]
     fn hosts_must_be_listed_and_presets_must_exist() {
-        assert!(load(json!({"create": {"method": "GET", "url": "https://x"}}).as_object().unwrap()).unwrap_err().contains("allowed_hosts"));
-        assert!(load(json!({"preset": "nope", "allowed_hosts": ["x"]}).as_object().unwrap()).unwrap_err().contains("unknown preset"));
+        assert!(
+            load(
+                json!({"create": {"method": "GET", "url": "https://x"}})
+                    .as_object()
+                    .unwrap()
+            )
+            .unwrap_err()
+            .contains("allowed_hosts")
+        );
+        assert!(
+            load(
+                json!({"preset": "nope", "allowed_hosts": ["x"]})
+                    .as_object()
+                    .unwrap()
+            )
+            .unwrap_err()
+            .contains("unknown preset")
+        );
     }
 }

@@ -31,7 +31,8 @@ pub fn render_str(template: &str, ctx: &Value) -> Result<String, String> {
             .find("}}")
             .ok_or_else(|| format!("unterminated placeholder in {template:?}"))?;
         let path = after[..end].trim();
-        let value = lookup(ctx, path).ok_or_else(|| format!("template placeholder {{{{{path}}}}} has no value"))?;
+        let value = lookup(ctx, path)
+            .ok_or_else(|| format!("template placeholder {{{{{path}}}}} has no value"))?;
         out.push_str(&as_text(value, path)?);
         rest = &after[end + 2..];
     }
@@ -56,7 +57,12 @@ pub fn render_json(template: &Value, ctx: &Value) -> Result<Value, String> {
                 Value::String(render_str(s, ctx)?)
             }
         }
-        Value::Array(items) => Value::Array(items.iter().map(|v| render_json(v, ctx)).collect::<Result<_, _>>()?),
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|v| render_json(v, ctx))
+                .collect::<Result<_, _>>()?,
+        ),
         Value::Object(map) => Value::Object(
             map.iter()
                 .map(|(k, v)| Ok((k.clone(), render_json(v, ctx)?)))
@@ -74,12 +80,23 @@ mod tests {
     #[test]
     fn renders_text_and_keeps_types_of_whole_placeholders() {
         let ctx = json!({"a": {"b": "x"}, "n": 90, "secret": "s/1"});
-        assert_eq!(render_str("{{a.b}}-{{ n }}/{{secret}}", &ctx).unwrap(), "x-90/s/1");
         assert_eq!(
-            render_json(&json!({"ttl": "{{n}}", "name": "k-{{a.b}}", "list": ["{{a.b}}"]}), &ctx).unwrap(),
+            render_str("{{a.b}}-{{ n }}/{{secret}}", &ctx).unwrap(),
+            "x-90/s/1"
+        );
+        assert_eq!(
+            render_json(
+                &json!({"ttl": "{{n}}", "name": "k-{{a.b}}", "list": ["{{a.b}}"]}),
+                &ctx
+            )
+            .unwrap(),
             json!({"ttl": 90, "name": "k-x", "list": ["x"]})
         );
-        assert!(render_str("{{missing}}", &ctx).unwrap_err().contains("missing"));
+        assert!(
+            render_str("{{missing}}", &ctx)
+                .unwrap_err()
+                .contains("missing")
+        );
         assert!(render_str("{{a}}", &ctx).is_err(), "objects are not text");
         assert!(render_str("{{a.b", &ctx).is_err());
     }

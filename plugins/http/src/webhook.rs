@@ -53,7 +53,12 @@ pub async fn push(http: &Http, request: &Request) -> Result<OkReply, ErrReply> {
         .credentials
         .get("hmac")
         .ok_or_else(|| ErrReply::fatal("a webhook needs credentials.hmac, the signing key"))?;
-    let url = checked_url(&settings.url, &settings.allowed_hosts, settings.allow_http, "webhook")?;
+    let url = checked_url(
+        &settings.url,
+        &settings.allowed_hosts,
+        settings.allow_http,
+        "webhook",
+    )?;
     let meta = request.meta.clone().unwrap_or_default();
     let is_alert = meta.get("alert") == Some(&Value::Bool(true));
     let body = if is_alert {
@@ -88,14 +93,20 @@ pub async fn push(http: &Http, request: &Request) -> Result<OkReply, ErrReply> {
             .post(url.clone())
             .header("content-type", "application/json")
             .header("x-keywarden-signature", &signature)
-            .header("x-keywarden-event", if is_alert { "alert" } else { "rotated" })
+            .header(
+                "x-keywarden-event",
+                if is_alert { "alert" } else { "rotated" },
+            )
             .body(body.clone())
             .send()
             .await;
         match sent {
             Ok(r) if r.status().is_success() => return Ok(OkReply::default()),
             Ok(r) if r.status().is_client_error() && r.status().as_u16() != 429 => {
-                return Err(ErrReply::fatal(format!("webhook {host} refused the delivery: {}", r.status())));
+                return Err(ErrReply::fatal(format!(
+                    "webhook {host} refused the delivery: {}",
+                    r.status()
+                )));
             }
             Ok(r) => last = format!("webhook {host} answered {}", r.status()),
             Err(e) => last = format!("webhook {host} failed: {}", e.without_url()),

@@ -10,9 +10,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use keywarden_testkit::daemon::{base_config, sha256_of, wait_for};
 use keywarden_testkit::Env;
-use serde_json::{json, Value};
+use keywarden_testkit::daemon::{base_config, sha256_of, wait_for};
+use serde_json::{Value, json};
 
 /// A request as the fake server saw it.
 struct Seen {
@@ -30,30 +30,43 @@ fn serve(handler: Handler) -> u16 {
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 let handler = handler.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                        let handler = handler.clone();
-                        async move {
-                            let method = req.method().to_string();
-                            let path = req.uri().to_string();
-                            let headers = req
-                                .headers()
-                                .iter()
-                                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
-                                .collect();
-                            let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
-                            let (status, json) = handler(&Seen { method, path, headers, body });
-                            let mut resp = hyper::Response::new(Full::new(Bytes::from(json.to_string())));
-                            *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    });
+                    let service =
+                        hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                            let handler = handler.clone();
+                            async move {
+                                let method = req.method().to_string();
+                                let path = req.uri().to_string();
+                                let headers = req
+                                    .headers()
+                                    .iter()
+                                    .map(|(k, v)| {
+                                        (k.to_string(), v.to_str().unwrap_or("").to_string())
+                                    })
+                                    .collect();
+                                let body =
+                                    req.into_body().collect().await.unwrap().to_bytes().to_vec();
+                                let (status, json) = handler(&Seen {
+                                    method,
+                                    path,
+                                    headers,
+                                    body,
+                                });
+                                let mut resp =
+                                    hyper::Response::new(Full::new(Bytes::from(json.to_string())));
+                                *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                         .await;
@@ -76,7 +89,11 @@ fn plugin() -> String {
 fn env_with(secrets: &str) -> Env {
     let env = Env::new();
     let base = std::fs::read_to_string(&env.config).unwrap();
-    std::fs::write(&env.config, format!("{base}\n{}\n{}\n{secrets}", base_config("5s"), plugin())).unwrap();
+    std::fs::write(
+        &env.config,
+        format!("{base}\n{}\n{}\n{secrets}", base_config("5s"), plugin()),
+    )
+    .unwrap();
     env.ok(&["init"], None);
     env
 }
@@ -94,7 +111,11 @@ fn settings(preset: &str, port: u16, extra: &str) -> String {
 }
 
 fn bearer(seen: &Seen) -> String {
-    seen.headers.get("authorization").and_then(|a| a.strip_prefix("Bearer ")).unwrap_or("").to_string()
+    seen.headers
+        .get("authorization")
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .to_string()
 }
 
 // ---- OpenAI project service accounts ----------------------------------------------------------
@@ -113,9 +134,15 @@ fn openai(state: Arc<Mutex<OpenAi>>) -> Handler {
         if req.path == "/v1/models" && req.method == "GET" {
             let key = bearer(req);
             return if s.accounts.values().any(|(_, v)| *v == key) {
-                (200, json!({"object": "list", "data": [{"id": "gpt-5", "object": "model"}]}))
+                (
+                    200,
+                    json!({"object": "list", "data": [{"id": "gpt-5", "object": "model"}]}),
+                )
             } else {
-                (401, json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}))
+                (
+                    401,
+                    json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}),
+                )
             };
         }
         if bearer(req) != "sk-admin-test" {
@@ -126,7 +153,10 @@ fn openai(state: Arc<Mutex<OpenAi>>) -> Handler {
             s.next += 1;
             let id = format!("svc_acct_{}", s.next);
             let key = format!("sk-svcacct-{}-{}", s.next, "x".repeat(20));
-            s.accounts.insert(id.clone(), (body["name"].as_str().unwrap().to_string(), key.clone()));
+            s.accounts.insert(
+                id.clone(),
+                (body["name"].as_str().unwrap().to_string(), key.clone()),
+            );
             if s.fail_next_create_after_storing {
                 s.fail_next_create_after_storing = false;
                 return (503, json!({"error": {"message": "upstream hiccup"}}));
@@ -144,17 +174,26 @@ fn openai(state: Arc<Mutex<OpenAi>>) -> Handler {
                 .iter()
                 .map(|(id, (name, _))| json!({"object": "organization.project.service_account", "id": id, "name": name}))
                 .collect();
-            return (200, json!({"object": "list", "data": data, "has_more": false}));
+            return (
+                200,
+                json!({"object": "list", "data": data, "has_more": false}),
+            );
         }
         if let Some(id) = req.path.strip_prefix(&format!("{base}/")) {
             if req.method == "DELETE" {
                 return match s.accounts.remove(id) {
-                    Some(_) => (200, json!({"object": "organization.project.service_account.deleted", "id": id, "deleted": true})),
+                    Some(_) => (
+                        200,
+                        json!({"object": "organization.project.service_account.deleted", "id": id, "deleted": true}),
+                    ),
                     None => (404, json!({"error": {"message": "not found"}})),
                 };
             }
         }
-        (404, json!({"error": {"message": format!("no route {} {}", req.method, req.path)}}))
+        (
+            404,
+            json!({"error": {"message": format!("no route {} {}", req.method, req.path)}}),
+        )
     })
 }
 
@@ -166,7 +205,11 @@ fn openai_service_accounts_rotate_without_orphans() {
         "[secrets.\"openai/admin\"]\nprovider = \"manual\"\n\n[secrets.\"openai/prod\"]\nprovider = \"http\"\n\
          credentials = {{ admin = \"openai/admin\" }}\n{}\n\n[secrets.\"openai/misdirected\"]\nprovider = \"http\"\n\
          credentials = {{ admin = \"openai/admin\" }}\nsettings = {{ preset = \"openai-service-account\", base_url = \"http://127.0.0.1:{port}\", project_id = \"proj_test\" }}\n",
-        settings("openai-service-account", port, ", project_id = \"proj_test\"")
+        settings(
+            "openai-service-account",
+            port,
+            ", project_id = \"proj_test\""
+        )
     ));
     env.put("openai/admin", "sk-admin-test");
     let (code, first) = rotate(&env, "openai/prod");
@@ -177,20 +220,38 @@ fn openai_service_accounts_rotate_without_orphans() {
     let (code, second) = rotate(&env, "openai/prod");
     assert_eq!(code, Some(0), "{second}");
     assert_eq!(second["state"], "done");
-    let current: Value = serde_json::from_str(&env.ok(&["get", "openai/prod", "--json"], None)).unwrap();
+    let current: Value =
+        serde_json::from_str(&env.ok(&["get", "openai/prod", "--json"], None)).unwrap();
     let s = state.lock().unwrap();
-    assert_eq!(s.accounts.len(), 1, "only the current service account exists: {:?}", s.accounts.keys());
+    assert_eq!(
+        s.accounts.len(),
+        1,
+        "only the current service account exists: {:?}",
+        s.accounts.keys()
+    );
     let (id, (name, key)) = s.accounts.iter().next().unwrap();
     assert_eq!(current["value"], key.as_str());
     assert_eq!(current["meta"]["service_account_id"], id.as_str());
     assert!(name.starts_with("keywarden-"));
-    assert!(!s.accounts.values().any(|(_, v)| *v == first_key), "the old key is gone");
+    assert!(
+        !s.accounts.values().any(|(_, v)| *v == first_key),
+        "the old key is gone"
+    );
     drop(s);
     // Without allowed_hosts naming the server, nothing is sent.
     let (code, result) = rotate(&env, "openai/misdirected");
     assert_eq!(code, Some(1));
-    assert!(result["last_error"].as_str().unwrap_or_default().contains("allowed_hosts")
-        || result["quarantine_reason"].as_str().unwrap_or_default().contains("allowed_hosts"), "{result}");
+    assert!(
+        result["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("allowed_hosts")
+            || result["quarantine_reason"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("allowed_hosts"),
+        "{result}"
+    );
 }
 
 // ---- Cloudflare token roll --------------------------------------------------------------------
@@ -201,16 +262,28 @@ fn cloudflare(token: Arc<Mutex<String>>) -> Handler {
         match (req.method.as_str(), req.path.as_str()) {
             ("PUT", "/client/v4/user/tokens/tok_123/value") if bearer(req) == "cf-admin" => {
                 *t = format!("cf-rolled-{}", t.len());
-                (200, json!({"result": *t, "success": true, "errors": [], "messages": []}))
+                (
+                    200,
+                    json!({"result": *t, "success": true, "errors": [], "messages": []}),
+                )
             }
             ("GET", "/client/v4/user/tokens/verify") => {
                 if bearer(req) == *t {
-                    (200, json!({"result": {"id": "tok_123", "status": "active"}, "success": true, "errors": [], "messages": []}))
+                    (
+                        200,
+                        json!({"result": {"id": "tok_123", "status": "active"}, "success": true, "errors": [], "messages": []}),
+                    )
                 } else {
-                    (401, json!({"success": false, "errors": [{"code": 1000, "message": "Invalid API Token"}]}))
+                    (
+                        401,
+                        json!({"success": false, "errors": [{"code": 1000, "message": "Invalid API Token"}]}),
+                    )
                 }
             }
-            _ => (403, json!({"success": false, "errors": [{"code": 9109, "message": "Unauthorized"}]})),
+            _ => (
+                403,
+                json!({"success": false, "errors": [{"code": 9109, "message": "Unauthorized"}]}),
+            ),
         }
     })
 }
@@ -229,7 +302,10 @@ fn cloudflare_tokens_roll_in_place_and_skip_draining() {
     assert_eq!(code, Some(0), "{first}");
     let (code, second) = rotate(&env, "cf/dns");
     assert_eq!(code, Some(0), "{second}");
-    assert_eq!(second["state"], "done", "no draining for a token rolled in place");
+    assert_eq!(
+        second["state"], "done",
+        "no draining for a token rolled in place"
+    );
     let current: Value = serde_json::from_str(&env.ok(&["get", "cf/dns", "--json"], None)).unwrap();
     assert_eq!(current["value"], token.lock().unwrap().as_str());
     assert_eq!(current["meta"]["token_id"], "tok_123");
@@ -257,13 +333,23 @@ fn anthropic_keys_need_a_person_and_a_compromise_deactivates_them() {
     let port = serve(Arc::new(move |req: &Seen| {
         let mut k = state.lock().unwrap();
         if req.headers.get("anthropic-version").map(String::as_str) != Some("2023-06-01") {
-            return (400, json!({"type": "error", "error": {"type": "invalid_request_error", "message": "anthropic-version required"}}));
+            return (
+                400,
+                json!({"type": "error", "error": {"type": "invalid_request_error", "message": "anthropic-version required"}}),
+            );
         }
         let key = req.headers.get("x-api-key").cloned().unwrap_or_default();
         match (req.method.as_str(), req.path.as_str()) {
-            ("GET", "/v1/models") if k.values().any(|(v, s)| *v == key && s == "active") => (200, json!({"data": []})),
-            ("GET", "/v1/models") => (401, json!({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}})),
-            ("POST", p) if key == "sk-ant-admin-test" && p.starts_with("/v1/organizations/api_keys/") => {
+            ("GET", "/v1/models") if k.values().any(|(v, s)| *v == key && s == "active") => {
+                (200, json!({"data": []}))
+            }
+            ("GET", "/v1/models") => (
+                401,
+                json!({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}),
+            ),
+            ("POST", p)
+                if key == "sk-ant-admin-test" && p.starts_with("/v1/organizations/api_keys/") =>
+            {
                 let id = &p["/v1/organizations/api_keys/".len()..];
                 let body: Value = serde_json::from_slice(&req.body).unwrap();
                 match k.get_mut(id) {
@@ -271,29 +357,69 @@ fn anthropic_keys_need_a_person_and_a_compromise_deactivates_them() {
                         entry.1 = body["status"].as_str().unwrap().to_string();
                         (200, json!({"id": id, "type": "api_key", "status": entry.1}))
                     }
-                    None => (404, json!({"type": "error", "error": {"type": "not_found_error", "message": "no such key"}})),
+                    None => (
+                        404,
+                        json!({"type": "error", "error": {"type": "not_found_error", "message": "no such key"}}),
+                    ),
                 }
             }
-            _ => (401, json!({"type": "error", "error": {"type": "authentication_error", "message": "admin key required"}})),
+            _ => (
+                401,
+                json!({"type": "error", "error": {"type": "authentication_error", "message": "admin key required"}}),
+            ),
         }
     }));
     let env = env_with(&format!(
         "[secrets.\"anthropic/admin\"]\nprovider = \"manual\"\n\n[secrets.\"anthropic/prod\"]\nprovider = \"http-manual\"\n\
          credentials = {{ admin = \"anthropic/admin\" }}\n{}\n",
-        settings("anthropic-admin-deactivate", port, ", console_url = \"https://console.anthropic.com/settings/keys\"")
+        settings(
+            "anthropic-admin-deactivate",
+            port,
+            ", console_url = \"https://console.anthropic.com/settings/keys\""
+        )
     ));
     env.put("anthropic/admin", "sk-ant-admin-test");
-    env.ok(&["put", "anthropic/prod", "--meta", "api_key_id=apikey_01"], Some(b"sk-ant-api03-live"));
+    env.ok(
+        &["put", "anthropic/prod", "--meta", "api_key_id=apikey_01"],
+        Some(b"sk-ant-api03-live"),
+    );
     let err = env.fails(1, &["rotate", "anthropic/prod"], None);
-    assert!(err.contains("cannot create credentials") && err.contains("https://console.anthropic.com/settings/keys"), "{err}");
-    assert_eq!(keys.lock().unwrap()["apikey_01"].1, "active", "a plain rotation changes nothing upstream");
+    assert!(
+        err.contains("cannot create credentials")
+            && err.contains("https://console.anthropic.com/settings/keys"),
+        "{err}"
+    );
+    assert_eq!(
+        keys.lock().unwrap()["apikey_01"].1,
+        "active",
+        "a plain rotation changes nothing upstream"
+    );
 
-    let out = env.run(&["rotate-all", "--assume-compromise", "anthropic/prod", "--yes", "--json"], None);
+    let out = env.run(
+        &[
+            "rotate-all",
+            "--assume-compromise",
+            "anthropic/prod",
+            "--yes",
+            "--json",
+        ],
+        None,
+    );
     assert_eq!(out.status.code(), Some(1), "a person is needed");
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["needs_person"][0]["name"], "anthropic/prod");
-    assert!(report["needs_person"][0]["error"].as_str().unwrap().contains("console.anthropic.com"), "{report}");
-    assert_eq!(keys.lock().unwrap()["apikey_01"].1, "inactive", "the key was deactivated at once");
+    assert!(
+        report["needs_person"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("console.anthropic.com"),
+        "{report}"
+    );
+    assert_eq!(
+        keys.lock().unwrap()["apikey_01"].1,
+        "inactive",
+        "the key was deactivated at once"
+    );
 }
 
 // ---- Bearer tokens: per-lease credentials -----------------------------------------------------
@@ -312,8 +438,14 @@ fn bearer_tokens_are_issued_per_lease_and_deleted_when_the_lease_ends() {
                 let body: Value = serde_json::from_slice(&req.body).unwrap();
                 let id = format!("t{}", t.len() + 1);
                 let token = format!("bt-{id}-secret-value");
-                t.insert(id.clone(), (token.clone(), body["ttl_seconds"].as_i64().unwrap_or(0)));
-                (201, json!({"id": id, "token": token, "expires_at": "2099-01-01T00:00:00Z"}))
+                t.insert(
+                    id.clone(),
+                    (token.clone(), body["ttl_seconds"].as_i64().unwrap_or(0)),
+                );
+                (
+                    201,
+                    json!({"id": id, "token": token, "expires_at": "2099-01-01T00:00:00Z"}),
+                )
             }
             ("DELETE", p) => match t.remove(&p["/api/tokens/".len()..]) {
                 Some(_) => (200, json!({})),
@@ -343,16 +475,41 @@ fn bearer_tokens_are_issued_per_lease_and_deleted_when_the_lease_ends() {
     let b = fetch();
     assert_ne!(a["value"], b["value"]);
     assert_eq!(tokens.lock().unwrap().len(), 2);
-    assert_eq!(tokens.lock().unwrap()["t1"].1, 120, "the lease's TTL was passed to the provider");
+    assert_eq!(
+        tokens.lock().unwrap()["t1"].1,
+        120,
+        "the lease's TTL was passed to the provider"
+    );
     let out = std::process::Command::new("/usr/bin/curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "DELETE", "--unix-socket"])
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "DELETE",
+            "--unix-socket",
+        ])
         .arg(&sock)
-        .arg(format!("http://localhost/v1/leases/{}", a["lease_id"].as_str().unwrap()))
+        .arg(format!(
+            "http://localhost/v1/leases/{}",
+            a["lease_id"].as_str().unwrap()
+        ))
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "204");
-    let remaining: Vec<String> = tokens.lock().unwrap().values().map(|(v, _)| v.clone()).collect();
-    assert_eq!(remaining, [b["value"].as_str().unwrap().to_string()], "the deleted lease's token is gone upstream");
+    let remaining: Vec<String> = tokens
+        .lock()
+        .unwrap()
+        .values()
+        .map(|(v, _)| v.clone())
+        .collect();
+    assert_eq!(
+        remaining,
+        [b["value"].as_str().unwrap().to_string()],
+        "the deleted lease's token is gone upstream"
+    );
     drop(daemon);
 }
 
@@ -369,7 +526,11 @@ fn webhook_deliveries_are_signed_and_retried_on_500() {
         if *n <= 2 {
             return (500, json!({"error": "try again"}));
         }
-        let signature = req.headers.get("x-keywarden-signature").cloned().unwrap_or_default();
+        let signature = req
+            .headers
+            .get("x-keywarden-signature")
+            .cloned()
+            .unwrap_or_default();
         let out = std::process::Command::new("python3")
             .args(["-c", "import hmac,hashlib,sys; print('sha256=' + hmac.new(b'hook-key', sys.stdin.buffer.read(), hashlib.sha256).hexdigest())"])
             .stdin(std::process::Stdio::piped())
@@ -382,7 +543,10 @@ fn webhook_deliveries_are_signed_and_retried_on_500() {
             })
             .unwrap();
         let expected = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        seen.lock().unwrap().push((signature == expected, serde_json::from_slice(&req.body).unwrap()));
+        seen.lock().unwrap().push((
+            signature == expected,
+            serde_json::from_slice(&req.body).unwrap(),
+        ));
         (200, json!({"ok": true}))
     }));
     let env = env_with(&format!(
@@ -393,12 +557,21 @@ fn webhook_deliveries_are_signed_and_retried_on_500() {
     env.put("hooks/key", "hook-key");
     let (code, result) = rotate(&env, "app/token");
     assert_eq!(code, Some(0), "{result}");
-    wait_for("a delivery", Duration::from_secs(10), || (!deliveries.lock().unwrap().is_empty()).then_some(()));
-    assert_eq!(*attempts.lock().unwrap(), 3, "two 500s, then the acknowledgement");
+    wait_for("a delivery", Duration::from_secs(10), || {
+        (!deliveries.lock().unwrap().is_empty()).then_some(())
+    });
+    assert_eq!(
+        *attempts.lock().unwrap(),
+        3,
+        "two 500s, then the acknowledgement"
+    );
     let (valid, body) = deliveries.lock().unwrap()[0].clone();
     assert!(valid, "the signature verifies with the shared key");
     assert_eq!(body["event"], "keywarden.rotated");
     assert_eq!(body["secret"], "app/token");
     assert_eq!(body["version"], 1);
-    assert!(body.get("value").is_none(), "values are not sent unless include_value");
+    assert!(
+        body.get("value").is_none(),
+        "values are not sent unless include_value"
+    );
 }

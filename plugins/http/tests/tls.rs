@@ -1,0 +1,193 @@
+//! TLS is verified by default: a provider with a certificate nobody vouches for is refused, and
+//! accepted once its CA is given in `ca_file`.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use keywarden_testkit::Env;
+use keywarden_testkit::daemon::{base_config, sha256_of};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let status = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "openssl {args:?}");
+}
+
+/// A private CA and a server certificate for 127.0.0.1 signed by it, made with the openssl
+/// CLI. Returns (CA certificate, server certificate, server key).
+fn private_ca(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=keywarden test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ];
+    ca.extend(ec);
+    ca.extend([
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    ]);
+    openssl(dir, &ca);
+    let mut csr = vec![
+        "req",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ];
+    csr.extend(ec);
+    openssl(dir, &csr);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            "server.pem",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+/// An HTTPS server that answers every request with a new bearer token.
+fn serve_tls(cert: &Path, key: &Path) -> u16 {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(stream).await else { return };
+                    let mut buf = vec![0u8; 8192];
+                    let _ = tls.read(&mut buf).await;
+                    let body = r#"{"id":"t1","token":"tls-token-value-1234"}"#;
+                    let reply = format!(
+                        "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = tls.write_all(reply.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+    });
+    port
+}
+
+fn env_for(port: u16, ca_file: Option<&Path>) -> Env {
+    let env = Env::new();
+    let bin = Path::new(env!("CARGO_BIN_EXE_keywarden-plugin-http"));
+    let ca = ca_file
+        .map(|p| format!(", ca_file = {:?}", p.display().to_string()))
+        .unwrap_or_default();
+    let config = format!(
+        "{}\n[plugins.http]\ncommand = [{:?}]\nsha256 = \"{}\"\n\n[secrets.\"svc/admin\"]\nprovider = \"manual\"\n\n\
+         [secrets.\"svc/tls\"]\nprovider = \"http\"\ncredentials = {{ admin = \"svc/admin\" }}\nmax_attempts = 2\n\
+         settings = {{ preset = \"bearer-token\", base_url = \"https://127.0.0.1:{port}\", allowed_hosts = [\"127.0.0.1\"]{ca}, verify = {{ method = \"GET\", url = \"https://127.0.0.1:{port}/api/whoami\" }} }}\n",
+        base_config("5s"),
+        bin.display().to_string(),
+        sha256_of(bin)
+    );
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, format!("{base}\n{config}")).unwrap();
+    env.ok(&["init"], None);
+    env.put("svc/admin", "admin-token");
+    env
+}
+
+#[test]
+fn an_unknown_certificate_is_refused_and_a_configured_ca_is_trusted() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = private_ca(scratch.path());
+    let port = serve_tls(&cert, &key);
+
+    let untrusted = env_for(port, None);
+    let out = untrusted.run(&["rotate", "svc/tls", "--json"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("certificate") || report.contains("Certificate"),
+        "{report}"
+    );
+    assert!(
+        untrusted.entry("svc/tls")["version"].is_null(),
+        "nothing was stored"
+    );
+
+    let trusted = env_for(port, Some(&ca));
+    let out = trusted.run(&["rotate", "svc/tls", "--json"], None);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(trusted.get("svc/tls"), "tls-token-value-1234");
+}
