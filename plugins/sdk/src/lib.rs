@@ -34,7 +34,10 @@
 //!
 //! [`serve`] writes the hello line, answers requests concurrently (each in its own task),
 //! replies `unsupported op` to anything the plugin does not handle, and exits 0 on `shutdown`
-//! or when stdin closes (the daemon went away).
+//! (after answering what is in flight) or when stdin closes. A closed stdin means the daemon
+//! died: calls in flight are abandoned at once, because nobody will record their results and
+//! the restarted daemon repeats them (idempotently); finishing them, or letting an SDK retry
+//! them, could create a credential nobody knows about.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -126,6 +129,8 @@ where
             .read_until(b'\n', &mut line)
             .await?;
         if n == 0 {
+            // The daemon is gone: abandon what is in flight (see the crate docs).
+            tasks.abort_all();
             break;
         }
         if line.len() > MAX_LINE_BYTES && !line.ends_with(b"\n") {
@@ -207,6 +212,10 @@ mod tests {
                     if request.id == 1 {
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     }
+                    // A call that would outlive the daemon.
+                    if request.id == 99 {
+                        std::future::pending::<()>().await;
+                    }
                     let p = request.proposed.unwrap_or_default();
                     Ok(OkReply::credential(
                         Secret::new(p.expose().to_uppercase()),
@@ -252,5 +261,25 @@ mod tests {
             .collect();
         assert!(order.iter().position(|&i| i == 2) < order.iter().position(|&i| i == 1));
         assert_eq!(lines.len(), 4, "no reply to shutdown or garbage: {out}");
+    }
+
+    #[tokio::test]
+    async fn a_closed_stdin_abandons_calls_in_flight() {
+        let (mut daemon_side, plugin_side) = tokio::io::duplex(1 << 16);
+        let (read_half, write_half) = tokio::io::split(plugin_side);
+        let server = tokio::spawn(serve_io(Arc::new(Upper), read_half, write_half));
+        daemon_side
+            .write_all(b"{\"id\":99,\"op\":\"create\",\"proposed\":\"abc\"}\n")
+            .await
+            .unwrap();
+        daemon_side.shutdown().await.unwrap(); // the daemon died
+        tokio::time::timeout(std::time::Duration::from_secs(10), server)
+            .await
+            .expect("the plugin exits without finishing the call")
+            .unwrap()
+            .unwrap();
+        let mut out = String::new();
+        daemon_side.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out.lines().count(), 1, "only the hello: {out}");
     }
 }
