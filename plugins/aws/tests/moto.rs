@@ -466,6 +466,21 @@ impl Gate {
     }
 }
 
+/// IAM returns policy documents percent-encoded.
+fn url_decode(text: &str) -> String {
+    let mut out = Vec::new();
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex: String = bytes.by_ref().take(2).map(char::from).collect();
+            out.push(u8::from_str_radix(&hex, 16).expect("percent-encoding"));
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
 /// How many plugin processes of `env` run (their working directory is under its directory).
 fn plugins_running(env: &Env) -> usize {
     let dir = env.dir.path().canonicalize().unwrap();
@@ -534,6 +549,7 @@ fn iam_rotations_replace_the_key_and_delete_the_old_one() {
         })
     };
     let user_arn = moto.user_arn(&user);
+    let mut secrets = vec![moto.admin.secret.clone(), first.secret.clone()];
     let mut old = first;
     for round in 2..=4 {
         let result = rotate(&env, "aws/ci");
@@ -548,11 +564,19 @@ fn iam_rotations_replace_the_key_and_delete_the_old_one() {
             "the old key still works after round {round}"
         );
         assert_eq!(get(&env, "aws/ci")["meta"]["user_name"], user.as_str());
+        secrets.push(new.secret.clone());
         old = new;
     }
     stop.store(true, Ordering::SeqCst);
     let most = watcher.join().unwrap();
     assert!(most <= 2, "the user had {most} keys at once");
+
+    // No secret access key in the daemon's log (plugin stderr included) or in `list --json`.
+    let log = daemon.log_text();
+    let listed = env.list().to_string();
+    for secret in &secrets {
+        assert!(!log.contains(secret.as_str()) && !listed.contains(secret.as_str()));
+    }
     drop(daemon);
 }
 
@@ -800,7 +824,10 @@ fn sts_issues_a_fresh_session_per_fetch_usable_as_credential_process() {
         &format!(
             "[secrets.\"aws/session\"]\nprovider = \"aws-sts\"\ncredentials = {{ admin = \"aws/admin\" }}\n{}\n\n\
 ",
-            settings(&moto.endpoint, &format!(", role_arn = \"{role_arn}\""))
+            settings(
+                &moto.endpoint,
+                &format!(", role_arn = \"{role_arn}\", revoke_sessions = true")
+            )
         ),
     );
     let daemon = env.start_daemon();
@@ -818,7 +845,7 @@ fn sts_issues_a_fresh_session_per_fetch_usable_as_credential_process() {
         doc1["AccessKeyId"], doc2["AccessKeyId"],
         "one session per fetch"
     );
-    for doc in [&doc1, &doc2] {
+    for (lease, doc) in [(&lease1, &doc1), (&lease2, &doc2)] {
         assert_eq!(doc["Version"], 1);
         for field in [
             "AccessKeyId",
@@ -846,11 +873,53 @@ fn sts_issues_a_fresh_session_per_fetch_usable_as_credential_process() {
             session: doc["SessionToken"].as_str().map(str::to_string),
         };
         let arn = caller_arn(&moto.endpoint, &key).expect("the session works");
+        let session = lease["meta"]["session_name"].as_str().unwrap();
+        assert!(session.starts_with("kw-aws-session."), "{lease}");
         assert!(
-            arn.contains(&format!(":assumed-role/{role}/keywarden-aws-session")),
+            arn.ends_with(&format!(":assumed-role/{role}/{session}")),
             "{arn}"
         );
     }
+
+    // Ending the first lease denies its session, and only its session, on the role.
+    let sock = env.agent_socket();
+    let deleted = Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "DELETE",
+        ])
+        .arg("--unix-socket")
+        .arg(&sock)
+        .arg(format!(
+            "http://keywarden/v1/leases/{}",
+            lease1["lease_id"].as_str().unwrap()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&deleted.stdout), "204");
+    let denied = wait_for(
+        "the revoked-sessions policy",
+        Duration::from_secs(20),
+        || {
+            block_on(
+                moto.iam
+                    .get_role_policy()
+                    .role_name(&role)
+                    .policy_name("keywarden-revoked-sessions")
+                    .send(),
+            )
+            .ok()
+            .map(|out| url_decode(out.policy_document()))
+        },
+    );
+    let session = |lease: &Value| format!("*:{}", lease["meta"]["session_name"].as_str().unwrap());
+    assert!(denied.contains(&session(&lease1)), "{denied}");
+    assert!(!denied.contains(&session(&lease2)), "{denied}");
 
     // The documented profile: `credential_process = keywarden get aws/session`.
     let script = env.dir.path().join("aws-credentials");
