@@ -1,11 +1,11 @@
 //! `aws-iam`: IAM access keys (create, verify, revoke; old and new overlap).
 //!
 //! Settings: `user_name`. The IAM user is dedicated to the secret: keywarden owns its keys.
-//! Create never deletes the current key; it deletes every other key first (a key an earlier
-//! try of this rotation made, or one left behind), which also keeps the user under IAM's
-//! two-key limit. Each create tags the user with its rotation id, so a retried create is
-//! recognised even for a first key. Verify calls `sts:GetCallerIdentity` signed by the new key;
-//! revoke deactivates, then deletes.
+//! Create never deletes the current key; with one, it deletes the user's other key first (a key
+//! an earlier try of this rotation made, or one left behind), which also keeps the user under
+//! IAM's two-key limit. Each create tags the user with its rotation id and the keys that were
+//! there before it, so a retried first create deletes only what its earlier try made. Verify
+//! calls `sts:GetCallerIdentity` signed by the new key; revoke deactivates, then deletes.
 
 use aws_sdk_iam::types::{StatusType, Tag};
 use keywarden_plugin_sdk::{ErrReply, Meta, OkReply, Request, Secret};
@@ -77,23 +77,42 @@ pub(crate) async fn create(request: &Request) -> Result<OkReply, ErrReply> {
         .send()
         .await
         .map_err(|e| sdk_error("ListUserTags", e))?;
-    let repeat = tags
+    // The tag reads "ROTATION_ID[.KEY_ID…]": this rotation, and the keys that were there before
+    // its first try (not ours to delete). Dots need no escaping anywhere along the way.
+    let earlier_try = tags
         .tags()
         .iter()
-        .any(|t| t.key() == ROTATION_TAG && t.value() == rotation);
-    if current.is_some() || repeat {
-        for key in &others {
-            delete_key(&iam, user, key).await?;
-        }
-    } else if others.len() >= 2 {
+        .filter(|t| t.key() == ROTATION_TAG)
+        .find_map(|t| t.value().strip_prefix(rotation))
+        .map(|rest| {
+            rest.split('.')
+                .filter(|k| !k.is_empty())
+                .collect::<Vec<_>>()
+        });
+    let (spent, unknown): (Vec<&String>, Vec<&String>) = match (&current, &earlier_try) {
+        // The current key stays; the other is spent (IAM allows two).
+        (Some(_), _) => (others.iter().collect(), Vec::new()),
+        // A repeat: delete what the earlier try created, keep what was there before it.
+        (None, Some(before)) => others.iter().partition(|k| !before.contains(&k.as_str())),
+        (None, None) => (Vec::new(), others.iter().collect()),
+    };
+    for key in spent {
+        delete_key(&iam, user, key).await?;
+    }
+    if unknown.len() >= 2 {
         return Err(ErrReply::fatal(format!(
             "IAM user {user} already has two access keys keywarden does not know; store the one in \
              use with `keywarden put NAME --meta access_key_id=…`, or delete one"
         )));
     }
+    let mut tag_value = rotation.to_string();
+    for key in unknown {
+        tag_value.push('.');
+        tag_value.push_str(key);
+    }
     let tag = Tag::builder()
         .key(ROTATION_TAG)
-        .value(rotation)
+        .value(tag_value)
         .build()
         .map_err(|e| ErrReply::fatal(e.to_string()))?;
     iam.tag_user()

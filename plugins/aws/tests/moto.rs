@@ -24,7 +24,7 @@ use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_smithy_types::date_time::Format;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 use keywarden_testkit::daemon::{Daemon, base_config, sha256_of, wait_for};
-use keywarden_testkit::{Env, keywarden_bin};
+use keywarden_testkit::{Env, curl, keywarden_bin};
 use serde_json::Value;
 
 const REGION: &str = "us-east-1";
@@ -498,10 +498,12 @@ fn plugins_running(env: &Env) -> usize {
 /// Kills the daemon while its plugin waits on the gate, and waits until the plugin is gone too:
 /// it sees stdin close and must exit at once, abandoning the call in flight (an SDK retry after
 /// [`Gate::cut`] would otherwise create a key nobody records).
-fn crash(env: &Env, daemon: Daemon, mut cli: std::process::Child) {
+fn crash(env: &Env, daemon: Daemon, cli: Option<std::process::Child>) {
     assert_eq!(plugins_running(env), 1, "the plugin is waiting on the gate");
     daemon.kill9();
-    let _ = cli.wait();
+    if let Some(mut cli) = cli {
+        let _ = cli.wait();
+    }
     wait_for(
         "the orphaned plugin to exit",
         Duration::from_secs(10),
@@ -618,7 +620,7 @@ fn iam_admin_key_rotates_itself_and_then_signs_the_next_rotation() {
 }
 
 #[test]
-fn iam_kill_after_create_leaves_no_orphan_key() {
+fn iam_kill_after_create_leaves_no_orphan_and_spares_a_foreign_key() {
     let Some(moto) = moto() else { return };
     let user = moto.user("kw-crash");
     let gate = Gate::new(&moto.endpoint);
@@ -629,22 +631,41 @@ fn iam_kill_after_create_leaves_no_orphan_key() {
             settings(&gate.endpoint(), &format!(", user_name = \"{user}\""))
         ),
     );
+    // Someone else's key on the user, which keywarden does not hold.
+    let foreign = moto.create_key(&user);
+
+    // The first key: CreateAccessKey reaches IAM; the daemon never hears back and dies.
+    gate.arm("Action=CreateAccessKey");
+    let daemon = env.start_daemon();
+    gate.wait_tripped();
+    crash(&env, daemon, None);
+    gate.cut();
+    assert_eq!(env.entry("aws/crash")["rotation_state"], "planned");
+    assert_eq!(moto.keys(&user).len(), 2, "the created key exists upstream");
+    // The restarted daemon deletes what its earlier try created, and only that.
     let daemon = env.start_daemon();
     wait_done(&env, "aws/crash", 1);
     let first = current_key(&env, "aws/crash");
+    let mut expected = vec![foreign.id.clone(), first.id.clone()];
+    expected.sort();
+    assert_eq!(moto.keys(&user), expected);
+    assert_eq!(
+        caller_arn(&moto.endpoint, &foreign),
+        Ok(moto.user_arn(&user))
+    );
 
-    // CreateAccessKey reaches IAM; the daemon never hears back and dies.
+    // The next key: at IAM's two-key limit the key that is not current goes first.
     gate.arm("Action=CreateAccessKey");
     let cli = rotate_in_background(&env, "aws/crash");
     gate.wait_tripped();
-    crash(&env, daemon, cli);
+    crash(&env, daemon, Some(cli));
     gate.cut();
     assert_eq!(env.entry("aws/crash")["rotation_state"], "planned");
     let upstream = moto.keys(&user);
-    assert_eq!(
-        upstream.len(),
-        2,
-        "the created key exists upstream: {upstream:?}"
+    assert_eq!(upstream.len(), 2, "{upstream:?}");
+    assert!(
+        !upstream.contains(&foreign.id),
+        "the foreign key went first"
     );
 
     // The restarted daemon recognises its own earlier try, deletes that key and creates anew.
@@ -753,7 +774,7 @@ fn secretsmanager_kill9_mid_rotation_resumes_to_consistent_labels() {
         gate.arm(call);
         let cli = rotate_in_background(&env, "app/db");
         gate.wait_tripped();
-        crash(&env, daemon, cli);
+        crash(&env, daemon, Some(cli));
         gate.cut();
         assert_eq!(env.entry("app/db")["rotation_state"], state, "{call}");
         assert_eq!(env.entry("app/db")["version"], before["version"]);
@@ -883,25 +904,8 @@ fn sts_issues_a_fresh_session_per_fetch_usable_as_credential_process() {
 
     // Ending the first lease denies its session, and only its session, on the role.
     let sock = env.agent_socket();
-    let deleted = Command::new("curl")
-        .args([
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-X",
-            "DELETE",
-        ])
-        .arg("--unix-socket")
-        .arg(&sock)
-        .arg(format!(
-            "http://keywarden/v1/leases/{}",
-            lease1["lease_id"].as_str().unwrap()
-        ))
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&deleted.stdout), "204");
+    let lease = format!("/v1/leases/{}", lease1["lease_id"].as_str().unwrap());
+    assert_eq!(curl(&sock, "DELETE", &lease, &[]).0, 204);
     let denied = wait_for(
         "the revoked-sessions policy",
         Duration::from_secs(20),
