@@ -11,39 +11,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::Env;
 use common::daemon::{env_with_plugin, sha256_of, wait_for};
+use common::{Env, curl, curl_with};
 
 fn canonical(path: &str) -> PathBuf {
     std::fs::canonicalize(path).unwrap()
 }
 
 /// `curl --unix-socket` with extra args; returns (status, body).
-fn curl(socket: &Path, method: &str, path: &str, extra: &[&str]) -> (u16, String) {
-    curl_with(Path::new("/usr/bin/curl"), socket, method, path, extra)
-}
-
-fn curl_with(bin: &Path, socket: &Path, method: &str, path: &str, extra: &[&str]) -> (u16, String) {
-    let out = Command::new(bin)
-        .args([
-            "-s",
-            "--path-as-is",
-            "-X",
-            method,
-            "-w",
-            "\n%{http_code}",
-            "--unix-socket",
-        ])
-        .arg(socket)
-        .args(extra)
-        .arg(format!("http://localhost{path}"))
-        .output()
-        .expect("run curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"))
 }

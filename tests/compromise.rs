@@ -8,8 +8,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::Env;
 use common::daemon::{env_with_plugin, wait_for};
+use common::{Env, curl};
 
 const FLEET: usize = 200;
 
@@ -48,33 +48,13 @@ fn settle(env: &Env, expected: i64) {
 }
 
 fn curl_lease(sock: &Path, name: &str) -> String {
-    let out = Command::new("/usr/bin/curl")
-        .args(["-s", "--unix-socket"])
-        .arg(sock)
-        .arg(format!("http://localhost/v1/secrets/{name}?ttl=3600"))
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (_, body) = curl(sock, "GET", &format!("/v1/secrets/{name}?ttl=3600"), &[]);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     v["lease_id"].as_str().unwrap().to_string()
 }
 
-fn renew_status(sock: &Path, lease: &str) -> String {
-    let out = Command::new("/usr/bin/curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-X",
-            "PUT",
-            "--unix-socket",
-        ])
-        .arg(sock)
-        .arg(format!("http://localhost/v1/leases/{lease}/renew"))
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()
+fn renew_status(sock: &Path, lease: &str) -> u16 {
+    curl(sock, "PUT", &format!("/v1/leases/{lease}/renew"), &[]).0
 }
 
 fn rotate_all(env: &Env, args: &[&str]) -> (Option<i32>, serde_json::Value) {
@@ -176,11 +156,11 @@ fn assume_compromise_rotates_and_revokes_two_hundred_secrets_and_reports_exactly
     for lease in leases.iter().step_by(17) {
         assert_eq!(
             renew_status(&sock, lease),
-            "404",
+            404,
             "a revoked lease was renewed"
         );
     }
-    assert_eq!(renew_status(&sock, &other_lease), "200");
+    assert_eq!(renew_status(&sock, &other_lease), 200);
     assert_eq!(daemon.terminate(), Some(0));
 
     for i in (0..FLEET).step_by(23) {

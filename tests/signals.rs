@@ -8,8 +8,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::Env;
 use common::daemon::{env_with_plugin, wait_for};
+use common::{Env, curl, curl_with};
 
 const KEY: &str = "signal-signing-key-for-tests";
 
@@ -58,14 +58,8 @@ fn post(port: u16, path: &str, body: &str, signature: Option<String>) -> (u16, S
 }
 
 fn fetch(bin: &Path, sock: &Path, name: &str) -> serde_json::Value {
-    let out = Command::new(bin)
-        .args(["-s", "--unix-socket"])
-        .arg(sock)
-        .arg(format!("http://localhost/v1/secrets/{name}"))
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stdout)))
+    let (_, body) = curl_with(bin, sock, "GET", &format!("/v1/secrets/{name}"), &[]);
+    serde_json::from_str(&body).unwrap_or_else(|_| panic!("{body}"))
 }
 
 fn alerts(env: &Env) -> Vec<serde_json::Value> {
@@ -175,13 +169,7 @@ fn a_signed_signal_starts_a_compromise_run_and_bad_signatures_are_rejected_and_c
 }
 
 fn metrics(env: &Env) -> (u16, String) {
-    let out = Command::new("/usr/bin/curl")
-        .args(["-s", "--unix-socket"])
-        .arg(env.admin_socket())
-        .arg("http://localhost/metrics")
-        .output()
-        .unwrap();
-    (200, String::from_utf8_lossy(&out.stdout).into_owned())
+    curl(&env.admin_socket(), "GET", "/metrics", &[])
 }
 
 #[test]

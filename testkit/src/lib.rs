@@ -232,6 +232,40 @@ pub fn store_bytes(store: &Path) -> Vec<u8> {
     all
 }
 
+/// An HTTP request by `/usr/bin/curl` over a Unix socket; returns the status (0 if none) and
+/// the body. `extra` goes to curl before the URL (headers, `--data`, …).
+pub fn curl(socket: &Path, method: &str, path: &str, extra: &[&str]) -> (u16, String) {
+    curl_with(Path::new("/usr/bin/curl"), socket, method, path, extra)
+}
+
+/// Like [`curl`] with a given curl executable (a copy, to be a different peer executable).
+pub fn curl_with(
+    bin: &Path,
+    socket: &Path,
+    method: &str,
+    path: &str,
+    extra: &[&str],
+) -> (u16, String) {
+    let out = Command::new(bin)
+        .args([
+            "-s",
+            "--path-as-is",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+            "--unix-socket",
+        ])
+        .arg(socket)
+        .args(extra)
+        .arg(format!("http://localhost{path}"))
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
 /// Whether `needle` occurs in `haystack`.
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)

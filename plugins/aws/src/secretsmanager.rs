@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use keywarden_plugin_sdk::{ErrReply, Meta, OkReply, Request, Secret};
+use keywarden_plugin_sdk::{Credential, ErrReply, Meta, OkReply, Request, Secret};
 use serde_json::Value;
 
 use crate::{admin_config, required, sdk_error};
@@ -115,14 +115,20 @@ pub(crate) async fn create(request: &Request) -> Result<OkReply, ErrReply> {
     Ok(OkReply::credential(value.clone(), meta))
 }
 
-pub(crate) async fn verify(request: &Request) -> Result<OkReply, ErrReply> {
-    let secret_id = required(request, "secret_id")?;
+/// The candidate credential and its AWS version id.
+fn candidate(request: &Request) -> Result<(&Credential, &str), ErrReply> {
     let candidate = request
         .candidate
         .as_ref()
         .ok_or_else(|| ErrReply::fatal("no candidate"))?;
     let version = version_id(&candidate.meta)
         .ok_or_else(|| ErrReply::fatal("the candidate has no version_id"))?;
+    Ok((candidate, version))
+}
+
+pub(crate) async fn verify(request: &Request) -> Result<OkReply, ErrReply> {
+    let secret_id = required(request, "secret_id")?;
+    let (candidate, version) = candidate(request)?;
     let got = client(request)
         .await?
         .get_secret_value()
@@ -142,12 +148,7 @@ pub(crate) async fn verify(request: &Request) -> Result<OkReply, ErrReply> {
 
 pub(crate) async fn promote(request: &Request) -> Result<OkReply, ErrReply> {
     let secret_id = required(request, "secret_id")?;
-    let candidate = request
-        .candidate
-        .as_ref()
-        .ok_or_else(|| ErrReply::fatal("no candidate"))?;
-    let version = version_id(&candidate.meta)
-        .ok_or_else(|| ErrReply::fatal("the candidate has no version_id"))?;
+    let (_, version) = candidate(request)?;
     let sm = client(request).await?;
     let labels = stages(&sm, secret_id)
         .await?

@@ -10,8 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use keywarden_testkit::Env;
 use keywarden_testkit::daemon::{base_config, sha256_of, wait_for};
+use keywarden_testkit::{Env, curl};
 use serde_json::{Value, json};
 
 /// A request as the fake server saw it.
@@ -463,13 +463,8 @@ fn bearer_tokens_are_issued_per_lease_and_deleted_when_the_lease_ends() {
     let daemon = env.start_daemon();
     let sock = env.agent_socket();
     let fetch = || -> Value {
-        let out = std::process::Command::new("/usr/bin/curl")
-            .args(["-s", "--unix-socket"])
-            .arg(&sock)
-            .arg("http://localhost/v1/secrets/svc/short?ttl=120")
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap()
+        let (_, body) = curl(&sock, "GET", "/v1/secrets/svc/short?ttl=120", &[]);
+        serde_json::from_str(&body).unwrap()
     };
     let a = fetch();
     let b = fetch();
@@ -480,25 +475,8 @@ fn bearer_tokens_are_issued_per_lease_and_deleted_when_the_lease_ends() {
         120,
         "the lease's TTL was passed to the provider"
     );
-    let out = std::process::Command::new("/usr/bin/curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-X",
-            "DELETE",
-            "--unix-socket",
-        ])
-        .arg(&sock)
-        .arg(format!(
-            "http://localhost/v1/leases/{}",
-            a["lease_id"].as_str().unwrap()
-        ))
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "204");
+    let lease = format!("/v1/leases/{}", a["lease_id"].as_str().unwrap());
+    assert_eq!(curl(&sock, "DELETE", &lease, &[]).0, 204);
     let remaining: Vec<String> = tokens
         .lock()
         .unwrap()
