@@ -54,15 +54,21 @@ pub enum StartError {
     Compromise(#[from] crate::compromise::CompromiseError),
 }
 
-/// Where plugins get their private working directories.
+/// Where plugins get their private working directories: one directory per store, so a daemon
+/// that reaps the plugins its predecessor left never touches another store's.
 pub fn work_dir(config: &Config, store_path: &Path) -> PathBuf {
-    match &config.daemon.work_dir {
+    let base = match &config.daemon.work_dir {
         Some(dir) => dir.clone(),
         None => store_path
             .parent()
             .unwrap_or(Path::new("."))
             .join("plugin-work"),
-    }
+    };
+    let store = store_path
+        .canonicalize()
+        .unwrap_or_else(|_| store_path.to_path_buf());
+    let digest = crate::crypto::hex(&crate::crypto::sha256(store.as_os_str().as_encoded_bytes()));
+    base.join(format!("store-{}", &digest[..16]))
 }
 
 /// Starts every configured plugin (handshake included) and builds the catalog of providers,
@@ -247,6 +253,16 @@ impl Runtime {
         clock: Clock,
         mode: Mode,
     ) -> Result<Runtime, StartError> {
+        if mode == Mode::Daemon {
+            let work = work_dir(config, vault.store().path());
+            let reaped = crate::plugin_host::reap_orphans(&work).await;
+            if reaped > 0 {
+                tracing::warn!(
+                    count = reaped,
+                    "killed plugin processes that a previous daemon left running"
+                );
+            }
+        }
         let catalog = Arc::new(build_catalog(config, vault.store().path()).await?);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let engine = Engine::new(

@@ -223,6 +223,44 @@ impl std::fmt::Debug for PluginHost {
     }
 }
 
+/// Kills plugin processes that a previous daemon left running (those whose working directory is
+/// under `work_dir`) and waits, up to 5 s, until they are gone. A plugin that does not exit when
+/// its stdin closes could otherwise still finish or retry a call whose result nobody will
+/// record. Only for the daemon: it holds the store exclusively, so no other keywarden process
+/// runs plugins there. Returns how many it killed.
+pub async fn reap_orphans(work_dir: &Path) -> usize {
+    use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
+    let (Ok(work), Ok(procs)) = (work_dir.canonicalize(), std::fs::read_dir("/proc")) else {
+        return 0;
+    };
+    let mut killed = Vec::new();
+    for entry in procs.flatten() {
+        let pid = entry.file_name().to_str().and_then(|n| n.parse().ok());
+        let Some(pid) = pid.and_then(Pid::from_raw) else {
+            continue;
+        };
+        // The pidfd is opened before the check, so the signal reaches the process checked.
+        let Ok(pidfd) = pidfd_open(pid, PidfdFlags::empty()) else {
+            continue;
+        };
+        let orphan =
+            std::fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(&work));
+        if orphan && pidfd_send_signal(&pidfd, Signal::KILL).is_ok() {
+            killed.push(entry.path());
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    // A dead process (a zombie too) has no readable working directory.
+    while killed
+        .iter()
+        .any(|p| std::fs::read_link(p.join("cwd")).is_ok())
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    killed.len()
+}
+
 /// The SHA-256 of a file, hex.
 pub fn file_sha256(path: &Path) -> std::io::Result<String> {
     let mut file = std::fs::File::open(path)?;

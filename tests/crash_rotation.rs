@@ -210,6 +210,12 @@ path = "out/b"
         config.replace("rotate_every = \"1s\"", "rotate_every = \"1h\""),
     )
     .unwrap();
+    // Due times persist: without this, a secret that fell due under the 1 s schedule while the
+    // daemon was down would rotate once more at start, racing the checks below.
+    let in_an_hour = (chrono::Utc::now().timestamp() + 3600) * 1000;
+    env.sql(&[&format!(
+        "UPDATE secrets SET next_rotation_at = {in_an_hour}"
+    )]);
     let daemon = env.start_daemon();
     wait_for("every rotation to settle", Duration::from_secs(60), || {
         ["svc/a", "svc/b", "svc/c"]
@@ -226,7 +232,18 @@ path = "out/b"
             "SELECT count(*) FROM rotations r JOIN secrets s ON s.id = r.secret_id WHERE s.name = '{name}' \
              AND r.state NOT IN ('done', 'failed', 'rolled-back')"
         ));
-        assert_eq!(active_rotation, 0);
+        assert_eq!(
+            active_rotation,
+            0,
+            "{name}: {}",
+            common::sql_one::<String>(
+                &env.store,
+                &format!(
+                    "SELECT group_concat(r.state || ' ' || ifnull(r.from_version, '-') || '->' || ifnull(r.to_version, '-') || ' ' || r.created_at || ' ' || r.reason, '; ') \
+                     FROM rotations r JOIN secrets s ON s.id = r.secret_id WHERE s.name = '{name}'"
+                )
+            )
+        );
         assert_eq!(
             live, 1,
             "{name}: only the current credential is live upstream"
@@ -252,4 +269,61 @@ path = "out/b"
         env.get("svc/b")
     );
     env.ok(&["audit", "verify"], None);
+}
+
+/// The plugin processes whose working directory is under the environment's directory.
+fn plugin_processes(env: &Env) -> Vec<u32> {
+    let dir = env.dir.path().canonicalize().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            common::contains(&cmdline, b"example-plugin.py")
+                && std::fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(&dir))
+        })
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_plugin_that_outlives_a_killed_daemon_is_killed_at_restart() {
+    let env = Env::new();
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        format!(
+            "{base}\n{}\n{}\n[secrets.\"svc/linger\"]\nprovider = \"example\"\n",
+            common::daemon::base_config("3s"),
+            common::daemon::example_plugin_config(env.dir.path(), ", EXAMPLE_LINGER = \"1\"")
+        ),
+    )
+    .unwrap();
+    let daemon = env.start_daemon();
+    wait_for("the first version", Duration::from_secs(30), || {
+        (env.entry("svc/linger")["rotation_state"] == "done").then_some(())
+    });
+    let before = plugin_processes(&env);
+    assert_eq!(before.len(), 1, "{before:?}");
+    daemon.kill9();
+    // This plugin ignores its closed stdin and stays.
+    assert_eq!(plugin_processes(&env), before);
+
+    let daemon = env.start_daemon();
+    let after = plugin_processes(&env);
+    assert!(!after.contains(&before[0]), "the orphan still runs");
+    assert!(
+        daemon
+            .log_text()
+            .contains("killed plugin processes that a previous daemon left running")
+    );
+    // The new daemon's own plugin works.
+    env.ok(&["rotate", "svc/linger"], None);
+    assert_eq!(env.entry("svc/linger")["version"], 2);
+    assert_eq!(daemon.terminate(), Some(0));
+    assert_eq!(
+        plugin_processes(&env),
+        Vec::<u32>::new(),
+        "a clean stop ends the plugin"
+    );
 }

@@ -22,7 +22,8 @@ Settings (per secret or consumer) that make it misbehave, for tests:
   garbage = {op}                       answer with a line that is not JSON
   lie = {op}                           answer with an id that was never sent
   chatty = true                        write the values it handles to stderr (redaction tests)
-The environment variable EXAMPLE_DELAY_MS delays every op (for benchmarks).
+The environment variable EXAMPLE_DELAY_MS delays every op (for benchmarks); EXAMPLE_LINGER=1
+makes it stay alive after its stdin closes (a badly behaved plugin, for the daemon's reaper).
 """
 
 import json
@@ -291,7 +292,11 @@ def main():
         if req.get("op") == "shutdown":
             break
         threading.Thread(target=worker, args=(req,), daemon=True).start()
-    # Input closed or shutdown: leave without waiting for stuck threads.
+    else:
+        # Input closed: the daemon died.
+        if os.environ.get("EXAMPLE_LINGER") == "1":
+            time.sleep(10**6)
+    # Leave without waiting for stuck threads.
     sys.stdout.flush()
     os._exit(0)
 
