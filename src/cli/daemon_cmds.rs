@@ -401,24 +401,8 @@ pub(crate) async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<Ex
         report["audit"]["rows"],
         report["audit"]["head"].as_str().unwrap_or("-")
     );
-    let rows: Vec<Vec<String>> = report["secrets"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(secret_row)
-        .collect();
-    print_table(
-        &[
-            "NAME",
-            "PROVIDER",
-            "VERSION",
-            "AGE",
-            "LAST ROTATED",
-            "NEXT ROTATION",
-            "STATE",
-        ],
-        &rows,
-    )?;
+    let secrets = report["secrets"].as_array().map_or(&[][..], Vec::as_slice);
+    print_secrets(secrets)?;
     for a in report["alerts"].as_array().into_iter().flatten() {
         println!(
             "ALERT {} {}: {}",
@@ -446,8 +430,25 @@ fn when(v: &Value) -> String {
         .map_or("-".into(), |t| relative(t.timestamp_millis()))
 }
 
+/// The `list`/`status` table of [`crate::status::secret_entry`] values.
+pub(crate) fn print_secrets(secrets: &[Value]) -> anyhow::Result<()> {
+    let rows: Vec<Vec<String>> = secrets.iter().map(secret_row).collect();
+    print_table(
+        &[
+            "NAME",
+            "PROVIDER",
+            "VERSION",
+            "AGE",
+            "LAST ROTATED",
+            "NEXT ROTATION",
+            "STATE",
+        ],
+        &rows,
+    )
+}
+
 /// A row of the `list`/`status` table from a [`crate::status::secret_entry`].
-pub(crate) fn secret_row(s: &Value) -> Vec<String> {
+fn secret_row(s: &Value) -> Vec<String> {
     let state = match (s["rotation_state"].as_str(), s["quarantined"] == true) {
         (_, true) => "QUARANTINED".to_string(),
         (Some(state), false) => state.to_string(),

@@ -10,7 +10,7 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use super::Context;
-use super::output::{print_json, print_table};
+use super::output::print_json;
 use crate::passphrase::{self, Purpose};
 use crate::store::{Access, Store, StoreError};
 use crate::value::SecretValue;
@@ -215,19 +215,7 @@ pub(crate) async fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<ExitCo
     } else if secrets.is_empty() {
         eprintln!("no secrets yet; add one with `keywarden put NAME`");
     } else {
-        let rows: Vec<Vec<String>> = secrets.iter().map(super::daemon_cmds::secret_row).collect();
-        print_table(
-            &[
-                "NAME",
-                "PROVIDER",
-                "VERSION",
-                "AGE",
-                "LAST ROTATED",
-                "NEXT ROTATION",
-                "STATE",
-            ],
-            &rows,
-        )?;
+        super::daemon_cmds::print_secrets(&secrets)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -69,25 +69,28 @@ struct Key {
     session: Option<String>,
 }
 
-fn sdk_config(endpoint: &str, key: &Key) -> SdkConfig {
-    let http = aws_smithy_http_client::Builder::new()
+fn http_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
         .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
             aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
         ))
-        .build_https();
+        .build_https()
+}
+
+/// SDK configuration for moto, with credentials from `credentials`.
+fn sdk_config_from(endpoint: &str, credentials: SharedCredentialsProvider) -> SdkConfig {
     SdkConfig::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new(REGION))
         .endpoint_url(endpoint)
-        .http_client(http)
-        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-            &key.id,
-            &key.secret,
-            key.session.clone(),
-            None,
-            "test",
-        )))
+        .http_client(http_client())
+        .credentials_provider(credentials)
         .build()
+}
+
+fn sdk_config(endpoint: &str, key: &Key) -> SdkConfig {
+    let credentials = Credentials::new(&key.id, &key.secret, key.session.clone(), None, "test");
+    sdk_config_from(endpoint, SharedCredentialsProvider::new(credentials))
 }
 
 /// The ARN `key` signs as, or AWS's error code.
@@ -954,25 +957,14 @@ fn sts_issues_a_fresh_session_per_fetch_usable_as_credential_process() {
             &aws_config_file,
         )
         .build();
-    let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
     let provider = aws_config::profile::ProfileFileCredentialsProvider::builder()
         .configure(
-            &aws_config::provider_config::ProviderConfig::empty().with_http_client(http.clone()),
+            &aws_config::provider_config::ProviderConfig::empty().with_http_client(http_client()),
         )
         .profile_files(profile_files)
         .profile_name("agent")
         .build();
-    let config = SdkConfig::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(REGION))
-        .endpoint_url(&moto.endpoint)
-        .http_client(http)
-        .credentials_provider(SharedCredentialsProvider::new(provider))
-        .build();
+    let config = sdk_config_from(&moto.endpoint, SharedCredentialsProvider::new(provider));
     let identity = block_on(
         aws_sdk_sts::Client::new(&config)
             .get_caller_identity()

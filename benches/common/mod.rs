@@ -1,0 +1,103 @@
+//! What the engine and compromise benchmarks share: the benchmark binary doubles as a plugin
+//! (served through the SDK when started with `--keywarden-plugin=1`), and a fresh store with a
+//! config declaring many secrets of that plugin's kind.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keywarden::config::Config;
+use keywarden::crypto::KdfParams;
+use keywarden::store::{Access, Store};
+use keywarden::vault::Vault;
+use keywarden_plugin_sdk::{ErrReply, Hello, KindInfo, Meta, OkReply, Plugin, Request, Secret};
+use zeroize::Zeroizing;
+
+/// A plugin of one kind (create, verify, promote, revoke; overlap) whose every op takes `delay`.
+pub struct BenchPlugin {
+    pub kind: &'static str,
+    pub delay: Duration,
+}
+
+impl Plugin for BenchPlugin {
+    fn hello(&self) -> Hello {
+        Hello {
+            keywarden_plugin: 1,
+            name: self.kind.into(),
+            version: "1".into(),
+            kinds: [(
+                self.kind.to_string(),
+                KindInfo {
+                    ops: ["create", "verify", "promote", "revoke"]
+                        .map(String::from)
+                        .to_vec(),
+                    overlap: Some(true),
+                },
+            )]
+            .into(),
+        }
+    }
+
+    async fn handle(&self, request: Request) -> Result<OkReply, ErrReply> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        match request.op.as_str() {
+            "create" => Ok(OkReply::credential(
+                request
+                    .proposed
+                    .unwrap_or_else(|| Secret::new("x".repeat(32))),
+                Meta::new(),
+            )),
+            "verify" | "promote" | "revoke" => Ok(OkReply::default()),
+            _ => Err(ErrReply::unsupported()),
+        }
+    }
+}
+
+/// Serves `plugin` and exits when this binary was started as a plugin.
+pub fn serve_if_plugin(plugin: BenchPlugin) {
+    if std::env::args().any(|a| a == keywarden_plugin_sdk::PLUGIN_FLAG) {
+        let ok = keywarden_plugin_sdk::serve(plugin) == std::process::ExitCode::SUCCESS;
+        std::process::exit(if ok { 0 } else { 1 });
+    }
+}
+
+/// A fresh store in `dir` (small Argon2 parameters) and a config that pins this binary as the
+/// plugin of `kind` and declares `count` secrets `PREFIX/i` of that kind with no grace.
+pub async fn setup(
+    dir: &std::path::Path,
+    kind: &str,
+    prefix: &str,
+    count: usize,
+    concurrency: usize,
+    plugin_concurrency: usize,
+) -> (Config, Store, Arc<Vault>) {
+    let exe = std::env::current_exe().unwrap();
+    let sha = keywarden::plugin_host::file_sha256(&exe).unwrap();
+    let mut config = format!(
+        "[store]\npath = \"vault.db\"\n[daemon]\nmax_concurrent_rotations = {concurrency}\n\
+         [plugins.{kind}]\ncommand = [{:?}]\nsha256 = \"{sha}\"\nmax_concurrency = {plugin_concurrency}\n",
+        exe.display().to_string()
+    );
+    for i in 0..count {
+        config.push_str(&format!(
+            "[secrets.\"{prefix}/{i}\"]\nprovider = \"{kind}\"\ngrace = \"0s\"\n"
+        ));
+    }
+    let config = Config::parse(&config, &dir.join("keywarden.toml")).unwrap();
+    let passphrase = Zeroizing::new("bench passphrase".to_string());
+    let kdf = KdfParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+    let store_path = dir.join("vault.db");
+    drop(
+        Vault::init(&store_path, &passphrase, kdf, "bench")
+            .await
+            .unwrap(),
+    );
+    let store = Store::open(&store_path, Access::Exclusive).await.unwrap();
+    let vault = Arc::new(Vault::unlock(store.clone(), &passphrase).await.unwrap());
+    (config, store, vault)
+}
