@@ -6,9 +6,9 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::daemon::{env_with_plugin, wait_for};
+use common::daemon::{Daemon, env_with_plugin, wait_for};
 use common::{Env, curl};
 
 const FLEET: usize = 200;
@@ -27,24 +27,31 @@ fn fleet_config(settings: &str) -> String {
     config
 }
 
-fn settle(env: &Env, expected: i64) {
-    wait_for(
-        "every secret to have its version",
-        Duration::from_secs(120),
-        || {
-            let list = env.list();
-            let ready = list
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|e| e["name"].as_str().unwrap().starts_with("fleet/"))
-                .filter(|e| {
-                    e["version"].as_i64() == Some(expected) && e["rotation_state"] == "done"
-                })
-                .count();
-            (ready == FLEET).then_some(())
-        },
-    );
+/// Waits until every fleet secret is at `expected` and idle; on timeout, names the ones that are
+/// not and shows the daemon's log.
+fn settle(env: &Env, daemon: &Daemon, expected: i64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let list = env.list();
+        let behind: Vec<&serde_json::Value> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["name"].as_str().unwrap().starts_with("fleet/"))
+            .filter(|e| e["version"].as_i64() != Some(expected) || e["rotation_state"] != "done")
+            .collect();
+        if behind.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} secrets never reached version {expected}: {:?}\n{}",
+            behind.len(),
+            &behind[..behind.len().min(5)],
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn curl_lease(sock: &Path, name: &str) -> String {
@@ -86,7 +93,7 @@ fn names(v: &serde_json::Value) -> Vec<String> {
 fn assume_compromise_rotates_and_revokes_two_hundred_secrets_and_reports_exactly() {
     let env = env_with_plugin(&fleet_config(""));
     let daemon = env.start_daemon();
-    settle(&env, 1);
+    settle(&env, &daemon, 1);
     let old_keys = env.upstream_i64("SELECT count(*) FROM creds WHERE status = 'active'");
     assert_eq!(old_keys, FLEET as i64 + 1);
     let sock = env.agent_socket();
@@ -206,7 +213,7 @@ fn failures_are_reported_exactly_and_a_second_run_finishes_only_them() {
         "settings = { fail_pct = { op = \"create\", pct = 10, skip = 1 } }\n",
     ));
     let daemon = env.start_daemon();
-    settle(&env, 1);
+    settle(&env, &daemon, 1);
     let (code, first) = rotate_all(
         &env,
         &["--assume-compromise", "--tag", "prod", "--yes", "--json"],
@@ -286,7 +293,7 @@ fn a_daemon_killed_in_the_middle_finishes_after_restart_and_a_rerun_converges() 
     let base = std::fs::read_to_string(&env.config).unwrap();
     std::fs::write(&env.config, format!("{base}\n{config}")).unwrap();
     let daemon = env.start_daemon();
-    settle(&env, 1);
+    settle(&env, &daemon, 1);
     let mut run = env
         .cmd()
         .args([
@@ -326,7 +333,7 @@ fn a_daemon_killed_in_the_middle_finishes_after_restart_and_a_rerun_converges() 
 
     // On restart the daemon resumes the incident by itself.
     let daemon = env.start_daemon();
-    settle(&env, 2);
+    settle(&env, &daemon, 2);
     let (code, report) = rotate_all(
         &env,
         &["--assume-compromise", "--tag", "prod", "--yes", "--json"],

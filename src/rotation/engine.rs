@@ -405,11 +405,22 @@ impl Engine {
             store.unquarantine(&secret.id, audit).await?;
         }
         for _ in 0..3 {
-            if let Some(active) = store
-                .latest_rotation(&secret.id)
-                .await?
-                .filter(|r| !r.state.is_terminal())
-            {
+            let latest = store.latest_rotation(&secret.id).await?;
+            // A rotation this incident planned already finished (the daemon resumed it at
+            // start-up while the incident's run was being planned): rotating again would only
+            // add a version. A rotation escalated into the incident keeps its own reason.
+            if let Some(done) = latest.as_ref().filter(|r| {
+                r.state == RotationState::Done
+                    && r.reason == Reason::Compromise.as_str()
+                    && incident_id.is_some()
+                    && r.incident_id.as_deref() == incident_id
+            }) {
+                return Ok(Ticket {
+                    rotation_id: done.id.clone(),
+                    joined: true,
+                });
+            }
+            if let Some(active) = latest.filter(|r| !r.state.is_terminal()) {
                 if emergency && !active.emergency {
                     let audit = AuditEvent::new(ACTOR, "rotation.escalated")
                         .secret(name)
