@@ -39,20 +39,28 @@ fn main() {
         .build()
         .unwrap();
     println!(
-        "| clients | baseline req/s | baseline p50 / p99 | keywarden fetches/s | keywarden p50 / p99 | ratio |"
+        "| clients | baseline req/s | baseline p50 / p99 | server CPU per req | keywarden fetches/s | keywarden p50 / p99 | daemon CPU per fetch | ratio |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for clients in [1usize, 8, 32, 128] {
-        let base = rt.block_on(load(&baseline_sock, "/", clients));
-        let kw = rt.block_on(load(&agent_sock, "/v1/secrets/bench/token", clients));
+        let base = measure(&rt, &baseline_sock, "/", clients, baseline.id());
+        let kw = measure(
+            &rt,
+            &agent_sock,
+            "/v1/secrets/bench/token",
+            clients,
+            daemon.id(),
+        );
         println!(
-            "| {clients} | {:.0} | {:.2} / {:.2} ms | {:.0} | {:.2} / {:.2} ms | {:.2} |",
+            "| {clients} | {:.0} | {:.2} / {:.2} ms | {:.1} µs | {:.0} | {:.2} / {:.2} ms | {:.1} µs | {:.2} |",
             base.rate,
             base.p50,
             base.p99,
+            base.cpu_us,
             kw.rate,
             kw.p50,
             kw.p99,
+            kw.cpu_us,
             kw.rate / base.rate
         );
     }
@@ -150,6 +158,39 @@ struct Figures {
     rate: f64,
     p50: f64,
     p99: f64,
+    /// Requests answered, warm-up included.
+    total: usize,
+    /// The server's CPU time per request, in microseconds.
+    cpu_us: f64,
+}
+
+/// Runs [`load`] and charges the server process's CPU time (user + system) to its requests.
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    sock: &Path,
+    path: &'static str,
+    clients: usize,
+    server: u32,
+) -> Figures {
+    let before = cpu_seconds(server);
+    let mut figures = rt.block_on(load(sock, path, clients));
+    figures.cpu_us = (cpu_seconds(server) - before) * 1e6 / figures.total as f64;
+    figures
+}
+
+/// A process's CPU time so far, from `/proc/PID/stat` (utime + stime, in clock ticks).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / clock_ticks_per_second()
+}
+
+fn clock_ticks_per_second() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().parse().unwrap()
 }
 
 async fn load(sock: &Path, path: &'static str, clients: usize) -> Figures {
@@ -165,6 +206,7 @@ async fn load(sock: &Path, path: &'static str, clients: usize) -> Figures {
                         .unwrap();
                 tokio::spawn(conn);
                 let mut latencies = Vec::new();
+                let mut total = 0usize;
                 loop {
                     let t = Instant::now();
                     if t - start > WARMUP + MEASURE {
@@ -177,17 +219,21 @@ async fn load(sock: &Path, path: &'static str, clients: usize) -> Figures {
                     let resp = sender.send_request(req).await.unwrap();
                     assert_eq!(resp.status(), 200);
                     let _ = resp.into_body().collect().await.unwrap();
+                    total += 1;
                     if t - start >= WARMUP {
                         latencies.push(t.elapsed());
                     }
                 }
-                latencies
+                (latencies, total)
             })
         })
         .collect();
     let mut all = Vec::new();
+    let mut total = 0;
     for t in tasks {
-        all.extend(t.await.unwrap());
+        let (latencies, n) = t.await.unwrap();
+        all.extend(latencies);
+        total += n;
     }
     all.sort();
     let pct =
@@ -196,6 +242,8 @@ async fn load(sock: &Path, path: &'static str, clients: usize) -> Figures {
         rate: all.len() as f64 / MEASURE.as_secs_f64(),
         p50: pct(0.50),
         p99: pct(0.99),
+        total,
+        cpu_us: 0.0,
     }
 }
 

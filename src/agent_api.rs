@@ -32,7 +32,7 @@ use crate::metrics::Metrics;
 use crate::policy::{self, Policy};
 use crate::provider::Provider;
 use crate::rotation::engine::Engine;
-use crate::signals::Signals;
+use crate::signals::{FetchSeen, Signals};
 use crate::store::{LeaseRow, Millis};
 use crate::value::SecretValue;
 use crate::vault::{Bound, short_fingerprint};
@@ -465,20 +465,21 @@ impl AgentApi {
         }
         self.metrics.fetch_allowed.fetch_add(1, Ordering::Relaxed);
         if let Some(signals) = &self.signals {
-            let signals = signals.clone();
-            let (name, actor) = (name.to_string(), who.actor());
-            let (uid, exe) = (
-                who.peer.uid,
-                who.exe
-                    .as_ref()
-                    .map_or("unknown".into(), |e| e.display().to_string()),
-            );
-            let secret_id = lease_secret_id;
-            tokio::spawn(async move {
-                signals
-                    .observe_fetch(&name, &secret_id, uid, &exe, &actor)
-                    .await
-            });
+            let exe = who
+                .exe
+                .as_ref()
+                .map_or("unknown".into(), |e| e.display().to_string());
+            if let Some(news) = signals.note_fetch(&lease_secret_id, who.peer.uid, &exe) {
+                let fetch = FetchSeen {
+                    name: name.to_string(),
+                    secret_id: lease_secret_id,
+                    uid: who.peer.uid,
+                    exe,
+                    caller: who.actor(),
+                };
+                let signals = signals.clone();
+                tokio::spawn(async move { signals.act_on_fetch(fetch, news).await });
+            }
         }
         let mut response = Response::new(Full::new(Bytes::copy_from_slice(&body)));
         response.headers_mut().insert(

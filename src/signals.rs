@@ -107,6 +107,30 @@ struct Seen {
     rates: HashMap<String, Rate>,
 }
 
+/// What an allowed fetch revealed that needs acting on (see [`Signals::note_fetch`]).
+#[derive(Debug)]
+pub struct FetchNews {
+    at: Millis,
+    new_caller: bool,
+    first_ever: bool,
+    rate_alert: Option<(u32, f64)>,
+}
+
+/// The fetch [`Signals::act_on_fetch`] acts on.
+#[derive(Debug)]
+pub struct FetchSeen {
+    /// The secret's name.
+    pub name: String,
+    /// The secret's id.
+    pub secret_id: String,
+    /// The caller's uid.
+    pub uid: u32,
+    /// The caller's executable, or "unknown".
+    pub exe: String,
+    /// The caller as the audit log names it.
+    pub caller: String,
+}
+
 /// Signal handling shared by the listener and the agent socket.
 pub struct Signals {
     engine: Arc<Engine>,
@@ -214,36 +238,49 @@ impl Signals {
         .await;
     }
 
-    /// Notes an allowed fetch; raises an anomaly for a new caller of a secret that had callers
-    /// before, or for a fetch rate far above the secret's baseline.
-    pub async fn observe_fetch(
-        &self,
-        name: &str,
-        secret_id: &str,
-        uid: u32,
-        exe: &str,
-        caller: &str,
-    ) {
+    /// Notes an allowed fetch in memory. Returns what it calls for (recording a new caller,
+    /// raising an anomaly), or `None` for a routine fetch, which is most of them: the fetch path
+    /// spawns work only when there is some.
+    pub fn note_fetch(&self, secret_id: &str, uid: u32, exe: &str) -> Option<FetchNews> {
         let now = self.engine.clock().now();
-        let (new_caller, first_ever, rate_alert) = {
-            let mut seen = self.seen.lock().expect("seen lock");
-            let key = (secret_id.to_string(), uid, exe.to_string());
-            let new_caller = !seen.callers.contains(&key);
-            let first_ever = !seen.secrets.contains(secret_id);
-            if new_caller {
-                seen.callers.insert(key);
-                seen.secrets.insert(secret_id.to_string());
-            }
-            let rate = seen.rates.entry(secret_id.to_string()).or_default();
-            let spike = rate.fetched(now, self.config.rate_factor, self.config.min_rate);
-            (new_caller, first_ever, spike)
-        };
+        let mut seen = self.seen.lock().expect("seen lock");
+        let key = (secret_id.to_string(), uid, exe.to_string());
+        let new_caller = !seen.callers.contains(&key);
+        let first_ever = !seen.secrets.contains(secret_id);
         if new_caller {
+            seen.callers.insert(key);
+            seen.secrets.insert(secret_id.to_string());
+        }
+        let rate = match seen.rates.get_mut(secret_id) {
+            Some(rate) => rate,
+            None => seen.rates.entry(secret_id.to_string()).or_default(),
+        };
+        let rate_alert = rate.fetched(now, self.config.rate_factor, self.config.min_rate);
+        (new_caller || rate_alert.is_some()).then_some(FetchNews {
+            at: now,
+            new_caller,
+            first_ever,
+            rate_alert,
+        })
+    }
+
+    /// Acts on what [`Signals::note_fetch`] found: records a new caller durably, raises an
+    /// anomaly for a new caller of a secret that had callers before, or for a fetch rate far
+    /// above the secret's baseline.
+    pub async fn act_on_fetch(&self, fetch: FetchSeen, news: FetchNews) {
+        let FetchSeen {
+            name,
+            secret_id,
+            uid,
+            exe,
+            caller,
+        } = fetch;
+        if news.new_caller {
             let op = LeaseOp::AccessSeen {
-                secret_id: secret_id.to_string(),
+                secret_id,
                 uid,
-                exe: exe.to_string(),
-                at: now,
+                exe,
+                at: news.at,
             };
             if let Err(e) = self
                 .engine
@@ -254,23 +291,23 @@ impl Signals {
             {
                 tracing::warn!(error = %e, "could not record a new caller");
             }
-            if !first_ever {
+            if !news.first_ever {
                 self.react(
                     "anomaly",
                     self.config.on_anomaly,
-                    Scope::secret(name),
-                    Some(name),
+                    Scope::secret(&name),
+                    Some(&name),
                     format!("{name} was fetched by a caller never seen before: {caller}"),
                 )
                 .await;
             }
         }
-        if let Some((count, baseline)) = rate_alert {
+        if let Some((count, baseline)) = news.rate_alert {
             self.react(
                 "anomaly",
                 self.config.on_anomaly,
-                Scope::secret(name),
-                Some(name),
+                Scope::secret(&name),
+                Some(&name),
                 format!("{name} was fetched {count} times this minute; its baseline is {baseline:.1} per minute"),
             )
             .await;
