@@ -190,7 +190,11 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 fn clock_ticks_per_second() -> f64 {
     let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().parse().unwrap()
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 async fn load(sock: &Path, path: &'static str, clients: usize) -> Figures {
