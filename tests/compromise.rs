@@ -1,6 +1,7 @@
 //! Assume compromise end to end, through the real daemon and the Python example plugin: 200
 //! secrets with file consumers and live leases rotated and revoked at once, an exact report,
-//! failures retried by a second run, and a daemon killed in the middle.
+//! failures retried by a second run, a daemon killed in the middle, and a rotation already under
+//! way when the incident starts.
 
 mod common;
 
@@ -363,4 +364,66 @@ fn a_daemon_killed_in_the_middle_finishes_after_restart_and_a_rerun_converges() 
         );
     }
     env.ok(&["audit", "verify"], None);
+}
+
+#[test]
+fn a_rotation_under_way_is_joined_and_its_pre_incident_value_rotated_once_more() {
+    // A manual rotation minted its new value before the incident began, so that value may be
+    // exposed: the incident joins the rotation (escalated to an emergency) and, once it is done,
+    // rotates the secret once more.
+    let env = common::daemon::env_with_plugin_timeout(
+        r#"
+[secrets."app/slow"]
+provider = "example"
+settings = { hang = { op = "verify", once = true, skip = 1 } }
+"#,
+        "3s",
+    );
+    let daemon = env.start_daemon();
+    wait_for("the first version", Duration::from_secs(30), || {
+        let e = env.entry("app/slow");
+        (e["version"] == 1 && e["rotation_state"] == "done").then_some(())
+    });
+    env.ok(&["rotate", "app/slow", "--no-wait"], None);
+    wait_for(
+        "the manual rotation to hang in verify",
+        Duration::from_secs(30),
+        || {
+            (env.upstream_i64("SELECT count(*) FROM events WHERE op = 'hung:verify'") == 1)
+                .then_some(())
+        },
+    );
+    let (code, report) = rotate_all(
+        &env,
+        &["app/slow", "--assume-compromise", "--yes", "--json"],
+    );
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(names(&report["rotated"]), vec!["app/slow"], "{report}");
+    let e = env.entry("app/slow");
+    assert_eq!(e["version"], 3, "joined version 2, then one more: {e}");
+    assert_eq!(e["rotation_state"], "done", "{e}");
+    assert_eq!(
+        env.upstream_i64(
+            "SELECT count(*) FROM creds WHERE secret = 'app/slow' AND status = 'active'"
+        ),
+        1,
+        "only the newest key is live"
+    );
+    let audit: serde_json::Value =
+        serde_json::from_str(&env.ok(&["audit", "tail", "-n", "500", "--json"], None)).unwrap();
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| **a == "rotation.escalated")
+            .count(),
+        1,
+        "{actions:?}"
+    );
+    drop(daemon);
 }
