@@ -8,15 +8,15 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use hyper::{Method, StatusCode};
+use hyper::Method;
 use serde_json::{Value, json};
 
 use super::Context;
+use super::daemon_cmds::admin;
 use super::output::print_json;
 use crate::clock::Clock;
 use crate::compromise::{Plan, Report, Scope, describe_plan};
 use crate::daemon::{Mode, Runtime};
-use crate::http;
 use crate::passphrase::{self, Purpose};
 use crate::store::{Access, Store};
 use crate::vault::Vault;
@@ -130,27 +130,6 @@ fn scope_of(body: &Value) -> Scope {
         "providers": body["providers"],
     }))
     .unwrap_or_default()
-}
-
-async fn admin(
-    socket: &std::path::Path,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> anyhow::Result<Value> {
-    let (status, bytes) = http::request(socket, method, path, body)
-        .await
-        .with_context(|| format!("cannot reach the daemon at {}", socket.display()))?;
-    let value: Value = serde_json::from_slice(&bytes).context("the daemon's reply is not JSON")?;
-    if !(status == StatusCode::OK || status == StatusCode::ACCEPTED) {
-        bail!(
-            "{}",
-            value["error"]["message"]
-                .as_str()
-                .unwrap_or("the daemon refused")
-        );
-    }
-    Ok(value)
 }
 
 pub(crate) async fn rotate_all(ctx: &Context, args: RotateAllArgs) -> anyhow::Result<ExitCode> {

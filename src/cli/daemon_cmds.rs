@@ -278,24 +278,13 @@ pub(crate) async fn rotate(ctx: &Context, args: RotateArgs) -> anyhow::Result<Ex
                 .await
                 .context("the daemon holds the store but its admin socket does not answer")?;
             let wait = if args.no_wait { 0 } else { 600 };
-            let (status, body) = http::request(
+            let body = admin(
                 socket,
                 Method::POST,
                 &format!("/v1/admin/rotate/{}?wait={wait}", args.name),
                 None,
             )
-            .await
-            .with_context(|| format!("cannot reach the daemon at {}", socket.display()))?;
-            let body: Value =
-                serde_json::from_slice(&body).context("the daemon's reply is not JSON")?;
-            if status != StatusCode::OK {
-                bail!(
-                    "{}",
-                    body["error"]["message"]
-                        .as_str()
-                        .unwrap_or("the daemon refused")
-                );
-            }
+            .await?;
             return rotate_outcome(&body, args.json);
         }
         Err(e) => return Err(e.into()),
@@ -355,21 +344,7 @@ pub(crate) async fn rotate(ctx: &Context, args: RotateArgs) -> anyhow::Result<Ex
 
 pub(crate) async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
     let report = match daemon_socket(ctx).await {
-        Some(socket) => {
-            let (status, body) =
-                http::request(socket, Method::GET, "/v1/admin/status", None).await?;
-            let body: Value =
-                serde_json::from_slice(&body).context("the daemon's reply is not JSON")?;
-            if status != StatusCode::OK {
-                bail!(
-                    "{}",
-                    body["error"]["message"]
-                        .as_str()
-                        .unwrap_or("the daemon refused")
-                );
-            }
-            body
-        }
+        Some(socket) => admin(socket, Method::GET, "/v1/admin/status", None).await?,
         None => {
             let store = ctx.open_store(Access::ReadOnly).await?;
             crate::status::report(&store, None).await?
@@ -488,4 +463,27 @@ pub(crate) fn plugin(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Sends one request to the daemon's admin socket; returns its JSON reply, or the daemon's
+/// error message as the error.
+pub(super) async fn admin(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<Value> {
+    let (status, bytes) = http::request(socket, method, path, body)
+        .await
+        .with_context(|| format!("cannot reach the daemon at {}", socket.display()))?;
+    let value: Value = serde_json::from_slice(&bytes).context("the daemon's reply is not JSON")?;
+    if !(status == StatusCode::OK || status == StatusCode::ACCEPTED) {
+        bail!(
+            "{}",
+            value["error"]["message"]
+                .as_str()
+                .unwrap_or("the daemon refused")
+        );
+    }
+    Ok(value)
 }
