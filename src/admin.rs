@@ -19,6 +19,7 @@ use crate::leases::{DaemonLeaseBackend, Leases};
 use crate::metrics::Metrics;
 use crate::rotation::Reason;
 use crate::rotation::engine::{Engine, EngineError};
+use crate::store::RotationRecord;
 
 /// Longest a `rotate` request waits for the rotation to settle.
 const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -248,17 +249,7 @@ impl AdminApi {
             .and_then(|s| s.quarantined_at.map(|_| s.last_error.unwrap_or_default()));
         http::json(
             StatusCode::OK,
-            &json!({
-                "rotation_id": record.id,
-                "secret": record.secret_name,
-                "joined": ticket.joined,
-                "state": record.state.as_str(),
-                "from_version": record.from_version,
-                "to_version": record.to_version,
-                "last_error": record.last_error,
-                "quarantined": quarantined.is_some(),
-                "quarantine_reason": quarantined,
-            }),
+            &rotation_outcome(&record, ticket.joined, quarantined),
         )
     }
 }
@@ -348,4 +339,24 @@ fn compromise_error(e: CompromiseError) -> Response<Full<Bytes>> {
             http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
         }
     }
+}
+
+/// The reply to `POST /v1/admin/rotate/{name}` (and `keywarden rotate --json` without a daemon):
+/// where the rotation stands and whether the secret was quarantined.
+pub fn rotation_outcome(
+    record: &RotationRecord,
+    joined: bool,
+    quarantine_reason: Option<String>,
+) -> serde_json::Value {
+    json!({
+        "rotation_id": record.id,
+        "secret": record.secret_name,
+        "joined": joined,
+        "state": record.state.as_str(),
+        "from_version": record.from_version,
+        "to_version": record.to_version,
+        "last_error": record.last_error,
+        "quarantined": quarantine_reason.is_some(),
+        "quarantine_reason": quarantine_reason,
+    })
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use hyper::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::Context;
 use super::output::{print_json, print_table, relative};
@@ -325,17 +325,11 @@ pub(crate) async fn rotate(ctx: &Context, args: RotateArgs) -> anyhow::Result<Ex
         let summary = engine.vault().store().secret_summary(&args.name).await?;
         let quarantine =
             summary.and_then(|s| s.quarantined_at.map(|_| s.last_error.unwrap_or_default()));
-        anyhow::Ok(json!({
-            "rotation_id": record.id,
-            "secret": record.secret_name,
-            "joined": ticket.joined,
-            "state": record.state.as_str(),
-            "from_version": record.from_version,
-            "to_version": record.to_version,
-            "last_error": record.last_error,
-            "quarantined": quarantine.is_some(),
-            "quarantine_reason": quarantine,
-        }))
+        anyhow::Ok(crate::admin::rotation_outcome(
+            &record,
+            ticket.joined,
+            quarantine,
+        ))
     }
     .await;
     runtime.stop(Duration::from_secs(10)).await;
