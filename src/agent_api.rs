@@ -323,7 +323,7 @@ impl AgentApi {
                     .map(|p| (spec, p))
             })
             .filter(|(_, p)| p.can(Op::Issue) && !p.can(Op::Create));
-        let (secret_id, version, value, meta, expires_at, issued) = match issuer {
+        let (secret_id, version, value, meta, expires_at, issued, fingerprint) = match issuer {
             Some((spec, Provider::Plugin { host, kind, .. })) => {
                 let secret = match store.secret(name).await {
                     Ok(Some(s)) => s,
@@ -392,17 +392,32 @@ impl AgentApi {
                             );
                         }
                     };
-                (secret.id, None, value, reply.meta, expires, Some(sealed))
+                let fingerprint =
+                    short_fingerprint(&self.engine.vault().fingerprint(value.expose().as_bytes()));
+                (
+                    secret.id,
+                    None,
+                    value,
+                    reply.meta,
+                    expires,
+                    Some(sealed),
+                    fingerprint,
+                )
             }
             _ => match self.engine.vault().read(name, None).await {
-                Ok(r) => (
-                    r.secret_id,
-                    Some(r.version),
-                    r.value,
-                    r.meta,
-                    now + ttl.as_millis() as Millis,
-                    None,
-                ),
+                Ok(r) => {
+                    // The stored version carries its fingerprint: no need to compute it again.
+                    let fingerprint = r.short_fingerprint();
+                    (
+                        r.secret_id,
+                        Some(r.version),
+                        r.value,
+                        r.meta,
+                        now + ttl.as_millis() as Millis,
+                        None,
+                        fingerprint,
+                    )
+                }
                 Err(crate::vault::VaultError::NoSuchSecret(_)) => {
                     return http::error(
                         StatusCode::NOT_FOUND,
@@ -423,6 +438,7 @@ impl AgentApi {
             },
         };
         let lease_secret_id = secret_id.clone();
+        let exe = who.exe.as_ref().map(|e| e.display().to_string());
         let lease = LeaseRow {
             id: lease_id.clone(),
             secret_id,
@@ -434,13 +450,11 @@ impl AgentApi {
             uid: who.peer.uid,
             gid: who.peer.gid,
             pid: who.peer.pid.unwrap_or(0),
-            exe: who.exe.as_ref().map(|e| e.display().to_string()),
+            exe: exe.clone(),
             created_at: now,
             expires_at,
             ended_at: None,
         };
-        let fingerprint =
-            short_fingerprint(&self.engine.vault().fingerprint(value.expose().as_bytes()));
         let audit = AuditEvent::new(who.actor(), "fetch.allowed")
             .secret(name)
             .detail(AllowedDetail {
@@ -465,10 +479,7 @@ impl AgentApi {
         }
         self.metrics.fetch_allowed.fetch_add(1, Ordering::Relaxed);
         if let Some(signals) = &self.signals {
-            let exe = who
-                .exe
-                .as_ref()
-                .map_or("unknown".into(), |e| e.display().to_string());
+            let exe = exe.unwrap_or_else(|| "unknown".into());
             if let Some(news) = signals.note_fetch(&lease_secret_id, who.peer.uid, &exe) {
                 let fetch = FetchSeen {
                     name: name.to_string(),

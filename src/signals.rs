@@ -291,24 +291,25 @@ impl Signals {
             {
                 tracing::warn!(error = %e, "could not record a new caller");
             }
-            if !news.first_ever {
-                self.react(
-                    "anomaly",
-                    self.config.on_anomaly,
-                    Scope::secret(&name),
-                    Some(&name),
-                    format!("{name} was fetched by a caller never seen before: {caller}"),
-                )
-                .await;
-            }
+        }
+        let mut anomalies = Vec::new();
+        if news.new_caller && !news.first_ever {
+            anomalies.push(format!(
+                "{name} was fetched by a caller never seen before: {caller}"
+            ));
         }
         if let Some((count, baseline)) = news.rate_alert {
+            anomalies.push(format!(
+                "{name} was fetched {count} times this minute; its baseline is {baseline:.1} per minute"
+            ));
+        }
+        for message in anomalies {
             self.react(
                 "anomaly",
                 self.config.on_anomaly,
                 Scope::secret(&name),
                 Some(&name),
-                format!("{name} was fetched {count} times this minute; its baseline is {baseline:.1} per minute"),
+                message,
             )
             .await;
         }

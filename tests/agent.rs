@@ -119,6 +119,22 @@ fn an_allowed_executable_is_served_and_a_copy_elsewhere_is_denied() {
         .filter(|r| r["action"] == "fetch.denied")
         .collect();
     assert_eq!(allowed, 2, "{audit}");
+    // Each allowed fetch names the fingerprint recorded when version 1 was created.
+    let created = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["action"] == "rotation.created" && r["detail"]["to_version"] == 1)
+        .unwrap_or_else(|| panic!("no rotation.created row: {audit}"));
+    assert!(created["detail"]["fingerprint"].is_string(), "{created}");
+    for row in rows.as_array().unwrap() {
+        if row["action"] == "fetch.allowed" {
+            assert_eq!(
+                row["detail"]["fingerprint"], created["detail"]["fingerprint"],
+                "{row}"
+            );
+        }
+    }
     assert_eq!(denied.len(), 1);
     assert!(
         denied[0]["actor"].as_str().unwrap().contains("curl-copy"),
@@ -498,30 +514,22 @@ fn the_python_and_node_snippets_of_the_readme_fetch_from_the_real_daemon() {
             "README.md must show {file} verbatim"
         );
     }
-    let out = Command::new(&python)
-        .arg(root.join("deploy/examples/fetch.py"))
-        .arg(&sock)
-        .arg("app/token")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let py = String::from_utf8(out.stdout).unwrap();
-    let out = Command::new(&node)
-        .arg(root.join("deploy/examples/fetch.js"))
-        .arg(&sock)
-        .arg("app/token")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let js = String::from_utf8(out.stdout).unwrap();
+    let run = |interpreter: &Path, snippet: &str| {
+        let out = Command::new(interpreter)
+            .arg(root.join(snippet))
+            .arg(&sock)
+            .arg("app/token")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{snippet}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let py = run(&python, "deploy/examples/fetch.py");
+    let js = run(&node, "deploy/examples/fetch.js");
     drop(daemon);
     let value = env.get("app/token");
     assert!(py.starts_with("1 ") && py.ends_with(&value), "{py}");

@@ -7,9 +7,9 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::daemon::{Daemon, env_with_plugin, wait_for};
+use common::daemon::{Daemon, env_with_plugin, wait_for, wait_for_explained};
 use common::{Env, curl};
 
 const FLEET: usize = 200;
@@ -28,31 +28,35 @@ fn fleet_config(settings: &str) -> String {
     config
 }
 
+/// The fleet secrets not yet at `expected` and idle.
+fn behind(env: &Env, expected: i64) -> Vec<serde_json::Value> {
+    env.list()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"].as_str().unwrap().starts_with("fleet/"))
+        .filter(|e| e["version"].as_i64() != Some(expected) || e["rotation_state"] != "done")
+        .cloned()
+        .collect()
+}
+
 /// Waits until every fleet secret is at `expected` and idle; on timeout, names the ones that are
 /// not and shows the daemon's log.
 fn settle(env: &Env, daemon: &Daemon, expected: i64) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let list = env.list();
-        let behind: Vec<&serde_json::Value> = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["name"].as_str().unwrap().starts_with("fleet/"))
-            .filter(|e| e["version"].as_i64() != Some(expected) || e["rotation_state"] != "done")
-            .collect();
-        if behind.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} secrets never reached version {expected}: {:?}\n{}",
-            behind.len(),
-            &behind[..behind.len().min(5)],
-            daemon.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_explained(
+        &format!("every secret to reach version {expected}"),
+        Duration::from_secs(120),
+        || behind(env, expected).is_empty().then_some(()),
+        || {
+            let behind = behind(env, expected);
+            format!(
+                "{} behind: {:?}\n{}",
+                behind.len(),
+                &behind[..behind.len().min(5)],
+                daemon.log_text()
+            )
+        },
+    );
 }
 
 fn curl_lease(sock: &Path, name: &str) -> String {

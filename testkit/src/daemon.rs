@@ -71,13 +71,26 @@ pub fn env_with_plugin_timeout(extra: &str, timeout: &str) -> Env {
 }
 
 /// Waits until `check` returns `Some`, polling every 20 ms, or panics after `timeout`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, timeout: Duration, check: impl FnMut() -> Option<T>) -> T {
+    wait_for_explained(what, timeout, check, String::new)
+}
+
+/// Like [`wait_for`]; on timeout the panic message also carries what `explain` says (the
+/// stragglers, a log).
+pub fn wait_for_explained<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+    explain: impl FnOnce() -> String,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            panic!("timed out waiting for {what}\n{}", explain());
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use keywarden_testkit::daemon::{base_config, sha256_of, wait_for};
-use keywarden_testkit::{Env, curl};
+use keywarden_testkit::{Env, curl, spawn_tcp_server};
 use serde_json::{Value, json};
 
 /// A request as the fake server saw it.
@@ -26,55 +26,36 @@ type Handler = Arc<dyn Fn(&Seen) -> (u16, Value) + Send + Sync>;
 
 /// Starts an HTTP server on 127.0.0.1 answering with `handler`; returns its port.
 fn serve(handler: Handler) -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
+    spawn_tcp_server(move |stream| {
+        let handler = handler.clone();
+        async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                 let handler = handler.clone();
-                tokio::spawn(async move {
-                    let service =
-                        hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                            let handler = handler.clone();
-                            async move {
-                                let method = req.method().to_string();
-                                let path = req.uri().to_string();
-                                let headers = req
-                                    .headers()
-                                    .iter()
-                                    .map(|(k, v)| {
-                                        (k.to_string(), v.to_str().unwrap_or("").to_string())
-                                    })
-                                    .collect();
-                                let body =
-                                    req.into_body().collect().await.unwrap().to_bytes().to_vec();
-                                let (status, json) = handler(&Seen {
-                                    method,
-                                    path,
-                                    headers,
-                                    body,
-                                });
-                                let mut resp =
-                                    hyper::Response::new(Full::new(Bytes::from(json.to_string())));
-                                *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-                                Ok::<_, std::convert::Infallible>(resp)
-                            }
-                        });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-    });
-    port
+                async move {
+                    let method = req.method().to_string();
+                    let path = req.uri().to_string();
+                    let headers = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                        .collect();
+                    let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
+                    let (status, json) = handler(&Seen {
+                        method,
+                        path,
+                        headers,
+                        body,
+                    });
+                    let mut resp = hyper::Response::new(Full::new(Bytes::from(json.to_string())));
+                    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        }
+    })
 }
 
 fn plugin() -> String {
