@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::BenchPlugin;
 use keywarden::clock::Clock;
 use keywarden::daemon::{Mode, Runtime};
-use keywarden::rotation::Reason;
+use keywarden::store::Reason;
 use keywarden::store::Store;
 
 const SECRETS: usize = 1_000;

@@ -12,12 +12,13 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
+use crate::attest::Peer;
 use crate::audit::AuditEvent;
 use crate::compromise::{CompromiseError, Incidents, Scope};
-use crate::http::{self, Handler, Peer};
+use crate::http::{self, Handler};
 use crate::leases::{DaemonLeaseBackend, Leases};
 use crate::metrics::Metrics;
-use crate::rotation::Reason;
+use crate::store::Reason;
 use crate::rotation::engine::{Engine, EngineError};
 use crate::store::RotationRecord;
 

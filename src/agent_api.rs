@@ -24,16 +24,18 @@ use serde_json::json;
 use tokio::sync::{broadcast, watch};
 use zeroize::Zeroizing;
 
+use crate::attest::Peer;
 use crate::attest::{ExeHashCache, PeerIdentity};
 use crate::audit::AuditEvent;
-use crate::http::{self, ApiError, Handler, Peer};
+use crate::clock::Millis;
+use crate::http::{self, ApiError, Handler};
 use crate::leases::{DaemonLeaseBackend, LeaseError, Leases};
 use crate::metrics::Metrics;
 use crate::policy::{self, Policy};
 use crate::provider::Provider;
 use crate::rotation::engine::Engine;
 use crate::signals::{FetchSeen, Signals};
-use crate::store::{LeaseRow, Millis};
+use crate::store::LeaseRow;
 use crate::value::SecretValue;
 use crate::vault::{Bound, short_fingerprint};
 

@@ -12,7 +12,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::http::Peer;
 use crate::policy::Identity;
 
 /// Entries kept in the executable hash cache.
@@ -25,6 +24,17 @@ type FileVersion = (u64, u64, u64, i64, i64);
 #[derive(Debug, Default)]
 pub struct ExeHashCache {
     entries: Mutex<HashMap<FileVersion, String>>,
+}
+
+/// Who is on the other end of a connection, from `SO_PEERCRED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Process id (absent if the kernel did not say).
+    pub pid: Option<i32>,
 }
 
 /// Seconds since boot (CLOCK_BOOTTIME), the clock `/proc/PID/stat` start times count in.
@@ -128,7 +138,7 @@ impl PeerIdentity {
         if let Some(h) = self.cache.entries.lock().expect("hash cache").get(&key) {
             return Some(h.clone());
         }
-        let hash = crate::plugin_host::file_sha256(Path::new(&link)).ok()?;
+        let hash = crate::crypto::file_sha256(Path::new(&link)).ok()?;
         if start_time(pid) != Some(start) {
             return None;
         }
@@ -178,7 +188,7 @@ mod tests {
             id.exe.as_deref(),
             Some(std::env::current_exe().unwrap().as_path())
         );
-        let expected = crate::plugin_host::file_sha256(&std::env::current_exe().unwrap()).unwrap();
+        let expected = crate::crypto::file_sha256(&std::env::current_exe().unwrap()).unwrap();
         assert_eq!(id.exe_sha256(), Some(expected));
         assert!(id.actor().contains("exe=/"));
     }

@@ -3,7 +3,13 @@
 
 use std::time::Duration;
 
-use crate::store::Millis;
+/// Unix time in milliseconds, the unit of every timestamp keywarden stores.
+pub type Millis = i64;
+
+/// The current wall-clock time as [`Millis`].
+pub fn now_millis() -> Millis {
+    chrono::Utc::now().timestamp_millis()
+}
 
 /// Longest single sleep: wall-clock jumps (NTP, suspend) are noticed within this long.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
@@ -34,7 +40,7 @@ impl Clock {
     /// Now, in Unix milliseconds.
     pub fn now(&self) -> Millis {
         match self {
-            Clock::System => crate::store::now_millis(),
+            Clock::System => now_millis(),
             Clock::Tokio { start_wall, start } => {
                 start_wall + start.elapsed().as_millis() as Millis
             }

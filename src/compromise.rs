@@ -19,11 +19,12 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 
 use crate::audit::AuditEvent;
+use crate::clock::Millis;
 use crate::leases::{DaemonLeaseBackend, Leases};
 use crate::provider::Provider;
 use crate::rotation::engine::{Engine, EngineError};
-use crate::rotation::{Reason, RotationState};
-use crate::store::{IncidentRecord, Millis, StoreError};
+use crate::store::{Reason, RotationState};
+use crate::store::{IncidentRecord, StoreError};
 
 /// Which secrets a run covers. Explicit names are always in scope; tags and providers filter
 /// the rest (both must match when both are given). Nothing given (or `all`) means everything.

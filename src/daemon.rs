@@ -16,7 +16,7 @@ use crate::leases::{DaemonLeaseBackend, Leases};
 use crate::metrics::Metrics;
 use crate::plugin_host::{PluginError, PluginHost, PluginSpec, Redactor};
 use crate::provider::Provider;
-use crate::rotation::Reason;
+use crate::store::Reason;
 use crate::rotation::engine::{Catalog, Engine, EngineSettings, SecretSpec};
 use crate::rotation::scheduler::{Entry, Scheduler};
 use crate::vault::Vault;

@@ -19,16 +19,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
 
-/// Who is on the other end of a connection, from `SO_PEERCRED`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Peer {
-    /// User id.
-    pub uid: u32,
-    /// Group id.
-    pub gid: u32,
-    /// Process id (absent if the kernel did not say).
-    pub pid: Option<i32>,
-}
+use crate::attest::{Peer, boot_seconds};
 
 /// Errors creating a socket.
 #[derive(Debug, thiserror::Error)]
@@ -253,7 +244,7 @@ pub async fn serve<H: Handler, L: Listener>(
             _ = shutdown.changed() => return,
         };
         let Some(peer) = peer else { continue };
-        let conn_state = Arc::new(handler.connect(peer, crate::attest::boot_seconds()));
+        let conn_state = Arc::new(handler.connect(peer, boot_seconds()));
         let handler = handler.clone();
         let limits = limits.clone();
         let mut shutdown = shutdown.clone();

@@ -18,7 +18,8 @@ use tokio::sync::{Notify, watch};
 
 use crate::audit::AuditEvent;
 use crate::clock::Clock;
-use crate::store::{LeaseOp, LeaseRow, Millis};
+use crate::clock::Millis;
+use crate::store::{LeaseOp, LeaseRow};
 
 /// How long to wait before retrying a failed upstream revocation.
 const REVOKE_RETRY: Duration = Duration::from_secs(5);

@@ -261,21 +261,6 @@ pub async fn reap_orphans(work_dir: &Path) -> usize {
     killed.len()
 }
 
-/// The SHA-256 of a file, hex.
-pub fn file_sha256(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = crypto::Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = std::io::Read::read(&mut file, &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(crypto::hex(&hasher.finish()))
-}
-
 impl PluginHost {
     /// A host for `spec`; nothing runs until [`PluginHost::start`] or the first request.
     pub fn new(spec: PluginSpec, redactor: Arc<Redactor>) -> Self {
@@ -336,7 +321,7 @@ impl PluginHost {
         if meta.permissions().mode() & 0o002 != 0 {
             return Err(spawn_error("the file is world-writable".into()));
         }
-        let actual = file_sha256(path).map_err(|e| spawn_error(e.to_string()))?;
+        let actual = crypto::file_sha256(path).map_err(|e| spawn_error(e.to_string()))?;
         if !actual.eq_ignore_ascii_case(&self.spec.sha256) {
             return Err(PluginError::PinMismatch {
                 plugin: self.spec.name.clone(),

@@ -23,14 +23,16 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::alerts::Alerts;
+use crate::attest::Peer;
 use crate::audit::AuditEvent;
+use crate::clock::Millis;
 use crate::compromise::{Incidents, Scope};
 use crate::config::{Response as Reaction, SignalsConfig};
 use crate::crypto;
-use crate::http::{self, Handler, Peer};
+use crate::http::{self, Handler};
 use crate::metrics::Metrics;
 use crate::rotation::engine::Engine;
-use crate::store::{LeaseOp, Millis};
+use crate::store::LeaseOp;
 
 /// The header carrying a signal's signature.
 pub const SIGNATURE_HEADER: &str = "x-keywarden-signature";

@@ -2,9 +2,10 @@
 
 use serde_json::{Value, json};
 
+use crate::clock::Millis;
 use crate::crypto;
 use crate::plugin_host::PluginHost;
-use crate::store::{Millis, SecretSummary, Store, StoreError};
+use crate::store::{SecretSummary, Store, StoreError};
 
 fn time(ms: Option<Millis>) -> Value {
     ms.and_then(chrono::DateTime::from_timestamp_millis)

@@ -73,7 +73,7 @@ pub async fn setup(
     plugin_concurrency: usize,
 ) -> (Config, Store, Arc<Vault>) {
     let exe = std::env::current_exe().unwrap();
-    let sha = keywarden::plugin_host::file_sha256(&exe).unwrap();
+    let sha = keywarden::crypto::file_sha256(&exe).unwrap();
     let mut config = format!(
         "[store]\npath = \"vault.db\"\n[daemon]\nmax_concurrent_rotations = {concurrency}\n\
          [plugins.{kind}]\ncommand = [{:?}]\nsha256 = \"{sha}\"\nmax_concurrency = {plugin_concurrency}\n",

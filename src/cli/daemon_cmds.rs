@@ -20,7 +20,7 @@ use crate::daemon::{Mode, Runtime};
 use crate::http;
 use crate::passphrase::{self, Purpose};
 use crate::policy::Policy;
-use crate::rotation::Reason;
+use crate::store::Reason;
 use crate::signals::{SignalApi, Signals, SignalsSettings};
 use crate::store::{Access, Store, StoreError};
 use crate::vault::Vault;
@@ -309,7 +309,7 @@ pub(crate) async fn rotate(ctx: &Context, args: RotateArgs) -> anyhow::Result<Ex
             .await?;
         if record
             .as_ref()
-            .is_some_and(|r| r.state == crate::rotation::RotationState::Draining)
+            .is_some_and(|r| r.state == crate::store::RotationState::Draining)
             && !args.no_wait
         {
             eprintln!("waiting for leases on the old version to expire (at most {grace:?})...");
@@ -439,7 +439,7 @@ pub(crate) fn plugin(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
         PluginCommand::Pin { path, name } => {
             let absolute = std::fs::canonicalize(&path)
                 .with_context(|| format!("cannot find {}", path.display()))?;
-            let sha = crate::plugin_host::file_sha256(&absolute)
+            let sha = crate::crypto::file_sha256(&absolute)
                 .with_context(|| format!("cannot read {}", absolute.display()))?;
             let name = name.unwrap_or_else(|| {
                 let stem = absolute

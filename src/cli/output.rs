@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use crate::store::Millis;
+use crate::clock::Millis;
 
 /// Prints one JSON document (pretty, newline-terminated) on stdout.
 pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
@@ -32,7 +32,7 @@ pub(crate) fn coarse_duration(ms: i64) -> String {
 
 /// `5m ago` or `in 5m` relative to now.
 pub(crate) fn relative(ms: Millis) -> String {
-    let delta = ms - crate::store::now_millis();
+    let delta = ms - crate::clock::now_millis();
     if delta <= 0 {
         format!("{} ago", coarse_duration(delta))
     } else {

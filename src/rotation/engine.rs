@@ -18,16 +18,18 @@ use keywarden_plugin_sdk::{Credential, Op, Request, Secret};
 use serde_json::json;
 use tokio::sync::{Notify, Semaphore, broadcast, watch};
 
-use super::{Reason, RotationState, backoff};
+use super::backoff;
+use crate::store::{Reason, RotationState};
 use crate::audit::AuditEvent;
 use crate::clock::Clock;
+use crate::clock::Millis;
 use crate::config::Settings;
 use crate::consumer::{Consumer, Delivery};
 use crate::generate::GeneratePolicy;
 use crate::plugin_host::{PluginError, PluginHost};
 use crate::provider::Provider;
 use crate::rotation::scheduler::Schedule;
-use crate::store::{Millis, NewRotation, RotationRecord, SecretRecord, StepChange, StoreError};
+use crate::store::{NewRotation, RotationRecord, SecretRecord, StepChange, StoreError};
 use crate::value::SecretValue;
 use crate::vault::{Bound, Meta, Revealed, Vault, VaultError, short_fingerprint};
 

@@ -14,7 +14,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::clock::Clock;
-use crate::store::{Millis, Store, StoreError};
+use crate::clock::Millis;
+use crate::store::{Store, StoreError};
 
 /// When a secret rotates.
 #[derive(Debug, Clone)]

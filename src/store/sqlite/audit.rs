@@ -1,0 +1,127 @@
+//! The hash-chained audit table.
+
+use sqlx::Row;
+use sqlx::sqlite::{SqliteConnection, SqliteRow};
+
+use crate::audit::{AuditEvent, AuditRecord, GENESIS_HASH, chain_hash};
+use crate::clock::{Millis, now_millis};
+use crate::store::StoreError;
+
+use super::{MultiRowTable, SqliteStore, chunk_len, multi_row_insert};
+
+impl SqliteStore {
+    /// Appends audit rows in one transaction.
+    pub async fn append_audit(&self, events: &[AuditEvent]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await?;
+        append_audit_in(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Up to `limit` audit rows with `seq > after`, in order.
+    pub async fn audit_page(&self, after: i64, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, at, actor, action, secret, incident_id, detail, prev_hash, hash \
+             FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    /// The last `limit` audit rows, in order.
+    pub async fn audit_tail(&self, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, at, actor, action, secret, incident_id, detail, prev_hash, hash \
+             FROM (SELECT * FROM audit ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+        )
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    /// The chain head: the last row's sequence number and hash.
+    pub async fn audit_head(&self) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+        Ok(self.audit_tail(1).await?.pop().map(|r| (r.seq, r.hash)))
+    }
+}
+
+/// Appends audit rows inside an open write transaction.
+pub(super) async fn append_audit_in(
+    tx: &mut SqliteConnection,
+    events: &[AuditEvent],
+) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let last: Option<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *tx)
+            .await?;
+    let (mut seq, mut prev) = last.unwrap_or((0, GENESIS_HASH.to_vec()));
+    let at: Millis = now_millis();
+    let mut rows = Vec::with_capacity(events.len());
+    for event in events {
+        seq += 1;
+        let detail = event.detail.clone();
+        let hash = chain_hash(
+            &prev,
+            seq,
+            at,
+            &event.actor,
+            &event.action,
+            event.secret.as_deref(),
+            event.incident_id.as_deref(),
+            &detail,
+        )
+        .to_vec();
+        rows.push((
+            seq,
+            event,
+            detail,
+            std::mem::replace(&mut prev, hash.clone()),
+            hash,
+        ));
+    }
+    let mut rest = rows.as_slice();
+    while !rest.is_empty() {
+        let n = chunk_len(rest.len());
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        let mut query = sqlx::query(multi_row_insert(MultiRowTable::Audit, n));
+        for (seq, event, detail, prev_hash, hash) in chunk {
+            query = query
+                .bind(*seq)
+                .bind(at)
+                .bind(event.actor.as_str())
+                .bind(event.action.as_str())
+                .bind(event.secret.as_deref())
+                .bind(event.incident_id.as_deref())
+                .bind(detail.as_str())
+                .bind(prev_hash.as_slice())
+                .bind(hash.as_slice());
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+pub(super) fn audit_from_row(row: &SqliteRow) -> Result<AuditRecord, StoreError> {
+    Ok(AuditRecord {
+        seq: row.try_get(0)?,
+        at: row.try_get(1)?,
+        actor: row.try_get(2)?,
+        action: row.try_get(3)?,
+        secret: row.try_get(4)?,
+        incident_id: row.try_get(5)?,
+        detail: row.try_get(6)?,
+        prev_hash: row.try_get(7)?,
+        hash: row.try_get(8)?,
+    })
+}

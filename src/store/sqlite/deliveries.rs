@@ -1,0 +1,77 @@
+//! What each consumer has acknowledged.
+
+use sqlx::Row;
+
+use crate::clock::now_millis;
+use crate::store::{DeliveryRecord, StoreError};
+
+use super::SqliteStore;
+
+impl SqliteStore {
+    /// What each consumer of a secret has acknowledged.
+    pub async fn deliveries(&self, secret_id: &str) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT consumer, version, acked_at, attempts, last_error FROM deliveries \
+             WHERE secret_id = ? ORDER BY consumer",
+        )
+        .bind(secret_id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeliveryRecord {
+                    consumer: r.try_get(0)?,
+                    version: r.try_get(1)?,
+                    acked_at: r.try_get(2)?,
+                    attempts: r.try_get(3)?,
+                    last_error: r.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records a delivery attempt: `Ok` acknowledges `version`; `Err` counts a failure.
+    pub async fn record_delivery(
+        &self,
+        secret_id: &str,
+        consumer: &str,
+        version: i64,
+        outcome: Result<(), &str>,
+    ) -> Result<(), StoreError> {
+        let now = now_millis();
+        match outcome {
+            Ok(()) => {
+                sqlx::query(
+                    "INSERT INTO deliveries (secret_id, consumer, version, acked_at, attempts) \
+                     VALUES (?, ?, ?, ?, 0) ON CONFLICT (secret_id, consumer) DO UPDATE SET \
+                     version = excluded.version, acked_at = excluded.acked_at, attempts = 0, \
+                     last_error = NULL",
+                )
+                .bind(secret_id)
+                .bind(consumer)
+                .bind(version)
+                .bind(now)
+                .execute(&self.writer)
+                .await?;
+            }
+            Err(error) => {
+                sqlx::query(
+                    "INSERT INTO deliveries (secret_id, consumer, version, attempts, last_error) \
+                     VALUES (?, ?, ?, 1, ?) ON CONFLICT (secret_id, consumer) DO UPDATE SET \
+                     attempts = CASE WHEN deliveries.version = excluded.version \
+                                THEN deliveries.attempts + 1 ELSE 1 END, \
+                     acked_at = CASE WHEN deliveries.version = excluded.version \
+                                THEN deliveries.acked_at ELSE NULL END, \
+                     version = excluded.version, last_error = excluded.last_error",
+                )
+                .bind(secret_id)
+                .bind(consumer)
+                .bind(version)
+                .bind(error)
+                .execute(&self.writer)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,165 @@
+//! Compromise incidents and alerts.
+
+use sqlx::Row;
+
+use crate::audit::AuditEvent;
+use crate::clock::now_millis;
+use crate::store::{AlertRecord, IncidentRecord, IncidentRotation, StoreError};
+
+use super::SqliteStore;
+use super::audit::append_audit_in;
+use super::rotations::parse_state;
+
+impl SqliteStore {
+    /// Records a new incident.
+    pub async fn create_incident(
+        &self,
+        incident: &IncidentRecord,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO incidents (id, started_at, scope, assume_compromise, trigger) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(incident.id.as_str())
+        .bind(incident.started_at)
+        .bind(incident.scope.as_str())
+        .bind(incident.assume_compromise)
+        .bind(incident.trigger.as_str())
+        .execute(&mut *tx)
+        .await?;
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn incidents(
+        &self,
+        id: Option<&str>,
+        unfinished: bool,
+    ) -> Result<Vec<IncidentRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, started_at, finished_at, scope, assume_compromise, trigger, leases_revoked \
+             FROM incidents WHERE (?1 IS NULL OR id = ?1) AND (NOT ?2 OR finished_at IS NULL) \
+             ORDER BY started_at",
+        )
+        .bind(id)
+        .bind(unfinished)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(IncidentRecord {
+                    id: r.try_get(0)?,
+                    started_at: r.try_get(1)?,
+                    finished_at: r.try_get(2)?,
+                    scope: r.try_get(3)?,
+                    assume_compromise: r.try_get(4)?,
+                    trigger: r.try_get(5)?,
+                    leases_revoked: r.try_get(6)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Adds to an incident's count of revoked leases.
+    pub async fn add_incident_leases(&self, id: &str, revoked: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE incidents SET leases_revoked = leases_revoked + ? WHERE id = ?")
+            .bind(revoked)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks an incident finished.
+    pub async fn finish_incident(&self, id: &str, audit: AuditEvent) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("UPDATE incidents SET finished_at = ? WHERE id = ? AND finished_at IS NULL")
+            .bind(now_millis())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The latest rotation of each secret under an incident.
+    pub async fn incident_rotations(&self, id: &str) -> Result<Vec<IncidentRotation>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.name, r.state, r.last_error FROM rotations r JOIN secrets s ON s.id = r.secret_id \
+             WHERE r.incident_id = ? AND r.rowid = (SELECT r2.rowid FROM rotations r2 \
+             WHERE r2.incident_id = r.incident_id AND r2.secret_id = r.secret_id \
+             ORDER BY r2.created_at DESC, r2.rowid DESC LIMIT 1) ORDER BY s.name",
+        )
+        .bind(id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(IncidentRotation {
+                    secret: r.try_get(0)?,
+                    state: parse_state(&r.try_get::<String, _>(1)?)?,
+                    last_error: r.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records an alert (with its audit row). Returns its id.
+    pub async fn insert_alert(
+        &self,
+        alert: &AlertRecord,
+        audit: AuditEvent,
+    ) -> Result<i64, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO alerts (at, kind, secret, message, incident_id) VALUES (?, ?, ?, ?, ?) \
+             RETURNING id",
+        )
+        .bind(alert.at)
+        .bind(alert.kind.as_str())
+        .bind(alert.secret.as_deref())
+        .bind(alert.message.as_str())
+        .bind(alert.incident_id.as_deref())
+        .fetch_one(&mut *tx)
+        .await?;
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// The most recent alerts, newest first.
+    pub async fn recent_alerts(&self, limit: i64) -> Result<Vec<AlertRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, at, kind, secret, message, incident_id FROM alerts ORDER BY id DESC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AlertRecord {
+                    id: r.try_get(0)?,
+                    at: r.try_get(1)?,
+                    kind: r.try_get(2)?,
+                    secret: r.try_get(3)?,
+                    message: r.try_get(4)?,
+                    incident_id: r.try_get(5)?,
+                })
+            })
+            .collect()
+    }
+
+    /// An incident by id.
+    pub async fn incident(&self, id: &str) -> Result<Option<IncidentRecord>, StoreError> {
+        Ok(self.incidents(Some(id), false).await?.pop())
+    }
+
+    /// Incidents not yet finished, oldest first.
+    pub async fn unfinished_incidents(&self) -> Result<Vec<IncidentRecord>, StoreError> {
+        self.incidents(None, true).await
+    }
+}

@@ -1,0 +1,202 @@
+//! Leases and their group-committed batches; callers seen per secret.
+
+use std::sync::Arc;
+
+use sqlx::Row;
+
+use crate::audit::AuditEvent;
+use crate::clock::Millis;
+use crate::store::{LeaseOp, LeaseRow, StoreError};
+
+use super::audit::append_audit_in;
+use super::{MultiRowTable, SqliteStore, chunk_len, multi_row_insert};
+
+impl SqliteStore {
+    /// Applies lease changes and audit rows in one group-committed transaction. Durable
+    /// against a crash of the process (the write-ahead log is written before this returns) but
+    /// not fsynced individually, so many fetches share one disk flush.
+    pub async fn apply_lease_batch(
+        &self,
+        ops: &[LeaseOp],
+        audit: &[AuditEvent],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.writer.acquire().await?;
+        // Group commit: the WAL is written before COMMIT returns (a crash of this process loses
+        // nothing), but the fsync is left to the next checkpoint or FULL commit.
+        sqlx::query("PRAGMA synchronous = NORMAL")
+            .execute(&mut *conn)
+            .await?;
+        let result = async {
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
+            let inserts: Vec<&Arc<LeaseRow>> = ops
+                .iter()
+                .filter_map(|op| match op {
+                    LeaseOp::Insert(l) => Some(l),
+                    _ => None,
+                })
+                .collect();
+            let mut rest = inserts.as_slice();
+            while !rest.is_empty() {
+                let n = chunk_len(rest.len());
+                let (chunk, tail) = rest.split_at(n);
+                rest = tail;
+                let mut query = sqlx::query(multi_row_insert(MultiRowTable::Leases, n));
+                for l in chunk {
+                    query = query
+                        .bind(l.id.as_str())
+                        .bind(l.secret_id.as_str())
+                        .bind(l.version)
+                        .bind(l.issued.as_deref())
+                        .bind(
+                            l.issued_meta
+                                .as_ref()
+                                .map(|m| serde_json::Value::Object(m.clone()).to_string()),
+                        )
+                        .bind(l.uid)
+                        .bind(l.gid)
+                        .bind(l.pid)
+                        .bind(l.exe.as_deref())
+                        .bind(l.created_at)
+                        .bind(l.expires_at)
+                        .bind(l.upstream_state.as_deref());
+                }
+                query.execute(&mut *tx).await?;
+            }
+            for op in ops {
+                match op {
+                    LeaseOp::Insert(_) => {}
+                    LeaseOp::Renew { id, expires_at } => {
+                        sqlx::query("UPDATE leases SET expires_at = ? WHERE id = ? AND ended_at IS NULL")
+                            .bind(expires_at)
+                            .bind(id.as_str())
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    LeaseOp::End {
+                        id,
+                        at,
+                        reason,
+                        upstream_state,
+                    } => {
+                        sqlx::query(
+                            "UPDATE leases SET ended_at = ?, end_reason = ?, \
+                             upstream_state = coalesce(?, upstream_state) WHERE id = ? AND ended_at IS NULL",
+                        )
+                        .bind(at)
+                        .bind(reason.as_str())
+                        .bind(upstream_state.as_deref())
+                        .bind(id.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    LeaseOp::PurgeEnded { before } => {
+                        sqlx::query(
+                            "DELETE FROM leases WHERE ended_at IS NOT NULL AND ended_at < ? \
+                             AND (upstream_state IS NULL OR upstream_state = 'revoked')",
+                        )
+                        .bind(before)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    LeaseOp::AccessSeen {
+                        secret_id,
+                        uid,
+                        exe,
+                        at,
+                    } => {
+                        sqlx::query(
+                            "INSERT OR IGNORE INTO access_seen (secret_id, uid, exe, first_seen) \
+                             VALUES (?, ?, ?, ?)",
+                        )
+                        .bind(secret_id.as_str())
+                        .bind(uid)
+                        .bind(exe.as_str())
+                        .bind(at)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    LeaseOp::UpstreamRevoked { id } => {
+                        sqlx::query("UPDATE leases SET upstream_state = 'revoked' WHERE id = ?")
+                            .bind(id.as_str())
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+            }
+            append_audit_in(&mut tx, audit).await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        let reset = sqlx::query("PRAGMA synchronous = FULL")
+            .execute(&mut *conn)
+            .await;
+        result?;
+        reset?;
+        Ok(())
+    }
+
+    /// Leases still live, and issued credentials whose upstream revocation is pending.
+    pub async fn open_leases(&self) -> Result<Vec<LeaseRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT l.id, l.secret_id, s.name, l.version, l.issued, l.issued_meta, l.uid, l.gid, \
+             l.pid, l.exe, l.created_at, l.expires_at, l.ended_at, l.upstream_state \
+             FROM leases l JOIN secrets s ON s.id = l.secret_id \
+             WHERE l.ended_at IS NULL OR l.upstream_state = 'revoke-pending'",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let meta: Option<String> = r.try_get(5)?;
+                Ok(LeaseRow {
+                    id: r.try_get(0)?,
+                    secret_id: r.try_get(1)?,
+                    secret_name: r.try_get(2)?,
+                    version: r.try_get(3)?,
+                    issued: r.try_get(4)?,
+                    issued_meta: meta.and_then(|m| match serde_json::from_str(&m) {
+                        Ok(serde_json::Value::Object(map)) => Some(map),
+                        _ => None,
+                    }),
+                    uid: r.try_get(6)?,
+                    gid: r.try_get(7)?,
+                    pid: r.try_get(8)?,
+                    exe: r.try_get(9)?,
+                    created_at: r.try_get(10)?,
+                    expires_at: r.try_get(11)?,
+                    ended_at: r.try_get(12)?,
+                    upstream_state: r.try_get(13)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every (secret id, uid, executable) seen fetching.
+    pub async fn access_seen(&self) -> Result<Vec<(String, u32, String)>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT secret_id, uid, exe FROM access_seen")
+                .fetch_all(&self.reader)
+                .await?,
+        )
+    }
+
+    /// Live leases on a version at `now`, and the earliest expiry among them.
+    pub async fn live_leases(
+        &self,
+        secret_id: &str,
+        version: i64,
+        now: Millis,
+    ) -> Result<(i64, Option<Millis>), StoreError> {
+        let (count, next): (i64, Option<Millis>) = sqlx::query_as(
+            "SELECT count(*), min(expires_at) FROM leases WHERE secret_id = ? AND version = ? \
+             AND ended_at IS NULL AND expires_at > ?",
+        )
+        .bind(secret_id)
+        .bind(version)
+        .bind(now)
+        .fetch_one(&self.reader)
+        .await?;
+        Ok((count, next))
+    }
+}

@@ -1,0 +1,370 @@
+//! The SQLite backend: one file in WAL mode with full sync, `secure_delete` on, mode 0600.
+//!
+//! Writes go through a single-connection pool and `BEGIN IMMEDIATE`, so in-process writers queue
+//! fairly and a read-then-write transaction never fails on a stale snapshot; other processes
+//! wait on SQLite's busy timeout. Reads use a separate pool and run concurrently.
+
+mod audit;
+mod deliveries;
+mod header;
+mod incidents;
+mod leases;
+mod rotations;
+mod secrets;
+
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+
+use super::cache::SealedCache;
+use crate::audit::AuditEvent;
+use crate::store::{StoreError, VaultHeader};
+
+pub(super) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+const READERS: u32 = 8;
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The SQLite backend. [`super::Store`] dereferences to it, so its public methods are the
+/// store's operations; a second backend (PostgreSQL) would offer the same methods.
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: SqlitePool,
+    reader: SqlitePool,
+    /// Present when this process is the store's only writer (the daemon).
+    cache: Option<SealedCache>,
+    /// Dropped with the store: stops the background checkpointer.
+    _checkpointer: Option<tokio::sync::watch::Sender<()>>,
+}
+
+/// How often the daemon's background checkpointer moves the write-ahead log into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+fn connect_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(false)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(BUSY_TIMEOUT)
+        .foreign_keys(true)
+        .pragma("secure_delete", "ON")
+}
+
+pub(super) fn io_error(what: &'static str, path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn newest_known_migration() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    pub(super) async fn create(
+        path: &Path,
+        header: &VaultHeader,
+        audit: AuditEvent,
+    ) -> Result<Self, StoreError> {
+        if path.exists() {
+            return Err(StoreError::AlreadyExists {
+                path: path.to_path_buf(),
+            });
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|e| io_error("cannot create the store directory", dir, e))?;
+            }
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => StoreError::AlreadyExists {
+                    path: path.to_path_buf(),
+                },
+                _ => io_error("cannot create the store file", path, e),
+            })?;
+        let result = async {
+            let store = Self::connect(path, false).await?;
+            MIGRATOR.run(&store.writer).await?;
+            store.init_header(header, audit).await?;
+            Ok(store)
+        }
+        .await;
+        if result.is_err() {
+            remove_store_files(path);
+        }
+        result
+    }
+
+    pub(super) async fn open(
+        path: &Path,
+        migrate: bool,
+        background_checkpoints: bool,
+    ) -> Result<Self, StoreError> {
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound {
+                    path: path.to_path_buf(),
+                    hint: "run `keywarden init` to create one, or point --store or [store] path \
+                           at an existing store",
+                });
+            }
+            Err(e) => {
+                return Err(StoreError::Unreadable {
+                    path: path.to_path_buf(),
+                    source: e,
+                });
+            }
+            Ok(meta) => {
+                if meta.permissions().mode() & 0o077 != 0 {
+                    tracing::warn!(
+                        path = %path.display(),
+                        mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                        "the store file is readable by other users; chmod 600 it"
+                    );
+                }
+            }
+        }
+        // Surface permission problems as such, before SQLite turns them into something vaguer.
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| StoreError::Unreadable {
+                path: path.to_path_buf(),
+                source: e,
+            })?;
+        let mut store = Self::connect(path, background_checkpoints).await?;
+        if background_checkpoints {
+            store._checkpointer = Some(Self::start_checkpointer(path).await?);
+            store.cache = Some(SealedCache::default());
+        }
+        let has_migrations: bool = sqlx::query_scalar(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_one(&store.reader)
+        .await
+        .map_err(|e| unreadable(path, e))?;
+        if !has_migrations {
+            return Err(StoreError::NotInitialized {
+                path: path.to_path_buf(),
+            });
+        }
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&store.reader)
+                .await?;
+        let supported = newest_known_migration();
+        if let Some(found) = found.filter(|f| *f > supported) {
+            return Err(StoreError::SchemaTooNew {
+                path: path.to_path_buf(),
+                found,
+                supported,
+            });
+        }
+        if found.unwrap_or(0) < supported {
+            if !migrate {
+                return Err(StoreError::SchemaTooOld {
+                    path: path.to_path_buf(),
+                });
+            }
+            MIGRATOR.run(&store.writer).await?;
+        }
+        Ok(store)
+    }
+
+    async fn connect(path: &Path, background_checkpoints: bool) -> Result<Self, StoreError> {
+        let options = connect_options(path);
+        // In the daemon, commits never run a checkpoint themselves (which would fsync the
+        // database while every fetch waits behind it); a background connection does instead.
+        let writer_options = if background_checkpoints {
+            options.clone().pragma("wal_autocheckpoint", "0")
+        } else {
+            options.clone()
+        };
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(false)
+            .connect_with(writer_options)
+            .await
+            .map_err(|e| unreadable(path, e))?;
+        // A local file connection does not go stale: skip sqlx's ping before each acquire,
+        // which would double the cost of a point read.
+        let reader = SqlitePoolOptions::new()
+            .max_connections(READERS)
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await
+            .map_err(|e| unreadable(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            writer,
+            reader,
+            cache: None,
+            _checkpointer: None,
+        })
+    }
+
+    /// Starts the daemon's checkpointer: a PASSIVE checkpoint every half second on its own
+    /// connection, so writers never wait for one. It stops when the store is dropped.
+    async fn start_checkpointer(path: &Path) -> Result<tokio::sync::watch::Sender<()>, StoreError> {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(false)
+            .connect_with(connect_options(path))
+            .await
+            .map_err(|e| unreadable(path, e))?;
+        let (stop, mut stopped) = tokio::sync::watch::channel(());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+                    _ = stopped.changed() => break,
+                }
+                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&pool)
+                    .await
+                {
+                    tracing::warn!(error = %e, "background checkpoint failed");
+                }
+            }
+            let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&pool)
+                .await;
+            pool.close().await;
+        });
+        Ok(stop)
+    }
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// The path the store was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Forgets cached rows after a write: of `name`, or all of them.
+    fn invalidate(&self, name: Option<&str>) {
+        if let Some(cache) = &self.cache {
+            cache.invalidate(name);
+        }
+    }
+}
+
+pub(super) fn unreadable(path: &Path, e: sqlx::Error) -> StoreError {
+    StoreError::Unreadable {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+pub(super) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
+}
+
+pub(super) async fn check_generation(
+    tx: &mut SqliteConnection,
+    generation: i64,
+) -> Result<(), StoreError> {
+    let current: i64 = sqlx::query_scalar("SELECT root_generation FROM vault WHERE id = 1")
+        .fetch_one(&mut *tx)
+        .await?;
+    if current != generation {
+        return Err(StoreError::StaleKeys);
+    }
+    Ok(())
+}
+
+/// Rows per multi-row INSERT: a few fixed sizes, so the prepared statements stay cached.
+pub(super) fn chunk_len(remaining: usize) -> usize {
+    [64, 16, 4, 1]
+        .into_iter()
+        .find(|n| *n <= remaining)
+        .unwrap_or(1)
+}
+
+/// The tables written with multi-row inserts.
+#[derive(Clone, Copy)]
+pub(super) enum MultiRowTable {
+    Leases,
+    Audit,
+}
+
+/// `INSERT INTO … VALUES (?, …), (?, …)` for `rows` rows, built once per shape from constant
+/// text and counts (never from data) and kept for the life of the process.
+pub(super) fn multi_row_insert(
+    table: MultiRowTable,
+    rows: usize,
+) -> sqlx::AssertSqlSafe<&'static str> {
+    static CACHE: std::sync::OnceLock<std::collections::HashMap<(u8, usize), &'static str>> =
+        std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(|| {
+        let mut map = std::collections::HashMap::new();
+        for (tag, prefix, columns) in [
+            (
+                0u8,
+                "INSERT INTO leases (id, secret_id, version, issued, issued_meta, uid, gid, pid, \
+                 exe, created_at, expires_at, upstream_state)",
+                12,
+            ),
+            (
+                1u8,
+                "INSERT INTO audit (seq, at, actor, action, secret, incident_id, detail, \
+                 prev_hash, hash)",
+                9,
+            ),
+        ] {
+            let row = format!("({})", vec!["?"; columns].join(", "));
+            for n in [1usize, 4, 16, 64] {
+                let sql = format!("{prefix} VALUES {}", vec![row.as_str(); n].join(", "));
+                map.insert((tag, n), &*Box::leak(sql.into_boxed_str()));
+            }
+        }
+        map
+    });
+    let tag = match table {
+        MultiRowTable::Leases => 0,
+        MultiRowTable::Audit => 1,
+    };
+    sqlx::AssertSqlSafe(cache[&(tag, rows)])
+}
+
+/// Removes a half-created store and its SQLite side files.
+pub(super) fn remove_store_files(path: &Path) {
+    let mut side = PathBuf::from(path);
+    let _ = std::fs::remove_file(path);
+    for suffix in ["-wal", "-shm"] {
+        side.set_file_name(format!(
+            "{}{suffix}",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let _ = std::fs::remove_file(&side);
+    }
+}

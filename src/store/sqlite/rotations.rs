@@ -1,0 +1,322 @@
+//! The rotation journal: planning, advancing one legal step at a time, retries, reads.
+
+use sqlx::Row;
+use sqlx::sqlite::{SqliteConnection, SqliteRow};
+
+use crate::audit::AuditEvent;
+use crate::clock::{Millis, now_millis};
+use crate::store::{NewRotation, RotationRecord, RotationState, StepChange, StoreError};
+
+use super::audit::append_audit_in;
+use super::{SqliteStore, is_unique_violation};
+
+impl SqliteStore {
+    /// Plans a rotation. Fails with [`StoreError::Conflict`] if one is already active for the
+    /// secret or the current version moved.
+    pub async fn plan_rotation(
+        &self,
+        rotation: &NewRotation,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let current: Option<i64> = sqlx::query_scalar(
+            "SELECT version FROM versions WHERE secret_id = ? AND stage = 'current'",
+        )
+        .bind(rotation.secret_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if current != rotation.from_version {
+            return Err(StoreError::Conflict("the current version".into()));
+        }
+        let now = now_millis();
+        let inserted = sqlx::query(
+            "INSERT INTO rotations (id, secret_id, state, from_version, proposed, reason, \
+             emergency, incident_id, created_at, updated_at) \
+             VALUES (?, ?, 'planned', ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(rotation.id.as_str())
+        .bind(rotation.secret_id.as_str())
+        .bind(rotation.from_version)
+        .bind(rotation.proposed.as_deref())
+        .bind(rotation.reason.as_str())
+        .bind(rotation.emergency)
+        .bind(rotation.incident_id.as_deref())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(StoreError::Conflict("an active rotation".into()));
+            }
+            other => other?,
+        };
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn advance_rotation_in_db(
+        &self,
+        rotation: &RotationRecord,
+        change: &StepChange,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let now = now_millis();
+        let moved = sqlx::query(
+            "UPDATE rotations SET state = ?, updated_at = ?, attempts = 0, last_error = ?, \
+             next_attempt_at = NULL, draining_since = coalesce(?, draining_since), \
+             to_version = coalesce(?, to_version) WHERE id = ? AND state = ?",
+        )
+        .bind(change.to.as_str())
+        .bind(now)
+        .bind(change.error.as_deref())
+        .bind(change.draining_since)
+        .bind(change.insert_pending.as_ref().map(|v| v.version))
+        .bind(rotation.id.as_str())
+        .bind(change.from.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            return Err(StoreError::Conflict(format!("rotation {}", rotation.id)));
+        }
+        let secret_id = rotation.secret_id.as_str();
+        if let Some(version) = &change.insert_pending {
+            let latest: Option<i64> =
+                sqlx::query_scalar("SELECT max(version) FROM versions WHERE secret_id = ?")
+                    .bind(secret_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if latest.unwrap_or(0) + 1 != version.version {
+                return Err(StoreError::Conflict("the secret's versions".into()));
+            }
+            sqlx::query(
+                "INSERT INTO versions (secret_id, version, stage, ciphertext, meta, fingerprint, \
+                 created_at, stage_changed_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?)",
+            )
+            .bind(secret_id)
+            .bind(version.version)
+            .bind(version.ciphertext.as_slice())
+            .bind(serde_json::Value::Object(version.meta.clone()).to_string())
+            .bind(version.fingerprint.as_slice())
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if change.promote {
+            let to = rotation.to_version.ok_or_else(|| {
+                StoreError::Corrupt("promoting a rotation with no new version".into())
+            })?;
+            for (sql, version) in [
+                (
+                    "UPDATE versions SET stage = 'revoked', stage_changed_at = ? \
+                  WHERE secret_id = ? AND stage = 'previous' AND version != ?",
+                    None,
+                ),
+                (
+                    "UPDATE versions SET stage = 'previous', stage_changed_at = ? \
+                  WHERE secret_id = ? AND stage = 'current' AND version != ?",
+                    None,
+                ),
+                (
+                    "UPDATE versions SET stage = 'current', stage_changed_at = ? \
+                  WHERE secret_id = ? AND version = ?",
+                    Some(to),
+                ),
+            ] {
+                sqlx::query(sql)
+                    .bind(now)
+                    .bind(secret_id)
+                    .bind(version.unwrap_or(to))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query("UPDATE secrets SET updated_at = ?, last_rotated_at = ? WHERE id = ?")
+                .bind(now)
+                .bind(now)
+                .bind(secret_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(version) = change.revoke_version {
+            sqlx::query(
+                "UPDATE versions SET stage = 'revoked', stage_changed_at = ? \
+                 WHERE secret_id = ? AND version = ? AND stage != 'revoked'",
+            )
+            .bind(now)
+            .bind(secret_id)
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if change.succeeded {
+            sqlx::query("UPDATE secrets SET failed_attempts = 0, last_error = NULL WHERE id = ?")
+                .bind(secret_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records a failed attempt at the current step and when to retry it.
+    pub async fn retry_rotation_later(
+        &self,
+        rotation_id: &str,
+        error: &str,
+        next_attempt_at: Millis,
+    ) -> Result<i64, StoreError> {
+        let attempts: i64 = sqlx::query_scalar(
+            "UPDATE rotations SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?, \
+             updated_at = ? WHERE id = ? RETURNING attempts",
+        )
+        .bind(error)
+        .bind(next_attempt_at)
+        .bind(now_millis())
+        .bind(rotation_id)
+        .fetch_one(&self.writer)
+        .await?;
+        Ok(attempts)
+    }
+
+    /// Resets a rotation's attempt count (an operator asked to resume it).
+    pub async fn reset_rotation_attempts(&self, rotation_id: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE rotations SET attempts = 0, next_attempt_at = NULL WHERE id = ?")
+            .bind(rotation_id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks an active rotation as an emergency of `incident_id`.
+    pub async fn escalate_rotation(
+        &self,
+        rotation_id: &str,
+        incident_id: Option<&str>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE rotations SET emergency = 1, incident_id = coalesce(?, incident_id), \
+             updated_at = ? WHERE id = ?",
+        )
+        .bind(incident_id)
+        .bind(now_millis())
+        .bind(rotation_id)
+        .execute(&mut *tx)
+        .await?;
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A rotation by id.
+    pub async fn rotation(&self, id: &str) -> Result<Option<RotationRecord>, StoreError> {
+        let row = sqlx::query(ROTATION_SELECT_BY_ID)
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(rotation_from_row).transpose()
+    }
+
+    /// Every rotation not in a terminal state.
+    pub async fn active_rotations(&self) -> Result<Vec<RotationRecord>, StoreError> {
+        let rows = sqlx::query(ROTATION_SELECT_ACTIVE)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(rotation_from_row).collect()
+    }
+
+    /// The latest rotation of a secret, active or not.
+    pub async fn latest_rotation(
+        &self,
+        secret_id: &str,
+    ) -> Result<Option<RotationRecord>, StoreError> {
+        let row = sqlx::query(ROTATION_SELECT_LATEST)
+            .bind(secret_id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(rotation_from_row).transpose()
+    }
+
+    /// How many rotations ended in each terminal state.
+    pub async fn rotation_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT state, count(*) FROM rotations WHERE state IN ('done', 'failed', 'rolled-back') \
+             GROUP BY state ORDER BY state",
+        )
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
+    /// Applies one step. Fails with [`StoreError::Conflict`] if the rotation is no longer in
+    /// `change.from`.
+    pub async fn advance_rotation(
+        &self,
+        rotation: &RotationRecord,
+        change: &StepChange,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let result = self.advance_rotation_in_db(rotation, change, audit).await;
+        if change.promote || change.revoke_version.is_some() {
+            self.invalidate(Some(&rotation.secret_name));
+        }
+        result
+    }
+}
+
+const ROTATION_SELECT_BY_ID: &str = "SELECT r.id, r.secret_id, s.name, r.state, r.from_version, \
+     r.to_version, r.proposed, r.reason, r.emergency, r.incident_id, r.attempts, r.last_error, \
+     r.next_attempt_at, r.draining_since, r.created_at, r.updated_at \
+     FROM rotations r JOIN secrets s ON s.id = r.secret_id WHERE r.id = ?";
+const ROTATION_SELECT_ACTIVE: &str = "SELECT r.id, r.secret_id, s.name, r.state, r.from_version, \
+     r.to_version, r.proposed, r.reason, r.emergency, r.incident_id, r.attempts, r.last_error, \
+     r.next_attempt_at, r.draining_since, r.created_at, r.updated_at \
+     FROM rotations r JOIN secrets s ON s.id = r.secret_id \
+     WHERE r.state NOT IN ('done', 'failed', 'rolled-back') ORDER BY r.created_at";
+const ROTATION_SELECT_LATEST: &str = "SELECT r.id, r.secret_id, s.name, r.state, r.from_version, \
+     r.to_version, r.proposed, r.reason, r.emergency, r.incident_id, r.attempts, r.last_error, \
+     r.next_attempt_at, r.draining_since, r.created_at, r.updated_at \
+     FROM rotations r JOIN secrets s ON s.id = r.secret_id WHERE r.secret_id = ? \
+     ORDER BY r.created_at DESC, r.rowid DESC LIMIT 1";
+
+pub(super) fn parse_state(text: &str) -> Result<RotationState, StoreError> {
+    RotationState::parse(text)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown rotation state {text:?}")))
+}
+
+pub(super) fn rotation_from_row(row: &SqliteRow) -> Result<RotationRecord, StoreError> {
+    Ok(RotationRecord {
+        id: row.try_get(0)?,
+        secret_id: row.try_get(1)?,
+        secret_name: row.try_get(2)?,
+        state: parse_state(&row.try_get::<String, _>(3)?)?,
+        from_version: row.try_get(4)?,
+        to_version: row.try_get(5)?,
+        proposed: row.try_get(6)?,
+        reason: row.try_get(7)?,
+        emergency: row.try_get(8)?,
+        incident_id: row.try_get(9)?,
+        attempts: row.try_get(10)?,
+        last_error: row.try_get(11)?,
+        next_attempt_at: row.try_get(12)?,
+        draining_since: row.try_get(13)?,
+        created_at: row.try_get(14)?,
+        updated_at: row.try_get(15)?,
+    })
+}
+
+pub(super) async fn active_rotation_in(
+    tx: &mut SqliteConnection,
+    secret_id: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM rotations WHERE secret_id = ? AND state NOT IN ('done', 'failed', 'rolled-back')",
+    )
+    .bind(secret_id)
+    .fetch_optional(&mut *tx)
+    .await?)
+}

@@ -1,0 +1,496 @@
+//! Secrets and their versions: reads, new versions, registration, failures and quarantine.
+
+use std::sync::Arc;
+
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use crate::audit::AuditEvent;
+use crate::clock::{Millis, now_millis};
+use crate::store::{
+    NewSecret, NewVersion, SealedSecret, SecretRecord, SecretSummary, Stage, StoreError,
+    VersionRecord, VersionTarget,
+};
+
+use super::audit::append_audit_in;
+use super::rotations::{active_rotation_in, parse_state};
+use super::{SqliteStore, check_generation, is_unique_violation};
+
+impl SqliteStore {
+    /// A secret by name.
+    pub async fn secret(&self, name: &str) -> Result<Option<SecretRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, name, provider, wrapped_data_key, tags, created_at, updated_at, \
+             (SELECT max(version) FROM versions WHERE secret_id = secrets.id) \
+             FROM secrets WHERE name = ?",
+        )
+        .bind(name)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|row| {
+            Ok(SecretRecord {
+                id: row.try_get(0)?,
+                name: row.try_get(1)?,
+                provider: row.try_get(2)?,
+                wrapped_data_key: row.try_get(3)?,
+                tags: parse_tags(&row.try_get::<String, _>(4)?)?,
+                created_at: row.try_get(5)?,
+                updated_at: row.try_get(6)?,
+                latest_version: row.try_get(7)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn sealed_in_db(
+        &self,
+        name: &str,
+        version: Option<i64>,
+    ) -> Result<Option<SealedSecret>, StoreError> {
+        let row =
+            match version {
+                None => sqlx::query(
+                    "SELECT s.id, s.wrapped_data_key, v.version, v.stage, v.ciphertext, v.meta, \
+                     v.fingerprint, v.created_at FROM secrets s JOIN versions v \
+                     ON v.secret_id = s.id AND v.stage = 'current' WHERE s.name = ?",
+                )
+                .bind(name)
+                .fetch_optional(&self.reader)
+                .await?,
+                Some(n) => sqlx::query(
+                    "SELECT s.id, s.wrapped_data_key, v.version, v.stage, v.ciphertext, v.meta, \
+                     v.fingerprint, v.created_at FROM secrets s JOIN versions v \
+                     ON v.secret_id = s.id AND v.version = ? WHERE s.name = ?",
+                )
+                .bind(n)
+                .bind(name)
+                .fetch_optional(&self.reader)
+                .await?,
+            };
+        row.map(|row| {
+            Ok(SealedSecret {
+                secret_id: row.try_get(0)?,
+                wrapped_data_key: row.try_get(1)?,
+                version: version_from_row(&row, 2)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn put_version_in_db(
+        &self,
+        generation: i64,
+        target: &VersionTarget,
+        version: &NewVersion,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        check_generation(&mut tx, generation).await?;
+        let now = now_millis();
+        let secret_id = match target {
+            VersionTarget::New(secret) => {
+                let inserted = sqlx::query(
+                    "INSERT INTO secrets (id, name, provider, wrapped_data_key, tags, created_at, \
+                     updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(secret.id.as_str())
+                .bind(secret.name.as_str())
+                .bind(secret.provider.as_str())
+                .bind(secret.wrapped_data_key.as_slice())
+                .bind(serde_json::to_string(&secret.tags).expect("tags serialize"))
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
+                .await;
+                match inserted {
+                    Err(e) if is_unique_violation(&e) => {
+                        return Err(StoreError::Conflict(format!("secret {:?}", secret.name)));
+                    }
+                    other => other?,
+                };
+                secret.id.as_str()
+            }
+            VersionTarget::Existing {
+                secret_id,
+                expected_latest,
+            } => {
+                let row: Option<Option<i64>> = sqlx::query_scalar(
+                    "SELECT (SELECT max(version) FROM versions WHERE secret_id = secrets.id) \
+                     FROM secrets WHERE id = ?",
+                )
+                .bind(secret_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+                if row != Some(*expected_latest) {
+                    return Err(StoreError::Conflict("the secret".into()));
+                }
+                if active_rotation_in(&mut tx, secret_id).await?.is_some() {
+                    let name: String = sqlx::query_scalar("SELECT name FROM secrets WHERE id = ?")
+                        .bind(secret_id.as_str())
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    return Err(StoreError::RotationInProgress(name));
+                }
+                secret_id.as_str()
+            }
+        };
+        sqlx::query(
+            "UPDATE versions SET stage = 'revoked', stage_changed_at = ? \
+             WHERE secret_id = ? AND stage = 'previous'",
+        )
+        .bind(now)
+        .bind(secret_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE versions SET stage = 'previous', stage_changed_at = ? \
+             WHERE secret_id = ? AND stage = 'current'",
+        )
+        .bind(now)
+        .bind(secret_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO versions (secret_id, version, stage, ciphertext, meta, fingerprint, \
+             created_at, stage_changed_at) VALUES (?, ?, 'current', ?, ?, ?, ?, ?)",
+        )
+        .bind(secret_id)
+        .bind(version.version)
+        .bind(version.ciphertext.as_slice())
+        .bind(serde_json::Value::Object(version.meta.clone()).to_string())
+        .bind(version.fingerprint.as_slice())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE secrets SET updated_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(secret_id)
+            .execute(&mut *tx)
+            .await?;
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn summaries(&self, name: Option<&str>) -> Result<Vec<SecretSummary>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.id, s.name, s.provider, \
+             (SELECT version FROM versions v WHERE v.secret_id = s.id AND v.stage = 'current'), \
+             s.updated_at, s.tags, s.next_rotation_at, s.last_rotated_at, \
+             (SELECT state FROM rotations r WHERE r.secret_id = s.id \
+              ORDER BY r.created_at DESC, r.rowid DESC LIMIT 1), \
+             s.failed_attempts, s.quarantined_at, s.last_error \
+             FROM secrets s WHERE ?1 IS NULL OR s.name = ?1 ORDER BY s.name",
+        )
+        .bind(name)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let state: Option<String> = row.try_get(8)?;
+                Ok(SecretSummary {
+                    id: row.try_get(0)?,
+                    name: row.try_get(1)?,
+                    provider: row.try_get(2)?,
+                    version: row.try_get(3)?,
+                    updated_at: row.try_get(4)?,
+                    tags: parse_tags(&row.try_get::<String, _>(5)?)?,
+                    next_rotation_at: row.try_get(6)?,
+                    last_rotated_at: row.try_get(7)?,
+                    rotation_state: state.as_deref().map(parse_state).transpose()?,
+                    failed_attempts: row.try_get(9)?,
+                    quarantined_at: row.try_get(10)?,
+                    last_error: row.try_get(11)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn remove_secret_in_db(
+        &self,
+        name: &str,
+        audit: AuditEvent,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let id: Option<String> = sqlx::query_scalar("SELECT id FROM secrets WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(id) = id else { return Ok(None) };
+        let versions: i64 = sqlx::query_scalar("SELECT count(*) FROM versions WHERE secret_id = ?")
+            .bind(id.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM secrets WHERE id = ?")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        // secure_delete zeroed the freed pages; checkpointing and truncating the WAL drops the
+        // frames that still held the old pages (best effort: a concurrent reader may delay it).
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.writer)
+            .await
+        {
+            tracing::warn!(error = %e, "could not truncate the write-ahead log after a removal");
+        }
+        Ok(Some(versions))
+    }
+
+    /// Creates a secret row (with a fresh wrapped data key) if `name` does not exist, or updates
+    /// its provider and tags if they changed. Returns the secret and whether anything changed.
+    pub async fn register_secret(
+        &self,
+        generation: i64,
+        secret: &NewSecret,
+        audit: AuditEvent,
+    ) -> Result<(SecretRecord, bool), StoreError> {
+        let mut tx = self.begin_write().await?;
+        check_generation(&mut tx, generation).await?;
+        let tags = serde_json::to_string(&secret.tags).expect("tags serialize");
+        let existing: Option<(String, String, String)> =
+            sqlx::query_as("SELECT id, provider, tags FROM secrets WHERE name = ?")
+                .bind(secret.name.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let now = now_millis();
+        let changed = match existing {
+            None => {
+                sqlx::query(
+                    "INSERT INTO secrets (id, name, provider, wrapped_data_key, tags, created_at, \
+                     updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(secret.id.as_str())
+                .bind(secret.name.as_str())
+                .bind(secret.provider.as_str())
+                .bind(secret.wrapped_data_key.as_slice())
+                .bind(tags.as_str())
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                true
+            }
+            Some((id, provider, old_tags)) if provider != secret.provider || old_tags != tags => {
+                sqlx::query("UPDATE secrets SET provider = ?, tags = ? WHERE id = ?")
+                    .bind(secret.provider.as_str())
+                    .bind(tags.as_str())
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                true
+            }
+            Some(_) => false,
+        };
+        if changed {
+            append_audit_in(&mut tx, &[audit]).await?;
+        }
+        tx.commit().await?;
+        let record = self
+            .secret(&secret.name)
+            .await?
+            .ok_or_else(|| StoreError::Conflict(format!("secret {:?}", secret.name)))?;
+        Ok((record, changed))
+    }
+
+    /// Sets when the scheduler next rotates a secret.
+    pub async fn set_next_rotation(
+        &self,
+        secret_id: &str,
+        at: Option<Millis>,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE secrets SET next_rotation_at = ? WHERE id = ?")
+            .bind(at)
+            .bind(secret_id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Counts a failed rotation against a secret; quarantines it if asked. Returns the count.
+    pub async fn record_secret_failure(
+        &self,
+        secret_id: &str,
+        error: &str,
+        quarantine: bool,
+        audit: AuditEvent,
+    ) -> Result<i64, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let count: i64 = sqlx::query_scalar(
+            "UPDATE secrets SET failed_attempts = failed_attempts + 1, last_error = ?, \
+             quarantined_at = CASE WHEN ? THEN coalesce(quarantined_at, ?) ELSE quarantined_at END \
+             WHERE id = ? RETURNING failed_attempts",
+        )
+        .bind(error)
+        .bind(quarantine)
+        .bind(now_millis())
+        .bind(secret_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(count)
+    }
+
+    /// Lifts a quarantine and resets the failure count.
+    pub async fn unquarantine(&self, secret_id: &str, audit: AuditEvent) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let changed = sqlx::query(
+            "UPDATE secrets SET quarantined_at = NULL, failed_attempts = 0 \
+             WHERE id = ? AND (quarantined_at IS NOT NULL OR failed_attempts > 0)",
+        )
+        .bind(secret_id)
+        .execute(&mut *tx)
+        .await?;
+        if changed.rows_affected() > 0 {
+            append_audit_in(&mut tx, &[audit]).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn revoke_version_in_db(
+        &self,
+        secret_id: &str,
+        version: i64,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE versions SET stage = 'revoked', stage_changed_at = ? \
+             WHERE secret_id = ? AND version = ? AND stage != 'revoked'",
+        )
+        .bind(now_millis())
+        .bind(secret_id)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+        append_audit_in(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Versions whose keyed fingerprint is `fingerprint`: (secret name, version, stage).
+    pub async fn versions_by_fingerprint(
+        &self,
+        fingerprint: &[u8],
+    ) -> Result<Vec<(String, i64, Stage)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.name, v.version, v.stage FROM versions v JOIN secrets s ON s.id = v.secret_id \
+             WHERE v.fingerprint = ?",
+        )
+        .bind(fingerprint)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0)?,
+                    r.try_get(1)?,
+                    Stage::parse(&r.try_get::<String, _>(2)?)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// A secret's current version (`version = None`) or a given version, still sealed. The
+    /// daemon's reads of current versions are served from its cache.
+    pub async fn sealed(
+        &self,
+        name: &str,
+        version: Option<i64>,
+    ) -> Result<Option<Arc<SealedSecret>>, StoreError> {
+        let Some(cache) = self.cache.as_ref().filter(|_| version.is_none()) else {
+            return Ok(self.sealed_in_db(name, version).await?.map(Arc::new));
+        };
+        let epoch = match cache.get(name) {
+            Ok(hit) => return Ok(Some(hit)),
+            Err(epoch) => epoch,
+        };
+        let found = self.sealed_in_db(name, None).await?.map(Arc::new);
+        if let Some(sealed) = &found {
+            cache.insert(epoch, name, sealed.clone());
+        }
+        Ok(found)
+    }
+
+    /// Adds a version and makes it current (the old current becomes previous, the old previous
+    /// revoked). Checks that the root key generation is still `generation`.
+    pub async fn put_version(
+        &self,
+        name: &str,
+        generation: i64,
+        target: &VersionTarget,
+        version: &NewVersion,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let result = self
+            .put_version_in_db(generation, target, version, audit)
+            .await;
+        self.invalidate(Some(name));
+        result
+    }
+
+    /// All secrets, by name.
+    pub async fn list(&self) -> Result<Vec<SecretSummary>, StoreError> {
+        self.summaries(None).await
+    }
+
+    /// One secret's summary.
+    pub async fn secret_summary(&self, name: &str) -> Result<Option<SecretSummary>, StoreError> {
+        Ok(self.summaries(Some(name)).await?.pop())
+    }
+
+    /// Deletes a secret, its data key and all its versions. Returns how many versions it had,
+    /// or `None` if there was no such secret.
+    pub async fn remove_secret(
+        &self,
+        name: &str,
+        audit: AuditEvent,
+    ) -> Result<Option<i64>, StoreError> {
+        let result = self.remove_secret_in_db(name, audit).await;
+        self.invalidate(Some(name));
+        result
+    }
+
+    /// Marks a version revoked outside a rotation (a credential deactivated by hand or in an
+    /// emergency, for providers that cannot create a replacement).
+    pub async fn revoke_version(
+        &self,
+        name: &str,
+        secret_id: &str,
+        version: i64,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let result = self.revoke_version_in_db(secret_id, version, audit).await;
+        self.invalidate(Some(name));
+        result
+    }
+}
+
+pub(super) fn version_from_row(row: &SqliteRow, first: usize) -> Result<VersionRecord, StoreError> {
+    let meta: String = row.try_get(first + 3)?;
+    let meta = match serde_json::from_str(&meta) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => {
+            return Err(StoreError::Corrupt(
+                "a version's meta is not a JSON object".into(),
+            ));
+        }
+    };
+    Ok(VersionRecord {
+        version: row.try_get(first)?,
+        stage: Stage::parse(&row.try_get::<String, _>(first + 1)?)?,
+        ciphertext: row.try_get(first + 2)?,
+        meta,
+        fingerprint: row.try_get(first + 4)?,
+        created_at: row.try_get(first + 5)?,
+    })
+}
+
+pub(super) fn parse_tags(text: &str) -> Result<Vec<String>, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|_| StoreError::Corrupt("a secret's tags are not a JSON list".into()))
+}
