@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::BenchPlugin;
 use keywarden::clock::Clock;
-use keywarden::compromise::Scope;
 use keywarden::daemon::{Mode, Runtime};
+use keywarden::store::{Scope, Trigger};
 
 const OP_DELAY: Duration = Duration::from_millis(50);
 const OPS: u32 = 4;
@@ -58,7 +58,7 @@ async fn run(secrets: usize, concurrency: usize) {
     let start = Instant::now();
     let report = runtime
         .incidents
-        .run(Scope::everything(), true, concurrency, "bench")
+        .run(Scope::everything(), true, concurrency, Trigger::Cli)
         .await
         .unwrap();
     let wall = start.elapsed().as_secs_f64();

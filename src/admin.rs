@@ -14,13 +14,14 @@ use serde_json::json;
 
 use crate::attest::Peer;
 use crate::audit::AuditEvent;
-use crate::compromise::{CompromiseError, Incidents, Scope};
+use crate::compromise::{CompromiseError, Incidents};
 use crate::http::{self, Handler};
 use crate::leases::{DaemonLeaseBackend, Leases};
 use crate::metrics::Metrics;
-use crate::store::Reason;
 use crate::rotation::engine::{Engine, EngineError};
+use crate::store::Reason;
 use crate::store::RotationRecord;
+use crate::store::{Scope, Trigger};
 
 /// Longest a `rotate` request waits for the rotation to settle.
 const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -144,7 +145,7 @@ impl AdminApi {
                 scope,
                 body.assume_compromise,
                 body.concurrency.unwrap_or(8),
-                "admin",
+                Trigger::Admin,
             )
             .await
         {
@@ -306,8 +307,14 @@ impl Handler for AdminApi {
                 }
             }
             (&Method::GET, "/metrics") => {
-                match crate::metrics::render(&self.engine, &self.metrics, self.leases.live_count())
-                    .await
+                match crate::metrics::render(
+                    self.engine.vault().store(),
+                    self.engine.clock().now(),
+                    &self.engine.catalog().plugins,
+                    &self.metrics,
+                    self.leases.live_count(),
+                )
+                .await
                 {
                     Ok(text) => {
                         let mut r = Response::new(Full::new(Bytes::from(text)));

@@ -35,7 +35,7 @@ use crate::policy::{self, Policy};
 use crate::provider::Provider;
 use crate::rotation::engine::Engine;
 use crate::signals::{FetchSeen, Signals};
-use crate::store::LeaseRow;
+use crate::store::{LeaseRow, UpstreamState};
 use crate::value::SecretValue;
 use crate::vault::{Bound, short_fingerprint};
 
@@ -447,7 +447,7 @@ impl AgentApi {
             secret_name: name.to_string(),
             version,
             issued_meta: issued.as_ref().map(|_| meta.clone()),
-            upstream_state: issued.as_ref().map(|_| "live".to_string()),
+            upstream_state: issued.as_ref().map(|_| UpstreamState::Live),
             issued,
             uid: who.peer.uid,
             gid: who.peer.gid,

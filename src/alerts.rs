@@ -15,7 +15,7 @@ use crate::audit::AuditEvent;
 use crate::consumer::Consumer;
 use crate::metrics::Metrics;
 use crate::rotation::engine::Engine;
-use crate::store::AlertRecord;
+use crate::store::{AlertKind, AlertRecord};
 
 /// How long an alert command may run.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -53,7 +53,7 @@ impl Alerts {
     /// Records and delivers an alert. Messages must not contain secret values.
     pub async fn raise(
         &self,
-        kind: &str,
+        kind: AlertKind,
         secret: Option<&str>,
         message: String,
         incident_id: Option<String>,
@@ -61,12 +61,12 @@ impl Alerts {
         let mut alert = AlertRecord {
             id: 0,
             at: self.engine.clock().now(),
-            kind: kind.to_string(),
+            kind,
             secret: secret.map(str::to_string),
             message,
             incident_id,
         };
-        tracing::warn!(kind, secret, incident = ?alert.incident_id, "ALERT: {}", alert.message);
+        tracing::warn!(%kind, secret, incident = ?alert.incident_id, "ALERT: {}", alert.message);
         self.metrics.count_alert(kind);
         let mut audit = AuditEvent::new("alerts", "alert.raised")
             .incident(alert.incident_id.clone())

@@ -23,66 +23,8 @@ use crate::clock::Millis;
 use crate::leases::{DaemonLeaseBackend, Leases};
 use crate::provider::Provider;
 use crate::rotation::engine::{Engine, EngineError};
+use crate::store::{IncidentRecord, Scope, StoreError, Trigger};
 use crate::store::{Reason, RotationState};
-use crate::store::{IncidentRecord, StoreError};
-
-/// Which secrets a run covers. Explicit names are always in scope; tags and providers filter
-/// the rest (both must match when both are given). Nothing given (or `all`) means everything.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Scope {
-    /// Everything.
-    #[serde(default)]
-    pub all: bool,
-    /// These secrets.
-    #[serde(default)]
-    pub names: Vec<String>,
-    /// Secrets with any of these tags.
-    #[serde(default)]
-    pub tags: Vec<String>,
-    /// Secrets of any of these provider kinds.
-    #[serde(default)]
-    pub providers: Vec<String>,
-}
-
-impl Scope {
-    /// Everything.
-    pub fn everything() -> Scope {
-        Scope {
-            all: true,
-            ..Scope::default()
-        }
-    }
-
-    /// One secret.
-    pub fn secret(name: &str) -> Scope {
-        Scope {
-            names: vec![name.to_string()],
-            ..Scope::default()
-        }
-    }
-
-    /// Whether a secret is in scope.
-    pub fn covers(&self, name: &str, tags: &[String], provider: &str) -> bool {
-        if self.names.iter().any(|n| n == name) {
-            return true;
-        }
-        let filtered = !self.tags.is_empty() || !self.providers.is_empty();
-        if !filtered {
-            return self.all || self.names.is_empty();
-        }
-        (self.tags.is_empty() || tags.iter().any(|t| self.tags.contains(t)))
-            && (self.providers.is_empty() || self.providers.iter().any(|p| p == provider))
-    }
-
-    fn canonical(&self) -> String {
-        let mut s = self.clone();
-        s.names.sort();
-        s.tags.sort();
-        s.providers.sort();
-        serde_json::to_string(&s).expect("scopes serialize")
-    }
-}
 
 /// What a run will do to one secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,7 +214,7 @@ impl Incidents {
         scope: Scope,
         assume_compromise: bool,
         concurrency: usize,
-        trigger: &str,
+        trigger: Trigger,
     ) -> Result<String, CompromiseError> {
         let plan = self.plan(&scope).await?;
         let incident = self
@@ -307,7 +249,7 @@ impl Incidents {
         scope: Scope,
         assume_compromise: bool,
         concurrency: usize,
-        trigger: &str,
+        trigger: Trigger,
     ) -> Result<Report, CompromiseError> {
         let plan = self.plan(&scope).await?;
         let incident = self
@@ -324,8 +266,7 @@ impl Incidents {
     ) -> Result<usize, CompromiseError> {
         let open = self.engine.vault().store().unfinished_incidents().await?;
         for incident in &open {
-            let scope: Scope = serde_json::from_str(&incident.scope).unwrap_or_default();
-            match self.plan(&scope).await {
+            match self.plan(&incident.scope).await {
                 Ok(plan) => {
                     tracing::info!(incident = %incident.id, "resuming an unfinished compromise run");
                     self.spawn(incident.clone(), plan, concurrency);
@@ -347,7 +288,7 @@ impl Incidents {
         &self,
         scope: &Scope,
         assume_compromise: bool,
-        trigger: &str,
+        trigger: Trigger,
     ) -> Result<IncidentRecord, CompromiseError> {
         let store = self.engine.vault().store();
         let canonical = scope.canonical();
@@ -370,7 +311,7 @@ impl Incidents {
             finished_at: None,
             scope: canonical,
             assume_compromise,
-            trigger: trigger.to_string(),
+            trigger,
             leases_revoked: 0,
         };
         let audit = AuditEvent::new(ACTOR, "compromise.started")
@@ -472,8 +413,7 @@ impl Incidents {
             .incident(id)
             .await?
             .ok_or_else(|| CompromiseError::UnknownSecret(format!("incident {id}")))?;
-        let scope: Scope = serde_json::from_str(&incident.scope).unwrap_or_default();
-        let plan = self.plan(&scope).await?;
+        let plan = self.plan(&incident.scope).await?;
         let rotations: HashMap<String, (RotationState, Option<String>)> = store
             .incident_rotations(id)
             .await?

@@ -16,9 +16,9 @@ use crate::leases::{DaemonLeaseBackend, Leases};
 use crate::metrics::Metrics;
 use crate::plugin_host::{PluginError, PluginHost, PluginSpec, Redactor};
 use crate::provider::Provider;
-use crate::store::Reason;
 use crate::rotation::engine::{Catalog, Engine, EngineSettings, SecretSpec};
 use crate::rotation::scheduler::{Entry, Scheduler};
+use crate::store::Reason;
 use crate::vault::Vault;
 
 /// Errors starting the daemon's components.

@@ -19,7 +19,7 @@ use tokio::sync::{Notify, watch};
 use crate::audit::AuditEvent;
 use crate::clock::Clock;
 use crate::clock::Millis;
-use crate::store::{LeaseOp, LeaseRow};
+use crate::store::{LeaseEnd, LeaseOp, LeaseRow, UpstreamState};
 
 /// How long to wait before retrying a failed upstream revocation.
 const REVOKE_RETRY: Duration = Duration::from_secs(5);
@@ -213,7 +213,7 @@ impl<B: LeaseBackend> Leases<B> {
     /// Ends a lease of `uid` now (the holder is done with it).
     pub async fn delete(&self, id: &str, uid: u32, audit: AuditEvent) -> Result<(), LeaseError> {
         let lease = self.owned(id, uid)?;
-        self.end(vec![lease], "deleted", vec![audit]).await
+        self.end(vec![lease], LeaseEnd::Deleted, vec![audit]).await
     }
 
     /// Ends every live lease matching `filter` (a compromise revokes leases in scope). Returns
@@ -232,14 +232,14 @@ impl<B: LeaseBackend> Leases<B> {
             .filter(|l| filter(l))
             .map(|l| LeaseRow::clone(l))
             .collect();
-        self.end(leases.clone(), "revoked", audit).await?;
+        self.end(leases.clone(), LeaseEnd::Revoked, audit).await?;
         Ok(leases)
     }
 
     async fn end(
         &self,
         leases: Vec<LeaseRow>,
-        reason: &str,
+        reason: LeaseEnd,
         audit: Vec<AuditEvent>,
     ) -> Result<(), LeaseError> {
         if leases.is_empty() && audit.is_empty() {
@@ -251,8 +251,8 @@ impl<B: LeaseBackend> Leases<B> {
             .map(|l| LeaseOp::End {
                 id: l.id.clone(),
                 at,
-                reason: reason.to_string(),
-                upstream_state: l.issued.as_ref().map(|_| "revoke-pending".to_string()),
+                reason,
+                upstream_state: l.issued.as_ref().map(|_| UpstreamState::RevokePending),
             })
             .collect();
         self.backend
@@ -350,7 +350,7 @@ impl<B: LeaseBackend> Leases<B> {
                             .detail(serde_json::json!({ "lease_id": l.id, "version": l.version, "uid": l.uid }))
                     })
                     .collect();
-                if let Err(e) = self.end(expired, "expired", audit).await {
+                if let Err(e) = self.end(expired, LeaseEnd::Expired, audit).await {
                     tracing::error!(error = %e, "could not record expired leases; retrying");
                 }
             } else if !self
@@ -441,7 +441,7 @@ mod tests {
             created_at: T0,
             expires_at: T0 + ttl_s * 1000,
             ended_at: None,
-            upstream_state: issued.then(|| "live".into()),
+            upstream_state: issued.then_some(UpstreamState::Live),
         }
     }
 

@@ -5,10 +5,12 @@
 //! dependency tree small.
 
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::rotation::engine::Engine;
-use crate::store::StoreError;
+use crate::clock::Millis;
+use crate::plugin_host::PluginHost;
+use crate::store::{AlertKind, Store, StoreError};
 
 /// Counters kept in memory (the rest is read from the store at scrape time).
 #[derive(Debug, Default)]
@@ -24,17 +26,17 @@ pub struct Metrics {
     /// Signals refused for a bad or missing signature.
     pub signals_rejected: AtomicU64,
     /// Alerts raised, by kind.
-    alerts: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    alerts: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
     /// Counts an alert of `kind`.
-    pub fn count_alert(&self, kind: &str) {
+    pub fn count_alert(&self, kind: AlertKind) {
         *self
             .alerts
             .lock()
             .expect("metrics lock")
-            .entry(kind.to_string())
+            .entry(kind.as_str())
             .or_default() += 1;
     }
 }
@@ -46,14 +48,15 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Renders every metric.
+/// Renders every metric: the store's secrets and rotations as of `now`, the plugins' restart
+/// counts, and the in-memory counters.
 pub async fn render(
-    engine: &Engine,
+    store: &Store,
+    now: Millis,
+    plugins: &[Arc<PluginHost>],
     metrics: &Metrics,
     live_leases: usize,
 ) -> Result<String, StoreError> {
-    let store = engine.vault().store();
-    let now = engine.clock().now();
     let mut out = String::new();
     let secrets = store.list().await?;
 
@@ -151,7 +154,7 @@ pub async fn render(
         "# HELP keywarden_plugin_restarts_total Plugin process restarts after the first start.\n",
     );
     out.push_str("# TYPE keywarden_plugin_restarts_total counter\n");
-    for p in &engine.catalog().plugins {
+    for p in plugins {
         let _ = writeln!(
             out,
             "keywarden_plugin_restarts_total{{plugin=\"{}\"}} {}",

@@ -26,13 +26,14 @@ use crate::alerts::Alerts;
 use crate::attest::Peer;
 use crate::audit::AuditEvent;
 use crate::clock::Millis;
-use crate::compromise::{Incidents, Scope};
+use crate::compromise::Incidents;
 use crate::config::{Response as Reaction, SignalsConfig};
 use crate::crypto;
 use crate::http::{self, Handler};
 use crate::metrics::Metrics;
 use crate::rotation::engine::Engine;
 use crate::store::LeaseOp;
+use crate::store::{AlertKind, Scope};
 
 /// The header carrying a signal's signature.
 pub const SIGNATURE_HEADER: &str = "x-keywarden-signature";
@@ -209,7 +210,7 @@ impl Signals {
     /// Raises an alert and, if `reaction` says so, starts a compromise run of `scope`.
     pub async fn react(
         &self,
-        kind: &str,
+        kind: AlertKind,
         reaction: Reaction,
         scope: Scope,
         secret: Option<&str>,
@@ -217,10 +218,10 @@ impl Signals {
     ) {
         let incident = match reaction {
             Reaction::Alert => None,
-            Reaction::Compromise => match self.incidents.start(scope, true, 8, kind).await {
+            Reaction::Compromise => match self.incidents.start(scope, true, 8, kind.into()).await {
                 Ok(id) => Some(id),
                 Err(e) => {
-                    tracing::error!(kind, error = %e, "could not start the compromise run a signal asked for");
+                    tracing::error!(%kind, error = %e, "could not start the compromise run a signal asked for");
                     None
                 }
             },
@@ -231,7 +232,7 @@ impl Signals {
     /// A fetch of a canary secret (allowed or not): any such fetch means compromise.
     pub async fn canary(&self, secret: &str, caller: &str) {
         self.react(
-            "canary",
+            AlertKind::Canary,
             self.config.on_canary,
             Scope::everything(),
             Some(secret),
@@ -307,7 +308,7 @@ impl Signals {
         }
         for message in anomalies {
             self.react(
-                "anomaly",
+                AlertKind::Anomaly,
                 self.config.on_anomaly,
                 Scope::secret(&name),
                 Some(&name),
@@ -371,7 +372,8 @@ impl Signals {
             signal.kind,
             signal.message.chars().take(500).collect::<String>()
         );
-        self.react("signal", reaction, scope, None, message).await;
+        self.react(AlertKind::Signal, reaction, scope, None, message)
+            .await;
         http::json(
             StatusCode::ACCEPTED,
             &json!({ "accepted": true, "reaction": format!("{reaction:?}").to_lowercase() }),
@@ -418,7 +420,7 @@ impl Signals {
                     .map(|(_, v, stage)| format!("{v} ({})", stage.as_str()))
                     .collect();
                 self.react(
-                    "leak",
+                    AlertKind::Leak,
                     self.config.on_leak,
                     Scope::secret(secret),
                     Some(secret),

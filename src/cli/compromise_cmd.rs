@@ -15,10 +15,11 @@ use super::Context;
 use super::daemon_cmds::admin;
 use super::output::print_json;
 use crate::clock::Clock;
-use crate::compromise::{Plan, Report, Scope, describe_plan};
+use crate::compromise::{Plan, Report, describe_plan};
 use crate::daemon::{Mode, Runtime};
 use crate::passphrase::{self, Purpose};
 use crate::store::{Access, Store};
+use crate::store::{Scope, Trigger};
 use crate::vault::Vault;
 
 #[derive(Debug, Args)]
@@ -98,7 +99,7 @@ impl Runner {
                     scope_of(body),
                     body["assume_compromise"].as_bool().unwrap_or(false),
                     body["concurrency"].as_u64().unwrap_or(8) as usize,
-                    "cli",
+                    Trigger::Cli,
                 )
                 .await?),
         }

@@ -20,8 +20,8 @@ use crate::daemon::{Mode, Runtime};
 use crate::http;
 use crate::passphrase::{self, Purpose};
 use crate::policy::Policy;
-use crate::store::Reason;
 use crate::signals::{SignalApi, Signals, SignalsSettings};
+use crate::store::Reason;
 use crate::store::{Access, Store, StoreError};
 use crate::vault::Vault;
 

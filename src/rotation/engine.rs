@@ -19,7 +19,6 @@ use serde_json::json;
 use tokio::sync::{Notify, Semaphore, broadcast, watch};
 
 use super::backoff;
-use crate::store::{Reason, RotationState};
 use crate::audit::AuditEvent;
 use crate::clock::Clock;
 use crate::clock::Millis;
@@ -30,6 +29,7 @@ use crate::plugin_host::{PluginError, PluginHost};
 use crate::provider::Provider;
 use crate::rotation::scheduler::Schedule;
 use crate::store::{NewRotation, RotationRecord, SecretRecord, StepChange, StoreError};
+use crate::store::{Reason, RotationState};
 use crate::value::SecretValue;
 use crate::vault::{Bound, Meta, Revealed, Vault, VaultError, short_fingerprint};
 
@@ -413,7 +413,7 @@ impl Engine {
             // add a version. A rotation escalated into the incident keeps its own reason.
             if let Some(done) = latest.as_ref().filter(|r| {
                 r.state == RotationState::Done
-                    && r.reason == Reason::Compromise.as_str()
+                    && r.reason == Reason::Compromise
                     && incident_id.is_some()
                     && r.incident_id.as_deref() == incident_id
             }) {
@@ -450,7 +450,7 @@ impl Engine {
                 secret_id: secret.id.clone(),
                 from_version: current,
                 proposed: Some(sealed),
-                reason: reason.as_str().to_string(),
+                reason,
                 emergency,
                 incident_id: incident_id.map(str::to_string),
             };

@@ -10,4 +10,3 @@
 pub mod backoff;
 pub mod engine;
 pub mod scheduler;
-

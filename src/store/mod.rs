@@ -11,6 +11,53 @@
 //!
 //! Nothing here encrypts or decrypts: values arrive sealed and leave sealed.
 
+/// Defines an enum that is stored as text: each variant with its one spelling, `as_str`,
+/// `Display` and `Serialize` as that spelling, and `parse`, which turns any other text into
+/// [`StoreError::Corrupt`] (a damaged row is an error, never a default).
+macro_rules! stored_enum {
+    ($(#[$meta:meta])* pub enum $name:ident ($what:literal) {
+        $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+
+    }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            /// The stored spelling.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+
+            /// Parses the stored spelling.
+            pub fn parse(text: &str) -> Result<Self, $crate::store::StoreError> {
+                match text {
+                    $($text => Ok($name::$variant),)+
+                    other => Err($crate::store::StoreError::Corrupt(format!(
+                        concat!("unknown ", $what, " {:?}"),
+                        other
+                    ))),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+
 mod cache;
 pub mod journal;
 mod lock;
@@ -98,10 +145,21 @@ pub enum StoreError {
     /// Another writer changed what this operation was based on; retry it.
     #[error("{0} changed concurrently; try again")]
     Conflict(String),
+    /// A step asked the journal for a move the state machine does not have (a bug, refused
+    /// before anything is written).
+    #[error("rotation {rotation}: {from} -> {to} is not a legal move of the rotation journal")]
+    IllegalMove {
+        /// The rotation.
+        rotation: String,
+        /// Its state.
+        from: RotationState,
+        /// The state asked for.
+        to: RotationState,
+    },
     /// The root key was replaced (by `rekey` in another process) since this process unlocked.
     #[error("the store was rekeyed by another process; unlock it again")]
     StaleKeys,
-    /// A row holds something this build cannot read.
+    /// A row holds something this build cannot read (the message names the row).
     #[error("the store is damaged: {0}")]
     Corrupt(String),
     /// The database failed.
@@ -120,6 +178,16 @@ pub enum StoreError {
         /// The operating system's reason.
         source: std::io::Error,
     },
+}
+
+impl StoreError {
+    /// Names the row a [`StoreError::Corrupt`] came from (other errors pass unchanged).
+    pub(crate) fn in_row(self, row: impl std::fmt::Display) -> StoreError {
+        match self {
+            StoreError::Corrupt(what) => StoreError::Corrupt(format!("{row}: {what}")),
+            other => other,
+        }
+    }
 }
 
 /// How a process uses the store; see [`lock`] for the locking rules.
@@ -222,3 +290,6 @@ impl Store {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

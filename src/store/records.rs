@@ -2,10 +2,9 @@
 
 use std::sync::Arc;
 
-use super::StoreError;
 use crate::clock::Millis;
 use crate::crypto::KdfParams;
-use crate::store::journal::RotationState;
+use crate::store::journal::{Reason, RotationState};
 
 /// The record that unlocks the vault: KDF parameters, salt and the wrapped keys.
 #[derive(Debug, Clone)]
@@ -22,43 +21,144 @@ pub struct VaultHeader {
     pub root_generation: i64,
 }
 
-/// Where a version stands in its secret's life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stage {
-    /// Created by a rotation, not yet served.
-    Pending,
-    /// The version fetches receive.
-    Current,
-    /// The version before current, still valid while it drains.
-    Previous,
-    /// No longer valid; kept for audit and leak matching.
-    Revoked,
+stored_enum! {
+    /// Where a version stands in its secret's life.
+    pub enum Stage ("version stage") {
+        /// Created by a rotation, not yet served.
+        Pending = "pending",
+        /// The version fetches receive.
+        Current = "current",
+        /// The version before current, still valid while it drains.
+        Previous = "previous",
+        /// No longer valid; kept for audit and leak matching.
+        Revoked = "revoked",
+    }
 }
 
-impl Stage {
-    /// The stored spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Pending => "pending",
-            Stage::Current => "current",
-            Stage::Previous => "previous",
-            Stage::Revoked => "revoked",
+stored_enum! {
+    /// Where a credential issued for a lease stands upstream.
+    pub enum UpstreamState ("upstream state") {
+        /// Valid upstream; revoked when its lease ends.
+        Live = "live",
+        /// Its lease ended; the upstream revocation has not succeeded yet.
+        RevokePending = "revoke-pending",
+        /// Revoked upstream.
+        Revoked = "revoked",
+    }
+}
+
+stored_enum! {
+    /// Why a lease ended.
+    pub enum LeaseEnd ("lease end") {
+        /// Its time ran out.
+        Expired = "expired",
+        /// Its holder deleted it.
+        Deleted = "deleted",
+        /// Revoked (a compromise run).
+        Revoked = "revoked",
+    }
+}
+
+stored_enum! {
+    /// What started a compromise run.
+    pub enum Trigger ("incident trigger") {
+        /// `keywarden rotate-all` without a daemon.
+        Cli = "cli",
+        /// The admin API (the CLI against a running daemon).
+        Admin = "admin",
+        /// A signed signal from an outside detector.
+        Signal = "signal",
+        /// A leaked value matched by fingerprint.
+        Leak = "leak",
+        /// A canary secret was fetched.
+        Canary = "canary",
+        /// An access anomaly.
+        Anomaly = "anomaly",
+    }
+}
+
+stored_enum! {
+    /// What an alert is about.
+    pub enum AlertKind ("alert kind") {
+        /// A signal from an outside detector.
+        Signal = "signal",
+        /// A leaked value matched by fingerprint.
+        Leak = "leak",
+        /// A canary secret was fetched.
+        Canary = "canary",
+        /// An access anomaly.
+        Anomaly = "anomaly",
+    }
+}
+
+impl From<AlertKind> for Trigger {
+    fn from(kind: AlertKind) -> Trigger {
+        match kind {
+            AlertKind::Signal => Trigger::Signal,
+            AlertKind::Leak => Trigger::Leak,
+            AlertKind::Canary => Trigger::Canary,
+            AlertKind::Anomaly => Trigger::Anomaly,
+        }
+    }
+}
+
+/// Which secrets a compromise run covers. Explicit names are always in scope; tags and
+/// providers filter the rest (both must match when both are given). Nothing given (or `all`)
+/// means everything. Stored with its incident as JSON, in canonical order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scope {
+    /// Everything.
+    #[serde(default)]
+    pub all: bool,
+    /// These secrets.
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// Secrets with any of these tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Secrets of any of these provider kinds.
+    #[serde(default)]
+    pub providers: Vec<String>,
+}
+
+impl Scope {
+    /// Everything.
+    pub fn everything() -> Scope {
+        Scope {
+            all: true,
+            ..Scope::default()
         }
     }
 
-    pub(crate) fn parse(text: &str) -> Result<Self, StoreError> {
-        Ok(match text {
-            "pending" => Stage::Pending,
-            "current" => Stage::Current,
-            "previous" => Stage::Previous,
-            "revoked" => Stage::Revoked,
-            other => {
-                return Err(StoreError::Corrupt(format!(
-                    "unknown version stage {other:?}"
-                )));
-            }
-        })
+    /// One secret.
+    pub fn secret(name: &str) -> Scope {
+        Scope {
+            names: vec![name.to_string()],
+            ..Scope::default()
+        }
+    }
+
+    /// Whether a secret is in scope.
+    pub fn covers(&self, name: &str, tags: &[String], provider: &str) -> bool {
+        if self.names.iter().any(|n| n == name) {
+            return true;
+        }
+        let filtered = !self.tags.is_empty() || !self.providers.is_empty();
+        if !filtered {
+            return self.all || self.names.is_empty();
+        }
+        (self.tags.is_empty() || tags.iter().any(|t| self.tags.contains(t)))
+            && (self.providers.is_empty() || self.providers.iter().any(|p| p == provider))
+    }
+
+    /// The same scope with its lists sorted (how it is stored and compared).
+    pub fn canonical(&self) -> Scope {
+        let mut s = self.clone();
+        s.names.sort();
+        s.tags.sort();
+        s.providers.sort();
+        s
     }
 }
 
@@ -158,7 +258,7 @@ pub struct RotationRecord {
     /// The proposed value, sealed under the secret's data key.
     pub proposed: Option<Vec<u8>>,
     /// Why it started.
-    pub reason: String,
+    pub reason: Reason,
     /// Emergency rotations revoke N right after promotion.
     pub emergency: bool,
     /// The incident it belongs to.
@@ -189,7 +289,7 @@ pub struct NewRotation {
     /// The proposed value, sealed.
     pub proposed: Option<Vec<u8>>,
     /// Why.
-    pub reason: String,
+    pub reason: Reason,
     /// Whether it is an emergency rotation.
     pub emergency: bool,
     /// The incident.
@@ -263,8 +363,8 @@ pub struct LeaseRow {
     pub expires_at: Millis,
     /// When it ended (expired, deleted, revoked), if it did.
     pub ended_at: Option<Millis>,
-    /// For issued credentials: `live`, `revoke-pending` or `revoked`.
-    pub upstream_state: Option<String>,
+    /// For issued credentials: where the credential stands upstream.
+    pub upstream_state: Option<UpstreamState>,
 }
 
 /// A change to the lease table, applied in a batch with audit rows.
@@ -285,10 +385,10 @@ pub enum LeaseOp {
         id: String,
         /// When.
         at: Millis,
-        /// `expired`, `deleted`, `revoked`.
-        reason: String,
+        /// Why.
+        reason: LeaseEnd,
         /// For issued credentials: the upstream state now.
-        upstream_state: Option<String>,
+        upstream_state: Option<UpstreamState>,
     },
     /// Deletes ended leases older than `before` (their history stays in the audit log).
     PurgeEnded {
@@ -322,12 +422,12 @@ pub struct IncidentRecord {
     pub started_at: Millis,
     /// When every secret in scope was rotated, if that happened.
     pub finished_at: Option<Millis>,
-    /// Its scope, as JSON.
-    pub scope: String,
+    /// Which secrets it covers.
+    pub scope: Scope,
     /// Whether old versions and leases were revoked without grace.
     pub assume_compromise: bool,
-    /// What started it (`cli`, `admin`, `signal`, `leak`, `canary`, `anomaly`).
-    pub trigger: String,
+    /// What started it.
+    pub trigger: Trigger,
     /// Leases it revoked.
     pub leases_revoked: i64,
 }
@@ -350,8 +450,8 @@ pub struct AlertRecord {
     pub id: i64,
     /// When.
     pub at: Millis,
-    /// `signal`, `leak`, `canary`, `anomaly`.
-    pub kind: String,
+    /// What it is about.
+    pub kind: AlertKind,
     /// The secret concerned.
     pub secret: Option<String>,
     /// What happened.

@@ -4,11 +4,11 @@ use sqlx::Row;
 
 use crate::audit::AuditEvent;
 use crate::clock::now_millis;
+use crate::store::{AlertKind, RotationState, Scope, Trigger};
 use crate::store::{AlertRecord, IncidentRecord, IncidentRotation, StoreError};
 
 use super::SqliteStore;
 use super::audit::append_audit_in;
-use super::rotations::parse_state;
 
 impl SqliteStore {
     /// Records a new incident.
@@ -24,7 +24,7 @@ impl SqliteStore {
         )
         .bind(incident.id.as_str())
         .bind(incident.started_at)
-        .bind(incident.scope.as_str())
+        .bind(serde_json::to_string(&incident.scope.canonical()).expect("scopes serialize"))
         .bind(incident.assume_compromise)
         .bind(incident.trigger.as_str())
         .execute(&mut *tx)
@@ -50,13 +50,23 @@ impl SqliteStore {
         .await?;
         rows.iter()
             .map(|r| {
+                let id: String = r.try_get(0)?;
+                let scope: String = r.try_get(3)?;
+                let trigger: String = r.try_get(5)?;
+                let parsed = (|| {
+                    let scope = serde_json::from_str::<Scope>(&scope).map_err(|e| {
+                        StoreError::Corrupt(format!("its scope is not a readable scope ({e})"))
+                    })?;
+                    Ok::<_, StoreError>((scope, Trigger::parse(&trigger)?))
+                })();
+                let (scope, trigger) = parsed.map_err(|e| e.in_row(format!("incident {id}")))?;
                 Ok(IncidentRecord {
-                    id: r.try_get(0)?,
+                    id,
                     started_at: r.try_get(1)?,
                     finished_at: r.try_get(2)?,
-                    scope: r.try_get(3)?,
+                    scope,
                     assume_compromise: r.try_get(4)?,
-                    trigger: r.try_get(5)?,
+                    trigger,
                     leases_revoked: r.try_get(6)?,
                 })
             })
@@ -101,7 +111,7 @@ impl SqliteStore {
             .map(|r| {
                 Ok(IncidentRotation {
                     secret: r.try_get(0)?,
-                    state: parse_state(&r.try_get::<String, _>(1)?)?,
+                    state: RotationState::parse(&r.try_get::<String, _>(1)?)?,
                     last_error: r.try_get(2)?,
                 })
             })
@@ -141,10 +151,13 @@ impl SqliteStore {
         .await?;
         rows.iter()
             .map(|r| {
+                let id: i64 = r.try_get(0)?;
+                let kind = AlertKind::parse(&r.try_get::<String, _>(2)?)
+                    .map_err(|e| e.in_row(format!("alert {id}")))?;
                 Ok(AlertRecord {
-                    id: r.try_get(0)?,
+                    id,
                     at: r.try_get(1)?,
-                    kind: r.try_get(2)?,
+                    kind,
                     secret: r.try_get(3)?,
                     message: r.try_get(4)?,
                     incident_id: r.try_get(5)?,

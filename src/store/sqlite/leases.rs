@@ -6,6 +6,7 @@ use sqlx::Row;
 
 use crate::audit::AuditEvent;
 use crate::clock::Millis;
+use crate::store::UpstreamState;
 use crate::store::{LeaseOp, LeaseRow, StoreError};
 
 use super::audit::append_audit_in;
@@ -58,7 +59,7 @@ impl SqliteStore {
                         .bind(l.exe.as_deref())
                         .bind(l.created_at)
                         .bind(l.expires_at)
-                        .bind(l.upstream_state.as_deref());
+                        .bind(l.upstream_state.map(UpstreamState::as_str));
                 }
                 query.execute(&mut *tx).await?;
             }
@@ -84,7 +85,7 @@ impl SqliteStore {
                         )
                         .bind(at)
                         .bind(reason.as_str())
-                        .bind(upstream_state.as_deref())
+                        .bind(upstream_state.map(UpstreamState::as_str))
                         .bind(id.as_str())
                         .execute(&mut *tx)
                         .await?;
@@ -148,17 +149,30 @@ impl SqliteStore {
         .await?;
         rows.iter()
             .map(|r| {
+                let id: String = r.try_get(0)?;
                 let meta: Option<String> = r.try_get(5)?;
+                let upstream: Option<String> = r.try_get(13)?;
+                let parsed = (|| {
+                    let meta = meta
+                        .map(|m| match serde_json::from_str(&m) {
+                            Ok(serde_json::Value::Object(map)) => Ok(map),
+                            _ => Err(StoreError::Corrupt(
+                                "its issued meta is not a JSON object".into(),
+                            )),
+                        })
+                        .transpose()?;
+                    let upstream = upstream.as_deref().map(UpstreamState::parse).transpose()?;
+                    Ok::<_, StoreError>((meta, upstream))
+                })();
+                let (issued_meta, upstream_state) =
+                    parsed.map_err(|e| e.in_row(format!("lease {id}")))?;
                 Ok(LeaseRow {
-                    id: r.try_get(0)?,
+                    id,
                     secret_id: r.try_get(1)?,
                     secret_name: r.try_get(2)?,
                     version: r.try_get(3)?,
                     issued: r.try_get(4)?,
-                    issued_meta: meta.and_then(|m| match serde_json::from_str(&m) {
-                        Ok(serde_json::Value::Object(map)) => Some(map),
-                        _ => None,
-                    }),
+                    issued_meta,
                     uid: r.try_get(6)?,
                     gid: r.try_get(7)?,
                     pid: r.try_get(8)?,
@@ -166,7 +180,7 @@ impl SqliteStore {
                     created_at: r.try_get(10)?,
                     expires_at: r.try_get(11)?,
                     ended_at: r.try_get(12)?,
-                    upstream_state: r.try_get(13)?,
+                    upstream_state,
                 })
             })
             .collect()

@@ -5,6 +5,7 @@ use sqlx::sqlite::{SqliteConnection, SqliteRow};
 
 use crate::audit::AuditEvent;
 use crate::clock::{Millis, now_millis};
+use crate::store::Reason;
 use crate::store::{NewRotation, RotationRecord, RotationState, StepChange, StoreError};
 
 use super::audit::append_audit_in;
@@ -62,6 +63,13 @@ impl SqliteStore {
         change: &StepChange,
         audit: AuditEvent,
     ) -> Result<(), StoreError> {
+        if !change.from.can_move_to(change.to) {
+            return Err(StoreError::IllegalMove {
+                rotation: rotation.id.clone(),
+                from: change.from,
+                to: change.to,
+            });
+        }
         let mut tx = self.begin_write().await?;
         let now = now_millis();
         let moved = sqlx::query(
@@ -283,21 +291,20 @@ const ROTATION_SELECT_LATEST: &str = "SELECT r.id, r.secret_id, s.name, r.state,
      FROM rotations r JOIN secrets s ON s.id = r.secret_id WHERE r.secret_id = ? \
      ORDER BY r.created_at DESC, r.rowid DESC LIMIT 1";
 
-pub(super) fn parse_state(text: &str) -> Result<RotationState, StoreError> {
-    RotationState::parse(text)
-        .ok_or_else(|| StoreError::Corrupt(format!("unknown rotation state {text:?}")))
-}
-
 pub(super) fn rotation_from_row(row: &SqliteRow) -> Result<RotationRecord, StoreError> {
+    let id: String = row.try_get(0)?;
+    let in_row = |e: StoreError| e.in_row(format!("rotation {id}"));
+    let state = RotationState::parse(&row.try_get::<String, _>(3)?).map_err(in_row)?;
+    let reason = Reason::parse(&row.try_get::<String, _>(7)?).map_err(in_row)?;
     Ok(RotationRecord {
-        id: row.try_get(0)?,
+        id,
         secret_id: row.try_get(1)?,
         secret_name: row.try_get(2)?,
-        state: parse_state(&row.try_get::<String, _>(3)?)?,
+        state,
         from_version: row.try_get(4)?,
         to_version: row.try_get(5)?,
         proposed: row.try_get(6)?,
-        reason: row.try_get(7)?,
+        reason,
         emergency: row.try_get(8)?,
         incident_id: row.try_get(9)?,
         attempts: row.try_get(10)?,

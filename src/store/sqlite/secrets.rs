@@ -7,13 +7,14 @@ use sqlx::sqlite::SqliteRow;
 
 use crate::audit::AuditEvent;
 use crate::clock::{Millis, now_millis};
+use crate::store::RotationState;
 use crate::store::{
     NewSecret, NewVersion, SealedSecret, SecretRecord, SecretSummary, Stage, StoreError,
     VersionRecord, VersionTarget,
 };
 
 use super::audit::append_audit_in;
-use super::rotations::{active_rotation_in, parse_state};
+use super::rotations::active_rotation_in;
 use super::{SqliteStore, check_generation, is_unique_violation};
 
 impl SqliteStore {
@@ -188,17 +189,25 @@ impl SqliteStore {
         .await?;
         rows.iter()
             .map(|row| {
+                let name: String = row.try_get(1)?;
+                let in_row = |e: StoreError| e.in_row(format!("secret {name:?}"));
+                let tags = parse_tags(&row.try_get::<String, _>(5)?).map_err(in_row)?;
                 let state: Option<String> = row.try_get(8)?;
+                let rotation_state = state
+                    .as_deref()
+                    .map(RotationState::parse)
+                    .transpose()
+                    .map_err(in_row)?;
                 Ok(SecretSummary {
                     id: row.try_get(0)?,
-                    name: row.try_get(1)?,
+                    name,
                     provider: row.try_get(2)?,
                     version: row.try_get(3)?,
                     updated_at: row.try_get(4)?,
-                    tags: parse_tags(&row.try_get::<String, _>(5)?)?,
+                    tags,
                     next_rotation_at: row.try_get(6)?,
                     last_rotated_at: row.try_get(7)?,
-                    rotation_state: state.as_deref().map(parse_state).transpose()?,
+                    rotation_state,
                     failed_attempts: row.try_get(9)?,
                     quarantined_at: row.try_get(10)?,
                     last_error: row.try_get(11)?,

@@ -1,0 +1,370 @@
+//! The store's own guarantees, on a real SQLite file in a temporary directory: conflicts on
+//! stale expectations, legal journal moves only, generation checks, lease batches, and damaged
+//! rows read as corruption (never as a default).
+
+use serde_json::Map;
+
+use super::*;
+use crate::clock::now_millis;
+use crate::crypto::KdfParams;
+
+struct TempStore {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    store: Store,
+}
+
+/// A store with a header whose wrapped keys are placeholders: the store never opens them.
+async fn temp_store() -> TempStore {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vault.db");
+    let header = VaultHeader {
+        kdf: KdfParams::default(),
+        salt: vec![0; 16],
+        wrapped_root_key: vec![1; 60],
+        wrapped_fingerprint_key: vec![2; 60],
+        root_generation: 1,
+    };
+    let store = Store::create(&path, &header, AuditEvent::new("test", "vault.created"))
+        .await
+        .unwrap();
+    TempStore {
+        _dir: dir,
+        path,
+        store,
+    }
+}
+
+/// A second connection to the file, as any other writer of the database would have.
+async fn raw(path: &Path) -> sqlx::SqlitePool {
+    sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap()
+}
+
+fn version(n: i64) -> NewVersion {
+    NewVersion {
+        version: n,
+        ciphertext: vec![n as u8; 32],
+        meta: Map::new(),
+        fingerprint: vec![n as u8; 32],
+    }
+}
+
+/// A secret `name` with version 1 current. Returns its id.
+async fn secret_with_a_version(store: &Store, name: &str) -> String {
+    let id = uuid::Uuid::new_v4().to_string();
+    let target = VersionTarget::New(NewSecret {
+        id: id.clone(),
+        name: name.into(),
+        provider: "random".into(),
+        wrapped_data_key: vec![3; 60],
+        tags: vec![],
+    });
+    store
+        .put_version(
+            name,
+            1,
+            &target,
+            &version(1),
+            AuditEvent::new("test", "put"),
+        )
+        .await
+        .unwrap();
+    id
+}
+
+async fn planned_rotation(store: &Store, secret_id: &str) -> RotationRecord {
+    let id = uuid::Uuid::new_v4().to_string();
+    let plan = NewRotation {
+        id: id.clone(),
+        secret_id: secret_id.into(),
+        from_version: Some(1),
+        proposed: None,
+        reason: Reason::Manual,
+        emergency: false,
+        incident_id: None,
+    };
+    store
+        .plan_rotation(&plan, AuditEvent::new("test", "planned"))
+        .await
+        .unwrap();
+    store.rotation(&id).await.unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn a_damaged_incident_scope_is_corruption_naming_the_incident_not_every_secret() {
+    let t = temp_store().await;
+    let incident = IncidentRecord {
+        id: "inc-1".into(),
+        started_at: now_millis(),
+        finished_at: None,
+        scope: Scope::secret("only/this"),
+        assume_compromise: true,
+        trigger: Trigger::Admin,
+        leases_revoked: 0,
+    };
+    t.store
+        .create_incident(&incident, AuditEvent::new("test", "compromise.started"))
+        .await
+        .unwrap();
+    let read = t.store.incident("inc-1").await.unwrap().unwrap();
+    assert_eq!(read.scope, Scope::secret("only/this"));
+    assert_eq!(read.trigger, Trigger::Admin);
+
+    // A damaged row used to read as the default scope: every secret in the store.
+    sqlx::query("UPDATE incidents SET scope = '{\"names\": 7}' WHERE id = 'inc-1'")
+        .execute(&raw(&t.path).await)
+        .await
+        .unwrap();
+    let err = t.store.unfinished_incidents().await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Corrupt(m) if m.starts_with("incident inc-1: its scope")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn unknown_spellings_in_rows_are_corruption_naming_the_row() {
+    let t = temp_store().await;
+    let secret = secret_with_a_version(&t.store, "app/key").await;
+    let rotation = planned_rotation(&t.store, &secret).await;
+    assert_eq!(rotation.reason, Reason::Manual);
+    let db = raw(&t.path).await;
+    sqlx::query("UPDATE rotations SET reason = 'because' WHERE id = ?")
+        .bind(&rotation.id)
+        .execute(&db)
+        .await
+        .unwrap();
+    let err = t.store.rotation(&rotation.id).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "the store is damaged: rotation {}: unknown rotation reason \"because\"",
+            rotation.id
+        )
+    );
+    sqlx::query("INSERT INTO alerts (at, kind, secret, message) VALUES (1, 'rumour', NULL, 'x')")
+        .execute(&db)
+        .await
+        .unwrap();
+    let err = t.store.recent_alerts(10).await.unwrap_err();
+    assert!(
+        err.to_string().contains("unknown alert kind \"rumour\""),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn advance_rotation_takes_only_legal_moves_from_the_state_it_expects() {
+    let t = temp_store().await;
+    let secret = secret_with_a_version(&t.store, "app/key").await;
+    let rotation = planned_rotation(&t.store, &secret).await;
+    let step = |from, to| StepChange::to(from, to);
+
+    // Not a move of the state machine: refused before anything is written.
+    let err = t
+        .store
+        .advance_rotation(
+            &rotation,
+            &step(RotationState::Planned, RotationState::Promoted),
+            AuditEvent::new("test", "step"),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::IllegalMove { .. }), "{err}");
+
+    // A legal move, but the journal is not in `from`: a conflict, and nothing changes.
+    let err = t
+        .store
+        .advance_rotation(
+            &rotation,
+            &step(RotationState::Created, RotationState::Verified),
+            AuditEvent::new("test", "step"),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    let unchanged = t.store.rotation(&rotation.id).await.unwrap().unwrap();
+    assert_eq!(unchanged.state, RotationState::Planned);
+
+    let failed = StepChange {
+        error: Some("upstream refused".into()),
+        ..step(RotationState::Planned, RotationState::Failed)
+    };
+    t.store
+        .advance_rotation(&rotation, &failed, AuditEvent::new("test", "step"))
+        .await
+        .unwrap();
+    let moved = t.store.rotation(&rotation.id).await.unwrap().unwrap();
+    assert_eq!(moved.state, RotationState::Failed);
+    assert_eq!(moved.last_error.as_deref(), Some("upstream refused"));
+}
+
+#[tokio::test]
+async fn put_version_on_a_stale_expected_version_conflicts_and_keeps_the_current_one() {
+    let t = temp_store().await;
+    let secret = secret_with_a_version(&t.store, "app/key").await;
+    let stale = VersionTarget::Existing {
+        secret_id: secret.clone(),
+        expected_latest: None,
+    };
+    let err = t
+        .store
+        .put_version(
+            "app/key",
+            1,
+            &stale,
+            &version(2),
+            AuditEvent::new("test", "put"),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    let current = t.store.sealed("app/key", None).await.unwrap().unwrap();
+    assert_eq!(current.version.version, 1);
+
+    let fresh = VersionTarget::Existing {
+        secret_id: secret,
+        expected_latest: Some(1),
+    };
+    t.store
+        .put_version(
+            "app/key",
+            1,
+            &fresh,
+            &version(2),
+            AuditEvent::new("test", "put"),
+        )
+        .await
+        .unwrap();
+    let current = t.store.sealed("app/key", None).await.unwrap().unwrap();
+    assert_eq!(current.version.version, 2);
+}
+
+#[tokio::test]
+async fn writes_under_an_old_root_key_generation_are_refused() {
+    let t = temp_store().await;
+    let secret = secret_with_a_version(&t.store, "app/key").await;
+    let header = VaultHeader {
+        root_generation: 2,
+        ..t.store.header().await.unwrap()
+    };
+    let rewrapped = [RewrappedKey {
+        secret_id: secret.clone(),
+        wrapped_data_key: vec![4; 60],
+    }];
+    // A rekey computed against generation 0 lost a race: refused.
+    let err = t
+        .store
+        .rekey(0, &header, &rewrapped, AuditEvent::new("test", "rekey"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::StaleKeys), "{err}");
+    t.store
+        .rekey(1, &header, &rewrapped, AuditEvent::new("test", "rekey"))
+        .await
+        .unwrap();
+    assert_eq!(t.store.header().await.unwrap().root_generation, 2);
+    // A writer still holding generation 1's keys must unlock again.
+    let target = VersionTarget::Existing {
+        secret_id: secret,
+        expected_latest: Some(1),
+    };
+    let err = t
+        .store
+        .put_version(
+            "app/key",
+            1,
+            &target,
+            &version(2),
+            AuditEvent::new("test", "put"),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::StaleKeys), "{err}");
+}
+
+#[tokio::test]
+async fn a_lease_batch_inserts_ends_and_purges_with_its_audit_rows() {
+    let t = temp_store().await;
+    let secret = secret_with_a_version(&t.store, "app/key").await;
+    let lease = |id: &str, issued: bool| LeaseRow {
+        id: id.into(),
+        secret_id: secret.clone(),
+        secret_name: "app/key".into(),
+        version: (!issued).then_some(1),
+        issued: issued.then(|| vec![9; 40]),
+        issued_meta: issued.then(Map::new),
+        uid: 1000,
+        gid: 1000,
+        pid: 42,
+        exe: Some("/usr/bin/agent".into()),
+        created_at: 1_000,
+        expires_at: 2_000,
+        ended_at: None,
+        upstream_state: issued.then_some(UpstreamState::Live),
+    };
+    let audit_rows = |n: usize| {
+        (0..n)
+            .map(|_| AuditEvent::new("test", "fetch.allowed"))
+            .collect::<Vec<_>>()
+    };
+    let before = t.store.audit_head().await.unwrap().unwrap().0;
+    t.store
+        .apply_lease_batch(
+            &[
+                LeaseOp::Insert(Arc::new(lease("plain", false))),
+                LeaseOp::Insert(Arc::new(lease("issued", true))),
+            ],
+            &audit_rows(2),
+        )
+        .await
+        .unwrap();
+    assert_eq!(t.store.audit_head().await.unwrap().unwrap().0, before + 2);
+    assert_eq!(t.store.open_leases().await.unwrap().len(), 2);
+    assert_eq!(
+        t.store.live_leases(&secret, 1, 1_500).await.unwrap(),
+        (1, Some(2_000))
+    );
+
+    let end = |id: &str, upstream| LeaseOp::End {
+        id: id.into(),
+        at: 2_000,
+        reason: LeaseEnd::Expired,
+        upstream_state: upstream,
+    };
+    t.store
+        .apply_lease_batch(
+            &[
+                end("plain", None),
+                end("issued", Some(UpstreamState::RevokePending)),
+            ],
+            &[],
+        )
+        .await
+        .unwrap();
+    // The issued credential stays open until it is revoked upstream.
+    let open = t.store.open_leases().await.unwrap();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].upstream_state, Some(UpstreamState::RevokePending));
+
+    t.store
+        .apply_lease_batch(
+            &[
+                LeaseOp::UpstreamRevoked {
+                    id: "issued".into(),
+                },
+                LeaseOp::PurgeEnded { before: 3_000 },
+            ],
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(t.store.open_leases().await.unwrap().is_empty());
+    let remaining: i64 = sqlx::query_scalar("SELECT count(*) FROM leases")
+        .fetch_one(&raw(&t.path).await)
+        .await
+        .unwrap();
+    assert_eq!(remaining, 0, "ended and revoked leases are purged");
+}
