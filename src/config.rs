@@ -8,14 +8,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use crate::crypto::KdfParams;
 use crate::generate::GeneratePolicy;
+use crate::parse::{duration, octal_mode, opt_duration, opt_octal_mode};
+use crate::plugin_host::Settings;
+use crate::policy::PolicyConfig;
 use crate::rotation::scheduler::Schedule;
-
-/// Settings passed through to a plugin, as a JSON object.
-pub type Settings = serde_json::Map<String, serde_json::Value>;
+use crate::signals::SignalsConfig;
 
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -282,119 +283,8 @@ pub struct ConsumerConfig {
     pub credentials: BTreeMap<String, String>,
 }
 
-/// What a signal does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Response {
-    /// Raise an alert only.
-    Alert,
-    /// Raise an alert and start a compromise run of the signal's scope.
-    Compromise,
-}
-
-/// `[signals]`
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SignalsConfig {
-    /// Address of the signal listener (`127.0.0.1:8787`); off when unset.
-    pub listen: Option<String>,
-    /// The secret whose value is the HMAC-SHA256 key that signs signals.
-    pub hmac_secret: Option<String>,
-    /// A signed `POST /v1/signals`.
-    pub on_signal: Response,
-    /// A leaked value that matches a stored version (the scope is that secret).
-    pub on_leak: Response,
-    /// Any fetch of a canary secret (the scope is everything).
-    pub on_canary: Response,
-    /// A new caller of a secret, or a fetch rate far above its baseline (the scope is that
-    /// secret).
-    pub on_anomaly: Response,
-    /// Fetches per minute above this many times a secret's baseline are an anomaly.
-    pub anomaly_rate_factor: f64,
-    /// ... and only above this many per minute.
-    pub anomaly_min_rate: u32,
-    /// A command run for each alert, with the alert as JSON on stdin.
-    #[serde(default)]
-    pub alert_command: Vec<String>,
-    /// A consumer (a plugin kind with `push`) that receives each alert as JSON.
-    pub alert_consumer: Option<String>,
-}
-
-impl Default for SignalsConfig {
-    fn default() -> Self {
-        SignalsConfig {
-            listen: None,
-            hmac_secret: None,
-            on_signal: Response::Compromise,
-            on_leak: Response::Compromise,
-            on_canary: Response::Alert,
-            on_anomaly: Response::Alert,
-            anomaly_rate_factor: 10.0,
-            anomaly_min_rate: 60,
-            alert_command: Vec::new(),
-            alert_consumer: None,
-        }
-    }
-}
-
-/// `[[policy]]`: one rule of who may fetch which secrets, and for how long.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyConfig {
-    /// A name for audit rows and errors.
-    pub name: String,
-    /// Peer uids allowed (any, if empty).
-    #[serde(default)]
-    pub uids: Vec<u32>,
-    /// Peer gids allowed (any, if empty).
-    #[serde(default)]
-    pub gids: Vec<u32>,
-    /// Allow peers running as the daemon's own user.
-    #[serde(default)]
-    pub same_user: bool,
-    /// Executables allowed, by absolute path (any, if empty).
-    #[serde(default)]
-    pub exe: Vec<PathBuf>,
-    /// Executables allowed, by SHA-256 of the file (any, if empty).
-    #[serde(default)]
-    pub exe_sha256: Vec<String>,
-    /// Secret-name globs (`openai/*`; `*` stays within a segment, `**` crosses them).
-    pub secrets: Vec<String>,
-    /// Longest lease this policy grants.
-    #[serde(default = "default_max_ttl", deserialize_with = "duration")]
-    pub max_ttl: Duration,
-}
-
-fn default_max_ttl() -> Duration {
-    Duration::from_secs(900)
-}
-
 fn default_after_timeout() -> Duration {
     Duration::from_secs(30)
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    humantime::parse_duration(&text)
-        .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
-}
-
-fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    duration(d).map(Some)
-}
-
-fn octal_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    let text = String::deserialize(d)?;
-    u32::from_str_radix(text.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|m| *m <= 0o7777)
-        .ok_or_else(|| {
-            serde::de::Error::custom(format!("invalid octal mode {text:?} (e.g. \"0640\")"))
-        })
-}
-
-fn opt_octal_mode<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    octal_mode(d).map(Some)
 }
 
 /// The names the built-in providers answer to.

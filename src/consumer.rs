@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use zeroize::Zeroizing;
 
-use crate::config::Settings;
 use crate::plugin_host::PluginHost;
+use crate::plugin_host::Settings;
 use crate::value::SecretValue;
 use crate::vault::Meta;
 

@@ -45,6 +45,7 @@ pub mod http;
 pub mod leases;
 pub mod metrics;
 pub mod name;
+pub mod parse;
 pub mod passphrase;
 pub mod plugin_host;
 pub mod policy;

@@ -26,6 +26,9 @@ use zeroize::Zeroizing;
 
 use crate::crypto;
 
+/// Settings passed through to a plugin, as a JSON object.
+pub type Settings = serde_json::Map<String, serde_json::Value>;
+
 /// How a plugin is started, from `[plugins.NAME]`.
 #[derive(Debug, Clone)]
 pub struct PluginSpec {

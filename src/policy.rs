@@ -6,8 +6,41 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use globset::{GlobBuilder, GlobMatcher};
+use serde::Deserialize;
 
-use crate::config::PolicyConfig;
+use crate::parse::duration;
+
+/// `[[policy]]`: one rule of who may fetch which secrets, and for how long.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// A name for audit rows and errors.
+    pub name: String,
+    /// Peer uids allowed (any, if empty).
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    /// Peer gids allowed (any, if empty).
+    #[serde(default)]
+    pub gids: Vec<u32>,
+    /// Allow peers running as the daemon's own user.
+    #[serde(default)]
+    pub same_user: bool,
+    /// Executables allowed, by absolute path (any, if empty).
+    #[serde(default)]
+    pub exe: Vec<PathBuf>,
+    /// Executables allowed, by SHA-256 of the file (any, if empty).
+    #[serde(default)]
+    pub exe_sha256: Vec<String>,
+    /// Secret-name globs (`openai/*`; `*` stays within a segment, `**` crosses them).
+    pub secrets: Vec<String>,
+    /// Longest lease this policy grants.
+    #[serde(default = "default_max_ttl", deserialize_with = "duration")]
+    pub max_ttl: Duration,
+}
+
+fn default_max_ttl() -> Duration {
+    Duration::from_secs(900)
+}
 
 /// A compiled policy.
 #[derive(Debug, Clone)]

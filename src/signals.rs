@@ -27,13 +27,67 @@ use crate::attest::Peer;
 use crate::audit::AuditEvent;
 use crate::clock::Millis;
 use crate::compromise::Incidents;
-use crate::config::{Response as Reaction, SignalsConfig};
 use crate::crypto;
 use crate::http::{self, Handler};
 use crate::metrics::Metrics;
 use crate::rotation::engine::Engine;
 use crate::store::LeaseOp;
 use crate::store::{AlertKind, Scope};
+
+/// What a signal does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reaction {
+    /// Raise an alert only.
+    Alert,
+    /// Raise an alert and start a compromise run of the signal's scope.
+    Compromise,
+}
+
+/// `[signals]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SignalsConfig {
+    /// Address of the signal listener (`127.0.0.1:8787`); off when unset.
+    pub listen: Option<String>,
+    /// The secret whose value is the HMAC-SHA256 key that signs signals.
+    pub hmac_secret: Option<String>,
+    /// A signed `POST /v1/signals`.
+    pub on_signal: Reaction,
+    /// A leaked value that matches a stored version (the scope is that secret).
+    pub on_leak: Reaction,
+    /// Any fetch of a canary secret (the scope is everything).
+    pub on_canary: Reaction,
+    /// A new caller of a secret, or a fetch rate far above its baseline (the scope is that
+    /// secret).
+    pub on_anomaly: Reaction,
+    /// Fetches per minute above this many times a secret's baseline are an anomaly.
+    pub anomaly_rate_factor: f64,
+    /// ... and only above this many per minute.
+    pub anomaly_min_rate: u32,
+    /// A command run for each alert, with the alert as JSON on stdin.
+    #[serde(default)]
+    pub alert_command: Vec<String>,
+    /// A consumer (a plugin kind with `push`) that receives each alert as JSON.
+    pub alert_consumer: Option<String>,
+}
+
+impl Default for SignalsConfig {
+    fn default() -> Self {
+        SignalsConfig {
+            listen: None,
+            hmac_secret: None,
+            on_signal: Reaction::Compromise,
+            on_leak: Reaction::Compromise,
+            on_canary: Reaction::Alert,
+            on_anomaly: Reaction::Alert,
+            anomaly_rate_factor: 10.0,
+            anomaly_min_rate: 60,
+            alert_command: Vec::new(),
+            alert_consumer: None,
+        }
+    }
+}
 
 /// The header carrying a signal's signature.
 pub const SIGNATURE_HEADER: &str = "x-keywarden-signature";
