@@ -14,8 +14,8 @@ use serde_json::json;
 
 use crate::attest::Peer;
 use crate::audit::AuditEvent;
-use crate::compromise::{CompromiseError, Incidents};
 use crate::http::{self, Handler};
+use crate::incident::compromise::{CompromiseError, Incidents};
 use crate::leases::{DaemonLeaseBackend, Leases};
 use crate::metrics::Metrics;
 use crate::rotation::engine::{Engine, EngineError};

@@ -12,11 +12,11 @@ use serde::Deserialize;
 
 use crate::crypto::KdfParams;
 use crate::generate::GeneratePolicy;
+use crate::incident::signals::SignalsConfig;
 use crate::parse::{duration, octal_mode, opt_duration, opt_octal_mode};
 use crate::plugin_host::Settings;
 use crate::policy::PolicyConfig;
 use crate::rotation::scheduler::Schedule;
-use crate::signals::SignalsConfig;
 
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]

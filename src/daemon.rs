@@ -8,10 +8,10 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 use crate::clock::Clock;
-use crate::compromise::Incidents;
 use crate::config::{BUILTIN_PROVIDERS, Config, ConfigError};
 use crate::consumer::{Consumer, FileConsumer, resolve_id};
 use crate::group_commit::GroupCommit;
+use crate::incident::compromise::Incidents;
 use crate::leases::{DaemonLeaseBackend, Leases};
 use crate::metrics::Metrics;
 use crate::plugin_host::{PluginError, PluginHost, PluginSpec, Redactor};
@@ -51,7 +51,7 @@ pub enum StartError {
     Engine(#[from] crate::rotation::engine::EngineError),
     /// An unfinished compromise run could not be resumed.
     #[error(transparent)]
-    Compromise(#[from] crate::compromise::CompromiseError),
+    Compromise(#[from] crate::incident::compromise::CompromiseError),
 }
 
 /// Where plugins get their private working directories: one directory per store, so a daemon

@@ -28,12 +28,10 @@
 
 pub mod admin;
 pub mod agent_api;
-pub mod alerts;
 pub mod attest;
 pub mod audit;
 pub mod cli;
 pub mod clock;
-pub mod compromise;
 pub mod config;
 pub mod consumer;
 pub mod crypto;
@@ -42,6 +40,7 @@ pub mod generate;
 pub mod group_commit;
 pub mod hardening;
 pub mod http;
+pub mod incident;
 pub mod leases;
 pub mod metrics;
 pub mod name;
@@ -51,7 +50,6 @@ pub mod plugin_host;
 pub mod policy;
 pub mod provider;
 pub mod rotation;
-pub mod signals;
 pub mod status;
 pub mod store;
 pub mod value;

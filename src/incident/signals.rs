@@ -22,13 +22,13 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::alerts::Alerts;
 use crate::attest::Peer;
 use crate::audit::AuditEvent;
 use crate::clock::Millis;
-use crate::compromise::Incidents;
 use crate::crypto;
 use crate::http::{self, Handler};
+use crate::incident::alerts::Alerts;
+use crate::incident::compromise::Incidents;
 use crate::metrics::Metrics;
 use crate::rotation::engine::Engine;
 use crate::store::LeaseOp;
