@@ -4,7 +4,6 @@
 //! `GET /v1/admin/status` and `GET /metrics`.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,11 +13,10 @@ use serde_json::json;
 
 use crate::attest::Peer;
 use crate::audit::AuditEvent;
+use crate::daemon::Services;
 use crate::http::{self, Handler};
-use crate::incident::compromise::{CompromiseError, Incidents};
-use crate::leases::{DaemonLeaseBackend, Leases};
-use crate::metrics::Metrics;
-use crate::rotation::engine::{Engine, EngineError};
+use crate::incident::compromise::CompromiseError;
+use crate::rotation::engine::EngineError;
 use crate::store::Reason;
 use crate::store::RotationRecord;
 use crate::store::{Scope, Trigger};
@@ -29,10 +27,7 @@ const MAX_WAIT: Duration = Duration::from_secs(600);
 /// The admin API.
 #[derive(Debug)]
 pub struct AdminApi {
-    engine: Arc<Engine>,
-    leases: Arc<Leases<DaemonLeaseBackend>>,
-    metrics: Arc<Metrics>,
-    incidents: Arc<Incidents>,
+    services: Services,
     allowed_uids: HashSet<u32>,
 }
 
@@ -72,21 +67,12 @@ impl CompromiseBody {
 
 impl AdminApi {
     /// An API over `engine`, open to root, the daemon's uid and `extra_uids`.
-    pub fn new(
-        engine: Arc<Engine>,
-        leases: Arc<Leases<DaemonLeaseBackend>>,
-        metrics: Arc<Metrics>,
-        incidents: Arc<Incidents>,
-        extra_uids: &[u32],
-    ) -> Self {
+    pub fn new(services: Services, extra_uids: &[u32]) -> Self {
         let mut allowed_uids: HashSet<u32> = extra_uids.iter().copied().collect();
         allowed_uids.insert(0);
         allowed_uids.insert(rustix::process::getuid().as_raw());
         AdminApi {
-            engine,
-            leases,
-            metrics,
-            incidents,
+            services,
             allowed_uids,
         }
     }
@@ -111,7 +97,7 @@ impl AdminApi {
             };
         let scope = body.scope();
         if plan_only {
-            return match self.incidents.plan(&scope).await {
+            return match self.services.incidents.plan(&scope).await {
                 Ok(plan) => http::json(
                     StatusCode::OK,
                     &serde_json::to_value(&plan).expect("plans serialize"),
@@ -136,10 +122,11 @@ impl AdminApi {
         }
         let audit = AuditEvent::new(Self::actor(peer), "admin.compromise")
             .detail(json!({ "scope": scope, "assume_compromise": body.assume_compromise }));
-        if let Err(e) = self.engine.vault().store().append_audit(&[audit]).await {
+        if let Err(e) = self.services.vault.store().append_audit(&[audit]).await {
             return http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string());
         }
         let id = match self
+            .services
             .incidents
             .start(
                 scope,
@@ -154,7 +141,7 @@ impl AdminApi {
         };
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            if !self.incidents.is_running(&id) {
+            if !self.services.incidents.is_running(&id) {
                 return self.incident(&id).await;
             }
             if tokio::time::Instant::now() >= deadline {
@@ -168,7 +155,7 @@ impl AdminApi {
     }
 
     async fn incident(&self, id: &str) -> Response<Full<Bytes>> {
-        match self.incidents.report(id).await {
+        match self.services.incidents.report(id).await {
             Ok(report) => http::json(
                 StatusCode::OK,
                 &serde_json::to_value(&report).expect("reports serialize"),
@@ -199,10 +186,15 @@ impl AdminApi {
             }
         }
         let audit = AuditEvent::new(Self::actor(peer), "admin.rotate").secret(name);
-        if let Err(e) = self.engine.vault().store().append_audit(&[audit]).await {
+        if let Err(e) = self.services.vault.store().append_audit(&[audit]).await {
             return http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string());
         }
-        let ticket = match self.engine.request(name, Reason::Manual, false, None).await {
+        let ticket = match self
+            .services
+            .engine
+            .request(name, Reason::Manual, false, None)
+            .await
+        {
             Ok(t) => t,
             Err(EngineError::UnknownSecret(_)) => {
                 return http::error(
@@ -219,13 +211,13 @@ impl AdminApi {
             }
         };
         let record = if wait.is_zero() {
-            self.engine
-                .vault()
+            self.services
+                .vault
                 .store()
                 .rotation(&ticket.rotation_id)
                 .await
         } else {
-            self.engine.wait(&ticket.rotation_id, wait).await
+            self.services.engine.wait(&ticket.rotation_id, wait).await
         };
         let record = match record {
             Ok(Some(r)) => r,
@@ -241,8 +233,8 @@ impl AdminApi {
             }
         };
         let quarantined = self
-            .engine
-            .vault()
+            .services
+            .vault
             .store()
             .secret_summary(name)
             .await
@@ -268,7 +260,7 @@ impl Handler for AdminApi {
         if !self.allowed_uids.contains(&peer.uid) {
             let audit = AuditEvent::new(Self::actor(peer), "admin.denied")
                 .detail(json!({ "path": request.uri().path() }));
-            let _ = self.engine.vault().store().append_audit(&[audit]).await;
+            let _ = self.services.vault.store().append_audit(&[audit]).await;
             return http::error(
                 StatusCode::FORBIDDEN,
                 "forbidden",
@@ -295,8 +287,8 @@ impl Handler for AdminApi {
             }
             (&Method::GET, "/v1/admin/status") => {
                 match crate::status::report(
-                    self.engine.vault().store(),
-                    Some(&self.engine.catalog().plugins),
+                    self.services.vault.store(),
+                    Some(&self.services.catalog.plugins),
                 )
                 .await
                 {
@@ -308,11 +300,11 @@ impl Handler for AdminApi {
             }
             (&Method::GET, "/metrics") => {
                 match crate::metrics::render(
-                    self.engine.vault().store(),
-                    self.engine.clock().now(),
-                    &self.engine.catalog().plugins,
-                    &self.metrics,
-                    self.leases.live_count(),
+                    self.services.vault.store(),
+                    self.services.clock.now(),
+                    &self.services.catalog.plugins,
+                    &self.services.metrics,
+                    self.services.leases.live_count(),
                 )
                 .await
                 {

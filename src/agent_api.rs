@@ -28,13 +28,12 @@ use crate::attest::Peer;
 use crate::attest::{ExeHashCache, PeerIdentity};
 use crate::audit::AuditEvent;
 use crate::clock::Millis;
+use crate::daemon::Services;
 use crate::http::{self, ApiError, Handler};
 use crate::incident::signals::{FetchSeen, Signals};
-use crate::leases::{DaemonLeaseBackend, LeaseError, Leases};
-use crate::metrics::Metrics;
+use crate::leases::LeaseError;
 use crate::policy::{self, Policy};
 use crate::provider::Provider;
-use crate::rotation::engine::Engine;
 use crate::store::{LeaseRow, UpstreamState};
 use crate::value::SecretValue;
 use crate::vault::{Bound, short_fingerprint};
@@ -97,8 +96,7 @@ impl RateLimiter {
 /// The agent API.
 #[derive(Debug)]
 pub struct AgentApi {
-    engine: Arc<Engine>,
-    leases: Arc<Leases<DaemonLeaseBackend>>,
+    services: Services,
     policies: Vec<Policy>,
     needs_hash: bool,
     default_ttl: Duration,
@@ -106,7 +104,6 @@ pub struct AgentApi {
     rate: Option<RateLimiter>,
     hashes: Arc<ExeHashCache>,
     daemon_uid: u32,
-    metrics: Arc<Metrics>,
     closing: watch::Receiver<bool>,
     signals: Option<Arc<Signals>>,
 }
@@ -169,17 +166,14 @@ fn rfc3339(ms: Millis) -> String {
 impl AgentApi {
     /// An API over the engine's vault and the lease table.
     pub fn new(
-        engine: Arc<Engine>,
-        leases: Arc<Leases<DaemonLeaseBackend>>,
+        services: Services,
         settings: AgentSettings,
-        metrics: Arc<Metrics>,
         closing: watch::Receiver<bool>,
         signals: Option<Arc<Signals>>,
     ) -> Self {
         let needs_hash = settings.policies.iter().any(Policy::checks_hash);
         AgentApi {
-            engine,
-            leases,
+            services,
             needs_hash,
             policies: settings.policies,
             default_ttl: settings.default_ttl,
@@ -190,7 +184,6 @@ impl AgentApi {
             }),
             hashes: Arc::default(),
             daemon_uid: rustix::process::getuid().as_raw(),
-            metrics,
             closing,
             signals,
         }
@@ -200,8 +193,8 @@ impl AgentApi {
     /// warn whoever is fetching).
     fn note_canary(&self, name: &str, who: &PeerIdentity) {
         let canary = self
-            .engine
-            .catalog()
+            .services
+            .catalog
             .secrets
             .get(name)
             .is_some_and(|s| s.canary);
@@ -230,9 +223,8 @@ impl AgentApi {
     }
 
     async fn audit(&self, events: Vec<AuditEvent>) -> Result<(), ApiError> {
-        self.leases
-            .backend()
-            .writer()
+        self.services
+            .audit_writer
             .queue(Vec::new(), events)
             .await
             .map_err(|e| {
@@ -245,7 +237,10 @@ impl AgentApi {
     }
 
     async fn deny(&self, who: &PeerIdentity, name: &str, reason: &str) -> Response<Full<Bytes>> {
-        self.metrics.fetch_denied.fetch_add(1, Ordering::Relaxed);
+        self.services
+            .metrics
+            .fetch_denied
+            .fetch_add(1, Ordering::Relaxed);
         let event = AuditEvent::new(who.actor(), "fetch.denied")
             .secret(name)
             .detail(json!({ "reason": reason }));
@@ -285,7 +280,8 @@ impl AgentApi {
         };
         if let Some(rate) = &self.rate {
             if !rate.allow(who.peer.uid) {
-                self.metrics
+                self.services
+                    .metrics
                     .fetch_rate_limited
                     .fetch_add(1, Ordering::Relaxed);
                 return http::error(
@@ -295,7 +291,7 @@ impl AgentApi {
                 );
             }
         }
-        let store = self.engine.vault().store();
+        let store = self.services.vault.store();
         if let Some(min) = q.min_version {
             match self.wait_for_version(name, min, q.wait.unwrap_or(0)).await {
                 Ok(true) => {}
@@ -309,17 +305,17 @@ impl AgentApi {
         }
         let ttl =
             Duration::from_secs(q.ttl.unwrap_or(self.default_ttl.as_secs())).min(policy.max_ttl);
-        let now = self.engine.clock().now();
+        let now = self.services.clock.now();
         // Time-ordered ids keep lease inserts at the end of the index.
         let lease_id = uuid::Uuid::now_v7().to_string();
         let issuer = self
-            .engine
-            .catalog()
+            .services
+            .catalog
             .secrets
             .get(name)
             .and_then(|spec| {
-                self.engine
-                    .catalog()
+                self.services
+                    .catalog
                     .providers
                     .get(&spec.provider)
                     .map(|p| (spec, p))
@@ -344,7 +340,12 @@ impl AgentApi {
                         );
                     }
                 };
-                let credentials = match self.engine.credentials_for(&spec.credentials).await {
+                let credentials = match self
+                    .services
+                    .engine
+                    .credentials_for(&spec.credentials)
+                    .await
+                {
                     Ok(c) => c,
                     Err(e) => return http::error(StatusCode::BAD_GATEWAY, "upstream", e),
                 };
@@ -381,8 +382,8 @@ impl AgentApi {
                 });
                 let sealed =
                     match self
-                        .engine
-                        .vault()
+                        .services
+                        .vault
                         .seal_bound(&secret, Bound::Issued(&lease_id), &value)
                     {
                         Ok(s) => s,
@@ -395,7 +396,7 @@ impl AgentApi {
                         }
                     };
                 let fingerprint =
-                    short_fingerprint(&self.engine.vault().fingerprint(value.expose().as_bytes()));
+                    short_fingerprint(&self.services.vault.fingerprint(value.expose().as_bytes()));
                 (
                     secret.id,
                     None,
@@ -406,7 +407,7 @@ impl AgentApi {
                     fingerprint,
                 )
             }
-            _ => match self.engine.vault().read(name, None).await {
+            _ => match self.services.vault.read(name, None).await {
                 Ok(r) => {
                     // The stored version carries its fingerprint: no need to compute it again.
                     let fingerprint = r.short_fingerprint();
@@ -476,10 +477,13 @@ impl AgentApi {
             expires_at: rfc3339(expires_at),
         };
         let body = Zeroizing::new(serde_json::to_vec(&reply).expect("replies serialize"));
-        if let Err(e) = self.leases.grant(lease, audit).await {
+        if let Err(e) = self.services.leases.grant(lease, audit).await {
             return http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string());
         }
-        self.metrics.fetch_allowed.fetch_add(1, Ordering::Relaxed);
+        self.services
+            .metrics
+            .fetch_allowed
+            .fetch_add(1, Ordering::Relaxed);
         if let Some(signals) = &self.signals {
             let exe = exe.unwrap_or_else(|| "unknown".into());
             if let Some(news) = signals.note_fetch(&lease_secret_id, who.peer.uid, &exe) {
@@ -504,10 +508,10 @@ impl AgentApi {
 
     /// Waits (up to `wait` seconds) until `name`'s current version is at least `min`.
     async fn wait_for_version(&self, name: &str, min: i64, wait: u64) -> Result<bool, ApiError> {
-        let mut events = self.engine.subscribe();
+        let mut events = self.services.engine.subscribe();
         let current = || async {
-            self.engine
-                .vault()
+            self.services
+                .vault
                 .store()
                 .sealed(name, None)
                 .await
@@ -534,7 +538,7 @@ impl AgentApi {
                     Err(broadcast::error::RecvError::Closed) => return Ok(false),
                 },
                 _ = tokio::time::sleep_until(deadline) => {
-                    self.metrics.watch_timeouts.fetch_add(1, Ordering::Relaxed);
+                    self.services.metrics.watch_timeouts.fetch_add(1, Ordering::Relaxed);
                     return Ok(false);
                 }
                 _ = closing.changed() => {
@@ -555,7 +559,7 @@ impl AgentApi {
             Err(e) => return e.response(),
         };
         let mut who = self.identity(conn).await;
-        let Some(lease) = self.leases.get(id) else {
+        let Some(lease) = self.services.leases.get(id) else {
             return http::error(
                 StatusCode::NOT_FOUND,
                 "unknown",
@@ -589,11 +593,16 @@ impl AgentApi {
             None => self.default_ttl,
         }
         .min(policy.max_ttl);
-        let expires_at = self.engine.clock().now() + ttl.as_millis() as Millis;
+        let expires_at = self.services.clock.now() + ttl.as_millis() as Millis;
         let audit = AuditEvent::new(who.actor(), "lease.renewed")
             .secret(&lease.secret_name)
             .detail(json!({ "lease_id": id, "ttl_seconds": ttl.as_secs() }));
-        match self.leases.renew(id, who.peer.uid, expires_at, audit).await {
+        match self
+            .services
+            .leases
+            .renew(id, who.peer.uid, expires_at, audit)
+            .await
+        {
             Ok(l) => http::json(
                 StatusCode::OK,
                 &json!({ "lease_id": l.id, "name": l.secret_name, "version": l.version, "expires_at": rfc3339(l.expires_at) }),
@@ -604,7 +613,7 @@ impl AgentApi {
 
     async fn delete(&self, conn: &AgentConn, id: &str) -> Response<Full<Bytes>> {
         let who = self.identity(conn).await;
-        let Some(lease) = self.leases.get(id) else {
+        let Some(lease) = self.services.leases.get(id) else {
             return http::error(
                 StatusCode::NOT_FOUND,
                 "unknown",
@@ -614,7 +623,7 @@ impl AgentApi {
         let audit = AuditEvent::new(who.actor(), "lease.deleted")
             .secret(&lease.secret_name)
             .detail(json!({ "lease_id": id }));
-        match self.leases.delete(id, who.peer.uid, audit).await {
+        match self.services.leases.delete(id, who.peer.uid, audit).await {
             Ok(()) => {
                 let mut r = Response::new(Full::new(Bytes::new()));
                 *r.status_mut() = StatusCode::NO_CONTENT;

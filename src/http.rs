@@ -18,6 +18,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
 
 use crate::attest::{Peer, boot_seconds};
 
@@ -218,7 +219,11 @@ impl Listener for tokio::net::TcpListener {
     }
 }
 
-/// Serves `listener` with `handler` until `shutdown` turns true.
+/// How long a connection may take to finish its request in flight once shutdown begins.
+const GRACEFUL_CLOSE: Duration = Duration::from_secs(5);
+
+/// Serves `listener` with `handler` until `shutdown` turns true, then lets each connection
+/// finish its request in flight (at most [`GRACEFUL_CLOSE`]) and returns once all are closed.
 pub async fn serve<H: Handler, L: Listener>(
     mut listener: L,
     handler: Arc<H>,
@@ -227,10 +232,12 @@ pub async fn serve<H: Handler, L: Listener>(
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let limits = Arc::new(limits);
+    let mut connections = JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => break,
         };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept_peer() => match accepted {
@@ -241,14 +248,14 @@ pub async fn serve<H: Handler, L: Listener>(
                     continue;
                 }
             },
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => break,
         };
         let Some(peer) = peer else { continue };
         let conn_state = Arc::new(handler.connect(peer, boot_seconds()));
         let handler = handler.clone();
         let limits = limits.clone();
         let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _permit = permit;
             let max_body = limits.max_body_bytes;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -285,11 +292,12 @@ pub async fn serve<H: Handler, L: Listener>(
                 }
                 _ = shutdown.changed() => {
                     conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                    let _ = tokio::time::timeout(GRACEFUL_CLOSE, conn).await;
                 }
             }
         });
     }
+    while connections.join_next().await.is_some() {}
 }
 
 /// Sends one request over a Unix socket and returns the status and body.

@@ -10,10 +10,10 @@
 //! revocation are unit-tested under paused time with an in-memory backend.
 
 use std::collections::{BTreeSet, HashMap};
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use tokio::sync::{Notify, watch};
 
 use crate::audit::AuditEvent;
@@ -28,14 +28,15 @@ const KEEP_ENDED: Millis = 24 * 3600 * 1000;
 /// How often ended leases are purged.
 const PURGE_EVERY: Millis = 3600 * 1000;
 
-/// Persistence and upstream effects of leases.
+/// Persistence and upstream effects of leases. Object-safe (boxed futures), so the daemon's
+/// backend lives with the daemon's wiring and tests use an in-memory one.
 pub trait LeaseBackend: Send + Sync + 'static {
     /// Queues lease changes with their audit rows (committed shortly, and at a clean shutdown).
     fn persist(
         &self,
         ops: Vec<LeaseOp>,
         audit: Vec<AuditEvent>,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> BoxFuture<'_, Result<(), String>>;
 
     /// Applies lease changes with their audit rows and waits until they are committed (used
     /// when leases end, so a drain that this wakes is recorded after them).
@@ -43,10 +44,10 @@ pub trait LeaseBackend: Send + Sync + 'static {
         &self,
         ops: Vec<LeaseOp>,
         audit: Vec<AuditEvent>,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> BoxFuture<'_, Result<(), String>>;
 
     /// Revokes a credential issued for a lease, upstream.
-    fn revoke_issued(&self, lease: &LeaseRow) -> impl Future<Output = Result<(), String>> + Send;
+    fn revoke_issued<'a>(&'a self, lease: &'a LeaseRow) -> BoxFuture<'a, Result<(), String>>;
 }
 
 /// Why a lease operation was refused.
@@ -71,24 +72,29 @@ struct State {
 }
 
 /// The lease table in memory.
-pub struct Leases<B> {
-    backend: B,
+pub struct Leases {
+    backend: Box<dyn LeaseBackend>,
     clock: Clock,
     state: Mutex<State>,
     sweeper: Notify,
     ended: Arc<Notify>,
 }
 
-impl<B> std::fmt::Debug for Leases<B> {
+impl std::fmt::Debug for Leases {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Leases").finish_non_exhaustive()
     }
 }
 
-impl<B: LeaseBackend> Leases<B> {
+impl Leases {
     /// A lease table starting from `open` (from the store); `ended` is notified whenever a
     /// lease ends (the engine's drain waits on it).
-    pub fn new(backend: B, clock: Clock, open: Vec<LeaseRow>, ended: Arc<Notify>) -> Arc<Self> {
+    pub fn new(
+        backend: impl LeaseBackend,
+        clock: Clock,
+        open: Vec<LeaseRow>,
+        ended: Arc<Notify>,
+    ) -> Arc<Self> {
         let mut state = State::default();
         for lease in open {
             if lease.ended_at.is_none() {
@@ -99,17 +105,12 @@ impl<B: LeaseBackend> Leases<B> {
             }
         }
         Arc::new(Leases {
-            backend,
+            backend: Box::new(backend),
             clock,
             state: Mutex::new(state),
             sweeper: Notify::new(),
             ended,
         })
-    }
-
-    /// The backend.
-    pub fn backend(&self) -> &B {
-        &self.backend
     }
 
     /// Live leases right now.
@@ -387,6 +388,12 @@ impl<B: LeaseBackend> Leases<B> {
     }
 }
 
+impl crate::rotation::engine::LeaseView for Leases {
+    fn live_on(&self, secret_id: &str, version: i64, _now: Millis) -> (i64, Option<Millis>) {
+        Leases::live_on(self, secret_id, version)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,27 +409,37 @@ mod tests {
     }
 
     impl LeaseBackend for Arc<Memory> {
-        async fn persist(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), String> {
+        fn persist(
+            &self,
+            ops: Vec<LeaseOp>,
+            audit: Vec<AuditEvent>,
+        ) -> BoxFuture<'_, Result<(), String>> {
             self.ops.lock().unwrap().extend(ops);
             self.audit
                 .lock()
                 .unwrap()
                 .extend(audit.into_iter().map(|a| a.action));
-            Ok(())
+            Box::pin(async { Ok(()) })
         }
 
-        async fn commit(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), String> {
-            self.persist(ops, audit).await
+        fn commit(
+            &self,
+            ops: Vec<LeaseOp>,
+            audit: Vec<AuditEvent>,
+        ) -> BoxFuture<'_, Result<(), String>> {
+            self.persist(ops, audit)
         }
 
-        async fn revoke_issued(&self, lease: &LeaseRow) -> Result<(), String> {
+        fn revoke_issued<'a>(&'a self, lease: &'a LeaseRow) -> BoxFuture<'a, Result<(), String>> {
             let mut fail = self.fail_revokes.lock().unwrap();
-            if *fail > 0 {
+            let result = if *fail > 0 {
                 *fail -= 1;
-                return Err("provider unavailable".into());
-            }
-            self.revoked.lock().unwrap().push(lease.id.clone());
-            Ok(())
+                Err("provider unavailable".into())
+            } else {
+                self.revoked.lock().unwrap().push(lease.id.clone());
+                Ok(())
+            };
+            Box::pin(async move { result })
         }
     }
 
@@ -445,7 +462,7 @@ mod tests {
         }
     }
 
-    fn setup() -> (Arc<Memory>, Arc<Leases<Arc<Memory>>>, watch::Sender<bool>) {
+    fn setup() -> (Arc<Memory>, Arc<Leases>, watch::Sender<bool>) {
         let memory = Arc::new(Memory::default());
         let leases = Leases::new(
             memory.clone(),
@@ -563,88 +580,5 @@ mod tests {
                 .count(),
             2
         );
-    }
-}
-
-impl<B: LeaseBackend> crate::rotation::engine::LeaseView for Leases<B> {
-    fn live_on(&self, secret_id: &str, version: i64, _now: Millis) -> (i64, Option<Millis>) {
-        Leases::live_on(self, secret_id, version)
-    }
-}
-
-/// The daemon's lease backend: the store (through group commit) and the plugins.
-#[derive(Debug, Clone)]
-pub struct DaemonLeaseBackend {
-    writer: crate::group_commit::GroupCommit,
-    engine: Arc<crate::rotation::engine::Engine>,
-}
-
-impl DaemonLeaseBackend {
-    /// A backend writing through `writer` and revoking through the engine's providers.
-    pub fn new(
-        writer: crate::group_commit::GroupCommit,
-        engine: Arc<crate::rotation::engine::Engine>,
-    ) -> Self {
-        DaemonLeaseBackend { writer, engine }
-    }
-
-    /// The group-commit writer (the agent API writes denials through it too).
-    pub fn writer(&self) -> &crate::group_commit::GroupCommit {
-        &self.writer
-    }
-}
-
-impl LeaseBackend for DaemonLeaseBackend {
-    async fn persist(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), String> {
-        self.writer.queue(ops, audit).await
-    }
-
-    async fn commit(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), String> {
-        self.writer.write(ops, audit).await
-    }
-
-    async fn revoke_issued(&self, lease: &LeaseRow) -> Result<(), String> {
-        use keywarden_plugin_sdk::{Credential, Op, Request, Secret};
-        let catalog = self.engine.catalog();
-        let spec = catalog
-            .secrets
-            .get(&lease.secret_name)
-            .ok_or_else(|| format!("{:?} is no longer declared", lease.secret_name))?;
-        let Some(crate::provider::Provider::Plugin { host, kind, .. }) =
-            catalog.providers.get(&spec.provider)
-        else {
-            return Err(format!("provider {:?} is not available", spec.provider));
-        };
-        let vault = self.engine.vault();
-        let secret = vault
-            .store()
-            .secret(&lease.secret_name)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("the secret is gone")?;
-        let sealed = lease
-            .issued
-            .as_deref()
-            .ok_or("the lease has no issued credential")?;
-        let value = vault
-            .open_bound(&secret, crate::vault::Bound::Issued(&lease.id), sealed)
-            .map_err(|e| e.to_string())?;
-        let request = Request {
-            op: Op::Revoke.as_str().into(),
-            kind: Some(kind.clone()),
-            secret: Some(lease.secret_name.clone()),
-            settings: spec.settings.clone(),
-            credentials: self.engine.credentials_for(&spec.credentials).await?,
-            target: Some(Credential {
-                version: None,
-                value: Secret::new(value.expose()),
-                meta: lease.issued_meta.clone().unwrap_or_default(),
-            }),
-            ..Request::default()
-        };
-        host.call(request)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
     }
 }

@@ -12,15 +12,10 @@ use serde_json::Value;
 
 use super::Context;
 use super::output::{print_json, print_table, relative};
-use crate::admin::AdminApi;
-use crate::agent_api::{AgentApi, AgentSettings};
 use crate::clock::Clock;
 use crate::daemon::{Mode, Runtime};
 use crate::http;
-use crate::incident::alerts::Alerts;
-use crate::incident::signals::{SignalApi, Signals, SignalsSettings};
 use crate::passphrase::{self, Purpose};
-use crate::policy::Policy;
 use crate::store::Reason;
 use crate::store::{Access, Store, StoreError};
 use crate::vault::Vault;
@@ -103,115 +98,11 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
     let store = Store::open(&path, Access::Exclusive).await?;
     let vault = Arc::new(Vault::unlock(store, &passphrase).await?);
     drop(passphrase);
-    // Sockets first, so a conflict with another daemon fails before any work is done. The
-    // agent socket before the admin one: a directory it creates is 0755 so agents can reach
-    // it; the admin socket's own mode (0600) protects it even in a shared directory.
-    let agent = &ctx.config.agent;
-    let agent_listener = http::bind_socket(&agent.socket, agent.socket_mode, 0o755)?;
-    let admin = http::bind_socket(&agent.admin_socket, 0o600, 0o700)?;
-    let signal_listener = match &ctx.config.signals.listen {
-        Some(address) => Some(
-            tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| format!("cannot listen for signals on {address}"))?,
-        ),
-        None => None,
+    let shutdown = async move {
+        let signal = stop.wait().await;
+        tracing::info!(signal, "stop requested");
     };
-    let runtime = match Runtime::start(&ctx.config, vault, Clock::System, Mode::Daemon).await {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = std::fs::remove_file(&agent.socket);
-            let _ = std::fs::remove_file(&agent.admin_socket);
-            return Err(e.into());
-        }
-    };
-    let limits = http::Limits {
-        max_connections: agent.max_connections,
-        header_timeout: agent.header_timeout,
-        ..http::Limits::default()
-    };
-    let leases = runtime.leases.clone().expect("daemon mode has leases");
-    let signal_cfg = &ctx.config.signals;
-    let alerts = Alerts::new(
-        runtime.engine.clone(),
-        runtime.metrics.clone(),
-        signal_cfg.alert_command.clone(),
-        signal_cfg.alert_consumer.clone(),
-    );
-    let signals = Signals::new(
-        runtime.engine.clone(),
-        runtime.incidents.clone(),
-        alerts,
-        runtime.metrics.clone(),
-        SignalsSettings::from(signal_cfg),
-    )
-    .await?;
-    let signal_task = signal_listener.map(|listener| {
-        tracing::info!(address = ?listener.local_addr().ok(), "listening for signals");
-        let api = Arc::new(SignalApi {
-            signals: signals.clone(),
-        });
-        let limits = http::Limits {
-            max_body_bytes: 1 << 20,
-            ..http::Limits::default()
-        };
-        tokio::spawn(http::serve(
-            listener,
-            api,
-            limits,
-            runtime.shutdown_signal(),
-        ))
-    });
-    let agent_api = Arc::new(AgentApi::new(
-        runtime.engine.clone(),
-        leases.clone(),
-        AgentSettings {
-            policies: ctx.config.policy.iter().map(Policy::compile).collect(),
-            default_ttl: agent.default_ttl,
-            max_wait: agent.max_wait,
-            max_fetches_per_second: agent.max_fetches_per_second,
-        },
-        runtime.metrics.clone(),
-        runtime.shutdown_signal(),
-        Some(signals),
-    ));
-    let agent_task = tokio::spawn(http::serve(
-        agent_listener,
-        agent_api,
-        limits.clone(),
-        runtime.shutdown_signal(),
-    ));
-    let admin_api = Arc::new(AdminApi::new(
-        runtime.engine.clone(),
-        leases,
-        runtime.metrics.clone(),
-        runtime.incidents.clone(),
-        &agent.admin_uids,
-    ));
-    let admin_task = tokio::spawn(http::serve(
-        admin,
-        admin_api,
-        limits,
-        runtime.shutdown_signal(),
-    ));
-    tracing::info!(
-        store = %path.display(),
-        agent_socket = %agent.socket.display(),
-        admin_socket = %agent.admin_socket.display(),
-        secrets = ctx.config.secrets.len(),
-        "keywarden is serving"
-    );
-    let signal = stop.wait().await;
-    tracing::info!(signal, "stopping: finishing or parking steps in flight");
-    runtime.stop(ctx.config.daemon.shutdown_timeout).await;
-    let _ = admin_task.await;
-    let _ = agent_task.await;
-    if let Some(task) = signal_task {
-        let _ = task.await;
-    }
-    let _ = std::fs::remove_file(&agent.admin_socket);
-    let _ = std::fs::remove_file(&agent.socket);
-    tracing::info!("stopped");
+    crate::daemon::serve(&ctx.config, vault, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 
 use crate::audit::AuditEvent;
 use crate::clock::Millis;
-use crate::leases::{DaemonLeaseBackend, Leases};
+use crate::leases::Leases;
 use crate::provider::Provider;
 use crate::rotation::engine::{Engine, EngineError};
 use crate::store::{IncidentRecord, Scope, StoreError, Trigger};
@@ -114,7 +114,7 @@ pub enum CompromiseError {
 /// Runs incidents; in the daemon, they outlive the request that started them.
 pub struct Incidents {
     engine: Arc<Engine>,
-    leases: Option<Arc<Leases<DaemonLeaseBackend>>>,
+    leases: Option<Arc<Leases>>,
     running: Mutex<HashSet<String>>,
     tasks: Mutex<tokio::task::JoinSet<()>>,
 }
@@ -129,7 +129,7 @@ const ACTOR: &str = "compromise";
 
 impl Incidents {
     /// A runner over the engine and (in the daemon) the lease table.
-    pub fn new(engine: Arc<Engine>, leases: Option<Arc<Leases<DaemonLeaseBackend>>>) -> Arc<Self> {
+    pub fn new(engine: Arc<Engine>, leases: Option<Arc<Leases>>) -> Arc<Self> {
         Arc::new(Incidents {
             engine,
             leases,

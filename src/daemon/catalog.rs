@@ -1,0 +1,174 @@
+//! The catalog: every configured plugin started (handshake included), and the providers,
+//! consumers and secrets of the config resolved against them, every reference checked.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::StartError;
+use crate::config::{BUILTIN_PROVIDERS, Config};
+use crate::consumer::{Consumer, FileConsumer, resolve_id};
+use crate::plugin_host::{PluginHost, PluginSpec, Redactor};
+use crate::provider::Provider;
+use crate::rotation::engine::{Catalog, SecretSpec};
+
+/// Where plugins get their private working directories: one directory per store, so a daemon
+/// that reaps the plugins its predecessor left never touches another store's.
+pub fn work_dir(config: &Config, store_path: &Path) -> PathBuf {
+    let base = match &config.daemon.work_dir {
+        Some(dir) => dir.clone(),
+        None => store_path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("plugin-work"),
+    };
+    let store = store_path
+        .canonicalize()
+        .unwrap_or_else(|_| store_path.to_path_buf());
+    let digest = crate::crypto::hex(&crate::crypto::sha256(store.as_os_str().as_encoded_bytes()));
+    base.join(format!("store-{}", &digest[..16]))
+}
+
+/// Starts every configured plugin (handshake included) and builds the catalog of providers,
+/// secrets and consumers, checking every reference.
+pub async fn build_catalog(config: &Config, store_path: &Path) -> Result<Catalog, StartError> {
+    let redactor = Arc::new(Redactor::default());
+    let work = work_dir(config, store_path);
+    let mut catalog = Catalog::default();
+    catalog.providers.insert("random".into(), Provider::Random);
+    catalog.providers.insert("manual".into(), Provider::Manual);
+    let mut owners: HashMap<String, String> = HashMap::new();
+    for (name, plugin) in &config.plugins {
+        let spec = PluginSpec {
+            name: name.clone(),
+            command: plugin.command.clone(),
+            sha256: plugin.sha256.clone(),
+            env: plugin.env.clone(),
+            timeout: plugin.timeout.unwrap_or(config.daemon.plugin_timeout),
+            max_concurrency: plugin.max_concurrency,
+            work_dir: work.clone(),
+        };
+        let host = Arc::new(PluginHost::new(spec, redactor.clone()));
+        let hello = host.start().await?;
+        for (kind, info) in hello.kinds {
+            if BUILTIN_PROVIDERS.contains(&kind.as_str()) || kind == "file" {
+                return Err(config
+                    .invalid(
+                        "plugins",
+                        name,
+                        "",
+                        format!("it claims the built-in kind {kind:?}"),
+                    )
+                    .into());
+            }
+            if let Some(first) = owners.insert(kind.clone(), name.clone()) {
+                return Err(StartError::DuplicateKind {
+                    kind,
+                    first,
+                    second: name.clone(),
+                });
+            }
+            catalog.providers.insert(
+                kind.clone(),
+                Provider::Plugin {
+                    host: host.clone(),
+                    kind,
+                    info,
+                },
+            );
+        }
+        catalog.plugins.push(host);
+    }
+    for (name, c) in &config.consumers {
+        let consumer = if c.kind == "file" {
+            let owner = c
+                .owner
+                .as_deref()
+                .map(|o| resolve_id(o, "/etc/passwd"))
+                .transpose()
+                .map_err(|e| config.invalid("consumers", name, "owner", e))?;
+            let group = c
+                .group
+                .as_deref()
+                .map(|g| resolve_id(g, "/etc/group"))
+                .transpose()
+                .map_err(|e| config.invalid("consumers", name, "group", e))?;
+            Consumer::File(FileConsumer {
+                path: c.path.clone().expect("checked at parse"),
+                mode: c.mode.unwrap_or(0o600),
+                owner,
+                group,
+                template: c.template.clone().unwrap_or_else(|| "{{value}}".into()),
+                after: c.after.clone(),
+                after_timeout: c.after_timeout,
+            })
+        } else {
+            match catalog.providers.get(&c.kind) {
+                Some(Provider::Plugin { host, kind, info })
+                    if info.supports(keywarden_plugin_sdk::Op::Push) =>
+                {
+                    Consumer::Plugin {
+                        host: host.clone(),
+                        kind: kind.clone(),
+                        settings: c.settings.clone(),
+                        credentials: c.credentials.clone(),
+                    }
+                }
+                Some(_) => {
+                    return Err(config
+                        .invalid(
+                            "consumers",
+                            name,
+                            "kind",
+                            format!("kind {:?} does not support push", c.kind),
+                        )
+                        .into());
+                }
+                None => {
+                    return Err(config
+                        .invalid(
+                            "consumers",
+                            name,
+                            "kind",
+                            format!(
+                                "no plugin serves kind {:?} (and it is not \"file\")",
+                                c.kind
+                            ),
+                        )
+                        .into());
+                }
+            }
+        };
+        catalog.consumers.insert(name.clone(), consumer);
+    }
+    for (name, s) in &config.secrets {
+        if !catalog.providers.contains_key(&s.provider) {
+            let known: Vec<&String> = catalog.providers.keys().collect();
+            return Err(config
+                .invalid(
+                    "secrets",
+                    name,
+                    "provider",
+                    format!("no provider {:?}; known: {known:?}", s.provider),
+                )
+                .into());
+        }
+        catalog.secrets.insert(
+            name.clone(),
+            SecretSpec {
+                name: name.clone(),
+                provider: s.provider.clone(),
+                credentials: s.credentials.clone(),
+                settings: s.settings.clone(),
+                grace: s.grace,
+                tags: s.tags.clone(),
+                consumers: s.consumers.clone(),
+                max_attempts: s.max_attempts.unwrap_or(config.daemon.max_attempts),
+                generate: s.generate,
+                schedule: config.schedule_of(s),
+                canary: s.canary,
+            },
+        );
+    }
+    Ok(catalog)
+}

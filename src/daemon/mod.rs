@@ -1,0 +1,273 @@
+//! The daemon's wiring: what `keywarden serve` runs, in one place.
+//!
+//! [`serve`] binds the sockets, starts the [`Runtime`] (plugins, engine, leases, scheduler,
+//! compromise runs), serves the agent and admin APIs and the signal listener until its
+//! `shutdown` future resolves, then stops everything in reverse and joins every task and
+//! connection. [`catalog`] resolves the config against the plugins; [`lease_backend`] connects
+//! the lease table to the store and the plugins.
+
+mod catalog;
+mod lease_backend;
+mod runtime;
+
+use std::future::Future;
+use std::sync::Arc;
+
+pub use catalog::{build_catalog, work_dir};
+pub use lease_backend::DaemonLeaseBackend;
+pub use runtime::{Mode, Runtime};
+
+use crate::admin::AdminApi;
+use crate::agent_api::{AgentApi, AgentSettings};
+use crate::clock::Clock;
+use crate::config::{Config, ConfigError};
+use crate::group_commit::GroupCommit;
+use crate::http::{self, SocketError};
+use crate::incident::alerts::Alerts;
+use crate::incident::compromise::Incidents;
+use crate::incident::signals::{SignalApi, Signals, SignalsSettings};
+use crate::leases::Leases;
+use crate::metrics::Metrics;
+use crate::plugin_host::PluginError;
+use crate::policy::Policy;
+use crate::rotation::engine::{Catalog, Engine};
+use crate::store::StoreError;
+use crate::vault::Vault;
+
+/// Errors starting the daemon's components.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config refers to something that does not exist.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A plugin could not be started.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// Two plugins serve the same kind.
+    #[error("kind {kind:?} is served by both plugin {first} and plugin {second}")]
+    DuplicateKind {
+        /// The kind.
+        kind: String,
+        /// One plugin.
+        first: String,
+        /// The other.
+        second: String,
+    },
+    /// The store failed during registration.
+    #[error(transparent)]
+    Vault(#[from] crate::vault::VaultError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A first rotation could not be planned.
+    #[error(transparent)]
+    Engine(#[from] crate::rotation::engine::EngineError),
+    /// An unfinished compromise run could not be resumed.
+    #[error(transparent)]
+    Compromise(#[from] crate::incident::compromise::CompromiseError),
+}
+
+/// Errors of [`serve`].
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A socket could not be created.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    /// The signal listener could not listen.
+    #[error("cannot listen for signals on {address}: {source}")]
+    Listen {
+        /// The configured address.
+        address: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The runtime did not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// The store failed while the APIs were being set up.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the API handlers work with: the daemon's shared components, each reached directly
+/// rather than through the engine.
+#[derive(Debug, Clone)]
+pub struct Services {
+    /// The unlocked vault (and through it the store).
+    pub vault: Arc<Vault>,
+    /// Providers, secrets and consumers as configured.
+    pub catalog: Arc<Catalog>,
+    /// The rotation engine.
+    pub engine: Arc<Engine>,
+    /// The lease table.
+    pub leases: Arc<Leases>,
+    /// The group-commit writer of lease and audit rows.
+    pub audit_writer: GroupCommit,
+    /// In-memory counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Compromise runs.
+    pub incidents: Arc<Incidents>,
+    /// Time.
+    pub clock: Clock,
+}
+
+/// Runs the daemon on an unlocked `vault` until `shutdown` resolves; then stops the scheduler,
+/// lets steps and requests in flight finish (bounded by `[daemon] shutdown_timeout`), commits
+/// what is queued, stops the plugins and removes the sockets.
+pub async fn serve(
+    config: &Config,
+    vault: Arc<Vault>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    // Sockets first, so a conflict with another daemon fails before any work is done. The
+    // agent socket before the admin one: a directory it creates is 0755 so agents can reach
+    // it; the admin socket's own mode (0600) protects it even in a shared directory.
+    let agent = &config.agent;
+    let agent_listener = http::bind_socket(&agent.socket, agent.socket_mode, 0o755)?;
+    let admin_listener = http::bind_socket(&agent.admin_socket, 0o600, 0o700)?;
+    let remove_sockets = || {
+        let _ = std::fs::remove_file(&agent.admin_socket);
+        let _ = std::fs::remove_file(&agent.socket);
+    };
+    let signal_listener = match &config.signals.listen {
+        Some(address) => match tokio::net::TcpListener::bind(address).await {
+            Ok(listener) => Some(listener),
+            Err(source) => {
+                remove_sockets();
+                return Err(ServeError::Listen {
+                    address: address.clone(),
+                    source,
+                });
+            }
+        },
+        None => None,
+    };
+    let runtime = match Runtime::start(config, vault.clone(), Clock::System, Mode::Daemon).await {
+        Ok(r) => r,
+        Err(e) => {
+            remove_sockets();
+            return Err(e.into());
+        }
+    };
+    let services = Services {
+        vault,
+        catalog: runtime.engine.catalog().clone(),
+        engine: runtime.engine.clone(),
+        leases: runtime.leases.clone().expect("daemon mode has leases"),
+        audit_writer: runtime
+            .audit_writer
+            .clone()
+            .expect("daemon mode has a writer"),
+        metrics: runtime.metrics.clone(),
+        incidents: runtime.incidents.clone(),
+        clock: Clock::System,
+    };
+    let servers = match start_servers(
+        config,
+        &services,
+        &runtime,
+        signal_listener,
+        agent_listener,
+        admin_listener,
+    )
+    .await
+    {
+        Ok(servers) => servers,
+        Err(e) => {
+            runtime.stop(config.daemon.shutdown_timeout).await;
+            remove_sockets();
+            return Err(e);
+        }
+    };
+    tracing::info!(
+        store = %services.vault.store().path().display(),
+        agent_socket = %agent.socket.display(),
+        admin_socket = %agent.admin_socket.display(),
+        secrets = config.secrets.len(),
+        "keywarden is serving"
+    );
+    shutdown.await;
+    tracing::info!("stopping: finishing or parking steps in flight");
+    runtime.stop(config.daemon.shutdown_timeout).await;
+    for server in servers {
+        let _ = server.await;
+    }
+    remove_sockets();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Starts the agent and admin APIs and, when configured, the signal listener; each stops when
+/// the runtime does.
+async fn start_servers(
+    config: &Config,
+    services: &Services,
+    runtime: &Runtime,
+    signal_listener: Option<tokio::net::TcpListener>,
+    agent_listener: tokio::net::UnixListener,
+    admin_listener: tokio::net::UnixListener,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, ServeError> {
+    let agent = &config.agent;
+    let limits = http::Limits {
+        max_connections: agent.max_connections,
+        header_timeout: agent.header_timeout,
+        ..http::Limits::default()
+    };
+    let signal_cfg = &config.signals;
+    let alerts = Alerts::new(
+        services.engine.clone(),
+        services.metrics.clone(),
+        signal_cfg.alert_command.clone(),
+        signal_cfg.alert_consumer.clone(),
+    );
+    let signals = Signals::new(
+        services.engine.clone(),
+        services.incidents.clone(),
+        alerts,
+        services.metrics.clone(),
+        SignalsSettings::from(signal_cfg),
+    )
+    .await?;
+    let mut servers = Vec::new();
+    if let Some(listener) = signal_listener {
+        tracing::info!(address = ?listener.local_addr().ok(), "listening for signals");
+        let api = Arc::new(SignalApi {
+            signals: signals.clone(),
+        });
+        let limits = http::Limits {
+            max_body_bytes: 1 << 20,
+            ..http::Limits::default()
+        };
+        servers.push(tokio::spawn(http::serve(
+            listener,
+            api,
+            limits,
+            runtime.shutdown_signal(),
+        )));
+    }
+    let agent_api = Arc::new(AgentApi::new(
+        services.clone(),
+        AgentSettings {
+            policies: config.policy.iter().map(Policy::compile).collect(),
+            default_ttl: agent.default_ttl,
+            max_wait: agent.max_wait,
+            max_fetches_per_second: agent.max_fetches_per_second,
+        },
+        runtime.shutdown_signal(),
+        Some(signals),
+    ));
+    servers.push(tokio::spawn(http::serve(
+        agent_listener,
+        agent_api,
+        limits.clone(),
+        runtime.shutdown_signal(),
+    )));
+    let admin_api = Arc::new(AdminApi::new(services.clone(), &agent.admin_uids));
+    servers.push(tokio::spawn(http::serve(
+        admin_listener,
+        admin_api,
+        limits,
+        runtime.shutdown_signal(),
+    )));
+    Ok(servers)
+}

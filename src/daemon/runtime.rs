@@ -1,0 +1,233 @@
+//! The running components: the engine, the lease table and its group-commit writer, the
+//! scheduler, compromise runs, and the tasks that feed them; started in order and stopped in
+//! reverse.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+
+use super::StartError;
+use super::catalog::{build_catalog, work_dir};
+use super::lease_backend::DaemonLeaseBackend;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::group_commit::GroupCommit;
+use crate::incident::compromise::Incidents;
+use crate::leases::Leases;
+use crate::metrics::Metrics;
+use crate::rotation::engine::{Engine, EngineSettings};
+use crate::rotation::scheduler::{Entry, Scheduler};
+use crate::store::Reason;
+use crate::vault::Vault;
+
+/// What a [`Runtime`] is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `serve`: scheduler, leases and the audit writer run too, and unfinished compromise runs
+    /// resume.
+    Daemon,
+    /// `rotate-all` without a daemon: leases and the audit writer, no scheduler.
+    Maintenance,
+    /// A one-shot command (`rotate` without a daemon): the engine alone.
+    OneShot,
+}
+
+/// The running components: engine, scheduler, leases, and the tasks that feed them.
+#[derive(Debug)]
+pub struct Runtime {
+    /// The engine.
+    pub engine: Arc<Engine>,
+    /// The lease table (daemon and maintenance modes).
+    pub leases: Option<Arc<Leases>>,
+    /// The group-commit writer of lease and audit rows (daemon and maintenance modes).
+    pub audit_writer: Option<GroupCommit>,
+    /// In-memory counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Compromise runs.
+    pub incidents: Arc<Incidents>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    writer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Runtime {
+    /// Builds the catalog, registers declared secrets, resumes unfinished rotations, gives
+    /// first versions to secrets that have none, brings lagging consumers up to date and, in
+    /// daemon mode, resumes unfinished compromise runs and starts the scheduler.
+    pub async fn start(
+        config: &Config,
+        vault: Arc<Vault>,
+        clock: Clock,
+        mode: Mode,
+    ) -> Result<Runtime, StartError> {
+        if mode == Mode::Daemon {
+            reap_orphaned_plugins(config, &vault).await;
+        }
+        let catalog = Arc::new(build_catalog(config, vault.store().path()).await?);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let engine = Engine::new(
+            vault.clone(),
+            catalog.clone(),
+            clock.clone(),
+            EngineSettings {
+                max_concurrent: config.daemon.max_concurrent_rotations,
+                retry_base: config.daemon.retry_base,
+                retry_max: config.daemon.retry_max,
+            },
+            shutdown_rx.clone(),
+        );
+        for spec in catalog.secrets.values() {
+            vault
+                .register(&spec.name, &spec.provider, &spec.tags, "daemon")
+                .await?;
+        }
+        engine.resume_all().await?;
+        let mut tasks = bring_declared_secrets_up_to_date(&engine).await?;
+        let (mut leases, mut audit_writer, mut writer) = (None, None, None);
+        if mode != Mode::OneShot {
+            let (commit, writer_task) =
+                GroupCommit::start(vault.store().clone(), shutdown_rx.clone());
+            let open = vault.store().open_leases().await?;
+            let table = Leases::new(
+                DaemonLeaseBackend::new(commit.clone(), engine.clone()),
+                clock.clone(),
+                open,
+                engine.lease_wake(),
+            );
+            tasks.push(tokio::spawn(table.clone().run_sweeper(shutdown_rx.clone())));
+            engine.set_lease_view(table.clone());
+            (leases, audit_writer, writer) = (Some(table), Some(commit), Some(writer_task));
+        }
+        let incidents = Incidents::new(engine.clone(), leases.clone());
+        if mode == Mode::Daemon {
+            incidents
+                .resume_unfinished(config.daemon.max_concurrent_rotations)
+                .await?;
+            tasks.extend(start_scheduler(config, &engine, clock, shutdown_rx));
+        }
+        Ok(Runtime {
+            engine,
+            leases,
+            audit_writer,
+            metrics: Arc::default(),
+            incidents,
+            shutdown,
+            tasks,
+            writer,
+        })
+    }
+
+    /// A receiver that turns true when the runtime stops.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Stops the scheduler, lets steps in flight finish or park (up to `timeout`), and shuts
+    /// the plugins down.
+    pub async fn stop(self, timeout: std::time::Duration) {
+        let _ = self.shutdown.send(true);
+        self.incidents
+            .wait_idle(std::time::Duration::from_millis(200))
+            .await;
+        if !self.engine.wait_idle(timeout).await {
+            tracing::warn!(
+                ?timeout,
+                "steps still in flight at shutdown; they resume on the next start"
+            );
+        }
+        for task in self.tasks {
+            task.abort();
+        }
+        if let Some(writer) = self.writer {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), writer).await;
+        }
+        for plugin in &self.engine.catalog().plugins {
+            plugin.shutdown().await;
+        }
+    }
+}
+
+/// Kills plugin processes that a crashed predecessor left running (before anything resumes).
+async fn reap_orphaned_plugins(config: &Config, vault: &Vault) {
+    let work = work_dir(config, vault.store().path());
+    let reaped = crate::plugin_host::reap_orphans(&work).await;
+    if reaped > 0 {
+        tracing::warn!(
+            count = reaped,
+            "killed plugin processes that a previous daemon left running"
+        );
+    }
+}
+
+/// Gives a first version to each declared secret that has none and whose provider can create
+/// one, and brings the consumers of the others up to date (in background tasks, returned).
+async fn bring_declared_secrets_up_to_date(
+    engine: &Arc<Engine>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, StartError> {
+    let catalog = engine.catalog();
+    let store = engine.vault().store();
+    let mut tasks = Vec::new();
+    for spec in catalog.secrets.values() {
+        let has_value = store.sealed(&spec.name, None).await?.is_some();
+        let provider = &catalog.providers[&spec.provider];
+        if !has_value {
+            if provider.can(keywarden_plugin_sdk::Op::Create) {
+                engine
+                    .request(&spec.name, Reason::Initial, false, None)
+                    .await?;
+            } else if spec.provider == "manual" {
+                tracing::warn!(secret = %spec.name, "no value yet; store one with `keywarden put {}`", spec.name);
+            }
+        } else if !spec.consumers.is_empty() {
+            let engine = engine.clone();
+            let name = spec.name.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = engine.sync_consumers(&name).await {
+                    tracing::warn!(secret = %name, error = %e, "could not bring consumers up to date");
+                }
+            }));
+        }
+    }
+    Ok(tasks)
+}
+
+/// Starts the scheduler over every scheduled secret whose provider can create, and the task
+/// that turns what comes due into rotation requests.
+fn start_scheduler(
+    config: &Config,
+    engine: &Arc<Engine>,
+    clock: Clock,
+    shutdown: watch::Receiver<bool>,
+) -> [tokio::task::JoinHandle<()>; 2] {
+    let catalog = engine.catalog();
+    let entries: BTreeMap<String, Entry> = catalog
+        .secrets
+        .values()
+        .filter(|s| catalog.providers[&s.provider].can(keywarden_plugin_sdk::Op::Create))
+        .filter_map(|s| {
+            let schedule = s.schedule.clone()?;
+            let jitter = config.secrets[&s.name].jitter;
+            Some((s.name.clone(), Entry { schedule, jitter }))
+        })
+        .collect();
+    let (due_tx, mut due_rx) = mpsc::channel::<String>(1024);
+    let scheduler = Scheduler::new(
+        entries,
+        engine.vault().store().clone(),
+        clock,
+        due_tx,
+        engine.scheduler_wake(),
+    );
+    let feeder = engine.clone();
+    [
+        tokio::spawn(scheduler.run(shutdown)),
+        tokio::spawn(async move {
+            while let Some(name) = due_rx.recv().await {
+                if let Err(e) = feeder.request(&name, Reason::Schedule, false, None).await {
+                    tracing::error!(secret = %name, error = %e, "scheduled rotation could not start");
+                }
+            }
+        }),
+    ]
+}
