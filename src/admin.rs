@@ -13,10 +13,10 @@ use serde_json::json;
 
 use crate::attest::Peer;
 use crate::audit::AuditEvent;
-use crate::daemon::Services;
 use crate::http::{self, Handler};
 use crate::incident::compromise::CompromiseError;
 use crate::rotation::engine::EngineError;
+use crate::services::Services;
 use crate::store::Reason;
 use crate::store::RotationRecord;
 use crate::store::{Scope, Trigger};

@@ -50,6 +50,7 @@ pub mod plugin_host;
 pub mod policy;
 pub mod provider;
 pub mod rotation;
+pub mod services;
 pub mod status;
 pub mod store;
 pub mod value;

@@ -43,6 +43,7 @@ const TOP: &[&str] = &[
     "daemon",
     "lib",
     "main",
+    "services",
     "status",
 ];
 

@@ -21,16 +21,12 @@ use crate::admin::AdminApi;
 use crate::agent_api::{AgentApi, AgentSettings};
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
-use crate::group_commit::GroupCommit;
 use crate::http::{self, SocketError};
 use crate::incident::alerts::Alerts;
-use crate::incident::compromise::Incidents;
 use crate::incident::signals::{SignalApi, Signals, SignalsSettings};
-use crate::leases::Leases;
-use crate::metrics::Metrics;
 use crate::plugin_host::PluginError;
 use crate::policy::Policy;
-use crate::rotation::engine::{Catalog, Engine};
+use crate::services::Services;
 use crate::store::StoreError;
 use crate::vault::Vault;
 
@@ -87,28 +83,6 @@ pub enum ServeError {
     /// The store failed while the APIs were being set up.
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// What the API handlers work with: the daemon's shared components, each reached directly
-/// rather than through the engine.
-#[derive(Debug, Clone)]
-pub struct Services {
-    /// The unlocked vault (and through it the store).
-    pub vault: Arc<Vault>,
-    /// Providers, secrets and consumers as configured.
-    pub catalog: Arc<Catalog>,
-    /// The rotation engine.
-    pub engine: Arc<Engine>,
-    /// The lease table.
-    pub leases: Arc<Leases>,
-    /// The group-commit writer of lease and audit rows.
-    pub audit_writer: GroupCommit,
-    /// In-memory counters for `/metrics`.
-    pub metrics: Arc<Metrics>,
-    /// Compromise runs.
-    pub incidents: Arc<Incidents>,
-    /// Time.
-    pub clock: Clock,
 }
 
 /// Runs the daemon on an unlocked `vault` until `shutdown` resolves; then stops the scheduler,

@@ -1,0 +1,34 @@
+//! What the API handlers work with: the daemon's shared components, each reached directly
+//! (the store through the vault, the catalog, the leases) rather than through the engine.
+//! [`crate::daemon`] builds it once; the agent and admin APIs each hold a clone.
+
+use std::sync::Arc;
+
+use crate::clock::Clock;
+use crate::group_commit::GroupCommit;
+use crate::incident::compromise::Incidents;
+use crate::leases::Leases;
+use crate::metrics::Metrics;
+use crate::rotation::engine::{Catalog, Engine};
+use crate::vault::Vault;
+
+/// The daemon's shared components.
+#[derive(Debug, Clone)]
+pub struct Services {
+    /// The unlocked vault (and through it the store).
+    pub vault: Arc<Vault>,
+    /// Providers, secrets and consumers as configured.
+    pub catalog: Arc<Catalog>,
+    /// The rotation engine.
+    pub engine: Arc<Engine>,
+    /// The lease table.
+    pub leases: Arc<Leases>,
+    /// The group-commit writer of lease and audit rows.
+    pub audit_writer: GroupCommit,
+    /// In-memory counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Compromise runs.
+    pub incidents: Arc<Incidents>,
+    /// Time.
+    pub clock: Clock,
+}
