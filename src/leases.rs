@@ -388,7 +388,7 @@ impl Leases {
     }
 }
 
-impl crate::rotation::engine::LeaseView for Leases {
+impl crate::rotation::drain::LeaseView for Leases {
     fn live_on(&self, secret_id: &str, version: i64, _now: Millis) -> (i64, Option<Millis>) {
         Leases::live_on(self, secret_id, version)
     }

@@ -9,7 +9,8 @@ use crate::group_commit::GroupCommit;
 use crate::incident::compromise::Incidents;
 use crate::leases::Leases;
 use crate::metrics::Metrics;
-use crate::rotation::engine::{Catalog, Engine};
+use crate::rotation::catalog::Catalog;
+use crate::rotation::engine::Engine;
 use crate::vault::Vault;
 
 /// The daemon's shared components.

@@ -10,7 +10,7 @@ use crate::config::{BUILTIN_PROVIDERS, Config};
 use crate::consumer::{Consumer, FileConsumer, resolve_id};
 use crate::plugin_host::{PluginHost, PluginSpec, Redactor};
 use crate::provider::Provider;
-use crate::rotation::engine::{Catalog, SecretSpec};
+use crate::rotation::catalog::{Catalog, SecretSpec};
 
 /// Where plugins get their private working directories: one directory per store, so a daemon
 /// that reaps the plugins its predecessor left never touches another store's.

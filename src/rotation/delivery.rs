@@ -1,0 +1,176 @@
+//! Consumer delivery: pushing a version to each consumer of a secret, recording each
+//! acknowledgement, and bringing lagging consumers up to date at start.
+
+use std::collections::HashMap;
+
+use futures_util::future::join_all;
+use keywarden_plugin_sdk::{Op, Request, Secret};
+use serde_json::json;
+
+use super::backoff;
+use super::catalog::SecretSpec;
+use super::engine::{ACTOR, Engine};
+use super::steps::StepError;
+use crate::audit::AuditEvent;
+use crate::consumer::{Consumer, Delivery};
+use crate::store::SecretRecord;
+use crate::vault::Revealed;
+
+impl Engine {
+    /// Delivers `version` to every consumer of `spec` that has not acknowledged it, each
+    /// retried with backoff on its own. Fails (for the caller to retry) if any is still behind.
+    pub(super) async fn deliver_all(
+        &self,
+        spec: &SecretSpec,
+        version: i64,
+    ) -> Result<(), StepError> {
+        if spec.consumers.is_empty() {
+            return Ok(());
+        }
+        let secret = self.secret_record(&spec.name).await?;
+        let acked: HashMap<String, i64> = self
+            .vault
+            .store()
+            .deliveries(&secret.id)
+            .await?
+            .into_iter()
+            .filter(|d| d.acked_at.is_some())
+            .map(|d| (d.consumer, d.version))
+            .collect();
+        let pending: Vec<&String> = spec
+            .consumers
+            .iter()
+            .filter(|c| acked.get(*c).is_none_or(|v| *v < version))
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let revealed = self.vault.read(&spec.name, Some(version)).await?;
+        let mut failures = Vec::new();
+        let results = join_all(
+            pending
+                .iter()
+                .map(|c| self.deliver_one(spec, &secret, c, &revealed)),
+        );
+        for (consumer, result) in pending.iter().zip(results.await) {
+            if let Err(message) = result {
+                failures.push(format!("consumer {consumer}: {message}"));
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(StepError {
+                retryable: true,
+                message: failures.join("; "),
+            })
+        }
+    }
+
+    pub(super) async fn deliver_one(
+        &self,
+        spec: &SecretSpec,
+        secret: &SecretRecord,
+        consumer_name: &str,
+        revealed: &Revealed,
+    ) -> Result<(), String> {
+        let consumer = self
+            .catalog
+            .consumers
+            .get(consumer_name)
+            .ok_or_else(|| format!("consumer {consumer_name:?} is not declared"))?;
+        let delivery = Delivery {
+            secret: &spec.name,
+            version: revealed.version,
+            value: &revealed.value,
+            meta: &revealed.meta,
+        };
+        let result = match consumer {
+            Consumer::File(file) => file.deliver(&delivery).await,
+            Consumer::Plugin {
+                host,
+                kind,
+                settings,
+                credentials,
+            } => {
+                let request = Request {
+                    op: Op::Push.as_str().into(),
+                    kind: Some(kind.clone()),
+                    secret: Some(spec.name.clone()),
+                    settings: settings.clone(),
+                    credentials: self.credentials(credentials).await.map_err(|e| e.message)?,
+                    version: Some(revealed.version),
+                    value: Some(Secret::new(revealed.value.expose())),
+                    meta: Some(revealed.meta.clone()),
+                    ..Request::default()
+                };
+                host.call(request)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let store = self.vault.store();
+        match &result {
+            Ok(()) => {
+                store
+                    .record_delivery(&secret.id, consumer_name, revealed.version, Ok(()))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let audit = AuditEvent::new(ACTOR, "consumer.delivered")
+                    .secret(&spec.name)
+                    .detail(json!({ "consumer": consumer_name, "version": revealed.version }));
+                store
+                    .append_audit(&[audit])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(secret = %spec.name, consumer = consumer_name, version = revealed.version, "delivered");
+            }
+            Err(message) => {
+                tracing::warn!(secret = %spec.name, consumer = consumer_name, version = revealed.version, error = %message, "delivery failed");
+                let _ = store
+                    .record_delivery(&secret.id, consumer_name, revealed.version, Err(message))
+                    .await;
+            }
+        }
+        result
+    }
+
+    /// Delivers the current version to consumers that lag behind it (a consumer added to the
+    /// config, a file deleted while the daemon was down). Retries with backoff.
+    pub async fn sync_consumers(&self, name: &str) -> Result<(), String> {
+        let spec = self.spec(name).map_err(|e| e.to_string())?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let store = self.vault.store();
+            let secret = store.secret(name).await.map_err(|e| e.to_string())?;
+            let active = match &secret {
+                Some(s) => store
+                    .latest_rotation(&s.id)
+                    .await
+                    .map_err(|e| e.to_string())?,
+                None => None,
+            };
+            if active.is_some_and(|r| !r.state.is_terminal()) {
+                return Ok(()); // the rotation in progress pushes
+            }
+            let Some(current) = store.sealed(name, None).await.map_err(|e| e.to_string())? else {
+                return Ok(());
+            };
+            match self.deliver_all(spec, current.version.version).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt >= spec.max_attempts => return Err(e.message),
+                Err(_) => {
+                    let delay =
+                        backoff::delay(attempt, self.settings.retry_base, self.settings.retry_max);
+                    let mut shutdown = self.shutdown.clone();
+                    tokio::select! {
+                        _ = self.clock.sleep(delay) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+}
