@@ -1,4 +1,4 @@
-//! The agent socket API (DESIGN.md §6): peer-attested fetches with leases, watches, renewals.
+//! The agent socket API (docs/socket-api.md §2): peer-attested fetches with leases, watches, renewals.
 //!
 //! | request | reply |
 //! |---|---|
@@ -41,7 +41,7 @@ use crate::vault::{Bound, short_fingerprint};
 /// Longest TTL anyone may ask for; beyond it a request is malformed, not just clamped.
 const MAX_TTL_SECS: u64 = 366 * 86_400;
 
-/// A fetch's answer (DESIGN.md §6 shape).
+/// A fetch's answer (the shape of docs/socket-api.md §2).
 #[derive(serde::Serialize)]
 struct FetchReply<'a> {
     name: &'a str,

@@ -1,8 +1,8 @@
 //! Group commit for the fetch path: lease changes and audit rows from many requests share one
 //! transaction, so a busy socket costs one write per batch instead of one per fetch.
 //!
-//! A fetch is answered once its audit row and lease are queued here (DESIGN.md §3 allows this:
-//! queued in a way that survives a clean shutdown). On shutdown the writer stops taking work,
+//! A fetch is answered once its audit row and lease are queued here (docs/design.md §9; making
+//! this fail closed, answered only once committed, is the hardening issue's work). On shutdown the writer stops taking work,
 //! commits everything queued, and only then ends. The queue is bounded, so a writer that falls
 //! behind slows fetches down rather than growing without limit. While the daemon runs, the
 //! in-memory lease table is authoritative; the store is its durable copy.

@@ -1,4 +1,4 @@
-//! The plugin host: runs one plugin process and talks protocol v1 to it (DESIGN.md §5).
+//! The plugin host: runs one plugin process and talks protocol v1 to it (docs/plugin-protocol.md).
 //!
 //! Before every start the file `command[0]` is hashed and compared with the pinned SHA-256; a
 //! mismatch is refused, naming both hashes. The process gets an empty environment (except

@@ -13,7 +13,8 @@ fn time(ms: Option<Millis>) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// One secret as `list --json` shows it (DESIGN.md §7 shape, plus fields `status` uses).
+/// One secret as `list --json` shows it (the shape README "Using the store" documents, plus
+/// fields `status` uses).
 pub fn secret_entry(s: &SecretSummary) -> Value {
     json!({
         "name": s.name,

@@ -1,4 +1,4 @@
-//! Assume compromise (DESIGN.md §8): rotate and revoke everything in a scope at once, safely,
+//! Assume compromise (docs/design.md §10): rotate and revoke everything in a scope at once, safely,
 //! and say what was done.
 //!
 //! A run is an *incident*: a row with its scope, and an id carried by every audit row and every
@@ -78,7 +78,7 @@ pub struct Failure {
     pub error: String,
 }
 
-/// The incident report (DESIGN.md §7 `rotate-all --json` shape, plus `needs_person`,
+/// The incident report (the `rotate-all --json` shape, README "Assume compromise", plus `needs_person`,
 /// `pending`, `finished`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {

@@ -1,4 +1,4 @@
-//! Compromise signals (DESIGN.md §8): a signed webhook for outside detectors, leaked-value
+//! Compromise signals (docs/design.md §11): a signed webhook for outside detectors, leaked-value
 //! reports matched by keyed fingerprint, canary secrets, and access anomalies. Each signal is
 //! audited and answered as configured: an alert only, or an alert and a compromise run of the
 //! signal's scope.

@@ -113,15 +113,11 @@ impl Engine {
         let store = self.vault.store();
         match &result {
             Ok(()) => {
-                store
-                    .record_delivery(&secret.id, consumer_name, revealed.version, Ok(()))
-                    .await
-                    .map_err(|e| e.to_string())?;
                 let audit = AuditEvent::new(ACTOR, "consumer.delivered")
                     .secret(&spec.name)
                     .detail(json!({ "consumer": consumer_name, "version": revealed.version }));
                 store
-                    .append_audit(&[audit])
+                    .record_delivery(&secret.id, consumer_name, revealed.version, Ok(audit))
                     .await
                     .map_err(|e| e.to_string())?;
                 tracing::info!(secret = %spec.name, consumer = consumer_name, version = revealed.version, "delivered");

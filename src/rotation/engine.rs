@@ -1,4 +1,4 @@
-//! The rotation engine: drives each rotation through the journal of DESIGN.md §4, one store
+//! The rotation engine: drives each rotation through the journal of docs/design.md §4, one store
 //! transaction per step, so a daemon killed at any instant resumes where it stopped.
 //!
 //! Every plugin call is idempotent by construction: the rotation id and the proposed value are

@@ -1,4 +1,4 @@
-//! keywarden plugin protocol v1: the messages, exactly as `DESIGN.md` §5 specifies them.
+//! keywarden plugin protocol v1: the messages, exactly as docs/plugin-protocol.md specifies them.
 //!
 //! One JSON object per line (at most [`MAX_LINE_BYTES`]) over the plugin's stdin/stdout. The
 //! plugin speaks first with a [`Hello`]; then the daemon sends [`Request`]s, each with a unique

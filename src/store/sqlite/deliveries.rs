@@ -2,10 +2,12 @@
 
 use sqlx::Row;
 
+use crate::audit::AuditEvent;
 use crate::clock::now_millis;
 use crate::store::{DeliveryRecord, StoreError};
 
 use super::SqliteStore;
+use super::audit::append_audit_in;
 
 impl SqliteStore {
     /// What each consumer of a secret has acknowledged.
@@ -30,17 +32,19 @@ impl SqliteStore {
             .collect()
     }
 
-    /// Records a delivery attempt: `Ok` acknowledges `version`; `Err` counts a failure.
+    /// Records a delivery attempt: `Ok(audit)` acknowledges `version` and appends its audit row
+    /// in the same transaction; `Err` counts a failure.
     pub async fn record_delivery(
         &self,
         secret_id: &str,
         consumer: &str,
         version: i64,
-        outcome: Result<(), &str>,
+        outcome: Result<AuditEvent, &str>,
     ) -> Result<(), StoreError> {
         let now = now_millis();
+        let mut tx = self.begin_write().await?;
         match outcome {
-            Ok(()) => {
+            Ok(audit) => {
                 sqlx::query(
                     "INSERT INTO deliveries (secret_id, consumer, version, acked_at, attempts) \
                      VALUES (?, ?, ?, ?, 0) ON CONFLICT (secret_id, consumer) DO UPDATE SET \
@@ -51,8 +55,9 @@ impl SqliteStore {
                 .bind(consumer)
                 .bind(version)
                 .bind(now)
-                .execute(&self.writer)
+                .execute(&mut *tx)
                 .await?;
+                append_audit_in(&mut tx, &[audit]).await?;
             }
             Err(error) => {
                 sqlx::query(
@@ -68,10 +73,11 @@ impl SqliteStore {
                 .bind(consumer)
                 .bind(version)
                 .bind(error)
-                .execute(&self.writer)
+                .execute(&mut *tx)
                 .await?;
             }
         }
+        tx.commit().await?;
         Ok(())
     }
 }
