@@ -26,6 +26,18 @@
 #![deny(missing_docs)]
 #![warn(unreachable_pub, missing_debug_implementations)]
 
+/// A point where the crash tests stop the process: with the `failpoints` feature (test builds
+/// only) and `FAILPOINTS=NAME=return`, the process aborts here at once, as `kill -9` would stop
+/// it. Without the feature it is nothing at all.
+macro_rules! crash_point {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        (|| {
+            fail::fail_point!($name, |_| std::process::abort());
+        })();
+    };
+}
+
 pub mod admin;
 pub mod agent_api;
 pub mod attest;

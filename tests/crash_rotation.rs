@@ -186,9 +186,16 @@ kind = "file"
 path = "out/b"
 "#,
     );
+    // Each kill comes after a different number of further upstream operations (create,
+    // verify, promote, push, revoke of any of the three secrets), so the crashes fall at
+    // different steps of different rotations, and never wait on the clock.
     let mut daemon = Some(env.start_daemon());
-    for delay_ms in [150u64, 420, 90, 700, 260, 1100] {
-        std::thread::sleep(Duration::from_millis(delay_ms));
+    let all_ops = "SELECT count(*) FROM events";
+    for further_ops in [1, 4, 2, 7, 3, 11] {
+        let target = env.upstream_i64(all_ops) + further_ops;
+        wait_for("more upstream operations", Duration::from_secs(30), || {
+            (env.upstream_i64(all_ops) >= target).then_some(())
+        });
         daemon.take().unwrap().kill9();
         daemon = Some(env.start_daemon());
     }

@@ -106,7 +106,9 @@ impl SqliteStore {
             return Err(StoreError::StaleKeys);
         }
         append_audit_in(&mut tx, &[audit]).await?;
+        crash_point!("passwd.before-commit");
         tx.commit().await?;
+        crash_point!("passwd.committed");
         Ok(())
     }
 
@@ -153,7 +155,10 @@ impl SqliteStore {
         if count != rewrapped.len() as i64 {
             return Err(StoreError::Conflict("the set of secrets".into()));
         }
-        for key in rewrapped {
+        for (i, key) in rewrapped.iter().enumerate() {
+            if i == rewrapped.len() / 2 {
+                crash_point!("rekey.half-rewrapped");
+            }
             let done = sqlx::query("UPDATE secrets SET wrapped_data_key = ? WHERE id = ?")
                 .bind(key.wrapped_data_key.as_slice())
                 .bind(key.secret_id.as_str())
@@ -164,7 +169,9 @@ impl SqliteStore {
             }
         }
         append_audit_in(&mut tx, &[audit]).await?;
+        crash_point!("rekey.before-commit");
         tx.commit().await?;
+        crash_point!("rekey.committed");
         Ok(())
     }
 
