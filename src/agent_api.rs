@@ -31,12 +31,14 @@ use crate::clock::Millis;
 use crate::http::{self, ApiError, Handler};
 use crate::incident::signals::{FetchSeen, Signals};
 use crate::leases::LeaseError;
+use crate::plugin_host::PluginHost;
 use crate::policy::{self, Policy};
 use crate::provider::Provider;
+use crate::rotation::catalog::SecretSpec;
 use crate::services::Services;
 use crate::store::{LeaseRow, UpstreamState};
 use crate::value::SecretValue;
-use crate::vault::{Bound, short_fingerprint};
+use crate::vault::{Bound, VaultError, short_fingerprint};
 
 /// Longest TTL anyone may ask for; beyond it a request is malformed, not just clamped.
 const MAX_TTL_SECS: u64 = 366 * 86_400;
@@ -125,6 +127,50 @@ struct FetchQuery {
     ttl: Option<u64>,
     min_version: Option<i64>,
     wait: Option<u64>,
+}
+
+impl FetchQuery {
+    fn parse(query: Option<&str>) -> Result<FetchQuery, ApiError> {
+        let q = parse_query(query, &["ttl", "min_version", "wait"])?;
+        let ttl = q.get("ttl").copied();
+        if ttl.is_some_and(|t| t == 0 || t > MAX_TTL_SECS) {
+            return Err(bad_request(format!(
+                "ttl must be between 1 and {MAX_TTL_SECS} seconds"
+            )));
+        }
+        Ok(FetchQuery {
+            ttl,
+            min_version: q.get("min_version").map(|v| *v as i64),
+            wait: q.get("wait").copied(),
+        })
+    }
+}
+
+/// The plugin that mints a credential per fetch of a secret.
+struct Issuer<'a> {
+    spec: &'a SecretSpec,
+    host: &'a Arc<PluginHost>,
+    kind: &'a String,
+}
+
+/// What a fetch hands out: a stored version, or a credential issued for this lease alone.
+struct Served {
+    secret_id: String,
+    /// The stored version, or `None` for an issued credential.
+    version: Option<i64>,
+    value: SecretValue,
+    meta: crate::vault::Meta,
+    expires_at: Millis,
+    /// An issued credential, sealed to its lease (kept to revoke it when the lease ends).
+    sealed: Option<Vec<u8>>,
+    fingerprint: String,
+}
+
+/// An answer with a status and no body.
+fn status_only(status: StatusCode) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = status;
+    response
 }
 
 fn bad(message: impl Into<String>) -> Response<Full<Bytes>> {
@@ -259,48 +305,30 @@ impl AgentApi {
         conn: &AgentConn,
         name: &str,
         query: Option<&str>,
-    ) -> Response<Full<Bytes>> {
-        let q = match parse_query(query, &["ttl", "min_version", "wait"]) {
-            Ok(q) => FetchQuery {
-                ttl: q.get("ttl").copied(),
-                min_version: q.get("min_version").map(|v| *v as i64),
-                wait: q.get("wait").copied(),
-            },
-            Err(e) => return e.response(),
-        };
-        if let Some(ttl) = q.ttl {
-            if ttl == 0 || ttl > MAX_TTL_SECS {
-                return bad(format!("ttl must be between 1 and {MAX_TTL_SECS} seconds"));
-            }
-        }
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let q = FetchQuery::parse(query)?;
         let mut who = self.identity(conn).await;
         self.note_canary(name, &who);
         let Some(policy) = policy::decide(&self.policies, &mut who, name, self.daemon_uid) else {
-            return self.deny(&who, name, "no policy matches").await;
+            return Ok(self.deny(&who, name, "no policy matches").await);
         };
-        if let Some(rate) = &self.rate {
-            if !rate.allow(who.peer.uid) {
-                self.services
-                    .metrics
-                    .fetch_rate_limited
-                    .fetch_add(1, Ordering::Relaxed);
-                return http::error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    "too many fetches; slow down",
-                );
-            }
+        if self.rate.as_ref().is_some_and(|r| !r.allow(who.peer.uid)) {
+            self.services
+                .metrics
+                .fetch_rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many fetches; slow down",
+            ));
         }
-        let store = self.services.vault.store();
         if let Some(min) = q.min_version {
-            match self.wait_for_version(name, min, q.wait.unwrap_or(0)).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    let mut r = Response::new(Full::new(Bytes::new()));
-                    *r.status_mut() = StatusCode::NOT_MODIFIED;
-                    return r;
-                }
-                Err(e) => return e.response(),
+            if !self
+                .wait_for_version(name, min, q.wait.unwrap_or(0))
+                .await?
+            {
+                return Ok(status_only(StatusCode::NOT_MODIFIED));
             }
         }
         let ttl =
@@ -308,202 +336,178 @@ impl AgentApi {
         let now = self.services.clock.now();
         // Time-ordered ids keep lease inserts at the end of the index.
         let lease_id = uuid::Uuid::now_v7().to_string();
-        let issuer = self
-            .services
-            .catalog
-            .secrets
-            .get(name)
-            .and_then(|spec| {
-                self.services
-                    .catalog
-                    .providers
-                    .get(&spec.provider)
-                    .map(|p| (spec, p))
-            })
-            .filter(|(_, p)| p.can(Op::Issue) && !p.can(Op::Create));
-        let (secret_id, version, value, meta, expires_at, issued, fingerprint) = match issuer {
-            Some((spec, Provider::Plugin { host, kind, .. })) => {
-                let secret = match store.secret(name).await {
-                    Ok(Some(s)) => s,
-                    Ok(None) => {
-                        return http::error(
-                            StatusCode::NOT_FOUND,
-                            "unknown",
-                            format!("no secret named {name:?}"),
-                        );
-                    }
-                    Err(e) => {
-                        return http::error(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "store",
-                            e.to_string(),
-                        );
-                    }
-                };
-                let credentials = match self
-                    .services
-                    .engine
-                    .credentials_for(&spec.credentials)
-                    .await
-                {
-                    Ok(c) => c,
-                    Err(e) => return http::error(StatusCode::BAD_GATEWAY, "upstream", e),
-                };
-                let request = PluginRequest {
-                    op: Op::Issue.as_str().into(),
-                    kind: Some(kind.clone()),
-                    secret: Some(name.to_string()),
-                    settings: spec.settings.clone(),
-                    credentials,
-                    ttl_seconds: Some(ttl.as_secs()),
-                    ..PluginRequest::default()
-                };
-                let reply = match host.call(request).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        return http::error(StatusCode::BAD_GATEWAY, "upstream", e.to_string());
-                    }
-                };
-                let Some(value) = reply.value else {
-                    return http::error(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream",
-                        "the plugin issued no value",
-                    );
-                };
-                let value = SecretValue::new(value.expose().to_string());
-                let upstream_expiry = reply
-                    .expires_at
-                    .as_deref()
-                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                    .map(|t| t.timestamp_millis());
-                let expires = upstream_expiry.map_or(now + ttl.as_millis() as Millis, |u| {
-                    u.min(now + ttl.as_millis() as Millis)
-                });
-                let sealed =
-                    match self
-                        .services
-                        .vault
-                        .seal_bound(&secret, Bound::Issued(&lease_id), &value)
-                    {
-                        Ok(s) => s,
-                        Err(e) => {
-                            return http::error(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                "vault",
-                                e.to_string(),
-                            );
-                        }
-                    };
-                let fingerprint =
-                    short_fingerprint(&self.services.vault.fingerprint(value.expose().as_bytes()));
-                (
-                    secret.id,
-                    None,
-                    value,
-                    reply.meta,
-                    expires,
-                    Some(sealed),
-                    fingerprint,
-                )
-            }
-            _ => match self.services.vault.read(name, None).await {
-                Ok(r) => {
-                    // The stored version carries its fingerprint: no need to compute it again.
-                    let fingerprint = r.short_fingerprint();
-                    (
-                        r.secret_id,
-                        Some(r.version),
-                        r.value,
-                        r.meta,
-                        now + ttl.as_millis() as Millis,
-                        None,
-                        fingerprint,
-                    )
-                }
-                Err(crate::vault::VaultError::NoSuchSecret(_)) => {
-                    return http::error(
-                        StatusCode::NOT_FOUND,
-                        "unknown",
-                        format!("no secret named {name:?}"),
-                    );
-                }
-                Err(crate::vault::VaultError::NoCurrentVersion(_)) => {
-                    return http::error(
-                        StatusCode::NOT_FOUND,
-                        "unknown",
-                        format!("{name:?} has no value yet"),
-                    );
-                }
-                Err(e) => {
-                    return http::error(StatusCode::INTERNAL_SERVER_ERROR, "vault", e.to_string());
-                }
-            },
+        let served = match self.issuer(name) {
+            Some(issuer) => self.issue(issuer, name, &lease_id, ttl, now).await?,
+            None => self.stored(name, ttl, now).await?,
         };
-        let lease_secret_id = secret_id.clone();
-        let exe = who.exe.as_ref().map(|e| e.display().to_string());
-        let lease = LeaseRow {
-            id: lease_id.clone(),
-            secret_id,
-            secret_name: name.to_string(),
-            version,
-            issued_meta: issued.as_ref().map(|_| meta.clone()),
-            upstream_state: issued.as_ref().map(|_| UpstreamState::Live),
-            issued,
-            uid: who.peer.uid,
-            gid: who.peer.gid,
-            pid: who.peer.pid.unwrap_or(0),
-            exe: exe.clone(),
-            created_at: now,
-            expires_at,
-            ended_at: None,
-        };
-        let audit = AuditEvent::new(who.actor(), "fetch.allowed")
-            .secret(name)
-            .detail(AllowedDetail {
-                policy: &policy.name,
-                version,
-                lease_id: &lease_id,
-                ttl_seconds: (expires_at - now) / 1000,
-                fingerprint: &fingerprint,
-                issued: version.is_none(),
-            });
-        let reply = FetchReply {
-            name,
-            version,
-            value: value.expose(),
-            meta: &meta,
-            lease_id: &lease_id,
-            expires_at: rfc3339(expires_at),
-        };
-        let body = Zeroizing::new(serde_json::to_vec(&reply).expect("replies serialize"));
-        if let Err(e) = self.services.leases.grant(lease, audit).await {
-            return http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string());
-        }
-        self.services
-            .metrics
-            .fetch_allowed
-            .fetch_add(1, Ordering::Relaxed);
-        if let Some(signals) = &self.signals {
-            let exe = exe.unwrap_or_else(|| "unknown".into());
-            if let Some(news) = signals.note_fetch(&lease_secret_id, who.peer.uid, &exe) {
-                let fetch = FetchSeen {
-                    name: name.to_string(),
-                    secret_id: lease_secret_id,
-                    uid: who.peer.uid,
-                    exe,
-                    caller: who.actor(),
-                };
-                let signals = signals.clone();
-                tokio::spawn(async move { signals.act_on_fetch(fetch, news).await });
-            }
-        }
+        let body = self
+            .grant(&who, &policy.name, name, &lease_id, served, now)
+            .await?;
         let mut response = Response::new(Full::new(Bytes::copy_from_slice(&body)));
         response.headers_mut().insert(
             hyper::header::CONTENT_TYPE,
             hyper::header::HeaderValue::from_static("application/json"),
         );
-        response
+        Ok(response)
+    }
+
+    /// The secret's plugin, when each fetch of it mints a credential for its lease (the kind
+    /// can `issue` and cannot `create`).
+    fn issuer(&self, name: &str) -> Option<Issuer<'_>> {
+        let catalog = &self.services.catalog;
+        let spec = catalog.secrets.get(name)?;
+        match catalog.providers.get(&spec.provider)? {
+            Provider::Plugin { host, kind, info }
+                if info.supports(Op::Issue) && !info.supports(Op::Create) =>
+            {
+                Some(Issuer { spec, host, kind })
+            }
+            _ => None,
+        }
+    }
+
+    /// Mints a credential for lease `lease_id` through the secret's plugin, sealed to the lease.
+    async fn issue(
+        &self,
+        issuer: Issuer<'_>,
+        name: &str,
+        lease_id: &str,
+        ttl: Duration,
+        now: Millis,
+    ) -> Result<Served, ApiError> {
+        let vault = &self.services.vault;
+        let secret = vault
+            .store()
+            .secret(name)
+            .await?
+            .ok_or_else(|| VaultError::NoSuchSecret(name.to_string()))?;
+        let credentials = self
+            .services
+            .engine
+            .credentials_for(&issuer.spec.credentials)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "upstream", e))?;
+        let request = PluginRequest {
+            op: Op::Issue.as_str().into(),
+            kind: Some(issuer.kind.clone()),
+            secret: Some(name.to_string()),
+            settings: issuer.spec.settings.clone(),
+            credentials,
+            ttl_seconds: Some(ttl.as_secs()),
+            ..PluginRequest::default()
+        };
+        let reply = issuer.host.call(request).await?;
+        let value = reply.value.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream",
+                "the plugin issued no value",
+            )
+        })?;
+        let value = SecretValue::new(value.expose().to_string());
+        let lease_end = now + ttl.as_millis() as Millis;
+        let upstream_expiry = reply
+            .expires_at
+            .as_deref()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.timestamp_millis());
+        Ok(Served {
+            sealed: Some(vault.seal_bound(&secret, Bound::Issued(lease_id), &value)?),
+            fingerprint: short_fingerprint(&vault.fingerprint(value.expose().as_bytes())),
+            secret_id: secret.id,
+            version: None,
+            value,
+            meta: reply.meta,
+            expires_at: upstream_expiry.map_or(lease_end, |u| u.min(lease_end)),
+        })
+    }
+
+    /// The secret's current stored version.
+    async fn stored(&self, name: &str, ttl: Duration, now: Millis) -> Result<Served, ApiError> {
+        let read = self.services.vault.read(name, None).await?;
+        Ok(Served {
+            // The stored version carries its fingerprint: no need to compute it again.
+            fingerprint: read.short_fingerprint(),
+            secret_id: read.secret_id,
+            version: Some(read.version),
+            value: read.value,
+            meta: read.meta,
+            expires_at: now + ttl.as_millis() as Millis,
+            sealed: None,
+        })
+    }
+
+    /// Records the lease and its `fetch.allowed` audit row, and returns the reply body.
+    async fn grant(
+        &self,
+        who: &PeerIdentity,
+        policy: &str,
+        name: &str,
+        lease_id: &str,
+        served: Served,
+        now: Millis,
+    ) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+        let exe = who.exe.as_ref().map(|e| e.display().to_string());
+        let lease = LeaseRow {
+            id: lease_id.to_string(),
+            secret_id: served.secret_id.clone(),
+            secret_name: name.to_string(),
+            version: served.version,
+            issued_meta: served.sealed.as_ref().map(|_| served.meta.clone()),
+            upstream_state: served.sealed.as_ref().map(|_| UpstreamState::Live),
+            issued: served.sealed,
+            uid: who.peer.uid,
+            gid: who.peer.gid,
+            pid: who.peer.pid.unwrap_or(0),
+            exe: exe.clone(),
+            created_at: now,
+            expires_at: served.expires_at,
+            ended_at: None,
+        };
+        let audit = AuditEvent::new(who.actor(), "fetch.allowed")
+            .secret(name)
+            .detail(AllowedDetail {
+                policy,
+                version: served.version,
+                lease_id,
+                ttl_seconds: (served.expires_at - now) / 1000,
+                fingerprint: &served.fingerprint,
+                issued: served.version.is_none(),
+            });
+        let reply = FetchReply {
+            name,
+            version: served.version,
+            value: served.value.expose(),
+            meta: &served.meta,
+            lease_id,
+            expires_at: rfc3339(served.expires_at),
+        };
+        let body = Zeroizing::new(serde_json::to_vec(&reply).expect("replies serialize"));
+        self.services.leases.grant(lease, audit).await?;
+        self.services
+            .metrics
+            .fetch_allowed
+            .fetch_add(1, Ordering::Relaxed);
+        self.note_fetch(who, name, &served.secret_id, exe);
+        Ok(body)
+    }
+
+    /// Tells the anomaly detector of an allowed fetch; what is news to it is acted on in the
+    /// background.
+    fn note_fetch(&self, who: &PeerIdentity, name: &str, secret_id: &str, exe: Option<String>) {
+        let Some(signals) = &self.signals else { return };
+        let exe = exe.unwrap_or_else(|| "unknown".into());
+        if let Some(news) = signals.note_fetch(secret_id, who.peer.uid, &exe) {
+            let fetch = FetchSeen {
+                name: name.to_string(),
+                secret_id: secret_id.to_string(),
+                uid: who.peer.uid,
+                exe,
+                caller: who.actor(),
+            };
+            let signals = signals.clone();
+            tokio::spawn(async move { signals.act_on_fetch(fetch, news).await });
+        }
     }
 
     /// Waits (up to `wait` seconds) until `name`'s current version is at least `min`.
@@ -553,25 +557,16 @@ impl AgentApi {
         conn: &AgentConn,
         id: &str,
         query: Option<&str>,
-    ) -> Response<Full<Bytes>> {
-        let q = match parse_query(query, &["ttl"]) {
-            Ok(q) => q,
-            Err(e) => return e.response(),
-        };
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let q = parse_query(query, &["ttl"])?;
         let mut who = self.identity(conn).await;
-        let Some(lease) = self.services.leases.get(id) else {
-            return http::error(
-                StatusCode::NOT_FOUND,
-                "unknown",
-                "no live lease with that id",
-            );
-        };
+        let lease = self.services.leases.get(id).ok_or(LeaseError::NotFound)?;
         if lease.issued.is_some() {
-            return http::error(
+            return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "issued",
                 "a credential issued for a lease expires upstream and cannot be renewed; fetch a new one",
-            );
+            ));
         }
         let Some(policy) = policy::decide(
             &self.policies,
@@ -580,14 +575,16 @@ impl AgentApi {
             self.daemon_uid,
         )
         .cloned() else {
-            return self
+            return Ok(self
                 .deny(&who, &lease.secret_name, "no policy matches the renewal")
-                .await;
+                .await);
         };
         let ttl = match q.get("ttl") {
-            Some(0) => return bad("ttl must be at least 1 second"),
+            Some(0) => return Err(bad_request("ttl must be at least 1 second")),
             Some(t) if *t > MAX_TTL_SECS => {
-                return bad(format!("ttl must be at most {MAX_TTL_SECS} seconds"));
+                return Err(bad_request(format!(
+                    "ttl must be at most {MAX_TTL_SECS} seconds"
+                )));
             }
             Some(t) => Duration::from_secs(*t),
             None => self.default_ttl,
@@ -597,50 +594,25 @@ impl AgentApi {
         let audit = AuditEvent::new(who.actor(), "lease.renewed")
             .secret(&lease.secret_name)
             .detail(json!({ "lease_id": id, "ttl_seconds": ttl.as_secs() }));
-        match self
+        let l = self
             .services
             .leases
             .renew(id, who.peer.uid, expires_at, audit)
-            .await
-        {
-            Ok(l) => http::json(
-                StatusCode::OK,
-                &json!({ "lease_id": l.id, "name": l.secret_name, "version": l.version, "expires_at": rfc3339(l.expires_at) }),
-            ),
-            Err(e) => lease_error(e),
-        }
+            .await?;
+        Ok(http::json(
+            StatusCode::OK,
+            &json!({ "lease_id": l.id, "name": l.secret_name, "version": l.version, "expires_at": rfc3339(l.expires_at) }),
+        ))
     }
 
-    async fn delete(&self, conn: &AgentConn, id: &str) -> Response<Full<Bytes>> {
+    async fn delete(&self, conn: &AgentConn, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
         let who = self.identity(conn).await;
-        let Some(lease) = self.services.leases.get(id) else {
-            return http::error(
-                StatusCode::NOT_FOUND,
-                "unknown",
-                "no live lease with that id",
-            );
-        };
+        let lease = self.services.leases.get(id).ok_or(LeaseError::NotFound)?;
         let audit = AuditEvent::new(who.actor(), "lease.deleted")
             .secret(&lease.secret_name)
             .detail(json!({ "lease_id": id }));
-        match self.services.leases.delete(id, who.peer.uid, audit).await {
-            Ok(()) => {
-                let mut r = Response::new(Full::new(Bytes::new()));
-                *r.status_mut() = StatusCode::NO_CONTENT;
-                r
-            }
-            Err(e) => lease_error(e),
-        }
-    }
-}
-
-fn lease_error(e: LeaseError) -> Response<Full<Bytes>> {
-    match e {
-        LeaseError::NotFound => http::error(StatusCode::NOT_FOUND, "unknown", e.to_string()),
-        LeaseError::Forbidden => http::error(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
-        LeaseError::Store(_) => {
-            http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
-        }
+        self.services.leases.delete(id, who.peer.uid, audit).await?;
+        Ok(status_only(StatusCode::NO_CONTENT))
     }
 }
 
@@ -685,12 +657,21 @@ impl Handler for AgentApi {
             if let Err(e) = crate::name::validate(name) {
                 return bad(e.to_string());
             }
-            return self.fetch(conn, name, query).await;
+            return self
+                .fetch(conn, name, query)
+                .await
+                .unwrap_or_else(|e| e.response());
         }
         if let Some(rest) = path.strip_prefix("/v1/leases/") {
             return match (method, rest.strip_suffix("/renew")) {
-                (&Method::PUT, Some(id)) if valid_lease_id(id) => self.renew(conn, id, query).await,
-                (&Method::DELETE, None) if valid_lease_id(rest) => self.delete(conn, rest).await,
+                (&Method::PUT, Some(id)) if valid_lease_id(id) => self
+                    .renew(conn, id, query)
+                    .await
+                    .unwrap_or_else(|e| e.response()),
+                (&Method::DELETE, None) if valid_lease_id(rest) => self
+                    .delete(conn, rest)
+                    .await
+                    .unwrap_or_else(|e| e.response()),
                 (&Method::PUT | &Method::DELETE, _) => bad("malformed lease id"),
                 _ => http::error(
                     StatusCode::METHOD_NOT_ALLOWED,

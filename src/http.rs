@@ -21,6 +21,10 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::attest::{Peer, boot_seconds};
+use crate::leases::LeaseError;
+use crate::plugin_host::PluginError;
+use crate::store::StoreError;
+use crate::vault::VaultError;
 
 /// Errors creating a socket.
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +173,48 @@ impl ApiError {
     /// The response `{"error":{"code","message"}}`.
     pub fn response(&self) -> Response<Full<Bytes>> {
         error(self.status, self.code, self.message.clone())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+    }
+}
+
+impl From<VaultError> for ApiError {
+    fn from(e: VaultError) -> Self {
+        match e {
+            VaultError::NoSuchSecret(name) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown",
+                format!("no secret named {name:?}"),
+            ),
+            VaultError::NoCurrentVersion(name) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown",
+                format!("{name:?} has no value yet"),
+            ),
+            VaultError::Store(e) => e.into(),
+            e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "vault", e.to_string()),
+        }
+    }
+}
+
+impl From<LeaseError> for ApiError {
+    fn from(e: LeaseError) -> Self {
+        let (status, code) = match e {
+            LeaseError::NotFound => (StatusCode::NOT_FOUND, "unknown"),
+            LeaseError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            LeaseError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<PluginError> for ApiError {
+    fn from(e: PluginError) -> Self {
+        ApiError::new(StatusCode::BAD_GATEWAY, "upstream", e.to_string())
     }
 }
 
