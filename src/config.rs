@@ -287,6 +287,14 @@ fn default_after_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
+/// One step into the parsed document, to find a line: a key of a table, or an element of an
+/// array of tables.
+#[derive(Clone, Copy)]
+enum Step<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
 /// The names the built-in providers answer to.
 pub const BUILTIN_PROVIDERS: [&str; 2] = ["random", "manual"];
 
@@ -357,33 +365,44 @@ impl Config {
         default_store_path().ok_or(ConfigError::NoStorePath)
     }
 
-    /// The line of `key` in the table `[section.name]` (or of the table header when the key is
-    /// not written there), or 1 when the table cannot be found.
+    /// The line of `key` in the table `[section.name]` (or of the table itself when the key is
+    /// not written there), from the parsed document's spans.
     pub fn line_of(&self, section: &str, name: &str, key: &str) -> usize {
-        let headers = [
-            format!("[{section}.\"{name}\"]"),
-            format!("[{section}.{name}]"),
-            format!("[{section}.'{name}']"),
-        ];
-        let lines: Vec<&str> = self.source_text.lines().collect();
-        let Some(start) = lines.iter().position(|l| {
-            headers
-                .iter()
-                .any(|h| l.trim_start().starts_with(h.as_str()))
-        }) else {
+        let mut path = vec![Step::Key(section), Step::Key(name)];
+        path.extend(key.split('.').filter(|k| !k.is_empty()).map(Step::Key));
+        self.line_at(&path)
+    }
+
+    /// The line where the deepest element of `path` that the document has starts (1 when the
+    /// document has none of it).
+    fn line_at(&self, path: &[Step<'_>]) -> usize {
+        let Ok(doc) = toml::de::DeTable::parse(&self.source_text) else {
             return 1;
         };
-        let first_key = key.split('.').next().unwrap_or("");
-        let in_table = lines[start + 1..]
-            .iter()
-            .take_while(|l| !l.trim_start().starts_with('['))
-            .position(|l| {
-                let l = l.trim_start();
-                !first_key.is_empty()
-                    && l.strip_prefix(first_key)
-                        .is_some_and(|rest| rest.trim_start().starts_with('='))
-            });
-        start + 1 + in_table.map_or(0, |i| i + 1)
+        let mut start = 0;
+        let mut value = Some(doc.get_ref());
+        let mut array = None;
+        for step in path {
+            let found = match (step, value, array) {
+                (Step::Key(k), Some(table), _) => table
+                    .iter()
+                    .find(|(key, _)| key.get_ref().as_ref() == *k)
+                    .map(|(key, v)| (key.span().start, v.get_ref())),
+                (Step::Index(i), _, Some(items)) => {
+                    let items: &toml::de::DeArray<'_> = items;
+                    items.get(*i).map(|v| (v.span().start, v.get_ref()))
+                }
+                _ => None,
+            };
+            let Some((at, next)) = found else { break };
+            start = at;
+            (value, array) = match next {
+                toml::de::DeValue::Table(t) => (Some(t), None),
+                toml::de::DeValue::Array(a) => (None, Some(a)),
+                _ => (None, None),
+            };
+        }
+        self.source_text[..start].matches('\n').count() + 1
     }
 
     /// An [`ConfigError::Invalid`] for `key` of the table `[section.name]`.
@@ -400,7 +419,22 @@ impl Config {
         }
     }
 
+    /// Checks what deserializing cannot: values that must agree with each other, and every
+    /// reference between sections.
     fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_plugins()?;
+        self.validate_secrets()?;
+        self.validate_consumers()?;
+        self.validate_signals()?;
+        for (i, policy) in self.policy.iter().enumerate() {
+            crate::policy::check(policy)
+                .map_err(|(key, message)| self.invalid_policy(i, key, message))?;
+        }
+        Ok(())
+    }
+
+    /// `[plugins.NAME]`: a command, a well-formed pin, a positive concurrency.
+    fn validate_plugins(&self) -> Result<(), ConfigError> {
         for (name, plugin) in &self.plugins {
             if plugin.command.is_empty() {
                 return Err(self.invalid(
@@ -427,6 +461,11 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// `[secrets."NAME"]`: names, one schedule, known consumers, credentials and limits.
+    fn validate_secrets(&self) -> Result<(), ConfigError> {
         for (name, secret) in &self.secrets {
             crate::name::validate(name)
                 .map_err(|e| self.invalid("secrets", name, "", e.to_string()))?;
@@ -485,6 +524,11 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// `[consumers.NAME]`: a file consumer's path and template; no file keys on plugin kinds.
+    fn validate_consumers(&self) -> Result<(), ConfigError> {
         for (name, consumer) in &self.consumers {
             if consumer.kind == "file" {
                 if consumer.path.is_none() {
@@ -514,67 +558,56 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// `[signals]`: a listener needs its key; the alert consumer exists; sane anomaly limits.
+    fn validate_signals(&self) -> Result<(), ConfigError> {
         let signals = &self.signals;
-        let signals_error = |key: &str, message: String| ConfigError::Invalid {
-            path: self.source_path.clone().unwrap_or_default(),
-            line: self
-                .source_text
-                .lines()
-                .position(|l| l.trim_start().starts_with("[signals]"))
-                .map_or(1, |i| i + 1),
-            key: format!("signals.{key}"),
-            message,
-        };
         if let Some(listen) = &signals.listen {
             if listen.parse::<std::net::SocketAddr>().is_err() {
-                return Err(signals_error(
+                return Err(self.invalid_signals(
                     "listen",
                     format!("{listen:?} is not an address such as \"127.0.0.1:8787\""),
                 ));
             }
             if signals.hmac_secret.is_none() {
-                return Err(signals_error(
+                return Err(self.invalid_signals(
                     "hmac_secret",
                     "the listener needs the secret that holds its HMAC key".into(),
                 ));
             }
         }
         if let Some(name) = &signals.hmac_secret {
-            crate::name::validate(name).map_err(|e| signals_error("hmac_secret", e.to_string()))?;
+            crate::name::validate(name)
+                .map_err(|e| self.invalid_signals("hmac_secret", e.to_string()))?;
         }
         if let Some(consumer) = &signals.alert_consumer {
             if !self.consumers.contains_key(consumer) {
-                return Err(signals_error(
-                    "alert_consumer",
-                    format!("no consumer named {consumer:?}"),
-                ));
+                return Err(self
+                    .invalid_signals("alert_consumer", format!("no consumer named {consumer:?}")));
             }
         }
         if signals.anomaly_rate_factor < 1.0 {
-            return Err(signals_error(
-                "anomaly_rate_factor",
-                "must be at least 1".into(),
-            ));
-        }
-        for (i, policy) in self.policy.iter().enumerate() {
-            crate::policy::check(policy)
-                .map_err(|(key, message)| self.invalid_policy(i, key, message))?;
+            return Err(self.invalid_signals("anomaly_rate_factor", "must be at least 1".into()));
         }
         Ok(())
     }
 
     fn invalid_policy(&self, index: usize, key: &str, message: String) -> ConfigError {
-        let line = self
-            .source_text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| l.trim_start().starts_with("[[policy]]"))
-            .nth(index)
-            .map_or(1, |(i, _)| i + 1);
         ConfigError::Invalid {
             path: self.source_path.clone().unwrap_or_default(),
-            line,
+            line: self.line_at(&[Step::Key("policy"), Step::Index(index), Step::Key(key)]),
             key: format!("policy[{index}].{key}"),
+            message,
+        }
+    }
+
+    fn invalid_signals(&self, key: &str, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.source_path.clone().unwrap_or_default(),
+            line: self.line_at(&[Step::Key("signals"), Step::Key(key)]),
+            key: format!("signals.{key}"),
             message,
         }
     }
@@ -734,5 +767,36 @@ after = ["systemctl", "reload", "deploy-agent"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("template"), "{err}");
+    }
+
+    #[test]
+    fn lines_come_from_the_parsed_document() {
+        let line = |text: &str| {
+            let err = Config::parse(text, Path::new("kw.toml"))
+                .unwrap_err()
+                .to_string();
+            let at = err.find("line ").expect("a line") + 5;
+            err[at..]
+                .split(',')
+                .next()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+        };
+        // The second element of an array of tables, at the key that is wrong.
+        let policies = "[[policy]]\nname = \"a\"\nsame_user = true\nsecrets = [\"x/*\"]\n\n\
+                        [[policy]]\nname = \"b\"\nsame_user = true\n# a comment\nsecrets = []\n";
+        assert_eq!(line(policies), 10);
+        // A key of [signals], wherever the table starts.
+        let signals = "[agent]\ndefault_ttl = \"5m\"\n\n[signals]\nlisten = \"127.0.0.1:1\"\n\
+                       hmac_secret = \"s/k\"\nalert_consumer = \"x\"\n";
+        assert_eq!(line(signals), 7);
+        // A key that is not written: the line of its table.
+        let unwritten = "[agent]\ndefault_ttl = \"5m\"\n\n[signals]\nlisten = \"127.0.0.1:1\"\n";
+        assert_eq!(line(unwritten), 4);
+        // A dotted key inside an inline table.
+        let credentials = "[secrets.\"a/b\"]\nprovider = \"manual\"\n\
+                           credentials = { admin = \"not a name!\" }\n";
+        assert_eq!(line(credentials), 3);
     }
 }

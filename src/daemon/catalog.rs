@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::StartError;
-use crate::config::{BUILTIN_PROVIDERS, Config};
+use crate::config::{BUILTIN_PROVIDERS, Config, ConsumerConfig, SecretConfig};
 use crate::consumer::{Consumer, FileConsumer, resolve_id};
 use crate::plugin_host::{PluginHost, PluginSpec, Redactor};
 use crate::provider::Provider;
@@ -32,11 +32,40 @@ pub fn work_dir(config: &Config, store_path: &Path) -> PathBuf {
 /// Starts every configured plugin (handshake included) and builds the catalog of providers,
 /// secrets and consumers, checking every reference.
 pub async fn build_catalog(config: &Config, store_path: &Path) -> Result<Catalog, StartError> {
-    let redactor = Arc::new(Redactor::default());
-    let work = work_dir(config, store_path);
     let mut catalog = Catalog::default();
     catalog.providers.insert("random".into(), Provider::Random);
     catalog.providers.insert("manual".into(), Provider::Manual);
+    start_plugins(config, &work_dir(config, store_path), &mut catalog).await?;
+    for (name, c) in &config.consumers {
+        let consumer = consumer(config, name, c, &catalog)?;
+        catalog.consumers.insert(name.clone(), consumer);
+    }
+    for (name, s) in &config.secrets {
+        if !catalog.providers.contains_key(&s.provider) {
+            let known: Vec<&String> = catalog.providers.keys().collect();
+            return Err(config
+                .invalid(
+                    "secrets",
+                    name,
+                    "provider",
+                    format!("no provider {:?}; known: {known:?}", s.provider),
+                )
+                .into());
+        }
+        catalog
+            .secrets
+            .insert(name.clone(), secret_spec(config, name, s));
+    }
+    Ok(catalog)
+}
+
+/// Starts each plugin and registers the kinds it serves (no kind twice, none built in).
+async fn start_plugins(
+    config: &Config,
+    work: &Path,
+    catalog: &mut Catalog,
+) -> Result<(), StartError> {
+    let redactor = Arc::new(Redactor::default());
     let mut owners: HashMap<String, String> = HashMap::new();
     for (name, plugin) in &config.plugins {
         let spec = PluginSpec {
@@ -46,7 +75,7 @@ pub async fn build_catalog(config: &Config, store_path: &Path) -> Result<Catalog
             env: plugin.env.clone(),
             timeout: plugin.timeout.unwrap_or(config.daemon.plugin_timeout),
             max_concurrency: plugin.max_concurrency,
-            work_dir: work.clone(),
+            work_dir: work.to_path_buf(),
         };
         let host = Arc::new(PluginHost::new(spec, redactor.clone()));
         let hello = host.start().await?;
@@ -79,96 +108,79 @@ pub async fn build_catalog(config: &Config, store_path: &Path) -> Result<Catalog
         }
         catalog.plugins.push(host);
     }
-    for (name, c) in &config.consumers {
-        let consumer = if c.kind == "file" {
-            let owner = c
-                .owner
-                .as_deref()
-                .map(|o| resolve_id(o, "/etc/passwd"))
+    Ok(())
+}
+
+/// A consumer: the built-in file consumer, or a plugin kind that can push.
+fn consumer(
+    config: &Config,
+    name: &str,
+    c: &ConsumerConfig,
+    catalog: &Catalog,
+) -> Result<Consumer, StartError> {
+    if c.kind == "file" {
+        let id = |key, value: Option<&String>, table| {
+            value
+                .map(|v| resolve_id(v, table))
                 .transpose()
-                .map_err(|e| config.invalid("consumers", name, "owner", e))?;
-            let group = c
-                .group
-                .as_deref()
-                .map(|g| resolve_id(g, "/etc/group"))
-                .transpose()
-                .map_err(|e| config.invalid("consumers", name, "group", e))?;
-            Consumer::File(FileConsumer {
-                path: c.path.clone().expect("checked at parse"),
-                mode: c.mode.unwrap_or(0o600),
-                owner,
-                group,
-                template: c.template.clone().unwrap_or_else(|| "{{value}}".into()),
-                after: c.after.clone(),
-                after_timeout: c.after_timeout,
-            })
-        } else {
-            match catalog.providers.get(&c.kind) {
-                Some(Provider::Plugin { host, kind, info })
-                    if info.supports(keywarden_plugin_sdk::Op::Push) =>
-                {
-                    Consumer::Plugin {
-                        host: host.clone(),
-                        kind: kind.clone(),
-                        settings: c.settings.clone(),
-                        credentials: c.credentials.clone(),
-                    }
-                }
-                Some(_) => {
-                    return Err(config
-                        .invalid(
-                            "consumers",
-                            name,
-                            "kind",
-                            format!("kind {:?} does not support push", c.kind),
-                        )
-                        .into());
-                }
-                None => {
-                    return Err(config
-                        .invalid(
-                            "consumers",
-                            name,
-                            "kind",
-                            format!(
-                                "no plugin serves kind {:?} (and it is not \"file\")",
-                                c.kind
-                            ),
-                        )
-                        .into());
-                }
-            }
+                .map_err(|e| config.invalid("consumers", name, key, e))
         };
-        catalog.consumers.insert(name.clone(), consumer);
+        return Ok(Consumer::File(FileConsumer {
+            path: c.path.clone().expect("checked at parse"),
+            mode: c.mode.unwrap_or(0o600),
+            owner: id("owner", c.owner.as_ref(), "/etc/passwd")?,
+            group: id("group", c.group.as_ref(), "/etc/group")?,
+            template: c.template.clone().unwrap_or_else(|| "{{value}}".into()),
+            after: c.after.clone(),
+            after_timeout: c.after_timeout,
+        }));
     }
-    for (name, s) in &config.secrets {
-        if !catalog.providers.contains_key(&s.provider) {
-            let known: Vec<&String> = catalog.providers.keys().collect();
-            return Err(config
-                .invalid(
-                    "secrets",
-                    name,
-                    "provider",
-                    format!("no provider {:?}; known: {known:?}", s.provider),
-                )
-                .into());
+    match catalog.providers.get(&c.kind) {
+        Some(Provider::Plugin { host, kind, info })
+            if info.supports(keywarden_plugin_sdk::Op::Push) =>
+        {
+            Ok(Consumer::Plugin {
+                host: host.clone(),
+                kind: kind.clone(),
+                settings: c.settings.clone(),
+                credentials: c.credentials.clone(),
+            })
         }
-        catalog.secrets.insert(
-            name.clone(),
-            SecretSpec {
-                name: name.clone(),
-                provider: s.provider.clone(),
-                credentials: s.credentials.clone(),
-                settings: s.settings.clone(),
-                grace: s.grace,
-                tags: s.tags.clone(),
-                consumers: s.consumers.clone(),
-                max_attempts: s.max_attempts.unwrap_or(config.daemon.max_attempts),
-                generate: s.generate,
-                schedule: config.schedule_of(s),
-                canary: s.canary,
-            },
-        );
+        Some(_) => Err(config
+            .invalid(
+                "consumers",
+                name,
+                "kind",
+                format!("kind {:?} does not support push", c.kind),
+            )
+            .into()),
+        None => Err(config
+            .invalid(
+                "consumers",
+                name,
+                "kind",
+                format!(
+                    "no plugin serves kind {:?} (and it is not \"file\")",
+                    c.kind
+                ),
+            )
+            .into()),
     }
-    Ok(catalog)
+}
+
+/// A declared secret as the engine manages it, with the daemon's defaults filled in.
+fn secret_spec(config: &Config, name: &str, s: &SecretConfig) -> SecretSpec {
+    SecretSpec {
+        name: name.to_string(),
+        provider: s.provider.clone(),
+        credentials: s.credentials.clone(),
+        settings: s.settings.clone(),
+        grace: s.grace,
+        tags: s.tags.clone(),
+        consumers: s.consumers.clone(),
+        max_attempts: s.max_attempts.unwrap_or(config.daemon.max_attempts),
+        generate: s.generate,
+        schedule: config.schedule_of(s),
+        canary: s.canary,
+    }
 }
