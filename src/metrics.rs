@@ -58,12 +58,39 @@ pub async fn render(
     live_leases: usize,
 ) -> Result<String, StoreError> {
     let mut out = String::new();
-    let secrets = store.list().await?;
-
-    out.push_str(
-        "# HELP keywarden_secret_age_seconds Seconds since the secret's current version was set.\n",
+    render_store(&mut out, store, now).await?;
+    render_counters(&mut out, metrics, live_leases);
+    family(
+        &mut out,
+        "keywarden_plugin_restarts_total",
+        "counter",
+        "Plugin process restarts after the first start.",
     );
-    out.push_str("# TYPE keywarden_secret_age_seconds gauge\n");
+    for p in plugins {
+        let _ = writeln!(
+            out,
+            "keywarden_plugin_restarts_total{{plugin=\"{}\"}} {}",
+            label(p.name()),
+            p.restarts()
+        );
+    }
+    Ok(out)
+}
+
+/// Writes the `# HELP` and `# TYPE` lines of a metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Secret ages, quarantines and rotations, from the store.
+async fn render_store(out: &mut String, store: &Store, now: Millis) -> Result<(), StoreError> {
+    let secrets = store.list().await?;
+    family(
+        out,
+        "keywarden_secret_age_seconds",
+        "gauge",
+        "Seconds since the secret's current version was set.",
+    );
     for s in secrets.iter().filter(|s| s.version.is_some()) {
         let _ = writeln!(
             out,
@@ -72,8 +99,12 @@ pub async fn render(
             (now - s.updated_at).max(0) / 1000
         );
     }
-    out.push_str("# HELP keywarden_secret_quarantined Whether automatic rotation of the secret is stopped.\n");
-    out.push_str("# TYPE keywarden_secret_quarantined gauge\n");
+    family(
+        out,
+        "keywarden_secret_quarantined",
+        "gauge",
+        "Whether automatic rotation of the secret is stopped.",
+    );
     for s in &secrets {
         let _ = writeln!(
             out,
@@ -82,20 +113,24 @@ pub async fn render(
             u8::from(s.quarantined_at.is_some())
         );
     }
-
-    out.push_str("# HELP keywarden_rotations_total Rotations by result (terminal state), since the store was created.\n");
-    out.push_str("# TYPE keywarden_rotations_total counter\n");
+    family(
+        out,
+        "keywarden_rotations_total",
+        "counter",
+        "Rotations by result (terminal state), since the store was created.",
+    );
     for (state, count) in store.rotation_counts().await? {
         let _ = writeln!(
             out,
             "keywarden_rotations_total{{result=\"{state}\"}} {count}"
         );
     }
-
-    out.push_str(
-        "# HELP keywarden_pending_rotation_age_seconds Age of each rotation in progress.\n",
+    family(
+        out,
+        "keywarden_pending_rotation_age_seconds",
+        "gauge",
+        "Age of each rotation in progress.",
     );
-    out.push_str("# TYPE keywarden_pending_rotation_age_seconds gauge\n");
     for r in store.active_rotations().await? {
         let _ = writeln!(
             out,
@@ -105,14 +140,19 @@ pub async fn render(
             (now - r.created_at).max(0) / 1000
         );
     }
+    Ok(())
+}
 
-    out.push_str(
-        "# HELP keywarden_active_leases Live leases.\n# TYPE keywarden_active_leases gauge\n",
-    );
+/// Leases, fetch decisions, watches, alerts and signals, from the in-memory counters.
+fn render_counters(out: &mut String, metrics: &Metrics, live_leases: usize) {
+    family(out, "keywarden_active_leases", "gauge", "Live leases.");
     let _ = writeln!(out, "keywarden_active_leases {live_leases}");
-
-    out.push_str("# HELP keywarden_fetch_decisions_total Fetch decisions on the agent socket.\n");
-    out.push_str("# TYPE keywarden_fetch_decisions_total counter\n");
+    family(
+        out,
+        "keywarden_fetch_decisions_total",
+        "counter",
+        "Fetch decisions on the agent socket.",
+    );
     for (decision, counter) in [
         ("allow", &metrics.fetch_allowed),
         ("deny", &metrics.fetch_denied),
@@ -124,43 +164,35 @@ pub async fn render(
             counter.load(Ordering::Relaxed)
         );
     }
-    out.push_str(
-        "# HELP keywarden_watch_timeouts_total Watches that ended without a new version.\n",
+    family(
+        out,
+        "keywarden_watch_timeouts_total",
+        "counter",
+        "Watches that ended without a new version.",
     );
-    out.push_str("# TYPE keywarden_watch_timeouts_total counter\n");
     let _ = writeln!(
         out,
         "keywarden_watch_timeouts_total {}",
         metrics.watch_timeouts.load(Ordering::Relaxed)
     );
-
-    out.push_str("# HELP keywarden_alerts_total Alerts raised, by kind.\n");
-    out.push_str("# TYPE keywarden_alerts_total counter\n");
+    family(
+        out,
+        "keywarden_alerts_total",
+        "counter",
+        "Alerts raised, by kind.",
+    );
     for (kind, n) in metrics.alerts.lock().expect("metrics lock").iter() {
-        let _ = writeln!(
-            out,
-            "keywarden_alerts_total{{kind=\"{}\"}} {n}",
-            label(kind)
-        );
+        let _ = writeln!(out, "keywarden_alerts_total{{kind=\"{kind}\"}} {n}");
     }
-    out.push_str("# HELP keywarden_signals_rejected_total Signals refused for a bad signature.\n");
-    out.push_str("# TYPE keywarden_signals_rejected_total counter\n");
+    family(
+        out,
+        "keywarden_signals_rejected_total",
+        "counter",
+        "Signals refused for a bad signature.",
+    );
     let _ = writeln!(
         out,
         "keywarden_signals_rejected_total {}",
         metrics.signals_rejected.load(Ordering::Relaxed)
     );
-    out.push_str(
-        "# HELP keywarden_plugin_restarts_total Plugin process restarts after the first start.\n",
-    );
-    out.push_str("# TYPE keywarden_plugin_restarts_total counter\n");
-    for p in plugins {
-        let _ = writeln!(
-            out,
-            "keywarden_plugin_restarts_total{{plugin=\"{}\"}} {}",
-            label(p.name()),
-            p.restarts()
-        );
-    }
-    Ok(out)
 }

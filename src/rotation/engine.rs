@@ -24,7 +24,7 @@ use crate::audit::AuditEvent;
 use crate::clock::Clock;
 use crate::clock::Millis;
 use crate::provider::Provider;
-use crate::store::{NewRotation, RotationRecord, StoreError};
+use crate::store::{NewRotation, RotationRecord, SecretRecord, StoreError};
 use crate::store::{Reason, RotationState};
 use crate::vault::{Bound, Vault, VaultError};
 
@@ -227,28 +227,7 @@ impl Engine {
         incident_id: Option<&str>,
     ) -> Result<Ticket, EngineError> {
         let spec = self.spec(name)?;
-        let provider = self
-            .provider(spec)
-            .ok_or_else(|| EngineError::NeedsPerson {
-                name: name.to_string(),
-                reason: format!("its provider {:?} is not available", spec.provider),
-            })?;
-        if !provider.can(Op::Create) {
-            let console = spec
-                .settings
-                .get("console_url")
-                .and_then(|v| v.as_str())
-                .map(|u| format!(" (create it at {u})"))
-                .unwrap_or_default();
-            return Err(EngineError::NeedsPerson {
-                name: name.to_string(),
-                reason: format!(
-                    "provider {:?} cannot create credentials{console}; store a new value with \
-                     `keywarden put {name}`",
-                    spec.provider
-                ),
-            });
-        }
+        self.check_can_create(spec)?;
         let store = self.vault.store();
         let secret = store
             .secret(name)
@@ -277,63 +256,123 @@ impl Engine {
                 });
             }
             if let Some(active) = latest.filter(|r| !r.state.is_terminal()) {
-                if emergency && !active.emergency {
-                    let audit = AuditEvent::new(ACTOR, "rotation.escalated")
-                        .secret(name)
-                        .incident(incident_id.map(str::to_string))
-                        .detail(json!({ "rotation_id": active.id }));
-                    store
-                        .escalate_rotation(&active.id, incident_id, audit)
-                        .await?;
-                }
-                store.reset_rotation_attempts(&active.id).await?;
-                self.spawn(active.id.clone());
-                return Ok(Ticket {
-                    rotation_id: active.id,
-                    joined: true,
-                });
+                return self.join(name, active, emergency, incident_id).await;
             }
-            let current = store.sealed(name, None).await?.map(|s| s.version.version);
-            let rotation_id = uuid::Uuid::new_v4().to_string();
-            let proposed = spec.generate.generate().map_err(VaultError::from)?;
-            let sealed =
-                self.vault
-                    .seal_bound(&secret, Bound::Proposed(&rotation_id), &proposed)?;
-            let plan = NewRotation {
-                id: rotation_id.clone(),
-                secret_id: secret.id.clone(),
-                from_version: current,
-                proposed: Some(sealed),
-                reason,
-                emergency,
-                incident_id: incident_id.map(str::to_string),
-            };
-            let audit = AuditEvent::new(ACTOR, "rotation.planned")
-                .secret(name)
-                .incident(incident_id.map(str::to_string))
-                .detail(json!({
-                    "rotation_id": rotation_id,
-                    "from_version": current,
-                    "reason": reason.as_str(),
-                    "emergency": emergency,
-                }));
-            match store.plan_rotation(&plan, audit).await {
-                Ok(()) => {
-                    tracing::info!(secret = name, rotation = %rotation_id, reason = reason.as_str(), "rotation planned");
-                    self.spawn(rotation_id.clone());
+            match self
+                .plan(spec, &secret, reason, emergency, incident_id)
+                .await
+            {
+                Ok(rotation_id) => {
                     return Ok(Ticket {
                         rotation_id,
                         joined: false,
                     });
                 }
                 // Another request planned one first, or the version moved: look again.
-                Err(StoreError::Conflict(_)) => continue,
-                Err(e) => return Err(e.into()),
+                Err(EngineError::Store(StoreError::Conflict(_))) => continue,
+                Err(e) => return Err(e),
             }
         }
         Err(EngineError::Store(StoreError::Conflict(format!(
             "rotations of {name:?}"
         ))))
+    }
+
+    /// Refuses a rotation its provider cannot perform, saying what a person must do instead.
+    fn check_can_create(&self, spec: &SecretSpec) -> Result<(), EngineError> {
+        let name = &spec.name;
+        let provider = self
+            .provider(spec)
+            .ok_or_else(|| EngineError::NeedsPerson {
+                name: name.clone(),
+                reason: format!("its provider {:?} is not available", spec.provider),
+            })?;
+        if provider.can(Op::Create) {
+            return Ok(());
+        }
+        let console = spec
+            .settings
+            .get("console_url")
+            .and_then(|v| v.as_str())
+            .map(|u| format!(" (create it at {u})"))
+            .unwrap_or_default();
+        Err(EngineError::NeedsPerson {
+            name: name.clone(),
+            reason: format!(
+                "provider {:?} cannot create credentials{console}; store a new value with \
+                 `keywarden put {name}`",
+                spec.provider
+            ),
+        })
+    }
+
+    /// Joins the rotation in progress (escalating it when this request is an emergency and it
+    /// is not), and makes sure it is being driven.
+    async fn join(
+        self: &Arc<Self>,
+        name: &str,
+        active: RotationRecord,
+        emergency: bool,
+        incident_id: Option<&str>,
+    ) -> Result<Ticket, EngineError> {
+        let store = self.vault.store();
+        if emergency && !active.emergency {
+            let audit = AuditEvent::new(ACTOR, "rotation.escalated")
+                .secret(name)
+                .incident(incident_id.map(str::to_string))
+                .detail(json!({ "rotation_id": active.id }));
+            store
+                .escalate_rotation(&active.id, incident_id, audit)
+                .await?;
+        }
+        store.reset_rotation_attempts(&active.id).await?;
+        self.spawn(active.id.clone());
+        Ok(Ticket {
+            rotation_id: active.id,
+            joined: true,
+        })
+    }
+
+    /// Plans a new rotation: its id and proposed value are stored before any plugin is called.
+    /// Returns the rotation id, or [`StoreError::Conflict`] when another plan got there first.
+    async fn plan(
+        self: &Arc<Self>,
+        spec: &SecretSpec,
+        secret: &SecretRecord,
+        reason: Reason,
+        emergency: bool,
+        incident_id: Option<&str>,
+    ) -> Result<String, EngineError> {
+        let name = spec.name.as_str();
+        let store = self.vault.store();
+        let current = store.sealed(name, None).await?.map(|s| s.version.version);
+        let rotation_id = uuid::Uuid::new_v4().to_string();
+        let proposed = spec.generate.generate().map_err(VaultError::from)?;
+        let sealed = self
+            .vault
+            .seal_bound(secret, Bound::Proposed(&rotation_id), &proposed)?;
+        let plan = NewRotation {
+            id: rotation_id.clone(),
+            secret_id: secret.id.clone(),
+            from_version: current,
+            proposed: Some(sealed),
+            reason,
+            emergency,
+            incident_id: incident_id.map(str::to_string),
+        };
+        let audit = AuditEvent::new(ACTOR, "rotation.planned")
+            .secret(name)
+            .incident(incident_id.map(str::to_string))
+            .detail(json!({
+                "rotation_id": rotation_id,
+                "from_version": current,
+                "reason": reason.as_str(),
+                "emergency": emergency,
+            }));
+        store.plan_rotation(&plan, audit).await?;
+        tracing::info!(secret = name, rotation = %rotation_id, reason = reason.as_str(), "rotation planned");
+        self.spawn(rotation_id.clone());
+        Ok(rotation_id)
     }
 
     /// Drives every rotation left active by a previous run.

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use sqlx::Row;
+use sqlx::sqlite::SqliteConnection;
 
 use crate::audit::AuditEvent;
 use crate::clock::Millis;
@@ -29,100 +30,9 @@ impl SqliteStore {
             .await?;
         let result = async {
             let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
-            let inserts: Vec<&Arc<LeaseRow>> = ops
-                .iter()
-                .filter_map(|op| match op {
-                    LeaseOp::Insert(l) => Some(l),
-                    _ => None,
-                })
-                .collect();
-            let mut rest = inserts.as_slice();
-            while !rest.is_empty() {
-                let n = chunk_len(rest.len());
-                let (chunk, tail) = rest.split_at(n);
-                rest = tail;
-                let mut query = sqlx::query(multi_row_insert(MultiRowTable::Leases, n));
-                for l in chunk {
-                    query = query
-                        .bind(l.id.as_str())
-                        .bind(l.secret_id.as_str())
-                        .bind(l.version)
-                        .bind(l.issued.as_deref())
-                        .bind(
-                            l.issued_meta
-                                .as_ref()
-                                .map(|m| serde_json::Value::Object(m.clone()).to_string()),
-                        )
-                        .bind(l.uid)
-                        .bind(l.gid)
-                        .bind(l.pid)
-                        .bind(l.exe.as_deref())
-                        .bind(l.created_at)
-                        .bind(l.expires_at)
-                        .bind(l.upstream_state.map(UpstreamState::as_str));
-                }
-                query.execute(&mut *tx).await?;
-            }
+            insert_leases(&mut tx, ops).await?;
             for op in ops {
-                match op {
-                    LeaseOp::Insert(_) => {}
-                    LeaseOp::Renew { id, expires_at } => {
-                        sqlx::query("UPDATE leases SET expires_at = ? WHERE id = ? AND ended_at IS NULL")
-                            .bind(expires_at)
-                            .bind(id.as_str())
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    LeaseOp::End {
-                        id,
-                        at,
-                        reason,
-                        upstream_state,
-                    } => {
-                        sqlx::query(
-                            "UPDATE leases SET ended_at = ?, end_reason = ?, \
-                             upstream_state = coalesce(?, upstream_state) WHERE id = ? AND ended_at IS NULL",
-                        )
-                        .bind(at)
-                        .bind(reason.as_str())
-                        .bind(upstream_state.map(UpstreamState::as_str))
-                        .bind(id.as_str())
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    LeaseOp::PurgeEnded { before } => {
-                        sqlx::query(
-                            "DELETE FROM leases WHERE ended_at IS NOT NULL AND ended_at < ? \
-                             AND (upstream_state IS NULL OR upstream_state = 'revoked')",
-                        )
-                        .bind(before)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    LeaseOp::AccessSeen {
-                        secret_id,
-                        uid,
-                        exe,
-                        at,
-                    } => {
-                        sqlx::query(
-                            "INSERT OR IGNORE INTO access_seen (secret_id, uid, exe, first_seen) \
-                             VALUES (?, ?, ?, ?)",
-                        )
-                        .bind(secret_id.as_str())
-                        .bind(uid)
-                        .bind(exe.as_str())
-                        .bind(at)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    LeaseOp::UpstreamRevoked { id } => {
-                        sqlx::query("UPDATE leases SET upstream_state = 'revoked' WHERE id = ?")
-                            .bind(id.as_str())
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                }
+                apply_lease_op(&mut tx, op).await?;
             }
             append_audit_in(&mut tx, audit).await?;
             tx.commit().await?;
@@ -213,4 +123,107 @@ impl SqliteStore {
         .await?;
         Ok((count, next))
     }
+}
+
+/// Inserts the batch's new leases with a few multi-row statements.
+async fn insert_leases(tx: &mut SqliteConnection, ops: &[LeaseOp]) -> Result<(), StoreError> {
+    let inserts: Vec<&Arc<LeaseRow>> = ops
+        .iter()
+        .filter_map(|op| match op {
+            LeaseOp::Insert(l) => Some(l),
+            _ => None,
+        })
+        .collect();
+    let mut rest = inserts.as_slice();
+    while !rest.is_empty() {
+        let n = chunk_len(rest.len());
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        let mut query = sqlx::query(multi_row_insert(MultiRowTable::Leases, n));
+        for l in chunk {
+            query = query
+                .bind(l.id.as_str())
+                .bind(l.secret_id.as_str())
+                .bind(l.version)
+                .bind(l.issued.as_deref())
+                .bind(
+                    l.issued_meta
+                        .as_ref()
+                        .map(|m| serde_json::Value::Object(m.clone()).to_string()),
+                )
+                .bind(l.uid)
+                .bind(l.gid)
+                .bind(l.pid)
+                .bind(l.exe.as_deref())
+                .bind(l.created_at)
+                .bind(l.expires_at)
+                .bind(l.upstream_state.map(UpstreamState::as_str));
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+/// Applies one change other than an insert (inserts went in first, in bulk).
+async fn apply_lease_op(tx: &mut SqliteConnection, op: &LeaseOp) -> Result<(), StoreError> {
+    match op {
+        LeaseOp::Insert(_) => {}
+        LeaseOp::Renew { id, expires_at } => {
+            sqlx::query("UPDATE leases SET expires_at = ? WHERE id = ? AND ended_at IS NULL")
+                .bind(expires_at)
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        LeaseOp::End {
+            id,
+            at,
+            reason,
+            upstream_state,
+        } => {
+            sqlx::query(
+                "UPDATE leases SET ended_at = ?, end_reason = ?, \
+                 upstream_state = coalesce(?, upstream_state) WHERE id = ? AND ended_at IS NULL",
+            )
+            .bind(at)
+            .bind(reason.as_str())
+            .bind(upstream_state.map(UpstreamState::as_str))
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        LeaseOp::PurgeEnded { before } => {
+            sqlx::query(
+                "DELETE FROM leases WHERE ended_at IS NOT NULL AND ended_at < ? \
+                 AND (upstream_state IS NULL OR upstream_state = 'revoked')",
+            )
+            .bind(before)
+            .execute(&mut *tx)
+            .await?;
+        }
+        LeaseOp::AccessSeen {
+            secret_id,
+            uid,
+            exe,
+            at,
+        } => {
+            sqlx::query(
+                "INSERT OR IGNORE INTO access_seen (secret_id, uid, exe, first_seen) \
+                 VALUES (?, ?, ?, ?)",
+            )
+            .bind(secret_id.as_str())
+            .bind(uid)
+            .bind(exe.as_str())
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        LeaseOp::UpstreamRevoked { id } => {
+            sqlx::query("UPDATE leases SET upstream_state = 'revoked' WHERE id = ?")
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    Ok(())
 }

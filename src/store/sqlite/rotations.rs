@@ -6,7 +6,9 @@ use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use crate::audit::AuditEvent;
 use crate::clock::{Millis, now_millis};
 use crate::store::Reason;
-use crate::store::{NewRotation, RotationRecord, RotationState, StepChange, StoreError};
+use crate::store::{
+    NewRotation, NewVersion, RotationRecord, RotationState, StepChange, StoreError,
+};
 
 use super::audit::append_audit_in;
 use super::{SqliteStore, is_unique_violation};
@@ -91,62 +93,16 @@ impl SqliteStore {
         }
         let secret_id = rotation.secret_id.as_str();
         if let Some(version) = &change.insert_pending {
-            let latest: Option<i64> =
-                sqlx::query_scalar("SELECT max(version) FROM versions WHERE secret_id = ?")
-                    .bind(secret_id)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            if latest.unwrap_or(0) + 1 != version.version {
-                return Err(StoreError::Conflict("the secret's versions".into()));
-            }
-            sqlx::query(
-                "INSERT INTO versions (secret_id, version, stage, ciphertext, meta, fingerprint, \
-                 created_at, stage_changed_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?)",
-            )
-            .bind(secret_id)
-            .bind(version.version)
-            .bind(version.ciphertext.as_slice())
-            .bind(serde_json::Value::Object(version.meta.clone()).to_string())
-            .bind(version.fingerprint.as_slice())
-            .bind(now)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+            insert_pending(&mut tx, secret_id, version, now).await?;
         }
         if change.promote {
             let to = rotation.to_version.ok_or_else(|| {
-                StoreError::Corrupt("promoting a rotation with no new version".into())
+                StoreError::Corrupt(format!(
+                    "rotation {}: promoting a rotation with no new version",
+                    rotation.id
+                ))
             })?;
-            for (sql, version) in [
-                (
-                    "UPDATE versions SET stage = 'revoked', stage_changed_at = ? \
-                  WHERE secret_id = ? AND stage = 'previous' AND version != ?",
-                    None,
-                ),
-                (
-                    "UPDATE versions SET stage = 'previous', stage_changed_at = ? \
-                  WHERE secret_id = ? AND stage = 'current' AND version != ?",
-                    None,
-                ),
-                (
-                    "UPDATE versions SET stage = 'current', stage_changed_at = ? \
-                  WHERE secret_id = ? AND version = ?",
-                    Some(to),
-                ),
-            ] {
-                sqlx::query(sql)
-                    .bind(now)
-                    .bind(secret_id)
-                    .bind(version.unwrap_or(to))
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            sqlx::query("UPDATE secrets SET updated_at = ?, last_rotated_at = ? WHERE id = ?")
-                .bind(now)
-                .bind(now)
-                .bind(secret_id)
-                .execute(&mut *tx)
-                .await?;
+            promote(&mut tx, secret_id, to, now).await?;
         }
         if let Some(version) = change.revoke_version {
             sqlx::query(
@@ -326,4 +282,66 @@ pub(super) async fn active_rotation_in(
     .bind(secret_id)
     .fetch_optional(&mut *tx)
     .await?)
+}
+
+/// Stores a rotation's new version as `pending`; it must be the secret's next number.
+async fn insert_pending(
+    tx: &mut SqliteConnection,
+    secret_id: &str,
+    version: &NewVersion,
+    now: Millis,
+) -> Result<(), StoreError> {
+    let latest: Option<i64> =
+        sqlx::query_scalar("SELECT max(version) FROM versions WHERE secret_id = ?")
+            .bind(secret_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    if latest.unwrap_or(0) + 1 != version.version {
+        return Err(StoreError::Conflict("the secret's versions".into()));
+    }
+    sqlx::query(
+        "INSERT INTO versions (secret_id, version, stage, ciphertext, meta, fingerprint, \
+         created_at, stage_changed_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?)",
+    )
+    .bind(secret_id)
+    .bind(version.version)
+    .bind(version.ciphertext.as_slice())
+    .bind(serde_json::Value::Object(version.meta.clone()).to_string())
+    .bind(version.fingerprint.as_slice())
+    .bind(now)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Makes version `to` current: the old current becomes previous, the old previous revoked.
+async fn promote(
+    tx: &mut SqliteConnection,
+    secret_id: &str,
+    to: i64,
+    now: Millis,
+) -> Result<(), StoreError> {
+    for sql in [
+        "UPDATE versions SET stage = 'revoked', stage_changed_at = ? \
+         WHERE secret_id = ? AND stage = 'previous' AND version != ?",
+        "UPDATE versions SET stage = 'previous', stage_changed_at = ? \
+         WHERE secret_id = ? AND stage = 'current' AND version != ?",
+        "UPDATE versions SET stage = 'current', stage_changed_at = ? \
+         WHERE secret_id = ? AND version = ?",
+    ] {
+        sqlx::query(sql)
+            .bind(now)
+            .bind(secret_id)
+            .bind(to)
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query("UPDATE secrets SET updated_at = ?, last_rotated_at = ? WHERE id = ?")
+        .bind(now)
+        .bind(now)
+        .bind(secret_id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }
