@@ -381,20 +381,20 @@ impl AgentApi {
             .secret(name)
             .await?
             .ok_or_else(|| VaultError::NoSuchSecret(name.to_string()))?;
-        let credentials = self
+        let request = self
             .services
             .engine
-            .credentials_for(&issuer.spec.credentials)
-            .await
-            .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "upstream", e))?;
+            .plugin_request(
+                Op::Issue,
+                issuer.kind,
+                Some(name),
+                &issuer.spec.settings,
+                &issuer.spec.credentials,
+            )
+            .await?;
         let request = PluginRequest {
-            op: Op::Issue.as_str().into(),
-            kind: Some(issuer.kind.clone()),
-            secret: Some(name.to_string()),
-            settings: issuer.spec.settings.clone(),
-            credentials,
             ttl_seconds: Some(ttl.as_secs()),
-            ..PluginRequest::default()
+            ..request
         };
         let reply = issuer.host.call(request).await?;
         let value = reply.value.ok_or_else(|| {

@@ -2,15 +2,28 @@
 //! transaction, so a busy socket costs one write per batch instead of one per fetch.
 //!
 //! A fetch is answered once its audit row and lease are queued here (docs/design.md §9; making
-//! this fail closed, answered only once committed, is the hardening issue's work). On shutdown the writer stops taking work,
-//! commits everything queued, and only then ends. The queue is bounded, so a writer that falls
+//! this fail closed, answered only once committed, is the hardening issue's work). On shutdown
+//! the writer stops taking work, commits everything queued, and only then ends. The queue is bounded, so a writer that falls
 //! behind slows fetches down rather than growing without limit. While the daemon runs, the
 //! in-memory lease table is authoritative; the store is its durable copy.
+
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::AuditEvent;
-use crate::store::{LeaseOp, Store};
+use crate::store::{LeaseOp, Store, StoreError};
+
+/// Why rows handed to the writer were not written.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// The writer has stopped (the daemon is shutting down).
+    #[error("the audit writer has stopped")]
+    Stopped,
+    /// The batch holding the rows could not be committed.
+    #[error("the audit log and leases could not be written: {0}")]
+    Failed(Arc<StoreError>),
+}
 
 /// Requests folded into one transaction at most.
 const MAX_BATCH: usize = 512;
@@ -18,7 +31,7 @@ const MAX_BATCH: usize = 512;
 struct Item {
     ops: Vec<LeaseOp>,
     audit: Vec<AuditEvent>,
-    done: Option<oneshot::Sender<Result<(), String>>>,
+    done: Option<oneshot::Sender<Result<(), WriteError>>>,
 }
 
 /// A handle to the writer task. When every handle is dropped, the task commits what is queued
@@ -73,7 +86,7 @@ impl GroupCommit {
                 let result = store
                     .apply_lease_batch(&ops, &audit)
                     .await
-                    .map_err(|e| e.to_string());
+                    .map_err(|e| WriteError::Failed(Arc::new(e)));
                 if let Err(e) = &result {
                     tracing::error!(error = %e, rows = audit.len(), "a batch of audit rows and leases could not be written");
                 }
@@ -86,7 +99,7 @@ impl GroupCommit {
     }
 
     /// Queues lease changes and audit rows for the next batch.
-    pub async fn queue(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), String> {
+    pub async fn queue(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), WriteError> {
         self.tx
             .send(Item {
                 ops,
@@ -94,11 +107,11 @@ impl GroupCommit {
                 done: None,
             })
             .await
-            .map_err(|_| "the audit writer has stopped".to_string())
+            .map_err(|_| WriteError::Stopped)
     }
 
     /// Queues lease changes and audit rows and waits until they are committed.
-    pub async fn write(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), String> {
+    pub async fn write(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), WriteError> {
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Item {
@@ -107,8 +120,7 @@ impl GroupCommit {
                 done: Some(done),
             })
             .await
-            .map_err(|_| "the audit writer has stopped".to_string())?;
-        wait.await
-            .map_err(|_| "the audit writer has stopped".to_string())?
+            .map_err(|_| WriteError::Stopped)?;
+        wait.await.map_err(|_| WriteError::Stopped)?
     }
 }

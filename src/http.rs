@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 use crate::attest::{Peer, boot_seconds};
 use crate::leases::LeaseError;
 use crate::plugin_host::PluginError;
+use crate::rotation::engine::PluginCallError;
 use crate::store::StoreError;
 use crate::vault::VaultError;
 
@@ -209,6 +210,19 @@ impl From<LeaseError> for ApiError {
             LeaseError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
         };
         ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<PluginCallError> for ApiError {
+    fn from(e: PluginCallError) -> Self {
+        match e {
+            PluginCallError::Store(e) => e.into(),
+            PluginCallError::Vault(e) => e.into(),
+            e @ PluginCallError::NotDeclared(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown", e.to_string())
+            }
+            e => ApiError::new(StatusCode::BAD_GATEWAY, "upstream", e.to_string()),
+        }
     }
 }
 

@@ -19,6 +19,8 @@ use tokio::sync::{Notify, watch};
 use crate::audit::AuditEvent;
 use crate::clock::Clock;
 use crate::clock::Millis;
+use crate::group_commit::WriteError;
+use crate::rotation::engine::PluginCallError;
 use crate::store::{LeaseEnd, LeaseOp, LeaseRow, UpstreamState};
 
 /// How long to wait before retrying a failed upstream revocation.
@@ -36,7 +38,7 @@ pub trait LeaseBackend: Send + Sync + 'static {
         &self,
         ops: Vec<LeaseOp>,
         audit: Vec<AuditEvent>,
-    ) -> BoxFuture<'_, Result<(), String>>;
+    ) -> BoxFuture<'_, Result<(), WriteError>>;
 
     /// Applies lease changes with their audit rows and waits until they are committed (used
     /// when leases end, so a drain that this wakes is recorded after them).
@@ -44,14 +46,17 @@ pub trait LeaseBackend: Send + Sync + 'static {
         &self,
         ops: Vec<LeaseOp>,
         audit: Vec<AuditEvent>,
-    ) -> BoxFuture<'_, Result<(), String>>;
+    ) -> BoxFuture<'_, Result<(), WriteError>>;
 
     /// Revokes a credential issued for a lease, upstream.
-    fn revoke_issued<'a>(&'a self, lease: &'a LeaseRow) -> BoxFuture<'a, Result<(), String>>;
+    fn revoke_issued<'a>(
+        &'a self,
+        lease: &'a LeaseRow,
+    ) -> BoxFuture<'a, Result<(), PluginCallError>>;
 }
 
 /// Why a lease operation was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LeaseError {
     /// No live lease by that id.
     #[error("no live lease with that id")]
@@ -61,7 +66,7 @@ pub enum LeaseError {
     Forbidden,
     /// Persisting the change failed.
     #[error("the lease could not be recorded: {0}")]
-    Store(String),
+    Store(#[from] WriteError),
 }
 
 #[derive(Debug, Default)]
@@ -159,8 +164,7 @@ impl Leases {
         let lease = Arc::new(lease);
         self.backend
             .persist(vec![LeaseOp::Insert(lease.clone())], vec![audit])
-            .await
-            .map_err(LeaseError::Store)?;
+            .await?;
         let mut state = self.state.lock().expect("lease state");
         let earliest = state.expiry.first().map(|(t, _)| *t);
         state.expiry.insert((lease.expires_at, lease.id.clone()));
@@ -188,8 +192,7 @@ impl Leases {
                 }],
                 vec![audit],
             )
-            .await
-            .map_err(LeaseError::Store)?;
+            .await?;
         let mut state = self.state.lock().expect("lease state");
         let Some(live) = state.live.get_mut(id) else {
             return Err(LeaseError::NotFound);
@@ -256,10 +259,7 @@ impl Leases {
                 upstream_state: l.issued.as_ref().map(|_| UpstreamState::RevokePending),
             })
             .collect();
-        self.backend
-            .commit(ops, audit)
-            .await
-            .map_err(LeaseError::Store)?;
+        self.backend.commit(ops, audit).await?;
         {
             let mut state = self.state.lock().expect("lease state");
             for l in &leases {
@@ -413,7 +413,7 @@ mod tests {
             &self,
             ops: Vec<LeaseOp>,
             audit: Vec<AuditEvent>,
-        ) -> BoxFuture<'_, Result<(), String>> {
+        ) -> BoxFuture<'_, Result<(), WriteError>> {
             self.ops.lock().unwrap().extend(ops);
             self.audit
                 .lock()
@@ -426,15 +426,18 @@ mod tests {
             &self,
             ops: Vec<LeaseOp>,
             audit: Vec<AuditEvent>,
-        ) -> BoxFuture<'_, Result<(), String>> {
+        ) -> BoxFuture<'_, Result<(), WriteError>> {
             self.persist(ops, audit)
         }
 
-        fn revoke_issued<'a>(&'a self, lease: &'a LeaseRow) -> BoxFuture<'a, Result<(), String>> {
+        fn revoke_issued<'a>(
+            &'a self,
+            lease: &'a LeaseRow,
+        ) -> BoxFuture<'a, Result<(), PluginCallError>> {
             let mut fail = self.fail_revokes.lock().unwrap();
             let result = if *fail > 0 {
                 *fail -= 1;
-                Err("provider unavailable".into())
+                Err(PluginCallError::NoPlugin("sts".into()))
             } else {
                 self.revoked.lock().unwrap().push(lease.id.clone());
                 Ok(())
@@ -518,36 +521,30 @@ mod tests {
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_secs(50)).await;
-        assert_eq!(
-            leases
-                .renew("a", 1001, T0 + 200_000, ev())
-                .await
-                .unwrap_err(),
-            LeaseError::Forbidden
-        );
+        assert!(matches!(
+            leases.renew("a", 1001, T0 + 200_000, ev()).await,
+            Err(LeaseError::Forbidden)
+        ));
         leases.renew("a", 1000, T0 + 200_000, ev()).await.unwrap();
         tokio::time::sleep(Duration::from_secs(100)).await;
         assert!(
             leases.get("a").is_some(),
             "renewed lease outlives its first expiry"
         );
-        assert_eq!(
+        assert!(matches!(
             leases.delete("a", 1001, ev()).await,
             Err(LeaseError::Forbidden)
-        );
+        ));
         leases.delete("a", 1000, ev()).await.unwrap();
         assert!(leases.get("a").is_none());
-        assert_eq!(
+        assert!(matches!(
             leases.delete("a", 1000, ev()).await,
             Err(LeaseError::NotFound)
-        );
-        assert_eq!(
-            leases
-                .renew("a", 1000, T0 + 300_000, ev())
-                .await
-                .unwrap_err(),
-            LeaseError::NotFound
-        );
+        ));
+        assert!(matches!(
+            leases.renew("a", 1000, T0 + 300_000, ev()).await,
+            Err(LeaseError::NotFound)
+        ));
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,12 +7,12 @@ use futures_util::future::BoxFuture;
 use keywarden_plugin_sdk::{Credential, Op, Request, Secret};
 
 use crate::audit::AuditEvent;
-use crate::group_commit::GroupCommit;
+use crate::group_commit::{GroupCommit, WriteError};
 use crate::leases::LeaseBackend;
 use crate::provider::Provider;
-use crate::rotation::engine::Engine;
-use crate::store::{LeaseOp, LeaseRow};
-use crate::vault::Bound;
+use crate::rotation::engine::{Engine, PluginCallError};
+use crate::store::{LeaseOp, LeaseRow, StoreError};
+use crate::vault::{Bound, VaultError};
 
 /// Writes through the group commit; revokes through the engine's providers.
 #[derive(Debug, Clone)]
@@ -27,47 +27,47 @@ impl DaemonLeaseBackend {
         DaemonLeaseBackend { writer, engine }
     }
 
-    async fn revoke(&self, lease: &LeaseRow) -> Result<(), String> {
+    async fn revoke(&self, lease: &LeaseRow) -> Result<(), PluginCallError> {
         let catalog = self.engine.catalog();
+        let name = &lease.secret_name;
         let spec = catalog
             .secrets
-            .get(&lease.secret_name)
-            .ok_or_else(|| format!("{:?} is no longer declared", lease.secret_name))?;
+            .get(name)
+            .ok_or_else(|| PluginCallError::NotDeclared(name.clone()))?;
         let Some(Provider::Plugin { host, kind, .. }) = catalog.providers.get(&spec.provider)
         else {
-            return Err(format!("provider {:?} is not available", spec.provider));
+            return Err(PluginCallError::NoPlugin(spec.provider.clone()));
         };
         let vault = self.engine.vault();
         let secret = vault
             .store()
-            .secret(&lease.secret_name)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("the secret is gone")?;
-        let sealed = lease
-            .issued
-            .as_deref()
-            .ok_or("the lease has no issued credential")?;
-        let value = vault
-            .open_bound(&secret, Bound::Issued(&lease.id), sealed)
-            .map_err(|e| e.to_string())?;
+            .secret(name)
+            .await?
+            .ok_or_else(|| VaultError::NoSuchSecret(name.clone()))?;
+        let sealed = lease.issued.as_deref().ok_or_else(|| {
+            StoreError::Corrupt(format!("lease {}: no issued credential", lease.id))
+        })?;
+        let value = vault.open_bound(&secret, Bound::Issued(&lease.id), sealed)?;
+        let request = self
+            .engine
+            .plugin_request(
+                Op::Revoke,
+                kind,
+                Some(name),
+                &spec.settings,
+                &spec.credentials,
+            )
+            .await?;
         let request = Request {
-            op: Op::Revoke.as_str().into(),
-            kind: Some(kind.clone()),
-            secret: Some(lease.secret_name.clone()),
-            settings: spec.settings.clone(),
-            credentials: self.engine.credentials_for(&spec.credentials).await?,
             target: Some(Credential {
                 version: None,
                 value: Secret::new(value.expose()),
                 meta: lease.issued_meta.clone().unwrap_or_default(),
             }),
-            ..Request::default()
+            ..request
         };
-        host.call(request)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        host.call(request).await?;
+        Ok(())
     }
 }
 
@@ -76,7 +76,7 @@ impl LeaseBackend for DaemonLeaseBackend {
         &self,
         ops: Vec<LeaseOp>,
         audit: Vec<AuditEvent>,
-    ) -> BoxFuture<'_, Result<(), String>> {
+    ) -> BoxFuture<'_, Result<(), WriteError>> {
         Box::pin(self.writer.queue(ops, audit))
     }
 
@@ -84,11 +84,14 @@ impl LeaseBackend for DaemonLeaseBackend {
         &self,
         ops: Vec<LeaseOp>,
         audit: Vec<AuditEvent>,
-    ) -> BoxFuture<'_, Result<(), String>> {
+    ) -> BoxFuture<'_, Result<(), WriteError>> {
         Box::pin(self.writer.write(ops, audit))
     }
 
-    fn revoke_issued<'a>(&'a self, lease: &'a LeaseRow) -> BoxFuture<'a, Result<(), String>> {
+    fn revoke_issued<'a>(
+        &'a self,
+        lease: &'a LeaseRow,
+    ) -> BoxFuture<'a, Result<(), PluginCallError>> {
         Box::pin(self.revoke(lease))
     }
 }

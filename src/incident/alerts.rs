@@ -134,19 +134,25 @@ impl Alerts {
         else {
             return Err("not a plugin consumer".into());
         };
+        let request = self
+            .engine
+            .plugin_request(
+                Op::Push,
+                kind,
+                alert.secret.as_deref(),
+                settings,
+                credentials,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
         let request = Request {
-            op: Op::Push.as_str().into(),
-            kind: Some(kind.clone()),
-            secret: alert.secret.clone(),
-            settings: settings.clone(),
-            credentials: self.engine.credentials_for(credentials).await?,
             version: Some(alert.id),
             value: Some(Secret::new(payload)),
             meta: Some(serde_json::Map::from_iter([(
                 "alert".to_string(),
                 json!(true),
             )])),
-            ..Request::default()
+            ..request
         };
         host.call(request)
             .await

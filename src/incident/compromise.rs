@@ -585,18 +585,23 @@ async fn deactivate(
     let Ok(current) = vault.read(name, None).await else {
         return Ok(()); // nothing current: nothing to deactivate
     };
+    let request = engine
+        .plugin_request(
+            Op::Revoke,
+            kind,
+            Some(name),
+            &spec.settings,
+            &spec.credentials,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
     let request = Request {
-        op: Op::Revoke.as_str().into(),
-        kind: Some(kind.clone()),
-        secret: Some(name.to_string()),
-        settings: spec.settings.clone(),
-        credentials: engine.credentials_for(&spec.credentials).await?,
         target: Some(Credential {
             version: Some(current.version),
             value: Secret::new(current.value.expose()),
             meta: current.meta.clone(),
         }),
-        ..Request::default()
+        ..request
     };
     host.call(request).await.map_err(|e| e.to_string())?;
     let audit = AuditEvent::new(ACTOR, "secret.deactivated")

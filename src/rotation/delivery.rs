@@ -93,16 +93,15 @@ impl Engine {
                 settings,
                 credentials,
             } => {
+                let request = self
+                    .plugin_request(Op::Push, kind, Some(&spec.name), settings, credentials)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let request = Request {
-                    op: Op::Push.as_str().into(),
-                    kind: Some(kind.clone()),
-                    secret: Some(spec.name.clone()),
-                    settings: settings.clone(),
-                    credentials: self.credentials(credentials).await.map_err(|e| e.message)?,
                     version: Some(revealed.version),
                     value: Some(Secret::new(revealed.value.expose())),
                     meta: Some(revealed.meta.clone()),
-                    ..Request::default()
+                    ..request
                 };
                 host.call(request)
                     .await

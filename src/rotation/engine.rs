@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keywarden_plugin_sdk::{Credential, Op};
+use keywarden_plugin_sdk::{Credential, Op, Request};
 use serde_json::json;
 use tokio::sync::{Notify, Semaphore, broadcast, watch};
 
@@ -23,6 +23,7 @@ use super::steps::Outcome;
 use crate::audit::AuditEvent;
 use crate::clock::Clock;
 use crate::clock::Millis;
+use crate::plugin_host::{PluginError, Settings};
 use crate::provider::Provider;
 use crate::store::{NewRotation, RotationRecord, SecretRecord, StoreError};
 use crate::store::{Reason, RotationState};
@@ -77,6 +78,37 @@ pub enum EngineError {
     /// The vault failed.
     #[error(transparent)]
     Vault(#[from] VaultError),
+}
+
+/// Why a plugin call made outside a rotation's steps failed (an `issue`, a lease's revocation,
+/// a push of an alert, a deactivation in an incident).
+#[derive(Debug, thiserror::Error)]
+pub enum PluginCallError {
+    /// The secret is not (or no longer) in the config.
+    #[error("{0:?} is not declared in the config")]
+    NotDeclared(String),
+    /// Its provider is not a plugin that is running.
+    #[error("provider {0:?} is not available")]
+    NoPlugin(String),
+    /// A credential the request must carry could not be read.
+    #[error("credential {role} ({name}) is unavailable: {source}")]
+    Credential {
+        /// Its role in the request.
+        role: String,
+        /// The secret that holds it.
+        name: String,
+        /// Why.
+        source: VaultError,
+    },
+    /// The vault failed.
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The plugin failed.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
 }
 
 /// A rotation that was started or found in progress.
@@ -467,11 +499,37 @@ impl Engine {
 
     /// The current versions of secrets named as credentials, by role (for plugin requests made
     /// outside rotations: `issue`, lease revocations).
-    pub async fn credentials_for(
+    /// A request for `op` to a plugin `kind`, on behalf of `secret` (or of a consumer) with its
+    /// `settings`, carrying the current values of the credentials `roles` names, read now, so
+    /// a self-rotating admin key always signs with the key valid at this moment. Every plugin
+    /// request is built here: each carries exactly what its config lets the plugin see.
+    pub async fn plugin_request(
         &self,
+        op: Op,
+        kind: &str,
+        secret: Option<&str>,
+        settings: &Settings,
         roles: &BTreeMap<String, String>,
-    ) -> Result<BTreeMap<String, Credential>, String> {
-        self.credentials(roles).await.map_err(|e| e.message)
+    ) -> Result<Request, PluginCallError> {
+        let mut credentials = BTreeMap::new();
+        for (role, name) in roles {
+            let revealed = self.vault.read(name, None).await.map_err(|source| {
+                PluginCallError::Credential {
+                    role: role.clone(),
+                    name: name.clone(),
+                    source,
+                }
+            })?;
+            credentials.insert(role.clone(), Credential::from(&revealed));
+        }
+        Ok(Request {
+            op: op.as_str().into(),
+            kind: Some(kind.to_string()),
+            secret: secret.map(str::to_string),
+            settings: settings.clone(),
+            credentials,
+            ..Request::default()
+        })
     }
 
     /// Waits until the rotation is over, parked, or draining behind live leases; returns its

@@ -2,15 +2,13 @@
 //! roll back), promote, push, drain, revoke; and what happens when a step fails (retry with
 //! backoff, quarantine, or an end that leaves nothing behind upstream).
 
-use std::collections::BTreeMap;
-
 use keywarden_plugin_sdk::{Credential, Op, Request, Secret};
 use serde_json::json;
 
 use super::backoff;
 use super::catalog::SecretSpec;
 use super::drain::{DrainEnd, drain};
-use super::engine::{ACTOR, Engine};
+use super::engine::{ACTOR, Engine, PluginCallError};
 use crate::audit::AuditEvent;
 use crate::clock::Millis;
 use crate::plugin_host::PluginError;
@@ -82,11 +80,26 @@ fn new_version(rotation: &RotationRecord) -> Result<i64, StepError> {
         .ok_or_else(|| StepError::fatal("the rotation has no new version"))
 }
 
-fn to_credential(revealed: &Revealed) -> Credential {
-    Credential {
-        version: Some(revealed.version),
-        value: Secret::new(revealed.value.expose()),
-        meta: revealed.meta.clone(),
+impl From<&Revealed> for Credential {
+    fn from(revealed: &Revealed) -> Credential {
+        Credential {
+            version: Some(revealed.version),
+            value: Secret::new(revealed.value.expose()),
+            meta: revealed.meta.clone(),
+        }
+    }
+}
+
+impl From<PluginCallError> for StepError {
+    fn from(e: PluginCallError) -> Self {
+        match e {
+            PluginCallError::Plugin(e) => e.into(),
+            PluginCallError::Store(e) => e.into(),
+            PluginCallError::Vault(e) => e.into(),
+            e @ (PluginCallError::Credential { .. }
+            | PluginCallError::NotDeclared(_)
+            | PluginCallError::NoPlugin(_)) => StepError::fatal(e.to_string()),
+        }
     }
 }
 
@@ -152,23 +165,7 @@ impl Engine {
         version: i64,
     ) -> Result<Credential, StepError> {
         let revealed = self.vault.read(name, Some(version)).await?;
-        Ok(to_credential(&revealed))
-    }
-
-    /// The current versions of the secrets `spec` names as credentials, read at call time so
-    /// a self-rotating admin key always signs with the key valid at this step.
-    pub(super) async fn credentials(
-        &self,
-        roles: &BTreeMap<String, String>,
-    ) -> Result<BTreeMap<String, Credential>, StepError> {
-        let mut out = BTreeMap::new();
-        for (role, name) in roles {
-            let revealed = self.vault.read(name, None).await.map_err(|e| {
-                StepError::fatal(format!("credential {role} ({name}) is unavailable: {e}"))
-            })?;
-            out.insert(role.clone(), to_credential(&revealed));
-        }
-        Ok(out)
+        Ok(Credential::from(&revealed))
     }
 
     pub(super) async fn request_for(
@@ -177,15 +174,17 @@ impl Engine {
         rotation: &RotationRecord,
         spec: &SecretSpec,
     ) -> Result<Request, StepError> {
-        Ok(Request {
-            op: op.as_str().into(),
-            kind: Some(spec.provider.clone()),
-            secret: Some(spec.name.clone()),
-            rotation_id: Some(rotation.id.clone()),
-            settings: spec.settings.clone(),
-            credentials: self.credentials(&spec.credentials).await?,
-            ..Request::default()
-        })
+        let mut request = self
+            .plugin_request(
+                op,
+                &spec.provider,
+                Some(&spec.name),
+                &spec.settings,
+                &spec.credentials,
+            )
+            .await?;
+        request.rotation_id = Some(rotation.id.clone());
+        Ok(request)
     }
 
     pub(super) async fn call(
@@ -395,7 +394,7 @@ impl Engine {
         }
         if provider.can(Op::Revoke) && provider.overlaps() {
             let mut request = self.request_for(Op::Revoke, rotation, spec).await?;
-            request.target = Some(to_credential(&old));
+            request.target = Some(Credential::from(&old));
             self.call(provider, request).await?;
         }
         let change = StepChange {
