@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keywarden_plugin_sdk::{Hello, MAX_LINE_BYTES, OkReply, Op, PLUGIN_FLAG, Reply, Request};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::{Semaphore, oneshot};
 use zeroize::Zeroizing;
@@ -615,7 +615,7 @@ impl PluginHost {
 }
 
 /// Reads one line of at most [`MAX_LINE_BYTES`]; `None` at end of input.
-async fn read_line(reader: &mut BufReader<ChildStdout>) -> Result<Option<Vec<u8>>, String> {
+async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Option<Vec<u8>>, String> {
     let mut line = Vec::new();
     let n = reader
         .take(MAX_LINE_BYTES as u64 + 1)
@@ -635,6 +635,48 @@ async fn read_line(reader: &mut BufReader<ChildStdout>) -> Result<Option<Vec<u8>
     Ok(Some(line))
 }
 
+/// Hands each reply on `stdout` to the request waiting for its id, until the plugin closes its
+/// output or `kill` fires (`None`), or breaks the protocol (what it did): a line over the limit,
+/// a line that is not a reply, or a reply to an id not in flight.
+async fn route_replies<R: AsyncBufRead + Unpin>(
+    pending: &Mutex<Pending>,
+    stdout: &mut R,
+    kill: &mut oneshot::Receiver<()>,
+) -> Option<String> {
+    loop {
+        let line = tokio::select! {
+            line = read_line(stdout) => line,
+            _ = &mut *kill => return None,
+        };
+        let line = match line {
+            Ok(Some(line)) => Zeroizing::new(line),
+            Ok(None) => return None,
+            Err(e) => return Some(e),
+        };
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let Ok(reply) = serde_json::from_slice::<Reply>(&line) else {
+            return Some(format!(
+                "it wrote a line that is not a JSON reply ({} bytes)",
+                line.len()
+            ));
+        };
+        let waiter = pending.lock().expect("pending lock").remove(&reply.id);
+        match waiter {
+            Some((_, tx)) => {
+                let _ = tx.send(Ok(reply));
+            }
+            None => {
+                return Some(format!(
+                    "it answered request id {}, which is not in flight",
+                    reply.id
+                ));
+            }
+        }
+    }
+}
+
 /// The reader task of one process: routes replies by id; on exit, garbage or a lie, fails what
 /// is pending and reaps the process.
 async fn read_replies(
@@ -645,45 +687,7 @@ async fn read_replies(
     mut kill: oneshot::Receiver<()>,
     work: PathBuf,
 ) {
-    let violation: Option<String> = loop {
-        let line = tokio::select! {
-            line = read_line(&mut stdout) => line,
-            _ = &mut kill => break None,
-        };
-        let line = match line {
-            Ok(Some(line)) => Zeroizing::new(line),
-            Ok(None) => break None,
-            Err(e) => break Some(e),
-        };
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let reply: Reply = match serde_json::from_slice(&line) {
-            Ok(reply) => reply,
-            Err(_) => {
-                break Some(format!(
-                    "it wrote a line that is not a JSON reply ({} bytes)",
-                    line.len()
-                ));
-            }
-        };
-        let waiter = running
-            .pending
-            .lock()
-            .expect("pending lock")
-            .remove(&reply.id);
-        match waiter {
-            Some((_, tx)) => {
-                let _ = tx.send(Ok(reply));
-            }
-            None => {
-                break Some(format!(
-                    "it answered request id {}, which is not in flight",
-                    reply.id
-                ));
-            }
-        }
-    };
+    let violation = route_replies(&running.pending, &mut stdout, &mut kill).await;
     running.dead.store(true, Ordering::SeqCst);
     let _ = child.start_kill();
     let status = match child.wait().await {
@@ -741,5 +745,65 @@ mod tests {
         };
         assert!(!pin.retryable());
         assert!(pin.to_string().contains("a") && pin.to_string().contains("b"));
+    }
+
+    /// A table of requests in flight, and the receivers their replies arrive on.
+    fn in_flight(
+        ids: &[u64],
+    ) -> (
+        Mutex<Pending>,
+        Vec<oneshot::Receiver<Result<Reply, PluginError>>>,
+    ) {
+        let mut pending = Pending::new();
+        let mut receivers = Vec::new();
+        for id in ids {
+            let (tx, rx) = oneshot::channel();
+            pending.insert(*id, ("verify".to_string(), tx));
+            receivers.push(rx);
+        }
+        (Mutex::new(pending), receivers)
+    }
+
+    async fn route(pending: &Mutex<Pending>, output: &[u8]) -> Option<String> {
+        let (_kill_tx, mut kill) = oneshot::channel();
+        let mut reader = output;
+        route_replies(pending, &mut reader, &mut kill).await
+    }
+
+    #[tokio::test]
+    async fn replies_in_any_order_reach_their_requests() {
+        let (pending, mut receivers) = in_flight(&[1, 2]);
+        let output = b"{\"id\":2,\"ok\":{}}\n\n{\"id\":1,\"err\":{\"retryable\":true,\"message\":\"later\"}}\n";
+        assert_eq!(route(&pending, output).await, None, "end of output");
+        let second = receivers.pop().unwrap().await.unwrap().unwrap();
+        let first = receivers.pop().unwrap().await.unwrap().unwrap();
+        assert_eq!((first.id, second.id), (1, 2));
+        assert!(pending.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reply_to_an_id_not_in_flight_is_a_protocol_violation() {
+        let (pending, _receivers) = in_flight(&[1]);
+        let violation = route(&pending, b"{\"id\":99,\"ok\":{}}\n").await;
+        assert_eq!(
+            violation.as_deref(),
+            Some("it answered request id 99, which is not in flight")
+        );
+        assert_eq!(
+            pending.lock().unwrap().len(),
+            1,
+            "the real request still waits"
+        );
+    }
+
+    #[tokio::test]
+    async fn garbage_and_overlong_lines_are_protocol_violations() {
+        let (pending, _receivers) = in_flight(&[1]);
+        let violation = route(&pending, b"Traceback (most recent call last):\n").await;
+        assert!(violation.unwrap().contains("not a JSON reply"));
+        let mut long = vec![b'x'; MAX_LINE_BYTES + 10];
+        long.push(b'\n');
+        let violation = route(&pending, &long).await;
+        assert!(violation.unwrap().contains("longer than"));
     }
 }
