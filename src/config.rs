@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::consumer::Template;
 use crate::crypto::KdfParams;
 use crate::generate::GeneratePolicy;
 use crate::incident::signals::SignalsConfig;
@@ -267,8 +268,9 @@ pub struct ConsumerConfig {
     pub owner: Option<String>,
     /// file: group (group name or gid).
     pub group: Option<String>,
-    /// file: the content, over `{{value}}`, `{{version}}`, `{{name}}`, `{{meta.KEY}}`.
-    pub template: Option<String>,
+    /// file: the content, over `{{value}}`, `{{version}}`, `{{name}}`, `{{meta.KEY}}` (parsed
+    /// while the file is read).
+    pub template: Option<Template>,
     /// file: a command run after each write.
     #[serde(default)]
     pub after: Vec<String>,
@@ -478,7 +480,8 @@ impl Config {
                 ));
             }
             if let Some(line) = &secret.schedule {
-                Schedule::cron(line).map_err(|e| self.invalid("secrets", name, "schedule", e))?;
+                Schedule::cron(line)
+                    .map_err(|e| self.invalid("secrets", name, "schedule", e.to_string()))?;
             }
             if secret
                 .rotate_every
@@ -514,7 +517,7 @@ impl Config {
             secret
                 .generate
                 .check()
-                .map_err(|e| self.invalid("secrets", name, "generate", e))?;
+                .map_err(|e| self.invalid("secrets", name, "generate", e.to_string()))?;
             if secret.max_attempts == Some(0) {
                 return Err(self.invalid(
                     "secrets",
@@ -538,10 +541,6 @@ impl Config {
                         "path",
                         "a file consumer needs a path".into(),
                     ));
-                }
-                if let Some(template) = &consumer.template {
-                    crate::consumer::check_template(template)
-                        .map_err(|e| self.invalid("consumers", name, "template", e))?;
                 }
             } else if consumer.path.is_some()
                 || consumer.template.is_some()

@@ -60,72 +60,153 @@ pub struct FileConsumer {
     /// Its group, if set.
     pub group: Option<u32>,
     /// Its content template (default `{{value}}`).
-    pub template: String,
+    pub template: Template,
     /// A command run after each write.
     pub after: Vec<String>,
     /// How long `after` may run.
     pub after_timeout: Duration,
 }
 
-/// Checks a template's placeholders: `{{value}}`, `{{version}}`, `{{name}}`, `{{meta.KEY}}`.
-pub fn check_template(template: &str) -> Result<(), String> {
-    let mut rest = template;
-    while let Some(start) = rest.find("{{") {
-        let after = &rest[start + 2..];
-        let end = after
-            .find("}}")
-            .ok_or_else(|| "a '{{' has no closing '}}'".to_string())?;
-        let key = after[..end].trim();
-        match key {
-            "value" | "version" | "name" => {}
-            k if k.strip_prefix("meta.").is_some_and(|m| !m.is_empty()) => {}
-            other => {
-                return Err(format!(
-                    "unknown placeholder {{{{{other}}}}}; use value, version, name or meta.KEY"
-                ));
-            }
-        }
-        rest = &after[end + 2..];
-    }
-    Ok(())
+/// A file consumer's content, parsed once from the config: text and placeholders
+/// (`{{value}}`, `{{version}}`, `{{name}}`, `{{meta.KEY}}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
 }
 
-/// Renders a checked template.
-pub fn render(template: &str, d: &Delivery<'_>) -> Result<Zeroizing<String>, String> {
-    let mut out = Zeroizing::new(String::with_capacity(template.len() + d.value.len()));
-    let mut rest = template;
-    while let Some(start) = rest.find("{{") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let end = after.find("}}").ok_or("unterminated placeholder")?;
-        match after[..end].trim() {
-            "value" => out.push_str(d.value.expose()),
-            "version" => out.push_str(&d.version.to_string()),
-            "name" => out.push_str(d.secret),
-            key => {
-                let field = key.strip_prefix("meta.").ok_or("unknown placeholder")?;
-                match d.meta.get(field) {
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Value,
+    Version,
+    Name,
+    Meta(String),
+}
+
+/// Why a template was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    /// `{{` with no `}}` after it.
+    #[error("a '{{{{' has no closing '}}}}'")]
+    Unterminated,
+    /// A placeholder that is not one of the four.
+    #[error("unknown placeholder {{{{{0}}}}}; use value, version, name or meta.KEY")]
+    UnknownPlaceholder(String),
+}
+
+impl Template {
+    /// Parses a template.
+    pub fn parse(text: &str) -> Result<Template, TemplateError> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("{{") {
+            if start > 0 {
+                parts.push(Part::Text(rest[..start].to_string()));
+            }
+            let after = &rest[start + 2..];
+            let end = after.find("}}").ok_or(TemplateError::Unterminated)?;
+            parts.push(match after[..end].trim() {
+                "value" => Part::Value,
+                "version" => Part::Version,
+                "name" => Part::Name,
+                key => match key.strip_prefix("meta.").filter(|m| !m.is_empty()) {
+                    Some(field) => Part::Meta(field.to_string()),
+                    None => return Err(TemplateError::UnknownPlaceholder(key.to_string())),
+                },
+            });
+            rest = &after[end + 2..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.to_string()));
+        }
+        Ok(Template { parts })
+    }
+
+    /// The template that writes the value alone (`{{value}}`).
+    pub fn value_only() -> Template {
+        Template {
+            parts: vec![Part::Value],
+        }
+    }
+
+    /// The content for one delivery; fails only when the version lacks a `meta` key it names.
+    pub fn render(&self, d: &Delivery<'_>) -> Result<Zeroizing<String>, DeliveryError> {
+        let mut out = Zeroizing::new(String::with_capacity(64 + d.value.len()));
+        for part in &self.parts {
+            match part {
+                Part::Text(text) => out.push_str(text),
+                Part::Value => out.push_str(d.value.expose()),
+                Part::Version => out.push_str(&d.version.to_string()),
+                Part::Name => out.push_str(d.secret),
+                Part::Meta(field) => match d.meta.get(field) {
                     Some(serde_json::Value::String(s)) => out.push_str(s),
                     Some(other) => out.push_str(&other.to_string()),
-                    None => {
-                        return Err(format!("the version has no meta.{field} for the template"));
-                    }
-                }
+                    None => return Err(DeliveryError::MissingMeta(field.clone())),
+                },
             }
         }
-        rest = &after[end + 2..];
+        Ok(out)
     }
-    out.push_str(rest);
-    Ok(out)
+}
+
+impl<'de> serde::Deserialize<'de> for Template {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Template, D::Error> {
+        let text = String::deserialize(d)?;
+        Template::parse(&text).map_err(|e| serde::de::Error::custom(format!("template: {e}")))
+    }
+}
+
+/// Why a delivery to the file consumer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The template names a `meta` key the version does not have.
+    #[error("the version has no meta.{0} for the template")]
+    MissingMeta(String),
+    /// The consumer's path ends in no file name.
+    #[error("{0} has no file name")]
+    NoFileName(PathBuf),
+    /// A filesystem call failed.
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        /// What was tried (`write`, `create`).
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The blocking write task did not finish.
+    #[error("the write task failed: {0}")]
+    Task(String),
+    /// The `after` command could not start, run, or finish well.
+    #[error("{command:?} {problem}")]
+    After {
+        /// The command.
+        command: String,
+        /// What went wrong with it.
+        problem: String,
+    },
+}
+
+/// A user or group name that could not be resolved to an id.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{spec:?}: {why}")]
+pub struct UnknownId {
+    /// The name asked for.
+    pub spec: String,
+    /// Why it did not resolve.
+    pub why: String,
 }
 
 /// Resolves a user (or group) given by name or number, from /etc/passwd (or /etc/group).
-pub fn resolve_id(spec: &str, database: &str) -> Result<u32, String> {
+pub fn resolve_id(spec: &str, database: &str) -> Result<u32, UnknownId> {
     if let Ok(id) = spec.parse::<u32>() {
         return Ok(id);
     }
-    let text =
-        std::fs::read_to_string(database).map_err(|e| format!("cannot read {database}: {e}"))?;
+    let text = std::fs::read_to_string(database).map_err(|e| UnknownId {
+        spec: spec.to_string(),
+        why: format!("cannot read {database}: {e}"),
+    })?;
     text.lines()
         .filter_map(|l| {
             let mut f = l.split(':');
@@ -133,36 +214,46 @@ pub fn resolve_id(spec: &str, database: &str) -> Result<u32, String> {
         })
         .find(|(name, _)| *name == spec)
         .and_then(|(_, id)| id.parse().ok())
-        .ok_or_else(|| format!("no entry {spec:?} in {database}"))
+        .ok_or_else(|| UnknownId {
+            spec: spec.to_string(),
+            why: format!("no entry in {database}"),
+        })
 }
 
 impl FileConsumer {
     /// Writes the rendered template atomically, then runs `after`.
-    pub async fn deliver(&self, d: &Delivery<'_>) -> Result<(), String> {
-        let content = render(&self.template, d)?;
+    pub async fn deliver(&self, d: &Delivery<'_>) -> Result<(), DeliveryError> {
+        let content = self.template.render(d)?;
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.write_atomically(&content))
             .await
-            .map_err(|e| format!("the write task failed: {e}"))??;
+            .map_err(|e| DeliveryError::Task(e.to_string()))??;
         if !self.after.is_empty() {
             self.run_after(d).await?;
         }
         Ok(())
     }
 
-    fn write_atomically(&self, content: &str) -> Result<(), String> {
+    fn write_atomically(&self, content: &str) -> Result<(), DeliveryError> {
         let dir = self
             .path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(std::path::Path::new("."));
-        let file_name = self.path.file_name().ok_or("the path has no file name")?;
+        let file_name = self
+            .path
+            .file_name()
+            .ok_or_else(|| DeliveryError::NoFileName(self.path.clone()))?;
         if !dir.exists() {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o755)
                 .create(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                .map_err(|source| DeliveryError::Io {
+                    what: "create",
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
         }
         let tmp = dir.join(format!(
             ".{}.{}.tmp",
@@ -188,13 +279,21 @@ impl FileConsumer {
             std::fs::rename(&tmp, &self.path)?;
             std::fs::File::open(dir)?.sync_all()
         })();
-        result.map_err(|e| {
+        result.map_err(|source| {
             let _ = std::fs::remove_file(&tmp);
-            format!("cannot write {}: {e}", self.path.display())
+            DeliveryError::Io {
+                what: "write",
+                path: self.path.clone(),
+                source,
+            }
         })
     }
 
-    async fn run_after(&self, d: &Delivery<'_>) -> Result<(), String> {
+    async fn run_after(&self, d: &Delivery<'_>) -> Result<(), DeliveryError> {
+        let failed = |problem: String| DeliveryError::After {
+            command: self.after[0].clone(),
+            problem,
+        };
         let mut cmd = tokio::process::Command::new(&self.after[0]);
         cmd.args(&self.after[1..])
             .env_clear()
@@ -212,13 +311,13 @@ impl FileConsumer {
             .kill_on_drop(true);
         let child = cmd
             .spawn()
-            .map_err(|e| format!("cannot run {:?}: {e}", self.after[0]))?;
+            .map_err(|e| failed(format!("could not start: {e}")))?;
         match tokio::time::timeout(self.after_timeout, child.wait_with_output()).await {
-            Err(_) => Err(format!(
-                "{:?} did not finish within {:?} and was killed",
-                self.after[0], self.after_timeout
-            )),
-            Ok(Err(e)) => Err(format!("{:?} failed: {e}", self.after[0])),
+            Err(_) => Err(failed(format!(
+                "did not finish within {:?} and was killed",
+                self.after_timeout
+            ))),
+            Ok(Err(e)) => Err(failed(format!("failed: {e}"))),
             Ok(Ok(out)) if out.status.success() => Ok(()),
             Ok(Ok(out)) => {
                 let stderr = String::from_utf8_lossy(&out.stderr);
@@ -229,16 +328,15 @@ impl FileConsumer {
                     .chars()
                     .take(200)
                     .collect();
-                Err(format!(
-                    "{:?} exited with {}{}",
-                    self.after[0],
+                Err(failed(format!(
+                    "exited with {}{}",
                     out.status,
                     if tail.is_empty() {
                         String::new()
                     } else {
                         format!(": {tail}")
                     }
-                ))
+                )))
             }
         }
     }
@@ -259,20 +357,28 @@ mod tests {
             value: &value,
             meta: &meta,
         };
-        let t = "ID={{meta.access_key_id}}\nKEY={{ value }}\n# {{name}} v{{version}}\n";
-        check_template(t).unwrap();
+        let t = Template::parse(
+            "ID={{meta.access_key_id}}\nKEY={{ value }}\n# {{name}} v{{version}}\n",
+        )
+        .unwrap();
         assert_eq!(
-            render(t, &d).unwrap().as_str(),
+            t.render(&d).unwrap().as_str(),
             "ID=AKIA1\nKEY=s3cr3t\n# aws/x v7\n"
         );
         assert!(
-            render("{{meta.nope}}", &d)
+            Template::parse("{{meta.nope}}")
+                .unwrap()
+                .render(&d)
                 .unwrap_err()
+                .to_string()
                 .contains("meta.nope")
         );
-        assert!(check_template("{{secret}}").is_err());
-        assert!(check_template("{{value").is_err());
-        assert!(check_template("{{meta.}}").is_err());
+        assert_eq!(
+            Template::parse("{{secret}}"),
+            Err(TemplateError::UnknownPlaceholder("secret".into()))
+        );
+        assert_eq!(Template::parse("{{value"), Err(TemplateError::Unterminated));
+        assert!(Template::parse("{{meta.}}").is_err());
     }
 
     #[test]
@@ -292,7 +398,7 @@ mod tests {
             mode: 0o640,
             owner: None,
             group: None,
-            template: "KEY={{value}}\n".into(),
+            template: Template::parse("KEY={{value}}\n").unwrap(),
             after: vec![
                 "sh".into(),
                 "-c".into(),
@@ -334,7 +440,7 @@ mod tests {
                 meta: &meta,
             })
             .await;
-        assert!(err.unwrap_err().contains("exited with"));
+        assert!(err.unwrap_err().to_string().contains("exited with"));
         let slow = FileConsumer {
             after: vec!["sleep".into(), "30".into()],
             after_timeout: Duration::from_millis(200),
@@ -348,6 +454,6 @@ mod tests {
                 meta: &meta,
             })
             .await;
-        assert!(err.unwrap_err().contains("was killed"));
+        assert!(err.unwrap_err().to_string().contains("was killed"));
     }
 }

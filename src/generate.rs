@@ -54,14 +54,16 @@ impl Default for GeneratePolicy {
     }
 }
 
+/// A generated value's length outside 16 to 4096 characters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("length must be between 16 and 4096, not {0}")]
+pub struct LengthOutOfRange(pub usize);
+
 impl GeneratePolicy {
     /// Checks the policy is sensible (16 to 4096 characters).
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), LengthOutOfRange> {
         if !(16..=4096).contains(&self.length) {
-            return Err(format!(
-                "length must be between 16 and 4096, not {}",
-                self.length
-            ));
+            return Err(LengthOutOfRange(self.length));
         }
         Ok(())
     }

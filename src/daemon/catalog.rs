@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::StartError;
 use crate::config::{BUILTIN_PROVIDERS, Config, ConsumerConfig, SecretConfig};
-use crate::consumer::{Consumer, FileConsumer, resolve_id};
+use crate::consumer::{Consumer, FileConsumer, Template, resolve_id};
 use crate::plugin_host::{PluginHost, PluginSpec, Redactor};
 use crate::provider::Provider;
 use crate::rotation::catalog::{Catalog, SecretSpec};
@@ -123,14 +123,14 @@ fn consumer(
             value
                 .map(|v| resolve_id(v, table))
                 .transpose()
-                .map_err(|e| config.invalid("consumers", name, key, e))
+                .map_err(|e| config.invalid("consumers", name, key, e.to_string()))
         };
         return Ok(Consumer::File(FileConsumer {
             path: c.path.clone().expect("checked at parse"),
             mode: c.mode.unwrap_or(0o600),
             owner: id("owner", c.owner.as_ref(), "/etc/passwd")?,
             group: id("group", c.group.as_ref(), "/etc/group")?,
-            template: c.template.clone().unwrap_or_else(|| "{{value}}".into()),
+            template: c.template.clone().unwrap_or_else(Template::value_only),
             after: c.after.clone(),
             after_timeout: c.after_timeout,
         }));

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::backoff;
 use super::catalog::SecretSpec;
-use super::engine::{ACTOR, Engine};
+use super::engine::{ACTOR, Engine, EngineError};
 use super::steps::StepError;
 use crate::audit::AuditEvent;
 use crate::consumer::{Consumer, Delivery};
@@ -86,7 +86,7 @@ impl Engine {
             meta: &revealed.meta,
         };
         let result = match consumer {
-            Consumer::File(file) => file.deliver(&delivery).await,
+            Consumer::File(file) => file.deliver(&delivery).await.map_err(|e| e.to_string()),
             Consumer::Plugin {
                 host,
                 kind,
@@ -133,29 +133,31 @@ impl Engine {
 
     /// Delivers the current version to consumers that lag behind it (a consumer added to the
     /// config, a file deleted while the daemon was down). Retries with backoff.
-    pub async fn sync_consumers(&self, name: &str) -> Result<(), String> {
-        let spec = self.spec(name).map_err(|e| e.to_string())?;
+    pub async fn sync_consumers(&self, name: &str) -> Result<(), EngineError> {
+        let spec = self.spec(name)?;
         let mut attempt = 0;
         loop {
             attempt += 1;
             let store = self.vault.store();
-            let secret = store.secret(name).await.map_err(|e| e.to_string())?;
+            let secret = store.secret(name).await?;
             let active = match &secret {
-                Some(s) => store
-                    .latest_rotation(&s.id)
-                    .await
-                    .map_err(|e| e.to_string())?,
+                Some(s) => store.latest_rotation(&s.id).await?,
                 None => None,
             };
             if active.is_some_and(|r| !r.state.is_terminal()) {
                 return Ok(()); // the rotation in progress pushes
             }
-            let Some(current) = store.sealed(name, None).await.map_err(|e| e.to_string())? else {
+            let Some(current) = store.sealed(name, None).await? else {
                 return Ok(());
             };
             match self.deliver_all(spec, current.version.version).await {
                 Ok(()) => return Ok(()),
-                Err(e) if attempt >= spec.max_attempts => return Err(e.message),
+                Err(e) if attempt >= spec.max_attempts => {
+                    return Err(EngineError::Undelivered {
+                        name: name.to_string(),
+                        reason: e.message,
+                    });
+                }
                 Err(_) => {
                     let delay =
                         backoff::delay(attempt, self.settings.retry_base, self.settings.retry_max);

@@ -78,6 +78,14 @@ pub enum EngineError {
     /// The vault failed.
     #[error(transparent)]
     Vault(#[from] VaultError),
+    /// A consumer still lacks the current version after every attempt.
+    #[error("the consumers of {name:?} could not be brought up to date: {reason}")]
+    Undelivered {
+        /// The secret.
+        name: String,
+        /// The last delivery error.
+        reason: String,
+    },
 }
 
 /// Why a plugin call made outside a rotation's steps failed (an `issue`, a lease's revocation,

@@ -26,18 +26,45 @@ pub enum Schedule {
     Every(Duration),
 }
 
+/// Why a cron line was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CronError {
+    /// Not the six fields keywarden's cron lines have.
+    #[error(
+        "expected a 6-field cron line (sec min hour day month weekday), got {fields} fields in {line:?}"
+    )]
+    Fields {
+        /// The line.
+        line: String,
+        /// How many fields it has.
+        fields: usize,
+    },
+    /// Six fields, but not a valid schedule.
+    #[error("invalid cron line {line:?}: {reason}")]
+    Invalid {
+        /// The line.
+        line: String,
+        /// The parser's reason.
+        reason: String,
+    },
+}
+
 impl Schedule {
     /// Parses a 6-field cron line: sec min hour day-of-month month day-of-week.
-    pub fn cron(line: &str) -> Result<Schedule, String> {
+    pub fn cron(line: &str) -> Result<Schedule, CronError> {
         let fields = line.split_whitespace().count();
         if fields != 6 {
-            return Err(format!(
-                "expected a 6-field cron line (sec min hour day month weekday), got {fields} fields in {line:?}"
-            ));
+            return Err(CronError::Fields {
+                line: line.to_string(),
+                fields,
+            });
         }
         cron::Schedule::from_str(line)
             .map(|s| Schedule::Cron(Box::new(s)))
-            .map_err(|e| format!("invalid cron line {line:?}: {e}"))
+            .map_err(|e| CronError::Invalid {
+                line: line.to_string(),
+                reason: e.to_string(),
+            })
     }
 
     /// The first due time strictly after `now`.
