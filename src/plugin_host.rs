@@ -352,9 +352,8 @@ impl PluginHost {
 
     async fn spawn(&self) -> Result<Arc<Running>, PluginError> {
         self.check_pin()?;
-        let plugin = self.spec.name.clone();
         let spawn_error = |message: String| PluginError::Spawn {
-            plugin: plugin.clone(),
+            plugin: self.spec.name.clone(),
             path: self.path(),
             message,
         };
@@ -373,65 +372,21 @@ impl PluginHost {
                     work.display()
                 ))
             })?;
-        let mut cmd = tokio::process::Command::new(&self.spec.command[0]);
-        cmd.args(&self.spec.command[1..])
-            .arg(PLUGIN_FLAG)
-            .env_clear()
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
-            )
-            .env("LANG", "C")
-            .envs(&self.spec.env)
-            .current_dir(&work)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| {
+        let mut child = self.command(&work).spawn().map_err(|e| {
             let _ = std::fs::remove_dir_all(&work);
             spawn_error(e.to_string())
         })?;
         let stdin = child.stdin.take().expect("piped stdin");
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let stderr = child.stderr.take().expect("piped stderr");
-        self.forward_stderr(stderr);
-
-        let handshake = async {
-            let line = read_line(&mut stdout).await;
-            match line {
-                Ok(Some(line)) => serde_json::from_slice::<Hello>(&line)
-                    .map_err(|e| format!("the first line is not a hello: {e}")),
-                Ok(None) => Err("the plugin exited before saying hello".to_string()),
-                Err(e) => Err(e),
-            }
-        };
-        let hello = match tokio::time::timeout(self.spec.timeout, handshake).await {
-            Ok(Ok(hello)) if hello.keywarden_plugin == keywarden_plugin_sdk::PROTOCOL_VERSION => {
-                hello
-            }
-            Ok(Ok(hello)) => {
+        self.forward_stderr(child.stderr.take().expect("piped stderr"));
+        let hello = match self.handshake(&mut stdout).await {
+            Ok(hello) => hello,
+            Err(message) => {
                 let _ = child.kill().await;
                 let _ = std::fs::remove_dir_all(&work);
                 return Err(PluginError::Handshake {
-                    plugin,
-                    message: format!(
-                        "it speaks protocol {}, this keywarden speaks 1",
-                        hello.keywarden_plugin
-                    ),
-                });
-            }
-            Ok(Err(message)) => {
-                let _ = child.kill().await;
-                let _ = std::fs::remove_dir_all(&work);
-                return Err(PluginError::Handshake { plugin, message });
-            }
-            Err(_) => {
-                let _ = child.kill().await;
-                let _ = std::fs::remove_dir_all(&work);
-                return Err(PluginError::Handshake {
-                    plugin,
-                    message: format!("no hello within {:?}", self.spec.timeout),
+                    plugin: self.spec.name.clone(),
+                    message,
                 });
             }
         };
@@ -444,7 +399,6 @@ impl PluginHost {
             "plugin started"
         );
         *self.hello.lock().expect("hello lock") = Some(hello);
-
         let (kill_tx, kill_rx) = oneshot::channel();
         let running = Arc::new(Running {
             stdin: tokio::sync::Mutex::new(stdin),
@@ -461,6 +415,48 @@ impl PluginHost {
             work,
         ));
         Ok(running)
+    }
+
+    /// The plugin's command: its arguments and the protocol flag, an environment of `PATH`,
+    /// `LANG=C` and what its config lists, its private working directory, piped stdio.
+    fn command(&self, work: &Path) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.spec.command[0]);
+        cmd.args(&self.spec.command[1..])
+            .arg(PLUGIN_FLAG)
+            .env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+            )
+            .env("LANG", "C")
+            .envs(&self.spec.env)
+            .current_dir(work)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Reads the plugin's hello (within the request timeout) and checks its protocol version.
+    async fn handshake<R: AsyncBufRead + Unpin>(&self, stdout: &mut R) -> Result<Hello, String> {
+        let first = async {
+            match read_line(stdout).await? {
+                Some(line) => serde_json::from_slice::<Hello>(&line)
+                    .map_err(|e| format!("the first line is not a hello: {e}")),
+                None => Err("the plugin exited before saying hello".to_string()),
+            }
+        };
+        let hello = tokio::time::timeout(self.spec.timeout, first)
+            .await
+            .map_err(|_| format!("no hello within {:?}", self.spec.timeout))??;
+        if hello.keywarden_plugin != keywarden_plugin_sdk::PROTOCOL_VERSION {
+            return Err(format!(
+                "it speaks protocol {}, this keywarden speaks 1",
+                hello.keywarden_plugin
+            ));
+        }
+        Ok(hello)
     }
 
     fn forward_stderr(&self, stderr: tokio::process::ChildStderr) {

@@ -3,7 +3,7 @@
 //! when they rotate.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -221,6 +221,65 @@ async fn stop(child: &mut tokio::process::Child) -> anyhow::Result<std::process:
     }
 }
 
+/// Long-polls for each version of `name` after `version`, sending each to `tx` until `exec`
+/// stops listening.
+async fn watch(
+    socket: PathBuf,
+    name: String,
+    mut version: i64,
+    ttl: Option<u64>,
+    tx: mpsc::Sender<(String, Fetched)>,
+) {
+    loop {
+        let query = format!(
+            "?min_version={}&wait=300{}",
+            version + 1,
+            ttl.map(|t| format!("&ttl={t}")).unwrap_or_default()
+        );
+        match fetch(&socket, &name, &query).await {
+            Ok(Some((_, fetched))) => {
+                version = fetched.version.unwrap_or(version + 1);
+                if tx.send((name.clone(), fetched)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(secret = %name, error = %e, "watch failed; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+/// Renews the leases past two thirds of their life; refetches any that lapsed.
+async fn renew_due(socket: &Path, current: &mut BTreeMap<String, Fetched>, ttl_query: &str) {
+    let now = chrono::Utc::now();
+    for (name, f) in current.iter_mut() {
+        let Some(expires) = f.expires_at else {
+            continue;
+        };
+        let left = expires.with_timezone(&chrono::Utc) - now;
+        if left > chrono::Duration::seconds(30) {
+            continue;
+        }
+        let path = format!("/v1/leases/{}/renew{ttl_query}", f.lease_id);
+        match http::request(socket, Method::PUT, &path, None).await {
+            Ok((StatusCode::OK, body)) => {
+                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+                f.expires_at = v["expires_at"]
+                    .as_str()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+            }
+            _ => {
+                if let Ok(Some((_, fresh))) = fetch(socket, name, ttl_query).await {
+                    *f = fresh;
+                }
+            }
+        }
+    }
+}
+
 /// `exec`: fetch, inject, watch, restart or signal; exit with the command's code.
 pub(crate) async fn exec(ctx: &Context, args: ExecArgs) -> anyhow::Result<ExitCode> {
     let socket = ctx.config.agent.socket.clone();
@@ -243,33 +302,14 @@ pub(crate) async fn exec(ctx: &Context, args: ExecArgs) -> anyhow::Result<ExitCo
     // One watcher per secret: a long poll for the next version, never a busy loop.
     let (tx, mut rotated) = mpsc::channel::<(String, Fetched)>(16);
     for name in &names {
-        let tx = tx.clone();
-        let socket = socket.clone();
-        let name = name.clone();
-        let ttl = args.ttl;
-        let mut version = current[&name].version.unwrap_or(0);
-        tokio::spawn(async move {
-            loop {
-                let query = format!(
-                    "?min_version={}&wait=300{}",
-                    version + 1,
-                    ttl.map(|t| format!("&ttl={t}")).unwrap_or_default()
-                );
-                match fetch(&socket, &name, &query).await {
-                    Ok(Some((_, fetched))) => {
-                        version = fetched.version.unwrap_or(version + 1);
-                        if tx.send((name.clone(), fetched)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!(secret = %name, error = %e, "watch failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                    }
-                }
-            }
-        });
+        let version = current[name].version.unwrap_or(0);
+        tokio::spawn(watch(
+            socket.clone(),
+            name.clone(),
+            version,
+            args.ttl,
+            tx.clone(),
+        ));
     }
     drop(tx);
 
@@ -294,29 +334,7 @@ pub(crate) async fn exec(ctx: &Context, args: ExecArgs) -> anyhow::Result<ExitCo
                     OnRotate::Nothing => {}
                 }
             }
-            _ = renew_tick.tick() => {
-                // Renew leases past two thirds of their life; refetch any that lapsed.
-                let now = chrono::Utc::now();
-                for (name, f) in current.iter_mut() {
-                    let Some(expires) = f.expires_at else { continue };
-                    let left = expires.with_timezone(&chrono::Utc) - now;
-                    if left > chrono::Duration::seconds(30) {
-                        continue;
-                    }
-                    let path = format!("/v1/leases/{}/renew{ttl_query}", f.lease_id);
-                    match http::request(&socket, Method::PUT, &path, None).await {
-                        Ok((StatusCode::OK, body)) => {
-                            let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-                            f.expires_at = v["expires_at"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
-                        }
-                        _ => {
-                            if let Ok(Some((_, fresh))) = fetch(&socket, name, &ttl_query).await {
-                                *f = fresh;
-                            }
-                        }
-                    }
-                }
-            }
+            _ = renew_tick.tick() => renew_due(&socket, &mut current, &ttl_query).await,
             _ = term.recv() => send(&child, rustix::process::Signal::TERM),
             _ = int.recv() => send(&child, rustix::process::Signal::INT),
             _ = hup.recv() => send(&child, rustix::process::Signal::HUP),

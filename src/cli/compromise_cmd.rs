@@ -175,35 +175,55 @@ async fn run(runner: &Runner, args: &RotateAllArgs, body: &Value) -> anyhow::Res
     // The plan goes to stderr so that --json leaves one document on stdout.
     eprintln!("{}", describe_plan(&plan).join("\n"));
     if !args.yes {
-        if !std::io::stdin().is_terminal() {
-            bail!("refusing to run without --yes: stdin is not a terminal to confirm on");
-        }
-        eprint!(
-            "{} {} secret(s){}. Type 'yes' to proceed: ",
-            if args.assume_compromise {
-                "Assume compromise: rotate and revoke"
-            } else {
-                "Rotate"
-            },
-            plan.secrets.len(),
-            if args.assume_compromise {
-                format!(" and revoke {} lease(s)", plan.live_leases)
-            } else {
-                String::new()
-            }
-        );
-        let mut answer = String::new();
-        std::io::stdin().read_line(&mut answer)?;
-        if answer.trim() != "yes" {
-            bail!("not confirmed; nothing was done");
-        }
+        confirm(args, &plan)?;
     }
     let id = runner.start(body).await?;
-    let total = plan.secrets.len();
+    let report = follow(runner, &id, plan.secrets.len()).await?;
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print_report(&report);
+    }
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Asks on the terminal before acting; refuses when there is no terminal to ask on.
+fn confirm(args: &RotateAllArgs, plan: &Plan) -> anyhow::Result<()> {
+    if !std::io::stdin().is_terminal() {
+        bail!("refusing to run without --yes: stdin is not a terminal to confirm on");
+    }
+    eprint!(
+        "{} {} secret(s){}. Type 'yes' to proceed: ",
+        if args.assume_compromise {
+            "Assume compromise: rotate and revoke"
+        } else {
+            "Rotate"
+        },
+        plan.secrets.len(),
+        if args.assume_compromise {
+            format!(" and revoke {} lease(s)", plan.live_leases)
+        } else {
+            String::new()
+        }
+    );
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if answer.trim() != "yes" {
+        bail!("not confirmed; nothing was done");
+    }
+    Ok(())
+}
+
+/// Shows the run's progress on stderr until it finishes, and returns its report.
+async fn follow(runner: &Runner, id: &str, total: usize) -> anyhow::Result<Report> {
     let tty = std::io::stderr().is_terminal();
     let mut last = (usize::MAX, usize::MAX);
-    let report = loop {
-        let report = runner.report(&id).await?;
+    loop {
+        let report = runner.report(id).await?;
         let progress = (report.rotated.len(), report.failed.len());
         if progress != last {
             last = progress;
@@ -224,43 +244,38 @@ async fn run(runner: &Runner, args: &RotateAllArgs, body: &Value) -> anyhow::Res
             if tty {
                 eprintln!();
             }
-            break report;
+            return Ok(report);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    if args.json {
-        print_json(&report)?;
-    } else {
-        println!(
-            "incident {}: rotated {}, failed {}, leases revoked {}",
-            report.incident_id,
-            report.rotated.len(),
-            report.failed.len(),
-            report.leases_revoked
-        );
-        for name in &report.rotated {
-            println!("  rotated  {name}");
-        }
-        for f in report
-            .failed
-            .iter()
-            .filter(|f| !report.needs_person.contains(f))
-        {
-            println!("  FAILED   {}: {}", f.name, f.error);
-        }
-        for f in &report.needs_person {
-            println!("  PERSON   {}: {}", f.name, f.error);
-        }
-        if !report.failed.is_empty() {
-            println!(
-                "run the same command again to retry what failed (incident {})",
-                report.incident_id
-            );
-        }
     }
-    Ok(if report.failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+}
+
+/// The incident report for people.
+fn print_report(report: &Report) {
+    println!(
+        "incident {}: rotated {}, failed {}, leases revoked {}",
+        report.incident_id,
+        report.rotated.len(),
+        report.failed.len(),
+        report.leases_revoked
+    );
+    for name in &report.rotated {
+        println!("  rotated  {name}");
+    }
+    for f in report
+        .failed
+        .iter()
+        .filter(|f| !report.needs_person.contains(f))
+    {
+        println!("  FAILED   {}: {}", f.name, f.error);
+    }
+    for f in &report.needs_person {
+        println!("  PERSON   {}: {}", f.name, f.error);
+    }
+    if !report.failed.is_empty() {
+        println!(
+            "run the same command again to retry what failed (incident {})",
+            report.incident_id
+        );
+    }
 }

@@ -47,6 +47,59 @@ async fn delete_key(iam: &aws_sdk_iam::Client, user: &str, key: &str) -> Result<
     }
 }
 
+/// The tag reads "ROTATION_ID[.KEY_ID…]": this rotation, and the keys that were there before
+/// its first try (not ours to delete). Dots need no escaping anywhere along the way.
+/// `Some(keys)` when an earlier try of `rotation` left its tag.
+async fn keys_before_earlier_try(
+    iam: &aws_sdk_iam::Client,
+    user: &str,
+    rotation: &str,
+) -> Result<Option<Vec<String>>, ErrReply> {
+    let tags = iam
+        .list_user_tags()
+        .user_name(user)
+        .send()
+        .await
+        .map_err(|e| sdk_error("ListUserTags", e))?;
+    Ok(tags
+        .tags()
+        .iter()
+        .filter(|t| t.key() == ROTATION_TAG)
+        .find_map(|t| t.value().strip_prefix(rotation))
+        .map(|rest| {
+            rest.split('.')
+                .filter(|k| !k.is_empty())
+                .map(str::to_string)
+                .collect()
+        }))
+}
+
+/// Records on the user that `rotation` is creating a key, and which keys were there before.
+async fn tag_rotation(
+    iam: &aws_sdk_iam::Client,
+    user: &str,
+    rotation: &str,
+    before: &[&String],
+) -> Result<(), ErrReply> {
+    let mut tag_value = rotation.to_string();
+    for key in before {
+        tag_value.push('.');
+        tag_value.push_str(key);
+    }
+    let tag = Tag::builder()
+        .key(ROTATION_TAG)
+        .value(tag_value)
+        .build()
+        .map_err(|e| ErrReply::fatal(e.to_string()))?;
+    iam.tag_user()
+        .user_name(user)
+        .tags(tag)
+        .send()
+        .await
+        .map_err(|e| sdk_error("TagUser", e))?;
+    Ok(())
+}
+
 pub(crate) async fn create(request: &Request) -> Result<OkReply, ErrReply> {
     let user = required(request, "user_name")?;
     let rotation = request
@@ -71,29 +124,12 @@ pub(crate) async fn create(request: &Request) -> Result<OkReply, ErrReply> {
         .filter_map(|k| k.access_key_id().map(str::to_string))
         .filter(|id| Some(id) != current.as_ref())
         .collect();
-    let tags = iam
-        .list_user_tags()
-        .user_name(user)
-        .send()
-        .await
-        .map_err(|e| sdk_error("ListUserTags", e))?;
-    // The tag reads "ROTATION_ID[.KEY_ID…]": this rotation, and the keys that were there before
-    // its first try (not ours to delete). Dots need no escaping anywhere along the way.
-    let earlier_try = tags
-        .tags()
-        .iter()
-        .filter(|t| t.key() == ROTATION_TAG)
-        .find_map(|t| t.value().strip_prefix(rotation))
-        .map(|rest| {
-            rest.split('.')
-                .filter(|k| !k.is_empty())
-                .collect::<Vec<_>>()
-        });
+    let earlier_try = keys_before_earlier_try(&iam, user, rotation).await?;
     let (spent, unknown): (Vec<&String>, Vec<&String>) = match (&current, &earlier_try) {
         // The current key stays; the other is spent (IAM allows two).
         (Some(_), _) => (others.iter().collect(), Vec::new()),
         // A repeat: delete what the earlier try created, keep what was there before it.
-        (None, Some(before)) => others.iter().partition(|k| !before.contains(&k.as_str())),
+        (None, Some(before)) => others.iter().partition(|k| !before.contains(*k)),
         (None, None) => (Vec::new(), others.iter().collect()),
     };
     for key in spent {
@@ -105,22 +141,7 @@ pub(crate) async fn create(request: &Request) -> Result<OkReply, ErrReply> {
              use with `keywarden put NAME --meta access_key_id=…`, or delete one"
         )));
     }
-    let mut tag_value = rotation.to_string();
-    for key in unknown {
-        tag_value.push('.');
-        tag_value.push_str(key);
-    }
-    let tag = Tag::builder()
-        .key(ROTATION_TAG)
-        .value(tag_value)
-        .build()
-        .map_err(|e| ErrReply::fatal(e.to_string()))?;
-    iam.tag_user()
-        .user_name(user)
-        .tags(tag)
-        .send()
-        .await
-        .map_err(|e| sdk_error("TagUser", e))?;
+    tag_rotation(&iam, user, rotation, &unknown).await?;
     let created = iam
         .create_access_key()
         .user_name(user)

@@ -135,20 +135,7 @@ impl Http {
                 "{label} answered a redirect ({status}); redirects are not followed"
             )));
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| ErrReply::retryable(format!("{label}: reading the answer failed: {e}")))?
-        {
-            if body.len() + chunk.len() > settings.max_response_bytes {
-                return Err(fatal(format!(
-                    "{label}: the answer is larger than {} bytes",
-                    settings.max_response_bytes
-                )));
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = read_body(&mut response, &label, settings.max_response_bytes).await?;
         let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         if spec.ok_status.contains(&status) {
             return Ok(Answer {
@@ -156,27 +143,7 @@ impl Http {
                 nothing_to_read: true,
             });
         }
-        let expected = if spec.expect_status.is_empty() {
-            (200..300).contains(&status)
-        } else {
-            spec.expect_status.contains(&status)
-        };
-        if !expected {
-            let detail = provider_message(&json);
-            let message = format!("{label} answered {status}{detail}");
-            return Err(if status == 429 || status >= 500 {
-                ErrReply::retryable(message)
-            } else {
-                fatal(message)
-            });
-        }
-        for (pointer, want) in &spec.expect_json {
-            if json.pointer(pointer) != Some(want) {
-                return Err(fatal(format!(
-                    "{label}: {pointer} is not {want} in the answer"
-                )));
-            }
-        }
+        judge(spec, status, &json, &label)?;
         Ok(Answer {
             json,
             nothing_to_read: false,
@@ -203,4 +170,52 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// Reads an answer's body, up to `max` bytes.
+async fn read_body(
+    response: &mut reqwest::Response,
+    label: &str,
+    max: usize,
+) -> Result<Vec<u8>, ErrReply> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| ErrReply::retryable(format!("{label}: reading the answer failed: {e}")))?
+    {
+        if body.len() + chunk.len() > max {
+            return Err(fatal(format!(
+                "{label}: the answer is larger than {max} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Whether an answer is what `spec` expects: its status, and the JSON values it names.
+fn judge(spec: &OpSpec, status: u16, json: &Value, label: &str) -> Result<(), ErrReply> {
+    let expected = if spec.expect_status.is_empty() {
+        (200..300).contains(&status)
+    } else {
+        spec.expect_status.contains(&status)
+    };
+    if !expected {
+        let detail = provider_message(json);
+        let message = format!("{label} answered {status}{detail}");
+        return Err(if status == 429 || status >= 500 {
+            ErrReply::retryable(message)
+        } else {
+            fatal(message)
+        });
+    }
+    for (pointer, want) in &spec.expect_json {
+        if json.pointer(pointer) != Some(want) {
+            return Err(fatal(format!(
+                "{label}: {pointer} is not {want} in the answer"
+            )));
+        }
+    }
+    Ok(())
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
+use sqlx::sqlite::{SqliteConnection, SqliteRow};
 
 use crate::audit::AuditEvent;
 use crate::clock::{Millis, now_millis};
@@ -90,48 +90,14 @@ impl SqliteStore {
         let now = now_millis();
         let secret_id = match target {
             VersionTarget::New(secret) => {
-                let inserted = sqlx::query(
-                    "INSERT INTO secrets (id, name, provider, wrapped_data_key, tags, created_at, \
-                     updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(secret.id.as_str())
-                .bind(secret.name.as_str())
-                .bind(secret.provider.as_str())
-                .bind(secret.wrapped_data_key.as_slice())
-                .bind(serde_json::to_string(&secret.tags).expect("tags serialize"))
-                .bind(now)
-                .bind(now)
-                .execute(&mut *tx)
-                .await;
-                match inserted {
-                    Err(e) if is_unique_violation(&e) => {
-                        return Err(StoreError::Conflict(format!("secret {:?}", secret.name)));
-                    }
-                    other => other?,
-                };
+                insert_secret(&mut tx, secret, now).await?;
                 secret.id.as_str()
             }
             VersionTarget::Existing {
                 secret_id,
                 expected_latest,
             } => {
-                let row: Option<Option<i64>> = sqlx::query_scalar(
-                    "SELECT (SELECT max(version) FROM versions WHERE secret_id = secrets.id) \
-                     FROM secrets WHERE id = ?",
-                )
-                .bind(secret_id.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-                if row != Some(*expected_latest) {
-                    return Err(StoreError::Conflict("the secret".into()));
-                }
-                if active_rotation_in(&mut tx, secret_id).await?.is_some() {
-                    let name: String = sqlx::query_scalar("SELECT name FROM secrets WHERE id = ?")
-                        .bind(secret_id.as_str())
-                        .fetch_one(&mut *tx)
-                        .await?;
-                    return Err(StoreError::RotationInProgress(name));
-                }
+                check_latest(&mut tx, secret_id, *expected_latest).await?;
                 secret_id.as_str()
             }
         };
@@ -502,4 +468,58 @@ pub(super) fn version_from_row(row: &SqliteRow, first: usize) -> Result<VersionR
 pub(super) fn parse_tags(text: &str) -> Result<Vec<String>, StoreError> {
     serde_json::from_str(text)
         .map_err(|_| StoreError::Corrupt("a secret's tags are not a JSON list".into()))
+}
+
+/// Inserts a new secret's row; a name already taken is a conflict.
+async fn insert_secret(
+    tx: &mut SqliteConnection,
+    secret: &NewSecret,
+    now: Millis,
+) -> Result<(), StoreError> {
+    let inserted = sqlx::query(
+        "INSERT INTO secrets (id, name, provider, wrapped_data_key, tags, created_at, \
+         updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(secret.id.as_str())
+    .bind(secret.name.as_str())
+    .bind(secret.provider.as_str())
+    .bind(secret.wrapped_data_key.as_slice())
+    .bind(serde_json::to_string(&secret.tags).expect("tags serialize"))
+    .bind(now)
+    .bind(now)
+    .execute(&mut *tx)
+    .await;
+    match inserted {
+        Err(e) if is_unique_violation(&e) => {
+            Err(StoreError::Conflict(format!("secret {:?}", secret.name)))
+        }
+        other => other.map(|_| ()).map_err(Into::into),
+    }
+}
+
+/// Checks that an existing secret's latest version is still `expected` and that no rotation
+/// of it is under way (a manual write would race it).
+async fn check_latest(
+    tx: &mut SqliteConnection,
+    secret_id: &str,
+    expected: Option<i64>,
+) -> Result<(), StoreError> {
+    let row: Option<Option<i64>> = sqlx::query_scalar(
+        "SELECT (SELECT max(version) FROM versions WHERE secret_id = secrets.id) \
+         FROM secrets WHERE id = ?",
+    )
+    .bind(secret_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if row != Some(expected) {
+        return Err(StoreError::Conflict("the secret".into()));
+    }
+    if active_rotation_in(&mut *tx, secret_id).await?.is_some() {
+        let name: String = sqlx::query_scalar("SELECT name FROM secrets WHERE id = ?")
+            .bind(secret_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        return Err(StoreError::RotationInProgress(name));
+    }
+    Ok(())
 }
