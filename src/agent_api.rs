@@ -271,15 +271,9 @@ impl AgentApi {
     async fn audit(&self, events: Vec<AuditEvent>) -> Result<(), ApiError> {
         self.services
             .audit_writer
-            .queue(Vec::new(), events)
+            .write(Vec::new(), events)
             .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "store",
-                    format!("cannot write the audit log: {e}"),
-                )
-            })
+            .map_err(ApiError::from)
     }
 
     async fn deny(&self, who: &PeerIdentity, name: &str, reason: &str) -> Response<Full<Bytes>> {

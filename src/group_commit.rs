@@ -1,13 +1,16 @@
 //! Group commit for the fetch path: lease changes and audit rows from many requests share one
 //! transaction, so a busy socket costs one write per batch instead of one per fetch.
 //!
-//! A fetch is answered once its audit row and lease are queued here (docs/design.md §9; making
-//! this fail closed, answered only once committed, is the hardening issue's work). On shutdown
-//! the writer stops taking work, commits everything queued, and only then ends. The queue is bounded, so a writer that falls
+//! Audit fails closed (docs/design.md §9): every write waits until its batch is committed, so a
+//! fetch is answered only once its lease and audit row are durable, and a fetch whose rows
+//! cannot be committed is refused rather than served unrecorded. A batch that fails is tried
+//! again a few times before its writers are told. On shutdown the writer stops taking work,
+//! commits everything already handed to it, and only then ends. The queue is bounded, so a writer that falls
 //! behind slows fetches down rather than growing without limit. While the daemon runs, the
 //! in-memory lease table is authoritative; the store is its durable copy.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -28,10 +31,17 @@ pub enum WriteError {
 /// Requests folded into one transaction at most.
 const MAX_BATCH: usize = 512;
 
+/// Waits before each further try of a batch that failed (a busy or momentarily full disk).
+const RETRY_AFTER: [Duration; 3] = [
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+    Duration::from_millis(800),
+];
+
 struct Item {
     ops: Vec<LeaseOp>,
     audit: Vec<AuditEvent>,
-    done: Option<oneshot::Sender<Result<(), WriteError>>>,
+    done: oneshot::Sender<Result<(), WriteError>>,
 }
 
 /// A handle to the writer task. When every handle is dropped, the task commits what is queued
@@ -81,15 +91,9 @@ impl GroupCommit {
                 for item in batch {
                     ops.extend(item.ops);
                     audit.extend(item.audit);
-                    waiters.extend(item.done);
+                    waiters.push(item.done);
                 }
-                let result = store
-                    .apply_lease_batch(&ops, &audit)
-                    .await
-                    .map_err(|e| WriteError::Failed(Arc::new(e)));
-                if let Err(e) = &result {
-                    tracing::error!(error = %e, rows = audit.len(), "a batch of audit rows and leases could not be written");
-                }
+                let result = commit(&store, &ops, &audit).await;
                 for waiter in waiters {
                     let _ = waiter.send(result.clone());
                 }
@@ -98,29 +102,33 @@ impl GroupCommit {
         (GroupCommit { tx }, task)
     }
 
-    /// Queues lease changes and audit rows for the next batch.
-    pub async fn queue(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), WriteError> {
-        self.tx
-            .send(Item {
-                ops,
-                audit,
-                done: None,
-            })
-            .await
-            .map_err(|_| WriteError::Stopped)
-    }
-
     /// Queues lease changes and audit rows and waits until they are committed.
     pub async fn write(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), WriteError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Item {
-                ops,
-                audit,
-                done: Some(done),
-            })
+            .send(Item { ops, audit, done })
             .await
             .map_err(|_| WriteError::Stopped)?;
         wait.await.map_err(|_| WriteError::Stopped)?
+    }
+}
+
+/// Commits one batch, trying again after short waits before giving up on it.
+async fn commit(store: &Store, ops: &[LeaseOp], audit: &[AuditEvent]) -> Result<(), WriteError> {
+    let mut waits = RETRY_AFTER.iter();
+    loop {
+        match store.apply_lease_batch(ops, audit).await {
+            Ok(()) => return Ok(()),
+            Err(e) => match waits.next() {
+                Some(wait) => {
+                    tracing::warn!(error = %e, rows = audit.len(), "a batch of audit rows and leases could not be written; trying again");
+                    tokio::time::sleep(*wait).await;
+                }
+                None => {
+                    tracing::error!(error = %e, rows = audit.len(), "a batch of audit rows and leases could not be written; its requests are refused");
+                    return Err(WriteError::Failed(Arc::new(e)));
+                }
+            },
+        }
     }
 }

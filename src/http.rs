@@ -21,6 +21,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::attest::{Peer, boot_seconds};
+use crate::group_commit::WriteError;
 use crate::leases::LeaseError;
 use crate::plugin_host::PluginError;
 use crate::rotation::engine::PluginCallError;
@@ -207,9 +208,20 @@ impl From<LeaseError> for ApiError {
         let (status, code) = match e {
             LeaseError::NotFound => (StatusCode::NOT_FOUND, "unknown"),
             LeaseError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
-            LeaseError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
+            LeaseError::Store(e) => return e.into(),
         };
         ApiError::new(status, code, e.to_string())
+    }
+}
+
+/// Rows that could not be committed: nothing is served unrecorded (503, try again).
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("{e}; nothing was handed out"),
+        )
     }
 }
 

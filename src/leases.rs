@@ -33,15 +33,8 @@ const PURGE_EVERY: Millis = 3600 * 1000;
 /// Persistence and upstream effects of leases. Object-safe (boxed futures), so the daemon's
 /// backend lives with the daemon's wiring and tests use an in-memory one.
 pub trait LeaseBackend: Send + Sync + 'static {
-    /// Queues lease changes with their audit rows (committed shortly, and at a clean shutdown).
-    fn persist(
-        &self,
-        ops: Vec<LeaseOp>,
-        audit: Vec<AuditEvent>,
-    ) -> BoxFuture<'_, Result<(), WriteError>>;
-
-    /// Applies lease changes with their audit rows and waits until they are committed (used
-    /// when leases end, so a drain that this wakes is recorded after them).
+    /// Applies lease changes with their audit rows and waits until they are committed: a lease
+    /// is handed out, and an ended lease wakes a drain, only once it is durable.
     fn commit(
         &self,
         ops: Vec<LeaseOp>,
@@ -163,7 +156,7 @@ impl Leases {
     pub async fn grant(&self, lease: LeaseRow, audit: AuditEvent) -> Result<(), LeaseError> {
         let lease = Arc::new(lease);
         self.backend
-            .persist(vec![LeaseOp::Insert(lease.clone())], vec![audit])
+            .commit(vec![LeaseOp::Insert(lease.clone())], vec![audit])
             .await?;
         let mut state = self.state.lock().expect("lease state");
         let earliest = state.expiry.first().map(|(t, _)| *t);
@@ -185,7 +178,7 @@ impl Leases {
     ) -> Result<LeaseRow, LeaseError> {
         let lease = self.owned(id, uid)?;
         self.backend
-            .persist(
+            .commit(
                 vec![LeaseOp::Renew {
                     id: id.to_string(),
                     expires_at,
@@ -296,7 +289,7 @@ impl Leases {
                         .detail(serde_json::json!({ "lease_id": lease.id }));
                     if self
                         .backend
-                        .persist(
+                        .commit(
                             vec![LeaseOp::UpstreamRevoked {
                                 id: lease.id.clone(),
                             }],
@@ -329,7 +322,7 @@ impl Leases {
                 let purge = LeaseOp::PurgeEnded {
                     before: now - KEEP_ENDED,
                 };
-                if let Err(e) = self.backend.persist(vec![purge], Vec::new()).await {
+                if let Err(e) = self.backend.commit(vec![purge], Vec::new()).await {
                     tracing::warn!(error = %e, "could not purge old leases");
                 }
             }
@@ -409,7 +402,7 @@ mod tests {
     }
 
     impl LeaseBackend for Arc<Memory> {
-        fn persist(
+        fn commit(
             &self,
             ops: Vec<LeaseOp>,
             audit: Vec<AuditEvent>,
@@ -420,14 +413,6 @@ mod tests {
                 .unwrap()
                 .extend(audit.into_iter().map(|a| a.action));
             Box::pin(async { Ok(()) })
-        }
-
-        fn commit(
-            &self,
-            ops: Vec<LeaseOp>,
-            audit: Vec<AuditEvent>,
-        ) -> BoxFuture<'_, Result<(), WriteError>> {
-            self.persist(ops, audit)
         }
 
         fn revoke_issued<'a>(

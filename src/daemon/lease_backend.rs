@@ -72,14 +72,6 @@ impl DaemonLeaseBackend {
 }
 
 impl LeaseBackend for DaemonLeaseBackend {
-    fn persist(
-        &self,
-        ops: Vec<LeaseOp>,
-        audit: Vec<AuditEvent>,
-    ) -> BoxFuture<'_, Result<(), WriteError>> {
-        Box::pin(self.writer.queue(ops, audit))
-    }
-
     fn commit(
         &self,
         ops: Vec<LeaseOp>,
