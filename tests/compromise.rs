@@ -431,3 +431,43 @@ settings = { hang = { op = "verify", once = true, skip = 1 } }
     );
     drop(daemon);
 }
+
+#[test]
+fn a_rotation_escalated_after_its_promotion_revokes_the_old_credential_upstream() {
+    let env = env_with_plugin("[secrets.\"svc/late\"]\nprovider = \"example\"\ngrace = \"1h\"\n");
+    let daemon = env.start_daemon();
+    wait_for("the first version", Duration::from_secs(30), || {
+        (env.entry("svc/late")["rotation_state"] == "done").then_some(())
+    });
+    assert_eq!(daemon.terminate(), Some(0));
+    let old_key = env.upstream_text("SELECT key_id FROM creds WHERE current = 1");
+    // A rotation stopped right after its journal said `pushed`, then escalated into an
+    // incident: the compromise landed while the step ran, so the step never saw it.
+    let mut rotate = env.cmd();
+    rotate.env("FAILPOINTS", "rotation.pushed=return");
+    let out = common::run_with(rotate, &["rotate", "svc/late"], None);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(6),
+        "the rotation stops at its crash point"
+    );
+    env.sql(&["UPDATE rotations SET emergency = 1 WHERE state = 'pushed'"]);
+
+    let daemon = env.start_daemon();
+    wait_for("the resumed rotation", Duration::from_secs(30), || {
+        (env.entry("svc/late")["rotation_state"] == "done").then_some(())
+    });
+    assert_eq!(daemon.terminate(), Some(0));
+    // The store says the old version is revoked, and so does the provider: no grace, no
+    // credential left live that keywarden believes dead.
+    assert_eq!(
+        env.sql_i64("SELECT count(*) FROM versions WHERE version = 1 AND stage = 'revoked'"),
+        1
+    );
+    assert_eq!(
+        env.upstream_text(&format!(
+            "SELECT status FROM creds WHERE key_id = '{old_key}'"
+        )),
+        "revoked"
+    );
+}

@@ -372,12 +372,15 @@ impl Engine {
             }
         }
         self.deliver_all(spec, to).await?;
-        self.advance(
-            rotation,
-            StepChange::to(RotationState::Promoted, RotationState::Pushed),
-            json!({ "version": to, "consumers": spec.consumers }),
-        )
-        .await
+        let outcome = self
+            .advance(
+                rotation,
+                StepChange::to(RotationState::Promoted, RotationState::Pushed),
+                json!({ "version": to, "consumers": spec.consumers }),
+            )
+            .await?;
+        crash_point!("rotation.pushed");
+        Ok(outcome)
     }
 
     /// Emergency: revoke the old version right after promotion, without waiting for leases.
@@ -388,14 +391,8 @@ impl Engine {
         provider: &Provider,
         from: i64,
     ) -> Result<(), StepError> {
-        let old = self.vault.read(&spec.name, Some(from)).await?;
-        if old.stage == crate::store::Stage::Revoked {
+        if !self.revoke_upstream(rotation, spec, provider, from).await? {
             return Ok(());
-        }
-        if provider.can(Op::Revoke) && provider.overlaps() {
-            let mut request = self.request_for(Op::Revoke, rotation, spec).await?;
-            request.target = Some(Credential::from(&old));
-            self.call(provider, request).await?;
         }
         let change = StepChange {
             revoke_version: Some(from),
@@ -411,6 +408,27 @@ impl Engine {
             .advance_rotation(rotation, &change, audit)
             .await?;
         Ok(())
+    }
+
+    /// Revokes version `from` upstream, unless the store already has it revoked (then returns
+    /// false: an earlier step did it).
+    async fn revoke_upstream(
+        &self,
+        rotation: &RotationRecord,
+        spec: &SecretSpec,
+        provider: &Provider,
+        from: i64,
+    ) -> Result<bool, StepError> {
+        let old = self.vault.read(&spec.name, Some(from)).await?;
+        if old.stage == crate::store::Stage::Revoked {
+            return Ok(false);
+        }
+        if provider.can(Op::Revoke) && provider.overlaps() {
+            let mut request = self.request_for(Op::Revoke, rotation, spec).await?;
+            request.target = Some(Credential::from(&old));
+            self.call(provider, request).await?;
+        }
+        Ok(true)
     }
 
     pub(super) async fn after_push(
@@ -439,6 +457,9 @@ impl Engine {
                 .await?
             }
             Some(from) if rotation.emergency => {
+                // Escalated after its promotion began, N may still be live upstream: an
+                // emergency revokes it now, without waiting for leases.
+                self.revoke_upstream(rotation, spec, provider, from).await?;
                 self.advance(
                     rotation,
                     done(Some(from)),
