@@ -6,7 +6,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +37,14 @@ pub enum SocketError {
     /// Something other than a socket is at the path.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
+    /// The socket's directory could let another user replace or redirect the socket.
+    #[error("refusing to put a socket in {dir}: it {why}")]
+    UnsafeDirectory {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
     /// A filesystem or socket call failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -58,10 +66,11 @@ pub fn bind_socket(path: &Path, mode: u32, dir_mode: u32) -> Result<UnixListener
         path: path.to_path_buf(),
         source,
     };
-    if let Some(dir) = path
+    let dir = path
         .parent()
-        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-    {
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(dir_mode)
@@ -71,6 +80,7 @@ pub fn bind_socket(path: &Path, mode: u32, dir_mode: u32) -> Result<UnixListener
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))
             .map_err(|e| io("cannot set the mode of", dir, e))?;
     }
+    check_socket_directory(dir)?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             match std::os::unix::net::UnixStream::connect(path) {
@@ -85,10 +95,44 @@ pub fn bind_socket(path: &Path, mode: u32, dir_mode: u32) -> Result<UnixListener
         Ok(_) => return Err(SocketError::NotASocket(path.to_path_buf())),
         Err(_) => {}
     }
-    let listener = UnixListener::bind(path).map_err(|e| io("cannot listen on", path, e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| io("cannot set the mode of", path, e))?;
-    Ok(listener)
+    // The socket gets its mode as it is created: no chmod afterwards, no window in which it
+    // has another mode, nothing to follow if the path were swapped.
+    let umask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(!mode & 0o777));
+    let bound = UnixListener::bind(path);
+    rustix::process::umask(umask);
+    bound.map_err(|e| io("cannot listen on", path, e))
+}
+
+/// A socket's directory must be a real directory (not a symlink), owned by root or by this
+/// process's user, and writable by nobody else: otherwise another user could replace the socket,
+/// or point its path somewhere else, between two of our calls.
+fn check_socket_directory(dir: &Path) -> Result<(), SocketError> {
+    let unsafe_dir = |why: String| SocketError::UnsafeDirectory {
+        dir: dir.to_path_buf(),
+        why,
+    };
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| SocketError::Io {
+        what: "cannot inspect the socket directory",
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    if !meta.is_dir() {
+        return Err(unsafe_dir("is not a directory (a symlink?)".into()));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(unsafe_dir(format!(
+            "is owned by uid {}, not by root or by this daemon's user (uid {me})",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "is writable by other users (mode {:o}); `chmod go-w` it or choose another directory",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 /// Limits applied to every connection.
@@ -417,4 +461,32 @@ pub fn query_pairs(query: Option<&str>) -> Vec<(&str, &str)> {
         .filter(|p| !p.is_empty())
         .map(|p| p.split_once('=').unwrap_or((p, "")))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_socket_gets_its_mode_at_creation_in_a_safe_directory_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let socket = run.join("agent.sock");
+        let _listener = bind_socket(&socket, 0o660, 0o755).unwrap();
+        let mode = std::fs::symlink_metadata(&socket).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+
+        // A directory other users can write to: they could swap the socket.
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = bind_socket(&shared.join("agent.sock"), 0o660, 0o755).unwrap_err();
+        assert!(err.to_string().contains("writable by other users"), "{err}");
+
+        // A symlink to a directory: the path could be pointed elsewhere.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&run, &link).unwrap();
+        let err = bind_socket(&link.join("admin.sock"), 0o600, 0o700).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+    }
 }
