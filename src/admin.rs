@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::attest::Peer;
 use crate::audit::AuditEvent;
 use crate::http::{self, Handler};
-use crate::incident::compromise::CompromiseError;
+use crate::incident::compromise::{CompromiseError, MAX_CONCURRENCY};
 use crate::rotation::engine::EngineError;
 use crate::services::Services;
 use crate::store::Reason;
@@ -95,6 +95,16 @@ impl AdminApi {
                     );
                 }
             };
+        if body
+            .concurrency
+            .is_some_and(|c| !(1..=MAX_CONCURRENCY).contains(&c))
+        {
+            return http::error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("concurrency must be between 1 and {MAX_CONCURRENCY}"),
+            );
+        }
         let scope = body.scope();
         if plan_only {
             return match self.services.incidents.plan(&scope).await {

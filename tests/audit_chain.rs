@@ -99,3 +99,28 @@ fn reordered_rows_are_found() {
     assert_eq!(code, Some(1));
     assert!(out.contains("\"first_bad_seq\": 2"), "{out}");
 }
+
+#[test]
+fn audit_tail_shows_a_hostile_executable_path_escaped_not_as_terminal_commands() {
+    let env = Env::with_config(&common::daemon::base_config("3s"));
+    let daemon = env.start_daemon();
+    // A peer whose executable's name carries escape sequences (retitle the terminal, clear it).
+    let evil = env.dir.path().join("curl\x1b]0;owned\x07\x1b[2J");
+    std::fs::copy("/usr/bin/curl", &evil).unwrap();
+    let (code, _) = common::curl_with(
+        &evil,
+        &env.agent_socket(),
+        "GET",
+        "/v1/secrets/any/thing",
+        &[],
+    );
+    assert_eq!(code, 403);
+    assert_eq!(daemon.terminate(), Some(0));
+    let tail = env.ok(&["audit", "tail"], None);
+    assert!(tail.contains("fetch.denied"), "{tail}");
+    assert!(
+        !tail.contains('\x1b') && !tail.contains('\x07'),
+        "raw control characters: {tail:?}"
+    );
+    assert!(tail.contains("\\u{1b}]0;owned"), "{tail}");
+}

@@ -471,3 +471,28 @@ fn a_rotation_escalated_after_its_promotion_revokes_the_old_credential_upstream(
         "revoked"
     );
 }
+
+#[test]
+fn an_absurd_concurrency_is_refused_before_anything_starts() {
+    let env = env_with_plugin("[secrets.\"svc/a\"]\nprovider = \"example\"\n");
+    let daemon = env.start_daemon();
+    // Once a panic in the runner that left the incident "running" forever.
+    let (code, body) = curl(
+        &env.admin_socket(),
+        "POST",
+        "/v1/admin/compromise",
+        &[
+            "-d",
+            r#"{"all": true, "concurrency": 18446744073709551615}"#,
+        ],
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("concurrency must be between 1 and 1024"),
+        "{body}"
+    );
+    assert_eq!(env.sql_i64("SELECT count(*) FROM incidents"), 0);
+    let (code, _) = curl(&env.admin_socket(), "GET", "/v1/admin/status", &[]);
+    assert_eq!(code, 200);
+    assert_eq!(daemon.terminate(), Some(0));
+}

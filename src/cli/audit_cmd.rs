@@ -6,7 +6,7 @@ use clap::Subcommand;
 use serde_json::json;
 
 use super::Context;
-use super::output::{print_json, rfc3339};
+use super::output::{print_json, printable, rfc3339};
 use crate::audit::ChainVerifier;
 use crate::store::Access;
 
@@ -99,10 +99,10 @@ pub(crate) async fn run(ctx: &Context, cmd: AuditCommand) -> anyhow::Result<Exit
                         "{:>6} {} {:<16} {:<24} {} {}",
                         r.seq,
                         rfc3339(r.at),
-                        r.action,
-                        r.secret.as_deref().unwrap_or("-"),
-                        r.actor,
-                        r.detail
+                        printable(&r.action),
+                        printable(r.secret.as_deref().unwrap_or("-")),
+                        printable(&r.actor),
+                        printable(&r.detail)
                     );
                 }
             }

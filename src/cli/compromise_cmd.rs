@@ -16,7 +16,7 @@ use super::daemon_cmds::admin;
 use super::output::print_json;
 use crate::clock::Clock;
 use crate::daemon::{Mode, Runtime};
-use crate::incident::compromise::{Plan, Report, describe_plan};
+use crate::incident::compromise::{MAX_CONCURRENCY, Plan, Report, describe_plan};
 use crate::passphrase::{self, Purpose};
 use crate::store::{Access, Store};
 use crate::store::{Scope, Trigger};
@@ -48,7 +48,7 @@ pub(crate) struct RotateAllArgs {
     #[arg(long)]
     yes: bool,
     /// Secrets rotated at once.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=MAX_CONCURRENCY as i64))]
     concurrency: u32,
     /// Print the report (or, with --dry-run, the plan) as JSON.
     #[arg(long)]

@@ -12,6 +12,24 @@ pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Text for a terminal: control characters (escape sequences, carriage returns, C1 codes),
+/// which a peer can put in its executable's path, are shown escaped instead of acted on.
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<String>()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// RFC 3339 in UTC with second precision.
 pub(crate) fn rfc3339(ms: Millis) -> String {
     chrono::DateTime::from_timestamp_millis(ms)

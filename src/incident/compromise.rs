@@ -26,6 +26,9 @@ use crate::rotation::engine::{Engine, EngineError};
 use crate::store::{IncidentRecord, Scope, StoreError, Trigger};
 use crate::store::{Reason, RotationState};
 
+/// Most secrets one run rotates at once (`--concurrency`, the admin API's `concurrency`).
+pub const MAX_CONCURRENCY: usize = 1024;
+
 /// What a run will do to one secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -368,7 +371,7 @@ impl Incidents {
             .filter(|r| r.state == RotationState::Done)
             .map(|r| r.secret)
             .collect();
-        let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+        let permits = Arc::new(Semaphore::new(concurrency.clamp(1, MAX_CONCURRENCY)));
         let mut work = tokio::task::JoinSet::new();
         for item in plan
             .secrets

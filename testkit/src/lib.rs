@@ -246,21 +246,35 @@ pub fn curl_with(
     path: &str,
     extra: &[&str],
 ) -> (u16, String) {
-    let out = Command::new(bin)
-        .args([
-            "-s",
-            "--path-as-is",
-            "-X",
-            method,
-            "-w",
-            "\n%{http_code}",
-            "--unix-socket",
-        ])
-        .arg(socket)
-        .args(extra)
-        .arg(format!("http://localhost{path}"))
-        .output()
-        .expect("run curl");
+    let run = || {
+        Command::new(bin)
+            .args([
+                "-s",
+                "--path-as-is",
+                "-X",
+                method,
+                "-w",
+                "\n%{http_code}",
+                "--unix-socket",
+            ])
+            .arg(socket)
+            .args(extra)
+            .arg(format!("http://localhost{path}"))
+            .output()
+    };
+    // A freshly copied executable is "busy" while a process forked by another test thread
+    // still holds the copy's write descriptor; that child execs and lets go of it at once.
+    let mut out = run();
+    for _ in 0..50 {
+        match &out {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                out = run();
+            }
+            _ => break,
+        }
+    }
+    let out = out.expect("run curl");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_string())
