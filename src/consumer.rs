@@ -320,8 +320,11 @@ impl FileConsumer {
             Ok(Err(e)) => Err(failed(format!("failed: {e}"))),
             Ok(Ok(out)) if out.status.success() => Ok(()),
             Ok(Ok(out)) => {
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                let tail: String = stderr
+                // The command was handed the value (in the file it reads); what it says about
+                // its failure is kept as the consumer's last error, so never with the value.
+                let stderr = Zeroizing::new(String::from_utf8_lossy(&out.stderr).into_owned());
+                let scrubbed = Zeroizing::new(stderr.replace(d.value.expose(), "[redacted]"));
+                let tail: String = scrubbed
                     .lines()
                     .last()
                     .unwrap_or("")
@@ -455,5 +458,38 @@ mod tests {
             })
             .await;
         assert!(err.unwrap_err().to_string().contains("was killed"));
+    }
+
+    #[tokio::test]
+    async fn an_after_command_that_prints_the_value_does_not_put_it_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.env");
+        let c = FileConsumer {
+            path: path.clone(),
+            mode: 0o600,
+            owner: None,
+            group: None,
+            template: Template::value_only(),
+            after: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo \"bad key: $(cat \"$KEYWARDEN_FILE\")\" >&2; exit 3".into(),
+            ],
+            after_timeout: Duration::from_secs(10),
+        };
+        let value = SecretValue::new("sk-live-0123456789abcdef".into());
+        let err = c
+            .deliver(&Delivery {
+                secret: "s",
+                version: 1,
+                value: &value,
+                meta: &Meta::new(),
+            })
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exited with"), "{err}");
+        assert!(err.contains("bad key: [redacted]"), "{err}");
+        assert!(!err.contains("sk-live-0123456789abcdef"), "{err}");
     }
 }

@@ -463,9 +463,9 @@ impl PluginHost {
         let plugin = self.spec.name.clone();
         let redactor = self.redactor.clone();
         tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let line: String = line.chars().take(4096).collect();
+            let mut stderr = BufReader::new(stderr);
+            while let Some(line) = read_stderr_line(&mut stderr).await {
+                let line = String::from_utf8_lossy(&line);
                 tracing::debug!(plugin = %plugin, "plugin stderr: {}", redactor.scrub(&line));
             }
         });
@@ -629,6 +629,35 @@ async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Option<Vec
         ));
     }
     Ok(Some(line))
+}
+
+/// Longest stderr line logged at once; a longer line is logged in pieces of this size.
+const MAX_STDERR_LINE: usize = 4096;
+
+/// One line of a plugin's stderr, or the next [`MAX_STDERR_LINE`] bytes of a longer one, so
+/// a plugin that never writes a newline cannot make the daemon hold more; `None` at the end.
+async fn read_stderr_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> Option<Vec<u8>> {
+    let mut line = Vec::new();
+    loop {
+        let chunk = match reader.fill_buf().await {
+            Ok([]) | Err(_) => return (!line.is_empty()).then_some(line),
+            Ok(chunk) => chunk,
+        };
+        let newline = chunk.iter().position(|b| *b == b'\n');
+        let part = newline.unwrap_or(chunk.len());
+        let room = MAX_STDERR_LINE - line.len();
+        if part >= room {
+            line.extend_from_slice(&chunk[..room]);
+            reader.consume(room);
+            return Some(line);
+        }
+        line.extend_from_slice(&chunk[..part]);
+        if newline.is_some() {
+            reader.consume(part + 1);
+            return Some(line);
+        }
+        reader.consume(part);
+    }
 }
 
 /// Hands each reply on `stdout` to the request waiting for its id, until the plugin closes its
@@ -801,5 +830,23 @@ mod tests {
         long.push(b'\n');
         let violation = route(&pending, &long).await;
         assert!(violation.unwrap().contains("longer than"));
+    }
+
+    #[tokio::test]
+    async fn a_plugin_that_never_ends_its_stderr_line_is_read_in_bounded_pieces() {
+        // An endless stream with no newline: `lines()` never returned and grew without bound.
+        let mut endless = tokio::io::BufReader::new(tokio::io::repeat(b'x'));
+        for _ in 0..3 {
+            let piece =
+                tokio::time::timeout(Duration::from_secs(5), read_stderr_line(&mut endless))
+                    .await
+                    .expect("a piece comes back without waiting for a newline")
+                    .unwrap();
+            assert_eq!(piece.len(), MAX_STDERR_LINE);
+        }
+        let mut input: &[u8] = b"short\nlast";
+        assert_eq!(read_stderr_line(&mut input).await.unwrap(), b"short");
+        assert_eq!(read_stderr_line(&mut input).await.unwrap(), b"last");
+        assert_eq!(read_stderr_line(&mut input).await, None);
     }
 }
