@@ -671,3 +671,44 @@ fn sockets_are_created_safely_and_metrics_are_served() {
     assert_eq!(curl(&env.agent_socket(), "GET", "/v1/health", &[]).0, 200);
     drop(daemon);
 }
+
+#[test]
+fn exec_runs_the_command_with_the_users_umask_and_core_limit() {
+    let cli = canonical(common::keywarden_bin().to_str().unwrap());
+    let (env, daemon) = started(&policy_exe("cli", &cli, "app/*"));
+    let hard_core_limit = Command::new("sh")
+        .args(["-c", "ulimit -H -c"])
+        .output()
+        .unwrap()
+        .stdout;
+    let core = if hard_core_limit.starts_with(b"0") {
+        "0"
+    } else {
+        "1000"
+    };
+    // A user's shell with its own umask and core limit runs `keywarden exec`.
+    let bin = common::keywarden_bin();
+    let inner = "umask; ulimit -c; test -n \"$TOKEN\" && echo token";
+    let script = format!(
+        "umask 027; ulimit -S -c {core}; exec \"$0\" exec --env TOKEN=app/token -- sh -c '{inner}'"
+    );
+    let mut shell = Command::new("sh");
+    shell
+        .args(["-c", &script, bin.to_str().unwrap()])
+        .env("KEYWARDEN_CONFIG", &env.config)
+        .env("KEYWARDEN_PASSPHRASE_FILE", &env.passphrase_file)
+        .current_dir(env.dir.path());
+    let out = common::run_with(shell, &[], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout,
+        format!("0027\n{core}\ntoken\n"),
+        "keywarden's 077 and 0 leaked into the command"
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+}

@@ -297,6 +297,8 @@ pub(crate) async fn exec(ctx: &Context, args: ExecArgs) -> anyhow::Result<ExitCo
             .context("no value")?;
         current.insert(name.clone(), fetched);
     }
+    // The command runs with the user's own umask and core limit, not keywarden's.
+    ctx.inherited.restore_for_children();
     let mut child = spawn_child(&args.command, &current, &args.env)?;
 
     // One watcher per secret: a long poll for the next version, never a busy loop.

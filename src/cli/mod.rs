@@ -99,6 +99,8 @@ pub(crate) struct Context {
     config: Config,
     store_override: Option<PathBuf>,
     actor: String,
+    /// What the process started with, for the commands `exec` runs.
+    inherited: crate::hardening::Inherited,
 }
 
 impl Context {
@@ -140,7 +142,7 @@ pub fn main() -> ExitCode {
         _ => "warn",
     };
     init_logging(cli.log_format, cli.log.as_deref(), default_level);
-    crate::hardening::harden_process();
+    let inherited = crate::hardening::harden_process(matches!(cli.command, Command::Exec(_)));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -151,7 +153,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, inherited)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -160,7 +162,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn run(cli: Cli, inherited: crate::hardening::Inherited) -> anyhow::Result<ExitCode> {
     let config = match &cli.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -169,6 +171,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         config,
         store_override: cli.store,
         actor: format!("cli uid={}", rustix::process::getuid().as_raw()),
+        inherited,
     };
     match cli.command {
         Command::Init(args) => vault_cmds::init(&ctx, args).await,
