@@ -564,11 +564,24 @@ impl Config {
     fn validate_signals(&self) -> Result<(), ConfigError> {
         let signals = &self.signals;
         if let Some(listen) = &signals.listen {
-            if listen.parse::<std::net::SocketAddr>().is_err() {
-                return Err(self.invalid_signals(
-                    "listen",
-                    format!("{listen:?} is not an address such as \"127.0.0.1:8787\""),
-                ));
+            match listen.parse::<std::net::SocketAddr>() {
+                Err(_) => {
+                    return Err(self.invalid_signals(
+                        "listen",
+                        format!("{listen:?} is not an address such as \"127.0.0.1:8787\""),
+                    ));
+                }
+                Ok(address) if !address.ip().is_loopback() => {
+                    return Err(self.invalid_signals(
+                        "listen",
+                        format!(
+                            "{listen:?} is not a loopback address: the listener speaks plain \
+                             HTTP, so it listens on 127.0.0.1 or [::1] only (put a TLS proxy in \
+                             front of it to take signals from elsewhere)"
+                        ),
+                    ));
+                }
+                Ok(_) => {}
             }
             if signals.hmac_secret.is_none() {
                 return Err(self.invalid_signals(

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::daemon::{env_with_plugin, wait_for};
 use common::{Env, curl, curl_with};
 
-const KEY: &str = "signal-signing-key-for-tests";
+const KEY: &str = "signal-signing-key-for-tests-0123456789";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -21,12 +21,24 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn sign(body: &str, key: &str) -> String {
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// The v1 signature a sender computes (with Python's hmac, as an outside detector would).
+fn sign(timestamp: i64, path: &str, body: &str, key: &str) -> String {
     let out = Command::new("python3")
         .args([
             "-c",
-            "import hmac, hashlib, sys; print(hmac.new(sys.argv[1].encode(), sys.argv[2].encode(), hashlib.sha256).hexdigest())",
+            "import hmac, hashlib, sys; \
+             msg = ('v1\\n%s\\nPOST\\n%s\\n' % (sys.argv[2], sys.argv[3])).encode() + sys.argv[4].encode(); \
+             print('v1=' + hmac.new(sys.argv[1].encode(), msg, hashlib.sha256).hexdigest())",
             key,
+            &timestamp.to_string(),
+            path,
             body,
         ])
         .output()
@@ -34,7 +46,14 @@ fn sign(body: &str, key: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-fn post(port: u16, path: &str, body: &str, signature: Option<String>) -> (u16, String) {
+/// POSTs `body` with a timestamp and, if given, a signature header.
+fn post_at(
+    port: u16,
+    path: &str,
+    body: &str,
+    timestamp: i64,
+    signature: Option<String>,
+) -> (u16, String) {
     let mut cmd = Command::new("/usr/bin/curl");
     cmd.args([
         "-s",
@@ -44,9 +63,11 @@ fn post(port: u16, path: &str, body: &str, signature: Option<String>) -> (u16, S
         "POST",
         "--data-binary",
         body,
+        "-H",
+        &format!("X-Keywarden-Timestamp: {timestamp}"),
     ]);
     if let Some(sig) = signature {
-        cmd.args(["-H", &format!("X-Keywarden-Signature: sha256={sig}")]);
+        cmd.args(["-H", &format!("X-Keywarden-Signature: {sig}")]);
     }
     let out = cmd
         .arg(format!("http://127.0.0.1:{port}{path}"))
@@ -55,6 +76,12 @@ fn post(port: u16, path: &str, body: &str, signature: Option<String>) -> (u16, S
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap();
     (code.parse().unwrap(), body.to_string())
+}
+
+/// POSTs `body` signed now with `key`.
+fn post_signed(port: u16, path: &str, body: &str, key: &str) -> (u16, String) {
+    let t = now();
+    post_at(port, path, body, t, Some(sign(t, path, body, key)))
 }
 
 fn fetch(bin: &Path, sock: &Path, name: &str) -> serde_json::Value {
@@ -125,14 +152,17 @@ fn a_signed_signal_starts_a_compromise_run_and_bad_signatures_are_rejected_and_c
     let body =
         r#"{"type":"compromise","scope":{"names":["app/a"]},"message":"EDR flagged the host"}"#;
     assert_eq!(
-        post(port, "/v1/signals", body, Some(sign(body, "not the key"))).0,
+        post_signed(port, "/v1/signals", body, "not the key, though long enough").0,
         401
     );
-    assert_eq!(post(port, "/v1/signals", body, None).0, 401);
-    assert_eq!(post(port, "/v1/signals", body, Some("zz".into())).0, 401);
+    assert_eq!(post_at(port, "/v1/signals", body, now(), None).0, 401);
+    assert_eq!(
+        post_at(port, "/v1/signals", body, now(), Some("v1=zz".into())).0,
+        401
+    );
     assert_eq!(env.entry("app/a")["version"], 1, "nothing happened");
 
-    let (code, reply) = post(port, "/v1/signals", body, Some(sign(body, KEY)));
+    let (code, reply) = post_signed(port, "/v1/signals", body, KEY);
     assert_eq!(code, 202, "{reply}");
     wait_for("app/a to be rotated", Duration::from_secs(20), || {
         (env.entry("app/a")["version"] == 2).then_some(())
@@ -178,14 +208,14 @@ fn a_leaked_token_that_matches_rotates_its_secret_and_one_that_does_not_changes_
     let leaked = fetch(Path::new("/usr/bin/curl"), &env.agent_socket(), "app/b");
     let value = leaked["value"].as_str().unwrap();
     let miss = r#"[{"token":"ghp_not_ours_at_all_0000000000","type":"github_pat","url":"https://example.com/a","source":"content"}]"#;
-    let (code, reply) = post(port, "/v1/signals/leak", miss, Some(sign(miss, KEY)));
+    let (code, reply) = post_signed(port, "/v1/signals/leak", miss, KEY);
     assert_eq!(code, 200);
     assert!(reply.contains("\"matched\":0"), "{reply}");
 
     let report = format!(
         r#"[{{"token":"{value}","type":"keywarden_api_key","url":"https://gist.example/leak","source":"gist"}}]"#
     );
-    let (code, reply) = post(port, "/v1/signals/leak", &report, Some(sign(&report, KEY)));
+    let (code, reply) = post_signed(port, "/v1/signals/leak", &report, KEY);
     assert_eq!(code, 200);
     assert!(reply.contains("\"matched\":1"), "{reply}");
     wait_for("app/b to be rotated", Duration::from_secs(20), || {
@@ -279,4 +309,84 @@ fn a_canary_fetch_and_a_new_caller_raise_alerts_with_the_callers_identity() {
         "{status}"
     );
     drop(daemon);
+}
+
+#[test]
+fn replayed_stale_forged_and_old_style_signals_are_refused() {
+    let (env, port, daemon) = setup();
+    let body = r#"{"type":"alert","message":"probe"}"#;
+    let path = "/v1/signals";
+    // A captured signal sent again.
+    let t = now();
+    let signature = sign(t, path, body, KEY);
+    assert_eq!(post_at(port, path, body, t, Some(signature.clone())).0, 202);
+    let (code, reply) = post_at(port, path, body, t, Some(signature));
+    assert_eq!(code, 401, "{reply}");
+    assert!(reply.contains("replay"), "{reply}");
+    // One signed ten minutes ago (or ahead), correctly.
+    for skew in [-600, 600] {
+        let t = now() + skew;
+        let (code, reply) = post_at(port, path, body, t, Some(sign(t, path, body, KEY)));
+        assert_eq!(code, 401, "{reply}");
+        assert!(reply.contains("five minutes"), "{reply}");
+    }
+    // Signed for another path, or with the timestamp changed after signing.
+    let t = now();
+    let leak_signature = sign(t, "/v1/signals/leak", body, KEY);
+    assert_eq!(post_at(port, path, body, t, Some(leak_signature)).0, 401);
+    let signature = sign(t, path, body, KEY);
+    assert_eq!(post_at(port, path, body, t + 1, Some(signature)).0, 401);
+    // The old form (HMAC over the body alone) is refused, saying what to send instead.
+    let old = Command::new("python3")
+        .args([
+            "-c",
+            "import hmac, hashlib, sys; print(hmac.new(sys.argv[1].encode(), sys.argv[2].encode(), hashlib.sha256).hexdigest())",
+            KEY,
+            body,
+        ])
+        .output()
+        .unwrap();
+    let old = format!("sha256={}", String::from_utf8_lossy(&old.stdout).trim());
+    let (code, reply) = post_at(port, path, body, now(), Some(old));
+    assert_eq!(code, 401, "{reply}");
+    assert!(reply.contains("X-Keywarden-Signature: v1="), "{reply}");
+    // Only the one real signal was accepted; every refusal was audited and counted.
+    assert_eq!(
+        env.sql_i64("SELECT count(*) FROM audit WHERE action = 'signal.received'"),
+        1
+    );
+    assert_eq!(
+        env.sql_i64("SELECT count(*) FROM audit WHERE action = 'signal.rejected'"),
+        6
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+#[test]
+fn a_short_signing_key_or_a_listener_beyond_loopback_is_refused() {
+    let (env, port, daemon) = setup();
+    assert_eq!(daemon.terminate(), Some(0));
+    env.put("signals/key", "too-short-a-key");
+    let daemon = env.start_daemon();
+    let (code, reply) = post_signed(
+        port,
+        "/v1/signals",
+        r#"{"type":"alert"}"#,
+        "too-short-a-key",
+    );
+    assert_eq!(code, 401, "{reply}");
+    assert!(reply.contains("shorter than 32 bytes"), "{reply}");
+    assert_eq!(daemon.terminate(), Some(0));
+
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        config.replace(&format!("127.0.0.1:{port}"), &format!("0.0.0.0:{port}")),
+    )
+    .unwrap();
+    let err = env.fails(1, &["status"], None);
+    assert!(
+        err.contains("signals.listen") && err.contains("not a loopback address"),
+        "{err}"
+    );
 }

@@ -8,9 +8,11 @@
 //! - `POST /v1/signals/leak` — GitHub secret-scanning partner reports,
 //!   `[{"token","type","url","source"}]`.
 //!
-//! Both are signed: `X-Keywarden-Signature: sha256=<hex HMAC-SHA256 of the body>`, under the
-//! value of the secret `[signals] hmac_secret`. Unsigned or badly signed requests get 401, an
-//! audit row and a counter.
+//! Both are signed (docs/socket-api.md §4): `X-Keywarden-Timestamp: <Unix seconds>` and
+//! `X-Keywarden-Signature: v1=<hex HMAC-SHA256>` over [`signed_bytes`] (the timestamp, method,
+//! path and body), under the value of the secret `[signals] hmac_secret`, which must be at least
+//! 32 bytes. A signal more than five minutes from now, or one already seen, is refused, so a
+//! captured signal cannot be replayed. Refused requests get 401, an audit row and a counter.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -89,8 +91,24 @@ impl Default for SignalsConfig {
     }
 }
 
-/// The header carrying a signal's signature.
+/// The header carrying a signal's signature, `v1=<hex>`.
 pub const SIGNATURE_HEADER: &str = "x-keywarden-signature";
+/// The header carrying the Unix time, in seconds, the signal was signed at.
+pub const TIMESTAMP_HEADER: &str = "x-keywarden-timestamp";
+/// How far a signal's timestamp may be from now, either way.
+const MAX_SKEW_SECS: i64 = 300;
+/// Shortest signing key accepted.
+pub const MIN_KEY_BYTES: usize = 32;
+/// Signatures remembered at most (each for the skew window) to refuse replays.
+const MAX_REMEMBERED: usize = 100_000;
+
+/// What a sender signs: `v1`, the timestamp, the method and the path, one per line, then the
+/// body.
+pub fn signed_bytes(timestamp: &str, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
+    let mut bytes = format!("v1\n{timestamp}\n{method}\n{path}\n").into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
 /// Quiet time between two rate alerts for the same secret.
 const RATE_ALERT_QUIET: Millis = 10 * 60 * 1000;
 
@@ -196,6 +214,8 @@ pub struct Signals {
     metrics: Arc<Metrics>,
     config: SignalsSettings,
     seen: Mutex<Seen>,
+    /// Signatures of accepted signals, with the Unix second after which they are forgotten.
+    replays: Mutex<HashMap<Vec<u8>, i64>>,
 }
 
 /// The parts of `[signals]` the handler needs.
@@ -258,6 +278,7 @@ impl Signals {
             metrics,
             config,
             seen: Mutex::new(seen),
+            replays: Mutex::default(),
         }))
     }
 
@@ -376,26 +397,63 @@ impl Signals {
         let Some(name) = &self.config.hmac_secret else {
             return Err("no signing key is configured");
         };
-        let header = request
-            .headers()
-            .get(SIGNATURE_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .ok_or("missing signature")?;
-        let hex = header
-            .strip_prefix("sha256=")
+        let header = |name| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v: &hyper::header::HeaderValue| v.to_str().ok())
+        };
+        let signature = header(SIGNATURE_HEADER).ok_or("missing signature")?;
+        if signature.starts_with("sha256=") {
+            return Err(
+                "the body-only signature (sha256=) is no longer accepted: send X-Keywarden-Timestamp \
+                 (Unix seconds) and X-Keywarden-Signature: v1=<hex HMAC-SHA256 of \
+                 \"v1\\n<timestamp>\\n<METHOD>\\n<path>\\n<body>\">",
+            );
+        }
+        let tag = signature
+            .strip_prefix("v1=")
+            .and_then(crypto::from_hex)
             .ok_or("malformed signature")?;
-        let tag = crypto::from_hex(hex).ok_or("malformed signature")?;
+        let timestamp = header(TIMESTAMP_HEADER).ok_or("missing timestamp")?;
+        let signed_at: i64 = timestamp.parse().map_err(|_| "malformed timestamp")?;
+        let now = self.engine.clock().now() / 1000;
+        if (now - signed_at).abs() > MAX_SKEW_SECS {
+            return Err("the timestamp is more than five minutes from now");
+        }
         let key = self
             .engine
             .vault()
             .read(name, None)
             .await
             .map_err(|_| "the signing key is unavailable")?;
-        if crypto::hmac_sha256_verify(key.value.expose().as_bytes(), request.body(), &tag) {
-            Ok(())
-        } else {
-            Err("bad signature")
+        if key.value.expose().len() < MIN_KEY_BYTES {
+            return Err("the signing key is shorter than 32 bytes; store a longer one");
         }
+        let signed = signed_bytes(
+            timestamp,
+            request.method().as_str(),
+            request.uri().path(),
+            request.body(),
+        );
+        if !crypto::hmac_sha256_verify(key.value.expose().as_bytes(), &signed, &tag) {
+            return Err("bad signature");
+        }
+        self.remember(tag, now)
+    }
+
+    /// Refuses a signature already accepted within the window (a replay); remembers this one.
+    fn remember(&self, tag: Vec<u8>, now: i64) -> Result<(), &'static str> {
+        let mut replays = self.replays.lock().expect("replays lock");
+        replays.retain(|_, forget_at| *forget_at >= now);
+        if replays.contains_key(&tag) {
+            return Err("this signal was already received (a replay)");
+        }
+        if replays.len() >= MAX_REMEMBERED {
+            return Err("too many signals in the last minutes; try again later");
+        }
+        replays.insert(tag, now + 2 * MAX_SKEW_SECS);
+        Ok(())
     }
 
     async fn handle_signal(&self, body: &[u8]) -> Response<Full<Bytes>> {
