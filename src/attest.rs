@@ -2,8 +2,8 @@
 //!
 //! The kernel tells us the peer's uid, gid and pid (`SO_PEERCRED`, fixed at `connect`). The
 //! executable comes from `/proc/PID/exe`, and its SHA-256 from the file that link points to,
-//! computed only when a policy asks and cached by device, inode, size and mtime. A pid can be
-//! reused by a new process after the peer exits, so the process's start time (from
+//! computed only when a policy asks and cached by device, inode, size and change time. A pid can
+//! be reused by a new process after the peer exits, so the process's start time (from
 //! `/proc/PID/stat`) must be no later than the moment the connection was accepted and must not
 //! change while we look; otherwise the executable is treated as unknown and exe policies deny.
 
@@ -17,7 +17,9 @@ use crate::policy::Identity;
 /// Entries kept in the executable hash cache.
 const HASH_CACHE_ENTRIES: usize = 4096;
 
-/// Identifies one version of a file: device, inode, size, mtime (seconds, nanoseconds).
+/// Identifies one version of a file: device, inode, size, and its change time (seconds,
+/// nanoseconds). Not the modification time: any user can set that back after rewriting their
+/// own file; the change time moves with every write and cannot be set.
 type FileVersion = (u64, u64, u64, i64, i64);
 
 /// SHA-256s of executables by file version.
@@ -132,8 +134,8 @@ impl PeerIdentity {
             meta.dev(),
             meta.ino(),
             meta.size(),
-            meta.mtime(),
-            meta.mtime_nsec(),
+            meta.ctime(),
+            meta.ctime_nsec(),
         );
         if let Some(h) = self.cache.entries.lock().expect("hash cache").get(&key) {
             return Some(h.clone());

@@ -712,3 +712,61 @@ fn exec_runs_the_command_with_the_users_umask_and_core_limit() {
     );
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+#[test]
+fn a_binary_rewritten_in_place_with_its_mtime_restored_is_hashed_again() {
+    let env = Env::new();
+    let agent = env.dir.path().join("agent-bin");
+    let policy = format!(
+        "[[policy]]\nname = \"pinned\"\nexe = [{:?}]\nexe_sha256 = [\"{}\"]\nsecrets = [\"app/*\"]\n",
+        agent.display().to_string(),
+        sha256_of(Path::new("/usr/bin/curl"))
+    );
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        format!(
+            "{base}\n{}\n{APP}\n{policy}",
+            common::daemon::base_config("3s")
+        ),
+    )
+    .unwrap();
+    let daemon = env.start_daemon();
+    wait_for("the first version", Duration::from_secs(20), || {
+        (env.entry("app/token")["version"] == 1).then_some(())
+    });
+    let sock = env.agent_socket();
+    std::fs::copy("/usr/bin/curl", &agent).unwrap();
+    assert_eq!(
+        curl_with(&agent, &sock, "GET", "/v1/secrets/app/token", &[]).0,
+        200
+    );
+
+    // The attack: the same file (same inode, same size) rewritten with another program, and
+    // its modification time set back, as any user can do to their own file.
+    let mtime = std::fs::metadata(&agent).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&agent).unwrap();
+    let at = bytes
+        .windows(11)
+        .position(|w| w == b"Usage: curl")
+        .expect("curl's usage text");
+    bytes[at + 7..at + 11].copy_from_slice(b"CURL");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&agent)
+        .unwrap();
+    std::io::Write::write_all(&mut file, &bytes).unwrap();
+    file.set_modified(mtime).unwrap();
+    drop(file);
+    assert_eq!(
+        std::fs::metadata(&agent).unwrap().modified().unwrap(),
+        mtime
+    );
+
+    let (code, body) = curl_with(&agent, &sock, "GET", "/v1/secrets/app/token", &[]);
+    assert_eq!(
+        code, 403,
+        "a program that is not the pinned one was served: {body}"
+    );
+    drop(daemon);
+}
