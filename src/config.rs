@@ -125,6 +125,10 @@ pub struct DaemonConfig {
     /// How long `serve` waits for steps in flight when asked to stop.
     #[serde(deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
+    /// How long `serve` waits at start for commands that hold the store (a daemon-less
+    /// `rotate`, a `put`) to finish.
+    #[serde(deserialize_with = "duration")]
+    pub lock_wait: Duration,
     /// Where plugins get their private working directories (default: beside the store).
     pub work_dir: Option<PathBuf>,
 }
@@ -138,6 +142,7 @@ impl Default for DaemonConfig {
             max_attempts: 5,
             plugin_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
+            lock_wait: Duration::from_secs(30),
             work_dir: None,
         }
     }

@@ -359,3 +359,52 @@ fn a_running_daemon_keeps_cli_writers_out_but_not_readers() {
     drop(daemon);
     env.put("b", "v");
 }
+
+#[test]
+fn serve_waits_for_a_command_that_holds_the_store_and_names_one_that_does_not_finish() {
+    let env = Env::with_config(&common::daemon::base_config("3s"));
+    env.ok(&["init"], None);
+    // What a daemon-less `keywarden rotate` or `put` does while it runs: hold the lock shared.
+    let lock_path = env.dir.path().join("data/vault.db.lock");
+    let hold = || {
+        let file = std::fs::File::open(&lock_path).unwrap();
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared).unwrap();
+        file
+    };
+    let held = hold();
+    let log = env.dir.path().join("daemon-0.log");
+    let releaser = std::thread::spawn(move || {
+        common::daemon::wait_for(
+            "the daemon to wait",
+            std::time::Duration::from_secs(20),
+            || {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("in use by a command; waiting")
+                    .then_some(())
+            },
+        );
+        drop(held);
+    });
+    let daemon = env.start_daemon();
+    releaser.join().unwrap();
+    assert_eq!(daemon.terminate(), Some(0));
+
+    // A holder that does not let go within [daemon] lock_wait is named, pid and command.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        config.replace(
+            "shutdown_timeout = \"5s\"",
+            "shutdown_timeout = \"5s\"\nlock_wait = \"300ms\"",
+        ),
+    )
+    .unwrap();
+    let _held = hold();
+    let (code, err) = env.serve_fails();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("still in use by") && err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+}

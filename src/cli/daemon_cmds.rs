@@ -95,7 +95,7 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
         Vault::init(&path, &passphrase, ctx.config.store.kdf, &ctx.actor).await?;
         tracing::info!(store = %path.display(), "created a new store");
     }
-    let store = Store::open(&path, Access::Exclusive).await?;
+    let store = Store::open_for_daemon(&path, ctx.config.daemon.lock_wait).await?;
     let vault = Arc::new(Vault::unlock(store, &passphrase).await?);
     drop(passphrase);
     let shutdown = async move {

@@ -57,3 +57,70 @@ impl StoreLock {
         }
     }
 }
+
+/// A process holding a store's lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Holder {
+    /// Its pid.
+    pub(crate) pid: u32,
+    /// Whether it holds the lock exclusively (a daemon) or shared (a CLI command).
+    pub(crate) exclusive: bool,
+    /// Its command line, for messages.
+    pub(crate) command: String,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {} ({})", self.pid, self.command)
+    }
+}
+
+/// The processes holding the lock of `store`, from the kernel's table of locks (`/proc/locks`).
+pub(crate) fn holders(store: &Path) -> Vec<Holder> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(lock_path(store)) else {
+        return Vec::new();
+    };
+    let inode = meta.ino().to_string();
+    let table = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    let mut found: Vec<Holder> = table
+        .lines()
+        .filter(|l| !l.contains("->")) // waiting, not holding
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            // "1: FLOCK  ADVISORY  READ  1234 fe:00:770064 0 EOF"
+            let (kind, mode, pid, file) = (
+                fields.get(1)?,
+                fields.get(3)?,
+                fields.get(4)?,
+                fields.get(5)?,
+            );
+            (*kind == "FLOCK" && file.rsplit(':').next() == Some(inode.as_str())).then(|| {
+                let pid: u32 = pid.parse().unwrap_or(0);
+                Holder {
+                    pid,
+                    exclusive: *mode == "WRITE",
+                    command: command_line(pid),
+                }
+            })
+        })
+        .collect();
+    found.sort_by_key(|h| h.pid);
+    found.dedup();
+    found
+}
+
+/// A process's command line, printable, for messages (`?` when it cannot be read).
+fn command_line(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let text: String = String::from_utf8_lossy(&raw)
+        .split('\0')
+        .filter(|a| !a.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .take(200)
+        .collect();
+    if text.is_empty() { "?".into() } else { text }
+}

@@ -130,6 +130,19 @@ pub enum StoreError {
         /// The lock file.
         lock: PathBuf,
     },
+    /// Commands hold the store (shared) and did not finish within the daemon's wait.
+    #[error(
+        "the store at {path} is still in use by {holders} after waiting {waited:?}; wait for it \
+         to finish or stop it, then start the daemon"
+    )]
+    InUseByCommands {
+        /// The store.
+        path: PathBuf,
+        /// Who holds it.
+        holders: String,
+        /// How long the daemon waited.
+        waited: std::time::Duration,
+    },
     /// The store's schema is older than this build and the store was opened read-only.
     #[error(
         "the store at {path} has an older schema than this keywarden; run a command that writes \
@@ -279,6 +292,44 @@ impl Store {
         )
         .await?;
         Ok(Store::assemble(backend, lock))
+    }
+
+    /// Opens the store for the daemon: exclusively. A command that holds it shared (a
+    /// daemon-less `rotate`, a `put`) is waited for, up to `wait`; another daemon is not.
+    pub async fn open_for_daemon(
+        path: &Path,
+        wait: std::time::Duration,
+    ) -> Result<Store, StoreError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut told = false;
+        loop {
+            match Store::open(path, Access::Exclusive).await {
+                Err(StoreError::Locked { path: p, lock: l }) => {
+                    let holders = lock::holders(path);
+                    if holders.is_empty() || holders.iter().any(|h| h.exclusive) {
+                        return Err(StoreError::Locked { path: p, lock: l });
+                    }
+                    let named = holders
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(StoreError::InUseByCommands {
+                            path: p,
+                            holders: named,
+                            waited: wait,
+                        });
+                    }
+                    if !told {
+                        tracing::warn!(store = %path.display(), holders = %named, "the store is in use by a command; waiting for it to finish");
+                        told = true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     fn assemble(backend: SqliteStore, lock: Option<StoreLock>) -> Store {
