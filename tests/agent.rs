@@ -194,8 +194,8 @@ fn a_peer_with_another_uid_is_denied_with_403_and_an_audit_row() {
     );
 }
 
-#[test]
-fn a_hash_policy_catches_a_swapped_binary() {
+/// A daemon whose only policy admits `<dir>/agent-bin` when its SHA-256 is curl's.
+fn pinned_to_curl() -> (Env, PathBuf, common::daemon::Daemon) {
     let env = Env::new();
     let agent = env.dir.path().join("agent-bin");
     let policy = format!(
@@ -203,17 +203,25 @@ fn a_hash_policy_catches_a_swapped_binary() {
         agent.display().to_string(),
         sha256_of(Path::new("/usr/bin/curl"))
     );
-    let config = format!(
-        "{}\n{}\n{APP}\n{policy}",
-        common::daemon::base_config("3s"),
-        ""
-    );
     let base = std::fs::read_to_string(&env.config).unwrap();
-    std::fs::write(&env.config, format!("{base}\n{config}")).unwrap();
+    std::fs::write(
+        &env.config,
+        format!(
+            "{base}\n{}\n{APP}\n{policy}",
+            common::daemon::base_config("3s")
+        ),
+    )
+    .unwrap();
     let daemon = env.start_daemon();
     wait_for("the first version", Duration::from_secs(20), || {
         (env.entry("app/token")["version"] == 1).then_some(())
     });
+    (env, agent, daemon)
+}
+
+#[test]
+fn a_hash_policy_catches_a_swapped_binary() {
+    let (env, agent, daemon) = pinned_to_curl();
     let sock = env.agent_socket();
     std::fs::copy("/usr/bin/curl", &agent).unwrap();
     assert_eq!(
@@ -715,26 +723,7 @@ fn exec_runs_the_command_with_the_users_umask_and_core_limit() {
 
 #[test]
 fn a_binary_rewritten_in_place_with_its_mtime_restored_is_hashed_again() {
-    let env = Env::new();
-    let agent = env.dir.path().join("agent-bin");
-    let policy = format!(
-        "[[policy]]\nname = \"pinned\"\nexe = [{:?}]\nexe_sha256 = [\"{}\"]\nsecrets = [\"app/*\"]\n",
-        agent.display().to_string(),
-        sha256_of(Path::new("/usr/bin/curl"))
-    );
-    let base = std::fs::read_to_string(&env.config).unwrap();
-    std::fs::write(
-        &env.config,
-        format!(
-            "{base}\n{}\n{APP}\n{policy}",
-            common::daemon::base_config("3s")
-        ),
-    )
-    .unwrap();
-    let daemon = env.start_daemon();
-    wait_for("the first version", Duration::from_secs(20), || {
-        (env.entry("app/token")["version"] == 1).then_some(())
-    });
+    let (env, agent, daemon) = pinned_to_curl();
     let sock = env.agent_socket();
     std::fs::copy("/usr/bin/curl", &agent).unwrap();
     assert_eq!(

@@ -11,6 +11,7 @@ use crate::store::{
 };
 
 use super::audit::append_audit_in;
+use super::secrets::retire_current;
 use super::{SqliteStore, is_unique_violation};
 
 impl SqliteStore {
@@ -322,21 +323,16 @@ async fn promote(
     to: i64,
     now: Millis,
 ) -> Result<(), StoreError> {
-    for sql in [
-        "UPDATE versions SET stage = 'revoked', stage_changed_at = ? \
-         WHERE secret_id = ? AND stage = 'previous' AND version != ?",
-        "UPDATE versions SET stage = 'previous', stage_changed_at = ? \
-         WHERE secret_id = ? AND stage = 'current' AND version != ?",
+    retire_current(&mut *tx, secret_id, Some(to), now).await?;
+    sqlx::query(
         "UPDATE versions SET stage = 'current', stage_changed_at = ? \
          WHERE secret_id = ? AND version = ?",
-    ] {
-        sqlx::query(sql)
-            .bind(now)
-            .bind(secret_id)
-            .bind(to)
-            .execute(&mut *tx)
-            .await?;
-    }
+    )
+    .bind(now)
+    .bind(secret_id)
+    .bind(to)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query("UPDATE secrets SET updated_at = ?, last_rotated_at = ? WHERE id = ?")
         .bind(now)
         .bind(now)

@@ -101,22 +101,7 @@ impl SqliteStore {
                 secret_id.as_str()
             }
         };
-        sqlx::query(
-            "UPDATE versions SET stage = 'revoked', stage_changed_at = ? \
-             WHERE secret_id = ? AND stage = 'previous'",
-        )
-        .bind(now)
-        .bind(secret_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE versions SET stage = 'previous', stage_changed_at = ? \
-             WHERE secret_id = ? AND stage = 'current'",
-        )
-        .bind(now)
-        .bind(secret_id)
-        .execute(&mut *tx)
-        .await?;
+        retire_current(&mut tx, secret_id, None, now).await?;
         sqlx::query(
             "INSERT INTO versions (secret_id, version, stage, ciphertext, meta, fingerprint, \
              created_at, stage_changed_at) VALUES (?, ?, 'current', ?, ?, ?, ?, ?)",
@@ -520,6 +505,30 @@ async fn check_latest(
             .fetch_one(&mut *tx)
             .await?;
         return Err(StoreError::RotationInProgress(name));
+    }
+    Ok(())
+}
+
+/// Makes room for a new current version: the previous one is revoked, the current one becomes
+/// previous (both except version `keep`, when given: the one being promoted).
+pub(super) async fn retire_current(
+    tx: &mut SqliteConnection,
+    secret_id: &str,
+    keep: Option<i64>,
+    now: Millis,
+) -> Result<(), StoreError> {
+    for (from, to) in [("previous", "revoked"), ("current", "previous")] {
+        sqlx::query(
+            "UPDATE versions SET stage = ?1, stage_changed_at = ?2 \
+             WHERE secret_id = ?3 AND stage = ?4 AND (?5 IS NULL OR version != ?5)",
+        )
+        .bind(to)
+        .bind(now)
+        .bind(secret_id)
+        .bind(from)
+        .bind(keep)
+        .execute(&mut *tx)
+        .await?;
     }
     Ok(())
 }
