@@ -526,21 +526,22 @@ impl PluginHost {
             .expect("pending lock")
             .insert(request.id, (request.op.clone(), tx));
         let line = Zeroizing::new(serde_json::to_string(request).expect("requests serialize"));
-        let written = {
+        // One deadline for the whole call: a plugin that stops reading its input (the pipe
+        // fills up) times out like one that never answers.
+        let deadline = tokio::time::Instant::now() + self.spec.timeout;
+        let written = tokio::time::timeout_at(deadline, async {
             let mut stdin = running.stdin.lock().await;
-            let result = async {
-                stdin.write_all(line.as_bytes()).await?;
-                stdin.write_all(b"\n").await?;
-                stdin.flush().await
-            };
-            result.await
-        };
+            stdin.write_all(line.as_bytes()).await?;
+            stdin.write_all(b"\n").await?;
+            stdin.flush().await
+        })
+        .await;
         drop(line);
-        if written.is_err() {
-            // The reader will report the exit; make sure this request does not wait forever.
+        if !matches!(written, Ok(Ok(()))) {
+            // Dead, or not reading: the reader reports the exit; this request must not wait.
             running.kill();
         }
-        let reply = match tokio::time::timeout(self.spec.timeout, rx).await {
+        let reply = match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(result)) => result?,
             Ok(Err(_)) => {
                 return Err(PluginError::Crashed {

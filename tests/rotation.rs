@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::Env;
@@ -470,4 +471,44 @@ path = "out/offline"
         err.contains("no secret named \"svc/undeclared\" is declared"),
         "{err}"
     );
+}
+
+#[test]
+fn a_plugin_that_stops_reading_its_input_times_out_instead_of_hanging_the_rotation() {
+    // Says hello, then never reads another byte: a request larger than the pipe's buffer
+    // cannot even be written to it.
+    let env = Env::new();
+    let mute = env.dir.path().join("mute-plugin.py");
+    std::fs::write(
+        &mute,
+        "#!/usr/bin/env python3\nimport json, time\n\
+         print(json.dumps({'keywarden_plugin': 1, 'name': 'mute', 'version': '0', \
+         'kinds': {'mute': {'ops': ['create', 'verify', 'revoke'], 'overlap': True}}}), flush=True)\n\
+         time.sleep(3600)\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&mute, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let blob = "x".repeat(256 * 1024);
+    let config = format!(
+        "{}\n[plugins.mute]\ncommand = [{:?}]\nsha256 = \"{}\"\n\n\
+         [secrets.\"svc/mute\"]\nprovider = \"mute\"\nsettings = {{ blob = \"{blob}\" }}\n",
+        common::daemon::base_config("2s"),
+        mute.display().to_string(),
+        common::daemon::sha256_of(&mute),
+    );
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, format!("{base}\n{config}")).unwrap();
+    let daemon = env.start_daemon();
+    let error = wait_for(
+        "the rotation to fail on a timeout",
+        Duration::from_secs(60),
+        || {
+            env.entry("svc/mute")["last_error"]
+                .as_str()
+                .filter(|e| e.contains("no reply to create within"))
+                .map(str::to_string)
+        },
+    );
+    assert!(error.contains("plugin mute"), "{error}");
+    assert_eq!(daemon.terminate(), Some(0));
 }
