@@ -168,6 +168,8 @@ pub struct AgentConfig {
     pub max_connections: usize,
     /// Fetches per second allowed to one uid (0: no limit); more get 429.
     pub max_fetches_per_second: u32,
+    /// Live leases one uid may hold at once; a fetch beyond it gets 429.
+    pub max_leases_per_uid: usize,
     /// Longest a watch (`wait=`) may wait.
     #[serde(deserialize_with = "duration")]
     pub max_wait: Duration,
@@ -186,6 +188,7 @@ impl Default for AgentConfig {
             default_ttl: Duration::from_secs(300),
             max_connections: 256,
             max_fetches_per_second: 0,
+            max_leases_per_uid: 100_000,
             max_wait: Duration::from_secs(300),
             header_timeout: Duration::from_secs(5),
         }

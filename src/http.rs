@@ -252,6 +252,7 @@ impl From<LeaseError> for ApiError {
         let (status, code) = match e {
             LeaseError::NotFound => (StatusCode::NOT_FOUND, "unknown"),
             LeaseError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            LeaseError::TooMany { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_leases"),
             LeaseError::Store(e) => return e.into(),
         };
         ApiError::new(status, code, e.to_string())

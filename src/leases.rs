@@ -57,21 +57,74 @@ pub enum LeaseError {
     /// The lease belongs to another uid.
     #[error("the lease belongs to another user")]
     Forbidden,
+    /// The uid already holds as many live leases as allowed.
+    #[error(
+        "uid {uid} holds {max} live leases, the most [agent] max_leases_per_uid allows; release \
+         some (DELETE /v1/leases/ID) or let them expire"
+    )]
+    TooMany {
+        /// The uid.
+        uid: u32,
+        /// The limit.
+        max: usize,
+    },
     /// Persisting the change failed.
     #[error("the lease could not be recorded: {0}")]
     Store(#[from] WriteError),
 }
 
+/// Lease ids ordered by expiry.
+type ByExpiry = BTreeSet<(Millis, String)>;
+
 #[derive(Debug, Default)]
 struct State {
     live: HashMap<String, Arc<LeaseRow>>,
-    expiry: BTreeSet<(Millis, String)>,
+    expiry: ByExpiry,
+    /// Live leases by (secret id, version), each ordered by expiry: what a drain asks about,
+    /// answered without looking at every lease.
+    by_version: HashMap<(String, Option<i64>), ByExpiry>,
+    /// How many live leases each uid holds.
+    per_uid: HashMap<u32, usize>,
     revoke_pending: HashMap<String, LeaseRow>,
+}
+
+impl State {
+    fn insert(&mut self, lease: Arc<LeaseRow>) {
+        let key = (lease.expires_at, lease.id.clone());
+        self.expiry.insert(key.clone());
+        self.by_version
+            .entry((lease.secret_id.clone(), lease.version))
+            .or_default()
+            .insert(key);
+        *self.per_uid.entry(lease.uid).or_default() += 1;
+        self.live.insert(lease.id.clone(), lease);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Arc<LeaseRow>> {
+        let lease = self.live.remove(id)?;
+        let key = (lease.expires_at, lease.id.clone());
+        self.expiry.remove(&key);
+        let version = (lease.secret_id.clone(), lease.version);
+        if let Some(set) = self.by_version.get_mut(&version) {
+            set.remove(&key);
+            if set.is_empty() {
+                self.by_version.remove(&version);
+            }
+        }
+        if let Some(n) = self.per_uid.get_mut(&lease.uid) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_uid.remove(&lease.uid);
+            }
+        }
+        Some(lease)
+    }
 }
 
 /// The lease table in memory.
 pub struct Leases {
     backend: Box<dyn LeaseBackend>,
+    max_per_uid: usize,
     clock: Clock,
     state: Mutex<State>,
     sweeper: Notify,
@@ -92,18 +145,19 @@ impl Leases {
         clock: Clock,
         open: Vec<LeaseRow>,
         ended: Arc<Notify>,
+        max_per_uid: usize,
     ) -> Arc<Self> {
         let mut state = State::default();
         for lease in open {
             if lease.ended_at.is_none() {
-                state.expiry.insert((lease.expires_at, lease.id.clone()));
-                state.live.insert(lease.id.clone(), Arc::new(lease));
+                state.insert(Arc::new(lease));
             } else {
                 state.revoke_pending.insert(lease.id.clone(), lease);
             }
         }
         Arc::new(Leases {
             backend: Box::new(backend),
+            max_per_uid,
             clock,
             state: Mutex::new(state),
             sweeper: Notify::new(),
@@ -120,15 +174,13 @@ impl Leases {
     /// live until the sweeper has ended it (and recorded that), even a moment past its expiry.
     pub fn live_on(&self, secret_id: &str, version: i64) -> (i64, Option<Millis>) {
         let state = self.state.lock().expect("lease state");
-        let mut count = 0;
-        let mut earliest: Option<Millis> = None;
-        for l in state.live.values() {
-            if l.secret_id == secret_id && l.version == Some(version) {
-                count += 1;
-                earliest = Some(earliest.map_or(l.expires_at, |e| e.min(l.expires_at)));
-            }
+        match state
+            .by_version
+            .get(&(secret_id.to_string(), Some(version)))
+        {
+            Some(set) => (set.len() as i64, set.first().map(|(t, _)| *t)),
+            None => (0, None),
         }
-        (count, earliest)
     }
 
     /// Live leases on any version of a secret.
@@ -136,10 +188,11 @@ impl Leases {
         self.state
             .lock()
             .expect("lease state")
-            .live
-            .values()
-            .filter(|l| l.secret_id == secret_id)
-            .count()
+            .by_version
+            .iter()
+            .filter(|((secret, _), _)| secret == secret_id)
+            .map(|(_, set)| set.len())
+            .sum()
     }
 
     /// A live lease by id.
@@ -153,19 +206,33 @@ impl Leases {
     }
 
     /// Records a new lease (durably, with its audit row) and starts its clock.
+    /// Records a new lease (durably, with its audit row) and starts its clock. A uid already
+    /// holding the most live leases allowed gets none.
     pub async fn grant(&self, lease: LeaseRow, audit: AuditEvent) -> Result<(), LeaseError> {
+        let held = self.holding(lease.uid);
+        if held >= self.max_per_uid {
+            return Err(LeaseError::TooMany {
+                uid: lease.uid,
+                max: self.max_per_uid,
+            });
+        }
         let lease = Arc::new(lease);
         self.backend
             .commit(vec![LeaseOp::Insert(lease.clone())], vec![audit])
             .await?;
         let mut state = self.state.lock().expect("lease state");
         let earliest = state.expiry.first().map(|(t, _)| *t);
-        state.expiry.insert((lease.expires_at, lease.id.clone()));
         if earliest.is_none_or(|e| lease.expires_at < e) {
             self.sweeper.notify_one();
         }
-        state.live.insert(lease.id.clone(), lease);
+        state.insert(lease);
         Ok(())
+    }
+
+    /// How many live leases `uid` holds.
+    pub fn holding(&self, uid: u32) -> usize {
+        let state = self.state.lock().expect("lease state");
+        state.per_uid.get(&uid).copied().unwrap_or(0)
     }
 
     /// Extends a lease of `uid` to `expires_at`.
@@ -187,13 +254,14 @@ impl Leases {
             )
             .await?;
         let mut state = self.state.lock().expect("lease state");
-        let Some(live) = state.live.get_mut(id) else {
+        let Some(live) = state.remove(id) else {
             return Err(LeaseError::NotFound);
         };
-        Arc::make_mut(live).expires_at = expires_at;
-        let renewed = LeaseRow::clone(live);
-        state.expiry.remove(&(lease.expires_at, id.to_string()));
-        state.expiry.insert((expires_at, id.to_string()));
+        let mut renewed = LeaseRow::clone(&live);
+        renewed.expires_at = expires_at;
+        state.insert(Arc::new(renewed.clone()));
+        drop(state);
+        drop(lease);
         self.sweeper.notify_one();
         Ok(renewed)
     }
@@ -256,8 +324,7 @@ impl Leases {
         {
             let mut state = self.state.lock().expect("lease state");
             for l in &leases {
-                state.live.remove(&l.id);
-                state.expiry.remove(&(l.expires_at, l.id.clone()));
+                state.remove(&l.id);
                 if l.issued.is_some() {
                     let mut ended = l.clone();
                     ended.ended_at = Some(at);
@@ -451,12 +518,17 @@ mod tests {
     }
 
     fn setup() -> (Arc<Memory>, Arc<Leases>, watch::Sender<bool>) {
+        setup_with_cap(1000)
+    }
+
+    fn setup_with_cap(max_per_uid: usize) -> (Arc<Memory>, Arc<Leases>, watch::Sender<bool>) {
         let memory = Arc::new(Memory::default());
         let leases = Leases::new(
             memory.clone(),
             Clock::tokio(T0),
             vec![],
             Arc::new(Notify::new()),
+            max_per_uid,
         );
         let (tx, rx) = watch::channel(false);
         tokio::spawn(leases.clone().run_sweeper(rx));
@@ -562,5 +634,40 @@ mod tests {
                 .count(),
             2
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_uid_holds_at_most_its_cap_of_live_leases_and_drains_see_them_by_version() {
+        let (_memory, leases, _stop) = setup_with_cap(2);
+        leases
+            .grant(lease("a", 1000, 60, false), ev())
+            .await
+            .unwrap();
+        leases
+            .grant(lease("b", 1000, 90, false), ev())
+            .await
+            .unwrap();
+        // A fetch loop of one uid cannot grow the table without bound.
+        assert!(matches!(
+            leases.grant(lease("c", 1000, 60, false), ev()).await,
+            Err(LeaseError::TooMany { uid: 1000, max: 2 })
+        ));
+        leases
+            .grant(lease("d", 1001, 30, false), ev())
+            .await
+            .unwrap();
+        assert_eq!(leases.live_on("sid", 1), (3, Some(T0 + 30_000)));
+        assert_eq!(leases.live_for_secret("sid"), 3);
+        leases.delete("a", 1000, ev()).await.unwrap();
+        leases
+            .grant(lease("c", 1000, 60, false), ev())
+            .await
+            .unwrap();
+        leases.renew("d", 1001, T0 + 120_000, ev()).await.unwrap();
+        assert_eq!(leases.live_on("sid", 1), (3, Some(T0 + 60_000)));
+        assert_eq!(leases.holding(1000), 2);
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert_eq!(leases.live_on("sid", 1), (1, Some(T0 + 120_000)));
+        assert_eq!(leases.holding(1000), 0);
     }
 }

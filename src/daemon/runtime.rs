@@ -94,6 +94,7 @@ impl Runtime {
                 clock.clone(),
                 open,
                 engine.lease_wake(),
+                config.agent.max_leases_per_uid,
             );
             tasks.push(tokio::spawn(table.clone().run_sweeper(shutdown_rx.clone())));
             engine.set_lease_view(table.clone());
