@@ -90,6 +90,7 @@ fn start_keywarden(dir: &Path) -> (Child, PathBuf) {
         &config,
         r#"[store]
 path = "vault.db"
+weak_kdf_for_tests = true
 [store.kdf]
 memory_kib = 64
 iterations = 1

@@ -100,10 +100,22 @@ pub struct StoreConfig {
     /// The SQLite file. Default: `$XDG_DATA_HOME/keywarden/vault.db`, else
     /// `~/.local/share/keywarden/vault.db`.
     pub path: Option<PathBuf>,
-    /// Argon2id parameters for `init` and `passwd` (RFC 9106's second recommendation by default).
+    /// Argon2id parameters for `init` and `passwd` (RFC 9106's second recommendation by default;
+    /// never below [`KDF_FLOOR`] unless `weak_kdf_for_tests` says so).
     #[serde(default)]
     pub kdf: KdfParams,
+    /// Allows KDF parameters below the floor: for tests and benchmarks only, where a real
+    /// Argon2id cost would dominate every run.
+    #[serde(default)]
+    pub weak_kdf_for_tests: bool,
 }
+
+/// The least Argon2id cost accepted for a passphrase (OWASP's minimum: 19 MiB, 2 passes).
+pub const KDF_FLOOR: KdfParams = KdfParams {
+    memory_kib: 19 * 1024,
+    iterations: 2,
+    parallelism: 1,
+};
 
 /// `[daemon]`: the rotation engine's limits and timings.
 #[derive(Debug, Deserialize)]
@@ -432,6 +444,22 @@ impl Config {
     /// Checks what deserializing cannot: values that must agree with each other, and every
     /// reference between sections.
     fn validate(&self) -> Result<(), ConfigError> {
+        let kdf = self.store.kdf;
+        if !self.store.weak_kdf_for_tests
+            && (kdf.memory_kib < KDF_FLOOR.memory_kib || kdf.iterations < KDF_FLOOR.iterations)
+        {
+            return Err(ConfigError::Invalid {
+                path: self.source_path.clone().unwrap_or_default(),
+                line: self.line_at(&[Step::Key("store"), Step::Key("kdf")]),
+                key: "store.kdf".into(),
+                message: format!(
+                    "memory_kib = {}, iterations = {} is below the floor of {} KiB and {} passes: \
+                     an offline guess at the passphrase would be too cheap (tests may set \
+                     [store] weak_kdf_for_tests = true)",
+                    kdf.memory_kib, kdf.iterations, KDF_FLOOR.memory_kib, KDF_FLOOR.iterations
+                ),
+            });
+        }
         self.validate_plugins()?;
         self.validate_secrets()?;
         self.validate_consumers()?;
@@ -697,8 +725,16 @@ mod tests {
             ),
             (65536, 3, 4)
         );
+        let weak = "[store.kdf]\nmemory_kib = 8\niterations = 1\nparallelism = 1\n";
+        let err = Config::parse(weak, Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 1, store.kdf") && err.contains("below the floor"),
+            "{err}"
+        );
         let c = Config::parse(
-            "[store.kdf]\nmemory_kib = 8\niterations = 1\nparallelism = 1\n",
+            &format!("[store]\nweak_kdf_for_tests = true\n{weak}"),
             Path::new("k.toml"),
         )
         .unwrap();

@@ -29,7 +29,7 @@ impl Env {
         std::fs::write(
             &config,
             format!(
-                "[store]\npath = \"data/vault.db\"\n\n[store.kdf]\nmemory_kib = 64\niterations = 1\nparallelism = 1\n\n{extra}"
+                "[store]\npath = \"data/vault.db\"\nweak_kdf_for_tests = true\n[store.kdf]\nmemory_kib = 64\niterations = 1\nparallelism = 1\n\n{extra}"
             ),
         )
         .unwrap();
