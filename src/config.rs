@@ -482,6 +482,19 @@ impl Config {
                     "must name the executable".into(),
                 ));
             }
+            if !plugin.command[0].contains('/') {
+                return Err(self.invalid(
+                    "plugins",
+                    name,
+                    "command",
+                    format!(
+                        "command[0] must be the plugin file's path (absolute, or relative to this \
+                         config file), not {:?}: a name looked up in PATH is not the file whose \
+                         hash was checked",
+                        plugin.command[0]
+                    ),
+                ));
+            }
             if crate::crypto::from_hex(&plugin.sha256).is_none_or(|h| h.len() != 32) {
                 return Err(self.invalid(
                     "plugins",

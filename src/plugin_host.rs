@@ -11,7 +11,7 @@
 //! level with the values it was sent redacted.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -320,9 +320,8 @@ impl PluginHost {
             path: self.path(),
             message,
         };
-        let meta = std::fs::metadata(path).map_err(|e| spawn_error(e.to_string()))?;
-        if meta.permissions().mode() & 0o002 != 0 {
-            return Err(spawn_error("the file is world-writable".into()));
+        if let Some(why) = replaceable_by_others(path) {
+            return Err(spawn_error(why));
         }
         let actual = crypto::file_sha256(path).map_err(|e| spawn_error(e.to_string()))?;
         if !actual.eq_ignore_ascii_case(&self.spec.sha256) {
@@ -630,6 +629,48 @@ async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Option<Vec
         ));
     }
     Ok(Some(line))
+}
+
+/// Why another user could change what runs as this plugin: the file, or a directory above it
+/// (before or after following symlinks), is owned by someone other than root or this process's
+/// user, or writable by group or others (a sticky directory such as /tmp is fine: others cannot
+/// replace what they do not own in it). `None` when nobody else can.
+fn replaceable_by_others(path: &Path) -> Option<String> {
+    let me = rustix::process::geteuid().as_raw();
+    let unsafe_entry = |entry: &Path, meta: &std::fs::Metadata| -> Option<String> {
+        let mode = meta.mode();
+        if meta.uid() != 0 && meta.uid() != me {
+            return Some(format!(
+                "{} is owned by uid {}, not by root or by this daemon's user (uid {me})",
+                entry.display(),
+                meta.uid()
+            ));
+        }
+        let sticky_dir = meta.is_dir() && mode & 0o1000 != 0;
+        (mode & 0o022 != 0 && !sticky_dir).then(|| {
+            format!(
+                "{} is writable by other users (mode {:o}); `chmod go-w` it",
+                entry.display(),
+                mode & 0o7777
+            )
+        })
+    };
+    let resolved = std::fs::canonicalize(path).ok();
+    for start in [Some(path), resolved.as_deref()].into_iter().flatten() {
+        for entry in start.ancestors().filter(|a| !a.as_os_str().is_empty()) {
+            // A symlink's own mode means nothing; the directory holding it is checked too.
+            let Ok(meta) = std::fs::symlink_metadata(entry) else {
+                continue;
+            };
+            if meta.file_type().is_symlink() {
+                continue;
+            }
+            if let Some(why) = unsafe_entry(entry, &meta) {
+                return Some(why);
+            }
+        }
+    }
+    None
 }
 
 /// Longest stderr line logged at once; a longer line is logged in pieces of this size.

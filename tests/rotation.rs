@@ -315,6 +315,62 @@ fn a_plugin_whose_hash_does_not_match_its_pin_is_refused() {
 }
 
 #[test]
+fn a_plugin_another_user_could_replace_is_refused_and_a_bare_command_name_too() {
+    // The pinned file sits in a directory its group may write to: the file could be swapped
+    // for another between the check and the next start.
+    let env = Env::new();
+    let shared = env.dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let plugin = shared.join("example-plugin.py");
+    std::fs::copy(common::daemon::example_plugin(), &plugin).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let plugin_config = format!(
+        "[plugins.example]\ncommand = [{:?}]\nsha256 = \"{}\"\nenv = {{ EXAMPLE_STATE = \"x.db\" }}\n",
+        plugin.display().to_string(),
+        common::daemon::sha256_of(&plugin)
+    );
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        format!(
+            "{base}\n{}\n{plugin_config}",
+            common::daemon::base_config("2s")
+        ),
+    )
+    .unwrap();
+    let (code, err) = env.serve_fails();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{} is writable by other users", shared.display())),
+        "{err}"
+    );
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let (_, err) = env.serve_fails();
+    assert!(
+        err.contains(&format!("{} is writable by other users", plugin.display())),
+        "{err}"
+    );
+    assert!(
+        !env.dir.path().join("x.db").exists(),
+        "the plugin never ran"
+    );
+
+    // A bare name: hashed relative to one directory, run from wherever PATH finds it.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let bare = config.replace(
+        &format!("command = [{:?}]", plugin.display().to_string()),
+        "command = [\"python3\"]",
+    );
+    std::fs::write(&env.config, bare).unwrap();
+    let err = env.fails(1, &["status"], None);
+    assert!(
+        err.contains("plugins.\"example\".command") && err.contains("not \"python3\""),
+        "{err}"
+    );
+}
+
+#[test]
 fn the_same_secret_is_never_rotated_twice_at_once() {
     let env = env_with_plugin(
         r#"
