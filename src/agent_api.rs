@@ -36,7 +36,7 @@ use crate::policy::{self, Policy};
 use crate::provider::Provider;
 use crate::rotation::catalog::SecretSpec;
 use crate::services::Services;
-use crate::store::{LeaseRow, UpstreamState};
+use crate::store::{AlertKind, LeaseRow, UpstreamState};
 use crate::value::SecretValue;
 use crate::vault::{Bound, VaultError, short_fingerprint};
 
@@ -245,6 +245,13 @@ impl AgentApi {
             .get(name)
             .is_some_and(|s| s.canary);
         if let (true, Some(signals)) = (canary, &self.signals) {
+            if !signals.is_news(AlertKind::Canary, name) {
+                self.services
+                    .metrics
+                    .reactions_suppressed
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             let (signals, name, actor) = (signals.clone(), name.to_string(), who.actor());
             tokio::spawn(async move { signals.canary(&name, &actor).await });
         }

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub watch_timeouts: AtomicU64,
     /// Signals refused for a bad or missing signature.
     pub signals_rejected: AtomicU64,
+    /// Reactions skipped because the same cause was reacted to within the quiet interval.
+    pub reactions_suppressed: AtomicU64,
     /// Alerts raised, by kind.
     alerts: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
@@ -184,6 +186,17 @@ fn render_counters(out: &mut String, metrics: &Metrics, live_leases: usize) {
     for (kind, n) in metrics.alerts.lock().expect("metrics lock").iter() {
         let _ = writeln!(out, "keywarden_alerts_total{{kind=\"{kind}\"}} {n}");
     }
+    family(
+        out,
+        "keywarden_reactions_suppressed_total",
+        "counter",
+        "Repeated signals, canary fetches and anomalies not reacted to again within 10 minutes.",
+    );
+    let _ = writeln!(
+        out,
+        "keywarden_reactions_suppressed_total {}",
+        metrics.reactions_suppressed.load(Ordering::Relaxed)
+    );
     family(
         out,
         "keywarden_signals_rejected_total",

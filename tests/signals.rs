@@ -390,3 +390,39 @@ fn a_short_signing_key_or_a_listener_beyond_loopback_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn a_canary_fetched_in_a_loop_raises_one_alert_not_fifty() {
+    let (env, _port, daemon) = setup();
+    let sock = env.agent_socket();
+    for _ in 0..50 {
+        fetch(Path::new("/usr/bin/curl"), &sock, "trap/canary");
+    }
+    let suppressed = |env: &Env| {
+        let (_, metrics) = curl(&env.admin_socket(), "GET", "/metrics", &[]);
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("keywarden_reactions_suppressed_total "))
+            .map(|n| n.trim().parse::<u64>().unwrap())
+            .unwrap_or(0)
+    };
+    wait_for("the repeats to be counted", Duration::from_secs(20), || {
+        (suppressed(&env) == 49).then_some(())
+    });
+    wait_for("the one alert", Duration::from_secs(20), || {
+        (alerts(&env)
+            .iter()
+            .filter(|a| a["kind"] == "canary")
+            .count()
+            == 1)
+            .then_some(())
+    });
+    assert_eq!(
+        env.sql_i64(
+            "SELECT count(*) FROM audit WHERE action = 'alert.raised' \
+             AND json_extract(detail, '$.kind') = 'canary'"
+        ),
+        1
+    );
+    drop(daemon);
+}

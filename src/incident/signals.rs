@@ -109,6 +109,9 @@ pub fn signed_bytes(timestamp: &str, method: &str, path: &str, body: &[u8]) -> V
     bytes.extend_from_slice(body);
     bytes
 }
+/// Quiet time between two reactions to the same cause (one canary, one leaked secret, one
+/// anomaly, one signal scope).
+pub const QUIET: Millis = 10 * 60 * 1000;
 /// Quiet time between two rate alerts for the same secret.
 const RATE_ALERT_QUIET: Millis = 10 * 60 * 1000;
 
@@ -216,6 +219,8 @@ pub struct Signals {
     seen: Mutex<Seen>,
     /// Signatures of accepted signals, with the Unix second after which they are forgotten.
     replays: Mutex<HashMap<Vec<u8>, i64>>,
+    /// When each cause was last reacted to.
+    reacted: Mutex<HashMap<(AlertKind, String), Millis>>,
 }
 
 /// The parts of `[signals]` the handler needs.
@@ -279,10 +284,12 @@ impl Signals {
             config,
             seen: Mutex::new(seen),
             replays: Mutex::default(),
+            reacted: Mutex::default(),
         }))
     }
 
-    /// Raises an alert and, if `reaction` says so, starts a compromise run of `scope`.
+    /// Raises an alert and, if `reaction` says so, starts a compromise run of `scope`; once per
+    /// cause in [`QUIET`] (a canary fetched in a loop raises one alert, not thousands).
     pub async fn react(
         &self,
         kind: AlertKind,
@@ -291,6 +298,19 @@ impl Signals {
         secret: Option<&str>,
         message: String,
     ) {
+        let cause = match kind {
+            AlertKind::Canary | AlertKind::Leak => secret.unwrap_or_default().to_string(),
+            AlertKind::Anomaly => message.clone(),
+            AlertKind::Signal => {
+                serde_json::to_string(&scope.canonical()).expect("scopes serialize")
+            }
+        };
+        if !self.claim(kind, &cause) {
+            self.metrics
+                .reactions_suppressed
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let incident = match reaction {
             Reaction::Alert => None,
             Reaction::Compromise => match self.incidents.start(scope, true, 8, kind.into()).await {
@@ -302,6 +322,33 @@ impl Signals {
             },
         };
         self.alerts.raise(kind, secret, message, incident).await;
+    }
+
+    /// Whether `cause` of `kind` would be reacted to now (nothing the same in [`QUIET`]); cheap,
+    /// so the fetch path can skip even spawning the reaction.
+    pub fn is_news(&self, kind: AlertKind, cause: &str) -> bool {
+        let now = self.engine.clock().now();
+        let reacted = self.reacted.lock().expect("reacted lock");
+        reacted
+            .get(&(kind, cause.to_string()))
+            .is_none_or(|at| now - at >= QUIET)
+    }
+
+    /// Records a reaction to `cause` of `kind` unless one happened in [`QUIET`]; says whether it
+    /// did record (and so whether to react).
+    fn claim(&self, kind: AlertKind, cause: &str) -> bool {
+        let now = self.engine.clock().now();
+        let mut reacted = self.reacted.lock().expect("reacted lock");
+        if reacted.len() > 4096 {
+            reacted.retain(|_, at| now - *at < QUIET);
+        }
+        match reacted.get(&(kind, cause.to_string())) {
+            Some(at) if now - at < QUIET => false,
+            _ => {
+                reacted.insert((kind, cause.to_string()), now);
+                true
+            }
+        }
     }
 
     /// A fetch of a canary secret (allowed or not): any such fetch means compromise.
