@@ -10,7 +10,7 @@ use keywarden_plugin_sdk::ErrReply;
 use serde_json::Value;
 
 use crate::spec::{OpSpec, Settings};
-use crate::template::{render_json, render_str};
+use crate::template::{render_json, render_str, render_url};
 
 /// A request's answer: its status and its body as JSON (`Null` if empty or not JSON).
 #[derive(Debug)]
@@ -96,7 +96,7 @@ impl Http {
         ctx: &Value,
         what: &str,
     ) -> Result<Answer, ErrReply> {
-        let url_text = render_str(&spec.url, ctx).map_err(fatal)?;
+        let url_text = render_url(&spec.url, ctx).map_err(fatal)?;
         let url = checked_url(
             &url_text,
             &settings.allowed_hosts,

@@ -22,6 +22,37 @@ fn as_text(value: &Value, path: &str) -> Result<String, String> {
 
 /// Renders every placeholder of `template` as text.
 pub fn render_str(template: &str, ctx: &Value) -> Result<String, String> {
+    render(template, ctx, |_, text| text)
+}
+
+/// Renders a URL template. A placeholder that starts the template is its base (a configured
+/// `base_url`) and is kept as written; every other one is percent-encoded, so a value the
+/// provider returned (a key id, an item of a list) cannot add path segments, a query or a
+/// fragment: `a/../b?x` becomes `a%2F..%2Fb%3Fx`.
+pub fn render_url(template: &str, ctx: &Value) -> Result<String, String> {
+    render(template, ctx, |at, text| {
+        if at == 0 {
+            return text;
+        }
+        let mut out = String::with_capacity(text.len());
+        for b in text.bytes() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        out
+    })
+}
+
+/// Renders every placeholder of `template`, passing each value's text, with the placeholder's
+/// byte offset in the template, through `escape`.
+fn render(
+    template: &str,
+    ctx: &Value,
+    escape: impl Fn(usize, String) -> String,
+) -> Result<String, String> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(start) = rest.find("{{") {
@@ -33,7 +64,8 @@ pub fn render_str(template: &str, ctx: &Value) -> Result<String, String> {
         let path = after[..end].trim();
         let value = lookup(ctx, path)
             .ok_or_else(|| format!("template placeholder {{{{{path}}}}} has no value"))?;
-        out.push_str(&as_text(value, path)?);
+        let at = template.len() - rest.len() + start;
+        out.push_str(&escape(at, as_text(value, path)?));
         rest = &after[end + 2..];
     }
     out.push_str(rest);
@@ -99,5 +131,27 @@ mod tests {
         );
         assert!(render_str("{{a}}", &ctx).is_err(), "objects are not text");
         assert!(render_str("{{a.b", &ctx).is_err());
+    }
+
+    #[test]
+    fn a_value_from_the_provider_cannot_steer_a_url() {
+        let ctx = serde_json::json!({
+            "base_url": "https://api.example",
+            "meta": { "key_id": "k1/../../admin/keys/other?force=1#x" }
+        });
+        assert_eq!(
+            render_url("{{base_url}}/v1/keys/{{meta.key_id}}", &ctx).unwrap(),
+            "https://api.example/v1/keys/k1%2F..%2F..%2Fadmin%2Fkeys%2Fother%3Fforce%3D1%23x"
+        );
+        assert_eq!(
+            render_url(
+                "{{base_url}}/v1/keys/{{meta.key_id}}",
+                &serde_json::json!({
+                    "base_url": "https://api.example", "meta": { "key_id": "sk_Abc-123.x~y" }
+                })
+            )
+            .unwrap(),
+            "https://api.example/v1/keys/sk_Abc-123.x~y"
+        );
     }
 }
