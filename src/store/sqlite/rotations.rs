@@ -7,11 +7,11 @@ use crate::audit::AuditEvent;
 use crate::clock::{Millis, now_millis};
 use crate::store::Reason;
 use crate::store::{
-    NewRotation, NewVersion, RotationRecord, RotationState, StepChange, StoreError,
+    NewRotation, NewVersion, RotationRecord, RotationState, Stage, StepChange, StoreError,
 };
 
 use super::audit::append_audit_in;
-use super::secrets::retire_current;
+use super::secrets::{insert_version, retire_current};
 use super::{SqliteStore, is_unique_violation};
 
 impl SqliteStore {
@@ -300,20 +300,7 @@ async fn insert_pending(
     if latest.unwrap_or(0) + 1 != version.version {
         return Err(StoreError::Conflict("the secret's versions".into()));
     }
-    sqlx::query(
-        "INSERT INTO versions (secret_id, version, stage, ciphertext, meta, fingerprint, \
-         created_at, stage_changed_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?)",
-    )
-    .bind(secret_id)
-    .bind(version.version)
-    .bind(version.ciphertext.as_slice())
-    .bind(serde_json::Value::Object(version.meta.clone()).to_string())
-    .bind(version.fingerprint.as_slice())
-    .bind(now)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
+    insert_version(tx, secret_id, version, Stage::Pending, now).await
 }
 
 /// Makes version `to` current: the old current becomes previous, the old previous revoked.

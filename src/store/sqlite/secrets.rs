@@ -102,19 +102,7 @@ impl SqliteStore {
             }
         };
         retire_current(&mut tx, secret_id, None, now).await?;
-        sqlx::query(
-            "INSERT INTO versions (secret_id, version, stage, ciphertext, meta, fingerprint, \
-             created_at, stage_changed_at) VALUES (?, ?, 'current', ?, ?, ?, ?, ?)",
-        )
-        .bind(secret_id)
-        .bind(version.version)
-        .bind(version.ciphertext.as_slice())
-        .bind(serde_json::Value::Object(version.meta.clone()).to_string())
-        .bind(version.fingerprint.as_slice())
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+        insert_version(&mut tx, secret_id, version, Stage::Current, now).await?;
         sqlx::query("UPDATE secrets SET updated_at = ? WHERE id = ?")
             .bind(now)
             .bind(secret_id)
@@ -530,5 +518,30 @@ pub(super) async fn retire_current(
         .execute(&mut *tx)
         .await?;
     }
+    Ok(())
+}
+
+/// Inserts a sealed version at `stage`.
+pub(super) async fn insert_version(
+    tx: &mut SqliteConnection,
+    secret_id: &str,
+    version: &NewVersion,
+    stage: Stage,
+    now: Millis,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO versions (secret_id, version, stage, ciphertext, meta, fingerprint, \
+         created_at, stage_changed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(secret_id)
+    .bind(version.version)
+    .bind(stage.as_str())
+    .bind(version.ciphertext.as_slice())
+    .bind(serde_json::Value::Object(version.meta.clone()).to_string())
+    .bind(version.fingerprint.as_slice())
+    .bind(now)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
