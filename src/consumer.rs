@@ -129,20 +129,44 @@ impl Template {
         }
     }
 
-    /// The content for one delivery; fails only when the version lacks a `meta` key it names.
+    /// Whether the template writes lines (an env file, a config): its own text has a line
+    /// break, so a line break inside a value would start a line of someone else's choosing.
+    fn is_line_based(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|p| matches!(p, Part::Text(t) if t.contains(['\n', '\r'])))
+    }
+
+    /// The content for one delivery. Fails when the version lacks a `meta` key the template
+    /// names, or, in a line-based template, when a value or `meta` field carries a control
+    /// character (a provider's `meta` with `\nLD_PRELOAD=…` must not become a line of its own).
     pub fn render(&self, d: &Delivery<'_>) -> Result<Zeroizing<String>, DeliveryError> {
+        let line_based = self.is_line_based();
+        let checked = |field: &str, text: &str| {
+            if line_based && text.chars().any(char::is_control) {
+                return Err(DeliveryError::ControlCharacter(field.to_string()));
+            }
+            Ok(())
+        };
         let mut out = Zeroizing::new(String::with_capacity(64 + d.value.len()));
         for part in &self.parts {
             match part {
                 Part::Text(text) => out.push_str(text),
-                Part::Value => out.push_str(d.value.expose()),
+                Part::Value => {
+                    checked("value", d.value.expose())?;
+                    out.push_str(d.value.expose());
+                }
                 Part::Version => out.push_str(&d.version.to_string()),
                 Part::Name => out.push_str(d.secret),
-                Part::Meta(field) => match d.meta.get(field) {
-                    Some(serde_json::Value::String(s)) => out.push_str(s),
-                    Some(other) => out.push_str(&other.to_string()),
-                    None => return Err(DeliveryError::MissingMeta(field.clone())),
-                },
+                Part::Meta(field) => {
+                    let text = match d.meta.get(field) {
+                        Some(serde_json::Value::String(s)) => s.clone(),
+                        Some(other) => other.to_string(),
+                        None => return Err(DeliveryError::MissingMeta(field.clone())),
+                    };
+                    checked(&format!("meta.{field}"), &text)?;
+                    out.push_str(&text);
+                }
             }
         }
         Ok(out)
@@ -162,6 +186,12 @@ pub enum DeliveryError {
     /// The template names a `meta` key the version does not have.
     #[error("the version has no meta.{0} for the template")]
     MissingMeta(String),
+    /// A line-based template would get a control character (a line break) from a field.
+    #[error(
+        "{0} contains a control character (a line break?); a line-based template does not take \
+         it, since it would add a line of its own"
+    )]
+    ControlCharacter(String),
     /// The consumer's path ends in no file name.
     #[error("{0} has no file name")]
     NoFileName(PathBuf),
@@ -491,5 +521,54 @@ mod tests {
         assert!(err.contains("exited with"), "{err}");
         assert!(err.contains("bad key: [redacted]"), "{err}");
         assert!(!err.contains("sk-live-0123456789abcdef"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_meta_value_cannot_add_a_line_to_an_env_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deploy.env");
+        let c = FileConsumer {
+            path: path.clone(),
+            mode: 0o600,
+            owner: None,
+            group: None,
+            template: Template::parse("ACCESS_KEY_ID={{meta.key_id}}\nSECRET={{value}}\n").unwrap(),
+            after: vec![],
+            after_timeout: Duration::from_secs(10),
+        };
+        let value = SecretValue::new("s3cr3t".into());
+        let mut meta = Meta::new();
+        meta.insert("key_id".into(), "AKIA1\nLD_PRELOAD=/tmp/evil.so".into());
+        let err = c
+            .deliver(&Delivery {
+                secret: "aws/x",
+                version: 2,
+                value: &value,
+                meta: &meta,
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("meta.key_id contains a control character"),
+            "{err}"
+        );
+        assert!(!path.exists(), "nothing was written");
+
+        // A template that is the value alone still takes a multi-line value (a PEM key).
+        let pem = FileConsumer {
+            template: Template::value_only(),
+            ..c.clone()
+        };
+        let key = SecretValue::new("-----BEGIN KEY-----\nabc\n-----END KEY-----\n".into());
+        pem.deliver(&Delivery {
+            secret: "tls/key",
+            version: 1,
+            value: &key,
+            meta: &Meta::new(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), key.expose());
     }
 }
