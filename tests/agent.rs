@@ -194,7 +194,8 @@ fn a_peer_with_another_uid_is_denied_with_403_and_an_audit_row() {
     );
 }
 
-/// A daemon whose only policy admits `<dir>/agent-bin` when its SHA-256 is curl's.
+/// A daemon whose only policy admits `<dir>/agent-bin` when its SHA-256 is curl's, with a copy
+/// of curl there that has been served once (so its hash is known to the daemon).
 fn pinned_to_curl() -> (Env, PathBuf, common::daemon::Daemon) {
     let env = Env::new();
     let agent = env.dir.path().join("agent-bin");
@@ -216,18 +217,24 @@ fn pinned_to_curl() -> (Env, PathBuf, common::daemon::Daemon) {
     wait_for("the first version", Duration::from_secs(20), || {
         (env.entry("app/token")["version"] == 1).then_some(())
     });
+    std::fs::copy("/usr/bin/curl", &agent).unwrap();
+    assert_eq!(
+        curl_with(
+            &agent,
+            &env.agent_socket(),
+            "GET",
+            "/v1/secrets/app/token",
+            &[]
+        )
+        .0,
+        200
+    );
     (env, agent, daemon)
 }
 
 #[test]
 fn a_hash_policy_catches_a_swapped_binary() {
     let (env, agent, daemon) = pinned_to_curl();
-    let sock = env.agent_socket();
-    std::fs::copy("/usr/bin/curl", &agent).unwrap();
-    assert_eq!(
-        curl_with(&agent, &sock, "GET", "/v1/secrets/app/token", &[]).0,
-        200
-    );
     // Same path, different program: the keywarden binary, asking through the socket.
     std::fs::remove_file(&agent).unwrap();
     std::fs::copy(common::keywarden_bin(), &agent).unwrap();
@@ -725,11 +732,6 @@ fn exec_runs_the_command_with_the_users_umask_and_core_limit() {
 fn a_binary_rewritten_in_place_with_its_mtime_restored_is_hashed_again() {
     let (env, agent, daemon) = pinned_to_curl();
     let sock = env.agent_socket();
-    std::fs::copy("/usr/bin/curl", &agent).unwrap();
-    assert_eq!(
-        curl_with(&agent, &sock, "GET", "/v1/secrets/app/token", &[]).0,
-        200
-    );
 
     // The attack: the same file (same inode, same size) rewritten with another program, and
     // its modification time set back, as any user can do to their own file.

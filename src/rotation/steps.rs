@@ -2,6 +2,8 @@
 //! roll back), promote, push, drain, revoke; and what happens when a step fails (retry with
 //! backoff, quarantine, or an end that leaves nothing behind upstream).
 
+use std::time::Duration;
+
 use keywarden_plugin_sdk::{Credential, Op, Request, Secret};
 use serde_json::json;
 
@@ -540,13 +542,19 @@ impl Engine {
     pub(super) async fn finished(&self, spec: &SecretSpec) -> Result<(), StepError> {
         if let Some(Schedule::Every(every)) = &spec.schedule {
             let secret = self.secret_record(&spec.name).await?;
-            let next = self.clock.now() + every.as_millis() as Millis;
-            self.vault
-                .store()
-                .set_next_rotation(&secret.id, Some(next))
-                .await?;
-            self.scheduler_wake.notify_one();
+            self.reschedule(&secret.id, *every).await?;
         }
+        Ok(())
+    }
+
+    /// The scheduler next rotates the secret `after` from now.
+    async fn reschedule(&self, secret_id: &str, after: Duration) -> Result<(), StepError> {
+        let next = self.clock.now() + after.as_millis() as Millis;
+        self.vault
+            .store()
+            .set_next_rotation(secret_id, Some(next))
+            .await?;
+        self.scheduler_wake.notify_one();
         Ok(())
     }
 
@@ -579,11 +587,7 @@ impl Engine {
                 self.settings.retry_base,
                 self.settings.retry_max,
             );
-            let next = self.clock.now() + delay.as_millis() as Millis;
-            store
-                .set_next_rotation(&rotation.secret_id, Some(next))
-                .await?;
-            self.scheduler_wake.notify_one();
+            self.reschedule(&rotation.secret_id, delay).await?;
         }
         Ok(())
     }
