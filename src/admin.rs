@@ -66,11 +66,13 @@ impl CompromiseBody {
 }
 
 impl AdminApi {
-    /// An API over `engine`, open to root, the daemon's uid and `extra_uids`.
-    pub fn new(services: Services, extra_uids: &[u32]) -> Self {
+    /// An API over `engine`, open to root, the daemon's uid and `extra_uids`, never to
+    /// `refused_uids` (the users confined programs run as).
+    pub fn new(services: Services, extra_uids: &[u32], refused_uids: &HashSet<u32>) -> Self {
         let mut allowed_uids: HashSet<u32> = extra_uids.iter().copied().collect();
         allowed_uids.insert(0);
         allowed_uids.insert(rustix::process::getuid().as_raw());
+        allowed_uids.retain(|uid| !refused_uids.contains(uid));
         AdminApi {
             services,
             allowed_uids,

@@ -11,7 +11,7 @@
 //! Deny by default: a fetch needs a `[[policy]]` that admits the peer and covers the name.
 //! Every allow and deny is an audit row, committed before the answer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -68,6 +68,7 @@ struct AllowedDetail<'a> {
 /// Per-connection state: the peer, attested once.
 #[derive(Debug)]
 pub struct AgentConn {
+    uid: u32,
     identity: tokio::sync::Mutex<PeerIdentity>,
 }
 
@@ -106,6 +107,7 @@ pub struct AgentApi {
     rate: Option<RateLimiter>,
     hashes: Arc<ExeHashCache>,
     daemon_uid: u32,
+    refused_uids: HashSet<u32>,
     closing: watch::Receiver<bool>,
     signals: Option<Arc<Signals>>,
 }
@@ -121,6 +123,8 @@ pub struct AgentSettings {
     pub max_wait: Duration,
     /// Fetches per second per uid (0: no limit).
     pub max_fetches_per_second: u32,
+    /// Uids that run confined programs (plugins, commands): refused outright.
+    pub refused_uids: HashSet<u32>,
 }
 
 struct FetchQuery {
@@ -230,6 +234,7 @@ impl AgentApi {
             }),
             hashes: Arc::default(),
             daemon_uid: rustix::process::getuid().as_raw(),
+            refused_uids: settings.refused_uids,
             closing,
             signals,
         }
@@ -626,6 +631,7 @@ impl Handler for AgentApi {
 
     fn connect(&self, peer: Peer, accepted: f64) -> AgentConn {
         AgentConn {
+            uid: peer.uid,
             identity: tokio::sync::Mutex::new(PeerIdentity::attest(
                 peer,
                 accepted,
@@ -640,6 +646,13 @@ impl Handler for AgentApi {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "sealed",
                 "the daemon is stopping",
+            );
+        }
+        if self.refused_uids.contains(&conn.uid) {
+            return http::error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this uid runs keywarden's plugins and may not use the agent socket",
             );
         }
         let path = request.uri().path();

@@ -18,6 +18,7 @@ use crate::parse::{duration, octal_mode, opt_duration, opt_octal_mode};
 use crate::plugin_host::Settings;
 use crate::policy::PolicyConfig;
 use crate::rotation::scheduler::Schedule;
+use crate::sandbox::SandboxConfig;
 
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +144,9 @@ pub struct DaemonConfig {
     pub lock_wait: Duration,
     /// Where plugins get their private working directories (default: beside the store).
     pub work_dir: Option<PathBuf>,
+    /// The user plugins, `after` commands and the alert command run as when the daemon runs
+    /// as root (a name or `UID:GID`); each may name its own in its `sandbox`.
+    pub plugin_user: String,
 }
 
 impl Default for DaemonConfig {
@@ -156,6 +160,7 @@ impl Default for DaemonConfig {
             shutdown_timeout: Duration::from_secs(30),
             lock_wait: Duration::from_secs(30),
             work_dir: None,
+            plugin_user: "keywarden-plugin".into(),
         }
     }
 }
@@ -224,6 +229,9 @@ pub struct PluginConfig {
     /// Requests in flight to this plugin at once.
     #[serde(default = "default_plugin_concurrency")]
     pub max_concurrency: usize,
+    /// What the confined plugin may do beyond the defaults (read a CA file, ...).
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
 }
 
 fn default_plugin_concurrency() -> usize {
@@ -297,6 +305,9 @@ pub struct ConsumerConfig {
     /// file: how long `after` may run.
     #[serde(default = "default_after_timeout", deserialize_with = "duration")]
     pub after_timeout: Duration,
+    /// file: what the confined `after` command may do beyond the defaults.
+    #[serde(default)]
+    pub after_sandbox: SandboxConfig,
     /// plugin: settings sent with `push`.
     #[serde(default)]
     pub settings: Settings,
@@ -352,6 +363,15 @@ impl Config {
         resolve(&mut self.agent.admin_socket, &base);
         if let Some(p) = self.daemon.work_dir.as_mut() {
             resolve(p, &base);
+        }
+        if let Some(base) = base.as_deref() {
+            for plugin in self.plugins.values_mut() {
+                plugin.sandbox.resolve_paths(base);
+            }
+            for consumer in self.consumers.values_mut() {
+                consumer.after_sandbox.resolve_paths(base);
+            }
+            self.signals.alert_sandbox.resolve_paths(base);
         }
         for plugin in self.plugins.values_mut() {
             if plugin.command[0].contains('/') {
@@ -664,7 +684,8 @@ impl Config {
         }
     }
 
-    fn invalid_signals(&self, key: &str, message: String) -> ConfigError {
+    /// An error about `[signals] KEY`, naming its line.
+    pub fn invalid_signals(&self, key: &str, message: String) -> ConfigError {
         ConfigError::Invalid {
             path: self.source_path.clone().unwrap_or_default(),
             line: self.line_at(&[Step::Key("signals"), Step::Key(key)]),

@@ -14,6 +14,7 @@ use zeroize::Zeroizing;
 
 use crate::plugin_host::PluginHost;
 use crate::plugin_host::Settings;
+use crate::sandbox::Confinement;
 use crate::value::SecretValue;
 use crate::vault::Meta;
 
@@ -65,6 +66,8 @@ pub struct FileConsumer {
     pub after: Vec<String>,
     /// How long `after` may run.
     pub after_timeout: Duration,
+    /// How `after` is confined (it may also read the file it follows).
+    pub after_confinement: Confinement,
 }
 
 /// A file consumer's content, parsed once from the config: text and placeholders
@@ -233,17 +236,12 @@ pub fn resolve_id(spec: &str, database: &str) -> Result<u32, UnknownId> {
     if let Ok(id) = spec.parse::<u32>() {
         return Ok(id);
     }
-    let text = std::fs::read_to_string(database).map_err(|e| UnknownId {
+    let entry = crate::sandbox::database_entry(database, spec).map_err(|e| UnknownId {
         spec: spec.to_string(),
         why: format!("cannot read {database}: {e}"),
     })?;
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split(':');
-            Some((f.next()?, f.nth(1)?))
-        })
-        .find(|(name, _)| *name == spec)
-        .and_then(|(_, id)| id.parse().ok())
+    entry
+        .and_then(|fields| fields.get(2)?.parse().ok())
         .ok_or_else(|| UnknownId {
             spec: spec.to_string(),
             why: format!("no entry in {database}"),
@@ -324,9 +322,10 @@ impl FileConsumer {
             command: self.after[0].clone(),
             problem,
         };
-        let mut cmd = tokio::process::Command::new(&self.after[0]);
-        cmd.args(&self.after[1..])
-            .env_clear()
+        let mut cmd = self
+            .after_confinement
+            .command_for(&self.after, &[&self.path]);
+        cmd.env_clear()
             .env(
                 "PATH",
                 std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
@@ -421,23 +420,21 @@ mod tests {
         assert!(resolve_id("no-such-user-here", "/etc/passwd").is_err());
     }
 
+    // `after` commands run through the launcher of the `keywarden` binary, so they are tested
+    // end to end in tests/sandbox.rs.
     #[tokio::test]
-    async fn file_consumer_writes_atomically_with_mode_and_runs_after() {
+    async fn file_consumer_writes_atomically_with_mode() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.env");
-        let marker = dir.path().join("after-ran");
         let c = FileConsumer {
             path: path.clone(),
             mode: 0o640,
             owner: None,
             group: None,
             template: Template::parse("KEY={{value}}\n").unwrap(),
-            after: vec![
-                "sh".into(),
-                "-c".into(),
-                format!("echo $KEYWARDEN_VERSION > {}", marker.display()),
-            ],
+            after: Vec::new(),
             after_timeout: Duration::from_secs(10),
+            after_confinement: Confinement::default(),
         };
         let value = SecretValue::new("v1".into());
         let meta = Meta::new();
@@ -454,73 +451,11 @@ mod tests {
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o640
         );
-        assert_eq!(std::fs::read_to_string(&marker).unwrap().trim(), "3");
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),
-            2,
+            1,
             "no temporary file left"
         );
-
-        let failing = FileConsumer {
-            after: vec!["false".into()],
-            ..c.clone()
-        };
-        let err = failing
-            .deliver(&Delivery {
-                secret: "s",
-                version: 4,
-                value: &value,
-                meta: &meta,
-            })
-            .await;
-        assert!(err.unwrap_err().to_string().contains("exited with"));
-        let slow = FileConsumer {
-            after: vec!["sleep".into(), "30".into()],
-            after_timeout: Duration::from_millis(200),
-            ..c
-        };
-        let err = slow
-            .deliver(&Delivery {
-                secret: "s",
-                version: 5,
-                value: &value,
-                meta: &meta,
-            })
-            .await;
-        assert!(err.unwrap_err().to_string().contains("was killed"));
-    }
-
-    #[tokio::test]
-    async fn an_after_command_that_prints_the_value_does_not_put_it_in_the_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out.env");
-        let c = FileConsumer {
-            path: path.clone(),
-            mode: 0o600,
-            owner: None,
-            group: None,
-            template: Template::value_only(),
-            after: vec![
-                "sh".into(),
-                "-c".into(),
-                "echo \"bad key: $(cat \"$KEYWARDEN_FILE\")\" >&2; exit 3".into(),
-            ],
-            after_timeout: Duration::from_secs(10),
-        };
-        let value = SecretValue::new("sk-live-0123456789abcdef".into());
-        let err = c
-            .deliver(&Delivery {
-                secret: "s",
-                version: 1,
-                value: &value,
-                meta: &Meta::new(),
-            })
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("exited with"), "{err}");
-        assert!(err.contains("bad key: [redacted]"), "{err}");
-        assert!(!err.contains("sk-live-0123456789abcdef"), "{err}");
     }
 
     #[tokio::test]
@@ -535,6 +470,7 @@ mod tests {
             template: Template::parse("ACCESS_KEY_ID={{meta.key_id}}\nSECRET={{value}}\n").unwrap(),
             after: vec![],
             after_timeout: Duration::from_secs(10),
+            after_confinement: Confinement::default(),
         };
         let value = SecretValue::new("s3cr3t".into());
         let mut meta = Meta::new();

@@ -326,11 +326,15 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// The SHA-256 of a file, hex.
 pub fn file_sha256(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
+    reader_sha256(std::fs::File::open(path)?)
+}
+
+/// The SHA-256 of everything `reader` yields, as lowercase hex.
+pub fn reader_sha256(mut reader: impl std::io::Read) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = std::io::Read::read(&mut file, &mut buf)?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             break;
         }

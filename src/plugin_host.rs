@@ -25,6 +25,7 @@ use tokio::sync::{Semaphore, oneshot};
 use zeroize::Zeroizing;
 
 use crate::crypto;
+use crate::sandbox::{Confinement, FAILURE_PREFIX};
 
 /// Settings passed through to a plugin, as a JSON object.
 pub type Settings = serde_json::Map<String, serde_json::Value>;
@@ -46,6 +47,8 @@ pub struct PluginSpec {
     pub max_concurrency: usize,
     /// Parent of the private working directories.
     pub work_dir: PathBuf,
+    /// How the process is confined (its own user when the daemon is root, Landlock, seccomp).
+    pub confinement: Confinement,
 }
 
 /// What went wrong talking to a plugin.
@@ -371,6 +374,14 @@ impl PluginHost {
                     work.display()
                 ))
             })?;
+        if let Some(user) = &self.spec.confinement.user {
+            rustix::fs::chown(
+                &work,
+                Some(rustix::fs::Uid::from_raw(user.uid)),
+                Some(rustix::fs::Gid::from_raw(user.gid)),
+            )
+            .map_err(|e| spawn_error(format!("cannot hand {} to its user: {e}", work.display())))?;
+        }
         let mut child = self.command(&work).spawn().map_err(|e| {
             let _ = std::fs::remove_dir_all(&work);
             spawn_error(e.to_string())
@@ -416,20 +427,28 @@ impl PluginHost {
         Ok(running)
     }
 
-    /// The plugin's command: its arguments and the protocol flag, an environment of `PATH`,
-    /// `LANG=C` and what its config lists, its private working directory, piped stdio.
+    /// The plugin's command, confined (see `sandbox`): its arguments and the protocol flag, an
+    /// environment of `PATH`, `LANG=C`, `HOME` and `TMPDIR` (its working directory) and what
+    /// its config lists, its private working directory, piped stdio. The launcher executes
+    /// exactly the file whose hash it checked against the pin.
     fn command(&self, work: &Path) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(&self.spec.command[0]);
-        cmd.args(&self.spec.command[1..])
-            .arg(PLUGIN_FLAG)
-            .env_clear()
+        let mut args = self.spec.command[1..].to_vec();
+        args.push(PLUGIN_FLAG.to_string());
+        let mut cmd = self.spec.confinement.granting(&[], &[work]).command(
+            work,
+            &self.spec.command[0],
+            Some(&self.spec.sha256),
+            &args,
+        );
+        cmd.env_clear()
             .env(
                 "PATH",
                 std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
             )
             .env("LANG", "C")
+            .env("HOME", work)
+            .env("TMPDIR", work)
             .envs(&self.spec.env)
-            .current_dir(work)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -465,7 +484,12 @@ impl PluginHost {
             let mut stderr = BufReader::new(stderr);
             while let Some(line) = read_stderr_line(&mut stderr).await {
                 let line = String::from_utf8_lossy(&line);
-                tracing::debug!(plugin = %plugin, "plugin stderr: {}", redactor.scrub(&line));
+                if line.starts_with(FAILURE_PREFIX) {
+                    // The launcher could not confine it, so it did not run.
+                    tracing::error!(plugin = %plugin, "{}", redactor.scrub(&line));
+                } else {
+                    tracing::debug!(plugin = %plugin, "plugin stderr: {}", redactor.scrub(&line));
+                }
             }
         });
     }

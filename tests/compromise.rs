@@ -201,7 +201,7 @@ fn assume_compromise_rotates_and_revokes_two_hundred_secrets_and_reports_exactly
 fn failed_upstream(env: &Env) -> Vec<String> {
     let out = Command::new("python3")
         .args(["-c", "import sqlite3,sys; print('\\n'.join(r[0] for r in sqlite3.connect(sys.argv[1]).execute(\"SELECT secret FROM events WHERE op = 'failed:create' ORDER BY secret\")))"])
-        .arg(env.dir.path().join("upstream.db"))
+        .arg(env.upstream_db())
         .output()
         .unwrap();
     String::from_utf8(out.stdout)

@@ -18,6 +18,7 @@ const GROUND: &[&str] = &[
     "name",
     "parse",
     "passphrase",
+    "sandbox",
     "store",
     "value",
     "vault",

@@ -309,7 +309,7 @@ fn a_plugin_whose_hash_does_not_match_its_pin_is_refused() {
     );
     assert!(err.contains("refusing to run it"), "{err}");
     assert!(
-        !env.dir.path().join("upstream.db").exists(),
+        !env.upstream_db().exists(),
         "the plugin never ran"
     );
 }

@@ -54,8 +54,11 @@ impl Plugin for BenchPlugin {
     }
 }
 
-/// Serves `plugin` and exits when this binary was started as a plugin.
+/// Serves `plugin` and exits when this binary was started as a plugin. Before that, this
+/// binary may have been started as keywarden's sandbox launcher (the daemon runs in it, so its
+/// plugins are launched through it): then it confines itself and executes the plugin.
 pub fn serve_if_plugin(plugin: BenchPlugin) {
+    keywarden::sandbox::run_if_launcher();
     if std::env::args().any(|a| a == keywarden_plugin_sdk::PLUGIN_FLAG) {
         let ok = keywarden_plugin_sdk::serve(plugin) == std::process::ExitCode::SUCCESS;
         std::process::exit(if ok { 0 } else { 1 });
@@ -75,7 +78,7 @@ pub async fn setup(
     let exe = std::env::current_exe().unwrap();
     let sha = keywarden::crypto::file_sha256(&exe).unwrap();
     let mut config = format!(
-        "[store]\npath = \"vault.db\"\n[daemon]\nmax_concurrent_rotations = {concurrency}\n\
+        "[store]\npath = \"vault.db\"\n[daemon]\nmax_concurrent_rotations = {concurrency}\nplugin_user = \"65534:65534\"\n\
          [plugins.{kind}]\ncommand = [{:?}]\nsha256 = \"{sha}\"\nmax_concurrency = {plugin_concurrency}\n",
         exe.display().to_string()
     );

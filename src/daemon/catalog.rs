@@ -1,7 +1,7 @@
 //! The catalog: every configured plugin started (handshake included), and the providers,
 //! consumers and secrets of the config resolved against them, every reference checked.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use crate::consumer::{Consumer, FileConsumer, Template, resolve_id};
 use crate::plugin_host::{PluginHost, PluginSpec, Redactor};
 use crate::provider::Provider;
 use crate::rotation::catalog::{Catalog, SecretSpec};
+use crate::sandbox::Role;
 
 /// Where plugins get their private working directories: one directory per store, so a daemon
 /// that reaps the plugins its predecessor left never touches another store's.
@@ -27,6 +28,20 @@ pub fn work_dir(config: &Config, store_path: &Path) -> PathBuf {
         .unwrap_or_else(|_| store_path.to_path_buf());
     let digest = crate::crypto::hex(&crate::crypto::sha256(store.as_os_str().as_encoded_bytes()));
     base.join(format!("store-{}", &digest[..16]))
+}
+
+/// The uids confined programs run as (when the daemon is root), other than root and the
+/// daemon's own: the daemon's sockets refuse them.
+pub fn confined_uids(config: &Config) -> HashSet<u32> {
+    let me = rustix::process::getuid().as_raw();
+    let sandboxes = (config.plugins.values().map(|p| (&p.sandbox, Role::Plugin)))
+        .chain(config.consumers.values().map(|c| (&c.after_sandbox, Role::Command)))
+        .chain([(&config.signals.alert_sandbox, Role::Command)]);
+    sandboxes
+        .filter_map(|(sandbox, role)| sandbox.resolve(&config.daemon.plugin_user, role).ok())
+        .filter_map(|c| c.user.map(|u| u.uid))
+        .filter(|uid| *uid != 0 && *uid != me)
+        .collect()
 }
 
 /// Starts every configured plugin (handshake included) and builds the catalog of providers,
@@ -68,6 +83,10 @@ async fn start_plugins(
     let redactor = Arc::new(Redactor::default());
     let mut owners: HashMap<String, String> = HashMap::new();
     for (name, plugin) in &config.plugins {
+        let confinement = plugin
+            .sandbox
+            .resolve(&config.daemon.plugin_user, Role::Plugin)
+            .map_err(|e| config.invalid("plugins", name, "sandbox", e.to_string()))?;
         let spec = PluginSpec {
             name: name.clone(),
             command: plugin.command.clone(),
@@ -76,6 +95,7 @@ async fn start_plugins(
             timeout: plugin.timeout.unwrap_or(config.daemon.plugin_timeout),
             max_concurrency: plugin.max_concurrency,
             work_dir: work.to_path_buf(),
+            confinement,
         };
         let host = Arc::new(PluginHost::new(spec, redactor.clone()));
         let hello = host.start().await?;
@@ -133,6 +153,10 @@ fn consumer(
             template: c.template.clone().unwrap_or_else(Template::value_only),
             after: c.after.clone(),
             after_timeout: c.after_timeout,
+            after_confinement: c
+                .after_sandbox
+                .resolve(&config.daemon.plugin_user, Role::Command)
+                .map_err(|e| config.invalid("consumers", name, "after_sandbox", e.to_string()))?,
         }));
     }
     match catalog.providers.get(&c.kind) {

@@ -13,7 +13,7 @@ mod runtime;
 use std::future::Future;
 use std::sync::Arc;
 
-pub use catalog::{build_catalog, work_dir};
+pub use catalog::{build_catalog, confined_uids, work_dir};
 pub use lease_backend::DaemonLeaseBackend;
 pub use runtime::{Mode, Runtime};
 
@@ -27,6 +27,7 @@ use crate::incident::signals::{SignalApi, Signals, SignalsSettings};
 use crate::plugin_host::PluginError;
 use crate::policy::Policy;
 use crate::services::Services;
+use crate::sandbox::Role;
 use crate::store::StoreError;
 use crate::vault::Vault;
 
@@ -188,10 +189,15 @@ async fn start_servers(
         ..http::Limits::default()
     };
     let signal_cfg = &config.signals;
+    let alert_confinement = signal_cfg
+        .alert_sandbox
+        .resolve(&config.daemon.plugin_user, Role::Command)
+        .map_err(|e| StartError::from(config.invalid_signals("alert_sandbox", e.to_string())))?;
     let alerts = Alerts::new(
         services.engine.clone(),
         services.metrics.clone(),
         signal_cfg.alert_command.clone(),
+        alert_confinement,
         signal_cfg.alert_consumer.clone(),
     );
     let signals = Signals::new(
@@ -226,6 +232,7 @@ async fn start_servers(
             default_ttl: agent.default_ttl,
             max_wait: agent.max_wait,
             max_fetches_per_second: agent.max_fetches_per_second,
+            refused_uids: confined_uids(config),
         },
         runtime.shutdown_signal(),
         Some(signals),
@@ -236,7 +243,11 @@ async fn start_servers(
         limits.clone(),
         runtime.shutdown_signal(),
     )));
-    let admin_api = Arc::new(AdminApi::new(services.clone(), &agent.admin_uids));
+    let admin_api = Arc::new(AdminApi::new(
+        services.clone(),
+        &agent.admin_uids,
+        &confined_uids(config),
+    ));
     servers.push(tokio::spawn(http::serve(
         admin_listener,
         admin_api,

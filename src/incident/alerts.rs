@@ -15,6 +15,7 @@ use crate::audit::AuditEvent;
 use crate::consumer::Consumer;
 use crate::metrics::Metrics;
 use crate::rotation::engine::Engine;
+use crate::sandbox::Confinement;
 use crate::store::{AlertKind, AlertRecord};
 
 /// How long an alert command may run.
@@ -25,6 +26,7 @@ pub struct Alerts {
     engine: Arc<Engine>,
     metrics: Arc<Metrics>,
     command: Vec<String>,
+    confinement: Confinement,
     consumer: Option<String>,
 }
 
@@ -35,17 +37,19 @@ impl std::fmt::Debug for Alerts {
 }
 
 impl Alerts {
-    /// Alerts delivered to `command` and/or `consumer`.
+    /// Alerts delivered to `command` (run under `confinement`) and/or `consumer`.
     pub fn new(
         engine: Arc<Engine>,
         metrics: Arc<Metrics>,
         command: Vec<String>,
+        confinement: Confinement,
         consumer: Option<String>,
     ) -> Arc<Self> {
         Arc::new(Alerts {
             engine,
             metrics,
             command,
+            confinement,
             consumer,
         })
     }
@@ -99,8 +103,9 @@ impl Alerts {
     }
 
     async fn run_command(&self, payload: &str) -> Result<(), String> {
-        let mut child = tokio::process::Command::new(&self.command[0])
-            .args(&self.command[1..])
+        let mut child = self
+            .confinement
+            .command_for(&self.command, &[])
             .env_clear()
             .env(
                 "PATH",

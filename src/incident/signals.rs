@@ -70,6 +70,9 @@ pub struct SignalsConfig {
     /// A command run for each alert, with the alert as JSON on stdin.
     #[serde(default)]
     pub alert_command: Vec<String>,
+    /// What the confined alert command may do beyond the defaults.
+    #[serde(default)]
+    pub alert_sandbox: crate::sandbox::SandboxConfig,
     /// A consumer (a plugin kind with `push`) that receives each alert as JSON.
     pub alert_consumer: Option<String>,
 }
@@ -86,6 +89,7 @@ impl Default for SignalsConfig {
             anomaly_rate_factor: 10.0,
             anomaly_min_rate: 60,
             alert_command: Vec::new(),
+            alert_sandbox: Default::default(),
             alert_consumer: None,
         }
     }

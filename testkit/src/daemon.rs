@@ -2,6 +2,7 @@
 //! daemon started in the background with its log captured, polling helpers that wait on
 //! conditions (never on fixed sleeps), and access to the plugin's upstream state.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,10 +23,12 @@ pub fn sha256_of(path: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()[..64].to_string()
 }
 
-/// Test timings: quick retries, short plugin timeouts, sockets in the scratch directory.
+/// Test timings: quick retries, short plugin timeouts, sockets in the scratch directory;
+/// plugins run as `nobody` (65534) when the tests run as root.
 pub fn base_config(plugin_timeout: &str) -> String {
     format!(
         r#"[daemon]
+plugin_user = "65534:65534"
 retry_base = "50ms"
 retry_max = "400ms"
 max_attempts = 4
@@ -40,14 +43,29 @@ default_ttl = "5m"
     )
 }
 
-/// A `[plugins.example]` section for the Python plugin with its state in `dir/upstream.db`.
+/// The directory the example plugin keeps its upstream state in (the only one outside its work
+/// directory its sandbox lets it write), created open to the plugin's user.
+pub fn upstream_dir(dir: &Path) -> PathBuf {
+    let upstream = dir.join("upstream");
+    if !upstream.exists() {
+        std::fs::create_dir(&upstream).unwrap();
+        std::fs::set_permissions(&upstream, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    upstream
+}
+
+/// A `[plugins.example]` section for the Python plugin with its state in
+/// `dir/upstream/upstream.db`.
 pub fn example_plugin_config(dir: &Path, extra_env: &str) -> String {
     let plugin = example_plugin();
+    let upstream = upstream_dir(dir);
     format!(
-        "[plugins.example]\ncommand = [{:?}]\nsha256 = \"{}\"\nenv = {{ EXAMPLE_STATE = {:?}{extra_env} }}\n",
+        "[plugins.example]\ncommand = [{:?}]\nsha256 = \"{}\"\nenv = {{ EXAMPLE_STATE = {:?}{extra_env} }}\n\
+         sandbox = {{ write_paths = [{:?}] }}\n",
         plugin.display().to_string(),
         sha256_of(&plugin),
-        dir.join("upstream.db").display().to_string()
+        upstream.join("upstream.db").display().to_string(),
+        upstream.display().to_string(),
     )
 }
 
@@ -160,14 +178,19 @@ impl Env {
         )
     }
 
+    /// The example plugin's upstream state file.
+    pub fn upstream_db(&self) -> PathBuf {
+        self.dir.path().join("upstream/upstream.db")
+    }
+
     /// Reads one value from the example plugin's upstream state.
     pub fn upstream_i64(&self, query: &str) -> i64 {
-        super::sql_one(&self.dir.path().join("upstream.db"), query)
+        super::sql_one(&self.upstream_db(), query)
     }
 
     /// Reads one text value from the upstream state.
     pub fn upstream_text(&self, query: &str) -> String {
-        super::sql_one(&self.dir.path().join("upstream.db"), query)
+        super::sql_one(&self.upstream_db(), query)
     }
 
     /// `list --json` as JSON.

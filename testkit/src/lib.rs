@@ -24,6 +24,9 @@ impl Env {
     /// A fresh directory with a config (`extra` appended) and a passphrase file; no store yet.
     pub fn with_config(extra: &str) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
+        // Traversable (not listable) by others, so a plugin running as its own user reaches the
+        // paths its sandbox grants in here; everything of the store stays 0600/0700.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         let store = dir.path().join("data").join("vault.db");
         let config = dir.path().join("keywarden.toml");
         std::fs::write(

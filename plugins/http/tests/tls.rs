@@ -1,6 +1,7 @@
 //! TLS is verified by default: a provider with a certificate nobody vouches for is refused, and
 //! accepted once its CA is given in `ca_file`.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -129,14 +130,20 @@ fn serve_tls(cert: &Path, key: &Path) -> u16 {
     })
 }
 
-fn env_for(port: u16, ca_file: Option<&Path>) -> Env {
+/// An environment whose `svc/tls` trusts `ca_file`, which the plugin's sandbox lets it read
+/// when `granted`.
+fn env_for(port: u16, ca_file: Option<&Path>, granted: bool) -> Env {
     let env = Env::new();
     let bin = Path::new(env!("CARGO_BIN_EXE_keywarden-plugin-http"));
     let ca = ca_file
         .map(|p| format!(", ca_file = {:?}", p.display().to_string()))
         .unwrap_or_default();
+    let sandbox = match ca_file.filter(|_| granted) {
+        Some(p) => format!("sandbox = {{ read_paths = [{:?}] }}\n", p.display().to_string()),
+        None => String::new(),
+    };
     let config = format!(
-        "{}\n[plugins.http]\ncommand = [{:?}]\nsha256 = \"{}\"\n\n[secrets.\"svc/admin\"]\nprovider = \"manual\"\n\n\
+        "{}\n[plugins.http]\ncommand = [{:?}]\nsha256 = \"{}\"\n{sandbox}\n[secrets.\"svc/admin\"]\nprovider = \"manual\"\n\n\
          [secrets.\"svc/tls\"]\nprovider = \"http\"\ncredentials = {{ admin = \"svc/admin\" }}\nmax_attempts = 2\n\
          settings = {{ preset = \"bearer-token\", base_url = \"https://127.0.0.1:{port}\", allowed_hosts = [\"127.0.0.1\"]{ca}, verify = {{ method = \"GET\", url = \"https://127.0.0.1:{port}/api/whoami\" }} }}\n",
         base_config("5s"),
@@ -153,10 +160,12 @@ fn env_for(port: u16, ca_file: Option<&Path>) -> Env {
 #[test]
 fn an_unknown_certificate_is_refused_and_a_configured_ca_is_trusted() {
     let scratch = tempfile::tempdir().unwrap();
+    // Reachable by the plugin's own user when the tests run as root.
+    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     let (ca, cert, key) = private_ca(scratch.path());
     let port = serve_tls(&cert, &key);
 
-    let untrusted = env_for(port, None);
+    let untrusted = env_for(port, None, false);
     let out = untrusted.run(&["rotate", "svc/tls", "--json"], None);
     assert_eq!(out.status.code(), Some(1));
     let report = String::from_utf8_lossy(&out.stdout);
@@ -169,7 +178,17 @@ fn an_unknown_certificate_is_refused_and_a_configured_ca_is_trusted() {
         "nothing was stored"
     );
 
-    let trusted = env_for(port, Some(&ca));
+    // The plugin is confined: a CA file its sandbox does not grant cannot even be read.
+    let ungranted = env_for(port, Some(&ca), false);
+    let out = ungranted.run(&["rotate", "svc/tls", "--json"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("cannot read ca_file") && report.contains("ermission denied"),
+        "{report}"
+    );
+
+    let trusted = env_for(port, Some(&ca), true);
     let out = trusted.run(&["rotate", "svc/tls", "--json"], None);
     assert_eq!(
         out.status.code(),
