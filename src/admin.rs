@@ -1,4 +1,4 @@
-//! The admin API on `admin.sock` (mode 0600; only root, the daemon's own uid and `admin_uids`):
+//! The admin API on `admin.sock` (mode 0600, or 0666 with `admin_uids`; only root, the daemon's own uid and `admin_uids`):
 //! `POST /v1/admin/rotate/{name}[?wait=SECS]`, `POST /v1/admin/compromise[?wait=SECS]` (body:
 //! the scope), `POST /v1/admin/compromise/plan`, `GET /v1/admin/incidents/{id}`,
 //! `GET /v1/admin/status` and `GET /metrics`.

@@ -72,6 +72,11 @@ pub struct AgentConn {
     identity: tokio::sync::Mutex<PeerIdentity>,
 }
 
+/// Peer executables hashed at once.
+const HASHING_AT_ONCE: usize = 4;
+/// How long a fetch waits for its peer's executable to be hashed.
+const HASH_DEADLINE: Duration = Duration::from_secs(10);
+
 /// A token bucket per uid.
 #[derive(Debug)]
 struct RateLimiter {
@@ -106,6 +111,7 @@ pub struct AgentApi {
     max_wait: Duration,
     rate: Option<RateLimiter>,
     hashes: Arc<ExeHashCache>,
+    hashing: Arc<tokio::sync::Semaphore>,
     daemon_uid: u32,
     refused_uids: HashSet<u32>,
     closing: watch::Receiver<bool>,
@@ -233,6 +239,7 @@ impl AgentApi {
                 buckets: Mutex::new(HashMap::new()),
             }),
             hashes: Arc::default(),
+            hashing: Arc::new(tokio::sync::Semaphore::new(HASHING_AT_ONCE)),
             daemon_uid: rustix::process::getuid().as_raw(),
             refused_uids: settings.refused_uids,
             closing,
@@ -264,17 +271,31 @@ impl AgentApi {
 
     /// The peer's identity, with the executable hash computed (off the async threads) when a
     /// policy needs it.
+    /// The peer's identity, with its executable hashed when a policy needs it: on a blocking
+    /// thread, at most [`HASHING_AT_ONCE`] at a time (a hash stuck on a slow file system keeps
+    /// its slot), and given up after [`HASH_DEADLINE`] (the peer's executable is then unknown).
     async fn identity(&self, conn: &AgentConn) -> PeerIdentity {
         let mut guard = conn.identity.lock().await;
         if self.needs_hash && !guard.hash_known() {
             let mut copy = guard.clone();
-            if let Ok(done) = tokio::task::spawn_blocking(move || {
-                policy::Identity::exe_sha256(&mut copy);
-                copy
+            let hashing = self.hashing.clone();
+            let hashed = tokio::time::timeout(HASH_DEADLINE, async move {
+                let permit = hashing.acquire_owned().await.ok()?;
+                tokio::task::spawn_blocking(move || {
+                    policy::Identity::exe_sha256(&mut copy);
+                    drop(permit);
+                    copy
+                })
+                .await
+                .ok()
             })
-            .await
-            {
-                *guard = done;
+            .await;
+            match hashed {
+                Ok(Some(done)) => *guard = done,
+                _ => {
+                    tracing::warn!(actor = %guard.actor(), "gave up hashing the peer's executable");
+                    guard.give_up_hash();
+                }
             }
         }
         guard.clone()

@@ -17,6 +17,10 @@ use crate::policy::Identity;
 /// Entries kept in the executable hash cache.
 const HASH_CACHE_ENTRIES: usize = 4096;
 
+/// Largest executable hashed (real ones are far smaller): a bigger one is treated as unknown,
+/// so a peer cannot make the daemon read gigabytes per connection.
+pub const MAX_HASHED_EXE_BYTES: u64 = 512 << 20;
+
 /// Identifies one version of a file: device, inode, size, and its change time (seconds,
 /// nanoseconds). Not the modification time: any user can set that back after rewriting their
 /// own file; the change time moves with every write and cannot be set.
@@ -115,6 +119,12 @@ impl PeerIdentity {
         identity
     }
 
+    /// Records that the executable's hash could not be had (hashing took too long): exe hash
+    /// policies deny this peer.
+    pub fn give_up_hash(&mut self) {
+        self.hash = Some(None);
+    }
+
     /// Whether the executable hash was already looked at (computed or found unavailable).
     pub fn hash_known(&self) -> bool {
         self.hash.is_some()
@@ -140,7 +150,17 @@ impl PeerIdentity {
         if let Some(h) = self.cache.entries.lock().expect("hash cache").get(&key) {
             return Some(h.clone());
         }
-        let hash = crate::crypto::file_sha256(Path::new(&link)).ok()?;
+        if meta.size() > MAX_HASHED_EXE_BYTES {
+            tracing::warn!(
+                pid,
+                size = meta.size(),
+                "peer executable is too large to hash; it is treated as unknown"
+            );
+            return None;
+        }
+        let file = std::fs::File::open(&link).ok()?;
+        let hash =
+            crate::crypto::reader_sha256(std::io::Read::take(file, MAX_HASHED_EXE_BYTES)).ok()?;
         if start_time(pid) != Some(start) {
             return None;
         }
@@ -193,6 +213,29 @@ mod tests {
         let expected = crate::crypto::file_sha256(&std::env::current_exe().unwrap()).unwrap();
         assert_eq!(id.exe_sha256(), Some(expected));
         assert!(id.actor().contains("exe=/"));
+    }
+
+    #[test]
+    fn an_executable_too_large_to_hash_is_unknown() {
+        // A real program padded (sparsely) past the limit: the ELF loader ignores the tail.
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big-sleep");
+        std::fs::copy("/bin/sleep", &big).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&big).unwrap();
+        file.set_len(MAX_HASHED_EXE_BYTES + 1).unwrap();
+        drop(file);
+        let mut child = std::process::Command::new(&big).arg("30").spawn().unwrap();
+        let peer = Peer {
+            uid: 0,
+            gid: 0,
+            pid: Some(child.id() as i32),
+        };
+        let mut id = PeerIdentity::attest(peer, boot_seconds(), Arc::default());
+        let hash = id.exe_sha256();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(id.exe.as_deref(), Some(big.as_path()));
+        assert_eq!(hash, None);
     }
 
     #[test]

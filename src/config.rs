@@ -174,9 +174,10 @@ pub struct AgentConfig {
     /// Its mode, octal.
     #[serde(deserialize_with = "octal_mode")]
     pub socket_mode: u32,
-    /// The admin socket (always 0600).
+    /// The admin socket (0600; 0666 when `admin_uids` are set, the API checking the uid).
     pub admin_socket: PathBuf,
-    /// Uids allowed on the admin socket besides the daemon's own (root always is).
+    /// Uids allowed on the admin socket besides the daemon's own (root always is); others
+    /// that connect get 403.
     pub admin_uids: Vec<u32>,
     /// Lease length when a request names none.
     #[serde(deserialize_with = "duration")]

@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -195,6 +195,14 @@ pub enum DeliveryError {
          it, since it would add a line of its own"
     )]
     ControlCharacter(String),
+    /// The target's directory could let another user swap the file.
+    #[error("refusing to write into {path}: {why}")]
+    UnsafeDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
     /// The consumer's path ends in no file name.
     #[error("{0} has no file name")]
     NoFileName(PathBuf),
@@ -262,7 +270,13 @@ impl FileConsumer {
         Ok(())
     }
 
+    /// Writes `content` to a new temporary file beside the target and renames it over the
+    /// target, everything relative to the target's directory opened once without following a
+    /// symlink anywhere on its path (`openat2` with `RESOLVE_NO_SYMLINKS`): a directory on the
+    /// path that another user swapped for a symlink cannot redirect the write. The directory
+    /// must not be replaceable by others (see [`unsafe_directory`]).
     fn write_atomically(&self, content: &str) -> Result<(), DeliveryError> {
+        use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
         let dir = self
             .path
             .parent()
@@ -272,28 +286,47 @@ impl FileConsumer {
             .path
             .file_name()
             .ok_or_else(|| DeliveryError::NoFileName(self.path.clone()))?;
-        if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(dir)
-                .map_err(|source| DeliveryError::Io {
-                    what: "create",
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
+        let io = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source: std::io::Error| DeliveryError::Io { what, path, source }
+        };
+        // Missing directories are made 0755 (explicitly: the daemon's umask is 077), so the
+        // program that reads the file can reach it; the file's own mode protects it.
+        let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+        for d in missing.into_iter().rev() {
+            std::fs::create_dir(d)
+                .and_then(|()| std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)))
+                .map_err(io("create", d))?;
         }
-        let tmp = dir.join(format!(
+        let dirfd = rustix::fs::openat2(
+            rustix::fs::CWD,
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS,
+        )
+        .map_err(|e| io("open the directory of", &self.path)(e.into()))?;
+        if let Some(why) = self
+            .unsafe_directory(&rustix::fs::fstat(&dirfd).map_err(|e| io("inspect", dir)(e.into()))?)
+        {
+            return Err(DeliveryError::UnsafeDirectory {
+                path: dir.to_path_buf(),
+                why,
+            });
+        }
+        let tmp = format!(
             ".{}.{}.tmp",
             file_name.to_string_lossy(),
             uuid::Uuid::new_v4().simple()
-        ));
+        );
         let result = (|| -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
+            let fd = rustix::fs::openat(
+                &dirfd,
+                tmp.as_str(),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )?;
+            let mut f = std::fs::File::from(fd);
             f.write_all(content.as_bytes())?;
             if self.owner.is_some() || self.group.is_some() {
                 rustix::fs::fchown(
@@ -302,19 +335,41 @@ impl FileConsumer {
                     self.group.map(rustix::fs::Gid::from_raw),
                 )?;
             }
-            f.set_permissions(std::fs::Permissions::from_mode(self.mode))?;
+            rustix::fs::fchmod(&f, Mode::from_raw_mode(self.mode))?;
             f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
-            std::fs::File::open(dir)?.sync_all()
+            rustix::fs::renameat(&dirfd, tmp.as_str(), &dirfd, file_name)?;
+            Ok(rustix::fs::fsync(&dirfd)?)
         })();
         result.map_err(|source| {
-            let _ = std::fs::remove_file(&tmp);
-            DeliveryError::Io {
-                what: "write",
-                path: self.path.clone(),
-                source,
-            }
+            let _ = rustix::fs::unlinkat(&dirfd, tmp.as_str(), AtFlags::empty());
+            io("write", &self.path)(source)
         })
+    }
+
+    /// Why the target's directory could let another user swap or read what is written: owned
+    /// by someone other than root, this daemon's user or the consumer's `owner`, or writable by
+    /// others (unless sticky), or by a group other than the consumer's `group`.
+    fn unsafe_directory(&self, st: &rustix::fs::Stat) -> Option<String> {
+        let me = rustix::process::geteuid().as_raw();
+        let mode = st.st_mode;
+        if st.st_uid != 0 && st.st_uid != me && Some(st.st_uid) != self.owner {
+            return Some(format!("it is owned by uid {}", st.st_uid));
+        }
+        let sticky = mode & 0o1000 != 0;
+        if mode & 0o002 != 0 && !sticky {
+            return Some(format!(
+                "it is writable by everyone (mode {:o})",
+                mode & 0o7777
+            ));
+        }
+        if mode & 0o020 != 0 && !sticky && Some(st.st_gid) != self.group {
+            return Some(format!(
+                "it is writable by group {} (mode {:o})",
+                st.st_gid,
+                mode & 0o7777
+            ));
+        }
+        None
     }
 
     async fn run_after(&self, d: &Delivery<'_>) -> Result<(), DeliveryError> {
@@ -422,6 +477,67 @@ mod tests {
 
     // `after` commands run through the launcher of the `keywarden` binary, so they are tested
     // end to end in tests/sandbox.rs.
+    fn consumer_at(path: PathBuf) -> FileConsumer {
+        FileConsumer {
+            path,
+            mode: 0o600,
+            owner: None,
+            group: None,
+            template: Template::value_only(),
+            after: Vec::new(),
+            after_timeout: Duration::from_secs(10),
+            after_confinement: Confinement::default(),
+        }
+    }
+
+    async fn deliver_v1(c: &FileConsumer) -> Result<(), DeliveryError> {
+        let value = SecretValue::new("sk-consumer-value".into());
+        c.deliver(&Delivery {
+            secret: "s",
+            version: 1,
+            value: &value,
+            meta: &Meta::new(),
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_symlinked_directory_on_the_path_does_not_redirect_the_write() {
+        // Someone who could write above the target replaced a directory with a symlink to a
+        // place of their choosing: the write must not land there.
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("app")).unwrap();
+        let c = consumer_at(dir.path().join("app/config/token"));
+        std::fs::create_dir(elsewhere.join("config")).unwrap();
+        let err = deliver_v1(&c).await.unwrap_err().to_string();
+        assert!(err.contains("open the directory of"), "{err}");
+        assert!(!elsewhere.join("config/token").exists());
+        assert_eq!(
+            std::fs::read_dir(elsewhere.join("config")).unwrap().count(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_directory_others_may_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = deliver_v1(&consumer_at(shared.join("token")))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("writable by everyone"), "{err}");
+        // Sticky (like /tmp): others cannot replace what they do not own.
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        deliver_v1(&consumer_at(shared.join("token")))
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn file_consumer_writes_atomically_with_mode() {
         let dir = tempfile::tempdir().unwrap();

@@ -173,35 +173,70 @@ impl Running {
     }
 }
 
-/// Values recently sent to or received from plugins, for scrubbing their stderr and messages.
+/// Values sent to or received from plugins, for scrubbing their stderr and messages. Bounded by
+/// bytes, not by count: a daemon with thousands of secrets still scrubs a value a plugin was
+/// handed long ago (only the oldest go once [`REDACT_BUDGET_BYTES`] is reached).
 #[derive(Debug, Default)]
 pub struct Redactor {
-    values: Mutex<std::collections::VecDeque<Zeroizing<String>>>,
+    values: Mutex<Remembered>,
 }
 
-const REDACT_KEEP: usize = 512;
+#[derive(Debug, Default)]
+struct Remembered {
+    order: std::collections::VecDeque<Zeroizing<String>>,
+    /// SHA-256s of what `order` holds, to find a repeat without a scan.
+    seen: std::collections::HashSet<[u8; 32]>,
+    bytes: usize,
+}
+
+/// Bytes of values the redactor keeps.
+const REDACT_BUDGET_BYTES: usize = 16 << 20;
 
 impl Redactor {
-    /// Remembers a value to scrub (values shorter than 4 bytes are not worth it).
+    /// Remembers a value to scrub (values shorter than 4 bytes are not worth it). Stderr is
+    /// logged in pieces of at most [`MAX_STDERR_LINE`] bytes, so a longer value could never
+    /// match whole: its lines and 1 KiB pieces are remembered instead.
     pub fn remember(&self, value: &str) {
+        if value.len() <= MAX_STDERR_LINE {
+            self.remember_one(value);
+            return;
+        }
+        for line in value.lines() {
+            if line.len() <= MAX_STDERR_LINE {
+                self.remember_one(line);
+                continue;
+            }
+            let bytes = line.as_bytes();
+            for piece in bytes.chunks(1024) {
+                self.remember_one(&String::from_utf8_lossy(piece));
+            }
+        }
+    }
+
+    fn remember_one(&self, value: &str) {
         if value.len() < 4 {
             return;
         }
-        let mut values = self.values.lock().expect("redactor lock");
-        if values.iter().any(|v| v.as_str() == value) {
+        let mut r = self.values.lock().expect("redactor lock");
+        if !r.seen.insert(crypto::sha256(value.as_bytes())) {
             return;
         }
-        if values.len() >= REDACT_KEEP {
-            values.pop_front();
+        while r.bytes + value.len() > REDACT_BUDGET_BYTES {
+            let Some(old) = r.order.pop_front() else {
+                break;
+            };
+            r.bytes -= old.len();
+            r.seen.remove(&crypto::sha256(old.as_bytes()));
         }
-        values.push_back(Zeroizing::new(value.to_string()));
+        r.bytes += value.len();
+        r.order.push_back(Zeroizing::new(value.to_string()));
     }
 
     /// `text` with every remembered value replaced by `[redacted]`.
     pub fn scrub(&self, text: &str) -> String {
-        let values = self.values.lock().expect("redactor lock");
+        let r = self.values.lock().expect("redactor lock");
         let mut out = text.to_string();
-        for v in values.iter() {
+        for v in r.order.iter() {
             if out.contains(v.as_str()) {
                 out = out.replace(v.as_str(), "[redacted]");
             }
@@ -325,6 +360,14 @@ impl PluginHost {
         };
         if let Some(why) = replaceable_by_others(path) {
             return Err(spawn_error(why));
+        }
+        if let Some(interpreter) = interpreter_of(path) {
+            if let Some(why) = replaceable_by_others(&interpreter) {
+                return Err(spawn_error(format!(
+                    "its interpreter {}: {why}",
+                    interpreter.display()
+                )));
+            }
         }
         let actual = crypto::file_sha256(path).map_err(|e| spawn_error(e.to_string()))?;
         if !actual.eq_ignore_ascii_case(&self.spec.sha256) {
@@ -655,6 +698,16 @@ async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Option<Vec
     Ok(Some(line))
 }
 
+/// The interpreter a script names on its `#!` line, if it is one.
+fn interpreter_of(path: &Path) -> Option<PathBuf> {
+    let mut head = [0u8; 256];
+    let n = std::io::Read::read(&mut std::fs::File::open(path).ok()?, &mut head).ok()?;
+    let line = head[..n].strip_prefix(b"#!")?;
+    let line = &line[..line.iter().position(|b| *b == b'\n').unwrap_or(line.len())];
+    let text = std::str::from_utf8(line).ok()?.trim();
+    text.split_whitespace().next().map(PathBuf::from)
+}
+
 /// Why another user could change what runs as this plugin: the file, or a directory above it
 /// (before or after following symlinks), is owned by someone other than root or this process's
 /// user, or writable by group or others (a sticky directory such as /tmp is fine: others cannot
@@ -817,6 +870,29 @@ mod tests {
         assert_eq!(
             r.scrub("got sk-very-secret-1 and abc"),
             "got [redacted] and abc"
+        );
+    }
+
+    #[test]
+    fn the_redactor_forgets_no_value_of_a_large_daemon() {
+        // 5,000 secrets' values (the old redactor kept only the last 512).
+        let r = Redactor::default();
+        let values: Vec<String> = (0..5000).map(|i| format!("sk-value-{i:06}-xyz")).collect();
+        for v in &values {
+            r.remember(v);
+        }
+        assert_eq!(r.scrub(&format!("leak {}", values[0])), "leak [redacted]");
+        // A value longer than a stderr piece is scrubbed piece by piece.
+        let pem = format!(
+            "-----BEGIN KEY-----\n{}\n-----END KEY-----",
+            "A".repeat(5000)
+        );
+        r.remember(&pem);
+        let piece = &pem[100..2100];
+        assert!(
+            !r.scrub(piece).contains(&"A".repeat(1024)),
+            "{}",
+            r.scrub(piece)
         );
     }
 

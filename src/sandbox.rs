@@ -219,7 +219,11 @@ impl SandboxConfig {
 
     /// Makes relative paths absolute against `base` (the config file's directory).
     pub fn resolve_paths(&mut self, base: &Path) {
-        for p in self.read_paths.iter_mut().chain(self.write_paths.iter_mut()) {
+        for p in self
+            .read_paths
+            .iter_mut()
+            .chain(self.write_paths.iter_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -448,10 +452,7 @@ fn close_inherited_fds() -> Result<(), SandboxError> {
 }
 
 /// Applies the Landlock ruleset; refuses to go on when the kernel enforces none of it.
-fn restrict_paths(
-    c: &Confinement,
-    pinned: Option<&std::fs::File>,
-) -> Result<(), SandboxError> {
+fn restrict_paths(c: &Confinement, pinned: Option<&std::fs::File>) -> Result<(), SandboxError> {
     let landlock = |e: landlock::RulesetError| SandboxError::Landlock(e.to_string());
     let existing = |paths: &[&str]| -> Vec<PathBuf> {
         paths

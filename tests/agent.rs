@@ -165,8 +165,8 @@ fn a_peer_with_another_uid_is_denied_with_403_and_an_audit_row() {
     assert_eq!(curl(&sock, "GET", "/v1/secrets/app/token", &[]).0, 200);
     let out = Command::new("setpriv")
         .args([
-            "--reuid=65534",
-            "--regid=65534",
+            "--reuid=65533",
+            "--regid=65533",
             "--clear-groups",
             "/usr/bin/curl",
             "-s",
@@ -189,7 +189,7 @@ fn a_peer_with_another_uid_is_denied_with_403_and_an_audit_row() {
             .unwrap()
             .iter()
             .any(|r| r["action"] == "fetch.denied"
-                && r["actor"].as_str().unwrap().contains("uid=65534")),
+                && r["actor"].as_str().unwrap().contains("uid=65533")),
         "{audit}"
     );
 }

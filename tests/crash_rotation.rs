@@ -278,7 +278,9 @@ path = "out/b"
     env.ok(&["audit", "verify"], None);
 }
 
-/// The plugin processes whose working directory is under the environment's directory.
+/// The plugin processes whose working directory is under the environment's directory (a
+/// script runs as `python3 /proc/self/fd/N --keywarden-plugin=1`: its interpreter reads it from
+/// the descriptor the launcher hashed).
 fn plugin_processes(env: &Env) -> Vec<u32> {
     let dir = env.dir.path().canonicalize().unwrap();
     std::fs::read_dir("/proc")
@@ -286,7 +288,7 @@ fn plugin_processes(env: &Env) -> Vec<u32> {
         .filter_map(|e| e.ok())
         .filter(|e| {
             let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            common::contains(&cmdline, b"example-plugin.py")
+            common::contains(&cmdline, b"--keywarden-plugin=1")
                 && std::fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(&dir))
         })
         .filter_map(|e| e.file_name().to_str()?.parse().ok())

@@ -308,10 +308,7 @@ fn a_plugin_whose_hash_does_not_match_its_pin_is_refused() {
         "{err}"
     );
     assert!(err.contains("refusing to run it"), "{err}");
-    assert!(
-        !env.upstream_db().exists(),
-        "the plugin never ran"
-    );
+    assert!(!env.upstream_db().exists(), "the plugin never ran");
 }
 
 #[test]
@@ -366,6 +363,38 @@ fn a_plugin_another_user_could_replace_is_refused_and_a_bare_command_name_too() 
     let err = env.fails(1, &["status"], None);
     assert!(
         err.contains("plugins.\"example\".command") && err.contains("not \"python3\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_script_whose_interpreter_another_user_could_replace_is_refused() {
+    // The pin covers the script; its `#!` interpreter sits in a directory others may write to,
+    // so what runs the pinned script could be swapped.
+    let env = Env::new();
+    let shared = env.dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::copy("/bin/sh", shared.join("sh")).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let plugin = env.dir.path().join("plugin.sh");
+    std::fs::write(&plugin, format!("#!{}/sh\nexit 0\n", shared.display())).unwrap();
+    std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        format!(
+            "{base}\n{}\n[plugins.shell]\ncommand = [{:?}]\nsha256 = \"{}\"\n",
+            common::daemon::base_config("2s"),
+            plugin.display().to_string(),
+            common::daemon::sha256_of(&plugin)
+        ),
+    )
+    .unwrap();
+    let (code, err) = env.serve_fails();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("its interpreter")
+            && err.contains(&format!("{} is writable by other users", shared.display())),
         "{err}"
     );
 }

@@ -37,7 +37,10 @@ fn assert_all_denied(report: &Value, min_attacks: usize) -> BTreeMap<String, Str
             assert_eq!(outcome, "allowed", "{name}: {report:#}");
         } else {
             attacks += 1;
-            assert!(outcome.starts_with("denied"), "{name} was allowed: {report:#}");
+            assert!(
+                outcome.starts_with("denied"),
+                "{name} was allowed: {report:#}"
+            );
             assert!(
                 !outcome.contains("FileNotFoundError"),
                 "{name} proves nothing (no such file): {report:#}"
@@ -81,12 +84,16 @@ fn a_hostile_plugin_can_take_nothing_from_the_daemon() {
     let base = std::fs::read_to_string(&env.config).unwrap();
     std::fs::write(&env.config, format!("{base}\n{config}")).unwrap();
     let daemon = env.start_daemon();
-    let line = wait_for("the hostile plugin's report", Duration::from_secs(20), || {
-        daemon
-            .log_text()
-            .lines()
-            .find_map(|l| l.split_once("HOSTILE-REPORT ").map(|(_, r)| r.to_string()))
-    });
+    let line = wait_for(
+        "the hostile plugin's report",
+        Duration::from_secs(20),
+        || {
+            daemon
+                .log_text()
+                .lines()
+                .find_map(|l| l.split_once("HOSTILE-REPORT ").map(|(_, r)| r.to_string()))
+        },
+    );
     // The log line goes on after the JSON (` plugin=hostile`).
     let report: Value = serde_json::from_str(&line[..=line.rfind('}').unwrap()]).unwrap();
     assert!(store_wal.exists(), "the WAL was there to steal");
@@ -188,7 +195,10 @@ fn a_pinned_program_replaced_after_the_check_is_not_executed() {
     assert_eq!(out.status.code(), Some(126));
     assert!(out.stdout.is_empty(), "nothing ran");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("keywarden-sandbox:") && err.contains("pins"), "{err}");
+    assert!(
+        err.contains("keywarden-sandbox:") && err.contains("pins"),
+        "{err}"
+    );
 
     let out = run(launch(sha256_of(&script)));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "swapped\n");
@@ -210,7 +220,15 @@ fn the_agent_socket_refuses_the_plugins_user() {
     let daemon = env.start_daemon();
     let fetch_as = |uid: &str| {
         let out = Command::new("setpriv")
-            .args(["--reuid", uid, "--regid", uid, "--clear-groups", "curl", "-s"])
+            .args([
+                "--reuid",
+                uid,
+                "--regid",
+                uid,
+                "--clear-groups",
+                "curl",
+                "-s",
+            ])
             .args(["-w", "\n%{http_code}", "--unix-socket"])
             .arg(env.agent_socket())
             .arg("http://localhost/v1/secrets/demo/key")
@@ -233,7 +251,8 @@ fn the_agent_socket_refuses_the_plugins_user() {
 #[test]
 fn after_commands_run_confined_and_report_failures_without_the_value() {
     let env = Env::new();
-    let out_dir = env.dir.path().join("out");
+    // Where the `after` command (the plugin user, under root) may write: its sandbox grants it.
+    let out_dir = env.dir.path().join("marks");
     std::fs::create_dir(&out_dir).unwrap();
     std::fs::set_permissions(&out_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     let marker = out_dir.join("marker");
@@ -312,4 +331,40 @@ after_timeout = "300ms"
 
     let slow = error_of("demo/slow");
     assert!(slow.contains("was killed"), "{slow}");
+}
+
+#[test]
+fn admin_uids_can_reach_the_admin_socket_and_other_uids_are_refused() {
+    if !is_root() {
+        eprintln!("skipped: needs root to connect as other users");
+        return;
+    }
+    let env = Env::with_config(
+        &base_config("3s").replace("[agent]\n", "[agent]\nadmin_uids = [65533]\n"),
+    );
+    env.ok(&["init"], None);
+    let daemon = env.start_daemon();
+    let status_as = |uid: &str| {
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid",
+                uid,
+                "--regid",
+                uid,
+                "--clear-groups",
+                "curl",
+                "-s",
+            ])
+            .args(["-w", "\n%{http_code}", "--unix-socket"])
+            .arg(env.admin_socket())
+            .arg("http://localhost/v1/admin/status")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let admin = status_as("65533");
+    assert!(admin.ends_with("200"), "{admin}");
+    let other = status_as("65532");
+    assert!(other.ends_with("403"), "{other}");
+    drop(daemon);
 }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -90,7 +91,7 @@ fn fetch(bin: &Path, sock: &Path, name: &str) -> serde_json::Value {
 }
 
 fn alerts(env: &Env) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(env.dir.path().join("alerts.jsonl"))
+    std::fs::read_to_string(env.dir.path().join("alerts/alerts.jsonl"))
         .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -100,7 +101,11 @@ fn alerts(env: &Env) -> Vec<serde_json::Value> {
 fn setup() -> (Env, u16, common::daemon::Daemon) {
     let port = free_port();
     let env = env_with_plugin("");
-    let alerts = env.dir.path().join("alerts.jsonl");
+    // The alert command runs confined: it may write only what its sandbox grants.
+    let alerts_dir = env.dir.path().join("alerts");
+    std::fs::create_dir(&alerts_dir).unwrap();
+    std::fs::set_permissions(&alerts_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let alerts = alerts_dir.join("alerts.jsonl");
     let config = format!(
         r#"
 [signals]
@@ -111,6 +116,7 @@ on_leak = "compromise"
 on_canary = "alert"
 on_anomaly = "alert"
 alert_command = ["sh", "-c", "cat >> {alerts}; echo >> {alerts}"]
+alert_sandbox = {{ write_paths = [{alerts_dir:?}] }}
 
 [secrets."signals/key"]
 provider = "manual"
@@ -130,7 +136,8 @@ name = "curl"
 exe = ["/usr/bin/curl"]
 secrets = ["app/*", "trap/*"]
 "#,
-        alerts = alerts.display()
+        alerts = alerts.display(),
+        alerts_dir = alerts_dir.display().to_string(),
     );
     let base = std::fs::read_to_string(&env.config).unwrap();
     std::fs::write(&env.config, format!("{base}\n{config}")).unwrap();

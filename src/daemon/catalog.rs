@@ -35,7 +35,12 @@ pub fn work_dir(config: &Config, store_path: &Path) -> PathBuf {
 pub fn confined_uids(config: &Config) -> HashSet<u32> {
     let me = rustix::process::getuid().as_raw();
     let sandboxes = (config.plugins.values().map(|p| (&p.sandbox, Role::Plugin)))
-        .chain(config.consumers.values().map(|c| (&c.after_sandbox, Role::Command)))
+        .chain(
+            config
+                .consumers
+                .values()
+                .map(|c| (&c.after_sandbox, Role::Command)),
+        )
         .chain([(&config.signals.alert_sandbox, Role::Command)]);
     sandboxes
         .filter_map(|(sandbox, role)| sandbox.resolve(&config.daemon.plugin_user, role).ok())

@@ -26,8 +26,8 @@ use crate::incident::alerts::Alerts;
 use crate::incident::signals::{SignalApi, Signals, SignalsSettings};
 use crate::plugin_host::PluginError;
 use crate::policy::Policy;
-use crate::services::Services;
 use crate::sandbox::Role;
+use crate::services::Services;
 use crate::store::StoreError;
 use crate::vault::Vault;
 
@@ -96,10 +96,17 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     // Sockets first, so a conflict with another daemon fails before any work is done. The
     // agent socket before the admin one: a directory it creates is 0755 so agents can reach
-    // it; the admin socket's own mode (0600) protects it even in a shared directory.
+    // it; the admin socket's own mode (0600 unless admin_uids are set) protects it even in a
+    // shared directory.
     let agent = &config.agent;
     let agent_listener = http::bind_socket(&agent.socket, agent.socket_mode, 0o755)?;
-    let admin_listener = http::bind_socket(&agent.admin_socket, 0o600, 0o700)?;
+    // With admin_uids the socket must be reachable by them: the API's uid check is the gate.
+    let (admin_mode, admin_dir_mode) = if agent.admin_uids.is_empty() {
+        (0o600, 0o700)
+    } else {
+        (0o666, 0o711)
+    };
+    let admin_listener = http::bind_socket(&agent.admin_socket, admin_mode, admin_dir_mode)?;
     let remove_sockets = || {
         let _ = std::fs::remove_file(&agent.admin_socket);
         let _ = std::fs::remove_file(&agent.socket);

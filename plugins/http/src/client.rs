@@ -1,9 +1,12 @@
-//! Making one templated request safely: only to allowed hosts, over verified TLS (plain HTTP
-//! only when allowed), no redirects, a timeout, a cap on the response size. Requests, headers
+//! Making one templated request safely: only to allowed hosts, only to public addresses (no
+//! loopback, private, link-local such as a cloud metadata service, unless allowed), over
+//! verified TLS (plain HTTP only when allowed), no redirects, a timeout, a cap on the response
+//! size. Requests, headers
 //! and bodies are never logged: they carry secrets.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keywarden_plugin_sdk::ErrReply;
@@ -21,10 +24,68 @@ pub struct Answer {
     pub nothing_to_read: bool,
 }
 
-/// HTTP clients, one per (CA file, timeout).
+/// What makes two clients differ: CA file, timeout, private addresses allowed.
+type ClientKey = (Option<String>, u64, bool);
+
+/// HTTP clients, one per [`ClientKey`].
 #[derive(Debug, Default)]
 pub struct Http {
-    clients: Mutex<HashMap<(Option<String>, u64), reqwest::Client>>,
+    clients: Mutex<HashMap<ClientKey, reqwest::Client>>,
+}
+
+/// Whether `ip` is a public unicast address: not loopback, private (RFC 1918, unique local),
+/// link-local (169.254.0.0/16 holds cloud metadata services), shared (100.64.0.0/10),
+/// unspecified, broadcast, multicast or documentation.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || a >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || first == 0x2001 && v6.segments()[1] == 0x0db8)
+        }
+    }
+}
+
+/// A resolver that drops every address that is not public, and fails when none is left.
+#[derive(Debug)]
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let public: Vec<SocketAddr> = all.into_iter().filter(|a| is_public(a.ip())).collect();
+            if public.is_empty() {
+                return Err(format!(
+                    "{host} resolves to no public address (loopback, private or link-local \
+                     addresses are refused unless allow_private_addresses = true)"
+                )
+                .into());
+            }
+            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
 }
 
 fn fatal(message: impl Into<String>) -> ErrReply {
@@ -37,6 +98,7 @@ pub fn checked_url(
     text: &str,
     allowed_hosts: &[String],
     allow_http: bool,
+    allow_private: bool,
     what: &str,
 ) -> Result<reqwest::Url, ErrReply> {
     let url = reqwest::Url::parse(text).map_err(|e| fatal(format!("{what}: bad URL: {e}")))?;
@@ -44,6 +106,17 @@ pub fn checked_url(
     if !allowed_hosts.iter().any(|h| h.eq_ignore_ascii_case(&host)) {
         return Err(fatal(format!(
             "{what}: host {host:?} is not in allowed_hosts"
+        )));
+    }
+    let literal = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .ok();
+    if let Some(ip) = literal.filter(|ip| !allow_private && !is_public(*ip)) {
+        return Err(fatal(format!(
+            "{what}: {ip} is not a public address (loopback, private and link-local addresses \
+             are refused unless allow_private_addresses = true)"
         )));
     }
     match url.scheme() {
@@ -56,13 +129,15 @@ pub fn checked_url(
 }
 
 impl Http {
-    /// A client with no redirects, the timeout and the extra CA of these settings.
+    /// A client with no redirects, the timeout and the extra CA of these settings, that
+    /// connects only to public addresses unless `allow_private`.
     pub fn client(
         &self,
         ca_file: Option<&str>,
         timeout_seconds: u64,
+        allow_private: bool,
     ) -> Result<reqwest::Client, ErrReply> {
-        let key = (ca_file.map(str::to_string), timeout_seconds);
+        let key = (ca_file.map(str::to_string), timeout_seconds, allow_private);
         if let Some(c) = self.clients.lock().expect("client lock").get(&key) {
             return Ok(c.clone());
         }
@@ -71,6 +146,9 @@ impl Http {
             .timeout(Duration::from_secs(timeout_seconds))
             .connect_timeout(Duration::from_secs(timeout_seconds.min(10)))
             .no_proxy();
+        if !allow_private {
+            builder = builder.dns_resolver(Arc::new(PublicOnly));
+        }
         if let Some(path) = ca_file {
             let pem = std::fs::read(path)
                 .map_err(|e| fatal(format!("cannot read ca_file {path}: {e}")))?;
@@ -101,12 +179,17 @@ impl Http {
             &url_text,
             &settings.allowed_hosts,
             settings.allow_http,
+            settings.allow_private_addresses,
             what,
         )?;
         let host = url.host_str().unwrap_or_default().to_string();
         let method = reqwest::Method::from_bytes(spec.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| fatal(format!("{what}: bad method {:?}", spec.method)))?;
-        let client = self.client(settings.ca_file.as_deref(), settings.timeout_seconds)?;
+        let client = self.client(
+            settings.ca_file.as_deref(),
+            settings.timeout_seconds,
+            settings.allow_private_addresses,
+        )?;
         // What we say about the request in errors: method, host and path, never the query.
         let label = format!("{what}: {method} {host}{}", url.path());
         let mut request = client.request(method, url);

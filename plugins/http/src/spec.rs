@@ -80,6 +80,9 @@ pub struct Settings {
     /// Allow plain `http://` URLs (tests, loopback services).
     #[serde(default)]
     pub allow_http: bool,
+    /// Allow loopback, private and link-local addresses (a provider on the local network).
+    #[serde(default)]
+    pub allow_private_addresses: bool,
     /// A PEM file of extra trusted CA certificates.
     pub ca_file: Option<String>,
     /// Per-request timeout in seconds.

@@ -3,7 +3,7 @@
 //! acknowledgement. Failures are retried with backoff, then reported as retryable so keywarden
 //! retries the delivery later. The value itself is sent only when `include_value = true`.
 //!
-//! Settings: `url`, `allowed_hosts`, `allow_http`, `include_value`, `ca_file`,
+//! Settings: `url`, `allowed_hosts`, `allow_http`, `allow_private_addresses`, `include_value`, `ca_file`,
 //! `timeout_seconds`, `retries`. Credentials: `hmac`, the signing key.
 
 use std::time::Duration;
@@ -21,6 +21,8 @@ struct WebhookSettings {
     allowed_hosts: Vec<String>,
     #[serde(default)]
     allow_http: bool,
+    #[serde(default)]
+    allow_private_addresses: bool,
     #[serde(default)]
     include_value: bool,
     ca_file: Option<String>,
@@ -57,6 +59,7 @@ pub async fn push(http: &Http, request: &Request) -> Result<OkReply, ErrReply> {
         &settings.url,
         &settings.allowed_hosts,
         settings.allow_http,
+        settings.allow_private_addresses,
         "webhook",
     )?;
     let meta = request.meta.clone().unwrap_or_default();
@@ -82,7 +85,11 @@ pub async fn push(http: &Http, request: &Request) -> Result<OkReply, ErrReply> {
     };
     let body = serde_json::to_vec(&body).expect("JSON serializes");
     let signature = signature(key.value.expose().as_bytes(), &body);
-    let client = http.client(settings.ca_file.as_deref(), settings.timeout_seconds)?;
+    let client = http.client(
+        settings.ca_file.as_deref(),
+        settings.timeout_seconds,
+        settings.allow_private_addresses,
+    )?;
     let host = url.host_str().unwrap_or_default().to_string();
     let mut last = String::new();
     for attempt in 0..settings.retries.max(1) {

@@ -87,7 +87,7 @@ fn rotate(env: &Env, name: &str) -> (Option<i32>, Value) {
 
 fn settings(preset: &str, port: u16, extra: &str) -> String {
     format!(
-        "settings = {{ preset = \"{preset}\", base_url = \"http://127.0.0.1:{port}\", allowed_hosts = [\"127.0.0.1\"], allow_http = true{extra} }}"
+        "settings = {{ preset = \"{preset}\", base_url = \"http://127.0.0.1:{port}\", allowed_hosts = [\"127.0.0.1\"], allow_private_addresses = true, allow_http = true{extra} }}"
     )
 }
 
@@ -511,7 +511,7 @@ fn webhook_deliveries_are_signed_and_retried_on_500() {
     let env = env_with(&format!(
         "[secrets.\"hooks/key\"]\nprovider = \"manual\"\n\n[secrets.\"app/token\"]\nprovider = \"random\"\nconsumers = [\"notify\"]\n\n\
          [consumers.notify]\nkind = \"webhook\"\ncredentials = {{ hmac = \"hooks/key\" }}\n\
-         settings = {{ url = \"http://127.0.0.1:{port}/hooks/keywarden\", allowed_hosts = [\"127.0.0.1\"], allow_http = true }}\n"
+         settings = {{ url = \"http://127.0.0.1:{port}/hooks/keywarden\", allowed_hosts = [\"127.0.0.1\"], allow_private_addresses = true, allow_http = true }}\n"
     ));
     env.put("hooks/key", "hook-key");
     let (code, result) = rotate(&env, "app/token");
@@ -533,4 +533,41 @@ fn webhook_deliveries_are_signed_and_retried_on_500() {
         body.get("value").is_none(),
         "values are not sent unless include_value"
     );
+}
+
+// ---- Private addresses ------------------------------------------------------------------------
+
+#[test]
+fn a_request_to_a_private_or_loopback_address_is_refused_unless_allowed() {
+    // A cloud metadata service or an admin port on loopback, reached through an allowed host
+    // name or a provider-controlled base URL: nothing is sent unless the secret allows it.
+    let hits = Arc::new(Mutex::new(0));
+    let counter = hits.clone();
+    let port = serve(Arc::new(move |_req: &Seen| {
+        *counter.lock().unwrap() += 1;
+        (200, json!({ "id": "x" }))
+    }));
+    let verify = |host: &str| {
+        format!(
+            "settings = {{ preset = \"bearer-token\", base_url = \"http://{host}:{port}\", allowed_hosts = [\"{host}\"], allow_http = true, \
+             verify = {{ method = \"GET\", url = \"http://{host}:{port}/whoami\" }} }}"
+        )
+    };
+    let env = env_with(&format!(
+        "[secrets.\"svc/admin\"]\nprovider = \"manual\"\n\n\
+         [secrets.\"svc/literal\"]\nprovider = \"http\"\ncredentials = {{ admin = \"svc/admin\" }}\nmax_attempts = 1\n{}\n\n\
+         [secrets.\"svc/named\"]\nprovider = \"http\"\ncredentials = {{ admin = \"svc/admin\" }}\nmax_attempts = 1\n{}\n",
+        verify("127.0.0.1"),
+        verify("localhost"),
+    ));
+    env.put("svc/admin", "admin-token");
+    for (name, says) in [
+        ("svc/literal", "127.0.0.1 is not a public address"),
+        ("svc/named", "resolves to no public address"),
+    ] {
+        let (code, result) = rotate(&env, name);
+        assert_eq!(code, Some(1), "{result}");
+        assert!(result.to_string().contains(says), "{name}: {result}");
+    }
+    assert_eq!(*hits.lock().unwrap(), 0, "no request reached the server");
 }

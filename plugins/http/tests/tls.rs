@@ -139,13 +139,16 @@ fn env_for(port: u16, ca_file: Option<&Path>, granted: bool) -> Env {
         .map(|p| format!(", ca_file = {:?}", p.display().to_string()))
         .unwrap_or_default();
     let sandbox = match ca_file.filter(|_| granted) {
-        Some(p) => format!("sandbox = {{ read_paths = [{:?}] }}\n", p.display().to_string()),
+        Some(p) => format!(
+            "sandbox = {{ read_paths = [{:?}] }}\n",
+            p.display().to_string()
+        ),
         None => String::new(),
     };
     let config = format!(
         "{}\n[plugins.http]\ncommand = [{:?}]\nsha256 = \"{}\"\n{sandbox}\n[secrets.\"svc/admin\"]\nprovider = \"manual\"\n\n\
          [secrets.\"svc/tls\"]\nprovider = \"http\"\ncredentials = {{ admin = \"svc/admin\" }}\nmax_attempts = 2\n\
-         settings = {{ preset = \"bearer-token\", base_url = \"https://127.0.0.1:{port}\", allowed_hosts = [\"127.0.0.1\"]{ca}, verify = {{ method = \"GET\", url = \"https://127.0.0.1:{port}/api/whoami\" }} }}\n",
+         settings = {{ preset = \"bearer-token\", base_url = \"https://127.0.0.1:{port}\", allowed_hosts = [\"127.0.0.1\"], allow_private_addresses = true{ca}, verify = {{ method = \"GET\", url = \"https://127.0.0.1:{port}/api/whoami\" }} }}\n",
         base_config("5s"),
         bin.display().to_string(),
         sha256_of(bin)
