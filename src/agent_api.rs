@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
-use keywarden_plugin_sdk::{Op, Request as PluginRequest};
+use keywarden_plugin_sdk::{Credential, Op, Request as PluginRequest, Secret};
 use serde_json::json;
 use tokio::sync::{broadcast, watch};
 use zeroize::Zeroizing;
@@ -34,9 +34,9 @@ use crate::leases::LeaseError;
 use crate::plugin_host::PluginHost;
 use crate::policy::{self, Policy};
 use crate::provider::Provider;
-use crate::rotation::catalog::SecretSpec;
+use crate::rotation::catalog::{Catalog, SecretSpec};
 use crate::services::Services;
-use crate::store::{AlertKind, LeaseRow, UpstreamState};
+use crate::store::{AlertKind, LeaseRow, SecretRecord, UpstreamState};
 use crate::value::SecretValue;
 use crate::vault::{Bound, VaultError, short_fingerprint};
 
@@ -174,6 +174,199 @@ struct Served {
     /// An issued credential, sealed to its lease (kept to revoke it when the lease ends).
     sealed: Option<Vec<u8>>,
     fingerprint: String,
+}
+
+/// The secret's plugin, when each fetch of it mints a credential for its lease (the kind can
+/// `issue` and cannot `create`).
+fn issuer<'a>(catalog: &'a Catalog, name: &str) -> Option<Issuer<'a>> {
+    let spec = catalog.secrets.get(name)?;
+    match catalog.providers.get(&spec.provider)? {
+        Provider::Plugin { host, kind, info }
+            if info.supports(Op::Issue) && !info.supports(Op::Create) =>
+        {
+            Some(Issuer { spec, host, kind })
+        }
+        _ => None,
+    }
+}
+
+/// Mints a credential for lease `lease_id` and grants the lease. The issue is journaled before
+/// the plugin is called; if the call fails, or the lease cannot be committed, the credential
+/// is revoked (by value when known, else by lease id) and the journal entry ended. An entry
+/// whose revocation fails too stays, and the next start revokes it.
+async fn issue_and_grant(
+    services: &Services,
+    who: &PeerIdentity,
+    policy: &str,
+    name: &str,
+    lease_id: &str,
+    ttl: Duration,
+    now: Millis,
+) -> Result<(Zeroizing<Vec<u8>>, String), ApiError> {
+    let store = services.vault.store();
+    let secret = store
+        .secret(name)
+        .await?
+        .ok_or_else(|| VaultError::NoSuchSecret(name.to_string()))?;
+    store.journal_issue(lease_id, &secret.id, name, now).await?;
+    let revoke = |target: Option<Credential>| async move {
+        match services.engine.revoke_issued(name, lease_id, target).await {
+            Ok(()) => {
+                let _ = store.end_issue(lease_id).await;
+            }
+            Err(e) => tracing::error!(
+                secret = %name,
+                lease = %lease_id,
+                error = %e,
+                "could not revoke a credential issued for a lease that was not granted; \
+                 the next start tries again"
+            ),
+        }
+    };
+    let served = match issue(services, &secret, name, lease_id, ttl, now).await {
+        Ok(served) => served,
+        Err(e) => {
+            // The plugin may have issued before failing (a timeout, a crash).
+            revoke(None).await;
+            return Err(e);
+        }
+    };
+    let target = Credential {
+        version: None,
+        value: Secret::new(served.value.expose()),
+        meta: served.meta.clone(),
+    };
+    match grant(services, who, policy, name, lease_id, served, now).await {
+        Ok(granted) => Ok(granted),
+        Err(e) => {
+            revoke(Some(target)).await;
+            Err(e)
+        }
+    }
+}
+
+/// Mints a credential for lease `lease_id` through the secret's plugin, sealed to the lease.
+async fn issue(
+    services: &Services,
+    secret: &SecretRecord,
+    name: &str,
+    lease_id: &str,
+    ttl: Duration,
+    now: Millis,
+) -> Result<Served, ApiError> {
+    let issuer = issuer(&services.catalog, name)
+        .ok_or_else(|| VaultError::NoSuchSecret(name.to_string()))?;
+    let request = services
+        .engine
+        .plugin_request(
+            Op::Issue,
+            issuer.kind,
+            Some(name),
+            &issuer.spec.settings,
+            &issuer.spec.credentials,
+        )
+        .await?;
+    let request = PluginRequest {
+        ttl_seconds: Some(ttl.as_secs()),
+        lease_id: Some(lease_id.to_string()),
+        ..request
+    };
+    let reply = issuer.host.call(request).await?;
+    let value = reply.value.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream",
+            "the plugin issued no value",
+        )
+    })?;
+    let value = SecretValue::new(value.expose().to_string());
+    let lease_end = now + ttl.as_millis() as Millis;
+    let upstream_expiry = reply
+        .expires_at
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.timestamp_millis());
+    let vault = &services.vault;
+    Ok(Served {
+        sealed: Some(vault.seal_bound(secret, Bound::Issued(lease_id), &value)?),
+        fingerprint: short_fingerprint(&vault.fingerprint(value.expose().as_bytes())),
+        secret_id: secret.id.clone(),
+        version: None,
+        value,
+        meta: reply.meta,
+        expires_at: upstream_expiry.map_or(lease_end, |u| u.min(lease_end)),
+    })
+}
+
+/// The secret's current stored version.
+async fn stored(
+    services: &Services,
+    name: &str,
+    ttl: Duration,
+    now: Millis,
+) -> Result<Served, ApiError> {
+    let read = services.vault.read(name, None).await?;
+    Ok(Served {
+        // The stored version carries its fingerprint: no need to compute it again.
+        fingerprint: read.short_fingerprint(),
+        secret_id: read.secret_id,
+        version: Some(read.version),
+        value: read.value,
+        meta: read.meta,
+        expires_at: now + ttl.as_millis() as Millis,
+        sealed: None,
+    })
+}
+
+/// Records the lease and its `fetch.allowed` audit row; returns the reply body and the
+/// secret's id.
+async fn grant(
+    services: &Services,
+    who: &PeerIdentity,
+    policy: &str,
+    name: &str,
+    lease_id: &str,
+    served: Served,
+    now: Millis,
+) -> Result<(Zeroizing<Vec<u8>>, String), ApiError> {
+    let exe = who.exe.as_ref().map(|e| e.display().to_string());
+    let lease = LeaseRow {
+        id: lease_id.to_string(),
+        secret_id: served.secret_id.clone(),
+        secret_name: name.to_string(),
+        version: served.version,
+        issued_meta: served.sealed.as_ref().map(|_| served.meta.clone()),
+        upstream_state: served.sealed.as_ref().map(|_| UpstreamState::Live),
+        issued: served.sealed,
+        uid: who.peer.uid,
+        gid: who.peer.gid,
+        pid: who.peer.pid.unwrap_or(0),
+        exe,
+        created_at: now,
+        expires_at: served.expires_at,
+        ended_at: None,
+    };
+    let audit = AuditEvent::new(who.actor(), "fetch.allowed")
+        .secret(name)
+        .detail(AllowedDetail {
+            policy,
+            version: served.version,
+            lease_id,
+            ttl_seconds: (served.expires_at - now) / 1000,
+            fingerprint: &served.fingerprint,
+            issued: served.version.is_none(),
+        });
+    let reply = FetchReply {
+        name,
+        version: served.version,
+        value: served.value.expose(),
+        meta: &served.meta,
+        lease_id,
+        expires_at: rfc3339(served.expires_at),
+    };
+    let body = Zeroizing::new(serde_json::to_vec(&reply).expect("replies serialize"));
+    services.leases.grant(lease, audit).await?;
+    Ok((body, served.secret_id))
 }
 
 /// An answer with a status and no body.
@@ -363,160 +556,48 @@ impl AgentApi {
         let now = self.services.clock.now();
         // Time-ordered ids keep lease inserts at the end of the index.
         let lease_id = uuid::Uuid::now_v7().to_string();
-        let served = match self.issuer(name) {
-            Some(issuer) => self.issue(issuer, name, &lease_id, ttl, now).await?,
-            None => self.stored(name, ttl, now).await?,
+        let (body, secret_id) = if issuer(&self.services.catalog, name).is_some() {
+            // Minting runs in a task of its own: a client that hangs up mid-request cannot stop
+            // it half way. Its lease is committed (and revoked at its end), or the credential
+            // is revoked at once, whatever the client does.
+            let (services, who, policy) = (self.services.clone(), who.clone(), policy.name.clone());
+            let (name, lease_id) = (name.to_string(), lease_id.clone());
+            tokio::spawn(async move {
+                issue_and_grant(&services, &who, &policy, &name, &lease_id, ttl, now).await
+            })
+            .await
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })??
+        } else {
+            let served = stored(&self.services, name, ttl, now).await?;
+            grant(
+                &self.services,
+                &who,
+                &policy.name,
+                name,
+                &lease_id,
+                served,
+                now,
+            )
+            .await?
         };
-        let body = self
-            .grant(&who, &policy.name, name, &lease_id, served, now)
-            .await?;
+        self.services
+            .metrics
+            .fetch_allowed
+            .fetch_add(1, Ordering::Relaxed);
+        self.note_fetch(
+            &who,
+            name,
+            &secret_id,
+            who.exe.as_ref().map(|e| e.display().to_string()),
+        );
         let mut response = Response::new(Full::new(Bytes::copy_from_slice(&body)));
         response.headers_mut().insert(
             hyper::header::CONTENT_TYPE,
             hyper::header::HeaderValue::from_static("application/json"),
         );
         Ok(response)
-    }
-
-    /// The secret's plugin, when each fetch of it mints a credential for its lease (the kind
-    /// can `issue` and cannot `create`).
-    fn issuer(&self, name: &str) -> Option<Issuer<'_>> {
-        let catalog = &self.services.catalog;
-        let spec = catalog.secrets.get(name)?;
-        match catalog.providers.get(&spec.provider)? {
-            Provider::Plugin { host, kind, info }
-                if info.supports(Op::Issue) && !info.supports(Op::Create) =>
-            {
-                Some(Issuer { spec, host, kind })
-            }
-            _ => None,
-        }
-    }
-
-    /// Mints a credential for lease `lease_id` through the secret's plugin, sealed to the lease.
-    async fn issue(
-        &self,
-        issuer: Issuer<'_>,
-        name: &str,
-        lease_id: &str,
-        ttl: Duration,
-        now: Millis,
-    ) -> Result<Served, ApiError> {
-        let vault = &self.services.vault;
-        let secret = vault
-            .store()
-            .secret(name)
-            .await?
-            .ok_or_else(|| VaultError::NoSuchSecret(name.to_string()))?;
-        let request = self
-            .services
-            .engine
-            .plugin_request(
-                Op::Issue,
-                issuer.kind,
-                Some(name),
-                &issuer.spec.settings,
-                &issuer.spec.credentials,
-            )
-            .await?;
-        let request = PluginRequest {
-            ttl_seconds: Some(ttl.as_secs()),
-            ..request
-        };
-        let reply = issuer.host.call(request).await?;
-        let value = reply.value.ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "upstream",
-                "the plugin issued no value",
-            )
-        })?;
-        let value = SecretValue::new(value.expose().to_string());
-        let lease_end = now + ttl.as_millis() as Millis;
-        let upstream_expiry = reply
-            .expires_at
-            .as_deref()
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-            .map(|t| t.timestamp_millis());
-        Ok(Served {
-            sealed: Some(vault.seal_bound(&secret, Bound::Issued(lease_id), &value)?),
-            fingerprint: short_fingerprint(&vault.fingerprint(value.expose().as_bytes())),
-            secret_id: secret.id,
-            version: None,
-            value,
-            meta: reply.meta,
-            expires_at: upstream_expiry.map_or(lease_end, |u| u.min(lease_end)),
-        })
-    }
-
-    /// The secret's current stored version.
-    async fn stored(&self, name: &str, ttl: Duration, now: Millis) -> Result<Served, ApiError> {
-        let read = self.services.vault.read(name, None).await?;
-        Ok(Served {
-            // The stored version carries its fingerprint: no need to compute it again.
-            fingerprint: read.short_fingerprint(),
-            secret_id: read.secret_id,
-            version: Some(read.version),
-            value: read.value,
-            meta: read.meta,
-            expires_at: now + ttl.as_millis() as Millis,
-            sealed: None,
-        })
-    }
-
-    /// Records the lease and its `fetch.allowed` audit row, and returns the reply body.
-    async fn grant(
-        &self,
-        who: &PeerIdentity,
-        policy: &str,
-        name: &str,
-        lease_id: &str,
-        served: Served,
-        now: Millis,
-    ) -> Result<Zeroizing<Vec<u8>>, ApiError> {
-        let exe = who.exe.as_ref().map(|e| e.display().to_string());
-        let lease = LeaseRow {
-            id: lease_id.to_string(),
-            secret_id: served.secret_id.clone(),
-            secret_name: name.to_string(),
-            version: served.version,
-            issued_meta: served.sealed.as_ref().map(|_| served.meta.clone()),
-            upstream_state: served.sealed.as_ref().map(|_| UpstreamState::Live),
-            issued: served.sealed,
-            uid: who.peer.uid,
-            gid: who.peer.gid,
-            pid: who.peer.pid.unwrap_or(0),
-            exe: exe.clone(),
-            created_at: now,
-            expires_at: served.expires_at,
-            ended_at: None,
-        };
-        let audit = AuditEvent::new(who.actor(), "fetch.allowed")
-            .secret(name)
-            .detail(AllowedDetail {
-                policy,
-                version: served.version,
-                lease_id,
-                ttl_seconds: (served.expires_at - now) / 1000,
-                fingerprint: &served.fingerprint,
-                issued: served.version.is_none(),
-            });
-        let reply = FetchReply {
-            name,
-            version: served.version,
-            value: served.value.expose(),
-            meta: &served.meta,
-            lease_id,
-            expires_at: rfc3339(served.expires_at),
-        };
-        let body = Zeroizing::new(serde_json::to_vec(&reply).expect("replies serialize"));
-        self.services.leases.grant(lease, audit).await?;
-        self.services
-            .metrics
-            .fetch_allowed
-            .fetch_add(1, Ordering::Relaxed);
-        self.note_fetch(who, name, &served.secret_id, exe);
-        Ok(body)
     }
 
     /// Tells the anomaly detector of an allowed fetch; what is news to it is acted on in the

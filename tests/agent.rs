@@ -396,6 +396,107 @@ fn issued_credentials_are_minted_per_fetch_and_revoked_when_their_lease_ends() {
     drop(daemon);
 }
 
+/// An environment with an `app/sts` secret of the example plugin's `example-sts` kind (with
+/// `settings`), the plugin started with `plugin_env`, curl allowed.
+fn sts_env(settings: &str, plugin_env: &str) -> Env {
+    let env = Env::new();
+    let config = format!(
+        "{}\n{}\n[secrets.\"app/sts\"]\nprovider = \"example-sts\"\nsettings = {{ {settings} }}\n\n{}",
+        common::daemon::base_config("5s"),
+        common::daemon::example_plugin_config(env.dir.path(), plugin_env),
+        policy_exe("curl", Path::new("/usr/bin/curl"), "app/*")
+    );
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, format!("{base}\n{config}")).unwrap();
+    env
+}
+
+#[test]
+fn a_client_that_hangs_up_while_its_credential_is_minted_leaves_nothing_live() {
+    // Every plugin op takes 1.5 s; the client gives up after 0.3 s. The credential is minted
+    // anyway: its lease must be granted (and revoked at its end), or the credential revoked.
+    let env = sts_env("", ", EXAMPLE_DELAY_MS = \"1500\"");
+    let daemon = env.start_daemon();
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "0.3", "--unix-socket"])
+        .arg(env.agent_socket())
+        .arg("http://localhost/v1/secrets/app/sts?ttl=1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(28), "curl gave up (timeout)");
+    wait_for(
+        "the credential to be minted",
+        Duration::from_secs(15),
+        || (env.upstream_i64("SELECT count(*) FROM creds WHERE issued = 1") == 1).then_some(()),
+    );
+    wait_for(
+        "the hung-up client's credential to be revoked upstream",
+        Duration::from_secs(20),
+        || {
+            (env.upstream_i64("SELECT count(*) FROM creds WHERE issued = 1 AND status = 'active'")
+                == 0)
+                .then_some(())
+        },
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+    let audit = env.ok(&["audit", "tail", "-n", "50", "--json"], None);
+    assert!(
+        json(&audit)
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["action"] == "fetch.allowed" && r["secret"] == "app/sts"),
+        "the minted credential's lease was granted and audited: {audit}"
+    );
+}
+
+#[test]
+fn a_daemon_killed_while_a_credential_is_minted_revokes_it_at_restart() {
+    // The plugin mints the credential upstream, then never answers; the daemon dies before it
+    // could grant a lease. The journaled issue makes the next daemon revoke it by lease id.
+    let env = sts_env("block = { op = \"issue\", once = true }", "");
+    let daemon = env.start_daemon();
+    let sock = env.agent_socket();
+    let fetch = std::thread::spawn(move || {
+        Command::new("curl")
+            .args(["-s", "--max-time", "20", "--unix-socket"])
+            .arg(sock)
+            .arg("http://localhost/v1/secrets/app/sts")
+            .output()
+    });
+    wait_for(
+        "the credential to be minted",
+        Duration::from_secs(15),
+        || {
+            (env.upstream_i64("SELECT count(*) FROM creds WHERE issued = 1 AND status = 'active'")
+                == 1)
+                .then_some(())
+        },
+    );
+    daemon.kill9();
+    let _ = fetch.join();
+    let daemon = env.start_daemon();
+    wait_for(
+        "the orphaned credential to be revoked upstream",
+        Duration::from_secs(20),
+        || {
+            (env.upstream_i64("SELECT count(*) FROM creds WHERE issued = 1 AND status = 'active'")
+                == 0)
+                .then_some(())
+        },
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+    let audit = env.ok(&["audit", "tail", "-n", "50", "--json"], None);
+    assert!(
+        json(&audit)
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["action"] == "lease.orphan_revoked" && r["secret"] == "app/sts"),
+        "{audit}"
+    );
+}
+
 #[test]
 fn a_watch_wakes_on_promotion_and_times_out_with_304() {
     let (env, daemon) = started(&policy_exe("curl", Path::new("/usr/bin/curl"), "app/*"));

@@ -9,7 +9,8 @@ real daemon through it and then check this state from outside.
 Kinds:
   example            create, verify, promote, revoke, push   (overlap: old and new coexist)
   example-exclusive  create, verify, revoke                  (overlap false: create retires the old)
-  example-sts        issue, revoke                           (a short-lived credential per lease)
+  example-sts        issue, revoke                           (a short-lived credential per lease,
+                                                             revocable by its lease id alone)
 
 Settings (per secret or consumer) that make it misbehave, for tests:
   use_proposed = true                  the new value is the daemon's proposed value
@@ -209,6 +210,14 @@ def promote(conn, req):
 
 
 def revoke(conn, req):
+    if req.get("target") is None and req.get("lease_id"):
+        # The daemon journaled an issue for this lease but never learnt what was issued.
+        changed = conn.execute(
+            "UPDATE creds SET status = 'revoked', revoked_at = ? WHERE rotation_id = ? AND issued = 1 AND status = 'active'",
+            (time.time(), req["lease_id"]),
+        ).rowcount
+        event(conn, "revoke-lease" if changed else "revoke-lease-again", req.get("secret"), req["lease_id"])
+        return {}
     key_id, _ = lookup(conn, req.get("target"))
     changed = conn.execute(
         "UPDATE creds SET status = 'revoked', revoked_at = ?, current = 0 WHERE key_id = ? AND status = 'active'",
@@ -233,7 +242,8 @@ def issue(conn, req):
     ttl = int(req.get("ttl_seconds") or 300)
     expires = (datetime.now(timezone.utc) + timedelta(seconds=ttl)).strftime("%Y-%m-%dT%H:%M:%SZ")
     value = "exi-" + secrets.token_urlsafe(24)
-    key_id = new_credential(conn, req, value, issued=True, expires_at=expires)
+    # Tagged with its lease (kept in rotation_id), so it can be revoked by lease alone.
+    key_id = new_credential(conn, dict(req, rotation_id=req.get("lease_id")), value, issued=True, expires_at=expires)
     event(conn, "issue", req.get("secret"), key_id)
     return {"value": value, "meta": {"key_id": key_id}, "expires_at": expires}
 

@@ -4,12 +4,11 @@
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
-use keywarden_plugin_sdk::{Credential, Op, Request, Secret};
+use keywarden_plugin_sdk::{Credential, Secret};
 
 use crate::audit::AuditEvent;
 use crate::group_commit::{GroupCommit, WriteError};
 use crate::leases::LeaseBackend;
-use crate::provider::Provider;
 use crate::rotation::engine::{Engine, PluginCallError};
 use crate::store::{LeaseOp, LeaseRow, StoreError};
 use crate::vault::{Bound, VaultError};
@@ -28,16 +27,7 @@ impl DaemonLeaseBackend {
     }
 
     async fn revoke(&self, lease: &LeaseRow) -> Result<(), PluginCallError> {
-        let catalog = self.engine.catalog();
         let name = &lease.secret_name;
-        let spec = catalog
-            .secrets
-            .get(name)
-            .ok_or_else(|| PluginCallError::NotDeclared(name.clone()))?;
-        let Some(Provider::Plugin { host, kind, .. }) = catalog.providers.get(&spec.provider)
-        else {
-            return Err(PluginCallError::NoPlugin(spec.provider.clone()));
-        };
         let vault = self.engine.vault();
         let secret = vault
             .store()
@@ -48,26 +38,14 @@ impl DaemonLeaseBackend {
             StoreError::Corrupt(format!("lease {}: no issued credential", lease.id))
         })?;
         let value = vault.open_bound(&secret, Bound::Issued(&lease.id), sealed)?;
-        let request = self
-            .engine
-            .plugin_request(
-                Op::Revoke,
-                kind,
-                Some(name),
-                &spec.settings,
-                &spec.credentials,
-            )
-            .await?;
-        let request = Request {
-            target: Some(Credential {
-                version: None,
-                value: Secret::new(value.expose()),
-                meta: lease.issued_meta.clone().unwrap_or_default(),
-            }),
-            ..request
+        let target = Credential {
+            version: None,
+            value: Secret::new(value.expose()),
+            meta: lease.issued_meta.clone().unwrap_or_default(),
         };
-        host.call(request).await?;
-        Ok(())
+        self.engine
+            .revoke_issued(name, &lease.id, Some(target))
+            .await
     }
 }
 

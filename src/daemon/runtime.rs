@@ -102,6 +102,19 @@ impl Runtime {
         }
         let incidents = Incidents::new(engine.clone(), leases.clone());
         if mode == Mode::Daemon {
+            // Credentials minted for leases a crash kept from being granted: revoke them (in
+            // the background: a slow plugin must not hold up the start).
+            let revoking = engine.clone();
+            tasks.push(tokio::spawn(async move {
+                match revoking.revoke_orphaned_issues().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(
+                        revoked = n,
+                        "revoked credentials issued for leases a previous daemon never granted"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "could not read the issue journal"),
+                }
+            }));
             incidents
                 .resume_unfinished(config.daemon.max_concurrent_rotations)
                 .await?;

@@ -505,8 +505,70 @@ impl Engine {
         }
     }
 
-    /// The current versions of secrets named as credentials, by role (for plugin requests made
-    /// outside rotations: `issue`, lease revocations).
+    /// Revokes, through secret `name`'s plugin, a credential issued for lease `lease_id`:
+    /// `target` when the daemon knows it, otherwise whatever the plugin issued for that lease
+    /// (an issue journaled before a crash, whose reply never arrived).
+    pub async fn revoke_issued(
+        &self,
+        name: &str,
+        lease_id: &str,
+        target: Option<Credential>,
+    ) -> Result<(), PluginCallError> {
+        let spec = self
+            .catalog
+            .secrets
+            .get(name)
+            .ok_or_else(|| PluginCallError::NotDeclared(name.to_string()))?;
+        let Some(Provider::Plugin { host, kind, .. }) = self.catalog.providers.get(&spec.provider)
+        else {
+            return Err(PluginCallError::NoPlugin(spec.provider.clone()));
+        };
+        let request = self
+            .plugin_request(
+                Op::Revoke,
+                kind,
+                Some(name),
+                &spec.settings,
+                &spec.credentials,
+            )
+            .await?;
+        host.call(Request {
+            target,
+            lease_id: Some(lease_id.to_string()),
+            ..request
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Revokes what was being issued for leases that were never committed (the daemon died
+    /// between journaling an issue and granting its lease), each with an audit row; an entry
+    /// whose revocation fails stays for the next start. Returns how many were revoked.
+    pub async fn revoke_orphaned_issues(&self) -> Result<usize, StoreError> {
+        let store = self.vault.store();
+        let mut revoked = 0;
+        for (lease_id, name) in store.orphaned_issues().await? {
+            match self.revoke_issued(&name, &lease_id, None).await {
+                Ok(()) => {
+                    let audit = AuditEvent::new("daemon", "lease.orphan_revoked")
+                        .secret(&name)
+                        .detail(json!({ "lease_id": lease_id }));
+                    store.append_audit(&[audit]).await?;
+                    store.end_issue(&lease_id).await?;
+                    revoked += 1;
+                }
+                Err(e) => tracing::error!(
+                    secret = %name,
+                    lease = %lease_id,
+                    error = %e,
+                    "could not revoke a credential issued for a lease that was never granted; \
+                     it will be tried again at the next start"
+                ),
+            }
+        }
+        Ok(revoked)
+    }
+
     /// A request for `op` to a plugin `kind`, on behalf of `secret` (or of a consumer) with its
     /// `settings`, carrying the current values of the credentials `roles` names, read now, so
     /// a self-rotating admin key always signs with the key valid at this moment. Every plugin

@@ -37,16 +37,20 @@ fn now_secs() -> u64 {
 
 /// A session name unique to this lease: the secret's name (as far as it fits) and a suffix
 /// from the clock and a counter, within AWS's 64 characters of `[\w+=,.@-]`.
-fn session_name(secret: &str) -> String {
+fn session_name(secret: &str, lease_id: Option<&str>) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    let suffix = format!(
-        "{nanos:x}{:x}{:x}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
+    // Named after its lease when there is one, so the session can be revoked by lease alone.
+    let suffix = match lease_id {
+        Some(lease) => lease.replace('-', ""),
+        None => format!(
+            "{nanos:x}{:x}{:x}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ),
+    };
     let clean: String = secret
         .chars()
         .map(|c| {
@@ -76,7 +80,10 @@ pub(crate) async fn issue(request: &Request) -> Result<OkReply, ErrReply> {
         .ttl_seconds
         .unwrap_or(MIN_SESSION)
         .clamp(MIN_SESSION, max);
-    let name = session_name(request.secret.as_deref().unwrap_or("lease"));
+    let name = session_name(
+        request.secret.as_deref().unwrap_or("lease"),
+        request.lease_id.as_deref(),
+    );
     let sts = aws_sdk_sts::Client::new(&admin_config(request).await?);
     let out = sts
         .assume_role()
@@ -174,17 +181,26 @@ pub(crate) async fn revoke(request: &Request) -> Result<OkReply, ErrReply> {
     if request.settings.get("revoke_sessions") != Some(&Value::Bool(true)) {
         return Ok(OkReply::default()); // the session ends at its expiry
     }
-    let target = request
-        .target
-        .as_ref()
-        .ok_or_else(|| ErrReply::fatal("no target"))?;
-    let (Some(session), Some(expires)) = (
-        target.meta.get("session_name").and_then(Value::as_str),
-        target.meta.get("expires_epoch").and_then(Value::as_u64),
-    ) else {
-        return Ok(OkReply::default()); // not a session this plugin issued
-    };
     let now = now_secs();
+    let (session, expires) = match (&request.target, &request.lease_id) {
+        (Some(target), _) => {
+            let (Some(session), Some(expires)) = (
+                target.meta.get("session_name").and_then(Value::as_str),
+                target.meta.get("expires_epoch").and_then(Value::as_u64),
+            ) else {
+                return Ok(OkReply::default()); // not a session this plugin issued
+            };
+            (session.to_string(), expires)
+        }
+        // Issued for this lease, its reply lost: the session is named after the lease and
+        // lives at most the role's maximum.
+        (None, Some(lease)) => (
+            session_name(request.secret.as_deref().unwrap_or("lease"), Some(lease)),
+            now + max_session(request),
+        ),
+        (None, None) => return Err(ErrReply::fatal("no target and no lease_id")),
+    };
+    let session = session.as_str();
     if expires <= now {
         return Ok(OkReply::default()); // already over
     }
@@ -239,10 +255,16 @@ mod tests {
 
     #[test]
     fn session_names_are_valid_and_unique() {
-        let a = session_name("aws/deploy session");
+        let a = session_name("aws/deploy session", None);
         assert!(a.starts_with("kw-aws-deploy-session."), "{a}");
-        assert_ne!(a, session_name("aws/deploy session"));
-        let long = session_name(&"x".repeat(100));
+        assert_ne!(a, session_name("aws/deploy session", None));
+        let lease = "0193f3c2-7d1e-7abc-8def-0123456789ab";
+        assert_eq!(
+            session_name("aws/x", Some(lease)),
+            session_name("aws/x", Some(lease)),
+            "a lease's session name can be found again"
+        );
+        let long = session_name(&"x".repeat(100), Some(lease));
         assert!(long.len() <= 64, "{long}");
         assert!(
             long.chars()

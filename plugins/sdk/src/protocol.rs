@@ -206,6 +206,11 @@ pub struct Request {
     /// issue: the lease's time to live.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_seconds: Option<u64>,
+    /// issue: the lease the credential is for (its idempotency key: tag what is issued with
+    /// it). revoke without a `target`: revoke whatever was issued for this lease (the daemon
+    /// journaled the issue but never learnt its result, after a crash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_id: Option<String>,
 }
 
 impl Request {

@@ -34,6 +34,17 @@ impl SqliteStore {
             for op in ops {
                 apply_lease_op(&mut tx, op).await?;
             }
+            // A lease that holds an issued credential ends its journal entry, atomically.
+            for op in ops {
+                if let LeaseOp::Insert(l) = op {
+                    if l.issued.is_some() {
+                        sqlx::query("DELETE FROM issue_journal WHERE lease_id = ?")
+                            .bind(l.id.as_str())
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+            }
             append_audit_in(&mut tx, audit).await?;
             tx.commit().await?;
             Ok::<_, StoreError>(())
@@ -45,6 +56,52 @@ impl SqliteStore {
         result?;
         reset?;
         Ok(())
+    }
+
+    /// Journals, durably, that a credential is about to be issued for lease `lease_id`.
+    pub async fn journal_issue(
+        &self,
+        lease_id: &str,
+        secret_id: &str,
+        secret_name: &str,
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO issue_journal (lease_id, secret_id, secret_name, created_at) \
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(lease_id)
+        .bind(secret_id)
+        .bind(secret_name)
+        .bind(at)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// Ends a journal entry: its credential was revoked, or never issued.
+    pub async fn end_issue(&self, lease_id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM issue_journal WHERE lease_id = ?")
+            .bind(lease_id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Journal entries whose lease was never committed: (lease id, secret name), oldest first.
+    /// Entries whose lease exists are ended on the way.
+    pub async fn orphaned_issues(&self) -> Result<Vec<(String, String)>, StoreError> {
+        sqlx::query("DELETE FROM issue_journal WHERE lease_id IN (SELECT id FROM leases)")
+            .execute(&self.writer)
+            .await?;
+        let rows =
+            sqlx::query("SELECT lease_id, secret_name FROM issue_journal ORDER BY created_at")
+                .fetch_all(&self.reader)
+                .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+            .collect())
     }
 
     /// Leases still live, and issued credentials whose upstream revocation is pending.
