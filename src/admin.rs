@@ -4,6 +4,7 @@
 //! `GET /v1/admin/status` and `GET /metrics`.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use crate::attest::Peer;
 use crate::audit::AuditEvent;
 use crate::http::{self, Handler};
 use crate::incident::compromise::{CompromiseError, MAX_CONCURRENCY};
+use crate::rejections::Rejections;
 use crate::rotation::engine::EngineError;
 use crate::services::Services;
 use crate::store::Reason;
@@ -29,6 +31,7 @@ const MAX_WAIT: Duration = Duration::from_secs(600);
 pub struct AdminApi {
     services: Services,
     allowed_uids: HashSet<u32>,
+    rejections: Arc<Rejections>,
 }
 
 /// The body of `POST /v1/admin/compromise` (and `…/plan`): the scope, and how to run.
@@ -68,7 +71,12 @@ impl CompromiseBody {
 impl AdminApi {
     /// An API over `engine`, open to root, the daemon's uid and `extra_uids`, never to
     /// `refused_uids` (the users confined programs run as).
-    pub fn new(services: Services, extra_uids: &[u32], refused_uids: &HashSet<u32>) -> Self {
+    pub fn new(
+        services: Services,
+        extra_uids: &[u32],
+        refused_uids: &HashSet<u32>,
+        rejections: Arc<Rejections>,
+    ) -> Self {
         let mut allowed_uids: HashSet<u32> = extra_uids.iter().copied().collect();
         allowed_uids.insert(0);
         allowed_uids.insert(rustix::process::getuid().as_raw());
@@ -76,6 +84,7 @@ impl AdminApi {
         AdminApi {
             services,
             allowed_uids,
+            rejections,
         }
     }
 
@@ -270,9 +279,16 @@ impl Handler for AdminApi {
     async fn handle(&self, peer: &Peer, request: Request<Bytes>) -> Response<Full<Bytes>> {
         let peer = *peer;
         if !self.allowed_uids.contains(&peer.uid) {
-            let audit = AuditEvent::new(Self::actor(peer), "admin.denied")
-                .detail(json!({ "path": request.uri().path() }));
-            let _ = self.services.vault.store().append_audit(&[audit]).await;
+            let actor = Self::actor(peer);
+            let reason = "this uid may not use the admin socket";
+            if self
+                .rejections
+                .first("admin.denied", peer.uid, None, reason, &actor)
+            {
+                let audit = AuditEvent::new(actor, "admin.denied")
+                    .detail(json!({ "path": request.uri().path(), "reason": reason }));
+                let _ = self.services.vault.store().append_audit(&[audit]).await;
+            }
             return http::error(
                 StatusCode::FORBIDDEN,
                 "forbidden",

@@ -28,12 +28,13 @@ use crate::attest::Peer;
 use crate::attest::{ExeHashCache, PeerIdentity};
 use crate::audit::AuditEvent;
 use crate::clock::Millis;
-use crate::http::{self, ApiError, Handler};
+use crate::http::{self, ApiError, Handler, Slots};
 use crate::incident::signals::{FetchSeen, Signals};
 use crate::leases::LeaseError;
 use crate::plugin_host::PluginHost;
 use crate::policy::{self, Policy};
 use crate::provider::Provider;
+use crate::rejections::Rejections;
 use crate::rotation::catalog::{Catalog, SecretSpec};
 use crate::services::Services;
 use crate::store::{AlertKind, LeaseRow, SecretRecord, UpstreamState};
@@ -114,6 +115,8 @@ pub struct AgentApi {
     hashing: Arc<tokio::sync::Semaphore>,
     daemon_uid: u32,
     refused_uids: HashSet<u32>,
+    rejections: Arc<Rejections>,
+    watches: Slots,
     closing: watch::Receiver<bool>,
     signals: Option<Arc<Signals>>,
 }
@@ -131,6 +134,10 @@ pub struct AgentSettings {
     pub max_fetches_per_second: u32,
     /// Uids that run confined programs (plugins, commands): refused outright.
     pub refused_uids: HashSet<u32>,
+    /// Where repeated denials are counted.
+    pub rejections: Arc<Rejections>,
+    /// Watches (`wait=`) one uid may have open at once.
+    pub max_watches_per_uid: usize,
 }
 
 struct FetchQuery {
@@ -435,6 +442,8 @@ impl AgentApi {
             hashing: Arc::new(tokio::sync::Semaphore::new(HASHING_AT_ONCE)),
             daemon_uid: rustix::process::getuid().as_raw(),
             refused_uids: settings.refused_uids,
+            rejections: settings.rejections,
+            watches: Slots::new(settings.max_watches_per_uid),
             closing,
             signals,
         }
@@ -507,17 +516,28 @@ impl AgentApi {
             .metrics
             .fetch_denied
             .fetch_add(1, Ordering::Relaxed);
-        let event = AuditEvent::new(who.actor(), "fetch.denied")
+        let forbidden = || {
+            http::error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("no policy allows this peer to fetch {name:?}"),
+            )
+        };
+        let actor = who.actor();
+        if !self
+            .rejections
+            .first("fetch.denied", who.peer.uid, Some(name), reason, &actor)
+        {
+            // A repeat in this window: counted, written with the window's row.
+            return forbidden();
+        }
+        let event = AuditEvent::new(actor, "fetch.denied")
             .secret(name)
             .detail(json!({ "reason": reason }));
         if let Err(e) = self.audit(vec![event]).await {
             return e.response();
         }
-        http::error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("no policy allows this peer to fetch {name:?}"),
-        )
+        forbidden()
     }
 
     async fn fetch(
@@ -544,6 +564,18 @@ impl AgentApi {
             ));
         }
         if let Some(min) = q.min_version {
+            // Watches hold a connection for long: they have their own cap per uid, so they
+            // cannot crowd out fetches, nor fetches them.
+            let _watch = match q.wait.filter(|w| *w > 0) {
+                Some(_) => Some(self.watches.take(who.peer.uid).ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too_many_watches",
+                        "this uid has too many watches open",
+                    )
+                })?),
+                None => None,
+            };
             if !self
                 .wait_for_version(name, min, q.wait.unwrap_or(0))
                 .await?

@@ -184,6 +184,13 @@ pub struct AgentConfig {
     pub default_ttl: Duration,
     /// Connections served at once on each socket.
     pub max_connections: usize,
+    /// Connections one uid may hold at once on each socket; more are closed at once.
+    pub max_connections_per_uid: usize,
+    /// Watches (`wait=`) one uid may have open at once; more get 429.
+    pub max_watches_per_uid: usize,
+    /// Time a client has to send a request body once its head arrived (slow clients get 408).
+    #[serde(deserialize_with = "duration")]
+    pub body_timeout: Duration,
     /// Fetches per second allowed to one uid (0: no limit); more get 429.
     pub max_fetches_per_second: u32,
     /// Live leases one uid may hold at once; a fetch beyond it gets 429.
@@ -205,6 +212,9 @@ impl Default for AgentConfig {
             admin_uids: Vec::new(),
             default_ttl: Duration::from_secs(300),
             max_connections: 256,
+            max_connections_per_uid: 32,
+            max_watches_per_uid: 64,
+            body_timeout: Duration::from_secs(10),
             max_fetches_per_second: 0,
             max_leases_per_uid: 100_000,
             max_wait: Duration::from_secs(300),

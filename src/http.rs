@@ -140,6 +140,11 @@ fn check_socket_directory(dir: &Path) -> Result<(), SocketError> {
 pub struct Limits {
     /// Connections served at once; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Connections one peer (a uid; every TCP peer counts as one) may hold at once; more are
+    /// closed as soon as they are accepted, so one peer cannot take every slot.
+    pub max_connections_per_peer: usize,
+    /// Time allowed to send a request's body, once its head arrived.
+    pub body_timeout: Duration,
     /// Time allowed to send a complete request head.
     pub header_timeout: Duration,
     /// Largest request head, bytes.
@@ -152,9 +157,61 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 256,
+            max_connections_per_peer: 32,
+            body_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(5),
             max_header_bytes: 16 * 1024,
             max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Slots counted per uid: a connection or a watch holds one until its guard drops.
+#[derive(Debug, Clone)]
+pub struct Slots {
+    limit: usize,
+    held: Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>,
+}
+
+/// One slot of a uid, given back when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    slots: Slots,
+    uid: u32,
+}
+
+impl Slots {
+    /// At most `limit` slots per uid.
+    pub fn new(limit: usize) -> Self {
+        Slots {
+            limit,
+            held: Arc::default(),
+        }
+    }
+
+    /// A slot for `uid`, or `None` when it holds `limit` already.
+    pub fn take(&self, uid: u32) -> Option<Slot> {
+        let mut held = self.held.lock().expect("slots lock");
+        let n = held.entry(uid).or_insert(0);
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            slots: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().expect("slots lock");
+        if let Some(n) = held.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.uid);
+            }
         }
     }
 }
@@ -348,6 +405,7 @@ pub async fn serve<H: Handler, L: Listener>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let per_peer = Slots::new(limits.max_connections_per_peer);
     let limits = Arc::new(limits);
     let mut connections = JoinSet::new();
     loop {
@@ -368,25 +426,42 @@ pub async fn serve<H: Handler, L: Listener>(
             _ = shutdown.changed() => break,
         };
         let Some(peer) = peer else { continue };
+        let Some(slot) = per_peer.take(peer.uid) else {
+            // This peer holds its share of connections already (slow clients, a flood).
+            tracing::debug!(
+                uid = peer.uid,
+                "too many connections from one peer; closing"
+            );
+            continue;
+        };
         let conn_state = Arc::new(handler.connect(peer, boot_seconds()));
         let handler = handler.clone();
         let limits = limits.clone();
         let mut shutdown = shutdown.clone();
         connections.spawn(async move {
-            let _permit = permit;
-            let max_body = limits.max_body_bytes;
+            let (_permit, _slot) = (permit, slot);
+            let (max_body, body_timeout) = (limits.max_body_bytes, limits.body_timeout);
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
                 let conn_state = conn_state.clone();
                 async move {
                     let (parts, body) = req.into_parts();
-                    let body = match Limited::new(body, max_body).collect().await {
-                        Ok(b) => b.to_bytes(),
-                        Err(_) => {
+                    let read =
+                        tokio::time::timeout(body_timeout, Limited::new(body, max_body).collect());
+                    let body = match read.await {
+                        Ok(Ok(b)) => b.to_bytes(),
+                        Ok(Err(_)) => {
                             return Ok::<_, Infallible>(error(
                                 StatusCode::PAYLOAD_TOO_LARGE,
                                 "too_large",
                                 format!("the request body is larger than {max_body} bytes"),
+                            ));
+                        }
+                        Err(_) => {
+                            return Ok(error(
+                                StatusCode::REQUEST_TIMEOUT,
+                                "timeout",
+                                format!("the request body did not arrive within {body_timeout:?}"),
                             ));
                         }
                     };

@@ -62,6 +62,7 @@ pub mod passphrase;
 pub mod plugin_host;
 pub mod policy;
 pub mod provider;
+pub mod rejections;
 pub mod rotation;
 pub mod sandbox;
 pub mod services;

@@ -34,6 +34,7 @@ const MIDDLE: &[&str] = &[
     "plugin_host",
     "policy",
     "provider",
+    "rejections",
     "rotation",
 ];
 const TOP: &[&str] = &[

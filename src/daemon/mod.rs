@@ -26,6 +26,7 @@ use crate::incident::alerts::Alerts;
 use crate::incident::signals::{SignalApi, Signals, SignalsSettings};
 use crate::plugin_host::PluginError;
 use crate::policy::Policy;
+use crate::rejections::Rejections;
 use crate::sandbox::Role;
 use crate::services::Services;
 use crate::store::StoreError;
@@ -192,9 +193,17 @@ async fn start_servers(
     let agent = &config.agent;
     let limits = http::Limits {
         max_connections: agent.max_connections,
+        max_connections_per_peer: agent.max_connections_per_uid,
+        body_timeout: agent.body_timeout,
         header_timeout: agent.header_timeout,
         ..http::Limits::default()
     };
+    let rejections = Arc::new(Rejections::default());
+    let flusher = rejections.clone();
+    let (store, stop) = (services.vault.store().clone(), runtime.shutdown_signal());
+    let mut servers = vec![tokio::spawn(async move {
+        flusher.run_flusher(store, stop).await
+    })];
     let signal_cfg = &config.signals;
     let alert_confinement = signal_cfg
         .alert_sandbox
@@ -215,7 +224,6 @@ async fn start_servers(
         SignalsSettings::from(signal_cfg),
     )
     .await?;
-    let mut servers = Vec::new();
     if let Some(listener) = signal_listener {
         tracing::info!(address = ?listener.local_addr().ok(), "listening for signals");
         let api = Arc::new(SignalApi {
@@ -240,6 +248,8 @@ async fn start_servers(
             max_wait: agent.max_wait,
             max_fetches_per_second: agent.max_fetches_per_second,
             refused_uids: confined_uids(config),
+            rejections: rejections.clone(),
+            max_watches_per_uid: agent.max_watches_per_uid,
         },
         runtime.shutdown_signal(),
         Some(signals),
@@ -254,6 +264,7 @@ async fn start_servers(
         services.clone(),
         &agent.admin_uids,
         &confined_uids(config),
+        rejections,
     ));
     servers.push(tokio::spawn(http::serve(
         admin_listener,
