@@ -4,6 +4,7 @@
 //! `GET /v1/admin/status` and `GET /metrics`.
 
 use std::collections::HashSet;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -272,7 +273,7 @@ impl AdminApi {
 impl Handler for AdminApi {
     type Conn = Peer;
 
-    fn connect(&self, peer: Peer, _accepted: f64) -> Peer {
+    fn connect(&self, peer: Peer, _pidfd: Option<OwnedFd>, _accepted: f64) -> Peer {
         peer
     }
 

@@ -12,6 +12,7 @@
 //! Every allow and deny is an audit row, committed before the answer.
 
 use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -763,11 +764,12 @@ fn valid_lease_id(id: &str) -> bool {
 impl Handler for AgentApi {
     type Conn = AgentConn;
 
-    fn connect(&self, peer: Peer, accepted: f64) -> AgentConn {
+    fn connect(&self, peer: Peer, pidfd: Option<OwnedFd>, accepted: f64) -> AgentConn {
         AgentConn {
             uid: peer.uid,
             identity: tokio::sync::Mutex::new(PeerIdentity::attest(
                 peer,
+                pidfd,
                 accepted,
                 self.hashes.clone(),
             )),

@@ -1,13 +1,22 @@
 //! Peer attestation for the agent socket: who is on the other end.
 //!
-//! The kernel tells us the peer's uid, gid and pid (`SO_PEERCRED`, fixed at `connect`). The
-//! executable comes from `/proc/PID/exe`, and its SHA-256 from the file that link points to,
-//! computed only when a policy asks and cached by device, inode, size and change time. A pid can
-//! be reused by a new process after the peer exits, so the process's start time (from
-//! `/proc/PID/stat`) must be no later than the moment the connection was accepted and must not
-//! change while we look; otherwise the executable is treated as unknown and exe policies deny.
+//! The kernel tells us the peer's uid, gid and pid (`SO_PEERCRED`, fixed at `connect`) and, on
+//! Linux 6.5+, a pidfd of that very process (`SO_PEERPIDFD`). The executable comes from
+//! `/proc/PID/exe`, and its SHA-256 from the file that link points to, computed only when a
+//! policy asks and cached by device, inode, size and change time.
+//!
+//! A pid can be reused by a new process after the peer exits. With a pidfd, the pid is read
+//! from it (none once the peer exited) before and after the executable is looked up, so the
+//! executable is the connecting process's. Without one, the process's start time must be no
+//! later than the moment the connection was accepted and must not change while we look. Either
+//! way, when in doubt the executable is unknown and exe policies deny.
+//!
+//! A path means something only in a mount namespace: a peer in another one (a container, or a
+//! user namespace that bind-mounted its own binary over an allowed path) has no executable path
+//! here, so path policies deny it; hash policies still see the file the process runs.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -58,12 +67,25 @@ fn start_time(pid: i32) -> Option<f64> {
     Some(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
 }
 
+/// Whether process `pid` lives in this process's mount namespace (unknown counts as no).
+fn same_mount_namespace(pid: i32) -> bool {
+    let ns = |path: String| std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    match (
+        ns(format!("/proc/{pid}/ns/mnt")),
+        ns("/proc/self/ns/mnt".into()),
+    ) {
+        (Some(theirs), Some(ours)) => theirs == ours,
+        _ => false,
+    }
+}
+
 /// What we know of a connected peer.
 #[derive(Debug, Clone)]
 pub struct PeerIdentity {
     /// From SO_PEERCRED.
     pub peer: Peer,
-    /// The executable, when it could be resolved and the pid was not reused.
+    /// The executable, when it could be resolved, the pid was not reused and the peer shares
+    /// this daemon's mount namespace.
     pub exe: Option<PathBuf>,
     start: Option<f64>,
     hash: Option<Option<String>>,
@@ -83,8 +105,14 @@ fn actor_of(peer: &Peer, exe: Option<&Path>) -> Arc<str> {
 }
 
 impl PeerIdentity {
-    /// Attests a peer whose connection was accepted at `accepted` (seconds since boot).
-    pub fn attest(peer: Peer, accepted: f64, cache: Arc<ExeHashCache>) -> PeerIdentity {
+    /// Attests a peer whose connection was accepted at `accepted` (seconds since boot), with
+    /// the pidfd of the connecting process when the kernel gave one.
+    pub fn attest(
+        peer: Peer,
+        pidfd: Option<OwnedFd>,
+        accepted: f64,
+        cache: Arc<ExeHashCache>,
+    ) -> PeerIdentity {
         let mut identity = PeerIdentity {
             peer,
             exe: None,
@@ -96,12 +124,24 @@ impl PeerIdentity {
         let Some(pid) = peer.pid.filter(|p| *p > 0) else {
             return identity;
         };
+        let alive = || match &pidfd {
+            Some(fd) => crate::sys::pidfd_pid(fd) == Some(pid),
+            None => true,
+        };
+        if !alive() {
+            tracing::warn!(
+                pid,
+                "the peer exited before it was attested; its executable is unknown"
+            );
+            return identity;
+        }
         let Some(before) = start_time(pid) else {
             return identity;
         };
-        // A process that started after we accepted the connection cannot be the peer.
+        // Without a pidfd: a process that started after we accepted the connection cannot be
+        // the peer.
         let tick = 1.0 / rustix::param::clock_ticks_per_second() as f64;
-        if before > accepted + tick + 0.01 {
+        if pidfd.is_none() && before > accepted + tick + 0.01 {
             tracing::warn!(
                 pid,
                 "peer pid was reused by a newer process; its executable is unknown"
@@ -109,13 +149,22 @@ impl PeerIdentity {
             return identity;
         }
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-        if start_time(pid) != Some(before) {
+        let same_namespace = same_mount_namespace(pid);
+        if start_time(pid) != Some(before) || !alive() {
             tracing::warn!(pid, "peer process changed while being attested");
+            return identity;
+        }
+        identity.start = Some(before);
+        if !same_namespace {
+            tracing::debug!(
+                pid,
+                "peer is in another mount namespace; its path means nothing here"
+            );
+            identity.actor = actor_of(&peer, None);
             return identity;
         }
         identity.actor = actor_of(&peer, exe.as_deref());
         identity.exe = exe;
-        identity.start = Some(before);
         identity
     }
 
@@ -205,7 +254,7 @@ mod tests {
             gid: rustix::process::getgid().as_raw(),
             pid: Some(std::process::id() as i32),
         };
-        let mut id = PeerIdentity::attest(me, boot_seconds(), Arc::default());
+        let mut id = PeerIdentity::attest(me, None, boot_seconds(), Arc::default());
         assert_eq!(
             id.exe.as_deref(),
             Some(std::env::current_exe().unwrap().as_path())
@@ -230,7 +279,7 @@ mod tests {
             gid: 0,
             pid: Some(child.id() as i32),
         };
-        let mut id = PeerIdentity::attest(peer, boot_seconds(), Arc::default());
+        let mut id = PeerIdentity::attest(peer, None, boot_seconds(), Arc::default());
         let hash = id.exe_sha256();
         child.kill().unwrap();
         child.wait().unwrap();
@@ -246,7 +295,7 @@ mod tests {
             pid: Some(std::process::id() as i32),
         };
         // Pretend the connection was accepted long before this process started.
-        let id = PeerIdentity::attest(me, 0.0, Arc::default());
+        let id = PeerIdentity::attest(me, None, 0.0, Arc::default());
         assert!(id.exe.is_none());
     }
 }

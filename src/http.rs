@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -221,9 +222,10 @@ pub trait Handler: Send + Sync + 'static {
     /// What the handler keeps per connection (the peer's identity).
     type Conn: Send + Sync + 'static;
 
-    /// Called once per connection, with the peer's credentials and the moment the connection
+    /// Called once per connection, with the peer's credentials, a pidfd of the very process
+    /// that connected (Unix sockets, where the kernel gives one) and the moment the connection
     /// was accepted (seconds since boot).
-    fn connect(&self, peer: Peer, accepted: f64) -> Self::Conn;
+    fn connect(&self, peer: Peer, pidfd: Option<OwnedFd>, accepted: f64) -> Self::Conn;
 
     /// Answers one request. The body is already read (and size-limited).
     fn handle(
@@ -351,17 +353,23 @@ pub trait Listener: Send + 'static {
     /// The connection type.
     type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
 
-    /// Accepts a connection and says who is on the other end (`None`: refuse it).
+    /// Accepts a connection and says who is on the other end (`None`: refuse it), with a
+    /// pidfd of that process where there is one.
     fn accept_peer(
         &mut self,
-    ) -> impl Future<Output = std::io::Result<(Self::Stream, Option<Peer>)>> + Send;
+    ) -> impl Future<Output = std::io::Result<(Self::Stream, Option<Peer>, Option<OwnedFd>)>> + Send;
 }
 
 impl Listener for UnixListener {
     type Stream = UnixStream;
 
-    async fn accept_peer(&mut self) -> std::io::Result<(UnixStream, Option<Peer>)> {
+    async fn accept_peer(
+        &mut self,
+    ) -> std::io::Result<(UnixStream, Option<Peer>, Option<OwnedFd>)> {
         let (stream, _) = self.accept().await?;
+        // SO_PEERPIDFD (Linux 6.5+): pins the process that connected, so attestation cannot
+        // be fooled by its pid being reused while the connection waited to be accepted.
+        let pidfd = crate::sys::peer_pidfd(&stream).ok();
         let peer = match stream.peer_cred() {
             Ok(c) => Some(Peer {
                 uid: c.uid(),
@@ -373,7 +381,7 @@ impl Listener for UnixListener {
                 None
             }
         };
-        Ok((stream, peer))
+        Ok((stream, peer, pidfd))
     }
 }
 
@@ -387,9 +395,11 @@ pub const REMOTE_PEER: Peer = Peer {
 impl Listener for tokio::net::TcpListener {
     type Stream = tokio::net::TcpStream;
 
-    async fn accept_peer(&mut self) -> std::io::Result<(tokio::net::TcpStream, Option<Peer>)> {
+    async fn accept_peer(
+        &mut self,
+    ) -> std::io::Result<(tokio::net::TcpStream, Option<Peer>, Option<OwnedFd>)> {
         let (stream, _) = self.accept().await?;
-        Ok((stream, Some(REMOTE_PEER)))
+        Ok((stream, Some(REMOTE_PEER), None))
     }
 }
 
@@ -414,7 +424,7 @@ pub async fn serve<H: Handler, L: Listener>(
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
             _ = shutdown.changed() => break,
         };
-        let (stream, peer) = tokio::select! {
+        let (stream, peer, pidfd) = tokio::select! {
             accepted = listener.accept_peer() => match accepted {
                 Ok(s) => s,
                 Err(e) => {
@@ -434,7 +444,7 @@ pub async fn serve<H: Handler, L: Listener>(
             );
             continue;
         };
-        let conn_state = Arc::new(handler.connect(peer, boot_seconds()));
+        let conn_state = Arc::new(handler.connect(peer, pidfd, boot_seconds()));
         let handler = handler.clone();
         let limits = limits.clone();
         let mut shutdown = shutdown.clone();

@@ -16,8 +16,8 @@
 //! 5. executes the program under its own user when the daemon is root (groups dropped).
 //!
 //! Every descriptor above stderr is marked close-on-exec first (the daemon's own are, but not
-//! necessarily what it inherited), so the program gets only stdin, stdout and stderr. That
-//! `close_range` call is the crate's one `unsafe` block. Any failure is printed on stderr prefixed with
+//! necessarily what it inherited), so the program gets only stdin, stdout and stderr
+//! (`close_range`, in `sys`). Any failure is printed on stderr prefixed with
 //! [`FAILURE_PREFIX`] and the launcher exits 126: a program that cannot be confined never runs.
 
 use std::convert::Infallible;
@@ -381,7 +381,8 @@ fn launch(request: &str) -> Result<Infallible, SandboxError> {
         source,
     })?;
     rustix::thread::set_no_new_privs(true).map_err(|e| SandboxError::NoNewPrivs(e.into()))?;
-    close_inherited_fds()?;
+    // Nothing the daemon was itself given (a shell's, a supervisor's) reaches the program.
+    crate::sys::mark_inherited_fds_cloexec().map_err(SandboxError::InheritedFds)?;
     let pinned = match &launch.sha256 {
         Some(pin) => Some(open_pinned(&launch.program, pin)?),
         None => None,
@@ -428,27 +429,6 @@ fn open_pinned(program: &str, pin: &str) -> Result<std::fs::File, SandboxError> 
     rustix::io::fcntl_setfd(&file, rustix::io::FdFlags::empty())
         .map_err(|e| pinned(e.to_string()))?;
     Ok(file)
-}
-
-/// Marks every descriptor above stderr close-on-exec, so the program inherits none of what the
-/// daemon was itself given (a shell's, a supervisor's, a test harness's).
-#[allow(unsafe_code)]
-fn close_inherited_fds() -> Result<(), SandboxError> {
-    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC closes nothing now; it only sets a flag on
-    // descriptors, so no owned descriptor of this process becomes invalid. It takes plain
-    // integers and no pointers.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        )
-    };
-    if rc != 0 {
-        return Err(SandboxError::InheritedFds(std::io::Error::last_os_error()));
-    }
-    Ok(())
 }
 
 /// Applies the Landlock ruleset; refuses to go on when the kernel enforces none of it.

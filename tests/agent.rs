@@ -396,6 +396,39 @@ fn issued_credentials_are_minted_per_fetch_and_revoked_when_their_lease_ends() {
     drop(daemon);
 }
 
+#[test]
+fn a_binary_bind_mounted_over_an_allowed_path_in_another_namespace_is_denied() {
+    // A user namespace (here root's own unshare) mounts its own binary over /usr/bin/curl:
+    // /proc/PID/exe then reads "/usr/bin/curl" from outside too. Only the daemon's own mount
+    // namespace gives a path meaning.
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to unshare a mount namespace");
+        return;
+    }
+    let (env, daemon) = started(&policy_exe("curl", Path::new("/usr/bin/curl"), "app/*"));
+    let sock = env.agent_socket();
+    assert_eq!(curl(&sock, "GET", "/v1/secrets/app/token", &[]).0, 200);
+    let impostor = env.dir.path().join("impostor");
+    std::fs::copy("/usr/bin/curl", &impostor).unwrap();
+    let out = Command::new("unshare")
+        .args(["--mount", "sh", "-c"])
+        .arg(format!(
+            "mount --bind {} /usr/bin/curl && exec /usr/bin/curl -s -w '\n%{{http_code}}' \
+             --unix-socket {} http://localhost/v1/secrets/app/token",
+            impostor.display(),
+            sock.display()
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("403"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(daemon);
+}
+
 /// An environment with an `app/sts` secret of the example plugin's `example-sts` kind (with
 /// `settings`), the plugin started with `plugin_env`, curl allowed.
 fn sts_env(settings: &str, plugin_env: &str) -> Env {

@@ -20,6 +20,7 @@ const GROUND: &[&str] = &[
     "passphrase",
     "sandbox",
     "store",
+    "sys",
     "value",
     "vault",
 ];

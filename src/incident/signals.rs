@@ -615,7 +615,7 @@ pub struct SignalApi {
 impl Handler for SignalApi {
     type Conn = ();
 
-    fn connect(&self, _peer: Peer, _accepted: f64) {}
+    fn connect(&self, _peer: Peer, _pidfd: Option<std::os::fd::OwnedFd>, _accepted: f64) {}
 
     async fn handle(&self, _conn: &(), request: Request<Bytes>) -> Response<Full<Bytes>> {
         let path = request.uri().path().to_string();
