@@ -296,7 +296,7 @@ async fn issue(
         .map(|t| t.timestamp_millis());
     let vault = &services.vault;
     Ok(Served {
-        sealed: Some(vault.seal_bound(secret, Bound::Issued(lease_id), &value)?),
+        sealed: Some(vault.seal_bound(secret, Bound::Issued(lease_id), &value, &reply.meta)?),
         fingerprint: short_fingerprint(&vault.fingerprint(value.expose().as_bytes())),
         secret_id: secret.id.clone(),
         version: None,

@@ -23,6 +23,10 @@ pub const KEY_LEN: usize = 32;
 /// Length in bytes of a SHA-256 digest and of a fingerprint.
 pub const DIGEST_LEN: usize = 32;
 const TAG_LEN: usize = 16;
+/// The first byte of a value sealed under a subkey of its own.
+const SUBKEY_FORMAT: u8 = 2;
+/// Bytes of random salt per subkey.
+const SUBKEY_SALT_LEN: usize = 16;
 
 /// Errors from the crypto module. Deliberately coarse.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +172,53 @@ impl SymmetricKey {
             .len();
         buf.truncate(len);
         Ok(buf)
+    }
+
+    /// Seals a value under a key of its own: HKDF-SHA256 of this key with a random 128-bit
+    /// salt and `aad` as info, then AES-256-GCM binding `aad`. Laid out as
+    /// `2 ‖ salt ‖ nonce ‖ ciphertext ‖ tag`. A data key can so seal any number of values (a
+    /// credential issued per fetch) with no nonce ever reused under one key.
+    pub fn seal_value(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let mut salt = [0u8; SUBKEY_SALT_LEN];
+        SystemRandom::new()
+            .fill(&mut salt)
+            .map_err(|_| CryptoError::RandomFailed)?;
+        let sealed = self.subkey(&salt, aad)?.seal(aad, plaintext)?;
+        let mut out = Vec::with_capacity(1 + SUBKEY_SALT_LEN + sealed.len());
+        out.push(SUBKEY_FORMAT);
+        out.extend_from_slice(&salt);
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// Opens a value made by [`SymmetricKey::seal_value`] with `aad`, or one sealed directly
+    /// under this key by an earlier version of keywarden (bound to `legacy_aad`).
+    pub fn open_value(
+        &self,
+        aad: &[u8],
+        legacy_aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        if sealed.first() == Some(&SUBKEY_FORMAT) && sealed.len() > 1 + SUBKEY_SALT_LEN {
+            let (salt, body) = sealed[1..].split_at(SUBKEY_SALT_LEN);
+            if let Ok(plain) = self.subkey(salt, aad)?.open(aad, body) {
+                return Ok(plain);
+            }
+        }
+        // A legacy blob whose random nonce happens to start with the format byte lands here.
+        self.open(legacy_aad, sealed)
+    }
+
+    fn subkey(&self, salt: &[u8], info: &[u8]) -> Result<SymmetricKey, CryptoError> {
+        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, salt).extract(self.0.as_ref());
+        let info = [info];
+        let okm = prk
+            .expand(&info, ring::hkdf::HKDF_SHA256)
+            .map_err(|_| CryptoError::DecryptionFailed)?;
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        okm.fill(key.as_mut())
+            .map_err(|_| CryptoError::DecryptionFailed)?;
+        Ok(Self(key))
     }
 
     /// Wraps (seals) another key under this one.
@@ -364,6 +415,33 @@ mod tests {
         ));
         let other = SymmetricKey::generate().unwrap();
         assert!(other.open(b"secret-a/1", &sealed).is_err());
+    }
+
+    #[test]
+    fn values_get_a_subkey_each_and_legacy_blobs_still_open() {
+        let key = SymmetricKey::generate().unwrap();
+        let a = key.seal_value(b"v2/x", b"hello").unwrap();
+        let b = key.seal_value(b"v2/x", b"hello").unwrap();
+        assert_eq!(a[0], SUBKEY_FORMAT);
+        assert_ne!(
+            a[1..17],
+            b[1..17],
+            "a fresh salt, so a fresh key, per value"
+        );
+        assert_eq!(&key.open_value(b"v2/x", b"v1/x", &a).unwrap()[..], b"hello");
+        assert!(
+            key.open_value(b"v2/y", b"v1/x", &a).is_err(),
+            "bound to its aad"
+        );
+        // Values sealed before subkeys open with their old binding, and only with it.
+        let legacy = key.seal(b"v1/x", b"old").unwrap();
+        assert_eq!(
+            &key.open_value(b"v2/x", b"v1/x", &legacy).unwrap()[..],
+            b"old"
+        );
+        assert!(key.open_value(b"v2/x", b"v1/y", &legacy).is_err());
+        // A value sealed under a subkey does not open under the data key itself.
+        assert!(key.open(b"v2/x", &a[17..]).is_err());
     }
 
     #[test]

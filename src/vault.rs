@@ -33,16 +33,42 @@ fn data_key_aad(secret_id: &str) -> Vec<u8> {
     format!("keywarden/data-key/{secret_id}").into_bytes()
 }
 
-fn value_aad(secret_id: &str, version: i64) -> Vec<u8> {
+/// What a version's value was bound to before values had subkeys (still opened).
+fn legacy_value_aad(secret_id: &str, version: i64) -> Vec<u8> {
     format!("keywarden/value/{secret_id}/{version}").into_bytes()
 }
 
-fn bound_aad(secret_id: &str, context: &Bound<'_>) -> Vec<u8> {
+/// A version's value is bound to its secret, its number and its `meta`: a database writer who
+/// swaps `meta` (to aim a revoke at another key id) makes the value fail to open.
+fn value_aad(secret_id: &str, version: i64, meta: &Meta) -> Vec<u8> {
+    format!(
+        "keywarden/value-v2/{secret_id}/{version}/{}",
+        canonical_meta(meta)
+    )
+    .into_bytes()
+}
+
+/// `meta` as JSON with its top-level keys sorted.
+fn canonical_meta(meta: &Meta) -> String {
+    let sorted: std::collections::BTreeMap<&String, &serde_json::Value> = meta.iter().collect();
+    serde_json::to_string(&sorted).expect("meta serializes")
+}
+
+fn legacy_bound_aad(secret_id: &str, context: &Bound<'_>) -> Vec<u8> {
     match context {
         Bound::Proposed(rotation_id) => format!("keywarden/proposed/{secret_id}/{rotation_id}"),
         Bound::Issued(lease_id) => format!("keywarden/issued/{secret_id}/{lease_id}"),
     }
     .into_bytes()
+}
+
+/// A value sealed outside the versions table is bound to its rotation or lease and `meta`.
+fn bound_aad(secret_id: &str, context: &Bound<'_>, meta: &Meta) -> Vec<u8> {
+    let mut aad = b"v2/".to_vec();
+    aad.extend(legacy_bound_aad(secret_id, context));
+    aad.extend(b"/");
+    aad.extend(canonical_meta(meta).into_bytes());
+    aad
 }
 
 /// What a value sealed outside the versions table is bound to.
@@ -318,8 +344,10 @@ impl Vault {
             };
             let new_version = NewVersion {
                 version,
-                ciphertext: data_key
-                    .seal(&value_aad(secret_id, version), value.expose().as_bytes())?,
+                ciphertext: data_key.seal_value(
+                    &value_aad(secret_id, version, &meta),
+                    value.expose().as_bytes(),
+                )?,
                 meta: meta.clone(),
                 fingerprint: fingerprint.to_vec(),
             };
@@ -359,7 +387,11 @@ impl Vault {
         let key = self.data_key(name, &sealed.secret_id, &sealed.wrapped_data_key)?;
         let v = &sealed.version;
         let plain = key
-            .open(&value_aad(&sealed.secret_id, v.version), &v.ciphertext)
+            .open_value(
+                &value_aad(&sealed.secret_id, v.version, &v.meta),
+                &legacy_value_aad(&sealed.secret_id, v.version),
+                &v.ciphertext,
+            )
             .map_err(|_| VaultError::Integrity {
                 name: name.to_string(),
                 version: Some(v.version),
@@ -527,23 +559,29 @@ impl Vault {
     }
 
     /// Seals a value that is not a version (a rotation's proposed value, a credential issued
-    /// for a lease) under the secret's data key, bound to its rotation or lease.
+    /// for a lease) under the secret's data key, bound to its rotation or lease and to `meta`
+    /// (an issued credential's, kept beside it in plaintext).
     pub fn seal_bound(
         &self,
         secret: &SecretRecord,
         context: Bound<'_>,
         value: &SecretValue,
+        meta: &Meta,
     ) -> Result<Vec<u8>, VaultError> {
         let key = self.data_key(&secret.name, &secret.id, &secret.wrapped_data_key)?;
-        Ok(key.seal(&bound_aad(&secret.id, &context), value.expose().as_bytes())?)
+        Ok(key.seal_value(
+            &bound_aad(&secret.id, &context, meta),
+            value.expose().as_bytes(),
+        )?)
     }
 
-    /// Opens a value sealed by [`Vault::seal_bound`] with the same context.
+    /// Opens a value sealed by [`Vault::seal_bound`] with the same context and `meta`.
     pub fn open_bound(
         &self,
         secret: &SecretRecord,
         context: Bound<'_>,
         sealed: &[u8],
+        meta: &Meta,
     ) -> Result<SecretValue, VaultError> {
         let key = self.data_key(&secret.name, &secret.id, &secret.wrapped_data_key)?;
         let integrity = || VaultError::Integrity {
@@ -551,7 +589,11 @@ impl Vault {
             version: None,
         };
         let plain = key
-            .open(&bound_aad(&secret.id, &context), sealed)
+            .open_value(
+                &bound_aad(&secret.id, &context, meta),
+                &legacy_bound_aad(&secret.id, &context),
+                sealed,
+            )
             .map_err(|_| integrity())?;
         SecretValue::from_utf8(plain).map_err(|_| integrity())
     }
@@ -567,7 +609,10 @@ impl Vault {
         let key = self.data_key(&secret.name, &secret.id, &secret.wrapped_data_key)?;
         Ok(NewVersion {
             version,
-            ciphertext: key.seal(&value_aad(&secret.id, version), value.expose().as_bytes())?,
+            ciphertext: key.seal_value(
+                &value_aad(&secret.id, version, &meta),
+                value.expose().as_bytes(),
+            )?,
             meta,
             fingerprint: self.fingerprint(value.expose().as_bytes()).to_vec(),
         })

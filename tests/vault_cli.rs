@@ -155,6 +155,31 @@ fn wrong_passphrase_is_a_clear_error_and_changes_nothing() {
 }
 
 #[test]
+fn a_database_writer_who_swaps_a_versions_meta_makes_it_fail_to_open() {
+    // meta is plaintext, and a revoke is aimed by it (`meta.access_key_id`): a writer who could
+    // point version 2's meta at another key would have keywarden revoke that key instead.
+    let env = Env::initialized();
+    env.ok(
+        &["put", "aws/ci", "--meta", "access_key_id=AKIAFIRST"],
+        Some(b"secret-one"),
+    );
+    env.ok(
+        &["put", "aws/ci", "--meta", "access_key_id=AKIASECOND"],
+        Some(b"secret-two"),
+    );
+    env.sql(&["UPDATE versions SET meta = '{\"access_key_id\":\"AKIAOTHER\"}' WHERE version = 2"]);
+    let err = env.fails(1, &["get", "aws/ci"], None);
+    assert!(
+        err.contains("integrity check failed for secret \"aws/ci\" version 2"),
+        "{err}"
+    );
+    assert_eq!(
+        env.ok(&["get", "aws/ci", "--version", "1"], None),
+        "secret-one"
+    );
+}
+
+#[test]
 fn tampered_or_moved_ciphertexts_fail_naming_the_secret_and_others_still_open() {
     let env = Env::initialized();
     env.put("alpha", "alpha-v1");

@@ -37,11 +37,12 @@ impl DaemonLeaseBackend {
         let sealed = lease.issued.as_deref().ok_or_else(|| {
             StoreError::Corrupt(format!("lease {}: no issued credential", lease.id))
         })?;
-        let value = vault.open_bound(&secret, Bound::Issued(&lease.id), sealed)?;
+        let meta = lease.issued_meta.clone().unwrap_or_default();
+        let value = vault.open_bound(&secret, Bound::Issued(&lease.id), sealed, &meta)?;
         let target = Credential {
             version: None,
             value: Secret::new(value.expose()),
-            meta: lease.issued_meta.clone().unwrap_or_default(),
+            meta,
         };
         self.engine
             .revoke_issued(name, &lease.id, Some(target))

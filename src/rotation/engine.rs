@@ -388,9 +388,12 @@ impl Engine {
         let current = store.sealed(name, None).await?.map(|s| s.version.version);
         let rotation_id = uuid::Uuid::new_v4().to_string();
         let proposed = spec.generate.generate().map_err(VaultError::from)?;
-        let sealed = self
-            .vault
-            .seal_bound(secret, Bound::Proposed(&rotation_id), &proposed)?;
+        let sealed = self.vault.seal_bound(
+            secret,
+            Bound::Proposed(&rotation_id),
+            &proposed,
+            &Default::default(),
+        )?;
         let plan = NewRotation {
             id: rotation_id.clone(),
             secret_id: secret.id.clone(),

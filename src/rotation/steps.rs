@@ -233,10 +233,12 @@ impl Engine {
     ) -> Result<Outcome, StepError> {
         let secret = self.secret_record(&spec.name).await?;
         let proposed = match &rotation.proposed {
-            Some(sealed) => {
-                self.vault
-                    .open_bound(&secret, Bound::Proposed(&rotation.id), sealed)?
-            }
+            Some(sealed) => self.vault.open_bound(
+                &secret,
+                Bound::Proposed(&rotation.id),
+                sealed,
+                &Default::default(),
+            )?,
             None => spec.generate.generate().map_err(VaultError::from)?,
         };
         let (value, meta) = match provider {
