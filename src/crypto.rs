@@ -279,6 +279,41 @@ impl FingerprintKey {
         out.copy_from_slice(tag.as_ref());
         out
     }
+
+    /// The key that seals the audit chain, derived from this one by HKDF (not by HMAC, whose
+    /// outputs are the fingerprints stored beside every version).
+    pub fn audit_seal_key(&self) -> AuditSealKey {
+        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"keywarden-audit-seal")
+            .extract(&self.1);
+        let info = [b"v1".as_slice()];
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        prk.expand(&info, ring::hkdf::HKDF_SHA256)
+            .and_then(|okm| okm.fill(key.as_mut()))
+            .expect("32 bytes from HKDF-SHA256");
+        AuditSealKey(hmac::Key::new(hmac::HMAC_SHA256, key.as_ref()))
+    }
+}
+
+/// Seals the audit chain: an HMAC-SHA256 of a row's position and hash.
+#[derive(Clone)]
+pub struct AuditSealKey(hmac::Key);
+
+impl AuditSealKey {
+    /// The seal of row `seq` whose chain hash is `hash`.
+    pub fn seal(&self, seq: i64, hash: &[u8]) -> [u8; DIGEST_LEN] {
+        let mut message = seq.to_be_bytes().to_vec();
+        message.extend_from_slice(hash);
+        let tag = hmac::sign(&self.0, &message);
+        let mut out = [0u8; DIGEST_LEN];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+}
+
+impl fmt::Debug for AuditSealKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuditSealKey([redacted])")
+    }
 }
 
 impl fmt::Debug for FingerprintKey {

@@ -20,8 +20,8 @@ use crate::audit::AuditEvent;
 use crate::crypto::{self, CryptoError, FingerprintKey, KdfParams, SymmetricKey};
 use crate::name::{self, InvalidName};
 use crate::store::{
-    NewSecret, NewVersion, RewrappedKey, SealedSecret, SecretRecord, Stage, Store, StoreError,
-    VaultHeader, VersionTarget,
+    NewSecret, NewVersion, RewrappedKey, SealedMaterial, SealedSecret, SecretRecord, Stage, Store,
+    StoreError, VaultHeader, VersionTarget,
 };
 use crate::value::SecretValue;
 
@@ -69,6 +69,49 @@ fn bound_aad(secret_id: &str, context: &Bound<'_>, meta: &Meta) -> Vec<u8> {
     aad.extend(b"/");
     aad.extend(canonical_meta(meta).into_bytes());
     aad
+}
+
+/// Everything in `material`, opened with the old data key and sealed under the new one.
+fn reseal(
+    name: &str,
+    secret_id: &str,
+    old: &SymmetricKey,
+    new: &SymmetricKey,
+    material: SealedMaterial,
+) -> Result<SealedMaterial, VaultError> {
+    let integrity = |version: Option<i64>| VaultError::Integrity {
+        name: name.to_string(),
+        version,
+    };
+    let mut out = SealedMaterial::default();
+    for (version, ciphertext, meta) in material.versions {
+        let aad = value_aad(secret_id, version, &meta);
+        let plain = old
+            .open_value(&aad, &legacy_value_aad(secret_id, version), &ciphertext)
+            .map_err(|_| integrity(Some(version)))?;
+        out.versions
+            .push((version, new.seal_value(&aad, &plain)?, meta));
+    }
+    let empty = Meta::new();
+    for (rotation_id, sealed) in material.proposed {
+        let context = Bound::Proposed(&rotation_id);
+        let aad = bound_aad(secret_id, &context, &empty);
+        let plain = old
+            .open_value(&aad, &legacy_bound_aad(secret_id, &context), &sealed)
+            .map_err(|_| integrity(None))?;
+        let sealed = new.seal_value(&aad, &plain)?;
+        out.proposed.push((rotation_id, sealed));
+    }
+    for (lease_id, sealed, meta) in material.issued {
+        let context = Bound::Issued(&lease_id);
+        let aad = bound_aad(secret_id, &context, &meta);
+        let plain = old
+            .open_value(&aad, &legacy_bound_aad(secret_id, &context), &sealed)
+            .map_err(|_| integrity(None))?;
+        let sealed = new.seal_value(&aad, &plain)?;
+        out.issued.push((lease_id, sealed, meta));
+    }
+    Ok(out)
 }
 
 /// What a value sealed outside the versions table is bound to.
@@ -249,6 +292,7 @@ impl Vault {
         };
         let audit = AuditEvent::new(actor, "vault.init").detail(json!({ "kdf": kdf.to_string() }));
         let store = Store::create(path, &header, audit).await?;
+        store.set_audit_sealer(keys.fingerprint.audit_seal_key());
         Ok(Vault { store, keys })
     }
 
@@ -264,6 +308,8 @@ impl Vault {
         let fingerprint = root
             .unwrap_fingerprint_key(FINGERPRINT_KEY_AAD, &header.wrapped_fingerprint_key)
             .map_err(|_| VaultError::DamagedHeader("the fingerprint key does not authenticate"))?;
+        // From here on every audit row this process appends is sealed with the vault's key.
+        store.set_audit_sealer(fingerprint.audit_seal_key());
         Ok(Vault {
             store,
             keys: Keyring {
@@ -282,6 +328,12 @@ impl Vault {
     /// The keyed fingerprint of a value.
     pub fn fingerprint(&self, value: &[u8]) -> [u8; crypto::DIGEST_LEN] {
         self.keys.fingerprint.fingerprint(value)
+    }
+
+    /// Whether `mac` is this vault's seal of row `seq` with hash `hash` (constant time).
+    pub fn audit_seal_holds(&self, seq: i64, hash: &[u8], mac: &[u8]) -> bool {
+        let expected = self.keys.fingerprint.audit_seal_key().seal(seq, hash);
+        crypto::constant_time_eq(&expected, mac)
     }
 
     fn data_key(
@@ -473,12 +525,15 @@ impl Vault {
     }
 
     /// Replaces the root key with a new random one and rewraps every data key and the
-    /// fingerprint key under it, in one transaction. Values are not re-encrypted. Returns the
-    /// number of data keys rewrapped.
+    /// fingerprint key under it, in one transaction. With `data_keys`, every data key is
+    /// replaced too and everything sealed under it (versions, proposed values, issued
+    /// credentials) re-encrypted, so an old backup and the old passphrase open nothing stored
+    /// from now on. Returns the number of data keys installed.
     pub async fn rekey(
         &mut self,
         passphrase: &Passphrase,
         actor: &str,
+        data_keys: bool,
     ) -> Result<usize, VaultError> {
         let old_header = self.store.header().await?;
         derive_kek(passphrase, &old_header.salt, old_header.kdf)
@@ -494,12 +549,24 @@ impl Vault {
             attempt += 1;
             let new_root = SymmetricKey::generate()?;
             let mut rewrapped = Vec::new();
+            let mut resealed_values = 0;
             for (secret_id, name, wrapped) in self.store.all_data_keys().await? {
                 let aad = data_key_aad(&secret_id);
                 let key = self.data_key(&name, &secret_id, &wrapped)?;
+                let (key, resealed) = if data_keys {
+                    let new_key = SymmetricKey::generate()?;
+                    let material = self.store.sealed_material(&secret_id).await?;
+                    let material = reseal(&name, &secret_id, &key, &new_key, material)?;
+                    resealed_values +=
+                        material.versions.len() + material.proposed.len() + material.issued.len();
+                    (new_key, Some(material))
+                } else {
+                    (key, None)
+                };
                 rewrapped.push(RewrappedKey {
                     wrapped_data_key: new_root.wrap(&aad, &key)?,
                     secret_id,
+                    resealed,
                 });
             }
             let header = VaultHeader {
@@ -512,6 +579,8 @@ impl Vault {
             };
             let audit = AuditEvent::new(actor, "vault.rekey").detail(json!({
                 "data_keys": rewrapped.len(),
+                "data_keys_replaced": data_keys,
+                "values_resealed": resealed_values,
                 "root_generation": header.root_generation,
             }));
             match self

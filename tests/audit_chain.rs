@@ -124,3 +124,89 @@ fn audit_tail_shows_a_hostile_executable_path_escaped_not_as_terminal_commands()
     );
     assert!(tail.contains("\\u{1b}]0;owned"), "{tail}");
 }
+
+/// Rewrites row `seq`'s detail and recomputes every hash from it on, as a database writer who
+/// knows the (public) chain construction would.
+fn rewrite_and_rehash(env: &Env, seq: i64, detail: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let rows = rt.block_on(async {
+        let store = keywarden::store::Store::open(&env.store, keywarden::store::Access::ReadOnly)
+            .await
+            .unwrap();
+        store.audit_page(0, 10_000).await.unwrap()
+    });
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let mut prev = rows[(seq - 2) as usize].hash.clone();
+    let mut statements = Vec::new();
+    for row in rows.iter().filter(|r| r.seq >= seq) {
+        let detail = if row.seq == seq {
+            detail
+        } else {
+            row.detail.as_str()
+        };
+        let hash = keywarden::audit::chain_hash(
+            &prev,
+            row.seq,
+            row.at,
+            &row.actor,
+            &row.action,
+            row.secret.as_deref(),
+            row.incident_id.as_deref(),
+            detail,
+        );
+        statements.push(format!(
+            "UPDATE audit SET detail = '{}', prev_hash = X'{}', hash = X'{}' WHERE seq = {}",
+            detail.replace('\'', "''"),
+            hex(&prev),
+            hex(&hash),
+            row.seq
+        ));
+        prev = hash.to_vec();
+    }
+    let statements: Vec<&str> = statements.iter().map(String::as_str).collect();
+    env.sql(&statements);
+}
+
+#[test]
+fn rows_rewritten_with_recomputed_hashes_or_cut_from_the_end_fail_the_keyed_check() {
+    let env = env_with_history();
+    let keyed = |env: &Env| {
+        let out = env.run(&["audit", "verify", "--keyed", "--json"], None);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (out.status.code(), report)
+    };
+    let (code, report) = keyed(&env);
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(report["unsealed_tail"], 0, "every row is sealed: {report}");
+
+    // The writer hides that `b` was fetched: the plain chain is fooled, the seals are not.
+    rewrite_and_rehash(&env, 3, r#"{"version":1,"note":"nothing happened"}"#);
+    assert_eq!(
+        verify(&env).0,
+        Some(0),
+        "an unkeyed chain can be recomputed"
+    );
+    let (code, report) = keyed(&env);
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap()
+            .contains("keyed seal does not match"),
+        "{report}"
+    );
+
+    // Rows cut from the end: the plain chain still holds, a seal names a row that is gone.
+    let env = env_with_history();
+    env.sql(&["DELETE FROM audit WHERE seq = (SELECT max(seq) FROM audit)"]);
+    assert_eq!(verify(&env).0, Some(0));
+    let (code, report) = keyed(&env);
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap()
+            .contains("deleted from its end"),
+        "{report}"
+    );
+}

@@ -433,3 +433,72 @@ fn serve_waits_for_a_command_that_holds_the_store_and_names_one_that_does_not_fi
         "{err}"
     );
 }
+
+/// A copy of `env`'s store taken now, as a backup would be (same passphrase).
+fn backup_of(env: &Env) -> Env {
+    let backup = Env::new();
+    std::fs::create_dir_all(backup.store.parent().unwrap()).unwrap();
+    for suffix in ["", "-wal"] {
+        let from = format!("{}{suffix}", env.store.display());
+        if std::path::Path::new(&from).exists() {
+            std::fs::copy(&from, format!("{}{suffix}", backup.store.display())).unwrap();
+        }
+    }
+    backup
+}
+
+/// What a thief with an old backup and the old passphrase reads of `name` once they also get
+/// the versions stored since (a later copy of the file, read without any passphrase).
+fn read_later_versions_with_old_backup(
+    env: &Env,
+    backup: &Env,
+    name: &str,
+) -> std::process::Output {
+    backup.sql(&[
+        &format!("ATTACH '{}' AS later", env.store.display()),
+        &format!(
+            "DELETE FROM versions WHERE secret_id = (SELECT id FROM secrets WHERE name = '{name}')"
+        ),
+        &format!(
+            "INSERT INTO versions SELECT * FROM later.versions \
+             WHERE secret_id = (SELECT id FROM secrets WHERE name = '{name}')"
+        ),
+    ]);
+    backup.run(&["get", name], None)
+}
+
+#[test]
+fn after_rekey_with_data_keys_an_old_backup_opens_nothing_stored_later() {
+    // Without --data-keys the data keys stay: the old backup still opens what comes later.
+    let env = Env::initialized();
+    env.put("svc/key", "before-1");
+    let backup = backup_of(&env);
+    env.ok(&["rekey"], None);
+    env.put("svc/key", "after-rekey-2");
+    let out = read_later_versions_with_old_backup(&env, &backup, "svc/key");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "after-rekey-2",
+        "the weakness"
+    );
+
+    let env = Env::initialized();
+    env.put("svc/key", "before-1");
+    env.put("other", "other-1");
+    let backup = backup_of(&env);
+    let out = env.ok(&["rekey", "--data-keys"], None);
+    assert!(out.contains("every value re-encrypted"), "{out}");
+    env.put("svc/key", "after-rekey-2");
+    assert_eq!(env.get("svc/key"), "after-rekey-2");
+    assert_eq!(
+        env.ok(&["get", "svc/key", "--version", "1"], None),
+        "before-1"
+    );
+    assert_eq!(env.get("other"), "other-1");
+    let out = read_later_versions_with_old_backup(&env, &backup, "svc/key");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("integrity check failed"), "{err}");
+    assert!(!err.contains("after-rekey-2") && out.stdout.is_empty());
+    env.ok(&["audit", "verify"], None);
+}

@@ -15,10 +15,20 @@ const PAGE: i64 = 1000;
 #[derive(Debug, Subcommand)]
 pub(crate) enum AuditCommand {
     /// Check the hash chain; exit 0 if it holds, 1 naming the first bad row if not.
+    ///
+    /// The chain alone proves no row was edited, reordered or removed from the middle by
+    /// someone who did not recompute the hashes after it. With --keyed (asks for the
+    /// passphrase) every seal is checked too: each transaction of an unlocked keywarden seals
+    /// the chain's head with the vault's key, so rows rewritten with recomputed hashes, and rows
+    /// deleted from the end, are found.
     Verify {
-        /// Print {"ok","rows","head"} or {"ok":false,"first_bad_seq","reason"} as JSON.
+        /// Print {"ok","rows","head"} (with --keyed also "seals", "unsealed_tail") or
+        /// {"ok":false,"first_bad_seq","reason"} as JSON.
         #[arg(long)]
         json: bool,
+        /// Also check the keyed seals (needs the passphrase).
+        #[arg(long)]
+        keyed: bool,
     },
     /// Print the most recent audit events.
     Tail {
@@ -34,44 +44,78 @@ pub(crate) enum AuditCommand {
 pub(crate) async fn run(ctx: &Context, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     let store = ctx.open_store(Access::ReadOnly).await?;
     match cmd {
-        AuditCommand::Verify { json } => {
+        AuditCommand::Verify { json, keyed } => {
+            let seals = if keyed {
+                let passphrase = crate::passphrase::obtain(crate::passphrase::Purpose::Unlock)?;
+                let vault = crate::vault::Vault::unlock(store.clone(), &passphrase).await?;
+                Some((vault, store.audit_seals().await?))
+            } else {
+                None
+            };
             let mut verifier = ChainVerifier::default();
             let mut after = 0;
+            let mut sealed_up_to = 0;
+            let fail = |seq: i64, reason: String, rows: u64| -> anyhow::Result<ExitCode> {
+                if json {
+                    print_json(&json!({
+                        "ok": false,
+                        "first_bad_seq": seq,
+                        "reason": reason,
+                        "rows_verified": rows,
+                    }))?;
+                } else {
+                    eprintln!(
+                        "audit chain broken at row {seq}: {reason} ({rows} rows before it verified)"
+                    );
+                }
+                Ok(ExitCode::FAILURE)
+            };
             loop {
                 let page = store.audit_page(after, PAGE).await?;
                 let Some(last) = page.last() else { break };
                 after = last.seq;
                 for row in &page {
                     if let Err(brk) = verifier.check(row) {
-                        if json {
-                            print_json(&json!({
-                                "ok": false,
-                                "first_bad_seq": brk.seq,
-                                "reason": brk.reason,
-                                "rows_verified": verifier.rows(),
-                            }))?;
-                        } else {
-                            eprintln!(
-                                "audit chain broken at row {}: {} ({} rows before it verified)",
-                                brk.seq,
-                                brk.reason,
-                                verifier.rows()
-                            );
-                        }
-                        return Ok(ExitCode::FAILURE);
+                        return fail(brk.seq, brk.reason, verifier.rows());
                     }
+                    let Some((vault, seals)) = &seals else {
+                        continue;
+                    };
+                    let Ok(i) = seals.binary_search_by_key(&row.seq, |(seq, _)| *seq) else {
+                        continue;
+                    };
+                    if !vault.audit_seal_holds(row.seq, &row.hash, &seals[i].1) {
+                        let reason = "its keyed seal does not match: the rows up to it were \
+                                      rewritten and their hashes recomputed"
+                            .to_string();
+                        return fail(row.seq, reason, verifier.rows() - 1);
+                    }
+                    sealed_up_to = row.seq;
                 }
             }
+            let rows = verifier.rows();
+            let mut report = json!({ "ok": true, "rows": rows, "head": verifier.head() });
+            if let Some((_, seals)) = &seals {
+                if let Some((seq, _)) = seals.iter().find(|(seq, _)| *seq > after) {
+                    let reason = format!(
+                        "a seal names row {seq} but the chain ends at row {after}: rows were \
+                         deleted from its end"
+                    );
+                    return fail(after + 1, reason, rows);
+                }
+                report["seals"] = json!(seals.len());
+                report["unsealed_tail"] = json!(after - sealed_up_to);
+            }
             if json {
-                print_json(
-                    &json!({ "ok": true, "rows": verifier.rows(), "head": verifier.head() }),
-                )?;
+                print_json(&report)?;
             } else {
-                println!(
-                    "audit chain intact: {} rows, head {}",
-                    verifier.rows(),
-                    verifier.head()
-                );
+                println!("audit chain intact: {rows} rows, head {}", verifier.head());
+                if seals.is_some() {
+                    println!(
+                        "keyed seals hold up to row {sealed_up_to}; {} rows after it are not sealed",
+                        after - sealed_up_to
+                    );
+                }
             }
         }
         AuditCommand::Tail { lines, json } => {

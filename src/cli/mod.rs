@@ -73,8 +73,9 @@ enum Command {
     Rm(vault_cmds::RmArgs),
     /// Change the passphrase (rewraps the root key; values are untouched).
     Passwd,
-    /// Replace the root key and rewrap every data key under it (values are untouched).
-    Rekey,
+    /// Replace the root key and rewrap every data key under it (values are untouched; with
+    /// --data-keys, new data keys and every value re-encrypted).
+    Rekey(vault_cmds::RekeyArgs),
     /// Check or print the audit chain.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCommand),
@@ -180,7 +181,7 @@ async fn run(cli: Cli, inherited: crate::hardening::Inherited) -> anyhow::Result
         Command::List(args) => vault_cmds::list(&ctx, args).await,
         Command::Rm(args) => vault_cmds::rm(&ctx, args).await,
         Command::Passwd => vault_cmds::passwd(&ctx).await,
-        Command::Rekey => vault_cmds::rekey(&ctx).await,
+        Command::Rekey(args) => vault_cmds::rekey(&ctx, args).await,
         Command::Audit(cmd) => audit_cmd::run(&ctx, cmd).await,
         Command::Serve(args) => daemon_cmds::serve(&ctx, args).await,
         Command::Rotate(args) => daemon_cmds::rotate(&ctx, args).await,

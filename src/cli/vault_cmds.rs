@@ -268,11 +268,25 @@ pub(crate) async fn passwd(ctx: &Context) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) async fn rekey(ctx: &Context) -> anyhow::Result<ExitCode> {
+/// `rekey` options.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RekeyArgs {
+    /// Also replace every secret's data key and re-encrypt everything sealed under it
+    /// (versions, proposed values, issued credentials): an old backup opened with the old
+    /// passphrase then opens nothing stored from now on.
+    #[arg(long)]
+    data_keys: bool,
+}
+
+pub(crate) async fn rekey(ctx: &Context, args: RekeyArgs) -> anyhow::Result<ExitCode> {
     let store = ctx.open_store(Access::Shared).await?;
     let passphrase = passphrase::obtain(Purpose::Unlock)?;
     let mut vault = Vault::unlock(store, &passphrase).await?;
-    let count = vault.rekey(&passphrase, &ctx.actor).await?;
-    println!("new root key installed; {count} data key(s) rewrapped; values untouched");
+    let count = vault.rekey(&passphrase, &ctx.actor, args.data_keys).await?;
+    if args.data_keys {
+        println!("new root key and {count} new data key(s) installed; every value re-encrypted");
+    } else {
+        println!("new root key installed; {count} data key(s) rewrapped; values untouched");
+    }
     Ok(ExitCode::SUCCESS)
 }

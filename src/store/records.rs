@@ -524,4 +524,17 @@ pub struct RewrappedKey {
     pub secret_id: String,
     /// The data key sealed under the new root key.
     pub wrapped_data_key: Vec<u8>,
+    /// When the data key itself is new: everything sealed under the old one, sealed anew.
+    pub resealed: Option<SealedMaterial>,
+}
+
+/// Everything sealed under one secret's data key.
+#[derive(Debug, Clone, Default)]
+pub struct SealedMaterial {
+    /// Versions: (version, ciphertext, meta).
+    pub versions: Vec<(i64, Vec<u8>, serde_json::Map<String, serde_json::Value>)>,
+    /// Proposed values of rotations: (rotation id, sealed value).
+    pub proposed: Vec<(String, Vec<u8>)>,
+    /// Credentials issued for leases: (lease id, sealed value, meta).
+    pub issued: Vec<(String, Vec<u8>, serde_json::Map<String, serde_json::Value>)>,
 }

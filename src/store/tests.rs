@@ -253,6 +253,7 @@ async fn writes_under_an_old_root_key_generation_are_refused() {
     let rewrapped = [RewrappedKey {
         secret_id: secret.clone(),
         wrapped_data_key: vec![4; 60],
+        resealed: None,
     }];
     // A rekey computed against generation 0 lost a race: refused.
     let err = t

@@ -5,6 +5,7 @@ use sqlx::sqlite::{SqliteConnection, SqliteRow};
 
 use crate::audit::{AuditEvent, AuditRecord, GENESIS_HASH, chain_hash};
 use crate::clock::{Millis, now_millis};
+use crate::crypto::AuditSealKey;
 use crate::store::StoreError;
 
 use super::{MultiRowTable, SqliteStore, chunk_len, multi_row_insert};
@@ -16,7 +17,7 @@ impl SqliteStore {
             return Ok(());
         }
         let mut tx = self.begin_write().await?;
-        append_audit_in(&mut tx, events).await?;
+        append_audit_in(&mut tx, self.sealer(), events).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -50,11 +51,23 @@ impl SqliteStore {
     pub async fn audit_head(&self) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
         Ok(self.audit_tail(1).await?.pop().map(|r| (r.seq, r.hash)))
     }
+
+    /// Every seal, by row: (seq, mac).
+    pub async fn audit_seals(&self) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        let rows = sqlx::query("SELECT seq, mac FROM audit_seals ORDER BY seq")
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (sqlx::Row::get(r, 0), sqlx::Row::get(r, 1)))
+            .collect())
+    }
 }
 
 /// Appends audit rows inside an open write transaction.
 pub(super) async fn append_audit_in(
     tx: &mut SqliteConnection,
+    sealer: Option<&AuditSealKey>,
     events: &[AuditEvent],
 ) -> Result<(), StoreError> {
     if events.is_empty() {
@@ -108,6 +121,15 @@ pub(super) async fn append_audit_in(
                 .bind(hash.as_slice());
         }
         query.execute(&mut *tx).await?;
+    }
+    if let (Some(key), Some((seq, _, _, _, hash))) = (sealer, rows.last()) {
+        // The new head, sealed in the same transaction: the chain up to it is authenticated.
+        sqlx::query("INSERT OR REPLACE INTO audit_seals (seq, mac, at) VALUES (?, ?, ?)")
+            .bind(*seq)
+            .bind(key.seal(*seq, hash).as_slice())
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
     }
     Ok(())
 }

@@ -1,11 +1,12 @@
 //! The vault header: KDF parameters, salt and wrapped root key; passphrase changes and rekeys.
 
 use sqlx::Row;
+use sqlx::sqlite::SqliteConnection;
 
 use crate::audit::AuditEvent;
 use crate::clock::now_millis;
 use crate::crypto::KdfParams;
-use crate::store::{RewrappedKey, StoreError, VaultHeader};
+use crate::store::{RewrappedKey, SealedMaterial, StoreError, VaultHeader};
 
 use super::SqliteStore;
 use super::audit::append_audit_in;
@@ -76,7 +77,7 @@ impl SqliteStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        append_audit_in(&mut tx, &[audit]).await?;
+        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -105,7 +106,7 @@ impl SqliteStore {
         if updated.rows_affected() != 1 {
             return Err(StoreError::StaleKeys);
         }
-        append_audit_in(&mut tx, &[audit]).await?;
+        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
         crash_point!("passwd.before-commit");
         tx.commit().await?;
         crash_point!("passwd.committed");
@@ -159,6 +160,9 @@ impl SqliteStore {
             if i == rewrapped.len() / 2 {
                 crash_point!("rekey.half-rewrapped");
             }
+            if let Some(material) = &key.resealed {
+                reseal_in(&mut tx, &key.secret_id, material).await?;
+            }
             let done = sqlx::query("UPDATE secrets SET wrapped_data_key = ? WHERE id = ?")
                 .bind(key.wrapped_data_key.as_slice())
                 .bind(key.secret_id.as_str())
@@ -168,11 +172,52 @@ impl SqliteStore {
                 return Err(StoreError::Conflict("the set of secrets".into()));
             }
         }
-        append_audit_in(&mut tx, &[audit]).await?;
+        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
         crash_point!("rekey.before-commit");
         tx.commit().await?;
         crash_point!("rekey.committed");
         Ok(())
+    }
+
+    /// Everything sealed under secret `secret_id`'s data key: its versions, its rotations'
+    /// proposed values and the credentials issued for its leases.
+    pub async fn sealed_material(&self, secret_id: &str) -> Result<SealedMaterial, StoreError> {
+        type Meta = serde_json::Map<String, serde_json::Value>;
+        let meta = |text: Option<String>| -> Result<Meta, StoreError> {
+            serde_json::from_str(text.as_deref().unwrap_or("{}"))
+                .map_err(|e| StoreError::Corrupt(format!("meta: {e}")))
+        };
+        let mut material = SealedMaterial::default();
+        for r in sqlx::query("SELECT version, ciphertext, meta FROM versions WHERE secret_id = ?")
+            .bind(secret_id)
+            .fetch_all(&self.reader)
+            .await?
+        {
+            material
+                .versions
+                .push((r.try_get(0)?, r.try_get(1)?, meta(r.try_get(2)?)?));
+        }
+        for r in sqlx::query(
+            "SELECT id, proposed FROM rotations WHERE secret_id = ? AND proposed IS NOT NULL",
+        )
+        .bind(secret_id)
+        .fetch_all(&self.reader)
+        .await?
+        {
+            material.proposed.push((r.try_get(0)?, r.try_get(1)?));
+        }
+        for r in sqlx::query(
+            "SELECT id, issued, issued_meta FROM leases WHERE secret_id = ? AND issued IS NOT NULL",
+        )
+        .bind(secret_id)
+        .fetch_all(&self.reader)
+        .await?
+        {
+            material
+                .issued
+                .push((r.try_get(0)?, r.try_get(1)?, meta(r.try_get(2)?)?));
+        }
+        Ok(material)
     }
 
     /// Installs a new root key: the header and every data key, in one transaction. Fails with
@@ -190,4 +235,57 @@ impl SqliteStore {
         self.invalidate(None);
         result
     }
+}
+
+/// Replaces everything sealed under one secret's data key; fails with a conflict if what is
+/// sealed changed since `material` was read.
+async fn reseal_in(
+    tx: &mut SqliteConnection,
+    secret_id: &str,
+    material: &SealedMaterial,
+) -> Result<(), StoreError> {
+    let conflict = || StoreError::Conflict(format!("the values of secret {secret_id}"));
+    let counts: (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM versions WHERE secret_id = ?1), \
+                (SELECT count(*) FROM rotations WHERE secret_id = ?1 AND proposed IS NOT NULL), \
+                (SELECT count(*) FROM leases WHERE secret_id = ?1 AND issued IS NOT NULL)",
+    )
+    .bind(secret_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let expected = (
+        material.versions.len() as i64,
+        material.proposed.len() as i64,
+        material.issued.len() as i64,
+    );
+    if counts != expected {
+        return Err(conflict());
+    }
+    for (version, ciphertext, _) in &material.versions {
+        let done =
+            sqlx::query("UPDATE versions SET ciphertext = ? WHERE secret_id = ? AND version = ?")
+                .bind(ciphertext.as_slice())
+                .bind(secret_id)
+                .bind(version)
+                .execute(&mut *tx)
+                .await?;
+        if done.rows_affected() != 1 {
+            return Err(conflict());
+        }
+    }
+    for (id, sealed) in &material.proposed {
+        sqlx::query("UPDATE rotations SET proposed = ? WHERE id = ?")
+            .bind(sealed.as_slice())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for (id, sealed, _) in &material.issued {
+        sqlx::query("UPDATE leases SET issued = ? WHERE id = ?")
+            .bind(sealed.as_slice())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
 }

@@ -45,7 +45,7 @@ impl SqliteStore {
                     }
                 }
             }
-            append_audit_in(&mut tx, audit).await?;
+            append_audit_in(&mut tx, self.sealer(), audit).await?;
             tx.commit().await?;
             Ok::<_, StoreError>(())
         }

@@ -23,6 +23,7 @@ use sqlx::sqlite::{
 
 use super::cache::SealedCache;
 use crate::audit::AuditEvent;
+use crate::crypto::AuditSealKey;
 use crate::store::{StoreError, VaultHeader};
 
 pub(super) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -40,6 +41,9 @@ pub struct SqliteStore {
     cache: Option<SealedCache>,
     /// Dropped with the store: stops the background checkpointer.
     _checkpointer: Option<tokio::sync::watch::Sender<()>>,
+    /// Set once the vault is unlocked: every transaction that appends audit rows also seals
+    /// the chain's new head with it.
+    sealer: std::sync::OnceLock<AuditSealKey>,
 }
 
 /// How often the daemon's background checkpointer moves the write-ahead log into the database.
@@ -77,6 +81,15 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
+    /// From now on, seal the audit chain's head in every transaction that appends rows.
+    pub fn set_audit_sealer(&self, key: AuditSealKey) {
+        let _ = self.sealer.set(key);
+    }
+
+    pub(super) fn sealer(&self) -> Option<&AuditSealKey> {
+        self.sealer.get()
+    }
+
     pub(super) async fn create(
         path: &Path,
         header: &VaultHeader,
@@ -226,6 +239,7 @@ impl SqliteStore {
             reader,
             cache: None,
             _checkpointer: None,
+            sealer: std::sync::OnceLock::new(),
         })
     }
 

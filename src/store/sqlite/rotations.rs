@@ -55,7 +55,7 @@ impl SqliteStore {
             }
             other => other?,
         };
-        append_audit_in(&mut tx, &[audit]).await?;
+        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -122,7 +122,7 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        append_audit_in(&mut tx, &[audit]).await?;
+        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -173,7 +173,7 @@ impl SqliteStore {
         .bind(rotation_id)
         .execute(&mut *tx)
         .await?;
-        append_audit_in(&mut tx, &[audit]).await?;
+        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
         tx.commit().await?;
         Ok(())
     }

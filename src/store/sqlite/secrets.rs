@@ -108,7 +108,7 @@ impl SqliteStore {
             .bind(secret_id)
             .execute(&mut *tx)
             .await?;
-        append_audit_in(&mut tx, &[audit]).await?;
+        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -174,7 +174,7 @@ impl SqliteStore {
             .bind(id.as_str())
             .execute(&mut *tx)
             .await?;
-        append_audit_in(&mut tx, &[audit]).await?;
+        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
         tx.commit().await?;
         // secure_delete zeroed the freed pages; checkpointing and truncating the WAL drops the
         // frames that still held the old pages (best effort: a concurrent reader may delay it).
@@ -233,7 +233,7 @@ impl SqliteStore {
             Some(_) => false,
         };
         if changed {
-            append_audit_in(&mut tx, &[audit]).await?;
+            append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
         }
         tx.commit().await?;
         let record = self
@@ -277,7 +277,7 @@ impl SqliteStore {
         .bind(secret_id)
         .fetch_one(&mut *tx)
         .await?;
-        append_audit_in(&mut tx, &[audit]).await?;
+        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
         tx.commit().await?;
         Ok(count)
     }
@@ -293,7 +293,7 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await?;
         if changed.rows_affected() > 0 {
-            append_audit_in(&mut tx, &[audit]).await?;
+            append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -315,7 +315,7 @@ impl SqliteStore {
         .bind(version)
         .execute(&mut *tx)
         .await?;
-        append_audit_in(&mut tx, &[audit]).await?;
+        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
         tx.commit().await?;
         Ok(())
     }
