@@ -1,8 +1,8 @@
 //! Repeated rejections cost one audit row per cause and window, not one per request.
 //!
-//! A denied fetch, an admin request from a uid that may not use the admin socket: the first of a
-//! cause (action, uid, secret, reason) gets its own audit row at once, committed before the
-//! answer as usual. Repeats within [`WINDOW`] are answered without any durable write and counted
+//! A denied fetch, an admin request from a uid that may not use the admin socket, a signal with
+//! a bad signature: the first of a cause (action, uid, secret, reason) gets its own audit row at
+//! once, committed before the answer as usual. Repeats within [`WINDOW`] are answered without any durable write and counted
 //! in memory; when the window ends, one row records how many there were (`detail.repeats`). A
 //! flood of rejections from one peer therefore costs memory bounded by [`MAX_CAUSES`] and one
 //! row per cause every few seconds, and cannot slow the audit writer for everyone else. A crash

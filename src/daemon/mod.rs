@@ -228,6 +228,7 @@ async fn start_servers(
         tracing::info!(address = ?listener.local_addr().ok(), "listening for signals");
         let api = Arc::new(SignalApi {
             signals: signals.clone(),
+            rejections: rejections.clone(),
         });
         let limits = http::Limits {
             max_body_bytes: 1 << 20,

@@ -610,6 +610,8 @@ impl Signals {
 pub struct SignalApi {
     /// The signal handling.
     pub signals: Arc<Signals>,
+    /// Where repeated rejections are counted (one audit row per reason and window).
+    pub rejections: Arc<crate::rejections::Rejections>,
 }
 
 impl Handler for SignalApi {
@@ -634,10 +636,15 @@ impl Handler for SignalApi {
                 .metrics
                 .signals_rejected
                 .fetch_add(1, Ordering::Relaxed);
-            let audit = AuditEvent::new("signals", "signal.rejected")
-                .detail(json!({ "path": path, "reason": why }));
-            let _ = signals.engine.vault().store().append_audit(&[audit]).await;
-            tracing::warn!(path = %path, reason = why, "rejected a signal");
+            if self
+                .rejections
+                .first("signal.rejected", u32::MAX, None, why, "signals")
+            {
+                let audit = AuditEvent::new("signals", "signal.rejected")
+                    .detail(json!({ "path": path, "reason": why }));
+                let _ = signals.engine.vault().store().append_audit(&[audit]).await;
+                tracing::warn!(path = %path, reason = why, "rejected a signal");
+            }
             return http::error(StatusCode::UNAUTHORIZED, "unauthorized", why);
         }
         let audit = AuditEvent::new("signals", "signal.received").detail(json!({ "path": path }));
