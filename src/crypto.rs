@@ -280,9 +280,9 @@ impl FingerprintKey {
         out
     }
 
-    /// The key that seals the audit chain, derived from this one by HKDF (not by HMAC, whose
-    /// outputs are the fingerprints stored beside every version).
-    pub fn audit_seal_key(&self) -> AuditSealKey {
+    /// The key of the store's integrity MACs (audit seals, current versions), derived from this
+    /// one by HKDF (not by HMAC, whose outputs are the fingerprints stored beside every version).
+    pub fn integrity_key(&self) -> IntegrityKey {
         let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"keywarden-audit-seal")
             .extract(&self.1);
         let info = [b"v1".as_slice()];
@@ -290,29 +290,44 @@ impl FingerprintKey {
         prk.expand(&info, ring::hkdf::HKDF_SHA256)
             .and_then(|okm| okm.fill(key.as_mut()))
             .expect("32 bytes from HKDF-SHA256");
-        AuditSealKey(hmac::Key::new(hmac::HMAC_SHA256, key.as_ref()))
+        IntegrityKey(hmac::Key::new(hmac::HMAC_SHA256, key.as_ref()))
     }
 }
 
-/// Seals the audit chain: an HMAC-SHA256 of a row's position and hash.
+/// MACs over what the store keeps in plaintext and a database writer would want to change:
+/// the audit chain's head, and which version of a secret (under which name) is current.
 #[derive(Clone)]
-pub struct AuditSealKey(hmac::Key);
+pub struct IntegrityKey(hmac::Key);
 
-impl AuditSealKey {
-    /// The seal of row `seq` whose chain hash is `hash`.
-    pub fn seal(&self, seq: i64, hash: &[u8]) -> [u8; DIGEST_LEN] {
-        let mut message = seq.to_be_bytes().to_vec();
-        message.extend_from_slice(hash);
-        let tag = hmac::sign(&self.0, &message);
+impl IntegrityKey {
+    fn mac(&self, domain: &[u8], message: &[u8]) -> [u8; DIGEST_LEN] {
+        let mut ctx = hmac::Context::with_key(&self.0);
+        ctx.update(domain);
+        ctx.update(&[0]);
+        ctx.update(message);
         let mut out = [0u8; DIGEST_LEN];
-        out.copy_from_slice(tag.as_ref());
+        out.copy_from_slice(ctx.sign().as_ref());
         out
     }
+
+    /// The seal of audit row `seq` whose chain hash is `hash`.
+    pub fn audit_seal(&self, seq: i64, hash: &[u8]) -> [u8; DIGEST_LEN] {
+        let mut message = seq.to_be_bytes().to_vec();
+        message.extend_from_slice(hash);
+        self.mac(b"audit-seal", &message)
+    }
+
+    /// The MAC saying that version `version` of secret `secret_id` named `name` is current.
+    pub fn current_version(&self, secret_id: &str, name: &str, version: i64) -> [u8; DIGEST_LEN] {
+        let message = serde_json::to_vec(&(secret_id, name, version))
+            .expect("strings and an integer serialize");
+        self.mac(b"current-version", &message)
+    }
 }
 
-impl fmt::Debug for AuditSealKey {
+impl fmt::Debug for IntegrityKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("AuditSealKey([redacted])")
+        f.write_str("IntegrityKey([redacted])")
     }
 }
 

@@ -17,7 +17,7 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use crate::audit::AuditEvent;
-use crate::crypto::{self, CryptoError, FingerprintKey, KdfParams, SymmetricKey};
+use crate::crypto::{self, CryptoError, FingerprintKey, IntegrityKey, KdfParams, SymmetricKey};
 use crate::name::{self, InvalidName};
 use crate::store::{
     NewSecret, NewVersion, RewrappedKey, SealedMaterial, SealedSecret, SecretRecord, Stage, Store,
@@ -26,7 +26,11 @@ use crate::store::{
 use crate::value::SecretValue;
 
 const ROOT_KEY_AAD: &[u8] = b"keywarden/root-key";
-const FINGERPRINT_KEY_AAD: &[u8] = b"keywarden/fingerprint-key";
+/// The fingerprint key's wrapping says the store keeps current-version MACs: a database writer
+/// cannot turn that off (it would have to rewrap the key under the root key).
+const FINGERPRINT_KEY_AAD: &[u8] = b"keywarden/fingerprint-key/current-macs";
+/// How stores made before current-version MACs wrap it.
+const LEGACY_FINGERPRINT_KEY_AAD: &[u8] = b"keywarden/fingerprint-key";
 const CONFLICT_RETRIES: usize = 5;
 
 fn data_key_aad(secret_id: &str) -> Vec<u8> {
@@ -220,6 +224,10 @@ pub fn short_fingerprint(fingerprint: &[u8]) -> String {
 struct Keyring {
     root: SymmetricKey,
     fingerprint: FingerprintKey,
+    /// Derived from the fingerprint key: audit seals and current-version MACs.
+    integrity: IntegrityKey,
+    /// Whether this store keeps current-version MACs (a missing one is then tampering).
+    current_macs: bool,
     generation: i64,
 }
 
@@ -276,9 +284,13 @@ impl Vault {
         check_new_passphrase(passphrase)?;
         let salt = crypto::random_bytes(crypto::SALT_LEN)?;
         let kek = derive_kek(passphrase, &salt, kdf).await?;
+        let fingerprint = FingerprintKey::generate()?;
+        let integrity = fingerprint.integrity_key();
         let keys = Keyring {
             root: SymmetricKey::generate()?,
-            fingerprint: FingerprintKey::generate()?,
+            fingerprint,
+            integrity,
+            current_macs: true,
             generation: 1,
         };
         let header = VaultHeader {
@@ -292,7 +304,7 @@ impl Vault {
         };
         let audit = AuditEvent::new(actor, "vault.init").detail(json!({ "kdf": kdf.to_string() }));
         let store = Store::create(path, &header, audit).await?;
-        store.set_audit_sealer(keys.fingerprint.audit_seal_key());
+        store.set_integrity_key(keys.integrity.clone());
         Ok(Vault { store, keys })
     }
 
@@ -305,16 +317,41 @@ impl Vault {
             .map_err(|_| VaultError::WrongPassphrase {
                 path: store.path().display().to_string(),
             })?;
-        let fingerprint = root
-            .unwrap_fingerprint_key(FINGERPRINT_KEY_AAD, &header.wrapped_fingerprint_key)
-            .map_err(|_| VaultError::DamagedHeader("the fingerprint key does not authenticate"))?;
-        // From here on every audit row this process appends is sealed with the vault's key.
-        store.set_audit_sealer(fingerprint.audit_seal_key());
+        let wrapped = &header.wrapped_fingerprint_key;
+        let (fingerprint, mut current_macs) =
+            match root.unwrap_fingerprint_key(FINGERPRINT_KEY_AAD, wrapped) {
+                Ok(key) => (key, true),
+                Err(_) => (
+                    root.unwrap_fingerprint_key(LEGACY_FINGERPRINT_KEY_AAD, wrapped)
+                        .map_err(|_| {
+                            VaultError::DamagedHeader("the fingerprint key does not authenticate")
+                        })?,
+                    false,
+                ),
+            };
+        let integrity = fingerprint.integrity_key();
+        // From here on every audit row this process appends is sealed, and every new current
+        // version MACed, with the vault's key.
+        store.set_integrity_key(integrity.clone());
+        if !current_macs {
+            // A store from before current-version MACs: record them once, now, if this process
+            // may write (a read-only one leaves it to the next writer).
+            let rewrapped = root.wrap_fingerprint_key(FINGERPRINT_KEY_AAD, &fingerprint)?;
+            match store.install_current_macs(&integrity, &rewrapped).await {
+                Ok(n) => {
+                    tracing::info!(secrets = n, "recorded current-version MACs");
+                    current_macs = true;
+                }
+                Err(e) => tracing::debug!(error = %e, "current-version MACs not recorded yet"),
+            }
+        }
         Ok(Vault {
             store,
             keys: Keyring {
                 root,
                 fingerprint,
+                integrity,
+                current_macs,
                 generation: header.root_generation,
             },
         })
@@ -330,9 +367,24 @@ impl Vault {
         self.keys.fingerprint.fingerprint(value)
     }
 
+    /// Whether the store's MAC says `sealed` is the current version of the secret `name`.
+    fn current_is_authentic(&self, name: &str, sealed: &SealedSecret) -> bool {
+        match &sealed.current_mac {
+            Some(mac) => {
+                let expected = self.keys.integrity.current_version(
+                    &sealed.secret_id,
+                    name,
+                    sealed.version.version,
+                );
+                crypto::constant_time_eq(&expected, mac)
+            }
+            None => !self.keys.current_macs,
+        }
+    }
+
     /// Whether `mac` is this vault's seal of row `seq` with hash `hash` (constant time).
     pub fn audit_seal_holds(&self, seq: i64, hash: &[u8], mac: &[u8]) -> bool {
-        let expected = self.keys.fingerprint.audit_seal_key().seal(seq, hash);
+        let expected = self.keys.integrity.audit_seal(seq, hash);
         crypto::constant_time_eq(&expected, mac)
     }
 
@@ -438,6 +490,13 @@ impl Vault {
     pub fn open_sealed(&self, name: &str, sealed: &SealedSecret) -> Result<Revealed, VaultError> {
         let key = self.data_key(name, &sealed.secret_id, &sealed.wrapped_data_key)?;
         let v = &sealed.version;
+        if v.stage == Stage::Current && !self.current_is_authentic(name, sealed) {
+            // An old version made current again, or two secrets' names swapped, in the file.
+            return Err(VaultError::Integrity {
+                name: name.to_string(),
+                version: Some(v.version),
+            });
+        }
         let plain = key
             .open_value(
                 &value_aad(&sealed.secret_id, v.version, &v.meta),
@@ -685,5 +744,59 @@ impl Vault {
             meta,
             fingerprint: self.fingerprint(value.expose().as_bytes()).to_vec(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Access;
+
+    #[tokio::test]
+    async fn a_store_from_before_current_macs_is_upgraded_at_unlock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault.db");
+        let passphrase = Zeroizing::new("a passphrase for this test".to_string());
+        let kdf = KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
+        let vault = Vault::init(&path, &passphrase, kdf, "test").await.unwrap();
+        let value = SecretValue::new("v1".into());
+        vault
+            .put("s", "manual", &value, Meta::new(), "test")
+            .await
+            .unwrap();
+        // As an older keywarden left it: the legacy wrapping, no MACs.
+        let legacy = vault
+            .keys
+            .root
+            .wrap_fingerprint_key(LEGACY_FINGERPRINT_KEY_AAD, &vault.keys.fingerprint)
+            .unwrap();
+        drop(vault);
+        let hex: String = legacy.iter().map(|b| format!("{b:02x}")).collect();
+        let sql = format!(
+            "UPDATE secrets SET current_mac = NULL; \
+             UPDATE vault SET wrapped_fingerprint_key = X'{hex}';"
+        );
+        let ok = std::process::Command::new("sqlite3")
+            .arg(&path)
+            .arg(sql)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+
+        let store = Store::open(&path, Access::Shared).await.unwrap();
+        let vault = Vault::unlock(store, &passphrase).await.unwrap();
+        assert!(vault.keys.current_macs, "upgraded");
+        assert_eq!(vault.read("s", None).await.unwrap().value.expose(), "v1");
+        let sealed = vault.store().sealed("s", None).await.unwrap().unwrap();
+        assert!(sealed.current_mac.is_some());
+        drop(vault);
+        // From now on a missing MAC is tampering.
+        let store = Store::open(&path, Access::Shared).await.unwrap();
+        let vault = Vault::unlock(store, &passphrase).await.unwrap();
+        assert!(vault.keys.current_macs);
     }
 }

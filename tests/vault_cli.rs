@@ -180,6 +180,44 @@ fn a_database_writer_who_swaps_a_versions_meta_makes_it_fail_to_open() {
 }
 
 #[test]
+fn a_database_writer_who_rolls_current_back_or_swaps_names_is_caught() {
+    // The old version is the one a provider revoked, or the one a thief holds: serving it again
+    // as current, or serving one secret under another's name, must not go unnoticed.
+    let env = Env::initialized();
+    env.put("svc/key", "old-value");
+    env.put("svc/key", "new-value");
+    let id = "(SELECT id FROM secrets WHERE name = 'svc/key')";
+    env.sql(&[
+        &format!("UPDATE versions SET stage = 'revoked' WHERE version = 2 AND secret_id = {id}"),
+        &format!("UPDATE versions SET stage = 'current' WHERE version = 1 AND secret_id = {id}"),
+    ]);
+    let err = env.fails(1, &["get", "svc/key"], None);
+    assert!(
+        err.contains("integrity check failed for secret \"svc/key\" version 1"),
+        "{err}"
+    );
+    assert!(!err.contains("old-value"));
+    // Removing the MAC does not help: the store says it keeps them.
+    env.sql(&["UPDATE secrets SET current_mac = NULL WHERE name = 'svc/key'"]);
+    let err = env.fails(1, &["get", "svc/key"], None);
+    assert!(err.contains("integrity check failed"), "{err}");
+
+    env.put("team/a", "value-a");
+    env.put("team/b", "value-b");
+    env.sql(&[
+        "UPDATE secrets SET name = 'team/tmp' WHERE name = 'team/a'",
+        "UPDATE secrets SET name = 'team/a' WHERE name = 'team/b'",
+        "UPDATE secrets SET name = 'team/b' WHERE name = 'team/tmp'",
+    ]);
+    let err = env.fails(1, &["get", "team/a"], None);
+    assert!(
+        err.contains("integrity check failed for secret \"team/a\""),
+        "{err}"
+    );
+    assert!(!err.contains("value-b"));
+}
+
+#[test]
 fn tampered_or_moved_ciphertexts_fail_naming_the_secret_and_others_still_open() {
     let env = Env::initialized();
     env.put("alpha", "alpha-v1");
@@ -462,6 +500,10 @@ fn read_later_versions_with_old_backup(
         &format!(
             "INSERT INTO versions SELECT * FROM later.versions \
              WHERE secret_id = (SELECT id FROM secrets WHERE name = '{name}')"
+        ),
+        &format!(
+            "UPDATE secrets SET current_mac = \
+             (SELECT current_mac FROM later.secrets WHERE name = '{name}') WHERE name = '{name}'"
         ),
     ]);
     backup.run(&["get", name], None)

@@ -74,6 +74,7 @@ mod tests {
                 fingerprint: vec![],
                 created_at: 0,
             },
+            current_mac: None,
         })
     }
 

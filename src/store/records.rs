@@ -209,6 +209,9 @@ pub struct SealedSecret {
     pub wrapped_data_key: Vec<u8>,
     /// The version.
     pub version: VersionRecord,
+    /// The integrity MAC naming the secret's current version (absent in stores not yet
+    /// upgraded, and when no process with the key wrote it).
+    pub current_mac: Option<Vec<u8>>,
 }
 
 /// What `list` and `status` show of a secret.

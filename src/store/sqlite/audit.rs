@@ -5,7 +5,7 @@ use sqlx::sqlite::{SqliteConnection, SqliteRow};
 
 use crate::audit::{AuditEvent, AuditRecord, GENESIS_HASH, chain_hash};
 use crate::clock::{Millis, now_millis};
-use crate::crypto::AuditSealKey;
+use crate::crypto::IntegrityKey;
 use crate::store::StoreError;
 
 use super::{MultiRowTable, SqliteStore, chunk_len, multi_row_insert};
@@ -17,7 +17,7 @@ impl SqliteStore {
             return Ok(());
         }
         let mut tx = self.begin_write().await?;
-        append_audit_in(&mut tx, self.sealer(), events).await?;
+        append_audit_in(&mut tx, self.integrity(), events).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -67,7 +67,7 @@ impl SqliteStore {
 /// Appends audit rows inside an open write transaction.
 pub(super) async fn append_audit_in(
     tx: &mut SqliteConnection,
-    sealer: Option<&AuditSealKey>,
+    sealer: Option<&IntegrityKey>,
     events: &[AuditEvent],
 ) -> Result<(), StoreError> {
     if events.is_empty() {
@@ -126,7 +126,7 @@ pub(super) async fn append_audit_in(
         // The new head, sealed in the same transaction: the chain up to it is authenticated.
         sqlx::query("INSERT OR REPLACE INTO audit_seals (seq, mac, at) VALUES (?, ?, ?)")
             .bind(*seq)
-            .bind(key.seal(*seq, hash).as_slice())
+            .bind(key.audit_seal(*seq, hash).as_slice())
             .bind(at)
             .execute(&mut *tx)
             .await?;

@@ -57,7 +57,7 @@ impl SqliteStore {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
-                append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
+                append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
             }
             Err(error) => {
                 sqlx::query(

@@ -5,7 +5,7 @@ use sqlx::sqlite::SqliteConnection;
 
 use crate::audit::AuditEvent;
 use crate::clock::now_millis;
-use crate::crypto::KdfParams;
+use crate::crypto::{IntegrityKey, KdfParams};
 use crate::store::{RewrappedKey, SealedMaterial, StoreError, VaultHeader};
 
 use super::SqliteStore;
@@ -77,7 +77,7 @@ impl SqliteStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
+        append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -106,7 +106,7 @@ impl SqliteStore {
         if updated.rows_affected() != 1 {
             return Err(StoreError::StaleKeys);
         }
-        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
+        append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
         crash_point!("passwd.before-commit");
         tx.commit().await?;
         crash_point!("passwd.committed");
@@ -172,11 +172,44 @@ impl SqliteStore {
                 return Err(StoreError::Conflict("the set of secrets".into()));
             }
         }
-        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
+        append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
         crash_point!("rekey.before-commit");
         tx.commit().await?;
         crash_point!("rekey.committed");
         Ok(())
+    }
+
+    /// Upgrades a store whose current versions carry no MAC: records one for every secret's
+    /// current version under `key` and installs `wrapped_fingerprint_key` (the same key, wrapped
+    /// to say MACs are now kept), in one transaction.
+    pub async fn install_current_macs(
+        &self,
+        key: &IntegrityKey,
+        wrapped_fingerprint_key: &[u8],
+    ) -> Result<usize, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let rows = sqlx::query(
+            "SELECT s.id, s.name, v.version FROM secrets s JOIN versions v \
+             ON v.secret_id = s.id AND v.stage = 'current'",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &rows {
+            let (id, name, version): (String, String, i64) =
+                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+            sqlx::query("UPDATE secrets SET current_mac = ? WHERE id = ?")
+                .bind(key.current_version(&id, &name, version).as_slice())
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("UPDATE vault SET wrapped_fingerprint_key = ? WHERE id = 1")
+            .bind(wrapped_fingerprint_key)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.invalidate(None);
+        Ok(rows.len())
     }
 
     /// Everything sealed under secret `secret_id`'s data key: its versions, its rotations'

@@ -29,7 +29,7 @@ impl SqliteStore {
         .bind(incident.trigger.as_str())
         .execute(&mut *tx)
         .await?;
-        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
+        append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -91,7 +91,7 @@ impl SqliteStore {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
+        append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -136,7 +136,7 @@ impl SqliteStore {
         .bind(alert.incident_id.as_deref())
         .fetch_one(&mut *tx)
         .await?;
-        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
+        append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
         tx.commit().await?;
         Ok(id)
     }

@@ -45,7 +45,7 @@ impl SqliteStore {
                     }
                 }
             }
-            append_audit_in(&mut tx, self.sealer(), audit).await?;
+            append_audit_in(&mut tx, self.integrity(), audit).await?;
             tx.commit().await?;
             Ok::<_, StoreError>(())
         }

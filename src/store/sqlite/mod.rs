@@ -23,7 +23,7 @@ use sqlx::sqlite::{
 
 use super::cache::SealedCache;
 use crate::audit::AuditEvent;
-use crate::crypto::AuditSealKey;
+use crate::crypto::IntegrityKey;
 use crate::store::{StoreError, VaultHeader};
 
 pub(super) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -42,8 +42,8 @@ pub struct SqliteStore {
     /// Dropped with the store: stops the background checkpointer.
     _checkpointer: Option<tokio::sync::watch::Sender<()>>,
     /// Set once the vault is unlocked: every transaction that appends audit rows also seals
-    /// the chain's new head with it.
-    sealer: std::sync::OnceLock<AuditSealKey>,
+    /// the chain's new head with it, and every change of a current version records its MAC.
+    integrity: std::sync::OnceLock<IntegrityKey>,
 }
 
 /// How often the daemon's background checkpointer moves the write-ahead log into the database.
@@ -81,13 +81,14 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
-    /// From now on, seal the audit chain's head in every transaction that appends rows.
-    pub fn set_audit_sealer(&self, key: AuditSealKey) {
-        let _ = self.sealer.set(key);
+    /// From now on, seal the audit chain's head in every transaction that appends rows, and
+    /// MAC every new current version.
+    pub fn set_integrity_key(&self, key: IntegrityKey) {
+        let _ = self.integrity.set(key);
     }
 
-    pub(super) fn sealer(&self) -> Option<&AuditSealKey> {
-        self.sealer.get()
+    pub(super) fn integrity(&self) -> Option<&IntegrityKey> {
+        self.integrity.get()
     }
 
     pub(super) async fn create(
@@ -239,7 +240,7 @@ impl SqliteStore {
             reader,
             cache: None,
             _checkpointer: None,
-            sealer: std::sync::OnceLock::new(),
+            integrity: std::sync::OnceLock::new(),
         })
     }
 

@@ -5,13 +5,14 @@ use sqlx::sqlite::{SqliteConnection, SqliteRow};
 
 use crate::audit::AuditEvent;
 use crate::clock::{Millis, now_millis};
+use crate::crypto::IntegrityKey;
 use crate::store::Reason;
 use crate::store::{
     NewRotation, NewVersion, RotationRecord, RotationState, Stage, StepChange, StoreError,
 };
 
 use super::audit::append_audit_in;
-use super::secrets::{insert_version, retire_current};
+use super::secrets::{insert_version, mark_current, retire_current};
 use super::{SqliteStore, is_unique_violation};
 
 impl SqliteStore {
@@ -55,7 +56,7 @@ impl SqliteStore {
             }
             other => other?,
         };
-        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
+        append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -103,7 +104,7 @@ impl SqliteStore {
                     rotation.id
                 ))
             })?;
-            promote(&mut tx, secret_id, to, now).await?;
+            promote(&mut tx, self.integrity(), secret_id, to, now).await?;
         }
         if let Some(version) = change.revoke_version {
             sqlx::query(
@@ -122,7 +123,7 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
+        append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -173,7 +174,7 @@ impl SqliteStore {
         .bind(rotation_id)
         .execute(&mut *tx)
         .await?;
-        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
+        append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -306,6 +307,7 @@ async fn insert_pending(
 /// Makes version `to` current: the old current becomes previous, the old previous revoked.
 async fn promote(
     tx: &mut SqliteConnection,
+    key: Option<&IntegrityKey>,
     secret_id: &str,
     to: i64,
     now: Millis,
@@ -320,6 +322,7 @@ async fn promote(
     .bind(to)
     .execute(&mut *tx)
     .await?;
+    mark_current(&mut *tx, key, secret_id, to).await?;
     sqlx::query("UPDATE secrets SET updated_at = ?, last_rotated_at = ? WHERE id = ?")
         .bind(now)
         .bind(now)

@@ -7,6 +7,7 @@ use sqlx::sqlite::{SqliteConnection, SqliteRow};
 
 use crate::audit::AuditEvent;
 use crate::clock::{Millis, now_millis};
+use crate::crypto::IntegrityKey;
 use crate::store::RotationState;
 use crate::store::{
     NewSecret, NewVersion, SealedSecret, SecretRecord, SecretSummary, Stage, StoreError,
@@ -52,7 +53,7 @@ impl SqliteStore {
             match version {
                 None => sqlx::query(
                     "SELECT s.id, s.wrapped_data_key, v.version, v.stage, v.ciphertext, v.meta, \
-                     v.fingerprint, v.created_at FROM secrets s JOIN versions v \
+                     v.fingerprint, v.created_at, s.current_mac FROM secrets s JOIN versions v \
                      ON v.secret_id = s.id AND v.stage = 'current' WHERE s.name = ?",
                 )
                 .bind(name)
@@ -60,7 +61,7 @@ impl SqliteStore {
                 .await?,
                 Some(n) => sqlx::query(
                     "SELECT s.id, s.wrapped_data_key, v.version, v.stage, v.ciphertext, v.meta, \
-                     v.fingerprint, v.created_at FROM secrets s JOIN versions v \
+                     v.fingerprint, v.created_at, s.current_mac FROM secrets s JOIN versions v \
                      ON v.secret_id = s.id AND v.version = ? WHERE s.name = ?",
                 )
                 .bind(n)
@@ -73,6 +74,7 @@ impl SqliteStore {
                 secret_id: row.try_get(0)?,
                 wrapped_data_key: row.try_get(1)?,
                 version: version_from_row(&row, 2)?,
+                current_mac: row.try_get(8)?,
             })
         })
         .transpose()
@@ -103,12 +105,13 @@ impl SqliteStore {
         };
         retire_current(&mut tx, secret_id, None, now).await?;
         insert_version(&mut tx, secret_id, version, Stage::Current, now).await?;
+        mark_current(&mut tx, self.integrity(), secret_id, version.version).await?;
         sqlx::query("UPDATE secrets SET updated_at = ? WHERE id = ?")
             .bind(now)
             .bind(secret_id)
             .execute(&mut *tx)
             .await?;
-        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
+        append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -174,7 +177,7 @@ impl SqliteStore {
             .bind(id.as_str())
             .execute(&mut *tx)
             .await?;
-        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
+        append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
         tx.commit().await?;
         // secure_delete zeroed the freed pages; checkpointing and truncating the WAL drops the
         // frames that still held the old pages (best effort: a concurrent reader may delay it).
@@ -233,7 +236,7 @@ impl SqliteStore {
             Some(_) => false,
         };
         if changed {
-            append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
+            append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
         }
         tx.commit().await?;
         let record = self
@@ -277,7 +280,7 @@ impl SqliteStore {
         .bind(secret_id)
         .fetch_one(&mut *tx)
         .await?;
-        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
+        append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
         tx.commit().await?;
         Ok(count)
     }
@@ -293,7 +296,7 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await?;
         if changed.rows_affected() > 0 {
-            append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
+            append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -315,7 +318,7 @@ impl SqliteStore {
         .bind(version)
         .execute(&mut *tx)
         .await?;
-        append_audit_in(&mut tx, self.sealer(), &[audit]).await?;
+        append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -518,6 +521,27 @@ pub(super) async fn retire_current(
         .execute(&mut *tx)
         .await?;
     }
+    Ok(())
+}
+
+/// Records, under the integrity key, that `version` is secret `secret_id`'s current version
+/// (and under which name). Without a key (a process that never unlocked) nothing is recorded.
+pub(super) async fn mark_current(
+    tx: &mut SqliteConnection,
+    key: Option<&IntegrityKey>,
+    secret_id: &str,
+    version: i64,
+) -> Result<(), StoreError> {
+    let Some(key) = key else { return Ok(()) };
+    let name: String = sqlx::query_scalar("SELECT name FROM secrets WHERE id = ?")
+        .bind(secret_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE secrets SET current_mac = ? WHERE id = ?")
+        .bind(key.current_version(secret_id, &name, version).as_slice())
+        .bind(secret_id)
+        .execute(&mut *tx)
+        .await?;
     Ok(())
 }
 
