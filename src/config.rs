@@ -383,6 +383,13 @@ impl Config {
                 consumer.after_sandbox.resolve_paths(base);
             }
             self.signals.alert_sandbox.resolve_paths(base);
+            if let Some(tls) = self.signals.tls.as_mut() {
+                for p in [&mut tls.cert, &mut tls.key] {
+                    if p.is_relative() {
+                        *p = base.join(&*p);
+                    }
+                }
+            }
         }
         for plugin in self.plugins.values_mut() {
             if plugin.command[0].contains('/') {
@@ -651,13 +658,14 @@ impl Config {
                         format!("{listen:?} is not an address such as \"127.0.0.1:8787\""),
                     ));
                 }
-                Ok(address) if !address.ip().is_loopback() => {
+                Ok(address) if !address.ip().is_loopback() && signals.tls.is_none() => {
                     return Err(self.invalid_signals(
                         "listen",
                         format!(
-                            "{listen:?} is not a loopback address: the listener speaks plain \
-                             HTTP, so it listens on 127.0.0.1 or [::1] only (put a TLS proxy in \
-                             front of it to take signals from elsewhere)"
+                            "{listen:?} is not a loopback address: without `tls` the listener \
+                             speaks plain HTTP, so it listens on 127.0.0.1 or [::1] only (set \
+                             `tls = {{ cert = \"…\", key = \"…\" }}` to take signals from \
+                             elsewhere)"
                         ),
                     ));
                 }

@@ -403,6 +403,133 @@ impl Listener for tokio::net::TcpListener {
     }
 }
 
+/// A TCP listener that speaks TLS (rustls, ring): handshakes run concurrently in their own
+/// tasks, at most [`TLS_HANDSHAKES`] at a time and each within [`TLS_HANDSHAKE_TIMEOUT`], so a
+/// client that never finishes its handshake holds up no one.
+pub struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for TlsListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsListener").finish_non_exhaustive()
+    }
+}
+
+/// Handshakes in progress at once on a [`TlsListener`].
+const TLS_HANDSHAKES: usize = 64;
+/// Time a client has to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a TLS listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The certificate chain cannot be read.
+    #[error("cannot read the TLS certificate {path}: {why}")]
+    Certificate {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// The private key cannot be read.
+    #[error("cannot read the TLS private key {path}: {why}")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// rustls refused the pair.
+    #[error("the TLS certificate and key do not work together: {0}")]
+    Config(String),
+}
+
+impl TlsListener {
+    /// Serves TLS on `listener` with the PEM certificate chain `cert` and private key `key`.
+    pub fn new(
+        listener: tokio::net::TcpListener,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<Self, TlsError> {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_file_iter(cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| TlsError::Certificate {
+                path: cert.to_path_buf(),
+                why: e.to_string(),
+            })?;
+        let private = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+            path: key.to_path_buf(),
+            why: e.to_string(),
+        })?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let (tx, ready) = tokio::sync::mpsc::channel(TLS_HANDSHAKES);
+        let handshakes = Arc::new(Semaphore::new(TLS_HANDSHAKES));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                    return;
+                };
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send(tls).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(TlsListener {
+            ready,
+            acceptor: task,
+        })
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}
+
+impl Listener for TlsListener {
+    type Stream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+    async fn accept_peer(
+        &mut self,
+    ) -> std::io::Result<(Self::Stream, Option<Peer>, Option<OwnedFd>)> {
+        match self.ready.recv().await {
+            Some(stream) => Ok((stream, Some(REMOTE_PEER), None)),
+            None => Err(std::io::Error::other("the TLS acceptor stopped")),
+        }
+    }
+}
+
 /// How long a connection may take to finish its request in flight once shutdown begins.
 const GRACEFUL_CLOSE: Duration = Duration::from_secs(5);
 

@@ -375,7 +375,7 @@ fn replayed_stale_forged_and_old_style_signals_are_refused() {
 }
 
 #[test]
-fn a_short_signing_key_or_a_listener_beyond_loopback_is_refused() {
+fn a_short_signing_key_or_a_plain_listener_beyond_loopback_is_refused_and_tls_allows_it() {
     let (env, port, daemon) = setup();
     assert_eq!(daemon.terminate(), Some(0));
     env.put("signals/key", "too-short-a-key");
@@ -401,6 +401,67 @@ fn a_short_signing_key_or_a_listener_beyond_loopback_is_refused() {
         err.contains("signals.listen") && err.contains("not a loopback address"),
         "{err}"
     );
+
+    // With TLS it may listen beyond loopback; signals then come over HTTPS only.
+    let cert = env.dir.path().join("signals-cert.pem");
+    let key = env.dir.path().join("signals-key.pem");
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        config.replacen(
+            "[signals]\n",
+            &format!(
+                "[signals]\ntls = {{ cert = {:?}, key = {:?} }}\n",
+                cert.display().to_string(),
+                key.display().to_string()
+            ),
+            1,
+        ),
+    )
+    .unwrap();
+    env.put("signals/key", KEY);
+    let daemon = env.start_daemon();
+    let body = r#"{"type":"alert"}"#;
+    let t = now();
+    let https = |scheme: &str| {
+        Command::new("/usr/bin/curl")
+            .args(["-s", "-w", "\n%{http_code}", "-X", "POST", "--cacert"])
+            .arg(&cert)
+            .args(["--data-binary", body])
+            .args(["-H", &format!("X-Keywarden-Timestamp: {t}")])
+            .args([
+                "-H",
+                &format!(
+                    "X-Keywarden-Signature: {}",
+                    sign(t, "/v1/signals", body, KEY)
+                ),
+            ])
+            .arg(format!("{scheme}://127.0.0.1:{port}/v1/signals"))
+            .output()
+            .unwrap()
+    };
+    let out = String::from_utf8_lossy(&https("https").stdout).into_owned();
+    assert!(out.ends_with("202"), "{out}");
+    let plain = String::from_utf8_lossy(&https("http").stdout).into_owned();
+    assert!(!plain.ends_with("202"), "plain HTTP is not spoken: {plain}");
+    assert_eq!(daemon.terminate(), Some(0));
 }
 
 #[test]

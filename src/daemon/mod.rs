@@ -82,6 +82,9 @@ pub enum ServeError {
     /// The runtime did not start.
     #[error(transparent)]
     Start(#[from] StartError),
+    /// The signal listener's TLS certificate or key is unusable.
+    #[error("[signals] tls: {0}")]
+    Tls(http::TlsError),
     /// The store failed while the APIs were being set up.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -234,12 +237,15 @@ async fn start_servers(
             max_body_bytes: 1 << 20,
             ..http::Limits::default()
         };
-        servers.push(tokio::spawn(http::serve(
-            listener,
-            api,
-            limits,
-            runtime.shutdown_signal(),
-        )));
+        let stop = runtime.shutdown_signal();
+        servers.push(match &signal_cfg.tls {
+            Some(tls) => {
+                let listener = http::TlsListener::new(listener, &tls.cert, &tls.key)
+                    .map_err(ServeError::Tls)?;
+                tokio::spawn(http::serve(listener, api, limits, stop))
+            }
+            None => tokio::spawn(http::serve(listener, api, limits, stop)),
+        });
     }
     let agent_api = Arc::new(AgentApi::new(
         services.clone(),

@@ -46,12 +46,25 @@ pub enum Reaction {
     Compromise,
 }
 
+/// `[signals] tls`: the listener's certificate chain and private key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// PEM certificate chain, leaf first.
+    pub cert: std::path::PathBuf,
+    /// PEM private key.
+    pub key: std::path::PathBuf,
+}
+
 /// `[signals]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SignalsConfig {
-    /// Address of the signal listener (`127.0.0.1:8787`); off when unset.
+    /// Address of the signal listener (`127.0.0.1:8787`); off when unset. A loopback address
+    /// unless `tls` is set.
     pub listen: Option<String>,
+    /// TLS for the listener: `{ cert = "chain.pem", key = "key.pem" }` (PEM files).
+    pub tls: Option<ListenerTls>,
     /// The secret whose value is the HMAC-SHA256 key that signs signals.
     pub hmac_secret: Option<String>,
     /// A signed `POST /v1/signals`.
@@ -81,6 +94,7 @@ impl Default for SignalsConfig {
     fn default() -> Self {
         SignalsConfig {
             listen: None,
+            tls: None,
             hmac_secret: None,
             on_signal: Reaction::Compromise,
             on_leak: Reaction::Compromise,
