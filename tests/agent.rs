@@ -444,6 +444,28 @@ fn sts_env(settings: &str, plugin_env: &str) -> Env {
     env
 }
 
+/// Waits until the example plugin holds `n` live issued credentials upstream.
+fn wait_live_issued(env: &Env, what: &str, n: i64) {
+    wait_for(what, Duration::from_secs(20), || {
+        (env.upstream_i64("SELECT count(*) FROM creds WHERE issued = 1 AND status = 'active'") == n)
+            .then_some(())
+    });
+}
+
+/// Stops the daemon and asserts the audit log has a row with `action` for `app/sts`.
+fn assert_sts_audited(env: &Env, daemon: common::daemon::Daemon, action: &str) {
+    assert_eq!(daemon.terminate(), Some(0));
+    let audit = env.ok(&["audit", "tail", "-n", "50", "--json"], None);
+    assert!(
+        json(&audit)
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["action"] == action && r["secret"] == "app/sts"),
+        "no {action} row: {audit}"
+    );
+}
+
 #[test]
 fn a_client_that_hangs_up_while_its_credential_is_minted_leaves_nothing_live() {
     // Every plugin op takes 1.5 s; the client gives up after 0.3 s. The credential is minted
@@ -462,25 +484,13 @@ fn a_client_that_hangs_up_while_its_credential_is_minted_leaves_nothing_live() {
         Duration::from_secs(15),
         || (env.upstream_i64("SELECT count(*) FROM creds WHERE issued = 1") == 1).then_some(()),
     );
-    wait_for(
+    wait_live_issued(
+        &env,
         "the hung-up client's credential to be revoked upstream",
-        Duration::from_secs(20),
-        || {
-            (env.upstream_i64("SELECT count(*) FROM creds WHERE issued = 1 AND status = 'active'")
-                == 0)
-                .then_some(())
-        },
+        0,
     );
-    assert_eq!(daemon.terminate(), Some(0));
-    let audit = env.ok(&["audit", "tail", "-n", "50", "--json"], None);
-    assert!(
-        json(&audit)
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["action"] == "fetch.allowed" && r["secret"] == "app/sts"),
-        "the minted credential's lease was granted and audited: {audit}"
-    );
+    // Its lease was granted and audited.
+    assert_sts_audited(&env, daemon, "fetch.allowed");
 }
 
 #[test]
@@ -497,37 +507,12 @@ fn a_daemon_killed_while_a_credential_is_minted_revokes_it_at_restart() {
             .arg("http://localhost/v1/secrets/app/sts")
             .output()
     });
-    wait_for(
-        "the credential to be minted",
-        Duration::from_secs(15),
-        || {
-            (env.upstream_i64("SELECT count(*) FROM creds WHERE issued = 1 AND status = 'active'")
-                == 1)
-                .then_some(())
-        },
-    );
+    wait_live_issued(&env, "the credential to be minted", 1);
     daemon.kill9();
     let _ = fetch.join();
     let daemon = env.start_daemon();
-    wait_for(
-        "the orphaned credential to be revoked upstream",
-        Duration::from_secs(20),
-        || {
-            (env.upstream_i64("SELECT count(*) FROM creds WHERE issued = 1 AND status = 'active'")
-                == 0)
-                .then_some(())
-        },
-    );
-    assert_eq!(daemon.terminate(), Some(0));
-    let audit = env.ok(&["audit", "tail", "-n", "50", "--json"], None);
-    assert!(
-        json(&audit)
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["action"] == "lease.orphan_revoked" && r["secret"] == "app/sts"),
-        "{audit}"
-    );
+    wait_live_issued(&env, "the orphaned credential to be revoked upstream", 0);
+    assert_sts_audited(&env, daemon, "lease.orphan_revoked");
 }
 
 #[test]

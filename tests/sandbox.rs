@@ -20,6 +20,26 @@ fn hostile_plugin() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hostile-plugin.py")
 }
 
+/// GET `path` on `socket` with curl run as `uid` (and its gid); the body, then the status.
+fn curl_as(uid: &str, socket: &Path, path: &str) -> String {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            uid,
+            "--regid",
+            uid,
+            "--clear-groups",
+            "curl",
+            "-s",
+        ])
+        .args(["-w", "\n%{http_code}", "--unix-socket"])
+        .arg(socket)
+        .arg(format!("http://localhost{path}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
@@ -218,24 +238,7 @@ fn the_agent_socket_refuses_the_plugins_user() {
     env.ok(&["init"], None);
     env.put("demo/key", "agent-visible-value");
     let daemon = env.start_daemon();
-    let fetch_as = |uid: &str| {
-        let out = Command::new("setpriv")
-            .args([
-                "--reuid",
-                uid,
-                "--regid",
-                uid,
-                "--clear-groups",
-                "curl",
-                "-s",
-            ])
-            .args(["-w", "\n%{http_code}", "--unix-socket"])
-            .arg(env.agent_socket())
-            .arg("http://localhost/v1/secrets/demo/key")
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let fetch_as = |uid| curl_as(uid, &env.agent_socket(), "/v1/secrets/demo/key");
     let other = fetch_as("65532");
     assert!(other.ends_with("200"), "{other}");
     let plugin_user = fetch_as("65534");
@@ -344,24 +347,7 @@ fn admin_uids_can_reach_the_admin_socket_and_other_uids_are_refused() {
     );
     env.ok(&["init"], None);
     let daemon = env.start_daemon();
-    let status_as = |uid: &str| {
-        let out = Command::new("setpriv")
-            .args([
-                "--reuid",
-                uid,
-                "--regid",
-                uid,
-                "--clear-groups",
-                "curl",
-                "-s",
-            ])
-            .args(["-w", "\n%{http_code}", "--unix-socket"])
-            .arg(env.admin_socket())
-            .arg("http://localhost/v1/admin/status")
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let status_as = |uid| curl_as(uid, &env.admin_socket(), "/v1/admin/status");
     let admin = status_as("65533");
     assert!(admin.ends_with("200"), "{admin}");
     let other = status_as("65532");
