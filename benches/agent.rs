@@ -100,6 +100,8 @@ socket = "agent.sock"
 admin_socket = "admin.sock"
 default_ttl = "10m"
 max_connections = 512
+# Every client here is the same uid (one agent host's many workers): lift the per-uid share.
+max_connections_per_uid = 512
 [secrets."bench/token"]
 provider = "random"
 generate = { length = 40, charset = "alphanumeric" }

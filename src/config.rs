@@ -212,7 +212,7 @@ impl Default for AgentConfig {
             admin_uids: Vec::new(),
             default_ttl: Duration::from_secs(300),
             max_connections: 256,
-            max_connections_per_uid: 32,
+            max_connections_per_uid: 128,
             max_watches_per_uid: 64,
             body_timeout: Duration::from_secs(10),
             max_fetches_per_second: 0,

@@ -158,7 +158,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 256,
-            max_connections_per_peer: 32,
+            max_connections_per_peer: 128,
             body_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(5),
             max_header_bytes: 16 * 1024,

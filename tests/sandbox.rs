@@ -230,11 +230,16 @@ fn the_agent_socket_refuses_the_plugins_user() {
         eprintln!("skipped: needs root to connect as another user");
         return;
     }
-    let env = Env::with_config(&format!(
-        "{}\n[secrets.\"demo/key\"]\nprovider = \"manual\"\n\n\
+    // The example plugin runs as 65534; a policy that names that uid does not let it in.
+    let env = Env::new();
+    let config = format!(
+        "{}\n{}\n[secrets.\"demo/key\"]\nprovider = \"manual\"\n\n\
          [[policy]]\nname = \"agents\"\nuids = [65532, 65534]\nsecrets = [\"demo/*\"]\n",
-        base_config("3s").replace("[agent]\n", "[agent]\nsocket_mode = \"0666\"\n")
-    ));
+        base_config("3s").replace("[agent]\n", "[agent]\nsocket_mode = \"0666\"\n"),
+        common::daemon::example_plugin_config(env.dir.path(), "")
+    );
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, format!("{base}\n{config}")).unwrap();
     env.ok(&["init"], None);
     env.put("demo/key", "agent-visible-value");
     let daemon = env.start_daemon();
@@ -353,4 +358,35 @@ fn admin_uids_can_reach_the_admin_socket_and_other_uids_are_refused() {
     let other = status_as("65532");
     assert!(other.ends_with("403"), "{other}");
     drop(daemon);
+}
+
+#[test]
+fn a_root_daemon_needs_its_plugin_user_only_for_what_it_runs() {
+    if !is_root() {
+        eprintln!("skipped: the plugin user matters only to a root daemon");
+        return;
+    }
+    // No plugin, no `after`, no alert command: nothing to confine, so no user to have.
+    let sockets = "[agent]\nsocket = \"run/agent.sock\"\nadmin_socket = \"run/admin.sock\"\n";
+    let env = Env::with_config(&format!(
+        "[daemon]\nplugin_user = \"no-such-user-kw\"\n{sockets}\n\
+         [secrets.\"demo/x\"]\nprovider = \"random\"\nconsumers = [\"f\"]\n\
+         [consumers.f]\nkind = \"file\"\npath = \"out/x\"\n"
+    ));
+    let daemon = env.start_daemon();
+    drop(daemon);
+    // A plugin with a missing user: refused at start, naming the user and how to create it.
+    let plugin = hostile_plugin();
+    let env = Env::with_config(&format!(
+        "[daemon]\nplugin_user = \"no-such-user-kw\"\n{sockets}\n\
+         [plugins.p]\ncommand = [{:?}]\nsha256 = \"{}\"\n",
+        plugin.display().to_string(),
+        sha256_of(&plugin)
+    ));
+    let (code, err) = env.serve_fails();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("no-such-user-kw") && err.contains("useradd --system"),
+        "{err}"
+    );
 }

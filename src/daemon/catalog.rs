@@ -11,7 +11,7 @@ use crate::consumer::{Consumer, FileConsumer, Template, resolve_id};
 use crate::plugin_host::{PluginHost, PluginSpec, Redactor};
 use crate::provider::Provider;
 use crate::rotation::catalog::{Catalog, SecretSpec};
-use crate::sandbox::Role;
+use crate::sandbox::{Confinement, Role};
 
 /// Where plugins get their private working directories: one directory per store, so a daemon
 /// that reaps the plugins its predecessor left never touches another store's.
@@ -34,14 +34,19 @@ pub fn work_dir(config: &Config, store_path: &Path) -> PathBuf {
 /// daemon's own: the daemon's sockets refuse them.
 pub fn confined_uids(config: &Config) -> HashSet<u32> {
     let me = rustix::process::getuid().as_raw();
+    // Only what actually runs: a consumer without `after`, or no alert command, confines nothing.
     let sandboxes = (config.plugins.values().map(|p| (&p.sandbox, Role::Plugin)))
         .chain(
             config
                 .consumers
                 .values()
+                .filter(|c| !c.after.is_empty())
                 .map(|c| (&c.after_sandbox, Role::Command)),
         )
-        .chain([(&config.signals.alert_sandbox, Role::Command)]);
+        .chain(
+            (!config.signals.alert_command.is_empty())
+                .then_some((&config.signals.alert_sandbox, Role::Command)),
+        );
     sandboxes
         .filter_map(|(sandbox, role)| sandbox.resolve(&config.daemon.plugin_user, role).ok())
         .filter_map(|c| c.user.map(|u| u.uid))
@@ -158,10 +163,15 @@ fn consumer(
             template: c.template.clone().unwrap_or_else(Template::value_only),
             after: c.after.clone(),
             after_timeout: c.after_timeout,
-            after_confinement: c
-                .after_sandbox
-                .resolve(&config.daemon.plugin_user, Role::Command)
-                .map_err(|e| config.invalid("consumers", name, "after_sandbox", e.to_string()))?,
+            after_confinement: if c.after.is_empty() {
+                Confinement::default()
+            } else {
+                c.after_sandbox
+                    .resolve(&config.daemon.plugin_user, Role::Command)
+                    .map_err(|e| {
+                        config.invalid("consumers", name, "after_sandbox", e.to_string())
+                    })?
+            },
         }));
     }
     match catalog.providers.get(&c.kind) {

@@ -27,7 +27,7 @@ use crate::incident::signals::{SignalApi, Signals, SignalsSettings};
 use crate::plugin_host::PluginError;
 use crate::policy::Policy;
 use crate::rejections::Rejections;
-use crate::sandbox::Role;
+use crate::sandbox::{Confinement, Role};
 use crate::services::Services;
 use crate::store::StoreError;
 use crate::vault::Vault;
@@ -208,10 +208,14 @@ async fn start_servers(
         flusher.run_flusher(store, stop).await
     })];
     let signal_cfg = &config.signals;
-    let alert_confinement = signal_cfg
-        .alert_sandbox
-        .resolve(&config.daemon.plugin_user, Role::Command)
-        .map_err(|e| StartError::from(config.invalid_signals("alert_sandbox", e.to_string())))?;
+    let alert_confinement = if signal_cfg.alert_command.is_empty() {
+        Confinement::default()
+    } else {
+        signal_cfg
+            .alert_sandbox
+            .resolve(&config.daemon.plugin_user, Role::Command)
+            .map_err(|e| StartError::from(config.invalid_signals("alert_sandbox", e.to_string())))?
+    };
     let alerts = Alerts::new(
         services.engine.clone(),
         services.metrics.clone(),
