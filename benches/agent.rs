@@ -100,8 +100,10 @@ socket = "agent.sock"
 admin_socket = "admin.sock"
 default_ttl = "10m"
 max_connections = 512
-# Every client here is the same uid (one agent host's many workers): lift the per-uid share.
+# Every client here is the same uid (one agent host's many workers): lift the per-uid share,
+# and the live-lease quota (each fetch holds a 10-minute lease; millions are made here).
 max_connections_per_uid = 512
+max_leases_per_uid = 100000000
 [secrets."bench/token"]
 provider = "random"
 generate = { length = 40, charset = "alphanumeric" }
