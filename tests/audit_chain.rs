@@ -139,25 +139,16 @@ fn rewrite_and_rehash(env: &Env, seq: i64, detail: &str) {
     let mut prev = rows[(seq - 2) as usize].hash.clone();
     let mut statements = Vec::new();
     for row in rows.iter().filter(|r| r.seq >= seq) {
-        let detail = if row.seq == seq {
-            detail
-        } else {
-            row.detail.as_str()
-        };
-        let hash = keywarden::audit::chain_hash(
-            &prev,
-            row.seq,
-            row.at,
-            &row.actor,
-            &row.action,
-            row.secret.as_deref(),
-            row.incident_id.as_deref(),
-            detail,
-        );
+        let mut forged = row.clone();
+        forged.prev_hash = prev;
+        if row.seq == seq {
+            forged.detail = detail.to_string();
+        }
+        let hash = forged.expected_hash();
         statements.push(format!(
             "UPDATE audit SET detail = '{}', prev_hash = X'{}', hash = X'{}' WHERE seq = {}",
-            detail.replace('\'', "''"),
-            hex(&prev),
+            forged.detail.replace('\'', "''"),
+            hex(&forged.prev_hash),
             hex(&hash),
             row.seq
         ));
