@@ -218,7 +218,11 @@ async fn issue_and_grant(
         .ok_or_else(|| VaultError::NoSuchSecret(name.to_string()))?;
     store.journal_issue(lease_id, &secret.id, name, now).await?;
     let revoke = |target: Option<Credential>| async move {
-        match services.engine.revoke_issued(name, lease_id, target).await {
+        match services
+            .engine
+            .revoke_credential(name, target, Some(lease_id))
+            .await
+        {
             Ok(()) => {
                 let _ = store.end_issue(lease_id).await;
             }

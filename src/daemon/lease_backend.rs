@@ -45,7 +45,7 @@ impl DaemonLeaseBackend {
             meta,
         };
         self.engine
-            .revoke_issued(name, &lease.id, Some(target))
+            .revoke_credential(name, Some(target), Some(&lease.id))
             .await
     }
 }

@@ -251,6 +251,8 @@ async fn start_servers(
             None => tokio::spawn(http::serve(listener, api, limits, stop)),
         });
     }
+    // The users confined programs run as: neither socket serves them.
+    let refused_uids = confined_uids(config);
     let agent_api = Arc::new(AgentApi::new(
         services.clone(),
         AgentSettings {
@@ -258,7 +260,7 @@ async fn start_servers(
             default_ttl: agent.default_ttl,
             max_wait: agent.max_wait,
             max_fetches_per_second: agent.max_fetches_per_second,
-            refused_uids: confined_uids(config),
+            refused_uids: refused_uids.clone(),
             rejections: rejections.clone(),
             max_watches_per_uid: agent.max_watches_per_uid,
         },
@@ -274,7 +276,7 @@ async fn start_servers(
     let admin_api = Arc::new(AdminApi::new(
         services.clone(),
         &agent.admin_uids,
-        &confined_uids(config),
+        &refused_uids,
         rejections,
     ));
     servers.push(tokio::spawn(http::serve(

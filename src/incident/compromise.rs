@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keywarden_plugin_sdk::{Credential, Op, Request, Secret};
+use keywarden_plugin_sdk::{Credential, Op, Secret};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -21,7 +21,6 @@ use tokio::sync::Semaphore;
 use crate::audit::AuditEvent;
 use crate::clock::Millis;
 use crate::leases::Leases;
-use crate::provider::Provider;
 use crate::rotation::engine::{Engine, EngineError};
 use crate::store::{IncidentRecord, Scope, StoreError, Trigger};
 use crate::store::{Reason, RotationState};
@@ -579,34 +578,19 @@ async fn deactivate(
     incident: &IncidentRecord,
     name: &str,
 ) -> Result<(), String> {
-    let catalog = engine.catalog();
-    let spec = catalog.secrets.get(name).ok_or("not declared")?;
-    let Some(Provider::Plugin { host, kind, .. }) = catalog.providers.get(&spec.provider) else {
-        return Err("no plugin".into());
-    };
     let vault = engine.vault();
     let Ok(current) = vault.read(name, None).await else {
         return Ok(()); // nothing current: nothing to deactivate
     };
-    let request = engine
-        .plugin_request(
-            Op::Revoke,
-            kind,
-            Some(name),
-            &spec.settings,
-            &spec.credentials,
-        )
+    let target = Credential {
+        version: Some(current.version),
+        value: Secret::new(current.value.expose()),
+        meta: current.meta.clone(),
+    };
+    engine
+        .revoke_credential(name, Some(target), None)
         .await
         .map_err(|e| e.to_string())?;
-    let request = Request {
-        target: Some(Credential {
-            version: Some(current.version),
-            value: Secret::new(current.value.expose()),
-            meta: current.meta.clone(),
-        }),
-        ..request
-    };
-    host.call(request).await.map_err(|e| e.to_string())?;
     let audit = AuditEvent::new(ACTOR, "secret.deactivated")
         .secret(name)
         .incident(Some(incident.id.clone()))

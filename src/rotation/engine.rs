@@ -508,14 +508,15 @@ impl Engine {
         }
     }
 
-    /// Revokes, through secret `name`'s plugin, a credential issued for lease `lease_id`:
-    /// `target` when the daemon knows it, otherwise whatever the plugin issued for that lease
-    /// (an issue journaled before a crash, whose reply never arrived).
-    pub async fn revoke_issued(
+    /// Revokes a credential upstream through secret `name`'s plugin, outside a rotation:
+    /// `target` when the daemon knows it; for a credential issued for lease `lease_id` without
+    /// a target, whatever the plugin issued for that lease (an issue journaled before a crash,
+    /// whose reply never arrived).
+    pub async fn revoke_credential(
         &self,
         name: &str,
-        lease_id: &str,
         target: Option<Credential>,
+        lease_id: Option<&str>,
     ) -> Result<(), PluginCallError> {
         let spec = self
             .catalog
@@ -537,7 +538,7 @@ impl Engine {
             .await?;
         host.call(Request {
             target,
-            lease_id: Some(lease_id.to_string()),
+            lease_id: lease_id.map(str::to_string),
             ..request
         })
         .await?;
@@ -551,7 +552,7 @@ impl Engine {
         let store = self.vault.store();
         let mut revoked = 0;
         for (lease_id, name) in store.orphaned_issues().await? {
-            match self.revoke_issued(&name, &lease_id, None).await {
+            match self.revoke_credential(&name, None, Some(&lease_id)).await {
                 Ok(()) => {
                     let audit = AuditEvent::new("daemon", "lease.orphan_revoked")
                         .secret(&name)
