@@ -368,16 +368,17 @@ async fn grant(
             fingerprint: &served.fingerprint,
             issued: served.version.is_none(),
         });
+    // A repeated fetch by the same peer of the same version gets the lease it holds, extended.
+    let granted = services.leases.grant(lease, audit).await?;
     let reply = FetchReply {
         name,
         version: served.version,
         value: served.value.expose(),
         meta: &served.meta,
-        lease_id,
-        expires_at: rfc3339(served.expires_at),
+        lease_id: &granted.id,
+        expires_at: rfc3339(granted.expires_at),
     };
     let body = Zeroizing::new(serde_json::to_vec(&reply).expect("replies serialize"));
-    services.leases.grant(lease, audit).await?;
     Ok((body, served.secret_id))
 }
 

@@ -142,15 +142,26 @@ pub struct ChainVerifier {
 
 impl Default for ChainVerifier {
     fn default() -> Self {
-        Self {
-            prev_hash: GENESIS_HASH.to_vec(),
-            prev_seq: 0,
-            rows: 0,
-        }
+        Self::after(0, GENESIS_HASH.to_vec())
     }
 }
 
 impl ChainVerifier {
+    /// A verifier whose next row must be `seq + 1` and link to `hash`: where a chain goes on
+    /// after rows that were archived.
+    pub fn after(seq: i64, hash: Vec<u8>) -> Self {
+        Self {
+            prev_hash: hash,
+            prev_seq: seq,
+            rows: 0,
+        }
+    }
+
+    /// The last row checked (or the starting point): (seq, hash).
+    pub fn last(&self) -> (i64, &[u8]) {
+        (self.prev_seq, &self.prev_hash)
+    }
+
     /// Checks the next row.
     pub fn check(&mut self, row: &AuditRecord) -> Result<(), ChainBreak> {
         let fail = |reason: String| ChainBreak {

@@ -25,10 +25,14 @@ use crate::store::{LeaseEnd, LeaseOp, LeaseRow, UpstreamState};
 
 /// How long to wait before retrying a failed upstream revocation.
 const REVOKE_RETRY: Duration = Duration::from_secs(5);
-/// How long ended leases stay in the store before they are purged.
-const KEEP_ENDED: Millis = 24 * 3600 * 1000;
+/// How long ended leases stay in the store before they are purged (the audit log keeps their
+/// history).
+const KEEP_ENDED: Millis = 3600 * 1000;
 /// How often ended leases are purged.
-const PURGE_EVERY: Millis = 3600 * 1000;
+const PURGE_EVERY: Millis = 600 * 1000;
+/// How often repeated fetches counted on leases are folded into the audit chain: the interval
+/// one `fetch.repeated` row covers.
+pub const FOLD_EVERY: Millis = 10 * 1000;
 
 /// Persistence and upstream effects of leases. Object-safe (boxed futures), so the daemon's
 /// backend lives with the daemon's wiring and tests use an in-memory one.
@@ -76,6 +80,47 @@ pub enum LeaseError {
 /// Lease ids ordered by expiry.
 type ByExpiry = BTreeSet<(Millis, String)>;
 
+/// What makes two fetches the same for a lease: the same peer (uid, gid, executable) fetching
+/// the same stored version. Such fetches share one lease.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PeerKey {
+    uid: u32,
+    gid: u32,
+    exe: Option<String>,
+    secret_id: String,
+    version: i64,
+}
+
+impl PeerKey {
+    /// The key of a lease on a stored version; a credential issued for its lease has none (each
+    /// is a credential of its own).
+    fn of(lease: &LeaseRow) -> Option<PeerKey> {
+        match (lease.version, &lease.issued) {
+            (Some(version), None) => Some(PeerKey {
+                uid: lease.uid,
+                gid: lease.gid,
+                exe: lease.exe.clone(),
+                secret_id: lease.secret_id.clone(),
+                version,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The lease a fetch was granted: a new one, or the peer's live lease on the same version,
+/// extended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Granted {
+    /// The lease's id.
+    pub id: String,
+    /// When it expires now.
+    pub expires_at: Millis,
+    /// Whether the fetch extended an existing lease (no audit row of its own: it is counted on
+    /// the lease and folded into a `fetch.repeated` row).
+    pub extended: bool,
+}
+
 #[derive(Debug, Default)]
 struct State {
     live: HashMap<String, Arc<LeaseRow>>,
@@ -85,6 +130,8 @@ struct State {
     by_version: HashMap<(String, Option<i64>), ByExpiry>,
     /// How many live leases each uid holds.
     per_uid: HashMap<u32, usize>,
+    /// The live lease of each peer on each stored version: what a repeated fetch extends.
+    by_peer: HashMap<PeerKey, String>,
     revoke_pending: HashMap<String, LeaseRow>,
 }
 
@@ -97,6 +144,9 @@ impl State {
             .or_default()
             .insert(key);
         *self.per_uid.entry(lease.uid).or_default() += 1;
+        if let Some(peer) = PeerKey::of(&lease) {
+            self.by_peer.insert(peer, lease.id.clone());
+        }
         self.live.insert(lease.id.clone(), lease);
     }
 
@@ -117,6 +167,11 @@ impl State {
                 self.per_uid.remove(&lease.uid);
             }
         }
+        if let Some(peer) = PeerKey::of(&lease) {
+            if self.by_peer.get(&peer) == Some(&lease.id) {
+                self.by_peer.remove(&peer);
+            }
+        }
         Some(lease)
     }
 }
@@ -129,6 +184,8 @@ pub struct Leases {
     state: Mutex<State>,
     sweeper: Notify,
     ended: Arc<Notify>,
+    /// Set when a fetch was counted on a lease and not yet folded into the audit chain.
+    unfolded: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Leases {
@@ -162,6 +219,8 @@ impl Leases {
             state: Mutex::new(state),
             sweeper: Notify::new(),
             ended,
+            // Fetches counted before a crash are folded at the first sweep.
+            unfolded: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -205,10 +264,15 @@ impl Leases {
             .map(|l| LeaseRow::clone(l))
     }
 
-    /// Records a new lease (durably, with its audit row) and starts its clock.
-    /// Records a new lease (durably, with its audit row) and starts its clock. A uid already
-    /// holding the most live leases allowed gets none.
-    pub async fn grant(&self, lease: LeaseRow, audit: AuditEvent) -> Result<(), LeaseError> {
+    /// Grants a lease for a fetch, durably. A fetch by a peer that already holds a live lease
+    /// on the same stored version extends that lease and is counted on it (folded into the
+    /// audit chain within [`FOLD_EVERY`]); any other fetch records `lease` with its audit row
+    /// and starts its clock. A uid already holding the most live leases allowed gets no new
+    /// one.
+    pub async fn grant(&self, lease: LeaseRow, audit: AuditEvent) -> Result<Granted, LeaseError> {
+        if let Some(granted) = self.extend(&lease).await? {
+            return Ok(granted);
+        }
         let held = self.holding(lease.uid);
         if held >= self.max_per_uid {
             return Err(LeaseError::TooMany {
@@ -225,8 +289,57 @@ impl Leases {
         if earliest.is_none_or(|e| lease.expires_at < e) {
             self.sweeper.notify_one();
         }
+        let granted = Granted {
+            id: lease.id.clone(),
+            expires_at: lease.expires_at,
+            extended: false,
+        };
         state.insert(lease);
-        Ok(())
+        Ok(granted)
+    }
+
+    /// Extends the peer's live lease on the same version, if it holds one that is not about
+    /// to be swept, and counts the fetch on it durably.
+    async fn extend(&self, lease: &LeaseRow) -> Result<Option<Granted>, LeaseError> {
+        let Some(peer) = PeerKey::of(lease) else {
+            return Ok(None);
+        };
+        let now = self.clock.now();
+        let granted = {
+            let mut state = self.state.lock().expect("lease state");
+            let Some(live) = state
+                .by_peer
+                .get(&peer)
+                .and_then(|id| state.live.get(id))
+                .cloned()
+            else {
+                return Ok(None);
+            };
+            // A lease at its expiry may be ending in the sweeper right now: start a new one.
+            if live.expires_at <= now {
+                return Ok(None);
+            }
+            if lease.expires_at > live.expires_at {
+                state.remove(&live.id);
+                let mut longer = LeaseRow::clone(&live);
+                longer.expires_at = lease.expires_at;
+                state.insert(Arc::new(longer));
+            }
+            Granted {
+                id: live.id.clone(),
+                expires_at: live.expires_at.max(lease.expires_at),
+                extended: true,
+            }
+        };
+        let op = LeaseOp::Extend {
+            id: granted.id.clone(),
+            expires_at: lease.expires_at,
+            fetches: 1,
+        };
+        self.backend.commit(vec![op], Vec::new()).await?;
+        self.unfolded
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(granted))
     }
 
     /// How many live leases `uid` holds.
@@ -379,11 +492,36 @@ impl Leases {
         }
     }
 
-    /// Ends leases as they expire, and retries pending upstream revocations, until `shutdown`.
+    /// Folds the fetches counted on leases since the last fold into the audit chain, if any.
+    async fn fold(&self) {
+        if !self
+            .unfolded
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        if let Err(e) = self
+            .backend
+            .commit(vec![LeaseOp::FoldFetches], Vec::new())
+            .await
+        {
+            self.unfolded
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %e, "could not fold repeated fetches into the audit log; retrying");
+        }
+    }
+
+    /// Ends leases as they expire, retries pending upstream revocations, and folds repeated
+    /// fetches into the audit chain, until `shutdown`.
     pub async fn run_sweeper(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut next_purge = self.clock.now();
+        let mut next_fold = self.clock.now();
         loop {
             let now = self.clock.now();
+            if now >= next_fold {
+                next_fold = now + FOLD_EVERY;
+                self.fold().await;
+            }
             if now >= next_purge {
                 next_purge = now + PURGE_EVERY;
                 let purge = LeaseOp::PurgeEnded {
@@ -435,7 +573,8 @@ impl Leases {
                 (Some(a), Some(b)) => a.min(b),
                 (Some(a), None) | (None, Some(a)) => a,
                 (None, None) => self.clock.now() + 60_000,
-            };
+            }
+            .min(next_fold);
             tokio::select! {
                 _ = self.clock.sleep_until(wake_at) => {}
                 _ = self.sweeper.notified() => {}
@@ -509,7 +648,8 @@ mod tests {
             uid,
             gid: uid,
             pid: 1,
-            exe: None,
+            // Each test lease is its own peer unless a test says otherwise.
+            exe: Some(format!("/usr/bin/{id}")),
             created_at: T0,
             expires_at: T0 + ttl_s * 1000,
             ended_at: None,
@@ -634,6 +774,94 @@ mod tests {
                 .count(),
             2
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_fetches_by_one_peer_of_one_version_extend_one_lease_and_are_folded() {
+        let (memory, leases, _stop) = setup_with_cap(1);
+        let first = leases
+            .grant(lease("a", 1000, 60, false), ev())
+            .await
+            .unwrap();
+        assert_eq!(
+            first,
+            Granted {
+                id: "a".into(),
+                expires_at: T0 + 60_000,
+                extended: false
+            }
+        );
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let folds = || {
+            memory
+                .ops
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|o| matches!(o, LeaseOp::FoldFetches))
+                .count()
+        };
+        let folds_before = folds();
+        // A fetch loop: the same peer, the same version, a thousand times, within the cap of 1.
+        for i in 0..1000 {
+            let mut again = lease(&format!("b{i}"), 1000, 60, false);
+            again.exe = Some("/usr/bin/a".into());
+            again.created_at = T0 + 30_000;
+            again.expires_at = T0 + 90_000;
+            let granted = leases.grant(again, ev()).await.unwrap();
+            assert_eq!(
+                granted,
+                Granted {
+                    id: "a".into(),
+                    expires_at: T0 + 90_000,
+                    extended: true
+                }
+            );
+        }
+        assert_eq!(leases.live_count(), 1);
+        assert_eq!(leases.live_on("sid", 1), (1, Some(T0 + 90_000)));
+        let counted: u32 = memory
+            .ops
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|o| match o {
+                LeaseOp::Extend { id, fetches, .. } if id == "a" => *fetches,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(counted, 1000, "every repeated fetch is counted durably");
+        assert_eq!(
+            memory.audit.lock().unwrap().len(),
+            1,
+            "one audit row for the first fetch"
+        );
+        // Folded into the chain within the fold interval.
+        tokio::time::sleep(Duration::from_millis(FOLD_EVERY as u64)).await;
+        assert_eq!(folds(), folds_before + 1);
+        // The extended lease outlives its first expiry, then ends at the extended one.
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        assert_eq!(leases.live_count(), 1);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(leases.live_count(), 0);
+        // Another executable, another version, or an issued credential: a lease of its own.
+        let mut other = lease("c", 1000, 60, false);
+        other.exe = Some("/usr/bin/other".into());
+        assert!(!leases.grant(other, ev()).await.unwrap().extended);
+        let mut newer = lease("d", 1001, 60, false);
+        newer.version = Some(2);
+        assert!(!leases.grant(newer, ev()).await.unwrap().extended);
+        let (_m, issued_only, _s) = setup();
+        issued_only
+            .grant(lease("e", 1000, 60, true), ev())
+            .await
+            .unwrap();
+        let second = issued_only
+            .grant(lease("f", 1000, 60, true), ev())
+            .await
+            .unwrap();
+        assert!(!second.extended);
+        assert_eq!(issued_only.live_count(), 2);
     }
 
     #[tokio::test(start_paused = true)]

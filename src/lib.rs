@@ -43,6 +43,7 @@ pub mod admin;
 pub mod agent_api;
 pub mod attest;
 pub mod audit;
+pub mod audit_archive;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -382,6 +382,20 @@ impl Vault {
         }
     }
 
+    /// Removes the audit rows up to `through_seq` (already written to an archive; the row
+    /// must still have `hash`), anchoring the chain there under this vault's seal.
+    pub async fn archive_audit(
+        &self,
+        through_seq: i64,
+        hash: &[u8],
+        event: AuditEvent,
+    ) -> Result<(), VaultError> {
+        self.store
+            .archive_audit(&self.keys.integrity, through_seq, hash, event)
+            .await?;
+        Ok(())
+    }
+
     /// Whether `mac` is this vault's seal of row `seq` with hash `hash` (constant time).
     pub fn audit_seal_holds(&self, seq: i64, hash: &[u8], mac: &[u8]) -> bool {
         let expected = self.keys.integrity.audit_seal(seq, hash);

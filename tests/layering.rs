@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 const GROUND: &[&str] = &[
     "audit",
+    "audit_archive",
     "clock",
     "crypto",
     "generate",

@@ -1,5 +1,6 @@
-//! `audit verify` and `audit tail`.
+//! `audit verify`, `audit tail` and `audit archive`.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Subcommand;
@@ -7,7 +8,10 @@ use serde_json::json;
 
 use super::Context;
 use super::output::{print_json, printable, rfc3339};
-use crate::audit::ChainVerifier;
+use crate::audit::{AuditEvent, ChainVerifier};
+use crate::audit_archive::{self, ArchiveWriter};
+use crate::clock::Millis;
+use crate::crypto;
 use crate::store::{Access, Store};
 
 const PAGE: i64 = 1000;
@@ -29,6 +33,28 @@ pub(crate) enum AuditCommand {
         /// Also check the keyed seals (needs the passphrase).
         #[arg(long)]
         keyed: bool,
+        /// Archive files written by `audit archive`, oldest first: their rows are checked, and
+        /// the store's chain must go on where the last one ends. Without them, the chain is
+        /// checked from the row after the last archived one.
+        #[arg(long = "archive", value_name = "FILE")]
+        archives: Vec<PathBuf>,
+    },
+    /// Move the rows older than a date out of the store into an archive file.
+    ///
+    /// The file (JSON lines, mode 0600, never over an existing file) verifies on its own with
+    /// `audit verify --archive FILE`, and the store's chain goes on from its last row, whose
+    /// seq and hash the store keeps as its anchor under the vault's keyed seal (asks for the
+    /// passphrase). Rows are removed from the store only once the file is on disk.
+    Archive {
+        /// Archive the rows written before this: an RFC 3339 time, a date (YYYY-MM-DD, UTC
+        /// midnight), or an age such as `90d`.
+        #[arg(long, value_name = "WHEN")]
+        before: String,
+        /// The archive file to create.
+        file: PathBuf,
+        /// Print {"file","rows","first_seq","last_seq","head"} as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the most recent audit events.
     Tail {
@@ -42,9 +68,17 @@ pub(crate) enum AuditCommand {
 }
 
 pub(crate) async fn run(ctx: &Context, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    if let AuditCommand::Archive { before, file, json } = cmd {
+        return archive(ctx, &before, &file, json).await;
+    }
     let store = ctx.open_store(Access::ReadOnly).await?;
     match cmd {
-        AuditCommand::Verify { json, keyed } => return verify(&store, json, keyed).await,
+        AuditCommand::Verify {
+            json,
+            keyed,
+            archives,
+        } => return verify(&store, json, keyed, &archives).await,
+        AuditCommand::Archive { .. } => unreachable!("handled above"),
         AuditCommand::Tail { lines, json } => {
             let rows = store.audit_tail(lines.max(0)).await?;
             if json {
@@ -82,9 +116,102 @@ pub(crate) async fn run(ctx: &Context, cmd: AuditCommand) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
-/// `audit verify [--keyed]`: walks the chain (and checks every keyed seal); exit 1 naming the
-/// first bad row.
-async fn verify(store: &Store, json: bool, keyed: bool) -> anyhow::Result<ExitCode> {
+/// Parses `--before`: an RFC 3339 time, a date (UTC midnight), or an age before now.
+fn parse_before(text: &str, now: Millis) -> anyhow::Result<Millis> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.timestamp_millis());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(d
+            .and_time(chrono::NaiveTime::MIN)
+            .and_utc()
+            .timestamp_millis());
+    }
+    match humantime::parse_duration(text) {
+        Ok(age) => Ok(now - age.as_millis() as Millis),
+        Err(_) => anyhow::bail!(
+            "--before {text:?}: expected an RFC 3339 time (2026-01-31T00:00:00Z), a date \
+             (2026-01-31) or an age (90d)"
+        ),
+    }
+}
+
+/// `audit archive --before WHEN FILE`: writes the rows before `WHEN` to `FILE` (checking their
+/// chain on the way), then removes them from the store, anchored under the vault's seal.
+async fn archive(ctx: &Context, before: &str, file: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let before = parse_before(before, crate::clock::now_millis())?;
+    let vault = ctx.unlock().await?;
+    let store = vault.store();
+    let Some(through) = store.audit_last_before(before).await? else {
+        anyhow::bail!(
+            "no audit rows before {}: nothing to archive",
+            rfc3339(before)
+        );
+    };
+    let (anchor_seq, anchor_hash) = store
+        .audit_anchor()
+        .await?
+        .unwrap_or((0, crate::audit::GENESIS_HASH.to_vec()));
+    let mut verifier = ChainVerifier::after(anchor_seq, anchor_hash.clone());
+    let mut writer = ArchiveWriter::create(file, anchor_seq + 1, &anchor_hash)?;
+    let mut after = anchor_seq;
+    while after < through {
+        let page = store.audit_page(after, PAGE.min(through - after)).await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for row in &page {
+            if let Err(brk) = verifier.check(row) {
+                drop(writer);
+                let _ = std::fs::remove_file(file);
+                anyhow::bail!(
+                    "the audit chain is broken at row {}: {}; nothing was archived (run `keywarden \
+                     audit verify`)",
+                    brk.seq,
+                    brk.reason
+                );
+            }
+            writer.push(row)?;
+        }
+    }
+    let rows = writer.finish()?;
+    let (last_seq, head) = verifier.last();
+    let (last_seq, head) = (last_seq, head.to_vec());
+    let event = AuditEvent::new(&ctx.actor, "audit.archived").detail(json!({
+        "first_seq": anchor_seq + 1,
+        "last_seq": last_seq,
+        "rows": rows,
+        "head": crypto::hex(&head),
+        "file": file.display().to_string(),
+    }));
+    vault.archive_audit(last_seq, &head, event).await?;
+    if json {
+        print_json(&json!({
+            "file": file.display().to_string(),
+            "rows": rows,
+            "first_seq": anchor_seq + 1,
+            "last_seq": last_seq,
+            "head": crypto::hex(&head),
+        }))?;
+    } else {
+        println!(
+            "archived audit rows {}..={last_seq} ({rows} rows) to {}; the store's chain now \
+             starts after row {last_seq}, head {}",
+            anchor_seq + 1,
+            file.display(),
+            crypto::hex(&head)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `audit verify [--keyed] [--archive FILE]...`: walks the archives and then the store's chain
+/// (and checks every keyed seal); exit 1 naming the first bad row.
+async fn verify(
+    store: &Store,
+    json: bool,
+    keyed: bool,
+    archives: &[PathBuf],
+) -> anyhow::Result<ExitCode> {
     let seals = if keyed {
         let passphrase = crate::passphrase::obtain(crate::passphrase::Purpose::Unlock)?;
         let vault = crate::vault::Vault::unlock(store.clone(), &passphrase).await?;
@@ -92,9 +219,6 @@ async fn verify(store: &Store, json: bool, keyed: bool) -> anyhow::Result<ExitCo
     } else {
         None
     };
-    let mut verifier = ChainVerifier::default();
-    let mut after = 0;
-    let mut sealed_up_to = 0;
     let fail = |seq: i64, reason: String, rows: u64| -> anyhow::Result<ExitCode> {
         if json {
             print_json(&json!({
@@ -108,6 +232,46 @@ async fn verify(store: &Store, json: bool, keyed: bool) -> anyhow::Result<ExitCo
         }
         Ok(ExitCode::FAILURE)
     };
+    let mut verifier = ChainVerifier::default();
+    for file in archives {
+        if let Err(e) = audit_archive::verify(file, &mut verifier) {
+            let seq = match &e {
+                audit_archive::ArchiveError::Broken { brk, .. } => brk.seq,
+                _ => verifier.last().0 + 1,
+            };
+            return fail(seq, e.to_string(), verifier.rows());
+        }
+    }
+    let archived_rows = verifier.rows();
+    let anchor = store.audit_anchor().await?;
+    if let Some((seq, hash)) = &anchor {
+        if archives.is_empty() {
+            verifier = ChainVerifier::after(*seq, hash.clone());
+        } else if verifier.last() != (*seq, hash.as_slice()) {
+            let reason = format!(
+                "the store's chain goes on after row {seq}, but the archives given end at row {}",
+                verifier.last().0
+            );
+            return fail(seq + 1, reason, verifier.rows());
+        }
+        if let Some((vault, seals)) = &seals {
+            let sealed = seals
+                .binary_search_by_key(seq, |(s, _)| *s)
+                .is_ok_and(|i| vault.audit_seal_holds(*seq, hash, &seals[i].1));
+            if !sealed {
+                let reason = format!(
+                    "the anchor where the archived rows end (row {seq}) does not carry the \
+                     vault's seal: rows were removed from the start of the chain"
+                );
+                return fail(seq + 1, reason, verifier.rows());
+            }
+        }
+    } else if !archives.is_empty() && verifier.rows() > 0 {
+        let reason = "the store holds no archive anchor, but archives were given".to_string();
+        return fail(verifier.last().0 + 1, reason, verifier.rows());
+    }
+    let mut after = verifier.last().0;
+    let mut sealed_up_to = after;
     loop {
         let page = store.audit_page(after, PAGE).await?;
         let Some(last) = page.last() else { break };
@@ -133,6 +297,10 @@ async fn verify(store: &Store, json: bool, keyed: bool) -> anyhow::Result<ExitCo
     }
     let rows = verifier.rows();
     let mut report = json!({ "ok": true, "rows": rows, "head": verifier.head() });
+    if let Some((seq, _)) = &anchor {
+        report["archived_through"] = json!(seq);
+        report["archived_rows_verified"] = json!(archived_rows);
+    }
     if let Some((_, seals)) = &seals {
         if let Some((seq, _)) = seals.iter().find(|(seq, _)| *seq > after) {
             let reason = format!(
@@ -148,6 +316,14 @@ async fn verify(store: &Store, json: bool, keyed: bool) -> anyhow::Result<ExitCo
         print_json(&report)?;
     } else {
         println!("audit chain intact: {rows} rows, head {}", verifier.head());
+        if let Some((seq, _)) = &anchor {
+            match archived_rows {
+                0 => println!(
+                    "rows up to {seq} are archived (check them with --archive FILE, oldest first)"
+                ),
+                n => println!("of which {n} rows from the archives, up to row {seq}"),
+            }
+        }
         if seals.is_some() {
             println!(
                 "keyed seals hold up to row {sealed_up_to}; {} rows after it are not sealed",

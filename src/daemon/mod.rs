@@ -178,6 +178,10 @@ pub async fn serve(
     for server in servers {
         let _ = server.await;
     }
+    // Leave no write-ahead log behind: the next start opens a compact file.
+    if let Err(e) = services.vault.store().truncate_wal().await {
+        tracing::warn!(error = %e, "could not fold the write-ahead log into the store");
+    }
     remove_sockets();
     tracing::info!("stopped");
     Ok(())

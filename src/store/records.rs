@@ -375,6 +375,20 @@ pub struct LeaseRow {
 pub enum LeaseOp {
     /// A new lease.
     Insert(Arc<LeaseRow>),
+    /// A repeated fetch by the lease's holder of the lease's version: one more fetch counted
+    /// on the lease (durably, before the value is handed out), its expiry moved to at least
+    /// `expires_at`. Folded into the audit chain later by [`LeaseOp::FoldFetches`].
+    Extend {
+        /// Lease id.
+        id: String,
+        /// The expiry the fetch asked for (the lease keeps a later one).
+        expires_at: Millis,
+        /// Fetches to count (several in one batch are merged).
+        fetches: u32,
+    },
+    /// Appends a `fetch.repeated` audit row for every lease with fetches the chain does not
+    /// count yet, and marks them counted, in the same transaction.
+    FoldFetches,
     /// A renewed lease.
     Renew {
         /// Lease id.

@@ -52,6 +52,74 @@ impl SqliteStore {
         Ok(self.audit_tail(1).await?.pop().map(|r| (r.seq, r.hash)))
     }
 
+    /// Where the chain in this store begins when older rows were archived: the last archived
+    /// row's (seq, hash).
+    pub async fn audit_anchor(&self) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT seq, hash FROM audit_anchor WHERE id = 1")
+                .fetch_optional(&self.reader)
+                .await?,
+        )
+    }
+
+    /// The last row written before `before`, if any: where an archive up to that time ends.
+    pub async fn audit_last_before(&self, before: Millis) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT max(seq) FROM audit WHERE at < ?")
+                .bind(before)
+                .fetch_one(&self.reader)
+                .await?,
+        )
+    }
+
+    /// Removes the rows up to `through_seq` (already written to an archive) in one
+    /// transaction: the row must still have `hash`; it becomes the chain's anchor, sealed
+    /// under `key` (the unlocked vault's integrity key), and `event` is appended after it.
+    pub async fn archive_audit(
+        &self,
+        key: &IntegrityKey,
+        through_seq: i64,
+        hash: &[u8],
+        event: AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let found: Option<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM audit WHERE seq = ?")
+            .bind(through_seq)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if found.as_deref() != Some(hash) {
+            return Err(StoreError::Conflict(format!(
+                "audit row {through_seq} changed or is gone since it was archived; nothing was                  removed"
+            )));
+        }
+        let at = now_millis();
+        sqlx::query("DELETE FROM audit WHERE seq <= ?")
+            .bind(through_seq)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM audit_seals WHERE seq <= ?")
+            .bind(through_seq)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO audit_seals (seq, mac, at) VALUES (?, ?, ?)")
+            .bind(through_seq)
+            .bind(key.audit_seal(through_seq, hash).as_slice())
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT OR REPLACE INTO audit_anchor (id, seq, hash, archived_at) VALUES (1, ?, ?, ?)",
+        )
+        .bind(through_seq)
+        .bind(hash)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        append_audit_in(&mut tx, Some(key), &[event]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Every seal, by row: (seq, mac).
     pub async fn audit_seals(&self) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
         let rows = sqlx::query("SELECT seq, mac FROM audit_seals ORDER BY seq")
@@ -77,6 +145,15 @@ pub(super) async fn append_audit_in(
         sqlx::query_as("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut *tx)
             .await?;
+    // With every row archived, the chain goes on from the anchor.
+    let last = match last {
+        Some(last) => Some(last),
+        None => {
+            sqlx::query_as("SELECT seq, hash FROM audit_anchor WHERE id = 1")
+                .fetch_optional(&mut *tx)
+                .await?
+        }
+    };
     let (mut seq, mut prev) = last.unwrap_or((0, GENESIS_HASH.to_vec()));
     let at: Millis = now_millis();
     let mut rows = Vec::with_capacity(events.len());

@@ -31,8 +31,13 @@ impl SqliteStore {
         let result = async {
             let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
             insert_leases(&mut tx, ops).await?;
+            extend_leases(&mut tx, ops).await?;
+            let mut folded = Vec::new();
             for op in ops {
-                apply_lease_op(&mut tx, op).await?;
+                match op {
+                    LeaseOp::FoldFetches => folded.extend(fold_fetches(&mut tx).await?),
+                    op => apply_lease_op(&mut tx, op).await?,
+                }
             }
             // A lease that holds an issued credential ends its journal entry, atomically.
             for op in ops {
@@ -46,6 +51,9 @@ impl SqliteStore {
                 }
             }
             append_audit_in(&mut tx, self.integrity(), audit).await?;
+            if !folded.is_empty() {
+                append_audit_in(&mut tx, self.integrity(), &folded).await?;
+            }
             tx.commit().await?;
             Ok::<_, StoreError>(())
         }
@@ -221,10 +229,80 @@ async fn insert_leases(tx: &mut SqliteConnection, ops: &[LeaseOp]) -> Result<(),
     Ok(())
 }
 
-/// Applies one change other than an insert (inserts went in first, in bulk).
+/// Counts the batch's repeated fetches: one statement per lease however many fetches of it
+/// the batch holds. The expiry moves only forward, and only on a live lease; the count is
+/// recorded even on a lease that ended meanwhile, so the fetch is still accounted for.
+async fn extend_leases(tx: &mut SqliteConnection, ops: &[LeaseOp]) -> Result<(), StoreError> {
+    let mut merged: std::collections::BTreeMap<&str, (Millis, i64)> = Default::default();
+    for op in ops {
+        if let LeaseOp::Extend {
+            id,
+            expires_at,
+            fetches,
+        } = op
+        {
+            let entry = merged.entry(id.as_str()).or_insert((*expires_at, 0));
+            entry.0 = entry.0.max(*expires_at);
+            entry.1 += i64::from(*fetches);
+        }
+    }
+    for (id, (expires_at, fetches)) in merged {
+        sqlx::query(
+            "UPDATE leases SET fetches = fetches + ?, expires_at = CASE WHEN ended_at IS NULL \
+             THEN max(expires_at, ?) ELSE expires_at END WHERE id = ?",
+        )
+        .bind(fetches)
+        .bind(expires_at)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The `fetch.repeated` rows for every lease whose fetches the chain does not count yet; marks
+/// them counted.
+async fn fold_fetches(tx: &mut SqliteConnection) -> Result<Vec<AuditEvent>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT l.id, s.name, l.version, l.uid, l.gid, l.exe, l.fetches, l.audited_fetches \
+         FROM leases l JOIN secrets s ON s.id = l.secret_id \
+         WHERE l.fetches > l.audited_fetches ORDER BY l.id",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut events = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let id: String = r.try_get(0)?;
+        let name: String = r.try_get(1)?;
+        let version: Option<i64> = r.try_get(2)?;
+        let (uid, gid): (u32, u32) = (r.try_get(3)?, r.try_get(4)?);
+        let exe: Option<String> = r.try_get(5)?;
+        let (fetches, audited): (i64, i64) = (r.try_get(6)?, r.try_get(7)?);
+        let actor = format!(
+            "agent uid={uid} gid={gid} exe={}",
+            exe.as_deref().unwrap_or("unknown")
+        );
+        events.push(
+            AuditEvent::new(actor, "fetch.repeated")
+                .secret(&name)
+                .detail(serde_json::json!({
+                    "lease_id": id,
+                    "version": version,
+                    "count": fetches - audited,
+                    "total": fetches,
+                })),
+        );
+    }
+    sqlx::query("UPDATE leases SET audited_fetches = fetches WHERE fetches > audited_fetches")
+        .execute(&mut *tx)
+        .await?;
+    Ok(events)
+}
+
+/// Applies one change other than an insert or an extension (those went in first, in bulk).
 async fn apply_lease_op(tx: &mut SqliteConnection, op: &LeaseOp) -> Result<(), StoreError> {
     match op {
-        LeaseOp::Insert(_) => {}
+        LeaseOp::Insert(_) | LeaseOp::Extend { .. } | LeaseOp::FoldFetches => {}
         LeaseOp::Renew { id, expires_at } => {
             sqlx::query("UPDATE leases SET expires_at = ? WHERE id = ? AND ended_at IS NULL")
                 .bind(expires_at)
@@ -252,6 +330,7 @@ async fn apply_lease_op(tx: &mut SqliteConnection, op: &LeaseOp) -> Result<(), S
         LeaseOp::PurgeEnded { before } => {
             sqlx::query(
                 "DELETE FROM leases WHERE ended_at IS NOT NULL AND ended_at < ? \
+                 AND fetches = audited_fetches \
                  AND (upstream_state IS NULL OR upstream_state = 'revoked')",
             )
             .bind(before)

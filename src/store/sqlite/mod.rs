@@ -48,6 +48,12 @@ pub struct SqliteStore {
 
 /// How often the daemon's background checkpointer moves the write-ahead log into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// Write-ahead log frames (pages) past which the checkpointer resets the log to zero bytes
+/// instead of only copying it back: 4,096 pages, 16 MiB. Under continuous writes and reads a
+/// passive checkpoint never finds a moment to restart the log, which then grows without bound.
+const TRUNCATE_AT_FRAMES: i64 = 4096;
+/// The size SQLite trims the write-ahead log to whenever it restarts it (bytes).
+const WAL_SIZE_LIMIT: &str = "16777216";
 
 fn connect_options(path: &Path) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
@@ -58,6 +64,7 @@ fn connect_options(path: &Path) -> SqliteConnectOptions {
         .busy_timeout(BUSY_TIMEOUT)
         .foreign_keys(true)
         .pragma("secure_delete", "ON")
+        .pragma("journal_size_limit", WAL_SIZE_LIMIT)
 }
 
 pub(super) fn io_error(what: &'static str, path: &Path, source: std::io::Error) -> StoreError {
@@ -244,8 +251,11 @@ impl SqliteStore {
         })
     }
 
-    /// Starts the daemon's checkpointer: a PASSIVE checkpoint every half second on its own
-    /// connection, so writers never wait for one. It stops when the store is dropped.
+    /// Starts the daemon's checkpointer on its own connection, so writers never run one: the
+    /// write-ahead log left by an earlier run is folded in and reset first; then a PASSIVE
+    /// checkpoint every half second, and a TRUNCATE one (writers wait for it, briefly)
+    /// whenever the log has grown past [`TRUNCATE_AT_FRAMES`]. It stops when the store is
+    /// dropped.
     async fn start_checkpointer(path: &Path) -> Result<tokio::sync::watch::Sender<()>, StoreError> {
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
@@ -253,6 +263,7 @@ impl SqliteStore {
             .connect_with(connect_options(path))
             .await
             .map_err(|e| unreadable(path, e))?;
+        checkpoint(&pool, Checkpoint::Truncate).await?;
         let (stop, mut stopped) = tokio::sync::watch::channel(());
         tokio::spawn(async move {
             loop {
@@ -260,19 +271,27 @@ impl SqliteStore {
                     _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
                     _ = stopped.changed() => break,
                 }
-                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                    .execute(&pool)
-                    .await
-                {
+                let result = match checkpoint(&pool, Checkpoint::Passive).await {
+                    Ok(frames) if frames > TRUNCATE_AT_FRAMES => {
+                        checkpoint(&pool, Checkpoint::Truncate).await
+                    }
+                    other => other,
+                };
+                if let Err(e) = result {
                     tracing::warn!(error = %e, "background checkpoint failed");
                 }
             }
-            let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-                .execute(&pool)
-                .await;
+            let _ = checkpoint(&pool, Checkpoint::Truncate).await;
             pool.close().await;
         });
         Ok(stop)
+    }
+
+    /// Folds the write-ahead log into the database and truncates it to zero bytes, waiting for
+    /// readers and writers in this process to let it (the daemon does this when it stops).
+    pub async fn truncate_wal(&self) -> Result<(), StoreError> {
+        checkpoint(&self.writer, Checkpoint::Truncate).await?;
+        Ok(())
     }
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
@@ -290,6 +309,25 @@ impl SqliteStore {
             cache.invalidate(name);
         }
     }
+}
+
+/// SQLite's checkpoint modes used here.
+#[derive(Debug, Clone, Copy)]
+enum Checkpoint {
+    /// Copy what it can without waiting for anyone.
+    Passive,
+    /// Wait for readers and writers, copy everything, and truncate the log to zero bytes.
+    Truncate,
+}
+
+/// Runs a checkpoint; returns the frames in the write-ahead log as it found it.
+async fn checkpoint(pool: &SqlitePool, mode: Checkpoint) -> Result<i64, StoreError> {
+    let sql = match mode {
+        Checkpoint::Passive => "PRAGMA wal_checkpoint(PASSIVE)",
+        Checkpoint::Truncate => "PRAGMA wal_checkpoint(TRUNCATE)",
+    };
+    let (_busy, frames, _copied): (i64, i64, i64) = sqlx::query_as(sql).fetch_one(pool).await?;
+    Ok(frames)
 }
 
 pub(super) fn unreadable(path: &Path, e: sqlx::Error) -> StoreError {
