@@ -1,10 +1,16 @@
 //! Agent socket benchmark: fetch throughput and p50/p99 latency at 1, 8, 32 and 128 concurrent
-//! clients against the real `keywarden serve` (peer attestation, policy, a lease and an audit
-//! row per fetch, group-committed), and against a minimal hyper server answering a fixed body on
-//! a Unix socket (the transport's limit), in the same run on the same machine.
+//! clients against the real `keywarden serve` (peer attestation, policy, the lease extended and
+//! the fetch counted durably before each answer, group-committed), and against a minimal hyper
+//! server answering a fixed body on a Unix socket (the transport's limit), in the same run on
+//! the same machine.
 //!
-//! Run with `cargo bench --bench agent`; prints a table. Each client keeps one HTTP/1.1
-//! connection and sends requests back to back.
+//! Then a soak: 32 clients fetching back to back for `--soak SECS` (default 60; the README's
+//! figures use 600), printing the daemon's resident memory, write-ahead log and database size
+//! as a series — flat when memory and disk depend on the secrets and peers, not on the fetches.
+//!
+//! Run with `cargo bench --bench agent [-- --soak 600]`; prints two tables. Each client keeps
+//! one HTTP/1.1 connection and sends requests back to back. The daemon runs the default
+//! `[agent]` settings except the per-uid connection share (every client here is one uid).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -64,6 +70,11 @@ fn main() {
             kw.rate / base.rate
         );
     }
+    let soak = args
+        .iter()
+        .position(|a| a == "--soak")
+        .map_or(60, |i| args[i + 1].parse().expect("--soak SECS"));
+    soak_series(&rt, &agent_sock, daemon.id(), dir.path(), soak);
     let _ = baseline.kill();
     let _ = Command::new("kill")
         .args(["-TERM", &daemon.id().to_string()])
@@ -98,12 +109,9 @@ parallelism = 1
 [agent]
 socket = "agent.sock"
 admin_socket = "admin.sock"
-default_ttl = "10m"
 max_connections = 512
-# Every client here is the same uid (one agent host's many workers): lift the per-uid share,
-# and the live-lease quota (each fetch holds a 10-minute lease; millions are made here).
+# Every client here is the same uid (one agent host's many workers): lift the per-uid share.
 max_connections_per_uid = 512
-max_leases_per_uid = 100000000
 [secrets."bench/token"]
 provider = "random"
 generate = { length = 40, charset = "alphanumeric" }
@@ -202,7 +210,60 @@ fn clock_ticks_per_second() -> f64 {
         .unwrap()
 }
 
+/// Prints RSS, WAL and database size every `secs / 10` seconds while 32 clients fetch.
+fn soak_series(rt: &tokio::runtime::Runtime, sock: &Path, daemon: u32, dir: &Path, secs: u64) {
+    let file_mb =
+        |name: &str| std::fs::metadata(dir.join(name)).map_or(0.0, |m| m.len() as f64 / 1048576.0);
+    let rss_mb = || {
+        let status = std::fs::read_to_string(format!("/proc/{daemon}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+            / 1024.0
+    };
+    println!();
+    println!("Soak: 32 clients fetching back to back for {secs} s");
+    println!();
+    println!("| elapsed | fetches/s | daemon RSS | WAL | database |");
+    println!("|---|---|---|---|---|");
+    let step = Duration::from_secs((secs / 10).max(1));
+    let mut elapsed = Duration::ZERO;
+    while elapsed.as_secs() < secs {
+        let figures = rt.block_on(load_for(
+            sock,
+            "/v1/secrets/bench/token",
+            32,
+            Duration::ZERO,
+            step,
+        ));
+        elapsed += step;
+        println!(
+            "| {} s | {:.0} | {:.1} MB | {:.1} MB | {:.1} MB |",
+            elapsed.as_secs(),
+            figures.rate,
+            rss_mb(),
+            file_mb("vault.db-wal"),
+            file_mb("vault.db")
+        );
+    }
+}
+
 async fn load(sock: &Path, path: &'static str, clients: usize) -> Figures {
+    load_for(sock, path, clients, WARMUP, MEASURE).await
+}
+
+/// `clients` connections sending requests back to back for `warmup + measure`; latencies and
+/// the rate count only the `measure` part.
+async fn load_for(
+    sock: &Path,
+    path: &'static str,
+    clients: usize,
+    warmup: Duration,
+    measure: Duration,
+) -> Figures {
     let start = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
@@ -218,7 +279,7 @@ async fn load(sock: &Path, path: &'static str, clients: usize) -> Figures {
                 let mut total = 0usize;
                 loop {
                     let t = Instant::now();
-                    if t - start > WARMUP + MEASURE {
+                    if t - start > warmup + measure {
                         break;
                     }
                     let req = hyper::Request::get(path)
@@ -229,7 +290,7 @@ async fn load(sock: &Path, path: &'static str, clients: usize) -> Figures {
                     assert_eq!(resp.status(), 200);
                     let _ = resp.into_body().collect().await.unwrap();
                     total += 1;
-                    if t - start >= WARMUP {
+                    if t - start >= warmup {
                         latencies.push(t.elapsed());
                     }
                 }
@@ -248,7 +309,7 @@ async fn load(sock: &Path, path: &'static str, clients: usize) -> Figures {
     let pct =
         |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1000.0;
     Figures {
-        rate: all.len() as f64 / MEASURE.as_secs_f64(),
+        rate: all.len() as f64 / measure.as_secs_f64(),
         p50: pct(0.50),
         p99: pct(0.99),
         total,

@@ -1,6 +1,7 @@
 //! The admin API on `admin.sock` (mode 0600, or 0666 with `admin_uids`; only root, the daemon's own uid and `admin_uids`):
 //! `POST /v1/admin/rotate/{name}[?wait=SECS]`, `POST /v1/admin/compromise[?wait=SECS]` (body:
-//! the scope), `POST /v1/admin/compromise/plan`, `GET /v1/admin/incidents/{id}`,
+//! the scope), `POST /v1/admin/compromise/plan`, `GET /v1/admin/incidents/{id}` (and
+//! `…/{id}/progress`: counts only),
 //! `GET /v1/admin/status` and `GET /metrics`.
 
 use std::collections::HashSet;
@@ -16,7 +17,9 @@ use serde_json::json;
 use crate::attest::Peer;
 use crate::audit::AuditEvent;
 use crate::http::{self, Handler};
-use crate::incident::compromise::{CompromiseError, MAX_CONCURRENCY};
+use crate::incident::compromise::{
+    CompromiseError, DEFAULT_CONCURRENCY, MAX_CONCURRENCY, Progress,
+};
 use crate::rejections::Rejections;
 use crate::rotation::engine::EngineError;
 use crate::services::Services;
@@ -50,7 +53,7 @@ struct CompromiseBody {
     /// Revoke leases and old versions without grace (the default for this endpoint).
     #[serde(default = "yes")]
     assume_compromise: bool,
-    /// Secrets rotated at once.
+    /// Secrets rotated at once (default [`DEFAULT_CONCURRENCY`]).
     concurrency: Option<usize>,
 }
 
@@ -153,7 +156,7 @@ impl AdminApi {
             .start(
                 scope,
                 body.assume_compromise,
-                body.concurrency.unwrap_or(8),
+                body.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
                 Trigger::Admin,
             )
             .await
@@ -174,6 +177,27 @@ impl AdminApi {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// `GET /v1/admin/incidents/{id}/progress`: counts only, kept in memory while the run goes
+    /// (what the CLI polls); from the full report once it is over or ran elsewhere.
+    async fn progress(&self, id: &str) -> Response<Full<Bytes>> {
+        let progress = match self.services.incidents.progress(id) {
+            Some(p) => p,
+            None => match self.services.incidents.report(id).await {
+                Ok(report) => Progress {
+                    total: report.rotated.len() + report.failed.len() + report.pending.len(),
+                    done: report.rotated.len() + report.failed.len(),
+                    failed: report.failed.len() - report.needs_person.len(),
+                    finished: report.finished,
+                },
+                Err(e) => return compromise_error(e),
+            },
+        };
+        http::json(
+            StatusCode::OK,
+            &serde_json::to_value(progress).expect("progress serializes"),
+        )
     }
 
     async fn incident(&self, id: &str) -> Response<Full<Bytes>> {
@@ -312,7 +336,11 @@ impl Handler for AdminApi {
                     .await
             }
             (&Method::GET, p) if p.starts_with("/v1/admin/incidents/") => {
-                self.incident(&p["/v1/admin/incidents/".len()..]).await
+                let rest = &p["/v1/admin/incidents/".len()..];
+                match rest.strip_suffix("/progress") {
+                    Some(id) => self.progress(id).await,
+                    None => self.incident(rest).await,
+                }
             }
             (&Method::GET, "/v1/admin/status") => {
                 match crate::status::report(

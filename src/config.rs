@@ -237,7 +237,8 @@ pub struct PluginConfig {
     /// Per-request timeout (default `[daemon] plugin_timeout`).
     #[serde(default, deserialize_with = "opt_duration")]
     pub timeout: Option<Duration>,
-    /// Requests in flight to this plugin at once.
+    /// Requests in flight to this plugin at once (default 64: above an incident's default
+    /// concurrency, so a `rotate-all` is not silently bound by it).
     #[serde(default = "default_plugin_concurrency")]
     pub max_concurrency: usize,
     /// What the confined plugin may do beyond the defaults (read a CA file, ...).
@@ -246,7 +247,7 @@ pub struct PluginConfig {
 }
 
 fn default_plugin_concurrency() -> usize {
-    16
+    64
 }
 
 /// `[secrets."NAME"]`: a secret keywarden manages.

@@ -322,6 +322,11 @@ impl PluginHost {
         &self.spec.name
     }
 
+    /// The most requests this plugin has in flight at once.
+    pub fn max_concurrency(&self) -> usize {
+        self.spec.max_concurrency
+    }
+
     /// How many times the process was (re)started after the first start.
     pub fn restarts(&self) -> u64 {
         self.restarts.load(Ordering::Relaxed)

@@ -1,7 +1,7 @@
 //! `rotate-all [--assume-compromise]`: the plan, a confirmation, the run with progress, and the
 //! incident report. Through the daemon when it runs; in this process otherwise.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +16,9 @@ use super::daemon_cmds::admin;
 use super::output::print_json;
 use crate::clock::Clock;
 use crate::daemon::{Mode, Runtime};
-use crate::incident::compromise::{MAX_CONCURRENCY, Plan, Report, describe_plan};
+use crate::incident::compromise::{
+    DEFAULT_CONCURRENCY, MAX_CONCURRENCY, Plan, Progress, Report, describe_plan,
+};
 use crate::passphrase::{self, Purpose};
 use crate::store::{Access, Store};
 use crate::store::{Scope, Trigger};
@@ -47,8 +49,10 @@ pub(crate) struct RotateAllArgs {
     /// Do not ask for confirmation (required when stdin is not a terminal).
     #[arg(long)]
     yes: bool,
-    /// Secrets rotated at once.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=MAX_CONCURRENCY as i64))]
+    /// Secrets rotated at once. An incident is bound by this (and by each plugin's
+    /// max_concurrency, which the plan names when it binds), not by the routine
+    /// [daemon] max_concurrent_rotations.
+    #[arg(long, default_value_t = DEFAULT_CONCURRENCY as u32, value_parser = clap::value_parser!(u32).range(1..=MAX_CONCURRENCY as i64))]
     concurrency: u32,
     /// Print the report (or, with --dry-run, the plan) as JSON.
     #[arg(long)]
@@ -98,10 +102,33 @@ impl Runner {
                 .start(
                     scope_of(body),
                     body["assume_compromise"].as_bool().unwrap_or(false),
-                    body["concurrency"].as_u64().unwrap_or(8) as usize,
+                    body["concurrency"]
+                        .as_u64()
+                        .map_or(DEFAULT_CONCURRENCY, |c| c as usize),
                     Trigger::Cli,
                 )
                 .await?),
+        }
+    }
+
+    /// Counts only: what the progress display polls.
+    async fn progress(&self, id: &str) -> anyhow::Result<Progress> {
+        match self {
+            Runner::Daemon(socket) => {
+                let value = admin(
+                    socket,
+                    Method::GET,
+                    &format!("/v1/admin/incidents/{id}/progress"),
+                    None,
+                )
+                .await?;
+                Ok(serde_json::from_value(value)
+                    .context("the daemon's progress is not understood")?)
+            }
+            Runner::Local(rt) => match rt.incidents.progress(id) {
+                Some(p) => Ok(p),
+                None => anyhow::bail!("incident {id} is not running here"),
+            },
         }
     }
 
@@ -168,12 +195,18 @@ async fn run(runner: &Runner, args: &RotateAllArgs, body: &Value) -> anyhow::Res
         if args.json {
             print_json(&plan)?;
         } else {
-            println!("{}", describe_plan(&plan).join("\n"));
+            println!(
+                "{}",
+                describe_plan(&plan, args.concurrency as usize).join("\n")
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }
     // The plan goes to stderr so that --json leaves one document on stdout.
-    eprintln!("{}", describe_plan(&plan).join("\n"));
+    eprintln!(
+        "{}",
+        describe_plan(&plan, args.concurrency as usize).join("\n")
+    );
     if !args.yes {
         confirm(args, &plan)?;
     }
@@ -219,38 +252,55 @@ fn confirm(args: &RotateAllArgs, plan: &Plan) -> anyhow::Result<()> {
 }
 
 /// Shows the run's progress on stderr until it finishes, and returns its report.
+/// Shows the run's progress until it is over, then returns its report. On a terminal, a
+/// progress bar with counts, rate and ETA; otherwise a line every few seconds. Each poll
+/// costs the daemon the same whatever the number of secrets (counts kept as the run goes); the
+/// full report is read once, at the end.
 async fn follow(runner: &Runner, id: &str, total: usize) -> anyhow::Result<Report> {
-    let tty = std::io::stderr().is_terminal();
-    let mut last = (usize::MAX, usize::MAX);
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} secrets · {per_sec} · ETA {eta} {msg}",
+            )
+            .expect("a valid template"),
+        );
+        bar
+    });
+    let mut last_line = std::time::Instant::now();
     loop {
-        let report = runner.report(id).await?;
-        let progress = (report.rotated.len(), report.failed.len());
-        if progress != last {
-            last = progress;
-            let line = format!(
-                "incident {id}: {}/{total} rotated, {} failed, {} in progress",
-                progress.0,
-                progress.1,
-                total.saturating_sub(progress.0 + progress.1)
-            );
-            if tty {
-                eprint!("\r{line}");
-                let _ = std::io::stderr().flush();
-            } else {
+        let progress = runner.progress(id).await?;
+        let line = format!(
+            "incident {id}: {}/{} handled, {} failed",
+            progress.done, progress.total, progress.failed
+        );
+        match &bar {
+            Some(bar) => {
+                bar.set_length(progress.total as u64);
+                bar.set_position(progress.done as u64);
+                if progress.failed > 0 {
+                    bar.set_message(format!("· {} failed", progress.failed));
+                }
+            }
+            None if progress.finished || last_line.elapsed() >= PROGRESS_LINE_EVERY => {
                 eprintln!("{line}");
+                last_line = std::time::Instant::now();
             }
+            None => {}
         }
-        if report.finished {
-            if tty {
-                eprintln!();
+        if progress.finished {
+            if let Some(bar) = &bar {
+                bar.finish();
             }
-            return Ok(report);
+            return runner.report(id).await;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-/// The incident report for people.
+/// How often progress is printed when stderr is not a terminal.
+const PROGRESS_LINE_EVERY: Duration = Duration::from_secs(5);
+
 fn print_report(report: &Report) {
     println!(
         "incident {}: rotated {}, failed {}, leases revoked {}",

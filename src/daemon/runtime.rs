@@ -157,6 +157,18 @@ impl Runtime {
             // Everything handed to the writer is committed before the runtime ends: each of
             // those rows belongs to a request still waiting for its answer.
             let _ = writer.await;
+            // Repeated fetches counted on leases since the last fold reach the chain now
+            // rather than at the next start.
+            let fold = [crate::store::LeaseOp::FoldFetches];
+            if let Err(e) = self
+                .engine
+                .vault()
+                .store()
+                .apply_lease_batch(&fold, &[])
+                .await
+            {
+                tracing::warn!(error = %e, "could not fold repeated fetches into the audit log; the next start will");
+            }
         }
         for plugin in &self.engine.catalog().plugins {
             plugin.shutdown().await;

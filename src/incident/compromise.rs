@@ -27,6 +27,10 @@ use crate::store::{Reason, RotationState};
 
 /// Most secrets one run rotates at once (`--concurrency`, the admin API's `concurrency`).
 pub const MAX_CONCURRENCY: usize = 1024;
+/// Secrets one run rotates at once unless told otherwise. A run is bounded by its own
+/// concurrency (and its plugins' `max_concurrency`), never by the routine
+/// `[daemon] max_concurrent_rotations`.
+pub const DEFAULT_CONCURRENCY: usize = 32;
 
 /// What a run will do to one secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +73,22 @@ pub struct Plan {
     pub secrets: Vec<PlanItem>,
     /// Live leases in scope.
     pub live_leases: usize,
+    /// The plugins that rotate secrets in scope, and how many requests each takes at once: a
+    /// run's concurrency above a plugin's `max_concurrency` is bound by it for that plugin's
+    /// secrets.
+    #[serde(default)]
+    pub plugins: Vec<PluginBound>,
+}
+
+/// A plugin in a plan: what bounds the rotations it serves.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PluginBound {
+    /// The plugin's config name.
+    pub plugin: String,
+    /// Its `max_concurrency`.
+    pub max_concurrency: usize,
+    /// Secrets in scope it rotates.
+    pub secrets: usize,
 }
 
 /// A secret that was not rotated, and why.
@@ -102,6 +122,20 @@ pub struct Report {
     pub assume_compromise: bool,
 }
 
+/// How far a run in progress is: counts kept as it goes, so asking costs the same for ten
+/// secrets as for a hundred thousand.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Progress {
+    /// Secrets in scope.
+    pub total: usize,
+    /// Secrets handled (rotated, deactivated, or left to a person), this run and earlier ones.
+    pub done: usize,
+    /// Secrets whose rotation failed.
+    pub failed: usize,
+    /// Whether the run is over (then the full report is final).
+    pub finished: bool,
+}
+
 /// Errors starting a run.
 #[derive(Debug, thiserror::Error)]
 pub enum CompromiseError {
@@ -118,6 +152,8 @@ pub struct Incidents {
     engine: Arc<Engine>,
     leases: Option<Arc<Leases>>,
     running: Mutex<HashSet<String>>,
+    /// Progress of the runs started by this process, by incident id.
+    progress: Mutex<HashMap<String, Progress>>,
     tasks: Mutex<tokio::task::JoinSet<()>>,
 }
 
@@ -136,6 +172,7 @@ impl Incidents {
             engine,
             leases,
             running: Mutex::new(HashSet::new()),
+            progress: Mutex::new(HashMap::new()),
             tasks: Mutex::new(tokio::task::JoinSet::new()),
         })
     }
@@ -151,6 +188,7 @@ impl Incidents {
         }
         let mut items = Vec::new();
         let mut total_leases = 0;
+        let mut plugins: BTreeMap<String, PluginBound> = BTreeMap::new();
         for s in stored {
             let spec = catalog.secrets.get(&s.name);
             let provider_kind = spec.map_or(s.provider.clone(), |spec| spec.provider.clone());
@@ -184,6 +222,18 @@ impl Incidents {
                     )),
                 ),
             };
+            if let (Action::Rotate, Some(crate::provider::Provider::Plugin { host, .. })) =
+                (action, provider)
+            {
+                plugins
+                    .entry(host.name().to_string())
+                    .or_insert_with(|| PluginBound {
+                        plugin: host.name().to_string(),
+                        max_concurrency: host.max_concurrency(),
+                        secrets: 0,
+                    })
+                    .secrets += 1;
+            }
             let live = self.live_leases(&s.id);
             total_leases += live;
             items.push(PlanItem {
@@ -200,6 +250,7 @@ impl Incidents {
             scope: scope.clone(),
             secrets: items,
             live_leases: total_leases,
+            plugins: plugins.into_values().collect(),
         })
     }
 
@@ -235,6 +286,13 @@ impl Incidents {
         {
             return;
         }
+        self.progress.lock().expect("progress lock").insert(
+            incident.id.clone(),
+            Progress {
+                total: plan.secrets.len(),
+                ..Progress::default()
+            },
+        );
         let this = self.clone();
         self.tasks.lock().expect("tasks lock").spawn(async move {
             let id = incident.id.clone();
@@ -284,6 +342,19 @@ impl Incidents {
     /// Whether a run of `id` is in progress here.
     pub fn is_running(&self, id: &str) -> bool {
         self.running.lock().expect("running lock").contains(id)
+    }
+
+    /// How far run `id` is, if this process ran it (cheap: no store read).
+    pub fn progress(&self, id: &str) -> Option<Progress> {
+        let mut progress = *self.progress.lock().expect("progress lock").get(id)?;
+        progress.finished = !self.is_running(id);
+        Some(progress)
+    }
+
+    fn note_progress(&self, id: &str, change: impl FnOnce(&mut Progress)) {
+        if let Some(p) = self.progress.lock().expect("progress lock").get_mut(id) {
+            change(p);
+        }
     }
 
     async fn open_incident(
@@ -371,24 +442,42 @@ impl Incidents {
             .map(|r| r.secret)
             .collect();
         let permits = Arc::new(Semaphore::new(concurrency.clamp(1, MAX_CONCURRENCY)));
-        let mut work = tokio::task::JoinSet::new();
-        for item in plan
+        let todo: Vec<PlanItem> = plan
             .secrets
             .iter()
             .filter(|i| !done.contains(&i.name))
             .cloned()
-        {
+            .collect();
+        self.progress.lock().expect("progress lock").insert(
+            id.to_string(),
+            Progress {
+                total: plan.secrets.len(),
+                done: plan.secrets.len() - todo.len(),
+                failed: 0,
+                finished: false,
+            },
+        );
+        let mut work = tokio::task::JoinSet::new();
+        for item in todo {
             let permits = permits.clone();
             let engine = self.engine.clone();
             let incident = incident.clone();
             work.spawn(async move {
                 let _permit = permits.acquire_owned().await.expect("semaphore never closed");
-                if let Err(e) = act(&engine, &incident, &item).await {
+                let result = act(&engine, &incident, &item).await;
+                if let Err(e) = &result {
                     tracing::warn!(incident = %incident.id, secret = %item.name, error = %e, "not rotated");
                 }
+                result.is_ok()
             });
         }
-        while work.join_next().await.is_some() {}
+        while let Some(ok) = work.join_next().await {
+            let ok = ok.unwrap_or(false);
+            self.note_progress(id, |p| {
+                p.done += 1;
+                p.failed += usize::from(!ok);
+            });
+        }
         let report = self.report(id).await?;
         if report.failed.is_empty() && report.pending.is_empty() {
             let audit = AuditEvent::new(ACTOR, "compromise.finished")
@@ -545,7 +634,12 @@ async fn act(
                 if record.state == RotationState::Done && !fresh && round == 0 {
                     continue;
                 }
-                return Ok(());
+                return match record.state {
+                    RotationState::Failed | RotationState::RolledBack => Err(record
+                        .last_error
+                        .unwrap_or_else(|| record.state.to_string())),
+                    _ => Ok(()),
+                };
             }
             Ok(())
         }
@@ -609,7 +703,7 @@ async fn deactivate(
 }
 
 /// A one-line summary per secret for the plan printout.
-pub fn describe_plan(plan: &Plan) -> Vec<String> {
+pub fn describe_plan(plan: &Plan, concurrency: usize) -> Vec<String> {
     let mut by_action: BTreeMap<&str, usize> = BTreeMap::new();
     let mut lines = Vec::new();
     for item in &plan.secrets {
@@ -644,6 +738,36 @@ pub fn describe_plan(plan: &Plan) -> Vec<String> {
             plan.live_leases
         ),
     );
+    let rotating = plan
+        .secrets
+        .iter()
+        .filter(|i| i.action == Action::Rotate)
+        .count();
+    lines.insert(
+        1,
+        format!(
+            "concurrency: {} rotation(s) at once",
+            concurrency.min(rotating.max(1))
+        ),
+    );
+    for bound in plan
+        .plugins
+        .iter()
+        .filter(|b| b.max_concurrency < concurrency.min(b.secrets))
+    {
+        lines.insert(
+            2,
+            format!(
+                "  bound: plugin {} takes {} request(s) at once, so its {} secret(s) rotate at \
+                 most {} at a time (raise [plugins.{}] max_concurrency to lift it)",
+                bound.plugin,
+                bound.max_concurrency,
+                bound.secrets,
+                bound.max_concurrency,
+                bound.plugin
+            ),
+        );
+    }
     lines
 }
 

@@ -35,7 +35,8 @@ pub(super) const ACTOR: &str = "engine";
 /// The engine's limits and timings.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
-    /// Rotation steps doing work at once (waits do not count).
+    /// Steps of routine rotations doing work at once (waits do not count; an incident's
+    /// rotations are bounded by its own concurrency).
     pub max_concurrent: usize,
     /// First retry delay.
     pub retry_base: Duration,
@@ -483,9 +484,11 @@ impl Engine {
                 continue;
             }
             // Draining only waits for leases: it holds none of the permits that bound the
-            // steps doing work at once.
+            // steps doing work at once. A rotation of an incident (`rotate-all`) is bounded by
+            // the incident's own concurrency instead: it never queues behind routine ones.
             let _permit = match rotation.state {
                 RotationState::Draining => None,
+                _ if rotation.incident_id.is_some() => None,
                 _ => Some(
                     self.permits
                         .acquire()

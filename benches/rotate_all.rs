@@ -1,0 +1,134 @@
+//! `rotate-all --assume-compromise` as an operator runs it: the real CLI against a running
+//! daemon with the default config, the Python example plugin (every op delayed 50 ms, requests
+//! served concurrently), one file consumer per secret, `--concurrency 32`.
+//!
+//! Prints wall time against the ideal — secrets × 4 plugin ops (create, verify, promote,
+//! revoke) × 50 ms ÷ 32 — and the daemon's CPU time per emergency rotation (user + system,
+//! from `/proc`). The first versions are made by a run of the daemon with no delay, which is
+//! not measured.
+//!
+//! Run with `cargo bench --bench rotate_all [-- --secrets 1000,10000]` (default 1,000).
+
+use std::fmt::Write as _;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use keywarden_testkit::Env;
+use keywarden_testkit::daemon::{example_plugin_config, wait_for};
+
+const OP_DELAY_MS: u64 = 50;
+const OPS: u64 = 4;
+const CONCURRENCY: u64 = 32;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let sizes: Vec<usize> = args
+        .iter()
+        .position(|a| a == "--secrets")
+        .map_or(vec![1000], |i| {
+            args[i + 1]
+                .split(',')
+                .map(|n| n.parse().expect("--secrets N[,N...]"))
+                .collect()
+        });
+    println!(
+        "| secrets | wall | ideal (secrets × {OPS} ops × {OP_DELAY_MS} ms ÷ {CONCURRENCY}) | ratio | daemon CPU per rotation |"
+    );
+    println!("|---|---|---|---|---|");
+    for secrets in sizes {
+        run(secrets);
+    }
+}
+
+fn config(env: &Env, secrets: usize, delay_ms: u64) -> String {
+    let root = env.dir.path();
+    std::fs::create_dir_all(root.join("out")).unwrap();
+    let mut text = format!(
+        "[daemon]\nplugin_user = \"65534:65534\"\n\n[agent]\nsocket = \"run/agent.sock\"\n\
+         admin_socket = \"run/admin.sock\"\n\n{}",
+        example_plugin_config(root, &format!(", EXAMPLE_DELAY_MS = \"{delay_ms}\""))
+    );
+    for i in 0..secrets {
+        let _ = write!(
+            text,
+            "\n[secrets.\"fleet/s{i}\"]\nprovider = \"example\"\nconsumers = [\"c{i}\"]\n\
+             [consumers.c{i}]\nkind = \"file\"\npath = {:?}\n",
+            root.join("out").join(format!("s{i}")).display().to_string()
+        );
+    }
+    text
+}
+
+fn write_config(env: &Env, secrets: usize, delay_ms: u64) {
+    let base = "[store]\npath = \"data/vault.db\"\nweak_kdf_for_tests = true\n[store.kdf]\n\
+                memory_kib = 64\niterations = 1\nparallelism = 1\n\n";
+    std::fs::write(
+        &env.config,
+        format!("{base}{}", config(env, secrets, delay_ms)),
+    )
+    .unwrap();
+}
+
+fn run(secrets: usize) {
+    let env = Env::new();
+    write_config(&env, secrets, 0);
+    let daemon = env.start_daemon_with(&[("KEYWARDEN_LOG", "warn")]);
+    wait_for("every first version", Duration::from_secs(600), || {
+        let list = env.list();
+        let ready = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["version"] == 1 && s["rotation_state"] == "done")
+            .count();
+        (ready == secrets).then_some(())
+    });
+    assert_eq!(daemon.terminate(), Some(0));
+    write_config(&env, secrets, OP_DELAY_MS);
+    let daemon = env.start_daemon_with(&[("KEYWARDEN_LOG", "warn")]);
+    let cpu_before = cpu_seconds(daemon.pid());
+    let start = Instant::now();
+    let out = env
+        .cmd()
+        .args([
+            "rotate-all",
+            "--assume-compromise",
+            "--yes",
+            "--json",
+            "--concurrency",
+            &CONCURRENCY.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(daemon.pid()) - cpu_before;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["rotated"].as_array().unwrap().len(), secrets);
+    let ideal = (secrets as u64 * OPS * OP_DELAY_MS) as f64 / 1000.0 / CONCURRENCY as f64;
+    println!(
+        "| {secrets} | {wall:.1} s | {ideal:.1} s | {:.2} | {:.2} ms |",
+        wall / ideal,
+        cpu * 1000.0 / secrets as f64
+    );
+    drop(daemon);
+}
+
+/// A process's CPU time so far (utime + stime from `/proc/PID/stat`), in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let hz = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+    ticks
+        / String::from_utf8(hz.stdout)
+            .unwrap()
+            .trim()
+            .parse::<f64>()
+            .unwrap()
+}
