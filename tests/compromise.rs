@@ -496,3 +496,80 @@ fn an_absurd_concurrency_is_refused_before_anything_starts() {
     assert_eq!(code, 200);
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+#[test]
+fn an_incident_runs_at_its_own_concurrency_past_the_routine_cap_and_the_plan_names_a_binding_plugin()
+ {
+    const N: usize = 6;
+    let mut secrets = String::new();
+    for i in 0..N {
+        // The first verify of each secret (its first version) passes; the incident's hangs,
+        // so its rotations stay `created` and can be counted while they are all in flight.
+        secrets.push_str(&format!(
+            "[secrets.\"busy/{i}\"]\nprovider = \"example\"\nsettings = {{ hang = {{ op = \"verify\", skip = 1 }} }}\n"
+        ));
+    }
+    // A hung verify holds its routine permit until the (long) plugin timeout.
+    let env = common::daemon::env_with_plugin_timeout(&secrets, "60s");
+    let config = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replacen("[daemon]\n", "[daemon]\nmax_concurrent_rotations = 1\n", 1)
+        .replacen(
+            "[plugins.example]\n",
+            "[plugins.example]\nmax_concurrency = 4\n",
+            1,
+        );
+    std::fs::write(&env.config, config).unwrap();
+    let daemon = env.start_daemon();
+    wait_for("every first version", Duration::from_secs(60), || {
+        env.list()
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["version"] == 1 && s["rotation_state"] == "done")
+            .then_some(())
+    });
+    // The plan says what binds before anything starts.
+    let out = env.run(&["rotate-all", "--dry-run", "--concurrency", "32"], None);
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        plan.contains("bound: plugin example takes 4 request(s) at once"),
+        "{plan}"
+    );
+    let out = env.run(&["rotate-all", "--dry-run", "--json"], None);
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        plan["plugins"],
+        serde_json::json!([{ "plugin": "example", "max_concurrency": 4, "secrets": N }])
+    );
+    // Under the routine cap of 1, one verify would hang holding the only permit and no other
+    // rotation could reach its plugin; the incident's own concurrency of 3 lets three in.
+    let mut cmd = env.cmd();
+    cmd.args([
+        "rotate-all",
+        "--assume-compromise",
+        "--yes",
+        "--concurrency",
+        "3",
+    ]);
+    let mut run = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "three incident verifies in flight at once",
+        Duration::from_secs(30),
+        || {
+            // The plugin counts each verify of a secret; the second is the incident's.
+            (common::sql_one::<i64>(
+                &env.upstream_db(),
+                "SELECT count(*) FROM counts WHERE tag LIKE 'skip:hang:verify:%' AND n = 2",
+            ) == 3)
+                .then_some(())
+        },
+    );
+    let _ = run.kill();
+    let _ = run.wait();
+    drop(daemon);
+}
