@@ -1,6 +1,7 @@
 //! `rotate-all --assume-compromise` as an operator runs it: the real CLI against a running
-//! daemon with the default config, the Python example plugin (every op delayed 50 ms, requests
-//! served concurrently), one file consumer per secret, `--concurrency 32`.
+//! daemon with the default config, a plugin whose every op takes 50 ms (this binary, serving
+//! through the SDK, so the plugin's own CPU is negligible and what is measured is keywarden),
+//! one file consumer per secret, `--concurrency 32`.
 //!
 //! Prints wall time against the ideal — secrets × 4 plugin ops (create, verify, promote,
 //! revoke) × 50 ms ÷ 32 — and the daemon's CPU time per emergency rotation (user + system,
@@ -9,18 +10,27 @@
 //!
 //! Run with `cargo bench --bench rotate_all [-- --secrets 1000,10000]` (default 1,000).
 
+#[allow(dead_code)] // the store setup is for the in-process benchmarks
+mod common;
+
 use std::fmt::Write as _;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::BenchPlugin;
 use keywarden_testkit::Env;
-use keywarden_testkit::daemon::{example_plugin_config, wait_for};
+use keywarden_testkit::daemon::wait_for;
 
 const OP_DELAY_MS: u64 = 50;
 const OPS: u64 = 4;
 const CONCURRENCY: u64 = 32;
 
 fn main() {
+    let delay = std::env::var("BENCH_DELAY_MS").map_or(0, |d| d.parse().unwrap());
+    common::serve_if_plugin(BenchPlugin {
+        kind: "slow",
+        delay: Duration::from_millis(delay),
+    });
     let args: Vec<String> = std::env::args().collect();
     let sizes: Vec<usize> = args
         .iter()
@@ -43,15 +53,18 @@ fn main() {
 fn config(env: &Env, secrets: usize, delay_ms: u64) -> String {
     let root = env.dir.path();
     std::fs::create_dir_all(root.join("out")).unwrap();
+    let exe = std::env::current_exe().unwrap();
     let mut text = format!(
         "[daemon]\nplugin_user = \"65534:65534\"\n\n[agent]\nsocket = \"run/agent.sock\"\n\
-         admin_socket = \"run/admin.sock\"\n\n{}",
-        example_plugin_config(root, &format!(", EXAMPLE_DELAY_MS = \"{delay_ms}\""))
+         admin_socket = \"run/admin.sock\"\n\n[plugins.slow]\ncommand = [{:?}]\nsha256 = \"{}\"\n\
+         env = {{ BENCH_DELAY_MS = \"{delay_ms}\" }}\n",
+        exe.display().to_string(),
+        keywarden::crypto::file_sha256(&exe).unwrap(),
     );
     for i in 0..secrets {
         let _ = write!(
             text,
-            "\n[secrets.\"fleet/s{i}\"]\nprovider = \"example\"\nconsumers = [\"c{i}\"]\n\
+            "\n[secrets.\"fleet/s{i}\"]\nprovider = \"slow\"\nconsumers = [\"c{i}\"]\n\
              [consumers.c{i}]\nkind = \"file\"\npath = {:?}\n",
             root.join("out").join(format!("s{i}")).display().to_string()
         );

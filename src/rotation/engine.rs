@@ -9,7 +9,7 @@
 //! only where nothing is left behind (`failed` before anything was created, `rolled-back` after
 //! the new credential was revoked).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -137,8 +137,14 @@ pub struct Engine {
     pub(super) settings: EngineSettings,
     pub(super) permits: Semaphore,
     pub(super) driving: Mutex<HashSet<String>>,
+    /// Rotations a request joined (escalated, attempts reset) since their driver last read them.
+    pub(super) joined: Mutex<HashSet<String>>,
     pub(super) tasks: Mutex<tokio::task::JoinSet<()>>,
     pub(super) events: broadcast::Sender<RotationEvent>,
+    /// What [`Engine::wait`] watches: one channel per rotation someone waits on, told only
+    /// that rotation's moves (state, and whether it stopped on an error), so a thousand waits
+    /// do not each wake on every other rotation's steps.
+    pub(super) waiters: Mutex<HashMap<String, watch::Sender<Option<(RotationState, bool)>>>>,
     pub(super) scheduler_wake: Arc<Notify>,
     pub(super) lease_wake: Arc<Notify>,
     pub(super) lease_view: std::sync::OnceLock<Arc<dyn LeaseView>>,
@@ -168,8 +174,10 @@ impl Engine {
             clock,
             settings,
             driving: Mutex::new(HashSet::new()),
+            joined: Mutex::new(HashSet::new()),
             tasks: Mutex::new(tokio::task::JoinSet::new()),
             events,
+            waiters: Mutex::new(HashMap::new()),
             scheduler_wake: Arc::new(Notify::new()),
             lease_wake: Arc::new(Notify::new()),
             lease_view: std::sync::OnceLock::new(),
@@ -236,6 +244,9 @@ impl Engine {
         state: RotationState,
         error: Option<String>,
     ) {
+        if let Some(waiting) = self.waiters.lock().expect("waiters lock").get(&rotation.id) {
+            waiting.send_replace(Some((state, error.is_some())));
+        }
         let _ = self.events.send(RotationEvent {
             rotation_id: rotation.id.clone(),
             secret: rotation.secret_name.clone(),
@@ -367,6 +378,11 @@ impl Engine {
                 .await?;
         }
         store.reset_rotation_attempts(&active.id).await?;
+        // Its driver reads the journal again before its next step.
+        self.joined
+            .lock()
+            .expect("joined lock")
+            .insert(active.id.clone());
         self.spawn(active.id.clone());
         Ok(Ticket {
             rotation_id: active.id,
@@ -459,13 +475,23 @@ impl Engine {
 
     pub(super) async fn drive(self: &Arc<Self>, id: &str) {
         let mut shutdown = self.shutdown.clone();
+        // The record the last step left, when nothing else touched the rotation since.
+        let mut next: Option<RotationRecord> = None;
         loop {
             if *shutdown.borrow() {
                 return;
             }
-            let rotation = match self.vault.store().rotation(id).await {
+            let joined = self.joined.lock().expect("joined lock").remove(id);
+            let read = match next.take().filter(|_| !joined) {
+                Some(r) => Ok(Some(r)),
+                None => self.vault.store().rotation(id).await,
+            };
+            let rotation = match read {
                 Ok(Some(r)) if !r.state.is_terminal() => r,
-                Ok(_) => return,
+                Ok(_) => {
+                    self.joined.lock().expect("joined lock").remove(id);
+                    return;
+                }
                 Err(e) => {
                     tracing::error!(rotation = id, error = %e, "cannot read the rotation; retrying");
                     self.clock.sleep(Duration::from_secs(5)).await;
@@ -497,9 +523,11 @@ impl Engine {
                 ),
             };
             match self.step(&rotation, spec).await {
+                Ok(Outcome::Next(moved)) => next = Some(*moved),
                 Ok(Outcome::Moved | Outcome::Reread) => continue,
                 Ok(Outcome::Stop) => return,
                 Err(e) => match self.step_failed(&rotation, spec, e).await {
+                    Ok(Outcome::Next(moved)) => next = Some(*moved),
                     Ok(Outcome::Moved | Outcome::Reread) => continue,
                     Ok(Outcome::Stop) => return,
                     Err(e) => {
@@ -616,7 +644,17 @@ impl Engine {
         rotation_id: &str,
         timeout: Duration,
     ) -> Result<Option<RotationRecord>, StoreError> {
-        let mut events = self.subscribe();
+        let mut moves = self
+            .waiters
+            .lock()
+            .expect("waiters lock")
+            .entry(rotation_id.to_string())
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe();
+        let _unwatch = Unwatch {
+            engine: self,
+            rotation_id,
+        };
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let record = self.vault.store().rotation(rotation_id).await?;
@@ -639,13 +677,13 @@ impl Engine {
             if r.state.is_terminal() || waiting_on_leases || parked {
                 return Ok(Some(r));
             }
+            // Read the store again only when the rotation ends, drains or stops on an error.
             let event = tokio::time::timeout_at(deadline, async {
-                loop {
-                    match events.recv().await {
-                        Ok(e) if e.rotation_id == rotation_id => return,
-                        Ok(_) => continue,
-                        Err(broadcast::error::RecvError::Lagged(_)) => return,
-                        Err(broadcast::error::RecvError::Closed) => return,
+                while moves.changed().await.is_ok() {
+                    if let Some((state, stopped)) = *moves.borrow_and_update() {
+                        if state.is_terminal() || state == RotationState::Draining || stopped {
+                            return;
+                        }
                     }
                 }
             })
@@ -653,6 +691,26 @@ impl Engine {
             if event.is_err() {
                 return self.vault.store().rotation(rotation_id).await;
             }
+        }
+    }
+}
+
+/// Forgets a rotation's wait channel when its last waiter is gone.
+struct Unwatch<'a> {
+    engine: &'a Engine,
+    rotation_id: &'a str,
+}
+
+impl Drop for Unwatch<'_> {
+    fn drop(&mut self) {
+        let mut waiters = self.engine.waiters.lock().expect("waiters lock");
+        // The receiver of this wait is dropped after this guard (declared before it), so one
+        // receiver left means this was the last wait.
+        if waiters
+            .get(self.rotation_id)
+            .is_some_and(|w| w.receiver_count() <= 1)
+        {
+            waiters.remove(self.rotation_id);
         }
     }
 }

@@ -67,7 +67,9 @@ impl From<VaultError> for StepError {
 
 /// What a step did.
 pub(super) enum Outcome {
-    /// The journal moved; run the next step.
+    /// The journal moved to this record; run its next step (no need to read it again).
+    Next(Box<RotationRecord>),
+    /// The journal moved (a retry was scheduled); read it again and go on.
     Moved,
     /// The journal was no longer in the state this step started from (another driver moved
     /// it first): nothing was written; re-read it and go on from where it is.
@@ -138,12 +140,19 @@ impl Engine {
         {
             Ok(()) => {
                 tracing::info!(secret = %rotation.secret_name, rotation = %rotation.id, from = %change.from, to = %change.to, "rotation step");
+                // The record as the journal now holds it (the store's UPDATE, applied here).
                 let mut moved = rotation.clone();
                 if let Some(v) = &change.insert_pending {
                     moved.to_version = Some(v.version);
                 }
                 self.emit(&moved, change.to, None);
-                Ok(Outcome::Moved)
+                moved.state = change.to;
+                moved.attempts = 0;
+                moved.last_error = change.error.clone();
+                moved.next_attempt_at = None;
+                moved.draining_since = change.draining_since.or(moved.draining_since);
+                moved.updated_at = self.clock.now();
+                Ok(Outcome::Next(Box::new(moved)))
             }
             Err(StoreError::Conflict(_)) => {
                 tracing::warn!(secret = %rotation.secret_name, rotation = %rotation.id, from = %change.from, to = %change.to, "the rotation moved under this step (another driver); re-reading the journal");

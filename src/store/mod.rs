@@ -178,6 +178,10 @@ pub enum StoreError {
     /// The database failed.
     #[error("store database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The shared transaction a write was batched in could not be committed: nothing of it was
+    /// written.
+    #[error("store database error: the write could not be committed: {0}")]
+    Commit(String),
     /// Applying the schema failed.
     #[error("cannot apply the store schema: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

@@ -16,10 +16,11 @@ impl SqliteStore {
         if events.is_empty() {
             return Ok(());
         }
-        let mut tx = self.begin_write().await?;
-        append_audit_in(&mut tx, self.integrity(), events).await?;
-        tx.commit().await?;
-        Ok(())
+        let (events, key) = (events.to_vec(), self.integrity().cloned());
+        self.write(Box::new(move |tx| {
+            Box::pin(async move { append_audit_in(tx, key.as_ref(), &events).await })
+        }))
+        .await
     }
 
     /// Up to `limit` audit rows with `seq > after`, in order.

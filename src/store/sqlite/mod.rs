@@ -5,6 +5,7 @@
 //! wait on SQLite's busy timeout. Reads use a separate pool and run concurrently.
 
 mod audit;
+mod batch;
 mod deliveries;
 mod header;
 mod incidents;
@@ -41,6 +42,8 @@ pub struct SqliteStore {
     cache: Option<SealedCache>,
     /// Dropped with the store: stops the background checkpointer.
     _checkpointer: Option<tokio::sync::watch::Sender<()>>,
+    /// In the daemon: the journal's group commit (see `batch.rs`).
+    batcher: Option<tokio::sync::mpsc::Sender<batch::Pending>>,
     /// Set once the vault is unlocked: every transaction that appends audit rows also seals
     /// the chain's new head with it, and every change of a current version records its MAC.
     integrity: std::sync::OnceLock<IntegrityKey>,
@@ -183,6 +186,7 @@ impl SqliteStore {
         if background_checkpoints {
             store._checkpointer = Some(Self::start_checkpointer(path).await?);
             store.cache = Some(SealedCache::default());
+            store.batcher = Some(batch::start(store.writer.clone()));
         }
         let has_migrations: bool = sqlx::query_scalar(
             "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
@@ -247,6 +251,7 @@ impl SqliteStore {
             reader,
             cache: None,
             _checkpointer: None,
+            batcher: None,
             integrity: std::sync::OnceLock::new(),
         })
     }

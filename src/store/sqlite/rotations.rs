@@ -23,42 +23,11 @@ impl SqliteStore {
         rotation: &NewRotation,
         audit: AuditEvent,
     ) -> Result<(), StoreError> {
-        let mut tx = self.begin_write().await?;
-        let current: Option<i64> = sqlx::query_scalar(
-            "SELECT version FROM versions WHERE secret_id = ? AND stage = 'current'",
-        )
-        .bind(rotation.secret_id.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if current != rotation.from_version {
-            return Err(StoreError::Conflict("the current version".into()));
-        }
-        let now = now_millis();
-        let inserted = sqlx::query(
-            "INSERT INTO rotations (id, secret_id, state, from_version, proposed, reason, \
-             emergency, incident_id, created_at, updated_at) \
-             VALUES (?, ?, 'planned', ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(rotation.id.as_str())
-        .bind(rotation.secret_id.as_str())
-        .bind(rotation.from_version)
-        .bind(rotation.proposed.as_deref())
-        .bind(rotation.reason.as_str())
-        .bind(rotation.emergency)
-        .bind(rotation.incident_id.as_deref())
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await;
-        match inserted {
-            Err(e) if is_unique_violation(&e) => {
-                return Err(StoreError::Conflict("an active rotation".into()));
-            }
-            other => other?,
-        };
-        append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
-        tx.commit().await?;
-        Ok(())
+        let (rotation, key) = (rotation.clone(), self.integrity().cloned());
+        self.write(Box::new(move |tx| {
+            Box::pin(async move { plan_in(tx, key.as_ref(), &rotation, audit).await })
+        }))
+        .await
     }
 
     async fn advance_rotation_in_db(
@@ -74,58 +43,12 @@ impl SqliteStore {
                 to: change.to,
             });
         }
-        let mut tx = self.begin_write().await?;
-        let now = now_millis();
-        let moved = sqlx::query(
-            "UPDATE rotations SET state = ?, updated_at = ?, attempts = 0, last_error = ?, \
-             next_attempt_at = NULL, draining_since = coalesce(?, draining_since), \
-             to_version = coalesce(?, to_version) WHERE id = ? AND state = ?",
-        )
-        .bind(change.to.as_str())
-        .bind(now)
-        .bind(change.error.as_deref())
-        .bind(change.draining_since)
-        .bind(change.insert_pending.as_ref().map(|v| v.version))
-        .bind(rotation.id.as_str())
-        .bind(change.from.as_str())
-        .execute(&mut *tx)
-        .await?;
-        if moved.rows_affected() != 1 {
-            return Err(StoreError::Conflict(format!("rotation {}", rotation.id)));
-        }
-        let secret_id = rotation.secret_id.as_str();
-        if let Some(version) = &change.insert_pending {
-            insert_pending(&mut tx, secret_id, version, now).await?;
-        }
-        if change.promote {
-            let to = rotation.to_version.ok_or_else(|| {
-                StoreError::Corrupt(format!(
-                    "rotation {}: promoting a rotation with no new version",
-                    rotation.id
-                ))
-            })?;
-            promote(&mut tx, self.integrity(), secret_id, to, now).await?;
-        }
-        if let Some(version) = change.revoke_version {
-            sqlx::query(
-                "UPDATE versions SET stage = 'revoked', stage_changed_at = ? \
-                 WHERE secret_id = ? AND version = ? AND stage != 'revoked'",
-            )
-            .bind(now)
-            .bind(secret_id)
-            .bind(version)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if change.succeeded {
-            sqlx::query("UPDATE secrets SET failed_attempts = 0, last_error = NULL WHERE id = ?")
-                .bind(secret_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
-        tx.commit().await?;
-        Ok(())
+        let (rotation, change) = (rotation.clone(), change.clone());
+        let key = self.integrity().cloned();
+        self.write(Box::new(move |tx| {
+            Box::pin(async move { advance_in(tx, key.as_ref(), &rotation, &change, audit).await })
+        }))
+        .await
     }
 
     /// Records a failed attempt at the current step and when to retry it.
@@ -232,6 +155,109 @@ impl SqliteStore {
         }
         result
     }
+}
+
+/// The statements of [`SqliteStore::plan_rotation`].
+async fn plan_in(
+    tx: &mut SqliteConnection,
+    key: Option<&IntegrityKey>,
+    rotation: &NewRotation,
+    audit: AuditEvent,
+) -> Result<(), StoreError> {
+    let current: Option<i64> = sqlx::query_scalar(
+        "SELECT version FROM versions WHERE secret_id = ? AND stage = 'current'",
+    )
+    .bind(rotation.secret_id.as_str())
+    .fetch_optional(&mut *tx)
+    .await?;
+    if current != rotation.from_version {
+        return Err(StoreError::Conflict("the current version".into()));
+    }
+    let now = now_millis();
+    let inserted = sqlx::query(
+        "INSERT INTO rotations (id, secret_id, state, from_version, proposed, reason, \
+         emergency, incident_id, created_at, updated_at) \
+         VALUES (?, ?, 'planned', ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(rotation.id.as_str())
+    .bind(rotation.secret_id.as_str())
+    .bind(rotation.from_version)
+    .bind(rotation.proposed.as_deref())
+    .bind(rotation.reason.as_str())
+    .bind(rotation.emergency)
+    .bind(rotation.incident_id.as_deref())
+    .bind(now)
+    .bind(now)
+    .execute(&mut *tx)
+    .await;
+    match inserted {
+        Err(e) if is_unique_violation(&e) => {
+            return Err(StoreError::Conflict("an active rotation".into()));
+        }
+        other => other?,
+    };
+    append_audit_in(&mut *tx, key, &[audit]).await?;
+    Ok(())
+}
+
+/// The statements of one step ([`SqliteStore::advance_rotation`]).
+async fn advance_in(
+    tx: &mut SqliteConnection,
+    key: Option<&IntegrityKey>,
+    rotation: &RotationRecord,
+    change: &StepChange,
+    audit: AuditEvent,
+) -> Result<(), StoreError> {
+    let now = now_millis();
+    let moved = sqlx::query(
+        "UPDATE rotations SET state = ?, updated_at = ?, attempts = 0, last_error = ?, \
+         next_attempt_at = NULL, draining_since = coalesce(?, draining_since), \
+         to_version = coalesce(?, to_version) WHERE id = ? AND state = ?",
+    )
+    .bind(change.to.as_str())
+    .bind(now)
+    .bind(change.error.as_deref())
+    .bind(change.draining_since)
+    .bind(change.insert_pending.as_ref().map(|v| v.version))
+    .bind(rotation.id.as_str())
+    .bind(change.from.as_str())
+    .execute(&mut *tx)
+    .await?;
+    if moved.rows_affected() != 1 {
+        return Err(StoreError::Conflict(format!("rotation {}", rotation.id)));
+    }
+    let secret_id = rotation.secret_id.as_str();
+    if let Some(version) = &change.insert_pending {
+        insert_pending(&mut *tx, secret_id, version, now).await?;
+    }
+    if change.promote {
+        let to = rotation.to_version.ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "rotation {}: promoting a rotation with no new version",
+                rotation.id
+            ))
+        })?;
+        promote(&mut *tx, key, secret_id, to, now).await?;
+    }
+    if let Some(version) = change.revoke_version {
+        sqlx::query(
+            "UPDATE versions SET stage = 'revoked', stage_changed_at = ? \
+             WHERE secret_id = ? AND version = ? AND stage != 'revoked'",
+        )
+        .bind(now)
+        .bind(secret_id)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if change.succeeded {
+        sqlx::query("UPDATE secrets SET failed_attempts = 0, last_error = NULL WHERE id = ?")
+            .bind(secret_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    append_audit_in(&mut *tx, key, &[audit]).await?;
+    Ok(())
 }
 
 const ROTATION_SELECT_BY_ID: &str = "SELECT r.id, r.secret_id, s.name, r.state, r.from_version, \

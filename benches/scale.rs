@@ -1,0 +1,90 @@
+//! The daemon at scale: 10,000 `random` secrets (default config). Prints the time the first
+//! start takes to give every secret its first version, the write-ahead log and database size
+//! after it and after a clean stop, the time a second start takes to a serving admin socket
+//! (the KDF is the benchmark's weak one, so this is the daemon's own start-up), and the resident
+//! memory once it has settled.
+//!
+//! Run with `cargo bench --bench scale [-- --secrets N]` (default 10,000).
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use keywarden_testkit::Env;
+use keywarden_testkit::daemon::wait_for;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let secrets: usize = args
+        .iter()
+        .position(|a| a == "--secrets")
+        .map_or(10_000, |i| args[i + 1].parse().expect("--secrets N"));
+    let env = Env::new();
+    let mut config = std::fs::read_to_string(&env.config).unwrap();
+    config.push_str("[agent]\nsocket = \"run/agent.sock\"\nadmin_socket = \"run/admin.sock\"\n");
+    for i in 0..secrets {
+        let _ = write!(
+            config,
+            "\n[secrets.\"scale/s{i}\"]\nprovider = \"random\"\n"
+        );
+    }
+    std::fs::write(&env.config, config).unwrap();
+
+    let quiet = [("KEYWARDEN_LOG", "warn")];
+    let start = Instant::now();
+    let daemon = env.start_daemon_with(&quiet);
+    wait_for("every first version", Duration::from_secs(1800), || {
+        let list = env.list();
+        let ready = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["version"] == 1)
+            .count();
+        (ready == secrets).then_some(())
+    });
+    let first = start.elapsed().as_secs_f64();
+    let (wal_running, db_running) = sizes(&env.store);
+    assert_eq!(daemon.terminate(), Some(0));
+    let (wal_stopped, db_stopped) = sizes(&env.store);
+
+    let start = Instant::now();
+    let daemon = env.start_daemon_with(&quiet);
+    let startup = start.elapsed().as_secs_f64();
+    // Settle: let start-up work (consumers, schedules) finish before reading memory.
+    std::thread::sleep(Duration::from_secs(5));
+    let rss = rss_mb(daemon.pid());
+    assert_eq!(daemon.terminate(), Some(0));
+
+    println!("| {secrets} secrets | figure |");
+    println!("|---|---|");
+    println!(
+        "| first versions, first start | {first:.1} s ({:.0} rotations/s) |",
+        secrets as f64 / first
+    );
+    println!("| WAL / database while serving | {wal_running:.1} MB / {db_running:.1} MB |");
+    println!("| WAL / database after a clean stop | {wal_stopped:.1} MB / {db_stopped:.1} MB |");
+    println!(
+        "| second start to a serving admin socket (no KDF) | {:.0} ms |",
+        startup * 1000.0
+    );
+    println!("| resident memory, settled | {rss:.1} MB |");
+}
+
+fn sizes(store: &Path) -> (f64, f64) {
+    let mb = |p: &Path| std::fs::metadata(p).map_or(0.0, |m| m.len() as f64 / 1048576.0);
+    let mut wal = store.as_os_str().to_owned();
+    wal.push("-wal");
+    (mb(Path::new(&wal)), mb(store))
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<f64>()
+        .unwrap()
+        / 1024.0
+}
