@@ -129,6 +129,10 @@ pub struct Ticket {
     pub joined: bool,
 }
 
+/// A rotation's latest move, for [`Engine::wait`]: its state, and whether it stopped on an
+/// error.
+type MoveWatch = watch::Sender<Option<(RotationState, bool)>>;
+
 /// The rotation engine.
 pub struct Engine {
     pub(super) vault: Arc<Vault>,
@@ -144,7 +148,7 @@ pub struct Engine {
     /// What [`Engine::wait`] watches: one channel per rotation someone waits on, told only
     /// that rotation's moves (state, and whether it stopped on an error), so a thousand waits
     /// do not each wake on every other rotation's steps.
-    pub(super) waiters: Mutex<HashMap<String, watch::Sender<Option<(RotationState, bool)>>>>,
+    pub(super) waiters: Mutex<HashMap<String, MoveWatch>>,
     pub(super) scheduler_wake: Arc<Notify>,
     pub(super) lease_wake: Arc<Notify>,
     pub(super) lease_view: std::sync::OnceLock<Arc<dyn LeaseView>>,

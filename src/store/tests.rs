@@ -369,3 +369,66 @@ async fn a_lease_batch_inserts_ends_and_purges_with_its_audit_rows() {
         .unwrap();
     assert_eq!(remaining, 0, "ended and revoked leases are purged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_writes_commit_together_and_a_conflicting_one_fails_alone() {
+    let t = temp_store().await;
+    let secret = secret_with_a_version(&t.store, "batched").await;
+    drop(t.store);
+    // The daemon's access: its journal writes go through the batcher.
+    let store = Store::open(&t.path, Access::Exclusive).await.unwrap();
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let (planner, secret) = (store.clone(), secret.clone());
+        writes.spawn(async move {
+            let plan = NewRotation {
+                id: format!("rotation-{i}"),
+                secret_id: secret,
+                from_version: Some(1),
+                proposed: None,
+                reason: Reason::Manual,
+                emergency: false,
+                incident_id: None,
+            };
+            let planned = planner
+                .plan_rotation(&plan, AuditEvent::new("test", "planned"))
+                .await;
+            (
+                true,
+                planned.map_err(|e| matches!(e, StoreError::Conflict(_))),
+            )
+        });
+        let auditor = store.clone();
+        writes.spawn(async move {
+            let appended = auditor
+                .append_audit(&[AuditEvent::new("test", format!("event-{i}"))])
+                .await;
+            (false, appended.map_err(|_| false))
+        });
+    }
+    let (mut planned, mut conflicts, mut appended) = (0, 0, 0);
+    while let Some(result) = writes.join_next().await {
+        match result.unwrap() {
+            (true, Ok(())) => planned += 1,
+            (true, Err(true)) => conflicts += 1,
+            (false, Ok(())) => appended += 1,
+            other => panic!("unexpected: {other:?}"),
+        }
+    }
+    // One plan wins; the others conflict, and nothing of theirs is written; the other jobs of
+    // their batches are committed.
+    assert_eq!((planned, conflicts, appended), (1, 19, 20));
+    let rows = store.audit_page(0, 1000).await.unwrap();
+    assert_eq!(rows.iter().filter(|r| r.action == "planned").count(), 1);
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.action.starts_with("event-"))
+            .count(),
+        20
+    );
+    let mut chain = crate::audit::ChainVerifier::default();
+    for row in &rows {
+        chain.check(row).unwrap();
+    }
+    assert_eq!(store.active_rotations().await.unwrap().len(), 1);
+}

@@ -16,9 +16,13 @@ impl SqliteStore {
         if events.is_empty() {
             return Ok(());
         }
-        let (events, key) = (events.to_vec(), self.integrity().cloned());
+        let job = std::sync::Arc::new((events.to_vec(), self.integrity().cloned()));
         self.write(Box::new(move |tx| {
-            Box::pin(async move { append_audit_in(tx, key.as_ref(), &events).await })
+            let job = job.clone();
+            Box::pin(async move {
+                let (events, key) = &*job;
+                append_audit_in(tx, key.as_ref(), events).await
+            })
         }))
         .await
     }

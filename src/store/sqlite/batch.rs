@@ -2,9 +2,12 @@
 //! rotations (their steps, deliveries and audit rows) share one `BEGIN IMMEDIATE … COMMIT` and
 //! one fsync, each inside a savepoint of its own.
 //!
-//! A job that fails is rolled back to its savepoint and told its error; the others go on. Every
-//! job is answered only after the shared commit (with full sync) returned, so a caller that sees
-//! `Ok` has its write on disk exactly as with a transaction of its own; if the commit fails,
+//! A batch first runs its jobs one after another in a plain transaction. When one fails (a
+//! conflict, rare), that transaction is rolled back and the batch runs again with each job in a
+//! savepoint of its own: the failing one is rolled back to its savepoint and told its error, the
+//! others go on. So a job may run twice, and does nothing but SQL on the connection it is given.
+//! Every job is answered only after the shared commit (with full sync) returned, so a caller that
+//! sees `Ok` has its write on disk exactly as with a transaction of its own; if the commit fails,
 //! every job of the batch is told. Without a batcher (the CLI), a job runs in a transaction of
 //! its own.
 
@@ -16,9 +19,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::SqliteStore;
 use crate::store::StoreError;
 
-/// The statements of one write transaction, run on the connection it is given.
+/// The statements of one write transaction, run on the connection it is given (possibly twice:
+/// see the module's documentation).
 pub(super) type Job = Box<
-    dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), StoreError>> + Send,
+    dyn for<'c> Fn(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), StoreError>> + Send + Sync,
 >;
 
 /// Jobs folded into one transaction at most.
@@ -51,33 +55,62 @@ pub(super) fn start(writer: SqlitePool) -> mpsc::Sender<Pending> {
 
 /// Runs a batch in one transaction and tells each job how it went.
 async fn run(writer: &SqlitePool, batch: Vec<Pending>) {
-    let mut answers = Vec::with_capacity(batch.len());
-    let committed = async {
-        let mut conn = writer.acquire().await?;
-        let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
-        for pending in batch {
-            sqlx::query("SAVEPOINT job").execute(&mut *tx).await?;
-            let result = (pending.job)(&mut tx).await;
-            let end = if result.is_ok() {
-                "RELEASE job"
-            } else {
-                "ROLLBACK TO job; RELEASE job"
-            };
-            sqlx::raw_sql(end).execute(&mut *tx).await?;
-            answers.push((pending.done, result));
+    let answers = match all_or_nothing(writer, &batch).await {
+        Ok(true) => batch.iter().map(|_| Ok(())).collect(),
+        Ok(false) => match with_savepoints(writer, &batch).await {
+            Ok(answers) => answers,
+            Err(e) => failed(&batch, &e),
+        },
+        Err(e) => failed(&batch, &e),
+    };
+    for (pending, answer) in batch.into_iter().zip(answers) {
+        let _ = pending.done.send(answer);
+    }
+}
+
+/// Every job in one plain transaction. `Ok(false)`: a job failed, and nothing was written.
+async fn all_or_nothing(writer: &SqlitePool, batch: &[Pending]) -> Result<bool, StoreError> {
+    let mut conn = writer.acquire().await?;
+    let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
+    for pending in batch {
+        if (pending.job)(&mut tx).await.is_err() {
+            tx.rollback().await?;
+            return Ok(false);
         }
-        tx.commit().await?;
-        Ok::<_, StoreError>(())
     }
-    .await;
-    for (done, result) in answers {
-        let result = match (&committed, result) {
-            (Err(e), Ok(())) => Err(StoreError::Commit(e.to_string())),
-            (_, result) => result,
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Every job in a savepoint of its own, in one transaction: a failing job is rolled back alone.
+async fn with_savepoints(
+    writer: &SqlitePool,
+    batch: &[Pending],
+) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    let mut conn = writer.acquire().await?;
+    let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
+    let mut answers = Vec::with_capacity(batch.len());
+    for pending in batch {
+        sqlx::query("SAVEPOINT job").execute(&mut *tx).await?;
+        let result = (pending.job)(&mut tx).await;
+        let end = if result.is_ok() {
+            "RELEASE job"
+        } else {
+            "ROLLBACK TO job; RELEASE job"
         };
-        let _ = done.send(result);
+        sqlx::raw_sql(end).execute(&mut *tx).await?;
+        answers.push(result);
     }
-    // Jobs the batch never reached (it failed before them) see their sender dropped.
+    tx.commit().await?;
+    Ok(answers)
+}
+
+/// The answers when the batch's transaction itself failed: nothing of it was written.
+fn failed(batch: &[Pending], error: &StoreError) -> Vec<Result<(), StoreError>> {
+    batch
+        .iter()
+        .map(|_| Err(StoreError::Commit(error.to_string())))
+        .collect()
 }
 
 impl SqliteStore {
@@ -93,7 +126,7 @@ impl SqliteStore {
                     .map_err(|_| StoreError::Commit("the store is closing".into()))?;
                 answer
                     .await
-                    .map_err(|_| StoreError::Commit("the batch failed before this write".into()))?
+                    .map_err(|_| StoreError::Commit("the store is closing".into()))?
             }
             None => {
                 let mut tx = self.begin_write().await?;

@@ -1,9 +1,11 @@
 //! What each consumer has acknowledged.
 
 use sqlx::Row;
+use sqlx::sqlite::SqliteConnection;
 
 use crate::audit::AuditEvent;
 use crate::clock::now_millis;
+use crate::crypto::IntegrityKey;
 use crate::store::{DeliveryRecord, StoreError};
 
 use super::SqliteStore;
@@ -41,50 +43,67 @@ impl SqliteStore {
         version: i64,
         outcome: Result<AuditEvent, &str>,
     ) -> Result<(), StoreError> {
-        let (secret_id, consumer) = (secret_id.to_string(), consumer.to_string());
-        let outcome = outcome.map_err(str::to_string);
-        let key = self.integrity().cloned();
+        let job = std::sync::Arc::new((
+            secret_id.to_string(),
+            consumer.to_string(),
+            outcome.map_err(str::to_string),
+            self.integrity().cloned(),
+        ));
         self.write(Box::new(move |tx| {
+            let job = job.clone();
             Box::pin(async move {
-                let (secret_id, consumer) = (secret_id.as_str(), consumer.as_str());
-                let now = now_millis();
-                match outcome {
-                    Ok(audit) => {
-                        sqlx::query(
-                            "INSERT INTO deliveries (secret_id, consumer, version, acked_at, attempts) \
-                             VALUES (?, ?, ?, ?, 0) ON CONFLICT (secret_id, consumer) DO UPDATE SET \
-                             version = excluded.version, acked_at = excluded.acked_at, attempts = 0, \
-                             last_error = NULL",
-                        )
-                        .bind(secret_id)
-                        .bind(consumer)
-                        .bind(version)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                        append_audit_in(&mut *tx, key.as_ref(), &[audit]).await?;
-                    }
-                    Err(error) => {
-                        sqlx::query(
-                            "INSERT INTO deliveries (secret_id, consumer, version, attempts, last_error) \
-                             VALUES (?, ?, ?, 1, ?) ON CONFLICT (secret_id, consumer) DO UPDATE SET \
-                             attempts = CASE WHEN deliveries.version = excluded.version \
-                                        THEN deliveries.attempts + 1 ELSE 1 END, \
-                             acked_at = CASE WHEN deliveries.version = excluded.version \
-                                        THEN deliveries.acked_at ELSE NULL END, \
-                             version = excluded.version, last_error = excluded.last_error",
-                        )
-                        .bind(secret_id)
-                        .bind(consumer)
-                        .bind(version)
-                        .bind(error)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                }
-                Ok(())
+                let (secret_id, consumer, outcome, key) = &*job;
+                let outcome = outcome.as_ref().map_err(String::as_str);
+                delivery_in(tx, key.as_ref(), secret_id, consumer, version, outcome).await
             })
         }))
         .await
     }
+}
+
+/// The statements of [`SqliteStore::record_delivery`].
+async fn delivery_in(
+    tx: &mut SqliteConnection,
+    key: Option<&IntegrityKey>,
+    secret_id: &str,
+    consumer: &str,
+    version: i64,
+    outcome: Result<&AuditEvent, &str>,
+) -> Result<(), StoreError> {
+    let now = now_millis();
+    match outcome {
+        Ok(audit) => {
+            sqlx::query(
+                "INSERT INTO deliveries (secret_id, consumer, version, acked_at, attempts) \
+                 VALUES (?, ?, ?, ?, 0) ON CONFLICT (secret_id, consumer) DO UPDATE SET \
+                 version = excluded.version, acked_at = excluded.acked_at, attempts = 0, \
+                 last_error = NULL",
+            )
+            .bind(secret_id)
+            .bind(consumer)
+            .bind(version)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            append_audit_in(&mut *tx, key, std::slice::from_ref(audit)).await?;
+        }
+        Err(error) => {
+            sqlx::query(
+                "INSERT INTO deliveries (secret_id, consumer, version, attempts, last_error) \
+                 VALUES (?, ?, ?, 1, ?) ON CONFLICT (secret_id, consumer) DO UPDATE SET \
+                 attempts = CASE WHEN deliveries.version = excluded.version \
+                            THEN deliveries.attempts + 1 ELSE 1 END, \
+                 acked_at = CASE WHEN deliveries.version = excluded.version \
+                            THEN deliveries.acked_at ELSE NULL END, \
+                 version = excluded.version, last_error = excluded.last_error",
+            )
+            .bind(secret_id)
+            .bind(consumer)
+            .bind(version)
+            .bind(error)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    Ok(())
 }

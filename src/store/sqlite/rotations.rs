@@ -1,5 +1,7 @@
 //! The rotation journal: planning, advancing one legal step at a time, retries, reads.
 
+use std::sync::Arc;
+
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
 
@@ -23,9 +25,13 @@ impl SqliteStore {
         rotation: &NewRotation,
         audit: AuditEvent,
     ) -> Result<(), StoreError> {
-        let (rotation, key) = (rotation.clone(), self.integrity().cloned());
+        let job = Arc::new((rotation.clone(), audit, self.integrity().cloned()));
         self.write(Box::new(move |tx| {
-            Box::pin(async move { plan_in(tx, key.as_ref(), &rotation, audit).await })
+            let job = job.clone();
+            Box::pin(async move {
+                let (rotation, audit, key) = &*job;
+                plan_in(tx, key.as_ref(), rotation, audit).await
+            })
         }))
         .await
     }
@@ -43,10 +49,18 @@ impl SqliteStore {
                 to: change.to,
             });
         }
-        let (rotation, change) = (rotation.clone(), change.clone());
-        let key = self.integrity().cloned();
+        let job = Arc::new((
+            rotation.clone(),
+            change.clone(),
+            audit,
+            self.integrity().cloned(),
+        ));
         self.write(Box::new(move |tx| {
-            Box::pin(async move { advance_in(tx, key.as_ref(), &rotation, &change, audit).await })
+            let job = job.clone();
+            Box::pin(async move {
+                let (rotation, change, audit, key) = &*job;
+                advance_in(tx, key.as_ref(), rotation, change, audit).await
+            })
         }))
         .await
     }
@@ -162,7 +176,7 @@ async fn plan_in(
     tx: &mut SqliteConnection,
     key: Option<&IntegrityKey>,
     rotation: &NewRotation,
-    audit: AuditEvent,
+    audit: &AuditEvent,
 ) -> Result<(), StoreError> {
     let current: Option<i64> = sqlx::query_scalar(
         "SELECT version FROM versions WHERE secret_id = ? AND stage = 'current'",
@@ -196,7 +210,7 @@ async fn plan_in(
         }
         other => other?,
     };
-    append_audit_in(&mut *tx, key, &[audit]).await?;
+    append_audit_in(&mut *tx, key, std::slice::from_ref(audit)).await?;
     Ok(())
 }
 
@@ -206,7 +220,7 @@ async fn advance_in(
     key: Option<&IntegrityKey>,
     rotation: &RotationRecord,
     change: &StepChange,
-    audit: AuditEvent,
+    audit: &AuditEvent,
 ) -> Result<(), StoreError> {
     let now = now_millis();
     let moved = sqlx::query(
@@ -256,7 +270,7 @@ async fn advance_in(
             .execute(&mut *tx)
             .await?;
     }
-    append_audit_in(&mut *tx, key, &[audit]).await?;
+    append_audit_in(&mut *tx, key, std::slice::from_ref(audit)).await?;
     Ok(())
 }
 
