@@ -2,7 +2,7 @@
 //! scheduler, compromise runs, and the tasks that feed them; started in order and stopped in
 //! reverse.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
@@ -18,7 +18,7 @@ use crate::leases::Leases;
 use crate::metrics::Metrics;
 use crate::rotation::engine::{Engine, EngineSettings};
 use crate::rotation::scheduler::{Entry, Scheduler};
-use crate::store::Reason;
+use crate::store::{Reason, Registered};
 use crate::vault::Vault;
 
 /// What a [`Runtime`] is for.
@@ -77,13 +77,31 @@ impl Runtime {
             },
             shutdown_rx.clone(),
         );
+        // One read of what the store holds, so a restart with thousands of declared secrets
+        // writes (and reads) only what changed.
+        let known: HashMap<String, Registered> = vault
+            .store()
+            .registered()
+            .await?
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
         for spec in catalog.secrets.values() {
-            vault
-                .register(&spec.name, &spec.provider, &spec.tags, "daemon")
-                .await?;
+            let same = known
+                .get(&spec.name)
+                .is_some_and(|s| s.provider == spec.provider && s.tags == spec.tags);
+            if !same {
+                vault
+                    .register(&spec.name, &spec.provider, &spec.tags, "daemon")
+                    .await?;
+            }
         }
+        let stored: HashMap<String, Option<i64>> = known
+            .into_iter()
+            .map(|(name, s)| (name, s.version))
+            .collect();
         engine.resume_all().await?;
-        let mut tasks = bring_declared_secrets_up_to_date(&engine).await?;
+        let mut tasks = bring_declared_secrets_up_to_date(&engine, &stored).await?;
         let (mut leases, mut audit_writer, mut writer) = (None, None, None);
         if mode != Mode::OneShot {
             let (commit, writer_task) =
@@ -190,14 +208,15 @@ async fn reap_orphaned_plugins(config: &Config, vault: &Vault) {
 
 /// Gives a first version to each declared secret that has none and whose provider can create
 /// one, and brings the consumers of the others up to date (in background tasks, returned).
+/// `stored` is each stored secret's current version, read at start.
 async fn bring_declared_secrets_up_to_date(
     engine: &Arc<Engine>,
+    stored: &HashMap<String, Option<i64>>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, StartError> {
     let catalog = engine.catalog();
-    let store = engine.vault().store();
     let mut tasks = Vec::new();
     for spec in catalog.secrets.values() {
-        let has_value = store.sealed(&spec.name, None).await?.is_some();
+        let has_value = stored.get(&spec.name).is_some_and(Option::is_some);
         let provider = &catalog.providers[&spec.provider];
         if !has_value {
             if provider.can(keywarden_plugin_sdk::Op::Create) {

@@ -337,6 +337,20 @@ impl StepChange {
     }
 }
 
+/// What start-up compares the config with: a stored secret's name, provider, tags and current
+/// version.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    /// The secret's name.
+    pub name: String,
+    /// Its provider kind.
+    pub provider: String,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// Its current version, if it has one.
+    pub version: Option<i64>,
+}
+
 /// A lease as stored.
 #[derive(Debug, Clone)]
 pub struct LeaseRow {

@@ -30,6 +30,8 @@ use crate::store::{StoreError, VaultHeader};
 pub(super) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 const READERS: u32 = 8;
+/// Each reader's page cache, in KiB (negative: SQLite's unit for a size in KiB).
+const READER_CACHE_KIB: &str = "-512";
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The SQLite backend. [`super::Store`] dereferences to it, so its public methods are the
@@ -55,6 +57,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// instead of only copying it back: 4,096 pages, 16 MiB. Under continuous writes and reads a
 /// passive checkpoint never finds a moment to restart the log, which then grows without bound.
 const TRUNCATE_AT_FRAMES: i64 = 4096;
+/// How long the checkpointer's TRUNCATE waits for readers before it gives up until next time.
+const CHECKPOINT_BUSY_WAIT: Duration = Duration::from_millis(100);
 /// The size SQLite trims the write-ahead log to whenever it restarts it (bytes).
 const WAL_SIZE_LIMIT: &str = "16777216";
 
@@ -239,10 +243,12 @@ impl SqliteStore {
             .map_err(|e| unreadable(path, e))?;
         // A local file connection does not go stale: skip sqlx's ping before each acquire,
         // which would double the cost of a point read.
+        // The daemon reads current versions from its own cache: small page caches here keep
+        // eight readers from holding 2 MiB each.
         let reader = SqlitePoolOptions::new()
             .max_connections(READERS)
             .test_before_acquire(false)
-            .connect_with(options)
+            .connect_with(options.pragma("cache_size", READER_CACHE_KIB))
             .await
             .map_err(|e| unreadable(path, e))?;
         Ok(Self {
@@ -262,10 +268,12 @@ impl SqliteStore {
     /// whenever the log has grown past [`TRUNCATE_AT_FRAMES`]. It stops when the store is
     /// dropped.
     async fn start_checkpointer(path: &Path) -> Result<tokio::sync::watch::Sender<()>, StoreError> {
+        // A TRUNCATE checkpoint holds writers back while it waits for readers to let go: it
+        // waits briefly and, when they do not, it is tried again at the next tick.
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .test_before_acquire(false)
-            .connect_with(connect_options(path))
+            .connect_with(connect_options(path).busy_timeout(CHECKPOINT_BUSY_WAIT))
             .await
             .map_err(|e| unreadable(path, e))?;
         checkpoint(&pool, Checkpoint::Truncate).await?;

@@ -10,8 +10,8 @@ use crate::clock::{Millis, now_millis};
 use crate::crypto::IntegrityKey;
 use crate::store::RotationState;
 use crate::store::{
-    NewSecret, NewVersion, SealedSecret, SecretRecord, SecretSummary, Stage, StoreError,
-    VersionRecord, VersionTarget,
+    NewSecret, NewVersion, Registered, SealedSecret, SecretRecord, SecretSummary, Stage,
+    StoreError, VersionRecord, VersionTarget,
 };
 
 use super::audit::append_audit_in;
@@ -387,6 +387,33 @@ impl SqliteStore {
     /// All secrets, by name.
     pub async fn list(&self) -> Result<Vec<SecretSummary>, StoreError> {
         self.summaries(None).await
+    }
+
+    /// Every secret's name, provider, tags and current version: what start-up needs, in one
+    /// narrow read.
+    pub async fn registered(&self) -> Result<Vec<Registered>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.name, s.provider, s.tags, \
+             (SELECT version FROM versions v WHERE v.secret_id = s.id AND v.stage = 'current') \
+             FROM secrets s",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let name: String = r.try_get(0)?;
+                let tags: String = r.try_get(2)?;
+                let tags = serde_json::from_str(&tags).map_err(|_| {
+                    StoreError::Corrupt(format!("secret {name:?}: its tags are not a JSON list"))
+                })?;
+                Ok(Registered {
+                    provider: r.try_get(1)?,
+                    version: r.try_get(3)?,
+                    tags,
+                    name,
+                })
+            })
+            .collect()
     }
 
     /// One secret's summary.
