@@ -185,45 +185,18 @@ fn measure(
     clients: usize,
     server: u32,
 ) -> Figures {
-    let before = cpu_seconds(server);
+    let before = keywarden_testkit::proc::cpu_seconds(server);
     let mut figures = rt.block_on(load(sock, path, clients));
-    figures.cpu_us = (cpu_seconds(server) - before) * 1e6 / figures.total as f64;
+    figures.cpu_us =
+        (keywarden_testkit::proc::cpu_seconds(server) - before) * 1e6 / figures.total as f64;
     figures
-}
-
-/// A process's CPU time so far, from `/proc/PID/stat` (utime + stime, in clock ticks).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / clock_ticks_per_second()
-}
-
-fn clock_ticks_per_second() -> f64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// Prints RSS, WAL and database size every `secs / 10` seconds while 32 clients fetch.
 fn soak_series(rt: &tokio::runtime::Runtime, sock: &Path, daemon: u32, dir: &Path, secs: u64) {
     let file_mb =
         |name: &str| std::fs::metadata(dir.join(name)).map_or(0.0, |m| m.len() as f64 / 1048576.0);
-    let rss_mb = || {
-        let status = std::fs::read_to_string(format!("/proc/{daemon}/status")).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        line.split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<f64>()
-            .unwrap()
-            / 1024.0
-    };
+    let rss_mb = || keywarden_testkit::proc::rss_mb(daemon);
     println!();
     println!("Soak: 32 clients fetching back to back for {secs} s");
     println!();

@@ -14,7 +14,6 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::BenchPlugin;
@@ -99,7 +98,7 @@ fn run(secrets: usize) {
     assert_eq!(daemon.terminate(), Some(0));
     write_config(&env, secrets, OP_DELAY_MS);
     let daemon = env.start_daemon_with(&[("KEYWARDEN_LOG", "warn")]);
-    let cpu_before = cpu_seconds(daemon.pid());
+    let cpu_before = keywarden_testkit::proc::cpu_seconds(daemon.pid());
     let start = Instant::now();
     let out = env
         .cmd()
@@ -114,7 +113,7 @@ fn run(secrets: usize) {
         .output()
         .unwrap();
     let wall = start.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(daemon.pid()) - cpu_before;
+    let cpu = keywarden_testkit::proc::cpu_seconds(daemon.pid()) - cpu_before;
     assert!(
         out.status.success(),
         "{}",
@@ -129,19 +128,4 @@ fn run(secrets: usize) {
         cpu * 1000.0 / secrets as f64
     );
     drop(daemon);
-}
-
-/// A process's CPU time so far (utime + stime from `/proc/PID/stat`), in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    let hz = Command::new("getconf").arg("CLK_TCK").output().unwrap();
-    ticks
-        / String::from_utf8(hz.stdout)
-            .unwrap()
-            .trim()
-            .parse::<f64>()
-            .unwrap()
 }

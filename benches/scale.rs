@@ -66,7 +66,7 @@ fn main() {
     let startup = start.elapsed().as_secs_f64();
     // Settle: let start-up work (consumers, schedules) finish before reading memory.
     std::thread::sleep(Duration::from_secs(5));
-    let rss = rss_mb(daemon.id());
+    let rss = keywarden_testkit::proc::rss_mb(daemon.id());
     stop(daemon);
 
     println!("| {secrets} secrets | figure |");
@@ -120,15 +120,4 @@ fn sizes(store: &Path) -> (f64, f64) {
     let mut wal = store.as_os_str().to_owned();
     wal.push("-wal");
     (mb(Path::new(&wal)), mb(store))
-}
-
-fn rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<f64>()
-        .unwrap()
-        / 1024.0
 }
