@@ -523,6 +523,11 @@ fn a_daemon_killed_while_a_credential_is_minted_revokes_it_at_restart() {
     let _ = fetch.join();
     let daemon = env.start_daemon();
     wait_live_issued(&env, "the orphaned credential to be revoked upstream", 0);
+    // The revocation's audit row follows the plugin's answer.
+    wait_for("the revocation audited", Duration::from_secs(20), || {
+        (env.sql_i64("SELECT count(*) FROM audit WHERE action = 'lease.orphan_revoked'") == 1)
+            .then_some(())
+    });
     assert_sts_audited(&env, daemon, "lease.orphan_revoked");
 }
 

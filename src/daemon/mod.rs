@@ -178,7 +178,11 @@ pub async fn serve(
     for server in servers {
         let _ = server.await;
     }
-    // Leave no write-ahead log behind: the next start opens a compact file.
+    // Writes a stopped task queued are committed before the process ends; then no write-ahead
+    // log is left behind, so the next start opens a compact file.
+    if let Err(e) = services.vault.store().flush_writes().await {
+        tracing::warn!(error = %e, "could not commit the last queued writes");
+    }
     if let Err(e) = services.vault.store().truncate_wal().await {
         tracing::warn!(error = %e, "could not fold the write-ahead log into the store");
     }

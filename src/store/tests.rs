@@ -377,6 +377,10 @@ async fn batched_writes_commit_together_and_a_conflicting_one_fails_alone() {
     drop(t.store);
     // The daemon's access: its journal writes go through the batcher.
     let store = Store::open(&t.path, Access::Exclusive).await.unwrap();
+    let key = crate::crypto::FingerprintKey::generate()
+        .unwrap()
+        .integrity_key();
+    store.set_integrity_key(key.clone());
     let mut writes = tokio::task::JoinSet::new();
     for i in 0..20 {
         let (planner, secret) = (store.clone(), secret.clone());
@@ -431,4 +435,13 @@ async fn batched_writes_commit_together_and_a_conflicting_one_fails_alone() {
         chain.check(row).unwrap();
     }
     assert_eq!(store.active_rotations().await.unwrap().len(), 1);
+    // Each batch sealed its head: the last row carries a seal, under the vault's key.
+    let head = rows.last().unwrap();
+    let seals = store.audit_seals().await.unwrap();
+    let (seq, mac) = seals.last().unwrap();
+    assert_eq!(*seq, head.seq);
+    assert_eq!(
+        mac.as_slice(),
+        key.audit_seal(head.seq, &head.hash).as_slice()
+    );
 }

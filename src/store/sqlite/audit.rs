@@ -16,13 +16,10 @@ impl SqliteStore {
         if events.is_empty() {
             return Ok(());
         }
-        let job = std::sync::Arc::new((events.to_vec(), self.integrity().cloned()));
+        let job = std::sync::Arc::new(events.to_vec());
         self.write(Box::new(move |tx| {
             let job = job.clone();
-            Box::pin(async move {
-                let (events, key) = &*job;
-                append_audit_in(tx, key.as_ref(), events).await
-            })
+            Box::pin(async move { append_audit_in(tx, None, &job).await })
         }))
         .await
     }
@@ -137,7 +134,28 @@ impl SqliteStore {
     }
 }
 
-/// Appends audit rows inside an open write transaction.
+/// Seals the chain's head inside an open write transaction (the transactions that run
+/// [`super::batch::Job`]s do this once, after all their jobs, instead of once per append).
+pub(super) async fn seal_head_in(
+    tx: &mut SqliteConnection,
+    key: &IntegrityKey,
+) -> Result<(), StoreError> {
+    let head: Option<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *tx)
+            .await?;
+    if let Some((seq, hash)) = head {
+        sqlx::query("INSERT OR REPLACE INTO audit_seals (seq, mac, at) VALUES (?, ?, ?)")
+            .bind(seq)
+            .bind(key.audit_seal(seq, &hash).as_slice())
+            .bind(now_millis())
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Appends audit rows inside an open write transaction (sealing the new head with `sealer`).
 pub(super) async fn append_audit_in(
     tx: &mut SqliteConnection,
     sealer: Option<&IntegrityKey>,

@@ -9,7 +9,10 @@
 //! Every job is answered only after the shared commit (with full sync) returned, so a caller that
 //! sees `Ok` has its write on disk exactly as with a transaction of its own; if the commit fails,
 //! every job of the batch is told. Without a batcher (the CLI), a job runs in a transaction of
-//! its own.
+//! its own. Jobs append audit rows unsealed: the transaction that runs them seals the chain's
+//! head once, before it commits.
+
+use std::sync::{Arc, OnceLock};
 
 use futures_util::future::BoxFuture;
 use sqlx::SqlitePool;
@@ -17,7 +20,12 @@ use sqlx::sqlite::SqliteConnection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::SqliteStore;
+use super::audit::seal_head_in;
+use crate::crypto::IntegrityKey;
 use crate::store::StoreError;
+
+/// The vault's integrity key, once it is unlocked (shared with the store).
+pub(super) type Sealer = Arc<OnceLock<IntegrityKey>>;
 
 /// The statements of one write transaction, run on the connection it is given (possibly twice:
 /// see the module's documentation).
@@ -34,7 +42,7 @@ pub(super) struct Pending {
 }
 
 /// Starts the batcher over the store's writer pool; it ends when every sender is dropped.
-pub(super) fn start(writer: SqlitePool) -> mpsc::Sender<Pending> {
+pub(super) fn start(writer: SqlitePool, sealer: Sealer) -> mpsc::Sender<Pending> {
     let (tx, mut rx) = mpsc::channel::<Pending>(1024);
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
@@ -47,17 +55,17 @@ pub(super) fn start(writer: SqlitePool) -> mpsc::Sender<Pending> {
                     Err(_) => break,
                 }
             }
-            run(&writer, batch).await;
+            run(&writer, &sealer, batch).await;
         }
     });
     tx
 }
 
 /// Runs a batch in one transaction and tells each job how it went.
-async fn run(writer: &SqlitePool, batch: Vec<Pending>) {
-    let answers = match all_or_nothing(writer, &batch).await {
+async fn run(writer: &SqlitePool, sealer: &Sealer, batch: Vec<Pending>) {
+    let answers = match all_or_nothing(writer, sealer, &batch).await {
         Ok(true) => batch.iter().map(|_| Ok(())).collect(),
-        Ok(false) => match with_savepoints(writer, &batch).await {
+        Ok(false) => match with_savepoints(writer, sealer, &batch).await {
             Ok(answers) => answers,
             Err(e) => failed(&batch, &e),
         },
@@ -69,7 +77,11 @@ async fn run(writer: &SqlitePool, batch: Vec<Pending>) {
 }
 
 /// Every job in one plain transaction. `Ok(false)`: a job failed, and nothing was written.
-async fn all_or_nothing(writer: &SqlitePool, batch: &[Pending]) -> Result<bool, StoreError> {
+async fn all_or_nothing(
+    writer: &SqlitePool,
+    sealer: &Sealer,
+    batch: &[Pending],
+) -> Result<bool, StoreError> {
     let mut conn = writer.acquire().await?;
     let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
     for pending in batch {
@@ -78,6 +90,9 @@ async fn all_or_nothing(writer: &SqlitePool, batch: &[Pending]) -> Result<bool, 
             return Ok(false);
         }
     }
+    if let Some(key) = sealer.get() {
+        seal_head_in(&mut tx, key).await?;
+    }
     tx.commit().await?;
     Ok(true)
 }
@@ -85,6 +100,7 @@ async fn all_or_nothing(writer: &SqlitePool, batch: &[Pending]) -> Result<bool, 
 /// Every job in a savepoint of its own, in one transaction: a failing job is rolled back alone.
 async fn with_savepoints(
     writer: &SqlitePool,
+    sealer: &Sealer,
     batch: &[Pending],
 ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
     let mut conn = writer.acquire().await?;
@@ -101,6 +117,9 @@ async fn with_savepoints(
         sqlx::raw_sql(end).execute(&mut *tx).await?;
         answers.push(result);
     }
+    if let Some(key) = sealer.get() {
+        seal_head_in(&mut tx, key).await?;
+    }
     tx.commit().await?;
     Ok(answers)
 }
@@ -114,6 +133,12 @@ fn failed(batch: &[Pending], error: &StoreError) -> Vec<Result<(), StoreError>> 
 }
 
 impl SqliteStore {
+    /// Waits until every write queued so far is committed (batches run in order): at shutdown,
+    /// before the process ends.
+    pub async fn flush_writes(&self) -> Result<(), StoreError> {
+        self.write(Box::new(|_| Box::pin(async { Ok(()) }))).await
+    }
+
     /// Runs `job` as a write transaction: batched with others in the daemon, on its own in the
     /// CLI. Returns once it is committed (with full sync).
     pub(super) async fn write(&self, job: Job) -> Result<(), StoreError> {
@@ -131,6 +156,9 @@ impl SqliteStore {
             None => {
                 let mut tx = self.begin_write().await?;
                 job(&mut tx).await?;
+                if let Some(key) = self.integrity() {
+                    seal_head_in(&mut tx, key).await?;
+                }
                 tx.commit().await?;
                 Ok(())
             }

@@ -5,7 +5,6 @@ use sqlx::sqlite::SqliteConnection;
 
 use crate::audit::AuditEvent;
 use crate::clock::now_millis;
-use crate::crypto::IntegrityKey;
 use crate::store::{DeliveryRecord, StoreError};
 
 use super::SqliteStore;
@@ -47,14 +46,13 @@ impl SqliteStore {
             secret_id.to_string(),
             consumer.to_string(),
             outcome.map_err(str::to_string),
-            self.integrity().cloned(),
         ));
         self.write(Box::new(move |tx| {
             let job = job.clone();
             Box::pin(async move {
-                let (secret_id, consumer, outcome, key) = &*job;
+                let (secret_id, consumer, outcome) = &*job;
                 let outcome = outcome.as_ref().map_err(String::as_str);
-                delivery_in(tx, key.as_ref(), secret_id, consumer, version, outcome).await
+                delivery_in(tx, secret_id, consumer, version, outcome).await
             })
         }))
         .await
@@ -64,7 +62,6 @@ impl SqliteStore {
 /// The statements of [`SqliteStore::record_delivery`].
 async fn delivery_in(
     tx: &mut SqliteConnection,
-    key: Option<&IntegrityKey>,
     secret_id: &str,
     consumer: &str,
     version: i64,
@@ -85,7 +82,7 @@ async fn delivery_in(
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            append_audit_in(&mut *tx, key, std::slice::from_ref(audit)).await?;
+            append_audit_in(&mut *tx, None, std::slice::from_ref(audit)).await?;
         }
         Err(error) => {
             sqlx::query(

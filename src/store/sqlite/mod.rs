@@ -48,7 +48,7 @@ pub struct SqliteStore {
     batcher: Option<tokio::sync::mpsc::Sender<batch::Pending>>,
     /// Set once the vault is unlocked: every transaction that appends audit rows also seals
     /// the chain's new head with it, and every change of a current version records its MAC.
-    integrity: std::sync::OnceLock<IntegrityKey>,
+    integrity: batch::Sealer,
 }
 
 /// How often the daemon's background checkpointer moves the write-ahead log into the database.
@@ -190,7 +190,7 @@ impl SqliteStore {
         if background_checkpoints {
             store._checkpointer = Some(Self::start_checkpointer(path).await?);
             store.cache = Some(SealedCache::default());
-            store.batcher = Some(batch::start(store.writer.clone()));
+            store.batcher = Some(batch::start(store.writer.clone(), store.integrity.clone()));
         }
         let has_migrations: bool = sqlx::query_scalar(
             "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
@@ -258,7 +258,7 @@ impl SqliteStore {
             cache: None,
             _checkpointer: None,
             batcher: None,
-            integrity: std::sync::OnceLock::new(),
+            integrity: batch::Sealer::default(),
         })
     }
 

@@ -25,12 +25,12 @@ impl SqliteStore {
         rotation: &NewRotation,
         audit: AuditEvent,
     ) -> Result<(), StoreError> {
-        let job = Arc::new((rotation.clone(), audit, self.integrity().cloned()));
+        let job = Arc::new((rotation.clone(), audit));
         self.write(Box::new(move |tx| {
             let job = job.clone();
             Box::pin(async move {
-                let (rotation, audit, key) = &*job;
-                plan_in(tx, key.as_ref(), rotation, audit).await
+                let (rotation, audit) = &*job;
+                plan_in(tx, rotation, audit).await
             })
         }))
         .await
@@ -174,7 +174,6 @@ impl SqliteStore {
 /// The statements of [`SqliteStore::plan_rotation`].
 async fn plan_in(
     tx: &mut SqliteConnection,
-    key: Option<&IntegrityKey>,
     rotation: &NewRotation,
     audit: &AuditEvent,
 ) -> Result<(), StoreError> {
@@ -210,14 +209,15 @@ async fn plan_in(
         }
         other => other?,
     };
-    append_audit_in(&mut *tx, key, std::slice::from_ref(audit)).await?;
+    // Sealed once for the whole transaction (see `batch.rs`).
+    append_audit_in(&mut *tx, None, std::slice::from_ref(audit)).await?;
     Ok(())
 }
 
 /// The statements of one step ([`SqliteStore::advance_rotation`]).
 async fn advance_in(
     tx: &mut SqliteConnection,
-    key: Option<&IntegrityKey>,
+    key: Option<&IntegrityKey>, // for the current version's MAC at a promotion
     rotation: &RotationRecord,
     change: &StepChange,
     audit: &AuditEvent,
@@ -270,7 +270,8 @@ async fn advance_in(
             .execute(&mut *tx)
             .await?;
     }
-    append_audit_in(&mut *tx, key, std::slice::from_ref(audit)).await?;
+    // Sealed once for the whole transaction (see `batch.rs`).
+    append_audit_in(&mut *tx, None, std::slice::from_ref(audit)).await?;
     Ok(())
 }
 
