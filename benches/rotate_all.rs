@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use common::BenchPlugin;
 use keywarden_testkit::Env;
-use keywarden_testkit::daemon::wait_for;
 
 const OP_DELAY_MS: u64 = 50;
 const OPS: u64 = 4;
@@ -84,18 +83,37 @@ fn write_config(env: &Env, secrets: usize, delay_ms: u64) {
 fn run(secrets: usize) {
     let env = Env::new();
     write_config(&env, secrets, 0);
-    let daemon = env.start_daemon_with(&[("KEYWARDEN_LOG", "warn")]);
-    wait_for("every first version", Duration::from_secs(600), || {
-        let list = env.list();
+    // The first start registers every secret before it serves (longer than the testkit's
+    // 30 s wait at 10,000 secrets): started by hand, polled once a second (`list` reads every
+    // secret; polling faster would slow the daemon).
+    let mut first = env
+        .cmd()
+        .args(["serve", "--init"])
+        .env("KEYWARDEN_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let out = env.run(&["list", "--json"], None);
+        if !out.status.success() {
+            continue; // the store is not created yet
+        }
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let ready = list
             .as_array()
             .unwrap()
             .iter()
             .filter(|s| s["version"] == 1 && s["rotation_state"] == "done")
             .count();
-        (ready == secrets).then_some(())
-    });
-    assert_eq!(daemon.terminate(), Some(0));
+        if ready == secrets {
+            break;
+        }
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status();
+    assert!(first.wait().unwrap().success());
     write_config(&env, secrets, OP_DELAY_MS);
     let daemon = env.start_daemon_with(&[("KEYWARDEN_LOG", "warn")]);
     let cpu_before = keywarden_testkit::proc::cpu_seconds(daemon.pid());
