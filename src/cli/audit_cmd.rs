@@ -204,6 +204,72 @@ async fn archive(ctx: &Context, before: &str, file: &Path, json: bool) -> anyhow
     Ok(ExitCode::SUCCESS)
 }
 
+/// Where the store's chain must start checking: after the archives given (each checked), or
+/// after the store's anchor; the anchor's seal checked when `seals` are. Returns the verifier,
+/// the anchor, and how many archived rows were checked — or where the chain breaks.
+async fn chain_start(
+    store: &Store,
+    archives: &[PathBuf],
+    seals: &Option<Seals>,
+) -> anyhow::Result<Result<(ChainVerifier, Option<(i64, Vec<u8>)>, u64), Break>> {
+    let mut verifier = ChainVerifier::default();
+    let brk = |seq: i64, reason: String, verifier: &ChainVerifier| {
+        Ok(Err(Break {
+            seq,
+            reason,
+            rows: verifier.rows(),
+        }))
+    };
+    for file in archives {
+        if let Err(e) = audit_archive::verify(file, &mut verifier) {
+            let seq = match &e {
+                audit_archive::ArchiveError::Broken { brk, .. } => brk.seq,
+                _ => verifier.last().0 + 1,
+            };
+            return brk(seq, e.to_string(), &verifier);
+        }
+    }
+    let archived_rows = verifier.rows();
+    let anchor = store.audit_anchor().await?;
+    if let Some((seq, hash)) = &anchor {
+        if archives.is_empty() {
+            verifier = ChainVerifier::after(*seq, hash.clone());
+        } else if verifier.last() != (*seq, hash.as_slice()) {
+            let reason = format!(
+                "the store's chain goes on after row {seq}, but the archives given end at row {}",
+                verifier.last().0
+            );
+            return brk(seq + 1, reason, &verifier);
+        }
+        if let Some((vault, seals)) = seals {
+            let sealed = seals
+                .binary_search_by_key(seq, |(s, _)| *s)
+                .is_ok_and(|i| vault.audit_seal_holds(*seq, hash, &seals[i].1));
+            if !sealed {
+                let reason = format!(
+                    "the anchor where the archived rows end (row {seq}) does not carry the \
+                     vault's seal: rows were removed from the start of the chain"
+                );
+                return brk(seq + 1, reason, &verifier);
+            }
+        }
+    } else if !archives.is_empty() && verifier.rows() > 0 {
+        let reason = "the store holds no archive anchor, but archives were given".to_string();
+        return brk(verifier.last().0 + 1, reason, &verifier);
+    }
+    Ok(Ok((verifier, anchor, archived_rows)))
+}
+
+/// With `--keyed`: the unlocked vault and every seal, by row (seq, mac).
+type Seals = (crate::vault::Vault, Vec<(i64, Vec<u8>)>);
+
+/// Where and why a chain check failed, and how many rows verified before it.
+struct Break {
+    seq: i64,
+    reason: String,
+    rows: u64,
+}
+
 /// `audit verify [--keyed] [--archive FILE]...`: walks the archives and then the store's chain
 /// (and checks every keyed seal); exit 1 naming the first bad row.
 async fn verify(
@@ -232,44 +298,10 @@ async fn verify(
         }
         Ok(ExitCode::FAILURE)
     };
-    let mut verifier = ChainVerifier::default();
-    for file in archives {
-        if let Err(e) = audit_archive::verify(file, &mut verifier) {
-            let seq = match &e {
-                audit_archive::ArchiveError::Broken { brk, .. } => brk.seq,
-                _ => verifier.last().0 + 1,
-            };
-            return fail(seq, e.to_string(), verifier.rows());
-        }
-    }
-    let archived_rows = verifier.rows();
-    let anchor = store.audit_anchor().await?;
-    if let Some((seq, hash)) = &anchor {
-        if archives.is_empty() {
-            verifier = ChainVerifier::after(*seq, hash.clone());
-        } else if verifier.last() != (*seq, hash.as_slice()) {
-            let reason = format!(
-                "the store's chain goes on after row {seq}, but the archives given end at row {}",
-                verifier.last().0
-            );
-            return fail(seq + 1, reason, verifier.rows());
-        }
-        if let Some((vault, seals)) = &seals {
-            let sealed = seals
-                .binary_search_by_key(seq, |(s, _)| *s)
-                .is_ok_and(|i| vault.audit_seal_holds(*seq, hash, &seals[i].1));
-            if !sealed {
-                let reason = format!(
-                    "the anchor where the archived rows end (row {seq}) does not carry the \
-                     vault's seal: rows were removed from the start of the chain"
-                );
-                return fail(seq + 1, reason, verifier.rows());
-            }
-        }
-    } else if !archives.is_empty() && verifier.rows() > 0 {
-        let reason = "the store holds no archive anchor, but archives were given".to_string();
-        return fail(verifier.last().0 + 1, reason, verifier.rows());
-    }
+    let (mut verifier, anchor, archived_rows) = match chain_start(store, archives, &seals).await? {
+        Ok(start) => start,
+        Err(brk) => return fail(brk.seq, brk.reason, brk.rows),
+    };
     let mut after = verifier.last().0;
     let mut sealed_up_to = after;
     loop {

@@ -441,18 +441,49 @@ impl Incidents {
             .filter(|r| r.state == RotationState::Done)
             .map(|r| r.secret)
             .collect();
-        let permits = Arc::new(Semaphore::new(concurrency.clamp(1, MAX_CONCURRENCY)));
         let todo: Vec<PlanItem> = plan
             .secrets
             .iter()
             .filter(|i| !done.contains(&i.name))
             .cloned()
             .collect();
+        self.act_on_each(incident, plan.secrets.len(), todo, concurrency)
+            .await;
+        let report = self.report(id).await?;
+        if report.failed.is_empty() && report.pending.is_empty() {
+            let audit = AuditEvent::new(ACTOR, "compromise.finished")
+                .incident(Some(id.to_string()))
+                .detail(json!({ "rotated": report.rotated.len(), "leases_revoked": report.leases_revoked }));
+            store.finish_incident(id, audit).await?;
+        } else {
+            let audit = AuditEvent::new(ACTOR, "compromise.incomplete")
+                .incident(Some(id.to_string()))
+                .detail(json!({
+                    "rotated": report.rotated.len(),
+                    "failed": report.failed.len(),
+                    "pending": report.pending.len(),
+                }));
+            store.append_audit(&[audit]).await?;
+        }
+        Ok(())
+    }
+
+    /// Acts on each secret still to do, `concurrency` at a time, counting progress as each
+    /// finishes.
+    async fn act_on_each(
+        &self,
+        incident: &IncidentRecord,
+        total: usize,
+        todo: Vec<PlanItem>,
+        concurrency: usize,
+    ) {
+        let id = incident.id.as_str();
+        let permits = Arc::new(Semaphore::new(concurrency.clamp(1, MAX_CONCURRENCY)));
         self.progress.lock().expect("progress lock").insert(
             id.to_string(),
             Progress {
-                total: plan.secrets.len(),
-                done: plan.secrets.len() - todo.len(),
+                total,
+                done: total - todo.len(),
                 failed: 0,
                 finished: false,
             },
@@ -478,23 +509,6 @@ impl Incidents {
                 p.failed += usize::from(!ok);
             });
         }
-        let report = self.report(id).await?;
-        if report.failed.is_empty() && report.pending.is_empty() {
-            let audit = AuditEvent::new(ACTOR, "compromise.finished")
-                .incident(Some(id.to_string()))
-                .detail(json!({ "rotated": report.rotated.len(), "leases_revoked": report.leases_revoked }));
-            store.finish_incident(id, audit).await?;
-        } else {
-            let audit = AuditEvent::new(ACTOR, "compromise.incomplete")
-                .incident(Some(id.to_string()))
-                .detail(json!({
-                    "rotated": report.rotated.len(),
-                    "failed": report.failed.len(),
-                    "pending": report.pending.len(),
-                }));
-            store.append_audit(&[audit]).await?;
-        }
-        Ok(())
     }
 
     /// The report of an incident, from the store (consistent across restarts).
