@@ -90,9 +90,8 @@ impl SqliteStore {
             .fetch_optional(&mut *tx)
             .await?;
         if found.as_deref() != Some(hash) {
-            return Err(StoreError::Conflict(format!(
-                "audit row {through_seq} changed or is gone since it was archived; nothing was                  removed"
-            )));
+            // "audit row N changed concurrently; try again": nothing was removed.
+            return Err(StoreError::Conflict(format!("audit row {through_seq}")));
         }
         let at = now_millis();
         sqlx::query("DELETE FROM audit WHERE seq <= ?")

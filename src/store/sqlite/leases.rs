@@ -32,10 +32,12 @@ impl SqliteStore {
             let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
             insert_leases(&mut tx, ops).await?;
             extend_leases(&mut tx, ops).await?;
-            let mut folded = Vec::new();
+            // The batch's audit rows, then those folding repeated fetches: one append.
+            // (Copied only when a fold adds rows: the fetch path's batches append as they are.)
+            let mut rows = std::borrow::Cow::Borrowed(audit);
             for op in ops {
                 match op {
-                    LeaseOp::FoldFetches => folded.extend(fold_fetches(&mut tx).await?),
+                    LeaseOp::FoldFetches => rows.to_mut().extend(fold_fetches(&mut tx).await?),
                     op => apply_lease_op(&mut tx, op).await?,
                 }
             }
@@ -50,10 +52,7 @@ impl SqliteStore {
                     }
                 }
             }
-            append_audit_in(&mut tx, self.integrity(), audit).await?;
-            if !folded.is_empty() {
-                append_audit_in(&mut tx, self.integrity(), &folded).await?;
-            }
+            append_audit_in(&mut tx, self.integrity(), &rows).await?;
             tx.commit().await?;
             Ok::<_, StoreError>(())
         }
