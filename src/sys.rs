@@ -1,5 +1,5 @@
-//! The crate's only `unsafe` code: two Linux calls that rustix does not wrap. Each block says
-//! why it is sound.
+//! The crate's only `unsafe` code: Linux and C-library calls that rustix does not wrap. Each
+//! block says why it is sound.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
@@ -25,6 +25,80 @@ pub fn mark_inherited_fds_cloexec() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Bounds the C library's allocator to `arenas` heaps. glibc otherwise grows up to eight per
+/// core as threads contend, and memory freed in one is never reused by another: a daemon whose
+/// start-up reads ten thousand rows on several threads kept 190 MB resident for a 30 MB heap.
+/// Other C libraries ignore this.
+#[allow(unsafe_code)]
+pub fn limit_malloc_arenas(arenas: i32) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt takes two integers and only changes the allocator's parameters; it is
+    // thread-safe and an unknown or refused value is reported, not acted on.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = arenas;
+}
+
+/// Hands the heap's free pages back to the system (glibc's `malloc_trim`): after start-up,
+/// whose transient reads are the daemon's peak.
+#[allow(unsafe_code)]
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes an integer, touches only the allocator's own free lists under
+    // its locks, and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Starts `cmd` in a process group of its own (so all it starts can be signalled at once);
+/// with `take_terminal`, that group becomes the foreground group of the terminal on stdin as
+/// soon as it exists, so the command reads the terminal and Ctrl-C reaches it as from a shell.
+#[allow(unsafe_code)]
+pub fn own_process_group(cmd: &mut tokio::process::Command, take_terminal: bool) {
+    cmd.process_group(0);
+    if take_terminal {
+        // SAFETY: the closure runs in the child between fork and exec. It calls only
+        // async-signal-safe functions (getpid, pthread_sigmask, tcsetpgrp) on the child's own
+        // state, allocates nothing and takes no lock. The parent makes the same call after the
+        // spawn; whichever runs first wins, so the child never reads the terminal from the
+        // background.
+        unsafe {
+            cmd.pre_exec(|| foreground(libc::getpid()));
+        }
+    }
+}
+
+/// Makes process group `pgid` the foreground group of the terminal on stdin.
+pub fn give_terminal_to(pgid: i32) -> std::io::Result<()> {
+    foreground(pgid)
+}
+
+/// `tcsetpgrp` on stdin with SIGTTOU blocked in this thread: a process in a background group
+/// may then hand the terminal over (POSIX) instead of being stopped for trying.
+#[allow(unsafe_code)]
+fn foreground(pgid: libc::pid_t) -> std::io::Result<()> {
+    // SAFETY: the signal sets are locals initialised by sigemptyset before use; the mask is
+    // only this thread's and is restored before returning; tcsetpgrp takes integers.
+    unsafe {
+        let mut ttou: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut ttou);
+        libc::sigaddset(&mut ttou, libc::SIGTTOU);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &ttou, &mut old);
+        let rc = libc::tcsetpgrp(libc::STDIN_FILENO, pgid);
+        let result = if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        };
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        result
+    }
 }
 
 /// A pidfd for the process at the other end of a connected Unix socket: the very process that

@@ -672,31 +672,34 @@ impl Vault {
         }
     }
 
-    /// Makes sure a declared secret exists with this provider and tags (creating it, with a new
-    /// data key, if needed). Returns its record and whether anything changed.
+    /// Makes sure each declared secret (name, provider, tags) exists with this provider and
+    /// tags, creating it with a new data key where needed, all in one transaction. Returns how
+    /// many secrets were created or changed.
     pub async fn register(
         &self,
-        name: &str,
-        provider: &str,
-        tags: &[String],
+        secrets: &[(&str, &str, &[String])],
         actor: &str,
-    ) -> Result<(SecretRecord, bool), VaultError> {
-        name::validate(name)?;
-        let id = uuid::Uuid::new_v4().to_string();
-        let key = SymmetricKey::generate()?;
-        let secret = NewSecret {
-            wrapped_data_key: self.keys.root.wrap(&data_key_aad(&id), &key)?,
-            id,
-            name: name.to_string(),
-            provider: provider.to_string(),
-            tags: tags.to_vec(),
-        };
-        let audit = AuditEvent::new(actor, "secret.register")
-            .secret(name)
-            .detail(json!({ "provider": provider, "tags": tags }));
+    ) -> Result<usize, VaultError> {
+        let mut rows = Vec::with_capacity(secrets.len());
+        for &(name, provider, tags) in secrets {
+            name::validate(name)?;
+            let id = uuid::Uuid::new_v4().to_string();
+            let key = SymmetricKey::generate()?;
+            let secret = NewSecret {
+                wrapped_data_key: self.keys.root.wrap(&data_key_aad(&id), &key)?,
+                id,
+                name: name.to_string(),
+                provider: provider.to_string(),
+                tags: tags.to_vec(),
+            };
+            let audit = AuditEvent::new(actor, "secret.register")
+                .secret(name)
+                .detail(json!({ "provider": provider, "tags": tags }));
+            rows.push((secret, audit));
+        }
         Ok(self
             .store
-            .register_secret(self.keys.generation, &secret, audit)
+            .register_secrets(self.keys.generation, rows)
             .await?)
     }
 
@@ -812,5 +815,50 @@ mod tests {
         let store = Store::open(&path, Access::Shared).await.unwrap();
         let vault = Vault::unlock(store, &passphrase).await.unwrap();
         assert!(vault.keys.current_macs);
+    }
+
+    #[tokio::test]
+    async fn registering_declared_secrets_writes_only_what_changed_with_one_audit_row_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let passphrase = Zeroizing::new("a passphrase for this test".to_string());
+        let kdf = KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
+        let vault = Vault::init(&dir.path().join("vault.db"), &passphrase, kdf, "test")
+            .await
+            .unwrap();
+        let (none, prod) = (Vec::new(), vec!["prod".to_string()]);
+        let declared = [
+            ("a", "random", &none[..]),
+            ("b", "random", &none[..]),
+            ("c", "manual", &prod[..]),
+        ];
+        assert_eq!(vault.register(&declared, "daemon").await.unwrap(), 3);
+        assert_eq!(vault.register(&declared, "daemon").await.unwrap(), 0);
+        let changed = [("a", "random", &prod[..]), ("b", "random", &none[..])];
+        assert_eq!(vault.register(&changed, "daemon").await.unwrap(), 1);
+
+        let store = vault.store();
+        let secrets = store.list().await.unwrap();
+        let tags: Vec<(&str, &[String])> = secrets
+            .iter()
+            .map(|s| (s.name.as_str(), &s.tags[..]))
+            .collect();
+        assert_eq!(tags, [("a", &prod[..]), ("b", &none[..]), ("c", &prod[..])]);
+        let registered: Vec<String> = store
+            .audit_tail(100)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.action == "secret.register")
+            .filter_map(|r| r.secret)
+            .collect();
+        assert_eq!(registered.len(), 4, "{registered:?}");
+        // A bad name in the batch writes nothing of it.
+        let bad = [("d", "random", &none[..]), ("../e", "random", &none[..])];
+        assert!(vault.register(&bad, "daemon").await.is_err());
+        assert_eq!(store.list().await.unwrap().len(), 3);
     }
 }

@@ -686,6 +686,17 @@ fn the_python_and_node_snippets_of_the_readme_fetch_from_the_real_daemon() {
     assert!(js.starts_with("1 ") && js.ends_with(&value), "{js}");
 }
 
+/// Whether process `pid` has ended (gone, or a zombie waiting for init to reap it).
+fn gone(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit(')')
+            .next()
+            .unwrap()
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
 #[test]
 fn cli_get_uses_the_socket_and_exec_restarts_the_command_on_rotation() {
     let cli = canonical(common::keywarden_bin().to_str().unwrap());
@@ -700,13 +711,22 @@ fn cli_get_uses_the_socket_and_exec_restarts_the_command_on_rotation() {
     let full = json(&env.ok(&["get", "app/token", "--json"], None));
     assert!(full["lease_id"].is_string() && full["expires_at"].is_string());
 
-    // exec: the child sees the value; a rotation restarts it with the new one.
+    // exec: the child sees the value; a rotation restarts it with the new one. The command
+    // starts a process that ignores SIGTERM: a restart must not leave it running with the old
+    // value (it is killed after --stop-timeout), nor must a SIGTERM to exec.
     let starts = env.dir.path().join("starts.txt");
-    let script = format!("echo \"$TOKEN\" >> {}; exec sleep 600", starts.display());
+    let kids = env.dir.path().join("kids.txt");
+    let script = format!(
+        "echo \"$TOKEN\" >> {}; (trap '' TERM; exec sleep 600) & echo $! >> {}; wait",
+        starts.display(),
+        kids.display()
+    );
     let mut exec = env
         .cmd()
         .args([
             "exec",
+            "--stop-timeout",
+            "1",
             "--env",
             "TOKEN=app/token",
             "--",
@@ -718,24 +738,32 @@ fn cli_get_uses_the_socket_and_exec_restarts_the_command_on_rotation() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let lines = || {
-        std::fs::read_to_string(&starts)
+    let lines = |path: &Path| {
+        std::fs::read_to_string(path)
             .unwrap_or_default()
             .lines()
             .map(str::to_string)
             .collect::<Vec<_>>()
     };
     wait_for("the command to start", Duration::from_secs(10), || {
-        (lines().len() == 1).then_some(())
+        (lines(&kids).len() == 1).then_some(())
     });
-    assert_eq!(lines()[0], via_socket);
+    assert_eq!(lines(&starts)[0], via_socket);
+    let first_kid = lines(&kids)[0].clone();
+    assert!(!gone(&first_kid), "the command's own child runs");
     env.ok(&["rotate", "app/token", "--no-wait"], None);
     wait_for("the command to restart", Duration::from_secs(20), || {
-        (lines().len() == 2).then_some(())
+        (lines(&kids).len() == 2).then_some(())
     });
+    assert!(
+        gone(&first_kid),
+        "what the old command started, holding the old value, is gone after the restart"
+    );
     let (_, body) = curl(&env.agent_socket(), "GET", "/v1/secrets/app/token", &[]);
-    assert_eq!(lines()[1], json(&body)["value"].as_str().unwrap());
-    assert_ne!(lines()[0], lines()[1]);
+    let starts_now = lines(&starts);
+    assert_eq!(starts_now[1], json(&body)["value"].as_str().unwrap());
+    assert_ne!(starts_now[0], starts_now[1]);
+    let second_kid = lines(&kids)[1].clone();
     Command::new("kill")
         .args(["-TERM", &exec.id().to_string()])
         .status()
@@ -745,6 +773,23 @@ fn cli_get_uses_the_socket_and_exec_restarts_the_command_on_rotation() {
         status.code(),
         Some(143),
         "exec exits with the child's status (killed by SIGTERM)"
+    );
+    assert!(gone(&second_kid), "a SIGTERM to exec stops the whole group");
+
+    let missing = env.run(
+        &[
+            "exec",
+            "--env",
+            "TOKEN=app/token",
+            "--",
+            "no-such-command-here",
+        ],
+        None,
+    );
+    assert_eq!(missing.status.code(), Some(127), "like a shell");
+    assert!(
+        String::from_utf8_lossy(&missing.stderr)
+            .contains("no-such-command-here: command not found")
     );
 
     let out = env.run(

@@ -20,7 +20,8 @@ use crate::http;
 /// How `exec` reacts to a rotation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OnRotate {
-    /// Stop the command (SIGTERM, then SIGKILL after 10 s) and start it with the new values.
+    /// Stop the command and everything it started (SIGTERM to its process group, then SIGKILL
+    /// after `--stop-timeout`) and start it with the new values.
     Restart,
     /// Send the command a signal (it re-reads its secrets some other way).
     Signal(rustix::process::Signal),
@@ -70,7 +71,11 @@ fn parse_env_map(text: &str) -> Result<(String, String), String> {
 #[derive(Debug, Args)]
 #[command(
     after_help = "Example:\n  keywarden exec --env OPENAI_API_KEY=openai/prod -- python agent.py\n\n\
-    The command's exit code is keywarden's. Needs the daemon (it watches for rotations)."
+    The command runs in a process group of its own: on a restart, on SIGTERM, SIGINT or SIGHUP \
+    to exec (forwarded), and when the command exits, the whole group is told to stop and, after \
+    --stop-timeout, killed, so no process it started keeps an old value. (A process that leaves \
+    the group with setsid escapes this.) The command's exit code is keywarden's (127 if it is \
+    not found, 126 if it cannot be run). Needs the daemon (it watches for rotations)."
 )]
 pub(crate) struct ExecArgs {
     /// VAR=SECRET: put SECRET's current value in the environment variable VAR. Repeatable.
@@ -79,6 +84,10 @@ pub(crate) struct ExecArgs {
     /// On rotation: restart, signal:HUP (or another signal), or none.
     #[arg(long, value_name = "ACTION", default_value = "restart", value_parser = parse_on_rotate)]
     on_rotate: OnRotate,
+    /// Seconds a stopping command (and everything it started) has between SIGTERM and SIGKILL,
+    /// at a restart, after exec is told to stop, or once the command has exited.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    stop_timeout: u64,
     /// Lease length to ask for, in seconds (leases are renewed while the command runs).
     #[arg(long, value_name = "SECS")]
     ttl: Option<u64>,
@@ -170,26 +179,119 @@ async fn release(socket: &Path, leases: impl Iterator<Item = &String>) {
     }
 }
 
-fn spawn_child(
-    command: &[String],
-    env: &BTreeMap<String, Fetched>,
-    vars: &[(String, String)],
-) -> anyhow::Result<tokio::process::Child> {
-    let mut cmd = tokio::process::Command::new(&command[0]);
-    cmd.args(&command[1..]);
-    for key in [
-        "KEYWARDEN_PASSPHRASE",
-        "KEYWARDEN_PASSPHRASE_FILE",
-        "KEYWARDEN_NEW_PASSPHRASE",
-        "KEYWARDEN_NEW_PASSPHRASE_FILE",
-    ] {
-        cmd.env_remove(key);
+/// The command `exec` runs, in a process group of its own: a restart or a stop signals the
+/// whole group, so nothing the command started keeps an old value running.
+struct Running {
+    child: tokio::process::Child,
+    group: rustix::process::Pid,
+    /// Whether the group holds the terminal (exec was in the foreground of one).
+    terminal: bool,
+}
+
+/// Why the command could not be started, with the exit code a shell would give.
+struct SpawnError {
+    code: u8,
+    message: String,
+}
+
+impl Running {
+    fn spawn(
+        command: &[String],
+        env: &BTreeMap<String, Fetched>,
+        vars: &[(String, String)],
+    ) -> Result<Running, SpawnError> {
+        let mut cmd = tokio::process::Command::new(&command[0]);
+        cmd.args(&command[1..]);
+        for key in [
+            "KEYWARDEN_PASSPHRASE",
+            "KEYWARDEN_PASSPHRASE_FILE",
+            "KEYWARDEN_NEW_PASSPHRASE",
+            "KEYWARDEN_NEW_PASSPHRASE_FILE",
+        ] {
+            cmd.env_remove(key);
+        }
+        for (var, name) in vars {
+            cmd.env(var, env[name].value.as_str());
+        }
+        let terminal = in_terminal_foreground();
+        crate::sys::own_process_group(&mut cmd, terminal);
+        let child = cmd.spawn().map_err(|e| {
+            let (code, what) = match e.kind() {
+                std::io::ErrorKind::NotFound => (127, "command not found".to_string()),
+                std::io::ErrorKind::PermissionDenied => (126, "permission denied".to_string()),
+                _ => (126, e.to_string()),
+            };
+            SpawnError {
+                code,
+                message: format!("keywarden exec: {}: {what}", command[0]),
+            }
+        })?;
+        let group = child
+            .id()
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+            .expect("a child that was just spawned has a pid");
+        if terminal {
+            let _ = crate::sys::give_terminal_to(group.as_raw_nonzero().get());
+        }
+        Ok(Running {
+            child,
+            group,
+            terminal,
+        })
     }
-    for (var, name) in vars {
-        cmd.env(var, env[name].value.as_str());
+
+    /// Sends `signal` to every process of the group.
+    fn signal(&self, signal: rustix::process::Signal) {
+        let _ = rustix::process::kill_process_group(self.group, signal);
     }
-    cmd.spawn()
-        .with_context(|| format!("cannot run {:?}", command[0]))
+
+    /// Whether any process of the group is left.
+    fn group_alive(&self) -> bool {
+        rustix::process::test_kill_process_group(self.group).is_ok()
+    }
+
+    /// Stops the whole group: SIGTERM, then SIGKILL to whatever is left after `grace`.
+    /// Returns the command's own exit status.
+    async fn stop(&mut self, grace: Duration) -> std::io::Result<std::process::ExitStatus> {
+        self.signal(rustix::process::Signal::TERM);
+        let deadline = tokio::time::Instant::now() + grace;
+        let status = tokio::time::timeout_at(deadline, self.child.wait()).await;
+        self.end_group(deadline).await;
+        match status {
+            Ok(status) => status,
+            Err(_) => self.child.wait().await,
+        }
+    }
+
+    /// After the command itself has exited or been told to: tells the rest of its group (what
+    /// it started) to stop, waits until `deadline`, then kills what is left.
+    async fn end_group(&mut self, deadline: tokio::time::Instant) {
+        if self.group_alive() {
+            self.signal(rustix::process::Signal::TERM);
+        }
+        while self.group_alive() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.group_alive() {
+            self.signal(rustix::process::Signal::KILL);
+            // A killed process is gone once its parent (or init) reaps it; a zombie still
+            // counts as a member, so wait a moment, not forever.
+            let reaped = tokio::time::Instant::now() + Duration::from_secs(1);
+            while self.group_alive() && tokio::time::Instant::now() < reaped {
+                let _ = self.child.try_wait();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        if self.terminal {
+            let _ = crate::sys::give_terminal_to(rustix::process::getpgrp().as_raw_nonzero().get());
+        }
+    }
+}
+
+/// Whether stdin is a terminal whose foreground group is this process's.
+fn in_terminal_foreground() -> bool {
+    let stdin = std::io::stdin();
+    rustix::termios::tcgetpgrp(&stdin).is_ok_and(|pg| pg == rustix::process::getpgrp())
 }
 
 fn exit_code(status: std::process::ExitStatus) -> ExitCode {
@@ -198,26 +300,6 @@ fn exit_code(status: std::process::ExitStatus) -> ExitCode {
         (Some(code), _) => ExitCode::from(code as u8),
         (None, Some(signal)) => ExitCode::from((128 + signal) as u8),
         _ => ExitCode::FAILURE,
-    }
-}
-
-fn send(child: &tokio::process::Child, signal: rustix::process::Signal) {
-    if let Some(pid) = child
-        .id()
-        .and_then(|p| rustix::process::Pid::from_raw(p as i32))
-    {
-        let _ = rustix::process::kill_process(pid, signal);
-    }
-}
-
-async fn stop(child: &mut tokio::process::Child) -> anyhow::Result<std::process::ExitStatus> {
-    send(child, rustix::process::Signal::TERM);
-    match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-        Ok(status) => Ok(status?),
-        Err(_) => {
-            child.kill().await?;
-            Ok(child.wait().await?)
-        }
     }
 }
 
@@ -299,7 +381,15 @@ pub(crate) async fn exec(ctx: &Context, args: ExecArgs) -> anyhow::Result<ExitCo
     }
     // The command runs with the user's own umask and core limit, not keywarden's.
     ctx.inherited.restore_for_children();
-    let mut child = spawn_child(&args.command, &current, &args.env)?;
+    let grace = Duration::from_secs(args.stop_timeout);
+    let mut running = match Running::spawn(&args.command, &current, &args.env) {
+        Ok(r) => r,
+        Err(e) => {
+            release(&socket, current.values().map(|f| &f.lease_id)).await;
+            eprintln!("{}", e.message);
+            return Ok(ExitCode::from(e.code));
+        }
+    };
 
     // One watcher per secret: a long poll for the next version, never a busy loop.
     let (tx, mut rotated) = mpsc::channel::<(String, Fetched)>(16);
@@ -315,6 +405,7 @@ pub(crate) async fn exec(ctx: &Context, args: ExecArgs) -> anyhow::Result<ExitCo
     }
     drop(tx);
 
+    use rustix::process::Signal;
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -322,24 +413,37 @@ pub(crate) async fn exec(ctx: &Context, args: ExecArgs) -> anyhow::Result<ExitCo
     let mut renew_tick = tokio::time::interval(Duration::from_secs(5));
     let status = loop {
         tokio::select! {
-            status = child.wait() => break status?,
+            status = running.child.wait() => {
+                // What the command left behind in its group goes with it.
+                running.end_group(tokio::time::Instant::now() + grace).await;
+                break status?;
+            }
             Some((name, fetched)) = rotated.recv() => {
                 let old = current.insert(name.clone(), fetched);
-                release(&socket, old.iter().map(|f| &f.lease_id)).await;
                 match args.on_rotate {
                     OnRotate::Restart => {
                         eprintln!("keywarden exec: {name} rotated; restarting {}", args.command[0]);
-                        stop(&mut child).await?;
-                        child = spawn_child(&args.command, &current, &args.env)?;
+                        running.stop(grace).await?;
+                        running = match Running::spawn(&args.command, &current, &args.env) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                release(&socket, current.values().map(|f| &f.lease_id)).await;
+                                release(&socket, old.iter().map(|f| &f.lease_id)).await;
+                                eprintln!("{}", e.message);
+                                return Ok(ExitCode::from(e.code));
+                            }
+                        };
                     }
-                    OnRotate::Signal(signal) => send(&child, signal),
+                    OnRotate::Signal(signal) => running.signal(signal),
                     OnRotate::Nothing => {}
                 }
+                // Only now does nothing of this process hold the old value.
+                release(&socket, old.iter().map(|f| &f.lease_id)).await;
             }
             _ = renew_tick.tick() => renew_due(&socket, &mut current, &ttl_query).await,
-            _ = term.recv() => send(&child, rustix::process::Signal::TERM),
-            _ = int.recv() => send(&child, rustix::process::Signal::INT),
-            _ = hup.recv() => send(&child, rustix::process::Signal::HUP),
+            _ = term.recv() => running.signal(Signal::TERM),
+            _ = int.recv() => running.signal(Signal::INT),
+            _ = hup.recv() => running.signal(Signal::HUP),
         }
     };
     release(&socket, current.values().map(|f| &f.lease_id)).await;

@@ -137,6 +137,8 @@ fn init_logging(format: LogFormat, filter: Option<&str>, default: &str) {
 /// Parses the command line and runs the command. Exit codes: 0 ok, 1 failure, 2 usage.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before the runtime starts its threads (see the function for why).
+    crate::sys::limit_malloc_arenas(2);
     // The daemon reports what it does; one-shot commands only warn.
     let default_level = match cli.command {
         Command::Serve(_) => "info",

@@ -165,6 +165,11 @@ pub async fn serve(
             return Err(e);
         }
     };
+    // Start-up read every secret's rows, as does a `status` or `list` of them all: memory freed
+    // after such a read goes back to the system, so what stays resident follows the number of
+    // secrets, not the largest request served.
+    crate::sys::release_free_memory();
+    let trimmer = tokio::spawn(release_memory_periodically(runtime.shutdown_signal()));
     tracing::info!(
         store = %services.vault.store().path().display(),
         agent_socket = %agent.socket.display(),
@@ -178,6 +183,7 @@ pub async fn serve(
     for server in servers {
         let _ = server.await;
     }
+    let _ = trimmer.await;
     // Writes a stopped task queued are committed before the process ends; then no write-ahead
     // log is left behind, so the next start opens a compact file.
     if let Err(e) = services.vault.store().flush_writes().await {
@@ -189,6 +195,21 @@ pub async fn serve(
     remove_sockets();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often the daemon hands freed heap pages back to the system.
+const RELEASE_MEMORY_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Hands freed heap pages back to the system every [`RELEASE_MEMORY_EVERY`] until `stop`.
+async fn release_memory_periodically(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(RELEASE_MEMORY_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => crate::sys::release_free_memory(),
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// Starts the agent and admin APIs and, when configured, the signal listener; each stops when

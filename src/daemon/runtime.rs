@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
 use super::StartError;
@@ -86,15 +87,18 @@ impl Runtime {
             .into_iter()
             .map(|s| (s.name.clone(), s))
             .collect();
-        for spec in catalog.secrets.values() {
-            let same = known
-                .get(&spec.name)
-                .is_some_and(|s| s.provider == spec.provider && s.tags == spec.tags);
-            if !same {
-                vault
-                    .register(&spec.name, &spec.provider, &spec.tags, "daemon")
-                    .await?;
-            }
+        let changed: Vec<(&str, &str, &[String])> = catalog
+            .secrets
+            .values()
+            .filter(|spec| {
+                known
+                    .get(&spec.name)
+                    .is_none_or(|s| s.provider != spec.provider || s.tags != spec.tags)
+            })
+            .map(|spec| (spec.name.as_str(), spec.provider.as_str(), &spec.tags[..]))
+            .collect();
+        if !changed.is_empty() {
+            vault.register(&changed, "daemon").await?;
         }
         let stored: HashMap<String, Option<i64>> = known
             .into_iter()
@@ -215,14 +219,13 @@ async fn bring_declared_secrets_up_to_date(
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, StartError> {
     let catalog = engine.catalog();
     let mut tasks = Vec::new();
+    let mut initial = Vec::new();
     for spec in catalog.secrets.values() {
         let has_value = stored.get(&spec.name).is_some_and(Option::is_some);
         let provider = &catalog.providers[&spec.provider];
         if !has_value {
             if provider.can(keywarden_plugin_sdk::Op::Create) {
-                engine
-                    .request(&spec.name, Reason::Initial, false, None)
-                    .await?;
+                initial.push(spec.name.clone());
             } else if spec.provider == "manual" {
                 tracing::warn!(secret = %spec.name, "no value yet; store one with `keywarden put {}`", spec.name);
             }
@@ -236,8 +239,21 @@ async fn bring_declared_secrets_up_to_date(
             }));
         }
     }
+    // Planned side by side, so thousands of new secrets share the journal's commits.
+    let mut planned = futures_util::stream::iter(initial)
+        .map(|name| {
+            let engine = engine.clone();
+            async move { engine.request(&name, Reason::Initial, false, None).await }
+        })
+        .buffer_unordered(INITIAL_PLANS_AT_ONCE);
+    while let Some(result) = planned.next().await {
+        result?;
+    }
     Ok(tasks)
 }
+
+/// How many first rotations start-up plans at once.
+const INITIAL_PLANS_AT_ONCE: usize = 256;
 
 /// Starts the scheduler over every scheduled secret whose provider can create, and the task
 /// that turns what comes due into rotation requests.

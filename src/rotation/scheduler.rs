@@ -110,13 +110,13 @@ pub trait DueTimes: Send + Sync + 'static {
 impl DueTimes for Store {
     async fn load(&self) -> Result<Vec<DueTime>, StoreError> {
         Ok(self
-            .list()
+            .due_times()
             .await?
             .into_iter()
-            .map(|s| DueTime {
-                name: s.name,
-                next: s.next_rotation_at,
-                quarantined: s.quarantined_at.is_some(),
+            .map(|(name, next, quarantined)| DueTime {
+                name,
+                next,
+                quarantined,
             })
             .collect())
     }
@@ -216,6 +216,11 @@ impl<D: DueTimes> Scheduler<D> {
 
     /// Runs until `shutdown` turns true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        if self.entries.is_empty() {
+            // Nothing is scheduled: no reason to read every secret's due time on each wake.
+            let _ = shutdown.wait_for(|stop| *stop).await;
+            return;
+        }
         if let Err(e) = self.reconcile().await {
             tracing::error!(error = %e, "scheduler could not load due times");
         }

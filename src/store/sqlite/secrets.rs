@@ -190,60 +190,59 @@ impl SqliteStore {
         Ok(Some(versions))
     }
 
-    /// Creates a secret row (with a fresh wrapped data key) if `name` does not exist, or updates
-    /// its provider and tags if they changed. Returns the secret and whether anything changed.
-    pub async fn register_secret(
+    /// For each secret, creates its row (with its fresh wrapped data key) if its name does not
+    /// exist, or updates its provider and tags if they changed, appending the secret's audit
+    /// event when anything changed; one transaction for all. Returns how many changed.
+    pub async fn register_secrets(
         &self,
         generation: i64,
-        secret: &NewSecret,
-        audit: AuditEvent,
-    ) -> Result<(SecretRecord, bool), StoreError> {
+        secrets: Vec<(NewSecret, AuditEvent)>,
+    ) -> Result<usize, StoreError> {
         let mut tx = self.begin_write().await?;
         check_generation(&mut tx, generation).await?;
-        let tags = serde_json::to_string(&secret.tags).expect("tags serialize");
-        let existing: Option<(String, String, String)> =
-            sqlx::query_as("SELECT id, provider, tags FROM secrets WHERE name = ?")
-                .bind(secret.name.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
         let now = now_millis();
-        let changed = match existing {
-            None => {
-                sqlx::query(
-                    "INSERT INTO secrets (id, name, provider, wrapped_data_key, tags, created_at, \
-                     updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(secret.id.as_str())
-                .bind(secret.name.as_str())
-                .bind(secret.provider.as_str())
-                .bind(secret.wrapped_data_key.as_slice())
-                .bind(tags.as_str())
-                .bind(now)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                true
-            }
-            Some((id, provider, old_tags)) if provider != secret.provider || old_tags != tags => {
-                sqlx::query("UPDATE secrets SET provider = ?, tags = ? WHERE id = ?")
+        let mut audits = Vec::new();
+        for (secret, audit) in secrets {
+            let tags = serde_json::to_string(&secret.tags).expect("tags serialize");
+            let existing: Option<(String, String, String)> =
+                sqlx::query_as("SELECT id, provider, tags FROM secrets WHERE name = ?")
+                    .bind(secret.name.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            match existing {
+                None => {
+                    sqlx::query(
+                        "INSERT INTO secrets (id, name, provider, wrapped_data_key, tags, \
+                         created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(secret.id.as_str())
+                    .bind(secret.name.as_str())
                     .bind(secret.provider.as_str())
+                    .bind(secret.wrapped_data_key.as_slice())
                     .bind(tags.as_str())
-                    .bind(id.as_str())
+                    .bind(now)
+                    .bind(now)
                     .execute(&mut *tx)
                     .await?;
-                true
+                }
+                Some((id, provider, old_tags))
+                    if provider != secret.provider || old_tags != tags =>
+                {
+                    sqlx::query("UPDATE secrets SET provider = ?, tags = ? WHERE id = ?")
+                        .bind(secret.provider.as_str())
+                        .bind(tags.as_str())
+                        .bind(id.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Some(_) => continue,
             }
-            Some(_) => false,
-        };
-        if changed {
-            append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
+            audits.push(audit);
         }
+        append_audit_in(&mut tx, self.integrity(), &audits).await?;
         tx.commit().await?;
-        let record = self
-            .secret(&secret.name)
-            .await?
-            .ok_or_else(|| StoreError::Conflict(format!("secret {:?}", secret.name)))?;
-        Ok((record, changed))
+        self.invalidate(None);
+        Ok(audits.len())
     }
 
     /// Sets when the scheduler next rotates a secret.
@@ -414,6 +413,18 @@ impl SqliteStore {
                 })
             })
             .collect()
+    }
+
+    /// Every secret's name, next scheduled rotation and whether it is quarantined: what the
+    /// scheduler reads on each wake, in one narrow read.
+    pub async fn due_times(&self) -> Result<Vec<(String, Option<Millis>, bool)>, StoreError> {
+        Ok(
+            sqlx::query_as(
+                "SELECT name, next_rotation_at, quarantined_at IS NOT NULL FROM secrets",
+            )
+            .fetch_all(&self.reader)
+            .await?,
+        )
     }
 
     /// One secret's summary.
