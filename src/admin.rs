@@ -24,7 +24,7 @@ use crate::rejections::Rejections;
 use crate::rotation::engine::EngineError;
 use crate::services::Services;
 use crate::store::Reason;
-use crate::store::RotationRecord;
+use crate::store::{RotationRecord, RotationState};
 use crate::store::{Scope, Trigger};
 
 /// Longest a `rotate` request waits for the rotation to settle.
@@ -231,10 +231,6 @@ impl AdminApi {
                 }
             }
         }
-        let audit = AuditEvent::new(Self::actor(peer), "admin.rotate").secret(name);
-        if let Err(e) = self.services.vault.store().append_audit(&[audit]).await {
-            return http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string());
-        }
         let ticket = match self
             .services
             .engine
@@ -256,6 +252,13 @@ impl AdminApi {
                 return http::error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string());
             }
         };
+        // What the request did: started a rotation, or joined one already under way.
+        let audit = AuditEvent::new(Self::actor(peer), "admin.rotate")
+            .secret(name)
+            .detail(json!({ "rotation": ticket.rotation_id, "joined": ticket.joined }));
+        if let Err(e) = self.services.vault.store().append_audit(&[audit]).await {
+            return http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string());
+        }
         let record = if wait.is_zero() {
             self.services
                 .vault
@@ -287,10 +290,29 @@ impl AdminApi {
             .ok()
             .flatten()
             .and_then(|s| s.quarantined_at.map(|_| s.last_error.unwrap_or_default()));
-        http::json(
-            StatusCode::OK,
-            &rotation_outcome(&record, ticket.joined, quarantined),
-        )
+        let mut outcome = rotation_outcome(&record, ticket.joined, quarantined);
+        if record.state == RotationState::Draining {
+            outcome["waiting_for"] = self.drain_wait(&record);
+        }
+        http::json(StatusCode::OK, &outcome)
+    }
+
+    /// What a draining rotation waits for: live leases on the version it replaces, and the
+    /// end of its grace period, when it revokes that version regardless.
+    fn drain_wait(&self, record: &RotationRecord) -> serde_json::Value {
+        let leases = record
+            .from_version
+            .map_or(0, |v| self.services.leases.live_on(&record.secret_id, v).0);
+        let grace = self
+            .services
+            .catalog
+            .secrets
+            .get(&record.secret_name)
+            .map_or(0, |s| s.grace.as_millis() as i64);
+        let until = record
+            .draining_since
+            .map(|since| crate::clock::rfc3339(since + grace));
+        json!({ "leases": leases, "until": until })
     }
 }
 

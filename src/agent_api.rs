@@ -376,7 +376,7 @@ async fn grant(
         value: served.value.expose(),
         meta: &served.meta,
         lease_id: &granted.id,
-        expires_at: rfc3339(granted.expires_at),
+        expires_at: crate::clock::rfc3339(granted.expires_at),
     };
     let body = Zeroizing::new(serde_json::to_vec(&reply).expect("replies serialize"));
     Ok((body, served.secret_id))
@@ -417,12 +417,6 @@ fn parse_query(query: Option<&str>, allowed: &[&str]) -> Result<HashMap<String, 
         }
     }
     Ok(out)
-}
-
-fn rfc3339(ms: Millis) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_default()
 }
 
 impl AgentApi {
@@ -747,7 +741,7 @@ impl AgentApi {
             .await?;
         Ok(http::json(
             StatusCode::OK,
-            &json!({ "lease_id": l.id, "name": l.secret_name, "version": l.version, "expires_at": rfc3339(l.expires_at) }),
+            &json!({ "lease_id": l.id, "name": l.secret_name, "version": l.version, "expires_at": crate::clock::rfc3339(l.expires_at) }),
         ))
     }
 

@@ -58,3 +58,11 @@ impl Clock {
         self.sleep_until(self.now() + d.as_millis() as Millis).await;
     }
 }
+
+/// `ms` as RFC 3339 in UTC with second precision (`2026-12-03T08:00:00Z`); the number itself
+/// if it is out of range.
+pub fn rfc3339(ms: Millis) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| ms.to_string())
+}

@@ -8,9 +8,7 @@ use crate::plugin_host::PluginHost;
 use crate::store::{SecretSummary, Store, StoreError};
 
 fn time(ms: Option<Millis>) -> Value {
-    ms.and_then(chrono::DateTime::from_timestamp_millis)
-        .map(|t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
-        .unwrap_or(Value::Null)
+    ms.map_or(Value::Null, |ms| Value::String(crate::clock::rfc3339(ms)))
 }
 
 /// One secret as `list --json` shows it (the shape README "Using the store" documents, plus

@@ -309,7 +309,7 @@ fn leases_expire_renew_and_delete() {
 fn draining_waits_for_the_last_lease_on_the_old_version() {
     let (env, daemon) = started(&policy_exe("curl", Path::new("/usr/bin/curl"), "app/*"));
     let sock = env.agent_socket();
-    let (_, body) = curl(&sock, "GET", "/v1/secrets/app/token?ttl=3", &[]);
+    let (_, body) = curl(&sock, "GET", "/v1/secrets/app/token?ttl=5", &[]);
     let lease = json(&body)["lease_id"].as_str().unwrap().to_string();
     let out = env.ok(&["rotate", "app/token", "--json"], None);
     assert_eq!(
@@ -317,6 +317,19 @@ fn draining_waits_for_the_last_lease_on_the_old_version() {
         "draining",
         "a live lease holds the old version: {out}"
     );
+    // Asked again while it drains: no new rotation, and the answer says what it waits for.
+    let again = env.ok(&["rotate", "app/token"], None);
+    assert!(
+        again.contains(
+            "app/token: a rotation was already under way (1 -> 2, draining); no new one was \
+             started; it waits for 1 lease(s) on version 1 to end"
+        ),
+        "{again}"
+    );
+    let again = json(&env.ok(&["rotate", "app/token", "--json"], None));
+    assert_eq!(again["joined"], true);
+    assert_eq!(again["waiting_for"]["leases"], 1);
+    assert!(again["waiting_for"]["until"].is_string());
     assert_eq!(
         env.entry("app/token")["version"],
         2,
@@ -337,6 +350,18 @@ fn draining_waits_for_the_last_lease_on_the_old_version() {
             .map(|r| r["seq"].as_i64().unwrap())
             .unwrap()
     };
+    let asked: Vec<bool> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "admin.rotate")
+        .map(|r| r["detail"]["joined"].as_bool().unwrap())
+        .collect();
+    assert_eq!(
+        asked,
+        [false, true, true],
+        "each request is audited as what it did"
+    );
     let expired =
         seq_of(&|r| r["action"] == "lease.expired" && r["detail"]["lease_id"] == lease.as_str());
     let done = seq_of(&|r| r["action"] == "rotation.done" && r["detail"]["revoked_version"] == 1);

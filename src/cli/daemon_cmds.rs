@@ -131,7 +131,25 @@ fn rotate_outcome(result: &Value, json_out: bool) -> anyhow::Result<ExitCode> {
                 .as_i64()
                 .map_or("?".into(), |v| v.to_string())
         );
-        if failed {
+        if result["joined"] == true {
+            // Nothing new was started: say what is under way and what it waits for.
+            let waiting = &result["waiting_for"];
+            let waits = if state == "draining" {
+                format!(
+                    "; it waits for {} lease(s) on version {} to end, and revokes that version by {} at the latest",
+                    waiting["leases"].as_i64().unwrap_or(0),
+                    result["from_version"].as_i64().unwrap_or(0),
+                    waiting["until"]
+                        .as_str()
+                        .unwrap_or("the end of its grace period"),
+                )
+            } else {
+                String::new()
+            };
+            println!(
+                "{secret}: a rotation was already under way ({versions}, {state}); no new one was started{waits}"
+            );
+        } else if failed {
             eprintln!(
                 "rotation of {secret} {state}{}: {}",
                 if result["quarantined"] == true {

@@ -30,12 +30,7 @@ pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
         .into()
 }
 
-/// RFC 3339 in UTC with second precision.
-pub(crate) fn rfc3339(ms: Millis) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_else(|| ms.to_string())
-}
+pub(crate) use crate::clock::rfc3339;
 
 /// A coarse human duration: `42s`, `5m`, `3h`, `12d`.
 pub(crate) fn coarse_duration(ms: i64) -> String {
