@@ -357,6 +357,22 @@ impl Handler for AdminApi {
                 self.compromise(request.body(), query.as_deref(), peer, true)
                     .await
             }
+            (&Method::GET, "/v1/admin/incidents") => match self.services.incidents.list().await {
+                Ok(list) => http::json(StatusCode::OK, &serde_json::Value::Array(list)),
+                Err(e) => compromise_error(e),
+            },
+            (&Method::POST, p)
+                if p.starts_with("/v1/admin/incidents/") && p.ends_with("/close") =>
+            {
+                let id = &p["/v1/admin/incidents/".len()..p.len() - "/close".len()];
+                match self.services.incidents.close(id, &Self::actor(peer)).await {
+                    Ok(closed) => http::json(
+                        StatusCode::OK,
+                        &json!({ "incident_id": id, "closed": closed }),
+                    ),
+                    Err(e) => compromise_error(e),
+                }
+            }
             (&Method::GET, p) if p.starts_with("/v1/admin/incidents/") => {
                 let rest = &p["/v1/admin/incidents/".len()..];
                 match rest.strip_suffix("/progress") {

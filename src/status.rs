@@ -29,7 +29,8 @@ pub fn secret_entry(s: &SecretSummary) -> Value {
     })
 }
 
-/// The `status` report: every secret, the audit chain head, and the plugins when a daemon runs.
+/// The `status` report: every secret, the audit chain head, recent alerts, open incidents, and
+/// the plugins when a daemon runs.
 pub async fn report(
     store: &Store,
     plugins: Option<&[std::sync::Arc<PluginHost>]>,
@@ -60,9 +61,23 @@ pub async fn report(
             })
         })
         .collect();
+    let open_incidents: Vec<Value> = store
+        .unfinished_incidents()
+        .await?
+        .iter()
+        .map(|i| {
+            json!({
+                "incident_id": i.id,
+                "started_at": time(Some(i.started_at)),
+                "scope": i.scope,
+                "assume_compromise": i.assume_compromise,
+            })
+        })
+        .collect();
     Ok(json!({
         "daemon": { "running": plugins.is_some(), "plugins": plugin_entries },
         "alerts": alerts,
+        "incidents": open_incidents,
         "secrets": secrets,
         "audit": {
             "rows": head.as_ref().map_or(0, |h| h.0),

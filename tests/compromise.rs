@@ -573,3 +573,89 @@ fn an_incident_runs_at_its_own_concurrency_past_the_routine_cap_and_the_plan_nam
     let _ = run.wait();
     drop(daemon);
 }
+
+#[test]
+fn an_incident_with_a_secret_left_to_a_person_finishes_is_not_resumed_and_a_put_resolves_it() {
+    let env = Env::initialized();
+    env.ok(&["put", "ops/manual"], Some(b"typed-by-a-person-1"));
+    let config = "[[policy]]\nname = \"curl\"\nexe = [\"/usr/bin/curl\"]\nsecrets = [\"ops/*\"]\nmax_ttl = \"1h\"\n\n\
+         [secrets.\"ops/auto\"]\nprovider = \"random\"\n\n\
+         [secrets.\"ops/manual\"]\nprovider = \"manual\"\n";
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    let daemon_config = common::daemon::base_config("5s");
+    std::fs::write(&env.config, format!("{base}\n{daemon_config}\n{config}")).unwrap();
+    let daemon = env.start_daemon();
+    wait_for("the first version", Duration::from_secs(20), || {
+        (env.entry("ops/auto")["version"] == 1).then_some(())
+    });
+    let sock = env.agent_socket();
+    let before = curl_lease(&sock, "ops/auto");
+
+    let (code, report) = rotate_all(&env, &["--assume-compromise", "--yes", "--json"]);
+    assert_eq!(
+        code,
+        Some(1),
+        "a secret left to a person is a failure: {report}"
+    );
+    assert_eq!(report["rotated"], serde_json::json!(["ops/auto"]));
+    assert_eq!(report["needs_person"][0]["name"], "ops/manual");
+    assert_eq!(report["finished"], true);
+    let id = report["incident_id"].as_str().unwrap().to_string();
+    assert_ne!(renew_status(&sock, &before), 200, "revoked by the incident");
+    let after = curl_lease(&sock, "ops/auto");
+    let status = json_of(&env.ok(&["status", "--json"], None));
+    assert_eq!(
+        status["incidents"],
+        serde_json::json!([]),
+        "nothing is open: {status}"
+    );
+
+    // A restart neither resumes the incident nor revokes what was fetched since.
+    assert_eq!(daemon.terminate(), Some(0));
+    let daemon = env.start_daemon();
+    assert_eq!(
+        renew_status(&sock, &after),
+        200,
+        "a lease issued after the incident survives"
+    );
+    assert!(
+        !daemon
+            .log_text()
+            .contains("resuming an unfinished compromise run"),
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+
+    // The person stores the replacement: the incident records the resolution.
+    env.ok(&["put", "ops/manual"], Some(b"typed-by-a-person-2"));
+    let shown = json_of(&env.ok(&["incident", "show", &id, "--json"], None));
+    assert_eq!(
+        shown["resolved"],
+        serde_json::json!(["ops/manual"]),
+        "{shown}"
+    );
+    assert_eq!(shown["needs_person"], serde_json::json!([]));
+    let resolved = env.sql_i64(&format!(
+        "SELECT count(*) FROM audit WHERE action = 'compromise.resolved' AND incident_id = '{id}' \
+         AND secret = 'ops/manual'"
+    ));
+    assert_eq!(resolved, 1);
+    let listed = env.ok(&["incident", "list"], None);
+    assert!(
+        listed.contains(&id) && listed.contains("finished"),
+        "{listed}"
+    );
+
+    // Closing by hand is audited, and a closed incident is never reopened.
+    assert!(env.ok(&["incident", "close", &id], None).contains("closed"));
+    let listed = json_of(&env.ok(&["incident", "list", "--json"], None));
+    assert!(
+        listed[0]["closed_by"].as_str().unwrap().starts_with("cli"),
+        "{listed}"
+    );
+}
+
+fn json_of(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}

@@ -66,6 +66,55 @@ enum Runner {
 }
 
 impl Runner {
+    /// The daemon when its admin socket answers; otherwise the store unlocked here, with a
+    /// runtime in `mode`.
+    async fn connect(ctx: &Context, mode: Mode) -> anyhow::Result<Runner> {
+        let socket = ctx.config.agent.admin_socket.clone();
+        if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+            return Ok(Runner::Daemon(socket));
+        }
+        let store = Store::open(&ctx.store_path()?, Access::Shared).await?;
+        let passphrase = passphrase::obtain(Purpose::Unlock)?;
+        let vault = Arc::new(Vault::unlock(store, &passphrase).await?);
+        drop(passphrase);
+        Ok(Runner::Local(
+            Runtime::start(&ctx.config, vault, Clock::System, mode).await?,
+        ))
+    }
+
+    async fn stop(self) {
+        if let Runner::Local(rt) = self {
+            rt.stop(Duration::from_secs(30)).await;
+        }
+    }
+
+    async fn list(&self) -> anyhow::Result<Vec<Value>> {
+        match self {
+            Runner::Daemon(socket) => {
+                let value = admin(socket, Method::GET, "/v1/admin/incidents", None).await?;
+                Ok(serde_json::from_value(value)
+                    .context("the daemon's incident list is not understood")?)
+            }
+            Runner::Local(rt) => Ok(rt.incidents.list().await?),
+        }
+    }
+
+    async fn close(&self, id: &str, actor: &str) -> anyhow::Result<bool> {
+        match self {
+            Runner::Daemon(socket) => {
+                let value = admin(
+                    socket,
+                    Method::POST,
+                    &format!("/v1/admin/incidents/{id}/close"),
+                    None,
+                )
+                .await?;
+                Ok(value["closed"].as_bool().unwrap_or(false))
+            }
+            Runner::Local(rt) => Ok(rt.incidents.close(id, actor).await?),
+        }
+    }
+
     async fn plan(&self, body: &Value) -> anyhow::Result<Plan> {
         match self {
             Runner::Daemon(socket) => {
@@ -160,6 +209,92 @@ fn scope_of(body: &Value) -> Scope {
     .unwrap_or_default()
 }
 
+/// `keywarden incident …`.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum IncidentCommand {
+    /// Every incident: when it started, whether it is open, finished or closed, its scope.
+    List {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One incident's report: rotated, failed, left to a person, resolved since, pending.
+    Show {
+        /// The incident id (from `incident list` or the run's report).
+        id: String,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Close an incident by hand: it counts as finished and is never resumed, and a run of its
+    /// scope starts a new one. For what a person has dealt with outside keywarden.
+    Close {
+        /// The incident id.
+        id: String,
+    },
+}
+
+/// `keywarden incident list|show|close`: through the daemon when it runs; in this process
+/// otherwise (asks for the passphrase).
+pub(crate) async fn incident(ctx: &Context, cmd: IncidentCommand) -> anyhow::Result<ExitCode> {
+    let runner = Runner::connect(ctx, Mode::OneShot).await?;
+    let outcome = match cmd {
+        IncidentCommand::List { json } => {
+            let list = runner.list().await?;
+            if json {
+                print_json(&list)?;
+            } else {
+                print_incidents(&list)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        IncidentCommand::Show { id, json } => {
+            let report = runner.report(&id).await?;
+            if json {
+                print_json(&report)?;
+            } else {
+                print_report(&report);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        IncidentCommand::Close { id } => {
+            if runner.close(&id, &ctx.actor).await? {
+                println!("incident {id} closed");
+            } else {
+                println!("incident {id} was already closed");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    runner.stop().await;
+    outcome
+}
+
+fn print_incidents(list: &[Value]) -> anyhow::Result<()> {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|i| {
+            let text = |k: &str| i[k].as_str().unwrap_or("-").to_string();
+            let state = match (i["finished_at"].as_str(), i["closed_by"].as_str()) {
+                (_, Some(by)) => format!("closed by {by}"),
+                (Some(_), None) => "finished".to_string(),
+                (None, None) => "OPEN".to_string(),
+            };
+            vec![
+                text("incident_id"),
+                text("started_at"),
+                state,
+                i["scope"].to_string(),
+                i["leases_revoked"].to_string(),
+            ]
+        })
+        .collect();
+    super::output::print_table(
+        &["INCIDENT", "STARTED", "STATE", "SCOPE", "LEASES REVOKED"],
+        &rows,
+    )
+}
+
 pub(crate) async fn rotate_all(ctx: &Context, args: RotateAllArgs) -> anyhow::Result<ExitCode> {
     for name in &args.names {
         crate::name::validate(name)?;
@@ -172,20 +307,9 @@ pub(crate) async fn rotate_all(ctx: &Context, args: RotateAllArgs) -> anyhow::Re
         "assume_compromise": args.assume_compromise,
         "concurrency": args.concurrency,
     });
-    let socket = ctx.config.agent.admin_socket.clone();
-    let runner = if tokio::net::UnixStream::connect(&socket).await.is_ok() {
-        Runner::Daemon(socket)
-    } else {
-        let store = Store::open(&ctx.store_path()?, Access::Shared).await?;
-        let passphrase = passphrase::obtain(Purpose::Unlock)?;
-        let vault = Arc::new(Vault::unlock(store, &passphrase).await?);
-        drop(passphrase);
-        Runner::Local(Runtime::start(&ctx.config, vault, Clock::System, Mode::Maintenance).await?)
-    };
+    let runner = Runner::connect(ctx, Mode::Maintenance).await?;
     let outcome = run(&runner, &args, &body).await;
-    if let Runner::Local(rt) = runner {
-        rt.stop(Duration::from_secs(30)).await;
-    }
+    runner.stop().await;
     outcome
 }
 
@@ -303,8 +427,13 @@ const PROGRESS_LINE_EVERY: Duration = Duration::from_secs(5);
 
 fn print_report(report: &Report) {
     println!(
-        "incident {}: rotated {}, failed {}, leases revoked {}",
+        "incident {}{}: rotated {}, failed {}, leases revoked {}",
         report.incident_id,
+        if report.finished {
+            ""
+        } else {
+            " (in progress)"
+        },
         report.rotated.len(),
         report.failed.len(),
         report.leases_revoked
@@ -322,7 +451,13 @@ fn print_report(report: &Report) {
     for f in &report.needs_person {
         println!("  PERSON   {}: {}", f.name, f.error);
     }
-    if !report.failed.is_empty() {
+    for name in &report.resolved {
+        println!("  resolved {name}: a new value was stored after the incident started");
+    }
+    for name in &report.pending {
+        println!("  pending  {name}");
+    }
+    if report.failed.len() > report.needs_person.len() {
         println!(
             "run the same command again to retry what failed (incident {})",
             report.incident_id

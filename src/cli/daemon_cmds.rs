@@ -289,6 +289,15 @@ pub(crate) async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<Ex
             a["message"].as_str().unwrap_or("")
         );
     }
+    for i in report["incidents"].as_array().into_iter().flatten() {
+        println!(
+            "OPEN INCIDENT {} (started {}, scope {}): see `keywarden incident show {}`",
+            i["incident_id"].as_str().unwrap_or(""),
+            i["started_at"].as_str().unwrap_or(""),
+            i["scope"],
+            i["incident_id"].as_str().unwrap_or("")
+        );
+    }
     for s in report["secrets"].as_array().into_iter().flatten() {
         if s["quarantined"] == true {
             println!(

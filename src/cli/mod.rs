@@ -93,6 +93,9 @@ enum Command {
     /// Rotate everything in a scope now; with --assume-compromise, revoke leases and old
     /// versions without grace. Prints the plan first, then an incident report.
     RotateAll(compromise_cmd::RotateAllArgs),
+    /// List compromise incidents, show one's report, or close one by hand.
+    #[command(subcommand)]
+    Incident(compromise_cmd::IncidentCommand),
 }
 
 /// What every command can use: the parsed config and the CLI's overrides.
@@ -191,5 +194,6 @@ async fn run(cli: Cli, inherited: crate::hardening::Inherited) -> anyhow::Result
         Command::Plugin(cmd) => daemon_cmds::plugin(cmd),
         Command::Exec(args) => agent_cmds::exec(&ctx, args).await,
         Command::RotateAll(args) => compromise_cmd::rotate_all(&ctx, args).await,
+        Command::Incident(cmd) => compromise_cmd::incident(&ctx, cmd).await,
     }
 }

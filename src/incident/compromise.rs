@@ -114,6 +114,10 @@ pub struct Report {
     pub leases_revoked: i64,
     /// The subset of `failed` that only a person can finish, with what to do.
     pub needs_person: Vec<Failure>,
+    /// Secrets in scope that were left to a person and have since been given a new value
+    /// (`keywarden put` after the incident started): no longer in `failed` or `needs_person`.
+    #[serde(default)]
+    pub resolved: Vec<String>,
     /// Secrets still in progress (a run stopped midway).
     pub pending: Vec<String>,
     /// Whether the run is over.
@@ -339,6 +343,41 @@ impl Incidents {
         Ok(open.len())
     }
 
+    /// Every incident, oldest first, with whether it is open, finished or closed by hand.
+    pub async fn list(&self) -> Result<Vec<serde_json::Value>, CompromiseError> {
+        Ok(self
+            .engine
+            .vault()
+            .store()
+            .all_incidents()
+            .await?
+            .into_iter()
+            .map(|i| {
+                json!({
+                    "incident_id": i.id,
+                    "started_at": crate::clock::rfc3339(i.started_at),
+                    "finished_at": i.finished_at.map(crate::clock::rfc3339),
+                    "closed_by": i.closed_by,
+                    "scope": i.scope,
+                    "assume_compromise": i.assume_compromise,
+                    "trigger": i.trigger,
+                    "leases_revoked": i.leases_revoked,
+                })
+            })
+            .collect())
+    }
+
+    /// Closes incident `id` by hand (`actor` is audited): it counts as finished and is never
+    /// resumed or reopened. Returns whether it was not closed already.
+    pub async fn close(&self, id: &str, actor: &str) -> Result<bool, CompromiseError> {
+        let store = self.engine.vault().store();
+        if store.incident(id).await?.is_none() {
+            return Err(CompromiseError::UnknownSecret(format!("incident {id}")));
+        }
+        let audit = AuditEvent::new(actor, "compromise.closed").incident(Some(id.to_string()));
+        Ok(store.close_incident(id, actor, audit).await?)
+    }
+
     /// Whether a run of `id` is in progress here.
     pub fn is_running(&self, id: &str) -> bool {
         self.running.lock().expect("running lock").contains(id)
@@ -365,18 +404,32 @@ impl Incidents {
     ) -> Result<IncidentRecord, CompromiseError> {
         let store = self.engine.vault().store();
         let canonical = scope.canonical();
-        if let Some(open) = store
-            .unfinished_incidents()
+        // The latest incident of the same scope: resumed while unfinished, reopened when it
+        // finished with rotations that failed (running it again retries them), unless a person
+        // closed it.
+        let latest = store
+            .all_incidents()
             .await?
             .into_iter()
             .rev()
-            .find(|i| i.scope == canonical && i.assume_compromise == assume_compromise)
-        {
+            .find(|i| i.scope == canonical && i.assume_compromise == assume_compromise);
+        if let Some(latest) = latest.filter(|i| i.closed_by.is_none()) {
             let audit = AuditEvent::new(ACTOR, "compromise.resumed")
-                .incident(Some(open.id.clone()))
+                .incident(Some(latest.id.clone()))
                 .detail(json!({ "trigger": trigger }));
-            store.append_audit(&[audit]).await?;
-            return Ok(open);
+            if latest.finished_at.is_none() {
+                store.append_audit(&[audit]).await?;
+                return Ok(latest);
+            }
+            let report = self.report(&latest.id).await?;
+            if report.failed.len() > report.needs_person.len()
+                && store.reopen_incident(&latest.id, audit).await?
+            {
+                return Ok(IncidentRecord {
+                    finished_at: None,
+                    ..latest
+                });
+            }
         }
         let incident = IncidentRecord {
             id: uuid::Uuid::new_v4().to_string(),
@@ -386,6 +439,7 @@ impl Incidents {
             assume_compromise,
             trigger,
             leases_revoked: 0,
+            closed_by: None,
         };
         let audit = AuditEvent::new(ACTOR, "compromise.started")
             .incident(Some(incident.id.clone()))
@@ -418,8 +472,14 @@ impl Incidents {
                     AuditEvent::new(ACTOR, "compromise.leases-revoked")
                         .incident(Some(id.to_string())),
                 ];
+                // Only what was issued before the incident started: a resumed run leaves the
+                // leases of new versions (fetched since) alone.
+                let started = incident.started_at;
                 match leases
-                    .revoke_where(|l| ids.contains(&l.secret_id), audit)
+                    .revoke_where(
+                        |l| ids.contains(&l.secret_id) && l.created_at <= started,
+                        audit,
+                    )
                     .await
                 {
                     Ok(revoked) => {
@@ -441,19 +501,30 @@ impl Incidents {
             .filter(|r| r.state == RotationState::Done)
             .map(|r| r.secret)
             .collect();
+        // A secret left to a person that has a new value since is not touched again (a
+        // deactivation now would hit the replacement).
+        let resolved: HashSet<String> = self.report(id).await?.resolved.into_iter().collect();
         let todo: Vec<PlanItem> = plan
             .secrets
             .iter()
-            .filter(|i| !done.contains(&i.name))
+            .filter(|i| !done.contains(&i.name) && !resolved.contains(&i.name))
             .cloned()
             .collect();
         self.act_on_each(incident, plan.secrets.len(), todo, concurrency)
             .await;
         let report = self.report(id).await?;
-        if report.failed.is_empty() && report.pending.is_empty() {
+        // Finished once every secret in scope is rotated, failed, or handed to a person: a
+        // run of the same scope after this one is a new incident, and a later start of the
+        // daemon does not resume (and revoke leases for) this one again.
+        if report.pending.is_empty() {
             let audit = AuditEvent::new(ACTOR, "compromise.finished")
                 .incident(Some(id.to_string()))
-                .detail(json!({ "rotated": report.rotated.len(), "leases_revoked": report.leases_revoked }));
+                .detail(json!({
+                    "rotated": report.rotated.len(),
+                    "failed": report.failed.len() - report.needs_person.len(),
+                    "needs_person": report.needs_person.len(),
+                    "leases_revoked": report.leases_revoked,
+                }));
             store.finish_incident(id, audit).await?;
         } else {
             let audit = AuditEvent::new(ACTOR, "compromise.incomplete")
@@ -525,12 +596,18 @@ impl Incidents {
             .into_iter()
             .map(|r| (r.secret, (r.state, r.last_error)))
             .collect();
-        let quarantine: HashMap<String, Option<String>> = store
-            .list()
-            .await?
-            .into_iter()
+        let stored = store.list().await?;
+        let quarantine: HashMap<&str, Option<String>> = stored
+            .iter()
             .filter(|s| s.quarantined_at.is_some())
-            .map(|s| (s.name, s.last_error))
+            .map(|s| (s.name.as_str(), s.last_error.clone()))
+            .collect();
+        // A new value stored since the incident started (rotations carry the incident's id;
+        // this is a person's `put`).
+        let replaced: HashSet<&str> = stored
+            .iter()
+            .filter(|s| s.version.is_some() && s.updated_at > incident.started_at)
+            .map(|s| s.name.as_str())
             .collect();
         let running = self.is_running(id);
         let mut report = Report {
@@ -539,6 +616,7 @@ impl Incidents {
             failed: Vec::new(),
             leases_revoked: incident.leases_revoked,
             needs_person: Vec::new(),
+            resolved: Vec::new(),
             pending: Vec::new(),
             finished: !running,
             assume_compromise: incident.assume_compromise,
@@ -550,6 +628,11 @@ impl Incidents {
                 continue;
             }
             match (&item.action, rotations.get(&item.name)) {
+                (Action::Deactivate | Action::NeedsPerson, _)
+                    if replaced.contains(item.name.as_str()) =>
+                {
+                    report.resolved.push(item.name.clone())
+                }
                 (Action::Deactivate | Action::NeedsPerson, _) => {
                     let f = Failure {
                         name: item.name.clone(),
@@ -573,10 +656,10 @@ impl Incidents {
                     name: item.name.clone(),
                     error: error.clone().unwrap_or_else(|| state.to_string()),
                 }),
-                (Action::Rotate, _) if quarantine.contains_key(&item.name) => {
+                (Action::Rotate, _) if quarantine.contains_key(item.name.as_str()) => {
                     report.failed.push(Failure {
                         name: item.name.clone(),
-                        error: quarantine[&item.name]
+                        error: quarantine[item.name.as_str()]
                             .clone()
                             .unwrap_or_else(|| "quarantined".into()),
                     })

@@ -461,6 +461,8 @@ pub struct IncidentRecord {
     pub trigger: Trigger,
     /// Leases it revoked.
     pub leases_revoked: i64,
+    /// Who closed it by hand, if someone did (it is then never resumed).
+    pub closed_by: Option<String>,
 }
 
 /// The latest rotation of a secret under an incident.

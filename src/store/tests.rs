@@ -103,6 +103,7 @@ async fn a_damaged_incident_scope_is_corruption_naming_the_incident_not_every_se
         assume_compromise: true,
         trigger: Trigger::Admin,
         leases_revoked: 0,
+        closed_by: None,
     };
     t.store
         .create_incident(&incident, AuditEvent::new("test", "compromise.started"))

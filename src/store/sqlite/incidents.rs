@@ -1,9 +1,10 @@
 //! Compromise incidents and alerts.
 
 use sqlx::Row;
+use sqlx::sqlite::SqliteConnection;
 
 use crate::audit::AuditEvent;
-use crate::clock::now_millis;
+use crate::clock::{Millis, now_millis};
 use crate::store::{AlertKind, RotationState, Scope, Trigger};
 use crate::store::{AlertRecord, IncidentRecord, IncidentRotation, StoreError};
 
@@ -40,8 +41,8 @@ impl SqliteStore {
         unfinished: bool,
     ) -> Result<Vec<IncidentRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, started_at, finished_at, scope, assume_compromise, trigger, leases_revoked \
-             FROM incidents WHERE (?1 IS NULL OR id = ?1) AND (NOT ?2 OR finished_at IS NULL) \
+            "SELECT id, started_at, finished_at, scope, assume_compromise, trigger, leases_revoked, \
+             closed_by FROM incidents WHERE (?1 IS NULL OR id = ?1) AND (NOT ?2 OR finished_at IS NULL) \
              ORDER BY started_at",
         )
         .bind(id)
@@ -68,6 +69,7 @@ impl SqliteStore {
                     assume_compromise: r.try_get(4)?,
                     trigger,
                     leases_revoked: r.try_get(6)?,
+                    closed_by: r.try_get(7)?,
                 })
             })
             .collect()
@@ -94,6 +96,57 @@ impl SqliteStore {
         append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Marks a finished incident unfinished again (a run of its scope retries what failed),
+    /// unless someone closed it by hand. Returns whether it was reopened.
+    pub async fn reopen_incident(&self, id: &str, audit: AuditEvent) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let reopened = sqlx::query(
+            "UPDATE incidents SET finished_at = NULL WHERE id = ? AND closed_by IS NULL",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if reopened {
+            append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
+        }
+        tx.commit().await?;
+        Ok(reopened)
+    }
+
+    /// Closes an incident by hand: it is finished and never resumed. Returns whether it was
+    /// open or finished (not already closed).
+    pub async fn close_incident(
+        &self,
+        id: &str,
+        by: &str,
+        audit: AuditEvent,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let closed = sqlx::query(
+            "UPDATE incidents SET finished_at = coalesce(finished_at, ?), closed_by = ? \
+             WHERE id = ? AND closed_by IS NULL",
+        )
+        .bind(now_millis())
+        .bind(by)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if closed {
+            append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
+        }
+        tx.commit().await?;
+        Ok(closed)
+    }
+
+    /// Every incident, oldest first.
+    pub async fn all_incidents(&self) -> Result<Vec<IncidentRecord>, StoreError> {
+        self.incidents(None, false).await
     }
 
     /// The latest rotation of each secret under an incident.
@@ -175,4 +228,42 @@ impl SqliteStore {
     pub async fn unfinished_incidents(&self) -> Result<Vec<IncidentRecord>, StoreError> {
         self.incidents(None, true).await
     }
+}
+
+/// The audit rows that record a new value stored for secret `secret_id` (by `actor`) as the
+/// resolution of incidents it was left to a person in: incidents whose scope covers it, that
+/// started after its previous value was stored (`previous_value_at`), and that rotated nothing
+/// of it.
+pub(super) async fn resolutions_in(
+    tx: &mut SqliteConnection,
+    secret_id: &str,
+    previous_value_at: Millis,
+    actor: &str,
+) -> Result<Vec<AuditEvent>, StoreError> {
+    let (name, tags, provider): (String, String, String) =
+        sqlx::query_as("SELECT name, tags, provider FROM secrets WHERE id = ?")
+            .bind(secret_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    let tags: Vec<String> = serde_json::from_str(&tags).unwrap_or_default();
+    let incidents: Vec<(String, String)> = sqlx::query_as(
+        "SELECT i.id, i.scope FROM incidents i WHERE i.started_at > ? AND NOT EXISTS \
+         (SELECT 1 FROM rotations r WHERE r.incident_id = i.id AND r.secret_id = ?) \
+         ORDER BY i.started_at",
+    )
+    .bind(previous_value_at)
+    .bind(secret_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(incidents
+        .into_iter()
+        .filter(|(_, scope)| {
+            serde_json::from_str::<Scope>(scope).is_ok_and(|s| s.covers(&name, &tags, &provider))
+        })
+        .map(|(id, _)| {
+            AuditEvent::new(actor, "compromise.resolved")
+                .secret(name.as_str())
+                .incident(Some(id))
+        })
+        .collect())
 }

@@ -15,6 +15,7 @@ use crate::store::{
 };
 
 use super::audit::append_audit_in;
+use super::incidents::resolutions_in;
 use super::rotations::active_rotation_in;
 use super::{SqliteStore, check_generation, is_unique_violation};
 
@@ -103,6 +104,18 @@ impl SqliteStore {
                 secret_id.as_str()
             }
         };
+        let mut audits = match target {
+            VersionTarget::New(_) => Vec::new(),
+            VersionTarget::Existing { .. } => {
+                let previous: Millis =
+                    sqlx::query_scalar("SELECT updated_at FROM secrets WHERE id = ?")
+                        .bind(secret_id)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                resolutions_in(&mut tx, secret_id, previous, &audit.actor).await?
+            }
+        };
+        audits.insert(0, audit);
         retire_current(&mut tx, secret_id, None, now).await?;
         insert_version(&mut tx, secret_id, version, Stage::Current, now).await?;
         mark_current(&mut tx, self.integrity(), secret_id, version.version).await?;
@@ -111,7 +124,7 @@ impl SqliteStore {
             .bind(secret_id)
             .execute(&mut *tx)
             .await?;
-        append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
+        append_audit_in(&mut tx, self.integrity(), &audits).await?;
         tx.commit().await?;
         Ok(())
     }
