@@ -36,6 +36,8 @@ pub struct AdminApi {
     services: Services,
     allowed_uids: HashSet<u32>,
     rejections: Arc<Rejections>,
+    /// The KDF a new passphrase is wrapped with (`[store.kdf]`).
+    kdf: crate::crypto::KdfParams,
 }
 
 /// The body of `POST /v1/admin/compromise` (and `…/plan`): the scope, and how to run.
@@ -61,6 +63,33 @@ fn yes() -> bool {
     true
 }
 
+/// The body of `PUT /v1/admin/secrets/{name}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutBody {
+    value: String,
+    #[serde(default)]
+    meta: crate::vault::Meta,
+}
+
+/// The body of `POST /v1/admin/passwd`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswdBody {
+    current: String,
+    new: String,
+}
+
+/// The body of `POST /v1/admin/alerts/ack`: these alerts, or all of them.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckBody {
+    #[serde(default)]
+    ids: Vec<i64>,
+    #[serde(default)]
+    all: bool,
+}
+
 impl CompromiseBody {
     fn scope(&self) -> Scope {
         Scope {
@@ -80,6 +109,7 @@ impl AdminApi {
         extra_uids: &[u32],
         refused_uids: &HashSet<u32>,
         rejections: Arc<Rejections>,
+        kdf: crate::crypto::KdfParams,
     ) -> Self {
         let mut allowed_uids: HashSet<u32> = extra_uids.iter().copied().collect();
         allowed_uids.insert(0);
@@ -89,6 +119,7 @@ impl AdminApi {
             services,
             allowed_uids,
             rejections,
+            kdf,
         }
     }
 
@@ -207,6 +238,143 @@ impl AdminApi {
                 &serde_json::to_value(&report).expect("reports serialize"),
             ),
             Err(e) => compromise_error(e),
+        }
+    }
+
+    /// `/v1/admin/secrets/{name}`: `GET` its value (`?version=N` for another), `PUT`
+    /// `{"value","meta"}` a new version, `DELETE` it (its data key destroyed); each audited as
+    /// the admin's action, and the daemon serves the change at once.
+    async fn secret(
+        &self,
+        method: &Method,
+        name: &str,
+        query: Option<&str>,
+        body: &Bytes,
+        peer: Peer,
+    ) -> Response<Full<Bytes>> {
+        if let Err(e) = crate::name::validate(name) {
+            return http::error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
+        }
+        let actor = Self::actor(peer);
+        let vault = &self.services.vault;
+        match *method {
+            Method::GET => {
+                let mut version = None;
+                for (k, v) in http::query_pairs(query) {
+                    match (k, v.parse::<i64>()) {
+                        ("version", Ok(n)) => version = Some(n),
+                        _ => {
+                            return http::error(
+                                StatusCode::BAD_REQUEST,
+                                "bad_request",
+                                format!("unknown or bad query parameter {k:?}"),
+                            );
+                        }
+                    }
+                }
+                match vault.get(name, version, &actor).await {
+                    Ok(r) => http::json(
+                        StatusCode::OK,
+                        &json!({
+                            "name": r.name,
+                            "version": r.version,
+                            "value": r.value.expose(),
+                            "meta": r.meta,
+                        }),
+                    ),
+                    Err(e) => vault_error(e),
+                }
+            }
+            Method::PUT => {
+                // Never echo a parse error: it could quote the value.
+                let Ok(body) = serde_json::from_slice::<PutBody>(body) else {
+                    return http::error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        "the body must be {\"value\": STRING, \"meta\": {KEY: STRING, …}}",
+                    );
+                };
+                let value = crate::value::SecretValue::new(body.value);
+                match vault.put(name, "manual", &value, body.meta, &actor).await {
+                    Ok(version) => {
+                        self.services.engine.value_stored(name, version);
+                        http::json(StatusCode::OK, &json!({ "name": name, "version": version }))
+                    }
+                    Err(e) => vault_error(e),
+                }
+            }
+            Method::DELETE => match vault.remove(name, &actor).await {
+                Ok(versions) => http::json(
+                    StatusCode::OK,
+                    &json!({ "name": name, "versions_destroyed": versions }),
+                ),
+                Err(e) => vault_error(e),
+            },
+            _ => http::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method",
+                "GET, PUT or DELETE",
+            ),
+        }
+    }
+
+    /// `POST /v1/admin/passwd` `{"current","new"}`: wraps the root key under a new passphrase,
+    /// if `current` opens the store.
+    async fn passwd(
+        &self,
+        body: &Bytes,
+        peer: Peer,
+        kdf: crate::crypto::KdfParams,
+    ) -> Response<Full<Bytes>> {
+        let Ok(body) = serde_json::from_slice::<PasswdBody>(body) else {
+            return http::error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the body must be {\"current\": STRING, \"new\": STRING}",
+            );
+        };
+        let (current, new) = (
+            zeroize::Zeroizing::new(body.current),
+            zeroize::Zeroizing::new(body.new),
+        );
+        let vault = &self.services.vault;
+        if let Err(e) = vault.check_passphrase(&current).await {
+            return vault_error(e);
+        }
+        match vault.change_passphrase(&new, kdf, &Self::actor(peer)).await {
+            Ok(()) => http::json(StatusCode::OK, &json!({ "changed": true })),
+            Err(e) => vault_error(e),
+        }
+    }
+
+    /// `POST /v1/admin/alerts/ack`: acknowledges alerts as the admin (audited `alert.acked`).
+    async fn ack_alerts(&self, body: &Bytes, peer: Peer) -> Response<Full<Bytes>> {
+        let body: AckBody = match serde_json::from_slice(body) {
+            Ok(b @ AckBody { all: true, .. }) => b,
+            Ok(b) if !b.ids.is_empty() => b,
+            Ok(_) => {
+                return http::error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "say which alerts: {\"ids\":[…]} or {\"all\":true}",
+                );
+            }
+            Err(e) => {
+                return http::error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
+            }
+        };
+        let actor = Self::actor(peer);
+        let audit = AuditEvent::new(actor.as_str(), "alert.acked");
+        let ids = (!body.all).then_some(&body.ids[..]);
+        match self
+            .services
+            .vault
+            .store()
+            .ack_alerts(ids, &actor, audit)
+            .await
+        {
+            Ok(acked) => http::json(StatusCode::OK, &json!({ "acked": acked })),
+            Err(e) => http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
         }
     }
 
@@ -357,6 +525,28 @@ impl Handler for AdminApi {
                 self.compromise(request.body(), query.as_deref(), peer, true)
                     .await
             }
+            (method, p) if p.starts_with("/v1/admin/secrets/") => {
+                let name = &p["/v1/admin/secrets/".len()..];
+                self.secret(method, name, query.as_deref(), request.body(), peer)
+                    .await
+            }
+            (&Method::POST, "/v1/admin/passwd") => {
+                self.passwd(request.body(), peer, self.kdf).await
+            }
+            (&Method::GET, "/v1/admin/alerts") => {
+                match self.services.vault.store().recent_alerts(100, false).await {
+                    Ok(alerts) => http::json(
+                        StatusCode::OK,
+                        &serde_json::Value::Array(
+                            alerts.iter().map(crate::status::alert_entry).collect(),
+                        ),
+                    ),
+                    Err(e) => {
+                        http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+                    }
+                }
+            }
+            (&Method::POST, "/v1/admin/alerts/ack") => self.ack_alerts(request.body(), peer).await,
             (&Method::GET, "/v1/admin/incidents") => match self.services.incidents.list().await {
                 Ok(list) => http::json(StatusCode::OK, &serde_json::Value::Array(list)),
                 Err(e) => compromise_error(e),
@@ -422,6 +612,25 @@ impl Handler for AdminApi {
                 format!("no endpoint {} {path}", request.method()),
             ),
         }
+    }
+}
+
+/// A vault error as an answer: unknown secrets 404, bad input 400, a wrong passphrase 403.
+fn vault_error(e: crate::vault::VaultError) -> Response<Full<Bytes>> {
+    use crate::vault::VaultError;
+    match e {
+        VaultError::NoSuchSecret(_)
+        | VaultError::NoSuchVersion { .. }
+        | VaultError::NoCurrentVersion(_) => {
+            http::error(StatusCode::NOT_FOUND, "unknown", e.to_string())
+        }
+        VaultError::InvalidName(_) | VaultError::BadPassphrase(_) => {
+            http::error(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+        }
+        VaultError::WrongPassphrase { .. } => {
+            http::error(StatusCode::FORBIDDEN, "wrong_passphrase", e.to_string())
+        }
+        _ => http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
     }
 }
 

@@ -724,6 +724,21 @@ impl Config {
     }
 }
 
+/// The config file used when neither `--config` nor `KEYWARDEN_CONFIG` names one: the first
+/// that exists of `/etc/keywarden/keywarden.toml` (the service's) and the user's
+/// `$XDG_CONFIG_HOME/keywarden/keywarden.toml` (else `$HOME/.config/keywarden/keywarden.toml`).
+pub fn default_config_path() -> Option<PathBuf> {
+    let user = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .map(|dir| dir.join("keywarden").join("keywarden.toml"));
+    [Some(PathBuf::from("/etc/keywarden/keywarden.toml")), user]
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_file())
+}
+
 /// `$XDG_DATA_HOME/keywarden/vault.db`, else `$HOME/.local/share/keywarden/vault.db`.
 pub fn default_store_path() -> Option<PathBuf> {
     let data_home = std::env::var_os("XDG_DATA_HOME")

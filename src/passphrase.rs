@@ -37,6 +37,17 @@ pub enum PassphraseError {
     /// The prompt failed.
     #[error("cannot read the passphrase from the terminal: {0}")]
     Prompt(std::io::Error),
+    /// A source was set but holds nothing.
+    #[error("{0} is empty: a passphrase is needed")]
+    Empty(String),
+    /// A new passphrase typed at the prompt is shorter than [`MIN_TYPED_LEN`].
+    #[error(
+        "a passphrase of {0} characters is too easy to guess: this one wraps every key in the \
+         store, and anyone with a copy of the file can try guesses offline. Use at least {min} \
+         (a few random words), or pass --weak-passphrase if this store protects nothing real",
+        min = MIN_TYPED_LEN
+    )]
+    TooShort(usize),
     /// The two entries of a new passphrase differ.
     #[error("the two passphrases do not match")]
     Mismatch,
@@ -74,11 +85,22 @@ fn read_file(path: &Path) -> Result<Passphrase, PassphraseError> {
         .strip_suffix("\r\n")
         .or_else(|| text.strip_suffix('\n'))
         .unwrap_or(text);
+    if text.is_empty() {
+        return Err(PassphraseError::Empty(format!(
+            "the passphrase file {}",
+            path.display()
+        )));
+    }
     Ok(Zeroizing::new(text.to_string()))
 }
 
 fn from_env(var: &str) -> Result<Option<Passphrase>, PassphraseError> {
     if let Some(value) = std::env::var_os(var) {
+        if value.is_empty() {
+            return Err(PassphraseError::Empty(format!(
+                "{var} (set, but to nothing)"
+            )));
+        }
         return Ok(Some(Zeroizing::new(value.to_string_lossy().into_owned())));
     }
     if let Some(path) = std::env::var_os(format!("{var}_FILE")) {
@@ -93,8 +115,18 @@ fn prompt(text: &str) -> Result<Passphrase, PassphraseError> {
         .map_err(PassphraseError::Prompt)
 }
 
-/// Obtains a passphrase for `purpose` from the sources above.
+/// The shortest new passphrase accepted at the prompt without `--weak-passphrase`. (From the
+/// environment or a file it is only warned about: automation chose it deliberately.)
+pub const MIN_TYPED_LEN: usize = 12;
+
+/// Obtains a passphrase for `purpose` from the sources above; a new one typed at the prompt
+/// must have [`MIN_TYPED_LEN`] characters.
 pub fn obtain(purpose: Purpose) -> Result<Passphrase, PassphraseError> {
+    obtain_new(purpose, false)
+}
+
+/// [`obtain`], accepting a short new passphrase at the prompt when `weak_ok`.
+pub fn obtain_new(purpose: Purpose, weak_ok: bool) -> Result<Passphrase, PassphraseError> {
     let var = match purpose {
         Purpose::Unlock | Purpose::Create => "KEYWARDEN_PASSPHRASE",
         Purpose::Change => "KEYWARDEN_NEW_PASSPHRASE",
@@ -117,6 +149,10 @@ pub fn obtain(purpose: Purpose) -> Result<Passphrase, PassphraseError> {
         Purpose::Unlock => prompt("keywarden passphrase: "),
         Purpose::Create | Purpose::Change => {
             let first = prompt("new keywarden passphrase: ")?;
+            let length = first.chars().count();
+            if length < MIN_TYPED_LEN && !weak_ok {
+                return Err(PassphraseError::TooShort(length));
+            }
             let second = prompt("repeat the new passphrase: ")?;
             if first != second {
                 return Err(PassphraseError::Mismatch);

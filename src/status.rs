@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use crate::clock::Millis;
 use crate::crypto;
 use crate::plugin_host::PluginHost;
-use crate::store::{SecretSummary, Store, StoreError};
+use crate::store::{AlertRecord, SecretSummary, Store, StoreError};
 
 fn time(ms: Option<Millis>) -> Value {
     ms.map_or(Value::Null, |ms| Value::String(crate::clock::rfc3339(ms)))
@@ -29,8 +29,22 @@ pub fn secret_entry(s: &SecretSummary) -> Value {
     })
 }
 
-/// The `status` report: every secret, the audit chain head, recent alerts, open incidents, and
-/// the plugins when a daemon runs.
+/// One alert as `status --json` and `alerts list --json` show it.
+pub fn alert_entry(a: &AlertRecord) -> Value {
+    json!({
+        "id": a.id,
+        "at": time(Some(a.at)),
+        "kind": a.kind,
+        "secret": a.secret,
+        "message": a.message,
+        "incident_id": a.incident_id,
+        "acked_at": time(a.acked.as_ref().map(|(at, _)| *at)),
+        "acked_by": a.acked.as_ref().map(|(_, by)| by),
+    })
+}
+
+/// The `status` report: every secret, the audit chain head, the ten most recent alerts no one
+/// acknowledged, open incidents, and the plugins when a daemon runs.
 pub async fn report(
     store: &Store,
     plugins: Option<&[std::sync::Arc<PluginHost>]>,
@@ -48,18 +62,11 @@ pub async fn report(
             }));
         }
     }
-    let alerts = store.recent_alerts(10).await?;
-    let alerts: Vec<Value> = alerts
+    let alerts: Vec<Value> = store
+        .recent_alerts(10, true)
+        .await?
         .iter()
-        .map(|a| {
-            json!({
-                "at": time(Some(a.at)),
-                "kind": a.kind,
-                "secret": a.secret,
-                "message": a.message,
-                "incident_id": a.incident_id,
-            })
-        })
+        .map(alert_entry)
         .collect();
     let open_incidents: Vec<Value> = store
         .unfinished_incidents()

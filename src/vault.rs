@@ -576,6 +576,18 @@ impl Vault {
             .ok_or_else(|| VaultError::NoSuchSecret(name.to_string()))
     }
 
+    /// Fails with [`VaultError::WrongPassphrase`] unless `passphrase` opens this store.
+    pub async fn check_passphrase(&self, passphrase: &Passphrase) -> Result<(), VaultError> {
+        let header = self.store.header().await?;
+        derive_kek(passphrase, &header.salt, header.kdf)
+            .await?
+            .unwrap_key(ROOT_KEY_AAD, &header.wrapped_root_key)
+            .map_err(|_| VaultError::WrongPassphrase {
+                path: self.store.path().display().to_string(),
+            })?;
+        Ok(())
+    }
+
     /// Wraps the root key under a new passphrase (and the configured KDF parameters).
     pub async fn change_passphrase(
         &self,
@@ -608,13 +620,8 @@ impl Vault {
         actor: &str,
         data_keys: bool,
     ) -> Result<usize, VaultError> {
+        self.check_passphrase(passphrase).await?;
         let old_header = self.store.header().await?;
-        derive_kek(passphrase, &old_header.salt, old_header.kdf)
-            .await?
-            .unwrap_key(ROOT_KEY_AAD, &old_header.wrapped_root_key)
-            .map_err(|_| VaultError::WrongPassphrase {
-                path: self.store.path().display().to_string(),
-            })?;
         let salt = crypto::random_bytes(crypto::SALT_LEN)?;
         let kek = derive_kek(passphrase, &salt, old_header.kdf).await?;
         let mut attempt = 0;

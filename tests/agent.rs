@@ -730,7 +730,7 @@ fn cli_get_uses_the_socket_and_exec_restarts_the_command_on_rotation() {
         policy_exe("cli", &cli, "app/*"),
         policy_exe("curl", Path::new("/usr/bin/curl"), "app/*")
     ));
-    let via_socket = env.ok(&["get", "app/token"], None);
+    let via_socket = env.ok(&["get", "app/token", "--no-newline"], None);
     let (_, body) = curl(&env.agent_socket(), "GET", "/v1/secrets/app/token", &[]);
     assert_eq!(via_socket, json(&body)["value"].as_str().unwrap());
     let full = json(&env.ok(&["get", "app/token", "--json"], None));
@@ -830,6 +830,22 @@ fn cli_get_uses_the_socket_and_exec_restarts_the_command_on_rotation() {
         None,
     );
     assert_eq!(out.status.code(), Some(7));
+
+    // An env file names secrets, not values; a bad line is named.
+    let names = env.dir.path().join("app.secrets");
+    std::fs::write(&names, "# the app's secrets\n\nexport TOKEN=app/token\n").unwrap();
+    let names_arg = names.to_str().unwrap();
+    let current = env.ok(&["get", "app/token", "-n"], None);
+    let script = "test \"$TOKEN\" = \"$(cat)\" && exit 7";
+    let out = env.run(
+        &["exec", "--env-file", names_arg, "--", "sh", "-c", script],
+        Some(current.as_bytes()),
+    );
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    std::fs::write(&names, "TOKEN=app/token\nnot a line\n").unwrap();
+    let out = env.run(&["exec", "--env-file", names_arg, "--", "true"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("app.secrets line 2"), "{err}");
     drop(daemon);
 }
 

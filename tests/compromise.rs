@@ -177,7 +177,7 @@ fn assume_compromise_rotates_and_revokes_two_hundred_secrets_and_reports_exactly
 
     for i in (0..FLEET).step_by(23) {
         let name = format!("fleet/{i:03}");
-        let current = env.ok(&["get", &name], None);
+        let current = env.ok(&["get", &name, "--no-newline"], None);
         assert_eq!(
             std::fs::read_to_string(env.dir.path().join(format!("out/{i:03}.key"))).unwrap(),
             current
@@ -590,6 +590,11 @@ fn an_incident_with_a_secret_left_to_a_person_finishes_is_not_resumed_and_a_put_
     });
     let sock = env.agent_socket();
     let before = curl_lease(&sock, "ops/auto");
+    let plan = env.ok(&["rotate-all", "--assume-compromise", "--dry-run"], None);
+    assert!(
+        plan.contains("2 secret(s) in scope (1 left to a person, 1 to rotate)"),
+        "{plan}"
+    );
 
     let (code, report) = rotate_all(&env, &["--assume-compromise", "--yes", "--json"]);
     assert_eq!(

@@ -113,10 +113,10 @@ fn passwd_killed_at_any_instant_leaves_one_working_passphrase() {
         let mut cmd = env.cmd();
         cmd.env("KEYWARDEN_NEW_PASSPHRASE_FILE", &new_pass);
         crash_at(cmd, &["passwd"], point);
-        let with_old = env.run(&["get", "a"], None);
+        let with_old = env.run(&["get", "a", "-n"], None);
         let mut cmd = env.cmd();
         cmd.env("KEYWARDEN_PASSPHRASE_FILE", &new_pass);
-        let with_new = common::run_with(cmd, &["get", "a"], None);
+        let with_new = common::run_with(cmd, &["get", "a", "-n"], None);
         // Exactly one of the two passphrases opens the store, and it yields the value.
         assert_eq!(
             (with_old.status.success(), with_new.status.success()),

@@ -38,7 +38,7 @@ fn a_known_value_never_appears_at_rest_or_in_logs() {
         &mut printed,
     );
     let stdout = run_logged(
-        &["get", "openai/prod", "--version", "1"],
+        &["get", "openai/prod", "--version", "1", "--no-newline"],
         None,
         &mut printed,
     );

@@ -485,7 +485,7 @@ settings = { chatty = true }
     let value = env.get("svc/chatty");
     for v in [
         value.as_str(),
-        &env.ok(&["get", "svc/chatty", "--version", "1"], None),
+        &env.ok(&["get", "svc/chatty", "--version", "1", "-n"], None),
     ] {
         assert!(!log.contains(v), "a value reached the log");
     }

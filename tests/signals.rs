@@ -279,7 +279,9 @@ fn a_canary_fetch_and_a_new_caller_raise_alerts_with_the_callers_identity() {
                 .then_some(())
         },
     );
+    let learned = env.dir.path().join("curl-learned");
     let copy = env.dir.path().join("curl-two");
+    std::fs::copy("/usr/bin/curl", &learned).unwrap();
     std::fs::copy("/usr/bin/curl", &copy).unwrap();
     drop(daemon);
     let config = std::fs::read_to_string(&env.config).unwrap();
@@ -288,10 +290,34 @@ fn a_canary_fetch_and_a_new_caller_raise_alerts_with_the_callers_identity() {
         config.replace(
             "exe = [\"/usr/bin/curl\"]",
             &format!(
-                "exe = [\"/usr/bin/curl\", {:?}]",
+                "exe = [\"/usr/bin/curl\", {:?}, {:?}]",
+                learned.display().to_string(),
                 copy.display().to_string()
             ),
         ),
+    )
+    .unwrap();
+    // Within the learning period (an hour by default) a new caller is remembered silently.
+    let daemon = env.start_daemon();
+    fetch(&learned, &sock, "app/a");
+    wait_for(
+        "the learned caller to be remembered",
+        Duration::from_secs(10),
+        || {
+            (env.sql_i64("SELECT count(*) FROM access_seen WHERE exe LIKE '%curl-learned'") == 1)
+                .then_some(())
+        },
+    );
+    assert!(
+        alerts(&env).iter().all(|a| a["kind"] != "anomaly"),
+        "{:?}",
+        alerts(&env)
+    );
+    drop(daemon);
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        config.replace("[signals]\n", "[signals]\nanomaly_learning = \"0s\"\n"),
     )
     .unwrap();
     let daemon = env.start_daemon();
@@ -315,7 +341,30 @@ fn a_canary_fetch_and_a_new_caller_raise_alerts_with_the_callers_identity() {
         status.contains("ALERT") && status.contains("anomaly"),
         "{status}"
     );
+    // Acknowledged alerts leave `status`, stay in `alerts list`, and the ack is audited.
+    let listed: serde_json::Value =
+        serde_json::from_str(&env.ok(&["alerts", "list", "--json"], None)).unwrap();
+    let open = listed.as_array().unwrap().len();
+    assert!(open >= 2, "the canary and the anomaly: {listed}");
+    let first = listed[0]["id"].to_string();
+    assert!(
+        env.ok(&["alerts", "ack", &first], None)
+            .contains("acknowledged 1")
+    );
+    assert!(
+        env.ok(&["alerts", "ack", "--all"], None)
+            .contains(&format!("acknowledged {}", open - 1))
+    );
+    assert!(!env.ok(&["status"], None).contains("ALERT"));
+    let listed = env.ok(&["alerts", "list"], None);
+    assert!(listed.contains("acked by admin uid="), "{listed}");
+    let out = env.run(&["alerts", "ack", "--all"], None);
+    assert_eq!(out.status.code(), Some(1), "nothing left to acknowledge");
     drop(daemon);
+    assert_eq!(
+        env.sql_i64("SELECT count(*) FROM audit WHERE action = 'alert.acked'"),
+        2
+    );
 }
 
 #[test]

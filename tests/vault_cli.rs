@@ -175,7 +175,8 @@ fn a_database_writer_who_swaps_a_versions_meta_makes_it_fail_to_open() {
     );
     assert_eq!(
         env.ok(&["get", "aws/ci", "--version", "1"], None),
-        "secret-one"
+        "secret-one\n",
+        "a newline ends the value, on a pipe too"
     );
 }
 
@@ -236,7 +237,7 @@ fn tampered_or_moved_ciphertexts_fail_naming_the_secret_and_others_still_open() 
     );
     assert_eq!(env.get("beta"), "beta-v1");
     assert_eq!(
-        env.ok(&["get", "alpha", "--version", "1"], None),
+        env.ok(&["get", "alpha", "--version", "1", "-n"], None),
         "alpha-v1"
     );
 
@@ -402,11 +403,9 @@ fn a_running_daemon_keeps_cli_writers_out_but_not_readers() {
             keywarden::store::Access::Exclusive,
         ))
         .unwrap();
+    // Held, but no admin socket answers: the command says so and writes nothing.
     let err = env.fails(1, &["put", "b"], Some(b"v"));
-    assert!(
-        err.contains("in use by a running keywarden daemon"),
-        "{err}"
-    );
+    assert!(err.contains("admin socket does not answer"), "{err}");
     let list = env.ok(&["list", "--json"], None);
     assert!(list.contains("\"a\""), "{list}");
     env.ok(&["audit", "verify"], None);
@@ -506,7 +505,7 @@ fn read_later_versions_with_old_backup(
              (SELECT current_mac FROM later.secrets WHERE name = '{name}') WHERE name = '{name}'"
         ),
     ]);
-    backup.run(&["get", name], None)
+    backup.run(&["get", name, "-n"], None)
 }
 
 #[test]
@@ -533,7 +532,7 @@ fn after_rekey_with_data_keys_an_old_backup_opens_nothing_stored_later() {
     env.put("svc/key", "after-rekey-2");
     assert_eq!(env.get("svc/key"), "after-rekey-2");
     assert_eq!(
-        env.ok(&["get", "svc/key", "--version", "1"], None),
+        env.ok(&["get", "svc/key", "--version", "1", "-n"], None),
         "before-1"
     );
     assert_eq!(env.get("other"), "other-1");
@@ -543,4 +542,141 @@ fn after_rekey_with_data_keys_an_old_backup_opens_nothing_stored_later() {
     assert!(err.contains("integrity check failed"), "{err}");
     assert!(!err.contains("after-rekey-2") && out.stdout.is_empty());
     env.ok(&["audit", "verify"], None);
+}
+
+#[test]
+fn store_commands_work_through_the_running_daemon_and_it_serves_the_change_at_once() {
+    let env = Env::with_config(&format!(
+        "{}\n[secrets.\"app/manual\"]\nprovider = \"manual\"\nconsumers = [\"out\"]\n\n\
+         [consumers.out]\nkind = \"file\"\npath = \"out/manual.key\"\n\n\
+         [[policy]]\nname = \"curl\"\nexe = [\"/usr/bin/curl\"]\nsecrets = [\"app/*\"]\nmax_ttl = \"10m\"\n",
+        common::daemon::base_config("5s")
+    ));
+    env.ok(&["init"], None);
+    let daemon = env.start_daemon();
+    let consumer = env.dir.path().join("out/manual.key");
+
+    // put: no passphrase asked (the admin socket authenticates the caller), audited as the
+    // admin, and the consumer gets the value.
+    let mut cmd = env.cmd();
+    cmd.env_remove("KEYWARDEN_PASSPHRASE_FILE");
+    let out = common::run_with(cmd, &["put", "app/manual"], Some(b"first-value"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::daemon::wait_for(
+        "the consumer file",
+        std::time::Duration::from_secs(10),
+        || (std::fs::read_to_string(&consumer).ok()? == "first-value").then_some(()),
+    );
+
+    // A watch for the next version wakes on the next put.
+    let sock = env.agent_socket();
+    let watcher = std::thread::spawn(move || {
+        common::curl(
+            &sock,
+            "GET",
+            "/v1/secrets/app/manual?min_version=2&wait=30",
+            &[],
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    env.ok(&["put", "app/manual"], Some(b"second-value"));
+    let (code, body) = watcher.join().unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("second-value"), "{body}");
+
+    // get of another version, or as an admin, goes through the admin socket.
+    assert_eq!(
+        env.ok(&["get", "app/manual", "--version", "1", "-n"], None),
+        "first-value"
+    );
+    assert_eq!(
+        env.ok(&["get", "app/manual", "--admin", "-n"], None),
+        "second-value"
+    );
+    let actors: Vec<String> = env
+        .ok(&["audit", "tail", "-n", "50", "--json"], None)
+        .parse::<serde_json::Value>()
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "secret.put")
+        .map(|r| r["actor"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(actors.len(), 2);
+    assert!(
+        actors.iter().all(|a| a.starts_with("admin uid=")),
+        "{actors:?}"
+    );
+
+    // passwd: the daemon checks the current passphrase first.
+    let mut cmd = env.cmd();
+    cmd.env(
+        "KEYWARDEN_NEW_PASSPHRASE",
+        "a brand new passphrase for this store",
+    )
+    .env_remove("KEYWARDEN_PASSPHRASE_FILE")
+    .env("KEYWARDEN_PASSPHRASE", "not the passphrase");
+    let out = common::run_with(cmd, &["passwd"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong passphrase"));
+    let mut cmd = env.cmd();
+    cmd.env(
+        "KEYWARDEN_NEW_PASSPHRASE",
+        "a brand new passphrase for this store",
+    );
+    let out = common::run_with(cmd, &["passwd"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // rm: the data key is destroyed, and the daemon serves nothing of it.
+    env.ok(&["rm", "app/manual", "--yes"], None);
+    let (code, _) = common::curl(&env.agent_socket(), "GET", "/v1/secrets/app/manual", &[]);
+    assert_ne!(code, 200);
+    assert_eq!(daemon.terminate(), Some(0));
+
+    // The new passphrase opens the store; the old one does not.
+    let mut cmd = env.cmd();
+    cmd.env_remove("KEYWARDEN_PASSPHRASE_FILE").env(
+        "KEYWARDEN_PASSPHRASE",
+        "a brand new passphrase for this store",
+    );
+    let out = common::run_with(cmd, &["audit", "verify"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = env.fails(1, &["put", "x"], Some(b"v"));
+    assert!(err.contains("wrong passphrase"), "{err}");
+}
+
+#[test]
+fn audit_tail_follow_prints_rows_as_they_are_appended() {
+    use std::io::BufRead;
+    let env = Env::initialized();
+    env.put("a", "value-a");
+    let mut follow = env
+        .cmd()
+        .args(["audit", "tail", "-n", "0", "--follow", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(follow.stdout.take().unwrap()).lines();
+    env.put("b", "value-b");
+    let row: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert_eq!(
+        row["action"], "secret.put",
+        "only rows appended since: {row}"
+    );
+    assert_eq!(row["secret"], "b");
 }

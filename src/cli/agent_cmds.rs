@@ -70,7 +70,8 @@ fn parse_env_map(text: &str) -> Result<(String, String), String> {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  keywarden exec --env OPENAI_API_KEY=openai/prod -- python agent.py\n\n\
+    after_help = "Examples:\n  keywarden exec --env OPENAI_API_KEY=openai/prod -- python agent.py\n  \
+    keywarden exec --env-file app.secrets -- ./server   # lines such as DATABASE_PASSWORD=db/app\n\n\
     The command runs in a process group of its own: on a restart, on SIGTERM, SIGINT or SIGHUP \
     to exec (forwarded), and when the command exits, the whole group is told to stop and, after \
     --stop-timeout, killed, so no process it started keeps an old value. (A process that leaves \
@@ -79,8 +80,13 @@ fn parse_env_map(text: &str) -> Result<(String, String), String> {
 )]
 pub(crate) struct ExecArgs {
     /// VAR=SECRET: put SECRET's current value in the environment variable VAR. Repeatable.
-    #[arg(long = "env", value_name = "VAR=SECRET", value_parser = parse_env_map, required = true)]
+    #[arg(long = "env", value_name = "VAR=SECRET", value_parser = parse_env_map,
+          required_unless_present = "env_file")]
     env: Vec<(String, String)>,
+    /// A file of `VAR=SECRET` lines, like a `.env` file that names secrets instead of holding
+    /// values (`#` comments, blank lines and a leading `export` are allowed). Repeatable.
+    #[arg(long = "env-file", value_name = "FILE")]
+    env_file: Vec<PathBuf>,
     /// On rotation: restart, signal:HUP (or another signal), or none.
     #[arg(long, value_name = "ACTION", default_value = "restart", value_parser = parse_on_rotate)]
     on_rotate: OnRotate,
@@ -94,6 +100,24 @@ pub(crate) struct ExecArgs {
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
+}
+
+/// The `VAR=SECRET` lines of an `--env-file`, each error naming its line.
+fn read_env_file(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the env file {}", path.display()))?;
+    let mut vars = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line).trim();
+        let pair = parse_env_map(line)
+            .map_err(|e| anyhow::anyhow!("{} line {}: {e}", path.display(), n + 1))?;
+        vars.push(pair);
+    }
+    Ok(vars)
 }
 
 /// One fetched secret.
@@ -111,6 +135,22 @@ fn error_message(status: StatusCode, body: &[u8]) -> String {
         .unwrap_or_else(|| format!("the daemon answered {status}"))
 }
 
+/// What to tell a user whose request could not reach the daemon's socket.
+fn unreachable_daemon(socket: &Path, e: std::io::Error) -> anyhow::Error {
+    use std::io::ErrorKind::{ConnectionRefused, NotFound};
+    match e.kind() {
+        NotFound | ConnectionRefused => anyhow::anyhow!(
+            "the keywarden daemon is not running: nothing listens on {} (start it with \
+             `keywarden serve`, or set [agent] socket to where it listens)",
+            socket.display()
+        ),
+        _ => anyhow::anyhow!(
+            "cannot reach the daemon's agent socket {}: {e}",
+            socket.display()
+        ),
+    }
+}
+
 /// GET a secret from the agent socket. `None` when a watch timed out (304).
 async fn fetch(socket: &Path, name: &str, query: &str) -> anyhow::Result<Option<(Value, Fetched)>> {
     let (status, body) = http::request(
@@ -120,12 +160,7 @@ async fn fetch(socket: &Path, name: &str, query: &str) -> anyhow::Result<Option<
         None,
     )
     .await
-    .with_context(|| {
-        format!(
-            "cannot reach the daemon's agent socket {}",
-            socket.display()
-        )
-    })?;
+    .map_err(|e| unreachable_daemon(socket, e))?;
     if status == StatusCode::NOT_MODIFIED {
         return Ok(None);
     }
@@ -148,27 +183,28 @@ async fn fetch(socket: &Path, name: &str, query: &str) -> anyhow::Result<Option<
 /// `get` while the daemon runs: through the agent socket, as a lease.
 pub(crate) async fn get(
     ctx: &Context,
-    name: &str,
-    version: Option<i64>,
-    json_out: bool,
+    args: &super::vault_cmds::GetArgs,
 ) -> anyhow::Result<ExitCode> {
-    if version.is_some() {
+    if args.version.is_some() {
         bail!(
             "--version reads the store directly, which the running daemon holds; stop it, or fetch the current version"
         );
     }
     let socket = &ctx.config.agent.socket;
-    let (json, fetched) = fetch(socket, name, "").await?.context("no value")?;
-    if json_out {
+    let (json, fetched) = match fetch(socket, &args.name, "").await {
+        Ok(answer) => answer.context("no value")?,
+        Err(e) if super::daemon_cmds::daemon_socket(ctx).await.is_some() => {
+            bail!(
+                "{e:#} (as an admin, `keywarden get --admin {}` reads it over the admin socket)",
+                args.name
+            )
+        }
+        Err(e) => return Err(e),
+    };
+    if args.json {
         super::output::print_json(&json)?;
     } else {
-        use std::io::{IsTerminal, Write};
-        let mut out = std::io::stdout().lock();
-        out.write_all(fetched.value.as_bytes())?;
-        if out.is_terminal() {
-            writeln!(out)?;
-        }
-        out.flush()?;
+        super::output::print_value(&fetched.value, args.no_newline)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -363,7 +399,11 @@ async fn renew_due(socket: &Path, current: &mut BTreeMap<String, Fetched>, ttl_q
 }
 
 /// `exec`: fetch, inject, watch, restart or signal; exit with the command's code.
-pub(crate) async fn exec(ctx: &Context, args: ExecArgs) -> anyhow::Result<ExitCode> {
+pub(crate) async fn exec(ctx: &Context, mut args: ExecArgs) -> anyhow::Result<ExitCode> {
+    for file in &args.env_file {
+        let vars = read_env_file(file)?;
+        args.env.extend(vars);
+    }
     let socket = ctx.config.agent.socket.clone();
     let ttl_query = args.ttl.map(|t| format!("?ttl={t}")).unwrap_or_default();
     let names: Vec<String> = {

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::Context;
 use super::output::{print_json, printable, rfc3339};
-use crate::audit::{AuditEvent, ChainVerifier};
+use crate::audit::{AuditEvent, AuditRecord, ChainVerifier};
 use crate::audit_archive::{self, ArchiveWriter};
 use crate::clock::Millis;
 use crate::crypto;
@@ -61,9 +61,12 @@ pub(crate) enum AuditCommand {
         /// How many events.
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: i64,
-        /// Print an array of events as JSON.
+        /// Print an array of events as JSON (with --follow, one JSON object per line).
         #[arg(long)]
         json: bool,
+        /// Keep printing events as they are appended, until interrupted.
+        #[arg(short = 'f', long)]
+        follow: bool,
     },
 }
 
@@ -79,41 +82,66 @@ pub(crate) async fn run(ctx: &Context, cmd: AuditCommand) -> anyhow::Result<Exit
             archives,
         } => return verify(&store, json, keyed, &archives).await,
         AuditCommand::Archive { .. } => unreachable!("handled above"),
-        AuditCommand::Tail { lines, json } => {
+        AuditCommand::Tail {
+            lines,
+            json,
+            follow,
+        } => {
             let rows = store.audit_tail(lines.max(0)).await?;
-            if json {
-                let items: Vec<_> = rows
-                    .iter()
-                    .map(|r| {
-                        json!({
-                            "seq": r.seq,
-                            "at": rfc3339(r.at),
-                            "actor": r.actor,
-                            "action": r.action,
-                            "secret": r.secret,
-                            "incident_id": r.incident_id,
-                            "detail": serde_json::from_str::<serde_json::Value>(&r.detail)
-                                .unwrap_or(serde_json::Value::String(r.detail.clone())),
-                        })
-                    })
-                    .collect();
+            let mut last = rows.last().map_or(0, |r| r.seq);
+            if follow {
+                // Rows before the tail are not printed again, even when the tail is empty.
+                last = last.max(store.audit_head().await?.map_or(0, |h| h.0));
+            }
+            if json && !follow {
+                let items: Vec<_> = rows.iter().map(row_json).collect();
                 print_json(&items)?;
             } else {
-                for r in rows {
-                    println!(
-                        "{:>6} {} {:<16} {:<24} {} {}",
-                        r.seq,
-                        rfc3339(r.at),
-                        printable(&r.action),
-                        printable(r.secret.as_deref().unwrap_or("-")),
-                        printable(&r.actor),
-                        printable(&r.detail)
-                    );
+                rows.iter().for_each(|r| print_row(r, json));
+            }
+            if follow {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    for r in store.audit_page(last, 500).await? {
+                        print_row(&r, json);
+                        last = r.seq;
+                    }
                 }
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One audit row as `audit tail --json` prints it.
+fn row_json(r: &AuditRecord) -> serde_json::Value {
+    json!({
+        "seq": r.seq,
+        "at": rfc3339(r.at),
+        "actor": r.actor,
+        "action": r.action,
+        "secret": r.secret,
+        "incident_id": r.incident_id,
+        "detail": serde_json::from_str::<serde_json::Value>(&r.detail)
+            .unwrap_or(serde_json::Value::String(r.detail.clone())),
+    })
+}
+
+/// One audit row on a line: JSON, or columns with control characters escaped.
+fn print_row(r: &AuditRecord, json: bool) {
+    if json {
+        println!("{}", row_json(r));
+        return;
+    }
+    println!(
+        "{:>6} {} {:<16} {:<24} {} {}",
+        r.seq,
+        rfc3339(r.at),
+        printable(&r.action),
+        printable(r.secret.as_deref().unwrap_or("-")),
+        printable(&r.actor),
+        printable(&r.detail)
+    );
 }
 
 /// Parses `--before`: an RFC 3339 time, a date (UTC midnight), or an age before now.

@@ -41,7 +41,8 @@ pub(crate) struct RotateArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct StatusArgs {
-    /// Print {"daemon","secrets","audit"} as JSON.
+    /// Print {"daemon","alerts","incidents","secrets","audit"} as JSON (docs/socket-api.md,
+    /// `GET /v1/admin/status`).
     #[arg(long)]
     json: bool,
 }
@@ -102,12 +103,28 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
         let signal = stop.wait().await;
         tracing::info!(signal, "stop requested");
     };
-    crate::daemon::serve(&ctx.config, vault, shutdown).await?;
+    let served = crate::daemon::serve(&ctx.config, vault, shutdown).await;
+    if let (Err(e), true) = (&served, creating) {
+        // The daemon never started on the store it just created: a bad config must not
+        // leave a store behind (its passphrase, typed once, may not be what the user meant).
+        let mut removed = true;
+        for suffix in ["", "-wal", "-shm", ".lock"] {
+            let mut file = path.clone().into_os_string();
+            file.push(suffix);
+            if let Err(err) = std::fs::remove_file(&file) {
+                removed &= err.kind() == std::io::ErrorKind::NotFound;
+            }
+        }
+        if removed {
+            bail!("{e} (the store this start created was removed)");
+        }
+    }
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Whether a daemon answers on the admin socket.
-async fn daemon_socket(ctx: &Context) -> Option<&Path> {
+pub(super) async fn daemon_socket(ctx: &Context) -> Option<&Path> {
     let socket = ctx.config.agent.admin_socket.as_path();
     tokio::net::UnixStream::connect(socket)
         .await
@@ -283,10 +300,12 @@ pub(crate) async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<Ex
     print_secrets(secrets)?;
     for a in report["alerts"].as_array().into_iter().flatten() {
         println!(
-            "ALERT {} {}: {}",
+            "ALERT {} {} {}: {} (acknowledge with `keywarden alerts ack {}`)",
+            a["id"],
             a["at"].as_str().unwrap_or(""),
             a["kind"].as_str().unwrap_or(""),
-            a["message"].as_str().unwrap_or("")
+            a["message"].as_str().unwrap_or(""),
+            a["id"]
         );
     }
     for i in report["incidents"].as_array().into_iter().flatten() {

@@ -2,6 +2,7 @@
 //! group of commands.
 
 mod agent_cmds;
+mod alerts_cmd;
 mod audit_cmd;
 mod compromise_cmd;
 mod daemon_cmds;
@@ -37,7 +38,8 @@ use crate::vault::Vault;
                   keywarden audit verify               check the audit chain"
 )]
 pub struct Cli {
-    /// Config file (TOML).
+    /// Config file (TOML). Default: /etc/keywarden/keywarden.toml, else
+    /// ~/.config/keywarden/keywarden.toml, whichever exists first; else built-in defaults.
     #[arg(long, global = true, env = "KEYWARDEN_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// Store file, overriding the config's `[store] path`.
@@ -72,7 +74,7 @@ enum Command {
     /// Remove a secret: destroys its data key, so no version of it can be opened again.
     Rm(vault_cmds::RmArgs),
     /// Change the passphrase (rewraps the root key; values are untouched).
-    Passwd,
+    Passwd(vault_cmds::PasswdArgs),
     /// Replace the root key and rewrap every data key under it (values are untouched; with
     /// --data-keys, new data keys and every value re-encrypted).
     Rekey(vault_cmds::RekeyArgs),
@@ -93,6 +95,9 @@ enum Command {
     /// Rotate everything in a scope now; with --assume-compromise, revoke leases and old
     /// versions without grace. Prints the plan first, then an incident report.
     RotateAll(compromise_cmd::RotateAllArgs),
+    /// List alerts, or acknowledge them so they leave `status`.
+    #[command(subcommand)]
+    Alerts(alerts_cmd::AlertsCommand),
     /// List compromise incidents, show one's report, or close one by hand.
     #[command(subcommand)]
     Incident(compromise_cmd::IncidentCommand),
@@ -137,6 +142,23 @@ fn init_logging(format: LogFormat, filter: Option<&str>, default: &str) {
     }
 }
 
+/// An error and its causes on one line, each said once: most of keywarden's errors already
+/// name their cause (`cannot read … : No such file or directory`), which the chain repeats.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
 /// Parses the command line and runs the command. Exit codes: 0 ok, 1 failure, 2 usage.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -162,15 +184,19 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli, inherited)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
 }
 
 async fn run(cli: Cli, inherited: crate::hardening::Inherited) -> anyhow::Result<ExitCode> {
-    let config = match &cli.config {
-        Some(path) => Config::load(path)?,
+    let config = match cli
+        .config
+        .clone()
+        .or_else(crate::config::default_config_path)
+    {
+        Some(path) => Config::load(&path)?,
         None => Config::default(),
     };
     let ctx = Context {
@@ -185,7 +211,7 @@ async fn run(cli: Cli, inherited: crate::hardening::Inherited) -> anyhow::Result
         Command::Get(args) => vault_cmds::get(&ctx, args).await,
         Command::List(args) => vault_cmds::list(&ctx, args).await,
         Command::Rm(args) => vault_cmds::rm(&ctx, args).await,
-        Command::Passwd => vault_cmds::passwd(&ctx).await,
+        Command::Passwd(args) => vault_cmds::passwd(&ctx, args).await,
         Command::Rekey(args) => vault_cmds::rekey(&ctx, args).await,
         Command::Audit(cmd) => audit_cmd::run(&ctx, cmd).await,
         Command::Serve(args) => daemon_cmds::serve(&ctx, args).await,
@@ -195,5 +221,6 @@ async fn run(cli: Cli, inherited: crate::hardening::Inherited) -> anyhow::Result
         Command::Exec(args) => agent_cmds::exec(&ctx, args).await,
         Command::RotateAll(args) => compromise_cmd::rotate_all(&ctx, args).await,
         Command::Incident(cmd) => compromise_cmd::incident(&ctx, cmd).await,
+        Command::Alerts(cmd) => alerts_cmd::run(&ctx, cmd).await,
     }
 }

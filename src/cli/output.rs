@@ -83,3 +83,16 @@ pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) -> anyhow::Resu
     }
     Ok(())
 }
+
+/// Writes a secret's value to stdout, ended by a newline unless `no_newline` (the exact bytes,
+/// for a file or a program that must not see one).
+pub(crate) fn print_value(value: &str, no_newline: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(value.as_bytes())?;
+    if !no_newline {
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}

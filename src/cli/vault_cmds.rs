@@ -1,7 +1,7 @@
 //! `init`, `put`, `get`, `list`, `rm`, `passwd`, `rekey`: the store commands.
 
-use std::io::{IsTerminal, Read, Write};
-use std::path::PathBuf;
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
@@ -10,11 +10,13 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use super::Context;
+use super::daemon_cmds::admin;
 use super::output::print_json;
 use crate::passphrase::{self, Purpose};
 use crate::store::{Access, Store, StoreError};
 use crate::value::SecretValue;
 use crate::vault::{Meta, Vault};
+use hyper::Method;
 
 /// Largest value `put` accepts. Values travel in one protocol line (1 MiB) with room to spare.
 const MAX_VALUE_BYTES: usize = 256 * 1024;
@@ -24,6 +26,17 @@ pub(crate) struct InitArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// Accept a passphrase shorter than 12 characters at the prompt (a test store).
+    #[arg(long)]
+    weak_passphrase: bool,
+}
+
+/// `passwd` options.
+#[derive(Debug, Args)]
+pub(crate) struct PasswdArgs {
+    /// Accept a new passphrase shorter than 12 characters at the prompt (a test store).
+    #[arg(long)]
+    weak_passphrase: bool,
 }
 
 #[derive(Debug, Args)]
@@ -51,13 +64,21 @@ pub(crate) struct PutArgs {
 #[derive(Debug, Args)]
 pub(crate) struct GetArgs {
     /// Secret name.
-    name: String,
+    pub(super) name: String,
     /// A specific version instead of the current one.
     #[arg(long)]
-    version: Option<i64>,
-    /// Print {"name","version","value","meta"} as JSON.
+    pub(super) version: Option<i64>,
+    /// Print {"name","version","value","meta"} as JSON (through the daemon, also "lease_id"
+    /// and "expires_at").
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
+    /// While the daemon runs: read over its admin socket (an admin's read, audited as such; no
+    /// lease, no policy) instead of fetching over the agent socket like an agent.
+    #[arg(long)]
+    pub(super) admin: bool,
+    /// Print the value's exact bytes, without the newline that ends it otherwise.
+    #[arg(short = 'n', long)]
+    pub(super) no_newline: bool,
 }
 
 #[derive(Debug, Args)]
@@ -99,7 +120,7 @@ pub(crate) async fn init(ctx: &Context, args: InitArgs) -> anyhow::Result<ExitCo
         );
     }
     let kdf = ctx.config.store.kdf;
-    let passphrase = passphrase::obtain(Purpose::Create)?;
+    let passphrase = passphrase::obtain_new(Purpose::Create, args.weak_passphrase)?;
     Vault::init(&path, &passphrase, kdf, &ctx.actor).await?;
     if args.json {
         print_json(&json!({ "store": path, "kdf": kdf }))?;
@@ -151,18 +172,64 @@ fn read_value(args: &PutArgs) -> anyhow::Result<SecretValue> {
     SecretValue::from_utf8(buf).map_err(|_| anyhow::anyhow!("the value is not UTF-8 text"))
 }
 
+/// Where a store command runs: on the store, unlocked here, or through the admin socket of
+/// the daemon that holds it (audited as that admin's action; no passphrase asked).
+enum Target {
+    Store(Box<Vault>),
+    Daemon(PathBuf),
+}
+
+impl Target {
+    async fn of(ctx: &Context) -> anyhow::Result<Target> {
+        match ctx.open_store(Access::Shared).await {
+            Ok(store) => {
+                let passphrase = passphrase::obtain(Purpose::Unlock)?;
+                Ok(Target::Store(Box::new(
+                    Vault::unlock(store, &passphrase).await?,
+                )))
+            }
+            Err(e) => match e.downcast_ref::<StoreError>() {
+                Some(StoreError::Locked { .. }) => Ok(Target::Daemon(daemon_admin(ctx).await?)),
+                _ => Err(e),
+            },
+        }
+    }
+}
+
+/// The admin socket of the daemon that holds the store.
+async fn daemon_admin(ctx: &Context) -> anyhow::Result<PathBuf> {
+    super::daemon_cmds::daemon_socket(ctx)
+        .await
+        .map(Path::to_path_buf)
+        .context("the daemon holds the store but its admin socket does not answer (or this user may not use it)")
+}
+
+fn secret_path(name: &str) -> String {
+    format!("/v1/admin/secrets/{name}")
+}
+
 pub(crate) async fn put(ctx: &Context, args: PutArgs) -> anyhow::Result<ExitCode> {
     crate::name::validate(&args.name)?;
-    let value = read_value(&args)?;
     let meta: Meta = args
         .meta
         .iter()
         .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
         .collect();
-    let vault = ctx.unlock().await?;
-    let version = vault
-        .put(&args.name, "manual", &value, meta, &ctx.actor)
-        .await?;
+    // The store first: a wrong passphrase or a store in use fails before the value is typed.
+    let target = Target::of(ctx).await?;
+    let value = read_value(&args)?;
+    let version = match target {
+        Target::Store(vault) => {
+            vault
+                .put(&args.name, "manual", &value, meta, &ctx.actor)
+                .await?
+        }
+        Target::Daemon(socket) => {
+            let body = json!({ "value": value.expose(), "meta": meta });
+            let answer = admin(&socket, Method::PUT, &secret_path(&args.name), Some(body)).await?;
+            answer["version"].as_i64().unwrap_or_default()
+        }
+    };
     if args.json {
         print_json(&json!({ "name": args.name, "version": version }))?;
     } else {
@@ -175,29 +242,44 @@ pub(crate) async fn get(ctx: &Context, args: GetArgs) -> anyhow::Result<ExitCode
     crate::name::validate(&args.name)?;
     let store = match Store::open(&ctx.store_path()?, Access::Shared).await {
         Ok(store) => store,
-        // The daemon holds the store: ask it, over the agent socket, like any agent.
+        // The daemon holds the store: ask it over the agent socket, like any agent (a lease,
+        // under the policies); with --admin or --version, over the admin socket.
         Err(StoreError::Locked { .. }) => {
-            return super::agent_cmds::get(ctx, &args.name, args.version, args.json).await;
+            if args.version.is_none() && !args.admin {
+                return super::agent_cmds::get(ctx, &args).await;
+            }
+            let socket = daemon_admin(ctx).await?;
+            let query = args
+                .version
+                .map(|v| format!("?version={v}"))
+                .unwrap_or_default();
+            let path = format!("{}{query}", secret_path(&args.name));
+            let revealed = admin(&socket, Method::GET, &path, None).await?;
+            return print_revealed(&revealed, &args);
         }
         Err(e) => return Err(e.into()),
     };
     let passphrase = passphrase::obtain(Purpose::Unlock)?;
     let vault = Vault::unlock(store, &passphrase).await?;
     let revealed = vault.get(&args.name, args.version, &ctx.actor).await?;
+    let revealed = json!({
+        "name": revealed.name,
+        "version": revealed.version,
+        "value": revealed.value.expose(),
+        "meta": revealed.meta,
+    });
+    print_revealed(&revealed, &args)
+}
+
+/// Prints `{"name","version","value","meta"}` as JSON, or the value alone.
+fn print_revealed(revealed: &serde_json::Value, args: &GetArgs) -> anyhow::Result<ExitCode> {
     if args.json {
-        print_json(&json!({
-            "name": revealed.name,
-            "version": revealed.version,
-            "value": revealed.value.expose(),
-            "meta": revealed.meta,
-        }))?;
+        print_json(revealed)?;
     } else {
-        let mut out = std::io::stdout().lock();
-        out.write_all(revealed.value.expose().as_bytes())?;
-        if out.is_terminal() {
-            writeln!(out)?;
-        }
-        out.flush()?;
+        super::output::print_value(
+            revealed["value"].as_str().unwrap_or_default(),
+            args.no_newline,
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -240,8 +322,13 @@ pub(crate) async fn rm(ctx: &Context, args: RmArgs) -> anyhow::Result<ExitCode> 
             bail!("not confirmed; nothing removed");
         }
     }
-    let vault = ctx.unlock().await?;
-    let versions = vault.remove(&args.name, &ctx.actor).await?;
+    let versions = match Target::of(ctx).await? {
+        Target::Store(vault) => vault.remove(&args.name, &ctx.actor).await?,
+        Target::Daemon(socket) => admin(&socket, Method::DELETE, &secret_path(&args.name), None)
+            .await?["versions_destroyed"]
+            .as_i64()
+            .unwrap_or_default(),
+    };
     if args.json {
         print_json(&json!({ "name": args.name, "versions_destroyed": versions }))?;
     } else {
@@ -254,15 +341,25 @@ pub(crate) async fn rm(ctx: &Context, args: RmArgs) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) async fn passwd(ctx: &Context) -> anyhow::Result<ExitCode> {
-    let vault = ctx.unlock().await?;
-    let new = passphrase::obtain(Purpose::Change)?;
-    vault
-        .change_passphrase(&new, ctx.config.store.kdf, &ctx.actor)
-        .await?;
+pub(crate) async fn passwd(ctx: &Context, args: PasswdArgs) -> anyhow::Result<ExitCode> {
+    match Target::of(ctx).await? {
+        Target::Store(vault) => {
+            let new = passphrase::obtain_new(Purpose::Change, args.weak_passphrase)?;
+            vault
+                .change_passphrase(&new, ctx.config.store.kdf, &ctx.actor)
+                .await?;
+        }
+        Target::Daemon(socket) => {
+            // The daemon checks the current passphrase before it wraps under the new one.
+            let current = passphrase::obtain(Purpose::Unlock)?;
+            let new = passphrase::obtain_new(Purpose::Change, args.weak_passphrase)?;
+            let body = json!({ "current": current.as_str(), "new": new.as_str() });
+            admin(&socket, Method::POST, "/v1/admin/passwd", Some(body)).await?;
+        }
+    }
     println!(
         "passphrase changed for {} ({})",
-        vault.store().path().display(),
+        ctx.store_path()?.display(),
         ctx.config.store.kdf
     );
     Ok(ExitCode::SUCCESS)

@@ -307,6 +307,7 @@ async fn start_servers(
         &agent.admin_uids,
         &refused_uids,
         rejections,
+        config.store.kdf,
     ));
     servers.push(tokio::spawn(http::serve(
         admin_listener,

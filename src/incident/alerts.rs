@@ -69,6 +69,7 @@ impl Alerts {
             secret: secret.map(str::to_string),
             message,
             incident_id,
+            acked: None,
         };
         tracing::warn!(%kind, secret, incident = ?alert.incident_id, "ALERT: {}", alert.message);
         self.metrics.count_alert(kind);

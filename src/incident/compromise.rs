@@ -824,7 +824,10 @@ pub fn describe_plan(plan: &Plan, concurrency: usize) -> Vec<String> {
     }
     let summary = by_action
         .iter()
-        .map(|(k, v)| format!("{v} to {k}"))
+        .map(|(what, n)| match *what {
+            "needs a person" => format!("{n} left to a person"),
+            _ => format!("{n} to {what}"),
+        })
         .collect::<Vec<_>>()
         .join(", ");
     lines.insert(

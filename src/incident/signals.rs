@@ -80,6 +80,10 @@ pub struct SignalsConfig {
     pub anomaly_rate_factor: f64,
     /// ... and only above this many per minute.
     pub anomaly_min_rate: u32,
+    /// For this long after a secret's first fetch, new callers of it are learned without an
+    /// alert (a deployment starting its workers, a secret just added).
+    #[serde(deserialize_with = "crate::parse::duration")]
+    pub anomaly_learning: std::time::Duration,
     /// A command run for each alert, with the alert as JSON on stdin.
     #[serde(default)]
     pub alert_command: Vec<String>,
@@ -102,6 +106,7 @@ impl Default for SignalsConfig {
             on_anomaly: Reaction::Alert,
             anomaly_rate_factor: 10.0,
             anomaly_min_rate: 60,
+            anomaly_learning: std::time::Duration::from_secs(3600),
             alert_command: Vec::new(),
             alert_sandbox: Default::default(),
             alert_consumer: None,
@@ -199,7 +204,8 @@ impl Rate {
 #[derive(Debug, Default)]
 struct Seen {
     callers: HashSet<(String, u32, String)>,
-    secrets: HashSet<String>,
+    /// Each secret ever fetched, and when it first was.
+    secrets: HashMap<String, Millis>,
     rates: HashMap<String, Rate>,
 }
 
@@ -208,7 +214,8 @@ struct Seen {
 pub struct FetchNews {
     at: Millis,
     new_caller: bool,
-    first_ever: bool,
+    /// Within the secret's learning period: a new caller is recorded, not alerted on.
+    learning: bool,
     rate_alert: Option<(u32, f64)>,
 }
 
@@ -258,6 +265,8 @@ pub struct SignalsSettings {
     pub rate_factor: f64,
     /// Rate anomaly floor, fetches per minute.
     pub min_rate: u32,
+    /// How long after its first fetch a secret's new callers are learned silently.
+    pub learning: std::time::Duration,
 }
 
 impl From<&SignalsConfig> for SignalsSettings {
@@ -270,6 +279,7 @@ impl From<&SignalsConfig> for SignalsSettings {
             on_anomaly: c.on_anomaly,
             rate_factor: c.anomaly_rate_factor,
             min_rate: c.anomaly_min_rate,
+            learning: c.anomaly_learning,
         }
     }
 }
@@ -290,8 +300,9 @@ impl Signals {
         config: SignalsSettings,
     ) -> Result<Arc<Self>, crate::store::StoreError> {
         let mut seen = Seen::default();
-        for (secret_id, uid, exe) in engine.vault().store().access_seen().await? {
-            seen.secrets.insert(secret_id.clone());
+        for (secret_id, uid, exe, first) in engine.vault().store().access_seen().await? {
+            let earliest = seen.secrets.entry(secret_id.clone()).or_insert(first);
+            *earliest = (*earliest).min(first);
             seen.callers.insert((secret_id, uid, exe));
         }
         Ok(Arc::new(Signals {
@@ -389,10 +400,10 @@ impl Signals {
         let mut seen = self.seen.lock().expect("seen lock");
         let key = (secret_id.to_string(), uid, exe.to_string());
         let new_caller = !seen.callers.contains(&key);
-        let first_ever = !seen.secrets.contains(secret_id);
+        let first_fetch = *seen.secrets.entry(secret_id.to_string()).or_insert(now);
+        let learning = now - first_fetch < self.config.learning.as_millis() as Millis;
         if new_caller {
             seen.callers.insert(key);
-            seen.secrets.insert(secret_id.to_string());
         }
         let rate = match seen.rates.get_mut(secret_id) {
             Some(rate) => rate,
@@ -402,7 +413,7 @@ impl Signals {
         (new_caller || rate_alert.is_some()).then_some(FetchNews {
             at: now,
             new_caller,
-            first_ever,
+            learning,
             rate_alert,
         })
     }
@@ -436,7 +447,7 @@ impl Signals {
             }
         }
         let mut anomalies = Vec::new();
-        if news.new_caller && !news.first_ever {
+        if news.new_caller && !news.learning {
             anomalies.push(format!(
                 "{name} was fetched by a caller never seen before: {caller}"
             ));

@@ -47,8 +47,8 @@ pub struct EngineSettings {
 /// Something that happened to a rotation, for waiters and watchers.
 #[derive(Debug, Clone)]
 pub struct RotationEvent {
-    /// The rotation.
-    pub rotation_id: String,
+    /// The rotation; `None` for a value a person stored (`put` through the daemon).
+    pub rotation_id: Option<String>,
     /// The secret.
     pub secret: String,
     /// Its state after the event.
@@ -252,7 +252,7 @@ impl Engine {
             waiting.send_replace(Some((state, error.is_some())));
         }
         let _ = self.events.send(RotationEvent {
-            rotation_id: rotation.id.clone(),
+            rotation_id: Some(rotation.id.clone()),
             secret: rotation.secret_name.clone(),
             state,
             promoted_version: (state == RotationState::Promoted)
@@ -260,6 +260,32 @@ impl Engine {
                 .flatten(),
             error,
         });
+    }
+
+    /// Tells watchers that a person stored `version` of `name` (a `put` through the daemon),
+    /// and brings its consumers up to date in the background.
+    pub fn value_stored(self: &Arc<Self>, name: &str, version: i64) {
+        let _ = self.events.send(RotationEvent {
+            rotation_id: None,
+            secret: name.to_string(),
+            state: RotationState::Done,
+            promoted_version: Some(version),
+            error: None,
+        });
+        if self
+            .catalog
+            .secrets
+            .get(name)
+            .is_some_and(|s| !s.consumers.is_empty())
+        {
+            let engine = self.clone();
+            let name = name.to_string();
+            tokio::spawn(async move {
+                if let Err(e) = engine.sync_consumers(&name).await {
+                    tracing::warn!(secret = %name, error = %e, "could not push the stored value to its consumers");
+                }
+            });
+        }
     }
 
     pub(super) fn provider(&self, spec: &SecretSpec) -> Option<&Provider> {

@@ -75,6 +75,36 @@ pub use journal::{Reason, RotationState};
 pub use records::*;
 pub use sqlite::SqliteStore;
 
+/// Why `path` cannot be reached: the deepest directory on the way that this user can see,
+/// with its owner and mode.
+fn permission_denied(path: &Path) -> StoreError {
+    use std::os::unix::fs::MetadataExt;
+    let blocking = path
+        .ancestors()
+        .skip(1)
+        .find_map(|dir| std::fs::metadata(dir).ok().map(|m| (dir.to_path_buf(), m)));
+    let (blocking, owner, mode) = match blocking {
+        Some((dir, meta)) => (dir, user_name(meta.uid()), meta.mode() & 0o7777),
+        None => (PathBuf::from("/"), "an unknown user".into(), 0),
+    };
+    StoreError::PermissionDenied {
+        path: path.to_path_buf(),
+        blocking,
+        owner,
+        mode,
+    }
+}
+
+/// The name /etc/passwd gives `uid`, else `uid N`.
+fn user_name(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == uid.to_string())
+        .map_or(format!("uid {uid}"), |f| format!("{} (uid {uid})", f[0]))
+}
+
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -85,6 +115,21 @@ pub enum StoreError {
         path: PathBuf,
         /// How to create one.
         hint: &'static str,
+    },
+    /// A directory on the way to the store cannot be entered by this user.
+    #[error(
+        "cannot reach the store at {path}: permission denied ({blocking} belongs to {owner}, \
+         mode {mode:o}); run keywarden as that user, or point --store or [store] path elsewhere"
+    )]
+    PermissionDenied {
+        /// The store.
+        path: PathBuf,
+        /// The deepest directory on the way that this user can see but not enter or read.
+        blocking: PathBuf,
+        /// Its owner: a user name where /etc/passwd has one, else `uid N`.
+        owner: String,
+        /// Its permission bits.
+        mode: u32,
     },
     /// The store file exists but cannot be opened.
     #[error("cannot open the store at {path}: {source}")]
@@ -281,12 +326,18 @@ impl Store {
     /// migrations if needed. With [`Access::Exclusive`] reads of current versions are cached.
     pub async fn open(path: &Path, access: Access) -> Result<Store, StoreError> {
         // Look for the file before creating its lock file beside it.
-        if !path.exists() {
-            return Err(StoreError::NotFound {
-                path: path.to_path_buf(),
-                hint: "run `keywarden init` to create one, or point --store or [store] path at \
-                       an existing store",
-            });
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(permission_denied(path));
+            }
+            Err(_) => {
+                return Err(StoreError::NotFound {
+                    path: path.to_path_buf(),
+                    hint: "run `keywarden init` to create one, or point --store or [store] path \
+                           at an existing store",
+                });
+            }
+            Ok(_) => {}
         }
         let lock = take_lock(path, access)?;
         let backend = SqliteStore::open(

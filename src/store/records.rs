@@ -491,6 +491,8 @@ pub struct AlertRecord {
     pub message: String,
     /// The incident it started, if any.
     pub incident_id: Option<String>,
+    /// When and by whom it was acknowledged, if it was.
+    pub acked: Option<(Millis, String)>,
 }
 
 /// What a consumer has acknowledged for a secret.

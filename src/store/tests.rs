@@ -149,7 +149,7 @@ async fn unknown_spellings_in_rows_are_corruption_naming_the_row() {
         .execute(&db)
         .await
         .unwrap();
-    let err = t.store.recent_alerts(10).await.unwrap_err();
+    let err = t.store.recent_alerts(10, false).await.unwrap_err();
     assert!(
         err.to_string().contains("unknown alert kind \"rumour\""),
         "{err}"

@@ -113,7 +113,7 @@ impl Env {
 
     /// `get NAME`, returning the raw value.
     pub fn get(&self, name: &str) -> String {
-        self.ok(&["get", name], None)
+        self.ok(&["get", name, "--no-newline"], None)
     }
 
     /// Runs SQL statements against the store file directly (as an attacker or a bad disk would).

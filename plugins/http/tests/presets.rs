@@ -195,7 +195,7 @@ fn openai_service_accounts_rotate_without_orphans() {
     env.put("openai/admin", "sk-admin-test");
     let (code, first) = rotate(&env, "openai/prod");
     assert_eq!(code, Some(0), "{first}");
-    let first_key = env.ok(&["get", "openai/prod"], None);
+    let first_key = env.ok(&["get", "openai/prod", "-n"], None);
     // The next create fails after the provider stored the account: the retry must clean it up.
     state.lock().unwrap().fail_next_create_after_storing = true;
     let (code, second) = rotate(&env, "openai/prod");

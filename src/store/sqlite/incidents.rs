@@ -194,11 +194,17 @@ impl SqliteStore {
         Ok(id)
     }
 
-    /// The most recent alerts, newest first.
-    pub async fn recent_alerts(&self, limit: i64) -> Result<Vec<AlertRecord>, StoreError> {
+    /// The most recent alerts, newest first; with `unacked_only`, those no one acknowledged.
+    pub async fn recent_alerts(
+        &self,
+        limit: i64,
+        unacked_only: bool,
+    ) -> Result<Vec<AlertRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, at, kind, secret, message, incident_id FROM alerts ORDER BY id DESC LIMIT ?",
+            "SELECT id, at, kind, secret, message, incident_id, acked_at, acked_by FROM alerts \
+             WHERE NOT ? OR acked_at IS NULL ORDER BY id DESC LIMIT ?",
         )
+        .bind(unacked_only)
         .bind(limit)
         .fetch_all(&self.reader)
         .await?;
@@ -207,6 +213,8 @@ impl SqliteStore {
                 let id: i64 = r.try_get(0)?;
                 let kind = AlertKind::parse(&r.try_get::<String, _>(2)?)
                     .map_err(|e| e.in_row(format!("alert {id}")))?;
+                let acked_at: Option<Millis> = r.try_get(6)?;
+                let acked_by: Option<String> = r.try_get(7)?;
                 Ok(AlertRecord {
                     id,
                     at: r.try_get(1)?,
@@ -214,9 +222,44 @@ impl SqliteStore {
                     secret: r.try_get(3)?,
                     message: r.try_get(4)?,
                     incident_id: r.try_get(5)?,
+                    acked: acked_at.map(|at| (at, acked_by.unwrap_or_default())),
                 })
             })
             .collect()
+    }
+
+    /// Acknowledges alerts (these ids, or every one not yet acknowledged), with the audit row
+    /// `audit` (its detail gets the ids). Returns the ids acknowledged now.
+    pub async fn ack_alerts(
+        &self,
+        ids: Option<&[i64]>,
+        by: &str,
+        audit: AuditEvent,
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let open: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM alerts WHERE acked_at IS NULL ORDER BY id")
+                .fetch_all(&mut *tx)
+                .await?;
+        let acked: Vec<i64> = open
+            .into_iter()
+            .filter(|id| ids.is_none_or(|ids| ids.contains(id)))
+            .collect();
+        let now = now_millis();
+        for id in &acked {
+            sqlx::query("UPDATE alerts SET acked_at = ?, acked_by = ? WHERE id = ?")
+                .bind(now)
+                .bind(by)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !acked.is_empty() {
+            let audit = audit.detail(serde_json::json!({ "alerts": acked }));
+            append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
+        }
+        tx.commit().await?;
+        Ok(acked)
     }
 
     /// An incident by id.

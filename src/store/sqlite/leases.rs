@@ -160,10 +160,10 @@ impl SqliteStore {
             .collect()
     }
 
-    /// Every (secret id, uid, executable) seen fetching.
-    pub async fn access_seen(&self) -> Result<Vec<(String, u32, String)>, StoreError> {
+    /// Every (secret id, uid, executable) seen fetching, with when it first was.
+    pub async fn access_seen(&self) -> Result<Vec<(String, u32, String, Millis)>, StoreError> {
         Ok(
-            sqlx::query_as("SELECT secret_id, uid, exe FROM access_seen")
+            sqlx::query_as("SELECT secret_id, uid, exe, first_seen FROM access_seen")
                 .fetch_all(&self.reader)
                 .await?,
         )
