@@ -80,6 +80,13 @@ struct PasswdBody {
     new: String,
 }
 
+/// The body of `POST /v1/admin/copies`: candidate values found in plaintext (`scan`).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CopiesBody {
+    values: Vec<String>,
+}
+
 /// The body of `POST /v1/admin/alerts/ack`: these alerts, or all of them.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -347,6 +354,28 @@ impl AdminApi {
         }
     }
 
+    /// `POST /v1/admin/copies` `{"values":[…]}`: for each value, the stored versions it is a
+    /// plaintext copy of (`[[{"secret","version","stage"}]]`), matched by keyed fingerprint.
+    async fn copies(&self, body: &Bytes) -> Response<Full<Bytes>> {
+        let Ok(body) = serde_json::from_slice::<CopiesBody>(body) else {
+            return http::error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the body must be {\"values\": [STRING, …]}",
+            );
+        };
+        let values: Vec<zeroize::Zeroizing<String>> = body
+            .values
+            .into_iter()
+            .map(zeroize::Zeroizing::new)
+            .collect();
+        let refs: Vec<&str> = values.iter().map(|v| v.as_str()).collect();
+        match self.services.vault.copies_of(&refs).await {
+            Ok(found) => http::json(StatusCode::OK, &copies_json(&found)),
+            Err(e) => vault_error(e),
+        }
+    }
+
     /// `POST /v1/admin/alerts/ack`: acknowledges alerts as the admin (audited `alert.acked`).
     async fn ack_alerts(&self, body: &Bytes, peer: Peer) -> Response<Full<Bytes>> {
         let body: AckBody = match serde_json::from_slice(body) {
@@ -533,6 +562,7 @@ impl Handler for AdminApi {
             (&Method::POST, "/v1/admin/passwd") => {
                 self.passwd(request.body(), peer, self.kdf).await
             }
+            (&Method::POST, "/v1/admin/copies") => self.copies(request.body()).await,
             (&Method::GET, "/v1/admin/alerts") => {
                 match self.services.vault.store().recent_alerts(100, false).await {
                     Ok(alerts) => http::json(
@@ -571,14 +601,19 @@ impl Handler for AdminApi {
                 }
             }
             (&Method::GET, "/v1/admin/status") => {
-                match crate::status::report(
+                let report = crate::status::report(
                     self.services.vault.store(),
                     Some(&self.services.catalog.plugins),
                 )
-                .await
-                {
-                    Ok(report) => http::json(StatusCode::OK, &report),
-                    Err(e) => {
+                .await;
+                let people = self.services.incidents.waiting_for_people().await;
+                match (report, people) {
+                    (Ok(mut report), Ok(people)) => {
+                        report["needs_person"] = serde_json::Value::Array(people);
+                        http::json(StatusCode::OK, &report)
+                    }
+                    (_, Err(e)) => compromise_error(e),
+                    (Err(e), _) => {
                         http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
                     }
                 }
@@ -613,6 +648,25 @@ impl Handler for AdminApi {
             ),
         }
     }
+}
+
+/// The answer of `POST /v1/admin/copies` (and what `scan` builds the same way without a
+/// daemon).
+pub fn copies_json(found: &[Vec<(String, i64, crate::store::Stage)>]) -> serde_json::Value {
+    serde_json::Value::Array(
+        found
+            .iter()
+            .map(|hits| {
+                serde_json::Value::Array(
+                    hits.iter()
+                        .map(|(secret, version, stage)| {
+                            json!({ "secret": secret, "version": version, "stage": stage.as_str() })
+                        })
+                        .collect(),
+                )
+            })
+            .collect(),
+    )
 }
 
 /// A vault error as an answer: unknown secrets 404, bad input 400, a wrong passphrase 403.

@@ -20,6 +20,7 @@
 //! - [`daemon`]: `serve` wiring; [`admin`]: the admin API; [`metrics`]: `/metrics`;
 //!   [`http`]: HTTP over Unix sockets.
 //! - [`status`]: what `list` and `status` report; [`clock`]: time, pausable in tests.
+//! - [`scan`]: what a credential harvester would find on this host (`keywarden scan`).
 //! - [`cli`]: the `keywarden` command line.
 
 // `unsafe` is denied everywhere; `sys` holds the only (audited) calls that need it.
@@ -66,6 +67,7 @@ pub mod provider;
 pub mod rejections;
 pub mod rotation;
 pub mod sandbox;
+pub mod scan;
 pub mod services;
 pub mod status;
 pub mod store;

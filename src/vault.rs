@@ -576,6 +576,20 @@ impl Vault {
             .ok_or_else(|| VaultError::NoSuchSecret(name.to_string()))
     }
 
+    /// For each value, the stored versions it is a copy of (secret, version, stage), by keyed
+    /// fingerprint: no value is decrypted or kept.
+    pub async fn copies_of(
+        &self,
+        values: &[&str],
+    ) -> Result<Vec<Vec<(String, i64, crate::store::Stage)>>, VaultError> {
+        let mut found = Vec::with_capacity(values.len());
+        for value in values {
+            let fingerprint = self.fingerprint(value.as_bytes());
+            found.push(self.store.versions_by_fingerprint(&fingerprint).await?);
+        }
+        Ok(found)
+    }
+
     /// Fails with [`VaultError::WrongPassphrase`] unless `passphrase` opens this store.
     pub async fn check_passphrase(&self, passphrase: &Passphrase) -> Result<(), VaultError> {
         let header = self.store.header().await?;

@@ -614,6 +614,11 @@ fn an_incident_with_a_secret_left_to_a_person_finishes_is_not_resumed_and_a_put_
         serde_json::json!([]),
         "nothing is open: {status}"
     );
+    let screen = env.ok(&["status"], None);
+    assert!(
+        screen.contains(&format!("NEEDS A PERSON ops/manual (incident {id})")),
+        "status shows what is left to a person: {screen}"
+    );
 
     // A restart neither resumes the incident nor revokes what was fetched since.
     assert_eq!(daemon.terminate(), Some(0));
@@ -651,6 +656,10 @@ fn an_incident_with_a_secret_left_to_a_person_finishes_is_not_resumed_and_a_put_
         listed.contains(&id) && listed.contains("finished"),
         "{listed}"
     );
+    let daemon = env.start_daemon();
+    let screen = env.ok(&["status"], None);
+    assert!(!screen.contains("NEEDS A PERSON"), "resolved: {screen}");
+    assert_eq!(daemon.terminate(), Some(0));
 
     // Closing by hand is audited, and a closed incident is never reopened.
     assert!(env.ok(&["incident", "close", &id], None).contains("closed"));

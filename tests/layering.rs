@@ -38,6 +38,7 @@ const MIDDLE: &[&str] = &[
     "provider",
     "rejections",
     "rotation",
+    "scan",
 ];
 const TOP: &[&str] = &[
     "admin",

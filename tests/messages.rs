@@ -133,3 +133,29 @@ fn init_refuses_a_short_passphrase_typed_at_a_terminal_unless_told() {
     assert!(accepted.contains("created a store"), "{accepted}");
     assert!(env.store.exists());
 }
+
+#[test]
+fn without_config_or_variable_the_users_config_file_is_found() {
+    if std::path::Path::new("/etc/keywarden/keywarden.toml").exists() {
+        eprintln!("this machine has /etc/keywarden/keywarden.toml, which comes first");
+        return;
+    }
+    let env = Env::initialized();
+    env.put("found/me", "v");
+    let home = env.dir.path().join("home");
+    let dir = home.join(".config/keywarden");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "path = \"data/vault.db\"",
+        &format!("path = {:?}", env.store.display().to_string()),
+    );
+    std::fs::write(dir.join("keywarden.toml"), config).unwrap();
+    let mut cmd = env.cmd();
+    cmd.env_remove("KEYWARDEN_CONFIG")
+        .env_remove("XDG_CONFIG_HOME")
+        .env("HOME", &home);
+    let out = common::run_with(cmd, &["list"], None);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(listed.contains("found/me"), "{listed}");
+}

@@ -317,7 +317,22 @@ pub(crate) async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<Ex
             i["incident_id"].as_str().unwrap_or("")
         );
     }
+    for p in report["needs_person"].as_array().into_iter().flatten() {
+        println!(
+            "NEEDS A PERSON {} (incident {}): {}",
+            p["name"].as_str().unwrap_or(""),
+            p["incident_id"].as_str().unwrap_or(""),
+            p["error"].as_str().unwrap_or("")
+        );
+    }
     for s in report["secrets"].as_array().into_iter().flatten() {
+        if s["version"].is_null() && s["provider"] == "manual" {
+            println!(
+                "NO VALUE {}: store one with `keywarden put {}`",
+                s["name"].as_str().unwrap_or(""),
+                s["name"].as_str().unwrap_or("")
+            );
+        }
         if s["quarantined"] == true {
             println!(
                 "QUARANTINED {}: {} (resume with `keywarden rotate {}`)",

@@ -7,6 +7,7 @@ mod audit_cmd;
 mod compromise_cmd;
 mod daemon_cmds;
 mod output;
+mod scan_cmd;
 mod vault_cmds;
 
 use std::io::IsTerminal;
@@ -95,6 +96,11 @@ enum Command {
     /// Rotate everything in a scope now; with --assume-compromise, revoke leases and old
     /// versions without grace. Prints the plan first, then an incident report.
     RotateAll(compromise_cmd::RotateAllArgs),
+    /// Show what a credential harvester would take from this host (never the values), and
+    /// which of it is a copy of a secret keywarden manages.
+    Scan(scan_cmd::ScanArgs),
+    /// Move plaintext credentials from a `.env` file or the environment into the store.
+    Import(scan_cmd::ImportArgs),
     /// List alerts, or acknowledge them so they leave `status`.
     #[command(subcommand)]
     Alerts(alerts_cmd::AlertsCommand),
@@ -222,5 +228,7 @@ async fn run(cli: Cli, inherited: crate::hardening::Inherited) -> anyhow::Result
         Command::RotateAll(args) => compromise_cmd::rotate_all(&ctx, args).await,
         Command::Incident(cmd) => compromise_cmd::incident(&ctx, cmd).await,
         Command::Alerts(cmd) => alerts_cmd::run(&ctx, cmd).await,
+        Command::Scan(args) => scan_cmd::scan(&ctx, args).await,
+        Command::Import(args) => scan_cmd::import(&ctx, args).await,
     }
 }

@@ -174,13 +174,13 @@ fn read_value(args: &PutArgs) -> anyhow::Result<SecretValue> {
 
 /// Where a store command runs: on the store, unlocked here, or through the admin socket of
 /// the daemon that holds it (audited as that admin's action; no passphrase asked).
-enum Target {
+pub(super) enum Target {
     Store(Box<Vault>),
     Daemon(PathBuf),
 }
 
 impl Target {
-    async fn of(ctx: &Context) -> anyhow::Result<Target> {
+    pub(super) async fn of(ctx: &Context) -> anyhow::Result<Target> {
         match ctx.open_store(Access::Shared).await {
             Ok(store) => {
                 let passphrase = passphrase::obtain(Purpose::Unlock)?;
@@ -193,6 +193,26 @@ impl Target {
                 _ => Err(e),
             },
         }
+    }
+}
+
+impl Target {
+    /// Stores `value` as the next version of `name` (a `manual` secret if new); its number.
+    pub(super) async fn put(
+        &self,
+        ctx: &Context,
+        name: &str,
+        value: &SecretValue,
+        meta: Meta,
+    ) -> anyhow::Result<i64> {
+        Ok(match self {
+            Target::Store(vault) => vault.put(name, "manual", value, meta, &ctx.actor).await?,
+            Target::Daemon(socket) => {
+                let body = json!({ "value": value.expose(), "meta": meta });
+                let answer = admin(socket, Method::PUT, &secret_path(name), Some(body)).await?;
+                answer["version"].as_i64().unwrap_or_default()
+            }
+        })
     }
 }
 
@@ -218,18 +238,7 @@ pub(crate) async fn put(ctx: &Context, args: PutArgs) -> anyhow::Result<ExitCode
     // The store first: a wrong passphrase or a store in use fails before the value is typed.
     let target = Target::of(ctx).await?;
     let value = read_value(&args)?;
-    let version = match target {
-        Target::Store(vault) => {
-            vault
-                .put(&args.name, "manual", &value, meta, &ctx.actor)
-                .await?
-        }
-        Target::Daemon(socket) => {
-            let body = json!({ "value": value.expose(), "meta": meta });
-            let answer = admin(&socket, Method::PUT, &secret_path(&args.name), Some(body)).await?;
-            answer["version"].as_i64().unwrap_or_default()
-        }
-    };
+    let version = target.put(ctx, &args.name, &value, meta).await?;
     if args.json {
         print_json(&json!({ "name": args.name, "version": version }))?;
     } else {

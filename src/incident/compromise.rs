@@ -32,6 +32,11 @@ pub const MAX_CONCURRENCY: usize = 1024;
 /// `[daemon] max_concurrent_rotations`.
 pub const DEFAULT_CONCURRENCY: usize = 32;
 
+/// How far back `status` looks for what incidents left to a person...
+pub const PERSON_ACTIONS_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
+/// ... in at most this many incidents, the newest.
+pub const PERSON_ACTIONS_INCIDENTS: usize = 10;
+
 /// What a run will do to one secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -365,6 +370,33 @@ impl Incidents {
                 })
             })
             .collect())
+    }
+
+    /// What incidents still wait for a person to do: each secret left to a person and not
+    /// given a new value since, in the newest [`PERSON_ACTIONS_INCIDENTS`] incidents of the
+    /// last [`PERSON_ACTIONS_FOR`] that no one closed by hand (each secret once).
+    pub async fn waiting_for_people(&self) -> Result<Vec<serde_json::Value>, CompromiseError> {
+        let since = self.engine.clock().now() - PERSON_ACTIONS_FOR.as_millis() as Millis;
+        let mut seen = HashSet::new();
+        let mut waiting = Vec::new();
+        let incidents = self.engine.vault().store().all_incidents().await?;
+        for incident in incidents
+            .iter()
+            .rev()
+            .filter(|i| i.closed_by.is_none() && i.started_at >= since)
+            .take(PERSON_ACTIONS_INCIDENTS)
+        {
+            for f in self.report(&incident.id).await?.needs_person {
+                if seen.insert(f.name.clone()) {
+                    waiting.push(json!({
+                        "incident_id": incident.id,
+                        "name": f.name,
+                        "error": f.error,
+                    }));
+                }
+            }
+        }
+        Ok(waiting)
     }
 
     /// Closes incident `id` by hand (`actor` is audited): it counts as finished and is never

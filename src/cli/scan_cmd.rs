@@ -1,0 +1,477 @@
+//! `scan`: what a credential harvester would take from this host, and which of it keywarden
+//! already manages; `import`: moving plaintext credentials out of `.env` files (or the
+//! environment) into the store.
+
+use std::io::IsTerminal;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use hyper::Method;
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+use super::Context;
+use super::daemon_cmds::{admin, daemon_socket};
+use super::output::print_json;
+use crate::passphrase::{self, Purpose};
+use crate::scan::{self, Finding, Severity};
+use crate::store::Access;
+use crate::vault::Vault;
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    keywarden scan                      # this user's home, readable processes, system places\n  \
+    keywarden scan --all-users --json   # as root: every home\n  \
+    keywarden scan --home /srv/app --fail-on critical\n\n\
+    Values are never printed: a finding shows the first characters and the length. Exit code 1 \
+    when a finding at or above --fail-on is found. Nothing is sent anywhere.")]
+pub(crate) struct ScanArgs {
+    /// Print {"findings":[…],"files_scanned","processes_scanned","matched_against_store"}.
+    #[arg(long)]
+    json: bool,
+    /// A home directory to scan (repeatable). Default: $HOME, plus the system places and every
+    /// Python on PATH; given explicitly, only these homes (and process environments).
+    #[arg(long = "home", value_name = "DIR")]
+    homes: Vec<PathBuf>,
+    /// Every user's home (from /etc/passwd); needs root to read them.
+    #[arg(long)]
+    all_users: bool,
+    /// Exit 1 when a finding is at least this severe.
+    #[arg(long, value_enum, default_value_t = Severity::High)]
+    fail_on: Severity,
+}
+
+pub(crate) async fn scan(ctx: &Context, args: ScanArgs) -> anyhow::Result<ExitCode> {
+    let explicit = !args.homes.is_empty();
+    let mut homes = args.homes.clone();
+    if args.all_users {
+        homes.extend(all_homes());
+    } else if !explicit {
+        homes.extend(std::env::var_os("HOME").map(PathBuf::from));
+    }
+    homes.sort();
+    homes.dedup();
+    let options = scan::Options {
+        homes,
+        processes: true,
+        system: !explicit || args.all_users,
+    };
+    let report = tokio::task::spawn_blocking(move || scan::scan(&options)).await?;
+    let copies = copies(ctx, &report.findings).await;
+    let worst = report.findings.iter().map(|f| f.severity).max();
+    if args.json {
+        let findings: Vec<Value> = report
+            .findings
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let mut v = serde_json::to_value(f).expect("findings serialize");
+                v["managed"] = copies
+                    .as_ref()
+                    .and_then(|c| c.get(i).cloned())
+                    .unwrap_or(Value::Null);
+                v
+            })
+            .collect();
+        print_json(&json!({
+            "findings": findings,
+            "files_scanned": report.files_scanned,
+            "processes_scanned": report.processes_scanned,
+            "matched_against_store": copies.is_some(),
+        }))?;
+    } else {
+        for (i, f) in report.findings.iter().enumerate() {
+            let managed = copies
+                .as_ref()
+                .and_then(|c| c.get(i))
+                .filter(|m| !m.is_null())
+                .map(describe_copy)
+                .unwrap_or_default();
+            println!(
+                "{:<8} {:<26} {}{}{}",
+                format!("{:?}", f.severity).to_uppercase(),
+                f.kind,
+                f.place,
+                f.masked
+                    .as_ref()
+                    .map(|m| format!("  {m}"))
+                    .unwrap_or_default(),
+                managed
+            );
+            println!("         fix: {}", f.fix);
+        }
+        println!(
+            "{} finding(s) in {} file(s) and {} process environment(s){}",
+            report.findings.len(),
+            report.files_scanned,
+            report.processes_scanned,
+            if copies.is_some() {
+                ""
+            } else {
+                " (not matched against the store: no daemon, and no store or passphrase here)"
+            }
+        );
+    }
+    Ok(if worst.is_some_and(|w| w >= args.fail_on) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `  = a copy of openai/prod version 3 (current)`.
+fn describe_copy(hit: &Value) -> String {
+    format!(
+        "  = a copy of {} version {} ({})",
+        hit["secret"].as_str().unwrap_or(""),
+        hit["version"],
+        hit["stage"].as_str().unwrap_or("")
+    )
+}
+
+/// For each finding, the newest stored version it is a copy of (or null): through the daemon,
+/// or on the store unlocked here; `None` when neither is possible.
+async fn copies(ctx: &Context, findings: &[Finding]) -> Option<Vec<Value>> {
+    let values: Vec<&str> = findings
+        .iter()
+        .map(|f| f.value.as_ref().map_or("", |v| v.expose()))
+        .collect();
+    let found = if let Some(socket) = daemon_socket(ctx).await {
+        let body = json!({ "values": values });
+        admin(socket, Method::POST, "/v1/admin/copies", Some(body))
+            .await
+            .ok()?
+    } else {
+        let store = ctx.open_store(Access::ReadOnly).await.ok()?;
+        let passphrase = passphrase::obtain(Purpose::Unlock).ok()?;
+        let vault = Vault::unlock(store, &passphrase).await.ok()?;
+        crate::admin::copies_json(&vault.copies_of(&values).await.ok()?)
+    };
+    Some(
+        found
+            .as_array()?
+            .iter()
+            .zip(findings)
+            .map(|(hits, f)| match (&f.value, hits.as_array()) {
+                // The newest version it copies says most (is it still current?).
+                (Some(_), Some(hits)) => hits
+                    .iter()
+                    .max_by_key(|h| h["version"].as_i64())
+                    .cloned()
+                    .unwrap_or(Value::Null),
+                _ => Value::Null,
+            })
+            .collect(),
+    )
+}
+
+/// Home directories of every account in /etc/passwd that has one, and /root.
+fn all_homes() -> Vec<PathBuf> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let mut homes: Vec<PathBuf> = passwd
+        .lines()
+        .filter_map(|l| l.split(':').nth(5))
+        .map(PathBuf::from)
+        .filter(|h| h.is_dir() && h != Path::new("/") && !h.starts_with("/nonexistent"))
+        .collect();
+    homes.push(PathBuf::from("/root"));
+    homes
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    keywarden import --env-file app/.env --prefix app/            # store, print the config\n  \
+    keywarden import --env-file app/.env --prefix app/ --shred --yes\n  \
+    keywarden import --env OPENAI_API_KEY --prefix agent/\n\n\
+    Only lines that hold credentials (a known token shape, or a name like *_API_KEY, *_TOKEN, \
+    *_SECRET, *PASSWORD*) are imported; the rest of the file stays. --shred rewrites the file \
+    without them (same owner and mode; a file left empty is removed). Overwriting a file does not \
+    reach copies a journaling file system or an SSD keeps elsewhere: rotate what you import \
+    (--rotate does, where the secret's provider can).")]
+pub(crate) struct ImportArgs {
+    /// A `.env`-style file of VAR=value lines.
+    #[arg(long, value_name = "FILE", required_unless_present = "env")]
+    env_file: Option<PathBuf>,
+    /// A variable of this process's environment (repeatable).
+    #[arg(long = "env", value_name = "VAR")]
+    env: Vec<String>,
+    /// Secret names are this prefix plus the variable's name in lower case, `_` as `-`.
+    #[arg(long, default_value = "imported/")]
+    prefix: String,
+    /// Remove the imported lines from the file afterwards.
+    #[arg(long, requires = "env_file")]
+    shred: bool,
+    /// Ask the daemon to rotate each imported secret whose declared provider can create one.
+    #[arg(long)]
+    rotate: bool,
+    /// Do not ask before shredding (needed without a terminal).
+    #[arg(long)]
+    yes: bool,
+    /// Print {"imported":[{"variable","secret","version","kind"}],"shredded","rotated"}.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One credential to import.
+struct Candidate {
+    variable: String,
+    value: Zeroizing<String>,
+    kind: String,
+    /// Its line number in the file (0-based), for --shred.
+    line: Option<usize>,
+}
+
+pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<ExitCode> {
+    let mut candidates = Vec::new();
+    let mut file_text = None;
+    if let Some(path) = &args.env_file {
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        );
+        for (n, line) in text.lines().enumerate() {
+            if let Some((variable, value)) = env_line(line) {
+                if let Some(kind) = credential_kind(&variable, &value) {
+                    candidates.push(Candidate {
+                        variable,
+                        value,
+                        kind,
+                        line: Some(n),
+                    });
+                }
+            }
+        }
+        file_text = Some(text);
+    }
+    for variable in &args.env {
+        let value = Zeroizing::new(
+            std::env::var(variable)
+                .with_context(|| format!("{variable} is not set in this environment"))?,
+        );
+        let kind = credential_kind(variable, &value).unwrap_or_else(|| "value".into());
+        candidates.push(Candidate {
+            variable: variable.clone(),
+            value,
+            kind,
+            line: None,
+        });
+    }
+    if candidates.is_empty() {
+        bail!("nothing that looks like a credential to import");
+    }
+    let target = super::vault_cmds::Target::of(ctx).await?;
+    let mut imported = Vec::new();
+    for c in &candidates {
+        let name = format!(
+            "{}{}",
+            args.prefix,
+            c.variable.to_ascii_lowercase().replace('_', "-")
+        );
+        crate::name::validate(&name)
+            .with_context(|| format!("{} would be stored as {name:?}", c.variable))?;
+        let value = crate::value::SecretValue::new(c.value.to_string());
+        let version = target
+            .put(ctx, &name, &value, crate::vault::Meta::new())
+            .await?;
+        imported.push(json!({
+            "variable": c.variable,
+            "secret": name,
+            "version": version,
+            "kind": c.kind,
+        }));
+    }
+    let mut shredded = false;
+    if let (true, Some(path), Some(text)) = (args.shred, &args.env_file, &file_text) {
+        confirm_shred(path, args.yes)?;
+        let lines: Vec<usize> = candidates.iter().filter_map(|c| c.line).collect();
+        shred(path, text, &lines)?;
+        shredded = true;
+    }
+    let rotated = if args.rotate {
+        rotate(ctx, &imported).await
+    } else {
+        Vec::new()
+    };
+    if args.json {
+        print_json(&json!({ "imported": imported, "shredded": shredded, "rotated": rotated }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for i in &imported {
+        eprintln!(
+            "stored {} ({}) as {} version {}",
+            i["variable"].as_str().unwrap_or(""),
+            i["kind"].as_str().unwrap_or(""),
+            i["secret"].as_str().unwrap_or(""),
+            i["version"]
+        );
+    }
+    println!("# keywarden.toml: declare them (manual until a plugin rotates them)");
+    for i in &imported {
+        println!(
+            "[secrets.\"{}\"]\nprovider = \"manual\"\n",
+            i["secret"].as_str().unwrap_or("")
+        );
+    }
+    println!("# run the app with them (put these lines in a file for --env-file):");
+    let mut exec = String::from("keywarden exec");
+    for i in &imported {
+        let var = i["variable"].as_str().unwrap_or("");
+        let secret = i["secret"].as_str().unwrap_or("");
+        println!("# {var}={secret}");
+        exec.push_str(&format!(" --env {var}={secret}"));
+    }
+    println!("{exec} -- YOUR-APP");
+    if shredded {
+        eprintln!(
+            "removed the imported lines from {}; rotate the values too (they sat in plaintext)",
+            args.env_file
+                .as_ref()
+                .expect("shred needs a file")
+                .display()
+        );
+    }
+    for r in &rotated {
+        eprintln!("{r}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `VAR=value` (or `export VAR="value"`), quotes removed; comments and blank lines are `None`.
+fn env_line(line: &str) -> Option<(String, Zeroizing<String>)> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let line = line.strip_prefix("export ").unwrap_or(line);
+    let (var, value) = line.split_once('=')?;
+    let var = var.trim();
+    if var.is_empty() || !var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return None;
+    }
+    let value = value.trim();
+    let value = value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .or_else(|| value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+        .unwrap_or(value);
+    Some((var.to_string(), Zeroizing::new(value.to_string())))
+}
+
+/// The kind of credential `value` is (by its shape, else by its variable's name), or `None`.
+fn credential_kind(variable: &str, value: &str) -> Option<String> {
+    if value.is_empty() {
+        return None;
+    }
+    if let Some(m) = scan::patterns::find(value).first() {
+        return Some(m.kind.to_string());
+    }
+    scan::places::secret_variable(variable).then(|| "secret-variable".to_string())
+}
+
+fn confirm_shred(path: &Path, yes: bool) -> anyhow::Result<()> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "refusing to rewrite {} without --yes (stdin is not a terminal); the values are stored",
+            path.display()
+        );
+    }
+    eprint!(
+        "Remove the imported lines from {}? Type yes: ",
+        path.display()
+    );
+    let mut typed = String::new();
+    std::io::stdin().read_line(&mut typed)?;
+    if typed.trim() != "yes" {
+        bail!("not confirmed; the file is unchanged (the values are stored)");
+    }
+    Ok(())
+}
+
+/// Rewrites `path` without the lines `drop`, atomically (a new file beside it, same owner and
+/// mode, synced, renamed over it); removes it when nothing but blank lines and comments is left.
+fn shred(path: &Path, text: &str, drop: &[usize]) -> anyhow::Result<()> {
+    let kept: Vec<&str> = text
+        .lines()
+        .enumerate()
+        .filter(|(n, _)| !drop.contains(n))
+        .map(|(_, l)| l)
+        .collect();
+    let meta = std::fs::metadata(path)?;
+    if kept
+        .iter()
+        .all(|l| l.trim().is_empty() || l.trim().starts_with('#'))
+    {
+        overwrite(path, meta.len())?;
+        std::fs::remove_file(path)?;
+        return Ok(());
+    }
+    let mut out = kept.join("\n");
+    out.push('\n');
+    let tmp = path.with_file_name(format!(
+        ".{}.keywarden-import",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        file.write_all(out.as_bytes())?;
+        file.sync_all()?;
+    }
+    // The mode exactly (keywarden's own umask is 077), then the owner.
+    std::fs::set_permissions(&tmp, meta.permissions())?;
+    let _ = std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()));
+    overwrite(path, meta.len())?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::File::open(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        })
+        .and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
+/// Zeroes the old file's blocks in place before it is replaced (what this does and does not
+/// reach: README "Host hygiene").
+fn overwrite(path: &Path, len: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+    file.write_all(&vec![0u8; len as usize])?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// Requests a rotation of each imported secret the daemon can rotate; returns what happened.
+async fn rotate(ctx: &Context, imported: &[Value]) -> Vec<String> {
+    let Some(socket) = daemon_socket(ctx).await else {
+        return vec![
+            "not rotated: the daemon is not running (start it, then `keywarden rotate NAME`)"
+                .into(),
+        ];
+    };
+    let mut said = Vec::new();
+    for i in imported {
+        let name = i["secret"].as_str().unwrap_or("");
+        let path = format!("/v1/admin/rotate/{name}?wait=0");
+        match admin(socket, Method::POST, &path, None).await {
+            Ok(_) => said.push(format!("rotation of {name} started")),
+            Err(e) => said.push(format!(
+                "not rotated: {name}: {e:#} (rotate it at its provider, then `keywarden put {name}`)"
+            )),
+        }
+    }
+    said
+}
