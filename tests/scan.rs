@@ -58,6 +58,10 @@ fn plant(home: &Path) {
     );
 }
 
+/// Scans read every process environment: the tests that scan run one at a time, so one's
+/// planted process is not another's finding.
+static SCANNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn scan(env: &Env, home: &Path) -> (Option<i32>, serde_json::Value, String) {
     let out = env.run(&["scan", "--home", home.to_str().unwrap(), "--json"], None);
     let printed = format!(
@@ -86,6 +90,7 @@ fn kinds_at(report: &serde_json::Value, place: &str) -> Vec<(String, String)> {
 
 #[test]
 fn scan_finds_each_planted_kind_names_the_managed_copy_and_prints_no_value() {
+    let _one_at_a_time = SCANNING.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::initialized();
     env.put("app/openai", OPENAI);
     let home = env.dir.path().join("home");
@@ -169,9 +174,12 @@ fn scan_finds_each_planted_kind_names_the_managed_copy_and_prints_no_value() {
 }
 
 #[test]
-fn import_shred_moves_the_plaintext_into_the_store_and_the_app_runs_through_exec() {
+fn import_shred_rotate_moves_the_plaintext_into_the_store_and_the_app_runs_through_exec() {
+    let _one_at_a_time = SCANNING.lock().unwrap_or_else(|e| e.into_inner());
+    // Declared with a provider that can create, so --rotate can replace the plaintext value.
     let env = Env::with_config(&format!(
-        "{}\n[[policy]]\nname = \"cli\"\nexe = [{:?}]\nsecrets = [\"app/*\"]\nmax_ttl = \"10m\"\n",
+        "{}\n[secrets.\"app/openai-api-key\"]\nprovider = \"random\"\n\n\
+         [[policy]]\nname = \"cli\"\nexe = [{:?}]\nsecrets = [\"app/*\"]\nmax_ttl = \"10m\"\n",
         common::daemon::base_config("5s"),
         std::fs::canonicalize(common::keywarden_bin())
             .unwrap()
@@ -190,6 +198,12 @@ fn import_shred_moves_the_plaintext_into_the_store_and_the_app_runs_through_exec
     assert_eq!(code, Some(1));
 
     let daemon = env.start_daemon();
+    // A put while a rotation runs is refused: let the first version finish.
+    common::daemon::wait_for(
+        "the first version",
+        std::time::Duration::from_secs(20),
+        || (env.entry("app/openai-api-key")["rotation_state"] == "done").then_some(()),
+    );
     let out = env.ok(
         &[
             "import",
@@ -198,9 +212,19 @@ fn import_shred_moves_the_plaintext_into_the_store_and_the_app_runs_through_exec
             "--prefix",
             "app/",
             "--shred",
+            "--rotate",
             "--yes",
         ],
         None,
+    );
+    // The imported value was version 2 (random gave the first); --rotate replaces it.
+    common::daemon::wait_for("the rotation", std::time::Duration::from_secs(20), || {
+        (env.entry("app/openai-api-key")["version"] == 3).then_some(())
+    });
+    let current = env.get("app/openai-api-key");
+    assert_ne!(
+        current, OPENAI,
+        "the value that sat in plaintext is no longer current"
     );
     assert!(
         out.contains("--env OPENAI_API_KEY=app/openai-api-key"),
@@ -234,8 +258,76 @@ fn import_shred_moves_the_plaintext_into_the_store_and_the_app_runs_through_exec
             "-c",
             "test \"$OPENAI_API_KEY\" = \"$(cat)\"",
         ],
-        Some(OPENAI.as_bytes()),
+        Some(current.as_bytes()),
     );
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     drop(daemon);
+}
+
+#[test]
+fn import_from_the_environment_and_an_aws_profile_keeps_the_rest_of_the_credentials_file() {
+    let env = Env::initialized();
+    let aws = env.dir.path().join("aws-credentials");
+    std::fs::write(
+        &aws,
+        format!(
+            "[default]\nregion = eu-west-1\n\n[deployer]\naws_access_key_id = {AWS_ID}\n\
+             aws_secret_access_key = {AWS_SECRET}\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = env.cmd();
+    cmd.env("AWS_SHARED_CREDENTIALS_FILE", &aws)
+        .env("AGENT_TOKEN", GITHUB);
+    let out = common::run_with(
+        cmd,
+        &[
+            "import",
+            "--env",
+            "AGENT_TOKEN",
+            "--aws-profile",
+            "deployer",
+            "--prefix",
+            "ops/",
+            "--shred",
+            "--yes",
+            "--json",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let imported: Vec<(&str, &str, &str)> = report["imported"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["secret"].as_str().unwrap(),
+                i["kind"].as_str().unwrap(),
+                i["provider"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        imported,
+        [
+            ("ops/agent-token", "github-token", "manual"),
+            ("ops/aws-deployer", "aws-secret-access-key", "aws-iam")
+        ]
+    );
+    assert_eq!(env.get("ops/agent-token"), GITHUB);
+    assert_eq!(env.get("ops/aws-deployer"), AWS_SECRET);
+    let meta: serde_json::Value =
+        serde_json::from_str(&env.ok(&["get", "ops/aws-deployer", "--json"], None)).unwrap();
+    assert_eq!(meta["meta"]["access_key_id"], AWS_ID);
+    assert_eq!(
+        std::fs::read_to_string(&aws).unwrap(),
+        "[default]\nregion = eu-west-1\n\n[deployer]\n",
+        "only the key lines are gone"
+    );
 }

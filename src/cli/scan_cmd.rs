@@ -185,7 +185,8 @@ fn all_homes() -> Vec<PathBuf> {
 #[command(after_help = "Examples:\n  \
     keywarden import --env-file app/.env --prefix app/            # store, print the config\n  \
     keywarden import --env-file app/.env --prefix app/ --shred --yes\n  \
-    keywarden import --env OPENAI_API_KEY --prefix agent/\n\n\
+    keywarden import --env OPENAI_API_KEY --prefix agent/\n  \
+    keywarden import --aws-profile deployer --prefix aws/ --shred --yes\n\n\
     Only lines that hold credentials (a known token shape, or a name like *_API_KEY, *_TOKEN, \
     *_SECRET, *PASSWORD*) are imported; the rest of the file stays. --shred rewrites the file \
     without them (same owner and mode; a file left empty is removed). Overwriting a file does not \
@@ -193,16 +194,21 @@ fn all_homes() -> Vec<PathBuf> {
     (--rotate does, where the secret's provider can).")]
 pub(crate) struct ImportArgs {
     /// A `.env`-style file of VAR=value lines.
-    #[arg(long, value_name = "FILE", required_unless_present = "env")]
+    #[arg(long, value_name = "FILE", required_unless_present_any = ["env", "aws_profile"])]
     env_file: Option<PathBuf>,
     /// A variable of this process's environment (repeatable).
     #[arg(long = "env", value_name = "VAR")]
     env: Vec<String>,
+    /// A profile of ~/.aws/credentials (or $AWS_SHARED_CREDENTIALS_FILE): its secret access key
+    /// becomes a secret for the `aws-iam` provider, with `meta.access_key_id`; `--shred` removes
+    /// the two key lines from that file.
+    #[arg(long, value_name = "NAME")]
+    aws_profile: Option<String>,
     /// Secret names are this prefix plus the variable's name in lower case, `_` as `-`.
     #[arg(long, default_value = "imported/")]
     prefix: String,
     /// Remove the imported lines from the file afterwards.
-    #[arg(long, requires = "env_file")]
+    #[arg(long)]
     shred: bool,
     /// Ask the daemon to rotate each imported secret whose declared provider can create one.
     #[arg(long)]
@@ -210,9 +216,18 @@ pub(crate) struct ImportArgs {
     /// Do not ask before shredding (needed without a terminal).
     #[arg(long)]
     yes: bool,
-    /// Print {"imported":[{"variable","secret","version","kind"}],"shredded","rotated"}.
+    /// Print {"imported":[{"variable","secret","version","kind","provider"}],"shredded",
+    /// "rotated"}.
     #[arg(long)]
     json: bool,
+}
+
+/// Where a credential to import was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    EnvFile,
+    Environment,
+    AwsCredentials,
 }
 
 /// One credential to import.
@@ -220,8 +235,68 @@ struct Candidate {
     variable: String,
     value: Zeroizing<String>,
     kind: String,
-    /// Its line number in the file (0-based), for --shred.
-    line: Option<usize>,
+    from: Source,
+    /// Its line numbers in the file it came from (0-based), for --shred.
+    lines: Vec<usize>,
+    meta: crate::vault::Meta,
+}
+
+/// The provider to declare a credential of this kind with, and a note where a plugin could
+/// rotate it instead.
+fn provider_for(kind: &str) -> (&'static str, Option<&'static str>) {
+    match kind {
+        "aws-secret-access-key" | "aws-access-key-id" => ("aws-iam", None),
+        "openai-admin-key" | "openai-key" | "anthropic-admin-key" | "anthropic-key" => (
+            "manual",
+            Some("or a keywarden-plugin-http preset (README \"The HTTP plugin\")"),
+        ),
+        _ => ("manual", None),
+    }
+}
+
+/// The shared credentials file of the AWS CLI.
+fn aws_credentials_file() -> PathBuf {
+    std::env::var_os("AWS_SHARED_CREDENTIALS_FILE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".aws/credentials")
+        })
+}
+
+/// The access key of `[profile]` in an AWS credentials file, as one candidate.
+fn aws_profile_candidate(text: &str, profile: &str) -> anyhow::Result<Candidate> {
+    let mut in_profile = false;
+    let (mut id, mut secret) = (None, None);
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_profile = line.trim_matches(|c| c == '[' || c == ']').trim() == profile;
+            continue;
+        }
+        if !in_profile {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            match k.trim() {
+                "aws_access_key_id" => id = Some((n, v.trim().to_string())),
+                "aws_secret_access_key" => secret = Some((n, Zeroizing::new(v.trim().to_string()))),
+                _ => {}
+            }
+        }
+    }
+    let (Some((id_line, id)), Some((secret_line, secret))) = (id, secret) else {
+        bail!("no aws_access_key_id and aws_secret_access_key in profile [{profile}]");
+    };
+    let mut meta = crate::vault::Meta::new();
+    meta.insert("access_key_id".into(), Value::String(id));
+    Ok(Candidate {
+        variable: format!("aws_{profile}"),
+        value: secret,
+        kind: "aws-secret-access-key".into(),
+        from: Source::AwsCredentials,
+        lines: vec![id_line, secret_line],
+        meta,
+    })
 }
 
 pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<ExitCode> {
@@ -239,7 +314,9 @@ pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<Ex
                         variable,
                         value,
                         kind,
-                        line: Some(n),
+                        from: Source::EnvFile,
+                        lines: vec![n],
+                        meta: crate::vault::Meta::new(),
                     });
                 }
             }
@@ -256,8 +333,23 @@ pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<Ex
             variable: variable.clone(),
             value,
             kind,
-            line: None,
+            from: Source::Environment,
+            lines: Vec::new(),
+            meta: crate::vault::Meta::new(),
         });
+    }
+    let mut aws_file = None;
+    if let Some(profile) = &args.aws_profile {
+        let path = aws_credentials_file();
+        let text = Zeroizing::new(
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        );
+        candidates.push(aws_profile_candidate(&text, profile)?);
+        aws_file = Some((path, text));
+    }
+    if args.shred && args.env_file.is_none() && aws_file.is_none() {
+        bail!("--shred removes lines from --env-file or the --aws-profile file; there is none");
     }
     if candidates.is_empty() {
         bail!("nothing that looks like a credential to import");
@@ -273,21 +365,33 @@ pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<Ex
         crate::name::validate(&name)
             .with_context(|| format!("{} would be stored as {name:?}", c.variable))?;
         let value = crate::value::SecretValue::new(c.value.to_string());
-        let version = target
-            .put(ctx, &name, &value, crate::vault::Meta::new())
-            .await?;
+        let version = target.put(ctx, &name, &value, c.meta.clone()).await?;
         imported.push(json!({
             "variable": c.variable,
             "secret": name,
             "version": version,
             "kind": c.kind,
+            "provider": provider_for(&c.kind).0,
         }));
     }
     let mut shredded = false;
-    if let (true, Some(path), Some(text)) = (args.shred, &args.env_file, &file_text) {
-        confirm_shred(path, args.yes)?;
-        let lines: Vec<usize> = candidates.iter().filter_map(|c| c.line).collect();
-        shred(path, text, &lines)?;
+    if args.shred {
+        // Each file loses the lines its candidates came from.
+        let lines_from = |source: Source| -> Vec<usize> {
+            candidates
+                .iter()
+                .filter(|c| c.from == source)
+                .flat_map(|c| c.lines.iter().copied())
+                .collect()
+        };
+        if let (Some(path), Some(text)) = (&args.env_file, &file_text) {
+            confirm_shred(path, args.yes)?;
+            shred(path, text, &lines_from(Source::EnvFile))?;
+        }
+        if let Some((path, text)) = &aws_file {
+            confirm_shred(path, args.yes)?;
+            shred(path, text, &lines_from(Source::AwsCredentials))?;
+        }
         shredded = true;
     }
     let rotated = if args.rotate {
@@ -308,11 +412,16 @@ pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<Ex
             i["version"]
         );
     }
-    println!("# keywarden.toml: declare them (manual until a plugin rotates them)");
+    println!("# keywarden.toml: declare them");
     for i in &imported {
+        let note = provider_for(i["kind"].as_str().unwrap_or(""))
+            .1
+            .map(|n| format!("  # {n}"))
+            .unwrap_or_default();
         println!(
-            "[secrets.\"{}\"]\nprovider = \"manual\"\n",
-            i["secret"].as_str().unwrap_or("")
+            "[secrets.\"{}\"]\nprovider = \"{}\"{note}\n",
+            i["secret"].as_str().unwrap_or(""),
+            i["provider"].as_str().unwrap_or("manual")
         );
     }
     println!("# run the app with them (put these lines in a file for --env-file):");

@@ -1,4 +1,4 @@
-//! Host hygiene (docs/design.md §12): what a credential harvester running as this user (or as
+//! Host hygiene (README "Host hygiene: scan and import"): what a credential harvester running as this user (or as
 //! root) would collect on this host, in the harvester's own order — readable process
 //! environments, `.env*` files, cloud and tool credential files, SSH keys, histories, Terraform
 //! and CI files — plus the start-up hooks such attacks plant (`.pth` files, `sitecustomize`)
