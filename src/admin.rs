@@ -407,6 +407,11 @@ impl AdminApi {
         }
     }
 
+    /// Whether the peer is root or the daemon's own user: who may read and write values.
+    fn owns_the_store(peer: Peer) -> bool {
+        peer.uid == 0 || peer.uid == rustix::process::getuid().as_raw()
+    }
+
     fn actor(peer: Peer) -> String {
         format!("admin uid={} pid={}", peer.uid, peer.pid.unwrap_or(0))
     }
@@ -553,6 +558,20 @@ impl Handler for AdminApi {
             (&Method::POST, "/v1/admin/compromise/plan") => {
                 self.compromise(request.body(), query.as_deref(), peer, true)
                     .await
+            }
+            // Values and the passphrase: root and the daemon's own user only, not every
+            // `admin_uids` operator (who may rotate, run incidents and read status).
+            (_, p)
+                if (p.starts_with("/v1/admin/secrets/")
+                    || p == "/v1/admin/passwd"
+                    || p == "/v1/admin/copies")
+                    && !Self::owns_the_store(peer) =>
+            {
+                http::error(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "values and the passphrase are for root and the daemon's user only",
+                )
             }
             (method, p) if p.starts_with("/v1/admin/secrets/") => {
                 let name = &p["/v1/admin/secrets/".len()..];

@@ -177,7 +177,9 @@ pub struct AgentConfig {
     /// The admin socket (0600; 0666 when `admin_uids` are set, the API checking the uid).
     pub admin_socket: PathBuf,
     /// Uids allowed on the admin socket besides the daemon's own (root always is); others
-    /// that connect get 403.
+    /// that connect get 403. They may rotate, run and close incidents, acknowledge alerts and
+    /// read status; reading or writing values and the passphrase stays with root and the
+    /// daemon's own user.
     pub admin_uids: Vec<u32>,
     /// Lease length when a request names none.
     #[serde(deserialize_with = "duration")]

@@ -846,6 +846,21 @@ fn cli_get_uses_the_socket_and_exec_restarts_the_command_on_rotation() {
     let out = env.run(&["exec", "--env-file", names_arg, "--", "true"], None);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("app.secrets line 2"), "{err}");
+    // Pointed at a .env of values by mistake: the values are neither printed nor sent.
+    let key = "sk-proj-Zq3fakeFAKEfake0123456789abcdefABCDEFghij";
+    for (line, value) in [
+        (format!("OPENAI_API_KEY={key}\n"), key),
+        ("PASSWORD=\"p4ss+w=rd\"\n".to_string(), "p4ss+w=rd"),
+    ] {
+        std::fs::write(&names, line).unwrap();
+        let out = env.run(&["exec", "--env-file", names_arg, "--", "true"], None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(err.contains("app.secrets line 1"), "{err}");
+        assert!(!err.contains(value), "{err}");
+    }
+    let audit = env.ok(&["audit", "tail", "-n", "200", "--json"], None);
+    assert!(!audit.contains(key), "never sent to the daemon");
     drop(daemon);
 }
 

@@ -113,8 +113,25 @@ fn read_env_file(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
             continue;
         }
         let line = line.strip_prefix("export ").unwrap_or(line).trim();
-        let pair = parse_env_map(line)
-            .map_err(|e| anyhow::anyhow!("{} line {}: {e}", path.display(), n + 1))?;
+        // Errors name the line and the variable, never the right-hand side: pointed at a
+        // `.env` of values by mistake, it would be a credential.
+        let var = line.split_once('=').map_or(line, |(v, _)| v).trim();
+        let at = format!("{} line {}", path.display(), n + 1);
+        let Some((_, name)) = line.split_once('=') else {
+            bail!("{at}: expected VAR=SECRET-NAME");
+        };
+        if !crate::scan::patterns::find(name).is_empty() {
+            bail!(
+                "{at}: {var} holds what looks like a credential, not a secret name (this file is \
+                 for names; move values into the store with `keywarden import --env-file`)"
+            );
+        }
+        let pair = parse_env_map(line).map_err(|_| {
+            anyhow::anyhow!(
+                "{at}: {var}= must name a secret (letters, digits, '.', '_', '-', segments \
+                 separated by '/')"
+            )
+        })?;
         vars.push(pair);
     }
     Ok(vars)
@@ -279,6 +296,28 @@ impl Running {
     /// Sends `signal` to every process of the group.
     fn signal(&self, signal: rustix::process::Signal) {
         let _ = rustix::process::kill_process_group(self.group, signal);
+    }
+
+    /// With the terminal: when the command was stopped from it (Ctrl-Z stops only the
+    /// foreground group, which is the command's), stops `exec` too so the shell sees the job
+    /// stop; when `exec` is continued (`fg`), hands the terminal back and continues the command.
+    fn follow_job_control(&self) {
+        use rustix::process::{Signal, WaitId, WaitIdOptions};
+        if !self.terminal {
+            return;
+        }
+        let stopped = rustix::process::waitid(
+            WaitId::Pid(self.group),
+            WaitIdOptions::STOPPED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
+        );
+        if !matches!(stopped, Ok(Some(status)) if status.stopped()) {
+            return;
+        }
+        let _ = crate::sys::give_terminal_to(rustix::process::getpgrp().as_raw_nonzero().get());
+        let _ = rustix::process::kill_process(rustix::process::getpid(), Signal::STOP);
+        // Continued: the shell gave this process's group the terminal; pass it on.
+        let _ = crate::sys::give_terminal_to(self.group.as_raw_nonzero().get());
+        self.signal(Signal::CONT);
     }
 
     /// Whether any process of the group is left.
@@ -451,6 +490,7 @@ pub(crate) async fn exec(ctx: &Context, mut args: ExecArgs) -> anyhow::Result<Ex
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut renew_tick = tokio::time::interval(Duration::from_secs(5));
+    let mut job_tick = tokio::time::interval(Duration::from_millis(200));
     let status = loop {
         tokio::select! {
             status = running.child.wait() => {
@@ -481,6 +521,7 @@ pub(crate) async fn exec(ctx: &Context, mut args: ExecArgs) -> anyhow::Result<Ex
                 release(&socket, old.iter().map(|f| &f.lease_id)).await;
             }
             _ = renew_tick.tick() => renew_due(&socket, &mut current, &ttl_query).await,
+            _ = job_tick.tick(), if running.terminal => running.follow_job_control(),
             _ = term.recv() => running.signal(Signal::TERM),
             _ = int.recv() => running.signal(Signal::INT),
             _ = hup.recv() => running.signal(Signal::HUP),

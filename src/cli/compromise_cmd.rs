@@ -237,7 +237,7 @@ pub(crate) enum IncidentCommand {
 /// `keywarden incident list|show|close`: through the daemon when it runs; in this process
 /// otherwise (asks for the passphrase).
 pub(crate) async fn incident(ctx: &Context, cmd: IncidentCommand) -> anyhow::Result<ExitCode> {
-    let runner = Runner::connect(ctx, Mode::OneShot).await?;
+    let runner = Runner::connect(ctx, Mode::Inspect).await?;
     let outcome = match cmd {
         IncidentCommand::List { json } => {
             let list = runner.list().await?;

@@ -133,37 +133,42 @@ fn describe_copy(hit: &Value) -> String {
 }
 
 /// For each finding, the newest stored version it is a copy of (or null): through the daemon,
-/// or on the store unlocked here; `None` when neither is possible.
+/// or on the store unlocked here; `None` when neither is possible (said on stderr).
 async fn copies(ctx: &Context, findings: &[Finding]) -> Option<Vec<Value>> {
-    let values: Vec<&str> = findings
+    // Each distinct value once (a token in many process environments is one question).
+    let mut values: Vec<&str> = findings
         .iter()
-        .map(|f| f.value.as_ref().map_or("", |v| v.expose()))
+        .filter_map(|f| f.value.as_ref().map(|v| v.expose()))
         .collect();
+    values.sort_unstable();
+    values.dedup();
     let found = if let Some(socket) = daemon_socket(ctx).await {
         let body = json!({ "values": values });
-        admin(socket, Method::POST, "/v1/admin/copies", Some(body))
-            .await
-            .ok()?
+        match admin(socket, Method::POST, "/v1/admin/copies", Some(body)).await {
+            Ok(found) => found,
+            Err(e) => {
+                eprintln!("could not match the findings against the store: {e:#}");
+                return None;
+            }
+        }
     } else {
         let store = ctx.open_store(Access::ReadOnly).await.ok()?;
         let passphrase = passphrase::obtain(Purpose::Unlock).ok()?;
         let vault = Vault::unlock(store, &passphrase).await.ok()?;
         crate::admin::copies_json(&vault.copies_of(&values).await.ok()?)
     };
+    let found = found.as_array()?;
     Some(
-        found
-            .as_array()?
+        findings
             .iter()
-            .zip(findings)
-            .map(|(hits, f)| match (&f.value, hits.as_array()) {
+            .map(|f| {
+                let value = f.value.as_ref()?;
+                let at = values.binary_search(&value.expose()).ok()?;
                 // The newest version it copies says most (is it still current?).
-                (Some(_), Some(hits)) => hits
-                    .iter()
-                    .max_by_key(|h| h["version"].as_i64())
-                    .cloned()
-                    .unwrap_or(Value::Null),
-                _ => Value::Null,
+                let hits = found.get(at)?.as_array()?;
+                hits.iter().max_by_key(|h| h["version"].as_i64()).cloned()
             })
+            .map(|hit| hit.unwrap_or(Value::Null))
             .collect(),
     )
 }
@@ -189,7 +194,8 @@ fn all_homes() -> Vec<PathBuf> {
     keywarden import --aws-profile deployer --prefix aws/ --shred --yes\n\n\
     Only lines that hold credentials (a known token shape, or a name like *_API_KEY, *_TOKEN, \
     *_SECRET, *PASSWORD*) are imported; the rest of the file stays. --shred rewrites the file \
-    without them (same owner and mode; a file left empty is removed). Overwriting a file does not \
+    without them (same owner and mode; a file left with nothing but comments and blank lines is \
+    removed; symlinks and hard-linked files are refused). Overwriting a file does not \
     reach copies a journaling file system or an SSD keeps elsewhere: rotate what you import \
     (--rotate does, where the secret's provider can).")]
 pub(crate) struct ImportArgs {
@@ -303,11 +309,8 @@ pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<Ex
     let mut candidates = Vec::new();
     let mut file_text = None;
     if let Some(path) = &args.env_file {
-        let text = Zeroizing::new(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?,
-        );
-        for (n, line) in text.lines().enumerate() {
+        let file = read_plain_file(path)?;
+        for (n, line) in file.text.lines().enumerate() {
             if let Some((variable, value)) = env_line(line) {
                 if let Some(kind) = credential_kind(&variable, &value) {
                     candidates.push(Candidate {
@@ -321,7 +324,7 @@ pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<Ex
                 }
             }
         }
-        file_text = Some(text);
+        file_text = Some(file);
     }
     for variable in &args.env {
         let value = Zeroizing::new(
@@ -341,12 +344,9 @@ pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<Ex
     let mut aws_file = None;
     if let Some(profile) = &args.aws_profile {
         let path = aws_credentials_file();
-        let text = Zeroizing::new(
-            std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?,
-        );
-        candidates.push(aws_profile_candidate(&text, profile)?);
-        aws_file = Some((path, text));
+        let file = read_plain_file(&path)?;
+        candidates.push(aws_profile_candidate(&file.text, profile)?);
+        aws_file = Some((path, file));
     }
     if args.shred && args.env_file.is_none() && aws_file.is_none() {
         bail!("--shred removes lines from --env-file or the --aws-profile file; there is none");
@@ -374,7 +374,7 @@ pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<Ex
             "provider": provider_for(&c.kind).0,
         }));
     }
-    let mut shredded = false;
+    let mut shredded = Vec::new();
     if args.shred {
         // Each file loses the lines its candidates came from.
         let lines_from = |source: Source| -> Vec<usize> {
@@ -384,15 +384,16 @@ pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<Ex
                 .flat_map(|c| c.lines.iter().copied())
                 .collect()
         };
-        if let (Some(path), Some(text)) = (&args.env_file, &file_text) {
+        if let (Some(path), Some(file)) = (&args.env_file, &file_text) {
             confirm_shred(path, args.yes)?;
-            shred(path, text, &lines_from(Source::EnvFile))?;
+            shred(path, file, &lines_from(Source::EnvFile))?;
+            shredded.push(path.display().to_string());
         }
-        if let Some((path, text)) = &aws_file {
+        if let Some((path, file)) = &aws_file {
             confirm_shred(path, args.yes)?;
-            shred(path, text, &lines_from(Source::AwsCredentials))?;
+            shred(path, file, &lines_from(Source::AwsCredentials))?;
+            shredded.push(path.display().to_string());
         }
-        shredded = true;
     }
     let rotated = if args.rotate {
         rotate(ctx, &imported).await
@@ -433,13 +434,10 @@ pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<Ex
         exec.push_str(&format!(" --env {var}={secret}"));
     }
     println!("{exec} -- YOUR-APP");
-    if shredded {
+    if !shredded.is_empty() {
         eprintln!(
             "removed the imported lines from {}; rotate the values too (they sat in plaintext)",
-            args.env_file
-                .as_ref()
-                .expect("shred needs a file")
-                .display()
+            shredded.join(" and ")
         );
     }
     for r in &rotated {
@@ -448,7 +446,10 @@ pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-/// `VAR=value` (or `export VAR="value"`), quotes removed; comments and blank lines are `None`.
+/// `VAR=value` (or `export VAR="value"`): a quoted value up to its closing quote (a double-
+/// quoted one with `\"` and `\\` unescaped), an unquoted one up to ` #`; `None` for comments,
+/// blank lines, and what cannot be read for sure (an unclosed quote: a multi-line value), which
+/// `import` then neither stores nor removes.
 fn env_line(line: &str) -> Option<(String, Zeroizing<String>)> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
@@ -460,13 +461,32 @@ fn env_line(line: &str) -> Option<(String, Zeroizing<String>)> {
     if var.is_empty() || !var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         return None;
     }
-    let value = value.trim();
-    let value = value
-        .strip_prefix('"')
-        .and_then(|v| v.strip_suffix('"'))
-        .or_else(|| value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
-        .unwrap_or(value);
-    Some((var.to_string(), Zeroizing::new(value.to_string())))
+    let value = value.trim_start();
+    let parsed = if let Some(rest) = value.strip_prefix('\'') {
+        let end = rest.find('\'')?;
+        rest[..end].to_string()
+    } else if let Some(rest) = value.strip_prefix('"') {
+        let mut out = String::new();
+        let mut chars = rest.chars();
+        loop {
+            match chars.next()? {
+                '"' => break,
+                '\\' => match chars.next()? {
+                    c @ ('"' | '\\') => out.push(c),
+                    c => {
+                        out.push('\\');
+                        out.push(c);
+                    }
+                },
+                c => out.push(c),
+            }
+        }
+        out
+    } else {
+        let end = value.find(" #").unwrap_or(value.len());
+        value[..end].trim_end().to_string()
+    };
+    Some((var.to_string(), Zeroizing::new(parsed)))
 }
 
 /// The kind of credential `value` is (by its shape, else by its variable's name), or `None`.
@@ -502,64 +522,98 @@ fn confirm_shred(path: &Path, yes: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Rewrites `path` without the lines `drop`, atomically (a new file beside it, same owner and
-/// mode, synced, renamed over it); removes it when nothing but blank lines and comments is left.
-fn shred(path: &Path, text: &str, drop: &[usize]) -> anyhow::Result<()> {
-    let kept: Vec<&str> = text
+/// A file read for `import`, with what identifies it, so `--shred` rewrites that very file.
+struct PlainFile {
+    text: Zeroizing<String>,
+    dev: u64,
+    ino: u64,
+}
+
+/// Reads a regular file that is not a symlink and has no other hard link (a shred must not
+/// reach another file through it).
+fn read_plain_file(path: &Path) -> anyhow::Result<PlainFile> {
+    use std::io::Read;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("cannot read {} (symlinks are not followed)", path.display()))?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.nlink() > 1 {
+        bail!(
+            "{} is not a plain file (a directory, device, or a file with other hard links): \
+             refusing to import from it",
+            path.display()
+        );
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.read_to_end(&mut bytes)?;
+    let text = std::str::from_utf8(&bytes)
+        .with_context(|| format!("{} is not UTF-8 text", path.display()))?;
+    Ok(PlainFile {
+        text: Zeroizing::new(text.to_string()),
+        dev: meta.dev(),
+        ino: meta.ino(),
+    })
+}
+
+/// Rewrites `path` without the lines `remove`, atomically (a new file beside it, same owner and
+/// mode, synced, renamed over it) after zeroing the old one in place; removes it when nothing
+/// but blank lines and comments is left. Refuses if `path` is no longer the file that was read.
+fn shred(path: &Path, file: &PlainFile, remove: &[usize]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut old = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("cannot rewrite {}", path.display()))?;
+    let meta = old.metadata()?;
+    if (meta.dev(), meta.ino()) != (file.dev, file.ino) || meta.nlink() > 1 {
+        bail!(
+            "{} changed since it was read: not rewriting it (the values are stored)",
+            path.display()
+        );
+    }
+    let kept: Vec<&str> = file
+        .text
         .lines()
         .enumerate()
-        .filter(|(n, _)| !drop.contains(n))
+        .filter(|(n, _)| !remove.contains(n))
         .map(|(_, l)| l)
         .collect();
-    let meta = std::fs::metadata(path)?;
-    if kept
+    let nothing_left = kept
         .iter()
-        .all(|l| l.trim().is_empty() || l.trim().starts_with('#'))
-    {
-        overwrite(path, meta.len())?;
-        std::fs::remove_file(path)?;
-        return Ok(());
-    }
-    let mut out = kept.join("\n");
-    out.push('\n');
+        .all(|l| l.trim().is_empty() || l.trim().starts_with('#'));
     let tmp = path.with_file_name(format!(
         ".{}.keywarden-import",
         path.file_name().unwrap_or_default().to_string_lossy()
     ));
-    {
-        use std::io::Write;
-        let mut file = std::fs::OpenOptions::new()
+    if !nothing_left {
+        let mut out = kept.join("\n");
+        out.push('\n');
+        let mut new = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&tmp)
             .with_context(|| format!("cannot write {}", tmp.display()))?;
-        file.write_all(out.as_bytes())?;
-        file.sync_all()?;
+        new.write_all(out.as_bytes())?;
+        // The mode exactly (keywarden's own umask is 077), then the owner.
+        new.set_permissions(meta.permissions())?;
+        let _ = std::os::unix::fs::fchown(&new, Some(meta.uid()), Some(meta.gid()));
+        new.sync_all()?;
     }
-    // The mode exactly (keywarden's own umask is 077), then the owner.
-    std::fs::set_permissions(&tmp, meta.permissions())?;
-    let _ = std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()));
-    overwrite(path, meta.len())?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::File::open(if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        })
-        .and_then(|d| d.sync_all());
+    // Zero the old blocks in place (what this does and does not reach: README).
+    old.write_all(&vec![0u8; meta.len() as usize])?;
+    old.sync_all()?;
+    drop(old);
+    if nothing_left {
+        std::fs::remove_file(path)?;
+    } else {
+        std::fs::rename(&tmp, path)?;
     }
-    Ok(())
-}
-
-/// Zeroes the old file's blocks in place before it is replaced (what this does and does not
-/// reach: README "Host hygiene").
-fn overwrite(path: &Path, len: u64) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
-    file.write_all(&vec![0u8; len as usize])?;
-    file.sync_all()?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let _ = std::fs::File::open(dir.unwrap_or(Path::new("."))).and_then(|d| d.sync_all());
     Ok(())
 }
 
@@ -583,4 +637,23 @@ async fn rotate(ctx: &Context, imported: &[Value]) -> Vec<String> {
         }
     }
     said
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dotenv_lines_are_read_as_dotenv_reads_them_or_not_at_all() {
+        let read = |l: &str| env_line(l).map(|(k, v)| (k, v.to_string()));
+        let pair = |k: &str, v: &str| Some((k.to_string(), v.to_string()));
+        assert_eq!(read("API_KEY=abc # prod"), pair("API_KEY", "abc"));
+        assert_eq!(read("API_KEY=\"abc\" # prod"), pair("API_KEY", "abc"));
+        assert_eq!(read("export API_KEY='a#b c'"), pair("API_KEY", "a#b c"));
+        assert_eq!(read(r#"API_KEY="a\"b\\c""#), pair("API_KEY", r#"a"b\c"#));
+        assert_eq!(read("API_KEY=a#b"), pair("API_KEY", "a#b"));
+        assert_eq!(read("JWT_SECRET=\"-----BEGIN PRIVATE KEY-----"), None);
+        assert_eq!(read("# API_KEY=abc"), None);
+        assert_eq!(read("not a line"), None);
+    }
 }

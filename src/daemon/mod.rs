@@ -309,10 +309,15 @@ async fn start_servers(
         rejections,
         config.store.kdf,
     ));
+    // Bodies carry values (`put`, up to 256 KiB) and what `scan` found (`copies`).
+    let admin_limits = http::Limits {
+        max_body_bytes: 4 << 20,
+        ..limits
+    };
     servers.push(tokio::spawn(http::serve(
         admin_listener,
         admin_api,
-        limits,
+        admin_limits,
         runtime.shutdown_signal(),
     )));
     Ok(servers)

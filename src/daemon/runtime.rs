@@ -32,6 +32,9 @@ pub enum Mode {
     Maintenance,
     /// A one-shot command (`rotate` without a daemon): the engine alone.
     OneShot,
+    /// A command that only reads (`incident list|show|close` without a daemon): the engine
+    /// and its catalog, nothing registered, resumed or rotated.
+    Inspect,
 }
 
 /// The running components: engine, scheduler, leases, and the tasks that feed them.
@@ -97,17 +100,20 @@ impl Runtime {
             })
             .map(|spec| (spec.name.as_str(), spec.provider.as_str(), &spec.tags[..]))
             .collect();
-        if !changed.is_empty() {
+        if !changed.is_empty() && mode != Mode::Inspect {
             vault.register(&changed, "daemon").await?;
         }
         let stored: HashMap<String, Option<i64>> = known
             .into_iter()
             .map(|(name, s)| (name, s.version))
             .collect();
-        engine.resume_all().await?;
-        let mut tasks = bring_declared_secrets_up_to_date(&engine, &stored).await?;
+        let mut tasks = Vec::new();
+        if mode != Mode::Inspect {
+            engine.resume_all().await?;
+            tasks = bring_declared_secrets_up_to_date(&engine, &stored).await?;
+        }
         let (mut leases, mut audit_writer, mut writer) = (None, None, None);
-        if mode != Mode::OneShot {
+        if !matches!(mode, Mode::OneShot | Mode::Inspect) {
             let (commit, writer_task) =
                 GroupCommit::start(vault.store().clone(), shutdown_rx.clone());
             let open = vault.store().open_leases().await?;

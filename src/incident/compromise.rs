@@ -173,6 +173,8 @@ impl std::fmt::Debug for Incidents {
 }
 
 const ACTOR: &str = "compromise";
+/// The report's error for a secret with no rotation under the incident.
+const NOT_ATTEMPTED: &str = "not attempted";
 
 impl Incidents {
     /// A runner over the engine and (in the daemon) the lease table.
@@ -542,9 +544,18 @@ impl Incidents {
             .filter(|i| !done.contains(&i.name) && !resolved.contains(&i.name))
             .cloned()
             .collect();
-        self.act_on_each(incident, plan.secrets.len(), todo, concurrency)
+        let failures = self
+            .act_on_each(incident, plan.secrets.len(), todo, concurrency)
             .await;
-        let report = self.report(id).await?;
+        // The run is over: what did not end now will not by itself (the report of a run in
+        // progress would call it pending), and a secret whose request failed before any
+        // rotation was written fails with that request's error.
+        let mut report = self.report_as(id, false).await?;
+        for f in &mut report.failed {
+            if let Some(error) = failures.get(&f.name).filter(|_| f.error == NOT_ATTEMPTED) {
+                f.error = error.clone();
+            }
+        }
         // Finished once every secret in scope is rotated, failed, or handed to a person: a
         // run of the same scope after this one is a new incident, and a later start of the
         // daemon does not resume (and revoke leases for) this one again.
@@ -572,14 +583,14 @@ impl Incidents {
     }
 
     /// Acts on each secret still to do, `concurrency` at a time, counting progress as each
-    /// finishes.
+    /// finishes. Returns why each that failed did (by secret name).
     async fn act_on_each(
         &self,
         incident: &IncidentRecord,
         total: usize,
         todo: Vec<PlanItem>,
         concurrency: usize,
-    ) {
+    ) -> HashMap<String, String> {
         let id = incident.id.as_str();
         let permits = Arc::new(Semaphore::new(concurrency.clamp(1, MAX_CONCURRENCY)));
         self.progress.lock().expect("progress lock").insert(
@@ -602,20 +613,34 @@ impl Incidents {
                 if let Err(e) = &result {
                     tracing::warn!(incident = %incident.id, secret = %item.name, error = %e, "not rotated");
                 }
-                result.is_ok()
+                (item.name, result.err())
             });
         }
-        while let Some(ok) = work.join_next().await {
-            let ok = ok.unwrap_or(false);
+        let mut failures = HashMap::new();
+        while let Some(done) = work.join_next().await {
+            let failed = match done {
+                Ok((_, None)) => false,
+                Ok((name, Some(error))) => {
+                    failures.insert(name, error);
+                    true
+                }
+                Err(_) => true,
+            };
             self.note_progress(id, |p| {
                 p.done += 1;
-                p.failed += usize::from(!ok);
+                p.failed += usize::from(failed);
             });
         }
+        failures
     }
 
     /// The report of an incident, from the store (consistent across restarts).
     pub async fn report(&self, id: &str) -> Result<Report, CompromiseError> {
+        self.report_as(id, self.is_running(id)).await
+    }
+
+    /// The report, as of a run that is (`running`) or is not in progress.
+    async fn report_as(&self, id: &str, running: bool) -> Result<Report, CompromiseError> {
         let store = self.engine.vault().store();
         let incident = store
             .incident(id)
@@ -641,7 +666,6 @@ impl Incidents {
             .filter(|s| s.version.is_some() && s.updated_at > incident.started_at)
             .map(|s| s.name.as_str())
             .collect();
-        let running = self.is_running(id);
         let mut report = Report {
             incident_id: id.to_string(),
             rotated: Vec::new(),
@@ -702,7 +726,7 @@ impl Incidents {
                 }),
                 (Action::Rotate, None) if !running => report.failed.push(Failure {
                     name: item.name.clone(),
-                    error: "not attempted".into(),
+                    error: NOT_ATTEMPTED.into(),
                 }),
                 (Action::Rotate, _) => report.pending.push(item.name.clone()),
             }

@@ -42,7 +42,8 @@ pub struct Finding {
     pub kind: String,
     /// How bad.
     pub severity: Severity,
-    /// The value's first characters and length (`sk-p… (56 chars)`), when there is a value.
+    /// The value's length, and its first characters when they are a public marker
+    /// (`sk-p… (56 chars)`), when there is a value ([`mask`]).
     pub masked: Option<String>,
     /// A SHA-256 of the file, for hooks and indicators.
     pub sha256: Option<String>,
@@ -76,10 +77,16 @@ pub struct Report {
     pub processes_scanned: usize,
 }
 
-/// `sk-p… (56 chars)`: enough to recognise a value you hold, not to use it.
-pub fn mask(value: &str) -> String {
-    let shown: String = value.chars().take(4).collect();
-    format!("{shown}… ({} chars)", value.chars().count())
+/// `sk-p… (56 chars)`: enough to recognise a value you hold, not to use it. Characters are
+/// shown only when the value starts with a public marker (`public_prefix`), at most a quarter
+/// of it and never of a value of 8 characters or fewer; otherwise only the length.
+pub fn mask(value: &str, public_prefix: bool) -> String {
+    let length = value.chars().count();
+    if !public_prefix || length <= 8 {
+        return format!("({length} chars)");
+    }
+    let shown: String = value.chars().take((length / 4).min(4)).collect();
+    format!("{shown}… ({length} chars)")
 }
 
 /// Scans what `options` names.
@@ -110,7 +117,7 @@ pub(crate) fn findings_in(text: &str, place: &str, fix: &str, report: &mut Repor
             place: place.to_string(),
             kind: m.kind.to_string(),
             severity: m.severity,
-            masked: Some(mask(m.value.expose())),
+            masked: Some(mask(m.value.expose(), m.public_prefix)),
             sha256: None,
             fix: fix.to_string(),
             value: Some(m.value),

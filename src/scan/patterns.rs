@@ -20,6 +20,9 @@ pub struct Pattern {
     pub severity: Severity,
     /// Its shape; the first capture group, if any, is the secret part.
     pub regex: &'static str,
+    /// Whether the value starts with a public marker (`sk-proj-`, `AKIA`, `ghp_`): then a few
+    /// leading characters may be shown to recognise it; otherwise only its length.
+    pub public_prefix: bool,
 }
 
 /// Every kind `scan` recognises, most specific first (a value is reported as the first kind
@@ -29,76 +32,91 @@ pub const PATTERNS: &[Pattern] = &[
         kind: "openai-admin-key",
         severity: Severity::Critical,
         regex: r"sk-admin-[A-Za-z0-9_\-]{20,}",
+        public_prefix: true,
     },
     Pattern {
         kind: "openai-key",
         severity: Severity::High,
         regex: r"sk-(?:proj|svcacct)-[A-Za-z0-9_\-]{20,}",
+        public_prefix: true,
     },
     Pattern {
         kind: "anthropic-admin-key",
         severity: Severity::Critical,
         regex: r"sk-ant-admin01-[A-Za-z0-9_\-]{20,}",
+        public_prefix: true,
     },
     Pattern {
         kind: "anthropic-key",
         severity: Severity::High,
         regex: r"sk-ant-api03-[A-Za-z0-9_\-]{20,}",
+        public_prefix: true,
     },
     Pattern {
         kind: "aws-secret-access-key",
         severity: Severity::Critical,
         regex: r#"(?i)aws_secret_access_key["']?\s*[=:]\s*["']?([A-Za-z0-9/+]{40})"#,
+        public_prefix: false,
     },
     Pattern {
         kind: "aws-access-key-id",
         severity: Severity::High,
         regex: r"\b((?:AKIA|ASIA)[A-Z0-9]{16})\b",
+        public_prefix: true,
     },
     Pattern {
         kind: "github-token",
         severity: Severity::High,
         regex: r"\b((?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22,})",
+        public_prefix: true,
     },
     Pattern {
         kind: "gitlab-token",
         severity: Severity::High,
         regex: r"\b(glpat-[A-Za-z0-9_\-]{20,})",
+        public_prefix: true,
     },
     Pattern {
         kind: "slack-token",
         severity: Severity::High,
         regex: r"\b(xox[baprs]-[A-Za-z0-9\-]{10,})",
+        public_prefix: true,
     },
     Pattern {
         kind: "stripe-live-key",
         severity: Severity::Critical,
         regex: r"\b((?:sk|rk)_live_[A-Za-z0-9]{24,})",
+        public_prefix: true,
     },
     Pattern {
         kind: "google-api-key",
         severity: Severity::High,
         regex: r"\b(AIza[0-9A-Za-z_\-]{35})",
+        public_prefix: true,
     },
     Pattern {
         kind: "huggingface-token",
         severity: Severity::High,
         regex: r"\b(hf_[A-Za-z0-9]{30,})",
+        public_prefix: true,
     },
     Pattern {
         kind: "private-key",
         severity: Severity::Critical,
         regex: r"(-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----)",
+        public_prefix: true,
     },
     Pattern {
         kind: "database-url",
         severity: Severity::High,
         regex: r"\b(?:postgres(?:ql)?|mysql|mariadb|rediss?|mongodb(?:\+srv)?|amqps?)://[^:/\s@]*:([^@\s/]+)@",
+        public_prefix: false,
     },
     Pattern {
         kind: "jwt",
         severity: Severity::Medium,
         regex: r"\b(eyJ[A-Za-z0-9_\-]{10,}\.eyJ[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{10,})",
+        public_prefix: true,
     },
 ];
 
@@ -111,6 +129,8 @@ pub struct Match {
     pub severity: Severity,
     /// The secret part of the match (never printed, not even by `Debug`).
     pub value: SecretValue,
+    /// See [`Pattern::public_prefix`].
+    pub public_prefix: bool,
 }
 
 fn compiled() -> &'static [(Regex, &'static Pattern)] {
@@ -142,6 +162,7 @@ pub fn find(text: &str) -> Vec<Match> {
                 kind: pattern.kind,
                 severity: pattern.severity,
                 value: SecretValue::new(value.to_string()),
+                public_prefix: pattern.public_prefix,
             });
         }
     }
