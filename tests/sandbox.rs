@@ -357,6 +357,15 @@ fn admin_uids_can_reach_the_admin_socket_and_other_uids_are_refused() {
     assert!(admin.ends_with("200"), "{admin}");
     let other = status_as("65532");
     assert!(other.ends_with("403"), "{other}");
+    // An operator allowed to rotate and read status is not thereby allowed to read or write
+    // values: the attack reads a secret over the admin socket.
+    env.ok(
+        &["put", "app/key"],
+        Some(b"a value an operator must not read"),
+    );
+    let read = curl_as("65533", &env.admin_socket(), "/v1/admin/secrets/app/key");
+    assert!(read.ends_with("403"), "{read}");
+    assert!(!read.contains("a value an operator"), "{read}");
     drop(daemon);
 }
 

@@ -168,6 +168,14 @@ fn scan_finds_each_planted_kind_names_the_managed_copy_and_prints_no_value() {
         "the plaintext copy of a stored secret is recognised"
     );
     assert!(openai["masked"].as_str().unwrap().starts_with("sk-p…"));
+    // A value with no public prefix shows only its length.
+    let password = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "database-url")
+        .unwrap();
+    assert_eq!(password["masked"], format!("({} chars)", DB_PASSWORD.len()));
     assert_eq!(report["matched_against_store"], true);
     let hook = kinds_at(&report, "litellm_init.pth");
     assert_eq!(hook.len(), 1);
@@ -330,4 +338,24 @@ fn import_from_the_environment_and_an_aws_profile_keeps_the_rest_of_the_credenti
         "[default]\nregion = eu-west-1\n\n[deployer]\n",
         "only the key lines are gone"
     );
+}
+
+#[test]
+fn all_users_scans_every_home_root_included() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("needs root to read every home");
+        return;
+    }
+    let _one_at_a_time = SCANNING.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::initialized();
+    // Planted in root's home, which no --home names: only --all-users reaches it.
+    let planted =
+        std::path::PathBuf::from(format!("/root/keywarden-scan-test-{}", std::process::id()));
+    write(&planted.join(".env"), &format!("OPENAI_API_KEY={OPENAI}\n"));
+    let out = env.run(&["scan", "--all-users", "--json"], None);
+    std::fs::remove_dir_all(&planted).unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let found = kinds_at(&report, planted.to_str().unwrap());
+    assert_eq!(found, [("openai-key".to_string(), "high".to_string())]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(OPENAI));
 }
