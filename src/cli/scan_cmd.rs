@@ -310,20 +310,7 @@ pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<Ex
     let mut file_text = None;
     if let Some(path) = &args.env_file {
         let file = read_plain_file(path)?;
-        for (n, line) in file.text.lines().enumerate() {
-            if let Some((variable, value)) = env_line(line) {
-                if let Some(kind) = credential_kind(&variable, &value) {
-                    candidates.push(Candidate {
-                        variable,
-                        value,
-                        kind,
-                        from: Source::EnvFile,
-                        lines: vec![n],
-                        meta: crate::vault::Meta::new(),
-                    });
-                }
-            }
-        }
+        candidates.extend(env_file_candidates(&file.text));
         file_text = Some(file);
     }
     for variable in &args.env {
@@ -402,9 +389,37 @@ pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<Ex
     };
     if args.json {
         print_json(&json!({ "imported": imported, "shredded": shredded, "rotated": rotated }))?;
-        return Ok(ExitCode::SUCCESS);
+    } else {
+        print_imported(&imported, &shredded, &rotated);
     }
-    for i in &imported {
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The credentials among a `.env` file's lines.
+fn env_file_candidates(text: &str) -> Vec<Candidate> {
+    let mut candidates = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let Some((variable, value)) = env_line(line) else {
+            continue;
+        };
+        if let Some(kind) = credential_kind(&variable, &value) {
+            candidates.push(Candidate {
+                variable,
+                value,
+                kind,
+                from: Source::EnvFile,
+                lines: vec![n],
+                meta: crate::vault::Meta::new(),
+            });
+        }
+    }
+    candidates
+}
+
+/// What `import` did, for a person: what was stored (stderr), the config to declare and the
+/// `exec` line that replaces the file (stdout).
+fn print_imported(imported: &[Value], shredded: &[String], rotated: &[String]) {
+    for i in imported {
         eprintln!(
             "stored {} ({}) as {} version {}",
             i["variable"].as_str().unwrap_or(""),
@@ -414,7 +429,7 @@ pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<Ex
         );
     }
     println!("# keywarden.toml: declare them");
-    for i in &imported {
+    for i in imported {
         let note = provider_for(i["kind"].as_str().unwrap_or(""))
             .1
             .map(|n| format!("  # {n}"))
@@ -427,7 +442,7 @@ pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<Ex
     }
     println!("# run the app with them (put these lines in a file for --env-file):");
     let mut exec = String::from("keywarden exec");
-    for i in &imported {
+    for i in imported {
         let var = i["variable"].as_str().unwrap_or("");
         let secret = i["secret"].as_str().unwrap_or("");
         println!("# {var}={secret}");
@@ -440,10 +455,9 @@ pub(crate) async fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<Ex
             shredded.join(" and ")
         );
     }
-    for r in &rotated {
+    for r in rotated {
         eprintln!("{r}");
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `VAR=value` (or `export VAR="value"`): a quoted value up to its closing quote (a double-
