@@ -412,6 +412,35 @@ impl AdminApi {
         peer.uid == 0 || peer.uid == rustix::process::getuid().as_raw()
     }
 
+    /// `POST /v1/admin/brokers/{name}/block` (or `/unblock`): audited, then in effect at once;
+    /// the audit row is what a restarted daemon reads back.
+    async fn block_broker(&self, rest: &str, peer: Peer) -> Response<Full<Bytes>> {
+        let (name, block) = match rest.rsplit_once('/') {
+            Some((name, "block")) => (name, true),
+            Some((name, "unblock")) => (name, false),
+            _ => return http::error(StatusCode::NOT_FOUND, "unknown", "no such endpoint"),
+        };
+        let Some(brokers) = self
+            .services
+            .brokers
+            .as_ref()
+            .filter(|b| b.brokers.contains_key(name))
+        else {
+            return http::error(
+                StatusCode::NOT_FOUND,
+                "unknown",
+                format!("no broker named {name:?} is configured"),
+            );
+        };
+        let action = if block { "broker.blocked" } else { "broker.unblocked" };
+        let event = AuditEvent::new(Self::actor(peer), action).detail(json!({ "broker": name }));
+        if let Err(e) = self.services.audit_writer.write(Vec::new(), vec![event]).await {
+            return http::ApiError::from(e).response();
+        }
+        brokers.set_blocked(name, block);
+        http::json(StatusCode::OK, &json!({ "broker": name, "blocked": block }))
+    }
+
     fn actor(peer: Peer) -> String {
         format!("admin uid={} pid={}", peer.uid, peer.pid.unwrap_or(0))
     }
@@ -520,6 +549,7 @@ impl AdminApi {
 
 impl Handler for AdminApi {
     type Conn = Peer;
+    type Body = Full<Bytes>;
 
     fn connect(&self, peer: Peer, _pidfd: Option<OwnedFd>, _accepted: f64) -> Peer {
         peer
@@ -596,6 +626,9 @@ impl Handler for AdminApi {
                 }
             }
             (&Method::POST, "/v1/admin/alerts/ack") => self.ack_alerts(request.body(), peer).await,
+            (&Method::POST, p) if p.starts_with("/v1/admin/brokers/") => {
+                self.block_broker(&p["/v1/admin/brokers/".len()..], peer).await
+            }
             (&Method::GET, "/v1/admin/incidents") => match self.services.incidents.list().await {
                 Ok(list) => http::json(StatusCode::OK, &serde_json::Value::Array(list)),
                 Err(e) => compromise_error(e),
@@ -626,13 +659,27 @@ impl Handler for AdminApi {
                 )
                 .await;
                 let people = self.services.incidents.waiting_for_people().await;
-                match (report, people) {
-                    (Ok(mut report), Ok(people)) => {
+                let brokers = match &self.services.brokers {
+                    Some(b) => {
+                        crate::status::brokers(b, self.services.vault.store(), self.services.clock.now())
+                            .await
+                            .map(Some)
+                    }
+                    None => Ok(None),
+                };
+                match (report, people, brokers) {
+                    (Ok(mut report), Ok(people), Ok(brokers)) => {
                         report["needs_person"] = serde_json::Value::Array(people);
+                        if let Some(brokers) = brokers {
+                            report["brokers"] = brokers;
+                        }
                         http::json(StatusCode::OK, &report)
                     }
-                    (_, Err(e)) => compromise_error(e),
-                    (Err(e), _) => {
+                    (_, _, Err(e)) => {
+                        http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+                    }
+                    (_, Err(e), _) => compromise_error(e),
+                    (Err(e), _, _) => {
                         http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
                     }
                 }

@@ -26,7 +26,7 @@ use tokio::sync::{broadcast, watch};
 use zeroize::Zeroizing;
 
 use crate::attest::Peer;
-use crate::attest::{ExeHashCache, PeerIdentity};
+use crate::attest::{Hasher, PeerIdentity};
 use crate::audit::AuditEvent;
 use crate::clock::Millis;
 use crate::http::{self, ApiError, Handler, Slots};
@@ -74,10 +74,6 @@ pub struct AgentConn {
     identity: tokio::sync::Mutex<PeerIdentity>,
 }
 
-/// Peer executables hashed at once.
-const HASHING_AT_ONCE: usize = 4;
-/// How long a fetch waits for its peer's executable to be hashed.
-const HASH_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A token bucket per uid.
 #[derive(Debug)]
@@ -112,8 +108,7 @@ pub struct AgentApi {
     default_ttl: Duration,
     max_wait: Duration,
     rate: Option<RateLimiter>,
-    hashes: Arc<ExeHashCache>,
-    hashing: Arc<tokio::sync::Semaphore>,
+    hasher: Hasher,
     daemon_uid: u32,
     refused_uids: HashSet<u32>,
     rejections: Arc<Rejections>,
@@ -438,8 +433,7 @@ impl AgentApi {
                 per_second: f64::from(settings.max_fetches_per_second),
                 buckets: Mutex::new(HashMap::new()),
             }),
-            hashes: Arc::default(),
-            hashing: Arc::new(tokio::sync::Semaphore::new(HASHING_AT_ONCE)),
+            hasher: Hasher::default(),
             daemon_uid: rustix::process::getuid().as_raw(),
             refused_uids: settings.refused_uids,
             rejections: settings.rejections,
@@ -471,36 +465,9 @@ impl AgentApi {
         }
     }
 
-    /// The peer's identity, with the executable hash computed (off the async threads) when a
-    /// policy needs it.
-    /// The peer's identity, with its executable hashed when a policy needs it: on a blocking
-    /// thread, at most [`HASHING_AT_ONCE`] at a time (a hash stuck on a slow file system keeps
-    /// its slot), and given up after [`HASH_DEADLINE`] (the peer's executable is then unknown).
+    /// The peer's identity, with its executable hashed when a policy needs it.
     async fn identity(&self, conn: &AgentConn) -> PeerIdentity {
-        let mut guard = conn.identity.lock().await;
-        if self.needs_hash && !guard.hash_known() {
-            let mut copy = guard.clone();
-            let hashing = self.hashing.clone();
-            let hashed = tokio::time::timeout(HASH_DEADLINE, async move {
-                let permit = hashing.acquire_owned().await.ok()?;
-                tokio::task::spawn_blocking(move || {
-                    policy::Identity::exe_sha256(&mut copy);
-                    drop(permit);
-                    copy
-                })
-                .await
-                .ok()
-            })
-            .await;
-            match hashed {
-                Ok(Some(done)) => *guard = done,
-                _ => {
-                    tracing::warn!(actor = %guard.actor(), "gave up hashing the peer's executable");
-                    guard.give_up_hash();
-                }
-            }
-        }
-        guard.clone()
+        self.hasher.identity(&conn.identity, self.needs_hash).await
     }
 
     async fn audit(&self, events: Vec<AuditEvent>) -> Result<(), ApiError> {
@@ -762,6 +729,7 @@ fn valid_lease_id(id: &str) -> bool {
 
 impl Handler for AgentApi {
     type Conn = AgentConn;
+    type Body = Full<Bytes>;
 
     fn connect(&self, peer: Peer, pidfd: Option<OwnedFd>, accepted: f64) -> AgentConn {
         AgentConn {
@@ -770,7 +738,7 @@ impl Handler for AgentApi {
                 peer,
                 pidfd,
                 accepted,
-                self.hashes.clone(),
+                self.hasher.cache(),
             )),
         }
     }

@@ -16,6 +16,7 @@
 //! here, so path policies deny it; hash policies still see the file the process runs.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -76,6 +77,131 @@ fn same_mount_namespace(pid: i32) -> bool {
     ) {
         (Some(theirs), Some(ours)) => theirs == ours,
         _ => false,
+    }
+}
+
+/// The process on this host that holds the other end of a loopback TCP connection from
+/// `remote` to `local`: the client socket's inode from `/proc/net/tcp` (or `tcp6`), then the
+/// process with that socket among its descriptors, pinned by a pidfd taken before the socket
+/// is looked for again. `None` when it cannot be found (a process of another user while the
+/// daemon is not root, one in another network namespace, or one that already closed).
+pub fn tcp_peer(local: SocketAddr, remote: SocketAddr) -> Option<(Peer, Option<OwnedFd>)> {
+    let table = if remote.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
+    let text = std::fs::read_to_string(table).ok()?;
+    let (uid, inode) = text.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (ours, theirs) = (parse_proc_addr(f.get(1)?)?, parse_proc_addr(f.get(2)?)?);
+        (ours == remote && theirs == local).then(|| Some((f.get(7)?.parse::<u32>().ok()?, *f.get(9)?)))?
+    })?;
+    let target = format!("socket:[{inode}]");
+    let holds = |pid: i32| -> bool {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()))
+        })
+    };
+    let pid = std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| holds(*pid))?;
+    let pidfd = rustix::process::Pid::from_raw(pid)
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
+    // The pid may have been reused between the scan and the pidfd: it must still hold it.
+    if !holds(pid) {
+        return None;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let gid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Gid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1)?.parse().ok())?;
+    Some((
+        Peer {
+            uid,
+            gid,
+            pid: Some(pid),
+        },
+        pidfd,
+    ))
+}
+
+/// An address as `/proc/net/tcp{,6}` writes it: the IP as 32-bit words in host (little-endian)
+/// order, then the port, in hex.
+fn parse_proc_addr(text: &str) -> Option<SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Option<Vec<u32>> = (0..ip.len() / 8)
+        .map(|i| u32::from_str_radix(ip.get(i * 8..i * 8 + 8)?, 16).ok())
+        .collect();
+    let bytes: Vec<u8> = words?.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Peer executables hashed at once.
+const HASHING_AT_ONCE: usize = 4;
+/// How long a request waits for its peer's executable to be hashed.
+const HASH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Hashes peers' executables off the async threads, a few at a time, for policies that pin
+/// executables by hash.
+#[derive(Debug, Clone)]
+pub struct Hasher {
+    cache: Arc<ExeHashCache>,
+    hashing: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Hasher {
+    fn default() -> Self {
+        Hasher {
+            cache: Arc::default(),
+            hashing: Arc::new(tokio::sync::Semaphore::new(HASHING_AT_ONCE)),
+        }
+    }
+}
+
+impl Hasher {
+    /// The cache new identities share.
+    pub fn cache(&self) -> Arc<ExeHashCache> {
+        self.cache.clone()
+    }
+
+    /// A copy of the connection's identity, its executable hashed first when `needs_hash`
+    /// and not yet done (given up after [`HASH_DEADLINE`]: hash policies then deny the peer).
+    pub async fn identity(
+        &self,
+        identity: &tokio::sync::Mutex<PeerIdentity>,
+        needs_hash: bool,
+    ) -> PeerIdentity {
+        let mut guard = identity.lock().await;
+        if needs_hash && !guard.hash_known() {
+            let mut copy = guard.clone();
+            let hashing = self.hashing.clone();
+            let hashed = tokio::time::timeout(HASH_DEADLINE, async move {
+                let permit = hashing.acquire_owned().await.ok()?;
+                tokio::task::spawn_blocking(move || {
+                    Identity::exe_sha256(&mut copy);
+                    drop(permit);
+                    copy
+                })
+                .await
+                .ok()
+            })
+            .await;
+            match hashed {
+                Ok(Some(done)) => *guard = done,
+                _ => {
+                    tracing::warn!(actor = %guard.actor(), "gave up hashing the peer's executable");
+                    guard.give_up_hash();
+                }
+            }
+        }
+        guard.clone()
     }
 }
 

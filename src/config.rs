@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::broker::{Broker, BrokerConfig};
 use crate::consumer::Template;
 use crate::crypto::KdfParams;
 use crate::generate::GeneratePolicy;
@@ -84,6 +85,9 @@ pub struct Config {
     /// `[signals]`: compromise signals, leak reports, canaries, anomalies and alerts.
     #[serde(default)]
     pub signals: SignalsConfig,
+    /// `[brokers.NAME]`: provider APIs agents call through keywarden, which adds the key.
+    #[serde(default)]
+    pub brokers: BTreeMap<String, BrokerConfig>,
     /// The directory of the config file, for resolving relative paths.
     #[serde(skip)]
     pub base_dir: Option<PathBuf>,
@@ -147,6 +151,12 @@ pub struct DaemonConfig {
     /// The user plugins, `after` commands and the alert command run as when the daemon runs
     /// as root (a name or `UID:GID`); each may name its own in its `sandbox`.
     pub plugin_user: String,
+    /// The `keywarden-broker` executable (default: beside `keywarden`).
+    pub broker: Option<PathBuf>,
+    /// Its SHA-256 (default: what the file hashes to when the daemon starts).
+    pub broker_sha256: Option<String>,
+    /// What the broker process may do beyond the defaults (its user, a private CA's path).
+    pub broker_sandbox: SandboxConfig,
 }
 
 impl Default for DaemonConfig {
@@ -161,6 +171,9 @@ impl Default for DaemonConfig {
             lock_wait: Duration::from_secs(30),
             work_dir: None,
             plugin_user: "keywarden-plugin".into(),
+            broker: None,
+            broker_sha256: None,
+            broker_sandbox: SandboxConfig::default(),
         }
     }
 }
@@ -203,6 +216,9 @@ pub struct AgentConfig {
     /// Time a client has to send a complete request head (slow clients are cut off).
     #[serde(deserialize_with = "duration")]
     pub header_timeout: Duration,
+    /// The broker socket (`/v1/broker/{name}/…`), when `[brokers]` are configured; its mode
+    /// is `socket_mode`.
+    pub broker_socket: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -221,6 +237,7 @@ impl Default for AgentConfig {
             max_leases_per_uid: 100_000,
             max_wait: Duration::from_secs(300),
             header_timeout: Duration::from_secs(5),
+            broker_socket: PathBuf::from("/run/keywarden/broker.sock"),
         }
     }
 }
@@ -375,6 +392,7 @@ impl Config {
         }
         resolve(&mut self.agent.socket, &base);
         resolve(&mut self.agent.admin_socket, &base);
+        resolve(&mut self.agent.broker_socket, &base);
         if let Some(p) = self.daemon.work_dir.as_mut() {
             resolve(p, &base);
         }
@@ -386,6 +404,7 @@ impl Config {
                 consumer.after_sandbox.resolve_paths(base);
             }
             self.signals.alert_sandbox.resolve_paths(base);
+            self.daemon.broker_sandbox.resolve_paths(base);
             if let Some(tls) = self.signals.tls.as_mut() {
                 for p in [&mut tls.cert, &mut tls.key] {
                     if p.is_relative() {
@@ -405,6 +424,14 @@ impl Config {
             if let Some(p) = consumer.path.as_mut() {
                 resolve(p, &base);
             }
+        }
+        for broker in self.brokers.values_mut() {
+            if let Some(p) = broker.ca_file.as_mut() {
+                resolve(p, &base);
+            }
+        }
+        if let Some(p) = self.daemon.broker.as_mut() {
+            resolve(p, &base);
         }
     }
 
@@ -508,8 +535,27 @@ impl Config {
         for (i, policy) in self.policy.iter().enumerate() {
             crate::policy::check(policy)
                 .map_err(|(key, message)| self.invalid_policy(i, key, message))?;
+            if let Some(b) = policy.brokers.iter().find(|b| !self.brokers.contains_key(*b)) {
+                return Err(self.invalid_policy(
+                    i,
+                    "brokers",
+                    format!("no broker {b:?} is configured ([brokers.{b}])"),
+                ));
+            }
         }
+        self.compile_brokers()?;
         Ok(())
+    }
+
+    /// The `[brokers]`, checked and resolved.
+    pub fn compile_brokers(&self) -> Result<BTreeMap<String, Broker>, ConfigError> {
+        let mut brokers = BTreeMap::new();
+        for (name, c) in &self.brokers {
+            let b = crate::broker::compile(name, c, |s| self.secrets.contains_key(s))
+                .map_err(|(key, message)| self.invalid("brokers", name, key, message))?;
+            brokers.insert(name.clone(), b);
+        }
+        Ok(brokers)
     }
 
     /// `[plugins.NAME]`: a command, a well-formed pin, a positive concurrency.
@@ -708,10 +754,19 @@ impl Config {
 
     /// An error about `[signals] KEY`, naming its line.
     pub fn invalid_signals(&self, key: &str, message: String) -> ConfigError {
+        self.invalid_in("signals", key, message)
+    }
+
+    /// An [`ConfigError::Invalid`] for `key` of `[daemon]`.
+    pub fn invalid_daemon(&self, key: &str, message: String) -> ConfigError {
+        self.invalid_in("daemon", key, message)
+    }
+
+    fn invalid_in(&self, section: &str, key: &str, message: String) -> ConfigError {
         ConfigError::Invalid {
             path: self.source_path.clone().unwrap_or_default(),
-            line: self.line_at(&[Step::Key("signals"), Step::Key(key)]),
-            key: format!("signals.{key}"),
+            line: self.line_at(&[Step::Key(section), Step::Key(key)]),
+            key: format!("{section}.{key}"),
             message,
         }
     }

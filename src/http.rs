@@ -222,6 +222,12 @@ pub trait Handler: Send + Sync + 'static {
     /// What the handler keeps per connection (the peer's identity).
     type Conn: Send + Sync + 'static;
 
+    /// The answers' body: [`Full`] for the APIs that answer at once, a stream for the broker.
+    type Body: hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + From<Full<Bytes>>
+        + Send
+        + 'static;
+
     /// Called once per connection, with the peer's credentials, a pidfd of the very process
     /// that connected (Unix sockets, where the kernel gives one) and the moment the connection
     /// was accepted (seconds since boot).
@@ -232,7 +238,7 @@ pub trait Handler: Send + Sync + 'static {
         &self,
         conn: &Self::Conn,
         request: Request<Bytes>,
-    ) -> impl Future<Output = Response<Full<Bytes>>> + Send;
+    ) -> impl Future<Output = Response<Self::Body>> + Send;
 }
 
 /// A JSON response.
@@ -588,18 +594,22 @@ pub async fn serve<H: Handler, L: Listener>(
                     let body = match read.await {
                         Ok(Ok(b)) => b.to_bytes(),
                         Ok(Err(_)) => {
-                            return Ok::<_, Infallible>(error(
-                                StatusCode::PAYLOAD_TOO_LARGE,
-                                "too_large",
-                                format!("the request body is larger than {max_body} bytes"),
-                            ));
+                            return Ok::<_, Infallible>(
+                                error(
+                                    StatusCode::PAYLOAD_TOO_LARGE,
+                                    "too_large",
+                                    format!("the request body is larger than {max_body} bytes"),
+                                )
+                                .map(H::Body::from),
+                            );
                         }
                         Err(_) => {
                             return Ok(error(
                                 StatusCode::REQUEST_TIMEOUT,
                                 "timeout",
                                 format!("the request body did not arrive within {body_timeout:?}"),
-                            ));
+                            )
+                            .map(H::Body::from));
                         }
                     };
                     Ok(handler

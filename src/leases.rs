@@ -186,6 +186,31 @@ pub struct Leases {
     ended: Arc<Notify>,
     /// Set when a fetch was counted on a lease and not yet folded into the audit chain.
     unfolded: std::sync::atomic::AtomicBool,
+    /// Versions used by brokered requests in flight, which drain like leases.
+    in_use: Mutex<HashMap<(String, i64), usize>>,
+}
+
+/// A version in use by a request in flight (a brokered request): until it is dropped, a
+/// rotation drains it like a lease and revokes the old credential only after.
+#[derive(Debug)]
+pub struct Hold {
+    leases: Arc<Leases>,
+    key: (String, i64),
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut in_use = self.leases.in_use.lock().expect("in-use lock");
+        if let Some(n) = in_use.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                in_use.remove(&self.key);
+            }
+        }
+        drop(in_use);
+        self.leases.ended.notify_waiters();
+        self.leases.ended.notify_one();
+    }
 }
 
 impl std::fmt::Debug for Leases {
@@ -221,6 +246,7 @@ impl Leases {
             ended,
             // Fetches counted before a crash are folded at the first sweep.
             unfolded: std::sync::atomic::AtomicBool::new(true),
+            in_use: Mutex::new(HashMap::new()),
         })
     }
 
@@ -231,14 +257,37 @@ impl Leases {
 
     /// Live leases on one version of a secret, and the earliest of their expiries. A lease is
     /// live until the sweeper has ended it (and recorded that), even a moment past its expiry.
+    /// Versions held by requests in flight ([`Hold`]) count as leases without an expiry.
     pub fn live_on(&self, secret_id: &str, version: i64) -> (i64, Option<Millis>) {
+        let held = self
+            .in_use
+            .lock()
+            .expect("in-use lock")
+            .get(&(secret_id.to_string(), version))
+            .copied()
+            .unwrap_or(0) as i64;
         let state = self.state.lock().expect("lease state");
         match state
             .by_version
             .get(&(secret_id.to_string(), Some(version)))
         {
-            Some(set) => (set.len() as i64, set.first().map(|(t, _)| *t)),
-            None => (0, None),
+            Some(set) => (set.len() as i64 + held, set.first().map(|(t, _)| *t)),
+            None => (held, None),
+        }
+    }
+
+    /// Marks `version` of a secret in use until the returned [`Hold`] is dropped.
+    pub fn hold(self: &Arc<Self>, secret_id: &str, version: i64) -> Hold {
+        let key = (secret_id.to_string(), version);
+        *self
+            .in_use
+            .lock()
+            .expect("in-use lock")
+            .entry(key.clone())
+            .or_default() += 1;
+        Hold {
+            leases: self.clone(),
+            key,
         }
     }
 

@@ -45,6 +45,8 @@ pub mod agent_api;
 pub mod attest;
 pub mod audit;
 pub mod audit_archive;
+pub mod broker;
+pub mod broker_api;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -29,6 +29,21 @@ pub struct Metrics {
     pub reactions_suppressed: AtomicU64,
     /// Alerts raised, by kind.
     alerts: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Brokered requests by (broker, policy).
+    brokered: std::sync::Mutex<std::collections::BTreeMap<(String, String), Brokered>>,
+}
+
+/// Upper bounds (seconds) of the brokered-request duration histogram.
+const DURATION_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0, 120.0];
+
+/// The counters of one (broker, policy).
+#[derive(Debug, Default)]
+struct Brokered {
+    by_status: std::collections::BTreeMap<u16, u64>,
+    tokens: u64,
+    buckets: [u64; DURATION_BUCKETS.len()],
+    count: u64,
+    seconds: f64,
 }
 
 impl Metrics {
@@ -40,6 +55,91 @@ impl Metrics {
             .expect("metrics lock")
             .entry(kind.as_str())
             .or_default() += 1;
+    }
+}
+
+impl Metrics {
+    /// Counts a brokered request: its status, tokens and duration (to its answer's end).
+    pub fn count_brokered(
+        &self,
+        broker: &str,
+        policy: &str,
+        status: u16,
+        tokens: u64,
+        took: std::time::Duration,
+    ) {
+        let mut brokered = self.brokered.lock().expect("metrics lock");
+        let b = brokered
+            .entry((broker.to_string(), policy.to_string()))
+            .or_default();
+        *b.by_status.entry(status).or_default() += 1;
+        b.tokens += tokens;
+        let secs = took.as_secs_f64();
+        for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                b.buckets[i] += 1;
+            }
+        }
+        b.count += 1;
+        b.seconds += secs;
+    }
+}
+
+/// Brokered requests, tokens and durations per broker and policy.
+fn render_brokered(out: &mut String, metrics: &Metrics) {
+    let brokered = metrics.brokered.lock().expect("metrics lock");
+    family(
+        out,
+        "keywarden_broker_requests_total",
+        "counter",
+        "Brokered requests, by broker, policy and status.",
+    );
+    for ((broker, policy), b) in brokered.iter() {
+        for (status, n) in &b.by_status {
+            let _ = writeln!(
+                out,
+                "keywarden_broker_requests_total{{broker=\"{}\",policy=\"{}\",status=\"{status}\"}} {n}",
+                label(broker),
+                label(policy)
+            );
+        }
+    }
+    family(
+        out,
+        "keywarden_broker_tokens_total",
+        "counter",
+        "Tokens the providers counted for brokered requests.",
+    );
+    for ((broker, policy), b) in brokered.iter() {
+        let _ = writeln!(
+            out,
+            "keywarden_broker_tokens_total{{broker=\"{}\",policy=\"{}\"}} {}",
+            label(broker),
+            label(policy),
+            b.tokens
+        );
+    }
+    family(
+        out,
+        "keywarden_broker_request_seconds",
+        "histogram",
+        "Time from a brokered request to the end of its answer.",
+    );
+    for ((broker, policy), b) in brokered.iter() {
+        let labels = format!("broker=\"{}\",policy=\"{}\"", label(broker), label(policy));
+        for (bound, n) in DURATION_BUCKETS.iter().zip(b.buckets) {
+            let _ = writeln!(
+                out,
+                "keywarden_broker_request_seconds_bucket{{{labels},le=\"{bound}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "keywarden_broker_request_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+            b.count
+        );
+        let _ = writeln!(out, "keywarden_broker_request_seconds_sum{{{labels}}} {}", b.seconds);
+        let _ = writeln!(out, "keywarden_broker_request_seconds_count{{{labels}}} {}", b.count);
     }
 }
 
@@ -208,4 +308,5 @@ fn render_counters(out: &mut String, metrics: &Metrics, live_leases: usize) {
         "keywarden_signals_rejected_total {}",
         metrics.signals_rejected.load(Ordering::Relaxed)
     );
+    render_brokered(out, metrics);
 }

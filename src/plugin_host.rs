@@ -717,7 +717,7 @@ fn interpreter_of(path: &Path) -> Option<PathBuf> {
 /// (before or after following symlinks), is owned by someone other than root or this process's
 /// user, or writable by group or others (a sticky directory such as /tmp is fine: others cannot
 /// replace what they do not own in it). `None` when nobody else can.
-fn replaceable_by_others(path: &Path) -> Option<String> {
+pub(crate) fn replaceable_by_others(path: &Path) -> Option<String> {
     let me = rustix::process::geteuid().as_raw();
     let unsafe_entry = |entry: &Path, meta: &std::fs::Metadata| -> Option<String> {
         let mode = meta.mode();

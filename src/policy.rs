@@ -8,6 +8,7 @@ use std::time::Duration;
 use globset::{GlobBuilder, GlobMatcher};
 use serde::Deserialize;
 
+use crate::broker::budget::Budget;
 use crate::parse::duration;
 
 /// `[[policy]]`: one rule of who may fetch which secrets, and for how long.
@@ -32,7 +33,14 @@ pub struct PolicyConfig {
     #[serde(default)]
     pub exe_sha256: Vec<String>,
     /// Secret-name globs (`openai/*`; `*` stays within a segment, `**` crosses them).
+    #[serde(default)]
     pub secrets: Vec<String>,
+    /// Brokers (`[brokers.NAME]`) the peer may call through, without ever holding their keys.
+    #[serde(default)]
+    pub brokers: Vec<String>,
+    /// What brokered calls may spend.
+    #[serde(default)]
+    pub budget: Budget,
     /// Longest lease this policy grants.
     #[serde(default = "default_max_ttl", deserialize_with = "duration")]
     pub max_ttl: Duration,
@@ -53,6 +61,9 @@ pub struct Policy {
     exe: Vec<PathBuf>,
     exe_sha256: Vec<String>,
     secrets: Vec<GlobMatcher>,
+    brokers: Vec<String>,
+    /// What brokered calls may spend.
+    pub budget: Budget,
     /// Longest lease it grants.
     pub max_ttl: Duration,
 }
@@ -94,11 +105,14 @@ pub fn check(p: &PolicyConfig) -> Result<(), (&'static str, String)> {
             "a policy must name at least one of uids, gids, same_user, exe or exe_sha256".into(),
         ));
     }
-    if p.secrets.is_empty() {
+    if p.secrets.is_empty() && p.brokers.is_empty() {
         return Err((
             "secrets",
-            "must list at least one secret name or glob".into(),
+            "must list at least one secret name or glob, or a broker in `brokers`".into(),
         ));
+    }
+    if p.budget.requests_per_minute == Some(0) || p.budget.tokens_per_day == Some(0) {
+        return Err(("budget", "a budget of zero allows nothing: remove the broker instead".into()));
     }
     for pattern in &p.secrets {
         glob(pattern).map_err(|e| ("secrets", e))?;
@@ -134,6 +148,8 @@ impl Policy {
                 .iter()
                 .map(|g| glob(g).expect("checked at load"))
                 .collect(),
+            brokers: p.brokers.clone(),
+            budget: p.budget,
             max_ttl: p.max_ttl,
         }
     }
@@ -183,6 +199,18 @@ pub fn decide<'p>(
     policies
         .iter()
         .find(|p| p.covers(secret) && p.admits(who, daemon_uid))
+}
+
+/// The first policy that lets `who` call through broker `broker`, if any.
+pub fn decide_broker<'p>(
+    policies: &'p [Policy],
+    who: &mut impl Identity,
+    broker: &str,
+    daemon_uid: u32,
+) -> Option<&'p Policy> {
+    policies
+        .iter()
+        .find(|p| p.brokers.iter().any(|b| b == broker) && p.admits(who, daemon_uid))
 }
 
 #[cfg(test)]

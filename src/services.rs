@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::broker::Brokers;
 use crate::clock::Clock;
 use crate::group_commit::GroupCommit;
 use crate::incident::compromise::Incidents;
@@ -32,4 +33,6 @@ pub struct Services {
     pub incidents: Arc<Incidents>,
     /// Time.
     pub clock: Clock,
+    /// The brokers, when `[brokers]` are configured.
+    pub brokers: Option<Arc<Brokers>>,
 }

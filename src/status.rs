@@ -2,6 +2,7 @@
 
 use serde_json::{Value, json};
 
+use crate::broker::Brokers;
 use crate::clock::Millis;
 use crate::crypto;
 use crate::plugin_host::PluginHost;
@@ -90,5 +91,31 @@ pub async fn report(
             "rows": head.as_ref().map_or(0, |h| h.0),
             "head": head.map(|h| crypto::hex(&h.1)),
         },
+    }))
+}
+
+/// Each broker's routes (the secret and its latest version), whether it is blocked, and what
+/// each policy and caller spent today.
+pub async fn brokers(brokers: &Brokers, store: &Store, now: Millis) -> Result<Value, StoreError> {
+    let mut list = serde_json::Map::new();
+    for (name, b) in &brokers.brokers {
+        let mut routes = Vec::new();
+        for secret in b.secrets() {
+            let version = store.secret(secret).await?.and_then(|s| s.latest_version);
+            routes.push(json!({ "secret": secret, "version": version }));
+        }
+        list.insert(
+            name.clone(),
+            json!({
+                "routes": routes,
+                "listen": b.listen.map(|a| a.to_string()),
+                "blocked": brokers.is_blocked(name),
+            }),
+        );
+    }
+    Ok(json!({
+        "brokers": list,
+        "today": brokers.budgets.today(now),
+        "restarts": brokers.process.restarts(),
     }))
 }

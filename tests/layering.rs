@@ -27,6 +27,7 @@ const GROUND: &[&str] = &[
 ];
 const MIDDLE: &[&str] = &[
     "attest",
+    "broker",
     "consumer",
     "group_commit",
     "http",
@@ -43,6 +44,7 @@ const MIDDLE: &[&str] = &[
 const TOP: &[&str] = &[
     "admin",
     "agent_api",
+    "broker_api",
     "cli",
     "config",
     "daemon",

@@ -4,6 +4,7 @@
 mod agent_cmds;
 mod alerts_cmd;
 mod audit_cmd;
+mod broker_cmd;
 mod compromise_cmd;
 mod daemon_cmds;
 mod output;
@@ -107,6 +108,9 @@ enum Command {
     /// List compromise incidents, show one's report, or close one by hand.
     #[command(subcommand)]
     Incident(compromise_cmd::IncidentCommand),
+    /// Block or unblock a broker, or see what its callers spent today.
+    #[command(subcommand)]
+    Broker(broker_cmd::BrokerCommand),
 }
 
 /// What every command can use: the parsed config and the CLI's overrides.
@@ -228,6 +232,7 @@ async fn run(cli: Cli, inherited: crate::hardening::Inherited) -> anyhow::Result
         Command::RotateAll(args) => compromise_cmd::rotate_all(&ctx, args).await,
         Command::Incident(cmd) => compromise_cmd::incident(&ctx, cmd).await,
         Command::Alerts(cmd) => alerts_cmd::run(&ctx, cmd).await,
+        Command::Broker(cmd) => broker_cmd::run(&ctx, cmd).await,
         Command::Scan(args) => scan_cmd::scan(&ctx, args).await,
         Command::Import(args) => scan_cmd::import(&ctx, args).await,
     }

@@ -6,6 +6,7 @@
 //! connection. [`catalog`] resolves the config against the plugins; [`lease_backend`] connects
 //! the lease table to the store and the plugins.
 
+mod brokers;
 mod catalog;
 mod lease_backend;
 mod runtime;
@@ -19,6 +20,7 @@ pub use runtime::{Mode, Runtime};
 
 use crate::admin::AdminApi;
 use crate::agent_api::{AgentApi, AgentSettings};
+use crate::broker_api;
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
 use crate::http::{self, SocketError};
@@ -114,6 +116,16 @@ pub async fn serve(
     let remove_sockets = || {
         let _ = std::fs::remove_file(&agent.admin_socket);
         let _ = std::fs::remove_file(&agent.socket);
+        if !config.brokers.is_empty() {
+            let _ = std::fs::remove_file(&agent.broker_socket);
+        }
+    };
+    let broker_listeners = match brokers::bind(config).await {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            remove_sockets();
+            return Err(e);
+        }
     };
     let signal_listener = match &config.signals.listen {
         Some(address) => match tokio::net::TcpListener::bind(address).await {
@@ -135,6 +147,22 @@ pub async fn serve(
             return Err(e.into());
         }
     };
+    let store_path = vault.store().path().to_path_buf();
+    let brokers = match brokers::start(
+        config,
+        vault.store(),
+        &work_dir(config, &store_path),
+        runtime.shutdown_signal(),
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(e) => {
+            runtime.stop(config.daemon.shutdown_timeout).await;
+            remove_sockets();
+            return Err(e.into());
+        }
+    };
     let services = Services {
         vault,
         catalog: runtime.engine.catalog().clone(),
@@ -147,6 +175,7 @@ pub async fn serve(
         metrics: runtime.metrics.clone(),
         incidents: runtime.incidents.clone(),
         clock: Clock::System,
+        brokers: brokers.as_ref().map(|(b, _)| b.clone()),
     };
     let servers = match start_servers(
         config,
@@ -155,6 +184,7 @@ pub async fn serve(
         signal_listener,
         agent_listener,
         admin_listener,
+        broker_listeners,
     )
     .await
     {
@@ -182,6 +212,9 @@ pub async fn serve(
     runtime.stop(config.daemon.shutdown_timeout).await;
     for server in servers {
         let _ = server.await;
+    }
+    if let Some((_, keeper)) = brokers {
+        let _ = keeper.await;
     }
     let _ = trimmer.await;
     // Writes a stopped task queued are committed before the process ends; then no write-ahead
@@ -221,6 +254,7 @@ async fn start_servers(
     signal_listener: Option<tokio::net::TcpListener>,
     agent_listener: tokio::net::UnixListener,
     admin_listener: tokio::net::UnixListener,
+    broker_listeners: (Option<tokio::net::UnixListener>, Vec<broker_api::LoopbackListener>),
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, ServeError> {
     let agent = &config.agent;
     let limits = http::Limits {
@@ -302,6 +336,17 @@ async fn start_servers(
         limits.clone(),
         runtime.shutdown_signal(),
     )));
+    if let Some(b) = &services.brokers {
+        servers.extend(brokers::serve(
+            config,
+            services,
+            b.clone(),
+            broker_listeners,
+            refused_uids.clone(),
+            rejections.clone(),
+            runtime.shutdown_signal(),
+        ));
+    }
     let admin_api = Arc::new(AdminApi::new(
         services.clone(),
         &agent.admin_uids,

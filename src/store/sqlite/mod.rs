@@ -6,6 +6,7 @@
 
 mod audit;
 mod batch;
+mod brokers;
 mod deliveries;
 mod header;
 mod incidents;

@@ -1,0 +1,162 @@
+//! `keywarden-broker`: the only process where a provider key meets an HTTP client. The daemon
+//! starts it confined like a plugin, hands it a listening Unix socket as its standard input and
+//! sends it, with each agent request it has admitted, the keys of that broker's routes; the
+//! broker adds the key on the way out, tries the fallbacks on a connect error, 429 or 5xx, and
+//! streams the answer back. It keeps no key after a request ends and reads no file.
+//! The protocol: `keywarden_plugin_sdk::broker` and docs/broker-protocol.md.
+
+#![forbid(unsafe_code)]
+
+mod forward;
+
+use std::convert::Infallible;
+use std::os::fd::AsFd;
+use std::process::ExitCode;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use keywarden_plugin_sdk::broker::Routes;
+
+use crate::forward::{Body, Forwarder};
+
+/// How long the broker waits for the daemon to attach before it gives up.
+const ATTACH_DEADLINE: Duration = Duration::from_secs(30);
+/// Largest `PUT /v1/routes` body.
+const MAX_ROUTES_BYTES: usize = 4 << 20;
+
+fn main() -> ExitCode {
+    // TLS through rustls with ring: one well-known crypto library, no C toolchain needed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keywarden-broker: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keywarden-broker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What every connection shares.
+struct State {
+    forwarder: RwLock<Arc<Forwarder>>,
+    /// Sent once the daemon's attach connection closed.
+    detached: tokio::sync::mpsc::Sender<()>,
+    attached: tokio::sync::Notify,
+}
+
+async fn run() -> Result<(), String> {
+    let fd = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| format!("standard input: {e}"))?;
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("standard input is not a listening Unix socket: {e}"))?;
+    let listener = tokio::net::UnixListener::from_std(listener)
+        .map_err(|e| format!("standard input is not a listening Unix socket: {e}"))?;
+    let (detached, mut gone) = tokio::sync::mpsc::channel(1);
+    let state = Arc::new(State {
+        forwarder: RwLock::new(Arc::new(Forwarder::new(Routes::default())?)),
+        detached,
+        attached: tokio::sync::Notify::new(),
+    });
+    let deadline = tokio::time::sleep(ATTACH_DEADLINE);
+    tokio::pin!(deadline);
+    let mut attached = false;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = accepted.map_err(|e| format!("accept: {e}"))?;
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(handle(&state, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+            _ = state.attached.notified() => attached = true,
+            _ = gone.recv() => return Ok(()),
+            _ = &mut deadline, if !attached => {
+                return Err("the daemon did not attach; exiting".into());
+            }
+        }
+    }
+}
+
+/// Dropped when the attach request ends: the daemon is gone.
+struct Detach(tokio::sync::mpsc::Sender<()>);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        let _ = self.0.try_send(());
+    }
+}
+
+async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/v1/attach") => {
+            let _detach = Detach(state.detached.clone());
+            state.attached.notify_one();
+            std::future::pending::<()>().await;
+            unreachable!("pending never resolves")
+        }
+        (&Method::PUT, "/v1/routes") => {
+            let body = match http_body_util::Limited::new(req.into_body(), MAX_ROUTES_BYTES)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("routes: {e}")),
+            };
+            let routes: Routes = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("routes: {e}")),
+            };
+            match Forwarder::new(routes) {
+                Ok(f) => {
+                    *state.forwarder.write().expect("routes lock") = Arc::new(f);
+                    plain(StatusCode::NO_CONTENT, "")
+                }
+                Err(e) => plain(StatusCode::BAD_REQUEST, &e),
+            }
+        }
+        _ if path.starts_with("/v1/forward/") => {
+            let forwarder = state.forwarder.read().expect("routes lock").clone();
+            forwarder.forward(req).await
+        }
+        _ => plain(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+/// A short text answer.
+pub(crate) fn plain(status: StatusCode, text: &str) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(text.to_string()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response
+}

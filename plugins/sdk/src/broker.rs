@@ -1,0 +1,67 @@
+//! The broker protocol between the daemon and `keywarden-broker` (docs/broker-protocol.md):
+//! HTTP/1.1 over a Unix socket the daemon binds in a private directory and hands to the broker
+//! as its standard input. Only the daemon connects to it.
+//!
+//! | request | reply |
+//! |---|---|
+//! | `PUT /v1/routes` with [`Routes`] | 204: the routes replace the previous ones |
+//! | `GET /v1/attach` | never answers; when this connection closes the broker exits |
+//! | `ANY /v1/forward/{broker}/{path}?{query}` | the upstream's answer, streamed |
+//!
+//! A forwarded request carries, for each route `i` of its broker, the key to inject in the
+//! header `x-keywarden-key-{i}` (absent: that route has no value and is skipped). The broker
+//! keeps no key after the request ends, so a promoted version is used by the very next request
+//! and a request in flight finishes on the key it started with.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of the per-route key headers on a forwarded request.
+pub const KEY_HEADER_PREFIX: &str = "x-keywarden-key-";
+/// Response header naming the route (secret) that answered.
+pub const ROUTE_HEADER: &str = "x-keywarden-route";
+/// Response header with the upstream's time to its answer's head, in milliseconds.
+pub const UPSTREAM_MS_HEADER: &str = "x-keywarden-upstream-ms";
+
+/// Everything the broker serves: `PUT /v1/routes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Routes {
+    /// Brokers by name.
+    pub brokers: BTreeMap<String, BrokerRoutes>,
+}
+
+/// One broker: its routes in the order they are tried, and its time-outs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BrokerRoutes {
+    /// The primary route first, then the fallbacks.
+    pub routes: Vec<RouteSpec>,
+    /// Longest wait for the connection to the upstream, milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Longest wait for the head of the upstream's answer, milliseconds.
+    pub first_byte_timeout_ms: u64,
+    /// Longest silence between two pieces of the answer's body, milliseconds.
+    pub idle_timeout_ms: u64,
+}
+
+/// Where a route sends requests and how it adds the key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteSpec {
+    /// The secret whose value is injected (also what `x-keywarden-route` says).
+    pub secret: String,
+    /// Base URL; the request's path is appended (`https://api.openai.com`).
+    pub upstream: String,
+    /// Header that carries the key (`authorization`).
+    pub header: String,
+    /// Text before the key in that header (`Bearer `).
+    pub prefix: String,
+    /// Extra CA certificates to trust, PEM (a private CA), besides the system's.
+    pub ca_pem: Option<String>,
+}
+
+/// The reply when no route answered (status 502 or 504).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Failure {
+    /// What went wrong on each route tried, in order (never a key or a body).
+    pub attempts: Vec<String>,
+}

@@ -1,0 +1,283 @@
+//! Budgets of brokered requests: requests per minute and tokens per (UTC) day, per policy,
+//! with what each caller (uid, executable) spent kept beside them. The counters start from
+//! the day's `broker.request` audit rows, so a restart forgets nothing.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use serde::Deserialize;
+
+use crate::clock::Millis;
+
+const MINUTE: Millis = 60_000;
+const DAY: Millis = 86_400_000;
+
+/// `budget = { requests_per_minute, tokens_per_day }` of a `[[policy]]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Brokered requests allowed per minute (none: no limit).
+    pub requests_per_minute: Option<u64>,
+    /// Tokens (in and out, as the provider counts them) allowed per UTC day.
+    pub tokens_per_day: Option<u64>,
+}
+
+/// Which budget is spent, and when it renews.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Spent {
+    /// `requests_per_minute`.
+    Requests {
+        /// The limit.
+        limit: u64,
+        /// Seconds until the next minute.
+        retry_after: u64,
+    },
+    /// `tokens_per_day`.
+    Tokens {
+        /// The limit.
+        limit: u64,
+        /// Seconds until the next UTC day.
+        retry_after: u64,
+    },
+}
+
+impl Spent {
+    /// Seconds until the budget renews.
+    pub fn retry_after(&self) -> u64 {
+        match self {
+            Spent::Requests { retry_after, .. } | Spent::Tokens { retry_after, .. } => *retry_after,
+        }
+    }
+
+    /// The budget's name in the config.
+    pub fn budget(&self) -> &'static str {
+        match self {
+            Spent::Requests { .. } => "requests_per_minute",
+            Spent::Tokens { .. } => "tokens_per_day",
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    minute: Millis,
+    requests_this_minute: u64,
+    day: Millis,
+    requests_today: u64,
+    tokens_today: u64,
+}
+
+impl Counters {
+    fn roll(&mut self, now: Millis) {
+        let (minute, day) = (now - now % MINUTE, now - now % DAY);
+        if self.minute != minute {
+            self.minute = minute;
+            self.requests_this_minute = 0;
+        }
+        if self.day != day {
+            self.day = day;
+            self.requests_today = 0;
+            self.tokens_today = 0;
+        }
+    }
+}
+
+/// Who made a request: the policy that admitted it, the peer's uid and executable.
+pub type Caller = (String, u32, String);
+
+/// What was spent today, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Spending {
+    /// The policy.
+    pub policy: String,
+    /// The caller's uid (absent: the policy's total).
+    pub uid: Option<u32>,
+    /// The caller's executable.
+    pub exe: Option<String>,
+    /// Requests today.
+    pub requests: u64,
+    /// Tokens today.
+    pub tokens: u64,
+}
+
+/// The counters of every policy and caller.
+#[derive(Debug, Default)]
+pub struct Budgets {
+    policies: Mutex<HashMap<String, Counters>>,
+    callers: Mutex<HashMap<Caller, Counters>>,
+}
+
+impl Budgets {
+    /// Counts a request against `policy`'s budget, or says which budget is spent (and counts
+    /// nothing).
+    pub fn admit(
+        &self,
+        policy: &str,
+        budget: &Budget,
+        caller: &Caller,
+        now: Millis,
+    ) -> Result<(), Spent> {
+        let mut policies = self.policies.lock().expect("budget lock");
+        let c = policies.entry(policy.to_string()).or_default();
+        c.roll(now);
+        if let Some(limit) = budget.requests_per_minute {
+            if c.requests_this_minute >= limit {
+                return Err(Spent::Requests {
+                    limit,
+                    retry_after: ((c.minute + MINUTE - now) as u64).div_ceil(1000),
+                });
+            }
+        }
+        if let Some(limit) = budget.tokens_per_day {
+            if c.tokens_today >= limit {
+                return Err(Spent::Tokens {
+                    limit,
+                    retry_after: ((c.day + DAY - now) as u64).div_ceil(1000),
+                });
+            }
+        }
+        c.requests_this_minute += 1;
+        c.requests_today += 1;
+        drop(policies);
+        let mut callers = self.callers.lock().expect("budget lock");
+        let c = callers.entry(caller.clone()).or_default();
+        c.roll(now);
+        c.requests_this_minute += 1;
+        c.requests_today += 1;
+        Ok(())
+    }
+
+    /// Adds the tokens a finished request used.
+    pub fn spend(&self, caller: &Caller, tokens: u64, now: Millis) {
+        for c in [
+            self.policies
+                .lock()
+                .expect("budget lock")
+                .entry(caller.0.clone())
+                .or_default(),
+            self.callers
+                .lock()
+                .expect("budget lock")
+                .entry(caller.clone())
+                .or_default(),
+        ] {
+            c.roll(now);
+            c.tokens_today += tokens;
+        }
+    }
+
+    /// Starts from what the audit log says was spent: per caller, requests in the current
+    /// minute, requests and tokens today.
+    pub fn restore(&self, rows: &[(Caller, u64, u64, u64)], now: Millis) {
+        let mut policies = self.policies.lock().expect("budget lock");
+        let mut callers = self.callers.lock().expect("budget lock");
+        for (caller, minute, requests, tokens) in rows {
+            for c in [
+                policies.entry(caller.0.clone()).or_default(),
+                callers.entry(caller.clone()).or_default(),
+            ] {
+                c.roll(now);
+                c.requests_this_minute += minute;
+                c.requests_today += requests;
+                c.tokens_today += tokens;
+            }
+        }
+    }
+
+    /// Today's spending per policy, then per caller.
+    pub fn today(&self, now: Millis) -> Vec<Spending> {
+        let day = now - now % DAY;
+        let mut out: Vec<Spending> = Vec::new();
+        for (policy, c) in self.policies.lock().expect("budget lock").iter() {
+            if c.day == day {
+                out.push(Spending {
+                    policy: policy.clone(),
+                    uid: None,
+                    exe: None,
+                    requests: c.requests_today,
+                    tokens: c.tokens_today,
+                });
+            }
+        }
+        for ((policy, uid, exe), c) in self.callers.lock().expect("budget lock").iter() {
+            if c.day == day {
+                out.push(Spending {
+                    policy: policy.clone(),
+                    uid: Some(*uid),
+                    exe: Some(exe.clone()),
+                    requests: c.requests_today,
+                    tokens: c.tokens_today,
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.policy, a.uid, &a.exe).cmp(&(&b.policy, b.uid, &b.exe)));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Millis = 1_800_000_000_000 - 1_800_000_000_000 % DAY + 10 * 3_600_000;
+
+    fn caller() -> Caller {
+        ("agents".into(), 1001, "/usr/bin/python3".into())
+    }
+
+    #[test]
+    fn requests_per_minute_refuse_at_the_limit_and_renew_with_the_minute() {
+        let b = Budgets::default();
+        let budget = Budget {
+            requests_per_minute: Some(3),
+            tokens_per_day: None,
+        };
+        for _ in 0..3 {
+            b.admit("agents", &budget, &caller(), T0 + 1_000).unwrap();
+        }
+        let spent = b.admit("agents", &budget, &caller(), T0 + 1_000).unwrap_err();
+        assert_eq!(
+            spent,
+            Spent::Requests {
+                limit: 3,
+                retry_after: 59
+            }
+        );
+        b.admit("agents", &budget, &caller(), T0 + MINUTE).unwrap();
+    }
+
+    #[test]
+    fn tokens_per_day_refuse_once_spent_and_survive_a_restore() {
+        let b = Budgets::default();
+        let budget = Budget {
+            requests_per_minute: None,
+            tokens_per_day: Some(100),
+        };
+        b.admit("agents", &budget, &caller(), T0).unwrap();
+        b.spend(&caller(), 60, T0);
+        b.admit("agents", &budget, &caller(), T0).unwrap();
+        b.spend(&caller(), 40, T0);
+        let spent = b.admit("agents", &budget, &caller(), T0).unwrap_err();
+        assert_eq!(spent.budget(), "tokens_per_day");
+        assert_eq!(spent.retry_after(), 14 * 3600);
+        assert_eq!(
+            b.today(T0)[0],
+            Spending {
+                policy: "agents".into(),
+                uid: None,
+                exe: None,
+                requests: 2,
+                tokens: 100
+            }
+        );
+
+        // A restarted daemon starts from the day's rows.
+        let restarted = Budgets::default();
+        restarted.restore(&[(caller(), 2, 2, 100)], T0 + 1);
+        assert!(restarted.admit("agents", &budget, &caller(), T0 + 1).is_err());
+        // The next day it renews.
+        restarted
+            .admit("agents", &budget, &caller(), T0 + DAY)
+            .unwrap();
+    }
+}

@@ -1,0 +1,330 @@
+//! The broker: agents call model providers through keywarden, which adds the key on the way
+//! out, so no agent process ever holds it (../shared/DESIGN.md §11, docs/broker.md).
+//!
+//! The daemon attests the caller, checks its policy, budget and the path, and forwards the
+//! request with the route keys to `keywarden-broker`, a separate confined process and the only
+//! place a provider key meets an HTTP client (`process.rs`). This module holds what the daemon
+//! knows of brokers: their config and presets, budgets, and reading usage from answers.
+
+pub mod budget;
+pub mod presets;
+pub mod process;
+pub mod usage;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keywarden_plugin_sdk::broker::{BrokerRoutes, RouteSpec, Routes};
+use serde::Deserialize;
+
+use crate::parse::duration;
+pub use presets::{Allowed, Preset};
+
+/// `[brokers.NAME]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// The provider preset.
+    pub preset: Preset,
+    /// The secret whose value is injected.
+    pub secret: String,
+    /// Routes tried in order when the one before answers 429 or 5xx or cannot be reached.
+    #[serde(default)]
+    pub fallback: Vec<Fallback>,
+    /// A loopback TCP address to listen on as well (`127.0.0.1:8788`).
+    pub listen: Option<String>,
+    /// The API's base URL, replacing the preset's.
+    pub upstream: Option<String>,
+    /// Extra CA certificates (PEM) to trust for the upstream: a private CA.
+    pub ca_file: Option<PathBuf>,
+    /// Allowed `"METHOD /path/prefix"`, replacing the preset's (`bearer` needs them).
+    pub paths: Option<Vec<String>>,
+    /// Largest request body, bytes.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Longest wait for a connection to the upstream.
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Longest wait for the head of the upstream's answer.
+    #[serde(default = "default_first_byte_timeout", deserialize_with = "duration")]
+    pub first_byte_timeout: Duration,
+    /// Longest silence between two pieces of an answer.
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+fn default_max_body() -> usize {
+    10 << 20
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_first_byte_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+
+/// A fallback route: another secret of the same provider, or a compatible API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Fallback {
+    /// `"openai/backup"`: the same preset and upstream with another key.
+    Secret(String),
+    /// `{ secret, preset, upstream }`: a compatible API elsewhere.
+    Route {
+        /// The key injected.
+        secret: String,
+        /// Its preset (default: the broker's).
+        preset: Option<Preset>,
+        /// Its base URL (default: the preset's).
+        upstream: Option<String>,
+    },
+}
+
+/// A broker as the daemon runs it.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    /// Its name (`/v1/broker/{name}/…`).
+    pub name: String,
+    /// What agents may call.
+    pub allowed: Vec<Allowed>,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// The loopback address, if any.
+    pub listen: Option<std::net::SocketAddr>,
+    /// What the broker process is told.
+    pub routes: BrokerRoutes,
+}
+
+impl Broker {
+    /// The secrets it injects, primary first.
+    pub fn secrets(&self) -> impl Iterator<Item = &str> {
+        self.routes.routes.iter().map(|r| r.secret.as_str())
+    }
+
+    /// Whether an agent may call `method path`.
+    pub fn allows(&self, method: &str, path: &str) -> bool {
+        self.allowed
+            .iter()
+            .any(|a| a.method == method && path.starts_with(&a.prefix))
+    }
+}
+
+/// Checks and resolves `[brokers.NAME]`; on error, the key and the message.
+pub fn compile(
+    name: &str,
+    c: &BrokerConfig,
+    secret_declared: impl Fn(&str) -> bool,
+) -> Result<Broker, (&'static str, String)> {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(("", "a broker's name is letters, digits, '-' and '_'".into()));
+    }
+    let upstream = |preset: Preset, given: &Option<String>, key: &'static str| {
+        let url = given
+            .clone()
+            .or_else(|| preset.upstream().map(str::to_string))
+            .ok_or((key, format!("preset {preset:?} needs an upstream URL")))?;
+        if !(url.starts_with("https://") || url.starts_with("http://127.0.0.1")) {
+            return Err((
+                key,
+                format!("{url:?} must be an https:// URL (or http://127.0.0.1 for tests)"),
+            ));
+        }
+        Ok(url)
+    };
+    let ca_pem = match &c.ca_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| ("ca_file", format!("cannot read {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    let route = |secret: &str, preset: Preset, url: String| {
+        let (header, prefix) = preset.auth();
+        RouteSpec {
+            secret: secret.to_string(),
+            upstream: url,
+            header: header.into(),
+            prefix: prefix.into(),
+            ca_pem: ca_pem.clone(),
+        }
+    };
+    let mut routes = vec![route(
+        &c.secret,
+        c.preset,
+        upstream(c.preset, &c.upstream, "upstream")?,
+    )];
+    for f in &c.fallback {
+        routes.push(match f {
+            Fallback::Secret(s) => route(s, c.preset, routes[0].upstream.clone()),
+            Fallback::Route {
+                secret,
+                preset,
+                upstream: url,
+            } => {
+                let preset = preset.unwrap_or(c.preset);
+                route(secret, preset, upstream(preset, url, "fallback")?)
+            }
+        });
+    }
+    if let Some(r) = routes.iter().find(|r| !secret_declared(&r.secret)) {
+        return Err((
+            "secret",
+            format!("{:?} is not a declared [secrets] entry", r.secret),
+        ));
+    }
+    let allowed = match &c.paths {
+        Some(paths) => paths
+            .iter()
+            .map(|p| Allowed::parse(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ("paths", e))?,
+        None => c.preset.allowed(),
+    };
+    if allowed.is_empty() {
+        return Err((
+            "paths",
+            "list what agents may call, as \"METHOD /path/prefix\"".into(),
+        ));
+    }
+    let listen = match &c.listen {
+        Some(text) => {
+            let addr: std::net::SocketAddr = text
+                .parse()
+                .map_err(|e| ("listen", format!("{text:?}: {e}")))?;
+            if !addr.ip().is_loopback() {
+                return Err((
+                    "listen",
+                    format!("{addr} is not a loopback address: the broker only serves this host"),
+                ));
+            }
+            Some(addr)
+        }
+        None => None,
+    };
+    if c.max_body_bytes == 0 {
+        return Err(("max_body_bytes", "must be more than zero".into()));
+    }
+    Ok(Broker {
+        name: name.to_string(),
+        allowed,
+        max_body_bytes: c.max_body_bytes,
+        listen,
+        routes: BrokerRoutes {
+            routes,
+            connect_timeout_ms: c.connect_timeout.as_millis() as u64,
+            first_byte_timeout_ms: c.first_byte_timeout.as_millis() as u64,
+            idle_timeout_ms: c.idle_timeout.as_millis() as u64,
+        },
+    })
+}
+
+/// The brokers as the daemon runs them: their settings, the process, the budgets' counters and
+/// which brokers an operator blocked.
+#[derive(Debug)]
+pub struct Brokers {
+    /// By name.
+    pub brokers: BTreeMap<String, Broker>,
+    /// `keywarden-broker`.
+    pub process: Arc<process::BrokerProcess>,
+    /// What each policy and caller spent.
+    pub budgets: budget::Budgets,
+    blocked: Mutex<BTreeSet<String>>,
+}
+
+impl Brokers {
+    /// The running brokers, `blocked` ones refusing every request.
+    pub fn new(
+        brokers: BTreeMap<String, Broker>,
+        process: Arc<process::BrokerProcess>,
+        blocked: impl IntoIterator<Item = String>,
+    ) -> Brokers {
+        Brokers {
+            brokers,
+            process,
+            budgets: budget::Budgets::default(),
+            blocked: Mutex::new(blocked.into_iter().collect()),
+        }
+    }
+
+    /// Whether an operator blocked `name`.
+    pub fn is_blocked(&self, name: &str) -> bool {
+        self.blocked.lock().expect("blocked lock").contains(name)
+    }
+
+    /// Blocks (or unblocks) `name`; whether that changed anything.
+    pub fn set_blocked(&self, name: &str, blocked: bool) -> bool {
+        let mut set = self.blocked.lock().expect("blocked lock");
+        if blocked {
+            set.insert(name.to_string())
+        } else {
+            set.remove(name)
+        }
+    }
+}
+
+/// What the broker process is told about all brokers.
+pub fn routes_of(brokers: &BTreeMap<String, Broker>) -> Routes {
+    Routes {
+        brokers: brokers
+            .iter()
+            .map(|(name, b)| (name.clone(), b.routes.clone()))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> BrokerConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn a_preset_fills_upstream_header_and_paths_and_fallbacks_keep_their_own() {
+        let c = config(
+            r#"preset = "openai"
+               secret = "openai/prod"
+               fallback = ["openai/backup", { secret = "azure/key", preset = "azure-openai", upstream = "https://x.openai.azure.com" }]
+               listen = "127.0.0.1:8788""#,
+        );
+        let b = compile("openai", &c, |_| true).unwrap();
+        let r = &b.routes.routes;
+        assert_eq!(r[0].upstream, "https://api.openai.com");
+        assert_eq!((r[0].header.as_str(), r[0].prefix.as_str()), ("authorization", "Bearer "));
+        assert_eq!(r[1].secret, "openai/backup");
+        assert_eq!(r[1].upstream, "https://api.openai.com");
+        assert_eq!((r[2].header.as_str(), r[2].prefix.as_str()), ("api-key", ""));
+        assert!(b.allows("POST", "/v1/chat/completions"));
+        assert!(!b.allows("GET", "/v1/chat/completions"));
+        assert!(!b.allows("POST", "/v1/files"));
+        assert!(!b.allows("DELETE", "/v1/models/x"));
+    }
+
+    #[test]
+    fn mistakes_name_the_key() {
+        let bad = |text: &str| compile("b", &config(text), |s| s != "missing").unwrap_err().0;
+        assert_eq!(bad(r#"preset = "bearer"
+                          secret = "s"
+                          upstream = "https://api.example.com""#), "paths");
+        assert_eq!(bad(r#"preset = "bearer"
+                          secret = "s""#), "upstream");
+        assert_eq!(bad(r#"preset = "openai"
+                          secret = "missing""#), "secret");
+        assert_eq!(bad(r#"preset = "openai"
+                          secret = "s"
+                          listen = "0.0.0.0:8788""#), "listen");
+        assert_eq!(bad(r#"preset = "openai"
+                          secret = "s"
+                          upstream = "http://api.example.com""#), "upstream");
+    }
+}

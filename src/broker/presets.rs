@@ -1,0 +1,114 @@
+//! What each provider preset knows: where its API is, which header carries the key, which
+//! methods and paths an agent may call through it. Where its usage (tokens) is in an answer is
+//! the same few fields for all of them (`usage.rs`).
+
+use serde::Deserialize;
+
+/// A provider preset (`[brokers.NAME] preset`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// OpenAI's API (`Authorization: Bearer`).
+    Openai,
+    /// Anthropic's API (`x-api-key`; the client's `anthropic-version` passes through).
+    Anthropic,
+    /// Google's Gemini API (`x-goog-api-key`).
+    Gemini,
+    /// Azure OpenAI (`api-key`); `upstream` is the resource's endpoint and must be set.
+    AzureOpenai,
+    /// Any REST API with a bearer token; `upstream` and `paths` must be set.
+    Bearer,
+}
+
+/// An allowed method and path prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowed {
+    /// `GET`, `POST`, ….
+    pub method: String,
+    /// The path starts with this (`/v1/chat/completions`).
+    pub prefix: String,
+}
+
+impl Allowed {
+    /// Parses `"POST /v1/chat/completions"`.
+    pub fn parse(text: &str) -> Result<Allowed, String> {
+        let (method, prefix) = text
+            .trim()
+            .split_once(' ')
+            .ok_or_else(|| format!("{text:?} is not \"METHOD /path/prefix\""))?;
+        let method = method.to_ascii_uppercase();
+        if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method.as_str()) {
+            return Err(format!("{text:?}: method {method:?} is not allowed"));
+        }
+        let prefix = prefix.trim();
+        if !prefix.starts_with('/') || prefix.contains("..") || prefix.contains('%') {
+            return Err(format!(
+                "{text:?}: the prefix must be an absolute path without '..' or '%'"
+            ));
+        }
+        Ok(Allowed {
+            method,
+            prefix: prefix.to_string(),
+        })
+    }
+}
+
+impl Preset {
+    /// The API's base URL, if the preset has one (Azure's and `bearer`'s depend on the user).
+    pub fn upstream(self) -> Option<&'static str> {
+        match self {
+            Preset::Openai => Some("https://api.openai.com"),
+            Preset::Anthropic => Some("https://api.anthropic.com"),
+            Preset::Gemini => Some("https://generativelanguage.googleapis.com"),
+            Preset::AzureOpenai | Preset::Bearer => None,
+        }
+    }
+
+    /// The header that carries the key, and what precedes the key in it.
+    pub fn auth(self) -> (&'static str, &'static str) {
+        match self {
+            Preset::Openai | Preset::Bearer => ("authorization", "Bearer "),
+            Preset::Anthropic => ("x-api-key", ""),
+            Preset::Gemini => ("x-goog-api-key", ""),
+            Preset::AzureOpenai => ("api-key", ""),
+        }
+    }
+
+    /// The methods and path prefixes an agent may call (`bearer`: none; the config lists them).
+    pub fn allowed(self) -> Vec<Allowed> {
+        let list: &[&str] = match self {
+            Preset::Openai => &[
+                "POST /v1/chat/completions",
+                "POST /v1/completions",
+                "POST /v1/responses",
+                "GET /v1/responses/",
+                "POST /v1/embeddings",
+                "POST /v1/moderations",
+                "GET /v1/models",
+            ],
+            Preset::Anthropic => &[
+                "POST /v1/messages",
+                "GET /v1/models",
+                "POST /v1/complete",
+            ],
+            Preset::Gemini => &[
+                "POST /v1beta/models/",
+                "GET /v1beta/models",
+                "POST /v1/models/",
+                "GET /v1/models",
+            ],
+            Preset::AzureOpenai => &[
+                "POST /openai/deployments/",
+                "POST /openai/v1/chat/completions",
+                "POST /openai/v1/responses",
+                "POST /openai/v1/embeddings",
+                "GET /openai/models",
+                "GET /openai/v1/models",
+            ],
+            Preset::Bearer => &[],
+        };
+        list.iter()
+            .map(|a| Allowed::parse(a).expect("presets are valid"))
+            .collect()
+    }
+}

@@ -1,0 +1,258 @@
+//! Runs `keywarden-broker`: pinned by SHA-256 and confined like a plugin, started with a
+//! listening Unix socket (in a private directory of the daemon's) as its standard input, told
+//! its routes, and kept attached so it exits when the daemon does. Restarted when it dies.
+//! Requests reach it over pooled HTTP/1.1 connections to that socket.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use keywarden_plugin_sdk::broker::Routes;
+use tokio::io::AsyncBufReadExt;
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+
+use crate::sandbox::Confinement;
+
+/// Idle connections kept to the broker process.
+const POOL: usize = 64;
+/// Longest pause between restarts of a broker that keeps dying.
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+
+/// How to start the broker process.
+#[derive(Debug, Clone)]
+pub struct BrokerSpec {
+    /// The `keywarden-broker` executable.
+    pub program: PathBuf,
+    /// Its pinned SHA-256 (hex).
+    pub sha256: String,
+    /// Its confinement (its own user under a root daemon, Landlock, seccomp).
+    pub confinement: Confinement,
+    /// A private directory of the daemon's for the socket.
+    pub dir: PathBuf,
+    /// What it serves.
+    pub routes: Routes,
+}
+
+/// Why the broker process could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// It could not be started.
+    #[error("cannot start the broker {program}: {why}")]
+    Start {
+        /// The executable.
+        program: String,
+        /// Why.
+        why: String,
+    },
+    /// A request to it failed.
+    #[error("the broker process did not answer: {0}")]
+    Unavailable(String),
+}
+
+/// The running broker process and the connections to it.
+#[derive(Debug)]
+pub struct BrokerProcess {
+    socket: PathBuf,
+    idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+    restarts: std::sync::atomic::AtomicU64,
+}
+
+impl BrokerProcess {
+    /// Checks the pin, binds the socket, starts the process and tells it its routes; then keeps
+    /// it running (restarting it when it dies) until `stop` turns true.
+    pub async fn start(
+        spec: BrokerSpec,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(Arc<BrokerProcess>, tokio::task::JoinHandle<()>), BrokerError> {
+        let start_error = |why: String| BrokerError::Start {
+            program: spec.program.display().to_string(),
+            why,
+        };
+        if let Some(why) = crate::plugin_host::replaceable_by_others(&spec.program) {
+            return Err(start_error(why));
+        }
+        let actual = crate::crypto::file_sha256(&spec.program).map_err(|e| start_error(e.to_string()))?;
+        if !actual.eq_ignore_ascii_case(&spec.sha256) {
+            return Err(start_error(format!(
+                "its SHA-256 is {actual}, the config pins {}",
+                spec.sha256
+            )));
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&spec.dir)
+            .map_err(|e| start_error(format!("cannot create {}: {e}", spec.dir.display())))?;
+        let process = Arc::new(BrokerProcess {
+            socket: spec.dir.join("broker.sock"),
+            idle: Mutex::new(Vec::new()),
+            restarts: Default::default(),
+        });
+        let child = process.spawn(&spec).await.map_err(start_error)?;
+        let keeper = tokio::spawn(process.clone().keep_running(spec, child, stop));
+        Ok((process, keeper))
+    }
+
+    /// How often the process was restarted.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Starts the process, attaches to it and sends the routes.
+    async fn spawn(&self, spec: &BrokerSpec) -> Result<tokio::process::Child, String> {
+        let _ = std::fs::remove_file(&self.socket);
+        let listener = std::os::unix::net::UnixListener::bind(&self.socket)
+            .map_err(|e| format!("cannot bind {}: {e}", self.socket.display()))?;
+        let mut cmd = spec.confinement.command(
+            Path::new("/"),
+            &spec.program.display().to_string(),
+            Some(&spec.sha256),
+            &[],
+        );
+        cmd.env_clear()
+            .env("LANG", "C")
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::warn!(target: "keywarden::broker", "broker: {line}");
+                }
+            });
+        }
+        self.idle.lock().expect("pool lock").clear();
+        self.attach().await?;
+        let body = serde_json::to_vec(&spec.routes).expect("routes serialize");
+        let answer = self
+            .send(
+                Request::put("/v1/routes")
+                    .header("host", "broker")
+                    .body(Full::new(Bytes::from(body)))
+                    .expect("a valid request"),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if !answer.status().is_success() {
+            return Err(format!("it refused its routes ({})", answer.status()));
+        }
+        tracing::info!(pid = child.id(), "broker started");
+        Ok(child)
+    }
+
+    /// Holds `GET /v1/attach` open: the broker exits when this connection closes.
+    async fn attach(&self) -> Result<(), String> {
+        let mut sender = None;
+        for _ in 0..100 {
+            match self.connect().await {
+                Ok(s) => {
+                    sender = Some(s);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        let mut sender = sender.ok_or("the broker's socket does not accept connections")?;
+        let request = Request::get("/v1/attach")
+            .header("host", "broker")
+            .body(Full::new(Bytes::new()))
+            .expect("a valid request");
+        tokio::spawn(async move {
+            let _ = sender.send_request(request).await;
+        });
+        Ok(())
+    }
+
+    async fn keep_running(
+        self: Arc<Self>,
+        spec: BrokerSpec,
+        mut child: tokio::process::Child,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                status = child.wait() => {
+                    tracing::error!(status = ?status.ok(), "the broker process exited; restarting it");
+                }
+                _ = stopped(&mut stop) => {
+                    let _ = child.kill().await;
+                    let _ = std::fs::remove_file(&self.socket);
+                    return;
+                }
+            }
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stopped(&mut stop) => return,
+                }
+                delay = (delay * 2).min(MAX_RESTART_DELAY);
+                self.restarts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                match self.spawn(&spec).await {
+                    Ok(c) => {
+                        child = c;
+                        delay = Duration::from_millis(100);
+                        break;
+                    }
+                    Err(e) => tracing::error!(error = %e, "the broker could not be restarted"),
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// Sends a request to the broker process over an idle connection (or a new one) and
+    /// returns the head of its answer; the body streams.
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, BrokerError> {
+        let idle = {
+            let mut pool = self.idle.lock().expect("pool lock");
+            pool.retain(|s| !s.is_closed());
+            let ready = pool.iter().position(|s| s.is_ready());
+            ready.map(|i| pool.swap_remove(i))
+        };
+        let mut sender = match idle {
+            Some(s) => s,
+            None => self.connect().await.map_err(BrokerError::Unavailable)?,
+        };
+        let answer = sender
+            .send_request(request)
+            .await
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        // Ready again once this answer's body is read; until then `send` passes it over.
+        let mut pool = self.idle.lock().expect("pool lock");
+        if pool.len() < POOL {
+            pool.push(sender);
+        }
+        Ok(answer)
+    }
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

@@ -1,0 +1,209 @@
+//! Tokens used by a brokered request, read from the provider's own answer as it streams past:
+//! a JSON body (`usage`), or each `data:` event of a server-sent-event stream (OpenAI's final
+//! `usage` chunk, the Responses API's `response.usage`, Anthropic's `message_start` and
+//! `message_delta`, Gemini's `usageMetadata`). Counts in streams are cumulative, so the meter
+//! keeps the largest seen of each.
+
+use serde_json::Value;
+
+/// The most of one JSON answer, or of one stream line, the meter holds to read usage from.
+/// Larger answers pass through uncounted (and the audit row says so).
+const MAX_HELD_BYTES: usize = 4 << 20;
+
+/// Tokens in and out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt (input) tokens, cached ones included.
+    pub input: u64,
+    /// Completion (output) tokens.
+    pub output: u64,
+}
+
+impl Usage {
+    /// Both together.
+    pub fn total(&self) -> u64 {
+        self.input + self.output
+    }
+
+    fn merge_max(&mut self, other: Usage) {
+        self.input = self.input.max(other.input);
+        self.output = self.output.max(other.output);
+    }
+}
+
+/// Reads usage from an answer's body, piece by piece.
+#[derive(Debug)]
+pub struct UsageMeter {
+    stream: bool,
+    held: Vec<u8>,
+    overflowed: bool,
+    usage: Usage,
+    found: bool,
+}
+
+impl UsageMeter {
+    /// A meter for an answer of `content_type`.
+    pub fn new(content_type: &str) -> UsageMeter {
+        UsageMeter {
+            stream: content_type.starts_with("text/event-stream"),
+            held: Vec::new(),
+            overflowed: false,
+            usage: Usage::default(),
+            found: false,
+        }
+    }
+
+    /// Feeds the next piece of the body.
+    pub fn feed(&mut self, piece: &[u8]) {
+        if !self.stream {
+            if self.held.len() + piece.len() > MAX_HELD_BYTES {
+                self.overflowed = true;
+                self.held = Vec::new();
+            } else if !self.overflowed {
+                self.held.extend_from_slice(piece);
+            }
+            return;
+        }
+        let mut rest = piece;
+        while let Some(end) = rest.iter().position(|b| *b == b'\n') {
+            if !self.overflowed {
+                self.held.extend_from_slice(&rest[..end]);
+                let line = std::mem::take(&mut self.held);
+                self.line(&line);
+            }
+            self.overflowed = false;
+            self.held.clear();
+            rest = &rest[end + 1..];
+        }
+        if self.held.len() + rest.len() > MAX_HELD_BYTES {
+            self.overflowed = true;
+            self.held = Vec::new();
+        } else if !self.overflowed {
+            self.held.extend_from_slice(rest);
+        }
+    }
+
+    /// The usage read once the body ended; `None` when the answer carried none.
+    pub fn finish(mut self) -> Option<Usage> {
+        if self.stream {
+            let line = std::mem::take(&mut self.held);
+            self.line(&line);
+        } else if !self.overflowed {
+            if let Ok(v) = serde_json::from_slice::<Value>(&self.held) {
+                self.event(&v);
+            }
+        }
+        self.found.then_some(self.usage)
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        if let Ok(v) = serde_json::from_slice::<Value>(data.trim_ascii()) {
+            self.event(&v);
+        }
+    }
+
+    fn event(&mut self, v: &Value) {
+        for at in [
+            &v["usage"],
+            &v["message"]["usage"],
+            &v["response"]["usage"],
+            &v["usageMetadata"],
+        ] {
+            if let Some(u) = usage_of(at) {
+                self.found = true;
+                self.usage.merge_max(u);
+            }
+        }
+    }
+}
+
+fn usage_of(v: &Value) -> Option<Usage> {
+    let obj = v.as_object()?;
+    let count = |keys: &[&str]| -> u64 { keys.iter().filter_map(|k| obj.get(*k)?.as_u64()).sum() };
+    let input = count(&[
+        "prompt_tokens",
+        "input_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+        "promptTokenCount",
+    ]);
+    let output = count(&["completion_tokens", "output_tokens", "candidatesTokenCount"]);
+    let known = [
+        "prompt_tokens",
+        "input_tokens",
+        "completion_tokens",
+        "output_tokens",
+        "promptTokenCount",
+        "candidatesTokenCount",
+    ];
+    known
+        .iter()
+        .any(|k| obj.contains_key(*k))
+        .then_some(Usage { input, output })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(content_type: &str, body: &str, piece: usize) -> Option<Usage> {
+        let mut meter = UsageMeter::new(content_type);
+        for chunk in body.as_bytes().chunks(piece) {
+            meter.feed(chunk);
+        }
+        meter.finish()
+    }
+
+    #[test]
+    fn openai_json_and_its_final_stream_chunk() {
+        let json = r#"{"id":"x","usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}}"#;
+        for piece in [1, 7, 1000] {
+            assert_eq!(
+                read("application/json", json, piece),
+                Some(Usage { input: 12, output: 30 })
+            );
+        }
+        let sse = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n\
+                   data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":9}}\n\n\
+                   data: [DONE]\n\n";
+        for piece in [1, 3, 4096] {
+            assert_eq!(
+                read("text/event-stream; charset=utf-8", sse, piece),
+                Some(Usage { input: 5, output: 9 })
+            );
+        }
+    }
+
+    #[test]
+    fn anthropic_stream_takes_input_from_the_start_and_output_from_the_last_delta() {
+        let sse = "event: message_start\n\
+                   data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n\
+                   event: message_delta\n\
+                   data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n\
+                   event: message_delta\n\
+                   data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":40}}\n\n";
+        assert_eq!(
+            read("text/event-stream", sse, 5),
+            Some(Usage { input: 25, output: 40 })
+        );
+    }
+
+    #[test]
+    fn gemini_and_responses_api_and_an_answer_without_usage() {
+        let gemini = r#"{"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":2}}"#;
+        assert_eq!(
+            read("application/json", gemini, 4),
+            Some(Usage { input: 8, output: 2 })
+        );
+        let responses = "data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":3,\"output_tokens\":4}}}\n";
+        assert_eq!(
+            read("text/event-stream", responses, 2),
+            Some(Usage { input: 3, output: 4 })
+        );
+        assert_eq!(read("application/json", r#"{"data":[]}"#, 3), None);
+        assert_eq!(read("application/json", "not json", 3), None);
+    }
+}

@@ -1,0 +1,563 @@
+//! The broker socket (and each broker's loopback TCP listener): agents call provider APIs here
+//! and keywarden adds the key on the way out (docs/broker.md).
+//!
+//! | request | reply |
+//! |---|---|
+//! | `ANY /v1/broker/{name}/{provider path}` | the provider's answer, streamed |
+//! | `ANY /{name}/{provider path}` | the same (so an SDK needs only a base URL) |
+//! | `GET /v1/health` | `{"status":"ok"}` |
+//!
+//! Per request: the peer (attested at connect, over TCP by finding the process that owns the
+//! connection) needs a `[[policy]]` listing the broker; the method and path must be one the
+//! broker's preset allows; the policy's budget must not be spent. The agent's own credential
+//! headers are dropped. The request goes to `keywarden-broker` with the keys of the broker's
+//! routes; the answer streams back through a meter that reads the provider's usage, and when
+//! it ends one `broker.request` audit row records who called what, the route, the status and
+//! the tokens (never a body or a header value).
+
+use std::collections::HashSet;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming};
+use hyper::header::{HeaderMap, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use keywarden_plugin_sdk::broker::{KEY_HEADER_PREFIX, ROUTE_HEADER, UPSTREAM_MS_HEADER};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::attest::{Hasher, Peer, PeerIdentity};
+use crate::audit::AuditEvent;
+use crate::broker::{Broker, Brokers};
+use crate::broker::budget::Caller;
+use crate::broker::usage::UsageMeter;
+use crate::http::{self, Handler, REMOTE_PEER};
+use crate::leases::Hold;
+use crate::policy::{self, Policy};
+use crate::rejections::Rejections;
+use crate::services::Services;
+
+/// Request headers an agent may not pass on: its own credentials (a placeholder, or worse a
+/// real key), keywarden's, and hop-by-hop ones.
+const DROPPED_HEADERS: &[&str] = &[
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "proxy-authorization",
+    "cookie",
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Per-connection state: the peer, attested once.
+#[derive(Debug)]
+pub struct BrokerConn {
+    uid: u32,
+    /// Over TCP: no process on this host could be found to own the connection.
+    unknown: bool,
+    identity: tokio::sync::Mutex<PeerIdentity>,
+}
+
+/// The broker API.
+#[derive(Debug)]
+pub struct BrokerApi {
+    services: Services,
+    brokers: Arc<Brokers>,
+    policies: Vec<Policy>,
+    needs_hash: bool,
+    hasher: Hasher,
+    daemon_uid: u32,
+    refused_uids: HashSet<u32>,
+    rejections: Arc<Rejections>,
+    closing: watch::Receiver<bool>,
+}
+
+impl BrokerApi {
+    /// The API over `brokers`, admitting peers by `policies`.
+    pub fn new(
+        services: Services,
+        brokers: Arc<Brokers>,
+        policies: Vec<Policy>,
+        refused_uids: HashSet<u32>,
+        rejections: Arc<Rejections>,
+        closing: watch::Receiver<bool>,
+    ) -> BrokerApi {
+        BrokerApi {
+            needs_hash: policies.iter().any(Policy::checks_hash),
+            services,
+            brokers,
+            policies,
+            hasher: Hasher::default(),
+            daemon_uid: rustix::process::geteuid().as_raw(),
+            refused_uids,
+            rejections,
+            closing,
+        }
+    }
+
+    /// A refusal (403), audited once per cause and window.
+    async fn deny(&self, who: &PeerIdentity, broker: &str, reason: &str) -> Response<BrokerBody> {
+        let actor = who.actor();
+        let text = format!("refused: {reason}");
+        if self
+            .rejections
+            .first("broker.denied", who.peer.uid, None, &format!("{broker}: {reason}"), &actor)
+        {
+            let event = AuditEvent::new(actor, "broker.denied")
+                .detail(json!({ "broker": broker, "reason": reason }));
+            if let Err(e) = self.services.audit_writer.write(Vec::new(), vec![event]).await {
+                return http::ApiError::from(e).response().map(BrokerBody::from);
+            }
+        }
+        error(StatusCode::FORBIDDEN, "forbidden", text)
+    }
+
+    async fn call(
+        &self,
+        conn: &BrokerConn,
+        broker: &Broker,
+        path: &str,
+        request: Request<Bytes>,
+    ) -> Response<BrokerBody> {
+        let name = broker.name.as_str();
+        if conn.unknown {
+            let who = conn.identity.lock().await.clone();
+            return self
+                .deny(&who, name, "no process on this host owns the connection")
+                .await;
+        }
+        let mut who = self.hasher.identity(&conn.identity, self.needs_hash).await;
+        let Some(policy) = policy::decide_broker(&self.policies, &mut who, name, self.daemon_uid)
+        else {
+            return self.deny(&who, name, "no policy lets this peer use the broker").await;
+        };
+        let method = request.method().as_str().to_string();
+        if !broker.allows(&method, path) {
+            return self
+                .deny(&who, name, &format!("{method} {path} is not an allowed call"))
+                .await;
+        }
+        if request.body().len() > broker.max_body_bytes {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the request body is larger than {} bytes", broker.max_body_bytes),
+            );
+        }
+        if self.brokers.is_blocked(name) {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "blocked",
+                format!("broker {name} is blocked by an operator"),
+            );
+        }
+        let exe = who
+            .exe
+            .as_ref()
+            .map_or("unknown".to_string(), |e| e.display().to_string());
+        let caller: Caller = (policy.name.clone(), who.peer.uid, exe);
+        let now = self.services.clock.now();
+        if let Err(spent) = self
+            .brokers
+            .budgets
+            .admit(&policy.name, &policy.budget, &caller, now)
+        {
+            let mut response = http::json(
+                StatusCode::TOO_MANY_REQUESTS,
+                &json!({ "error": {
+                    "code": "budget",
+                    "message": format!("policy {}: its {} budget is spent", policy.name, spent.budget()),
+                    "budget": spent.budget(),
+                    "retry_after": spent.retry_after(),
+                }}),
+            )
+            .map(BrokerBody::from);
+            response
+                .headers_mut()
+                .insert("retry-after", HeaderValue::from(spent.retry_after()));
+            return response;
+        }
+        self.forward(broker, path, request, Finish {
+            services: self.services.clone(),
+            brokers: self.brokers.clone(),
+            actor: who.actor(),
+            caller,
+            broker: name.to_string(),
+            method,
+            path: path.to_string(),
+            route: None,
+            status: 0,
+            upstream_ms: None,
+            started: Instant::now(),
+            holds: Vec::new(),
+        })
+        .await
+    }
+
+    /// Sends an admitted request to the broker process with the keys of the broker's routes.
+    async fn forward(
+        &self,
+        broker: &Broker,
+        path: &str,
+        request: Request<Bytes>,
+        mut finish: Finish,
+    ) -> Response<BrokerBody> {
+        let (parts, body) = request.into_parts();
+        let query: Vec<&str> = parts
+            .uri
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty() && !p.starts_with("key="))
+            .collect();
+        let mut uri = format!("/v1/forward/{}{path}", broker.name);
+        if !query.is_empty() {
+            uri = format!("{uri}?{}", query.join("&"));
+        }
+        let mut forwarded = Request::builder().method(parts.method).uri(uri);
+        let headers = forwarded.headers_mut().expect("a valid builder");
+        copy_headers(&parts.headers, headers);
+        headers.insert(hyper::header::HOST, HeaderValue::from_static("broker"));
+        for (i, secret) in broker.secrets().enumerate() {
+            // A route whose secret has no value yet is skipped by the broker.
+            let Ok(read) = self.services.vault.read(secret, None).await else {
+                continue;
+            };
+            let Ok(mut value) = HeaderValue::from_str(read.value.expose()) else {
+                continue;
+            };
+            value.set_sensitive(true);
+            headers.insert(
+                hyper::header::HeaderName::from_bytes(format!("{KEY_HEADER_PREFIX}{i}").as_bytes())
+                    .expect("a valid header name"),
+                value,
+            );
+            finish
+                .holds
+                .push((secret.to_string(), read.version, self.services.leases.hold(&read.secret_id, read.version)));
+        }
+        let forwarded = forwarded.body(Full::new(body)).expect("a valid request");
+        let answer = match self.brokers.process.send(forwarded).await {
+            Ok(a) => a,
+            Err(e) => {
+                finish.status = StatusCode::BAD_GATEWAY.as_u16();
+                tokio::spawn(finish.write(None, true));
+                return error(StatusCode::BAD_GATEWAY, "broker", e.to_string());
+            }
+        };
+        let (mut parts, body) = answer.into_parts();
+        finish.status = parts.status.as_u16();
+        finish.route = parts
+            .headers
+            .get(ROUTE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        finish.upstream_ms = parts
+            .headers
+            .get(UPSTREAM_MS_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        // Only the version of the route that answered stays in use while the answer streams.
+        let route = finish.route.clone();
+        finish.holds.retain(|(secret, _, _)| Some(secret) == route.as_ref());
+        let content_type = parts
+            .headers
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        parts.headers.remove(UPSTREAM_MS_HEADER);
+        Response::from_parts(
+            parts,
+            BrokerBody::Metered(Box::new(Metered {
+                inner: body,
+                meter: Some(UsageMeter::new(&content_type)),
+                finish: Some(finish),
+            })),
+        )
+    }
+}
+
+fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    for (name, value) in from {
+        let n = name.as_str();
+        if DROPPED_HEADERS.contains(&n) || n.starts_with("x-keywarden-") {
+            continue;
+        }
+        to.append(name.clone(), value.clone());
+    }
+}
+
+/// A JSON error in the shape of the other sockets.
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<BrokerBody> {
+    http::error(status, code, message).map(BrokerBody::from)
+}
+
+/// Splits `/v1/broker/{name}/{rest}` or `/{name}/{rest}` into the name and `/{rest}`, refusing
+/// paths that could mean something else upstream than what was checked.
+fn split_path(path: &str) -> Result<(&str, &str), &'static str> {
+    if path.contains('%') || path.contains('\\') {
+        return Err("percent-encoded or backslashed paths are not accepted");
+    }
+    let rest = path.strip_prefix("/v1/broker/").unwrap_or(&path[1..]);
+    let (name, rest) = rest.split_once('/').ok_or("the path names no provider call")?;
+    let rest = &path[path.len() - rest.len() - 1..];
+    if rest
+        .split('/')
+        .skip(1)
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err("empty, '.' and '..' path segments are not accepted");
+    }
+    Ok((name, rest))
+}
+
+impl Handler for BrokerApi {
+    type Conn = BrokerConn;
+    type Body = BrokerBody;
+
+    fn connect(&self, peer: Peer, pidfd: Option<OwnedFd>, accepted: f64) -> BrokerConn {
+        BrokerConn {
+            uid: peer.uid,
+            unknown: peer == REMOTE_PEER,
+            identity: tokio::sync::Mutex::new(PeerIdentity::attest(
+                peer,
+                pidfd,
+                accepted,
+                self.hasher.cache(),
+            )),
+        }
+    }
+
+    async fn handle(&self, conn: &BrokerConn, request: Request<Bytes>) -> Response<BrokerBody> {
+        if *self.closing.borrow() {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "sealed", "the daemon is stopping");
+        }
+        if self.refused_uids.contains(&conn.uid) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this uid runs keywarden's plugins and may not use the broker",
+            );
+        }
+        let path = request.uri().path().to_string();
+        if path == "/v1/health" {
+            return http::json(StatusCode::OK, &json!({ "status": "ok" })).map(BrokerBody::from);
+        }
+        let (name, rest) = match split_path(&path) {
+            Ok(split) => split,
+            Err(why) => return error(StatusCode::BAD_REQUEST, "bad_request", why),
+        };
+        let Some(broker) = self.brokers.brokers.get(name) else {
+            return error(StatusCode::NOT_FOUND, "unknown", format!("no broker named {name:?}"));
+        };
+        self.call(conn, broker, rest, request).await
+    }
+}
+
+/// What the audit row of a brokered request needs, written when its answer ends.
+#[derive(Debug)]
+struct Finish {
+    services: Services,
+    brokers: Arc<Brokers>,
+    actor: String,
+    caller: Caller,
+    broker: String,
+    method: String,
+    path: String,
+    route: Option<String>,
+    status: u16,
+    upstream_ms: Option<u64>,
+    started: Instant,
+    /// The versions the request uses (secret, version, hold): a rotation drains them.
+    holds: Vec<(String, i64, Hold)>,
+}
+
+impl Finish {
+    /// Counts the tokens and writes the audit row; then the versions are released.
+    async fn write(self, usage: Option<crate::broker::usage::Usage>, complete: bool) {
+        let tokens = usage.map_or(0, |u| u.total());
+        let now = self.services.clock.now();
+        self.brokers.budgets.spend(&self.caller, tokens, now);
+        let version = self.holds.first().map(|(_, v, _)| *v);
+        let event = AuditEvent::new(self.actor.clone(), "broker.request").detail(json!({
+            "policy": self.caller.0,
+            "uid": self.caller.1,
+            "exe": self.caller.2,
+            "broker": self.broker,
+            "route": self.route,
+            "version": version,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "tokens_in": usage.map(|u| u.input),
+            "tokens_out": usage.map(|u| u.output),
+            "tokens": tokens,
+            "upstream_ms": self.upstream_ms,
+            "ms": self.started.elapsed().as_millis() as u64,
+            "complete": complete,
+        }));
+        let event = match &self.route {
+            Some(secret) => event.secret(secret),
+            None => event,
+        };
+        self.services.metrics.count_brokered(
+            &self.broker,
+            &self.caller.0,
+            self.status,
+            tokens,
+            self.started.elapsed(),
+        );
+        if let Err(e) = self.services.audit_writer.write(Vec::new(), vec![event]).await {
+            tracing::error!(broker = %self.broker, error = %e, "could not record a brokered request");
+        }
+    }
+}
+
+/// An answer streaming back to the agent through the usage meter.
+#[derive(Debug)]
+pub struct Metered {
+    inner: Incoming,
+    meter: Option<UsageMeter>,
+    finish: Option<Finish>,
+}
+
+impl Metered {
+    fn end(&mut self, complete: bool) {
+        if let (Some(meter), Some(finish)) = (self.meter.take(), self.finish.take()) {
+            tokio::spawn(finish.write(meter.finish(), complete));
+        }
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        // The agent went away before the end, or the stream failed.
+        self.end(false);
+    }
+}
+
+/// The broker API's response body: a short JSON answer, or a provider's answer streaming.
+pub enum BrokerBody {
+    /// An answer keywarden wrote.
+    Full(Full<Bytes>),
+    /// The provider's answer.
+    Metered(Box<Metered>),
+}
+
+impl From<Full<Bytes>> for BrokerBody {
+    fn from(body: Full<Bytes>) -> Self {
+        BrokerBody::Full(body)
+    }
+}
+
+impl Body for BrokerBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            BrokerBody::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(|never| match never {}))),
+            BrokerBody::Metered(m) => {
+                let polled = Pin::new(&mut m.inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(data), Some(meter)) = (frame.data_ref(), m.meter.as_mut()) {
+                            meter.feed(data);
+                        }
+                    }
+                    Poll::Ready(None) => m.end(true),
+                    Poll::Ready(Some(Err(_))) => m.end(false),
+                    Poll::Pending => {}
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            BrokerBody::Full(full) => full.is_end_stream(),
+            BrokerBody::Metered(m) => m.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            BrokerBody::Full(full) => full.size_hint(),
+            BrokerBody::Metered(m) => m.inner.size_hint(),
+        }
+    }
+}
+
+impl std::fmt::Debug for BrokerBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BrokerBody")
+    }
+}
+
+/// The broker's loopback TCP listener: each connection is attributed to the process on this
+/// host that owns its other end; when none can be found the connection is served only a 403.
+#[derive(Debug)]
+pub struct LoopbackListener(pub tokio::net::TcpListener);
+
+impl http::Listener for LoopbackListener {
+    type Stream = tokio::net::TcpStream;
+
+    async fn accept_peer(
+        &mut self,
+    ) -> std::io::Result<(tokio::net::TcpStream, Option<Peer>, Option<OwnedFd>)> {
+        let (stream, remote) = self.0.accept().await?;
+        let local = stream.local_addr()?;
+        let found = tokio::task::spawn_blocking(move || crate::attest::tcp_peer(local, remote))
+            .await
+            .ok()
+            .flatten();
+        Ok(match found {
+            Some((peer, pidfd)) => (stream, Some(peer), pidfd),
+            None => (stream, Some(REMOTE_PEER), None),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_split_into_broker_and_call_and_tricks_are_refused() {
+        assert_eq!(
+            split_path("/v1/broker/openai/v1/chat/completions"),
+            Ok(("openai", "/v1/chat/completions"))
+        );
+        assert_eq!(
+            split_path("/openai/v1/chat/completions"),
+            Ok(("openai", "/v1/chat/completions"))
+        );
+        for bad in [
+            "/openai/v1/chat/../files",
+            "/openai/v1//chat/completions",
+            "/openai/v1/chat/%2e%2e/files",
+            "/openai",
+            "/openai/v1/./models",
+        ] {
+            assert!(split_path(bad).is_err(), "{bad}");
+        }
+    }
+}

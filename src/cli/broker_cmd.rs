@@ -1,0 +1,94 @@
+//! `broker block|unblock|status`: stop a broker at once (a leaked key, a runaway agent), let
+//! it serve again, and see its routes and what each policy spent today. Through the daemon.
+
+use std::process::ExitCode;
+
+use anyhow::bail;
+use clap::Subcommand;
+use hyper::Method;
+
+use super::Context;
+use super::daemon_cmds::{admin, daemon_socket};
+use super::output::print_json;
+
+/// `keywarden broker …`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum BrokerCommand {
+    /// Refuse every request through a broker from now on (503), until `unblock`; survives a
+    /// restart of the daemon.
+    Block {
+        /// The broker (`[brokers.NAME]`).
+        name: String,
+    },
+    /// Let a blocked broker serve again.
+    Unblock {
+        /// The broker.
+        name: String,
+    },
+    /// Each broker's routes and key versions, and today's requests and tokens per policy and
+    /// caller.
+    Status {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(crate) async fn run(ctx: &Context, cmd: BrokerCommand) -> anyhow::Result<ExitCode> {
+    let Some(socket) = daemon_socket(ctx).await else {
+        bail!(
+            "no daemon answers at {}: brokers exist only while `keywarden serve` runs",
+            ctx.config.agent.admin_socket.display()
+        );
+    };
+    match cmd {
+        BrokerCommand::Block { name } | BrokerCommand::Unblock { name } if name.is_empty() => {
+            bail!("name a broker")
+        }
+        BrokerCommand::Block { name } => {
+            admin(socket, Method::POST, &format!("/v1/admin/brokers/{name}/block"), None).await?;
+            println!("broker {name} is blocked: every request through it gets 503");
+        }
+        BrokerCommand::Unblock { name } => {
+            admin(socket, Method::POST, &format!("/v1/admin/brokers/{name}/unblock"), None)
+                .await?;
+            println!("broker {name} serves again");
+        }
+        BrokerCommand::Status { json } => {
+            let status = admin(socket, Method::GET, "/v1/admin/status", None).await?;
+            let brokers = &status["brokers"];
+            if json {
+                print_json(brokers)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let Some(list) = brokers["brokers"].as_object() else {
+                println!("no brokers are configured");
+                return Ok(ExitCode::SUCCESS);
+            };
+            for (name, b) in list {
+                let routes: Vec<String> = b["routes"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|r| format!("{} (v{})", r["secret"].as_str().unwrap_or("?"), r["version"]))
+                    .collect();
+                let blocked = if b["blocked"] == true { "  BLOCKED" } else { "" };
+                println!("{name}: {}{blocked}", routes.join(" → "));
+            }
+            for s in brokers["today"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                let who = match s["uid"].as_u64() {
+                    Some(uid) => format!("  uid {uid} {}", s["exe"].as_str().unwrap_or("")),
+                    None => String::new(),
+                };
+                println!(
+                    "today, policy {}{who}: {} requests, {} tokens",
+                    s["policy"].as_str().unwrap_or("?"),
+                    s["requests"],
+                    s["tokens"]
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,153 @@
+//! Starting the brokers when `[brokers]` are configured: `keywarden-broker` (pinned and
+//! confined), the budgets and blocks as the audit log left them, and the broker socket and
+//! each broker's loopback listener.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::{ServeError, StartError};
+use crate::broker::Brokers;
+use crate::broker::process::{BrokerProcess, BrokerSpec};
+use crate::broker_api::{BrokerApi, LoopbackListener};
+use crate::clock::Millis;
+use crate::config::Config;
+use crate::http;
+use crate::policy::Policy;
+use crate::rejections::Rejections;
+use crate::sandbox::Role;
+use crate::services::Services;
+use crate::store::Store;
+
+/// The executable the daemon runs as the broker: `[daemon] broker`, else `keywarden-broker`
+/// beside this program.
+fn program(config: &Config) -> PathBuf {
+    config.daemon.broker.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .map(|exe| exe.with_file_name("keywarden-broker"))
+            .unwrap_or_else(|_| PathBuf::from("/usr/lib/keywarden/keywarden-broker"))
+    })
+}
+
+/// Starts the broker process and restores budgets and blocks, or `None` without `[brokers]`.
+pub(super) async fn start(
+    config: &Config,
+    store: &Store,
+    work: &Path,
+    stop: watch::Receiver<bool>,
+) -> Result<Option<(Arc<Brokers>, JoinHandle<()>)>, StartError> {
+    if config.brokers.is_empty() {
+        return Ok(None);
+    }
+    let brokers = config.compile_brokers()?;
+    let program = program(config);
+    let sha256 = match &config.daemon.broker_sha256 {
+        Some(pin) => pin.clone(),
+        None => crate::crypto::file_sha256(&program).map_err(|e| {
+            config.invalid_daemon("broker", format!("cannot read {}: {e}", program.display()))
+        })?,
+    };
+    let confinement = config
+        .daemon
+        .broker_sandbox
+        .resolve(&config.daemon.plugin_user, Role::Plugin)
+        .map_err(|e| config.invalid_daemon("broker_sandbox", e.to_string()))?;
+    let spec = BrokerSpec {
+        program,
+        sha256,
+        confinement,
+        dir: work.join("broker"),
+        routes: crate::broker::routes_of(&brokers),
+    };
+    let (process, keeper) = BrokerProcess::start(spec, stop)
+        .await
+        .map_err(|e| config.invalid_daemon("broker", e.to_string()))?;
+    let brokers = Brokers::new(brokers, process, store.blocked_brokers().await?);
+    let now = crate::clock::now_millis();
+    let (day, minute): (Millis, Millis) = (now - now % 86_400_000, now - now % 60_000);
+    brokers
+        .budgets
+        .restore(&store.broker_spending(day, minute).await?, now);
+    Ok(Some((Arc::new(brokers), keeper)))
+}
+
+/// Binds the broker socket and each broker's loopback listener (before anything else starts,
+/// so a conflict fails early).
+pub(super) async fn bind(
+    config: &Config,
+) -> Result<(Option<tokio::net::UnixListener>, Vec<LoopbackListener>), ServeError> {
+    if config.brokers.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let socket = http::bind_socket(&config.agent.broker_socket, config.agent.socket_mode, 0o755)?;
+    let mut listeners = Vec::new();
+    for b in config.brokers.values() {
+        if let Some(address) = &b.listen {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|source| ServeError::Listen {
+                    address: address.clone(),
+                    source,
+                })?;
+            listeners.push(LoopbackListener(listener));
+        }
+    }
+    Ok((Some(socket), listeners))
+}
+
+/// Serves the broker API on the socket and the loopback listeners until `stop`.
+pub(super) fn serve(
+    config: &Config,
+    services: &Services,
+    brokers: Arc<Brokers>,
+    (socket, listeners): (Option<tokio::net::UnixListener>, Vec<LoopbackListener>),
+    refused_uids: HashSet<u32>,
+    rejections: Arc<Rejections>,
+    stop: watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let agent = &config.agent;
+    let max_body = brokers
+        .brokers
+        .values()
+        .map(|b| b.max_body_bytes)
+        .max()
+        .unwrap_or(0);
+    let limits = http::Limits {
+        max_connections: agent.max_connections,
+        max_connections_per_peer: agent.max_connections_per_uid,
+        body_timeout: agent.body_timeout.max(std::time::Duration::from_secs(60)),
+        header_timeout: agent.header_timeout,
+        max_body_bytes: max_body,
+        ..http::Limits::default()
+    };
+    let api = Arc::new(BrokerApi::new(
+        services.clone(),
+        brokers,
+        config.policy.iter().map(Policy::compile).collect(),
+        refused_uids,
+        rejections,
+        stop.clone(),
+    ));
+    let mut servers = Vec::new();
+    if let Some(socket) = socket {
+        servers.push(tokio::spawn(http::serve(
+            socket,
+            api.clone(),
+            limits.clone(),
+            stop.clone(),
+        )));
+    }
+    for listener in listeners {
+        tracing::info!(address = ?listener.0.local_addr().ok(), "broker listening");
+        servers.push(tokio::spawn(http::serve(
+            listener,
+            api.clone(),
+            limits.clone(),
+            stop.clone(),
+        )));
+    }
+    servers
+}
