@@ -4,6 +4,7 @@
 
 pub mod daemon;
 pub mod proc;
+pub mod tls;
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;

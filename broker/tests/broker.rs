@@ -1,0 +1,428 @@
+//! The broker end to end: the real daemon and `keywarden-broker`, a fake provider over TLS
+//! with a private CA (`fake_provider.py`), and real clients — curl over the broker socket and
+//! the official `openai` and `anthropic` Python SDKs with nothing but a base URL.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keywarden_testkit::daemon::{Daemon, base_config, wait_for};
+use keywarden_testkit::tls::private_ca;
+use keywarden_testkit::{Env, curl};
+use serde_json::Value;
+
+const PRIMARY: &str = "sk-primary-7c1d9a0b5e2f4c6d8a1b3c5d";
+const BACKUP: &str = "sk-backup-3e5f7a9b1c2d4e6f8a0b2c4d";
+const ANTHROPIC: &str = "sk-ant-api03-5d7f9b1d3f5a7c9e1b3d5f7a";
+
+/// The fake provider: its process, its state directory and its port.
+struct Provider {
+    child: Child,
+    state: PathBuf,
+    port: u16,
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Provider {
+    fn start(dir: &Path) -> (Provider, PathBuf) {
+        let certs = dir.join("certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        let (ca, cert, key) = private_ca(&certs);
+        let state = dir.join("provider");
+        std::fs::create_dir_all(&state).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_provider.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .args([&state, &cert, &key])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the fake provider");
+        let port_file = state.join("port");
+        let port = wait_for("the fake provider", Duration::from_secs(20), || {
+            std::fs::read_to_string(&port_file).ok()?.trim().parse().ok()
+        });
+        (Provider { child, state, port }, ca)
+    }
+
+    /// Accepts `keys` (key → "ok", "429", "500", "hold"); `db` adds the active keys of the
+    /// example plugin's upstream.
+    fn accept(&self, keys: &[(&str, &str)], db: Option<&Path>) {
+        let mut map: serde_json::Map<String, Value> = keys
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::from(*v)))
+            .collect();
+        if let Some(db) = db {
+            map.insert("__db__".into(), Value::from(db.display().to_string()));
+        }
+        let tmp = self.state.join("keys.tmp");
+        std::fs::write(&tmp, Value::Object(map).to_string()).unwrap();
+        std::fs::rename(tmp, self.state.join("keys.json")).unwrap();
+    }
+
+    /// Every request it received.
+    fn seen(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.state.join("seen.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A daemon with brokers `openai` (falling back to `openai/backup`) and `anthropic` in front of
+/// the fake provider, and `extra` config.
+struct Setup {
+    env: Env,
+    provider: Provider,
+    daemon: Option<Daemon>,
+    openai_port: u16,
+    anthropic_port: u16,
+}
+
+impl Setup {
+    fn new(policy: &str, extra: &str) -> Setup {
+        let env = Env::new();
+        let (provider, ca) = Provider::start(env.dir.path());
+        let (openai_port, anthropic_port) = (free_port(), free_port());
+        let upstream = format!("https://127.0.0.1:{}", provider.port);
+        let config = format!(
+            r#"{base}broker_socket = "run/broker.sock"
+socket_mode = "0666"
+
+[secrets."openai/prod"]
+provider = "manual"
+[secrets."openai/backup"]
+provider = "manual"
+[secrets."anthropic/prod"]
+provider = "manual"
+
+[brokers.openai]
+preset = "openai"
+secret = "openai/prod"
+fallback = ["openai/backup"]
+upstream = "{upstream}"
+ca_file = {ca:?}
+listen = "127.0.0.1:{openai_port}"
+
+[brokers.anthropic]
+preset = "anthropic"
+secret = "anthropic/prod"
+upstream = "{upstream}"
+ca_file = {ca:?}
+listen = "127.0.0.1:{anthropic_port}"
+
+{policy}
+{extra}"#,
+            base = base_config("3s"),
+            ca = ca.display().to_string(),
+            extra = extra.replace("{upstream}", &upstream),
+        );
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&env.config)
+            .unwrap()
+            .write_all(config.as_bytes())
+            .unwrap();
+        env.ok(&["init"], None);
+        env.put("openai/prod", PRIMARY);
+        env.put("openai/backup", BACKUP);
+        env.put("anthropic/prod", ANTHROPIC);
+        provider.accept(&[(PRIMARY, "ok"), (BACKUP, "ok"), (ANTHROPIC, "ok")], None);
+        let daemon = env.start_daemon();
+        Setup {
+            env,
+            provider,
+            daemon: Some(daemon),
+            openai_port,
+            anthropic_port,
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.env.dir.path().join("run/broker.sock")
+    }
+
+    /// A chat completion through the broker socket (curl), with a placeholder key.
+    fn chat(&self, path: &str, extra: &[&str]) -> (u16, String) {
+        let mut args = vec![
+            "-H",
+            "content-type: application/json",
+            "-H",
+            "Authorization: Bearer placeholder-from-the-agent",
+            "--data",
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+        ];
+        args.extend(extra);
+        curl(&self.socket(), "POST", path, &args)
+    }
+
+    fn audit(&self, action: &str) -> Vec<Value> {
+        let out = self.env.ok(&["audit", "tail", "--json", "-n", "1000"], None);
+        let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+        rows.into_iter().filter(|r| r["action"] == action).collect()
+    }
+
+    fn restart(&mut self) {
+        self.daemon.take().unwrap().terminate();
+        self.daemon = Some(self.env.start_daemon());
+    }
+}
+
+/// An audit row's detail, as JSON.
+fn detail(row: &Value) -> Value {
+    match &row["detail"] {
+        Value::String(text) => serde_json::from_str(text).unwrap(),
+        other => other.clone(),
+    }
+}
+
+const ADMITTED: &str = r#"[[policy]]
+name = "agents"
+uids = [0]
+brokers = ["openai", "anthropic"]
+"#;
+
+/// The Python interpreter with the official SDKs (`KEYWARDEN_TEST_PYTHON`, else the workspace's
+/// `.venv`); under CI their absence is a failure.
+fn python_with_sdks() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("KEYWARDEN_TEST_PYTHON").map(PathBuf::from),
+        Some(keywarden_testkit::workspace_root().join(".venv/bin/python3")),
+    ];
+    for python in candidates.into_iter().flatten() {
+        let ok = Command::new(&python)
+            .args(["-c", "import openai, anthropic"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Some(python);
+        }
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "the openai and anthropic SDKs are missing (.ci/run installs them)"
+    );
+    eprintln!("skipping the SDK checks: no Python with the openai and anthropic SDKs");
+    None
+}
+
+const AGENT: &str = r#"
+import json, os, sys
+import openai, anthropic
+
+out = {}
+client = openai.OpenAI()
+raw = client.chat.completions.with_raw_response.create(
+    model="m", messages=[{"role": "user", "content": "hi"}])
+out["openai"] = raw.parse().choices[0].message.content
+out["openai_headers"] = dict(raw.headers)
+stream = client.chat.completions.create(
+    model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
+    stream_options={"include_usage": True})
+out["openai_stream"] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+claude = anthropic.Anthropic()
+message = claude.messages.create(
+    model="m", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+out["anthropic"] = message.content[0].text
+with claude.messages.stream(
+        model="m", max_tokens=16, messages=[{"role": "user", "content": "hi"}]) as s:
+    out["anthropic_stream"] = s.get_final_text()
+
+# What a harvester in this process finds: the environment, /proc/self/environ, the clients.
+out["environ"] = dict(os.environ)
+out["proc_environ"] = open("/proc/self/environ", "rb").read().decode("utf-8", "replace")
+out["client_keys"] = [client.api_key, claude.api_key]
+print(json.dumps(out))
+"#;
+
+#[test]
+fn official_sdks_and_curl_get_answers_and_the_key_is_nowhere_the_agent_can_see() {
+    let s = Setup::new(ADMITTED, "");
+
+    // curl over the broker socket: the agent's placeholder is dropped, the key injected.
+    let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &["-i"]);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("hello from fake"), "{body}");
+    assert!(body.to_lowercase().contains("x-keywarden-route: openai/prod"), "{body}");
+    let seen = s.provider.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0]["key"], PRIMARY);
+    assert!(!seen[0].to_string().contains("placeholder-from-the-agent"));
+
+    // The official SDKs with only a base URL and a placeholder key, over loopback TCP.
+    if let Some(python) = python_with_sdks() {
+        let out = Command::new(python)
+            .args(["-c", AGENT])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env(
+                "OPENAI_BASE_URL",
+                format!("http://127.0.0.1:{}/openai/v1", s.openai_port),
+            )
+            .env("OPENAI_API_KEY", "placeholder")
+            .env(
+                "ANTHROPIC_BASE_URL",
+                format!("http://127.0.0.1:{}/anthropic", s.anthropic_port),
+            )
+            .env("ANTHROPIC_API_KEY", "placeholder")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&s.daemon.as_ref().unwrap().log).unwrap_or_default()
+        );
+        let got: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(got["openai"], "hello from fake");
+        assert_eq!(got["openai_stream"], "hello streamed");
+        assert_eq!(got["anthropic"], "hello from fake");
+        assert_eq!(got["anthropic_stream"], "hello streamed");
+        assert_eq!(got["openai_headers"]["x-keywarden-route"], "openai/prod");
+        for key in [PRIMARY, BACKUP, ANTHROPIC] {
+            assert!(!text.contains(key), "the agent could see a key: {text}");
+        }
+        let anthropic_keys: Vec<Value> = s
+            .provider
+            .seen()
+            .into_iter()
+            .filter(|r| r["path"].as_str().unwrap().starts_with("/v1/messages"))
+            .map(|r| r["key"].clone())
+            .collect();
+        assert_eq!(anthropic_keys, vec![Value::from(ANTHROPIC); 2]);
+    }
+
+    // Every brokered request is an audit row with its tokens; none holds a key.
+    let rows = wait_for("the audit rows", Duration::from_secs(10), || {
+        let rows = s.audit("broker.request");
+        (rows.len() >= 5 || python_with_sdks().is_none() && !rows.is_empty()).then_some(rows)
+    });
+    let first = detail(&rows[0]);
+    assert_eq!(first["tokens"], 18);
+    assert_eq!(first["route"], "openai/prod");
+    assert_eq!(first["status"], 200);
+    if rows.len() >= 5 {
+        let tokens: Vec<i64> = rows
+            .iter()
+            .map(|r| {
+                detail(r)["tokens"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect();
+        // curl, then the SDKs: JSON and stream (OpenAI: 11 + 7), JSON and stream (Anthropic: 13 + 5).
+        assert_eq!(tokens[..5], [18, 18, 18, 18, 18]);
+    }
+    let audit_text = s.env.ok(&["audit", "tail", "--json", "-n", "1000"], None);
+    let log = std::fs::read_to_string(&s.daemon.as_ref().unwrap().log).unwrap();
+    for key in [PRIMARY, BACKUP, ANTHROPIC] {
+        assert!(!audit_text.contains(key) && !log.contains(key));
+    }
+
+    // A policy with brokers and no secrets fetches nothing from the agent socket.
+    let (status, body) = curl(&s.env.agent_socket(), "GET", "/v1/secrets/openai/prod", &[]);
+    assert_eq!(status, 403, "{body}");
+    assert!(!body.contains(PRIMARY));
+
+    // status shows the routes and today's spending.
+    let status: Value =
+        serde_json::from_str(&s.env.ok(&["broker", "status", "--json"], None)).unwrap();
+    assert_eq!(status["brokers"]["openai"]["routes"][0]["secret"], "openai/prod");
+    assert_eq!(status["brokers"]["openai"]["routes"][0]["version"], 1);
+    assert!(status["today"][0]["tokens"].as_u64().unwrap() >= 18, "{status}");
+}
+
+#[test]
+fn calls_outside_the_preset_and_path_tricks_never_reach_the_provider() {
+    let s = Setup::new(ADMITTED, "");
+    for (path, want) in [
+        ("/v1/broker/openai/v1/files", 403),
+        ("/v1/broker/openai/v1/chat/../files", 400),
+        ("/v1/broker/openai/v1/chat/%2e%2e/files", 400),
+        ("/v1/broker/nosuch/v1/chat/completions", 404),
+    ] {
+        let (status, body) = s.chat(path, &[]);
+        assert_eq!(status, want, "{path}: {body}");
+    }
+    let (status, _) = curl(&s.socket(), "DELETE", "/v1/broker/openai/v1/models", &[]);
+    assert_eq!(status, 403);
+    assert!(s.provider.seen().is_empty(), "{:?}", s.provider.seen());
+    let denied = s.audit("broker.denied");
+    assert!(
+        denied.iter().any(|r| detail(r).to_string().contains("/v1/files")),
+        "{denied:?}"
+    );
+}
+
+#[test]
+fn fallback_takes_the_next_route_on_429_500_and_a_refused_connection() {
+    let extra = format!(
+        r#"[secrets."openai/dead"]
+provider = "manual"
+
+[brokers.flaky]
+preset = "openai"
+secret = "openai/dead"
+upstream = "https://127.0.0.1:{dead}"
+ca_file = "certs/ca.pem"
+fallback = [{{ secret = "openai/backup", upstream = "{{upstream}}" }}]
+"#,
+        dead = free_port()
+    );
+    let policy = ADMITTED.replace(r#""anthropic"]"#, r#""anthropic", "flaky"]"#);
+    let s = Setup::new(&policy, &extra);
+    for (primary, want_route) in [
+        ("429", "openai/backup"),
+        ("500", "openai/backup"),
+        ("ok", "openai/prod"),
+    ] {
+        s.provider
+            .accept(&[(PRIMARY, primary), (BACKUP, "ok"), (ANTHROPIC, "ok")], None);
+        let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &["-i"]);
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.to_lowercase()
+                .contains(&format!("x-keywarden-route: {want_route}")),
+            "{primary}: {body}"
+        );
+    }
+    // Without a route left, the agent sees the provider's own answer.
+    s.provider
+        .accept(&[(PRIMARY, "429"), (BACKUP, "429"), (ANTHROPIC, "ok")], None);
+    let (status, _) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+    assert_eq!(status, 429);
+
+    // A primary whose upstream refuses connections: the fallback answers.
+    s.provider
+        .accept(&[(PRIMARY, "ok"), (BACKUP, "ok"), (ANTHROPIC, "ok")], None);
+    s.env.put("openai/dead", "sk-dead-0000000000000000000000");
+    let (status, body) = s.chat("/v1/broker/flaky/v1/chat/completions", &["-i"]);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.to_lowercase()
+            .contains("x-keywarden-route: openai/backup"),
+        "{body}"
+    );
+    let rows = s.audit("broker.request");
+    let last = detail(rows.last().unwrap());
+    assert_eq!(last["broker"], "flaky");
+    assert_eq!(last["route"], "openai/backup");
+}
