@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use keywarden_testkit::daemon::{Daemon, base_config, wait_for};
+use keywarden_testkit::daemon::{Daemon, base_config, example_plugin_config, wait_for};
 use keywarden_testkit::tls::private_ca;
 use keywarden_testkit::{Env, curl};
 use serde_json::Value;
@@ -131,7 +131,9 @@ listen = "127.0.0.1:{anthropic_port}"
 {extra}"#,
             base = base_config("3s"),
             ca = ca.display().to_string(),
-            extra = extra.replace("{upstream}", &upstream),
+            extra = extra
+                .replace("{upstream}", &upstream)
+                .replace("{example_plugin}", &example_plugin_config(env.dir.path(), "")),
         );
         std::fs::OpenOptions::new()
             .append(true)
@@ -160,13 +162,22 @@ listen = "127.0.0.1:{anthropic_port}"
 
     /// A chat completion through the broker socket (curl), with a placeholder key.
     fn chat(&self, path: &str, extra: &[&str]) -> (u16, String) {
+        self.post(
+            path,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+            extra,
+        )
+    }
+
+    /// A POST of `body` through the broker socket, with a placeholder key.
+    fn post(&self, path: &str, body: &str, extra: &[&str]) -> (u16, String) {
         let mut args = vec![
             "-H",
             "content-type: application/json",
             "-H",
             "Authorization: Bearer placeholder-from-the-agent",
             "--data",
-            r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+            body,
         ];
         args.extend(extra);
         curl(&self.socket(), "POST", path, &args)
@@ -425,4 +436,264 @@ fallback = [{{ secret = "openai/backup", upstream = "{{upstream}}" }}]
     let last = detail(rows.last().unwrap());
     assert_eq!(last["broker"], "flaky");
     assert_eq!(last["route"], "openai/backup");
+}
+
+#[test]
+fn a_rotation_during_a_stream_lets_it_finish_uses_the_new_key_next_and_revokes_the_old_after() {
+    let extra = r#"{example_plugin}
+[secrets."openai/rotating"]
+provider = "example"
+grace = "5m"
+
+[brokers.rotating]
+preset = "openai"
+secret = "openai/rotating"
+upstream = "{upstream}"
+ca_file = "certs/ca.pem"
+"#;
+    let policy = ADMITTED.replace(r#""anthropic"]"#, r#""anthropic", "rotating"]"#);
+    let s = Setup::new(&policy, extra);
+    wait_for("the first version", Duration::from_secs(20), || {
+        (s.env.entry("openai/rotating")["version"] == 1).then_some(())
+    });
+    let db = s.env.upstream_db();
+    s.provider
+        .accept(&[(PRIMARY, "ok"), (BACKUP, "ok"), (ANTHROPIC, "ok")], Some(&db));
+
+    // A long stream, held by the provider after its first event.
+    let stream = Command::new("curl")
+        .args(["-sN", "--unix-socket"])
+        .arg(s.socket())
+        .args([
+            "-H",
+            "content-type: application/json",
+            "--data",
+            r#"{"model":"m","messages":[],"stream":true,"hold":true}"#,
+            "http://localhost/v1/broker/rotating/v1/chat/completions",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let old = wait_for("the held stream", Duration::from_secs(10), || {
+        s.provider
+            .seen()
+            .iter()
+            .find(|r| r["body"].as_str().unwrap().contains("hold"))
+            .map(|r| r["key"].as_str().unwrap().to_string())
+    });
+
+    // Rotate: the new version is used by the very next request...
+    s.env.ok(&["rotate", "openai/rotating", "--no-wait"], None);
+    wait_for("version 2", Duration::from_secs(20), || {
+        (s.env.entry("openai/rotating")["version"] == 2).then_some(())
+    });
+    let (status, body) = s.chat("/v1/broker/rotating/v1/chat/completions", &[]);
+    assert_eq!(status, 200, "{body}");
+    let new = s.provider.seen().last().unwrap()["key"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    // ...while the stream that started on the old key keeps it alive upstream.
+    let active = |key: &str| {
+        s.env.upstream_i64(&format!(
+            "SELECT COUNT(*) FROM creds WHERE value = '{key}' AND status = 'active'"
+        ))
+    };
+    assert_eq!(active(&old), 1, "the old key was revoked under a stream in flight");
+
+    // The stream finishes, whole; only then is the old key revoked.
+    std::fs::write(s.provider.state.join("release"), "").unwrap();
+    let out = stream.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("streamed") && text.contains("[DONE]"), "{text}");
+    wait_for("the old key's revocation", Duration::from_secs(20), || {
+        (active(&old) == 0).then_some(())
+    });
+    assert_eq!(active(&new), 1);
+}
+
+#[test]
+fn budgets_refuse_at_the_limit_with_retry_after_and_survive_a_restart() {
+    let policy = r#"[[policy]]
+name = "agents"
+uids = [0]
+brokers = ["openai", "anthropic"]
+budget = { tokens_per_day = 40 }
+
+[[policy]]
+name = "metered"
+uids = [0]
+brokers = ["anthropic"]
+"#;
+    let mut s = Setup::new(policy, "");
+    // 18 tokens per answer, JSON or streamed: 0 → 18 → 36 → 54, then spent.
+    let (status, _) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+    assert_eq!(status, 200);
+    let streamed = r#"{"model":"m","messages":[],"stream":true}"#;
+    let (status, body) = s.post("/v1/broker/openai/v1/chat/completions", streamed, &[]);
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+    assert_eq!(status, 200);
+    let spent = || {
+        wait_for("the tokens to be counted", Duration::from_secs(10), || {
+            let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &["-i"]);
+            (status == 429).then_some(body)
+        })
+    };
+    let body = spent();
+    assert!(body.to_lowercase().contains("retry-after: "), "{body}");
+    assert!(body.contains("tokens_per_day"), "{body}");
+    let seen = s.provider.seen().len();
+    assert_eq!(seen, 3, "a refused request reached the provider");
+
+    // The count comes back from the audit log after a restart.
+    s.restart();
+    let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(s.provider.seen().len(), seen);
+}
+
+#[test]
+fn requests_per_minute_refuse_exactly_at_the_limit() {
+    let policy = r#"[[policy]]
+name = "agents"
+uids = [0]
+brokers = ["openai"]
+budget = { requests_per_minute = 3 }
+"#;
+    let s = Setup::new(policy, "");
+    // Three in one minute: start early enough in a minute to finish within it.
+    wait_for("the start of a minute", Duration::from_secs(61), || {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        (secs % 60 < 45).then_some(())
+    });
+    for _ in 0..3 {
+        let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &["-i"]);
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("requests_per_minute"), "{body}");
+}
+
+#[test]
+fn peers_no_policy_admits_are_refused_and_audited_over_the_socket_and_tcp() {
+    let s = Setup::new(ADMITTED, "");
+    let as_nobody = |args: &[String]| -> (u16, String) {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "curl", "-s"])
+            .args(["-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    };
+    let data = r#"{"model":"m","messages":[]}"#.to_string();
+    let (status, body) = as_nobody(&[
+        "--unix-socket".into(),
+        s.socket().display().to_string(),
+        "--data".into(),
+        data.clone(),
+        "http://localhost/v1/broker/openai/v1/chat/completions".into(),
+    ]);
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = as_nobody(&[
+        "--data".into(),
+        data,
+        format!("http://127.0.0.1:{}/openai/v1/chat/completions", s.openai_port),
+    ]);
+    assert_eq!(status, 403, "{body}");
+    assert!(s.provider.seen().is_empty());
+    let denied = s.audit("broker.denied");
+    assert!(
+        denied.iter().any(|r| r["actor"].as_str().unwrap().contains("uid=65534")),
+        "{denied:?}"
+    );
+    // The admitted user over TCP is served.
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--data"])
+        .arg(r#"{"model":"m","messages":[]}"#)
+        .arg(format!("http://127.0.0.1:{}/openai/v1/chat/completions", s.openai_port))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+}
+
+#[test]
+fn a_blocked_broker_refuses_at_once_and_stays_blocked_across_a_restart() {
+    let mut s = Setup::new(ADMITTED, "");
+    s.env.ok(&["broker", "block", "openai"], None);
+    let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("blocked"), "{body}");
+    s.restart();
+    let (status, _) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+    assert_eq!(status, 503);
+    s.env.ok(&["broker", "unblock", "openai"], None);
+    let (status, _) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+    assert_eq!(status, 200);
+    assert_eq!(s.provider.seen().len(), 1);
+}
+
+#[test]
+fn the_broker_runs_confined_as_its_own_user_and_exits_with_the_daemon() {
+    let mut s = Setup::new(ADMITTED, "");
+    let daemon_pid = s.daemon.as_ref().unwrap().pid();
+    let broker_pid = |parent: u32| {
+        std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"))?.trim();
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+            (ppid == parent.to_string()
+                && exe.file_name()? == "keywarden-broker")
+                .then_some((pid, status))
+        })
+    };
+    let (pid, status) = broker_pid(daemon_pid).expect("a keywarden-broker child of the daemon");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(field("Seccomp:"), "2");
+    if rustix_is_root() {
+        assert_eq!(field("Uid:"), "65534", "the broker must not run as root");
+    }
+    // It holds no key in its environment.
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(!String::from_utf8_lossy(&environ).contains("sk-"));
+    // Killed, it is started again and serves.
+    Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    let (restarted, _) = wait_for("a new broker process", Duration::from_secs(20), || {
+        broker_pid(daemon_pid).filter(|(p, _)| *p != pid)
+    });
+    let (status, body) = wait_for("the broker to serve again", Duration::from_secs(20), || {
+        let answer = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+        (answer.0 == 200).then_some(answer)
+    });
+    assert_eq!(status, 200, "{body}");
+    // When the daemon dies, even by SIGKILL, the broker exits: its attach connection closed.
+    s.daemon.take().unwrap().kill9();
+    wait_for("the broker to exit", Duration::from_secs(20), || {
+        let state = std::fs::read_to_string(format!("/proc/{restarted}/stat")).unwrap_or_default();
+        // Gone, or a zombie waiting for its new parent to reap it.
+        (state.is_empty() || state.contains(") Z ")).then_some(())
+    });
+}
+
+fn rustix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
