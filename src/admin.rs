@@ -432,9 +432,18 @@ impl AdminApi {
                 format!("no broker named {name:?} is configured"),
             );
         };
-        let action = if block { "broker.blocked" } else { "broker.unblocked" };
+        let action = if block {
+            "broker.blocked"
+        } else {
+            "broker.unblocked"
+        };
         let event = AuditEvent::new(Self::actor(peer), action).detail(json!({ "broker": name }));
-        if let Err(e) = self.services.audit_writer.write(Vec::new(), vec![event]).await {
+        if let Err(e) = self
+            .services
+            .audit_writer
+            .write(Vec::new(), vec![event])
+            .await
+        {
             return http::ApiError::from(e).response();
         }
         brokers.set_blocked(name, block);
@@ -627,7 +636,8 @@ impl Handler for AdminApi {
             }
             (&Method::POST, "/v1/admin/alerts/ack") => self.ack_alerts(request.body(), peer).await,
             (&Method::POST, p) if p.starts_with("/v1/admin/brokers/") => {
-                self.block_broker(&p["/v1/admin/brokers/".len()..], peer).await
+                self.block_broker(&p["/v1/admin/brokers/".len()..], peer)
+                    .await
             }
             (&Method::GET, "/v1/admin/incidents") => match self.services.incidents.list().await {
                 Ok(list) => http::json(StatusCode::OK, &serde_json::Value::Array(list)),
@@ -660,11 +670,13 @@ impl Handler for AdminApi {
                 .await;
                 let people = self.services.incidents.waiting_for_people().await;
                 let brokers = match &self.services.brokers {
-                    Some(b) => {
-                        crate::status::brokers(b, self.services.vault.store(), self.services.clock.now())
-                            .await
-                            .map(Some)
-                    }
+                    Some(b) => crate::status::brokers(
+                        b,
+                        self.services.vault.store(),
+                        self.services.clock.now(),
+                    )
+                    .await
+                    .map(Some),
                     None => Ok(None),
                 };
                 match (report, people, brokers) {

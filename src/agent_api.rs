@@ -74,7 +74,6 @@ pub struct AgentConn {
     identity: tokio::sync::Mutex<PeerIdentity>,
 }
 
-
 /// A token bucket per uid.
 #[derive(Debug)]
 struct RateLimiter {

@@ -86,18 +86,24 @@ fn same_mount_namespace(pid: i32) -> bool {
 /// is looked for again. `None` when it cannot be found (a process of another user while the
 /// daemon is not root, one in another network namespace, or one that already closed).
 pub fn tcp_peer(local: SocketAddr, remote: SocketAddr) -> Option<(Peer, Option<OwnedFd>)> {
-    let table = if remote.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
+    let table = if remote.is_ipv4() {
+        "/proc/net/tcp"
+    } else {
+        "/proc/net/tcp6"
+    };
     let text = std::fs::read_to_string(table).ok()?;
     let (uid, inode) = text.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
         let (ours, theirs) = (parse_proc_addr(f.get(1)?)?, parse_proc_addr(f.get(2)?)?);
-        (ours == remote && theirs == local).then(|| Some((f.get(7)?.parse::<u32>().ok()?, *f.get(9)?)))?
+        (ours == remote && theirs == local)
+            .then(|| Some((f.get(7)?.parse::<u32>().ok()?, *f.get(9)?)))?
     })?;
     let target = format!("socket:[{inode}]");
     let holds = |pid: i32| -> bool {
         std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
-            fds.flatten()
-                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()))
+            fds.flatten().any(|fd| {
+                std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str())
+            })
         })
     };
     let pid = std::fs::read_dir("/proc")

@@ -33,10 +33,11 @@ use tokio::sync::watch;
 
 use crate::attest::{Hasher, Peer, PeerIdentity};
 use crate::audit::AuditEvent;
-use crate::broker::{Broker, Brokers};
 use crate::broker::budget::Caller;
 use crate::broker::usage::UsageMeter;
+use crate::broker::{Broker, Brokers};
 use crate::http::{self, Handler, REMOTE_PEER};
+use crate::incident::signals::Signals;
 use crate::leases::Hold;
 use crate::policy::{self, Policy};
 use crate::rejections::Rejections;
@@ -81,6 +82,7 @@ pub struct BrokerApi {
     daemon_uid: u32,
     refused_uids: HashSet<u32>,
     rejections: Arc<Rejections>,
+    signals: Arc<Signals>,
     closing: watch::Receiver<bool>,
 }
 
@@ -92,6 +94,7 @@ impl BrokerApi {
         policies: Vec<Policy>,
         refused_uids: HashSet<u32>,
         rejections: Arc<Rejections>,
+        signals: Arc<Signals>,
         closing: watch::Receiver<bool>,
     ) -> BrokerApi {
         BrokerApi {
@@ -103,6 +106,7 @@ impl BrokerApi {
             daemon_uid: rustix::process::geteuid().as_raw(),
             refused_uids,
             rejections,
+            signals,
             closing,
         }
     }
@@ -111,13 +115,21 @@ impl BrokerApi {
     async fn deny(&self, who: &PeerIdentity, broker: &str, reason: &str) -> Response<BrokerBody> {
         let actor = who.actor();
         let text = format!("refused: {reason}");
-        if self
-            .rejections
-            .first("broker.denied", who.peer.uid, None, &format!("{broker}: {reason}"), &actor)
-        {
+        if self.rejections.first(
+            "broker.denied",
+            who.peer.uid,
+            None,
+            &format!("{broker}: {reason}"),
+            &actor,
+        ) {
             let event = AuditEvent::new(actor, "broker.denied")
                 .detail(json!({ "broker": broker, "reason": reason }));
-            if let Err(e) = self.services.audit_writer.write(Vec::new(), vec![event]).await {
+            if let Err(e) = self
+                .services
+                .audit_writer
+                .write(Vec::new(), vec![event])
+                .await
+            {
                 return http::ApiError::from(e).response().map(BrokerBody::from);
             }
         }
@@ -141,19 +153,28 @@ impl BrokerApi {
         let mut who = self.hasher.identity(&conn.identity, self.needs_hash).await;
         let Some(policy) = policy::decide_broker(&self.policies, &mut who, name, self.daemon_uid)
         else {
-            return self.deny(&who, name, "no policy lets this peer use the broker").await;
+            return self
+                .deny(&who, name, "no policy lets this peer use the broker")
+                .await;
         };
         let method = request.method().as_str().to_string();
         if !broker.allows(&method, path) {
             return self
-                .deny(&who, name, &format!("{method} {path} is not an allowed call"))
+                .deny(
+                    &who,
+                    name,
+                    &format!("{method} {path} is not an allowed call"),
+                )
                 .await;
         }
         if request.body().len() > broker.max_body_bytes {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
-                format!("the request body is larger than {} bytes", broker.max_body_bytes),
+                format!(
+                    "the request body is larger than {} bytes",
+                    broker.max_body_bytes
+                ),
             );
         }
         if self.brokers.is_blocked(name) {
@@ -189,20 +210,27 @@ impl BrokerApi {
                 .insert("retry-after", HeaderValue::from(spent.retry_after()));
             return response;
         }
-        self.forward(broker, path, request, Finish {
-            services: self.services.clone(),
-            brokers: self.brokers.clone(),
-            actor: who.actor(),
-            caller,
-            broker: name.to_string(),
-            method,
-            path: path.to_string(),
-            route: None,
-            status: 0,
-            upstream_ms: None,
-            started: Instant::now(),
-            holds: Vec::new(),
-        })
+        self.forward(
+            broker,
+            path,
+            request,
+            Finish {
+                services: self.services.clone(),
+                brokers: self.brokers.clone(),
+                signals: self.signals.clone(),
+                secrets: broker.secrets().map(str::to_string).collect(),
+                actor: who.actor(),
+                caller,
+                broker: name.to_string(),
+                method,
+                path: path.to_string(),
+                route: None,
+                status: 0,
+                upstream_ms: None,
+                started: Instant::now(),
+                holds: Vec::new(),
+            },
+        )
         .await
     }
 
@@ -244,9 +272,11 @@ impl BrokerApi {
                     .expect("a valid header name"),
                 value,
             );
-            finish
-                .holds
-                .push((secret.to_string(), read.version, self.services.leases.hold(&read.secret_id, read.version)));
+            finish.holds.push((
+                secret.to_string(),
+                read.version,
+                self.services.leases.hold(&read.secret_id, read.version),
+            ));
         }
         let forwarded = forwarded.body(Full::new(body)).expect("a valid request");
         let answer = match self.brokers.process.send(forwarded).await {
@@ -270,7 +300,9 @@ impl BrokerApi {
             .and_then(|v| v.to_str().ok()?.parse().ok());
         // Only the version of the route that answered stays in use while the answer streams.
         let route = finish.route.clone();
-        finish.holds.retain(|(secret, _, _)| Some(secret) == route.as_ref());
+        finish
+            .holds
+            .retain(|(secret, _, _)| Some(secret) == route.as_ref());
         let content_type = parts
             .headers
             .get(hyper::header::CONTENT_TYPE)
@@ -311,7 +343,9 @@ fn split_path(path: &str) -> Result<(&str, &str), &'static str> {
         return Err("percent-encoded or backslashed paths are not accepted");
     }
     let rest = path.strip_prefix("/v1/broker/").unwrap_or(&path[1..]);
-    let (name, rest) = rest.split_once('/').ok_or("the path names no provider call")?;
+    let (name, rest) = rest
+        .split_once('/')
+        .ok_or("the path names no provider call")?;
     let rest = &path[path.len() - rest.len() - 1..];
     if rest
         .split('/')
@@ -342,13 +376,30 @@ impl Handler for BrokerApi {
 
     async fn handle(&self, conn: &BrokerConn, request: Request<Bytes>) -> Response<BrokerBody> {
         if *self.closing.borrow() {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "sealed", "the daemon is stopping");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sealed",
+                "the daemon is stopping",
+            );
         }
         if self.refused_uids.contains(&conn.uid) {
             return error(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "this uid runs keywarden's plugins and may not use the broker",
+            );
+        }
+        // A web page the user visits could otherwise make the browser call the loopback
+        // listener (cross-site requests, DNS rebinding): browsers mark every request they send
+        // with these headers; SDKs and agents send neither.
+        if ["origin", "sec-fetch-site", "sec-fetch-mode"]
+            .iter()
+            .any(|h| request.headers().contains_key(*h))
+        {
+            return error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "requests from web browsers are refused",
             );
         }
         let path = request.uri().path().to_string();
@@ -360,7 +411,11 @@ impl Handler for BrokerApi {
             Err(why) => return error(StatusCode::BAD_REQUEST, "bad_request", why),
         };
         let Some(broker) = self.brokers.brokers.get(name) else {
-            return error(StatusCode::NOT_FOUND, "unknown", format!("no broker named {name:?}"));
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown",
+                format!("no broker named {name:?}"),
+            );
         };
         self.call(conn, broker, rest, request).await
     }
@@ -371,6 +426,9 @@ impl Handler for BrokerApi {
 struct Finish {
     services: Services,
     brokers: Arc<Brokers>,
+    signals: Arc<Signals>,
+    /// The broker's secrets: the scope of an anomaly it causes.
+    secrets: Vec<String>,
     actor: String,
     caller: Caller,
     broker: String,
@@ -419,8 +477,18 @@ impl Finish {
             tokens,
             self.started.elapsed(),
         );
-        if let Err(e) = self.services.audit_writer.write(Vec::new(), vec![event]).await {
+        if let Err(e) = self
+            .services
+            .audit_writer
+            .write(Vec::new(), vec![event])
+            .await
+        {
             tracing::error!(broker = %self.broker, error = %e, "could not record a brokered request");
+        }
+        if tokens > 0 {
+            self.signals
+                .note_tokens(&self.caller, tokens, &self.secrets)
+                .await;
         }
     }
 }

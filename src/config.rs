@@ -535,7 +535,11 @@ impl Config {
         for (i, policy) in self.policy.iter().enumerate() {
             crate::policy::check(policy)
                 .map_err(|(key, message)| self.invalid_policy(i, key, message))?;
-            if let Some(b) = policy.brokers.iter().find(|b| !self.brokers.contains_key(*b)) {
+            if let Some(b) = policy
+                .brokers
+                .iter()
+                .find(|b| !self.brokers.contains_key(*b))
+            {
                 return Err(self.invalid_policy(
                     i,
                     "brokers",

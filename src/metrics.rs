@@ -138,8 +138,16 @@ fn render_brokered(out: &mut String, metrics: &Metrics) {
             "keywarden_broker_request_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
             b.count
         );
-        let _ = writeln!(out, "keywarden_broker_request_seconds_sum{{{labels}}} {}", b.seconds);
-        let _ = writeln!(out, "keywarden_broker_request_seconds_count{{{labels}}} {}", b.count);
+        let _ = writeln!(
+            out,
+            "keywarden_broker_request_seconds_sum{{{labels}}} {}",
+            b.seconds
+        );
+        let _ = writeln!(
+            out,
+            "keywarden_broker_request_seconds_count{{{labels}}} {}",
+            b.count
+        );
     }
 }
 

@@ -112,7 +112,10 @@ pub fn check(p: &PolicyConfig) -> Result<(), (&'static str, String)> {
         ));
     }
     if p.budget.requests_per_minute == Some(0) || p.budget.tokens_per_day == Some(0) {
-        return Err(("budget", "a budget of zero allows nothing: remove the broker instead".into()));
+        return Err((
+            "budget",
+            "a budget of zero allows nothing: remove the broker instead".into(),
+        ));
     }
     for pattern in &p.secrets {
         glob(pattern).map_err(|e| ("secrets", e))?;

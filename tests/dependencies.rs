@@ -1,11 +1,14 @@
 //! The daemon's small dependency tree is an invariant: the `keywarden` package must never depend,
-//! directly or transitively, on a provider SDK (`aws-*`) or on `reqwest`. Those live in plugins.
+//! directly or transitively, on a provider SDK (`aws-*`) or on an HTTP client for providers
+//! (`reqwest`, `hyper-rustls`). Those live in plugins and in `keywarden-broker`, which in turn
+//! links nothing of the store.
 
 use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
 
-#[test]
-fn keywarden_depends_on_no_aws_crate_and_no_reqwest() {
+/// The names of every crate `package` depends on to build and run (not dev-dependencies: tests
+/// may use anything).
+fn runtime_dependencies(package: &str) -> Vec<String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .args(["metadata", "--format-version", "1", "--locked"])
@@ -33,11 +36,10 @@ fn keywarden_depends_on_no_aws_crate_and_no_reqwest() {
         .collect();
     let root = names
         .iter()
-        .find(|(_, name)| **name == "keywarden")
+        .find(|(_, name)| **name == package)
         .map(|(id, _)| *id)
-        .expect("the keywarden package");
+        .expect("the package");
 
-    // Walk normal and build dependencies (not dev-dependencies: tests may use anything).
     let mut seen = BTreeSet::new();
     let mut stack = vec![root];
     while let Some(id) = stack.pop() {
@@ -55,14 +57,41 @@ fn keywarden_depends_on_no_aws_crate_and_no_reqwest() {
             }
         }
     }
-    let all: Vec<&str> = seen.iter().map(|id| names[id]).collect();
+    seen.iter().map(|id| names[id].to_string()).collect()
+}
+
+#[test]
+fn keywarden_depends_on_no_aws_crate_and_no_http_client_for_providers() {
+    let all = runtime_dependencies("keywarden");
     assert!(
-        all.contains(&"sqlx") && all.contains(&"ring"),
+        all.iter().any(|n| n == "sqlx") && all.iter().any(|n| n == "ring"),
         "the walk found the real tree"
     );
-    let forbidden: Vec<&&str> = all
+    let forbidden: Vec<&String> = all
         .iter()
-        .filter(|n| n.starts_with("aws-") || n.starts_with("aws_") || **n == "reqwest")
+        .filter(|n| {
+            n.starts_with("aws-")
+                || n.starts_with("aws_")
+                || *n == "reqwest"
+                || *n == "hyper-rustls"
+        })
         .collect();
     assert!(forbidden.is_empty(), "keywarden depends on {forbidden:?}");
+}
+
+#[test]
+fn the_broker_links_nothing_of_the_store() {
+    let all = runtime_dependencies("keywarden-broker");
+    assert!(
+        all.iter().any(|n| n == "reqwest"),
+        "the walk found the real tree"
+    );
+    let forbidden: Vec<&String> = all
+        .iter()
+        .filter(|n| ["keywarden", "sqlx", "argon2", "libsqlite3-sys"].contains(&n.as_str()))
+        .collect();
+    assert!(
+        forbidden.is_empty(),
+        "keywarden-broker depends on {forbidden:?}"
+    );
 }

@@ -94,23 +94,36 @@ impl Forwarder {
             Ok(b) => b.to_bytes(),
             Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("request body: {e}")),
         };
-        let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let query = parts
+            .uri
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
         let headers = upstream_headers(&parts.headers);
         let mut attempts = Vec::new();
         let last = broker.routes.len().saturating_sub(1);
         for (i, route) in broker.routes.iter().enumerate() {
-            let Some(key) = parts.headers.get(format!("{KEY_HEADER_PREFIX}{i}").as_str()) else {
+            let Some(key) = parts
+                .headers
+                .get(format!("{KEY_HEADER_PREFIX}{i}").as_str())
+            else {
                 attempts.push(format!("{}: no value to inject", route.spec.secret));
                 continue;
             };
             let mut auth = route.spec.prefix.as_bytes().to_vec();
             auth.extend_from_slice(key.as_bytes());
             let Ok(mut auth) = HeaderValue::from_bytes(&auth) else {
-                attempts.push(format!("{}: the key is not a valid header value", route.spec.secret));
+                attempts.push(format!(
+                    "{}: the key is not a valid header value",
+                    route.spec.secret
+                ));
                 continue;
             };
             auth.set_sensitive(true);
-            let url = format!("{}/{path}{query}", route.spec.upstream.trim_end_matches('/'));
+            let url = format!(
+                "{}/{path}{query}",
+                route.spec.upstream.trim_end_matches('/')
+            );
             let request = route
                 .client
                 .request(parts.method.clone(), &url)

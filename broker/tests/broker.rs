@@ -47,7 +47,11 @@ impl Provider {
             .expect("start the fake provider");
         let port_file = state.join("port");
         let port = wait_for("the fake provider", Duration::from_secs(20), || {
-            std::fs::read_to_string(&port_file).ok()?.trim().parse().ok()
+            std::fs::read_to_string(&port_file)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
         });
         (Provider { child, state, port }, ca)
     }
@@ -131,9 +135,10 @@ listen = "127.0.0.1:{anthropic_port}"
 {extra}"#,
             base = base_config("3s"),
             ca = ca.display().to_string(),
-            extra = extra
-                .replace("{upstream}", &upstream)
-                .replace("{example_plugin}", &example_plugin_config(env.dir.path(), "")),
+            extra = extra.replace("{upstream}", &upstream).replace(
+                "{example_plugin}",
+                &example_plugin_config(env.dir.path(), "")
+            ),
         );
         std::fs::OpenOptions::new()
             .append(true)
@@ -184,7 +189,9 @@ listen = "127.0.0.1:{anthropic_port}"
     }
 
     fn audit(&self, action: &str) -> Vec<Value> {
-        let out = self.env.ok(&["audit", "tail", "--json", "-n", "1000"], None);
+        let out = self
+            .env
+            .ok(&["audit", "tail", "--json", "-n", "1000"], None);
         let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
         rows.into_iter().filter(|r| r["action"] == action).collect()
     }
@@ -271,7 +278,11 @@ fn official_sdks_and_curl_get_answers_and_the_key_is_nowhere_the_agent_can_see()
     let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &["-i"]);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("hello from fake"), "{body}");
-    assert!(body.to_lowercase().contains("x-keywarden-route: openai/prod"), "{body}");
+    assert!(
+        body.to_lowercase()
+            .contains("x-keywarden-route: openai/prod"),
+        "{body}"
+    );
     let seen = s.provider.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0]["key"], PRIMARY);
@@ -333,11 +344,7 @@ fn official_sdks_and_curl_get_answers_and_the_key_is_nowhere_the_agent_can_see()
     if rows.len() >= 5 {
         let tokens: Vec<i64> = rows
             .iter()
-            .map(|r| {
-                detail(r)["tokens"]
-                    .as_i64()
-                    .unwrap()
-            })
+            .map(|r| detail(r)["tokens"].as_i64().unwrap())
             .collect();
         // curl, then the SDKs: JSON and stream (OpenAI: 11 + 7), JSON and stream (Anthropic: 13 + 5).
         assert_eq!(tokens[..5], [18, 18, 18, 18, 18]);
@@ -356,9 +363,15 @@ fn official_sdks_and_curl_get_answers_and_the_key_is_nowhere_the_agent_can_see()
     // status shows the routes and today's spending.
     let status: Value =
         serde_json::from_str(&s.env.ok(&["broker", "status", "--json"], None)).unwrap();
-    assert_eq!(status["brokers"]["openai"]["routes"][0]["secret"], "openai/prod");
+    assert_eq!(
+        status["brokers"]["openai"]["routes"][0]["secret"],
+        "openai/prod"
+    );
     assert_eq!(status["brokers"]["openai"]["routes"][0]["version"], 1);
-    assert!(status["today"][0]["tokens"].as_u64().unwrap() >= 18, "{status}");
+    assert!(
+        status["today"][0]["tokens"].as_u64().unwrap() >= 18,
+        "{status}"
+    );
 }
 
 #[test]
@@ -375,10 +388,38 @@ fn calls_outside_the_preset_and_path_tricks_never_reach_the_provider() {
     }
     let (status, _) = curl(&s.socket(), "DELETE", "/v1/broker/openai/v1/models", &[]);
     assert_eq!(status, 403);
+    // A web page calling the loopback listener through the user's browser (a cross-site
+    // request, or DNS rebinding): the browser's marks get it refused.
+    for mark in [
+        "Origin: https://evil.example",
+        "Sec-Fetch-Site: same-origin",
+    ] {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                mark,
+                "--data",
+            ])
+            .arg(r#"{"model":"m","messages":[]}"#)
+            .arg(format!(
+                "http://127.0.0.1:{}/openai/v1/chat/completions",
+                s.openai_port
+            ))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "403", "{mark}");
+    }
     assert!(s.provider.seen().is_empty(), "{:?}", s.provider.seen());
     let denied = s.audit("broker.denied");
     assert!(
-        denied.iter().any(|r| detail(r).to_string().contains("/v1/files")),
+        denied
+            .iter()
+            .any(|r| detail(r).to_string().contains("/v1/files")),
         "{denied:?}"
     );
 }
@@ -405,8 +446,10 @@ fallback = [{{ secret = "openai/backup", upstream = "{{upstream}}" }}]
         ("500", "openai/backup"),
         ("ok", "openai/prod"),
     ] {
-        s.provider
-            .accept(&[(PRIMARY, primary), (BACKUP, "ok"), (ANTHROPIC, "ok")], None);
+        s.provider.accept(
+            &[(PRIMARY, primary), (BACKUP, "ok"), (ANTHROPIC, "ok")],
+            None,
+        );
         let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &["-i"]);
         assert_eq!(status, 200, "{body}");
         assert!(
@@ -416,8 +459,10 @@ fallback = [{{ secret = "openai/backup", upstream = "{{upstream}}" }}]
         );
     }
     // Without a route left, the agent sees the provider's own answer.
-    s.provider
-        .accept(&[(PRIMARY, "429"), (BACKUP, "429"), (ANTHROPIC, "ok")], None);
+    s.provider.accept(
+        &[(PRIMARY, "429"), (BACKUP, "429"), (ANTHROPIC, "ok")],
+        None,
+    );
     let (status, _) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
     assert_eq!(status, 429);
 
@@ -457,8 +502,10 @@ ca_file = "certs/ca.pem"
         (s.env.entry("openai/rotating")["version"] == 1).then_some(())
     });
     let db = s.env.upstream_db();
-    s.provider
-        .accept(&[(PRIMARY, "ok"), (BACKUP, "ok"), (ANTHROPIC, "ok")], Some(&db));
+    s.provider.accept(
+        &[(PRIMARY, "ok"), (BACKUP, "ok"), (ANTHROPIC, "ok")],
+        Some(&db),
+    );
 
     // A long stream, held by the provider after its first event.
     let stream = Command::new("curl")
@@ -489,7 +536,10 @@ ca_file = "certs/ca.pem"
     });
     let (status, body) = s.chat("/v1/broker/rotating/v1/chat/completions", &[]);
     assert_eq!(status, 200, "{body}");
-    let new = s.provider.seen().last().unwrap()["key"].as_str().unwrap().to_string();
+    let new = s.provider.seen().last().unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_ne!(new, old);
     // ...while the stream that started on the old key keeps it alive upstream.
     let active = |key: &str| {
@@ -497,13 +547,20 @@ ca_file = "certs/ca.pem"
             "SELECT COUNT(*) FROM creds WHERE value = '{key}' AND status = 'active'"
         ))
     };
-    assert_eq!(active(&old), 1, "the old key was revoked under a stream in flight");
+    assert_eq!(
+        active(&old),
+        1,
+        "the old key was revoked under a stream in flight"
+    );
 
     // The stream finishes, whole; only then is the old key revoked.
     std::fs::write(s.provider.state.join("release"), "").unwrap();
     let out = stream.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("streamed") && text.contains("[DONE]"), "{text}");
+    assert!(
+        text.contains("streamed") && text.contains("[DONE]"),
+        "{text}"
+    );
     wait_for("the old key's revocation", Duration::from_secs(20), || {
         (active(&old) == 0).then_some(())
     });
@@ -582,7 +639,13 @@ fn peers_no_policy_admits_are_refused_and_audited_over_the_socket_and_tcp() {
     let s = Setup::new(ADMITTED, "");
     let as_nobody = |args: &[String]| -> (u16, String) {
         let out = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "curl", "-s"])
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "curl",
+                "-s",
+            ])
             .args(["-w", "\n%{http_code}"])
             .args(args)
             .output()
@@ -603,20 +666,28 @@ fn peers_no_policy_admits_are_refused_and_audited_over_the_socket_and_tcp() {
     let (status, body) = as_nobody(&[
         "--data".into(),
         data,
-        format!("http://127.0.0.1:{}/openai/v1/chat/completions", s.openai_port),
+        format!(
+            "http://127.0.0.1:{}/openai/v1/chat/completions",
+            s.openai_port
+        ),
     ]);
     assert_eq!(status, 403, "{body}");
     assert!(s.provider.seen().is_empty());
     let denied = s.audit("broker.denied");
     assert!(
-        denied.iter().any(|r| r["actor"].as_str().unwrap().contains("uid=65534")),
+        denied
+            .iter()
+            .any(|r| r["actor"].as_str().unwrap().contains("uid=65534")),
         "{denied:?}"
     );
     // The admitted user over TCP is served.
     let out = Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--data"])
         .arg(r#"{"model":"m","messages":[]}"#)
-        .arg(format!("http://127.0.0.1:{}/openai/v1/chat/completions", s.openai_port))
+        .arg(format!(
+            "http://127.0.0.1:{}/openai/v1/chat/completions",
+            s.openai_port
+        ))
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
@@ -648,8 +719,7 @@ fn the_broker_runs_confined_as_its_own_user_and_exits_with_the_daemon() {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
             let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"))?.trim();
             let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-            (ppid == parent.to_string()
-                && exe.file_name()? == "keywarden-broker")
+            (ppid == parent.to_string() && exe.file_name()? == "keywarden-broker")
                 .then_some((pid, status))
         })
     };
@@ -673,7 +743,10 @@ fn the_broker_runs_confined_as_its_own_user_and_exits_with_the_daemon() {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert!(!String::from_utf8_lossy(&environ).contains("sk-"));
     // Killed, it is started again and serves.
-    Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
     let (restarted, _) = wait_for("a new broker process", Duration::from_secs(20), || {
         broker_pid(daemon_pid).filter(|(p, _)| *p != pid)
     });
@@ -696,4 +769,34 @@ fn rustix_is_root() -> bool {
         .unwrap()
         .lines()
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+#[test]
+fn a_stalled_upstream_times_out_and_an_oversized_body_never_leaves() {
+    let extra = r#"[brokers.strict]
+preset = "openai"
+secret = "openai/prod"
+upstream = "{upstream}"
+ca_file = "certs/ca.pem"
+first_byte_timeout = "300ms"
+max_body_bytes = 1024
+"#;
+    let policy = ADMITTED.replace(r#""anthropic"]"#, r#""anthropic", "strict"]"#);
+    let s = Setup::new(&policy, extra);
+    let big = format!(
+        r#"{{"model":"m","messages":[],"pad":"{}"}}"#,
+        "x".repeat(2000)
+    );
+    let (status, body) = s.post("/v1/broker/strict/v1/chat/completions", &big, &[]);
+    assert_eq!(status, 413, "{body}");
+    assert!(s.provider.seen().is_empty());
+
+    s.provider.accept(
+        &[(PRIMARY, "stall"), (BACKUP, "ok"), (ANTHROPIC, "ok")],
+        None,
+    );
+    let (status, body) = s.chat("/v1/broker/strict/v1/chat/completions", &[]);
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("no answer within"), "{body}");
+    std::fs::write(s.provider.state.join("release"), "").unwrap();
 }

@@ -4,7 +4,8 @@
     fake_provider.py STATE_DIR CERT KEY
 
 Writes its port to STATE_DIR/port. Before each request it reads STATE_DIR/keys.json, a map of
-accepted keys to what to do with them: "ok", "429", "500" or "hold" (stream the first event,
+accepted keys to what to do with them: "ok", "429", "500", "stall" (no answer until
+STATE_DIR/release exists) or "hold" (stream the first event,
 then wait until STATE_DIR/release exists before finishing). It checks the injected key in the
 header of the API called (OpenAI: `Authorization: Bearer`, Anthropic: `x-api-key`) and answers
 401 to any other. It answers OpenAI chat completions and Anthropic messages, as JSON or as SSE
@@ -104,6 +105,11 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(429, {"error": {"message": "rate limited"}}, {"Retry-After": "1"})
         if what == "500":
             return self.reply(500, {"error": {"message": "upstream failed"}})
+        if what == "stall":
+            # Never answers (until released): the client's time-out must end the wait.
+            while not os.path.exists(os.path.join(STATE, "release")):
+                time.sleep(0.02)
+            return self.reply(200, {})
         request = json.loads(body or b"{}")
         stream = bool(request.get("stream"))
         hold = what == "hold" or bool(request.get("hold"))

@@ -235,7 +235,9 @@ mod tests {
         for _ in 0..3 {
             b.admit("agents", &budget, &caller(), T0 + 1_000).unwrap();
         }
-        let spent = b.admit("agents", &budget, &caller(), T0 + 1_000).unwrap_err();
+        let spent = b
+            .admit("agents", &budget, &caller(), T0 + 1_000)
+            .unwrap_err();
         assert_eq!(
             spent,
             Spent::Requests {
@@ -274,7 +276,11 @@ mod tests {
         // A restarted daemon starts from the day's rows.
         let restarted = Budgets::default();
         restarted.restore(&[(caller(), 2, 2, 100)], T0 + 1);
-        assert!(restarted.admit("agents", &budget, &caller(), T0 + 1).is_err());
+        assert!(
+            restarted
+                .admit("agents", &budget, &caller(), T0 + 1)
+                .is_err()
+        );
         // The next day it renews.
         restarted
             .admit("agents", &budget, &caller(), T0 + DAY)

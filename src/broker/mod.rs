@@ -300,10 +300,16 @@ mod tests {
         let b = compile("openai", &c, |_| true).unwrap();
         let r = &b.routes.routes;
         assert_eq!(r[0].upstream, "https://api.openai.com");
-        assert_eq!((r[0].header.as_str(), r[0].prefix.as_str()), ("authorization", "Bearer "));
+        assert_eq!(
+            (r[0].header.as_str(), r[0].prefix.as_str()),
+            ("authorization", "Bearer ")
+        );
         assert_eq!(r[1].secret, "openai/backup");
         assert_eq!(r[1].upstream, "https://api.openai.com");
-        assert_eq!((r[2].header.as_str(), r[2].prefix.as_str()), ("api-key", ""));
+        assert_eq!(
+            (r[2].header.as_str(), r[2].prefix.as_str()),
+            ("api-key", "")
+        );
         assert!(b.allows("POST", "/v1/chat/completions"));
         assert!(!b.allows("GET", "/v1/chat/completions"));
         assert!(!b.allows("POST", "/v1/files"));
@@ -312,19 +318,38 @@ mod tests {
 
     #[test]
     fn mistakes_name_the_key() {
-        let bad = |text: &str| compile("b", &config(text), |s| s != "missing").unwrap_err().0;
-        assert_eq!(bad(r#"preset = "bearer"
+        let bad = |text: &str| {
+            compile("b", &config(text), |s| s != "missing")
+                .unwrap_err()
+                .0
+        };
+        assert_eq!(
+            bad(r#"preset = "bearer"
                           secret = "s"
-                          upstream = "https://api.example.com""#), "paths");
-        assert_eq!(bad(r#"preset = "bearer"
-                          secret = "s""#), "upstream");
-        assert_eq!(bad(r#"preset = "openai"
-                          secret = "missing""#), "secret");
-        assert_eq!(bad(r#"preset = "openai"
+                          upstream = "https://api.example.com""#),
+            "paths"
+        );
+        assert_eq!(
+            bad(r#"preset = "bearer"
+                          secret = "s""#),
+            "upstream"
+        );
+        assert_eq!(
+            bad(r#"preset = "openai"
+                          secret = "missing""#),
+            "secret"
+        );
+        assert_eq!(
+            bad(r#"preset = "openai"
                           secret = "s"
-                          listen = "0.0.0.0:8788""#), "listen");
-        assert_eq!(bad(r#"preset = "openai"
+                          listen = "0.0.0.0:8788""#),
+            "listen"
+        );
+        assert_eq!(
+            bad(r#"preset = "openai"
                           secret = "s"
-                          upstream = "http://api.example.com""#), "upstream");
+                          upstream = "http://api.example.com""#),
+            "upstream"
+        );
     }
 }

@@ -86,11 +86,7 @@ impl Preset {
                 "POST /v1/moderations",
                 "GET /v1/models",
             ],
-            Preset::Anthropic => &[
-                "POST /v1/messages",
-                "GET /v1/models",
-                "POST /v1/complete",
-            ],
+            Preset::Anthropic => &["POST /v1/messages", "GET /v1/models", "POST /v1/complete"],
             Preset::Gemini => &[
                 "POST /v1beta/models/",
                 "GET /v1beta/models",

@@ -80,7 +80,8 @@ impl BrokerProcess {
         if let Some(why) = crate::plugin_host::replaceable_by_others(&spec.program) {
             return Err(start_error(why));
         }
-        let actual = crate::crypto::file_sha256(&spec.program).map_err(|e| start_error(e.to_string()))?;
+        let actual =
+            crate::crypto::file_sha256(&spec.program).map_err(|e| start_error(e.to_string()))?;
         if !actual.eq_ignore_ascii_case(&spec.sha256) {
             return Err(start_error(format!(
                 "its SHA-256 is {actual}, the config pins {}",
@@ -228,7 +229,10 @@ impl BrokerProcess {
 
     /// Sends a request to the broker process over an idle connection (or a new one) and
     /// returns the head of its answer; the body streams.
-    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, BrokerError> {
+    pub async fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, BrokerError> {
         let idle = {
             let mut pool = self.idle.lock().expect("pool lock");
             pool.retain(|s| !s.is_closed());

@@ -159,11 +159,15 @@ mod tests {
 
     #[test]
     fn openai_json_and_its_final_stream_chunk() {
-        let json = r#"{"id":"x","usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}}"#;
+        let json =
+            r#"{"id":"x","usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}}"#;
         for piece in [1, 7, 1000] {
             assert_eq!(
                 read("application/json", json, piece),
-                Some(Usage { input: 12, output: 30 })
+                Some(Usage {
+                    input: 12,
+                    output: 30
+                })
             );
         }
         let sse = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n\
@@ -172,7 +176,10 @@ mod tests {
         for piece in [1, 3, 4096] {
             assert_eq!(
                 read("text/event-stream; charset=utf-8", sse, piece),
-                Some(Usage { input: 5, output: 9 })
+                Some(Usage {
+                    input: 5,
+                    output: 9
+                })
             );
         }
     }
@@ -187,7 +194,10 @@ mod tests {
                    data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":40}}\n\n";
         assert_eq!(
             read("text/event-stream", sse, 5),
-            Some(Usage { input: 25, output: 40 })
+            Some(Usage {
+                input: 25,
+                output: 40
+            })
         );
     }
 
@@ -196,12 +206,18 @@ mod tests {
         let gemini = r#"{"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":2}}"#;
         assert_eq!(
             read("application/json", gemini, 4),
-            Some(Usage { input: 8, output: 2 })
+            Some(Usage {
+                input: 8,
+                output: 2
+            })
         );
         let responses = "data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":3,\"output_tokens\":4}}}\n";
         assert_eq!(
             read("text/event-stream", responses, 2),
-            Some(Usage { input: 3, output: 4 })
+            Some(Usage {
+                input: 3,
+                output: 4
+            })
         );
         assert_eq!(read("application/json", r#"{"data":[]}"#, 3), None);
         assert_eq!(read("application/json", "not json", 3), None);

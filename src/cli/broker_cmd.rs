@@ -46,12 +46,23 @@ pub(crate) async fn run(ctx: &Context, cmd: BrokerCommand) -> anyhow::Result<Exi
             bail!("name a broker")
         }
         BrokerCommand::Block { name } => {
-            admin(socket, Method::POST, &format!("/v1/admin/brokers/{name}/block"), None).await?;
+            admin(
+                socket,
+                Method::POST,
+                &format!("/v1/admin/brokers/{name}/block"),
+                None,
+            )
+            .await?;
             println!("broker {name} is blocked: every request through it gets 503");
         }
         BrokerCommand::Unblock { name } => {
-            admin(socket, Method::POST, &format!("/v1/admin/brokers/{name}/unblock"), None)
-                .await?;
+            admin(
+                socket,
+                Method::POST,
+                &format!("/v1/admin/brokers/{name}/unblock"),
+                None,
+            )
+            .await?;
             println!("broker {name} serves again");
         }
         BrokerCommand::Status { json } => {
@@ -71,12 +82,26 @@ pub(crate) async fn run(ctx: &Context, cmd: BrokerCommand) -> anyhow::Result<Exi
                     .map(Vec::as_slice)
                     .unwrap_or_default()
                     .iter()
-                    .map(|r| format!("{} (v{})", r["secret"].as_str().unwrap_or("?"), r["version"]))
+                    .map(|r| {
+                        format!(
+                            "{} (v{})",
+                            r["secret"].as_str().unwrap_or("?"),
+                            r["version"]
+                        )
+                    })
                     .collect();
-                let blocked = if b["blocked"] == true { "  BLOCKED" } else { "" };
+                let blocked = if b["blocked"] == true {
+                    "  BLOCKED"
+                } else {
+                    ""
+                };
                 println!("{name}: {}{blocked}", routes.join(" → "));
             }
-            for s in brokers["today"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            for s in brokers["today"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+            {
                 let who = match s["uid"].as_u64() {
                     Some(uid) => format!("  uid {uid} {}", s["exe"].as_str().unwrap_or("")),
                     None => String::new(),

@@ -16,6 +16,7 @@ use crate::broker_api::{BrokerApi, LoopbackListener};
 use crate::clock::Millis;
 use crate::config::Config;
 use crate::http;
+use crate::incident::signals::Signals;
 use crate::policy::Policy;
 use crate::rejections::Rejections;
 use crate::sandbox::Role;
@@ -98,16 +99,20 @@ pub(super) async fn bind(
     Ok((Some(socket), listeners))
 }
 
-/// Serves the broker API on the socket and the loopback listeners until `stop`.
+/// Serves the broker API on the socket and the loopback listeners until `stop` (nothing
+/// without `[brokers]`).
 pub(super) fn serve(
     config: &Config,
     services: &Services,
-    brokers: Arc<Brokers>,
     (socket, listeners): (Option<tokio::net::UnixListener>, Vec<LoopbackListener>),
     refused_uids: HashSet<u32>,
     rejections: Arc<Rejections>,
+    signals: Arc<Signals>,
     stop: watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
+    let Some(brokers) = services.brokers.clone() else {
+        return Vec::new();
+    };
     let agent = &config.agent;
     let max_body = brokers
         .brokers
@@ -129,6 +134,7 @@ pub(super) fn serve(
         config.policy.iter().map(Policy::compile).collect(),
         refused_uids,
         rejections,
+        signals,
         stop.clone(),
     ));
     let mut servers = Vec::new();

@@ -254,7 +254,10 @@ async fn start_servers(
     signal_listener: Option<tokio::net::TcpListener>,
     agent_listener: tokio::net::UnixListener,
     admin_listener: tokio::net::UnixListener,
-    broker_listeners: (Option<tokio::net::UnixListener>, Vec<broker_api::LoopbackListener>),
+    broker_listeners: (
+        Option<tokio::net::UnixListener>,
+        Vec<broker_api::LoopbackListener>,
+    ),
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, ServeError> {
     let agent = &config.agent;
     let limits = http::Limits {
@@ -328,7 +331,7 @@ async fn start_servers(
             max_watches_per_uid: agent.max_watches_per_uid,
         },
         runtime.shutdown_signal(),
-        Some(signals),
+        Some(signals.clone()),
     ));
     servers.push(tokio::spawn(http::serve(
         agent_listener,
@@ -336,17 +339,15 @@ async fn start_servers(
         limits.clone(),
         runtime.shutdown_signal(),
     )));
-    if let Some(b) = &services.brokers {
-        servers.extend(brokers::serve(
-            config,
-            services,
-            b.clone(),
-            broker_listeners,
-            refused_uids.clone(),
-            rejections.clone(),
-            runtime.shutdown_signal(),
-        ));
-    }
+    servers.extend(brokers::serve(
+        config,
+        services,
+        broker_listeners,
+        refused_uids.clone(),
+        rejections.clone(),
+        signals,
+        runtime.shutdown_signal(),
+    ));
     let admin_api = Arc::new(AdminApi::new(
         services.clone(),
         &agent.admin_uids,

@@ -80,6 +80,10 @@ pub struct SignalsConfig {
     pub anomaly_rate_factor: f64,
     /// ... and only above this many per minute.
     pub anomaly_min_rate: u32,
+    /// Brokered tokens per minute of one caller (policy, uid, executable) above
+    /// `anomaly_rate_factor` times its baseline, and above this floor, are an anomaly (the
+    /// "strange token consumption" of a stolen key or a hijacked agent).
+    pub anomaly_min_tokens: u64,
     /// For this long after a secret's first fetch, new callers of it are learned without an
     /// alert (a deployment starting its workers, a secret just added).
     #[serde(deserialize_with = "crate::parse::duration")]
@@ -106,6 +110,7 @@ impl Default for SignalsConfig {
             on_anomaly: Reaction::Alert,
             anomaly_rate_factor: 10.0,
             anomaly_min_rate: 60,
+            anomaly_min_tokens: 20_000,
             anomaly_learning: std::time::Duration::from_secs(3600),
             alert_command: Vec::new(),
             alert_sandbox: Default::default(),
@@ -162,12 +167,12 @@ struct LeakItem {
     source: String,
 }
 
-/// Fetches per minute of one secret, against a baseline (an exponential moving average over
-/// minutes, idle minutes counting as zero).
+/// Fetches (or brokered tokens) per minute, against a baseline (an exponential moving average
+/// over minutes, idle minutes counting as zero).
 #[derive(Debug, Default)]
 struct Rate {
     minute: i64,
-    count: u32,
+    count: u64,
     baseline: Option<f64>,
     last_alert: Millis,
 }
@@ -175,22 +180,27 @@ struct Rate {
 impl Rate {
     /// Counts a fetch at `now`; returns (this minute's count, baseline) when it is a spike:
     /// above `factor` × baseline and above `min_rate`, at most once per quiet period.
-    fn fetched(&mut self, now: Millis, factor: f64, min_rate: u32) -> Option<(u32, f64)> {
+    fn fetched(&mut self, now: Millis, factor: f64, min_rate: u64) -> Option<(u64, f64)> {
+        self.add(now, 1, factor, min_rate)
+    }
+
+    /// Counts `amount` at `now`, like [`Rate::fetched`].
+    fn add(&mut self, now: Millis, amount: u64, factor: f64, min_rate: u64) -> Option<(u64, f64)> {
         let minute = now / 60_000;
         if self.minute != minute {
             if self.count > 0 || self.baseline.is_some() {
                 let idle = (minute - self.minute - 1).clamp(0, 60) as i32;
-                let mut b = self.baseline.unwrap_or(f64::from(self.count));
-                b = 0.8 * b + 0.2 * f64::from(self.count);
+                let mut b = self.baseline.unwrap_or(self.count as f64);
+                b = 0.8 * b + 0.2 * self.count as f64;
                 b *= 0.8f64.powi(idle);
                 self.baseline = Some(b);
             }
             self.minute = minute;
             self.count = 0;
         }
-        self.count += 1;
+        self.count += amount;
         let baseline = self.baseline?;
-        let spike = f64::from(self.count) > factor * baseline.max(1.0)
+        let spike = self.count as f64 > factor * baseline.max(1.0)
             && self.count > min_rate
             && now - self.last_alert > RATE_ALERT_QUIET;
         if spike {
@@ -207,6 +217,8 @@ struct Seen {
     /// Each secret ever fetched, and when it first was.
     secrets: HashMap<String, Millis>,
     rates: HashMap<String, Rate>,
+    /// Brokered tokens per caller (policy, uid, executable).
+    tokens: HashMap<(String, u32, String), Rate>,
 }
 
 /// What an allowed fetch revealed that needs acting on (see [`Signals::note_fetch`]).
@@ -216,7 +228,7 @@ pub struct FetchNews {
     new_caller: bool,
     /// Within the secret's learning period: a new caller is recorded, not alerted on.
     learning: bool,
-    rate_alert: Option<(u32, f64)>,
+    rate_alert: Option<(u64, f64)>,
 }
 
 /// The fetch [`Signals::act_on_fetch`] acts on.
@@ -265,6 +277,8 @@ pub struct SignalsSettings {
     pub rate_factor: f64,
     /// Rate anomaly floor, fetches per minute.
     pub min_rate: u32,
+    /// Token rate anomaly floor, tokens per minute.
+    pub min_tokens: u64,
     /// How long after its first fetch a secret's new callers are learned silently.
     pub learning: std::time::Duration,
 }
@@ -279,6 +293,7 @@ impl From<&SignalsConfig> for SignalsSettings {
             on_anomaly: c.on_anomaly,
             rate_factor: c.anomaly_rate_factor,
             min_rate: c.anomaly_min_rate,
+            min_tokens: c.anomaly_min_tokens,
             learning: c.anomaly_learning,
         }
     }
@@ -409,13 +424,52 @@ impl Signals {
             Some(rate) => rate,
             None => seen.rates.entry(secret_id.to_string()).or_default(),
         };
-        let rate_alert = rate.fetched(now, self.config.rate_factor, self.config.min_rate);
+        let rate_alert = rate.fetched(now, self.config.rate_factor, self.config.min_rate.into());
         (new_caller || rate_alert.is_some()).then_some(FetchNews {
             at: now,
             new_caller,
             learning,
             rate_alert,
         })
+    }
+
+    /// Counts the tokens a brokered request of `caller` (policy, uid, executable) used; when its
+    /// rate this minute spikes far above its baseline, raises an anomaly over `secrets` (the
+    /// keys of the broker it called).
+    pub async fn note_tokens(
+        &self,
+        caller: &(String, u32, String),
+        tokens: u64,
+        secrets: &[String],
+    ) {
+        let now = self.engine.clock().now();
+        let spike = {
+            let mut seen = self.seen.lock().expect("seen lock");
+            if seen.tokens.len() > 65_536 && !seen.tokens.contains_key(caller) {
+                return;
+            }
+            seen.tokens.entry(caller.clone()).or_default().add(
+                now,
+                tokens,
+                self.config.rate_factor,
+                self.config.min_tokens,
+            )
+        };
+        let Some((count, baseline)) = spike else {
+            return;
+        };
+        let (policy, uid, exe) = caller;
+        self.react(
+            AlertKind::Anomaly,
+            self.config.on_anomaly,
+            Scope::names(secrets),
+            secrets.first().map(String::as_str),
+            format!(
+                "uid {uid} ({exe}) under policy {policy} used {count} brokered tokens this \
+                 minute; its baseline is {baseline:.0} per minute"
+            ),
+        )
+        .await;
     }
 
     /// Acts on what [`Signals::note_fetch`] found: records a new caller durably, raises an
@@ -709,6 +763,23 @@ mod tests {
         for i in 0..50 {
             assert!(quiet.fetched(minute + i, 10.0, 60).is_none());
         }
+    }
+
+    #[test]
+    fn a_token_rate_far_above_a_callers_baseline_is_a_spike() {
+        let mut rate = Rate::default();
+        let minute = 60_000;
+        // 2,000 tokens a minute for ten minutes, then 60,000 in one.
+        for m in 0..10 {
+            for i in 0..4 {
+                assert!(rate.add(m * minute + i, 500, 10.0, 20_000).is_none());
+            }
+        }
+        let spikes: Vec<_> = (0..30)
+            .filter_map(|i| rate.add(10 * minute + i, 2_000, 10.0, 20_000))
+            .collect();
+        assert_eq!(spikes.len(), 1, "{spikes:?}");
+        assert!(spikes[0].0 > 20_000, "{spikes:?}");
     }
 
     #[test]

@@ -139,6 +139,14 @@ impl Scope {
         }
     }
 
+    /// These secrets.
+    pub fn names(names: &[String]) -> Scope {
+        Scope {
+            names: names.to_vec(),
+            ..Scope::default()
+        }
+    }
+
     /// Whether a secret is in scope.
     pub fn covers(&self, name: &str, tags: &[String], provider: &str) -> bool {
         if self.names.iter().any(|n| n == name) {

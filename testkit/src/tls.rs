@@ -86,4 +86,3 @@ pub fn private_ca(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::p
         dir.join("server.key"),
     )
 }
-
