@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::bail;
 use clap::Subcommand;
 use hyper::Method;
+use serde_json::Value;
 
 use super::Context;
 use super::daemon_cmds::{admin, daemon_socket};
@@ -72,48 +73,41 @@ pub(crate) async fn run(ctx: &Context, cmd: BrokerCommand) -> anyhow::Result<Exi
                 print_json(brokers)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            let Some(list) = brokers["brokers"].as_object() else {
-                println!("no brokers are configured");
-                return Ok(ExitCode::SUCCESS);
-            };
-            for (name, b) in list {
-                let routes: Vec<String> = b["routes"]
-                    .as_array()
-                    .map(Vec::as_slice)
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|r| {
-                        format!(
-                            "{} (v{})",
-                            r["secret"].as_str().unwrap_or("?"),
-                            r["version"]
-                        )
-                    })
-                    .collect();
-                let blocked = if b["blocked"] == true {
-                    "  BLOCKED"
-                } else {
-                    ""
-                };
-                println!("{name}: {}{blocked}", routes.join(" → "));
+            if brokers.is_null() {
+                println!("no brokers are configured ([brokers.NAME] in the config)");
             }
-            for s in brokers["today"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-            {
-                let who = match s["uid"].as_u64() {
-                    Some(uid) => format!("  uid {uid} {}", s["exe"].as_str().unwrap_or("")),
-                    None => String::new(),
-                };
-                println!(
-                    "today, policy {}{who}: {} requests, {} tokens",
-                    s["policy"].as_str().unwrap_or("?"),
-                    s["requests"],
-                    s["tokens"]
-                );
-            }
+            print_brokers(brokers);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Each broker's routes with their key versions, then today's spending per policy and caller.
+pub(super) fn print_brokers(brokers: &Value) {
+    let Some(list) = brokers["brokers"].as_object() else {
+        return;
+    };
+    for (name, b) in list {
+        let routes: Vec<String> = b["routes"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|r| format!("{} (v{})", r["secret"].as_str().unwrap_or("?"), r["version"]))
+            .collect();
+        let blocked = if b["blocked"] == true { "  BLOCKED" } else { "" };
+        println!("broker {name}: {}{blocked}", routes.join(" → "));
+    }
+    for s in brokers["today"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let who = match s["uid"].as_u64() {
+            Some(uid) => format!(", uid {uid} {}", s["exe"].as_str().unwrap_or("")),
+            None => String::new(),
+        };
+        println!(
+            "brokered today, policy {}{who}: {} requests, {} tokens",
+            s["policy"].as_str().unwrap_or("?"),
+            s["requests"],
+            s["tokens"]
+        );
+    }
 }

@@ -291,6 +291,7 @@ pub(crate) async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<Ex
             p["restarts"]
         );
     }
+    super::broker_cmd::print_brokers(&report["brokers"]);
     println!(
         "audit chain: {} rows, head {}",
         report["audit"]["rows"],

@@ -1,0 +1,397 @@
+//! Broker benchmark: what going through keywarden costs an agent, against calling the same
+//! provider directly, side by side in one run.
+//!
+//! A fake provider (this program with `--provider`, hyper over TLS with a private CA) answers
+//! chat completions with a small JSON body, or streams a large SSE answer. Agents (HTTP/1.1
+//! keep-alive clients) call it directly over TLS, and through the real `keywarden serve` +
+//! `keywarden-broker` over the broker's loopback listener (attestation, policy, budget check,
+//! the key read and injected, usage metered, one audit row per request).
+//!
+//! Prints, at 1 and 32 concurrent agents: requests/s, p50 and p99 latency both ways, the
+//! added latency, and the CPU the daemon and the broker process spent per request; then a
+//! streamed answer's time to first byte and throughput both ways.
+//!
+//! Run with `cargo bench -p keywarden-broker --bench broker`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use keywarden_testkit::Env;
+use keywarden_testkit::daemon::{base_config, wait_for};
+use keywarden_testkit::proc::cpu_seconds;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+const KEY: &str = "sk-bench-0123456789abcdef0123456789abcdef";
+const MEASURE: Duration = Duration::from_secs(3);
+const ANSWER: &str = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1}}"#;
+/// A streamed answer: this many events of `CHUNK` bytes each (4 MiB in all).
+const EVENTS: usize = 4096;
+const CHUNK: usize = 1024;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--provider") {
+        provider(Path::new(&args[i + 1]));
+        return;
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = Env::new();
+    let certs = env.dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let (ca, _, _) = keywarden_testkit::tls::private_ca(&certs);
+    let _provider = Killed(
+        Command::new(std::env::current_exe().unwrap())
+            .arg("--provider")
+            .arg(&certs)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let port_file = certs.join("port");
+    let provider_port: u16 = wait_for("the provider", Duration::from_secs(20), || {
+        std::fs::read_to_string(&port_file).ok()?.trim().parse().ok()
+    });
+    let listen = free_port();
+    let config = format!(
+        r#"{base}broker_socket = "run/broker.sock"
+
+[secrets."bench/openai"]
+provider = "manual"
+
+[brokers.openai]
+preset = "openai"
+secret = "bench/openai"
+upstream = "https://127.0.0.1:{provider_port}"
+ca_file = {ca:?}
+listen = "127.0.0.1:{listen}"
+
+[[policy]]
+name = "bench"
+uids = [{uid}]
+brokers = ["openai"]
+"#,
+        base = base_config("10s").replace("default_ttl = \"5m\"\n", "default_ttl = \"5m\"\nmax_connections_per_uid = 1024\n"),
+        ca = ca.display().to_string(),
+        uid = current_uid(),
+    );
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, format!("{text}\n{config}")).unwrap();
+    env.ok(&["init"], None);
+    env.put("bench/openai", KEY);
+    let daemon = env.start_daemon();
+    let daemon_pid = daemon.pid();
+    let broker_pid = child_named(daemon_pid, "keywarden-broker").expect("the broker process");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let tls = tls_client(&ca);
+    println!("# broker: requests through keywarden vs the same provider called directly");
+    println!(
+        "| agents | direct req/s | broker req/s | direct p50 / p99 | broker p50 / p99 | added p50 / p99 | daemon + broker CPU per request |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for agents in [1, 32] {
+        let direct = runtime.block_on(load(Target::Direct(provider_port, tls.clone()), agents));
+        let cpu_before = cpu_seconds(daemon_pid) + cpu_seconds(broker_pid);
+        let brokered = runtime.block_on(load(Target::Broker(listen), agents));
+        let cpu = cpu_seconds(daemon_pid) + cpu_seconds(broker_pid) - cpu_before;
+        println!(
+            "| {agents} | {:.0} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:+.2} / {:+.2} ms | {:.0} µs |",
+            direct.rate,
+            brokered.rate,
+            direct.p50,
+            direct.p99,
+            brokered.p50,
+            brokered.p99,
+            brokered.p50 - direct.p50,
+            brokered.p99 - direct.p99,
+            cpu / brokered.count as f64 * 1e6,
+        );
+    }
+    println!();
+    println!("# a streamed answer ({EVENTS} events of {CHUNK} bytes), best of 5");
+    println!("| path | time to first byte | throughput | ratio |");
+    println!("|---|---|---|---|");
+    let direct = runtime.block_on(stream(Target::Direct(provider_port, tls.clone())));
+    let brokered = runtime.block_on(stream(Target::Broker(listen)));
+    println!(
+        "| direct | {:.2} ms | {:.0} MB/s | 1.00 |",
+        direct.0 * 1e3,
+        direct.1
+    );
+    println!(
+        "| broker | {:.2} ms | {:.0} MB/s | {:.2} |",
+        brokered.0 * 1e3,
+        brokered.1,
+        brokered.1 / direct.1
+    );
+    daemon.terminate();
+}
+
+/// A child process killed when dropped (the benchmark ended or panicked).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn current_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The child of `parent` running `name`.
+fn child_named(parent: u32, name: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"))?.trim();
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+        (ppid == parent.to_string() && exe.file_name()? == name).then_some(pid)
+    })
+}
+
+#[derive(Clone)]
+enum Target {
+    /// The provider over TLS.
+    Direct(u16, tokio_rustls::TlsConnector),
+    /// The broker's loopback listener.
+    Broker(u16),
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+impl Target {
+    async fn connect(&self) -> Sender {
+        let (sender, conn) = match self {
+            Target::Direct(port, tls) => {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", *port))
+                    .await
+                    .unwrap();
+                tcp.set_nodelay(true).unwrap();
+                let name = ServerName::try_from("127.0.0.1").unwrap();
+                let stream = tls.connect(name, tcp).await.unwrap();
+                let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .unwrap();
+                tokio::spawn(async move {
+                    let _ = c.await;
+                });
+                return s;
+            }
+            Target::Broker(port) => {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", *port))
+                    .await
+                    .unwrap();
+                tcp.set_nodelay(true).unwrap();
+                hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                    .await
+                    .unwrap()
+            }
+        };
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        sender
+    }
+
+    fn request(&self, body: &'static str) -> Request<Full<Bytes>> {
+        let path = match self {
+            Target::Direct(..) => "/v1/chat/completions",
+            Target::Broker(_) => "/openai/v1/chat/completions",
+        };
+        Request::post(path)
+            .header("host", "127.0.0.1")
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer placeholder")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    }
+}
+
+struct Load {
+    rate: f64,
+    count: usize,
+    p50: f64,
+    p99: f64,
+}
+
+/// `agents` clients sending requests back to back for [`MEASURE`] (after a short warm-up).
+async fn load(target: Target, agents: usize) -> Load {
+    let mut tasks = Vec::new();
+    let start = Instant::now() + Duration::from_millis(300);
+    let end = start + MEASURE;
+    for _ in 0..agents {
+        let target = target.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut sender = target.connect().await;
+            let mut latencies = Vec::new();
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                sender.ready().await.unwrap();
+                let answer = sender
+                    .send_request(target.request(r#"{"model":"m","messages":[]}"#))
+                    .await
+                    .unwrap();
+                assert!(answer.status().is_success(), "{}", answer.status());
+                answer.into_body().collect().await.unwrap();
+                if t >= start {
+                    latencies.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_by(f64::total_cmp);
+    let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+    Load {
+        rate: all.len() as f64 / MEASURE.as_secs_f64(),
+        count: all.len(),
+        p50: at(0.5),
+        p99: at(0.99),
+    }
+}
+
+/// The best of five streamed answers: (seconds to the first byte, MB/s over the whole body).
+async fn stream(target: Target) -> (f64, f64) {
+    let mut best = (f64::MAX, 0.0f64);
+    let mut sender = target.connect().await;
+    for _ in 0..5 {
+        sender.ready().await.unwrap();
+        let t = Instant::now();
+        let answer = sender
+            .send_request(target.request(r#"{"model":"m","messages":[],"stream":true}"#))
+            .await
+            .unwrap();
+        let mut body = answer.into_body();
+        let mut first = None;
+        let mut bytes = 0usize;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                first.get_or_insert_with(|| t.elapsed().as_secs_f64());
+                bytes += data.len();
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        best.0 = best.0.min(first.unwrap_or(secs));
+        best.1 = best.1.max(bytes as f64 / secs / 1e6);
+    }
+    best
+}
+
+fn tls_client(ca: &Path) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// The fake provider: TLS, chat completions in JSON or streamed; writes its port to
+/// `certs/port`.
+fn provider(certs: &Path) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(certs.join("server.pem"))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+        let key = PrivateKeyDer::from_pem_file(certs.join("server.key")).unwrap();
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tmp: PathBuf = certs.join("port.tmp");
+        std::fs::write(&tmp, port.to_string()).unwrap();
+        std::fs::rename(&tmp, certs.join("port")).unwrap();
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let streamed = body.windows(13).any(|w| w == b"\"stream\":true");
+                    Ok::<_, std::convert::Infallible>(if streamed {
+                        let event = Bytes::from(format!("data: {}\n\n", "x".repeat(CHUNK - 8)));
+                        let frames = futures_stream(event);
+                        Response::builder()
+                            .header("content-type", "text/event-stream")
+                            .body(http_body_util::Either::Right(frames))
+                            .unwrap()
+                    } else {
+                        Response::builder()
+                            .header("content-type", "application/json")
+                            .body(http_body_util::Either::Left(Full::new(Bytes::from_static(
+                                ANSWER.as_bytes(),
+                            ))))
+                            .unwrap()
+                    })
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
+/// [`EVENTS`] copies of `event` as a streamed body.
+fn futures_stream(
+    event: Bytes,
+) -> http_body_util::StreamBody<
+    futures_util::stream::Iter<
+        std::iter::Map<std::ops::Range<usize>, impl FnMut(usize) -> Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+    >,
+> {
+    http_body_util::StreamBody::new(futures_util::stream::iter(
+        (0..EVENTS).map(move |_| Ok(hyper::body::Frame::data(event.clone()))),
+    ))
+}
