@@ -11,7 +11,7 @@
 //! added latency, and the CPU the daemon and the broker process spent per request; then a
 //! streamed answer's time to first byte and throughput both ways.
 //!
-//! Run with `cargo bench -p keywarden-broker --bench broker`.
+//! Run with `cargo bench -p keywarden-broker --bench broker` (`BENCH_SECONDS=30` to profile).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -29,7 +29,15 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 const KEY: &str = "sk-bench-0123456789abcdef0123456789abcdef";
-const MEASURE: Duration = Duration::from_secs(3);
+/// How long each load runs (`BENCH_SECONDS`, default 3; longer to profile).
+fn measure() -> Duration {
+    Duration::from_secs(
+        std::env::var("BENCH_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3),
+    )
+}
 const ANSWER: &str = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1}}"#;
 /// A streamed answer: this many events of `CHUNK` bytes each (4 MiB in all).
 const EVENTS: usize = 4096;
@@ -245,7 +253,7 @@ struct Load {
 async fn load(target: Target, agents: usize) -> Load {
     let mut tasks = Vec::new();
     let start = Instant::now() + Duration::from_millis(300);
-    let end = start + MEASURE;
+    let end = start + measure();
     for _ in 0..agents {
         let target = target.clone();
         tasks.push(tokio::spawn(async move {
@@ -277,7 +285,7 @@ async fn load(target: Target, agents: usize) -> Load {
     all.sort_by(f64::total_cmp);
     let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
     Load {
-        rate: all.len() as f64 / MEASURE.as_secs_f64(),
+        rate: all.len() as f64 / measure().as_secs_f64(),
         count: all.len(),
         p50: at(0.5),
         p99: at(0.99),

@@ -100,6 +100,10 @@ impl UsageMeter {
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };
+        // Most events of a stream carry text, not usage: parse only those that may.
+        if !data.windows(4).any(|w| w == b"sage") {
+            return;
+        }
         if let Ok(v) = serde_json::from_slice::<Value>(data.trim_ascii()) {
             self.event(&v);
         }
