@@ -64,7 +64,11 @@ fn main() {
     );
     let port_file = certs.join("port");
     let provider_port: u16 = wait_for("the provider", Duration::from_secs(20), || {
-        std::fs::read_to_string(&port_file).ok()?.trim().parse().ok()
+        std::fs::read_to_string(&port_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     });
     let listen = free_port();
     let config = format!(
@@ -85,7 +89,10 @@ name = "bench"
 uids = [{uid}]
 brokers = ["openai"]
 "#,
-        base = base_config("10s").replace("default_ttl = \"5m\"\n", "default_ttl = \"5m\"\nmax_connections_per_uid = 1024\n"),
+        base = base_config("10s").replace(
+            "default_ttl = \"5m\"\n",
+            "default_ttl = \"5m\"\nmax_connections_per_uid = 1024\n"
+        ),
         ca = ca.display().to_string(),
         uid = current_uid(),
     );
@@ -364,25 +371,26 @@ fn provider(certs: &Path) {
                 let Ok(stream) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    let body = req.into_body().collect().await.unwrap().to_bytes();
-                    let streamed = body.windows(13).any(|w| w == b"\"stream\":true");
-                    Ok::<_, std::convert::Infallible>(if streamed {
-                        let event = Bytes::from(format!("data: {}\n\n", "x".repeat(CHUNK - 8)));
-                        let frames = futures_stream(event);
-                        Response::builder()
-                            .header("content-type", "text/event-stream")
-                            .body(http_body_util::Either::Right(frames))
-                            .unwrap()
-                    } else {
-                        Response::builder()
-                            .header("content-type", "application/json")
-                            .body(http_body_util::Either::Left(Full::new(Bytes::from_static(
-                                ANSWER.as_bytes(),
-                            ))))
-                            .unwrap()
-                    })
-                });
+                let service =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let streamed = body.windows(13).any(|w| w == b"\"stream\":true");
+                        Ok::<_, std::convert::Infallible>(if streamed {
+                            let event = Bytes::from(format!("data: {}\n\n", "x".repeat(CHUNK - 8)));
+                            let frames = futures_stream(event);
+                            Response::builder()
+                                .header("content-type", "text/event-stream")
+                                .body(http_body_util::Either::Right(frames))
+                                .unwrap()
+                        } else {
+                            Response::builder()
+                                .header("content-type", "application/json")
+                                .body(http_body_util::Either::Left(Full::new(Bytes::from_static(
+                                    ANSWER.as_bytes(),
+                                ))))
+                                .unwrap()
+                        })
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
@@ -394,11 +402,7 @@ fn provider(certs: &Path) {
 /// [`EVENTS`] copies of `event` as a streamed body.
 fn futures_stream(
     event: Bytes,
-) -> http_body_util::StreamBody<
-    futures_util::stream::Iter<
-        std::iter::Map<std::ops::Range<usize>, impl FnMut(usize) -> Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
-    >,
-> {
+) -> impl hyper::body::Body<Data = Bytes, Error = std::convert::Infallible> + Send + 'static {
     http_body_util::StreamBody::new(futures_util::stream::iter(
         (0..EVENTS).map(move |_| Ok(hyper::body::Frame::data(event.clone()))),
     ))

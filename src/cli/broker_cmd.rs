@@ -93,12 +93,26 @@ pub(super) fn print_brokers(brokers: &Value) {
             .map(Vec::as_slice)
             .unwrap_or_default()
             .iter()
-            .map(|r| format!("{} (v{})", r["secret"].as_str().unwrap_or("?"), r["version"]))
+            .map(|r| {
+                format!(
+                    "{} (v{})",
+                    r["secret"].as_str().unwrap_or("?"),
+                    r["version"]
+                )
+            })
             .collect();
-        let blocked = if b["blocked"] == true { "  BLOCKED" } else { "" };
+        let blocked = if b["blocked"] == true {
+            "  BLOCKED"
+        } else {
+            ""
+        };
         println!("broker {name}: {}{blocked}", routes.join(" → "));
     }
-    for s in brokers["today"].as_array().map(Vec::as_slice).unwrap_or_default() {
+    for s in brokers["today"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
         let who = match s["uid"].as_u64() {
             Some(uid) => format!(", uid {uid} {}", s["exe"].as_str().unwrap_or("")),
             None => String::new(),
