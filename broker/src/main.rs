@@ -55,6 +55,9 @@ fn main() -> ExitCode {
 /// What every connection shares.
 struct State {
     forwarder: RwLock<Arc<Forwarder>>,
+    /// Routes are set once, by the daemon, right after start: a later `PUT /v1/routes` (from
+    /// anything else that reached the socket) could point a route's keys elsewhere.
+    routes_set: std::sync::atomic::AtomicBool,
     /// Sent once the daemon's attach connection closed.
     detached: tokio::sync::mpsc::Sender<()>,
     attached: tokio::sync::Notify,
@@ -74,6 +77,7 @@ async fn run() -> Result<(), String> {
     let (detached, mut gone) = tokio::sync::mpsc::channel(1);
     let state = Arc::new(State {
         forwarder: RwLock::new(Arc::new(Forwarder::new(Routes::default())?)),
+        routes_set: std::sync::atomic::AtomicBool::new(false),
         detached,
         attached: tokio::sync::Notify::new(),
     });
@@ -123,6 +127,9 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
             unreachable!("pending never resolves")
         }
         (&Method::PUT, "/v1/routes") => {
+            if state.routes_set.load(std::sync::atomic::Ordering::SeqCst) {
+                return plain(StatusCode::CONFLICT, "the routes are set once, at start");
+            }
             let body = match http_body_util::Limited::new(req.into_body(), MAX_ROUTES_BYTES)
                 .collect()
                 .await
@@ -136,6 +143,12 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
             };
             match Forwarder::new(routes) {
                 Ok(f) => {
+                    if state
+                        .routes_set
+                        .swap(true, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        return plain(StatusCode::CONFLICT, "the routes are set once, at start");
+                    }
                     *state.forwarder.write().expect("routes lock") = Arc::new(f);
                     plain(StatusCode::NO_CONTENT, "")
                 }

@@ -778,7 +778,8 @@ preset = "openai"
 secret = "openai/prod"
 upstream = "{upstream}"
 ca_file = "certs/ca.pem"
-first_byte_timeout = "300ms"
+first_byte_timeout = "1s"
+idle_timeout = "2s"
 max_body_bytes = 1024
 "#;
     let policy = ADMITTED.replace(r#""anthropic"]"#, r#""anthropic", "strict"]"#);
@@ -798,5 +799,42 @@ max_body_bytes = 1024
     let (status, body) = s.chat("/v1/broker/strict/v1/chat/completions", &[]);
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("no answer within"), "{body}");
+
+    // A stream that goes silent after its first event is cut after idle_timeout, and its audit
+    // row says the answer was not delivered whole.
+    s.provider.accept(
+        &[(PRIMARY, "hold"), (BACKUP, "ok"), (ANTHROPIC, "ok")],
+        None,
+    );
+    let (_, body) = s.post(
+        "/v1/broker/strict/v1/chat/completions",
+        r#"{"model":"m","messages":[],"stream":true}"#,
+        &[],
+    );
+    assert!(
+        body.contains("hello ") && !body.contains("[DONE]"),
+        "{body}"
+    );
+    let row = wait_for(
+        "the cut stream's audit row",
+        Duration::from_secs(10),
+        || {
+            s.audit("broker.request")
+                .into_iter()
+                .map(|r| detail(&r))
+                .find(|d| d["complete"] == false)
+        },
+    );
+    assert_eq!(row["broker"], "strict");
+
+    // A redirect is passed to the agent, never followed with the key.
+    s.provider.accept(
+        &[(PRIMARY, "redirect"), (BACKUP, "ok"), (ANTHROPIC, "ok")],
+        None,
+    );
+    let before = s.provider.seen().len();
+    let (status, _) = s.chat("/v1/broker/strict/v1/chat/completions", &[]);
+    assert_eq!(status, 307);
+    assert_eq!(s.provider.seen().len(), before + 1);
     std::fs::write(s.provider.state.join("release"), "").unwrap();
 }

@@ -4,7 +4,7 @@
     fake_provider.py STATE_DIR CERT KEY
 
 Writes its port to STATE_DIR/port. Before each request it reads STATE_DIR/keys.json, a map of
-accepted keys to what to do with them: "ok", "429", "500", "stall" (no answer until
+accepted keys to what to do with them: "ok", "429", "500", "redirect" (307 elsewhere), "stall" (no answer until
 STATE_DIR/release exists) or "hold" (stream the first event,
 then wait until STATE_DIR/release exists before finishing). It checks the injected key in the
 header of the API called (OpenAI: `Authorization: Bearer`, Anthropic: `x-api-key`) and answers
@@ -105,6 +105,12 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(429, {"error": {"message": "rate limited"}}, {"Retry-After": "1"})
         if what == "500":
             return self.reply(500, {"error": {"message": "upstream failed"}})
+        if what == "redirect":
+            self.send_response(307)
+            self.send_header("Location", "https://attacker.example/v1/chat/completions")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if what == "stall":
             # Never answers (until released): the client's time-out must end the wait.
             while not os.path.exists(os.path.join(STATE, "release")):

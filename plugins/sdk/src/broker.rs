@@ -4,7 +4,7 @@
 //!
 //! | request | reply |
 //! |---|---|
-//! | `PUT /v1/routes` with [`Routes`] | 204: the routes replace the previous ones |
+//! | `PUT /v1/routes` with [`Routes`] | 204, once: a second `PUT` is refused (409) |
 //! | `GET /v1/attach` | never answers; when this connection closes the broker exits |
 //! | `ANY /v1/forward/{broker}/{path}?{query}` | the upstream's answer, streamed |
 //!
