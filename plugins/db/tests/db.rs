@@ -1,0 +1,533 @@
+//! The database plugin through the real daemon against the real servers on this machine:
+//! a PostgreSQL cluster the test starts with `scram-sha-256` (so a wrong password is really
+//! refused), MariaDB (`KEYWARDEN_TEST_MYSQL_URL`) and Redis (`KEYWARDEN_TEST_REDIS_URL`).
+//! Every login is checked with the command-line clients (`psql`, `mariadb`, `redis-cli`), and
+//! each server is first shown to refuse a wrong password.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keywarden_testkit::daemon::{base_config, sha256_of, wait_for, wait_for_explained};
+use keywarden_testkit::{Env, curl};
+use serde_json::{Value, json};
+
+// ---- servers ---------------------------------------------------------------------------------
+
+/// A PostgreSQL cluster of the test's own, password-checked (`scram-sha-256`), on a free port.
+struct Postgres {
+    dir: tempfile::TempDir,
+    port: u16,
+    admin_password: String,
+}
+
+impl Postgres {
+    /// Starts one, or `None` (with a note) where it cannot run here: no server binaries, or
+    /// not root (the cluster runs as the `postgres` user). Under CI its absence fails.
+    fn start() -> Option<Postgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(Result::ok)
+            .map(|e| e.path().join("bin"));
+        let root = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+        let Some(bin) = bin.filter(|b| b.join("initdb").exists() && root) else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "PostgreSQL's server binaries (and root, to run them as postgres) are needed"
+            );
+            eprintln!("skipping: no PostgreSQL server binaries, or not root");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let as_postgres = |program: &Path, args: &[&str]| {
+            let status = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(program)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success(), "{} {args:?}", program.display());
+        };
+        Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        let admin_password = "admin pw 'with' quotes\\".to_string();
+        let pwfile = dir.path().join("pw");
+        std::fs::write(&pwfile, &admin_password).unwrap();
+        Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&pwfile)
+            .status()
+            .unwrap();
+        let data = dir.path().join("data");
+        as_postgres(
+            &bin.join("initdb"),
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "-A",
+                "scram-sha-256",
+                "--pwfile",
+                pwfile.to_str().unwrap(),
+            ],
+        );
+        let port = free_port();
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1",
+            dir.path().display()
+        );
+        as_postgres(
+            &bin.join("pg_ctl"),
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-o",
+                &options,
+                "-w",
+                "-l",
+                dir.path().join("log").to_str().unwrap(),
+                "start",
+            ],
+        );
+        Some(Postgres {
+            dir,
+            port,
+            admin_password,
+        })
+    }
+
+    fn admin_url(&self) -> String {
+        let password: String = self
+            .admin_password
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        format!("postgres://postgres:{password}@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// `psql` as `user` with `password` running `sql`; its output, or `Err` with stderr.
+    fn psql(&self, user: &str, password: &str, sql: &str) -> Result<String, String> {
+        let out = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-d", "postgres"])
+            .args(["-U", user, "-XAtqc", sql])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "5")
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn admin(&self, sql: &str) -> String {
+        self.psql("postgres", &self.admin_password, sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--", "sh", "-c"])
+            .arg(format!(
+                "$(dirname $(ls -d /usr/lib/postgresql/*/bin/pg_ctl | head -n1))/pg_ctl -D {} -m immediate stop",
+                data.display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A service URL from the environment, or `None` (with a note) outside CI.
+fn service(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) => Some(url),
+        Err(_) => {
+            assert!(std::env::var_os("CI").is_none(), "{var} is not set (.ci/run sets it)");
+            eprintln!("skipping: {var} is not set");
+            None
+        }
+    }
+}
+
+// ---- keywarden -------------------------------------------------------------------------------
+
+fn plugin_config() -> String {
+    let bin = Path::new(env!("CARGO_BIN_EXE_keywarden-plugin-db"));
+    format!(
+        "[plugins.db]\ncommand = [{:?}]\nsha256 = \"{}\"\n",
+        bin.display().to_string(),
+        sha256_of(bin)
+    )
+}
+
+/// A store with the plugin pinned, the admin URL stored as `admin`, and `secrets` declared;
+/// `curl` (this uid) may fetch every secret over the agent socket.
+fn env_with(admin_url: &str, secrets: &str) -> Env {
+    let env = Env::new();
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        format!(
+            "{base}\n{}\n{}\n{secrets}\n\n[[policy]]\nname = \"tests\"\nuids = [0]\nsame_user = true\nsecrets = [\"**\"]\n",
+            base_config("20s"),
+            plugin_config(),
+        ),
+    )
+    .unwrap();
+    env.ok(&["init"], None);
+    env.ok(&["put", "admin"], Some(admin_url.as_bytes()));
+    env
+}
+
+/// `rotate NAME --json` through the daemon, then waits until the rotation is done; returns
+/// the new version.
+fn rotate(env: &Env, name: &str) -> i64 {
+    let out = env.run(&["rotate", name, "--json"], None);
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "rotate {name}: {result} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let version = result["to_version"].as_i64().unwrap();
+    wait_done(env, name, version);
+    version
+}
+
+fn wait_done(env: &Env, name: &str, version: i64) {
+    wait_for_explained(
+        &format!("{name} v{version} done"),
+        Duration::from_secs(30),
+        || {
+            let e = env.entry(name);
+            (e["version"] == version && (e["rotation_state"].is_null() || e["rotation_state"] == "done"))
+                .then_some(())
+        },
+        || env.entry(name).to_string(),
+    );
+}
+
+/// The current value and `meta.username` of a secret, read with `get --admin` through the
+/// daemon.
+fn current(env: &Env, name: &str) -> (String, String) {
+    let out = env.ok(&["get", name, "--json", "--admin"], None);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    (
+        v["value"].as_str().unwrap().to_string(),
+        v["meta"]["username"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+// ---- PostgreSQL ------------------------------------------------------------------------------
+
+#[test]
+fn postgres_single_the_new_password_logs_in_and_the_old_is_refused() {
+    let Some(pg) = Postgres::start() else { return };
+    assert!(
+        pg.psql("postgres", "not the password", "SELECT 1").is_err(),
+        "this cluster must refuse a wrong password"
+    );
+    pg.admin("CREATE ROLE app LOGIN PASSWORD 'initial-password'");
+    let env = env_with(
+        &pg.admin_url(),
+        r#"[secrets."pg/app"]
+provider = "postgres-password"
+credentials = { admin = "admin" }
+settings = { username = "app" }
+grace = "0s"
+"#,
+    );
+    let daemon = env.start_daemon();
+    wait_done(&env, "pg/app", 1);
+    let (v1, user) = current(&env, "pg/app");
+    assert_eq!(user, "app");
+    assert_eq!(pg.psql("app", &v1, "SELECT current_user").unwrap(), "app");
+    assert!(pg.psql("app", "initial-password", "SELECT 1").is_err());
+    rotate(&env, "pg/app");
+    let (v2, _) = current(&env, "pg/app");
+    assert_ne!(v1, v2);
+    assert_eq!(pg.psql("app", &v2, "SELECT 1").unwrap(), "1");
+    let refused = pg.psql("app", &v1, "SELECT 1").unwrap_err();
+    assert!(refused.contains("password authentication failed"), "{refused}");
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(!log.contains(&v1) && !log.contains(&v2));
+}
+
+#[test]
+fn postgres_alternating_takes_turns_and_the_user_not_in_use_cannot_log_in() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.admin("CREATE ROLE app_a LOGIN PASSWORD 'initial-password'");
+    pg.admin("CREATE TABLE notes (body text); GRANT SELECT ON notes TO app_a");
+    let env = env_with(
+        &pg.admin_url(),
+        r#"[secrets."pg/app"]
+provider = "postgres-password"
+credentials = { admin = "admin" }
+settings = { strategy = "alternating", usernames = ["app_a", "app_b"] }
+grace = "0s"
+"#,
+    );
+    let _daemon = env.start_daemon();
+    wait_done(&env, "pg/app", 1);
+    // The first rotation creates app_b with app_a's rights.
+    let (v1, user1) = current(&env, "pg/app");
+    assert_eq!(user1, "app_b");
+    assert_eq!(pg.psql("app_b", &v1, "SELECT count(*) FROM notes").unwrap(), "0");
+    rotate(&env, "pg/app");
+    let (v2, user2) = current(&env, "pg/app");
+    assert_eq!(user2, "app_a");
+    assert_eq!(pg.psql("app_a", &v2, "SELECT count(*) FROM notes").unwrap(), "0");
+    // After the revoke, the user not in use has no password.
+    assert!(pg.psql("app_b", &v1, "SELECT 1").is_err());
+    rotate(&env, "pg/app");
+    let (v3, user3) = current(&env, "pg/app");
+    assert_eq!(user3, "app_b");
+    assert_eq!(pg.psql("app_b", &v3, "SELECT 1").unwrap(), "1");
+    assert!(pg.psql("app_a", &v2, "SELECT 1").is_err());
+}
+
+#[test]
+fn postgres_lease_users_appear_on_fetch_and_vanish_with_their_sessions_at_lease_end() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.admin("CREATE ROLE readers NOLOGIN");
+    let env = env_with(
+        &pg.admin_url(),
+        r#"[secrets."pg/lease"]
+provider = "postgres-lease"
+credentials = { admin = "admin" }
+settings = { group_role = "readers" }
+"#,
+    );
+    let _daemon = env.start_daemon();
+    let (status, body) = curl(&env.agent_socket(), "GET", "/v1/secrets/pg/lease?ttl=3", &[]);
+    assert_eq!(status, 200, "{body}");
+    let lease: Value = serde_json::from_str(&body).unwrap();
+    let user = lease["meta"]["username"].as_str().unwrap().to_string();
+    let password = lease["value"].as_str().unwrap().to_string();
+    assert!(user.starts_with("kw_"), "{user}");
+    assert_eq!(
+        pg.psql(&user, &password, "SELECT pg_has_role('readers', 'member')").unwrap(),
+        "t"
+    );
+    // A session open when the lease ends is ended with it.
+    let mut session = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-d", "postgres"])
+        .args(["-U", &user, "-XAtqc", "SELECT pg_sleep(120)"])
+        .env("PGPASSWORD", &password)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the session", Duration::from_secs(10), || {
+        (pg.admin(&format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}'"))
+            == "1")
+            .then_some(())
+    });
+    wait_for("the lease user to be dropped", Duration::from_secs(30), || {
+        (pg.admin(&format!("SELECT count(*) FROM pg_roles WHERE rolname = '{user}'")) == "0")
+            .then_some(())
+    });
+    let ended = wait_for("the session to end", Duration::from_secs(10), || {
+        session.try_wait().unwrap()
+    });
+    assert!(!ended.success());
+    assert!(pg.psql(&user, &password, "SELECT 1").is_err());
+}
+
+/// The plugin speaking protocol v1 on its stdin/stdout, without the daemon: for requests the
+/// daemon would never build (hostile names and passwords).
+struct Plugin {
+    child: Child,
+    lines: BufReader<std::process::ChildStdout>,
+    next: u64,
+}
+
+impl Plugin {
+    fn start() -> Plugin {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keywarden-plugin-db"))
+            .arg("--keywarden-plugin=1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap());
+        let mut hello = String::new();
+        lines.read_line(&mut hello).unwrap();
+        assert!(hello.contains("postgres-password"), "{hello}");
+        Plugin {
+            child,
+            lines,
+            next: 1,
+        }
+    }
+
+    fn call(&mut self, mut request: Value) -> Value {
+        request["id"] = json!(self.next);
+        self.next += 1;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{request}").unwrap();
+        let mut line = String::new();
+        self.lines.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const HOSTILE_NAME: &str = "ro'le \"x\"; DROP TABLE t; -- \\ 100% é";
+const HOSTILE_PASSWORD: &str = "p'a\"s s;w\\o%r--d é ' OR '1'='1";
+
+#[test]
+fn postgres_names_and_passwords_with_quotes_and_semicolons_stay_data() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.admin("CREATE TABLE t (x int)");
+    // The role is created by the admin with psql's own quoting.
+    let quoted_name = format!("\"{}\"", HOSTILE_NAME.replace('"', "\"\""));
+    pg.admin(&format!("CREATE ROLE {quoted_name} LOGIN"));
+    let mut plugin = Plugin::start();
+    let admin = json!({ "admin": { "value": pg.admin_url(), "meta": {} } });
+    let created = plugin.call(json!({
+        "op": "create", "kind": "postgres-password", "secret": "pg/hostile",
+        "rotation_id": "r1", "settings": { "username": HOSTILE_NAME },
+        "credentials": admin, "proposed": HOSTILE_PASSWORD,
+    }));
+    assert!(created["ok"].is_object(), "{created}");
+    assert_eq!(pg.psql(HOSTILE_NAME, HOSTILE_PASSWORD, "SELECT current_user").unwrap(), HOSTILE_NAME);
+    let verified = plugin.call(json!({
+        "op": "verify", "kind": "postgres-password", "secret": "pg/hostile",
+        "settings": { "username": HOSTILE_NAME }, "credentials": admin,
+        "candidate": { "value": HOSTILE_PASSWORD, "meta": { "username": HOSTILE_NAME } },
+    }));
+    assert!(verified["ok"].is_object(), "{verified}");
+    assert_eq!(pg.admin("SELECT count(*) FROM t"), "0", "the table survived");
+}
+
+// ---- MariaDB ---------------------------------------------------------------------------------
+
+fn mariadb(user: &str, password: &str, sql: &str) -> Result<String, String> {
+    let url = std::env::var("KEYWARDEN_TEST_MYSQL_URL").unwrap();
+    let port = url.rsplit(':').next().and_then(|p| p.split('/').next()).unwrap_or("3306");
+    let out = Command::new("mariadb")
+        .args(["-h", "127.0.0.1", "-P", port, "-u", user, "-N", "-B", "-e", sql])
+        .env("MYSQL_PWD", password)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn mariadb_single_the_new_password_logs_in_and_the_old_is_refused() {
+    let Some(url) = service("KEYWARDEN_TEST_MYSQL_URL") else { return };
+    let user = format!("kwtest_{}", std::process::id());
+    mariadb("root", "", &format!("DROP USER IF EXISTS '{user}'@'%'; CREATE USER '{user}'@'%' IDENTIFIED BY 'initial-password'")).unwrap();
+    assert!(mariadb(&user, "not the password", "SELECT 1").is_err(), "MariaDB must refuse a wrong password");
+    let env = env_with(
+        &url,
+        &format!(
+            r#"[secrets."my/app"]
+provider = "mysql-password"
+credentials = {{ admin = "admin" }}
+settings = {{ username = "{user}" }}
+grace = "0s"
+"#
+        ),
+    );
+    let _daemon = env.start_daemon();
+    wait_done(&env, "my/app", 1);
+    let (v1, _) = current(&env, "my/app");
+    assert_eq!(mariadb(&user, &v1, "SELECT CURRENT_USER()").unwrap(), format!("{user}@%"));
+    rotate(&env, "my/app");
+    let (v2, _) = current(&env, "my/app");
+    assert_eq!(mariadb(&user, &v2, "SELECT 1").unwrap(), "1");
+    assert!(mariadb(&user, &v1, "SELECT 1").is_err());
+    mariadb("root", "", &format!("DROP USER '{user}'@'%'")).unwrap();
+}
+
+// ---- Redis -----------------------------------------------------------------------------------
+
+fn redis_cli(user: &str, password: &str, args: &[&str]) -> String {
+    let url = std::env::var("KEYWARDEN_TEST_REDIS_URL").unwrap();
+    let out = Command::new("redis-cli")
+        .args(["-u", &url, "--user", user, "--pass", password, "--no-auth-warning"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn redis_single_keeps_both_passwords_until_revoke_then_refuses_the_old() {
+    let Some(url) = service("KEYWARDEN_TEST_REDIS_URL") else { return };
+    let user = format!("kwtest_{}", std::process::id());
+    let admin = |args: &[&str]| {
+        Command::new("redis-cli")
+            .args(["-u", &url])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    admin(&["ACL", "SETUSER", &user, "reset", "on", ">initial-password", "~*", "+@all"]);
+    assert!(redis_cli(&user, "not the password", &["PING"]).contains("WRONGPASS"));
+    let env = env_with(
+        &url,
+        &format!(
+            r#"[secrets."redis/app"]
+provider = "redis-acl"
+credentials = {{ admin = "admin" }}
+settings = {{ username = "{user}" }}
+grace = "0s"
+"#
+        ),
+    );
+    let _daemon = env.start_daemon();
+    wait_done(&env, "redis/app", 1);
+    let (v1, _) = current(&env, "redis/app");
+    assert_eq!(redis_cli(&user, &v1, &["PING"]), "PONG");
+    // The first version replaced the password the user had before keywarden.
+    assert!(redis_cli(&user, "initial-password", &["PING"]).contains("WRONGPASS"));
+    rotate(&env, "redis/app");
+    let (v2, _) = current(&env, "redis/app");
+    assert_eq!(redis_cli(&user, &v2, &["PING"]), "PONG");
+    assert!(redis_cli(&user, &v1, &["PING"]).contains("WRONGPASS"));
+    admin(&["ACL", "DELUSER", &user]);
+}
