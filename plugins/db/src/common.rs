@@ -214,7 +214,10 @@ mod tests {
             current: current_user.map(|u| Credential {
                 version: Some(1),
                 value: Secret::new("x"),
-                meta: serde_json::json!({ "username": u }).as_object().unwrap().clone(),
+                meta: serde_json::json!({ "username": u })
+                    .as_object()
+                    .unwrap()
+                    .clone(),
             }),
             ..Request::default()
         }
@@ -222,10 +225,22 @@ mod tests {
 
     #[test]
     fn alternating_changes_the_user_not_in_use() {
-        let settings = serde_json::json!({ "strategy": "alternating", "usernames": ["app_a", "app_b"] });
-        assert_eq!(rotating(&request(settings.clone(), None)).unwrap().user, "app_b");
-        assert_eq!(rotating(&request(settings.clone(), Some("app_b"))).unwrap().user, "app_a");
-        assert_eq!(rotating(&request(settings, Some("app_a"))).unwrap().user, "app_b");
+        let settings =
+            serde_json::json!({ "strategy": "alternating", "usernames": ["app_a", "app_b"] });
+        assert_eq!(
+            rotating(&request(settings.clone(), None)).unwrap().user,
+            "app_b"
+        );
+        assert_eq!(
+            rotating(&request(settings.clone(), Some("app_b")))
+                .unwrap()
+                .user,
+            "app_a"
+        );
+        assert_eq!(
+            rotating(&request(settings, Some("app_a"))).unwrap().user,
+            "app_b"
+        );
         let single = serde_json::json!({ "username": "app" });
         assert_eq!(rotating(&request(single, Some("app"))).unwrap().user, "app");
         let bad = serde_json::json!({ "strategy": "alternating", "usernames": ["only"] });

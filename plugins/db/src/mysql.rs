@@ -19,7 +19,8 @@ pub async fn handle(request: &Request, op: Op) -> Result<OkReply, ErrReply> {
     match op {
         Op::Create => create(request).await,
         Op::Verify => {
-            let (candidate, user) = common::credential_user(request.candidate.as_ref(), "candidate")?;
+            let (candidate, user) =
+                common::credential_user(request.candidate.as_ref(), "candidate")?;
             login(request, user, &candidate.value).await?;
             Ok(OkReply::default())
         }
@@ -75,12 +76,24 @@ async fn quote(conn: &mut MySqlConnection, value: &str) -> Result<String, ErrRep
 }
 
 /// `'name'@'host'`, quoted by the server.
-async fn account(conn: &mut MySqlConnection, request: &Request, user: &str) -> Result<String, ErrReply> {
+async fn account(
+    conn: &mut MySqlConnection,
+    request: &Request,
+    user: &str,
+) -> Result<String, ErrReply> {
     let host = common::setting(request, "host").unwrap_or("%");
-    Ok(format!("{}@{}", quote(conn, user).await?, quote(conn, host).await?))
+    Ok(format!(
+        "{}@{}",
+        quote(conn, user).await?,
+        quote(conn, host).await?
+    ))
 }
 
-async fn exists(conn: &mut MySqlConnection, request: &Request, user: &str) -> Result<bool, ErrReply> {
+async fn exists(
+    conn: &mut MySqlConnection,
+    request: &Request,
+    user: &str,
+) -> Result<bool, ErrReply> {
     let host = common::setting(request, "host").unwrap_or("%");
     let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mysql.user WHERE User = ? AND Host = ?")
         .bind(user)
@@ -113,14 +126,19 @@ async fn create(request: &Request) -> Result<OkReply, ErrReply> {
             let grants: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SHOW GRANTS FOR {model_account}"
             )))
-                .fetch_all(&mut conn)
-                .await
-                .map_err(|e| error("reading the first user's grants", e))?
-                .iter()
-                .map(|r| r.try_get::<String, _>(0))
-                .collect::<Result<_, _>>()
-                .map_err(|e| error("reading the first user's grants", e))?;
-            run(&mut conn, &format!("CREATE USER {who} IDENTIFIED BY {secret}"), "CREATE USER").await?;
+            .fetch_all(&mut conn)
+            .await
+            .map_err(|e| error("reading the first user's grants", e))?
+            .iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<Result<_, _>>()
+            .map_err(|e| error("reading the first user's grants", e))?;
+            run(
+                &mut conn,
+                &format!("CREATE USER {who} IDENTIFIED BY {secret}"),
+                "CREATE USER",
+            )
+            .await?;
             for grant in grants {
                 // `GRANT … TO 'a'@'%' [IDENTIFIED BY PASSWORD '…']`: the same grant, to the
                 // new user, without the first one's password hash.
@@ -135,7 +153,12 @@ async fn create(request: &Request) -> Result<OkReply, ErrReply> {
                 } else {
                     ""
                 };
-                run(&mut conn, &format!("{privileges} TO {who}{with_grant}"), "GRANT").await?;
+                run(
+                    &mut conn,
+                    &format!("{privileges} TO {who}{with_grant}"),
+                    "GRANT",
+                )
+                .await?;
             }
         }
         _ => {
@@ -145,7 +168,11 @@ async fn create(request: &Request) -> Result<OkReply, ErrReply> {
                 )));
             }
             // An alternating user locked at its last revoke is unlocked for its turn.
-            let unlock = if target.other.is_some() { " ACCOUNT UNLOCK" } else { "" };
+            let unlock = if target.other.is_some() {
+                " ACCOUNT UNLOCK"
+            } else {
+                ""
+            };
             run(
                 &mut conn,
                 &format!("ALTER USER {who} IDENTIFIED BY {secret}{unlock}"),
@@ -167,22 +194,38 @@ async fn revoke(request: &Request) -> Result<OkReply, ErrReply> {
     let mut conn = connect_admin(request).await?;
     if common::is_lease_user(target) {
         drop_user(&mut conn, request, user).await?;
-    } else if common::strategy(request)? == Strategy::Alternating && exists(&mut conn, request, user).await? {
+    } else if common::strategy(request)? == Strategy::Alternating
+        && exists(&mut conn, request, user).await?
+    {
         // The user not in use keeps its grants but cannot log in until its next turn.
         let who = account(&mut conn, request, user).await?;
-        run(&mut conn, &format!("ALTER USER {who} ACCOUNT LOCK"), "ALTER USER").await?;
+        run(
+            &mut conn,
+            &format!("ALTER USER {who} ACCOUNT LOCK"),
+            "ALTER USER",
+        )
+        .await?;
     }
     let _ = conn.close().await;
     Ok(OkReply::default())
 }
 
 /// Kills a lease user's connections and drops it.
-async fn drop_user(conn: &mut MySqlConnection, request: &Request, user: &str) -> Result<(), ErrReply> {
+async fn drop_user(
+    conn: &mut MySqlConnection,
+    request: &Request,
+    user: &str,
+) -> Result<(), ErrReply> {
     if !exists(conn, request, user).await? {
         return Ok(());
     }
     let who = account(conn, request, user).await?;
-    run(conn, &format!("ALTER USER {who} ACCOUNT LOCK"), "ALTER USER").await?;
+    run(
+        conn,
+        &format!("ALTER USER {who} ACCOUNT LOCK"),
+        "ALTER USER",
+    )
+    .await?;
     let ids: Vec<i64> = sqlx::query_scalar(
         "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST WHERE USER = ?",
     )
@@ -212,9 +255,19 @@ async fn issue(request: &Request) -> Result<OkReply, ErrReply> {
     let who = account(&mut conn, request, &user).await?;
     let secret = quote(&mut conn, password.expose()).await?;
     if exists(&mut conn, request, &user).await? {
-        run(&mut conn, &format!("ALTER USER {who} IDENTIFIED BY {secret} ACCOUNT UNLOCK"), "ALTER USER").await?;
+        run(
+            &mut conn,
+            &format!("ALTER USER {who} IDENTIFIED BY {secret} ACCOUNT UNLOCK"),
+            "ALTER USER",
+        )
+        .await?;
     } else {
-        run(&mut conn, &format!("CREATE USER {who} IDENTIFIED BY {secret}"), "CREATE USER").await?;
+        run(
+            &mut conn,
+            &format!("CREATE USER {who} IDENTIFIED BY {secret}"),
+            "CREATE USER",
+        )
+        .await?;
     }
     for grant in &grants {
         // Grants come from the operator's config, not from a request's caller.

@@ -18,7 +18,8 @@ pub async fn handle(request: &Request, op: Op) -> Result<OkReply, ErrReply> {
     match op {
         Op::Create => create(request).await,
         Op::Verify => {
-            let (candidate, user) = common::credential_user(request.candidate.as_ref(), "candidate")?;
+            let (candidate, user) =
+                common::credential_user(request.candidate.as_ref(), "candidate")?;
             login(request, user, &candidate.value).await?;
             Ok(OkReply::default())
         }
@@ -77,7 +78,17 @@ async fn run(conn: &mut PgConnection, template: &str, args: &[&str]) -> Result<(
     // Built by the server's own quoting from the template and the arguments, above.
     conn.execute(sqlx::AssertSqlSafe(statement))
         .await
-        .map_err(|e| error(template.split(' ').take(2).collect::<Vec<_>>().join(" ").as_str(), e))?;
+        .map_err(|e| {
+            error(
+                template
+                    .split(' ')
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .as_str(),
+                e,
+            )
+        })?;
     Ok(())
 }
 
@@ -132,7 +143,9 @@ async fn revoke(request: &Request) -> Result<OkReply, ErrReply> {
     let mut conn = connect_admin(request).await?;
     if common::is_lease_user(target) {
         drop_role(&mut conn, user).await?;
-    } else if common::strategy(request)? == Strategy::Alternating && role_exists(&mut conn, user).await? {
+    } else if common::strategy(request)? == Strategy::Alternating
+        && role_exists(&mut conn, user).await?
+    {
         // The user not in use keeps its rights for the next turn but no password.
         run(&mut conn, "ALTER ROLE %I WITH PASSWORD NULL", &[user]).await?;
     }

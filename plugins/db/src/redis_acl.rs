@@ -19,9 +19,12 @@ pub async fn handle(request: &Request, op: Op) -> Result<OkReply, ErrReply> {
     match op {
         Op::Create => create(request).await,
         Op::Verify => {
-            let (candidate, user) = common::credential_user(request.candidate.as_ref(), "candidate")?;
+            let (candidate, user) =
+                common::credential_user(request.candidate.as_ref(), "candidate")?;
             if !logs_in(request, user, &candidate.value).await? {
-                return Err(ErrReply::fatal(format!("{user} cannot log in with the new password")));
+                return Err(ErrReply::fatal(format!(
+                    "{user} cannot log in with the new password"
+                )));
             }
             Ok(OkReply::default())
         }
@@ -76,14 +79,21 @@ async fn logs_in(request: &Request, user: &str, password: &Secret) -> Result<boo
                 .map_err(|e| error(&format!("PING as {user}"), e))?;
             Ok(pong == "PONG")
         }
-        Err(e) if e.kind() == redis::ErrorKind::AuthenticationFailed || e.code() == Some("WRONGPASS") => {
+        Err(e)
+            if e.kind() == redis::ErrorKind::AuthenticationFailed
+                || e.code() == Some("WRONGPASS") =>
+        {
             Ok(false)
         }
         Err(e) => Err(error(&format!("logging in as {user}"), e)),
     }
 }
 
-async fn acl_setuser(conn: &mut MultiplexedConnection, user: &str, rules: &[String]) -> Result<(), ErrReply> {
+async fn acl_setuser(
+    conn: &mut MultiplexedConnection,
+    user: &str,
+    rules: &[String],
+) -> Result<(), ErrReply> {
     redis::cmd("ACL")
         .arg("SETUSER")
         .arg(user)
@@ -99,7 +109,10 @@ async fn persist(conn: &mut MultiplexedConnection) -> bool {
     if saved.is_ok() {
         return true;
     }
-    let rewritten = redis::cmd("CONFIG").arg("REWRITE").query_async::<()>(conn).await;
+    let rewritten = redis::cmd("CONFIG")
+        .arg("REWRITE")
+        .query_async::<()>(conn)
+        .await;
     if rewritten.is_ok() {
         return true;
     }
@@ -142,7 +155,9 @@ async fn create(request: &Request) -> Result<OkReply, ErrReply> {
             rules.extend(
                 line.split(' ')
                     .skip(2)
-                    .filter(|r| !r.starts_with('#') && !r.starts_with('>') && *r != "on" && *r != "off")
+                    .filter(|r| {
+                        !r.starts_with('#') && !r.starts_with('>') && *r != "on" && *r != "off"
+                    })
                     .map(str::to_string),
             );
         }
@@ -190,7 +205,9 @@ async fn revoke(request: &Request) -> Result<OkReply, ErrReply> {
         match acl_setuser(&mut conn, user, &rules).await {
             Ok(()) => {}
             // Removing a password the user no longer has: already revoked.
-            Err(e) if e.message.contains("no such password") || e.message.contains("doesn't exist") => {}
+            Err(e)
+                if e.message.contains("no such password")
+                    || e.message.contains("doesn't exist") => {}
             Err(e) => return Err(e),
         }
     }
@@ -214,7 +231,11 @@ async fn issue(request: &Request) -> Result<OkReply, ErrReply> {
     let user = common::lease_user(request)?;
     let password = common::random_password();
     let mut conn = connect_admin(request).await?;
-    let mut rules = vec!["reset".to_string(), "on".into(), format!(">{}", password.expose())];
+    let mut rules = vec![
+        "reset".to_string(),
+        "on".into(),
+        format!(">{}", password.expose()),
+    ];
     rules.extend(extra);
     acl_setuser(&mut conn, &user, &rules).await?;
     let persisted = persist(&mut conn).await;
@@ -230,7 +251,10 @@ async fn issue(request: &Request) -> Result<OkReply, ErrReply> {
 fn error(what: &str, e: redis::RedisError) -> ErrReply {
     let message = format!(
         "{what}: {}",
-        e.detail().map_or_else(|| format!("{:?}", e.kind()), |d| format!("{:?}: {d}", e.kind()))
+        e.detail().map_or_else(
+            || format!("{:?}", e.kind()),
+            |d| format!("{:?}: {d}", e.kind())
+        )
     );
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
         ErrReply::retryable(message)

@@ -119,13 +119,23 @@ impl Postgres {
                 }
             })
             .collect();
-        format!("postgres://postgres:{password}@127.0.0.1:{}/postgres", self.port)
+        format!(
+            "postgres://postgres:{password}@127.0.0.1:{}/postgres",
+            self.port
+        )
     }
 
     /// `psql` as `user` with `password` running `sql`; its output, or `Err` with stderr.
     fn psql(&self, user: &str, password: &str, sql: &str) -> Result<String, String> {
         let out = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-d", "postgres"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-d",
+                "postgres",
+            ])
             .args(["-U", user, "-XAtqc", sql])
             .env("PGPASSWORD", password)
             .env("PGCONNECT_TIMEOUT", "5")
@@ -172,7 +182,10 @@ fn service(var: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(url) => Some(url),
         Err(_) => {
-            assert!(std::env::var_os("CI").is_none(), "{var} is not set (.ci/run sets it)");
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{var} is not set (.ci/run sets it)"
+            );
             eprintln!("skipping: {var} is not set");
             None
         }
@@ -231,7 +244,8 @@ fn wait_done(env: &Env, name: &str, version: i64) {
         Duration::from_secs(30),
         || {
             let e = env.entry(name);
-            (e["version"] == version && (e["rotation_state"].is_null() || e["rotation_state"] == "done"))
+            (e["version"] == version
+                && (e["rotation_state"].is_null() || e["rotation_state"] == "done"))
                 .then_some(())
         },
         || env.entry(name).to_string(),
@@ -245,7 +259,10 @@ fn current(env: &Env, name: &str) -> (String, String) {
     let v: Value = serde_json::from_str(&out).unwrap();
     (
         v["value"].as_str().unwrap().to_string(),
-        v["meta"]["username"].as_str().unwrap_or_default().to_string(),
+        v["meta"]["username"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
     )
 }
 
@@ -279,7 +296,10 @@ grace = "0s"
     assert_ne!(v1, v2);
     assert_eq!(pg.psql("app", &v2, "SELECT 1").unwrap(), "1");
     let refused = pg.psql("app", &v1, "SELECT 1").unwrap_err();
-    assert!(refused.contains("password authentication failed"), "{refused}");
+    assert!(
+        refused.contains("password authentication failed"),
+        "{refused}"
+    );
     let log = std::fs::read_to_string(&daemon.log).unwrap();
     assert!(!log.contains(&v1) && !log.contains(&v2));
 }
@@ -303,11 +323,17 @@ grace = "0s"
     // The first rotation creates app_b with app_a's rights.
     let (v1, user1) = current(&env, "pg/app");
     assert_eq!(user1, "app_b");
-    assert_eq!(pg.psql("app_b", &v1, "SELECT count(*) FROM notes").unwrap(), "0");
+    assert_eq!(
+        pg.psql("app_b", &v1, "SELECT count(*) FROM notes").unwrap(),
+        "0"
+    );
     rotate(&env, "pg/app");
     let (v2, user2) = current(&env, "pg/app");
     assert_eq!(user2, "app_a");
-    assert_eq!(pg.psql("app_a", &v2, "SELECT count(*) FROM notes").unwrap(), "0");
+    assert_eq!(
+        pg.psql("app_a", &v2, "SELECT count(*) FROM notes").unwrap(),
+        "0"
+    );
     // After the revoke, the user not in use has no password.
     assert!(pg.psql("app_b", &v1, "SELECT 1").is_err());
     rotate(&env, "pg/app");
@@ -330,19 +356,32 @@ settings = { group_role = "readers" }
 "#,
     );
     let _daemon = env.start_daemon();
-    let (status, body) = curl(&env.agent_socket(), "GET", "/v1/secrets/pg/lease?ttl=3", &[]);
+    let (status, body) = curl(
+        &env.agent_socket(),
+        "GET",
+        "/v1/secrets/pg/lease?ttl=3",
+        &[],
+    );
     assert_eq!(status, 200, "{body}");
     let lease: Value = serde_json::from_str(&body).unwrap();
     let user = lease["meta"]["username"].as_str().unwrap().to_string();
     let password = lease["value"].as_str().unwrap().to_string();
     assert!(user.starts_with("kw_"), "{user}");
     assert_eq!(
-        pg.psql(&user, &password, "SELECT pg_has_role('readers', 'member')").unwrap(),
+        pg.psql(&user, &password, "SELECT pg_has_role('readers', 'member')")
+            .unwrap(),
         "t"
     );
     // A session open when the lease ends is ended with it.
     let mut session = Command::new("psql")
-        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-d", "postgres"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-d",
+            "postgres",
+        ])
         .args(["-U", &user, "-XAtqc", "SELECT pg_sleep(120)"])
         .env("PGPASSWORD", &password)
         .stdout(Stdio::null())
@@ -350,14 +389,21 @@ settings = { group_role = "readers" }
         .spawn()
         .unwrap();
     wait_for("the session", Duration::from_secs(10), || {
-        (pg.admin(&format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}'"))
-            == "1")
+        (pg.admin(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}'"
+        )) == "1")
             .then_some(())
     });
-    wait_for("the lease user to be dropped", Duration::from_secs(30), || {
-        (pg.admin(&format!("SELECT count(*) FROM pg_roles WHERE rolname = '{user}'")) == "0")
-            .then_some(())
-    });
+    wait_for(
+        "the lease user to be dropped",
+        Duration::from_secs(30),
+        || {
+            (pg.admin(&format!(
+                "SELECT count(*) FROM pg_roles WHERE rolname = '{user}'"
+            )) == "0")
+                .then_some(())
+        },
+    );
     let ended = wait_for("the session to end", Duration::from_secs(10), || {
         session.try_wait().unwrap()
     });
@@ -428,23 +474,46 @@ fn postgres_names_and_passwords_with_quotes_and_semicolons_stay_data() {
         "credentials": admin, "proposed": HOSTILE_PASSWORD,
     }));
     assert!(created["ok"].is_object(), "{created}");
-    assert_eq!(pg.psql(HOSTILE_NAME, HOSTILE_PASSWORD, "SELECT current_user").unwrap(), HOSTILE_NAME);
+    assert_eq!(
+        pg.psql(HOSTILE_NAME, HOSTILE_PASSWORD, "SELECT current_user")
+            .unwrap(),
+        HOSTILE_NAME
+    );
     let verified = plugin.call(json!({
         "op": "verify", "kind": "postgres-password", "secret": "pg/hostile",
         "settings": { "username": HOSTILE_NAME }, "credentials": admin,
         "candidate": { "value": HOSTILE_PASSWORD, "meta": { "username": HOSTILE_NAME } },
     }));
     assert!(verified["ok"].is_object(), "{verified}");
-    assert_eq!(pg.admin("SELECT count(*) FROM t"), "0", "the table survived");
+    assert_eq!(
+        pg.admin("SELECT count(*) FROM t"),
+        "0",
+        "the table survived"
+    );
 }
 
 // ---- MariaDB ---------------------------------------------------------------------------------
 
 fn mariadb(user: &str, password: &str, sql: &str) -> Result<String, String> {
     let url = std::env::var("KEYWARDEN_TEST_MYSQL_URL").unwrap();
-    let port = url.rsplit(':').next().and_then(|p| p.split('/').next()).unwrap_or("3306");
+    let port = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.split('/').next())
+        .unwrap_or("3306");
     let out = Command::new("mariadb")
-        .args(["-h", "127.0.0.1", "-P", port, "-u", user, "-N", "-B", "-e", sql])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-P",
+            port,
+            "-u",
+            user,
+            "-N",
+            "-B",
+            "-e",
+            sql,
+        ])
         .env("MYSQL_PWD", password)
         .output()
         .unwrap();
@@ -457,10 +526,15 @@ fn mariadb(user: &str, password: &str, sql: &str) -> Result<String, String> {
 
 #[test]
 fn mariadb_single_the_new_password_logs_in_and_the_old_is_refused() {
-    let Some(url) = service("KEYWARDEN_TEST_MYSQL_URL") else { return };
+    let Some(url) = service("KEYWARDEN_TEST_MYSQL_URL") else {
+        return;
+    };
     let user = format!("kwtest_{}", std::process::id());
     mariadb("root", "", &format!("DROP USER IF EXISTS '{user}'@'%'; CREATE USER '{user}'@'%' IDENTIFIED BY 'initial-password'")).unwrap();
-    assert!(mariadb(&user, "not the password", "SELECT 1").is_err(), "MariaDB must refuse a wrong password");
+    assert!(
+        mariadb(&user, "not the password", "SELECT 1").is_err(),
+        "MariaDB must refuse a wrong password"
+    );
     let env = env_with(
         &url,
         &format!(
@@ -475,7 +549,10 @@ grace = "0s"
     let _daemon = env.start_daemon();
     wait_done(&env, "my/app", 1);
     let (v1, _) = current(&env, "my/app");
-    assert_eq!(mariadb(&user, &v1, "SELECT CURRENT_USER()").unwrap(), format!("{user}@%"));
+    assert_eq!(
+        mariadb(&user, &v1, "SELECT CURRENT_USER()").unwrap(),
+        format!("{user}@%")
+    );
     rotate(&env, "my/app");
     let (v2, _) = current(&env, "my/app");
     assert_eq!(mariadb(&user, &v2, "SELECT 1").unwrap(), "1");
@@ -488,7 +565,15 @@ grace = "0s"
 fn redis_cli(user: &str, password: &str, args: &[&str]) -> String {
     let url = std::env::var("KEYWARDEN_TEST_REDIS_URL").unwrap();
     let out = Command::new("redis-cli")
-        .args(["-u", &url, "--user", user, "--pass", password, "--no-auth-warning"])
+        .args([
+            "-u",
+            &url,
+            "--user",
+            user,
+            "--pass",
+            password,
+            "--no-auth-warning",
+        ])
         .args(args)
         .output()
         .unwrap();
@@ -497,7 +582,9 @@ fn redis_cli(user: &str, password: &str, args: &[&str]) -> String {
 
 #[test]
 fn redis_single_keeps_both_passwords_until_revoke_then_refuses_the_old() {
-    let Some(url) = service("KEYWARDEN_TEST_REDIS_URL") else { return };
+    let Some(url) = service("KEYWARDEN_TEST_REDIS_URL") else {
+        return;
+    };
     let user = format!("kwtest_{}", std::process::id());
     let admin = |args: &[&str]| {
         Command::new("redis-cli")
@@ -506,7 +593,16 @@ fn redis_single_keeps_both_passwords_until_revoke_then_refuses_the_old() {
             .output()
             .unwrap()
     };
-    admin(&["ACL", "SETUSER", &user, "reset", "on", ">initial-password", "~*", "+@all"]);
+    admin(&[
+        "ACL",
+        "SETUSER",
+        &user,
+        "reset",
+        "on",
+        ">initial-password",
+        "~*",
+        "+@all",
+    ]);
     assert!(redis_cli(&user, "not the password", &["PING"]).contains("WRONGPASS"));
     let env = env_with(
         &url,
@@ -530,4 +626,116 @@ grace = "0s"
     assert_eq!(redis_cli(&user, &v2, &["PING"]), "PONG");
     assert!(redis_cli(&user, &v1, &["PING"]).contains("WRONGPASS"));
     admin(&["ACL", "DELUSER", &user]);
+}
+
+#[test]
+fn mariadb_and_redis_names_and_passwords_with_quotes_and_semicolons_stay_data() {
+    let (Some(my_url), Some(redis_url)) = (
+        service("KEYWARDEN_TEST_MYSQL_URL"),
+        service("KEYWARDEN_TEST_REDIS_URL"),
+    ) else {
+        return;
+    };
+    let mut plugin = Plugin::start();
+
+    // MariaDB: the user is created by root with the client's own escaping.
+    let name = format!(
+        "kw'\"; DROP USER root; -- \\ %é{}",
+        std::process::id() % 1000
+    );
+    let escaped = name.replace('\\', "\\\\").replace('\'', "\\'");
+    mariadb(
+        "root",
+        "",
+        &format!("CREATE USER '{escaped}'@'%' IDENTIFIED BY 'x'"),
+    )
+    .unwrap();
+    let admin = json!({ "admin": { "value": my_url, "meta": {} } });
+    let created = plugin.call(json!({
+        "op": "create", "kind": "mysql-password", "secret": "my/hostile", "rotation_id": "r1",
+        "settings": { "username": name }, "credentials": admin, "proposed": HOSTILE_PASSWORD,
+    }));
+    assert!(created["ok"].is_object(), "{created}");
+    assert_eq!(mariadb(&name, HOSTILE_PASSWORD, "SELECT 1").unwrap(), "1");
+    assert!(mariadb("root", "", "SELECT 1").is_ok(), "root survived");
+    mariadb("root", "", &format!("DROP USER '{escaped}'@'%'")).unwrap();
+
+    // Redis: names and passwords are arguments of their own.
+    let name = format!("kw'\";%é\\{}", std::process::id() % 1000);
+    let admin_cli = |args: &[&str]| {
+        Command::new("redis-cli")
+            .args(["-u", &redis_url])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    admin_cli(&["ACL", "SETUSER", &name, "on", ">x", "~*", "+@all"]);
+    let admin = json!({ "admin": { "value": redis_url, "meta": {} } });
+    let created = plugin.call(json!({
+        "op": "create", "kind": "redis-acl", "secret": "redis/hostile", "rotation_id": "r1",
+        "settings": { "username": name }, "credentials": admin, "proposed": HOSTILE_PASSWORD,
+    }));
+    assert!(created["ok"].is_object(), "{created}");
+    assert_eq!(redis_cli(&name, HOSTILE_PASSWORD, &["PING"]), "PONG");
+    admin_cli(&["ACL", "DELUSER", &name]);
+}
+
+#[test]
+fn postgres_alternating_a_client_reconnecting_in_a_loop_never_fails_a_login_across_20_rotations() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.admin("CREATE ROLE app_a LOGIN PASSWORD 'initial-password'");
+    let env = env_with(
+        &pg.admin_url(),
+        r#"[secrets."pg/app"]
+provider = "postgres-password"
+credentials = { admin = "admin" }
+settings = { strategy = "alternating", usernames = ["app_a", "app_b"] }
+grace = "1m"
+"#,
+    );
+    let _daemon = env.start_daemon();
+    wait_done(&env, "pg/app", 1);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The client: fetch (a lease), log in with what it got, end the lease; again.
+    let client = {
+        let (socket, port, stop) = (env.agent_socket(), pg.port, stop.clone());
+        std::thread::spawn(move || {
+            let (mut logins, mut failures) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let (status, body) = curl(&socket, "GET", "/v1/secrets/pg/app?ttl=30", &[]);
+                assert_eq!(status, 200, "{body}");
+                let got: Value = serde_json::from_str(&body).unwrap();
+                let out = Command::new("psql")
+                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-d", "postgres"])
+                    .args([
+                        "-U",
+                        got["meta"]["username"].as_str().unwrap(),
+                        "-XAtqc",
+                        "SELECT 1",
+                    ])
+                    .env("PGPASSWORD", got["value"].as_str().unwrap())
+                    .output()
+                    .unwrap();
+                logins += 1;
+                if !out.status.success() {
+                    failures.push(String::from_utf8_lossy(&out.stderr).into_owned());
+                }
+                let lease = got["lease_id"].as_str().unwrap();
+                curl(&socket, "DELETE", &format!("/v1/leases/{lease}"), &[]);
+            }
+            (logins, failures)
+        })
+    };
+    for _ in 0..20 {
+        rotate(&env, "pg/app");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (logins, failures) = client.join().unwrap();
+    assert!(logins >= 20, "the client logged in {logins} times");
+    assert!(
+        failures.is_empty(),
+        "{} failed logins of {logins}: {failures:?}",
+        failures.len()
+    );
+    assert_eq!(env.entry("pg/app")["version"], 21);
 }
