@@ -27,7 +27,9 @@ use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming};
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use keywarden_plugin_sdk::broker::{KEY_HEADER_PREFIX, ROUTE_HEADER, UPSTREAM_MS_HEADER};
+use keywarden_plugin_sdk::broker::{
+    DROPPED_REQUEST_HEADERS, KEY_HEADER_PREFIX, ROUTE_HEADER, UPSTREAM_MS_HEADER,
+};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -42,25 +44,6 @@ use crate::leases::Hold;
 use crate::policy::{self, Policy};
 use crate::rejections::Rejections;
 use crate::services::Services;
-
-/// Request headers an agent may not pass on: its own credentials (a placeholder, or worse a
-/// real key), keywarden's, and hop-by-hop ones.
-const DROPPED_HEADERS: &[&str] = &[
-    "authorization",
-    "x-api-key",
-    "api-key",
-    "x-goog-api-key",
-    "proxy-authorization",
-    "cookie",
-    "host",
-    "content-length",
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// Per-connection state: the peer, attested once.
 #[derive(Debug)]
@@ -324,7 +307,7 @@ impl BrokerApi {
 fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
     for (name, value) in from {
         let n = name.as_str();
-        if DROPPED_HEADERS.contains(&n) || n.starts_with("x-keywarden-") {
+        if DROPPED_REQUEST_HEADERS.contains(&n) || n.starts_with("x-keywarden-") {
             continue;
         }
         to.append(name.clone(), value.clone());

@@ -12,7 +12,8 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use keywarden_plugin_sdk::broker::{
-    BrokerRoutes, Failure, KEY_HEADER_PREFIX, ROUTE_HEADER, RouteSpec, Routes, UPSTREAM_MS_HEADER,
+    BrokerRoutes, DROPPED_REQUEST_HEADERS, Failure, KEY_HEADER_PREFIX, ROUTE_HEADER, RouteSpec,
+    Routes, UPSTREAM_MS_HEADER,
 };
 
 use crate::plain;
@@ -22,26 +23,6 @@ pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Largest request body the daemon forwards (it enforces its own, smaller, limit first).
 const MAX_FORWARDED_BYTES: usize = 64 << 20;
-
-/// Request headers never sent upstream: credentials the agent brought, keywarden's own, and
-/// hop-by-hop headers.
-const DROPPED_REQUEST_HEADERS: &[&str] = &[
-    "authorization",
-    "x-api-key",
-    "api-key",
-    "x-goog-api-key",
-    "proxy-authorization",
-    "cookie",
-    "host",
-    "content-length",
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "accept-encoding",
-];
 
 /// Answer headers not passed back (hop-by-hop; the server sets its own framing).
 const DROPPED_RESPONSE_HEADERS: &[&str] = &[
@@ -199,7 +180,10 @@ fn upstream_headers(incoming: &HeaderMap) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for (name, value) in incoming {
         let n = name.as_str();
-        if DROPPED_REQUEST_HEADERS.contains(&n) || n.starts_with("x-keywarden-") {
+        if DROPPED_REQUEST_HEADERS.contains(&n)
+            || n == "accept-encoding"
+            || n.starts_with("x-keywarden-")
+        {
             continue;
         }
         headers.append(name.clone(), value.clone());

@@ -3,6 +3,7 @@
 //! CLI or as a daemon), SQL access to the files it writes, and polling on conditions.
 
 pub mod daemon;
+pub mod postgres;
 pub mod proc;
 pub mod tls;
 

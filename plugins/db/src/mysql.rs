@@ -51,10 +51,18 @@ async fn connect_admin(request: &Request) -> Result<MySqlConnection, ErrReply> {
         .map_err(|e| error("connecting as the admin", e))
 }
 
+/// Logs in as `user` on a fresh connection to the admin's server: to `settings.database` when
+/// set, else to no database (the admin's may not be the user's).
 async fn login(request: &Request, user: &str, password: &Secret) -> Result<(), ErrReply> {
-    let options = admin_options(request)?
+    let admin = admin_options(request)?;
+    let mut options = MySqlConnectOptions::new()
+        .host(admin.get_host())
+        .port(admin.get_port())
         .username(user)
         .password(password.expose());
+    if let Some(database) = common::setting(request, "database") {
+        options = options.database(database);
+    }
     let mut conn = MySqlConnection::connect_with(&options)
         .await
         .map_err(|e| error(&format!("logging in as {user}"), e))?;

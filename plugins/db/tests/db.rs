@@ -10,172 +10,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use keywarden_testkit::daemon::{base_config, sha256_of, wait_for, wait_for_explained};
+use keywarden_testkit::postgres::Postgres;
 use keywarden_testkit::{Env, curl};
 use serde_json::{Value, json};
 
 // ---- servers ---------------------------------------------------------------------------------
-
-/// A PostgreSQL cluster of the test's own, password-checked (`scram-sha-256`), on a free port.
-struct Postgres {
-    dir: tempfile::TempDir,
-    port: u16,
-    admin_password: String,
-}
-
-impl Postgres {
-    /// Starts one, or `None` (with a note) where it cannot run here: no server binaries, or
-    /// not root (the cluster runs as the `postgres` user). Under CI its absence fails.
-    fn start() -> Option<Postgres> {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .ok()
-            .and_then(|mut d| d.next())
-            .and_then(Result::ok)
-            .map(|e| e.path().join("bin"));
-        let root = std::fs::read_to_string("/proc/self/status")
-            .unwrap()
-            .lines()
-            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
-        let Some(bin) = bin.filter(|b| b.join("initdb").exists() && root) else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "PostgreSQL's server binaries (and root, to run them as postgres) are needed"
-            );
-            eprintln!("skipping: no PostgreSQL server binaries, or not root");
-            return None;
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let as_postgres = |program: &Path, args: &[&str]| {
-            let status = Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(program)
-                .args(args)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .unwrap();
-            assert!(status.success(), "{} {args:?}", program.display());
-        };
-        Command::new("chown")
-            .args(["postgres:postgres"])
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        let admin_password = "admin pw 'with' quotes\\".to_string();
-        let pwfile = dir.path().join("pw");
-        std::fs::write(&pwfile, &admin_password).unwrap();
-        Command::new("chown")
-            .args(["postgres:postgres"])
-            .arg(&pwfile)
-            .status()
-            .unwrap();
-        let data = dir.path().join("data");
-        as_postgres(
-            &bin.join("initdb"),
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "-A",
-                "scram-sha-256",
-                "--pwfile",
-                pwfile.to_str().unwrap(),
-            ],
-        );
-        let port = free_port();
-        let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1",
-            dir.path().display()
-        );
-        as_postgres(
-            &bin.join("pg_ctl"),
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-o",
-                &options,
-                "-w",
-                "-l",
-                dir.path().join("log").to_str().unwrap(),
-                "start",
-            ],
-        );
-        Some(Postgres {
-            dir,
-            port,
-            admin_password,
-        })
-    }
-
-    fn admin_url(&self) -> String {
-        let password: String = self
-            .admin_password
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
-        format!(
-            "postgres://postgres:{password}@127.0.0.1:{}/postgres",
-            self.port
-        )
-    }
-
-    /// `psql` as `user` with `password` running `sql`; its output, or `Err` with stderr.
-    fn psql(&self, user: &str, password: &str, sql: &str) -> Result<String, String> {
-        let out = Command::new("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-d",
-                "postgres",
-            ])
-            .args(["-U", user, "-XAtqc", sql])
-            .env("PGPASSWORD", password)
-            .env("PGCONNECT_TIMEOUT", "5")
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    fn admin(&self, sql: &str) -> String {
-        self.psql("postgres", &self.admin_password, sql)
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let data = self.dir.path().join("data");
-        let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--", "sh", "-c"])
-            .arg(format!(
-                "$(dirname $(ls -d /usr/lib/postgresql/*/bin/pg_ctl | head -n1))/pg_ctl -D {} -m immediate stop",
-                data.display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A service URL from the environment, or `None` (with a note) outside CI.
 fn service(var: &str) -> Option<String> {
@@ -562,7 +401,11 @@ grace = "0s"
 
 // ---- Redis -----------------------------------------------------------------------------------
 
-fn redis_cli(user: &str, password: &str, args: &[&str]) -> String {
+/// `redis-cli` as `user` with `password`: `Ok(output)` when it logged in, `Err(why)` when the
+/// server refused the login. (A refused `AUTH` does not end redis-cli's session: where the
+/// default user needs no password its commands would still answer, so the login itself is what
+/// is checked.)
+fn redis_cli(user: &str, password: &str, args: &[&str]) -> Result<String, String> {
     let url = std::env::var("KEYWARDEN_TEST_REDIS_URL").unwrap();
     let out = Command::new("redis-cli")
         .args([
@@ -577,7 +420,15 @@ fn redis_cli(user: &str, password: &str, args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    if stderr.contains("AUTH failed") || stdout.contains("WRONGPASS") {
+        Err(format!("{stderr}{stdout}"))
+    } else {
+        Ok(stdout)
+    }
 }
 
 #[test]
@@ -603,7 +454,8 @@ fn redis_single_keeps_both_passwords_until_revoke_then_refuses_the_old() {
         "~*",
         "+@all",
     ]);
-    assert!(redis_cli(&user, "not the password", &["PING"]).contains("WRONGPASS"));
+    let refused = redis_cli(&user, "not the password", &["PING"]).unwrap_err();
+    assert!(refused.contains("WRONGPASS"), "{refused}");
     let env = env_with(
         &url,
         &format!(
@@ -618,13 +470,13 @@ grace = "0s"
     let _daemon = env.start_daemon();
     wait_done(&env, "redis/app", 1);
     let (v1, _) = current(&env, "redis/app");
-    assert_eq!(redis_cli(&user, &v1, &["PING"]), "PONG");
+    assert_eq!(redis_cli(&user, &v1, &["ACL", "WHOAMI"]).unwrap(), user);
     // The first version replaced the password the user had before keywarden.
-    assert!(redis_cli(&user, "initial-password", &["PING"]).contains("WRONGPASS"));
+    assert!(redis_cli(&user, "initial-password", &["PING"]).is_err());
     rotate(&env, "redis/app");
     let (v2, _) = current(&env, "redis/app");
-    assert_eq!(redis_cli(&user, &v2, &["PING"]), "PONG");
-    assert!(redis_cli(&user, &v1, &["PING"]).contains("WRONGPASS"));
+    assert_eq!(redis_cli(&user, &v2, &["ACL", "WHOAMI"]).unwrap(), user);
+    assert!(redis_cli(&user, &v1, &["PING"]).is_err());
     admin(&["ACL", "DELUSER", &user]);
 }
 
@@ -676,7 +528,10 @@ fn mariadb_and_redis_names_and_passwords_with_quotes_and_semicolons_stay_data() 
         "settings": { "username": name }, "credentials": admin, "proposed": HOSTILE_PASSWORD,
     }));
     assert!(created["ok"].is_object(), "{created}");
-    assert_eq!(redis_cli(&name, HOSTILE_PASSWORD, &["PING"]), "PONG");
+    assert_eq!(
+        redis_cli(&name, HOSTILE_PASSWORD, &["ACL", "WHOAMI"]).unwrap(),
+        name
+    );
     admin_cli(&["ACL", "DELUSER", &name]);
 }
 

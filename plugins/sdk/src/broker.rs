@@ -17,6 +17,26 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// Request headers an agent may not pass on to a provider: its own credentials (a placeholder,
+/// or worse a real key), cookies, and hop-by-hop headers. Both the daemon and the broker drop
+/// them (and every `x-keywarden-*` header).
+pub const DROPPED_REQUEST_HEADERS: &[&str] = &[
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "proxy-authorization",
+    "cookie",
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
 /// Prefix of the per-route key headers on a forwarded request.
 pub const KEY_HEADER_PREFIX: &str = "x-keywarden-key-";
 /// Response header naming the route (secret) that answered.
