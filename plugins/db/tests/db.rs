@@ -594,3 +594,136 @@ grace = "1m"
     );
     assert_eq!(env.entry("pg/app")["version"], 21);
 }
+
+#[test]
+fn mariadb_alternating_and_lease_users_through_the_daemon() {
+    let Some(url) = service("KEYWARDEN_TEST_MYSQL_URL") else { return };
+    let (a, b) = (
+        format!("kwa_{}", std::process::id()),
+        format!("kwb_{}", std::process::id()),
+    );
+    for u in [&a, &b] {
+        mariadb("root", "", &format!("DROP USER IF EXISTS '{u}'@'%'")).unwrap();
+    }
+    mariadb("root", "", &format!("CREATE USER '{a}'@'%' IDENTIFIED BY 'initial-password'; GRANT SELECT ON test.* TO '{a}'@'%'")).unwrap();
+    let env = env_with(
+        &url,
+        &format!(
+            r#"[secrets."my/app"]
+provider = "mysql-password"
+credentials = {{ admin = "admin" }}
+settings = {{ strategy = "alternating", usernames = ["{a}", "{b}"] }}
+grace = "0s"
+
+[secrets."my/lease"]
+provider = "mysql-lease"
+credentials = {{ admin = "admin" }}
+settings = {{ grants = ["SELECT ON test.*"] }}
+"#
+        ),
+    );
+    let _daemon = env.start_daemon();
+    wait_done(&env, "my/app", 1);
+    let (v1, user1) = current(&env, "my/app");
+    assert_eq!(user1, b);
+    // b was created with a's grants.
+    let grants = mariadb(&b, &v1, "SHOW GRANTS").unwrap();
+    assert!(grants.contains("SELECT ON `test`.*"), "{grants}");
+    rotate(&env, "my/app");
+    let (v2, user2) = current(&env, "my/app");
+    assert_eq!(user2, a);
+    assert_eq!(mariadb(&a, &v2, "SELECT 1").unwrap(), "1");
+    assert!(mariadb(&b, &v1, "SELECT 1").is_err(), "the user not in use is locked");
+
+    // A user per lease, gone (with its connection) when the lease ends.
+    let (status, body) = curl(&env.agent_socket(), "GET", "/v1/secrets/my/lease?ttl=3", &[]);
+    assert_eq!(status, 200, "{body}");
+    let lease: Value = serde_json::from_str(&body).unwrap();
+    let (user, password) = (
+        lease["meta"]["username"].as_str().unwrap().to_string(),
+        lease["value"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(mariadb(&user, &password, "SELECT 1").unwrap(), "1");
+    let port = url.rsplit(':').next().and_then(|p| p.split('/').next()).unwrap_or("3306").to_string();
+    let mut session = Command::new("mariadb")
+        .args(["-h", "127.0.0.1", "-P", &port, "-u", &user, "-e", "SELECT SLEEP(120)"])
+        .env("MYSQL_PWD", &password)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the lease user to be dropped", Duration::from_secs(30), || {
+        (mariadb("root", "", &format!("SELECT COUNT(*) FROM mysql.user WHERE User = '{user}'"))
+            .unwrap()
+            == "0")
+            .then_some(())
+    });
+    let ended = wait_for("the session to end", Duration::from_secs(10), || {
+        session.try_wait().unwrap()
+    });
+    assert!(!ended.success());
+    assert!(mariadb(&user, &password, "SELECT 1").is_err());
+    for u in [&a, &b] {
+        mariadb("root", "", &format!("DROP USER IF EXISTS '{u}'@'%'")).unwrap();
+    }
+}
+
+#[test]
+fn redis_alternating_and_lease_users_through_the_daemon() {
+    let Some(url) = service("KEYWARDEN_TEST_REDIS_URL") else { return };
+    let (a, b) = (
+        format!("kwa_{}", std::process::id()),
+        format!("kwb_{}", std::process::id()),
+    );
+    let admin = |args: &[&str]| {
+        Command::new("redis-cli")
+            .args(["-u", &url])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    admin(&["ACL", "DELUSER", &b]);
+    admin(&["ACL", "SETUSER", &a, "reset", "on", ">initial-password", "~app:*", "+get"]);
+    let env = env_with(
+        &url,
+        &format!(
+            r#"[secrets."redis/app"]
+provider = "redis-acl"
+credentials = {{ admin = "admin" }}
+settings = {{ strategy = "alternating", usernames = ["{a}", "{b}"] }}
+grace = "0s"
+
+[secrets."redis/lease"]
+provider = "redis-lease"
+credentials = {{ admin = "admin" }}
+settings = {{ rules = ["~app:*", "+get"] }}
+"#
+        ),
+    );
+    let _daemon = env.start_daemon();
+    wait_done(&env, "redis/app", 1);
+    let (v1, user1) = current(&env, "redis/app");
+    assert_eq!(user1, b);
+    // b got a's rules: GET on app:* and nothing else.
+    assert!(redis_cli(&b, &v1, &["GET", "app:x"]).is_ok());
+    assert!(redis_cli(&b, &v1, &["SET", "app:x", "1"]).unwrap().contains("NOPERM"));
+    rotate(&env, "redis/app");
+    let (v2, user2) = current(&env, "redis/app");
+    assert_eq!(user2, a);
+    assert!(redis_cli(&a, &v2, &["GET", "app:x"]).is_ok());
+    assert!(redis_cli(&b, &v1, &["PING"]).is_err(), "the user not in use is off");
+
+    let (status, body) = curl(&env.agent_socket(), "GET", "/v1/secrets/redis/lease?ttl=3", &[]);
+    assert_eq!(status, 200, "{body}");
+    let lease: Value = serde_json::from_str(&body).unwrap();
+    let (user, password) = (
+        lease["meta"]["username"].as_str().unwrap().to_string(),
+        lease["value"].as_str().unwrap().to_string(),
+    );
+    assert!(redis_cli(&user, &password, &["GET", "app:x"]).is_ok());
+    assert!(redis_cli(&user, &password, &["GET", "other:x"]).unwrap().contains("NOPERM"));
+    wait_for("the lease user to be deleted", Duration::from_secs(30), || {
+        redis_cli(&user, &password, &["PING"]).is_err().then_some(())
+    });
+    admin(&["ACL", "DELUSER", &a, &b]);
+}
