@@ -140,6 +140,25 @@ impl Engine {
         {
             Ok(()) => {
                 tracing::info!(secret = %rotation.secret_name, rotation = %rotation.id, from = %change.from, to = %change.to, "rotation step");
+                // The crash tests stop the daemon right after each step's commit.
+                match change.to {
+                    RotationState::Created => {
+                        crash_point!("rotation.created");
+                    }
+                    RotationState::Verified => {
+                        crash_point!("rotation.verified");
+                    }
+                    RotationState::Promoted => {
+                        crash_point!("rotation.promoted");
+                    }
+                    RotationState::Pushed => {
+                        crash_point!("rotation.pushed");
+                    }
+                    RotationState::Draining => {
+                        crash_point!("rotation.draining");
+                    }
+                    _ => {}
+                }
                 // The record as the journal now holds it (the store's UPDATE, applied here).
                 let mut moved = rotation.clone();
                 if let Some(v) = &change.insert_pending {
@@ -392,7 +411,6 @@ impl Engine {
                 json!({ "version": to, "consumers": spec.consumers }),
             )
             .await?;
-        crash_point!("rotation.pushed");
         Ok(outcome)
     }
 

@@ -256,6 +256,19 @@ impl Daemon {
         child.wait().unwrap();
     }
 
+    /// Waits for the daemon to end by itself (a crash point aborted it); panics after
+    /// `timeout`. Whether it was killed by a signal (abort: SIGABRT).
+    pub fn wait_crash(mut self, timeout: Duration) -> bool {
+        let mut child = self.child.take().unwrap();
+        let status = super::daemon::wait_for_explained(
+            "the daemon to stop at its crash point",
+            timeout,
+            || child.try_wait().unwrap(),
+            || self.log_text(),
+        );
+        status.code().is_none()
+    }
+
     /// SIGTERM; returns the exit code.
     pub fn terminate(mut self) -> Option<i32> {
         let mut child = self.child.take().unwrap();

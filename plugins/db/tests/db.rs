@@ -597,7 +597,9 @@ grace = "1m"
 
 #[test]
 fn mariadb_alternating_and_lease_users_through_the_daemon() {
-    let Some(url) = service("KEYWARDEN_TEST_MYSQL_URL") else { return };
+    let Some(url) = service("KEYWARDEN_TEST_MYSQL_URL") else {
+        return;
+    };
     let (a, b) = (
         format!("kwa_{}", std::process::id()),
         format!("kwb_{}", std::process::id()),
@@ -633,10 +635,18 @@ settings = {{ grants = ["SELECT ON test.*"] }}
     let (v2, user2) = current(&env, "my/app");
     assert_eq!(user2, a);
     assert_eq!(mariadb(&a, &v2, "SELECT 1").unwrap(), "1");
-    assert!(mariadb(&b, &v1, "SELECT 1").is_err(), "the user not in use is locked");
+    assert!(
+        mariadb(&b, &v1, "SELECT 1").is_err(),
+        "the user not in use is locked"
+    );
 
     // A user per lease, gone (with its connection) when the lease ends.
-    let (status, body) = curl(&env.agent_socket(), "GET", "/v1/secrets/my/lease?ttl=3", &[]);
+    let (status, body) = curl(
+        &env.agent_socket(),
+        "GET",
+        "/v1/secrets/my/lease?ttl=3",
+        &[],
+    );
     assert_eq!(status, 200, "{body}");
     let lease: Value = serde_json::from_str(&body).unwrap();
     let (user, password) = (
@@ -644,20 +654,42 @@ settings = {{ grants = ["SELECT ON test.*"] }}
         lease["value"].as_str().unwrap().to_string(),
     );
     assert_eq!(mariadb(&user, &password, "SELECT 1").unwrap(), "1");
-    let port = url.rsplit(':').next().and_then(|p| p.split('/').next()).unwrap_or("3306").to_string();
+    let port = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.split('/').next())
+        .unwrap_or("3306")
+        .to_string();
     let mut session = Command::new("mariadb")
-        .args(["-h", "127.0.0.1", "-P", &port, "-u", &user, "-e", "SELECT SLEEP(120)"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-P",
+            &port,
+            "-u",
+            &user,
+            "-e",
+            "SELECT SLEEP(120)",
+        ])
         .env("MYSQL_PWD", &password)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_for("the lease user to be dropped", Duration::from_secs(30), || {
-        (mariadb("root", "", &format!("SELECT COUNT(*) FROM mysql.user WHERE User = '{user}'"))
+    wait_for(
+        "the lease user to be dropped",
+        Duration::from_secs(30),
+        || {
+            (mariadb(
+                "root",
+                "",
+                &format!("SELECT COUNT(*) FROM mysql.user WHERE User = '{user}'"),
+            )
             .unwrap()
-            == "0")
-            .then_some(())
-    });
+                == "0")
+                .then_some(())
+        },
+    );
     let ended = wait_for("the session to end", Duration::from_secs(10), || {
         session.try_wait().unwrap()
     });
@@ -670,7 +702,9 @@ settings = {{ grants = ["SELECT ON test.*"] }}
 
 #[test]
 fn redis_alternating_and_lease_users_through_the_daemon() {
-    let Some(url) = service("KEYWARDEN_TEST_REDIS_URL") else { return };
+    let Some(url) = service("KEYWARDEN_TEST_REDIS_URL") else {
+        return;
+    };
     let (a, b) = (
         format!("kwa_{}", std::process::id()),
         format!("kwb_{}", std::process::id()),
@@ -683,7 +717,16 @@ fn redis_alternating_and_lease_users_through_the_daemon() {
             .unwrap()
     };
     admin(&["ACL", "DELUSER", &b]);
-    admin(&["ACL", "SETUSER", &a, "reset", "on", ">initial-password", "~app:*", "+get"]);
+    admin(&[
+        "ACL",
+        "SETUSER",
+        &a,
+        "reset",
+        "on",
+        ">initial-password",
+        "~app:*",
+        "+get",
+    ]);
     let env = env_with(
         &url,
         &format!(
@@ -706,14 +749,26 @@ settings = {{ rules = ["~app:*", "+get"] }}
     assert_eq!(user1, b);
     // b got a's rules: GET on app:* and nothing else.
     assert!(redis_cli(&b, &v1, &["GET", "app:x"]).is_ok());
-    assert!(redis_cli(&b, &v1, &["SET", "app:x", "1"]).unwrap().contains("NOPERM"));
+    assert!(
+        redis_cli(&b, &v1, &["SET", "app:x", "1"])
+            .unwrap()
+            .contains("NOPERM")
+    );
     rotate(&env, "redis/app");
     let (v2, user2) = current(&env, "redis/app");
     assert_eq!(user2, a);
     assert!(redis_cli(&a, &v2, &["GET", "app:x"]).is_ok());
-    assert!(redis_cli(&b, &v1, &["PING"]).is_err(), "the user not in use is off");
+    assert!(
+        redis_cli(&b, &v1, &["PING"]).is_err(),
+        "the user not in use is off"
+    );
 
-    let (status, body) = curl(&env.agent_socket(), "GET", "/v1/secrets/redis/lease?ttl=3", &[]);
+    let (status, body) = curl(
+        &env.agent_socket(),
+        "GET",
+        "/v1/secrets/redis/lease?ttl=3",
+        &[],
+    );
     assert_eq!(status, 200, "{body}");
     let lease: Value = serde_json::from_str(&body).unwrap();
     let (user, password) = (
@@ -721,9 +776,90 @@ settings = {{ rules = ["~app:*", "+get"] }}
         lease["value"].as_str().unwrap().to_string(),
     );
     assert!(redis_cli(&user, &password, &["GET", "app:x"]).is_ok());
-    assert!(redis_cli(&user, &password, &["GET", "other:x"]).unwrap().contains("NOPERM"));
-    wait_for("the lease user to be deleted", Duration::from_secs(30), || {
-        redis_cli(&user, &password, &["PING"]).is_err().then_some(())
-    });
+    assert!(
+        redis_cli(&user, &password, &["GET", "other:x"])
+            .unwrap()
+            .contains("NOPERM")
+    );
+    wait_for(
+        "the lease user to be deleted",
+        Duration::from_secs(30),
+        || {
+            redis_cli(&user, &password, &["PING"])
+                .is_err()
+                .then_some(())
+        },
+    );
     admin(&["ACL", "DELUSER", &a, &b]);
+}
+
+/// Whether the `keywarden` under test has its crash points (built by `cargo test`, not by a
+/// plain `cargo build`).
+fn has_crash_points() -> bool {
+    let bin = std::fs::read(keywarden_testkit::keywarden_bin()).unwrap();
+    keywarden_testkit::contains(&bin, b"rotation.verified")
+}
+
+#[test]
+fn postgres_a_daemon_killed_at_each_step_of_a_rotation_converges_to_one_valid_password() {
+    let Some(pg) = Postgres::start() else { return };
+    if !has_crash_points() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "keywarden was built without crash points"
+        );
+        eprintln!(
+            "skipping: keywarden was built without crash points (run through cargo test --workspace)"
+        );
+        return;
+    }
+    for (i, point) in [
+        "rotation.created",
+        "rotation.verified",
+        "rotation.promoted",
+        "rotation.pushed",
+        "rotation.draining",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (a, b) = (format!("crash{i}_a"), format!("crash{i}_b"));
+        pg.admin(&format!(
+            "CREATE ROLE {a} LOGIN PASSWORD 'initial-password'"
+        ));
+        let env = env_with(
+            &pg.admin_url(),
+            &format!(
+                r#"[secrets."pg/app"]
+provider = "postgres-password"
+credentials = {{ admin = "admin" }}
+settings = {{ strategy = "alternating", usernames = ["{a}", "{b}"] }}
+grace = "2s"
+"#
+            ),
+        );
+        let daemon = env.start_daemon();
+        wait_done(&env, "pg/app", 1);
+        daemon.terminate();
+        // Killed (abort, like kill -9) right after the step's commit.
+        let daemon = env.start_daemon_with(&[("FAILPOINTS", &format!("{point}=return"))]);
+        env.ok(&["rotate", "pg/app", "--no-wait"], None);
+        assert!(daemon.wait_crash(Duration::from_secs(30)), "{point}");
+        let _daemon = env.start_daemon();
+        wait_done(&env, "pg/app", 2);
+        let (value, user) = current(&env, "pg/app");
+        assert_eq!(user, a, "{point}");
+        assert_eq!(pg.psql(&a, &value, "SELECT 1").unwrap(), "1", "{point}");
+        // The other user, not in use, has no password left once the rotation is done.
+        wait_for(
+            &format!("{b} without a password after {point}"),
+            Duration::from_secs(30),
+            || {
+                (pg.admin(&format!(
+                    "SELECT rolpassword IS NULL FROM pg_authid WHERE rolname = '{b}'"
+                )) == "t")
+                    .then_some(())
+            },
+        );
+    }
 }
