@@ -1,6 +1,7 @@
 //! Agent policies: deny by default; a `[[policy]]` allows a peer (by uid, gid, executable path
 //! or executable hash) to fetch secrets whose names match its globs, with leases up to its
-//! `max_ttl`. Policies are tried in order and the first that matches decides.
+//! `max_ttl`, and to call through the brokers it lists, within its `budget`. Policies are tried
+//! in order and the first that matches decides.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -863,3 +863,85 @@ grace = "2s"
         );
     }
 }
+
+#[test]
+fn postgres_single_a_client_that_refetches_and_retries_with_backoff_never_fails_across_10_rotations()
+ {
+    let Some(pg) = Postgres::start() else { return };
+    pg.admin("CREATE ROLE app LOGIN PASSWORD 'initial-password'");
+    let env = env_with(
+        &pg.admin_url(),
+        r#"[secrets."pg/app"]
+provider = "postgres-password"
+credentials = { admin = "admin" }
+settings = { username = "app" }
+grace = "0s"
+"#,
+    );
+    let _daemon = env.start_daemon();
+    wait_done(&env, "pg/app", 1);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // What the README tells clients of `single` to do: a refused login means the password
+    // changed and its new version is not served yet (it is verified first); fetch again and
+    // retry, backing off, for a few seconds.
+    let client = {
+        let (socket, port, stop) = (env.agent_socket(), pg.port, stop.clone());
+        std::thread::spawn(move || {
+            let login = |password: &str| {
+                Command::new("psql")
+                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-d", "postgres"])
+                    .args(["-U", "app", "-XAtqc", "SELECT 1"])
+                    .env("PGPASSWORD", password)
+                    .output()
+                    .unwrap()
+                    .status
+                    .success()
+            };
+            let fetch = || {
+                let (status, body) = curl(&socket, "GET", "/v1/secrets/pg/app?ttl=30", &[]);
+                assert_eq!(status, 200, "{body}");
+                let got: Value = serde_json::from_str(&body).unwrap();
+                got["value"].as_str().unwrap().to_string()
+            };
+            let (mut logins, mut refused, mut failed) = (0u32, 0u32, 0u32);
+            let mut longest = Duration::ZERO;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                logins += 1;
+                if login(&fetch()) {
+                    continue;
+                }
+                refused += 1;
+                let since = std::time::Instant::now();
+                let mut pause = Duration::from_millis(20);
+                loop {
+                    // The client's own backoff between retries.
+                    std::thread::sleep(pause);
+                    if login(&fetch()) {
+                        longest = longest.max(since.elapsed());
+                        break;
+                    }
+                    if since.elapsed() > Duration::from_secs(5) {
+                        failed += 1;
+                        break;
+                    }
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+            }
+            (logins, refused, failed, longest)
+        })
+    };
+    for _ in 0..10 {
+        rotate(&env, "pg/app");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (logins, refused, failed, longest) = client.join().unwrap();
+    eprintln!(
+        "single: {logins} logins, {refused} refused, {failed} failed after 5 s of retries, \
+         longest wait for the new version {longest:?}"
+    );
+    assert!(logins >= 10);
+    assert_eq!(
+        failed, 0,
+        "a login still failed after 5 s of fetching again"
+    );
+}
