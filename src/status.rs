@@ -45,7 +45,8 @@ pub fn alert_entry(a: &AlertRecord) -> Value {
 }
 
 /// The `status` report: every secret, the audit chain head, the ten most recent alerts no one
-/// acknowledged, open incidents, and the plugins when a daemon runs.
+/// acknowledged, open incidents, warnings (changes a server did not persist), and the plugins
+/// when a daemon runs.
 pub async fn report(
     store: &Store,
     plugins: Option<&[std::sync::Arc<PluginHost>]>,
@@ -82,9 +83,23 @@ pub async fn report(
             })
         })
         .collect();
+    let warnings: Vec<Value> = store
+        .unpersisted_current_versions()
+        .await?
+        .iter()
+        .map(|name| {
+            json!({
+                "secret": name,
+                "message": "the server did not persist the current version's change (no ACL \
+                            file, no writable config): a restart of it would bring the old \
+                            password back",
+            })
+        })
+        .collect();
     Ok(json!({
         "daemon": { "running": plugins.is_some(), "plugins": plugin_entries },
         "alerts": alerts,
+        "warnings": warnings,
         "incidents": open_incidents,
         "secrets": secrets,
         "audit": {

@@ -309,6 +309,13 @@ pub(crate) async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<Ex
             a["id"]
         );
     }
+    for w in report["warnings"].as_array().into_iter().flatten() {
+        println!(
+            "WARNING {}: {}",
+            w["secret"].as_str().unwrap_or(""),
+            w["message"].as_str().unwrap_or("")
+        );
+    }
     for i in report["incidents"].as_array().into_iter().flatten() {
         println!(
             "OPEN INCIDENT {} (started {}, scope {}): see `keywarden incident show {}`",

@@ -477,6 +477,25 @@ grace = "0s"
     let (v2, _) = current(&env, "redis/app");
     assert_eq!(redis_cli(&user, &v2, &["ACL", "WHOAMI"]).unwrap(), user);
     assert!(redis_cli(&user, &v1, &["PING"]).is_err());
+    // This Redis has no ACL file and no config file: status says the change is not persisted.
+    let persisted = admin(&["CONFIG", "GET", "aclfile"]);
+    if String::from_utf8_lossy(&persisted.stdout)
+        .lines()
+        .nth(1)
+        .unwrap_or("")
+        .is_empty()
+    {
+        let status: Value = serde_json::from_str(&env.ok(&["status", "--json"], None)).unwrap();
+        assert!(
+            status["warnings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w["secret"] == "redis/app"),
+            "{}",
+            status["warnings"]
+        );
+    }
     admin(&["ACL", "DELUSER", &user]);
 }
 

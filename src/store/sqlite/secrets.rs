@@ -401,6 +401,18 @@ impl SqliteStore {
         self.summaries(None).await
     }
 
+    /// Secrets whose current version a plugin marked as not persisted upstream
+    /// (`meta.acl_persisted = false`: a restart of the server would undo the change).
+    pub async fn unpersisted_current_versions(&self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT s.name FROM versions v JOIN secrets s ON s.id = v.secret_id \
+             WHERE v.stage = 'current' AND json_extract(v.meta, '$.acl_persisted') = 0 \
+             ORDER BY s.name",
+        )
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
     /// Every secret's name, provider, tags and current version: what start-up needs, in one
     /// narrow read.
     pub async fn registered(&self) -> Result<Vec<Registered>, StoreError> {
