@@ -1,7 +1,7 @@
 //! What every engine reads from a request: the strategy, the user(s), the admin connection, the
 //! new password, and a lease user's name.
 
-use keywarden_plugin_sdk::{Credential, ErrReply, Request, Secret};
+use keywarden_plugin_sdk::{Credential, ErrReply, OkReply, Request, Secret};
 use serde_json::Value;
 
 /// How a secret's password rotates.
@@ -197,6 +197,16 @@ pub fn random_password() -> Secret {
         return random_password();
     }
     Secret::new(password)
+}
+
+/// A reply with a credential: its value, `meta` (a JSON object) and, for an issued one, when
+/// it expires.
+pub fn reply(value: Secret, meta: Value, expires_at: Option<String>) -> OkReply {
+    OkReply {
+        value: Some(value),
+        meta: meta.as_object().cloned().unwrap_or_default(),
+        expires_at,
+    }
 }
 
 /// The lease's time to live, seconds (at least one).

@@ -191,10 +191,7 @@ async fn create(request: &Request) -> Result<OkReply, ErrReply> {
     }
     let _ = conn.close().await;
     let meta = json!({ "username": target.user });
-    Ok(OkReply::credential(
-        password.clone(),
-        meta.as_object().expect("an object").clone(),
-    ))
+    Ok(common::reply(password.clone(), meta, None))
 }
 
 async fn revoke(request: &Request) -> Result<OkReply, ErrReply> {
@@ -290,11 +287,7 @@ async fn issue(request: &Request) -> Result<OkReply, ErrReply> {
     .map_err(|e| error("computing the expiry", e))?;
     let _ = conn.close().await;
     let meta = json!({ "username": user, "lease": true });
-    Ok(OkReply {
-        value: Some(password),
-        meta: meta.as_object().expect("an object").clone(),
-        expires_at: Some(expires_at),
-    })
+    Ok(common::reply(password, meta, Some(expires_at)))
 }
 
 /// An error while `what`. A refused login or a password the server's policy rejects fails

@@ -132,10 +132,7 @@ async fn create(request: &Request) -> Result<OkReply, ErrReply> {
     }
     let _ = conn.close().await;
     let meta = json!({ "username": target.user });
-    Ok(OkReply::credential(
-        password.clone(),
-        meta.as_object().expect("an object").clone(),
-    ))
+    Ok(common::reply(password.clone(), meta, None))
 }
 
 async fn revoke(request: &Request) -> Result<OkReply, ErrReply> {
@@ -202,11 +199,7 @@ async fn issue(request: &Request) -> Result<OkReply, ErrReply> {
     }
     let _ = conn.close().await;
     let meta = json!({ "username": user, "lease": true });
-    Ok(OkReply {
-        value: Some(password),
-        meta: meta.as_object().expect("an object").clone(),
-        expires_at: Some(expires_at),
-    })
+    Ok(common::reply(password, meta, Some(expires_at)))
 }
 
 /// An error while `what`: refused logins and policy rejections are not worth retrying with the

@@ -174,10 +174,7 @@ async fn create(request: &Request) -> Result<OkReply, ErrReply> {
     acl_setuser(&mut conn, &target.user, &rules).await?;
     let persisted = persist(&mut conn).await;
     let meta = json!({ "username": target.user, "acl_persisted": persisted });
-    Ok(OkReply::credential(
-        password.clone(),
-        meta.as_object().expect("an object").clone(),
-    ))
+    Ok(common::reply(password.clone(), meta, None))
 }
 
 async fn revoke(request: &Request) -> Result<OkReply, ErrReply> {
@@ -242,11 +239,7 @@ async fn issue(request: &Request) -> Result<OkReply, ErrReply> {
     acl_setuser(&mut conn, &user, &rules).await?;
     let persisted = persist(&mut conn).await;
     let meta = json!({ "username": user, "lease": true, "acl_persisted": persisted });
-    Ok(OkReply {
-        value: Some(password),
-        meta: meta.as_object().expect("an object").clone(),
-        expires_at: None,
-    })
+    Ok(common::reply(password, meta, None))
 }
 
 /// An error while `what`, never with the command's arguments (passwords).
