@@ -114,12 +114,15 @@ impl Broker {
     }
 }
 
+/// A config error: the key and the message.
+type Invalid = (&'static str, String);
+
 /// Checks and resolves `[brokers.NAME]`; on error, the key and the message.
 pub fn compile(
     name: &str,
     c: &BrokerConfig,
     secret_declared: impl Fn(&str) -> bool,
-) -> Result<Broker, (&'static str, String)> {
+) -> Result<Broker, Invalid> {
     if name.is_empty()
         || !name
             .bytes()
@@ -127,19 +130,46 @@ pub fn compile(
     {
         return Err(("", "a broker's name is letters, digits, '-' and '_'".into()));
     }
-    let upstream = |preset: Preset, given: &Option<String>, key: &'static str| {
-        let url = given
-            .clone()
-            .or_else(|| preset.upstream().map(str::to_string))
-            .ok_or((key, format!("preset {preset:?} needs an upstream URL")))?;
-        if !(url.starts_with("https://") || url.starts_with("http://127.0.0.1")) {
-            return Err((
-                key,
-                format!("{url:?} must be an https:// URL (or http://127.0.0.1 for tests)"),
-            ));
-        }
-        Ok(url)
+    let routes = routes(c)?;
+    if let Some(r) = routes.iter().find(|r| !secret_declared(&r.secret)) {
+        return Err((
+            "secret",
+            format!("{:?} is not a declared [secrets] entry", r.secret),
+        ));
+    }
+    let allowed = match &c.paths {
+        Some(paths) => paths
+            .iter()
+            .map(|p| Allowed::parse(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ("paths", e))?,
+        None => c.preset.allowed(),
     };
+    if allowed.is_empty() {
+        return Err((
+            "paths",
+            "list what agents may call, as \"METHOD /path/prefix\"".into(),
+        ));
+    }
+    if c.max_body_bytes == 0 {
+        return Err(("max_body_bytes", "must be more than zero".into()));
+    }
+    Ok(Broker {
+        name: name.to_string(),
+        allowed,
+        max_body_bytes: c.max_body_bytes,
+        listen: c.listen.as_deref().map(loopback).transpose()?,
+        routes: BrokerRoutes {
+            routes,
+            connect_timeout_ms: c.connect_timeout.as_millis() as u64,
+            first_byte_timeout_ms: c.first_byte_timeout.as_millis() as u64,
+            idle_timeout_ms: c.idle_timeout.as_millis() as u64,
+        },
+    })
+}
+
+/// The primary route, then the fallbacks, each with its upstream, key header and the CA.
+fn routes(c: &BrokerConfig) -> Result<Vec<RouteSpec>, Invalid> {
     let ca_pem = match &c.ca_file {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -175,56 +205,36 @@ pub fn compile(
             }
         });
     }
-    if let Some(r) = routes.iter().find(|r| !secret_declared(&r.secret)) {
+    Ok(routes)
+}
+
+/// The upstream URL given, else the preset's: https (or plain http to 127.0.0.1, for tests).
+fn upstream(preset: Preset, given: &Option<String>, key: &'static str) -> Result<String, Invalid> {
+    let url = given
+        .clone()
+        .or_else(|| preset.upstream().map(str::to_string))
+        .ok_or((key, format!("preset {preset:?} needs an upstream URL")))?;
+    if !(url.starts_with("https://") || url.starts_with("http://127.0.0.1")) {
         return Err((
-            "secret",
-            format!("{:?} is not a declared [secrets] entry", r.secret),
+            key,
+            format!("{url:?} must be an https:// URL (or http://127.0.0.1 for tests)"),
         ));
     }
-    let allowed = match &c.paths {
-        Some(paths) => paths
-            .iter()
-            .map(|p| Allowed::parse(p))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ("paths", e))?,
-        None => c.preset.allowed(),
-    };
-    if allowed.is_empty() {
+    Ok(url)
+}
+
+/// `listen`: a loopback address (the broker only serves this host).
+fn loopback(text: &str) -> Result<std::net::SocketAddr, Invalid> {
+    let addr: std::net::SocketAddr = text
+        .parse()
+        .map_err(|e| ("listen", format!("{text:?}: {e}")))?;
+    if !addr.ip().is_loopback() {
         return Err((
-            "paths",
-            "list what agents may call, as \"METHOD /path/prefix\"".into(),
+            "listen",
+            format!("{addr} is not a loopback address: the broker only serves this host"),
         ));
     }
-    let listen = match &c.listen {
-        Some(text) => {
-            let addr: std::net::SocketAddr = text
-                .parse()
-                .map_err(|e| ("listen", format!("{text:?}: {e}")))?;
-            if !addr.ip().is_loopback() {
-                return Err((
-                    "listen",
-                    format!("{addr} is not a loopback address: the broker only serves this host"),
-                ));
-            }
-            Some(addr)
-        }
-        None => None,
-    };
-    if c.max_body_bytes == 0 {
-        return Err(("max_body_bytes", "must be more than zero".into()));
-    }
-    Ok(Broker {
-        name: name.to_string(),
-        allowed,
-        max_body_bytes: c.max_body_bytes,
-        listen,
-        routes: BrokerRoutes {
-            routes,
-            connect_timeout_ms: c.connect_timeout.as_millis() as u64,
-            first_byte_timeout_ms: c.first_byte_timeout.as_millis() as u64,
-            idle_timeout_ms: c.idle_timeout.as_millis() as u64,
-        },
-    })
+    Ok(addr)
 }
 
 /// The brokers as the daemon runs them: their settings, the process, the budgets' counters and
