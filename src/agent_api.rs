@@ -211,6 +211,7 @@ async fn issue_and_grant(
         .await?
         .ok_or_else(|| VaultError::NoSuchSecret(name.to_string()))?;
     store.journal_issue(lease_id, &secret.id, name, now).await?;
+    crash_point!("lease.issue-journaled");
     let revoke = |target: Option<Credential>| async move {
         match services
             .engine
@@ -230,7 +231,10 @@ async fn issue_and_grant(
         }
     };
     let served = match issue(services, &secret, name, lease_id, ttl, now).await {
-        Ok(served) => served,
+        Ok(served) => {
+            crash_point!("lease.issued");
+            served
+        }
         Err(e) => {
             // The plugin may have issued before failing (a timeout, a crash).
             revoke(None).await;
@@ -364,6 +368,7 @@ async fn grant(
         });
     // A repeated fetch by the same peer of the same version gets the lease it holds, extended.
     let granted = services.leases.grant(lease, audit).await?;
+    crash_point!("lease.granted");
     let reply = FetchReply {
         name,
         version: served.version,

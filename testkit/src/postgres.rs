@@ -17,6 +17,11 @@ impl Postgres {
     /// Starts one, or `None` (with a note) where it cannot run here: no server binaries, or
     /// not root (the cluster runs as the `postgres` user). Under CI its absence fails.
     pub fn start() -> Option<Postgres> {
+        Postgres::start_with(&[])
+    }
+
+    /// Starts one with extra server settings (`name=value`, as `postgres -c` takes them).
+    pub fn start_with(settings: &[&str]) -> Option<Postgres> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|mut d| d.next())
@@ -74,10 +79,13 @@ impl Postgres {
             ],
         );
         let port = free_port();
-        let options = format!(
+        let mut options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1",
             dir.path().display()
         );
+        for setting in settings {
+            options.push_str(&format!(" -c {setting}"));
+        }
         as_postgres(
             &bin.join("pg_ctl"),
             &[
@@ -138,6 +146,11 @@ impl Postgres {
         } else {
             Err(String::from_utf8_lossy(&out.stderr).into_owned())
         }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
     }
 
     /// `psql` as the superuser; panics on failure.

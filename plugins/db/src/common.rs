@@ -112,9 +112,34 @@ pub fn credential_user<'a>(
     Ok((c, user))
 }
 
-/// Whether a credential is a user issued for one lease (revoke drops it).
-pub fn is_lease_user(credential: &Credential) -> bool {
-    credential.meta.get("lease").and_then(Value::as_bool) == Some(true)
+/// What a `revoke` ends.
+pub enum Revoked<'a> {
+    /// A user issued for one lease: dropped.
+    LeaseUser(String),
+    /// An earlier password of the secret's own user.
+    Rotated {
+        /// The credential to revoke.
+        credential: &'a Credential,
+        /// Its user.
+        user: &'a str,
+    },
+}
+
+/// What a `revoke` request ends: the lease user its target names (`meta.lease`), or the one
+/// its lease id names when it has no target (the daemon died between journaling an `issue`
+/// and learning its answer, and revokes by lease id at its next start), or a rotated password.
+pub fn revoked(request: &Request) -> Result<Revoked<'_>, ErrReply> {
+    match request.target.as_ref() {
+        None if request.lease_id.is_some() => Ok(Revoked::LeaseUser(lease_user(request)?)),
+        target => {
+            let (credential, user) = credential_user(target, "target")?;
+            if credential.meta.get("lease").and_then(Value::as_bool) == Some(true) {
+                Ok(Revoked::LeaseUser(user.to_string()))
+            } else {
+                Ok(Revoked::Rotated { credential, user })
+            }
+        }
+    }
 }
 
 /// The admin connection: `credentials.admin` is a URL with its password, or a password for the

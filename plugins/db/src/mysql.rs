@@ -12,7 +12,7 @@ use serde_json::json;
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
 use sqlx::{Connection, Executor, Row};
 
-use crate::common::{self, Strategy};
+use crate::common::{self, Revoked, Strategy};
 
 /// Answers one request of kind `mysql-password`.
 pub async fn handle(request: &Request, op: Op) -> Result<OkReply, ErrReply> {
@@ -195,21 +195,24 @@ async fn create(request: &Request) -> Result<OkReply, ErrReply> {
 }
 
 async fn revoke(request: &Request) -> Result<OkReply, ErrReply> {
-    let (target, user) = common::credential_user(request.target.as_ref(), "target")?;
+    let revoked = common::revoked(request)?;
     let mut conn = connect_admin(request).await?;
-    if common::is_lease_user(target) {
-        drop_user(&mut conn, request, user).await?;
-    } else if common::strategy(request)? == Strategy::Alternating
-        && exists(&mut conn, request, user).await?
-    {
-        // The user not in use keeps its grants but cannot log in until its next turn.
-        let who = account(&mut conn, request, user).await?;
-        run(
-            &mut conn,
-            &format!("ALTER USER {who} ACCOUNT LOCK"),
-            "ALTER USER",
-        )
-        .await?;
+    match revoked {
+        Revoked::LeaseUser(user) => drop_user(&mut conn, request, &user).await?,
+        Revoked::Rotated { user, .. }
+            if common::strategy(request)? == Strategy::Alternating
+                && exists(&mut conn, request, user).await? =>
+        {
+            // The user not in use keeps its grants but cannot log in until its next turn.
+            let who = account(&mut conn, request, user).await?;
+            run(
+                &mut conn,
+                &format!("ALTER USER {who} ACCOUNT LOCK"),
+                "ALTER USER",
+            )
+            .await?;
+        }
+        Revoked::Rotated { .. } => {}
     }
     let _ = conn.close().await;
     Ok(OkReply::default())

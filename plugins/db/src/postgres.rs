@@ -11,7 +11,7 @@ use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{Connection, Executor};
 
-use crate::common::{self, Strategy};
+use crate::common::{self, Revoked, Strategy};
 
 /// Answers one request of kind `postgres-password`.
 pub async fn handle(request: &Request, op: Op) -> Result<OkReply, ErrReply> {
@@ -136,15 +136,18 @@ async fn create(request: &Request) -> Result<OkReply, ErrReply> {
 }
 
 async fn revoke(request: &Request) -> Result<OkReply, ErrReply> {
-    let (target, user) = common::credential_user(request.target.as_ref(), "target")?;
+    let revoked = common::revoked(request)?;
     let mut conn = connect_admin(request).await?;
-    if common::is_lease_user(target) {
-        drop_role(&mut conn, user).await?;
-    } else if common::strategy(request)? == Strategy::Alternating
-        && role_exists(&mut conn, user).await?
-    {
-        // The user not in use keeps its rights for the next turn but no password.
-        run(&mut conn, "ALTER ROLE %I WITH PASSWORD NULL", &[user]).await?;
+    match revoked {
+        Revoked::LeaseUser(user) => drop_role(&mut conn, &user).await?,
+        Revoked::Rotated { user, .. }
+            if common::strategy(request)? == Strategy::Alternating
+                && role_exists(&mut conn, user).await? =>
+        {
+            // The user not in use keeps its rights for the next turn but no password.
+            run(&mut conn, "ALTER ROLE %I WITH PASSWORD NULL", &[user]).await?;
+        }
+        Revoked::Rotated { .. } => {}
     }
     // `single`: the old password was replaced at `create`; nothing is left to revoke.
     let _ = conn.close().await;

@@ -12,7 +12,7 @@ use keywarden_plugin_sdk::{ErrReply, OkReply, Op, Request, Secret};
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
-use crate::common::{self, Strategy};
+use crate::common::{self, Revoked, Strategy};
 
 /// Answers one request of kind `redis-acl`.
 pub async fn handle(request: &Request, op: Op) -> Result<OkReply, ErrReply> {
@@ -178,44 +178,48 @@ async fn create(request: &Request) -> Result<OkReply, ErrReply> {
 }
 
 async fn revoke(request: &Request) -> Result<OkReply, ErrReply> {
-    let (target, user) = common::credential_user(request.target.as_ref(), "target")?;
+    let revoked = common::revoked(request)?;
     let mut conn = connect_admin(request).await?;
-    if common::is_lease_user(target) {
-        let _: redis::Value = redis::cmd("ACL")
-            .arg("DELUSER")
-            .arg(user)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| error("ACL DELUSER", e))?;
-        let _: redis::Value = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("USER")
-            .arg(user)
-            .query_async(&mut conn)
-            .await
-            .unwrap_or(redis::Value::Nil);
-    } else {
-        // Remove just the old password (the new one stays); alternating also turns the user
-        // not in use off until its next turn.
-        let mut rules = vec![format!("<{}", target.value.expose())];
-        if common::strategy(request)? == Strategy::Alternating {
-            rules.push("off".into());
+    match revoked {
+        Revoked::LeaseUser(user) => {
+            let _: redis::Value = redis::cmd("ACL")
+                .arg("DELUSER")
+                .arg(&user)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| error("ACL DELUSER", e))?;
+            let _: redis::Value = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("USER")
+                .arg(&user)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(redis::Value::Nil);
+            persist(&mut conn).await;
         }
-        match acl_setuser(&mut conn, user, &rules).await {
-            Ok(()) => {}
-            // Removing a password the user no longer has: already revoked.
-            Err(e)
-                if e.message.contains("no such password")
-                    || e.message.contains("doesn't exist") => {}
-            Err(e) => return Err(e),
+        Revoked::Rotated { credential, user } => {
+            // Remove just the old password (the new one stays); alternating also turns the
+            // user not in use off until its next turn.
+            let mut rules = vec![format!("<{}", credential.value.expose())];
+            if common::strategy(request)? == Strategy::Alternating {
+                rules.push("off".into());
+            }
+            match acl_setuser(&mut conn, user, &rules).await {
+                Ok(()) => {}
+                // Removing a password the user no longer has: already revoked.
+                Err(e)
+                    if e.message.contains("no such password")
+                        || e.message.contains("doesn't exist") => {}
+                Err(e) => return Err(e),
+            }
+            persist(&mut conn).await;
+            // Prove it: the old password no longer logs in.
+            if logs_in(request, user, &credential.value).await? {
+                return Err(ErrReply::retryable(format!(
+                    "{user} still logs in with the revoked password"
+                )));
+            }
         }
-    }
-    persist(&mut conn).await;
-    // Prove it: the old password no longer logs in.
-    if logs_in(request, user, &target.value).await? {
-        return Err(ErrReply::retryable(format!(
-            "{user} still logs in with the revoked password"
-        )));
     }
     Ok(OkReply::default())
 }

@@ -822,14 +822,7 @@ fn has_crash_points() -> bool {
 #[test]
 fn postgres_a_daemon_killed_at_each_step_of_a_rotation_converges_to_one_valid_password() {
     let Some(pg) = Postgres::start() else { return };
-    if !has_crash_points() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "keywarden was built without crash points"
-        );
-        eprintln!(
-            "skipping: keywarden was built without crash points (run through cargo test --workspace)"
-        );
+    if !crash_points_built() {
         return;
     }
     for (i, point) in [
@@ -881,6 +874,275 @@ grace = "2s"
             },
         );
     }
+}
+
+#[test]
+fn postgres_a_daemon_killed_while_issuing_a_lease_user_leaves_no_user_behind() {
+    let Some(pg) = Postgres::start() else { return };
+    if !crash_points_built() {
+        return;
+    }
+    pg.admin("CREATE ROLE readers NOLOGIN");
+    let env = env_with(
+        &pg.admin_url(),
+        r#"[secrets."pg/lease"]
+provider = "postgres-lease"
+credentials = { admin = "admin" }
+settings = { group_role = "readers" }
+"#,
+    );
+    let lease_users = || pg.admin("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'kw\\_%'");
+    crash_while_issuing(&env, "pg/lease", &|| lease_users().parse().unwrap());
+}
+
+#[test]
+fn postgres_a_password_the_servers_policy_rejects_is_not_retried_and_the_next_rotation_proposes_another()
+ {
+    // passwordcheck refuses a password that contains the user's name; `log_statement` shows
+    // each password the plugin sent.
+    let Some(pg) = Postgres::start_with(&[
+        "shared_preload_libraries=passwordcheck",
+        "log_statement=ddl",
+    ]) else {
+        return;
+    };
+    pg.admin("CREATE ROLE e LOGIN PASSWORD 'initial-pw-1234'");
+    // Every hex password of 4,096 characters contains "e".
+    let env = env_with(
+        &pg.admin_url(),
+        r#"[secrets."pg/app"]
+provider = "postgres-password"
+credentials = { admin = "admin" }
+settings = { username = "e" }
+generate = { length = 4096, charset = "hex" }
+grace = "0s"
+"#,
+    );
+    let daemon = env.start_daemon();
+    let first = wait_for(
+        "the first rotation to fail",
+        Duration::from_secs(30),
+        || {
+            let e = env.entry("pg/app");
+            // The failure is counted against the secret just after the rotation ends.
+            (e["rotation_state"] == "failed" && e["last_error"].is_string()).then_some(e)
+        },
+    );
+    let error = first["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("password must not contain user name") && error.contains("22023"),
+        "the error names the rule: {first}"
+    );
+    let out = env.run(&["rotate", "pg/app", "--json"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["state"], "failed", "{result}");
+    // One statement per rotation, never a rejected value sent again, each rotation its own.
+    let sent: Vec<String> = pg
+        .log()
+        .lines()
+        .filter_map(|l| {
+            l.split("statement: ALTER ROLE e WITH LOGIN PASSWORD '")
+                .nth(1)
+        })
+        .map(|p| p.trim_end_matches('\'').to_string())
+        .collect();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_ne!(sent[0], sent[1]);
+    assert!(sent.iter().all(|p| p.len() == 4096 && p.contains('e')));
+    // Nothing changed upstream, and no rejected value reached the log or `status`.
+    assert_eq!(pg.psql("e", "initial-pw-1234", "SELECT 1").unwrap(), "1");
+    let status = env.ok(&["status", "--json"], None);
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    for value in &sent {
+        assert!(!log.contains(value.as_str()) && !status.contains(value.as_str()));
+    }
+}
+
+/// Kills the daemon (abort, like kill -9) right after each step of a rotation of `name`,
+/// restarting it each time: the rotation finishes, the current credential logs in
+/// (`logs_in(user, password)`) and the one it replaced does not.
+fn crash_at_each_rotation_step(env: &Env, name: &str, logs_in: &dyn Fn(&str, &str) -> bool) {
+    let daemon = env.start_daemon();
+    wait_done(env, name, 1);
+    daemon.terminate();
+    for (i, point) in [
+        "rotation.created",
+        "rotation.verified",
+        "rotation.promoted",
+        "rotation.pushed",
+        "rotation.draining",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (old_value, old_user) = current(env, name);
+        let daemon = env.start_daemon_with(&[("FAILPOINTS", &format!("{point}=return"))]);
+        env.ok(&["rotate", name, "--no-wait"], None);
+        assert!(daemon.wait_crash(Duration::from_secs(30)), "{point}");
+        let daemon = env.start_daemon();
+        wait_done(env, name, i as i64 + 2);
+        let (value, user) = current(env, name);
+        assert!(logs_in(&user, &value), "{name} after {point}");
+        wait_for(
+            &format!("{name}: the replaced credential refused after {point}"),
+            Duration::from_secs(30),
+            || (!logs_in(&old_user, &old_value)).then_some(()),
+        );
+        daemon.terminate();
+    }
+}
+
+/// Kills the daemon right after it journals an issue (nothing upstream yet), after the plugin
+/// made the lease user (no lease yet: the next start revokes it by lease id), and after the
+/// lease is committed (its end, after the restart, drops the user): no lease user is left
+/// (`lease_users()` counts them) once the restarted daemon has caught up.
+fn crash_while_issuing(env: &Env, name: &str, lease_users: &dyn Fn() -> usize) {
+    for (point, users_at_crash) in [
+        ("lease.issue-journaled", 0),
+        ("lease.issued", 1),
+        ("lease.granted", 1),
+    ] {
+        let daemon = env.start_daemon_with(&[("FAILPOINTS", &format!("{point}=return"))]);
+        let (status, _) = curl(
+            &env.agent_socket(),
+            "GET",
+            &format!("/v1/secrets/{name}?ttl=2"),
+            &[],
+        );
+        assert_ne!(status, 200, "{point}: the daemon answered");
+        assert!(daemon.wait_crash(Duration::from_secs(30)), "{point}");
+        assert_eq!(lease_users(), users_at_crash, "{name} at {point}");
+        let daemon = env.start_daemon();
+        wait_for(
+            &format!("no lease user of {name} left after {point}"),
+            Duration::from_secs(30),
+            || (lease_users() == 0).then_some(()),
+        );
+        daemon.terminate();
+    }
+    let audit = env.ok(&["audit", "tail", "-n", "500", "--json"], None);
+    assert!(audit.contains("lease.orphan_revoked"), "{audit}");
+}
+
+/// Skips (outside CI) when the `keywarden` under test was built without crash points.
+fn crash_points_built() -> bool {
+    if has_crash_points() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "keywarden was built without crash points"
+    );
+    eprintln!(
+        "skipping: keywarden was built without crash points (run through cargo test --workspace)"
+    );
+    false
+}
+
+#[test]
+fn mariadb_a_daemon_killed_at_each_step_of_a_rotation_or_a_lease_issue_converges() {
+    let Some(url) = service("KEYWARDEN_TEST_MYSQL_URL") else {
+        return;
+    };
+    if !crash_points_built() {
+        return;
+    }
+    let tag = format!("kwc{}", std::process::id());
+    let (a, b) = (format!("{tag}_a"), format!("{tag}_b"));
+    for u in [&a, &b] {
+        mariadb("root", "", &format!("DROP USER IF EXISTS '{u}'@'%'")).unwrap();
+    }
+    mariadb("root", "", &format!("CREATE USER '{a}'@'%' IDENTIFIED BY 'initial-password'; GRANT SELECT ON test.* TO '{a}'@'%'")).unwrap();
+    let env = env_with(
+        &url,
+        &format!(
+            r#"[secrets."my/app"]
+provider = "mysql-password"
+credentials = {{ admin = "admin" }}
+settings = {{ strategy = "alternating", usernames = ["{a}", "{b}"] }}
+grace = "0s"
+
+[secrets."my/lease"]
+provider = "mysql-lease"
+credentials = {{ admin = "admin" }}
+settings = {{ grants = ["SELECT ON test.*"], lease_prefix = "{tag}_l" }}
+"#
+        ),
+    );
+    crash_at_each_rotation_step(&env, "my/app", &|user, password| {
+        mariadb(user, password, "SELECT 1").is_ok()
+    });
+    crash_while_issuing(&env, "my/lease", &|| {
+        mariadb(
+            "root",
+            "",
+            &format!("SELECT COUNT(*) FROM mysql.user WHERE User LIKE '{tag}\\_l%'"),
+        )
+        .unwrap()
+        .parse()
+        .unwrap()
+    });
+    for u in [&a, &b] {
+        mariadb("root", "", &format!("DROP USER IF EXISTS '{u}'@'%'")).unwrap();
+    }
+}
+
+#[test]
+fn redis_a_daemon_killed_at_each_step_of_a_rotation_or_a_lease_issue_converges() {
+    let Some(url) = service("KEYWARDEN_TEST_REDIS_URL") else {
+        return;
+    };
+    if !crash_points_built() {
+        return;
+    }
+    let tag = format!("kwc{}", std::process::id());
+    let (a, b) = (format!("{tag}_a"), format!("{tag}_b"));
+    let admin = |args: &[&str]| {
+        let out = Command::new("redis-cli")
+            .args(["-u", &url])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    admin(&["ACL", "DELUSER", &a, &b]);
+    admin(&[
+        "ACL",
+        "SETUSER",
+        &a,
+        "reset",
+        "on",
+        ">initial-password",
+        "~app:*",
+        "+get",
+    ]);
+    let env = env_with(
+        &url,
+        &format!(
+            r#"[secrets."redis/app"]
+provider = "redis-acl"
+credentials = {{ admin = "admin" }}
+settings = {{ strategy = "alternating", usernames = ["{a}", "{b}"] }}
+grace = "0s"
+
+[secrets."redis/lease"]
+provider = "redis-lease"
+credentials = {{ admin = "admin" }}
+settings = {{ rules = ["~app:*", "+get"], lease_prefix = "{tag}_l" }}
+"#
+        ),
+    );
+    crash_at_each_rotation_step(&env, "redis/app", &|user, password| {
+        redis_cli(user, password, &["PING"]).is_ok_and(|out| out == "PONG")
+    });
+    crash_while_issuing(&env, "redis/lease", &|| {
+        admin(&["ACL", "USERS"])
+            .lines()
+            .filter(|u| u.starts_with(&format!("{tag}_l")))
+            .count()
+    });
+    admin(&["ACL", "DELUSER", &a, &b]);
 }
 
 #[test]
