@@ -80,6 +80,15 @@ struct PasswdBody {
     new: String,
 }
 
+/// The body of `POST /v1/admin/rekey`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RekeyBody {
+    passphrase: String,
+    #[serde(default)]
+    data_keys: bool,
+}
+
 /// The body of `POST /v1/admin/copies`: candidate values found in plaintext (`scan`).
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -354,6 +363,32 @@ impl AdminApi {
         }
     }
 
+    /// `POST /v1/admin/rekey` `{"passphrase","data_keys"}`: a new root key (and with
+    /// `data_keys`, new data keys and every value re-encrypted), if `passphrase` opens the
+    /// store. Sealing and opening pause meanwhile; the daemon serves with the new keys after.
+    async fn rekey(&self, body: &Bytes, peer: Peer) -> Response<Full<Bytes>> {
+        let Ok(body) = serde_json::from_slice::<RekeyBody>(body) else {
+            return http::error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the body must be {\"passphrase\": STRING, \"data_keys\": BOOL}",
+            );
+        };
+        let passphrase = zeroize::Zeroizing::new(body.passphrase);
+        match self
+            .services
+            .vault
+            .rekey(&passphrase, &Self::actor(peer), body.data_keys)
+            .await
+        {
+            Ok(count) => http::json(
+                StatusCode::OK,
+                &json!({ "data_keys": count, "data_keys_replaced": body.data_keys }),
+            ),
+            Err(e) => vault_error(e),
+        }
+    }
+
     /// `POST /v1/admin/copies` `{"values":[…]}`: for each value, the stored versions it is a
     /// plaintext copy of (`[[{"secret","version","stage"}]]`), matched by keyed fingerprint.
     async fn copies(&self, body: &Bytes) -> Response<Full<Bytes>> {
@@ -603,13 +638,14 @@ impl Handler for AdminApi {
             (_, p)
                 if (p.starts_with("/v1/admin/secrets/")
                     || p == "/v1/admin/passwd"
+                    || p == "/v1/admin/rekey"
                     || p == "/v1/admin/copies")
                     && !Self::owns_the_store(peer) =>
             {
                 http::error(
                     StatusCode::FORBIDDEN,
                     "forbidden",
-                    "values and the passphrase are for root and the daemon's user only",
+                    "values, keys and the passphrase are for root and the daemon's user only",
                 )
             }
             (method, p) if p.starts_with("/v1/admin/secrets/") => {
@@ -620,6 +656,7 @@ impl Handler for AdminApi {
             (&Method::POST, "/v1/admin/passwd") => {
                 self.passwd(request.body(), peer, self.kdf).await
             }
+            (&Method::POST, "/v1/admin/rekey") => self.rekey(request.body(), peer).await,
             (&Method::POST, "/v1/admin/copies") => self.copies(request.body()).await,
             (&Method::GET, "/v1/admin/alerts") => {
                 match self.services.vault.store().recent_alerts(100, false).await {

@@ -230,7 +230,7 @@ async fn issue_and_grant(
             ),
         }
     };
-    let served = match issue(services, &secret, name, lease_id, ttl, now).await {
+    let mut served = match issue(services, &secret, name, lease_id, ttl, now).await {
         Ok(served) => {
             crash_point!("lease.issued");
             served
@@ -246,7 +246,28 @@ async fn issue_and_grant(
         value: Secret::new(served.value.expose()),
         meta: served.meta.clone(),
     };
-    match grant(services, who, policy, name, lease_id, served, now).await {
+    // Sealed to the lease and committed with it under the keys in use (see `KeysInUse`); the
+    // record is read again under them, as a rekey may have replaced its data key.
+    let keys = services.vault.keys_in_use().await;
+    let granted = async {
+        let secret = store
+            .secret(name)
+            .await?
+            .filter(|s| s.id == served.secret_id)
+            .ok_or_else(|| VaultError::NoSuchSecret(name.to_string()))?;
+        let sealed = services.vault.seal_bound(
+            &keys,
+            &secret,
+            Bound::Issued(lease_id),
+            &served.value,
+            &served.meta,
+        )?;
+        served.sealed = Some(sealed);
+        grant(services, who, policy, name, lease_id, served, now).await
+    }
+    .await;
+    drop(keys);
+    match granted {
         Ok(granted) => Ok(granted),
         Err(e) => {
             revoke(Some(target)).await;
@@ -255,7 +276,7 @@ async fn issue_and_grant(
     }
 }
 
-/// Mints a credential for lease `lease_id` through the secret's plugin, sealed to the lease.
+/// Mints a credential for lease `lease_id` through the secret's plugin (not sealed yet).
 async fn issue(
     services: &Services,
     secret: &SecretRecord,
@@ -298,7 +319,7 @@ async fn issue(
         .map(|t| t.timestamp_millis());
     let vault = &services.vault;
     Ok(Served {
-        sealed: Some(vault.seal_bound(secret, Bound::Issued(lease_id), &value, &reply.meta)?),
+        sealed: None,
         fingerprint: short_fingerprint(&vault.fingerprint(value.expose().as_bytes())),
         secret_id: secret.id.clone(),
         version: None,

@@ -221,13 +221,18 @@ pub fn short_fingerprint(fingerprint: &[u8]) -> String {
     crypto::hex(&fingerprint[..fingerprint.len().min(8)])
 }
 
+/// The keys a `rekey` keeps.
 struct Keyring {
-    root: SymmetricKey,
     fingerprint: FingerprintKey,
     /// Derived from the fingerprint key: audit seals and current-version MACs.
     integrity: IntegrityKey,
     /// Whether this store keeps current-version MACs (a missing one is then tampering).
     current_macs: bool,
+}
+
+/// The root key, which wraps every data key, and its generation: `rekey` replaces both.
+struct RootKey {
+    key: SymmetricKey,
     generation: i64,
 }
 
@@ -235,6 +240,24 @@ struct Keyring {
 pub struct Vault {
     store: Store,
     keys: Keyring,
+    /// Read-held while values are sealed or opened (and, for a seal, until it is committed);
+    /// write-held by `rekey` while it replaces the keys, so nothing sealed under a key it
+    /// replaces is committed after it, and nothing is opened with a key it just replaced.
+    root: tokio::sync::RwLock<RootKey>,
+}
+
+/// The vault's keys in use: hold it from reading a secret's record to committing what was
+/// sealed under its data key (or to opening a value). A `rekey` waits for every holder and
+/// keeps new ones out until it is done. Never take a second one while holding one: a waiting
+/// `rekey` would block it forever.
+pub struct KeysInUse<'a>(tokio::sync::RwLockReadGuard<'a, RootKey>);
+
+impl std::fmt::Debug for KeysInUse<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeysInUse")
+            .field("generation", &self.0.generation)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Vault {
@@ -287,25 +310,31 @@ impl Vault {
         let fingerprint = FingerprintKey::generate()?;
         let integrity = fingerprint.integrity_key();
         let keys = Keyring {
-            root: SymmetricKey::generate()?,
             fingerprint,
             integrity,
             current_macs: true,
+        };
+        let root = RootKey {
+            key: SymmetricKey::generate()?,
             generation: 1,
         };
         let header = VaultHeader {
             kdf,
             salt: salt.to_vec(),
-            wrapped_root_key: kek.wrap(ROOT_KEY_AAD, &keys.root)?,
-            wrapped_fingerprint_key: keys
-                .root
+            wrapped_root_key: kek.wrap(ROOT_KEY_AAD, &root.key)?,
+            wrapped_fingerprint_key: root
+                .key
                 .wrap_fingerprint_key(FINGERPRINT_KEY_AAD, &keys.fingerprint)?,
-            root_generation: keys.generation,
+            root_generation: root.generation,
         };
         let audit = AuditEvent::new(actor, "vault.init").detail(json!({ "kdf": kdf.to_string() }));
         let store = Store::create(path, &header, audit).await?;
         store.set_integrity_key(keys.integrity.clone());
-        Ok(Vault { store, keys })
+        Ok(Vault {
+            store,
+            keys,
+            root: tokio::sync::RwLock::new(root),
+        })
     }
 
     /// Unlocks an opened store with `passphrase`.
@@ -348,18 +377,25 @@ impl Vault {
         Ok(Vault {
             store,
             keys: Keyring {
-                root,
                 fingerprint,
                 integrity,
                 current_macs,
-                generation: header.root_generation,
             },
+            root: tokio::sync::RwLock::new(RootKey {
+                key: root,
+                generation: header.root_generation,
+            }),
         })
     }
 
     /// The underlying store.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The keys, held until what is sealed under them is committed (see [`KeysInUse`]).
+    pub async fn keys_in_use(&self) -> KeysInUse<'_> {
+        KeysInUse(self.root.read().await)
     }
 
     /// The keyed fingerprint of a value.
@@ -403,13 +439,12 @@ impl Vault {
     }
 
     fn data_key(
-        &self,
+        root: &RootKey,
         name: &str,
         secret_id: &str,
         wrapped: &[u8],
     ) -> Result<SymmetricKey, VaultError> {
-        self.keys
-            .root
+        root.key
             .unwrap_key(&data_key_aad(secret_id), wrapped)
             .map_err(|_| VaultError::Integrity {
                 name: name.to_string(),
@@ -429,12 +464,13 @@ impl Vault {
     ) -> Result<i64, VaultError> {
         name::validate(name)?;
         let fingerprint = self.fingerprint(value.expose().as_bytes());
+        let root = self.root.read().await;
         let mut attempt = 0;
         loop {
             attempt += 1;
             let (target, data_key, version) = match self.store.secret(name).await? {
                 Some(secret) => {
-                    let key = self.data_key(name, &secret.id, &secret.wrapped_data_key)?;
+                    let key = Self::data_key(&root, name, &secret.id, &secret.wrapped_data_key)?;
                     let next = secret.latest_version.unwrap_or(0) + 1;
                     let target = VersionTarget::Existing {
                         secret_id: secret.id,
@@ -445,7 +481,7 @@ impl Vault {
                 None => {
                     let id = uuid::Uuid::new_v4().to_string();
                     let key = SymmetricKey::generate()?;
-                    let wrapped = self.keys.root.wrap(&data_key_aad(&id), &key)?;
+                    let wrapped = root.key.wrap(&data_key_aad(&id), &key)?;
                     let target = VersionTarget::New(NewSecret {
                         id,
                         name: name.to_string(),
@@ -478,7 +514,7 @@ impl Vault {
                 }));
             match self
                 .store
-                .put_version(name, self.keys.generation, &target, &new_version, audit)
+                .put_version(name, root.generation, &target, &new_version, audit)
                 .await
             {
                 Err(StoreError::Conflict(_)) if attempt < CONFLICT_RETRIES => continue,
@@ -494,15 +530,21 @@ impl Vault {
     /// Callers that reveal the value to someone audit it themselves; see [`Vault::get`].
     pub async fn read(&self, name: &str, version: Option<i64>) -> Result<Revealed, VaultError> {
         name::validate(name)?;
+        let root = self.root.read().await;
         let Some(sealed) = self.store.sealed(name, version).await? else {
             return Err(self.missing(name, version).await);
         };
-        self.open_sealed(name, &sealed)
+        self.open_sealed(&root, name, &sealed)
     }
 
     /// Decrypts a version fetched from the store.
-    pub fn open_sealed(&self, name: &str, sealed: &SealedSecret) -> Result<Revealed, VaultError> {
-        let key = self.data_key(name, &sealed.secret_id, &sealed.wrapped_data_key)?;
+    fn open_sealed(
+        &self,
+        root: &RootKey,
+        name: &str,
+        sealed: &SealedSecret,
+    ) -> Result<Revealed, VaultError> {
+        let key = Self::data_key(root, name, &sealed.secret_id, &sealed.wrapped_data_key)?;
         let v = &sealed.version;
         if v.stage == Stage::Current && !self.current_is_authentic(name, sealed) {
             // An old version made current again, or two secrets' names swapped, in the file.
@@ -615,8 +657,9 @@ impl Vault {
         let kek = derive_kek(new_passphrase, &salt, kdf).await?;
         header.kdf = kdf;
         header.salt = salt.to_vec();
-        header.wrapped_root_key = kek.wrap(ROOT_KEY_AAD, &self.keys.root)?;
-        header.root_generation = self.keys.generation;
+        let root = self.root.read().await;
+        header.wrapped_root_key = kek.wrap(ROOT_KEY_AAD, &root.key)?;
+        header.root_generation = root.generation;
         let audit =
             AuditEvent::new(actor, "vault.passwd").detail(json!({ "kdf": kdf.to_string() }));
         self.store.replace_root_wrapping(&header, audit).await?;
@@ -628,8 +671,11 @@ impl Vault {
     /// replaced too and everything sealed under it (versions, proposed values, issued
     /// credentials) re-encrypted, so an old backup and the old passphrase open nothing stored
     /// from now on. Returns the number of data keys installed.
+    ///
+    /// It waits for every value being sealed or opened (see [`KeysInUse`]) and holds new ones
+    /// back until it is done, so a running daemon can rekey while it serves.
     pub async fn rekey(
-        &mut self,
+        &self,
         passphrase: &Passphrase,
         actor: &str,
         data_keys: bool,
@@ -638,6 +684,7 @@ impl Vault {
         let old_header = self.store.header().await?;
         let salt = crypto::random_bytes(crypto::SALT_LEN)?;
         let kek = derive_kek(passphrase, &salt, old_header.kdf).await?;
+        let mut root = self.root.write().await;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -646,7 +693,7 @@ impl Vault {
             let mut resealed_values = 0;
             for (secret_id, name, wrapped) in self.store.all_data_keys().await? {
                 let aad = data_key_aad(&secret_id);
-                let key = self.data_key(&name, &secret_id, &wrapped)?;
+                let key = Self::data_key(&root, &name, &secret_id, &wrapped)?;
                 let (key, resealed) = if data_keys {
                     let new_key = SymmetricKey::generate()?;
                     let material = self.store.sealed_material(&secret_id).await?;
@@ -669,7 +716,7 @@ impl Vault {
                 wrapped_root_key: kek.wrap(ROOT_KEY_AAD, &new_root)?,
                 wrapped_fingerprint_key: new_root
                     .wrap_fingerprint_key(FINGERPRINT_KEY_AAD, &self.keys.fingerprint)?,
-                root_generation: self.keys.generation + 1,
+                root_generation: root.generation + 1,
             };
             let audit = AuditEvent::new(actor, "vault.rekey").detail(json!({
                 "data_keys": rewrapped.len(),
@@ -679,14 +726,16 @@ impl Vault {
             }));
             match self
                 .store
-                .rekey(self.keys.generation, &header, &rewrapped, audit)
+                .rekey(root.generation, &header, &rewrapped, audit)
                 .await
             {
                 Err(StoreError::Conflict(_)) if attempt < CONFLICT_RETRIES => continue,
                 Err(e) => return Err(e.into()),
                 Ok(()) => {
-                    self.keys.root = new_root;
-                    self.keys.generation = header.root_generation;
+                    *root = RootKey {
+                        key: new_root,
+                        generation: header.root_generation,
+                    };
                     return Ok(rewrapped.len());
                 }
             }
@@ -701,13 +750,14 @@ impl Vault {
         secrets: &[(&str, &str, &[String])],
         actor: &str,
     ) -> Result<usize, VaultError> {
+        let root = self.root.read().await;
         let mut rows = Vec::with_capacity(secrets.len());
         for &(name, provider, tags) in secrets {
             name::validate(name)?;
             let id = uuid::Uuid::new_v4().to_string();
             let key = SymmetricKey::generate()?;
             let secret = NewSecret {
-                wrapped_data_key: self.keys.root.wrap(&data_key_aad(&id), &key)?,
+                wrapped_data_key: root.key.wrap(&data_key_aad(&id), &key)?,
                 id,
                 name: name.to_string(),
                 provider: provider.to_string(),
@@ -718,10 +768,7 @@ impl Vault {
                 .detail(json!({ "provider": provider, "tags": tags }));
             rows.push((secret, audit));
         }
-        Ok(self
-            .store
-            .register_secrets(self.keys.generation, rows)
-            .await?)
+        Ok(self.store.register_secrets(root.generation, rows).await?)
     }
 
     /// Seals a value that is not a version (a rotation's proposed value, a credential issued
@@ -729,12 +776,13 @@ impl Vault {
     /// (an issued credential's, kept beside it in plaintext).
     pub fn seal_bound(
         &self,
+        keys: &KeysInUse<'_>,
         secret: &SecretRecord,
         context: Bound<'_>,
         value: &SecretValue,
         meta: &Meta,
     ) -> Result<Vec<u8>, VaultError> {
-        let key = self.data_key(&secret.name, &secret.id, &secret.wrapped_data_key)?;
+        let key = Self::data_key(&keys.0, &secret.name, &secret.id, &secret.wrapped_data_key)?;
         Ok(key.seal_value(
             &bound_aad(&secret.id, &context, meta),
             value.expose().as_bytes(),
@@ -744,12 +792,13 @@ impl Vault {
     /// Opens a value sealed by [`Vault::seal_bound`] with the same context and `meta`.
     pub fn open_bound(
         &self,
+        keys: &KeysInUse<'_>,
         secret: &SecretRecord,
         context: Bound<'_>,
         sealed: &[u8],
         meta: &Meta,
     ) -> Result<SecretValue, VaultError> {
-        let key = self.data_key(&secret.name, &secret.id, &secret.wrapped_data_key)?;
+        let key = Self::data_key(&keys.0, &secret.name, &secret.id, &secret.wrapped_data_key)?;
         let integrity = || VaultError::Integrity {
             name: secret.name.clone(),
             version: None,
@@ -767,12 +816,13 @@ impl Vault {
     /// Seals `value` as version `version` of `secret`, with its fingerprint.
     pub fn seal_version(
         &self,
+        keys: &KeysInUse<'_>,
         secret: &SecretRecord,
         version: i64,
         value: &SecretValue,
         meta: Meta,
     ) -> Result<NewVersion, VaultError> {
-        let key = self.data_key(&secret.name, &secret.id, &secret.wrapped_data_key)?;
+        let key = Self::data_key(&keys.0, &secret.name, &secret.id, &secret.wrapped_data_key)?;
         Ok(NewVersion {
             version,
             ciphertext: key.seal_value(
@@ -789,6 +839,7 @@ impl Vault {
 mod tests {
     use super::*;
     use crate::store::Access;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn a_store_from_before_current_macs_is_upgraded_at_unlock() {
@@ -808,8 +859,10 @@ mod tests {
             .unwrap();
         // As an older keywarden left it: the legacy wrapping, no MACs.
         let legacy = vault
-            .keys
             .root
+            .read()
+            .await
+            .key
             .wrap_fingerprint_key(LEGACY_FINGERPRINT_KEY_AAD, &vault.keys.fingerprint)
             .unwrap();
         drop(vault);
@@ -881,5 +934,74 @@ mod tests {
         let bad = [("d", "random", &none[..]), ("../e", "random", &none[..])];
         assert!(vault.register(&bad, "daemon").await.is_err());
         assert_eq!(store.list().await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_rekey_waits_for_a_value_being_sealed_so_it_is_resealed_with_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let passphrase = Zeroizing::new("a passphrase for this test".to_string());
+        let kdf = KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
+        let vault = std::sync::Arc::new(
+            Vault::init(&dir.path().join("vault.db"), &passphrase, kdf, "test")
+                .await
+                .unwrap(),
+        );
+        vault
+            .put(
+                "s",
+                "manual",
+                &SecretValue::new("v1".into()),
+                Meta::new(),
+                "t",
+            )
+            .await
+            .unwrap();
+        // A rotation seals version 2 under the secret's data key ...
+        let keys = vault.keys_in_use().await;
+        let secret = vault.store().secret("s").await.unwrap().unwrap();
+        let sealed = vault
+            .seal_version(
+                &keys,
+                &secret,
+                2,
+                &SecretValue::new("v2".into()),
+                Meta::new(),
+            )
+            .unwrap();
+        // ... while a rekey that replaces every data key starts: it must not finish before
+        // that version is committed, or the version would stay sealed under a dropped key.
+        let mut rekey = tokio::spawn({
+            let (vault, passphrase) = (vault.clone(), passphrase.clone());
+            async move { vault.rekey(&passphrase, "test", true).await }
+        });
+        let early = tokio::time::timeout(Duration::from_secs(2), &mut rekey).await;
+        assert!(
+            early.is_err(),
+            "the rekey did not wait for the seal in flight"
+        );
+        let generation = keys.0.generation;
+        let target = crate::store::VersionTarget::Existing {
+            secret_id: secret.id.clone(),
+            expected_latest: Some(1),
+        };
+        vault
+            .store()
+            .put_version(
+                "s",
+                generation,
+                &target,
+                &sealed,
+                AuditEvent::new("t", "secret.put"),
+            )
+            .await
+            .unwrap();
+        drop(keys);
+        rekey.await.unwrap().unwrap();
+        assert_eq!(vault.read("s", Some(1)).await.unwrap().value.expose(), "v1");
+        assert_eq!(vault.read("s", None).await.unwrap().value.expose(), "v2");
     }
 }

@@ -680,3 +680,113 @@ fn audit_tail_follow_prints_rows_as_they_are_appended() {
     );
     assert_eq!(row["secret"], "b");
 }
+
+#[test]
+fn rekey_runs_through_the_daemon_while_it_serves_and_rotates_and_loses_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+    let env = Env::with_config(&format!(
+        "{}\n[secrets.\"app/rotating\"]\nprovider = \"random\"\nrotate_every = \"1s\"\ngrace = \"0s\"\n\n\
+         [[policy]]\nname = \"curl\"\nexe = [\"/usr/bin/curl\"]\nsecrets = [\"app/*\"]\nmax_ttl = \"10m\"\n",
+        common::daemon::base_config("5s")
+    ));
+    env.ok(&["init"], None);
+    env.put("app/manual", "manual-value");
+    let daemon = env.start_daemon();
+    let entry_version = || env.entry("app/rotating")["version"].as_i64().unwrap_or(0);
+    common::daemon::wait_for("a first version", Duration::from_secs(20), || {
+        (entry_version() >= 1).then_some(())
+    });
+
+    // Agents fetch throughout; every fetch must be answered with the right value.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let fetchers: Vec<_> = (0..2)
+        .map(|i| {
+            let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+            let sock = env.agent_socket();
+            std::thread::spawn(move || {
+                let path = ["/v1/secrets/app/manual", "/v1/secrets/app/rotating"][i];
+                while !stop.load(Ordering::Relaxed) {
+                    let (code, body) = common::curl(&sock, "GET", path, &[]);
+                    if code == 200 && (i == 1 || body.contains("manual-value")) {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        eprintln!("{path}: {code} {body}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let before = entry_version();
+    for args in [
+        &["rekey"][..],
+        &["rekey", "--data-keys"],
+        &["rekey"],
+        &["rekey", "--data-keys"],
+    ] {
+        // No passphrase prompt beyond the environment's; the daemon checks it.
+        let out = env.ok(args, None);
+        assert!(out.contains("new root key"), "{out}");
+    }
+    // Rotations go on after the rekeys, sealed under the new keys.
+    common::daemon::wait_for("two more rotations", Duration::from_secs(30), || {
+        (entry_version() >= before + 2).then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    for f in fetchers {
+        f.join().unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    assert!(served.load(Ordering::Relaxed) > 0);
+    // A wrong passphrase is refused by the daemon and changes nothing.
+    let mut cmd = env.cmd();
+    cmd.env_remove("KEYWARDEN_PASSPHRASE_FILE")
+        .env("KEYWARDEN_PASSPHRASE", "not the passphrase");
+    let out = common::run_with(cmd, &["rekey"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong passphrase"));
+    assert_eq!(daemon.terminate(), Some(0));
+
+    // Every version the daemon sealed, before, during and after the rekeys, opens with the
+    // passphrase; the chain holds; each rekey is the admin's.
+    assert_eq!(env.get("app/manual"), "manual-value");
+    let (first, last) = (
+        env.sql_i64(
+            "SELECT min(version) FROM versions v JOIN secrets s ON s.id = v.secret_id \
+             WHERE s.name = 'app/rotating'",
+        ),
+        env.sql_i64(
+            "SELECT max(version) FROM versions v JOIN secrets s ON s.id = v.secret_id \
+             WHERE s.name = 'app/rotating'",
+        ),
+    );
+    assert!(last >= before + 2);
+    for version in first..=last {
+        let value = env.ok(
+            &["get", "app/rotating", "--version", &version.to_string()],
+            None,
+        );
+        assert_eq!(value.trim().len(), 32, "version {version}");
+    }
+    env.ok(&["audit", "verify"], None);
+    let rekeys: Vec<serde_json::Value> = env
+        .ok(&["audit", "tail", "-n", "500", "--json"], None)
+        .parse::<serde_json::Value>()
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "vault.rekey")
+        .cloned()
+        .collect();
+    assert_eq!(rekeys.len(), 4);
+    assert!(
+        rekeys
+            .iter()
+            .all(|r| r["actor"].as_str().unwrap().starts_with("admin uid=")),
+        "{rekeys:?}"
+    );
+}

@@ -15,7 +15,7 @@ use super::output::print_json;
 use crate::passphrase::{self, Purpose};
 use crate::store::{Access, Store, StoreError};
 use crate::value::SecretValue;
-use crate::vault::{Meta, Vault};
+use crate::vault::{Meta, Passphrase, Vault};
 use hyper::Method;
 
 /// Largest value `put` accepts. Values travel in one protocol line (1 MiB) with room to spare.
@@ -175,7 +175,12 @@ fn read_value(args: &PutArgs) -> anyhow::Result<SecretValue> {
 /// Where a store command runs: on the store, unlocked here, or through the admin socket of
 /// the daemon that holds it (audited as that admin's action; no passphrase asked).
 pub(super) enum Target {
-    Store(Box<Vault>),
+    /// The store, unlocked here with `passphrase`.
+    Store {
+        vault: Box<Vault>,
+        passphrase: Passphrase,
+    },
+    /// The admin socket of the daemon holding the store.
     Daemon(PathBuf),
 }
 
@@ -184,9 +189,10 @@ impl Target {
         match ctx.open_store(Access::Shared).await {
             Ok(store) => {
                 let passphrase = passphrase::obtain(Purpose::Unlock)?;
-                Ok(Target::Store(Box::new(
-                    Vault::unlock(store, &passphrase).await?,
-                )))
+                Ok(Target::Store {
+                    vault: Box::new(Vault::unlock(store, &passphrase).await?),
+                    passphrase,
+                })
             }
             Err(e) => match e.downcast_ref::<StoreError>() {
                 Some(StoreError::Locked { .. }) => Ok(Target::Daemon(daemon_admin(ctx).await?)),
@@ -206,7 +212,9 @@ impl Target {
         meta: Meta,
     ) -> anyhow::Result<i64> {
         Ok(match self {
-            Target::Store(vault) => vault.put(name, "manual", value, meta, &ctx.actor).await?,
+            Target::Store { vault, .. } => {
+                vault.put(name, "manual", value, meta, &ctx.actor).await?
+            }
             Target::Daemon(socket) => {
                 let body = json!({ "value": value.expose(), "meta": meta });
                 let answer = admin(socket, Method::PUT, &secret_path(name), Some(body)).await?;
@@ -332,7 +340,7 @@ pub(crate) async fn rm(ctx: &Context, args: RmArgs) -> anyhow::Result<ExitCode> 
         }
     }
     let versions = match Target::of(ctx).await? {
-        Target::Store(vault) => vault.remove(&args.name, &ctx.actor).await?,
+        Target::Store { vault, .. } => vault.remove(&args.name, &ctx.actor).await?,
         Target::Daemon(socket) => admin(&socket, Method::DELETE, &secret_path(&args.name), None)
             .await?["versions_destroyed"]
             .as_i64()
@@ -352,7 +360,7 @@ pub(crate) async fn rm(ctx: &Context, args: RmArgs) -> anyhow::Result<ExitCode> 
 
 pub(crate) async fn passwd(ctx: &Context, args: PasswdArgs) -> anyhow::Result<ExitCode> {
     match Target::of(ctx).await? {
-        Target::Store(vault) => {
+        Target::Store { vault, .. } => {
             let new = passphrase::obtain_new(Purpose::Change, args.weak_passphrase)?;
             vault
                 .change_passphrase(&new, ctx.config.store.kdf, &ctx.actor)
@@ -385,10 +393,18 @@ pub(crate) struct RekeyArgs {
 }
 
 pub(crate) async fn rekey(ctx: &Context, args: RekeyArgs) -> anyhow::Result<ExitCode> {
-    let store = ctx.open_store(Access::Shared).await?;
-    let passphrase = passphrase::obtain(Purpose::Unlock)?;
-    let mut vault = Vault::unlock(store, &passphrase).await?;
-    let count = vault.rekey(&passphrase, &ctx.actor, args.data_keys).await?;
+    let count = match Target::of(ctx).await? {
+        Target::Store { vault, passphrase } => {
+            vault.rekey(&passphrase, &ctx.actor, args.data_keys).await?
+        }
+        Target::Daemon(socket) => {
+            // The daemon checks the passphrase, and rekeys while it serves.
+            let passphrase = passphrase::obtain(Purpose::Unlock)?;
+            let body = json!({ "passphrase": passphrase.as_str(), "data_keys": args.data_keys });
+            let answer = admin(&socket, Method::POST, "/v1/admin/rekey", Some(body)).await?;
+            answer["data_keys"].as_u64().unwrap_or_default() as usize
+        }
+    };
     if args.data_keys {
         println!("new root key and {count} new data key(s) installed; every value re-encrypted");
     } else {

@@ -29,16 +29,22 @@ impl DaemonLeaseBackend {
     async fn revoke(&self, lease: &LeaseRow) -> Result<(), PluginCallError> {
         let name = &lease.secret_name;
         let vault = self.engine.vault();
-        let secret = vault
-            .store()
+        let keys = vault.keys_in_use().await;
+        let store = vault.store();
+        let secret = store
             .secret(name)
             .await?
             .ok_or_else(|| VaultError::NoSuchSecret(name.clone()))?;
-        let sealed = lease.issued.as_deref().ok_or_else(|| {
-            StoreError::Corrupt(format!("lease {}: no issued credential", lease.id))
-        })?;
+        // As the store holds it: a rekey may have resealed it since the lease was granted.
+        let sealed = match store.issued_credential(&lease.id).await? {
+            Some(sealed) => sealed,
+            None => lease.issued.clone().ok_or_else(|| {
+                StoreError::Corrupt(format!("lease {}: no issued credential", lease.id))
+            })?,
+        };
         let meta = lease.issued_meta.clone().unwrap_or_default();
-        let value = vault.open_bound(&secret, Bound::Issued(&lease.id), sealed, &meta)?;
+        let value = vault.open_bound(&keys, &secret, Bound::Issued(&lease.id), &sealed, &meta)?;
+        drop(keys);
         let target = Credential {
             version: None,
             value: Secret::new(value.expose()),

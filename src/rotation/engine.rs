@@ -435,8 +435,16 @@ impl Engine {
         let current = store.sealed(name, None).await?.map(|s| s.version.version);
         let rotation_id = uuid::Uuid::new_v4().to_string();
         let proposed = spec.generate.generate().map_err(VaultError::from)?;
+        // Sealed and committed under the keys in use; the record is read again under them, as
+        // a rekey may have replaced its data key since.
+        let keys = self.vault.keys_in_use().await;
+        let secret = match store.secret(name).await? {
+            Some(s) if s.id == secret.id => s,
+            _ => return Err(StoreError::Conflict(format!("secret {name} was replaced")).into()),
+        };
         let sealed = self.vault.seal_bound(
-            secret,
+            &keys,
+            &secret,
             Bound::Proposed(&rotation_id),
             &proposed,
             &Default::default(),
@@ -460,6 +468,7 @@ impl Engine {
                 "emergency": emergency,
             }));
         store.plan_rotation(&plan, audit).await?;
+        drop(keys);
         tracing::info!(secret = name, rotation = %rotation_id, reason = reason.as_str(), "rotation planned");
         self.spawn(rotation_id.clone());
         Ok(rotation_id)

@@ -259,14 +259,18 @@ impl Engine {
         spec: &SecretSpec,
         provider: &Provider,
     ) -> Result<Outcome, StepError> {
-        let secret = self.secret_record(&spec.name).await?;
         let proposed = match &rotation.proposed {
-            Some(sealed) => self.vault.open_bound(
-                &secret,
-                Bound::Proposed(&rotation.id),
-                sealed,
-                &Default::default(),
-            )?,
+            Some(sealed) => {
+                let keys = self.vault.keys_in_use().await;
+                let secret = self.secret_record(&spec.name).await?;
+                self.vault.open_bound(
+                    &keys,
+                    &secret,
+                    Bound::Proposed(&rotation.id),
+                    sealed,
+                    &Default::default(),
+                )?
+            }
             None => spec.generate.generate().map_err(VaultError::from)?,
         };
         let (value, meta) = match provider {
@@ -289,19 +293,27 @@ impl Engine {
                 (SecretValue::new(value.expose().to_string()), reply.meta)
             }
         };
+        // Sealed and committed under the keys in use (see `KeysInUse`).
+        let keys = self.vault.keys_in_use().await;
+        let secret = self.secret_record(&spec.name).await?;
         let version = secret.latest_version.unwrap_or(0) + 1;
-        let sealed = self.vault.seal_version(&secret, version, &value, meta)?;
+        let sealed = self
+            .vault
+            .seal_version(&keys, &secret, version, &value, meta)?;
         let fingerprint = short_fingerprint(&sealed.fingerprint);
         let change = StepChange {
             insert_pending: Some(sealed),
             ..StepChange::to(RotationState::Planned, RotationState::Created)
         };
-        self.advance(
-            rotation,
-            change,
-            json!({ "to_version": version, "fingerprint": fingerprint }),
-        )
-        .await
+        let outcome = self
+            .advance(
+                rotation,
+                change,
+                json!({ "to_version": version, "fingerprint": fingerprint }),
+            )
+            .await;
+        drop(keys);
+        outcome
     }
 
     pub(super) async fn verify(

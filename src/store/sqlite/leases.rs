@@ -111,6 +111,16 @@ impl SqliteStore {
             .collect())
     }
 
+    /// The credential issued for lease `id`, sealed, as the store holds it now (a `rekey
+    /// --data-keys` reseals it).
+    pub async fn issued_credential(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT issued FROM leases WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?
+            .flatten())
+    }
+
     /// Leases still live, and issued credentials whose upstream revocation is pending.
     pub async fn open_leases(&self) -> Result<Vec<LeaseRow>, StoreError> {
         let rows = sqlx::query(
