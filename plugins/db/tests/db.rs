@@ -1133,8 +1133,9 @@ settings = {{ rules = ["~app:*", "+get"], lease_prefix = "{tag}_l" }}
 "#
         ),
     );
+    // The users may run GET only; a refused login is an `Err`.
     crash_at_each_rotation_step(&env, "redis/app", &|user, password| {
-        redis_cli(user, password, &["PING"]).is_ok_and(|out| out == "PONG")
+        redis_cli(user, password, &["GET", "app:x"]).is_ok()
     });
     crash_while_issuing(&env, "redis/lease", &|| {
         admin(&["ACL", "USERS"])
@@ -1162,11 +1163,13 @@ grace = "0s"
     let _daemon = env.start_daemon();
     wait_done(&env, "pg/app", 1);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     // What the README tells clients of `single` to do: a refused login means the password
     // changed and its new version is not served yet (it is verified first); fetch again and
     // retry, backing off, for a few seconds.
     let client = {
         let (socket, port, stop) = (env.agent_socket(), pg.port, stop.clone());
+        let attempts = attempts.clone();
         std::thread::spawn(move || {
             let login = |password: &str| {
                 Command::new("psql")
@@ -1188,6 +1191,7 @@ grace = "0s"
             let mut longest = Duration::ZERO;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 logins += 1;
+                attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 if login(&fetch()) {
                     continue;
                 }
@@ -1212,6 +1216,11 @@ grace = "0s"
         })
     };
     for _ in 0..10 {
+        // The client logs in between any two rotations, however slow this machine is.
+        let seen = attempts.load(std::sync::atomic::Ordering::SeqCst);
+        wait_for("the client's next login", Duration::from_secs(30), || {
+            (attempts.load(std::sync::atomic::Ordering::SeqCst) > seen).then_some(())
+        });
         rotate(&env, "pg/app");
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
