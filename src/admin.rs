@@ -389,6 +389,43 @@ impl AdminApi {
         }
     }
 
+    /// `POST /v1/admin/backup`: a consistent copy of the store (values sealed), as the body
+    /// (`application/octet-stream`), audited `vault.backup` with its size and SHA-256.
+    async fn backup(&self, peer: Peer) -> Response<Full<Bytes>> {
+        let store = self.services.vault.store();
+        let copy = async {
+            let partial =
+                crate::backup::snapshot(store, crate::backup::parent(store.path())).await?;
+            let bytes = std::fs::read(&partial);
+            let _ = std::fs::remove_file(&partial);
+            let bytes = bytes.map_err(|source| crate::backup::BackupError::Io {
+                what: "cannot read",
+                path: partial,
+                source,
+            })?;
+            let audit = AuditEvent::new(Self::actor(peer), "vault.backup").detail(json!({
+                "bytes": bytes.len(),
+                "sha256": crate::crypto::hex(&crate::crypto::sha256(&bytes)),
+            }));
+            store.append_audit(&[audit]).await?;
+            Ok::<_, crate::backup::BackupError>(bytes)
+        };
+        match copy.await {
+            Ok(bytes) => {
+                let mut response = Response::new(Full::new(Bytes::from(bytes)));
+                response.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/octet-stream"),
+                );
+                response
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "backup failed");
+                http::error(StatusCode::INTERNAL_SERVER_ERROR, "backup", e.to_string())
+            }
+        }
+    }
+
     /// `POST /v1/admin/copies` `{"values":[…]}`: for each value, the stored versions it is a
     /// plaintext copy of (`[[{"secret","version","stage"}]]`), matched by keyed fingerprint.
     async fn copies(&self, body: &Bytes) -> Response<Full<Bytes>> {
@@ -639,13 +676,14 @@ impl Handler for AdminApi {
                 if (p.starts_with("/v1/admin/secrets/")
                     || p == "/v1/admin/passwd"
                     || p == "/v1/admin/rekey"
+                    || p == "/v1/admin/backup"
                     || p == "/v1/admin/copies")
                     && !Self::owns_the_store(peer) =>
             {
                 http::error(
                     StatusCode::FORBIDDEN,
                     "forbidden",
-                    "values, keys and the passphrase are for root and the daemon's user only",
+                    "values, keys, backups and the passphrase are for root and the daemon's user only",
                 )
             }
             (method, p) if p.starts_with("/v1/admin/secrets/") => {
@@ -657,6 +695,7 @@ impl Handler for AdminApi {
                 self.passwd(request.body(), peer, self.kdf).await
             }
             (&Method::POST, "/v1/admin/rekey") => self.rekey(request.body(), peer).await,
+            (&Method::POST, "/v1/admin/backup") => self.backup(peer).await,
             (&Method::POST, "/v1/admin/copies") => self.copies(request.body()).await,
             (&Method::GET, "/v1/admin/alerts") => {
                 match self.services.vault.store().recent_alerts(100, false).await {

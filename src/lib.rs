@@ -45,6 +45,7 @@ pub mod agent_api;
 pub mod attest;
 pub mod audit;
 pub mod audit_archive;
+pub mod backup;
 pub mod broker;
 pub mod broker_api;
 pub mod cli;

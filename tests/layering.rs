@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 const GROUND: &[&str] = &[
     "audit",
     "audit_archive",
+    "backup",
     "clock",
     "crypto",
     "generate",

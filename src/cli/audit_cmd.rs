@@ -238,7 +238,7 @@ async fn archive(ctx: &Context, before: &str, file: &Path, json: bool) -> anyhow
 async fn chain_start(
     store: &Store,
     archives: &[PathBuf],
-    seals: &Option<Seals>,
+    seals: &Option<Seals<'_>>,
 ) -> anyhow::Result<Result<(ChainVerifier, Option<(i64, Vec<u8>)>, u64), Break>> {
     let mut verifier = ChainVerifier::default();
     let brk = |seq: i64, reason: String, verifier: &ChainVerifier| {
@@ -288,14 +288,17 @@ async fn chain_start(
     Ok(Ok((verifier, anchor, archived_rows)))
 }
 
-/// With `--keyed`: the unlocked vault and every seal, by row (seq, mac).
-type Seals = (crate::vault::Vault, Vec<(i64, Vec<u8>)>);
+/// With a vault: the unlocked vault and every seal, by row (seq, mac).
+type Seals<'a> = (&'a crate::vault::Vault, Vec<(i64, Vec<u8>)>);
 
 /// Where and why a chain check failed, and how many rows verified before it.
-struct Break {
-    seq: i64,
-    reason: String,
-    rows: u64,
+pub(super) struct Break {
+    /// The first bad row.
+    pub(super) seq: i64,
+    /// Why.
+    pub(super) reason: String,
+    /// Rows verified before it.
+    pub(super) rows: u64,
 }
 
 /// `audit verify [--keyed] [--archive FILE]...`: walks the archives and then the store's chain
@@ -306,29 +309,93 @@ async fn verify(
     keyed: bool,
     archives: &[PathBuf],
 ) -> anyhow::Result<ExitCode> {
-    let seals = if keyed {
+    let vault = if keyed {
         let passphrase = crate::passphrase::obtain(crate::passphrase::Purpose::Unlock)?;
-        let vault = crate::vault::Vault::unlock(store.clone(), &passphrase).await?;
-        Some((vault, store.audit_seals().await?))
+        Some(crate::vault::Vault::unlock(store.clone(), &passphrase).await?)
     } else {
         None
     };
-    let fail = |seq: i64, reason: String, rows: u64| -> anyhow::Result<ExitCode> {
-        if json {
-            print_json(&json!({
-                "ok": false,
-                "first_bad_seq": seq,
-                "reason": reason,
-                "rows_verified": rows,
-            }))?;
-        } else {
-            eprintln!("audit chain broken at row {seq}: {reason} ({rows} rows before it verified)");
+    let report = match check_chain(store, vault.as_ref(), archives).await? {
+        Ok(report) => report,
+        Err(brk) => {
+            if json {
+                print_json(&json!({
+                    "ok": false,
+                    "first_bad_seq": brk.seq,
+                    "reason": brk.reason,
+                    "rows_verified": brk.rows,
+                }))?;
+            } else {
+                eprintln!(
+                    "audit chain broken at row {}: {} ({} rows before it verified)",
+                    brk.seq, brk.reason, brk.rows
+                );
+            }
+            return Ok(ExitCode::FAILURE);
         }
-        Ok(ExitCode::FAILURE)
+    };
+    let rows = report.rows;
+    if json {
+        let mut out = json!({ "ok": true, "rows": rows, "head": report.head });
+        if let Some(seq) = report.archived_through {
+            out["archived_through"] = json!(seq);
+            out["archived_rows_verified"] = json!(report.archived_rows);
+        }
+        if let Some((seals, unsealed)) = report.seals {
+            out["seals"] = json!(seals);
+            out["unsealed_tail"] = json!(unsealed);
+        }
+        print_json(&out)?;
+    } else {
+        println!("audit chain intact: {rows} rows, head {}", report.head);
+        if let Some(seq) = report.archived_through {
+            match report.archived_rows {
+                0 => println!(
+                    "rows up to {seq} are archived (check them with --archive FILE, oldest first)"
+                ),
+                n => println!("of which {n} rows from the archives, up to row {seq}"),
+            }
+        }
+        if let Some((_, unsealed)) = report.seals {
+            println!(
+                "keyed seals hold up to row {}; {unsealed} rows after it are not sealed",
+                report.last_seq - unsealed
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What a chain check found when the chain holds.
+pub(super) struct ChainReport {
+    /// Rows checked (archives included).
+    pub(super) rows: u64,
+    /// The chain's head, hex.
+    pub(super) head: String,
+    /// The store's last row.
+    last_seq: i64,
+    /// Where the archived rows end, when the store has an anchor.
+    archived_through: Option<i64>,
+    /// Archived rows checked.
+    archived_rows: u64,
+    /// With a vault: how many seals there are, and how many rows after the last seal.
+    seals: Option<(usize, i64)>,
+}
+
+/// Walks `archives` and then the store's chain; with `vault`, checks every keyed seal too (and
+/// that no seal names a row past the end). The report, or where the chain breaks.
+pub(super) async fn check_chain(
+    store: &Store,
+    vault: Option<&crate::vault::Vault>,
+    archives: &[PathBuf],
+) -> anyhow::Result<Result<ChainReport, Break>> {
+    let seals = match vault {
+        Some(vault) => Some((vault, store.audit_seals().await?)),
+        None => None,
     };
     let (mut verifier, anchor, archived_rows) = match chain_start(store, archives, &seals).await? {
         Ok(start) => start,
-        Err(brk) => return fail(brk.seq, brk.reason, brk.rows),
+        Err(brk) => return Ok(Err(brk)),
     };
     let mut after = verifier.last().0;
     let mut sealed_up_to = after;
@@ -338,7 +405,11 @@ async fn verify(
         after = last.seq;
         for row in &page {
             if let Err(brk) = verifier.check(row) {
-                return fail(brk.seq, brk.reason, verifier.rows());
+                return Ok(Err(Break {
+                    seq: brk.seq,
+                    reason: brk.reason,
+                    rows: verifier.rows(),
+                }));
             }
             let Some((vault, seals)) = &seals else {
                 continue;
@@ -350,46 +421,35 @@ async fn verify(
                 let reason = "its keyed seal does not match: the rows up to it were \
                               rewritten and their hashes recomputed"
                     .to_string();
-                return fail(row.seq, reason, verifier.rows() - 1);
+                return Ok(Err(Break {
+                    seq: row.seq,
+                    reason,
+                    rows: verifier.rows() - 1,
+                }));
             }
             sealed_up_to = row.seq;
         }
     }
     let rows = verifier.rows();
-    let mut report = json!({ "ok": true, "rows": rows, "head": verifier.head() });
-    if let Some((seq, _)) = &anchor {
-        report["archived_through"] = json!(seq);
-        report["archived_rows_verified"] = json!(archived_rows);
-    }
     if let Some((_, seals)) = &seals {
         if let Some((seq, _)) = seals.iter().find(|(seq, _)| *seq > after) {
             let reason = format!(
                 "a seal names row {seq} but the chain ends at row {after}: rows were \
                  deleted from its end"
             );
-            return fail(after + 1, reason, rows);
-        }
-        report["seals"] = json!(seals.len());
-        report["unsealed_tail"] = json!(after - sealed_up_to);
-    }
-    if json {
-        print_json(&report)?;
-    } else {
-        println!("audit chain intact: {rows} rows, head {}", verifier.head());
-        if let Some((seq, _)) = &anchor {
-            match archived_rows {
-                0 => println!(
-                    "rows up to {seq} are archived (check them with --archive FILE, oldest first)"
-                ),
-                n => println!("of which {n} rows from the archives, up to row {seq}"),
-            }
-        }
-        if seals.is_some() {
-            println!(
-                "keyed seals hold up to row {sealed_up_to}; {} rows after it are not sealed",
-                after - sealed_up_to
-            );
+            return Ok(Err(Break {
+                seq: after + 1,
+                reason,
+                rows,
+            }));
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Ok(ChainReport {
+        rows,
+        head: verifier.head(),
+        last_seq: after,
+        archived_through: anchor.map(|(seq, _)| seq),
+        archived_rows,
+        seals: seals.map(|(_, seals)| (seals.len(), after - sealed_up_to)),
+    }))
 }

@@ -4,6 +4,7 @@
 mod agent_cmds;
 mod alerts_cmd;
 mod audit_cmd;
+mod backup_cmd;
 mod broker_cmd;
 mod compromise_cmd;
 mod daemon_cmds;
@@ -80,6 +81,12 @@ enum Command {
     /// Replace the root key and rewrap every data key under it (values are untouched; with
     /// --data-keys, new data keys and every value re-encrypted).
     Rekey(vault_cmds::RekeyArgs),
+    /// Write a consistent copy of the store to a file, while the daemon runs or not (values
+    /// stay sealed: the passphrase current now opens it).
+    Backup(backup_cmd::BackupArgs),
+    /// Replace the store with a backup, once every value in it opens with the passphrase and its
+    /// audit chain holds (the daemon stopped; the replaced store is kept, renamed).
+    Restore(backup_cmd::RestoreArgs),
     /// Check or print the audit chain.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCommand),
@@ -223,6 +230,8 @@ async fn run(cli: Cli, inherited: crate::hardening::Inherited) -> anyhow::Result
         Command::Rm(args) => vault_cmds::rm(&ctx, args).await,
         Command::Passwd(args) => vault_cmds::passwd(&ctx, args).await,
         Command::Rekey(args) => vault_cmds::rekey(&ctx, args).await,
+        Command::Backup(args) => backup_cmd::backup(&ctx, args).await,
+        Command::Restore(args) => backup_cmd::restore(&ctx, args).await,
         Command::Audit(cmd) => audit_cmd::run(&ctx, cmd).await,
         Command::Serve(args) => daemon_cmds::serve(&ctx, args).await,
         Command::Rotate(args) => daemon_cmds::rotate(&ctx, args).await,

@@ -225,7 +225,7 @@ impl Target {
 }
 
 /// The admin socket of the daemon that holds the store.
-async fn daemon_admin(ctx: &Context) -> anyhow::Result<PathBuf> {
+pub(super) async fn daemon_admin(ctx: &Context) -> anyhow::Result<PathBuf> {
     super::daemon_cmds::daemon_socket(ctx)
         .await
         .map(Path::to_path_buf)

@@ -309,7 +309,22 @@ fn take_lock(path: &Path, access: Access) -> Result<Option<StoreLock>, StoreErro
     }
 }
 
+/// The store's lock held exclusively, with no store open: nothing else (daemon or command)
+/// may use the store at `path` while it is held (see [`Store::hold`]).
+#[derive(Debug)]
+pub struct Hold {
+    _lock: StoreLock,
+}
+
 impl Store {
+    /// Takes the lock of the store at `path` (which need not exist yet) exclusively, as a
+    /// daemon would, without opening it: for a command that replaces the store's file.
+    pub fn hold(path: &Path) -> Result<Hold, StoreError> {
+        Ok(Hold {
+            _lock: take_lock(path, Access::Exclusive)?.expect("an exclusive lock"),
+        })
+    }
+
     /// Creates a new store file holding `header` (mode 0600; a missing directory is created
     /// 0700). Fails if a file is already there; leaves nothing behind if it fails.
     pub async fn create(

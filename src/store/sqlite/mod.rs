@@ -312,6 +312,52 @@ impl SqliteStore {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
 
+    /// Folds the write-ahead log into the database and closes every connection: the file is
+    /// then whole on its own (a restore moves it).
+    pub async fn close(&self) -> Result<(), StoreError> {
+        self.truncate_wal().await?;
+        self.writer.close().await;
+        self.reader.close().await;
+        Ok(())
+    }
+
+    /// Writes a consistent copy of the store to `dest`, which must not exist: created here
+    /// with mode 0600, then filled by SQLite's `VACUUM INTO` from one read snapshot (writers
+    /// do not wait for it) and synced. What is sealed in the store stays sealed in the copy.
+    pub async fn copy_into(&self, dest: &Path) -> Result<(), StoreError> {
+        let io = |what, source| StoreError::Io {
+            what,
+            path: dest.to_path_buf(),
+            source,
+        };
+        let path = dest.to_str().ok_or_else(|| {
+            io(
+                "cannot name the copy",
+                std::io::Error::other("the path is not UTF-8"),
+            )
+        })?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dest)
+            .map_err(|e| io("cannot create", e))?;
+        // VACUUM INTO writes into an empty file as it finds it (mode included).
+        let copied = sqlx::query("VACUUM INTO ?")
+            .bind(path)
+            .execute(&self.reader)
+            .await;
+        let synced = copied.map_err(StoreError::from).and_then(|_| {
+            std::fs::File::open(dest)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io("cannot sync", e))
+        });
+        if synced.is_err() {
+            let _ = std::fs::remove_file(dest);
+        }
+        synced
+    }
+
     /// The path the store was opened from.
     pub fn path(&self) -> &Path {
         &self.path
