@@ -152,7 +152,7 @@ pub fn database_entry(database: &str, name: &str) -> std::io::Result<Option<Vec<
 /// command and for the alert command.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Confinement {
-    /// Run as this user (only when the daemon is root; `None` keeps the daemon's).
+    /// Run as this user (only when the daemon can switch users; `None` keeps the daemon's).
     pub user: Option<Account>,
     /// Paths it may read and execute, besides the system's.
     pub read: Vec<PathBuf>,
@@ -196,10 +196,12 @@ pub enum Role {
 }
 
 impl SandboxConfig {
-    /// The confinement this table asks for. When the daemon is root the program gets
-    /// `user` (or `default_user`), which must exist, and which for a plugin must not be root.
+    /// The confinement this table asks for. When the daemon can switch users (it is root, or
+    /// holds CAP_SETUID and CAP_SETGID, as systemd's `AmbientCapabilities=` gives a dedicated
+    /// user) the program gets `user` (or `default_user`), which must exist, and which for a
+    /// plugin must not be root.
     pub fn resolve(&self, default_user: &str, role: Role) -> Result<Confinement, SandboxError> {
-        let user = if rustix::process::geteuid().is_root() {
+        let user = if can_switch_users() {
             let account = Account::lookup(self.user.as_deref().unwrap_or(default_user))?;
             if role == Role::Plugin && account.uid == 0 {
                 return Err(SandboxError::PluginAsRoot(account.name));
@@ -304,6 +306,14 @@ pub enum SandboxError {
     /// `PR_SET_NO_NEW_PRIVS` failed.
     #[error("no_new_privs: {0}")]
     NoNewPrivs(std::io::Error),
+    /// Switching to the program's user, or dropping the capabilities left after it, failed.
+    #[error("cannot become {user}: {why}")]
+    SwitchUser {
+        /// The user.
+        user: String,
+        /// What failed.
+        why: String,
+    },
     /// The program could not be executed.
     #[error("cannot execute {program}: {source}")]
     Exec {
@@ -396,14 +406,53 @@ fn launch(request: &str) -> Result<Infallible, SandboxError> {
     };
     cmd.arg0(&launch.program).args(&launch.args);
     if let Some(user) = &c.user {
-        // The standard library drops supplementary groups, then sets the group, then the user.
-        cmd.gid(user.gid).uid(user.uid);
+        become_user(user)?;
     }
     let source = cmd.exec();
     Err(SandboxError::Exec {
         program: launch.program,
         source,
     })
+}
+
+/// Whether this process may give the programs it starts another user: it is root, or it holds
+/// CAP_SETUID and CAP_SETGID.
+fn can_switch_users() -> bool {
+    use rustix::thread::{CapabilitySet, capabilities};
+    rustix::process::geteuid().is_root()
+        || capabilities(None).is_ok_and(|c| {
+            c.effective
+                .contains(CapabilitySet::SETUID | CapabilitySet::SETGID)
+        })
+}
+
+/// Switches the launcher (one thread, about to execute the program) to `user`: no
+/// supplementary groups, then its group, then its user; then drops every capability left. A
+/// switch from root clears them by itself, but one from a dedicated user holding ambient
+/// CAP_SETUID/CAP_SETGID would leave them to the program, which could then become root.
+fn become_user(user: &Account) -> Result<(), SandboxError> {
+    use rustix::process::{Gid, Uid};
+    use rustix::thread::{self, CapabilitySet, CapabilitySets};
+    let fail = |what: &str, e: rustix::io::Errno| SandboxError::SwitchUser {
+        user: user.name.clone(),
+        why: format!("{what}: {e}"),
+    };
+    let (uid, gid) = (Uid::from_raw(user.uid), Gid::from_raw(user.gid));
+    thread::set_thread_groups(&[]).map_err(|e| fail("setgroups", e))?;
+    thread::set_thread_res_gid(gid, gid, gid).map_err(|e| fail("setresgid", e))?;
+    thread::set_thread_res_uid(uid, uid, uid).map_err(|e| fail("setresuid", e))?;
+    thread::clear_ambient_capability_set().map_err(|e| fail("clearing ambient capabilities", e))?;
+    let none = CapabilitySets {
+        effective: CapabilitySet::empty(),
+        permitted: CapabilitySet::empty(),
+        inheritable: CapabilitySet::empty(),
+    };
+    thread::set_capabilities(None, none).map_err(|e| fail("dropping capabilities", e))?;
+    let left = thread::capabilities(None).map_err(|e| fail("reading capabilities", e))?;
+    if !(left.effective | left.permitted | left.inheritable).is_empty() {
+        return Err(fail("capabilities left", rustix::io::Errno::PERM));
+    }
+    Ok(())
 }
 
 /// Opens `program` without following a symlink, checks that what the descriptor reads has the

@@ -399,3 +399,58 @@ fn a_root_daemon_needs_its_plugin_user_only_for_what_it_runs() {
         "{err}"
     );
 }
+
+/// Attack: a daemon run as a dedicated user that switches users with ambient CAP_SETUID and
+/// CAP_SETGID (as the systemd unit gives it) must not hand those capabilities to the plugin,
+/// which could otherwise make itself root.
+#[test]
+fn a_plugin_started_by_a_daemon_holding_ambient_setuid_keeps_no_capability_and_cannot_become_root()
+{
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let probe = "grep -E '^Cap(Inh|Prm|Eff|Amb)' /proc/self/status; id -u; \
+                 python3 -c 'import os; os.setuid(0)' 2>/dev/null && echo BECAME-ROOT; true";
+    let launch = Launch {
+        confinement: Confinement {
+            user: Some(keywarden::sandbox::Account {
+                name: "65534:65534".into(),
+                uid: 65534,
+                gid: 65534,
+            }),
+            read: vec!["/proc".into()],
+            ..Confinement::default()
+        },
+        cwd: dir.path().to_path_buf(),
+        program: "/bin/sh".into(),
+        sha256: None,
+        args: vec!["-c".into(), probe.into()],
+    };
+    // The launcher as uid 65533 holding ambient CAP_SETUID and CAP_SETGID.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65533",
+            "--regid=65533",
+            "--clear-groups",
+            "--inh-caps=+setuid,+setgid",
+            "--ambient-caps=+setuid,+setgid",
+        ])
+        .arg(env!("CARGO_BIN_EXE_keywarden"))
+        .arg(LAUNCHER_ARG)
+        .arg(serde_json::to_string(&launch).unwrap())
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(report.lines().any(|l| l == "65534"), "switched: {report}");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        let line = report.lines().find(|l| l.starts_with(set)).unwrap();
+        assert!(line.ends_with("0000000000000000"), "{line}\n{report}");
+    }
+    assert!(!report.contains("BECAME-ROOT"), "{report}");
+}

@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::Context;
 use super::output::{print_json, print_table, relative};
 use crate::clock::Clock;
+use crate::config::Config;
 use crate::daemon::{Mode, Runtime};
 use crate::http;
 use crate::passphrase::{self, Purpose};
@@ -61,30 +62,72 @@ pub(crate) enum PluginCommand {
 
 /// SIGTERM and SIGINT, caught from the moment `serve` starts (so a stop request during start-up
 /// is honoured once the daemon is up, rather than killing it half-way).
-struct StopSignals {
+/// The signals `serve` acts on: SIGTERM and SIGINT stop it, SIGHUP reloads its config.
+struct DaemonSignals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
-impl StopSignals {
+/// What ends one run of the daemon's services.
+enum Next {
+    /// Stop, on this signal.
+    Stop(&'static str),
+    /// Start them again with this config (read and checked on SIGHUP).
+    Reload(Box<Config>),
+}
+
+impl DaemonSignals {
     fn install() -> anyhow::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
-        Ok(StopSignals {
+        Ok(DaemonSignals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    async fn wait(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+    /// Waits for a stop, or for a SIGHUP whose config reads and checks; a config that does
+    /// not is refused with an error in the log, and the daemon goes on as it is.
+    async fn next(&mut self, ctx: &Context, running: &Config) -> Next {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return Next::Stop("SIGTERM"),
+                _ = self.int.recv() => return Next::Stop("SIGINT"),
+                _ = self.hup.recv() => match reread(ctx, running) {
+                    Ok(config) => return Next::Reload(Box::new(config)),
+                    Err(e) => tracing::error!(
+                        error = %format!("{e:#}"),
+                        "SIGHUP: the config was not reloaded; the daemon goes on with the one it runs"
+                    ),
+                },
+            }
         }
     }
 }
 
+/// The config file read again, if it parses and checks and names the same store.
+fn reread(ctx: &Context, running: &Config) -> anyhow::Result<Config> {
+    let Some(path) = &ctx.config_path else {
+        bail!("the daemon runs on the built-in defaults: there is no config file to read");
+    };
+    let config = Config::load(path)?;
+    let (now, next) = (
+        running.store_path(ctx.store_override.as_deref())?,
+        config.store_path(ctx.store_override.as_deref())?,
+    );
+    if now != next {
+        bail!(
+            "[store] path changed ({} -> {}): a different store needs a restart",
+            now.display(),
+            next.display()
+        );
+    }
+    Ok(config)
+}
+
 pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let mut stop = StopSignals::install()?;
+    let mut signals = DaemonSignals::install()?;
     let path = ctx.store_path()?;
     let creating = args.init && !path.exists();
     let passphrase = passphrase::obtain(if creating {
@@ -99,28 +142,67 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
     let store = Store::open_for_daemon(&path, ctx.config.daemon.lock_wait).await?;
     let vault = Arc::new(Vault::unlock(store, &passphrase).await?);
     drop(passphrase);
-    let shutdown = async move {
-        let signal = stop.wait().await;
-        tracing::info!(signal, "stop requested");
-    };
-    let served = crate::daemon::serve(&ctx.config, vault, shutdown).await;
-    if let (Err(e), true) = (&served, creating) {
-        // The daemon never started on the store it just created: a bad config must not
-        // leave a store behind (its passphrase, typed once, may not be what the user meant).
-        let mut removed = true;
-        for suffix in ["", "-wal", "-shm", ".lock"] {
-            let mut file = path.clone().into_os_string();
-            file.push(suffix);
-            if let Err(err) = std::fs::remove_file(&file) {
-                removed &= err.kind() == std::io::ErrorKind::NotFound;
+    // The services run until a stop; a reload stops them and starts them again with the new
+    // config on the same unlocked store. If they cannot start with it, the previous one is
+    // put back.
+    let mut running: Option<Box<Config>> = None;
+    let mut previous: Option<Option<Box<Config>>> = None;
+    loop {
+        let config = running.as_deref().unwrap_or(&ctx.config);
+        let mut next = None;
+        let until = async {
+            let why = signals.next(ctx, config).await;
+            match &why {
+                Next::Stop(signal) => {
+                    tracing::info!(signal, "stop requested");
+                    crate::daemon::notify::stopping();
+                }
+                Next::Reload(_) => {
+                    tracing::info!("SIGHUP: reloading the config; restarting the services on it");
+                    crate::daemon::notify::reloading();
+                }
+            }
+            next = Some(why);
+        };
+        let served = crate::daemon::serve(config, vault.clone(), until).await;
+        match (served, next) {
+            (Ok(()), Some(Next::Reload(config))) => {
+                previous = Some(running.take());
+                running = Some(config);
+            }
+            (Ok(()), _) => break,
+            (Err(e), _) if previous.is_some() => {
+                tracing::error!(error = %e, "the reloaded config does not start; going back to the previous one");
+                running = previous.take().flatten();
+            }
+            (Err(e), _) => {
+                if creating {
+                    // The daemon never started on the store it just created: a bad config must
+                    // not leave a store behind (its passphrase, typed once, may not be what the
+                    // user meant).
+                    remove_created_store(&path, &e)?;
+                }
+                return Err(e.into());
             }
         }
-        if removed {
-            bail!("{e} (the store this start created was removed)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Removes the store a failed first start created; says so in the error.
+fn remove_created_store(path: &Path, e: &crate::daemon::ServeError) -> anyhow::Result<()> {
+    let mut removed = true;
+    for suffix in ["", "-wal", "-shm", ".lock"] {
+        let mut file = path.to_path_buf().into_os_string();
+        file.push(suffix);
+        if let Err(err) = std::fs::remove_file(&file) {
+            removed &= err.kind() == std::io::ErrorKind::NotFound;
         }
     }
-    served?;
-    Ok(ExitCode::SUCCESS)
+    if removed {
+        bail!("{e} (the store this start created was removed)");
+    }
+    Ok(())
 }
 
 /// Whether a daemon answers on the admin socket.

@@ -123,6 +123,9 @@ enum Command {
 /// What every command can use: the parsed config and the CLI's overrides.
 pub(crate) struct Context {
     config: Config,
+    /// Where `config` was read from (none: the built-in defaults); `serve` reads it again on
+    /// SIGHUP.
+    config_path: Option<PathBuf>,
     store_override: Option<PathBuf>,
     actor: String,
     /// What the process started with, for the commands `exec` runs.
@@ -208,16 +211,17 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli, inherited: crate::hardening::Inherited) -> anyhow::Result<ExitCode> {
-    let config = match cli
+    let config_path = cli
         .config
         .clone()
-        .or_else(crate::config::default_config_path)
-    {
-        Some(path) => Config::load(&path)?,
+        .or_else(crate::config::default_config_path);
+    let config = match &config_path {
+        Some(path) => Config::load(path)?,
         None => Config::default(),
     };
     let ctx = Context {
         config,
+        config_path,
         store_override: cli.store,
         actor: format!("cli uid={}", rustix::process::getuid().as_raw()),
         inherited,

