@@ -89,6 +89,17 @@ struct RekeyBody {
     data_keys: bool,
 }
 
+/// The body of `POST /v1/admin/audit/archive`: rows an admin has written to an archive file.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ArchivedBody {
+    first_seq: i64,
+    last_seq: i64,
+    rows: u64,
+    head: String,
+    file: String,
+}
+
 /// The body of `POST /v1/admin/copies`: candidate values found in plaintext (`scan`).
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -426,6 +437,57 @@ impl AdminApi {
         }
     }
 
+    /// `POST /v1/admin/audit/archive` `{"first_seq","last_seq","rows","head","file"}`: removes
+    /// the rows `keywarden audit archive` wrote to its file, if the chain still starts at
+    /// `first_seq` and row `last_seq` still has the hash `head`; that row becomes the chain's
+    /// anchor under the vault's seal, and `audit.archived` is appended.
+    async fn archive_audit(&self, body: &Bytes, peer: Peer) -> Response<Full<Bytes>> {
+        let Ok(body) = serde_json::from_slice::<ArchivedBody>(body) else {
+            return http::error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the body must be {\"first_seq\", \"last_seq\", \"rows\", \"head\", \"file\"}",
+            );
+        };
+        let Some(head) = crate::crypto::from_hex(&body.head) else {
+            return http::error(StatusCode::BAD_REQUEST, "bad_request", "head must be hex");
+        };
+        let vault = &self.services.vault;
+        let anchor = match vault.store().audit_anchor().await {
+            Ok(anchor) => anchor.map_or(0, |(seq, _)| seq),
+            Err(e) => return vault_error(e.into()),
+        };
+        if anchor + 1 != body.first_seq || body.last_seq < body.first_seq {
+            return http::error(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "the store's chain now starts at row {}, not {}: archive again",
+                    anchor + 1,
+                    body.first_seq
+                ),
+            );
+        }
+        let event = AuditEvent::new(Self::actor(peer), "audit.archived").detail(json!({
+            "first_seq": body.first_seq,
+            "last_seq": body.last_seq,
+            "rows": body.rows,
+            "head": body.head,
+            "file": body.file,
+        }));
+        match vault.archive_audit(body.last_seq, &head, event).await {
+            Ok(()) => http::json(StatusCode::OK, &json!({ "archived": body.rows })),
+            Err(crate::vault::VaultError::Store(crate::store::StoreError::Conflict(what))) => {
+                http::error(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    format!("{what} is not the row that was archived: archive again"),
+                )
+            }
+            Err(e) => vault_error(e),
+        }
+    }
+
     /// `POST /v1/admin/copies` `{"values":[…]}`: for each value, the stored versions it is a
     /// plaintext copy of (`[[{"secret","version","stage"}]]`), matched by keyed fingerprint.
     async fn copies(&self, body: &Bytes) -> Response<Full<Bytes>> {
@@ -677,6 +739,7 @@ impl Handler for AdminApi {
                     || p == "/v1/admin/passwd"
                     || p == "/v1/admin/rekey"
                     || p == "/v1/admin/backup"
+                    || p == "/v1/admin/audit/archive"
                     || p == "/v1/admin/copies")
                     && !Self::owns_the_store(peer) =>
             {
@@ -696,6 +759,9 @@ impl Handler for AdminApi {
             }
             (&Method::POST, "/v1/admin/rekey") => self.rekey(request.body(), peer).await,
             (&Method::POST, "/v1/admin/backup") => self.backup(peer).await,
+            (&Method::POST, "/v1/admin/audit/archive") => {
+                self.archive_audit(request.body(), peer).await
+            }
             (&Method::POST, "/v1/admin/copies") => self.copies(request.body()).await,
             (&Method::GET, "/v1/admin/alerts") => {
                 match self.services.vault.store().recent_alerts(100, false).await {

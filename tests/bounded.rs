@@ -238,3 +238,77 @@ fn a_forged_anchor_hiding_deleted_rows_fails_the_keyed_verify() {
         "{report}"
     );
 }
+
+#[test]
+fn audit_archive_runs_while_the_daemon_serves_and_the_chain_goes_on() {
+    let env = env_with_plugin(APP);
+    let daemon = env.start_daemon();
+    wait_for("a fetch", Duration::from_secs(20), || {
+        let (code, _) = curl(&env.agent_socket(), "GET", "/v1/secrets/app/token", &[]);
+        (code == 200).then_some(())
+    });
+    let file = env.dir.path().join("audit-live.jsonl");
+    // No passphrase is asked: the daemon, which holds the key, anchors the chain.
+    let mut cmd = env.cmd();
+    cmd.env_remove("KEYWARDEN_PASSPHRASE_FILE").args([
+        "audit",
+        "archive",
+        "--before",
+        "2999-01-01",
+        "--json",
+        file.to_str().unwrap(),
+    ]);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(summary["first_seq"], 1);
+    // The daemon goes on appending after the anchor; files and store verify as one chain.
+    let (code, _) = curl(
+        &env.agent_socket(),
+        "GET",
+        "/v1/secrets/app/token?ttl=1",
+        &[],
+    );
+    assert_eq!(code, 200);
+    let (code, report) = verify(&env, &["--archive", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{report}");
+    let archived_row = {
+        let rows: serde_json::Value =
+            serde_json::from_str(&env.ok(&["audit", "tail", "-n", "100", "--json"], None)).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["action"] == "audit.archived")
+            .cloned()
+            .expect("the archive is audited")
+    };
+    assert!(
+        archived_row["actor"]
+            .as_str()
+            .unwrap()
+            .starts_with("admin uid="),
+        "{archived_row}"
+    );
+    // A request naming rows that are no longer the chain's start is refused.
+    let (code, body) = curl(
+        &env.admin_socket(),
+        "POST",
+        "/v1/admin/audit/archive",
+        &[
+            "-d",
+            &serde_json::json!({
+                "first_seq": 1, "last_seq": 2, "rows": 2,
+                "head": "00".repeat(32), "file": "forged"
+            })
+            .to_string(),
+        ],
+    );
+    assert_eq!(code, 409, "{body}");
+    let (code, report) = verify(&env, &["--archive", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(daemon.terminate(), Some(0));
+}

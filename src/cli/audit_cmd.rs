@@ -6,8 +6,12 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use serde_json::json;
 
+use hyper::Method;
+
 use super::Context;
+use super::daemon_cmds::admin;
 use super::output::{print_json, printable, rfc3339};
+use super::vault_cmds::Target;
 use crate::audit::{AuditEvent, AuditRecord, ChainVerifier};
 use crate::audit_archive::{self, ArchiveWriter};
 use crate::clock::Millis;
@@ -53,6 +57,9 @@ pub(crate) enum AuditCommand {
         /// The archive file to create.
         file: PathBuf,
         /// Print {"file","rows","first_seq","last_seq","head"} as JSON.
+        ///
+        /// While the daemon runs, this command reads the rows itself and the daemon removes
+        /// them (through its admin socket: root or the daemon's user, no passphrase asked).
         #[arg(long)]
         json: bool,
     },
@@ -165,11 +172,75 @@ fn parse_before(text: &str, now: Millis) -> anyhow::Result<Millis> {
 }
 
 /// `audit archive --before WHEN FILE`: writes the rows before `WHEN` to `FILE` (checking their
-/// chain on the way), then removes them from the store, anchored under the vault's seal.
+/// chain on the way), then removes them from the store, anchored under the vault's seal: here
+/// (the store unlocked), or by the daemon that holds it (the rows read from a read-only view).
 async fn archive(ctx: &Context, before: &str, file: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let before = parse_before(before, crate::clock::now_millis())?;
-    let vault = ctx.unlock().await?;
-    let store = vault.store();
+    let target = Target::of(ctx).await?;
+    let store = match &target {
+        Target::Store { vault, .. } => vault.store().clone(),
+        Target::Daemon(_) => ctx.open_store(Access::ReadOnly).await?,
+    };
+    let archived = write_archive(&store, before, file).await?;
+    let head = crypto::hex(&archived.head);
+    let detail = json!({
+        "first_seq": archived.first_seq,
+        "last_seq": archived.last_seq,
+        "rows": archived.rows,
+        "head": head,
+        "file": file.display().to_string(),
+    });
+    let removed = match &target {
+        Target::Store { vault, .. } => {
+            let event = AuditEvent::new(&ctx.actor, "audit.archived").detail(detail.clone());
+            vault
+                .archive_audit(archived.last_seq, &archived.head, event)
+                .await
+                .map_err(anyhow::Error::from)
+        }
+        Target::Daemon(socket) => admin(
+            socket,
+            Method::POST,
+            "/v1/admin/audit/archive",
+            Some(detail.clone()),
+        )
+        .await
+        .map(drop),
+    };
+    if let Err(e) = removed {
+        let _ = std::fs::remove_file(file);
+        anyhow::bail!(
+            "{e:#}; no row was removed and {} was deleted",
+            file.display()
+        );
+    }
+    if json {
+        print_json(&detail)?;
+    } else {
+        println!(
+            "archived audit rows {}..={} ({} rows) to {}; the store's chain now starts after \
+             row {}, head {head}",
+            archived.first_seq,
+            archived.last_seq,
+            archived.rows,
+            file.display(),
+            archived.last_seq,
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Rows written to an archive file.
+struct Archived {
+    first_seq: i64,
+    last_seq: i64,
+    rows: u64,
+    head: Vec<u8>,
+}
+
+/// Writes the rows after the store's anchor and before `before` to a new archive `file`,
+/// checking their chain; removes the file if the chain breaks.
+async fn write_archive(store: &Store, before: Millis, file: &Path) -> anyhow::Result<Archived> {
     let Some(through) = store.audit_last_before(before).await? else {
         anyhow::bail!(
             "no audit rows before {}: nothing to archive",
@@ -203,33 +274,12 @@ async fn archive(ctx: &Context, before: &str, file: &Path, json: bool) -> anyhow
     }
     let rows = writer.finish()?;
     let (last_seq, head) = verifier.last();
-    let (last_seq, head) = (last_seq, head.to_vec());
-    let event = AuditEvent::new(&ctx.actor, "audit.archived").detail(json!({
-        "first_seq": anchor_seq + 1,
-        "last_seq": last_seq,
-        "rows": rows,
-        "head": crypto::hex(&head),
-        "file": file.display().to_string(),
-    }));
-    vault.archive_audit(last_seq, &head, event).await?;
-    if json {
-        print_json(&json!({
-            "file": file.display().to_string(),
-            "rows": rows,
-            "first_seq": anchor_seq + 1,
-            "last_seq": last_seq,
-            "head": crypto::hex(&head),
-        }))?;
-    } else {
-        println!(
-            "archived audit rows {}..={last_seq} ({rows} rows) to {}; the store's chain now \
-             starts after row {last_seq}, head {}",
-            anchor_seq + 1,
-            file.display(),
-            crypto::hex(&head)
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(Archived {
+        first_seq: anchor_seq + 1,
+        last_seq,
+        rows,
+        head: head.to_vec(),
+    })
 }
 
 /// Where the store's chain must start checking: after the archives given (each checked), or
