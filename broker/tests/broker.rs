@@ -135,10 +135,13 @@ listen = "127.0.0.1:{anthropic_port}"
 {extra}"#,
             base = base_config("3s"),
             ca = ca.display().to_string(),
-            extra = extra.replace("{upstream}", &upstream).replace(
-                "{example_plugin}",
-                &example_plugin_config(env.dir.path(), "")
-            ),
+            extra = extra
+                .replace("{upstream}", &upstream)
+                .replace("{ca}", &format!("{:?}", ca.display().to_string()))
+                .replace(
+                    "{example_plugin}",
+                    &example_plugin_config(env.dir.path(), "")
+                ),
         );
         std::fs::OpenOptions::new()
             .append(true)
@@ -837,4 +840,97 @@ max_body_bytes = 1024
     assert_eq!(status, 307);
     assert_eq!(s.provider.seen().len(), before + 1);
     std::fs::write(s.provider.state.join("release"), "").unwrap();
+}
+
+#[test]
+fn gemini_and_azure_openai_get_the_key_in_their_own_header_and_their_usage_is_counted() {
+    const GEMINI: &str = "AIzaSy-fake-gemini-key-0a1b2c3d4e5f";
+    const AZURE: &str = "azure-fake-key-9f8e7d6c5b4a39281706";
+    let s = Setup::new(
+        r#"[[policy]]
+name = "agents"
+uids = [0]
+brokers = ["gemini", "azure"]
+"#,
+        r#"
+[secrets."gemini/prod"]
+provider = "manual"
+[secrets."azure/prod"]
+provider = "manual"
+
+[brokers.gemini]
+preset = "gemini"
+secret = "gemini/prod"
+upstream = "{upstream}"
+ca_file = {ca}
+
+[brokers.azure]
+preset = "azure-openai"
+secret = "azure/prod"
+upstream = "{upstream}"
+ca_file = {ca}
+"#,
+    );
+    s.env.put("gemini/prod", GEMINI);
+    s.env.put("azure/prod", AZURE);
+    s.provider.accept(&[(GEMINI, "ok"), (AZURE, "ok")], None);
+    let gemini_body = r#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}"#;
+    let placeholder = [
+        "-H",
+        "x-goog-api-key: placeholder",
+        "-H",
+        "api-key: placeholder",
+    ];
+    let (code, body) = s.post(
+        "/v1/broker/gemini/v1beta/models/gemini-2.0-flash:generateContent",
+        gemini_body,
+        &placeholder,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("hello from fake"), "{body}");
+    let (code, body) = s.post(
+        "/v1/broker/gemini/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+        gemini_body,
+        &placeholder,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("streamed"), "{body}");
+    let (code, body) = s.chat(
+        "/v1/broker/azure/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+        &placeholder,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("hello from fake"), "{body}");
+    // A path outside the preset never reaches the provider.
+    let (code, _) = s.chat("/v1/broker/azure/openai/files", &placeholder);
+    assert_eq!(code, 403);
+
+    // Each request carried the stored key in the preset's header, and nothing the agent set.
+    let seen = s.provider.seen();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for (request, header, key) in [
+        (&seen[0], "x-goog-api-key", GEMINI),
+        (&seen[1], "x-goog-api-key", GEMINI),
+        (&seen[2], "api-key", AZURE),
+    ] {
+        assert_eq!(request["key_header"], header, "{request}");
+        assert_eq!(request["key"], key, "{request}");
+        let headers = request["headers"].to_string();
+        assert!(!headers.contains("placeholder"), "{headers}");
+        assert!(
+            request["headers"].get("authorization").is_none(),
+            "{headers}"
+        );
+    }
+    // Usage: Gemini's usageMetadata (the stream's last, cumulative count), Azure's usage.
+    let tokens: Vec<i64> = s
+        .audit("broker.request")
+        .iter()
+        .map(|r| detail(r)["tokens"].as_i64().unwrap_or(-1))
+        .collect();
+    assert!(tokens.starts_with(&[10, 10, 18]), "{tokens:?}");
+    for key in [GEMINI, AZURE] {
+        let log = s.daemon.as_ref().unwrap().log_text();
+        assert!(!log.contains(key));
+    }
 }

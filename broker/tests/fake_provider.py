@@ -7,9 +7,11 @@ Writes its port to STATE_DIR/port. Before each request it reads STATE_DIR/keys.j
 accepted keys to what to do with them: "ok", "429", "500", "redirect" (307 elsewhere), "stall" (no answer until
 STATE_DIR/release exists) or "hold" (stream the first event,
 then wait until STATE_DIR/release exists before finishing). It checks the injected key in the
-header of the API called (OpenAI: `Authorization: Bearer`, Anthropic: `x-api-key`) and answers
-401 to any other. It answers OpenAI chat completions and Anthropic messages, as JSON or as SSE
-streams with usage, and `GET /v1/models`. Each request is appended to STATE_DIR/seen.jsonl: the
+header of the API called (OpenAI: `Authorization: Bearer`, Anthropic: `x-api-key`, Gemini:
+`x-goog-api-key`, Azure OpenAI: `api-key`) and answers 401 to any other. It answers OpenAI chat
+completions (also under Azure's `/openai/deployments/NAME/`), Anthropic messages and Gemini's
+`generateContent` / `streamGenerateContent`, as JSON or as SSE streams with usage, and
+`GET /v1/models`. Each request is appended to STATE_DIR/seen.jsonl: the
 method, path, the key it carried, and every header name and value the agent could have set.
 """
 
@@ -51,17 +53,25 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def key(self):
+    def key_header(self):
+        """The header that carried the key, and the key."""
         auth = self.headers.get("Authorization", "")
         if auth.startswith("Bearer "):
-            return auth[len("Bearer "):]
-        return self.headers.get("x-api-key")
+            return "authorization", auth[len("Bearer "):]
+        for name in ("x-api-key", "x-goog-api-key", "api-key"):
+            if self.headers.get(name) is not None:
+                return name, self.headers.get(name)
+        return None, None
+
+    def key(self):
+        return self.key_header()[1]
 
     def record(self, body):
         entry = {
             "method": self.command,
             "path": self.path,
             "key": self.key(),
+            "key_header": self.key_header()[0],
             "headers": {k.lower(): v for k, v in self.headers.items()},
             "body": body.decode("utf-8", "replace"),
         }
@@ -119,7 +129,25 @@ class Handler(BaseHTTPRequestHandler):
         request = json.loads(body or b"{}")
         stream = bool(request.get("stream"))
         hold = what == "hold" or bool(request.get("hold"))
-        if self.path.startswith("/v1/chat/completions"):
+        path = self.path
+        if path.startswith("/openai/deployments/"):
+            # Azure OpenAI: /openai/deployments/NAME/chat/completions?api-version=…
+            path = "/v1/" + path.split("/", 4)[4]
+        if "/models/" in path and ":generateContent" in path:
+            return self.reply(200, {
+                "candidates": [{"content": {"role": "model", "parts": [{"text": "hello from fake"}]},
+                                "finishReason": "STOP"}],
+                "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 2,
+                                  "totalTokenCount": 10},
+            })
+        if "/models/" in path and ":streamGenerateContent" in path:
+            part = lambda text, out: json.dumps({
+                "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}}],
+                "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": out,
+                                  "totalTokenCount": 8 + out},
+            })
+            return self.events([(None, part("hello ", 1)), (None, part("streamed", 2))], hold)
+        if path.startswith("/v1/chat/completions"):
             if not stream:
                 return self.reply(200, {
                     "id": "chatcmpl-1", "object": "chat.completion", "created": 0,
