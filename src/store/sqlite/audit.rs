@@ -139,10 +139,14 @@ pub(super) async fn seal_head_in(
     tx: &mut SqliteConnection,
     key: &IntegrityKey,
 ) -> Result<(), StoreError> {
-    let head: Option<(i64, Vec<u8>)> =
-        sqlx::query_as("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut *tx)
-            .await?;
+    let head: Option<(i64, Vec<u8>)> = match batch_head() {
+        Some(head) => Some(head),
+        None => {
+            sqlx::query_as("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&mut *tx)
+                .await?
+        }
+    };
     if let Some((seq, hash)) = head {
         sqlx::query("INSERT OR REPLACE INTO audit_seals (seq, mac, at) VALUES (?, ?, ?)")
             .bind(seq)
@@ -154,6 +158,23 @@ pub(super) async fn seal_head_in(
     Ok(())
 }
 
+tokio::task_local! {
+    /// Inside one group-commit transaction (`batch.rs`): the chain's head as the rows appended
+    /// so far in it left it, so that each job's append need not read it back. Nothing else
+    /// writes while the transaction holds SQLite's write lock.
+    pub(super) static BATCH_HEAD: std::cell::RefCell<Option<(i64, Vec<u8>)>>;
+}
+
+/// The head the current batch's transaction has written, if this runs inside one.
+fn batch_head() -> Option<(i64, Vec<u8>)> {
+    BATCH_HEAD.try_with(|h| h.borrow().clone()).ok().flatten()
+}
+
+/// Records (or, after a job rolled back, restores) the batch's head; outside a batch, nothing.
+pub(super) fn set_batch_head(head: Option<(i64, Vec<u8>)>) {
+    let _ = BATCH_HEAD.try_with(|h| *h.borrow_mut() = head);
+}
+
 /// Appends audit rows inside an open write transaction (sealing the new head with `sealer`).
 pub(super) async fn append_audit_in(
     tx: &mut SqliteConnection,
@@ -163,10 +184,14 @@ pub(super) async fn append_audit_in(
     if events.is_empty() {
         return Ok(());
     }
-    let last: Option<(i64, Vec<u8>)> =
-        sqlx::query_as("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut *tx)
-            .await?;
+    let last: Option<(i64, Vec<u8>)> = match batch_head() {
+        Some(head) => Some(head),
+        None => {
+            sqlx::query_as("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&mut *tx)
+                .await?
+        }
+    };
     // With every row archived, the chain goes on from the anchor.
     let last = match last {
         Some(last) => Some(last),
@@ -220,6 +245,9 @@ pub(super) async fn append_audit_in(
                 .bind(hash.as_slice());
         }
         query.execute(&mut *tx).await?;
+    }
+    if let Some((seq, _, _, _, hash)) = rows.last() {
+        set_batch_head(Some((*seq, hash.clone())));
     }
     if let (Some(key), Some((seq, _, _, _, hash))) = (sealer, rows.last()) {
         // The new head, sealed in the same transaction: the chain up to it is authenticated.

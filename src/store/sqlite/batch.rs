@@ -12,6 +12,7 @@
 //! its own. Jobs append audit rows unsealed: the transaction that runs them seals the chain's
 //! head once, before it commits.
 
+use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
 
 use futures_util::future::BoxFuture;
@@ -20,7 +21,7 @@ use sqlx::sqlite::SqliteConnection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::SqliteStore;
-use super::audit::seal_head_in;
+use super::audit::{BATCH_HEAD, seal_head_in, set_batch_head};
 use crate::crypto::IntegrityKey;
 use crate::store::StoreError;
 
@@ -82,6 +83,16 @@ async fn all_or_nothing(
     sealer: &Sealer,
     batch: &[Pending],
 ) -> Result<bool, StoreError> {
+    BATCH_HEAD
+        .scope(RefCell::new(None), all_or_nothing_in(writer, sealer, batch))
+        .await
+}
+
+async fn all_or_nothing_in(
+    writer: &SqlitePool,
+    sealer: &Sealer,
+    batch: &[Pending],
+) -> Result<bool, StoreError> {
     let mut conn = writer.acquire().await?;
     let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
     for pending in batch {
@@ -103,15 +114,31 @@ async fn with_savepoints(
     sealer: &Sealer,
     batch: &[Pending],
 ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    BATCH_HEAD
+        .scope(
+            RefCell::new(None),
+            with_savepoints_in(writer, sealer, batch),
+        )
+        .await
+}
+
+async fn with_savepoints_in(
+    writer: &SqlitePool,
+    sealer: &Sealer,
+    batch: &[Pending],
+) -> Result<Vec<Result<(), StoreError>>, StoreError> {
     let mut conn = writer.acquire().await?;
     let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
     let mut answers = Vec::with_capacity(batch.len());
     for pending in batch {
         sqlx::query("SAVEPOINT job").execute(&mut *tx).await?;
+        let head = BATCH_HEAD.with(|h| h.borrow().clone());
         let result = (pending.job)(&mut tx).await;
         let end = if result.is_ok() {
             "RELEASE job"
         } else {
+            // The rows it appended are gone: so is the head it left.
+            set_batch_head(head);
             "ROLLBACK TO job; RELEASE job"
         };
         sqlx::raw_sql(end).execute(&mut *tx).await?;
@@ -161,6 +188,69 @@ impl SqliteStore {
                 }
                 tx.commit().await?;
                 Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::audit::append_audit_in;
+    use crate::audit::{AuditEvent, ChainVerifier};
+    use crate::crypto::KdfParams;
+    use crate::store::{Access, Store, StoreError, VaultHeader};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_that_appended_and_then_failed_leaves_the_chain_as_if_it_never_ran() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault.db");
+        let header = VaultHeader {
+            kdf: KdfParams::default(),
+            salt: vec![0; 16],
+            wrapped_root_key: vec![1; 60],
+            wrapped_fingerprint_key: vec![2; 60],
+            root_generation: 1,
+        };
+        drop(
+            Store::create(&path, &header, AuditEvent::new("test", "created"))
+                .await
+                .unwrap(),
+        );
+        // The daemon's access: writes go through the batcher, many jobs per transaction.
+        let store = Store::open(&path, Access::Exclusive).await.unwrap();
+        let mut jobs = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            let store = store.clone();
+            jobs.spawn(async move {
+                let fails = i % 3 == 0;
+                let event = std::sync::Arc::new([AuditEvent::new("test", format!("job-{i}"))]);
+                store
+                    .write(Box::new(move |tx| {
+                        let event = event.clone();
+                        Box::pin(async move {
+                            append_audit_in(tx, None, &event[..]).await?;
+                            if fails {
+                                return Err(StoreError::Conflict("after its append".into()));
+                            }
+                            Ok(())
+                        })
+                    }))
+                    .await
+                    .is_ok()
+            });
+        }
+        let mut committed = 0;
+        while let Some(ok) = jobs.join_next().await {
+            committed += usize::from(ok.unwrap());
+        }
+        assert_eq!(committed, 26);
+        let rows = store.audit_page(0, 1000).await.unwrap();
+        assert_eq!(rows.len(), 27, "the created row and each committed job's");
+        let mut chain = ChainVerifier::default();
+        for row in &rows {
+            chain.check(row).unwrap();
+            if let Some(i) = row.action.strip_prefix("job-") {
+                assert_ne!(i.parse::<usize>().unwrap() % 3, 0, "a failed job's row");
             }
         }
     }
