@@ -690,6 +690,104 @@ impl AdminApi {
     }
 }
 
+impl AdminApi {
+    /// `GET /v1/admin/alerts`: the 100 latest alerts not acknowledged.
+    async fn alerts(&self) -> Response<Full<Bytes>> {
+        match self.services.vault.store().recent_alerts(100, false).await {
+            Ok(alerts) => http::json(
+                StatusCode::OK,
+                &serde_json::Value::Array(alerts.iter().map(crate::status::alert_entry).collect()),
+            ),
+            Err(e) => http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+        }
+    }
+
+    /// `GET /v1/admin/incidents`: every incident, newest first.
+    async fn incidents(&self) -> Response<Full<Bytes>> {
+        match self.services.incidents.list().await {
+            Ok(list) => http::json(StatusCode::OK, &serde_json::Value::Array(list)),
+            Err(e) => compromise_error(e),
+        }
+    }
+
+    /// `POST /v1/admin/incidents/{id}/close`: closes an incident by hand.
+    async fn close_incident(&self, id: &str, peer: Peer) -> Response<Full<Bytes>> {
+        match self.services.incidents.close(id, &Self::actor(peer)).await {
+            Ok(closed) => http::json(
+                StatusCode::OK,
+                &json!({ "incident_id": id, "closed": closed }),
+            ),
+            Err(e) => compromise_error(e),
+        }
+    }
+
+    /// `GET /v1/admin/status`: the store's report, what waits for a person, the brokers.
+    async fn status(&self) -> Response<Full<Bytes>> {
+        let services = &self.services;
+        let report =
+            crate::status::report(services.vault.store(), Some(&services.catalog.plugins)).await;
+        let people = services.incidents.waiting_for_people().await;
+        let brokers = match &services.brokers {
+            Some(b) => crate::status::brokers(b, services.vault.store(), services.clock.now())
+                .await
+                .map(Some),
+            None => Ok(None),
+        };
+        match (report, people, brokers) {
+            (Ok(mut report), Ok(people), Ok(brokers)) => {
+                report["needs_person"] = serde_json::Value::Array(people);
+                if let Some(brokers) = brokers {
+                    report["brokers"] = brokers;
+                }
+                http::json(StatusCode::OK, &report)
+            }
+            (_, _, Err(e)) | (Err(e), _, _) => {
+                http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+            }
+            (_, Err(e), _) => compromise_error(e),
+        }
+    }
+
+    /// `GET /metrics`: Prometheus text.
+    async fn metrics(&self) -> Response<Full<Bytes>> {
+        let services = &self.services;
+        let rendered = crate::metrics::render(
+            services.vault.store(),
+            services.clock.now(),
+            &services.catalog.plugins,
+            &services.metrics,
+            services.leases.live_count(),
+        )
+        .await;
+        match rendered {
+            Ok(text) => {
+                let mut r = Response::new(Full::new(Bytes::from(text)));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                r
+            }
+            Err(e) => http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+        }
+    }
+}
+
+/// Whether `path` reads or writes values, keys, backups, the audit log or the passphrase: root's
+/// and the daemon's own user's only, not every `admin_uids` operator (who may rotate, run
+/// incidents and read status).
+fn for_the_store_owner(path: &str) -> bool {
+    path.starts_with("/v1/admin/secrets/")
+        || matches!(
+            path,
+            "/v1/admin/passwd"
+                | "/v1/admin/rekey"
+                | "/v1/admin/backup"
+                | "/v1/admin/audit/archive"
+                | "/v1/admin/copies"
+        )
+}
+
 impl Handler for AdminApi {
     type Conn = Peer;
     type Body = Full<Bytes>;
@@ -732,23 +830,11 @@ impl Handler for AdminApi {
                 self.compromise(request.body(), query.as_deref(), peer, true)
                     .await
             }
-            // Values and the passphrase: root and the daemon's own user only, not every
-            // `admin_uids` operator (who may rotate, run incidents and read status).
-            (_, p)
-                if (p.starts_with("/v1/admin/secrets/")
-                    || p == "/v1/admin/passwd"
-                    || p == "/v1/admin/rekey"
-                    || p == "/v1/admin/backup"
-                    || p == "/v1/admin/audit/archive"
-                    || p == "/v1/admin/copies")
-                    && !Self::owns_the_store(peer) =>
-            {
-                http::error(
-                    StatusCode::FORBIDDEN,
-                    "forbidden",
-                    "values, keys, backups and the passphrase are for root and the daemon's user only",
-                )
-            }
+            (_, p) if for_the_store_owner(p) && !Self::owns_the_store(peer) => http::error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "values, keys, backups and the passphrase are for root and the daemon's user only",
+            ),
             (method, p) if p.starts_with("/v1/admin/secrets/") => {
                 let name = &p["/v1/admin/secrets/".len()..];
                 self.secret(method, name, query.as_deref(), request.body(), peer)
@@ -763,39 +849,18 @@ impl Handler for AdminApi {
                 self.archive_audit(request.body(), peer).await
             }
             (&Method::POST, "/v1/admin/copies") => self.copies(request.body()).await,
-            (&Method::GET, "/v1/admin/alerts") => {
-                match self.services.vault.store().recent_alerts(100, false).await {
-                    Ok(alerts) => http::json(
-                        StatusCode::OK,
-                        &serde_json::Value::Array(
-                            alerts.iter().map(crate::status::alert_entry).collect(),
-                        ),
-                    ),
-                    Err(e) => {
-                        http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
-                    }
-                }
-            }
+            (&Method::GET, "/v1/admin/alerts") => self.alerts().await,
             (&Method::POST, "/v1/admin/alerts/ack") => self.ack_alerts(request.body(), peer).await,
             (&Method::POST, p) if p.starts_with("/v1/admin/brokers/") => {
                 self.block_broker(&p["/v1/admin/brokers/".len()..], peer)
                     .await
             }
-            (&Method::GET, "/v1/admin/incidents") => match self.services.incidents.list().await {
-                Ok(list) => http::json(StatusCode::OK, &serde_json::Value::Array(list)),
-                Err(e) => compromise_error(e),
-            },
+            (&Method::GET, "/v1/admin/incidents") => self.incidents().await,
             (&Method::POST, p)
                 if p.starts_with("/v1/admin/incidents/") && p.ends_with("/close") =>
             {
                 let id = &p["/v1/admin/incidents/".len()..p.len() - "/close".len()];
-                match self.services.incidents.close(id, &Self::actor(peer)).await {
-                    Ok(closed) => http::json(
-                        StatusCode::OK,
-                        &json!({ "incident_id": id, "closed": closed }),
-                    ),
-                    Err(e) => compromise_error(e),
-                }
+                self.close_incident(id, peer).await
             }
             (&Method::GET, p) if p.starts_with("/v1/admin/incidents/") => {
                 let rest = &p["/v1/admin/incidents/".len()..];
@@ -804,63 +869,8 @@ impl Handler for AdminApi {
                     None => self.incident(rest).await,
                 }
             }
-            (&Method::GET, "/v1/admin/status") => {
-                let report = crate::status::report(
-                    self.services.vault.store(),
-                    Some(&self.services.catalog.plugins),
-                )
-                .await;
-                let people = self.services.incidents.waiting_for_people().await;
-                let brokers = match &self.services.brokers {
-                    Some(b) => crate::status::brokers(
-                        b,
-                        self.services.vault.store(),
-                        self.services.clock.now(),
-                    )
-                    .await
-                    .map(Some),
-                    None => Ok(None),
-                };
-                match (report, people, brokers) {
-                    (Ok(mut report), Ok(people), Ok(brokers)) => {
-                        report["needs_person"] = serde_json::Value::Array(people);
-                        if let Some(brokers) = brokers {
-                            report["brokers"] = brokers;
-                        }
-                        http::json(StatusCode::OK, &report)
-                    }
-                    (_, _, Err(e)) => {
-                        http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
-                    }
-                    (_, Err(e), _) => compromise_error(e),
-                    (Err(e), _, _) => {
-                        http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
-                    }
-                }
-            }
-            (&Method::GET, "/metrics") => {
-                match crate::metrics::render(
-                    self.services.vault.store(),
-                    self.services.clock.now(),
-                    &self.services.catalog.plugins,
-                    &self.services.metrics,
-                    self.services.leases.live_count(),
-                )
-                .await
-                {
-                    Ok(text) => {
-                        let mut r = Response::new(Full::new(Bytes::from(text)));
-                        r.headers_mut().insert(
-                            hyper::header::CONTENT_TYPE,
-                            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-                        );
-                        r
-                    }
-                    Err(e) => {
-                        http::error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
-                    }
-                }
-            }
+            (&Method::GET, "/v1/admin/status") => self.status().await,
+            (&Method::GET, "/metrics") => self.metrics().await,
             _ => http::error(
                 StatusCode::NOT_FOUND,
                 "unknown",
