@@ -866,16 +866,19 @@ mod tests {
     use crate::store::Access;
     use std::time::Duration;
 
+    /// Argon2id at its cheapest: these tests are about the key hierarchy, not the KDF.
+    const TEST_KDF: KdfParams = KdfParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+
     #[tokio::test]
     async fn a_store_from_before_current_macs_is_upgraded_at_unlock() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vault.db");
         let passphrase = Zeroizing::new("a passphrase for this test".to_string());
-        let kdf = KdfParams {
-            memory_kib: 64,
-            iterations: 1,
-            parallelism: 1,
-        };
+        let kdf = TEST_KDF;
         let vault = Vault::init(&path, &passphrase, kdf, "test").await.unwrap();
         let value = SecretValue::new("v1".into());
         vault
@@ -920,11 +923,7 @@ mod tests {
     async fn registering_declared_secrets_writes_only_what_changed_with_one_audit_row_each() {
         let dir = tempfile::tempdir().unwrap();
         let passphrase = Zeroizing::new("a passphrase for this test".to_string());
-        let kdf = KdfParams {
-            memory_kib: 64,
-            iterations: 1,
-            parallelism: 1,
-        };
+        let kdf = TEST_KDF;
         let vault = Vault::init(&dir.path().join("vault.db"), &passphrase, kdf, "test")
             .await
             .unwrap();
@@ -965,11 +964,7 @@ mod tests {
     async fn a_rekey_waits_for_a_value_being_sealed_so_it_is_resealed_with_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let passphrase = Zeroizing::new("a passphrase for this test".to_string());
-        let kdf = KdfParams {
-            memory_kib: 64,
-            iterations: 1,
-            parallelism: 1,
-        };
+        let kdf = TEST_KDF;
         let vault = std::sync::Arc::new(
             Vault::init(&dir.path().join("vault.db"), &passphrase, kdf, "test")
                 .await

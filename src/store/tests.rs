@@ -8,14 +8,17 @@ use super::*;
 use crate::clock::now_millis;
 use crate::crypto::KdfParams;
 
-struct TempStore {
+/// A store in a temporary directory (removed when dropped).
+pub(crate) struct TempStore {
     _dir: tempfile::TempDir,
-    path: PathBuf,
-    store: Store,
+    /// The store's file.
+    pub(crate) path: PathBuf,
+    /// The store, opened as a CLI writer would.
+    pub(crate) store: Store,
 }
 
 /// A store with a header whose wrapped keys are placeholders: the store never opens them.
-async fn temp_store() -> TempStore {
+pub(crate) async fn temp_store() -> TempStore {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vault.db");
     let header = VaultHeader {

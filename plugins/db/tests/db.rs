@@ -614,21 +614,17 @@ grace = "1m"
     assert_eq!(env.entry("pg/app")["version"], 21);
 }
 
-#[test]
-fn mariadb_alternating_and_lease_users_through_the_daemon() {
-    let Some(url) = service("KEYWARDEN_TEST_MYSQL_URL") else {
-        return;
-    };
-    let (a, b) = (
-        format!("kwa_{}", std::process::id()),
-        format!("kwb_{}", std::process::id()),
-    );
+/// A MariaDB user `{tag}_a` (password `initial-password`, SELECT on `test.*`) and none named
+/// `{tag}_b`; an env whose `my/app` alternates between them and whose `my/lease` issues users
+/// named `{tag}_l…` with the same grant.
+fn mariadb_pair(url: &str, tag: &str) -> (String, String, Env) {
+    let (a, b) = (format!("{tag}_a"), format!("{tag}_b"));
     for u in [&a, &b] {
         mariadb("root", "", &format!("DROP USER IF EXISTS '{u}'@'%'")).unwrap();
     }
     mariadb("root", "", &format!("CREATE USER '{a}'@'%' IDENTIFIED BY 'initial-password'; GRANT SELECT ON test.* TO '{a}'@'%'")).unwrap();
     let env = env_with(
-        &url,
+        url,
         &format!(
             r#"[secrets."my/app"]
 provider = "mysql-password"
@@ -639,10 +635,67 @@ grace = "0s"
 [secrets."my/lease"]
 provider = "mysql-lease"
 credentials = {{ admin = "admin" }}
-settings = {{ grants = ["SELECT ON test.*"] }}
+settings = {{ grants = ["SELECT ON test.*"], lease_prefix = "{tag}_l" }}
 "#
         ),
     );
+    (a, b, env)
+}
+
+/// `redis-cli` as the server's default (admin) user; its output.
+fn redis_admin(url: &str, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-u", url])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A Redis ACL user `{tag}_a` (password `initial-password`, GET on `app:*`) and none named
+/// `{tag}_b`; an env whose `redis/app` alternates between them and whose `redis/lease` issues
+/// users named `{tag}_l…` with the same rules.
+fn redis_pair(url: &str, tag: &str) -> (String, String, Env) {
+    let (a, b) = (format!("{tag}_a"), format!("{tag}_b"));
+    redis_admin(url, &["ACL", "DELUSER", &a, &b]);
+    redis_admin(
+        url,
+        &[
+            "ACL",
+            "SETUSER",
+            &a,
+            "reset",
+            "on",
+            ">initial-password",
+            "~app:*",
+            "+get",
+        ],
+    );
+    let env = env_with(
+        url,
+        &format!(
+            r#"[secrets."redis/app"]
+provider = "redis-acl"
+credentials = {{ admin = "admin" }}
+settings = {{ strategy = "alternating", usernames = ["{a}", "{b}"] }}
+grace = "0s"
+
+[secrets."redis/lease"]
+provider = "redis-lease"
+credentials = {{ admin = "admin" }}
+settings = {{ rules = ["~app:*", "+get"], lease_prefix = "{tag}_l" }}
+"#
+        ),
+    );
+    (a, b, env)
+}
+
+#[test]
+fn mariadb_alternating_and_lease_users_through_the_daemon() {
+    let Some(url) = service("KEYWARDEN_TEST_MYSQL_URL") else {
+        return;
+    };
+    let (a, b, env) = mariadb_pair(&url, &format!("kw{}", std::process::id()));
     let _daemon = env.start_daemon();
     wait_done(&env, "my/app", 1);
     let (v1, user1) = current(&env, "my/app");
@@ -724,44 +777,8 @@ fn redis_alternating_and_lease_users_through_the_daemon() {
     let Some(url) = service("KEYWARDEN_TEST_REDIS_URL") else {
         return;
     };
-    let (a, b) = (
-        format!("kwa_{}", std::process::id()),
-        format!("kwb_{}", std::process::id()),
-    );
-    let admin = |args: &[&str]| {
-        Command::new("redis-cli")
-            .args(["-u", &url])
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    admin(&["ACL", "DELUSER", &b]);
-    admin(&[
-        "ACL",
-        "SETUSER",
-        &a,
-        "reset",
-        "on",
-        ">initial-password",
-        "~app:*",
-        "+get",
-    ]);
-    let env = env_with(
-        &url,
-        &format!(
-            r#"[secrets."redis/app"]
-provider = "redis-acl"
-credentials = {{ admin = "admin" }}
-settings = {{ strategy = "alternating", usernames = ["{a}", "{b}"] }}
-grace = "0s"
-
-[secrets."redis/lease"]
-provider = "redis-lease"
-credentials = {{ admin = "admin" }}
-settings = {{ rules = ["~app:*", "+get"] }}
-"#
-        ),
-    );
+    let (a, b, env) = redis_pair(&url, &format!("kw{}", std::process::id()));
+    let admin = |args: &[&str]| redis_admin(&url, args);
     let _daemon = env.start_daemon();
     wait_done(&env, "redis/app", 1);
     let (v1, user1) = current(&env, "redis/app");
@@ -1049,27 +1066,7 @@ fn mariadb_a_daemon_killed_at_each_step_of_a_rotation_or_a_lease_issue_converges
         return;
     }
     let tag = format!("kwc{}", std::process::id());
-    let (a, b) = (format!("{tag}_a"), format!("{tag}_b"));
-    for u in [&a, &b] {
-        mariadb("root", "", &format!("DROP USER IF EXISTS '{u}'@'%'")).unwrap();
-    }
-    mariadb("root", "", &format!("CREATE USER '{a}'@'%' IDENTIFIED BY 'initial-password'; GRANT SELECT ON test.* TO '{a}'@'%'")).unwrap();
-    let env = env_with(
-        &url,
-        &format!(
-            r#"[secrets."my/app"]
-provider = "mysql-password"
-credentials = {{ admin = "admin" }}
-settings = {{ strategy = "alternating", usernames = ["{a}", "{b}"] }}
-grace = "0s"
-
-[secrets."my/lease"]
-provider = "mysql-lease"
-credentials = {{ admin = "admin" }}
-settings = {{ grants = ["SELECT ON test.*"], lease_prefix = "{tag}_l" }}
-"#
-        ),
-    );
+    let (a, b, env) = mariadb_pair(&url, &tag);
     crash_at_each_rotation_step(&env, "my/app", &|user, password| {
         mariadb(user, password, "SELECT 1").is_ok()
     });
@@ -1097,42 +1094,8 @@ fn redis_a_daemon_killed_at_each_step_of_a_rotation_or_a_lease_issue_converges()
         return;
     }
     let tag = format!("kwc{}", std::process::id());
-    let (a, b) = (format!("{tag}_a"), format!("{tag}_b"));
-    let admin = |args: &[&str]| {
-        let out = Command::new("redis-cli")
-            .args(["-u", &url])
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    admin(&["ACL", "DELUSER", &a, &b]);
-    admin(&[
-        "ACL",
-        "SETUSER",
-        &a,
-        "reset",
-        "on",
-        ">initial-password",
-        "~app:*",
-        "+get",
-    ]);
-    let env = env_with(
-        &url,
-        &format!(
-            r#"[secrets."redis/app"]
-provider = "redis-acl"
-credentials = {{ admin = "admin" }}
-settings = {{ strategy = "alternating", usernames = ["{a}", "{b}"] }}
-grace = "0s"
-
-[secrets."redis/lease"]
-provider = "redis-lease"
-credentials = {{ admin = "admin" }}
-settings = {{ rules = ["~app:*", "+get"], lease_prefix = "{tag}_l" }}
-"#
-        ),
-    );
+    let (a, b, env) = redis_pair(&url, &tag);
+    let admin = |args: &[&str]| redis_admin(&url, args);
     // The users may run GET only; a refused login is an `Err`.
     crash_at_each_rotation_step(&env, "redis/app", &|user, password| {
         redis_cli(user, password, &["GET", "app:x"]).is_ok()

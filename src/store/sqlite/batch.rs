@@ -197,25 +197,14 @@ impl SqliteStore {
 mod tests {
     use super::super::audit::append_audit_in;
     use crate::audit::{AuditEvent, ChainVerifier};
-    use crate::crypto::KdfParams;
-    use crate::store::{Access, Store, StoreError, VaultHeader};
+    use crate::store::tests::temp_store;
+    use crate::store::{Access, Store, StoreError};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_job_that_appended_and_then_failed_leaves_the_chain_as_if_it_never_ran() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vault.db");
-        let header = VaultHeader {
-            kdf: KdfParams::default(),
-            salt: vec![0; 16],
-            wrapped_root_key: vec![1; 60],
-            wrapped_fingerprint_key: vec![2; 60],
-            root_generation: 1,
-        };
-        drop(
-            Store::create(&path, &header, AuditEvent::new("test", "created"))
-                .await
-                .unwrap(),
-        );
+        let t = temp_store().await;
+        let path = t.path.clone();
+        drop(t.store);
         // The daemon's access: writes go through the batcher, many jobs per transaction.
         let store = Store::open(&path, Access::Exclusive).await.unwrap();
         let mut jobs = tokio::task::JoinSet::new();
