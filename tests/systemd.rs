@@ -53,6 +53,22 @@ fn the_daemon_notifies_systemd_and_sighup_reloads_its_config_or_keeps_it() {
         format!("{config}\n[secrets.\"app/second\"]\nprovider = \"random\"\n"),
     )
     .unwrap();
+    // A client fetching throughout: the sockets stay open across the reload, so a connection
+    // made meanwhile waits for the next run instead of being refused.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let (stop, socket) = (stop.clone(), env.agent_socket());
+        std::thread::spawn(move || {
+            let (mut served, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match common::curl(&socket, "GET", "/v1/secrets/app/first", &[]) {
+                    (200, _) => served += 1,
+                    other => failed.push(other),
+                }
+            }
+            (served, failed)
+        })
+    };
     signal(daemon.pid(), "HUP");
     let reloading = next_message(&notify, Duration::from_secs(20));
     assert!(reloading.lines().any(|l| l == "RELOADING=1"), "{reloading}");
@@ -63,6 +79,10 @@ fn the_daemon_notifies_systemd_and_sighup_reloads_its_config_or_keeps_it() {
         (code == 200).then_some(body)
     });
     assert!(body.contains("\"version\":1"), "{body}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (served, failed) = client.join().unwrap();
+    assert!(served > 0);
+    assert!(failed.is_empty(), "refused during the reload: {failed:?}");
 
     // SIGHUP with a broken file: refused, named in the log, and the daemon goes on as it was.
     let good = std::fs::read_to_string(&env.config).unwrap();

@@ -143,12 +143,30 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
     let vault = Arc::new(Vault::unlock(store, &passphrase).await?);
     drop(passphrase);
     // The services run until a stop; a reload stops them and starts them again with the new
-    // config on the same unlocked store. If they cannot start with it, the previous one is
-    // put back.
+    // config on the same unlocked store and the same sockets. If they cannot start with it,
+    // the previous one is put back.
+    let mut sockets = match crate::daemon::Sockets::bind(&ctx.config) {
+        Ok(sockets) => sockets,
+        Err(e) => {
+            if creating {
+                remove_created_store(&path, &e)?;
+            }
+            return Err(e.into());
+        }
+    };
     let mut running: Option<Box<Config>> = None;
     let mut previous: Option<Option<Box<Config>>> = None;
-    loop {
+    let mut served_once = false;
+    let outcome = loop {
         let config = running.as_deref().unwrap_or(&ctx.config);
+        if !sockets.fit(config) {
+            // The new config moves a socket: the old one goes, the new one is bound.
+            sockets.remove();
+            sockets = match crate::daemon::Sockets::bind(config) {
+                Ok(sockets) => sockets,
+                Err(e) => break Err(e),
+            };
+        }
         let mut next = None;
         let until = async {
             let why = signals.next(ctx, config).await;
@@ -164,27 +182,29 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
             }
             next = Some(why);
         };
-        let served = crate::daemon::serve(config, vault.clone(), until).await;
+        let served = crate::daemon::serve_on(config, vault.clone(), &sockets, until).await;
+        served_once |= served.is_ok();
         match (served, next) {
             (Ok(()), Some(Next::Reload(config))) => {
                 previous = Some(running.take());
                 running = Some(config);
             }
-            (Ok(()), _) => break,
+            (Ok(()), _) => break Ok(()),
             (Err(e), _) if previous.is_some() => {
                 tracing::error!(error = %e, "the reloaded config does not start; going back to the previous one");
                 running = previous.take().flatten();
             }
-            (Err(e), _) => {
-                if creating {
-                    // The daemon never started on the store it just created: a bad config must
-                    // not leave a store behind (its passphrase, typed once, may not be what the
-                    // user meant).
-                    remove_created_store(&path, &e)?;
-                }
-                return Err(e.into());
-            }
+            (Err(e), _) => break Err(e),
         }
+    };
+    sockets.remove();
+    if let Err(e) = outcome {
+        if creating && !served_once {
+            // The daemon never started on the store it just created: a bad config must not
+            // leave a store behind (its passphrase, typed once, may not be what the user meant).
+            remove_created_store(&path, &e)?;
+        }
+        return Err(e.into());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -13,6 +13,7 @@ pub mod notify;
 mod runtime;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use catalog::{build_catalog, confined_uids, work_dir};
@@ -93,6 +94,104 @@ pub enum ServeError {
     Store(#[from] StoreError),
 }
 
+/// The agent and admin sockets, bound once and kept while the daemon's services stop and
+/// start again on a new config (SIGHUP): a connection that arrives meanwhile waits in the
+/// kernel's queue and is answered by the next run, instead of being refused.
+#[derive(Debug)]
+pub struct Sockets {
+    agent: std::os::unix::net::UnixListener,
+    admin: std::os::unix::net::UnixListener,
+    /// The config they were bound for: agent path and mode, admin path, whether admin uids
+    /// were set (which decides the admin socket's mode).
+    bound_for: (PathBuf, u32, PathBuf, bool),
+}
+
+impl Sockets {
+    /// Binds both (a conflict with another daemon fails here, before any work is done). The
+    /// agent socket first: a directory it creates is 0755 so agents can reach it; the admin
+    /// socket's own mode (0600 unless admin_uids are set) protects it even in a shared
+    /// directory.
+    pub fn bind(config: &Config) -> Result<Sockets, ServeError> {
+        let agent = &config.agent;
+        let agent_listener = http::bind_socket(&agent.socket, agent.socket_mode, 0o755)?;
+        // With admin_uids the socket must be reachable by them: the API's uid check is the gate.
+        let (admin_mode, admin_dir_mode) = if agent.admin_uids.is_empty() {
+            (0o600, 0o700)
+        } else {
+            (0o666, 0o711)
+        };
+        let admin_listener =
+            match http::bind_socket(&agent.admin_socket, admin_mode, admin_dir_mode) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&agent.socket);
+                    return Err(e.into());
+                }
+            };
+        let sockets = (agent_listener.into_std(), admin_listener.into_std());
+        match sockets {
+            (Ok(agent_l), Ok(admin_l)) => Ok(Sockets {
+                agent: agent_l,
+                admin: admin_l,
+                bound_for: Self::key(config),
+            }),
+            (Err(source), _) | (_, Err(source)) => {
+                let _ = std::fs::remove_file(&agent.socket);
+                let _ = std::fs::remove_file(&agent.admin_socket);
+                Err(SocketError::Io {
+                    what: "cannot keep the socket",
+                    path: agent.socket.clone(),
+                    source,
+                }
+                .into())
+            }
+        }
+    }
+
+    fn key(config: &Config) -> (PathBuf, u32, PathBuf, bool) {
+        let agent = &config.agent;
+        (
+            agent.socket.clone(),
+            agent.socket_mode,
+            agent.admin_socket.clone(),
+            agent.admin_uids.is_empty(),
+        )
+    }
+
+    /// Whether they are the sockets `config` asks for (else unbind and bind anew).
+    pub fn fit(&self, config: &Config) -> bool {
+        self.bound_for == Self::key(config)
+    }
+
+    /// Listeners for one run, on the same sockets (the sockets stay open when a run ends).
+    fn listeners(
+        &self,
+    ) -> Result<(tokio::net::UnixListener, tokio::net::UnixListener), SocketError> {
+        let run = |l: &std::os::unix::net::UnixListener, path: &PathBuf| {
+            l.try_clone()
+                .and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    tokio::net::UnixListener::from_std(l)
+                })
+                .map_err(|source| SocketError::Io {
+                    what: "cannot listen again on",
+                    path: path.clone(),
+                    source,
+                })
+        };
+        Ok((
+            run(&self.agent, &self.bound_for.0)?,
+            run(&self.admin, &self.bound_for.2)?,
+        ))
+    }
+
+    /// Removes their files (the sockets close when this is dropped).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.bound_for.2);
+        let _ = std::fs::remove_file(&self.bound_for.0);
+    }
+}
+
 /// Runs the daemon on an unlocked `vault` until `shutdown` resolves; then stops the scheduler,
 /// lets steps and requests in flight finish (bounded by `[daemon] shutdown_timeout`), commits
 /// what is queued, stops the plugins and removes the sockets.
@@ -101,22 +200,22 @@ pub async fn serve(
     vault: Arc<Vault>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    // Sockets first, so a conflict with another daemon fails before any work is done. The
-    // agent socket before the admin one: a directory it creates is 0755 so agents can reach
-    // it; the admin socket's own mode (0600 unless admin_uids are set) protects it even in a
-    // shared directory.
+    let sockets = Sockets::bind(config)?;
+    let served = serve_on(config, vault, &sockets, shutdown).await;
+    sockets.remove();
+    served
+}
+
+/// [`serve`] on agent and admin sockets bound by the caller, which it leaves bound.
+pub async fn serve_on(
+    config: &Config,
+    vault: Arc<Vault>,
+    sockets: &Sockets,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let agent = &config.agent;
-    let agent_listener = http::bind_socket(&agent.socket, agent.socket_mode, 0o755)?;
-    // With admin_uids the socket must be reachable by them: the API's uid check is the gate.
-    let (admin_mode, admin_dir_mode) = if agent.admin_uids.is_empty() {
-        (0o600, 0o700)
-    } else {
-        (0o666, 0o711)
-    };
-    let admin_listener = http::bind_socket(&agent.admin_socket, admin_mode, admin_dir_mode)?;
-    let remove_sockets = || {
-        let _ = std::fs::remove_file(&agent.admin_socket);
-        let _ = std::fs::remove_file(&agent.socket);
+    let (agent_listener, admin_listener) = sockets.listeners()?;
+    let remove_broker_socket = || {
         if !config.brokers.is_empty() {
             let _ = std::fs::remove_file(&agent.broker_socket);
         }
@@ -124,7 +223,7 @@ pub async fn serve(
     let broker_listeners = match brokers::bind(config).await {
         Ok(listeners) => listeners,
         Err(e) => {
-            remove_sockets();
+            remove_broker_socket();
             return Err(e);
         }
     };
@@ -132,7 +231,7 @@ pub async fn serve(
         Some(address) => match tokio::net::TcpListener::bind(address).await {
             Ok(listener) => Some(listener),
             Err(source) => {
-                remove_sockets();
+                remove_broker_socket();
                 return Err(ServeError::Listen {
                     address: address.clone(),
                     source,
@@ -144,7 +243,7 @@ pub async fn serve(
     let runtime = match Runtime::start(config, vault.clone(), Clock::System, Mode::Daemon).await {
         Ok(r) => r,
         Err(e) => {
-            remove_sockets();
+            remove_broker_socket();
             return Err(e.into());
         }
     };
@@ -160,7 +259,7 @@ pub async fn serve(
         Ok(b) => b,
         Err(e) => {
             runtime.stop(config.daemon.shutdown_timeout).await;
-            remove_sockets();
+            remove_broker_socket();
             return Err(e.into());
         }
     };
@@ -192,7 +291,7 @@ pub async fn serve(
         Ok(servers) => servers,
         Err(e) => {
             runtime.stop(config.daemon.shutdown_timeout).await;
-            remove_sockets();
+            remove_broker_socket();
             return Err(e);
         }
     };
@@ -230,7 +329,7 @@ pub async fn serve(
     if let Err(e) = services.vault.store().truncate_wal().await {
         tracing::warn!(error = %e, "could not fold the write-ahead log into the store");
     }
-    remove_sockets();
+    remove_broker_socket();
     tracing::info!("stopped");
     Ok(())
 }
