@@ -220,25 +220,12 @@ pub async fn serve_on(
             let _ = std::fs::remove_file(&agent.broker_socket);
         }
     };
-    let broker_listeners = match brokers::bind(config).await {
+    let (broker_listeners, signal_listener) = match bind_per_run(config).await {
         Ok(listeners) => listeners,
         Err(e) => {
             remove_broker_socket();
             return Err(e);
         }
-    };
-    let signal_listener = match &config.signals.listen {
-        Some(address) => match tokio::net::TcpListener::bind(address).await {
-            Ok(listener) => Some(listener),
-            Err(source) => {
-                remove_broker_socket();
-                return Err(ServeError::Listen {
-                    address: address.clone(),
-                    source,
-                });
-            }
-        },
-        None => None,
     };
     let runtime = match Runtime::start(config, vault.clone(), Clock::System, Mode::Daemon).await {
         Ok(r) => r,
@@ -321,17 +308,48 @@ pub async fn serve_on(
         let _ = keeper.await;
     }
     let _ = trimmer.await;
-    // Writes a stopped task queued are committed before the process ends; then no write-ahead
-    // log is left behind, so the next start opens a compact file.
-    if let Err(e) = services.vault.store().flush_writes().await {
-        tracing::warn!(error = %e, "could not commit the last queued writes");
-    }
-    if let Err(e) = services.vault.store().truncate_wal().await {
-        tracing::warn!(error = %e, "could not fold the write-ahead log into the store");
-    }
+    flush(services.vault.store()).await;
     remove_broker_socket();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What each run binds anew: the brokers' sockets and the signal listener.
+async fn bind_per_run(
+    config: &Config,
+) -> Result<
+    (
+        (
+            Option<tokio::net::UnixListener>,
+            Vec<broker_api::LoopbackListener>,
+        ),
+        Option<tokio::net::TcpListener>,
+    ),
+    ServeError,
+> {
+    let brokers = brokers::bind(config).await?;
+    let signals =
+        match &config.signals.listen {
+            Some(address) => Some(tokio::net::TcpListener::bind(address).await.map_err(
+                |source| ServeError::Listen {
+                    address: address.clone(),
+                    source,
+                },
+            )?),
+            None => None,
+        };
+    Ok((brokers, signals))
+}
+
+/// Commits what stopped tasks queued, then folds the write-ahead log into the store, so none is
+/// left behind and the next start opens a compact file.
+async fn flush(store: &crate::store::Store) {
+    if let Err(e) = store.flush_writes().await {
+        tracing::warn!(error = %e, "could not commit the last queued writes");
+    }
+    if let Err(e) = store.truncate_wal().await {
+        tracing::warn!(error = %e, "could not fold the write-ahead log into the store");
+    }
 }
 
 /// How often the daemon hands freed heap pages back to the system.
