@@ -163,3 +163,37 @@ mod tests {
         assert_eq!(pidfd_pid(&pidfd), None, "an exited peer has no pid");
     }
 }
+
+/// An SQLite connection borrowed from sqlx for as long as its handle is locked (see
+/// `store::sqlite::direct`): statements run on it in the calling thread.
+#[derive(Debug)]
+pub struct BorrowedSqlite<'h> {
+    conn: rusqlite::Connection,
+    _locked: std::marker::PhantomData<&'h mut ()>,
+}
+
+impl std::ops::Deref for BorrowedSqlite<'_> {
+    type Target = rusqlite::Connection;
+
+    fn deref(&self) -> &rusqlite::Connection {
+        &self.conn
+    }
+}
+
+/// Borrows the connection behind `locked`, which sqlx's connection thread does not touch for
+/// as long as the borrow lives.
+#[allow(unsafe_code)]
+pub fn borrow_sqlite<'h>(
+    locked: &'h mut sqlx::sqlite::LockedSqliteHandle<'_>,
+) -> rusqlite::Result<BorrowedSqlite<'h>> {
+    // SAFETY: the handle is a live connection (sqlx closes it only when its connection is
+    // dropped, which `locked` borrows), and sqlx guarantees no other thread uses it while
+    // `locked` exists; the returned value borrows `locked` mutably, so it cannot outlive it.
+    // `from_handle` never closes the handle, and only shared references to the connection
+    // are handed out (no `DerefMut`), so it cannot be moved out of the borrow either.
+    let conn = unsafe { rusqlite::Connection::from_handle(locked.as_raw_handle().as_ptr())? };
+    Ok(BorrowedSqlite {
+        conn,
+        _locked: std::marker::PhantomData,
+    })
+}

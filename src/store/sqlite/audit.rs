@@ -8,6 +8,9 @@ use crate::clock::{Millis, now_millis};
 use crate::crypto::IntegrityKey;
 use crate::store::StoreError;
 
+use rusqlite::{OptionalExtension, ToSql, params};
+
+use super::direct::{Tx, on_handle};
 use super::{MultiRowTable, SqliteStore, chunk_len, multi_row_insert};
 
 impl SqliteStore {
@@ -16,12 +19,9 @@ impl SqliteStore {
         if events.is_empty() {
             return Ok(());
         }
-        let job = std::sync::Arc::new(events.to_vec());
-        self.write(Box::new(move |tx| {
-            let job = job.clone();
-            Box::pin(async move { append_audit_in(tx, None, &job).await })
-        }))
-        .await
+        let events = events.to_vec();
+        self.write(Box::new(move |tx| append_audit(tx, None, &events)))
+            .await
     }
 
     /// Up to `limit` audit rows with `seq > after`, in order.
@@ -135,78 +135,75 @@ impl SqliteStore {
 
 /// Seals the chain's head inside an open write transaction (the transactions that run
 /// [`super::batch::Job`]s do this once, after all their jobs, instead of once per append).
-pub(super) async fn seal_head_in(
-    tx: &mut SqliteConnection,
-    key: &IntegrityKey,
-) -> Result<(), StoreError> {
-    let head: Option<(i64, Vec<u8>)> = match batch_head() {
+pub(super) fn seal_head(tx: &mut Tx<'_>, key: &IntegrityKey) -> Result<(), StoreError> {
+    let head = match tx.head.clone() {
         Some(head) => Some(head),
-        None => {
-            sqlx::query_as("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&mut *tx)
-                .await?
-        }
+        None => tx
+            .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?,
     };
     if let Some((seq, hash)) = head {
-        sqlx::query("INSERT OR REPLACE INTO audit_seals (seq, mac, at) VALUES (?, ?, ?)")
-            .bind(seq)
-            .bind(key.audit_seal(seq, &hash).as_slice())
-            .bind(now_millis())
-            .execute(&mut *tx)
-            .await?;
+        seal(tx, key, seq, &hash, now_millis())?;
     }
     Ok(())
 }
 
-tokio::task_local! {
-    /// Inside one group-commit transaction (`batch.rs`): the chain's head as the rows appended
-    /// so far in it left it, so that each job's append need not read it back. Nothing else
-    /// writes while the transaction holds SQLite's write lock.
-    pub(super) static BATCH_HEAD: std::cell::RefCell<Option<(i64, Vec<u8>)>>;
+/// Records the MAC of the chain up to row `seq`, whose hash is `hash`.
+fn seal(
+    tx: &Tx<'_>,
+    key: &IntegrityKey,
+    seq: i64,
+    hash: &[u8],
+    at: Millis,
+) -> Result<(), StoreError> {
+    tx.prepare_cached("INSERT OR REPLACE INTO audit_seals (seq, mac, at) VALUES (?, ?, ?)")?
+        .execute(params![seq, key.audit_seal(seq, hash).as_slice(), at])?;
+    Ok(())
 }
 
-/// The head the current batch's transaction has written, if this runs inside one.
-fn batch_head() -> Option<(i64, Vec<u8>)> {
-    BATCH_HEAD.try_with(|h| h.borrow().clone()).ok().flatten()
-}
-
-/// Records (or, after a job rolled back, restores) the batch's head; outside a batch, nothing.
-pub(super) fn set_batch_head(head: Option<(i64, Vec<u8>)>) {
-    let _ = BATCH_HEAD.try_with(|h| *h.borrow_mut() = head);
-}
-
-/// Appends audit rows inside an open write transaction (sealing the new head with `sealer`).
+/// Appends audit rows inside a write transaction begun by sqlx (sealing the new head with
+/// `sealer`).
 pub(super) async fn append_audit_in(
-    tx: &mut SqliteConnection,
+    conn: &mut SqliteConnection,
     sealer: Option<&IntegrityKey>,
     events: &[AuditEvent],
 ) -> Result<(), StoreError> {
     if events.is_empty() {
         return Ok(());
     }
-    let last: Option<(i64, Vec<u8>)> = match batch_head() {
+    on_handle(conn, |db| append_audit(&mut Tx::new(db), sealer, events)).await
+}
+
+/// Appends audit rows inside an open write transaction (sealing the new head with `sealer`).
+pub(super) fn append_audit(
+    tx: &mut Tx<'_>,
+    sealer: Option<&IntegrityKey>,
+    events: &[AuditEvent],
+) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let last: Option<(i64, Vec<u8>)> = match tx.head.clone() {
         Some(head) => Some(head),
-        None => {
-            sqlx::query_as("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&mut *tx)
-                .await?
-        }
+        None => tx
+            .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?,
     };
     // With every row archived, the chain goes on from the anchor.
     let last = match last {
         Some(last) => Some(last),
-        None => {
-            sqlx::query_as("SELECT seq, hash FROM audit_anchor WHERE id = 1")
-                .fetch_optional(&mut *tx)
-                .await?
-        }
+        None => tx
+            .prepare_cached("SELECT seq, hash FROM audit_anchor WHERE id = 1")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?,
     };
     let (mut seq, mut prev) = last.unwrap_or((0, GENESIS_HASH.to_vec()));
     let at: Millis = now_millis();
     let mut rows = Vec::with_capacity(events.len());
     for event in events {
         seq += 1;
-        let detail = event.detail.clone();
         let hash = chain_hash(
             &prev,
             seq,
@@ -215,48 +212,43 @@ pub(super) async fn append_audit_in(
             &event.action,
             event.secret.as_deref(),
             event.incident_id.as_deref(),
-            &detail,
+            &event.detail,
         )
         .to_vec();
-        rows.push((
-            seq,
-            event,
-            detail,
-            std::mem::replace(&mut prev, hash.clone()),
-            hash,
-        ));
+        rows.push((seq, event, std::mem::replace(&mut prev, hash.clone()), hash));
     }
     let mut rest = rows.as_slice();
     while !rest.is_empty() {
         let n = chunk_len(rest.len());
         let (chunk, tail) = rest.split_at(n);
         rest = tail;
-        let mut query = sqlx::query(multi_row_insert(MultiRowTable::Audit, n));
-        for (seq, event, detail, prev_hash, hash) in chunk {
-            query = query
-                .bind(*seq)
-                .bind(at)
-                .bind(event.actor.as_str())
-                .bind(event.action.as_str())
-                .bind(event.secret.as_deref())
-                .bind(event.incident_id.as_deref())
-                .bind(detail.as_str())
-                .bind(prev_hash.as_slice())
-                .bind(hash.as_slice());
+        let mut insert = tx.prepare_cached(multi_row_insert(MultiRowTable::Audit, n).0)?;
+        let mut i = 0;
+        for (seq, event, prev_hash, hash) in chunk {
+            let values: [&dyn ToSql; 9] = [
+                seq,
+                &at,
+                &event.actor,
+                &event.action,
+                &event.secret,
+                &event.incident_id,
+                &event.detail,
+                prev_hash,
+                hash,
+            ];
+            for value in values {
+                i += 1;
+                insert.raw_bind_parameter(i, value)?;
+            }
         }
-        query.execute(&mut *tx).await?;
+        insert.raw_execute()?;
     }
-    if let Some((seq, _, _, _, hash)) = rows.last() {
-        set_batch_head(Some((*seq, hash.clone())));
-    }
-    if let (Some(key), Some((seq, _, _, _, hash))) = (sealer, rows.last()) {
-        // The new head, sealed in the same transaction: the chain up to it is authenticated.
-        sqlx::query("INSERT OR REPLACE INTO audit_seals (seq, mac, at) VALUES (?, ?, ?)")
-            .bind(*seq)
-            .bind(key.audit_seal(*seq, hash).as_slice())
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
+    if let Some((seq, _, _, hash)) = rows.last() {
+        if let Some(key) = sealer {
+            // The new head, sealed in the same transaction: the chain up to it is authenticated.
+            seal(tx, key, *seq, hash, at)?;
+        }
+        tx.head = Some((*seq, hash.clone()));
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! Group commit for the rotation journal: in the daemon, the write transactions of many
 //! rotations (their steps, deliveries and audit rows) share one `BEGIN IMMEDIATE … COMMIT` and
-//! one fsync, each inside a savepoint of its own.
+//! one fsync, and run on the writer's handle in one hand-off (`direct.rs`).
 //!
 //! A batch first runs its jobs one after another in a plain transaction. When one fails (a
 //! conflict, rare), that transaction is rolled back and the batch runs again with each job in a
@@ -12,27 +12,24 @@
 //! its own. Jobs append audit rows unsealed: the transaction that runs them seals the chain's
 //! head once, before it commits.
 
-use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
 
-use futures_util::future::BoxFuture;
+use rusqlite::{Transaction, TransactionBehavior};
 use sqlx::SqlitePool;
-use sqlx::sqlite::SqliteConnection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::SqliteStore;
-use super::audit::{BATCH_HEAD, seal_head_in, set_batch_head};
+use super::audit::seal_head;
+use super::direct::{Db, Tx, in_transaction, on_handle};
 use crate::crypto::IntegrityKey;
 use crate::store::StoreError;
 
 /// The vault's integrity key, once it is unlocked (shared with the store).
 pub(super) type Sealer = Arc<OnceLock<IntegrityKey>>;
 
-/// The statements of one write transaction, run on the connection it is given (possibly twice:
-/// see the module's documentation).
-pub(super) type Job = Box<
-    dyn for<'c> Fn(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), StoreError>> + Send + Sync,
->;
+/// The statements of one write transaction, run on the transaction it is given (possibly
+/// twice: see the module's documentation).
+pub(super) type Job = Box<dyn Fn(&mut Tx<'_>) -> Result<(), StoreError> + Send + Sync>;
 
 /// Jobs folded into one transaction at most.
 const MAX_JOBS: usize = 128;
@@ -62,92 +59,73 @@ pub(super) fn start(writer: SqlitePool, sealer: Sealer) -> mpsc::Sender<Pending>
     tx
 }
 
-/// Runs a batch in one transaction and tells each job how it went.
+/// Runs a batch in one transaction, on the writer's handle in one hand-off, and tells each job
+/// how it went.
 async fn run(writer: &SqlitePool, sealer: &Sealer, batch: Vec<Pending>) {
-    let answers = match all_or_nothing(writer, sealer, &batch).await {
-        Ok(true) => batch.iter().map(|_| Ok(())).collect(),
-        Ok(false) => match with_savepoints(writer, sealer, &batch).await {
-            Ok(answers) => answers,
-            Err(e) => failed(&batch, &e),
-        },
-        Err(e) => failed(&batch, &e),
-    };
+    let answers = match writer.acquire().await {
+        Ok(mut conn) => on_handle(&mut conn, |db| Ok(run_on(db, sealer, &batch))).await,
+        Err(e) => Err(e.into()),
+    }
+    .unwrap_or_else(|e| failed(&batch, &e));
     for (pending, answer) in batch.into_iter().zip(answers) {
         let _ = pending.done.send(answer);
     }
 }
 
-/// Every job in one plain transaction. `Ok(false)`: a job failed, and nothing was written.
-async fn all_or_nothing(
-    writer: &SqlitePool,
-    sealer: &Sealer,
-    batch: &[Pending],
-) -> Result<bool, StoreError> {
-    BATCH_HEAD
-        .scope(RefCell::new(None), all_or_nothing_in(writer, sealer, batch))
-        .await
+fn run_on(db: &Db, sealer: &Sealer, batch: &[Pending]) -> Vec<Result<(), StoreError>> {
+    match all_or_nothing(db, sealer, batch) {
+        Ok(true) => batch.iter().map(|_| Ok(())).collect(),
+        Ok(false) => with_savepoints(db, sealer, batch).unwrap_or_else(|e| failed(batch, &e)),
+        Err(e) => failed(batch, &e),
+    }
 }
 
-async fn all_or_nothing_in(
-    writer: &SqlitePool,
-    sealer: &Sealer,
-    batch: &[Pending],
-) -> Result<bool, StoreError> {
-    let mut conn = writer.acquire().await?;
-    let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
-    for pending in batch {
-        if (pending.job)(&mut tx).await.is_err() {
-            tx.rollback().await?;
-            return Ok(false);
+/// Every job in one plain transaction. `Ok(false)`: a job failed, and nothing was written.
+fn all_or_nothing(db: &Db, sealer: &Sealer, batch: &[Pending]) -> Result<bool, StoreError> {
+    let txn = Transaction::new_unchecked(db, TransactionBehavior::Immediate)?;
+    {
+        let mut tx = Tx::new(&txn);
+        for pending in batch {
+            if (pending.job)(&mut tx).is_err() {
+                return Ok(false); // dropping `txn` rolls it back
+            }
+        }
+        if let Some(key) = sealer.get() {
+            seal_head(&mut tx, key)?;
         }
     }
-    if let Some(key) = sealer.get() {
-        seal_head_in(&mut tx, key).await?;
-    }
-    tx.commit().await?;
+    txn.commit()?;
     Ok(true)
 }
 
 /// Every job in a savepoint of its own, in one transaction: a failing job is rolled back alone.
-async fn with_savepoints(
-    writer: &SqlitePool,
+fn with_savepoints(
+    db: &Db,
     sealer: &Sealer,
     batch: &[Pending],
 ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-    BATCH_HEAD
-        .scope(
-            RefCell::new(None),
-            with_savepoints_in(writer, sealer, batch),
-        )
-        .await
-}
-
-async fn with_savepoints_in(
-    writer: &SqlitePool,
-    sealer: &Sealer,
-    batch: &[Pending],
-) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-    let mut conn = writer.acquire().await?;
-    let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
+    let txn = Transaction::new_unchecked(db, TransactionBehavior::Immediate)?;
     let mut answers = Vec::with_capacity(batch.len());
-    for pending in batch {
-        sqlx::query("SAVEPOINT job").execute(&mut *tx).await?;
-        let head = BATCH_HEAD.with(|h| h.borrow().clone());
-        let result = (pending.job)(&mut tx).await;
-        let end = if result.is_ok() {
-            "RELEASE job"
-        } else {
-            // The rows it appended are gone: so is the head it left.
-            set_batch_head(head);
-            "ROLLBACK TO job; RELEASE job"
-        };
-        sqlx::raw_sql(end).execute(&mut *tx).await?;
-        answers.push(result);
+    {
+        let mut tx = Tx::new(&txn);
+        for pending in batch {
+            txn.execute_batch("SAVEPOINT job")?;
+            let head = tx.head.clone();
+            let result = (pending.job)(&mut tx);
+            if result.is_ok() {
+                txn.execute_batch("RELEASE job")?;
+            } else {
+                // The rows it appended are gone: so is the head it left.
+                tx.head = head;
+                txn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+            }
+            answers.push(result);
+        }
+        if let Some(key) = sealer.get() {
+            seal_head(&mut tx, key)?;
+        }
     }
-    if let Some(key) = sealer.get() {
-        seal_head_in(&mut tx, key).await?;
-    }
-    tx.commit().await?;
+    txn.commit()?;
     Ok(answers)
 }
 
@@ -163,7 +141,7 @@ impl SqliteStore {
     /// Waits until every write queued so far is committed (batches run in order): at shutdown,
     /// before the process ends.
     pub async fn flush_writes(&self) -> Result<(), StoreError> {
-        self.write(Box::new(|_| Box::pin(async { Ok(()) }))).await
+        self.write(Box::new(|_| Ok(()))).await
     }
 
     /// Runs `job` as a write transaction: batched with others in the daemon, on its own in the
@@ -181,13 +159,18 @@ impl SqliteStore {
                     .map_err(|_| StoreError::Commit("the store is closing".into()))?
             }
             None => {
-                let mut tx = self.begin_write().await?;
-                job(&mut tx).await?;
-                if let Some(key) = self.integrity() {
-                    seal_head_in(&mut tx, key).await?;
-                }
-                tx.commit().await?;
-                Ok(())
+                let key = self.integrity();
+                let mut conn = self.writer.acquire().await?;
+                on_handle(&mut conn, |db| {
+                    in_transaction(db, |tx| {
+                        job(tx)?;
+                        match key {
+                            Some(key) => seal_head(tx, key),
+                            None => Ok(()),
+                        }
+                    })
+                })
+                .await
             }
         }
     }
@@ -195,7 +178,7 @@ impl SqliteStore {
 
 #[cfg(test)]
 mod tests {
-    use super::super::audit::append_audit_in;
+    use super::super::audit::append_audit;
     use crate::audit::{AuditEvent, ChainVerifier};
     use crate::store::tests::temp_store;
     use crate::store::{Access, Store, StoreError};
@@ -215,14 +198,11 @@ mod tests {
                 let event = std::sync::Arc::new([AuditEvent::new("test", format!("job-{i}"))]);
                 store
                     .write(Box::new(move |tx| {
-                        let event = event.clone();
-                        Box::pin(async move {
-                            append_audit_in(tx, None, &event[..]).await?;
-                            if fails {
-                                return Err(StoreError::Conflict("after its append".into()));
-                            }
-                            Ok(())
-                        })
+                        append_audit(tx, None, &event[..])?;
+                        if fails {
+                            return Err(StoreError::Conflict("after its append".into()));
+                        }
+                        Ok(())
                     }))
                     .await
                     .is_ok()

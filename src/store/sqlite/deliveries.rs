@@ -1,14 +1,15 @@
 //! What each consumer has acknowledged.
 
+use rusqlite::params;
 use sqlx::Row;
-use sqlx::sqlite::SqliteConnection;
 
 use crate::audit::AuditEvent;
 use crate::clock::now_millis;
 use crate::store::{DeliveryRecord, StoreError};
 
 use super::SqliteStore;
-use super::audit::append_audit_in;
+use super::audit::append_audit;
+use super::direct::Tx;
 
 impl SqliteStore {
     /// What each consumer of a secret has acknowledged.
@@ -42,26 +43,19 @@ impl SqliteStore {
         version: i64,
         outcome: Result<AuditEvent, &str>,
     ) -> Result<(), StoreError> {
-        let job = std::sync::Arc::new((
-            secret_id.to_string(),
-            consumer.to_string(),
-            outcome.map_err(str::to_string),
-        ));
+        let (secret_id, consumer) = (secret_id.to_string(), consumer.to_string());
+        let outcome = outcome.map_err(str::to_string);
         self.write(Box::new(move |tx| {
-            let job = job.clone();
-            Box::pin(async move {
-                let (secret_id, consumer, outcome) = &*job;
-                let outcome = outcome.as_ref().map_err(String::as_str);
-                delivery_in(tx, secret_id, consumer, version, outcome).await
-            })
+            let outcome = outcome.as_ref().map_err(String::as_str);
+            delivery_in(tx, &secret_id, &consumer, version, outcome)
         }))
         .await
     }
 }
 
 /// The statements of [`SqliteStore::record_delivery`].
-async fn delivery_in(
-    tx: &mut SqliteConnection,
+fn delivery_in(
+    tx: &mut Tx<'_>,
     secret_id: &str,
     consumer: &str,
     version: i64,
@@ -70,22 +64,17 @@ async fn delivery_in(
     let now = now_millis();
     match outcome {
         Ok(audit) => {
-            sqlx::query(
+            tx.prepare_cached(
                 "INSERT INTO deliveries (secret_id, consumer, version, acked_at, attempts) \
                  VALUES (?, ?, ?, ?, 0) ON CONFLICT (secret_id, consumer) DO UPDATE SET \
                  version = excluded.version, acked_at = excluded.acked_at, attempts = 0, \
                  last_error = NULL",
-            )
-            .bind(secret_id)
-            .bind(consumer)
-            .bind(version)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            append_audit_in(&mut *tx, None, std::slice::from_ref(audit)).await?;
+            )?
+            .execute(params![secret_id, consumer, version, now])?;
+            append_audit(tx, None, std::slice::from_ref(audit))?;
         }
         Err(error) => {
-            sqlx::query(
+            tx.prepare_cached(
                 "INSERT INTO deliveries (secret_id, consumer, version, attempts, last_error) \
                  VALUES (?, ?, ?, 1, ?) ON CONFLICT (secret_id, consumer) DO UPDATE SET \
                  attempts = CASE WHEN deliveries.version = excluded.version \
@@ -93,13 +82,8 @@ async fn delivery_in(
                  acked_at = CASE WHEN deliveries.version = excluded.version \
                             THEN deliveries.acked_at ELSE NULL END, \
                  version = excluded.version, last_error = excluded.last_error",
-            )
-            .bind(secret_id)
-            .bind(consumer)
-            .bind(version)
-            .bind(error)
-            .execute(&mut *tx)
-            .await?;
+            )?
+            .execute(params![secret_id, consumer, version, error])?;
         }
     }
     Ok(())

@@ -8,6 +8,7 @@ mod audit;
 mod batch;
 mod brokers;
 mod deliveries;
+mod direct;
 mod header;
 mod incidents;
 mod leases;

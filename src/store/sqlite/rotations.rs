@@ -1,7 +1,6 @@
 //! The rotation journal: planning, advancing one legal step at a time, retries, reads.
 
-use std::sync::Arc;
-
+use rusqlite::{OptionalExtension, params};
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
 
@@ -13,9 +12,10 @@ use crate::store::{
     NewRotation, NewVersion, RotationRecord, RotationState, Stage, StepChange, StoreError,
 };
 
-use super::audit::append_audit_in;
+use super::SqliteStore;
+use super::audit::{append_audit, append_audit_in};
+use super::direct::{Db, Tx, is_unique_violation};
 use super::secrets::{insert_version, mark_current, retire_current};
-use super::{SqliteStore, is_unique_violation};
 
 impl SqliteStore {
     /// Plans a rotation. Fails with [`StoreError::Conflict`] if one is already active for the
@@ -25,15 +25,9 @@ impl SqliteStore {
         rotation: &NewRotation,
         audit: AuditEvent,
     ) -> Result<(), StoreError> {
-        let job = Arc::new((rotation.clone(), audit));
-        self.write(Box::new(move |tx| {
-            let job = job.clone();
-            Box::pin(async move {
-                let (rotation, audit) = &*job;
-                plan_in(tx, rotation, audit).await
-            })
-        }))
-        .await
+        let rotation = rotation.clone();
+        self.write(Box::new(move |tx| plan_in(tx, &rotation, &audit)))
+            .await
     }
 
     async fn advance_rotation_in_db(
@@ -49,18 +43,10 @@ impl SqliteStore {
                 to: change.to,
             });
         }
-        let job = Arc::new((
-            rotation.clone(),
-            change.clone(),
-            audit,
-            self.integrity().cloned(),
-        ));
+        let (rotation, change) = (rotation.clone(), change.clone());
+        let key = self.integrity().cloned();
         self.write(Box::new(move |tx| {
-            let job = job.clone();
-            Box::pin(async move {
-                let (rotation, change, audit, key) = &*job;
-                advance_in(tx, key.as_ref(), rotation, change, audit).await
-            })
+            advance_in(tx, key.as_ref(), &rotation, &change, &audit)
         }))
         .await
     }
@@ -172,37 +158,32 @@ impl SqliteStore {
 }
 
 /// The statements of [`SqliteStore::plan_rotation`].
-async fn plan_in(
-    tx: &mut SqliteConnection,
-    rotation: &NewRotation,
-    audit: &AuditEvent,
-) -> Result<(), StoreError> {
-    let current: Option<i64> = sqlx::query_scalar(
-        "SELECT version FROM versions WHERE secret_id = ? AND stage = 'current'",
-    )
-    .bind(rotation.secret_id.as_str())
-    .fetch_optional(&mut *tx)
-    .await?;
+fn plan_in(tx: &mut Tx<'_>, rotation: &NewRotation, audit: &AuditEvent) -> Result<(), StoreError> {
+    let current: Option<i64> = tx
+        .prepare_cached("SELECT version FROM versions WHERE secret_id = ? AND stage = 'current'")?
+        .query_row([rotation.secret_id.as_str()], |r| r.get(0))
+        .optional()?;
     if current != rotation.from_version {
         return Err(StoreError::Conflict("the current version".into()));
     }
     let now = now_millis();
-    let inserted = sqlx::query(
-        "INSERT INTO rotations (id, secret_id, state, from_version, proposed, reason, \
-         emergency, incident_id, created_at, updated_at) \
-         VALUES (?, ?, 'planned', ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(rotation.id.as_str())
-    .bind(rotation.secret_id.as_str())
-    .bind(rotation.from_version)
-    .bind(rotation.proposed.as_deref())
-    .bind(rotation.reason.as_str())
-    .bind(rotation.emergency)
-    .bind(rotation.incident_id.as_deref())
-    .bind(now)
-    .bind(now)
-    .execute(&mut *tx)
-    .await;
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO rotations (id, secret_id, state, from_version, proposed, reason, \
+             emergency, incident_id, created_at, updated_at) \
+             VALUES (?, ?, 'planned', ?, ?, ?, ?, ?, ?, ?)",
+        )?
+        .execute(params![
+            rotation.id,
+            rotation.secret_id,
+            rotation.from_version,
+            rotation.proposed,
+            rotation.reason.as_str(),
+            rotation.emergency,
+            rotation.incident_id,
+            now,
+            now
+        ]);
     match inserted {
         Err(e) if is_unique_violation(&e) => {
             return Err(StoreError::Conflict("an active rotation".into()));
@@ -210,39 +191,39 @@ async fn plan_in(
         other => other?,
     };
     // Sealed once for the whole transaction (see `batch.rs`).
-    append_audit_in(&mut *tx, None, std::slice::from_ref(audit)).await?;
-    Ok(())
+    append_audit(tx, None, std::slice::from_ref(audit))
 }
 
 /// The statements of one step ([`SqliteStore::advance_rotation`]).
-async fn advance_in(
-    tx: &mut SqliteConnection,
+fn advance_in(
+    tx: &mut Tx<'_>,
     key: Option<&IntegrityKey>, // for the current version's MAC at a promotion
     rotation: &RotationRecord,
     change: &StepChange,
     audit: &AuditEvent,
 ) -> Result<(), StoreError> {
     let now = now_millis();
-    let moved = sqlx::query(
-        "UPDATE rotations SET state = ?, updated_at = ?, attempts = 0, last_error = ?, \
-         next_attempt_at = NULL, draining_since = coalesce(?, draining_since), \
-         to_version = coalesce(?, to_version) WHERE id = ? AND state = ?",
-    )
-    .bind(change.to.as_str())
-    .bind(now)
-    .bind(change.error.as_deref())
-    .bind(change.draining_since)
-    .bind(change.insert_pending.as_ref().map(|v| v.version))
-    .bind(rotation.id.as_str())
-    .bind(change.from.as_str())
-    .execute(&mut *tx)
-    .await?;
-    if moved.rows_affected() != 1 {
+    let moved = tx
+        .prepare_cached(
+            "UPDATE rotations SET state = ?, updated_at = ?, attempts = 0, last_error = ?, \
+             next_attempt_at = NULL, draining_since = coalesce(?, draining_since), \
+             to_version = coalesce(?, to_version) WHERE id = ? AND state = ?",
+        )?
+        .execute(params![
+            change.to.as_str(),
+            now,
+            change.error,
+            change.draining_since,
+            change.insert_pending.as_ref().map(|v| v.version),
+            rotation.id,
+            change.from.as_str()
+        ])?;
+    if moved != 1 {
         return Err(StoreError::Conflict(format!("rotation {}", rotation.id)));
     }
     let secret_id = rotation.secret_id.as_str();
     if let Some(version) = &change.insert_pending {
-        insert_pending(&mut *tx, secret_id, version, now).await?;
+        insert_pending(tx, secret_id, version, now)?;
     }
     if change.promote {
         let to = rotation.to_version.ok_or_else(|| {
@@ -251,28 +232,23 @@ async fn advance_in(
                 rotation.id
             ))
         })?;
-        promote(&mut *tx, key, secret_id, to, now).await?;
+        promote(tx, key, secret_id, to, now)?;
     }
     if let Some(version) = change.revoke_version {
-        sqlx::query(
+        tx.prepare_cached(
             "UPDATE versions SET stage = 'revoked', stage_changed_at = ? \
              WHERE secret_id = ? AND version = ? AND stage != 'revoked'",
-        )
-        .bind(now)
-        .bind(secret_id)
-        .bind(version)
-        .execute(&mut *tx)
-        .await?;
+        )?
+        .execute(params![now, secret_id, version])?;
     }
     if change.succeeded {
-        sqlx::query("UPDATE secrets SET failed_attempts = 0, last_error = NULL WHERE id = ?")
-            .bind(secret_id)
-            .execute(&mut *tx)
-            .await?;
+        tx.prepare_cached(
+            "UPDATE secrets SET failed_attempts = 0, last_error = NULL WHERE id = ?",
+        )?
+        .execute([secret_id])?;
     }
     // Sealed once for the whole transaction (see `batch.rs`).
-    append_audit_in(&mut *tx, None, std::slice::from_ref(audit)).await?;
-    Ok(())
+    append_audit(tx, None, std::slice::from_ref(audit))
 }
 
 const ROTATION_SELECT_BY_ID: &str = "SELECT r.id, r.secret_id, s.name, r.state, r.from_version, \
@@ -328,47 +304,37 @@ pub(super) async fn active_rotation_in(
 }
 
 /// Stores a rotation's new version as `pending`; it must be the secret's next number.
-async fn insert_pending(
-    tx: &mut SqliteConnection,
+fn insert_pending(
+    db: &Db,
     secret_id: &str,
     version: &NewVersion,
     now: Millis,
 ) -> Result<(), StoreError> {
-    let latest: Option<i64> =
-        sqlx::query_scalar("SELECT max(version) FROM versions WHERE secret_id = ?")
-            .bind(secret_id)
-            .fetch_one(&mut *tx)
-            .await?;
+    let latest: Option<i64> = db
+        .prepare_cached("SELECT max(version) FROM versions WHERE secret_id = ?")?
+        .query_row([secret_id], |r| r.get(0))?;
     if latest.unwrap_or(0) + 1 != version.version {
         return Err(StoreError::Conflict("the secret's versions".into()));
     }
-    insert_version(tx, secret_id, version, Stage::Pending, now).await
+    insert_version(db, secret_id, version, Stage::Pending, now)
 }
 
 /// Makes version `to` current: the old current becomes previous, the old previous revoked.
-async fn promote(
-    tx: &mut SqliteConnection,
+fn promote(
+    db: &Db,
     key: Option<&IntegrityKey>,
     secret_id: &str,
     to: i64,
     now: Millis,
 ) -> Result<(), StoreError> {
-    retire_current(&mut *tx, secret_id, Some(to), now).await?;
-    sqlx::query(
+    retire_current(db, secret_id, Some(to), now)?;
+    db.prepare_cached(
         "UPDATE versions SET stage = 'current', stage_changed_at = ? \
          WHERE secret_id = ? AND version = ?",
-    )
-    .bind(now)
-    .bind(secret_id)
-    .bind(to)
-    .execute(&mut *tx)
-    .await?;
-    mark_current(&mut *tx, key, secret_id, to).await?;
-    sqlx::query("UPDATE secrets SET updated_at = ?, last_rotated_at = ? WHERE id = ?")
-        .bind(now)
-        .bind(now)
-        .bind(secret_id)
-        .execute(&mut *tx)
-        .await?;
+    )?
+    .execute(params![now, secret_id, to])?;
+    mark_current(db, key, secret_id, to)?;
+    db.prepare_cached("UPDATE secrets SET updated_at = ?, last_rotated_at = ? WHERE id = ?")?
+        .execute(params![now, now, secret_id])?;
     Ok(())
 }

@@ -14,7 +14,10 @@ use crate::store::{
     StoreError, VersionRecord, VersionTarget,
 };
 
+use rusqlite::params;
+
 use super::audit::append_audit_in;
+use super::direct::{Db, on_handle};
 use super::incidents::resolutions_in;
 use super::rotations::active_rotation_in;
 use super::{SqliteStore, check_generation, is_unique_violation};
@@ -116,9 +119,13 @@ impl SqliteStore {
             }
         };
         audits.insert(0, audit);
-        retire_current(&mut tx, secret_id, None, now).await?;
-        insert_version(&mut tx, secret_id, version, Stage::Current, now).await?;
-        mark_current(&mut tx, self.integrity(), secret_id, version.version).await?;
+        let key = self.integrity();
+        on_handle(&mut tx, |db| {
+            retire_current(db, secret_id, None, now)?;
+            insert_version(db, secret_id, version, Stage::Current, now)?;
+            mark_current(db, key, secret_id, version.version)
+        })
+        .await?;
         sqlx::query("UPDATE secrets SET updated_at = ? WHERE id = ?")
             .bind(now)
             .bind(secret_id)
@@ -565,70 +572,63 @@ async fn check_latest(
 
 /// Makes room for a new current version: the previous one is revoked, the current one becomes
 /// previous (both except version `keep`, when given: the one being promoted).
-pub(super) async fn retire_current(
-    tx: &mut SqliteConnection,
+pub(super) fn retire_current(
+    db: &Db,
     secret_id: &str,
     keep: Option<i64>,
     now: Millis,
 ) -> Result<(), StoreError> {
+    let mut retire = db.prepare_cached(
+        "UPDATE versions SET stage = ?1, stage_changed_at = ?2 \
+         WHERE secret_id = ?3 AND stage = ?4 AND (?5 IS NULL OR version != ?5)",
+    )?;
     for (from, to) in [("previous", "revoked"), ("current", "previous")] {
-        sqlx::query(
-            "UPDATE versions SET stage = ?1, stage_changed_at = ?2 \
-             WHERE secret_id = ?3 AND stage = ?4 AND (?5 IS NULL OR version != ?5)",
-        )
-        .bind(to)
-        .bind(now)
-        .bind(secret_id)
-        .bind(from)
-        .bind(keep)
-        .execute(&mut *tx)
-        .await?;
+        retire.execute(params![to, now, secret_id, from, keep])?;
     }
     Ok(())
 }
 
 /// Records, under the integrity key, that `version` is secret `secret_id`'s current version
 /// (and under which name). Without a key (a process that never unlocked) nothing is recorded.
-pub(super) async fn mark_current(
-    tx: &mut SqliteConnection,
+pub(super) fn mark_current(
+    db: &Db,
     key: Option<&IntegrityKey>,
     secret_id: &str,
     version: i64,
 ) -> Result<(), StoreError> {
     let Some(key) = key else { return Ok(()) };
-    let name: String = sqlx::query_scalar("SELECT name FROM secrets WHERE id = ?")
-        .bind(secret_id)
-        .fetch_one(&mut *tx)
-        .await?;
-    sqlx::query("UPDATE secrets SET current_mac = ? WHERE id = ?")
-        .bind(key.current_version(secret_id, &name, version).as_slice())
-        .bind(secret_id)
-        .execute(&mut *tx)
-        .await?;
+    let name: String = db
+        .prepare_cached("SELECT name FROM secrets WHERE id = ?")?
+        .query_row([secret_id], |r| r.get(0))?;
+    db.prepare_cached("UPDATE secrets SET current_mac = ? WHERE id = ?")?
+        .execute(params![
+            key.current_version(secret_id, &name, version).as_slice(),
+            secret_id
+        ])?;
     Ok(())
 }
 
 /// Inserts a sealed version at `stage`.
-pub(super) async fn insert_version(
-    tx: &mut SqliteConnection,
+pub(super) fn insert_version(
+    db: &Db,
     secret_id: &str,
     version: &NewVersion,
     stage: Stage,
     now: Millis,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    db.prepare_cached(
         "INSERT INTO versions (secret_id, version, stage, ciphertext, meta, fingerprint, \
          created_at, stage_changed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(secret_id)
-    .bind(version.version)
-    .bind(stage.as_str())
-    .bind(version.ciphertext.as_slice())
-    .bind(serde_json::Value::Object(version.meta.clone()).to_string())
-    .bind(version.fingerprint.as_slice())
-    .bind(now)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
+    )?
+    .execute(params![
+        secret_id,
+        version.version,
+        stage.as_str(),
+        version.ciphertext.as_slice(),
+        serde_json::Value::Object(version.meta.clone()).to_string(),
+        version.fingerprint.as_slice(),
+        now,
+        now
+    ])?;
     Ok(())
 }

@@ -1,0 +1,73 @@
+//! Write transactions run straight on the writer connection's SQLite handle.
+//!
+//! sqlx runs each SQLite connection on a thread of its own, and every statement is a round trip
+//! to it: two thread switches, which on a small machine cost more than the statement itself. A
+//! group commit of the journal runs hundreds of statements; here it locks the connection's
+//! handle once and runs them all in the calling thread, through rusqlite on that same
+//! connection: one hand-off per transaction instead of one per statement. Reads stay on sqlx.
+
+use rusqlite::{Transaction, TransactionBehavior};
+use sqlx::sqlite::SqliteConnection;
+
+use crate::store::StoreError;
+
+/// The connection statements run on here.
+pub(super) type Db = rusqlite::Connection;
+
+/// An open write transaction, and the audit chain's head as its appends left it (so that the
+/// next append, and the seal before the commit, need not read it back).
+pub(super) struct Tx<'c> {
+    db: &'c Db,
+    /// The last row this transaction appended: (seq, hash).
+    pub(super) head: Option<(i64, Vec<u8>)>,
+}
+
+impl<'c> Tx<'c> {
+    /// A transaction already begun on `db`, which has appended nothing yet.
+    pub(super) fn new(db: &'c Db) -> Self {
+        Tx { db, head: None }
+    }
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = Db;
+
+    fn deref(&self) -> &Db {
+        self.db
+    }
+}
+
+/// Runs `f` on `conn`'s own handle, in this thread, while sqlx's thread for it waits. In a
+/// multi-threaded runtime this thread is handed over as blocking meanwhile (a commit waits
+/// for its fsync), so the runtime's other tasks go on elsewhere.
+pub(super) async fn on_handle<T>(
+    conn: &mut SqliteConnection,
+    f: impl FnOnce(&Db) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let mut locked = conn.lock_handle().await?;
+    let run = move || f(&*crate::sys::borrow_sqlite(&mut locked)?);
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(run),
+        _ => run(),
+    }
+}
+
+/// Runs `job` in a write transaction of its own on `db` (`BEGIN IMMEDIATE`): committed when it
+/// returns `Ok`, rolled back otherwise.
+pub(super) fn in_transaction<T>(
+    db: &Db,
+    job: impl FnOnce(&mut Tx<'_>) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let txn = Transaction::new_unchecked(db, TransactionBehavior::Immediate)?;
+    let value = job(&mut Tx::new(&txn))?;
+    txn.commit()?;
+    Ok(value)
+}
+
+/// A uniqueness (or primary key) constraint refused the statement.
+pub(super) fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    use rusqlite::ffi::{SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE};
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.extended_code == SQLITE_CONSTRAINT_UNIQUE
+            || f.extended_code == SQLITE_CONSTRAINT_PRIMARYKEY)
+}
