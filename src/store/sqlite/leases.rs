@@ -2,15 +2,16 @@
 
 use std::sync::Arc;
 
+use rusqlite::{ToSql, params};
 use sqlx::Row;
-use sqlx::sqlite::SqliteConnection;
 
 use crate::audit::AuditEvent;
 use crate::clock::Millis;
 use crate::store::UpstreamState;
 use crate::store::{LeaseOp, LeaseRow, StoreError};
 
-use super::audit::append_audit_in;
+use super::audit::append_audit;
+use super::direct::{Db, in_transaction, on_handle};
 use super::{MultiRowTable, SqliteStore, chunk_len, multi_row_insert};
 
 impl SqliteStore {
@@ -22,47 +23,41 @@ impl SqliteStore {
         ops: &[LeaseOp],
         audit: &[AuditEvent],
     ) -> Result<(), StoreError> {
+        let key = self.integrity();
         let mut conn = self.writer.acquire().await?;
-        // Group commit: the WAL is written before COMMIT returns (a crash of this process loses
-        // nothing), but the fsync is left to the next checkpoint or FULL commit.
-        sqlx::query("PRAGMA synchronous = NORMAL")
-            .execute(&mut *conn)
-            .await?;
-        let result = async {
-            let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
-            insert_leases(&mut tx, ops).await?;
-            extend_leases(&mut tx, ops).await?;
-            // The batch's audit rows, then those folding repeated fetches: one append.
-            // (Copied only when a fold adds rows: the fetch path's batches append as they are.)
-            let mut rows = std::borrow::Cow::Borrowed(audit);
-            for op in ops {
-                match op {
-                    LeaseOp::FoldFetches => rows.to_mut().extend(fold_fetches(&mut tx).await?),
-                    op => apply_lease_op(&mut tx, op).await?,
-                }
-            }
-            // A lease that holds an issued credential ends its journal entry, atomically.
-            for op in ops {
-                if let LeaseOp::Insert(l) = op {
-                    if l.issued.is_some() {
-                        sqlx::query("DELETE FROM issue_journal WHERE lease_id = ?")
-                            .bind(l.id.as_str())
-                            .execute(&mut *tx)
-                            .await?;
+        on_handle(&mut conn, |db| {
+            // Group commit: the WAL is written before COMMIT returns (a crash of this process
+            // loses nothing), but the fsync is left to the next checkpoint or FULL commit.
+            db.execute_batch("PRAGMA synchronous = NORMAL")?;
+            let result = in_transaction(db, |tx| {
+                insert_leases(tx, ops)?;
+                extend_leases(tx, ops)?;
+                // The batch's audit rows, then those folding repeated fetches: one append.
+                // (Copied only when a fold adds rows: the fetch path's batches append as
+                // they are.)
+                let mut rows = std::borrow::Cow::Borrowed(audit);
+                for op in ops {
+                    match op {
+                        LeaseOp::FoldFetches => rows.to_mut().extend(fold_fetches(tx)?),
+                        op => apply_lease_op(tx, op)?,
                     }
                 }
-            }
-            append_audit_in(&mut tx, self.integrity(), &rows).await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(())
-        }
-        .await;
-        let reset = sqlx::query("PRAGMA synchronous = FULL")
-            .execute(&mut *conn)
-            .await;
-        result?;
-        reset?;
-        Ok(())
+                // A lease that holds an issued credential ends its journal entry, atomically.
+                for op in ops {
+                    if let LeaseOp::Insert(l) = op {
+                        if l.issued.is_some() {
+                            tx.prepare_cached("DELETE FROM issue_journal WHERE lease_id = ?")?
+                                .execute([l.id.as_str()])?;
+                        }
+                    }
+                }
+                append_audit(tx, key, &rows)
+            });
+            let reset = db.execute_batch("PRAGMA synchronous = FULL");
+            result?;
+            Ok(reset?)
+        })
+        .await
     }
 
     /// Journals, durably, that a credential is about to be issued for lease `lease_id`.
@@ -200,7 +195,7 @@ impl SqliteStore {
 }
 
 /// Inserts the batch's new leases with a few multi-row statements.
-async fn insert_leases(tx: &mut SqliteConnection, ops: &[LeaseOp]) -> Result<(), StoreError> {
+fn insert_leases(db: &Db, ops: &[LeaseOp]) -> Result<(), StoreError> {
     let inserts: Vec<&Arc<LeaseRow>> = ops
         .iter()
         .filter_map(|op| match op {
@@ -213,27 +208,33 @@ async fn insert_leases(tx: &mut SqliteConnection, ops: &[LeaseOp]) -> Result<(),
         let n = chunk_len(rest.len());
         let (chunk, tail) = rest.split_at(n);
         rest = tail;
-        let mut query = sqlx::query(multi_row_insert(MultiRowTable::Leases, n));
+        let mut insert = db.prepare_cached(multi_row_insert(MultiRowTable::Leases, n).0)?;
+        let mut i = 0;
         for l in chunk {
-            query = query
-                .bind(l.id.as_str())
-                .bind(l.secret_id.as_str())
-                .bind(l.version)
-                .bind(l.issued.as_deref())
-                .bind(
-                    l.issued_meta
-                        .as_ref()
-                        .map(|m| serde_json::Value::Object(m.clone()).to_string()),
-                )
-                .bind(l.uid)
-                .bind(l.gid)
-                .bind(l.pid)
-                .bind(l.exe.as_deref())
-                .bind(l.created_at)
-                .bind(l.expires_at)
-                .bind(l.upstream_state.map(UpstreamState::as_str));
+            let meta = l
+                .issued_meta
+                .as_ref()
+                .map(|m| serde_json::Value::Object(m.clone()).to_string());
+            let values: [&dyn ToSql; 12] = [
+                &l.id,
+                &l.secret_id,
+                &l.version,
+                &l.issued,
+                &meta,
+                &l.uid,
+                &l.gid,
+                &l.pid,
+                &l.exe,
+                &l.created_at,
+                &l.expires_at,
+                &l.upstream_state.map(UpstreamState::as_str),
+            ];
+            for value in values {
+                i += 1;
+                insert.raw_bind_parameter(i, value)?;
+            }
         }
-        query.execute(&mut *tx).await?;
+        insert.raw_execute()?;
     }
     Ok(())
 }
@@ -241,7 +242,7 @@ async fn insert_leases(tx: &mut SqliteConnection, ops: &[LeaseOp]) -> Result<(),
 /// Counts the batch's repeated fetches: one statement per lease however many fetches of it
 /// the batch holds. The expiry moves only forward, and only on a live lease; the count is
 /// recorded even on a lease that ended meanwhile, so the fetch is still accounted for.
-async fn extend_leases(tx: &mut SqliteConnection, ops: &[LeaseOp]) -> Result<(), StoreError> {
+fn extend_leases(db: &Db, ops: &[LeaseOp]) -> Result<(), StoreError> {
     let mut merged: std::collections::BTreeMap<&str, (Millis, i64)> = Default::default();
     for op in ops {
         if let LeaseOp::Extend {
@@ -255,38 +256,36 @@ async fn extend_leases(tx: &mut SqliteConnection, ops: &[LeaseOp]) -> Result<(),
             entry.1 += i64::from(*fetches);
         }
     }
+    if merged.is_empty() {
+        return Ok(());
+    }
+    let mut extend = db.prepare_cached(
+        "UPDATE leases SET fetches = fetches + ?, expires_at = CASE WHEN ended_at IS NULL \
+         THEN max(expires_at, ?) ELSE expires_at END WHERE id = ?",
+    )?;
     for (id, (expires_at, fetches)) in merged {
-        sqlx::query(
-            "UPDATE leases SET fetches = fetches + ?, expires_at = CASE WHEN ended_at IS NULL \
-             THEN max(expires_at, ?) ELSE expires_at END WHERE id = ?",
-        )
-        .bind(fetches)
-        .bind(expires_at)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+        extend.execute(params![fetches, expires_at, id])?;
     }
     Ok(())
 }
 
 /// The `fetch.repeated` rows for every lease whose fetches the chain does not count yet; marks
 /// them counted.
-async fn fold_fetches(tx: &mut SqliteConnection) -> Result<Vec<AuditEvent>, StoreError> {
-    let rows = sqlx::query(
+fn fold_fetches(db: &Db) -> Result<Vec<AuditEvent>, StoreError> {
+    let mut select = db.prepare_cached(
         "SELECT l.id, s.name, l.version, l.uid, l.gid, l.exe, l.fetches, l.audited_fetches \
          FROM leases l JOIN secrets s ON s.id = l.secret_id \
          WHERE l.fetches > l.audited_fetches ORDER BY l.id",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut events = Vec::with_capacity(rows.len());
-    for r in &rows {
-        let id: String = r.try_get(0)?;
-        let name: String = r.try_get(1)?;
-        let version: Option<i64> = r.try_get(2)?;
-        let (uid, gid): (u32, u32) = (r.try_get(3)?, r.try_get(4)?);
-        let exe: Option<String> = r.try_get(5)?;
-        let (fetches, audited): (i64, i64) = (r.try_get(6)?, r.try_get(7)?);
+    )?;
+    let mut rows = select.query([])?;
+    let mut events = Vec::new();
+    while let Some(r) = rows.next()? {
+        let id: String = r.get(0)?;
+        let name: String = r.get(1)?;
+        let version: Option<i64> = r.get(2)?;
+        let (uid, gid): (u32, u32) = (r.get(3)?, r.get(4)?);
+        let exe: Option<String> = r.get(5)?;
+        let (fetches, audited): (i64, i64) = (r.get(6)?, r.get(7)?);
         let actor = format!(
             "agent uid={uid} gid={gid} exe={}",
             exe.as_deref().unwrap_or("unknown")
@@ -302,22 +301,22 @@ async fn fold_fetches(tx: &mut SqliteConnection) -> Result<Vec<AuditEvent>, Stor
                 })),
         );
     }
-    sqlx::query("UPDATE leases SET audited_fetches = fetches WHERE fetches > audited_fetches")
-        .execute(&mut *tx)
-        .await?;
+    db.prepare_cached(
+        "UPDATE leases SET audited_fetches = fetches WHERE fetches > audited_fetches",
+    )?
+    .execute([])?;
     Ok(events)
 }
 
 /// Applies one change other than an insert or an extension (those went in first, in bulk).
-async fn apply_lease_op(tx: &mut SqliteConnection, op: &LeaseOp) -> Result<(), StoreError> {
+fn apply_lease_op(db: &Db, op: &LeaseOp) -> Result<(), StoreError> {
     match op {
         LeaseOp::Insert(_) | LeaseOp::Extend { .. } | LeaseOp::FoldFetches => {}
         LeaseOp::Renew { id, expires_at } => {
-            sqlx::query("UPDATE leases SET expires_at = ? WHERE id = ? AND ended_at IS NULL")
-                .bind(expires_at)
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await?;
+            db.prepare_cached(
+                "UPDATE leases SET expires_at = ? WHERE id = ? AND ended_at IS NULL",
+            )?
+            .execute(params![expires_at, id])?;
         }
         LeaseOp::End {
             id,
@@ -325,26 +324,24 @@ async fn apply_lease_op(tx: &mut SqliteConnection, op: &LeaseOp) -> Result<(), S
             reason,
             upstream_state,
         } => {
-            sqlx::query(
+            db.prepare_cached(
                 "UPDATE leases SET ended_at = ?, end_reason = ?, \
                  upstream_state = coalesce(?, upstream_state) WHERE id = ? AND ended_at IS NULL",
-            )
-            .bind(at)
-            .bind(reason.as_str())
-            .bind(upstream_state.map(UpstreamState::as_str))
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await?;
+            )?
+            .execute(params![
+                at,
+                reason.as_str(),
+                upstream_state.map(UpstreamState::as_str),
+                id
+            ])?;
         }
         LeaseOp::PurgeEnded { before } => {
-            sqlx::query(
+            db.prepare_cached(
                 "DELETE FROM leases WHERE ended_at IS NOT NULL AND ended_at < ? \
                  AND fetches = audited_fetches \
                  AND (upstream_state IS NULL OR upstream_state = 'revoked')",
-            )
-            .bind(before)
-            .execute(&mut *tx)
-            .await?;
+            )?
+            .execute([before])?;
         }
         LeaseOp::AccessSeen {
             secret_id,
@@ -352,22 +349,15 @@ async fn apply_lease_op(tx: &mut SqliteConnection, op: &LeaseOp) -> Result<(), S
             exe,
             at,
         } => {
-            sqlx::query(
+            db.prepare_cached(
                 "INSERT OR IGNORE INTO access_seen (secret_id, uid, exe, first_seen) \
                  VALUES (?, ?, ?, ?)",
-            )
-            .bind(secret_id.as_str())
-            .bind(uid)
-            .bind(exe.as_str())
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
+            )?
+            .execute(params![secret_id, uid, exe, at])?;
         }
         LeaseOp::UpstreamRevoked { id } => {
-            sqlx::query("UPDATE leases SET upstream_state = 'revoked' WHERE id = ?")
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await?;
+            db.prepare_cached("UPDATE leases SET upstream_state = 'revoked' WHERE id = ?")?
+                .execute([id.as_str()])?;
         }
     }
     Ok(())
