@@ -42,6 +42,8 @@ pub struct SqliteStore {
     path: PathBuf,
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Point reads, in the calling thread (see `direct.rs`).
+    direct: direct::Reader,
     /// Present when this process is the store's only writer (the daemon).
     cache: Option<SealedCache>,
     /// Dropped with the store: stops the background checkpointer.
@@ -253,10 +255,12 @@ impl SqliteStore {
             .connect_with(options.pragma("cache_size", READER_CACHE_KIB))
             .await
             .map_err(|e| unreadable(path, e))?;
+        let direct = direct::Reader::open(path, BUSY_TIMEOUT)?;
         Ok(Self {
             path: path.to_path_buf(),
             writer,
             reader,
+            direct,
             cache: None,
             _checkpointer: None,
             batcher: None,
@@ -319,7 +323,7 @@ impl SqliteStore {
         self.truncate_wal().await?;
         self.writer.close().await;
         self.reader.close().await;
-        Ok(())
+        self.direct.close()
     }
 
     /// Writes a consistent copy of the store to `dest`, which must not exist: created here

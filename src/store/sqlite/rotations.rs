@@ -1,8 +1,7 @@
 //! The rotation journal: planning, advancing one legal step at a time, retries, reads.
 
 use rusqlite::{OptionalExtension, params};
-use sqlx::Row;
-use sqlx::sqlite::{SqliteConnection, SqliteRow};
+use sqlx::sqlite::SqliteConnection;
 
 use crate::audit::AuditEvent;
 use crate::clock::{Millis, now_millis};
@@ -104,19 +103,21 @@ impl SqliteStore {
 
     /// A rotation by id.
     pub async fn rotation(&self, id: &str) -> Result<Option<RotationRecord>, StoreError> {
-        let row = sqlx::query(ROTATION_SELECT_BY_ID)
-            .bind(id)
-            .fetch_optional(&self.reader)
-            .await?;
-        row.as_ref().map(rotation_from_row).transpose()
+        self.direct.read(|db| {
+            db.prepare_cached(ROTATION_SELECT_BY_ID)?
+                .query_and_then([id], rotation_from_row)?
+                .next()
+                .transpose()
+        })
     }
 
     /// Every rotation not in a terminal state.
     pub async fn active_rotations(&self) -> Result<Vec<RotationRecord>, StoreError> {
-        let rows = sqlx::query(ROTATION_SELECT_ACTIVE)
-            .fetch_all(&self.reader)
-            .await?;
-        rows.iter().map(rotation_from_row).collect()
+        self.direct.read(|db| {
+            db.prepare_cached(ROTATION_SELECT_ACTIVE)?
+                .query_and_then([], rotation_from_row)?
+                .collect()
+        })
     }
 
     /// The latest rotation of a secret, active or not.
@@ -124,11 +125,12 @@ impl SqliteStore {
         &self,
         secret_id: &str,
     ) -> Result<Option<RotationRecord>, StoreError> {
-        let row = sqlx::query(ROTATION_SELECT_LATEST)
-            .bind(secret_id)
-            .fetch_optional(&self.reader)
-            .await?;
-        row.as_ref().map(rotation_from_row).transpose()
+        self.direct.read(|db| {
+            db.prepare_cached(ROTATION_SELECT_LATEST)?
+                .query_and_then([secret_id], rotation_from_row)?
+                .next()
+                .transpose()
+        })
     }
 
     /// How many rotations ended in each terminal state.
@@ -266,28 +268,28 @@ const ROTATION_SELECT_LATEST: &str = "SELECT r.id, r.secret_id, s.name, r.state,
      FROM rotations r JOIN secrets s ON s.id = r.secret_id WHERE r.secret_id = ? \
      ORDER BY r.created_at DESC, r.rowid DESC LIMIT 1";
 
-pub(super) fn rotation_from_row(row: &SqliteRow) -> Result<RotationRecord, StoreError> {
-    let id: String = row.try_get(0)?;
+fn rotation_from_row(row: &rusqlite::Row<'_>) -> Result<RotationRecord, StoreError> {
+    let id: String = row.get(0)?;
     let in_row = |e: StoreError| e.in_row(format!("rotation {id}"));
-    let state = RotationState::parse(&row.try_get::<String, _>(3)?).map_err(in_row)?;
-    let reason = Reason::parse(&row.try_get::<String, _>(7)?).map_err(in_row)?;
+    let state = RotationState::parse(&row.get::<_, String>(3)?).map_err(in_row)?;
+    let reason = Reason::parse(&row.get::<_, String>(7)?).map_err(in_row)?;
     Ok(RotationRecord {
         id,
-        secret_id: row.try_get(1)?,
-        secret_name: row.try_get(2)?,
+        secret_id: row.get(1)?,
+        secret_name: row.get(2)?,
         state,
-        from_version: row.try_get(4)?,
-        to_version: row.try_get(5)?,
-        proposed: row.try_get(6)?,
+        from_version: row.get(4)?,
+        to_version: row.get(5)?,
+        proposed: row.get(6)?,
         reason,
-        emergency: row.try_get(8)?,
-        incident_id: row.try_get(9)?,
-        attempts: row.try_get(10)?,
-        last_error: row.try_get(11)?,
-        next_attempt_at: row.try_get(12)?,
-        draining_since: row.try_get(13)?,
-        created_at: row.try_get(14)?,
-        updated_at: row.try_get(15)?,
+        emergency: row.get(8)?,
+        incident_id: row.get(9)?,
+        attempts: row.get(10)?,
+        last_error: row.get(11)?,
+        next_attempt_at: row.get(12)?,
+        draining_since: row.get(13)?,
+        created_at: row.get(14)?,
+        updated_at: row.get(15)?,
     })
 }
 

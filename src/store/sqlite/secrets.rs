@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnection, SqliteRow};
+use sqlx::sqlite::SqliteConnection;
 
 use crate::audit::AuditEvent;
 use crate::clock::{Millis, now_millis};
@@ -25,27 +25,27 @@ use super::{SqliteStore, check_generation, is_unique_violation};
 impl SqliteStore {
     /// A secret by name.
     pub async fn secret(&self, name: &str) -> Result<Option<SecretRecord>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, name, provider, wrapped_data_key, tags, created_at, updated_at, \
-             (SELECT max(version) FROM versions WHERE secret_id = secrets.id) \
-             FROM secrets WHERE name = ?",
-        )
-        .bind(name)
-        .fetch_optional(&self.reader)
-        .await?;
-        row.map(|row| {
-            Ok(SecretRecord {
-                id: row.try_get(0)?,
-                name: row.try_get(1)?,
-                provider: row.try_get(2)?,
-                wrapped_data_key: row.try_get(3)?,
-                tags: parse_tags(&row.try_get::<String, _>(4)?)?,
-                created_at: row.try_get(5)?,
-                updated_at: row.try_get(6)?,
-                latest_version: row.try_get(7)?,
-            })
+        self.direct.read(|db| {
+            db.prepare_cached(
+                "SELECT id, name, provider, wrapped_data_key, tags, created_at, updated_at, \
+                 (SELECT max(version) FROM versions WHERE secret_id = secrets.id) \
+                 FROM secrets WHERE name = ?",
+            )?
+            .query_and_then([name], |row| {
+                Ok(SecretRecord {
+                    id: row.get(0)?,
+                    name: row.get(1)?,
+                    provider: row.get(2)?,
+                    wrapped_data_key: row.get(3)?,
+                    tags: parse_tags(&row.get::<_, String>(4)?)?,
+                    created_at: row.get(5)?,
+                    updated_at: row.get(6)?,
+                    latest_version: row.get(7)?,
+                })
+            })?
+            .next()
+            .transpose()
         })
-        .transpose()
     }
 
     async fn sealed_in_db(
@@ -53,35 +53,39 @@ impl SqliteStore {
         name: &str,
         version: Option<i64>,
     ) -> Result<Option<SealedSecret>, StoreError> {
-        let row =
-            match version {
-                None => sqlx::query(
+        macro_rules! select_joined_on {
+            ($on:literal) => {
+                concat!(
                     "SELECT s.id, s.wrapped_data_key, v.version, v.stage, v.ciphertext, v.meta, \
                      v.fingerprint, v.created_at, s.current_mac FROM secrets s JOIN versions v \
-                     ON v.secret_id = s.id AND v.stage = 'current' WHERE s.name = ?",
+                     ON v.secret_id = s.id ",
+                    $on
                 )
-                .bind(name)
-                .fetch_optional(&self.reader)
-                .await?,
-                Some(n) => sqlx::query(
-                    "SELECT s.id, s.wrapped_data_key, v.version, v.stage, v.ciphertext, v.meta, \
-                     v.fingerprint, v.created_at, s.current_mac FROM secrets s JOIN versions v \
-                     ON v.secret_id = s.id AND v.version = ? WHERE s.name = ?",
-                )
-                .bind(n)
-                .bind(name)
-                .fetch_optional(&self.reader)
-                .await?,
             };
-        row.map(|row| {
+        }
+        let sealed = |row: &rusqlite::Row<'_>| {
             Ok(SealedSecret {
-                secret_id: row.try_get(0)?,
-                wrapped_data_key: row.try_get(1)?,
-                version: version_from_row(&row, 2)?,
-                current_mac: row.try_get(8)?,
+                secret_id: row.get(0)?,
+                wrapped_data_key: row.get(1)?,
+                version: version_from_row(row, 2)?,
+                current_mac: row.get(8)?,
             })
+        };
+        self.direct.read(|db| {
+            match version {
+                None => db
+                    .prepare_cached(select_joined_on!(
+                        "AND v.stage = 'current' WHERE s.name = ?"
+                    ))?
+                    .query_and_then([name], sealed)?
+                    .next(),
+                Some(n) => db
+                    .prepare_cached(select_joined_on!("AND v.version = ? WHERE s.name = ?"))?
+                    .query_and_then(params![n, name], sealed)?
+                    .next(),
+            }
+            .transpose()
         })
-        .transpose()
     }
 
     async fn put_version_in_db(
@@ -491,8 +495,8 @@ impl SqliteStore {
     }
 }
 
-pub(super) fn version_from_row(row: &SqliteRow, first: usize) -> Result<VersionRecord, StoreError> {
-    let meta: String = row.try_get(first + 3)?;
+fn version_from_row(row: &rusqlite::Row<'_>, first: usize) -> Result<VersionRecord, StoreError> {
+    let meta: String = row.get(first + 3)?;
     let meta = match serde_json::from_str(&meta) {
         Ok(serde_json::Value::Object(map)) => map,
         _ => {
@@ -502,12 +506,12 @@ pub(super) fn version_from_row(row: &SqliteRow, first: usize) -> Result<VersionR
         }
     };
     Ok(VersionRecord {
-        version: row.try_get(first)?,
-        stage: Stage::parse(&row.try_get::<String, _>(first + 1)?)?,
-        ciphertext: row.try_get(first + 2)?,
+        version: row.get(first)?,
+        stage: Stage::parse(&row.get::<_, String>(first + 1)?)?,
+        ciphertext: row.get(first + 2)?,
         meta,
-        fingerprint: row.try_get(first + 4)?,
-        created_at: row.try_get(first + 5)?,
+        fingerprint: row.get(first + 4)?,
+        created_at: row.get(first + 5)?,
     })
 }
 
