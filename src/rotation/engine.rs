@@ -698,12 +698,7 @@ impl Engine {
         loop {
             let record = self.vault.store().rotation(rotation_id).await?;
             let Some(r) = record else { return Ok(None) };
-            let parked = self
-                .vault
-                .store()
-                .secret_summary(&r.secret_name)
-                .await?
-                .is_some_and(|s| s.quarantined_at.is_some());
+            let parked = self.vault.store().is_quarantined(&r.secret_name).await?;
             let waiting_on_leases = match (r.state, r.from_version) {
                 (RotationState::Draining, Some(from)) => {
                     self.live_leases(&r.secret_id, from, self.clock.now())

@@ -1,7 +1,6 @@
 //! What each consumer has acknowledged.
 
 use rusqlite::params;
-use sqlx::Row;
 
 use crate::audit::AuditEvent;
 use crate::clock::now_millis;
@@ -14,24 +13,22 @@ use super::direct::Tx;
 impl SqliteStore {
     /// What each consumer of a secret has acknowledged.
     pub async fn deliveries(&self, secret_id: &str) -> Result<Vec<DeliveryRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT consumer, version, acked_at, attempts, last_error FROM deliveries \
-             WHERE secret_id = ? ORDER BY consumer",
-        )
-        .bind(secret_id)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.iter()
-            .map(|r| {
+        self.direct.read(|db| {
+            let mut select = db.prepare_cached(
+                "SELECT consumer, version, acked_at, attempts, last_error FROM deliveries \
+                 WHERE secret_id = ? ORDER BY consumer",
+            )?;
+            let rows = select.query_map([secret_id], |r| {
                 Ok(DeliveryRecord {
-                    consumer: r.try_get(0)?,
-                    version: r.try_get(1)?,
-                    acked_at: r.try_get(2)?,
-                    attempts: r.try_get(3)?,
-                    last_error: r.try_get(4)?,
+                    consumer: r.get(0)?,
+                    version: r.get(1)?,
+                    acked_at: r.get(2)?,
+                    attempts: r.get(3)?,
+                    last_error: r.get(4)?,
                 })
-            })
-            .collect()
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     /// Records a delivery attempt: `Ok(audit)` acknowledges `version` and appends its audit row

@@ -14,9 +14,9 @@ use crate::store::{
     StoreError, VersionRecord, VersionTarget,
 };
 
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 
-use super::audit::append_audit_in;
+use super::audit::{append_audit, append_audit_in};
 use super::direct::{Db, on_handle};
 use super::incidents::resolutions_in;
 use super::rotations::active_rotation_in;
@@ -45,6 +45,17 @@ impl SqliteStore {
             })?
             .next()
             .transpose()
+        })
+    }
+
+    /// Whether the secret is quarantined (a cheap read for the engine's waits).
+    pub async fn is_quarantined(&self, name: &str) -> Result<bool, StoreError> {
+        self.direct.read(|db| {
+            Ok(db
+                .prepare_cached("SELECT quarantined_at IS NOT NULL FROM secrets WHERE name = ?")?
+                .query_row([name], |row| row.get(0))
+                .optional()?
+                .unwrap_or(false))
         })
     }
 
@@ -308,21 +319,23 @@ impl SqliteStore {
         Ok(count)
     }
 
-    /// Lifts a quarantine and resets the failure count.
+    /// Lifts a quarantine and resets the failure count (group-committed in the daemon: every
+    /// request of an incident makes one).
     pub async fn unquarantine(&self, secret_id: &str, audit: AuditEvent) -> Result<(), StoreError> {
-        let mut tx = self.begin_write().await?;
-        let changed = sqlx::query(
-            "UPDATE secrets SET quarantined_at = NULL, failed_attempts = 0 \
-             WHERE id = ? AND (quarantined_at IS NOT NULL OR failed_attempts > 0)",
-        )
-        .bind(secret_id)
-        .execute(&mut *tx)
-        .await?;
-        if changed.rows_affected() > 0 {
-            append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        let secret_id = secret_id.to_string();
+        self.write(Box::new(move |tx| {
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE secrets SET quarantined_at = NULL, failed_attempts = 0 \
+                     WHERE id = ? AND (quarantined_at IS NOT NULL OR failed_attempts > 0)",
+                )?
+                .execute([secret_id.as_str()])?;
+            if changed > 0 {
+                append_audit(tx, None, std::slice::from_ref(&audit))?;
+            }
+            Ok(())
+        }))
+        .await
     }
 
     async fn revoke_version_in_db(
