@@ -15,12 +15,11 @@
 use std::sync::{Arc, OnceLock};
 
 use rusqlite::{Transaction, TransactionBehavior};
-use sqlx::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::SqliteStore;
 use super::audit::seal_head;
-use super::direct::{Db, Tx, in_transaction, on_handle};
+use super::direct::{Db, Tx, Writer, in_transaction};
 use crate::crypto::IntegrityKey;
 use crate::store::StoreError;
 
@@ -40,7 +39,7 @@ pub(super) struct Pending {
 }
 
 /// Starts the batcher over the store's writer pool; it ends when every sender is dropped.
-pub(super) fn start(writer: SqlitePool, sealer: Sealer) -> mpsc::Sender<Pending> {
+pub(super) fn start(writer: Arc<Writer>, sealer: Sealer) -> mpsc::Sender<Pending> {
     let (tx, mut rx) = mpsc::channel::<Pending>(1024);
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
@@ -59,14 +58,11 @@ pub(super) fn start(writer: SqlitePool, sealer: Sealer) -> mpsc::Sender<Pending>
     tx
 }
 
-/// Runs a batch in one transaction, on the writer's handle in one hand-off, and tells each job
-/// how it went.
-async fn run(writer: &SqlitePool, sealer: &Sealer, batch: Vec<Pending>) {
-    let answers = match writer.acquire().await {
-        Ok(mut conn) => on_handle(&mut conn, |db| Ok(run_on(db, sealer, &batch))).await,
-        Err(e) => Err(e.into()),
-    }
-    .unwrap_or_else(|e| failed(&batch, &e));
+/// Runs a batch in one transaction, in this thread, and tells each job how it went.
+async fn run(writer: &Writer, sealer: &Sealer, batch: Vec<Pending>) {
+    let answers = writer
+        .write(|db| Ok(run_on(db, sealer, &batch)))
+        .unwrap_or_else(|e| failed(&batch, &e));
     for (pending, answer) in batch.into_iter().zip(answers) {
         let _ = pending.done.send(answer);
     }
@@ -160,8 +156,7 @@ impl SqliteStore {
             }
             None => {
                 let key = self.integrity();
-                let mut conn = self.writer.acquire().await?;
-                on_handle(&mut conn, |db| {
+                self.direct_writer.write(|db| {
                     in_transaction(db, |tx| {
                         job(tx)?;
                         match key {
@@ -170,7 +165,6 @@ impl SqliteStore {
                         }
                     })
                 })
-                .await
             }
         }
     }

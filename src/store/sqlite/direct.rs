@@ -2,10 +2,12 @@
 //!
 //! sqlx runs each SQLite connection on a thread of its own, and every statement is a round trip
 //! to it: two thread switches, which on a small machine cost more than the statement itself.
-//! Two paths here avoid them:
-//! - writes: a group commit of the journal runs hundreds of statements; it locks the writer
-//!   connection's handle once and runs them all in the calling thread, through rusqlite on
-//!   that same connection: one hand-off per transaction instead of one per statement;
+//! Three paths here avoid them:
+//! - group commits (the journal's and the leases'): a batch runs hundreds of statements, all
+//!   in the calling thread on a write connection of their own ([`Writer`]), whose prepared
+//!   statements stay cached from batch to batch;
+//! - other write transactions begun on sqlx's writer connection run their shared statements
+//!   (an audit append) on that connection's own handle, locked once ([`on_handle`]);
 //! - point reads the rotation engine makes several of per step (a secret, a version, a
 //!   rotation by key) run on a read connection of their own ([`Reader`]), in the calling
 //!   thread: an indexed lookup in SQLite's page cache takes microseconds, less than the hand-off.
@@ -82,6 +84,66 @@ pub(super) fn is_unique_violation(e: &rusqlite::Error) -> bool {
             || f.extended_code == SQLITE_CONSTRAINT_PRIMARYKEY)
 }
 
+/// The write connection group commits use in the calling thread. Writers in this process
+/// take turns on its lock; sqlx's writer connection (the other write transactions) waits on
+/// SQLite's lock like another process would.
+pub(super) struct Writer(Mutex<Option<Db>>);
+
+/// Prepared statements a connection keeps (rusqlite's default, 16, is fewer than a batch uses).
+const CACHED_STATEMENTS: usize = 64;
+
+impl Writer {
+    /// Opens the existing store at `path` for group commits, with the settings of sqlx's
+    /// writer (full sync, foreign keys, secure delete); with `no_autocheckpoint`, commits
+    /// leave checkpoints to the daemon's checkpointer.
+    pub(super) fn open(
+        path: &Path,
+        busy_timeout: Duration,
+        wal_size_limit: &'static str,
+        no_autocheckpoint: bool,
+    ) -> Result<Self, StoreError> {
+        let db = Db::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        db.busy_timeout(busy_timeout)?;
+        db.set_prepared_statement_cache_capacity(CACHED_STATEMENTS);
+        db.execute_batch(&format!(
+            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; \
+             PRAGMA journal_size_limit = {wal_size_limit}; {}",
+            if no_autocheckpoint {
+                "PRAGMA wal_autocheckpoint = 0;"
+            } else {
+                ""
+            }
+        ))?;
+        Ok(Writer(Mutex::new(Some(db))))
+    }
+
+    /// Runs `f` on the connection. In a multi-threaded runtime this thread is handed over as
+    /// blocking meanwhile (a commit waits for its fsync), so the runtime's other tasks go on
+    /// elsewhere.
+    pub(super) fn write<T>(
+        &self,
+        f: impl FnOnce(&Db) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let run = || match &*self.0.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(db) => f(db),
+            // As sqlx's pools answer once closed.
+            None => Err(sqlx::Error::PoolClosed.into()),
+        };
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(run),
+            _ => run(),
+        }
+    }
+
+    /// Closes the connection; writes fail from now on.
+    pub(super) fn close(&self) -> Result<(), StoreError> {
+        close(&self.0)
+    }
+}
+
 /// The read connection point reads use in the calling thread. `query_only`: it cannot write.
 pub(super) struct Reader(Mutex<Option<Db>>);
 
@@ -93,6 +155,7 @@ impl Reader {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         db.busy_timeout(busy_timeout)?;
+        db.set_prepared_statement_cache_capacity(CACHED_STATEMENTS);
         db.execute_batch("PRAGMA query_only = ON; PRAGMA cache_size = -512")?;
         Ok(Reader(Mutex::new(Some(db))))
     }
@@ -111,10 +174,17 @@ impl Reader {
 
     /// Closes the connection; reads fail from now on.
     pub(super) fn close(&self) -> Result<(), StoreError> {
-        let db = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
-        match db {
-            Some(db) => db.close().map_err(|(_, e)| e.into()),
-            None => Ok(()),
-        }
+        close(&self.0)
+    }
+}
+
+fn close(connection: &Mutex<Option<Db>>) -> Result<(), StoreError> {
+    let db = connection
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    match db {
+        Some(db) => db.close().map_err(|(_, e)| e.into()),
+        None => Ok(()),
     }
 }

@@ -11,7 +11,7 @@ use crate::store::UpstreamState;
 use crate::store::{LeaseOp, LeaseRow, StoreError};
 
 use super::audit::append_audit;
-use super::direct::{Db, in_transaction, on_handle};
+use super::direct::{Db, in_transaction};
 use super::{MultiRowTable, SqliteStore, chunk_len, multi_row_insert};
 
 impl SqliteStore {
@@ -24,8 +24,7 @@ impl SqliteStore {
         audit: &[AuditEvent],
     ) -> Result<(), StoreError> {
         let key = self.integrity();
-        let mut conn = self.writer.acquire().await?;
-        on_handle(&mut conn, |db| {
+        self.direct_writer.write(|db| {
             // Group commit: the WAL is written before COMMIT returns (a crash of this process
             // loses nothing), but the fsync is left to the next checkpoint or FULL commit.
             db.execute_batch("PRAGMA synchronous = NORMAL")?;
@@ -57,7 +56,6 @@ impl SqliteStore {
             result?;
             Ok(reset?)
         })
-        .await
     }
 
     /// Journals, durably, that a credential is about to be issued for lease `lease_id`.

@@ -44,6 +44,8 @@ pub struct SqliteStore {
     reader: SqlitePool,
     /// Point reads, in the calling thread (see `direct.rs`).
     direct: direct::Reader,
+    /// Group commits, in the calling thread (see `direct.rs`).
+    direct_writer: std::sync::Arc<direct::Writer>,
     /// Present when this process is the store's only writer (the daemon).
     cache: Option<SealedCache>,
     /// Dropped with the store: stops the background checkpointer.
@@ -194,7 +196,10 @@ impl SqliteStore {
         if background_checkpoints {
             store._checkpointer = Some(Self::start_checkpointer(path).await?);
             store.cache = Some(SealedCache::default());
-            store.batcher = Some(batch::start(store.writer.clone(), store.integrity.clone()));
+            store.batcher = Some(batch::start(
+                store.direct_writer.clone(),
+                store.integrity.clone(),
+            ));
         }
         let has_migrations: bool = sqlx::query_scalar(
             "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
@@ -256,11 +261,18 @@ impl SqliteStore {
             .await
             .map_err(|e| unreadable(path, e))?;
         let direct = direct::Reader::open(path, BUSY_TIMEOUT)?;
+        let direct_writer = std::sync::Arc::new(direct::Writer::open(
+            path,
+            BUSY_TIMEOUT,
+            WAL_SIZE_LIMIT,
+            background_checkpoints,
+        )?);
         Ok(Self {
             path: path.to_path_buf(),
             writer,
             reader,
             direct,
+            direct_writer,
             cache: None,
             _checkpointer: None,
             batcher: None,
@@ -323,6 +335,7 @@ impl SqliteStore {
         self.truncate_wal().await?;
         self.writer.close().await;
         self.reader.close().await;
+        self.direct_writer.close()?;
         self.direct.close()
     }
 
