@@ -9,10 +9,12 @@
 //! - other write transactions begun on sqlx's writer connection run their shared statements
 //!   (an audit append) on that connection's own handle, locked once ([`on_handle`]);
 //! - point reads the rotation engine makes several of per step (a secret, a version, a
-//!   rotation by key) run on a read connection of their own ([`Reader`]), in the calling
-//!   thread: an indexed lookup in SQLite's page cache takes microseconds, less than the hand-off.
+//!   rotation, a secret's deliveries, its quarantine flag) run on a read connection of their
+//!   own ([`Reader`]), in the calling thread: an indexed lookup in SQLite's page cache takes
+//!   microseconds, less than the hand-off.
 //!
-//! Listings and other reads stay on sqlx's reader pool.
+//! Listings and other reads, and other writes, stay on sqlx. The write connection and sqlx's
+//! writer take SQLite's write lock in turn, as two processes would (`busy_timeout`).
 
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
