@@ -55,7 +55,7 @@ fn version(n: i64) -> NewVersion {
 }
 
 /// A secret `name` with version 1 current. Returns its id.
-async fn secret_with_a_version(store: &Store, name: &str) -> String {
+pub(crate) async fn secret_with_a_version(store: &Store, name: &str) -> String {
     let id = uuid::Uuid::new_v4().to_string();
     let target = VersionTarget::New(NewSecret {
         id: id.clone(),

@@ -1,6 +1,6 @@
 //! Group commit for the rotation journal: in the daemon, the write transactions of many
 //! rotations (their steps, deliveries and audit rows) share one `BEGIN IMMEDIATE … COMMIT` and
-//! one fsync, and run on the writer's handle in one hand-off (`direct.rs`).
+//! one fsync, and run in the calling thread on a write connection of their own (`direct.rs`).
 //!
 //! A batch first runs its jobs one after another in a plain transaction. When one fails (a
 //! conflict, rare), that transaction is rolled back and the batch runs again with each job in a
@@ -38,7 +38,8 @@ pub(super) struct Pending {
     done: oneshot::Sender<Result<(), StoreError>>,
 }
 
-/// Starts the batcher over the store's writer pool; it ends when every sender is dropped.
+/// Starts the batcher over the group commits' write connection; it ends when every sender is
+/// dropped.
 pub(super) fn start(writer: Arc<Writer>, sealer: Sealer) -> mpsc::Sender<Pending> {
     let (tx, mut rx) = mpsc::channel::<Pending>(1024);
     tokio::spawn(async move {
@@ -52,14 +53,14 @@ pub(super) fn start(writer: Arc<Writer>, sealer: Sealer) -> mpsc::Sender<Pending
                     Err(_) => break,
                 }
             }
-            run(&writer, &sealer, batch).await;
+            run(&writer, &sealer, batch);
         }
     });
     tx
 }
 
 /// Runs a batch in one transaction, in this thread, and tells each job how it went.
-async fn run(writer: &Writer, sealer: &Sealer, batch: Vec<Pending>) {
+fn run(writer: &Writer, sealer: &Sealer, batch: Vec<Pending>) {
     let answers = writer
         .write(|db| Ok(run_on(db, sealer, &batch)))
         .unwrap_or_else(|e| failed(&batch, &e));
@@ -174,7 +175,7 @@ impl SqliteStore {
 mod tests {
     use super::super::audit::append_audit;
     use crate::audit::{AuditEvent, ChainVerifier};
-    use crate::store::tests::temp_store;
+    use crate::store::tests::{secret_with_a_version, temp_store};
     use crate::store::{Access, Store, StoreError};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,5 +217,45 @@ mod tests {
                 assert_ne!(i.parse::<usize>().unwrap() % 3, 0, "a failed job's row");
             }
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_commits_and_transactions_on_sqlx_writer_take_turns_on_one_chain() {
+        let t = temp_store().await;
+        let path = t.path.clone();
+        let secret_id = secret_with_a_version(&t.store, "app/key").await;
+        drop(t.store);
+        let store = Store::open(&path, Access::Exclusive).await.unwrap();
+        let mut writes = tokio::task::JoinSet::new();
+        for i in 0..60 {
+            let (store, secret_id) = (store.clone(), secret_id.clone());
+            writes.spawn(async move {
+                if i % 2 == 0 {
+                    // Group-committed, on the write connection of `direct.rs`.
+                    let event = AuditEvent::new("test", format!("batched-{i}"));
+                    store.append_audit(&[event]).await
+                } else {
+                    // A transaction of its own on sqlx's writer, appending on its handle.
+                    let event = AuditEvent::new("test", format!("own-{i}"));
+                    store
+                        .record_secret_failure(&secret_id, "upstream refused", false, event)
+                        .await
+                        .map(drop)
+                }
+            });
+        }
+        while let Some(written) = writes.join_next().await {
+            written.unwrap().unwrap();
+        }
+        let rows = store.audit_page(0, 1000).await.unwrap();
+        let mut chain = ChainVerifier::default();
+        for row in &rows {
+            chain.check(row).unwrap();
+        }
+        let ours = rows
+            .iter()
+            .filter(|r| r.action.starts_with("batched-") || r.action.starts_with("own-"))
+            .count();
+        assert_eq!(ours, 60, "every write's row, in one chain");
     }
 }

@@ -130,7 +130,13 @@ impl Writer {
         f: impl FnOnce(&Db) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let run = || match &*self.0.lock().unwrap_or_else(PoisonError::into_inner) {
-            Some(db) => f(db),
+            Some(db) => {
+                // A transaction whose rollback failed (an I/O error) must not be built upon.
+                if !db.is_autocommit() {
+                    db.execute_batch("ROLLBACK")?;
+                }
+                f(db)
+            }
             // As sqlx's pools answer once closed.
             None => Err(sqlx::Error::PoolClosed.into()),
         };
