@@ -10,7 +10,7 @@ use crate::store::StoreError;
 
 use rusqlite::{OptionalExtension, ToSql, params};
 
-use super::direct::{Tx, on_handle};
+use super::direct::{Tx, blob, on_handle};
 use super::{MultiRowTable, SqliteStore, chunk_len, multi_row_insert};
 
 impl SqliteStore {
@@ -140,7 +140,7 @@ pub(super) fn seal_head(tx: &mut Tx<'_>, key: &IntegrityKey) -> Result<(), Store
         Some(head) => Some(head),
         None => tx
             .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
-            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row([], |r| Ok((r.get(0)?, blob(r, 1)?)))
             .optional()?,
     };
     if let Some((seq, hash)) = head {
@@ -188,7 +188,7 @@ pub(super) fn append_audit(
         Some(head) => Some(head),
         None => tx
             .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
-            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row([], |r| Ok((r.get(0)?, blob(r, 1)?)))
             .optional()?,
     };
     // With every row archived, the chain goes on from the anchor.
@@ -196,7 +196,7 @@ pub(super) fn append_audit(
         Some(last) => Some(last),
         None => tx
             .prepare_cached("SELECT seq, hash FROM audit_anchor WHERE id = 1")?
-            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row([], |r| Ok((r.get(0)?, blob(r, 1)?)))
             .optional()?,
     };
     let (mut seq, mut prev) = last.unwrap_or((0, GENESIS_HASH.to_vec()));

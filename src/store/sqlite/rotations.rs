@@ -13,7 +13,7 @@ use crate::store::{
 
 use super::SqliteStore;
 use super::audit::{append_audit, append_audit_in};
-use super::direct::{Db, Tx, is_unique_violation};
+use super::direct::{Db, Tx, is_unique_violation, optional_blob};
 use super::secrets::{insert_version, mark_current, retire_current};
 
 impl SqliteStore {
@@ -280,7 +280,7 @@ fn rotation_from_row(row: &rusqlite::Row<'_>) -> Result<RotationRecord, StoreErr
         state,
         from_version: row.get(4)?,
         to_version: row.get(5)?,
-        proposed: row.get(6)?,
+        proposed: optional_blob(row, 6)?,
         reason,
         emergency: row.get(8)?,
         incident_id: row.get(9)?,

@@ -17,7 +17,7 @@ use crate::store::{
 use rusqlite::{OptionalExtension, params};
 
 use super::audit::{append_audit, append_audit_in};
-use super::direct::{Db, on_handle};
+use super::direct::{Db, blob, on_handle, optional_blob};
 use super::incidents::resolutions_in;
 use super::rotations::active_rotation_in;
 use super::{SqliteStore, check_generation, is_unique_violation};
@@ -36,7 +36,7 @@ impl SqliteStore {
                     id: row.get(0)?,
                     name: row.get(1)?,
                     provider: row.get(2)?,
-                    wrapped_data_key: row.get(3)?,
+                    wrapped_data_key: blob(row, 3)?,
                     tags: parse_tags(&row.get::<_, String>(4)?)?,
                     created_at: row.get(5)?,
                     updated_at: row.get(6)?,
@@ -77,9 +77,9 @@ impl SqliteStore {
         let sealed = |row: &rusqlite::Row<'_>| {
             Ok(SealedSecret {
                 secret_id: row.get(0)?,
-                wrapped_data_key: row.get(1)?,
+                wrapped_data_key: blob(row, 1)?,
                 version: version_from_row(row, 2)?,
-                current_mac: row.get(8)?,
+                current_mac: optional_blob(row, 8)?,
             })
         };
         self.direct.read(|db| {
@@ -521,9 +521,9 @@ fn version_from_row(row: &rusqlite::Row<'_>, first: usize) -> Result<VersionReco
     Ok(VersionRecord {
         version: row.get(first)?,
         stage: Stage::parse(&row.get::<_, String>(first + 1)?)?,
-        ciphertext: row.get(first + 2)?,
+        ciphertext: blob(row, first + 2)?,
         meta,
-        fingerprint: row.get(first + 4)?,
+        fingerprint: blob(row, first + 4)?,
         created_at: row.get(first + 5)?,
     })
 }
