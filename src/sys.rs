@@ -138,32 +138,6 @@ pub fn pidfd_pid(pidfd: &OwnedFd) -> Option<i32> {
     (pid > 0).then_some(pid)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_peer_pidfd_names_the_connecting_process_until_it_exits() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s");
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        let mut child = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import socket,sys,time; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); time.sleep(30)",
-            ])
-            .arg(&path)
-            .spawn()
-            .unwrap();
-        let (stream, _) = listener.accept().unwrap();
-        let pidfd = peer_pidfd(&stream).unwrap();
-        assert_eq!(pidfd_pid(&pidfd), Some(child.id() as i32));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        assert_eq!(pidfd_pid(&pidfd), None, "an exited peer has no pid");
-    }
-}
-
 /// An SQLite connection borrowed from sqlx for as long as its handle is locked (see
 /// `store::sqlite::direct`): statements run on it in the calling thread.
 #[derive(Debug)]
@@ -196,4 +170,30 @@ pub fn borrow_sqlite<'h>(
         conn,
         _locked: std::marker::PhantomData,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_pidfd_names_the_connecting_process_until_it_exits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import socket,sys,time; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); time.sleep(30)",
+            ])
+            .arg(&path)
+            .spawn()
+            .unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        let pidfd = peer_pidfd(&stream).unwrap();
+        assert_eq!(pidfd_pid(&pidfd), Some(child.id() as i32));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(pidfd_pid(&pidfd), None, "an exited peer has no pid");
+    }
 }

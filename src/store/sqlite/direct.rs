@@ -52,19 +52,14 @@ impl std::ops::Deref for Tx<'_> {
     }
 }
 
-/// Runs `f` on `conn`'s own handle, in this thread, while sqlx's thread for it waits. In a
-/// multi-threaded runtime this thread is handed over as blocking meanwhile (a commit waits
-/// for its fsync), so the runtime's other tasks go on elsewhere.
+/// Runs `f` on `conn`'s own handle, in this thread, while sqlx's thread for it waits: a few
+/// statements inside a transaction sqlx began (the commit, and its fsync, stay with sqlx).
 pub(super) async fn on_handle<T>(
     conn: &mut SqliteConnection,
     f: impl FnOnce(&Db) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     let mut locked = conn.lock_handle().await?;
-    let run = move || f(&*crate::sys::borrow_sqlite(&mut locked)?);
-    match tokio::runtime::Handle::current().runtime_flavor() {
-        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(run),
-        _ => run(),
-    }
+    f(&*crate::sys::borrow_sqlite(&mut locked)?)
 }
 
 /// Runs `job` in a write transaction of its own on `db` (`BEGIN IMMEDIATE`): committed when it
