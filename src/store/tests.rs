@@ -449,3 +449,27 @@ async fn batched_writes_commit_together_and_a_conflicting_one_fails_alone() {
         key.audit_seal(head.seq, &head.hash).as_slice()
     );
 }
+
+#[tokio::test]
+async fn unquarantine_lifts_a_quarantine_and_writes_nothing_when_there_is_none() {
+    let t = temp_store().await;
+    let id = secret_with_a_version(&t.store, "app/key").await;
+    let rows = || async { t.store.audit_tail(1000).await.unwrap().len() };
+    let lift = || AuditEvent::new("test", "secret.unquarantine");
+
+    // Nothing counted: no write, no audit row.
+    let before = rows().await;
+    t.store.unquarantine(&id, lift()).await.unwrap();
+    assert_eq!(rows().await, before);
+
+    t.store
+        .record_secret_failure(&id, "upstream refused", true, AuditEvent::new("test", "q"))
+        .await
+        .unwrap();
+    assert!(t.store.is_quarantined("app/key").await.unwrap());
+    t.store.unquarantine(&id, lift()).await.unwrap();
+    let summary = t.store.secret_summary("app/key").await.unwrap().unwrap();
+    assert_eq!((summary.quarantined_at, summary.failed_attempts), (None, 0));
+    let last = t.store.audit_tail(1).await.unwrap().pop().unwrap();
+    assert_eq!(last.action, "secret.unquarantine");
+}

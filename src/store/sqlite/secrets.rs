@@ -322,6 +322,21 @@ impl SqliteStore {
     /// Lifts a quarantine and resets the failure count (group-committed in the daemon: every
     /// request of an incident makes one).
     pub async fn unquarantine(&self, secret_id: &str, audit: AuditEvent) -> Result<(), StoreError> {
+        // Most requests find nothing to lift: a read, and no write at all. (A failure counted
+        // after this read is one the request did not see; it stays counted.)
+        let counted = self.direct.read(|db| {
+            Ok(db
+                .prepare_cached(
+                    "SELECT quarantined_at IS NOT NULL OR failed_attempts > 0 FROM secrets \
+                     WHERE id = ?",
+                )?
+                .query_row([secret_id], |row| row.get(0))
+                .optional()?
+                .unwrap_or(false))
+        })?;
+        if !counted {
+            return Ok(());
+        }
         let secret_id = secret_id.to_string();
         self.write(Box::new(move |tx| {
             let changed = tx
