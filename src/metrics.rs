@@ -241,13 +241,13 @@ async fn render_store(out: &mut String, store: &Store, now: Millis) -> Result<()
         "gauge",
         "Age of each rotation in progress.",
     );
-    for r in store.active_rotations().await? {
+    for (secret, state, created_at) in store.active_rotation_ages().await? {
         let _ = writeln!(
             out,
             "keywarden_pending_rotation_age_seconds{{secret=\"{}\",state=\"{}\"}} {}",
-            label(&r.secret_name),
-            r.state,
-            (now - r.created_at).max(0) / 1000
+            label(&secret),
+            state,
+            (now - created_at).max(0) / 1000
         );
     }
     Ok(())

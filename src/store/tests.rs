@@ -439,6 +439,9 @@ async fn batched_writes_commit_together_and_a_conflicting_one_fails_alone() {
         chain.check(row).unwrap();
     }
     assert_eq!(store.active_rotations().await.unwrap().len(), 1);
+    let ages = store.active_rotation_ages().await.unwrap();
+    assert_eq!(ages.len(), 1);
+    assert_eq!(ages[0].1, RotationState::Planned);
     // Each batch sealed its head: the last row carries a seal, under the vault's key.
     let head = rows.last().unwrap();
     let seals = store.audit_seals().await.unwrap();

@@ -13,8 +13,9 @@
 //!   own ([`Reader`]), in the calling thread: an indexed lookup in SQLite's page cache takes
 //!   microseconds, less than the hand-off.
 //!
-//! Listings and other reads, and other writes, stay on sqlx. The write connection and sqlx's
-//! writer take SQLite's write lock in turn, as two processes would (`busy_timeout`).
+//! Listings (but the active rotations read once at start-up), other reads and other writes stay
+//! on sqlx. The write connection and sqlx's writer take SQLite's write lock in turn, as two
+//! processes would (`busy_timeout`).
 
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
@@ -125,13 +126,7 @@ impl Writer {
         wal_size_limit: &'static str,
         no_autocheckpoint: bool,
     ) -> Result<Self, StoreError> {
-        let db = Db::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        db.busy_timeout(busy_timeout)?;
-        db.set_prepared_statement_cache_capacity(CACHED_STATEMENTS);
-        db.execute_batch(&format!(
+        let pragmas = format!(
             "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; \
              PRAGMA journal_size_limit = {wal_size_limit}; {}",
             if no_autocheckpoint {
@@ -139,8 +134,12 @@ impl Writer {
             } else {
                 ""
             }
-        ))?;
-        Ok(Writer(Mutex::new(Some(db))))
+        );
+        Ok(Writer(Mutex::new(Some(connect(
+            path,
+            busy_timeout,
+            &pragmas,
+        )?))))
     }
 
     /// Runs `f` on the connection. In a multi-threaded runtime this thread is handed over as
@@ -179,14 +178,12 @@ pub(super) struct Reader(Mutex<Option<Db>>);
 impl Reader {
     /// Opens the existing store at `path` for reads.
     pub(super) fn open(path: &Path, busy_timeout: Duration) -> Result<Self, StoreError> {
-        let db = Db::open_with_flags(
+        let pragmas = "PRAGMA query_only = ON; PRAGMA cache_size = -512";
+        Ok(Reader(Mutex::new(Some(connect(
             path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        db.busy_timeout(busy_timeout)?;
-        db.set_prepared_statement_cache_capacity(CACHED_STATEMENTS);
-        db.execute_batch("PRAGMA query_only = ON; PRAGMA cache_size = -512")?;
-        Ok(Reader(Mutex::new(Some(db))))
+            busy_timeout,
+            pragmas,
+        )?))))
     }
 
     /// Runs `f` on the connection (one caller at a time; each is a few indexed lookups).
@@ -205,6 +202,18 @@ impl Reader {
     pub(super) fn close(&self) -> Result<(), StoreError> {
         close(&self.0)
     }
+}
+
+/// A connection of this module's own to the existing store at `path`, set up with `pragmas`.
+fn connect(path: &Path, busy_timeout: Duration, pragmas: &str) -> Result<Db, StoreError> {
+    let db = Db::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    db.busy_timeout(busy_timeout)?;
+    db.set_prepared_statement_cache_capacity(CACHED_STATEMENTS);
+    db.execute_batch(pragmas)?;
+    Ok(db)
 }
 
 fn close(connection: &Mutex<Option<Db>>) -> Result<(), StoreError> {

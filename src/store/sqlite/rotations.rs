@@ -111,13 +111,30 @@ impl SqliteStore {
         })
     }
 
-    /// Every rotation not in a terminal state.
+    /// Every rotation not in a terminal state (read once, at start-up).
     pub async fn active_rotations(&self) -> Result<Vec<RotationRecord>, StoreError> {
         self.direct.read(|db| {
             db.prepare_cached(ROTATION_SELECT_ACTIVE)?
                 .query_and_then([], rotation_from_row)?
                 .collect()
         })
+    }
+
+    /// Each rotation not in a terminal state as (secret name, state, created at): a listing
+    /// for metrics, on sqlx's readers (the full records are point reads, in the calling thread).
+    pub async fn active_rotation_ages(
+        &self,
+    ) -> Result<Vec<(String, RotationState, Millis)>, StoreError> {
+        let rows: Vec<(String, String, Millis)> = sqlx::query_as(
+            "SELECT s.name, r.state, r.created_at FROM rotations r JOIN secrets s \
+             ON s.id = r.secret_id WHERE r.state NOT IN ('done', 'failed', 'rolled-back') \
+             ORDER BY r.created_at",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter()
+            .map(|(name, state, at)| Ok((name, RotationState::parse(&state)?, at)))
+            .collect()
     }
 
     /// The latest rotation of a secret, active or not.
