@@ -319,8 +319,8 @@ impl SqliteStore {
         Ok(count)
     }
 
-    /// Lifts a quarantine and resets the failure count (group-committed in the daemon: every
-    /// request of an incident makes one).
+    /// Lifts a quarantine and resets the failure count: a read when there is nothing to lift
+    /// (every request of an incident asks), else a write (group-committed in the daemon).
     pub async fn unquarantine(&self, secret_id: &str, audit: AuditEvent) -> Result<(), StoreError> {
         // Most requests find nothing to lift: a read, and no write at all. (A failure counted
         // after this read is one the request did not see; it stays counted.)
