@@ -1,8 +1,10 @@
 //! The SQLite backend: one file in WAL mode with full sync, `secure_delete` on, mode 0600.
 //!
-//! Writes go through a single-connection pool and `BEGIN IMMEDIATE`, so in-process writers queue
-//! fairly and a read-then-write transaction never fails on a stale snapshot; other processes
-//! wait on SQLite's busy timeout. Reads use a separate pool and run concurrently.
+//! Every write transaction begins with `BEGIN IMMEDIATE`, so a read-then-write transaction
+//! never fails on a stale snapshot. Group commits run on a write connection of their own in the
+//! calling thread (`direct.rs`); other writes go through a single-connection sqlx pool, so they
+//! queue fairly; the two, and other processes, wait for each other on SQLite's busy timeout.
+//! Reads use a separate pool and run concurrently; point reads have a connection of their own.
 
 mod audit;
 mod batch;
