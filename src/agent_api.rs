@@ -31,7 +31,7 @@ use crate::audit::AuditEvent;
 use crate::clock::Millis;
 use crate::http::{self, ApiError, Handler, Slots};
 use crate::incident::signals::{FetchSeen, Signals};
-use crate::leases::LeaseError;
+use crate::leases::{Granted, LeaseError};
 use crate::plugin_host::PluginHost;
 use crate::policy::{self, Policy};
 use crate::provider::Provider;
@@ -44,6 +44,8 @@ use crate::vault::{Bound, VaultError, short_fingerprint};
 
 /// Longest TTL anyone may ask for; beyond it a request is malformed, not just clamped.
 const MAX_TTL_SECS: u64 = 366 * 86_400;
+/// How many times a fetch serves the current version again when it changed under it.
+const SERVE_ATTEMPTS: usize = 3;
 
 /// A fetch's answer (the shape of docs/socket-api.md §2).
 #[derive(serde::Serialize)]
@@ -268,7 +270,7 @@ async fn issue_and_grant(
     .await;
     drop(keys);
     match granted {
-        Ok(granted) => Ok(granted),
+        Ok((body, secret_id, _)) => Ok((body, secret_id)),
         Err(e) => {
             revoke(Some(target)).await;
             Err(e)
@@ -359,7 +361,7 @@ async fn grant(
     lease_id: &str,
     served: Served,
     now: Millis,
-) -> Result<(Zeroizing<Vec<u8>>, String), ApiError> {
+) -> Result<(Zeroizing<Vec<u8>>, String, Granted), ApiError> {
     let exe = who.exe.as_ref().map(|e| e.display().to_string());
     let lease = LeaseRow {
         id: lease_id.to_string(),
@@ -399,7 +401,12 @@ async fn grant(
         expires_at: crate::clock::rfc3339(granted.expires_at),
     };
     let body = Zeroizing::new(serde_json::to_vec(&reply).expect("replies serialize"));
-    Ok((body, served.secret_id))
+    Ok((body, served.secret_id, granted))
+}
+
+/// A new lease id: time-ordered, so lease inserts land at the end of the index.
+fn new_lease_id() -> String {
+    uuid::Uuid::now_v7().to_string()
 }
 
 /// An answer with a status and no body.
@@ -578,14 +585,12 @@ impl AgentApi {
         let ttl =
             Duration::from_secs(q.ttl.unwrap_or(self.default_ttl.as_secs())).min(policy.max_ttl);
         let now = self.services.clock.now();
-        // Time-ordered ids keep lease inserts at the end of the index.
-        let lease_id = uuid::Uuid::now_v7().to_string();
         let (body, secret_id) = if issuer(&self.services.catalog, name).is_some() {
             // Minting runs in a task of its own: a client that hangs up mid-request cannot stop
             // it half way. Its lease is committed (and revoked at its end), or the credential
             // is revoked at once, whatever the client does.
             let (services, who, policy) = (self.services.clone(), who.clone(), policy.name.clone());
-            let (name, lease_id) = (name.to_string(), lease_id.clone());
+            let (name, lease_id) = (name.to_string(), new_lease_id());
             tokio::spawn(async move {
                 issue_and_grant(&services, &who, &policy, &name, &lease_id, ttl, now).await
             })
@@ -594,17 +599,8 @@ impl AgentApi {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
             })??
         } else {
-            let served = stored(&self.services, name, ttl, now).await?;
-            grant(
-                &self.services,
-                &who,
-                &policy.name,
-                name,
-                &lease_id,
-                served,
-                now,
-            )
-            .await?
+            self.grant_current(&who, &policy.name, name, ttl, now)
+                .await?
         };
         self.services
             .metrics
@@ -622,6 +618,45 @@ impl AgentApi {
             hyper::header::HeaderValue::from_static("application/json"),
         );
         Ok(response)
+    }
+
+    /// Serves the current version under a lease. A rotation that made a newer version current
+    /// before the lease was registered may have found no lease on the version served and gone
+    /// on to retire it (an alternating database user reused, say): so the answer goes out only
+    /// if the version is still current once its lease is in place (from then on the rotation's
+    /// drain waits for it); otherwise the lease is ended and the fetch served again.
+    async fn grant_current(
+        &self,
+        who: &PeerIdentity,
+        policy: &str,
+        name: &str,
+        ttl: Duration,
+        now: Millis,
+    ) -> Result<(Zeroizing<Vec<u8>>, String), ApiError> {
+        for _ in 0..SERVE_ATTEMPTS {
+            let served = stored(&self.services, name, ttl, now).await?;
+            let version = served.version;
+            let lease_id = new_lease_id();
+            let (body, secret_id, granted) =
+                grant(&self.services, who, policy, name, &lease_id, served, now).await?;
+            let current = self.services.vault.store().sealed(name, None).await?;
+            // An extended lease was in place before: a drain saw it.
+            if granted.extended || current.map(|c| c.version.version) == version {
+                return Ok((body, secret_id));
+            }
+            let audit = AuditEvent::new(who.actor(), "lease.superseded")
+                .secret(name)
+                .detail(json!({ "lease_id": granted.id, "version": version }));
+            self.services
+                .leases
+                .delete(&granted.id, who.peer.uid, audit)
+                .await?;
+        }
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "rotating",
+            "the secret changed version while it was served; try again",
+        ))
     }
 
     /// Tells the anomaly detector of an allowed fetch; what is news to it is acted on in the
