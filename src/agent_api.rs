@@ -636,6 +636,15 @@ impl AgentApi {
         for _ in 0..SERVE_ATTEMPTS {
             let served = stored(&self.services, name, ttl, now).await?;
             let version = served.version;
+            tracing::debug!(secret = name, version, "serving; registering its lease");
+            // A test holds the fetch here (`FAILPOINTS=fetch.served=sleep(…)`) while the rest
+            // of the daemon runs on.
+            #[cfg(feature = "failpoints")]
+            {
+                tokio::task::block_in_place(|| {
+                    crash_point!("fetch.served");
+                });
+            }
             let lease_id = new_lease_id();
             let (body, secret_id, granted) =
                 grant(&self.services, who, policy, name, &lease_id, served, now).await?;

@@ -306,6 +306,40 @@ fn leases_expire_renew_and_delete() {
 }
 
 #[test]
+fn a_fetch_overtaken_by_a_whole_rotation_is_served_the_new_version() {
+    // The fetch is held between reading the current version and registering its lease (the
+    // failpoint sleeps) while a whole rotation runs: its drain finds no lease on version 1 and
+    // the rotation ends. Answering with version 1 then would hand out a retired value.
+    let env = env_with_plugin(&format!(
+        "{APP}\n{}",
+        policy_exe("curl", Path::new("/usr/bin/curl"), "app/*")
+    ));
+    let daemon = env.start_daemon_with(&[("FAILPOINTS", "fetch.served=1*sleep(8000)")]);
+    wait_for("the first version", Duration::from_secs(20), || {
+        (env.entry("app/token")["version"] == 1).then_some(())
+    });
+    let sock = env.agent_socket();
+    let fetch = std::thread::spawn(move || curl(&sock, "GET", "/v1/secrets/app/token", &[]));
+    wait_for("the fetch to be held", Duration::from_secs(20), || {
+        daemon
+            .log_text()
+            .contains("serving; registering its lease")
+            .then_some(())
+    });
+    env.ok(&["rotate", "app/token"], None);
+    wait_for("the rotation to end", Duration::from_secs(20), || {
+        let e = env.entry("app/token");
+        (e["version"] == 2 && e["rotation_state"] == "done").then_some(())
+    });
+    let (status, body) = fetch.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["version"], 2, "{body}");
+    assert_eq!(daemon.terminate(), Some(0));
+    let rows = env.ok(&["audit", "tail", "-n", "100", "--json"], None);
+    assert!(rows.contains("lease.superseded"), "{rows}");
+}
+
+#[test]
 fn draining_waits_for_the_last_lease_on_the_old_version() {
     let (env, daemon) = started(&policy_exe("curl", Path::new("/usr/bin/curl"), "app/*"));
     let sock = env.agent_socket();
