@@ -223,7 +223,7 @@ pub enum StoreError {
     /// The database failed.
     #[error("store database error: {0}")]
     Database(#[from] sqlx::Error),
-    /// The database failed, in a statement run on the writer's own handle.
+    /// The database failed, in a statement run in the calling thread (`sqlite/direct.rs`).
     #[error("store database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// The shared transaction a write was batched in could not be committed: nothing of it was

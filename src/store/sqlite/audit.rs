@@ -135,18 +135,26 @@ impl SqliteStore {
 
 /// Seals the chain's head inside an open write transaction (the transactions that run
 /// [`super::batch::Job`]s do this once, after all their jobs, instead of once per append).
-pub(super) fn seal_head(tx: &mut Tx<'_>, key: &IntegrityKey) -> Result<(), StoreError> {
-    let head = match tx.head.clone() {
-        Some(head) => Some(head),
-        None => tx
-            .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
-            .query_row([], |r| Ok((r.get(0)?, blob(r, 1)?)))
-            .optional()?,
-    };
-    if let Some((seq, hash)) = head {
+pub(super) fn seal_head(tx: &Tx<'_>, key: &IntegrityKey) -> Result<(), StoreError> {
+    if let Some((seq, hash)) = last_row(tx, LAST_AUDIT_ROW)? {
         seal(tx, key, seq, &hash, now_millis())?;
     }
     Ok(())
+}
+
+const LAST_AUDIT_ROW: &str = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
+const ANCHOR: &str = "SELECT seq, hash FROM audit_anchor WHERE id = 1";
+
+/// The chain's last row as (seq, hash): the one this transaction appended last, else the one
+/// `select` (`LAST_AUDIT_ROW` or `ANCHOR`) finds.
+fn last_row(tx: &Tx<'_>, select: &'static str) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+    if tx.head.is_some() {
+        return Ok(tx.head.clone());
+    }
+    Ok(tx
+        .prepare_cached(select)?
+        .query_row([], |r| Ok((r.get(0)?, blob(r, 1)?)))
+        .optional()?)
 }
 
 /// Records the MAC of the chain up to row `seq`, whose hash is `hash`.
@@ -184,20 +192,10 @@ pub(super) fn append_audit(
     if events.is_empty() {
         return Ok(());
     }
-    let last: Option<(i64, Vec<u8>)> = match tx.head.clone() {
-        Some(head) => Some(head),
-        None => tx
-            .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
-            .query_row([], |r| Ok((r.get(0)?, blob(r, 1)?)))
-            .optional()?,
-    };
-    // With every row archived, the chain goes on from the anchor.
-    let last = match last {
+    let last = match last_row(tx, LAST_AUDIT_ROW)? {
         Some(last) => Some(last),
-        None => tx
-            .prepare_cached("SELECT seq, hash FROM audit_anchor WHERE id = 1")?
-            .query_row([], |r| Ok((r.get(0)?, blob(r, 1)?)))
-            .optional()?,
+        // With every row archived, the chain goes on from the anchor.
+        None => last_row(tx, ANCHOR)?,
     };
     let (mut seq, mut prev) = last.unwrap_or((0, GENESIS_HASH.to_vec()));
     let at: Millis = now_millis();

@@ -88,7 +88,7 @@ fn all_or_nothing(db: &Db, sealer: &Sealer, batch: &[Pending]) -> Result<bool, S
             }
         }
         if let Some(key) = sealer.get() {
-            seal_head(&mut tx, key)?;
+            seal_head(&tx, key)?;
         }
     }
     txn.commit()?;
@@ -119,7 +119,7 @@ fn with_savepoints(
             answers.push(result);
         }
         if let Some(key) = sealer.get() {
-            seal_head(&mut tx, key)?;
+            seal_head(&tx, key)?;
         }
     }
     txn.commit()?;

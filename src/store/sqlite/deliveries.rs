@@ -13,7 +13,7 @@ use super::direct::Tx;
 impl SqliteStore {
     /// What each consumer of a secret has acknowledged.
     pub async fn deliveries(&self, secret_id: &str) -> Result<Vec<DeliveryRecord>, StoreError> {
-        self.direct.read(|db| {
+        self.direct_reader.read(|db| {
             let mut select = db.prepare_cached(
                 "SELECT consumer, version, acked_at, attempts, last_error FROM deliveries \
                  WHERE secret_id = ? ORDER BY consumer",

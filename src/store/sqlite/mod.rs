@@ -45,7 +45,7 @@ pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
     /// Point reads, in the calling thread (see `direct.rs`).
-    direct: direct::Reader,
+    direct_reader: direct::Reader,
     /// Group commits, in the calling thread (see `direct.rs`).
     direct_writer: std::sync::Arc<direct::Writer>,
     /// Present when this process is the store's only writer (the daemon).
@@ -262,7 +262,7 @@ impl SqliteStore {
             .connect_with(options.pragma("cache_size", READER_CACHE_KIB))
             .await
             .map_err(|e| unreadable(path, e))?;
-        let direct = direct::Reader::open(path, BUSY_TIMEOUT)?;
+        let direct_reader = direct::Reader::open(path, BUSY_TIMEOUT)?;
         let direct_writer = std::sync::Arc::new(direct::Writer::open(
             path,
             BUSY_TIMEOUT,
@@ -273,7 +273,7 @@ impl SqliteStore {
             path: path.to_path_buf(),
             writer,
             reader,
-            direct,
+            direct_reader,
             direct_writer,
             cache: None,
             _checkpointer: None,
@@ -338,7 +338,7 @@ impl SqliteStore {
         self.writer.close().await;
         self.reader.close().await;
         self.direct_writer.close()?;
-        self.direct.close()
+        self.direct_reader.close()
     }
 
     /// Writes a consistent copy of the store to `dest`, which must not exist: created here

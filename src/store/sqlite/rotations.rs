@@ -103,7 +103,7 @@ impl SqliteStore {
 
     /// A rotation by id.
     pub async fn rotation(&self, id: &str) -> Result<Option<RotationRecord>, StoreError> {
-        self.direct.read(|db| {
+        self.direct_reader.read(|db| {
             db.prepare_cached(ROTATION_SELECT_BY_ID)?
                 .query_and_then([id], rotation_from_row)?
                 .next()
@@ -113,7 +113,7 @@ impl SqliteStore {
 
     /// Every rotation not in a terminal state (read once, at start-up).
     pub async fn active_rotations(&self) -> Result<Vec<RotationRecord>, StoreError> {
-        self.direct.read(|db| {
+        self.direct_reader.read(|db| {
             db.prepare_cached(ROTATION_SELECT_ACTIVE)?
                 .query_and_then([], rotation_from_row)?
                 .collect()
@@ -142,7 +142,7 @@ impl SqliteStore {
         &self,
         secret_id: &str,
     ) -> Result<Option<RotationRecord>, StoreError> {
-        self.direct.read(|db| {
+        self.direct_reader.read(|db| {
             db.prepare_cached(ROTATION_SELECT_LATEST)?
                 .query_and_then([secret_id], rotation_from_row)?
                 .next()

@@ -25,7 +25,7 @@ use super::{SqliteStore, check_generation, is_unique_violation};
 impl SqliteStore {
     /// A secret by name.
     pub async fn secret(&self, name: &str) -> Result<Option<SecretRecord>, StoreError> {
-        self.direct.read(|db| {
+        self.direct_reader.read(|db| {
             db.prepare_cached(
                 "SELECT id, name, provider, wrapped_data_key, tags, created_at, updated_at, \
                  (SELECT max(version) FROM versions WHERE secret_id = secrets.id) \
@@ -50,7 +50,7 @@ impl SqliteStore {
 
     /// Whether the secret is quarantined (a cheap read for the engine's waits).
     pub async fn is_quarantined(&self, name: &str) -> Result<bool, StoreError> {
-        self.direct.read(|db| {
+        self.direct_reader.read(|db| {
             Ok(db
                 .prepare_cached("SELECT quarantined_at IS NOT NULL FROM secrets WHERE name = ?")?
                 .query_row([name], |row| row.get(0))
@@ -82,7 +82,7 @@ impl SqliteStore {
                 current_mac: optional_blob(row, 8)?,
             })
         };
-        self.direct.read(|db| {
+        self.direct_reader.read(|db| {
             match version {
                 None => db
                     .prepare_cached(select_joined_on!(
@@ -324,7 +324,7 @@ impl SqliteStore {
     pub async fn unquarantine(&self, secret_id: &str, audit: AuditEvent) -> Result<(), StoreError> {
         // Most requests find nothing to lift: a read, and no write at all. (A failure counted
         // after this read is one the request did not see; it stays counted.)
-        let counted = self.direct.read(|db| {
+        let counted = self.direct_reader.read(|db| {
             Ok(db
                 .prepare_cached(
                     "SELECT quarantined_at IS NOT NULL OR failed_attempts > 0 FROM secrets \
