@@ -31,7 +31,7 @@ use crate::audit::AuditEvent;
 use crate::clock::Millis;
 use crate::http::{self, ApiError, Handler, Slots};
 use crate::incident::signals::{FetchSeen, Signals};
-use crate::leases::{Granted, LeaseError};
+use crate::leases::{Granted, LeaseError, PeerKey};
 use crate::plugin_host::PluginHost;
 use crate::policy::{self, Policy};
 use crate::provider::Provider;
@@ -265,7 +265,7 @@ async fn issue_and_grant(
             &served.meta,
         )?;
         served.sealed = Some(sealed);
-        grant(services, who, policy, name, lease_id, served, now).await
+        grant(services, who, policy, name, Some(lease_id), served, now).await
     }
     .await;
     drop(keys);
@@ -351,46 +351,68 @@ async fn stored(
     })
 }
 
-/// Records the lease and its `fetch.allowed` audit row; returns the reply body and the
-/// secret's id.
+/// Records the lease and its `fetch.allowed` audit row (a repeated fetch by the same peer of
+/// the same stored version extends the lease it holds instead); returns the reply body and
+/// the secret's id. `lease_id` is the id of an issued credential's lease; a stored version's
+/// new lease gets a new one.
 async fn grant(
     services: &Services,
     who: &PeerIdentity,
     policy: &str,
     name: &str,
-    lease_id: &str,
+    lease_id: Option<&str>,
     served: Served,
     now: Millis,
 ) -> Result<(Zeroizing<Vec<u8>>, String, Granted), ApiError> {
     let exe = who.exe.as_ref().map(|e| e.display().to_string());
-    let lease = LeaseRow {
-        id: lease_id.to_string(),
-        secret_id: served.secret_id.clone(),
-        secret_name: name.to_string(),
-        version: served.version,
-        issued_meta: served.sealed.as_ref().map(|_| served.meta.clone()),
-        upstream_state: served.sealed.as_ref().map(|_| UpstreamState::Live),
-        issued: served.sealed,
-        uid: who.peer.uid,
-        gid: who.peer.gid,
-        pid: who.peer.pid.unwrap_or(0),
-        exe,
-        created_at: now,
-        expires_at: served.expires_at,
-        ended_at: None,
+    let repeated = match served.version.filter(|_| served.sealed.is_none()) {
+        Some(version) => {
+            let peer = PeerKey {
+                uid: who.peer.uid,
+                gid: who.peer.gid,
+                exe: exe.clone(),
+                secret_id: served.secret_id.clone(),
+                version,
+            };
+            services.leases.repeat(&peer, served.expires_at).await?
+        }
+        None => None,
     };
-    let audit = AuditEvent::new(who.actor(), "fetch.allowed")
-        .secret(name)
-        .detail(AllowedDetail {
-            policy,
-            version: served.version,
-            lease_id,
-            ttl_seconds: (served.expires_at - now) / 1000,
-            fingerprint: &served.fingerprint,
-            issued: served.version.is_none(),
-        });
-    // A repeated fetch by the same peer of the same version gets the lease it holds, extended.
-    let granted = services.leases.grant(lease, audit).await?;
+    let granted = match repeated {
+        Some(granted) => granted,
+        None => {
+            let lease_id = lease_id.map_or_else(new_lease_id, str::to_string);
+            let audit = || {
+                AuditEvent::new(who.actor(), "fetch.allowed")
+                    .secret(name)
+                    .detail(AllowedDetail {
+                        policy,
+                        version: served.version,
+                        lease_id: &lease_id,
+                        ttl_seconds: (served.expires_at - now) / 1000,
+                        fingerprint: &served.fingerprint,
+                        issued: served.version.is_none(),
+                    })
+            };
+            let lease = LeaseRow {
+                id: lease_id.clone(),
+                secret_id: served.secret_id.clone(),
+                secret_name: name.to_string(),
+                version: served.version,
+                issued_meta: served.sealed.as_ref().map(|_| served.meta.clone()),
+                upstream_state: served.sealed.as_ref().map(|_| UpstreamState::Live),
+                issued: served.sealed,
+                uid: who.peer.uid,
+                gid: who.peer.gid,
+                pid: who.peer.pid.unwrap_or(0),
+                exe,
+                created_at: now,
+                expires_at: served.expires_at,
+                ended_at: None,
+            };
+            services.leases.grant(lease, audit).await?
+        }
+    };
     crash_point!("lease.granted");
     let reply = FetchReply {
         name,
@@ -640,14 +662,13 @@ impl AgentApi {
             // A test holds the fetch here (`FAILPOINTS=fetch.served=sleep(…)`) while the rest
             // of the daemon runs on.
             #[cfg(feature = "failpoints")]
-            {
+            if crate::failpoints_set() {
                 tokio::task::block_in_place(|| {
                     crash_point!("fetch.served");
                 });
             }
-            let lease_id = new_lease_id();
             let (body, secret_id, granted) =
-                grant(&self.services, who, policy, name, &lease_id, served, now).await?;
+                grant(&self.services, who, policy, name, None, served, now).await?;
             let current = self.services.vault.store().sealed(name, None).await?;
             // An extended lease was in place before: a drain saw it.
             if granted.extended || current.map(|c| c.version.version) == version {

@@ -33,6 +33,10 @@ const PURGE_EVERY: Millis = 600 * 1000;
 /// How often repeated fetches counted on leases are folded into the audit chain: the interval
 /// one `fetch.repeated` row covers.
 pub const FOLD_EVERY: Millis = 10 * 1000;
+/// When a repeated fetch moves a lease's expiry past what the store holds, the store is told
+/// an expiry this fraction of the fetch's TTL further on, so the repeated fetches after it need
+/// no write: their expiry is already durable (a quarter: one write per 75 s of a 5-minute TTL).
+const RECORD_AHEAD_DIVISOR: Millis = 4;
 
 /// Persistence and upstream effects of leases. Object-safe (boxed futures), so the daemon's
 /// backend lives with the daemon's wiring and tests use an in-memory one.
@@ -83,12 +87,17 @@ type ByExpiry = BTreeSet<(Millis, String)>;
 /// What makes two fetches the same for a lease: the same peer (uid, gid, executable) fetching
 /// the same stored version. Such fetches share one lease.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct PeerKey {
-    uid: u32,
-    gid: u32,
-    exe: Option<String>,
-    secret_id: String,
-    version: i64,
+pub struct PeerKey {
+    /// The peer's uid.
+    pub uid: u32,
+    /// The peer's gid.
+    pub gid: u32,
+    /// The peer's executable.
+    pub exe: Option<String>,
+    /// The secret's id.
+    pub secret_id: String,
+    /// The stored version fetched.
+    pub version: i64,
 }
 
 impl PeerKey {
@@ -132,7 +141,17 @@ struct State {
     per_uid: HashMap<u32, usize>,
     /// The live lease of each peer on each stored version: what a repeated fetch extends.
     by_peer: HashMap<PeerKey, String>,
+    /// What the store holds of each live lease that memory has moved past.
+    recorded: HashMap<String, Recorded>,
     revoke_pending: HashMap<String, LeaseRow>,
+}
+
+/// A live lease as the store records it: an expiry at least the one its holder was given, and
+/// the repeated fetches counted in memory since its last write.
+#[derive(Debug, Clone, Copy)]
+struct Recorded {
+    expires_at: Millis,
+    fetches: u32,
 }
 
 impl State {
@@ -147,9 +166,57 @@ impl State {
         if let Some(peer) = PeerKey::of(&lease) {
             self.by_peer.insert(peer, lease.id.clone());
         }
+        self.recorded.entry(lease.id.clone()).or_insert(Recorded {
+            expires_at: lease.expires_at,
+            fetches: 0,
+        });
         self.live.insert(lease.id.clone(), lease);
     }
 
+    /// Takes the repeated fetches counted in memory and not yet written, as extension ops that
+    /// leave the recorded expiry as it is.
+    fn take_counts(&mut self, only: Option<&[LeaseRow]>) -> Vec<LeaseOp> {
+        let mut ops = Vec::new();
+        let mut take = |id: &String, r: &mut Recorded| {
+            if r.fetches > 0 {
+                ops.push(LeaseOp::Extend {
+                    id: id.clone(),
+                    expires_at: r.expires_at,
+                    fetches: std::mem::take(&mut r.fetches),
+                });
+            }
+        };
+        match only {
+            Some(leases) => {
+                for l in leases {
+                    if let Some(r) = self.recorded.get_mut(&l.id) {
+                        take(&l.id, r);
+                    }
+                }
+            }
+            None => self.recorded.iter_mut().for_each(|(id, r)| take(id, r)),
+        }
+        ops
+    }
+
+    /// Puts back counts taken by [`State::take_counts`] whose write failed.
+    fn restore_counts(&mut self, ops: &[LeaseOp]) {
+        for op in ops {
+            if let LeaseOp::Extend { id, fetches, .. } = op {
+                if let Some(r) = self.recorded.get_mut(id) {
+                    r.fetches += fetches;
+                }
+            }
+        }
+    }
+
+    /// Forgets a lease that ended (after its counts were written).
+    fn end(&mut self, id: &str) -> Option<Arc<LeaseRow>> {
+        self.recorded.remove(id);
+        self.remove(id)
+    }
+
+    /// Takes a lease out of the indexes (to end it, or to put it back with a new expiry).
     fn remove(&mut self, id: &str) -> Option<Arc<LeaseRow>> {
         let lease = self.live.remove(id)?;
         let key = (lease.expires_at, lease.id.clone());
@@ -317,10 +384,16 @@ impl Leases {
     /// on the same stored version extends that lease and is counted on it (folded into the
     /// audit chain within [`FOLD_EVERY`]); any other fetch records `lease` with its audit row
     /// and starts its clock. A uid already holding the most live leases allowed gets no new
-    /// one.
-    pub async fn grant(&self, lease: LeaseRow, audit: AuditEvent) -> Result<Granted, LeaseError> {
-        if let Some(granted) = self.extend(&lease).await? {
-            return Ok(granted);
+    /// one. `audit` makes the new lease's row (a repeated fetch needs none).
+    pub async fn grant(
+        &self,
+        lease: LeaseRow,
+        audit: impl FnOnce() -> AuditEvent,
+    ) -> Result<Granted, LeaseError> {
+        if let Some(peer) = PeerKey::of(&lease) {
+            if let Some(granted) = self.repeat(&peer, lease.expires_at).await? {
+                return Ok(granted);
+            }
         }
         let held = self.holding(lease.uid);
         if held >= self.max_per_uid {
@@ -331,7 +404,7 @@ impl Leases {
         }
         let lease = Arc::new(lease);
         self.backend
-            .commit(vec![LeaseOp::Insert(lease.clone())], vec![audit])
+            .commit(vec![LeaseOp::Insert(lease.clone())], vec![audit()])
             .await?;
         let mut state = self.state.lock().expect("lease state");
         let earliest = state.expiry.first().map(|(t, _)| *t);
@@ -347,18 +420,21 @@ impl Leases {
         Ok(granted)
     }
 
-    /// Extends the peer's live lease on the same version, if it holds one that is not about
-    /// to be swept, and counts the fetch on it durably.
-    async fn extend(&self, lease: &LeaseRow) -> Result<Option<Granted>, LeaseError> {
-        let Some(peer) = PeerKey::of(lease) else {
-            return Ok(None);
-        };
+    /// A repeated fetch: extends the peer's live lease on the same version to at least
+    /// `expires_at`, if it holds one that is not about to be swept, and counts the fetch on it. The store is written only when the new expiry
+    /// passes the one it holds, and then a part of the TTL ahead; otherwise the fetch is
+    /// counted in memory and written with the lease's next write, its end, or the next fold.
+    pub async fn repeat(
+        &self,
+        peer: &PeerKey,
+        expires_at: Millis,
+    ) -> Result<Option<Granted>, LeaseError> {
         let now = self.clock.now();
-        let granted = {
+        let (granted, write) = {
             let mut state = self.state.lock().expect("lease state");
             let Some(live) = state
                 .by_peer
-                .get(&peer)
+                .get(peer)
                 .and_then(|id| state.live.get(id))
                 .cloned()
             else {
@@ -368,27 +444,63 @@ impl Leases {
             if live.expires_at <= now {
                 return Ok(None);
             }
-            if lease.expires_at > live.expires_at {
+            if expires_at > live.expires_at {
                 state.remove(&live.id);
                 let mut longer = LeaseRow::clone(&live);
-                longer.expires_at = lease.expires_at;
+                longer.expires_at = expires_at;
                 state.insert(Arc::new(longer));
             }
-            Granted {
+            let granted = Granted {
                 id: live.id.clone(),
-                expires_at: live.expires_at.max(lease.expires_at),
+                expires_at: live.expires_at.max(expires_at),
                 extended: true,
-            }
+            };
+            let recorded = state
+                .recorded
+                .get_mut(&live.id)
+                .expect("a live lease is recorded");
+            let write = if recorded.expires_at >= granted.expires_at {
+                recorded.fetches += 1;
+                None
+            } else {
+                let ahead = (granted.expires_at - now) / RECORD_AHEAD_DIVISOR;
+                Some(LeaseOp::Extend {
+                    id: live.id.clone(),
+                    expires_at: granted.expires_at + ahead,
+                    fetches: std::mem::take(&mut recorded.fetches) + 1,
+                })
+            };
+            (granted, write)
         };
-        let op = LeaseOp::Extend {
-            id: granted.id.clone(),
-            expires_at: lease.expires_at,
-            fetches: 1,
-        };
-        self.backend.commit(vec![op], Vec::new()).await?;
         self.unfolded
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        Ok(Some(granted))
+        let Some(op) = write else {
+            return Ok(Some(granted));
+        };
+        let written = self.backend.commit(vec![op.clone()], Vec::new()).await;
+        let mut state = self.state.lock().expect("lease state");
+        let (
+            LeaseOp::Extend {
+                expires_at,
+                fetches,
+                ..
+            },
+            Some(recorded),
+        ) = (op, state.recorded.get_mut(&granted.id))
+        else {
+            return written.map(|()| Some(granted)).map_err(Into::into);
+        };
+        match written {
+            Ok(()) => {
+                recorded.expires_at = recorded.expires_at.max(expires_at);
+                Ok(Some(granted))
+            }
+            Err(e) => {
+                // This fetch fails; the others counted with it are kept for the next write.
+                recorded.fetches += fetches - 1;
+                Err(e.into())
+            }
+        }
     }
 
     /// How many live leases `uid` holds.
@@ -422,6 +534,9 @@ impl Leases {
         let mut renewed = LeaseRow::clone(&live);
         renewed.expires_at = expires_at;
         state.insert(Arc::new(renewed.clone()));
+        if let Some(recorded) = state.recorded.get_mut(id) {
+            recorded.expires_at = expires_at;
+        }
         drop(state);
         drop(lease);
         self.sweeper.notify_one();
@@ -473,20 +588,33 @@ impl Leases {
             return Ok(());
         }
         let at = self.clock.now();
-        let ops = leases
+        // Fetches counted on the leases and not yet written go with their end.
+        let counts = self
+            .state
+            .lock()
+            .expect("lease state")
+            .take_counts(Some(&leases));
+        let ops = counts
             .iter()
-            .map(|l| LeaseOp::End {
+            .cloned()
+            .chain(leases.iter().map(|l| LeaseOp::End {
                 id: l.id.clone(),
                 at,
                 reason,
                 upstream_state: l.issued.as_ref().map(|_| UpstreamState::RevokePending),
-            })
+            }))
             .collect();
-        self.backend.commit(ops, audit).await?;
+        if let Err(e) = self.backend.commit(ops, audit).await {
+            self.state
+                .lock()
+                .expect("lease state")
+                .restore_counts(&counts);
+            return Err(e.into());
+        }
         {
             let mut state = self.state.lock().expect("lease state");
             for l in &leases {
-                state.remove(&l.id);
+                state.end(&l.id);
                 if l.issued.is_some() {
                     let mut ended = l.clone();
                     ended.ended_at = Some(at);
@@ -549,11 +677,10 @@ impl Leases {
         {
             return;
         }
-        if let Err(e) = self
-            .backend
-            .commit(vec![LeaseOp::FoldFetches], Vec::new())
-            .await
-        {
+        let mut ops = self.state.lock().expect("lease state").take_counts(None);
+        ops.push(LeaseOp::FoldFetches);
+        if let Err(e) = self.backend.commit(ops.clone(), Vec::new()).await {
+            self.state.lock().expect("lease state").restore_counts(&ops);
             self.unfolded
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(error = %e, "could not fold repeated fetches into the audit log; retrying");
@@ -731,12 +858,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn leases_expire_on_time() {
         let (memory, leases, _stop) = setup();
+        leases.grant(lease("a", 1000, 60, false), ev).await.unwrap();
         leases
-            .grant(lease("a", 1000, 60, false), ev())
-            .await
-            .unwrap();
-        leases
-            .grant(lease("b", 1000, 300, false), ev())
+            .grant(lease("b", 1000, 300, false), ev)
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_secs(59)).await;
@@ -762,10 +886,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn renew_extends_and_delete_ends_only_for_the_owner() {
         let (_memory, leases, _stop) = setup();
-        leases
-            .grant(lease("a", 1000, 60, false), ev())
-            .await
-            .unwrap();
+        leases.grant(lease("a", 1000, 60, false), ev).await.unwrap();
         tokio::time::sleep(Duration::from_secs(50)).await;
         assert!(matches!(
             leases.renew("a", 1001, T0 + 200_000, ev()).await,
@@ -797,11 +918,11 @@ mod tests {
     async fn issued_credentials_are_revoked_upstream_at_expiry_and_on_delete_with_retries() {
         let (memory, leases, _stop) = setup();
         leases
-            .grant(lease("sts-1", 1000, 900, true), ev())
+            .grant(lease("sts-1", 1000, 900, true), ev)
             .await
             .unwrap();
         leases
-            .grant(lease("sts-2", 1000, 900, true), ev())
+            .grant(lease("sts-2", 1000, 900, true), ev)
             .await
             .unwrap();
         leases.delete("sts-2", 1000, ev()).await.unwrap();
@@ -828,10 +949,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn repeated_fetches_by_one_peer_of_one_version_extend_one_lease_and_are_folded() {
         let (memory, leases, _stop) = setup_with_cap(1);
-        let first = leases
-            .grant(lease("a", 1000, 60, false), ev())
-            .await
-            .unwrap();
+        let first = leases.grant(lease("a", 1000, 60, false), ev).await.unwrap();
         assert_eq!(
             first,
             Granted {
@@ -857,7 +975,7 @@ mod tests {
             again.exe = Some("/usr/bin/a".into());
             again.created_at = T0 + 30_000;
             again.expires_at = T0 + 90_000;
-            let granted = leases.grant(again, ev()).await.unwrap();
+            let granted = leases.grant(again, ev).await.unwrap();
             assert_eq!(
                 granted,
                 Granted {
@@ -869,44 +987,66 @@ mod tests {
         }
         assert_eq!(leases.live_count(), 1);
         assert_eq!(leases.live_on("sid", 1), (1, Some(T0 + 90_000)));
-        let counted: u32 = memory
-            .ops
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|o| match o {
-                LeaseOp::Extend { id, fetches, .. } if id == "a" => *fetches,
-                _ => 0,
-            })
-            .sum();
-        assert_eq!(counted, 1000, "every repeated fetch is counted durably");
+        let extensions = || {
+            memory
+                .ops
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|o| match o {
+                    LeaseOp::Extend {
+                        id,
+                        expires_at,
+                        fetches,
+                    } if id == "a" => Some((*expires_at, *fetches)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        // One write for the loop: the first repeated fetch records an expiry a quarter of the
+        // TTL past the one it was given; the others are covered by it and counted in memory.
+        assert_eq!(extensions(), vec![(T0 + 90_000 + 15_000, 1)]);
         assert_eq!(
             memory.audit.lock().unwrap().len(),
             1,
             "one audit row for the first fetch"
         );
-        // Folded into the chain within the fold interval.
+        // Folded into the chain within the fold interval, with every fetch counted.
         tokio::time::sleep(Duration::from_millis(FOLD_EVERY as u64)).await;
         assert_eq!(folds(), folds_before + 1);
+        let counted: u32 = extensions().iter().map(|(_, n)| n).sum();
+        assert_eq!(counted, 1000, "every repeated fetch is counted");
+        // Fetches counted after the fold are written with the lease's end.
+        let mut more = lease("b1000", 1000, 60, false);
+        more.exe = Some("/usr/bin/a".into());
+        more.expires_at = T0 + 90_000;
+        assert!(leases.grant(more, ev).await.unwrap().extended);
+        assert_eq!(
+            extensions().len(),
+            2,
+            "covered by the recorded expiry: not written yet"
+        );
         // The extended lease outlives its first expiry, then ends at the extended one.
         tokio::time::sleep(Duration::from_secs(40)).await;
         assert_eq!(leases.live_count(), 1);
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert_eq!(leases.live_count(), 0);
+        let counted: u32 = extensions().iter().map(|(_, n)| n).sum();
+        assert_eq!(counted, 1001, "the last count went with the lease's end");
         // Another executable, another version, or an issued credential: a lease of its own.
         let mut other = lease("c", 1000, 60, false);
         other.exe = Some("/usr/bin/other".into());
-        assert!(!leases.grant(other, ev()).await.unwrap().extended);
+        assert!(!leases.grant(other, ev).await.unwrap().extended);
         let mut newer = lease("d", 1001, 60, false);
         newer.version = Some(2);
-        assert!(!leases.grant(newer, ev()).await.unwrap().extended);
+        assert!(!leases.grant(newer, ev).await.unwrap().extended);
         let (_m, issued_only, _s) = setup();
         issued_only
-            .grant(lease("e", 1000, 60, true), ev())
+            .grant(lease("e", 1000, 60, true), ev)
             .await
             .unwrap();
         let second = issued_only
-            .grant(lease("f", 1000, 60, true), ev())
+            .grant(lease("f", 1000, 60, true), ev)
             .await
             .unwrap();
         assert!(!second.extended);
@@ -916,30 +1056,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_uid_holds_at_most_its_cap_of_live_leases_and_drains_see_them_by_version() {
         let (_memory, leases, _stop) = setup_with_cap(2);
-        leases
-            .grant(lease("a", 1000, 60, false), ev())
-            .await
-            .unwrap();
-        leases
-            .grant(lease("b", 1000, 90, false), ev())
-            .await
-            .unwrap();
+        leases.grant(lease("a", 1000, 60, false), ev).await.unwrap();
+        leases.grant(lease("b", 1000, 90, false), ev).await.unwrap();
         // A fetch loop of one uid cannot grow the table without bound.
         assert!(matches!(
-            leases.grant(lease("c", 1000, 60, false), ev()).await,
+            leases.grant(lease("c", 1000, 60, false), ev).await,
             Err(LeaseError::TooMany { uid: 1000, max: 2 })
         ));
-        leases
-            .grant(lease("d", 1001, 30, false), ev())
-            .await
-            .unwrap();
+        leases.grant(lease("d", 1001, 30, false), ev).await.unwrap();
         assert_eq!(leases.live_on("sid", 1), (3, Some(T0 + 30_000)));
         assert_eq!(leases.live_for_secret("sid"), 3);
         leases.delete("a", 1000, ev()).await.unwrap();
-        leases
-            .grant(lease("c", 1000, 60, false), ev())
-            .await
-            .unwrap();
+        leases.grant(lease("c", 1000, 60, false), ev).await.unwrap();
         leases.renew("d", 1001, T0 + 120_000, ev()).await.unwrap();
         assert_eq!(leases.live_on("sid", 1), (3, Some(T0 + 60_000)));
         assert_eq!(leases.holding(1000), 2);

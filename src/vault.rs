@@ -11,7 +11,9 @@
 //! or version therefore fails to open, and the failure is reported as an integrity error naming
 //! the secret, while every other secret still opens.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde_json::json;
 use zeroize::Zeroizing;
@@ -234,6 +236,26 @@ struct Keyring {
 struct RootKey {
     key: SymmetricKey,
     generation: i64,
+    /// Data keys unwrapped under this root, by secret id, with the wrapped form they came from
+    /// (a data key rewrapped or replaced no longer matches). Holds nothing the root key does
+    /// not already open; goes with it when `rekey` replaces it.
+    data_keys: std::sync::Mutex<HashMap<String, UnwrappedKey>>,
+}
+
+/// A data key as wrapped in the store, and unwrapped.
+type UnwrappedKey = (Vec<u8>, Arc<SymmetricKey>);
+
+/// Unwrapped data keys kept at most (one per secret; more are unwrapped again as needed).
+const DATA_KEYS_KEPT: usize = 100_000;
+
+impl RootKey {
+    fn new(key: SymmetricKey, generation: i64) -> RootKey {
+        RootKey {
+            key,
+            generation,
+            data_keys: Default::default(),
+        }
+    }
 }
 
 /// An unlocked vault.
@@ -314,10 +336,7 @@ impl Vault {
             integrity,
             current_macs: true,
         };
-        let root = RootKey {
-            key: SymmetricKey::generate()?,
-            generation: 1,
-        };
+        let root = RootKey::new(SymmetricKey::generate()?, 1);
         let header = VaultHeader {
             kdf,
             salt: salt.to_vec(),
@@ -381,10 +400,7 @@ impl Vault {
                 integrity,
                 current_macs,
             },
-            root: tokio::sync::RwLock::new(RootKey {
-                key: root,
-                generation: header.root_generation,
-            }),
+            root: tokio::sync::RwLock::new(RootKey::new(root, header.root_generation)),
         })
     }
 
@@ -438,18 +454,33 @@ impl Vault {
         crypto::constant_time_eq(&expected, mac)
     }
 
+    /// The data key `wrapped` holds, unwrapped under `root` (once per wrapped form).
     fn data_key(
         root: &RootKey,
         name: &str,
         secret_id: &str,
         wrapped: &[u8],
-    ) -> Result<SymmetricKey, VaultError> {
-        root.key
+    ) -> Result<Arc<SymmetricKey>, VaultError> {
+        let lock = || root.data_keys.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((seen, key)) = lock().get(secret_id) {
+            if seen[..] == *wrapped {
+                return Ok(key.clone());
+            }
+        }
+        let key = root
+            .key
             .unwrap_key(&data_key_aad(secret_id), wrapped)
+            .map(Arc::new)
             .map_err(|_| VaultError::Integrity {
                 name: name.to_string(),
                 version: None,
-            })
+            })?;
+        let mut kept = lock();
+        if kept.len() >= DATA_KEYS_KEPT {
+            kept.clear();
+        }
+        kept.insert(secret_id.to_string(), (wrapped.to_vec(), key.clone()));
+        Ok(key)
     }
 
     /// Stores `value` as a new current version of `name` (creating the secret, provider
@@ -489,7 +520,7 @@ impl Vault {
                         wrapped_data_key: wrapped,
                         tags: Vec::new(),
                     });
-                    (target, key, 1)
+                    (target, Arc::new(key), 1)
                 }
             };
             let secret_id = match &target {
@@ -700,7 +731,7 @@ impl Vault {
                     let material = reseal(&name, &secret_id, &key, &new_key, material)?;
                     resealed_values +=
                         material.versions.len() + material.proposed.len() + material.issued.len();
-                    (new_key, Some(material))
+                    (Arc::new(new_key), Some(material))
                 } else {
                     (key, None)
                 };
@@ -732,10 +763,7 @@ impl Vault {
                 Err(StoreError::Conflict(_)) if attempt < CONFLICT_RETRIES => continue,
                 Err(e) => return Err(e.into()),
                 Ok(()) => {
-                    *root = RootKey {
-                        key: new_root,
-                        generation: header.root_generation,
-                    };
+                    *root = RootKey::new(new_root, header.root_generation);
                     return Ok(rewrapped.len());
                 }
             }

@@ -1,7 +1,8 @@
-//! Audit fails closed: a fetch is answered only once its lease and its `fetch.allowed` row (or,
-//! for a repeated fetch, its count on the peer's lease) are committed, so a daemon killed at any
-//! instant accounts for every value it handed out, and its next start folds the counts into
-//! the audit chain.
+//! Audit fails closed: a value is handed to a peer only once its lease and its `fetch.allowed`
+//! row are committed, and a repeated fetch by the same peer of the same version only once the
+//! lease's recorded expiry covers the expiry it is given. So a daemon killed at any instant
+//! accounts for every value it handed out, a restarted daemon's drains wait for every lease
+//! any client was told of, and its next start folds the counts it has into the audit chain.
 
 mod common;
 
@@ -25,8 +26,8 @@ fn a_daemon_killed_while_32_clients_fetch_has_recorded_every_value_it_handed_out
     ));
     let daemon = env.start_daemon();
     let socket = env.agent_socket();
-    // Answers received, by lease id.
-    let received = Arc::new(Mutex::new(BTreeMap::<String, i64>::new()));
+    // Answers received, by lease id: how many, and the latest expiry they gave (ms).
+    let received = Arc::new(Mutex::new(BTreeMap::<String, (i64, i64)>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -47,14 +48,22 @@ fn a_daemon_killed_while_32_clients_fetch_has_recorded_every_value_it_handed_out
                     if status == StatusCode::OK {
                         let reply: serde_json::Value = serde_json::from_slice(&body).unwrap();
                         let lease = reply["lease_id"].as_str().unwrap().to_string();
-                        *received.lock().unwrap().entry(lease).or_default() += 1;
+                        let expires = chrono::DateTime::parse_from_rfc3339(
+                            reply["expires_at"].as_str().unwrap(),
+                        )
+                        .unwrap()
+                        .timestamp_millis();
+                        let mut received = received.lock().unwrap();
+                        let seen = received.entry(lease).or_default();
+                        seen.0 += 1;
+                        seen.1 = seen.1.max(expires);
                     }
                 }
             })
         })
         .collect();
     wait_for("many fetches", Duration::from_secs(60), || {
-        (received.lock().unwrap().values().sum::<i64>() >= 3000).then_some(())
+        (received.lock().unwrap().values().map(|r| r.0).sum::<i64>() >= 3000).then_some(())
     });
     // Killed in the middle of the traffic: some fetches are between their answer and whatever
     // the daemon would have done next.
@@ -66,32 +75,45 @@ fn a_daemon_killed_while_32_clients_fetch_has_recorded_every_value_it_handed_out
         }
     });
     let received = received.lock().unwrap().clone();
-    // Durable before each answer: the count on the lease.
-    for (lease, answers) in &received {
-        let counted: i64 = common::sql_one(
+    // Durable before each answer: the lease, its `fetch.allowed` row (the value handed to that
+    // peer) and an expiry at least the one the answer gave.
+    for (lease, (answers, told)) in &received {
+        let recorded: i64 = common::sql_one(
             &env.store,
-            &format!("SELECT ifnull((SELECT fetches FROM leases WHERE id = '{lease}'), 0)"),
+            &format!("SELECT ifnull((SELECT expires_at FROM leases WHERE id = '{lease}'), 0)"),
         );
         assert!(
-            counted >= *answers,
-            "lease {lease}: {answers} values handed out, {counted} counted"
+            recorded >= *told,
+            "lease {lease}: {answers} values handed out until {told}, recorded until {recorded}"
         );
-    }
-    // The next start folds the counts into the chain.
-    env.start_daemon().terminate();
-    for (lease, answers) in &received {
-        let audited: i64 = common::sql_one(
+        let allowed: i64 = common::sql_one(
             &env.store,
             &format!(
-                "SELECT (SELECT count(*) FROM audit WHERE action = 'fetch.allowed' \
-                   AND json_extract(detail, '$.lease_id') = '{lease}') \
-                 + (SELECT ifnull(sum(json_extract(detail, '$.count')), 0) FROM audit \
-                   WHERE action = 'fetch.repeated' AND json_extract(detail, '$.lease_id') = '{lease}')"
+                "SELECT count(*) FROM audit WHERE action = 'fetch.allowed' \
+                 AND json_extract(detail, '$.lease_id') = '{lease}'"
             ),
         );
-        assert!(
-            audited >= *answers,
-            "lease {lease}: {answers} values handed out, {audited} in the audit chain"
+        assert_eq!(allowed, 1, "lease {lease}: the value's audit row");
+    }
+    // The next start folds every count the store holds into the chain.
+    env.start_daemon().terminate();
+    for lease in received.keys() {
+        let (counted, folded): (i64, i64) = (
+            common::sql_one(
+                &env.store,
+                &format!("SELECT fetches FROM leases WHERE id = '{lease}'"),
+            ),
+            common::sql_one(
+                &env.store,
+                &format!(
+                    "SELECT ifnull(sum(json_extract(detail, '$.count')), 0) FROM audit \
+                     WHERE action = 'fetch.repeated' AND json_extract(detail, '$.lease_id') = '{lease}'"
+                ),
+            ),
+        );
+        assert_eq!(
+            folded, counted,
+            "lease {lease}: every count recorded is in the chain"
         );
     }
     env.ok(&["audit", "verify"], None);
