@@ -1,7 +1,4 @@
-//! `rotate-all --assume-compromise` as an operator runs it: the real CLI against a running
-//! daemon with the default config, a plugin whose every op takes 50 ms (this binary, serving
-//! through the SDK, so the plugin's own CPU is negligible and what is measured is keywarden),
-//! one file consumer per secret, `--concurrency 32`.
+//! `rotate-all --assume-compromise` as an operator runs it (see `common/emergency.rs`).
 //!
 //! Prints wall time against the ideal — secrets × 4 plugin ops (create, verify, promote,
 //! revoke) × 50 ms ÷ 32 — and the daemon's CPU time per emergency rotation (user + system,
@@ -10,24 +7,17 @@
 //!
 //! Run with `cargo bench --bench rotate_all [-- --secrets 1000,10000]` (default 1,000).
 
-#[allow(dead_code)] // the store setup is for the in-process benchmarks
 mod common;
 
-use std::fmt::Write as _;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::BenchPlugin;
-use keywarden_testkit::Env;
-
-const OP_DELAY_MS: u64 = 50;
-const OPS: u64 = 4;
-const CONCURRENCY: u64 = 32;
+use common::emergency::{CONCURRENCY, OP_DELAY_MS, OPS};
 
 fn main() {
-    let delay = std::env::var("BENCH_DELAY_MS").map_or(0, |d| d.parse().unwrap());
     common::serve_if_plugin(BenchPlugin {
         kind: "slow",
-        delay: Duration::from_millis(delay),
+        delay: Duration::ZERO,
     });
     let args: Vec<String> = std::env::args().collect();
     let sizes: Vec<usize> = args
@@ -44,106 +34,13 @@ fn main() {
     );
     println!("|---|---|---|---|---|");
     for secrets in sizes {
-        run(secrets);
-    }
-}
-
-fn config(env: &Env, secrets: usize, delay_ms: u64) -> String {
-    let root = env.dir.path();
-    std::fs::create_dir_all(root.join("out")).unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let mut text = format!(
-        "[daemon]\nplugin_user = \"65534:65534\"\n\n[agent]\nsocket = \"run/agent.sock\"\n\
-         admin_socket = \"run/admin.sock\"\n\n[plugins.slow]\ncommand = [{:?}]\nsha256 = \"{}\"\n\
-         env = {{ BENCH_DELAY_MS = \"{delay_ms}\" }}\n",
-        exe.display().to_string(),
-        keywarden::crypto::file_sha256(&exe).unwrap(),
-    );
-    for i in 0..secrets {
-        let _ = write!(
-            text,
-            "\n[secrets.\"fleet/s{i}\"]\nprovider = \"slow\"\nconsumers = [\"c{i}\"]\n\
-             [consumers.c{i}]\nkind = \"file\"\npath = {:?}\n",
-            root.join("out").join(format!("s{i}")).display().to_string()
+        let f = common::emergency::run(secrets);
+        println!(
+            "| {secrets} | {:.1} s | {:.1} s | {:.2} | {:.2} ms |",
+            f.wall,
+            f.ideal,
+            f.wall / f.ideal,
+            f.cpu_ms_per_rotation
         );
     }
-    text
-}
-
-fn write_config(env: &Env, secrets: usize, delay_ms: u64) {
-    let base = "[store]\npath = \"data/vault.db\"\nweak_kdf_for_tests = true\n[store.kdf]\n\
-                memory_kib = 64\niterations = 1\nparallelism = 1\n\n";
-    std::fs::write(
-        &env.config,
-        format!("{base}{}", config(env, secrets, delay_ms)),
-    )
-    .unwrap();
-}
-
-fn run(secrets: usize) {
-    let env = Env::new();
-    write_config(&env, secrets, 0);
-    // The first start registers every secret before it serves (longer than the testkit's
-    // 30 s wait at 10,000 secrets): started by hand, polled once a second (`list` reads every
-    // secret; polling faster would slow the daemon).
-    let mut first = env
-        .cmd()
-        .args(["serve", "--init"])
-        .env("KEYWARDEN_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-        let out = env.run(&["list", "--json"], None);
-        if !out.status.success() {
-            continue; // the store is not created yet
-        }
-        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let ready = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|s| s["version"] == 1 && s["rotation_state"] == "done")
-            .count();
-        if ready == secrets {
-            break;
-        }
-    }
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &first.id().to_string()])
-        .status();
-    assert!(first.wait().unwrap().success());
-    write_config(&env, secrets, OP_DELAY_MS);
-    let daemon = env.start_daemon_with(&[("KEYWARDEN_LOG", "warn")]);
-    let cpu_before = keywarden_testkit::proc::cpu_seconds(daemon.pid());
-    let start = Instant::now();
-    let out = env
-        .cmd()
-        .args([
-            "rotate-all",
-            "--assume-compromise",
-            "--yes",
-            "--json",
-            "--concurrency",
-            &CONCURRENCY.to_string(),
-        ])
-        .output()
-        .unwrap();
-    let wall = start.elapsed().as_secs_f64();
-    let cpu = keywarden_testkit::proc::cpu_seconds(daemon.pid()) - cpu_before;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["rotated"].as_array().unwrap().len(), secrets);
-    let ideal = (secrets as u64 * OPS * OP_DELAY_MS) as f64 / 1000.0 / CONCURRENCY as f64;
-    println!(
-        "| {secrets} | {wall:.1} s | {ideal:.1} s | {:.2} | {:.2} ms |",
-        wall / ideal,
-        cpu * 1000.0 / secrets as f64
-    );
-    drop(daemon);
 }

@@ -1,17 +1,8 @@
-//! The daemon at scale: 10,000 `random` secrets (default config). Prints the time the first
-//! start takes to give every secret its first version (every first rotation done), the write-ahead log and database size
-//! after it and after a clean stop, the time a second start takes to a serving agent socket
-//! (the KDF is the benchmark's weak one, so this is the daemon's own start-up), and the resident
-//! memory once it has settled and around a `status` of every secret.
+//! The daemon at scale: 10,000 `random` secrets (default config); see `common/scale.rs`.
 //!
 //! Run with `cargo bench --bench scale [-- --secrets N]` (default 10,000).
 
-use std::fmt::Write as _;
-use std::path::Path;
-use std::time::{Duration, Instant};
-
-use keywarden_testkit::Env;
-use keywarden_testkit::daemon::wait_for;
+mod common;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -19,64 +10,18 @@ fn main() {
         .iter()
         .position(|a| a == "--secrets")
         .map_or(10_000, |i| args[i + 1].parse().expect("--secrets N"));
-    let env = Env::new();
-    let mut config = std::fs::read_to_string(&env.config).unwrap();
-    config.push_str("[agent]\nsocket = \"run/agent.sock\"\nadmin_socket = \"run/admin.sock\"\n");
-    for i in 0..secrets {
-        let _ = write!(
-            config,
-            "\n[secrets.\"scale/s{i}\"]\nprovider = \"random\"\n"
-        );
-    }
-    std::fs::write(&env.config, config).unwrap();
-
-    let start = Instant::now();
-    let daemon = spawn(&env);
-    // Polled once a second: `list` reads every secret, and polling it faster would slow the
-    // daemon being measured.
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-        // Fails until `serve --init` has created the store.
-        let out = env.run(&["list", "--json"], None);
-        if !out.status.success() {
-            continue;
-        }
-        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let ready = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|s| s["version"] == 1 && s["rotation_state"] == "done")
-            .count();
-        if ready == secrets {
-            break;
-        }
-    }
-    let first = start.elapsed().as_secs_f64();
-    let (wal_running, db_running) = sizes(&env.store);
-    stop(daemon);
-    let (wal_stopped, db_stopped) = sizes(&env.store);
-
-    let start = Instant::now();
-    let daemon = spawn(&env);
-    let agent = env.dir.path().join("run/agent.sock");
-    wait_for("the agent socket", Duration::from_secs(1800), || {
-        answers(&agent).then_some(())
-    });
-    let startup = start.elapsed().as_secs_f64();
-    // Settle: let start-up work (consumers, schedules) finish before reading memory.
-    std::thread::sleep(Duration::from_secs(5));
-    let rss = keywarden_testkit::proc::rss_mb(daemon.id());
-    // A status of every secret is the largest request an operator makes: its memory is
-    // handed back within the daemon's release period (10 s).
-    let status = Instant::now();
-    assert!(env.run(&["status", "--json"], None).status.success());
-    let status = status.elapsed().as_secs_f64();
-    let rss_during = keywarden_testkit::proc::rss_mb(daemon.id());
-    std::thread::sleep(Duration::from_secs(11));
-    let rss_after = keywarden_testkit::proc::rss_mb(daemon.id());
-    stop(daemon);
-
+    let common::scale::Figures {
+        first,
+        wal_running,
+        db_running,
+        wal_stopped,
+        db_stopped,
+        startup,
+        rss,
+        status,
+        rss_during,
+        rss_after,
+    } = common::scale::run(secrets);
     println!("| {secrets} secrets | figure |");
     println!("|---|---|");
     println!(
@@ -94,42 +39,4 @@ fn main() {
         "| `status` of every secret; resident memory after it, 11 s later | {:.0} ms; {rss_during:.1} MB, {rss_after:.1} MB |",
         status * 1000.0
     );
-}
-
-/// `keywarden serve` on the environment, quiet (the testkit's helper gives up after 30 s, and a
-/// first start of this many secrets takes longer).
-fn spawn(env: &Env) -> std::process::Child {
-    env.cmd()
-        .args(["serve", "--init"])
-        .env("KEYWARDEN_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn stop(mut daemon: std::process::Child) {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status();
-    assert!(daemon.wait().unwrap().success());
-}
-
-/// Whether the agent socket answers a health request.
-fn answers(socket: &Path) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = s.write_all(b"GET /v1/health HTTP/1.0\r\nHost: x\r\n\r\n");
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).is_ok() && head[8..] == *b" 200"
-}
-
-fn sizes(store: &Path) -> (f64, f64) {
-    let mb = |p: &Path| std::fs::metadata(p).map_or(0.0, |m| m.len() as f64 / 1048576.0);
-    let mut wal = store.as_os_str().to_owned();
-    wal.push("-wal");
-    (mb(Path::new(&wal)), mb(store))
 }

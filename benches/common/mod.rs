@@ -1,6 +1,16 @@
-//! What the engine and compromise benchmarks share: the benchmark binary doubles as a plugin
-//! (served through the SDK when started with `--keywarden-plugin=1`), and a fresh store with a
-//! config declaring many secrets of that plugin's kind.
+//! What the benchmarks share: the benchmark binary doubles as a plugin (served through the SDK
+//! when started with `--keywarden-plugin=1`), a fresh store with a config declaring many
+//! secrets of that plugin's kind, and each measurement as a function, so that each benchmark
+//! prints its own table and `benches/under_load.rs` prints every goal's figure in one.
+
+// Each benchmark uses a part of what is here.
+#![allow(dead_code)]
+
+pub mod emergency;
+pub mod engine;
+pub mod fetch;
+pub mod incident;
+pub mod scale;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,22 +64,30 @@ impl Plugin for BenchPlugin {
     }
 }
 
-/// Serves `plugin` and exits when this binary was started as a plugin. Before that, this
-/// binary may have been started as keywarden's sandbox launcher (the daemon runs in it, so its
-/// plugins are launched through it): then it confines itself and executes the plugin.
-pub fn serve_if_plugin(plugin: BenchPlugin) {
+/// Serves `plugin` and exits when this binary was started as a plugin (its kind and delay as
+/// the config's `BENCH_KIND` and `BENCH_DELAY_MS` say, where set). Before that, this binary may
+/// have been started as keywarden's sandbox launcher (the daemon runs in it, so its plugins are
+/// launched through it): then it confines itself and executes the plugin.
+pub fn serve_if_plugin(mut plugin: BenchPlugin) {
     keywarden::sandbox::run_if_launcher();
     if std::env::args().any(|a| a == keywarden_plugin_sdk::PLUGIN_FLAG) {
+        if let Ok(kind) = std::env::var("BENCH_KIND") {
+            plugin.kind = Box::leak(kind.into_boxed_str());
+        }
+        if let Ok(ms) = std::env::var("BENCH_DELAY_MS") {
+            plugin.delay = Duration::from_millis(ms.parse().expect("BENCH_DELAY_MS"));
+        }
         let ok = keywarden_plugin_sdk::serve(plugin) == std::process::ExitCode::SUCCESS;
         std::process::exit(if ok { 0 } else { 1 });
     }
 }
 
 /// A fresh store in `dir` (small Argon2 parameters) and a config that pins this binary as the
-/// plugin of `kind` and declares `count` secrets `PREFIX/i` of that kind with no grace.
+/// plugin of `kind` (every op taking `delay`) and declares `count` secrets `PREFIX/i` of that
+/// kind with no grace.
 pub async fn setup(
     dir: &std::path::Path,
-    kind: &str,
+    (kind, delay): (&str, Duration),
     prefix: &str,
     count: usize,
     concurrency: usize,
@@ -79,8 +97,10 @@ pub async fn setup(
     let sha = keywarden::crypto::file_sha256(&exe).unwrap();
     let mut config = format!(
         "[store]\npath = \"vault.db\"\n[daemon]\nmax_concurrent_rotations = {concurrency}\nplugin_user = \"65534:65534\"\n\
-         [plugins.{kind}]\ncommand = [{:?}]\nsha256 = \"{sha}\"\nmax_concurrency = {plugin_concurrency}\n",
-        exe.display().to_string()
+         [plugins.{kind}]\ncommand = [{:?}]\nsha256 = \"{sha}\"\nmax_concurrency = {plugin_concurrency}\n\
+         env = {{ BENCH_KIND = \"{kind}\", BENCH_DELAY_MS = \"{}\" }}\n",
+        exe.display().to_string(),
+        delay.as_millis()
     );
     for i in 0..count {
         config.push_str(&format!(
