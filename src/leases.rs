@@ -503,6 +503,12 @@ impl Leases {
         }
     }
 
+    /// Takes the repeated fetches counted in memory and not yet written, as changes to write
+    /// (at shutdown, when the sweeper no longer runs).
+    pub fn take_unwritten_counts(&self) -> Vec<LeaseOp> {
+        self.state.lock().expect("lease state").take_counts(None)
+    }
+
     /// How many live leases `uid` holds.
     pub fn holding(&self, uid: u32) -> usize {
         let state = self.state.lock().expect("lease state");

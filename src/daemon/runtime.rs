@@ -185,9 +185,14 @@ impl Runtime {
             // Everything handed to the writer is committed before the runtime ends: each of
             // those rows belongs to a request still waiting for its answer.
             let _ = writer.await;
-            // Repeated fetches counted on leases since the last fold reach the chain now
-            // rather than at the next start.
-            let fold = [crate::store::LeaseOp::FoldFetches];
+            // Repeated fetches counted on leases since the last fold (those only in memory
+            // too) reach the chain now rather than at the next start, or never.
+            let mut fold = self
+                .leases
+                .as_ref()
+                .map(|l| l.take_unwritten_counts())
+                .unwrap_or_default();
+            fold.push(crate::store::LeaseOp::FoldFetches);
             if let Err(e) = self
                 .engine
                 .vault()
