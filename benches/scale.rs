@@ -10,33 +10,31 @@ fn main() {
         .iter()
         .position(|a| a == "--secrets")
         .map_or(10_000, |i| args[i + 1].parse().expect("--secrets N"));
-    let common::scale::Figures {
-        first,
-        wal_running,
-        db_running,
-        wal_stopped,
-        db_stopped,
-        startup,
-        rss,
-        status,
-        rss_during,
-        rss_after,
-    } = common::scale::run(secrets);
+    let f = common::scale::run(secrets);
     println!("| {secrets} secrets | figure |");
     println!("|---|---|");
     println!(
-        "| first versions, first start | {first:.1} s ({:.0} rotations/s) |",
-        secrets as f64 / first
+        "| first versions, first start | {:.1} s ({:.0} rotations/s) |",
+        f.first,
+        secrets as f64 / f.first
     );
-    println!("| WAL / database while serving | {wal_running:.1} MB / {db_running:.1} MB |");
-    println!("| WAL / database after a clean stop | {wal_stopped:.1} MB / {db_stopped:.1} MB |");
+    println!(
+        "| WAL / database while serving | {:.1} MB / {:.1} MB |",
+        f.wal_running, f.db_running
+    );
+    println!(
+        "| WAL / database after a clean stop | {:.1} MB / {:.1} MB |",
+        f.wal_stopped, f.db_stopped
+    );
     println!(
         "| second start to a serving agent socket (no KDF) | {:.0} ms |",
-        startup * 1000.0
+        f.startup * 1000.0
     );
-    println!("| resident memory, settled | {rss:.1} MB |");
+    println!("| resident memory, settled | {:.1} MB |", f.rss);
     println!(
-        "| `status` of every secret; resident memory after it, 11 s later | {:.0} ms; {rss_during:.1} MB, {rss_after:.1} MB |",
-        status * 1000.0
+        "| `status` of every secret; resident memory after it, 11 s later | {:.0} ms; {:.1} MB, {:.1} MB |",
+        f.status * 1000.0,
+        f.rss_during,
+        f.rss_after
     );
 }

@@ -421,9 +421,10 @@ impl Leases {
     }
 
     /// A repeated fetch: extends the peer's live lease on the same version to at least
-    /// `expires_at`, if it holds one that is not about to be swept, and counts the fetch on it. The store is written only when the new expiry
-    /// passes the one it holds, and then a part of the TTL ahead; otherwise the fetch is
-    /// counted in memory and written with the lease's next write, its end, or the next fold.
+    /// `expires_at`, if it holds one that is not about to be swept, and counts the fetch on
+    /// it. The store is written (and waited for) only when the new expiry passes the one it
+    /// holds, and then a part of the TTL ahead; otherwise the fetch is counted in memory and
+    /// written with the lease's next write, its end, or the next fold.
     pub async fn repeat(
         &self,
         peer: &PeerKey,
@@ -464,40 +465,39 @@ impl Leases {
                 None
             } else {
                 let ahead = (granted.expires_at - now) / RECORD_AHEAD_DIVISOR;
-                Some(LeaseOp::Extend {
-                    id: live.id.clone(),
-                    expires_at: granted.expires_at + ahead,
-                    fetches: std::mem::take(&mut recorded.fetches) + 1,
-                })
+                Some((
+                    granted.expires_at + ahead,
+                    std::mem::take(&mut recorded.fetches) + 1,
+                ))
             };
             (granted, write)
         };
         self.unfolded
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        let Some(op) = write else {
+        let Some((target, fetches)) = write else {
             return Ok(Some(granted));
         };
-        let written = self.backend.commit(vec![op.clone()], Vec::new()).await;
-        let mut state = self.state.lock().expect("lease state");
-        let (
-            LeaseOp::Extend {
-                expires_at,
-                fetches,
-                ..
-            },
-            Some(recorded),
-        ) = (op, state.recorded.get_mut(&granted.id))
-        else {
-            return written.map(|()| Some(granted)).map_err(Into::into);
+        let op = LeaseOp::Extend {
+            id: granted.id.clone(),
+            expires_at: target,
+            fetches,
         };
+        let written = self.backend.commit(vec![op], Vec::new()).await;
+        let mut state = self.state.lock().expect("lease state");
+        // (A lease that ended meanwhile has no record left to update.)
+        let recorded = state.recorded.get_mut(&granted.id);
         match written {
             Ok(()) => {
-                recorded.expires_at = recorded.expires_at.max(expires_at);
+                if let Some(r) = recorded {
+                    r.expires_at = r.expires_at.max(target);
+                }
                 Ok(Some(granted))
             }
             Err(e) => {
                 // This fetch fails; the others counted with it are kept for the next write.
-                recorded.fetches += fetches - 1;
+                if let Some(r) = recorded {
+                    r.fetches += fetches - 1;
+                }
                 Err(e.into())
             }
         }

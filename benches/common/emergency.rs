@@ -4,7 +4,7 @@
 //! keywarden), one file consumer per secret, `--concurrency 32`.
 
 use std::fmt::Write as _;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use keywarden_testkit::Env;
 
@@ -38,23 +38,7 @@ pub fn run(secrets: usize) -> Figures {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-        let out = env.run(&["list", "--json"], None);
-        if !out.status.success() {
-            continue; // the store is not created yet
-        }
-        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let ready = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|s| s["version"] == 1 && s["rotation_state"] == "done")
-            .count();
-        if ready == secrets {
-            break;
-        }
-    }
+    super::wait_first_versions(&env, secrets);
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &first.id().to_string()])
         .status();

@@ -124,3 +124,26 @@ pub async fn setup(
     let vault = Arc::new(Vault::unlock(store.clone(), &passphrase).await.unwrap());
     (config, store, vault)
 }
+
+/// Waits until each of `secrets` secrets of the daemon on `env` has its first version, polling
+/// `list` once a second (it reads every secret; polling faster would slow the daemon being
+/// measured). `list` fails until `serve --init` has created the store.
+pub fn wait_first_versions(env: &keywarden_testkit::Env, secrets: usize) {
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let out = env.run(&["list", "--json"], None);
+        if !out.status.success() {
+            continue;
+        }
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ready = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["version"] == 1 && s["rotation_state"] == "done")
+            .count();
+        if ready == secrets {
+            return;
+        }
+    }
+}

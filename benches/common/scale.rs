@@ -42,24 +42,7 @@ pub fn run(secrets: usize) -> Figures {
     let daemon = spawn(&env);
     // Polled once a second: `list` reads every secret, and polling it faster would slow the
     // daemon being measured.
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-        // Fails until `serve --init` has created the store.
-        let out = env.run(&["list", "--json"], None);
-        if !out.status.success() {
-            continue;
-        }
-        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let ready = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|s| s["version"] == 1 && s["rotation_state"] == "done")
-            .count();
-        if ready == secrets {
-            break;
-        }
-    }
+    super::wait_first_versions(&env, secrets);
     let first = start.elapsed().as_secs_f64();
     let (wal_running, db_running) = sizes(&env.store);
     stop(daemon);
