@@ -426,6 +426,12 @@ async fn grant(
     Ok((body, served.secret_id, granted))
 }
 
+/// Whether this process was started with failpoints configured (`FAILPOINTS`), read once: the
+/// `fetch.served` failpoint's blocking section is taken only then (benchmarks run test builds).
+#[cfg(feature = "failpoints")]
+static FAILPOINTS_SET: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::env::var_os("FAILPOINTS").is_some());
+
 /// A new lease id: time-ordered, so lease inserts land at the end of the index.
 fn new_lease_id() -> String {
     uuid::Uuid::now_v7().to_string()
@@ -662,7 +668,7 @@ impl AgentApi {
             // A test holds the fetch here (`FAILPOINTS=fetch.served=sleep(…)`) while the rest
             // of the daemon runs on.
             #[cfg(feature = "failpoints")]
-            if crate::failpoints_set() {
+            if *FAILPOINTS_SET {
                 tokio::task::block_in_place(|| {
                     crash_point!("fetch.served");
                 });

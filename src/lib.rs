@@ -40,15 +40,6 @@ macro_rules! crash_point {
     };
 }
 
-/// Whether this process was started with failpoints configured (`FAILPOINTS`), read once: a
-/// failpoint that needs a blocking section costs it only then (benchmarks run test builds).
-#[cfg(feature = "failpoints")]
-pub(crate) fn failpoints_set() -> bool {
-    static SET: std::sync::LazyLock<bool> =
-        std::sync::LazyLock::new(|| std::env::var_os("FAILPOINTS").is_some());
-    *SET
-}
-
 pub mod admin;
 pub mod agent_api;
 pub mod attest;
