@@ -41,13 +41,30 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let mut rows = Vec::new();
+    let mut rows = fetches(&rt, soak_secs);
+    rows.extend(emergency(full));
+    rows.extend(incident(&rt, full));
+    rows.extend(engine_and_scale(&rt));
+    println!("| goal | measured (this run) | target | met |");
+    println!("|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} |",
+            r.goal,
+            r.measured,
+            r.target,
+            if r.met { "yes" } else { "no" }
+        );
+    }
+}
 
-    // Fetches at 32 clients, keywarden and the bare transport side by side; then the soak.
+/// Fetches at 32 clients, keywarden and the bare transport side by side; then the soak.
+fn fetches(rt: &tokio::runtime::Runtime, soak_secs: u64) -> Vec<Row> {
+    let mut rows = Vec::new();
     let dir = tempfile::tempdir().unwrap();
     let (baseline, baseline_sock, daemon, agent_sock) = fetch::start_both(dir.path());
-    let base = fetch::measure(&rt, &baseline_sock, "/", 32, baseline.id());
-    let kw = fetch::measure(&rt, &agent_sock, FETCH_PATH, 32, daemon.id());
+    let base = fetch::measure(rt, &baseline_sock, "/", 32, baseline.id());
+    let kw = fetch::measure(rt, &agent_sock, FETCH_PATH, 32, daemon.id());
     rows.push(Row {
         goal: "4. fetches/s at 32 clients ÷ bare hyper on a Unix socket".into(),
         measured: format!(
@@ -72,7 +89,7 @@ fn main() {
         target: "≤ 2",
         met: kw.p99 <= 2.0 * base.p99,
     });
-    let soak = fetch::soak(&rt, &agent_sock, daemon.id(), dir.path(), soak_secs, |_| {});
+    let soak = fetch::soak(rt, &agent_sock, daemon.id(), dir.path(), soak_secs, |_| {});
     fetch::stop_both(baseline, daemon);
     let (first, last) = (soak.first().unwrap(), soak.last().unwrap());
     let wal_max = soak.iter().map(|r| r.wal_mb).fold(0.0, f64::max);
@@ -91,8 +108,12 @@ fn main() {
         target: "flat (RSS +< 5 MB, WAL < 40 MB, database +< 1 MB)",
         met: last.rss_mb - first.rss_mb < 5.0 && wal_max < 40.0 && last.db_mb - first.db_mb < 1.0,
     });
+    rows
+}
 
-    // The emergency rotate-all through the CLI.
+/// The emergency rotate-all through the CLI.
+fn emergency(full: bool) -> Vec<Row> {
+    let mut rows = Vec::new();
     for secrets in if full {
         vec![1_000, 10_000]
     } else {
@@ -118,8 +139,11 @@ fn main() {
             met: f.cpu_ms_per_rotation <= 2.0,
         });
     }
+    rows
+}
 
-    // Linear in the number of secrets, in process.
+/// The incident's time per secret, in process: linear in the number of secrets.
+fn incident(rt: &tokio::runtime::Runtime, full: bool) -> Vec<Row> {
     let sizes = if full {
         vec![1_000, 10_000, 100_000]
     } else {
@@ -131,6 +155,7 @@ fn main() {
         .collect();
     let per_secret = |t: &common::incident::Timing, n: usize| t.wall * 1000.0 / n as f64;
     let (n0, t0) = &timings[0];
+    let mut rows = Vec::new();
     for (n, t) in &timings[1..] {
         let growth = per_secret(t, *n) / per_secret(t0, *n0);
         rows.push(Row {
@@ -146,8 +171,12 @@ fn main() {
             met: growth <= 1.1,
         });
     }
+    rows
+}
 
-    // The engine's own rate.
+/// The engine's own rate, and the daemon at 10,000 secrets.
+fn engine_and_scale(rt: &tokio::runtime::Runtime) -> Vec<Row> {
+    let mut rows = Vec::new();
     let rates = rt.block_on(common::engine::run(1_000, 32));
     rows.push(Row {
         goal: "5. durable full rotations/s, instant plugin, 1,000 secrets, 32 at once".into(),
@@ -170,16 +199,5 @@ fn main() {
         target: "≤ 200 ms",
         met: s.startup <= 0.2,
     });
-
-    println!("| goal | measured (this run) | target | met |");
-    println!("|---|---|---|---|");
-    for r in &rows {
-        println!(
-            "| {} | {} | {} | {} |",
-            r.goal,
-            r.measured,
-            r.target,
-            if r.met { "yes" } else { "no" }
-        );
-    }
+    rows
 }
