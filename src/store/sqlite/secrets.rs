@@ -604,19 +604,28 @@ async fn check_latest(
 
 /// Makes room for a new current version: the previous one is revoked, the current one becomes
 /// previous (both except version `keep`, when given: the one being promoted).
+///
+/// Two statements with the stages written out, and `keep` as a plain comparison (versions
+/// start at 1, so 0 keeps none): SQLite prepares a statement again whenever a parameter that
+/// can steer its plan is bound to a new value, which one statement taking the stages (or
+/// `? IS NULL OR …`) as parameters made it do at every call.
 pub(super) fn retire_current(
     db: &Db,
     secret_id: &str,
     keep: Option<i64>,
     now: Millis,
 ) -> Result<(), StoreError> {
-    let mut retire = db.prepare_cached(
-        "UPDATE versions SET stage = ?1, stage_changed_at = ?2 \
-         WHERE secret_id = ?3 AND stage = ?4 AND (?5 IS NULL OR version != ?5)",
-    )?;
-    for (from, to) in [("previous", "revoked"), ("current", "previous")] {
-        retire.execute(params![to, now, secret_id, from, keep])?;
-    }
+    let keep = keep.unwrap_or(0);
+    db.prepare_cached(
+        "UPDATE versions SET stage = 'revoked', stage_changed_at = ?1 \
+         WHERE secret_id = ?2 AND stage = 'previous' AND version != ?3",
+    )?
+    .execute(params![now, secret_id, keep])?;
+    db.prepare_cached(
+        "UPDATE versions SET stage = 'previous', stage_changed_at = ?1 \
+         WHERE secret_id = ?2 AND stage = 'current' AND version != ?3",
+    )?
+    .execute(params![now, secret_id, keep])?;
     Ok(())
 }
 
