@@ -460,12 +460,8 @@ impl Finish {
             tokens,
             self.started.elapsed(),
         );
-        if let Err(e) = self
-            .services
-            .audit_writer
-            .write(Vec::new(), vec![event])
-            .await
-        {
+        // Nothing waits for this row (the answer has ended): it shares a later commit.
+        if let Err(e) = self.services.audit_writer.write_deferred(vec![event]).await {
             tracing::error!(broker = %self.broker, error = %e, "could not record a brokered request");
         }
         if tokens > 0 {
@@ -575,6 +571,9 @@ impl http::Listener for LoopbackListener {
         &mut self,
     ) -> std::io::Result<(tokio::net::TcpStream, Option<Peer>, Option<OwnedFd>)> {
         let (stream, remote) = self.0.accept().await?;
+        // Streamed answers are written as their events arrive: each goes out at once instead
+        // of waiting for the agent to acknowledge the one before (Nagle's algorithm).
+        let _ = stream.set_nodelay(true);
         let local = stream.local_addr()?;
         let found = tokio::task::spawn_blocking(move || crate::attest::tcp_peer(local, remote))
             .await

@@ -3,7 +3,9 @@
 //!
 //! Audit fails closed (docs/design.md §9): every write waits until its batch is committed, so a
 //! fetch is answered only once its lease and audit row are durable, and a fetch whose rows
-//! cannot be committed is refused rather than served unrecorded. A batch that fails is tried
+//! cannot be committed is refused rather than served unrecorded. Rows no answer waits for (a
+//! brokered request's, written when its answer has ended) are deferred: they join the next
+//! batch, or are committed on their own after at most [`DEFER_AT_MOST`]. A batch that fails is tried
 //! again a few times before its writers are told. On shutdown the writer stops taking work,
 //! commits everything already handed to it, and only then ends. The queue is bounded, so a writer that falls
 //! behind slows fetches down rather than growing without limit. While the daemon runs, the
@@ -31,6 +33,10 @@ pub enum WriteError {
 /// Requests folded into one transaction at most.
 const MAX_BATCH: usize = 512;
 
+/// How long rows no request waits for (see [`GroupCommit::write_deferred`]) may wait for
+/// company before they are committed on their own.
+pub const DEFER_AT_MOST: Duration = Duration::from_millis(100);
+
 /// Waits before each further try of a batch that failed (a busy or momentarily full disk).
 const RETRY_AFTER: [Duration; 3] = [
     Duration::from_millis(50),
@@ -41,6 +47,8 @@ const RETRY_AFTER: [Duration; 3] = [
 struct Item {
     ops: Vec<LeaseOp>,
     audit: Vec<AuditEvent>,
+    /// No answer waits for these rows: they may wait for a later batch.
+    deferred: bool,
     done: oneshot::Sender<Result<(), WriteError>>,
 }
 
@@ -79,10 +87,30 @@ impl GroupCommit {
                 // Let the requests already running queue their rows too: a bigger batch costs
                 // fewer round trips to the database thread per fetch.
                 tokio::task::yield_now().await;
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(item) => batch.push(item),
-                        Err(_) => break,
+                take_queued(&mut rx, &mut batch);
+                if batch.iter().all(|item| item.deferred) {
+                    // Nobody waits: wait for a row someone waits for, or for a full batch, at
+                    // most DEFER_AT_MOST (a busy broker then costs one commit per interval).
+                    let deadline = tokio::time::sleep(DEFER_AT_MOST);
+                    tokio::pin!(deadline);
+                    while batch.len() < MAX_BATCH {
+                        tokio::select! {
+                            item = rx.recv() => {
+                                let Some(item) = item else { break };
+                                let urgent = !item.deferred;
+                                batch.push(item);
+                                if urgent {
+                                    take_queued(&mut rx, &mut batch);
+                                    break;
+                                }
+                            }
+                            _ = &mut deadline => break,
+                            _ = shutdown.changed() => {
+                                rx.close();
+                                take_queued(&mut rx, &mut batch);
+                                break;
+                            }
+                        }
                     }
                 }
                 let mut ops = Vec::new();
@@ -104,12 +132,44 @@ impl GroupCommit {
 
     /// Queues lease changes and audit rows and waits until they are committed.
     pub async fn write(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), WriteError> {
+        self.queue(ops, audit, false).await
+    }
+
+    /// Queues audit rows that no answer waits for (a brokered request's, written once its
+    /// answer has ended) and waits until they are committed: with the next batch someone waits
+    /// for, or on their own after at most [`DEFER_AT_MOST`], or at shutdown. A daemon killed
+    /// meanwhile loses them.
+    pub async fn write_deferred(&self, audit: Vec<AuditEvent>) -> Result<(), WriteError> {
+        self.queue(Vec::new(), audit, true).await
+    }
+
+    async fn queue(
+        &self,
+        ops: Vec<LeaseOp>,
+        audit: Vec<AuditEvent>,
+        deferred: bool,
+    ) -> Result<(), WriteError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Item { ops, audit, done })
+            .send(Item {
+                ops,
+                audit,
+                deferred,
+                done,
+            })
             .await
             .map_err(|_| WriteError::Stopped)?;
         wait.await.map_err(|_| WriteError::Stopped)?
+    }
+}
+
+/// Moves what is already queued into `batch`, up to [`MAX_BATCH`].
+fn take_queued(rx: &mut mpsc::Receiver<Item>, batch: &mut Vec<Item>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
     }
 }
 
@@ -130,5 +190,87 @@ async fn commit(store: &Store, ops: &[LeaseOp], audit: &[AuditEvent]) -> Result<
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::temp_store;
+
+    /// Rows of `action` in the file, read on a connection of the test's own (no await: the
+    /// paused clock does not move while it reads).
+    fn rows(path: &std::path::Path, action: &str) -> i64 {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM audit WHERE action = ?",
+                [action],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn deferred_rows_wait_for_company_or_at_most_the_interval() {
+        let t = temp_store().await;
+        // Paused once the store is open (its pool's time-outs run on this clock too); the
+        // batches run in this thread.
+        tokio::time::pause();
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let (writer, _task) = GroupCommit::start(t.store.clone(), shutdown);
+
+        // Alone, a deferred row waits the whole interval, then is committed.
+        let alone = tokio::spawn({
+            let writer = writer.clone();
+            async move {
+                writer
+                    .write_deferred(vec![AuditEvent::new("t", "broker.request")])
+                    .await
+            }
+        });
+        tokio::time::sleep(DEFER_AT_MOST / 2).await;
+        assert_eq!(rows(&t.path, "broker.request"), 0, "committed early");
+        alone.await.unwrap().unwrap();
+        assert_eq!(rows(&t.path, "broker.request"), 1);
+
+        // A row someone waits for takes the deferred ones with it at once.
+        let started = tokio::time::Instant::now();
+        let deferred = tokio::spawn({
+            let writer = writer.clone();
+            async move {
+                writer
+                    .write_deferred(vec![AuditEvent::new("t", "broker.request")])
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        writer
+            .write(Vec::new(), vec![AuditEvent::new("t", "fetch.allowed")])
+            .await
+            .unwrap();
+        deferred.await.unwrap().unwrap();
+        assert!(started.elapsed() < DEFER_AT_MOST);
+        assert_eq!(rows(&t.path, "broker.request"), 2);
+    }
+
+    #[tokio::test]
+    async fn deferred_rows_are_committed_at_shutdown() {
+        let t = temp_store().await;
+        tokio::time::pause();
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let (writer, task) = GroupCommit::start(t.store.clone(), shutdown);
+        let started = tokio::time::Instant::now();
+        let deferred = tokio::spawn(async move {
+            writer
+                .write_deferred(vec![AuditEvent::new("t", "broker.request")])
+                .await
+        });
+        tokio::task::yield_now().await;
+        stop.send(true).unwrap();
+        deferred.await.unwrap().unwrap();
+        task.await.unwrap();
+        assert!(started.elapsed() < DEFER_AT_MOST);
+        assert_eq!(rows(&t.path, "broker.request"), 1);
     }
 }

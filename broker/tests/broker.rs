@@ -480,9 +480,11 @@ fallback = [{{ secret = "openai/backup", upstream = "{{upstream}}" }}]
             .contains("x-keywarden-route: openai/backup"),
         "{body}"
     );
-    let rows = s.audit("broker.request");
-    let last = detail(rows.last().unwrap());
-    assert_eq!(last["broker"], "flaky");
+    // The row is written once the answer has ended, with a later commit.
+    let last = wait_for("the fallback's audit row", Duration::from_secs(10), || {
+        let rows = s.audit("broker.request");
+        rows.last().map(detail).filter(|d| d["broker"] == "flaky")
+    });
     assert_eq!(last["route"], "openai/backup");
 }
 
@@ -923,11 +925,14 @@ ca_file = {ca}
         );
     }
     // Usage: Gemini's usageMetadata (the stream's last, cumulative count), Azure's usage.
-    let tokens: Vec<i64> = s
-        .audit("broker.request")
-        .iter()
-        .map(|r| detail(r)["tokens"].as_i64().unwrap_or(-1))
-        .collect();
+    let tokens: Vec<i64> = wait_for("the audit rows", Duration::from_secs(10), || {
+        let rows = s.audit("broker.request");
+        (rows.len() >= 3).then(|| {
+            rows.iter()
+                .map(|r| detail(r)["tokens"].as_i64().unwrap_or(-1))
+                .collect()
+        })
+    });
     assert!(tokens.starts_with(&[10, 10, 18]), "{tokens:?}");
     for key in [GEMINI, AZURE] {
         let log = s.daemon.as_ref().unwrap().log_text();
