@@ -11,6 +11,14 @@
 //! added latency, and the CPU the daemon and the broker process spent per request; then a
 //! streamed answer's time to first byte and throughput both ways.
 //!
+//! Each agent sends its next request as soon as the previous answer has ended. Against a
+//! provider that answers at once, 32 such agents saturate the machine's cores (load generator,
+//! provider, daemon and broker share them), so the added latency of that row is mostly waiting
+//! for a core: it follows the CPU per request. The last row gives the provider a model's time
+//! to answer (`x-bench-delay-ms`, 20 ms: faster than any chat completion), so 32 agents keep
+//! 32 requests in flight without saturating anything, and the added latency is the broker's
+//! own.
+//!
 //! Run with `cargo bench -p keywarden-broker --bench broker` (`BENCH_SECONDS=30` to profile).
 
 use std::path::{Path, PathBuf};
@@ -38,10 +46,14 @@ fn measure() -> Duration {
             .unwrap_or(3),
     )
 }
+/// The paced row's provider time, like a model's (the fake provider sleeps this long).
+const PROVIDER_MS: u64 = 20;
 const ANSWER: &str = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1}}"#;
 /// A streamed answer: this many events of `CHUNK` bytes each (4 MiB in all).
 const EVENTS: usize = 4096;
 const CHUNK: usize = 1024;
+/// Streamed answers per path.
+const STREAM_RUNS: usize = 15;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -112,16 +124,20 @@ brokers = ["openai"]
     let tls = tls_client(&ca);
     println!("# broker: requests through keywarden vs the same provider called directly");
     println!(
-        "| agents | direct req/s | broker req/s | direct p50 / p99 | broker p50 / p99 | added p50 / p99 | daemon + broker CPU per request |"
+        "| agents | provider answers in | direct req/s | broker req/s | direct p50 / p99 | broker p50 / p99 | added p50 / p99 | daemon + broker CPU per request |"
     );
-    println!("|---|---|---|---|---|---|---|");
-    for agents in [1, 32] {
-        let direct = runtime.block_on(load(Target::Direct(provider_port, tls.clone()), agents));
+    println!("|---|---|---|---|---|---|---|---|");
+    for (agents, delay_ms) in [(1, 0), (32, 0), (32, PROVIDER_MS)] {
+        let direct = runtime.block_on(load(
+            Target::Direct(provider_port, tls.clone()),
+            agents,
+            delay_ms,
+        ));
         let cpu_before = cpu_seconds(daemon_pid) + cpu_seconds(broker_pid);
-        let brokered = runtime.block_on(load(Target::Broker(listen), agents));
+        let brokered = runtime.block_on(load(Target::Broker(listen), agents, delay_ms));
         let cpu = cpu_seconds(daemon_pid) + cpu_seconds(broker_pid) - cpu_before;
         println!(
-            "| {agents} | {:.0} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:+.2} / {:+.2} ms | {:.0} µs |",
+            "| {agents} | {delay_ms} ms | {:.0} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:+.2} / {:+.2} ms | {:.0} µs |",
             direct.rate,
             brokered.rate,
             direct.p50,
@@ -134,11 +150,15 @@ brokers = ["openai"]
         );
     }
     println!();
-    println!("# a streamed answer ({EVENTS} events of {CHUNK} bytes), best of 5");
+    println!(
+        "# a streamed answer ({EVENTS} events of {CHUNK} bytes), best of {STREAM_RUNS}, the two paths taking turns"
+    );
     println!("| path | time to first byte | throughput | ratio |");
     println!("|---|---|---|---|");
-    let direct = runtime.block_on(stream(Target::Direct(provider_port, tls.clone())));
-    let brokered = runtime.block_on(stream(Target::Broker(listen)));
+    let [direct, brokered] = runtime.block_on(streams([
+        Target::Direct(provider_port, tls.clone()),
+        Target::Broker(listen),
+    ]));
     println!(
         "| direct | {:.2} ms | {:.0} MB/s | 1.00 |",
         direct.0 * 1e3,
@@ -235,7 +255,7 @@ impl Target {
         sender
     }
 
-    fn request(&self, body: &'static str) -> Request<Full<Bytes>> {
+    fn request(&self, body: &'static str, delay_ms: u64) -> Request<Full<Bytes>> {
         let path = match self {
             Target::Direct(..) => "/v1/chat/completions",
             Target::Broker(_) => "/openai/v1/chat/completions",
@@ -244,6 +264,7 @@ impl Target {
             .header("host", "127.0.0.1")
             .header("content-type", "application/json")
             .header("authorization", "Bearer placeholder")
+            .header("x-bench-delay-ms", delay_ms)
             .body(Full::new(Bytes::from_static(body.as_bytes())))
             .unwrap()
     }
@@ -256,8 +277,9 @@ struct Load {
     p99: f64,
 }
 
-/// `agents` clients sending requests back to back for [`MEASURE`] (after a short warm-up).
-async fn load(target: Target, agents: usize) -> Load {
+/// `agents` clients sending requests back to back for [`measure`] (after a short warm-up), to
+/// a provider that answers after `delay_ms`.
+async fn load(target: Target, agents: usize, delay_ms: u64) -> Load {
     let mut tasks = Vec::new();
     let start = Instant::now() + Duration::from_millis(300);
     let end = start + measure();
@@ -273,7 +295,7 @@ async fn load(target: Target, agents: usize) -> Load {
                 }
                 sender.ready().await.unwrap();
                 let answer = sender
-                    .send_request(target.request(r#"{"model":"m","messages":[]}"#))
+                    .send_request(target.request(r#"{"model":"m","messages":[]}"#, delay_ms))
                     .await
                     .unwrap();
                 assert!(answer.status().is_success(), "{}", answer.status());
@@ -299,29 +321,36 @@ async fn load(target: Target, agents: usize) -> Load {
     }
 }
 
-/// The best of five streamed answers: (seconds to the first byte, MB/s over the whole body).
-async fn stream(target: Target) -> (f64, f64) {
-    let mut best = (f64::MAX, 0.0f64);
-    let mut sender = target.connect().await;
-    for _ in 0..5 {
-        sender.ready().await.unwrap();
-        let t = Instant::now();
-        let answer = sender
-            .send_request(target.request(r#"{"model":"m","messages":[],"stream":true}"#))
-            .await
-            .unwrap();
-        let mut body = answer.into_body();
-        let mut first = None;
-        let mut bytes = 0usize;
-        while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame.unwrap().into_data() {
-                first.get_or_insert_with(|| t.elapsed().as_secs_f64());
-                bytes += data.len();
+/// Streamed answers through both targets, alternating so that both see the same machine:
+/// the best of [`STREAM_RUNS`] each, as (seconds to the first byte, MB/s over the whole body).
+async fn streams(targets: [Target; 2]) -> [(f64, f64); 2] {
+    let mut best = [(f64::MAX, 0.0f64); 2];
+    let mut senders = Vec::new();
+    for target in &targets {
+        senders.push(target.connect().await);
+    }
+    for _ in 0..STREAM_RUNS {
+        for (i, target) in targets.iter().enumerate() {
+            let sender = &mut senders[i];
+            sender.ready().await.unwrap();
+            let t = Instant::now();
+            let answer = sender
+                .send_request(target.request(r#"{"model":"m","messages":[],"stream":true}"#, 0))
+                .await
+                .unwrap();
+            let mut body = answer.into_body();
+            let mut first = None;
+            let mut bytes = 0usize;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.unwrap().into_data() {
+                    first.get_or_insert_with(|| t.elapsed().as_secs_f64());
+                    bytes += data.len();
+                }
             }
+            let secs = t.elapsed().as_secs_f64();
+            best[i].0 = best[i].0.min(first.unwrap_or(secs));
+            best[i].1 = best[i].1.max(bytes as f64 / secs / 1e6);
         }
-        let secs = t.elapsed().as_secs_f64();
-        best.0 = best.0.min(first.unwrap_or(secs));
-        best.1 = best.1.max(bytes as f64 / secs / 1e6);
     }
     best
 }
@@ -373,7 +402,15 @@ fn provider(certs: &Path) {
                 };
                 let service =
                     hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let delay: u64 = req
+                            .headers()
+                            .get("x-bench-delay-ms")
+                            .and_then(|v| v.to_str().ok()?.parse().ok())
+                            .unwrap_or(0);
                         let body = req.into_body().collect().await.unwrap().to_bytes();
+                        if delay > 0 {
+                            tokio::time::sleep(Duration::from_millis(delay)).await;
+                        }
                         let streamed = body.windows(13).any(|w| w == b"\"stream\":true");
                         Ok::<_, std::convert::Infallible>(if streamed {
                             let event = Bytes::from(format!("data: {}\n\n", "x".repeat(CHUNK - 8)));
