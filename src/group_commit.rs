@@ -211,6 +211,16 @@ mod tests {
             .unwrap()
     }
 
+    /// A brokered request's row, handed to `writer` in a task of its own.
+    fn deferred_row(writer: &GroupCommit) -> tokio::task::JoinHandle<Result<(), WriteError>> {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            writer
+                .write_deferred(vec![AuditEvent::new("t", "broker.request")])
+                .await
+        })
+    }
+
     #[tokio::test]
     async fn deferred_rows_wait_for_company_or_at_most_the_interval() {
         let t = temp_store().await;
@@ -221,14 +231,7 @@ mod tests {
         let (writer, _task) = GroupCommit::start(t.store.clone(), shutdown);
 
         // Alone, a deferred row waits the whole interval, then is committed.
-        let alone = tokio::spawn({
-            let writer = writer.clone();
-            async move {
-                writer
-                    .write_deferred(vec![AuditEvent::new("t", "broker.request")])
-                    .await
-            }
-        });
+        let alone = deferred_row(&writer);
         tokio::time::sleep(DEFER_AT_MOST / 2).await;
         assert_eq!(rows(&t.path, "broker.request"), 0, "committed early");
         alone.await.unwrap().unwrap();
@@ -236,14 +239,7 @@ mod tests {
 
         // A row someone waits for takes the deferred ones with it at once.
         let started = tokio::time::Instant::now();
-        let deferred = tokio::spawn({
-            let writer = writer.clone();
-            async move {
-                writer
-                    .write_deferred(vec![AuditEvent::new("t", "broker.request")])
-                    .await
-            }
-        });
+        let deferred = deferred_row(&writer);
         tokio::task::yield_now().await;
         writer
             .write(Vec::new(), vec![AuditEvent::new("t", "fetch.allowed")])
@@ -261,11 +257,7 @@ mod tests {
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let (writer, task) = GroupCommit::start(t.store.clone(), shutdown);
         let started = tokio::time::Instant::now();
-        let deferred = tokio::spawn(async move {
-            writer
-                .write_deferred(vec![AuditEvent::new("t", "broker.request")])
-                .await
-        });
+        let deferred = deferred_row(&writer);
         tokio::task::yield_now().await;
         stop.send(true).unwrap();
         deferred.await.unwrap().unwrap();
