@@ -122,55 +122,58 @@ brokers = ["openai"]
         .build()
         .unwrap();
     let tls = tls_client(&ca);
+    let direct = Target::Direct(provider_port, tls);
+    let brokered = Target::Broker(listen);
+    requests(&runtime, &direct, &brokered, &[daemon_pid, broker_pid]);
+    println!();
+    streamed(&runtime, direct, brokered);
+    daemon.terminate();
+}
+
+/// The requests table: each row's load direct, then through the broker, with the CPU of
+/// `pids` (the daemon and the broker process) per brokered request.
+fn requests(runtime: &tokio::runtime::Runtime, direct: &Target, brokered: &Target, pids: &[u32]) {
+    let cpu = || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
     println!("# broker: requests through keywarden vs the same provider called directly");
     println!(
         "| agents | provider answers in | direct req/s | broker req/s | direct p50 / p99 | broker p50 / p99 | added p50 / p99 | daemon + broker CPU per request |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     for (agents, delay_ms) in [(1, 0), (32, 0), (32, PROVIDER_MS)] {
-        let direct = runtime.block_on(load(
-            Target::Direct(provider_port, tls.clone()),
-            agents,
-            delay_ms,
-        ));
-        let cpu_before = cpu_seconds(daemon_pid) + cpu_seconds(broker_pid);
-        let brokered = runtime.block_on(load(Target::Broker(listen), agents, delay_ms));
-        let cpu = cpu_seconds(daemon_pid) + cpu_seconds(broker_pid) - cpu_before;
+        let d = runtime.block_on(load(direct.clone(), agents, delay_ms));
+        let cpu_before = cpu();
+        let b = runtime.block_on(load(brokered.clone(), agents, delay_ms));
+        let used = cpu() - cpu_before;
         println!(
             "| {agents} | {delay_ms} ms | {:.0} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:+.2} / {:+.2} ms | {:.0} µs |",
-            direct.rate,
-            brokered.rate,
-            direct.p50,
-            direct.p99,
-            brokered.p50,
-            brokered.p99,
-            brokered.p50 - direct.p50,
-            brokered.p99 - direct.p99,
-            cpu / brokered.count as f64 * 1e6,
+            d.rate,
+            b.rate,
+            d.p50,
+            d.p99,
+            b.p50,
+            b.p99,
+            b.p50 - d.p50,
+            b.p99 - d.p99,
+            used / b.count as f64 * 1e6,
         );
     }
-    println!();
+}
+
+/// The streamed answer's table.
+fn streamed(runtime: &tokio::runtime::Runtime, direct: Target, brokered: Target) {
     println!(
         "# a streamed answer ({EVENTS} events of {CHUNK} bytes), best of {STREAM_RUNS}, the two paths taking turns"
     );
     println!("| path | time to first byte | throughput | ratio |");
     println!("|---|---|---|---|");
-    let [direct, brokered] = runtime.block_on(streams([
-        Target::Direct(provider_port, tls.clone()),
-        Target::Broker(listen),
-    ]));
-    println!(
-        "| direct | {:.2} ms | {:.0} MB/s | 1.00 |",
-        direct.0 * 1e3,
-        direct.1
-    );
+    let [d, b] = runtime.block_on(streams([direct, brokered]));
+    println!("| direct | {:.2} ms | {:.0} MB/s | 1.00 |", d.0 * 1e3, d.1);
     println!(
         "| broker | {:.2} ms | {:.0} MB/s | {:.2} |",
-        brokered.0 * 1e3,
-        brokered.1,
-        brokered.1 / direct.1
+        b.0 * 1e3,
+        b.1,
+        b.1 / d.1
     );
-    daemon.terminate();
 }
 
 /// A child process killed when dropped (the benchmark ended or panicked).
