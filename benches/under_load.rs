@@ -134,7 +134,10 @@ fn emergency(full: bool) -> Vec<Row> {
         });
         rows.push(Row {
             goal: format!("2. daemon CPU per emergency rotation, {secrets} secrets"),
-            measured: format!("{:.2} ms", f.cpu_ms_per_rotation),
+            measured: format!(
+                "{:.2} ms, {:.2} ms of it in the kernel",
+                f.cpu_ms_per_rotation, f.system_ms_per_rotation
+            ),
             target: "≤ 2 ms",
             met: f.cpu_ms_per_rotation <= 2.0,
         });

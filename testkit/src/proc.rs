@@ -4,18 +4,25 @@ use std::process::Command;
 
 /// A process's CPU time so far (user + system, from `/proc/PID/stat`), in seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
+    let (user, system) = cpu_user_system(pid);
+    user + system
+}
+
+/// A process's CPU time so far in user space and in the kernel (`utime`, `stime` of
+/// `/proc/PID/stat`), in seconds.
+pub fn cpu_user_system(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     let hz = Command::new("getconf").arg("CLK_TCK").output().unwrap();
-    ticks
-        / String::from_utf8(hz.stdout)
-            .unwrap()
-            .trim()
-            .parse::<f64>()
-            .unwrap()
+    let hz: f64 = String::from_utf8(hz.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let ticks = |i: usize| fields[i].parse::<f64>().unwrap() / hz;
+    (ticks(11), ticks(12))
 }
 
 /// A process's resident memory (`VmRSS`), in MB.
