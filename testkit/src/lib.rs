@@ -135,7 +135,8 @@ impl Env {
 }
 
 /// The `keywarden` binary under test: beside the running test in the target directory, built
-/// first if this test run did not build it (`cargo test -p` of a plugin).
+/// first (in the same profile) if this run did not build it (`cargo test -p` or `cargo bench
+/// -p` of a plugin or the broker).
 pub fn keywarden_bin() -> PathBuf {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
@@ -148,8 +149,13 @@ pub fn keywarden_bin() -> PathBuf {
         let bin = dir.join("keywarden");
         if !bin.exists() {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut args = vec!["build", "-p", "keywarden", "--bin", "keywarden"];
+            // A benchmark runs from target/release: build the daemon it will look for there.
+            if dir.file_name().is_some_and(|d| d == "release") {
+                args.push("--release");
+            }
             let status = Command::new(cargo)
-                .args(["build", "-p", "keywarden", "--bin", "keywarden"])
+                .args(&args)
                 .current_dir(workspace_root())
                 .status()
                 .expect("run cargo build");
