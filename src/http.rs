@@ -621,6 +621,9 @@ pub async fn serve<H: Handler, L: Listener>(
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
                 .max_buf_size(limits.max_header_bytes.max(8192))
+                // One buffer, one write per flush: a streamed (brokered) answer's chunks, three
+                // pieces each, otherwise go out sixteen pieces per `writev`.
+                .writev(false)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {

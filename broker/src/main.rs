@@ -96,7 +96,12 @@ async fn run() -> Result<(), String> {
                         let state = state.clone();
                         async move { Ok::<_, Infallible>(handle(&state, req).await) }
                     });
+                    // Answers are copied into one buffer and written with one call when it
+                    // fills (64 KiB) or the upstream pauses: a streamed answer's chunks (three
+                    // pieces each) otherwise go out sixteen pieces per `writev`.
                     let _ = hyper::server::conn::http1::Builder::new()
+                        .writev(false)
+                        .max_buf_size(64 << 10)
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
