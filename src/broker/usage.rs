@@ -4,7 +4,9 @@
 //! `message_delta`, Gemini's `usageMetadata`). Counts in streams are cumulative, so the meter
 //! keeps the largest seen of each.
 
+use serde::Deserialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// The most of one JSON answer, or of one stream line, the meter holds to read usage from.
 /// Larger answers pass through uncounted (and the audit row says so).
@@ -89,9 +91,8 @@ impl UsageMeter {
             let line = std::mem::take(&mut self.held);
             self.line(&line);
         } else if !self.overflowed {
-            if let Ok(v) = serde_json::from_slice::<Value>(&self.held) {
-                self.event(&v);
-            }
+            let held = std::mem::take(&mut self.held);
+            self.event(&held);
         }
         self.found.then_some(self.usage)
     }
@@ -104,24 +105,61 @@ impl UsageMeter {
         if !data.windows(4).any(|w| w == b"sage") {
             return;
         }
-        if let Ok(v) = serde_json::from_slice::<Value>(data.trim_ascii()) {
-            self.event(&v);
-        }
+        self.event(data.trim_ascii());
     }
 
-    fn event(&mut self, v: &Value) {
-        for at in [
-            &v["usage"],
-            &v["message"]["usage"],
-            &v["response"]["usage"],
-            &v["usageMetadata"],
-        ] {
-            if let Some(u) = usage_of(at) {
+    /// Reads the usage a JSON answer or event carries. Only the four places usage can be are
+    /// read into values; the rest (an embeddings answer can be megabytes of numbers) is skipped
+    /// without building anything.
+    fn event(&mut self, json: &[u8]) {
+        let Ok(at) = serde_json::from_slice::<Carriers<'_>>(json) else {
+            return;
+        };
+        for raw in [
+            at.usage,
+            nested(at.message),
+            nested(at.response),
+            at.usage_metadata,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let Ok(v) = serde_json::from_str::<Value>(raw.get()) else {
+                continue;
+            };
+            if let Some(u) = usage_of(&v) {
                 self.found = true;
                 self.usage.merge_max(u);
             }
         }
     }
+}
+
+/// Where usage may be in an answer or event: `usage`, `message.usage` (Anthropic's
+/// `message_start`), `response.usage` (the Responses API), `usageMetadata` (Gemini). Other
+/// fields are skipped unread.
+#[derive(Deserialize)]
+struct Carriers<'a> {
+    #[serde(borrow, default)]
+    usage: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    message: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    response: Option<&'a RawValue>,
+    #[serde(borrow, default, rename = "usageMetadata")]
+    usage_metadata: Option<&'a RawValue>,
+}
+
+/// An object that may hold `usage`.
+#[derive(Deserialize)]
+struct Nested<'a> {
+    #[serde(borrow, default)]
+    usage: Option<&'a RawValue>,
+}
+
+/// `usage` of the object `raw`, if it is one and has it.
+fn nested(raw: Option<&RawValue>) -> Option<&RawValue> {
+    serde_json::from_str::<Nested<'_>>(raw?.get()).ok()?.usage
 }
 
 fn usage_of(v: &Value) -> Option<Usage> {
@@ -206,6 +244,21 @@ mod tests {
     }
 
     #[test]
+    fn a_large_embeddings_answer_is_counted() {
+        let vector = vec!["0.0123456"; 200_000].join(",");
+        let json = format!(
+            r#"{{"object":"list","data":[{{"object":"embedding","index":0,"embedding":[{vector}]}}],"model":"m","usage":{{"prompt_tokens":8,"total_tokens":8}}}}"#
+        );
+        assert_eq!(
+            read("application/json", &json, 16 << 10),
+            Some(Usage {
+                input: 8,
+                output: 0
+            })
+        );
+    }
+
+    #[test]
     fn gemini_and_responses_api_and_an_answer_without_usage() {
         let gemini = r#"{"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":2}}"#;
         assert_eq!(
@@ -224,6 +277,18 @@ mod tests {
             })
         );
         assert_eq!(read("application/json", r#"{"data":[]}"#, 3), None);
+        // A `message` that is text (an error answer) does not hide the usage beside it.
+        assert_eq!(
+            read(
+                "application/json",
+                r#"{"message":"rate limited","usage":{"input_tokens":7}}"#,
+                9
+            ),
+            Some(Usage {
+                input: 7,
+                output: 0
+            })
+        );
         assert_eq!(read("application/json", "not json", 3), None);
     }
 }
