@@ -221,14 +221,25 @@ mod tests {
         })
     }
 
+    /// A store, and a writer on it with its stop switch and task, on a paused clock (paused
+    /// once the store is open: its pool's time-outs run on this clock too; the batches run in
+    /// this thread).
+    async fn paused_writer() -> (
+        crate::store::tests::TempStore,
+        tokio::sync::watch::Sender<bool>,
+        GroupCommit,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let t = temp_store().await;
+        tokio::time::pause();
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let (writer, task) = GroupCommit::start(t.store.clone(), shutdown);
+        (t, stop, writer, task)
+    }
+
     #[tokio::test]
     async fn deferred_rows_wait_for_company_or_at_most_the_interval() {
-        let t = temp_store().await;
-        // Paused once the store is open (its pool's time-outs run on this clock too); the
-        // batches run in this thread.
-        tokio::time::pause();
-        let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        let (writer, _task) = GroupCommit::start(t.store.clone(), shutdown);
+        let (t, _stop, writer, _task) = paused_writer().await;
 
         // Alone, a deferred row waits the whole interval, then is committed.
         let alone = deferred_row(&writer);
@@ -252,10 +263,7 @@ mod tests {
 
     #[tokio::test]
     async fn deferred_rows_are_committed_at_shutdown() {
-        let t = temp_store().await;
-        tokio::time::pause();
-        let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let (writer, task) = GroupCommit::start(t.store.clone(), shutdown);
+        let (t, stop, writer, task) = paused_writer().await;
         let started = tokio::time::Instant::now();
         let deferred = deferred_row(&writer);
         tokio::task::yield_now().await;
