@@ -97,7 +97,10 @@ pub fn bind_socket(path: &Path, mode: u32, dir_mode: u32) -> Result<UnixListener
         Err(_) => {}
     }
     // The socket gets its mode as it is created: no chmod afterwards, no window in which it
-    // has another mode, nothing to follow if the path were swapped.
+    // has another mode, nothing to follow if the path were swapped. The umask is the
+    // process's: one bind at a time.
+    static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = UMASK.lock().unwrap_or_else(|e| e.into_inner());
     let umask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(!mode & 0o777));
     let bound = UnixListener::bind(path);
     rustix::process::umask(umask);
@@ -539,6 +542,31 @@ impl Listener for TlsListener {
 /// How long a connection may take to finish its request in flight once shutdown begins.
 const GRACEFUL_CLOSE: Duration = Duration::from_secs(5);
 
+/// Whether a connection's first request has arrived (its head read), and a way to wait for it.
+#[derive(Default)]
+struct FirstRequest {
+    seen: std::sync::atomic::AtomicBool,
+    arrived: tokio::sync::Notify,
+}
+
+impl FirstRequest {
+    fn arrived(&self) {
+        if !self.seen.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.arrived.notify_one();
+        }
+    }
+
+    fn seen(&self) -> bool {
+        self.seen.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    async fn wait(&self) {
+        if !self.seen() {
+            self.arrived.notified().await;
+        }
+    }
+}
+
 /// Serves `listener` with `handler` until `shutdown` turns true, then lets each connection
 /// finish its request in flight (at most [`GRACEFUL_CLOSE`]) and returns once all are closed.
 pub async fn serve<H: Handler, L: Listener>(
@@ -584,9 +612,12 @@ pub async fn serve<H: Handler, L: Listener>(
         connections.spawn(async move {
             let (_permit, _slot) = (permit, slot);
             let (max_body, body_timeout) = (limits.max_body_bytes, limits.body_timeout);
+            let first_request = Arc::new(FirstRequest::default());
+            let service_first = first_request.clone();
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
                 let conn_state = conn_state.clone();
+                service_first.arrived();
                 async move {
                     let (parts, body) = req.into_parts();
                     let read =
@@ -633,6 +664,21 @@ pub async fn serve<H: Handler, L: Listener>(
                     }
                 }
                 _ = shutdown.changed() => {
+                    // Accepted, but its first request not read yet: hyper would close it as
+                    // idle, and the client, whose request may already be on its way, would get
+                    // nothing back. It gets the header timeout for that request instead.
+                    if !first_request.seen() {
+                        let first = tokio::time::timeout(limits.header_timeout, first_request.wait());
+                        tokio::select! {
+                            result = conn.as_mut() => {
+                                if let Err(e) = result {
+                                    tracing::debug!(error = %e, "connection ended with an error");
+                                }
+                                return;
+                            }
+                            _ = first => {}
+                        }
+                    }
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(GRACEFUL_CLOSE, conn).await;
                 }
@@ -714,5 +760,54 @@ mod tests {
         std::os::unix::fs::symlink(&run, &link).unwrap();
         let err = bind_socket(&link.join("admin.sock"), 0o600, 0o700).unwrap_err();
         assert!(err.to_string().contains("not a directory"), "{err}");
+    }
+
+    /// Answers 200 to anything; says when a connection is accepted.
+    struct Answer {
+        accepted: tokio::sync::mpsc::UnboundedSender<()>,
+    }
+
+    impl Handler for Answer {
+        type Conn = ();
+        type Body = Full<Bytes>;
+
+        fn connect(&self, _: Peer, _: Option<OwnedFd>, _: f64) {
+            let _ = self.accepted.send(());
+        }
+
+        async fn handle(&self, _: &(), _: Request<Bytes>) -> Response<Full<Bytes>> {
+            json(StatusCode::OK, &serde_json::json!({ "ok": true }))
+        }
+    }
+
+    /// A reload stops the server while a client has connected but not yet sent its request:
+    /// the request is still answered (the CI run that found it saw curl get an empty reply).
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_accepted_just_before_a_shutdown_still_gets_its_answer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/s.sock");
+        let listener = bind_socket(&path, 0o600, 0o700).unwrap();
+        let (accepted, mut was_accepted) = tokio::sync::mpsc::unbounded_channel();
+        let (stop, stopped) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            listener,
+            Arc::new(Answer { accepted }),
+            Limits::default(),
+            stopped,
+        ));
+        let mut client = tokio::net::UnixStream::connect(&path).await.unwrap();
+        was_accepted.recv().await.unwrap();
+        stop.send(true).unwrap();
+        // Paused time advances only once every task is idle: the server has seen the stop.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        server.await.unwrap();
     }
 }
