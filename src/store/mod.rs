@@ -61,6 +61,7 @@ macro_rules! stored_enum {
 mod cache;
 pub mod journal;
 mod lock;
+pub mod postgres;
 pub mod records;
 mod sqlite;
 
@@ -213,6 +214,18 @@ pub enum StoreError {
         from: RotationState,
         /// The state asked for.
         to: RotationState,
+    },
+    /// A leader-only write by a daemon whose leadership has ended: another daemon leads the
+    /// store now (PostgreSQL; see `postgres/leader.rs`). Nothing was written.
+    #[error(
+        "this daemon no longer leads the store (its term {mine} ended; term {current} leads): \
+         the write was refused"
+    )]
+    Fenced {
+        /// The term the write was made under.
+        mine: i64,
+        /// The term that leads now.
+        current: i64,
     },
     /// The root key was replaced (by `rekey` in another process) since this process unlocked.
     #[error("the store was rekeyed by another process; unlock it again")]
