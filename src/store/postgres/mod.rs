@@ -25,3 +25,6 @@ pub async fn connect(url: &str, connect_timeout: Duration) -> Result<PgPool, Sto
     MIGRATOR.run(&pool).await?;
     Ok(pool)
 }
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -6,56 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use sqlx::postgres::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::*;
-use crate::store::postgres::connect;
-
-/// A database of the test's own on the test server, dropped by [`Scratch::remove`].
-struct Scratch {
-    admin: PgPool,
-    name: String,
-    url: String,
-}
-
-impl Scratch {
-    /// `None` (with a note) where no server is configured; under CI its absence fails.
-    async fn new() -> Option<Scratch> {
-        let Ok(base) = std::env::var("KEYWARDEN_TEST_POSTGRES_URL") else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "KEYWARDEN_TEST_POSTGRES_URL is not set (.ci/run sets it)"
-            );
-            eprintln!("skipping: KEYWARDEN_TEST_POSTGRES_URL is not set");
-            return None;
-        };
-        let admin = PgPool::connect(&base).await.unwrap();
-        let name = format!("kw_leader_{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let (server, _) = base.rsplit_once('/').unwrap();
-        let url = format!("{server}/{name}");
-        Some(Scratch { admin, name, url })
-    }
-
-    async fn pool(&self) -> PgPool {
-        connect(&self.url, Duration::from_secs(30)).await.unwrap()
-    }
-
-    async fn remove(self) {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE {} WITH (FORCE)",
-            self.name
-        )))
-        .execute(&self.admin)
-        .await
-        .unwrap();
-    }
-}
+use crate::store::postgres::tests::Scratch;
 
 /// Polls `check` every 10 ms until it gives a value; panics after `limit`.
 async fn wait_for<T>(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {

@@ -1,0 +1,160 @@
+//! The PostgreSQL schema against SQLite's, and a scratch database per test on the test server
+//! (`KEYWARDEN_TEST_POSTGRES_URL`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sqlx::postgres::PgPool;
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+
+use super::connect;
+
+/// A database of the test's own on the test server, dropped by [`Scratch::remove`].
+pub(crate) struct Scratch {
+    pub(crate) admin: PgPool,
+    name: String,
+    pub(crate) url: String,
+}
+
+impl Scratch {
+    /// `None` (with a note) where no server is configured; under CI its absence fails.
+    pub(crate) async fn new() -> Option<Scratch> {
+        let Ok(base) = std::env::var("KEYWARDEN_TEST_POSTGRES_URL") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "KEYWARDEN_TEST_POSTGRES_URL is not set (.ci/run sets it)"
+            );
+            eprintln!("skipping: KEYWARDEN_TEST_POSTGRES_URL is not set");
+            return None;
+        };
+        let admin = PgPool::connect(&base).await.unwrap();
+        let name = format!("kw_leader_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let (server, _) = base.rsplit_once('/').unwrap();
+        let url = format!("{server}/{name}");
+        Some(Scratch { admin, name, url })
+    }
+
+    pub(crate) async fn pool(&self) -> PgPool {
+        connect(&self.url, Duration::from_secs(30)).await.unwrap()
+    }
+
+    pub(crate) async fn remove(self) {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&self.admin)
+        .await
+        .unwrap();
+    }
+}
+
+/// A column as both schemas are compared: its type in PostgreSQL's words, whether it may be
+/// NULL, and whether it is part of the primary key.
+type Columns = BTreeMap<(String, String), (String, bool, bool)>;
+
+/// The SQLite store's columns after all its migrations.
+async fn sqlite_columns() -> (Columns, Vec<String>) {
+    let mut db = SqliteConnectOptions::new()
+        .in_memory(true)
+        .connect()
+        .await
+        .unwrap();
+    crate::store::sqlite::MIGRATOR.run(&mut db).await.unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' \
+         AND name NOT LIKE 'sqlite_%' AND name != '_sqlx_migrations'",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    let mut columns = Columns::new();
+    for table in tables {
+        let rows: Vec<(String, String, bool, i64)> =
+            sqlx::query_as("SELECT name, type, \"notnull\", pk FROM pragma_table_info(?)")
+                .bind(&table)
+                .fetch_all(&mut db)
+                .await
+                .unwrap();
+        for (column, kind, not_null, pk) in rows {
+            let kind = match kind.as_str() {
+                "INTEGER" => "bigint",
+                "BLOB" => "bytea",
+                "TEXT" => "text",
+                other => panic!("{table}.{column}: a type the comparison does not know: {other}"),
+            };
+            // SQLite's INTEGER PRIMARY KEY (the rowid) is never NULL, whatever pragma says.
+            let nullable = !(not_null || pk > 0);
+            columns.insert((table.clone(), column), (kind.into(), nullable, pk > 0));
+        }
+    }
+    let mut indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    indexes.sort();
+    db.close().await.unwrap();
+    (columns, indexes)
+}
+
+/// The PostgreSQL store's columns after all its migrations (the leadership tables aside: they
+/// have no SQLite twin, where the file lock is the leadership).
+async fn postgres_columns(pool: &PgPool) -> (Columns, Vec<String>) {
+    let rows: Vec<(String, String, String, String, bool)> = sqlx::query_as(
+        "SELECT c.table_name::text, c.column_name::text, c.data_type::text, c.is_nullable::text, \
+         EXISTS (SELECT 1 FROM information_schema.table_constraints t \
+                 JOIN information_schema.key_column_usage k \
+                   ON k.constraint_name = t.constraint_name AND k.table_name = t.table_name \
+                 WHERE t.constraint_type = 'PRIMARY KEY' AND t.table_name = c.table_name \
+                   AND k.column_name = c.column_name) \
+         FROM information_schema.columns c WHERE c.table_schema = current_schema() \
+         AND c.table_name NOT IN ('_sqlx_migrations', 'leadership', 'daemons')",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let columns = rows
+        .into_iter()
+        .map(|(table, column, kind, nullable, pk)| ((table, column), (kind, nullable == "YES", pk)))
+        .collect();
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE schemaname = current_schema() \
+         AND indexname NOT LIKE '%_pkey' AND indexname NOT LIKE '%_key' ORDER BY indexname",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    (columns, indexes)
+}
+
+#[tokio::test]
+async fn the_postgres_schema_has_every_table_column_type_key_and_index_the_sqlite_one_has() {
+    let Some(db) = Scratch::new().await else {
+        return;
+    };
+    let pool = db.pool().await;
+    let (sqlite, sqlite_indexes) = sqlite_columns().await;
+    let (postgres, postgres_indexes) = postgres_columns(&pool).await;
+    assert!(sqlite.len() > 100, "{}", sqlite.len());
+    let only = |a: &Columns, b: &Columns| {
+        a.iter()
+            .filter(|(k, v)| b.get(*k) != Some(*v))
+            .map(|(k, v)| format!("{}.{} {v:?}", k.0, k.1))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        (only(&sqlite, &postgres), only(&postgres, &sqlite)),
+        (vec![], vec![]),
+        "(SQLite's columns that PostgreSQL lacks or has otherwise, and the reverse)"
+    );
+    assert_eq!(sqlite_indexes, postgres_indexes);
+    pool.close().await;
+    db.remove().await;
+}
