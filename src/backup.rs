@@ -53,6 +53,12 @@ pub enum BackupError {
         /// Why.
         source: StoreError,
     },
+    /// The store is in PostgreSQL, whose own tools back it up.
+    #[error(
+        "the store at {0} is in PostgreSQL: back it up with PostgreSQL's tools (pg_dump, or a \
+         base backup with its write-ahead log); values stay sealed in them as in the database"
+    )]
+    OnPostgres(PathBuf),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -84,7 +90,10 @@ pub async fn snapshot(store: &Store, dir: &Path) -> Result<PathBuf, BackupError>
         ".keywarden-backup-{}.partial",
         uuid::Uuid::new_v4()
     ));
-    store.copy_into(&partial).await?;
+    let Some(file) = store.sqlite() else {
+        return Err(BackupError::OnPostgres(store.path().to_path_buf()));
+    };
+    file.copy_into(&partial).await?;
     Ok(partial)
 }
 

@@ -341,13 +341,16 @@ async fn bind_per_run(
     Ok((brokers, signals))
 }
 
-/// Commits what stopped tasks queued, then folds the write-ahead log into the store, so none is
-/// left behind and the next start opens a compact file.
+/// Commits what stopped tasks queued, then (SQLite) folds the write-ahead log into the store, so
+/// none is left behind and the next start opens a compact file.
 async fn flush(store: &crate::store::Store) {
     if let Err(e) = store.flush_writes().await {
         tracing::warn!(error = %e, "could not commit the last queued writes");
     }
-    if let Err(e) = store.truncate_wal().await {
+    if let Some(Err(e)) = match store.sqlite() {
+        Some(file) => Some(file.truncate_wal().await),
+        None => None,
+    } {
         tracing::warn!(error = %e, "could not fold the write-ahead log into the store");
     }
 }

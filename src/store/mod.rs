@@ -4,10 +4,10 @@
 //! state is one transaction and appends its audit rows inside that same transaction, so a change
 //! and its audit row are durable together or not at all.
 //!
-//! The seam for a second backend: [`Store`] owns the lock and dereferences to the backend, whose
-//! public methods are the store's operations ([`SqliteStore`] today, one file per table group
-//! under `sqlite/`). A PostgreSQL backend offers the same methods; `Store` then dereferences to
-//! whichever was opened, and no caller changes.
+//! Two backends offer the same operations: [`SqliteStore`] (a file; one file per table group
+//! under `sqlite/`) and [`PgStore`] (a PostgreSQL database; the same under `postgres/`).
+//! [`Store`] owns the lock and forwards each operation to the backend it was opened on
+//! (`backend.rs`), so no caller knows which one it is.
 //!
 //! Nothing here encrypts or decrypts: values arrive sealed and leave sealed.
 
@@ -58,6 +58,7 @@ macro_rules! stored_enum {
     };
 }
 
+mod backend;
 mod cache;
 pub mod journal;
 mod lock;
@@ -73,8 +74,11 @@ use lock::{LockError, StoreLock};
 use crate::audit::AuditEvent;
 
 pub use journal::{Reason, RotationState};
+pub use postgres::PgStore;
 pub use records::*;
 pub use sqlite::SqliteStore;
+
+use backend::Backend;
 
 /// Why `path` cannot be reached: the deepest directory on the way that this user can see,
 /// with its owner and mode.
@@ -280,12 +284,12 @@ pub enum Access {
 }
 
 struct Inner {
-    backend: SqliteStore,
+    backend: Backend,
     _lock: Option<StoreLock>,
 }
 
 /// The store. Cheap to clone; clones share connections, lock and cache. Its operations are the
-/// backend's public methods, reached through `Deref`.
+/// backend's public methods, forwarded (`backend.rs`).
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -293,17 +297,7 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("path", &self.inner.backend.path())
-            .finish()
-    }
-}
-
-impl std::ops::Deref for Store {
-    type Target = SqliteStore;
-
-    fn deref(&self) -> &SqliteStore {
-        &self.inner.backend
+        f.debug_struct("Store").field("path", &self.path()).finish()
     }
 }
 
@@ -418,7 +412,39 @@ impl Store {
         }
     }
 
+    /// Creates the store's tables in the empty PostgreSQL database at `url` (`postgres://…`)
+    /// and writes `header`. Fails if the database already holds a vault.
+    pub async fn create_postgres(
+        url: &str,
+        header: &VaultHeader,
+        audit: AuditEvent,
+    ) -> Result<Store, StoreError> {
+        let backend = PgStore::create(url, header, audit).await?;
+        Ok(Store::assemble_with(Backend::Postgres(backend), None))
+    }
+
+    /// Opens the store in the PostgreSQL database at `url`. Unless read-only, applies newer
+    /// schema migrations. No file lock: on PostgreSQL, the leader's lease decides who runs
+    /// rotations (`postgres/leader.rs`).
+    pub async fn open_postgres(url: &str, access: Access) -> Result<Store, StoreError> {
+        let backend = PgStore::open(url, access != Access::ReadOnly).await?;
+        Ok(Store::assemble_with(Backend::Postgres(backend), None))
+    }
+
+    /// The SQLite backend, where the store is one (`backup` copies its file, the daemon
+    /// truncates its write-ahead log on a stop); `None` on PostgreSQL.
+    pub fn sqlite(&self) -> Option<&SqliteStore> {
+        match &self.inner.backend {
+            Backend::Sqlite(b) => Some(b),
+            Backend::Postgres(_) => None,
+        }
+    }
+
     fn assemble(backend: SqliteStore, lock: Option<StoreLock>) -> Store {
+        Store::assemble_with(Backend::Sqlite(backend), lock)
+    }
+
+    fn assemble_with(backend: Backend, lock: Option<StoreLock>) -> Store {
         Store {
             inner: Arc::new(Inner {
                 backend,

@@ -1,29 +1,218 @@
-//! The PostgreSQL side of the store (docs/design.md §13): where several daemons share one
-//! database, exactly one of them leads ([`leader`]).
+//! The PostgreSQL backend (docs/design.md §13): the store's operations on a database several
+//! daemons share, of which exactly one leads ([`leader`]).
 //!
-//! Its schema is `migrations_postgres/`, applied by [`connect`].
+//! Its schema is `migrations_postgres/`: the same tables as SQLite's, in PostgreSQL's types, with
+//! values sealed exactly as in SQLite. Every write transaction first takes one transaction-level
+//! advisory lock ([`PgStore::begin_write`]): writers take turns as they do on SQLite's
+//! `BEGIN IMMEDIATE`, so a read-then-write transaction never acts on a stale read and the audit
+//! chain gets one row after another. (A transaction-level lock ends with its transaction, so it
+//! is safe behind a transaction-pooling PgBouncer, unlike a session lock.) Reads run
+//! concurrently. One file per table group, as under `sqlite/`.
 
+mod audit;
+mod brokers;
+mod deliveries;
+mod header;
+mod incidents;
 pub mod leader;
+mod leases;
+mod rotations;
+mod secrets;
 
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
-use crate::store::StoreError;
+use crate::audit::AuditEvent;
+use crate::crypto::IntegrityKey;
+use crate::store::{StoreError, VaultHeader};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations_postgres");
+
+/// The advisory lock every write transaction holds (an arbitrary constant: "kw" and 1).
+const WRITER_LOCK: i64 = 0x6b77_0001;
+
+/// How long making a connection may take before the operation fails.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens a pool on the database at `url` (`postgres://…`) and applies the schema's newer
 /// migrations. Each connection waits at most `connect_timeout` to be made.
 pub async fn connect(url: &str, connect_timeout: Duration) -> Result<PgPool, StoreError> {
+    let pool = pool(url, connect_timeout).await?;
+    MIGRATOR.run(&pool).await?;
+    Ok(pool)
+}
+
+async fn pool(url: &str, connect_timeout: Duration) -> Result<PgPool, StoreError> {
     let options: PgConnectOptions = url.parse()?;
-    let pool = PgPoolOptions::new()
+    Ok(PgPoolOptions::new()
         .max_connections(8)
         .acquire_timeout(connect_timeout)
         .connect_with(options.application_name("keywarden"))
+        .await?)
+}
+
+fn newest_known_migration() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// The store on PostgreSQL. Its public methods are the same as [`super::SqliteStore`]'s.
+pub struct PgStore {
+    /// The database's address without its password, for messages.
+    location: PathBuf,
+    pool: PgPool,
+    /// Set once the vault is unlocked: every transaction that appends audit rows also seals
+    /// the chain's new head with it, and every change of a current version records its MAC.
+    integrity: Arc<OnceLock<IntegrityKey>>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("location", &self.location)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `url` without a password (`postgres://user@host:port/db`), for messages and `status`.
+fn location(url: &str) -> PathBuf {
+    match url.parse::<PgConnectOptions>() {
+        Ok(o) => PathBuf::from(format!(
+            "postgres://{}@{}:{}/{}",
+            o.get_username(),
+            o.get_host(),
+            o.get_port(),
+            o.get_database().unwrap_or_default()
+        )),
+        Err(_) => PathBuf::from("postgres://(an address that does not parse)"),
+    }
+}
+
+impl PgStore {
+    /// Creates the store's tables in the (empty) database at `url` and writes `header`. Fails
+    /// if the database already holds a vault.
+    pub(crate) async fn create(
+        url: &str,
+        header: &VaultHeader,
+        audit: AuditEvent,
+    ) -> Result<Self, StoreError> {
+        let store = PgStore {
+            location: location(url),
+            pool: connect(url, CONNECT_TIMEOUT).await?,
+            integrity: Arc::default(),
+        };
+        let mut tx = store.begin_write().await?;
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM vault)")
+            .fetch_one(&mut *tx)
+            .await?;
+        if exists {
+            return Err(StoreError::AlreadyExists {
+                path: store.location.clone(),
+            });
+        }
+        store.init_header(&mut tx, header, audit).await?;
+        tx.commit().await?;
+        Ok(store)
+    }
+
+    /// Opens the store in the database at `url`; applies newer migrations when `migrate`.
+    pub(crate) async fn open(url: &str, migrate: bool) -> Result<Self, StoreError> {
+        let store = PgStore {
+            location: location(url),
+            pool: pool(url, CONNECT_TIMEOUT).await?,
+            integrity: Arc::default(),
+        };
+        let has_migrations: bool =
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                .fetch_one(&store.pool)
+                .await?;
+        if !has_migrations {
+            return Err(StoreError::NotInitialized {
+                path: store.location.clone(),
+            });
+        }
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&store.pool)
+                .await?;
+        let supported = newest_known_migration();
+        if let Some(found) = found.filter(|f| *f > supported) {
+            return Err(StoreError::SchemaTooNew {
+                path: store.location.clone(),
+                found,
+                supported,
+            });
+        }
+        if found.unwrap_or(0) < supported {
+            if !migrate {
+                return Err(StoreError::SchemaTooOld {
+                    path: store.location.clone(),
+                });
+            }
+            MIGRATOR.run(&store.pool).await?;
+        }
+        Ok(store)
+    }
+
+    /// From now on, seal the audit chain's head in every transaction that appends rows, and
+    /// MAC every new current version.
+    pub fn set_integrity_key(&self, key: IntegrityKey) {
+        let _ = self.integrity.set(key);
+    }
+
+    pub(super) fn integrity(&self) -> Option<&IntegrityKey> {
+        self.integrity.get()
+    }
+
+    /// Where the store is (its database's address, without a password).
+    pub fn path(&self) -> &std::path::Path {
+        &self.location
+    }
+
+    /// Begins a write transaction: writers take turns (see the module's documentation).
+    pub(super) async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(WRITER_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
+    /// Every write is committed when its call returns: nothing is queued.
+    pub async fn flush_writes(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        self.pool.close().await;
+        Ok(())
+    }
+}
+
+/// Whether `e` is a unique-constraint violation.
+pub(super) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
+}
+
+/// [`StoreError::StaleKeys`] unless the root key's generation is still `generation`.
+pub(super) async fn check_generation(
+    tx: &mut PgConnection,
+    generation: i64,
+) -> Result<(), StoreError> {
+    let current: i64 = sqlx::query_scalar("SELECT root_generation FROM vault WHERE id = 1")
+        .fetch_one(&mut *tx)
         .await?;
-    MIGRATOR.run(&pool).await?;
-    Ok(pool)
+    if current != generation {
+        return Err(StoreError::StaleKeys);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

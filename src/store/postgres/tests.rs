@@ -10,9 +10,9 @@ use sqlx::{ConnectOptions, Connection};
 
 use super::connect;
 
-/// A database of the test's own on the test server, dropped by [`Scratch::remove`].
+/// A database of the test's own on the test server, dropped with this.
 pub(crate) struct Scratch {
-    pub(crate) admin: PgPool,
+    admin_url: String,
     name: String,
     pub(crate) url: String,
 }
@@ -29,28 +29,51 @@ impl Scratch {
             return None;
         };
         let admin = PgPool::connect(&base).await.unwrap();
-        let name = format!("kw_leader_{}", uuid::Uuid::new_v4().simple());
+        let name = format!("kw_test_{}", uuid::Uuid::new_v4().simple());
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&admin)
             .await
             .unwrap();
+        admin.close().await;
         let (server, _) = base.rsplit_once('/').unwrap();
         let url = format!("{server}/{name}");
-        Some(Scratch { admin, name, url })
+        Some(Scratch {
+            admin_url: base,
+            name,
+            url,
+        })
     }
 
     pub(crate) async fn pool(&self) -> PgPool {
         connect(&self.url, Duration::from_secs(30)).await.unwrap()
     }
+}
 
-    pub(crate) async fn remove(self) {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE {} WITH (FORCE)",
-            self.name
-        )))
-        .execute(&self.admin)
-        .await
-        .unwrap();
+impl Drop for Scratch {
+    /// Drops the database (its connections ended by force), on a thread of its own: `Drop`
+    /// cannot wait for a future on the test's runtime.
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let admin = PgPool::connect(&url).await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&admin)
+                .await?;
+                admin.close().await;
+                Ok::<_, sqlx::Error>(())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop the scratch database {}", self.name);
+        }
     }
 }
 
@@ -156,5 +179,4 @@ async fn the_postgres_schema_has_every_table_column_type_key_and_index_the_sqlit
     );
     assert_eq!(sqlite_indexes, postgres_indexes);
     pool.close().await;
-    db.remove().await;
 }

@@ -192,6 +192,8 @@ mod tests {
                 let fails = i % 3 == 0;
                 let event = std::sync::Arc::new([AuditEvent::new("test", format!("job-{i}"))]);
                 store
+                    .sqlite()
+                    .expect("a SQLite store")
                     .write(Box::new(move |tx| {
                         append_audit(tx, None, &event[..])?;
                         if fails {

@@ -88,7 +88,6 @@ async fn one_daemon_leads_and_a_takeover_waits_for_the_lease_to_run_out_and_rais
     b.resign(2).await.unwrap();
     assert_eq!(a.acquire().await.unwrap(), Some(3));
     pool.close().await;
-    db.remove().await;
 }
 
 #[tokio::test]
@@ -145,7 +144,6 @@ async fn a_takeover_waits_for_the_old_leaders_write_in_flight_and_then_sees_it()
         .unwrap();
     assert_eq!(steps, ["by a"]);
     pool.close().await;
-    db.remove().await;
 }
 
 /// Campaigns `n` candidates, each on its own pool; returns their ids and role watches, and a
@@ -238,7 +236,6 @@ async fn of_three_daemons_one_leads_and_a_killed_leader_is_replaced_under_a_new_
     );
     assert!(last.valid_for_ms <= 0, "the leader resigned: {last:?}");
     pool.close().await;
-    db.remove().await;
 }
 
 /// A TCP proxy to the test server that can stop forwarding (a stalled connection: packets held,
@@ -368,5 +365,4 @@ async fn a_leader_whose_connection_stalls_steps_down_before_its_lease_ends_and_i
     stop.send(true).unwrap();
     stalled_pool.close().await;
     direct.close().await;
-    db.remove().await;
 }
