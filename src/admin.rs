@@ -788,6 +788,27 @@ fn for_the_store_owner(path: &str) -> bool {
         )
 }
 
+impl AdminApi {
+    /// 503 on a follower for what only the leader does, naming the leader.
+    async fn not_the_leader(&self) -> Response<Full<Bytes>> {
+        let leader = match self.services.vault.store().postgres() {
+            Some(pg) => pg.live_leader().await.ok().flatten(),
+            None => None,
+        };
+        let who = leader.map_or("no daemon leads it at this moment".to_string(), |l| {
+            format!("the daemon on {} (pid {}) leads it", l.host, l.pid)
+        });
+        http::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_leader",
+            format!(
+                "this daemon follows another on a shared store and only answers reads; {who}: \
+                 run the command there"
+            ),
+        )
+    }
+}
+
 impl Handler for AdminApi {
     type Conn = Peer;
     type Body = Full<Bytes>;
@@ -817,6 +838,9 @@ impl Handler for AdminApi {
         }
         let path = request.uri().path().to_string();
         let query = request.uri().query().map(str::to_string);
+        if self.services.follower && request.method() != Method::GET {
+            return self.not_the_leader().await;
+        }
         match (request.method(), path.as_str()) {
             (&Method::POST, p) if p.starts_with("/v1/admin/rotate/") => {
                 self.rotate(&p["/v1/admin/rotate/".len()..], query.as_deref(), peer)

@@ -55,6 +55,12 @@ pub enum ConfigError {
     /// No store path is configured and no home directory is known.
     #[error("no store path: pass --store, set [store] path in the config, or set HOME")]
     NoStorePath,
+    /// A command that works on a store's file, on a store in PostgreSQL.
+    #[error(
+        "the store is in PostgreSQL ({0}), not in a file: this command works on a SQLite store; \
+         PostgreSQL's own tools (pg_dump, base backups) do its part"
+    )]
+    NotAFile(String),
 }
 
 /// The whole configuration file.
@@ -99,12 +105,20 @@ pub struct Config {
 }
 
 /// `[store]`: where the vault lives and how its passphrase is stretched.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// The SQLite file. Default: `$XDG_DATA_HOME/keywarden/vault.db`, else
     /// `~/.local/share/keywarden/vault.db`.
     pub path: Option<PathBuf>,
+    /// A PostgreSQL database instead of a file (`postgres://user@host:port/db`, with
+    /// `?sslmode=verify-full&sslrootcert=…` for TLS; the password best in `PGPASSWORD` or a
+    /// systemd credential rather than here). Several daemons may share it: one leads.
+    pub url: Option<String>,
+    /// How long a leader's lease on a PostgreSQL store lasts without a renewal (a follower
+    /// takes over at most about this long after the leader dies). Default 10 s.
+    #[serde(deserialize_with = "duration", default = "default_leader_lease")]
+    pub leader_lease: Duration,
     /// Argon2id parameters for `init` and `passwd` (RFC 9106's second recommendation by default;
     /// never below [`KDF_FLOOR`] unless `weak_kdf_for_tests` says so).
     #[serde(default)]
@@ -113,6 +127,22 @@ pub struct StoreConfig {
     /// Argon2id cost would dominate every run.
     #[serde(default)]
     pub weak_kdf_for_tests: bool,
+}
+
+fn default_leader_lease() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: None,
+            url: None,
+            leader_lease: default_leader_lease(),
+            kdf: KdfParams::default(),
+            weak_kdf_for_tests: false,
+        }
+    }
 }
 
 /// The least Argon2id cost accepted for a passphrase (OWASP's minimum: 19 MiB, 2 passes).
@@ -444,10 +474,28 @@ impl Config {
         Config::parse(&text, path)
     }
 
-    /// The store path: the `--store` override, else `[store] path`, else the default.
+    /// Where the store is: the `--store` override (a file), else `[store] url` (PostgreSQL),
+    /// else the file of [`Config::store_path`].
+    pub fn store_location(
+        &self,
+        cli_override: Option<&Path>,
+    ) -> Result<crate::store::Location, ConfigError> {
+        match (&self.store.url, cli_override) {
+            (Some(url), None) => Ok(crate::store::Location::Postgres(url.clone())),
+            _ => Ok(crate::store::Location::File(self.store_path(cli_override)?)),
+        }
+    }
+
+    /// The store's file: the `--store` override, else `[store] path`, else the default. With
+    /// `[store] url` and no override there is none ([`ConfigError::NotAFile`]).
     pub fn store_path(&self, cli_override: Option<&Path>) -> Result<PathBuf, ConfigError> {
         if let Some(path) = cli_override {
             return Ok(path.to_path_buf());
+        }
+        if let Some(url) = &self.store.url {
+            return Err(ConfigError::NotAFile(
+                crate::store::Location::Postgres(url.clone()).to_string(),
+            ));
         }
         if let Some(path) = &self.store.path {
             return Ok(path.clone());
@@ -526,6 +574,36 @@ impl Config {
                      [store] weak_kdf_for_tests = true)",
                     kdf.memory_kib, kdf.iterations, KDF_FLOOR.memory_kib, KDF_FLOOR.iterations
                 ),
+            });
+        }
+        if let Some(url) = &self.store.url {
+            let invalid = |message: String| ConfigError::Invalid {
+                path: self.source_path.clone().unwrap_or_default(),
+                line: self.line_at(&[Step::Key("store"), Step::Key("url")]),
+                key: "store.url".into(),
+                message,
+            };
+            if self.store.path.is_some() {
+                return Err(invalid(
+                    "[store] path and url are both set: a store is a file or a PostgreSQL \
+                     database, not both"
+                        .into(),
+                ));
+            }
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(invalid("must be a postgres:// address".into()));
+            }
+            if let Err(e) = url.parse::<sqlx::postgres::PgConnectOptions>() {
+                // sqlx's message names the part that does not parse, never the password.
+                return Err(invalid(format!("does not parse: {e}")));
+            }
+        }
+        if self.store.leader_lease < Duration::from_millis(600) {
+            return Err(ConfigError::Invalid {
+                path: self.source_path.clone().unwrap_or_default(),
+                line: self.line_at(&[Step::Key("store"), Step::Key("leader_lease")]),
+                key: "store.leader_lease".into(),
+                message: "must be at least 600ms (a leader renews six times per lease)".into(),
             });
         }
         self.validate_plugins()?;

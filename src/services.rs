@@ -35,4 +35,8 @@ pub struct Services {
     pub clock: Clock,
     /// The brokers, when `[brokers]` are configured.
     pub brokers: Option<Arc<Brokers>>,
+    /// This daemon follows another on a shared PostgreSQL store: it serves fetches and reads,
+    /// and refuses what only the leader does (rotations, incidents, writes through the admin
+    /// API).
+    pub follower: bool,
 }

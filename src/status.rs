@@ -96,7 +96,7 @@ pub async fn report(
             })
         })
         .collect();
-    Ok(json!({
+    let mut report = json!({
         "daemon": { "running": plugins.is_some(), "plugins": plugin_entries },
         "alerts": alerts,
         "warnings": warnings,
@@ -106,6 +106,35 @@ pub async fn report(
             "rows": head.as_ref().map_or(0, |h| h.0),
             "head": head.map(|h| crypto::hex(&h.1)),
         },
+    });
+    if let Some(pg) = store.postgres() {
+        report["leadership"] = leadership(pg).await?;
+    }
+    Ok(report)
+}
+
+/// A PostgreSQL store's leadership: who leads (daemon id, host, pid, term, how long its lease
+/// has left) and every daemon heard from in the last minute, each marked leader or follower.
+async fn leadership(pg: &crate::store::PgStore) -> Result<Value, StoreError> {
+    let (leader, members) = pg.leadership(std::time::Duration::from_secs(60)).await?;
+    let live = leader.as_ref().filter(|l| l.valid_for_ms > 0);
+    let daemons: Vec<Value> = members
+        .iter()
+        .map(|m| {
+            let leads = live.is_some_and(|l| l.holder == m.id);
+            json!({
+                "id": m.id,
+                "host": m.host,
+                "pid": m.pid,
+                "seen_ms_ago": m.seen_ms_ago,
+                "role": if leads { "leader" } else { "follower" },
+            })
+        })
+        .collect();
+    Ok(json!({
+        "leader": live,
+        "term": leader.as_ref().map(|l| l.term),
+        "daemons": daemons,
     }))
 }
 

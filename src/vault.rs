@@ -22,8 +22,8 @@ use crate::audit::AuditEvent;
 use crate::crypto::{self, CryptoError, FingerprintKey, IntegrityKey, KdfParams, SymmetricKey};
 use crate::name::{self, InvalidName};
 use crate::store::{
-    NewSecret, NewVersion, RewrappedKey, SealedMaterial, SealedSecret, SecretRecord, Stage, Store,
-    StoreError, VaultHeader, VersionTarget,
+    Location, NewSecret, NewVersion, RewrappedKey, SealedMaterial, SealedSecret, SecretRecord,
+    Stage, Store, StoreError, VaultHeader, VersionTarget,
 };
 use crate::value::SecretValue;
 
@@ -326,6 +326,17 @@ impl Vault {
         kdf: KdfParams,
         actor: &str,
     ) -> Result<Vault, VaultError> {
+        Vault::init_at(&Location::File(path.to_path_buf()), passphrase, kdf, actor).await
+    }
+
+    /// Creates a store at `location` (a file or a PostgreSQL database) with a new random root
+    /// key wrapped under `passphrase`.
+    pub async fn init_at(
+        location: &Location,
+        passphrase: &Passphrase,
+        kdf: KdfParams,
+        actor: &str,
+    ) -> Result<Vault, VaultError> {
         check_new_passphrase(passphrase)?;
         let salt = crypto::random_bytes(crypto::SALT_LEN)?;
         let kek = derive_kek(passphrase, &salt, kdf).await?;
@@ -347,7 +358,7 @@ impl Vault {
             root_generation: root.generation,
         };
         let audit = AuditEvent::new(actor, "vault.init").detail(json!({ "kdf": kdf.to_string() }));
-        let store = Store::create(path, &header, audit).await?;
+        let store = Store::create_at(location, &header, audit).await?;
         store.set_integrity_key(keys.integrity.clone());
         Ok(Vault {
             store,

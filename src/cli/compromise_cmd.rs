@@ -73,7 +73,7 @@ impl Runner {
         if tokio::net::UnixStream::connect(&socket).await.is_ok() {
             return Ok(Runner::Daemon(socket));
         }
-        let store = Store::open(&ctx.store_path()?, Access::Shared).await?;
+        let store = Store::open_at(&ctx.store_location()?, Access::Shared).await?;
         let passphrase = passphrase::obtain(Purpose::Unlock)?;
         let vault = Arc::new(Vault::unlock(store, &passphrase).await?);
         drop(passphrase);

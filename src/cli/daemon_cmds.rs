@@ -18,7 +18,8 @@ use crate::daemon::{Mode, Runtime};
 use crate::http;
 use crate::passphrase::{self, Purpose};
 use crate::store::Reason;
-use crate::store::{Access, Store, StoreError};
+use crate::store::postgres::leader::{Role, Timing};
+use crate::store::{Access, Location, Store, StoreError};
 use crate::vault::Vault;
 
 #[derive(Debug, Args)]
@@ -75,6 +76,9 @@ enum Next {
     Stop(&'static str),
     /// Start them again with this config (read and checked on SIGHUP).
     Reload(Box<Config>),
+    /// This daemon's part in its PostgreSQL store's leadership changed: start them again in
+    /// the other part.
+    RoleChanged,
 }
 
 impl DaemonSignals {
@@ -113,43 +117,109 @@ fn reread(ctx: &Context, running: &Config) -> anyhow::Result<Config> {
     };
     let config = Config::load(path)?;
     let (now, next) = (
-        running.store_path(ctx.store_override.as_deref())?,
-        config.store_path(ctx.store_override.as_deref())?,
+        running.store_location(ctx.store_override.as_deref())?,
+        config.store_location(ctx.store_override.as_deref())?,
     );
     if now != next {
-        bail!(
-            "[store] path changed ({} -> {}): a different store needs a restart",
-            now.display(),
-            next.display()
-        );
+        bail!("[store] changed ({now} -> {next}): a different store needs a restart");
     }
     Ok(config)
 }
 
+/// What a run of the services is on a PostgreSQL store, from the campaign's `role` now: the
+/// leader's run (its writes fenced by its term), or a follower's.
+fn mode_for(role: Option<&mut tokio::sync::watch::Receiver<Role>>, vault: &Vault) -> Mode {
+    let Some(role) = role else {
+        return Mode::Daemon;
+    };
+    let now = *role.borrow_and_update();
+    match now {
+        Role::Leader { term } => {
+            tracing::info!(
+                term,
+                "this daemon leads the store: it runs rotations and incidents"
+            );
+            if let Some(pg) = vault.store().postgres() {
+                pg.fence_writes(Some(term));
+            }
+            Mode::Daemon
+        }
+        Role::Follower => {
+            tracing::info!(
+                "another daemon leads the store: this one serves its host's agents and takes \
+                 over when the leader's lease runs out"
+            );
+            Mode::Follower
+        }
+    }
+}
+
+/// Resolves once `role` no longer fits the run's `mode` (never where there is no campaign, or
+/// once the campaign has ended at a stop).
+async fn role_changed(role: Option<&mut tokio::sync::watch::Receiver<Role>>, mode: Mode) {
+    let Some(role) = role else {
+        return std::future::pending().await;
+    };
+    let changed = role
+        .wait_for(|r| matches!(r, Role::Leader { .. }) != (mode == Mode::Daemon))
+        .await;
+    if changed.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Whether a store is already at `location`.
+async fn store_exists(location: &Location) -> anyhow::Result<bool> {
+    match location {
+        Location::File(path) => Ok(path.exists()),
+        Location::Postgres(_) => match Store::open_at(location, Access::ReadOnly).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::NotInitialized { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        },
+    }
+}
+
 pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut signals = DaemonSignals::install()?;
-    let path = ctx.store_path()?;
-    let creating = args.init && !path.exists();
+    let location = ctx.store_location()?;
+    let creating = args.init && !store_exists(&location).await?;
     let passphrase = passphrase::obtain(if creating {
         Purpose::Create
     } else {
         Purpose::Unlock
     })?;
     if creating {
-        Vault::init(&path, &passphrase, ctx.config.store.kdf, &ctx.actor).await?;
-        tracing::info!(store = %path.display(), "created a new store");
+        Vault::init_at(&location, &passphrase, ctx.config.store.kdf, &ctx.actor).await?;
+        tracing::info!(store = %location, "created a new store");
     }
-    let store = Store::open_for_daemon(&path, ctx.config.daemon.lock_wait).await?;
+    let store = match &location {
+        Location::File(path) => Store::open_for_daemon(path, ctx.config.daemon.lock_wait).await?,
+        Location::Postgres(url) => Store::open_postgres(url, Access::Exclusive).await?,
+    };
     let vault = Arc::new(Vault::unlock(store, &passphrase).await?);
     drop(passphrase);
+    // On PostgreSQL the daemon campaigns for the store's leadership from now on, and runs its
+    // services only while it leads (docs/design.md §13).
+    let (campaign_stop, _) = tokio::sync::watch::channel(false);
+    let (mut role, campaign) = match vault.store().postgres() {
+        Some(pg) => {
+            let timing = Timing {
+                ttl: ctx.config.store.leader_lease,
+            };
+            let (role, task) = pg.candidate(timing).campaign(campaign_stop.subscribe());
+            (Some(role), Some(task))
+        }
+        None => (None, None),
+    };
     // The services run until a stop; a reload stops them and starts them again with the new
     // config on the same unlocked store and the same sockets. If they cannot start with it,
     // the previous one is put back.
     let mut sockets = match crate::daemon::Sockets::bind(&ctx.config) {
         Ok(sockets) => sockets,
         Err(e) => {
-            if creating {
-                remove_created_store(&path, &e)?;
+            if let (true, Location::File(path)) = (creating, &location) {
+                remove_created_store(path, &e)?;
             }
             return Err(e.into());
         }
@@ -167,9 +237,13 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
                 Err(e) => break Err(e),
             };
         }
+        let mode = mode_for(role.as_mut(), &vault);
         let mut next = None;
         let until = async {
-            let why = signals.next(ctx, config).await;
+            let why = tokio::select! {
+                why = signals.next(ctx, config) => why,
+                _ = role_changed(role.as_mut(), mode) => Next::RoleChanged,
+            };
             match &why {
                 Next::Stop(signal) => {
                     tracing::info!(signal, "stop requested");
@@ -179,16 +253,26 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
                     tracing::info!("SIGHUP: reloading the config; restarting the services on it");
                     crate::daemon::notify::reloading();
                 }
+                Next::RoleChanged if mode == Mode::Daemon => tracing::warn!(
+                    "this daemon no longer leads the store: it stops rotating and follows"
+                ),
+                Next::RoleChanged => tracing::info!(
+                    "this daemon now leads the store: restarting its services as the leader"
+                ),
             }
             next = Some(why);
         };
-        let served = crate::daemon::serve_on(config, vault.clone(), &sockets, until).await;
+        let served = crate::daemon::serve_on(config, vault.clone(), &sockets, mode, until).await;
+        if let Some(pg) = vault.store().postgres() {
+            pg.fence_writes(None);
+        }
         served_once |= served.is_ok();
         match (served, next) {
             (Ok(()), Some(Next::Reload(config))) => {
                 previous = Some(running.take());
                 running = Some(config);
             }
+            (Ok(()), Some(Next::RoleChanged)) => {}
             (Ok(()), _) => break Ok(()),
             (Err(e), _) if previous.is_some() => {
                 tracing::error!(error = %e, "the reloaded config does not start; going back to the previous one");
@@ -198,11 +282,16 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
         }
     };
     sockets.remove();
+    // A leader resigns (its services have stopped), so another daemon takes over at once.
+    let _ = campaign_stop.send(true);
+    if let Some(campaign) = campaign {
+        let _ = campaign.await;
+    }
     if let Err(e) = outcome {
-        if creating && !served_once {
+        if let (true, false, Location::File(path)) = (creating, served_once, &location) {
             // The daemon never started on the store it just created: a bad config must not
             // leave a store behind (its passphrase, typed once, may not be what the user meant).
-            remove_created_store(&path, &e)?;
+            remove_created_store(path, &e)?;
         }
         return Err(e.into());
     }
@@ -298,8 +387,7 @@ fn rotate_outcome(result: &Value, json_out: bool) -> anyhow::Result<ExitCode> {
 
 pub(crate) async fn rotate(ctx: &Context, args: RotateArgs) -> anyhow::Result<ExitCode> {
     crate::name::validate(&args.name)?;
-    let path = ctx.store_path()?;
-    let store = match Store::open(&path, Access::Shared).await {
+    let store = match Store::open_at(&ctx.store_location()?, Access::Shared).await {
         Ok(store) => store,
         Err(StoreError::Locked { .. }) => {
             let socket = daemon_socket(ctx)
@@ -392,6 +480,28 @@ pub(crate) async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<Ex
             },
             p["restarts"]
         );
+    }
+    let leadership = &report["leadership"];
+    if leadership.is_object() {
+        match leadership["leader"].as_object() {
+            Some(l) => println!(
+                "leader: {} pid {} (term {}, lease {} ms left)",
+                l["host"].as_str().unwrap_or("?"),
+                l["pid"],
+                l["term"],
+                l["valid_for_ms"]
+            ),
+            None => println!("leader: none (the last lease ran out)"),
+        }
+        for d in leadership["daemons"].as_array().into_iter().flatten() {
+            println!(
+                "daemon {} pid {}: {} (seen {} ms ago)",
+                d["host"].as_str().unwrap_or("?"),
+                d["pid"],
+                d["role"].as_str().unwrap_or("?"),
+                d["seen_ms_ago"]
+            );
+        }
     }
     super::broker_cmd::print_brokers(&report["brokers"]);
     println!(

@@ -133,12 +133,18 @@ pub(crate) struct Context {
 }
 
 impl Context {
+    /// The store's file (for the commands that work on one: `backup`, `restore`).
     fn store_path(&self) -> anyhow::Result<PathBuf> {
         Ok(self.config.store_path(self.store_override.as_deref())?)
     }
 
+    /// Where the store is: a file, or a PostgreSQL database.
+    fn store_location(&self) -> anyhow::Result<crate::store::Location> {
+        Ok(self.config.store_location(self.store_override.as_deref())?)
+    }
+
     async fn open_store(&self, access: Access) -> anyhow::Result<Store> {
-        Ok(Store::open(&self.store_path()?, access).await?)
+        Ok(Store::open_at(&self.store_location()?, access).await?)
     }
 
     /// Opens the store for writing and unlocks it with the passphrase.

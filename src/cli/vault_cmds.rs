@@ -13,7 +13,7 @@ use super::Context;
 use super::daemon_cmds::admin;
 use super::output::print_json;
 use crate::passphrase::{self, Purpose};
-use crate::store::{Access, Store, StoreError};
+use crate::store::{Access, Location, Store, StoreError};
 use crate::value::SecretValue;
 use crate::vault::{Meta, Passphrase, Vault};
 use hyper::Method;
@@ -112,20 +112,22 @@ fn parse_meta(text: &str) -> Result<(String, String), String> {
 }
 
 pub(crate) async fn init(ctx: &Context, args: InitArgs) -> anyhow::Result<ExitCode> {
-    let path = ctx.store_path()?;
-    if path.exists() {
-        bail!(
-            "a store already exists at {}; refusing to overwrite it",
-            path.display()
-        );
+    let location = ctx.store_location()?;
+    if let Location::File(path) = &location {
+        if path.exists() {
+            bail!(
+                "a store already exists at {}; refusing to overwrite it",
+                path.display()
+            );
+        }
     }
     let kdf = ctx.config.store.kdf;
     let passphrase = passphrase::obtain_new(Purpose::Create, args.weak_passphrase)?;
-    Vault::init(&path, &passphrase, kdf, &ctx.actor).await?;
+    Vault::init_at(&location, &passphrase, kdf, &ctx.actor).await?;
     if args.json {
-        print_json(&json!({ "store": path, "kdf": kdf }))?;
+        print_json(&json!({ "store": location.to_string(), "kdf": kdf }))?;
     } else {
-        println!("created a store at {} ({kdf})", path.display());
+        println!("created a store at {location} ({kdf})");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -257,7 +259,7 @@ pub(crate) async fn put(ctx: &Context, args: PutArgs) -> anyhow::Result<ExitCode
 
 pub(crate) async fn get(ctx: &Context, args: GetArgs) -> anyhow::Result<ExitCode> {
     crate::name::validate(&args.name)?;
-    let store = match Store::open(&ctx.store_path()?, Access::Shared).await {
+    let store = match Store::open_at(&ctx.store_location()?, Access::Shared).await {
         Ok(store) => store,
         // The daemon holds the store: ask it over the agent socket, like any agent (a lease,
         // under the policies); with --admin or --version, over the admin socket.
@@ -376,7 +378,7 @@ pub(crate) async fn passwd(ctx: &Context, args: PasswdArgs) -> anyhow::Result<Ex
     }
     println!(
         "passphrase changed for {} ({})",
-        ctx.store_path()?.display(),
+        ctx.store_location()?,
         ctx.config.store.kdf
     );
     Ok(ExitCode::SUCCESS)

@@ -14,10 +14,17 @@ use crate::rotation::catalog::{Catalog, SecretSpec};
 use crate::sandbox::{Confinement, Role};
 
 /// Where plugins get their private working directories: one directory per store, so a daemon
-/// that reaps the plugins its predecessor left never touches another store's.
+/// that reaps the plugins its predecessor left never touches another store's. By default beside
+/// the store's file; for a store in PostgreSQL (whose "path" is its address), in the default
+/// store's directory.
 pub fn work_dir(config: &Config, store_path: &Path) -> PathBuf {
     let base = match &config.daemon.work_dir {
         Some(dir) => dir.clone(),
+        None if config.store.url.is_some() => crate::config::default_store_path()
+            .as_deref()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("."))
+            .join("plugin-work"),
         None => store_path
             .parent()
             .unwrap_or(Path::new("."))

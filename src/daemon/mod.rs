@@ -201,16 +201,19 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let sockets = Sockets::bind(config)?;
-    let served = serve_on(config, vault, &sockets, shutdown).await;
+    let served = serve_on(config, vault, &sockets, Mode::Daemon, shutdown).await;
     sockets.remove();
     served
 }
 
-/// [`serve`] on agent and admin sockets bound by the caller, which it leaves bound.
+/// [`serve`] on agent and admin sockets bound by the caller, which it leaves bound; `mode` is
+/// [`Mode::Daemon`], or [`Mode::Follower`] on a PostgreSQL store another daemon leads (no
+/// scheduler, no rotations, no signal listener; the admin API only answers reads).
 pub async fn serve_on(
     config: &Config,
     vault: Arc<Vault>,
     sockets: &Sockets,
+    mode: Mode,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let agent = &config.agent;
@@ -220,14 +223,14 @@ pub async fn serve_on(
             let _ = std::fs::remove_file(&agent.broker_socket);
         }
     };
-    let (broker_listeners, signal_listener) = match bind_per_run(config).await {
+    let (broker_listeners, signal_listener) = match bind_per_run(config, mode).await {
         Ok(listeners) => listeners,
         Err(e) => {
             remove_broker_socket();
             return Err(e);
         }
     };
-    let runtime = match Runtime::start(config, vault.clone(), Clock::System, Mode::Daemon).await {
+    let runtime = match Runtime::start(config, vault.clone(), Clock::System, mode).await {
         Ok(r) => r,
         Err(e) => {
             remove_broker_socket();
@@ -263,6 +266,7 @@ pub async fn serve_on(
         incidents: runtime.incidents.clone(),
         clock: Clock::System,
         brokers: brokers.as_ref().map(|(b, _)| b.clone()),
+        follower: mode == Mode::Follower,
     };
     let servers = match start_servers(
         config,
@@ -314,9 +318,10 @@ pub async fn serve_on(
     Ok(())
 }
 
-/// What each run binds anew: the brokers' sockets and the signal listener.
+/// What each run binds anew: the brokers' sockets and (but on a follower) the signal listener.
 async fn bind_per_run(
     config: &Config,
+    mode: Mode,
 ) -> Result<
     (
         (
@@ -328,16 +333,17 @@ async fn bind_per_run(
     ServeError,
 > {
     let brokers = brokers::bind(config).await?;
-    let signals =
-        match &config.signals.listen {
-            Some(address) => Some(tokio::net::TcpListener::bind(address).await.map_err(
-                |source| ServeError::Listen {
+    let signals = match &config.signals.listen {
+        Some(address) if mode != Mode::Follower => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|source| ServeError::Listen {
                     address: address.clone(),
                     source,
-                },
-            )?),
-            None => None,
-        };
+                })?,
+        ),
+        _ => None,
+    };
     Ok((brokers, signals))
 }
 

@@ -35,6 +35,10 @@ pub enum Mode {
     /// A command that only reads (`incident list|show|close` without a daemon): the engine
     /// and its catalog, nothing registered, resumed or rotated.
     Inspect,
+    /// `serve` on a PostgreSQL store another daemon leads: leases and the audit writer, so the
+    /// host's agents are served; nothing registered, resumed, scheduled or rotated (the leader
+    /// does that).
+    Follower,
 }
 
 /// The running components: engine, scheduler, leases, and the tasks that feed them.
@@ -100,7 +104,7 @@ impl Runtime {
             })
             .map(|spec| (spec.name.as_str(), spec.provider.as_str(), &spec.tags[..]))
             .collect();
-        if !changed.is_empty() && mode != Mode::Inspect {
+        if !changed.is_empty() && !matches!(mode, Mode::Inspect | Mode::Follower) {
             vault.register(&changed, "daemon").await?;
         }
         let stored: HashMap<String, Option<i64>> = known
@@ -108,7 +112,7 @@ impl Runtime {
             .map(|(name, s)| (name, s.version))
             .collect();
         let mut tasks = Vec::new();
-        if mode != Mode::Inspect {
+        if !matches!(mode, Mode::Inspect | Mode::Follower) {
             engine.resume_all().await?;
             tasks = bring_declared_secrets_up_to_date(&engine, &stored).await?;
         }

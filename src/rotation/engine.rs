@@ -220,20 +220,27 @@ impl Engine {
     }
 
     /// Live leases on a version: from the lease table when the daemon runs, else the store.
+    /// On a PostgreSQL store both: other daemons' agents hold leases this daemon's table does
+    /// not know of (the larger count and the earliest expiry of the two).
     pub(super) async fn live_leases(
         &self,
         secret_id: &str,
         version: i64,
         now: Millis,
     ) -> Result<(i64, Option<Millis>), StoreError> {
+        let store = self.vault.store();
         match self.lease_view.get() {
-            Some(view) => Ok(view.live_on(secret_id, version, now)),
-            None => {
-                self.vault
-                    .store()
-                    .live_leases(secret_id, version, now)
-                    .await
+            Some(view) if store.postgres().is_none() => Ok(view.live_on(secret_id, version, now)),
+            Some(view) => {
+                let (here, here_first) = view.live_on(secret_id, version, now);
+                let (all, all_first) = store.live_leases(secret_id, version, now).await?;
+                let first = match (here_first, all_first) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                Ok((here.max(all), first))
             }
+            None => store.live_leases(secret_id, version, now).await,
         }
     }
 

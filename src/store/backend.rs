@@ -12,7 +12,7 @@ use crate::crypto::IntegrityKey;
 /// Where a store's rows are.
 pub(super) enum Backend {
     /// A file (the default).
-    Sqlite(SqliteStore),
+    Sqlite(Box<SqliteStore>),
     /// A PostgreSQL database several daemons may share.
     Postgres(PgStore),
 }

@@ -319,6 +319,25 @@ fn take_lock(path: &Path, access: Access) -> Result<Option<StoreLock>, StoreErro
     }
 }
 
+/// Where a store is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A SQLite file.
+    File(PathBuf),
+    /// A PostgreSQL database (`postgres://…`), which several daemons may share.
+    Postgres(String),
+}
+
+impl std::fmt::Display for Location {
+    /// The file, or the database's address without its password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::File(path) => write!(f, "{}", path.display()),
+            Location::Postgres(url) => write!(f, "{}", postgres::location(url).display()),
+        }
+    }
+}
+
 /// The store's lock held exclusively, with no store open: nothing else (daemon or command)
 /// may use the store at `path` while it is held (see [`Store::hold`]).
 #[derive(Debug)]
@@ -374,6 +393,26 @@ impl Store {
         Ok(Store::assemble(backend, lock))
     }
 
+    /// Creates a new store at `location` (see [`Store::create`], [`Store::create_postgres`]).
+    pub async fn create_at(
+        location: &Location,
+        header: &VaultHeader,
+        audit: AuditEvent,
+    ) -> Result<Store, StoreError> {
+        match location {
+            Location::File(path) => Store::create(path, header, audit).await,
+            Location::Postgres(url) => Store::create_postgres(url, header, audit).await,
+        }
+    }
+
+    /// Opens the store at `location` (see [`Store::open`], [`Store::open_postgres`]).
+    pub async fn open_at(location: &Location, access: Access) -> Result<Store, StoreError> {
+        match location {
+            Location::File(path) => Store::open(path, access).await,
+            Location::Postgres(url) => Store::open_postgres(url, access).await,
+        }
+    }
+
     /// Opens the store for the daemon: exclusively. A command that holds it shared (a
     /// daemon-less `rotate`, a `put`) is waited for, up to `wait`; another daemon is not.
     pub async fn open_for_daemon(
@@ -424,10 +463,23 @@ impl Store {
     }
 
     /// Opens the store in the PostgreSQL database at `url`. Unless read-only, applies newer
-    /// schema migrations. No file lock: on PostgreSQL, the leader's lease decides who runs
-    /// rotations (`postgres/leader.rs`).
+    /// schema migrations. No file lock: the leader's lease takes its place
+    /// (`postgres/leader.rs`). A command that writes ([`Access::Shared`]) is refused with
+    /// [`StoreError::Locked`] while a daemon leads the store, as it is while a daemon holds a
+    /// SQLite store's lock: it goes through that daemon instead.
     pub async fn open_postgres(url: &str, access: Access) -> Result<Store, StoreError> {
         let backend = PgStore::open(url, access != Access::ReadOnly).await?;
+        if access == Access::Shared {
+            if let Some(leader) = backend.live_leader().await? {
+                return Err(StoreError::Locked {
+                    path: backend.path().to_path_buf(),
+                    lock: PathBuf::from(format!(
+                        "the leadership of {}, pid {}, term {}",
+                        leader.host, leader.pid, leader.term
+                    )),
+                });
+            }
+        }
         Ok(Store::assemble_with(Backend::Postgres(backend), None))
     }
 
@@ -435,13 +487,22 @@ impl Store {
     /// truncates its write-ahead log on a stop); `None` on PostgreSQL.
     pub fn sqlite(&self) -> Option<&SqliteStore> {
         match &self.inner.backend {
-            Backend::Sqlite(b) => Some(b),
+            Backend::Sqlite(b) => Some(b.as_ref()),
             Backend::Postgres(_) => None,
         }
     }
 
+    /// The PostgreSQL backend, where the store is one (the daemon campaigns for its
+    /// leadership); `None` on SQLite.
+    pub fn postgres(&self) -> Option<&PgStore> {
+        match &self.inner.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(b) => Some(b),
+        }
+    }
+
     fn assemble(backend: SqliteStore, lock: Option<StoreLock>) -> Store {
-        Store::assemble_with(Backend::Sqlite(backend), lock)
+        Store::assemble_with(Backend::Sqlite(Box::new(backend)), lock)
     }
 
     fn assemble_with(backend: Backend, lock: Option<StoreLock>) -> Store {

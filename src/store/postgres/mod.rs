@@ -20,6 +20,7 @@ mod rotations;
 mod secrets;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -66,6 +67,9 @@ pub struct PgStore {
     /// Set once the vault is unlocked: every transaction that appends audit rows also seals
     /// the chain's new head with it, and every change of a current version records its MAC.
     integrity: Arc<OnceLock<IntegrityKey>>,
+    /// The term this daemon leads under (0: none): while set, every write transaction checks
+    /// it first and is refused once another daemon took over ([`leader::begin_fenced`]).
+    fence: AtomicI64,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -77,7 +81,7 @@ impl std::fmt::Debug for PgStore {
 }
 
 /// `url` without a password (`postgres://user@host:port/db`), for messages and `status`.
-fn location(url: &str) -> PathBuf {
+pub(crate) fn location(url: &str) -> PathBuf {
     match url.parse::<PgConnectOptions>() {
         Ok(o) => PathBuf::from(format!(
             "postgres://{}@{}:{}/{}",
@@ -102,6 +106,7 @@ impl PgStore {
             location: location(url),
             pool: connect(url, CONNECT_TIMEOUT).await?,
             integrity: Arc::default(),
+            fence: AtomicI64::new(0),
         };
         let mut tx = store.begin_write().await?;
         let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM vault)")
@@ -123,6 +128,7 @@ impl PgStore {
             location: location(url),
             pool: pool(url, CONNECT_TIMEOUT).await?,
             integrity: Arc::default(),
+            fence: AtomicI64::new(0),
         };
         let has_migrations: bool =
             sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
@@ -171,16 +177,49 @@ impl PgStore {
         &self.location
     }
 
-    /// Begins a write transaction: writers take turns (see the module's documentation).
+    /// From now on, every write checks that this daemon still leads under `term` (`None`: it
+    /// does not lead; writes are no longer checked).
+    pub fn fence_writes(&self, term: Option<i64>) {
+        self.fence.store(term.unwrap_or(0), Ordering::SeqCst);
+    }
+
+    /// A candidate for the store's leadership on this store's connections.
+    pub fn candidate(&self, timing: leader::Timing) -> leader::Candidate {
+        leader::Candidate::new(self.pool.clone(), timing)
+    }
+
+    /// Who leads the store, and the daemons heard from within `within`.
+    pub async fn leadership(
+        &self,
+        within: Duration,
+    ) -> Result<(Option<leader::Leadership>, Vec<leader::Member>), StoreError> {
+        Ok((
+            leader::leadership(&self.pool).await?,
+            leader::members(&self.pool, within).await?,
+        ))
+    }
+
+    /// Begins a write transaction: writers take turns (see the module's documentation), and a
+    /// leader's writes are fenced by its term.
     pub(super) async fn begin_write(
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = match self.fence.load(Ordering::SeqCst) {
+            0 => self.pool.begin().await?,
+            term => leader::begin_fenced(&self.pool, term).await?,
+        };
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(WRITER_LOCK)
             .execute(&mut *tx)
             .await?;
         Ok(tx)
+    }
+
+    /// The daemon that leads the store, if its lease still runs (on the database's clock).
+    pub async fn live_leader(&self) -> Result<Option<leader::Leadership>, StoreError> {
+        Ok(leader::leadership(&self.pool)
+            .await?
+            .filter(|l| l.valid_for_ms > 0))
     }
 
     /// Every write is committed when its call returns: nothing is queued.

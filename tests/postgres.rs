@@ -1,0 +1,264 @@
+//! Several daemons on one PostgreSQL store (the local server, `KEYWARDEN_TEST_POSTGRES_URL`, a
+//! database per test): one leads and rotates, every one serves its host's agents, and when the
+//! leader is killed in the middle of a rotation another takes over and finishes it, once.
+//! Each daemon has a directory, sockets and plugin work directory of its own, as on its own
+//! host; the example plugin's upstream state is shared, as a provider would be.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::daemon::{Daemon, base_config, example_plugin_config, wait_for, wait_for_explained};
+use common::{Env, curl};
+use serde_json::Value;
+
+/// A database of the test's own on the test server, dropped at the end.
+struct Database {
+    base: String,
+    name: String,
+    url: String,
+}
+
+impl Database {
+    fn new() -> Option<Database> {
+        let Ok(base) = std::env::var("KEYWARDEN_TEST_POSTGRES_URL") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "KEYWARDEN_TEST_POSTGRES_URL is not set (.ci/run sets it)"
+            );
+            eprintln!("skipping: KEYWARDEN_TEST_POSTGRES_URL is not set");
+            return None;
+        };
+        let name = format!("kw_it_{}", std::process::id());
+        psql(
+            &base,
+            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        );
+        psql(&base, &format!("CREATE DATABASE {name}"));
+        let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+        Some(Database { base, name, url })
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        psql(
+            &self.base,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+fn psql(url: &str, sql: &str) {
+    let out = Command::new("psql")
+        .args([url, "-qAt", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A daemon's environment on the shared store: its own directory, sockets and plugin work
+/// directory; the example plugin's upstream state in `upstream`'s directory.
+fn env_on(db: &Database, upstream: &Env, secrets: &str) -> Env {
+    let env = Env::new();
+    let written = std::fs::read_to_string(&env.config).unwrap();
+    let store = format!("url = {:?}\nleader_lease = \"1500ms\"", db.url);
+    let daemon = base_config("3s").replace(
+        "[daemon]\n",
+        &format!(
+            "[daemon]\nwork_dir = {:?}\n",
+            env.dir.path().join("work").display().to_string()
+        ),
+    );
+    std::fs::write(
+        &env.config,
+        format!(
+            "{}\n{daemon}\n{}\n{secrets}\n[[policy]]\nname = \"curl\"\nexe = [\"/usr/bin/curl\"]\nsecrets = [\"**\"]\n",
+            written.replace("path = \"data/vault.db\"", &store),
+            example_plugin_config(upstream.dir.path(), ""),
+        ),
+    )
+    .unwrap();
+    env
+}
+
+fn status(env: &Env) -> Value {
+    serde_json::from_str(&env.ok(&["status", "--json"], None)).unwrap()
+}
+
+/// The pid of the daemon that leads, and its term, as `env`'s daemon reports them.
+fn leader(env: &Env) -> Option<(u32, i64)> {
+    let report = status(env);
+    let leader = &report["leadership"]["leader"];
+    Some((leader["pid"].as_u64()? as u32, leader["term"].as_i64()?))
+}
+
+const SECRETS: &str = r#"
+[secrets."svc/ha"]
+provider = "example"
+grace = "10m"
+settings = { hang = { op = "promote", once = true, skip = 1 } }
+"#;
+
+/// Fetches `svc/ha` from `env`'s agent socket until `stop`; returns (served, failures).
+fn fetch_until(env: &Env, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64, Vec<String>)> {
+    let socket = env.dir.path().join("run/agent.sock");
+    std::thread::spawn(move || {
+        let (mut served, mut failed) = (0, Vec::new());
+        while !stop.load(Ordering::Relaxed) {
+            match curl(&socket, "GET", "/v1/secrets/svc/ha", &[]) {
+                (200, _) => served += 1,
+                (code, body) => failed.push(format!("{code} {body}")),
+            }
+        }
+        (served, failed)
+    })
+}
+
+#[test]
+fn three_daemons_serve_one_store_and_a_leader_killed_mid_rotation_is_replaced_and_the_rotation_finishes_once()
+ {
+    let Some(db) = Database::new() else {
+        return;
+    };
+    let first = Env::new();
+    let envs: Vec<Env> = (0..3).map(|_| env_on(&db, &first, SECRETS)).collect();
+    envs[0].ok(&["init"], None);
+    let mut daemons: Vec<Option<Daemon>> = vec![Some(envs[0].start_daemon())];
+    wait_for("the first version", Duration::from_secs(30), || {
+        (envs[0].entry("svc/ha")["version"] == 1).then_some(())
+    });
+    daemons.extend(envs[1..].iter().map(|e| Some(e.start_daemon())));
+    let (leader_pid, term) = leader(&envs[1]).expect("a leader");
+    let lead = daemons
+        .iter()
+        .position(|d| d.as_ref().unwrap().pid() == leader_pid)
+        .unwrap();
+    let report = status(&envs[2]);
+    let roles: Vec<&str> = report["leadership"]["daemons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == "leader").count(),
+        1,
+        "{report}"
+    );
+    assert_eq!(roles.len(), 3, "{report}");
+
+    // Every daemon serves its agents the same value.
+    let values: Vec<String> = envs
+        .iter()
+        .map(|e| {
+            let (code, body) = curl(
+                &e.dir.path().join("run/agent.sock"),
+                "GET",
+                "/v1/secrets/svc/ha",
+                &[],
+            );
+            assert_eq!(code, 200, "{body}");
+            serde_json::from_str::<Value>(&body).unwrap()["value"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(values.iter().all(|v| *v == values[0]));
+
+    // A follower refuses what only the leader does, and names it.
+    let follower = (lead + 1) % 3;
+    let refused = envs[follower].fails(1, &["rotate", "svc/ha"], None);
+    assert!(
+        refused.contains("follows another") && refused.contains(&format!("pid {leader_pid}")),
+        "{refused}"
+    );
+
+    // The followers' agents fetch throughout; the leader rotates and hangs in its promote.
+    let stop = Arc::new(AtomicBool::new(false));
+    let fetchers: Vec<_> = (0..3)
+        .filter(|i| *i != lead)
+        .map(|i| fetch_until(&envs[i], stop.clone()))
+        .collect();
+    envs[lead].ok(&["rotate", "svc/ha", "--no-wait"], None);
+    wait_for("the promote to hang", Duration::from_secs(30), || {
+        (first.upstream_i64("SELECT count(*) FROM events WHERE op = 'hung:promote'") == 1)
+            .then_some(())
+    });
+    let killed = Instant::now();
+    daemons[lead].take().unwrap().kill9();
+
+    // Another daemon takes over under the next term and finishes the rotation.
+    let survivor = &envs[follower];
+    let (new_pid, new_term) = wait_for("a new leader", Duration::from_secs(30), || {
+        leader(survivor).filter(|(pid, _)| *pid != leader_pid)
+    });
+    let failover = killed.elapsed();
+    assert_eq!(new_term, term + 1);
+    // Promoted by the new leader (then drained: the followers' agents hold leases on 1).
+    wait_for_explained(
+        "the new leader to promote version 2",
+        Duration::from_secs(60),
+        || {
+            let e = survivor.entry("svc/ha");
+            (e["version"] == 2
+                && (e["rotation_state"] == "draining" || e["rotation_state"] == "done"))
+                .then_some(())
+        },
+        || survivor.entry("svc/ha").to_string(),
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut served = 0;
+    for fetcher in fetchers {
+        let (n, failed) = fetcher.join().unwrap();
+        assert!(
+            failed.is_empty(),
+            "fetches failed on a follower: {failed:?}"
+        );
+        served += n;
+    }
+    eprintln!(
+        "failover: a new leader {:?} after the leader was killed (lease 1.5 s); {served} fetches \
+         served by the followers meanwhile, none failed",
+        failover
+    );
+
+    // Exactly once: the first version's promote and the rotation's, one current credential
+    // upstream.
+    assert_eq!(
+        first.upstream_i64("SELECT count(*) FROM events WHERE op = 'promote'"),
+        2,
+        "promoted once per version"
+    );
+    assert_eq!(
+        first.upstream_i64("SELECT count(*) FROM creds WHERE current = 1"),
+        1
+    );
+    for (i, env) in envs.iter().enumerate() {
+        if i == lead {
+            continue;
+        }
+        let (code, body) = curl(
+            &env.dir.path().join("run/agent.sock"),
+            "GET",
+            "/v1/secrets/svc/ha",
+            &[],
+        );
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["version"], 2);
+    }
+    assert_ne!(new_pid, leader_pid);
+    let verified = survivor.ok(&["audit", "verify"], None);
+    assert!(verified.contains("audit chain intact"), "{verified}");
+    for daemon in daemons.into_iter().flatten() {
+        assert_eq!(daemon.terminate(), Some(0));
+    }
+}
