@@ -468,7 +468,8 @@ impl Store {
     /// [`StoreError::Locked`] while a daemon leads the store, as it is while a daemon holds a
     /// SQLite store's lock: it goes through that daemon instead.
     pub async fn open_postgres(url: &str, access: Access) -> Result<Store, StoreError> {
-        let backend = PgStore::open(url, access != Access::ReadOnly).await?;
+        let backend =
+            PgStore::open(url, access != Access::ReadOnly, access == Access::Exclusive).await?;
         if access == Access::Shared {
             if let Some(leader) = backend.live_leader().await? {
                 return Err(StoreError::Locked {

@@ -8,8 +8,8 @@ use crate::clock::now_millis;
 use crate::crypto::{IntegrityKey, KdfParams};
 use crate::store::{RewrappedKey, SealedMaterial, StoreError, VaultHeader};
 
-use super::PgStore;
 use super::audit::append_audit_in;
+use super::{PgStore, announce};
 
 impl PgStore {
     /// The vault header, or [`StoreError::NotInitialized`].
@@ -174,8 +174,10 @@ impl PgStore {
             }
         }
         append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
+        announce(&mut tx, None).await?;
         crash_point!("rekey.before-commit");
         tx.commit().await?;
+        self.invalidate(None);
         crash_point!("rekey.committed");
         Ok(())
     }
@@ -208,7 +210,9 @@ impl PgStore {
             .bind(wrapped_fingerprint_key)
             .execute(&mut *tx)
             .await?;
+        announce(&mut tx, None).await?;
         tx.commit().await?;
+        self.invalidate(None);
         Ok(rows.len())
     }
 

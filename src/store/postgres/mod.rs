@@ -20,11 +20,13 @@ mod rotations;
 mod secrets;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+
+use super::cache::SealedCache;
 
 use crate::audit::AuditEvent;
 use crate::crypto::IntegrityKey;
@@ -70,6 +72,84 @@ pub struct PgStore {
     /// The term this daemon leads under (0: none): while set, every write transaction checks
     /// it first and is refused once another daemon took over ([`leader::begin_fenced`]).
     fence: AtomicI64,
+    /// In the daemon: sealed current versions, kept while [`listen`] hears every change.
+    cache: Option<Arc<Cache>>,
+    /// Dropped with the store: stops the listener.
+    _listener: Option<tokio::sync::watch::Sender<()>>,
+}
+
+/// The daemon's cache of sealed current versions on a store other daemons write too: it is
+/// used only while its listener hears the store's announcements (`LISTEN`), which every write
+/// that changes a current version makes in its transaction (`NOTIFY`, delivered at commit).
+#[derive(Default)]
+struct Cache {
+    rows: SealedCache,
+    listening: AtomicBool,
+}
+
+/// The channel writes announce changed current versions on: a secret's name, or `*` for all.
+const VERSIONS_CHANNEL: &str = "keywarden_versions";
+
+/// Announces, inside a write transaction, that the current version of `name` (`None`: of every
+/// secret) changed: every daemon's cache forgets it once the transaction commits.
+pub(super) async fn announce(
+    conn: &mut PgConnection,
+    name: Option<&str>,
+) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(VERSIONS_CHANNEL)
+        .bind(name.unwrap_or("*"))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Listens for announcements until `stop` is dropped; forgets what they name. While it is not
+/// listening (at start, after a lost connection) the cache is empty and unused.
+async fn listen(pool: PgPool, cache: Arc<Cache>, mut stop: tokio::sync::watch::Receiver<()>) {
+    loop {
+        let listener = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(VERSIONS_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = tokio::select! {
+            l = listener => l,
+            _ = stop.changed() => return,
+        };
+        match &mut listener {
+            Ok(listener) => {
+                cache.rows.invalidate(None);
+                cache.listening.store(true, Ordering::SeqCst);
+                loop {
+                    let heard = tokio::select! {
+                        heard = listener.try_recv() => heard,
+                        _ = stop.changed() => return,
+                    };
+                    match heard {
+                        Ok(Some(n)) if n.payload() == "*" => cache.rows.invalidate(None),
+                        Ok(Some(n)) => cache.rows.invalidate(Some(n.payload())),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                tracing::warn!(
+                    "lost the store's announcements of new versions; reading every version from \
+                     the database until they are heard again"
+                );
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot listen for the store's announcements of new versions; reading every \
+                 version from the database meanwhile"
+            ),
+        }
+        cache.listening.store(false, Ordering::SeqCst);
+        cache.rows.invalidate(None);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 impl std::fmt::Debug for PgStore {
@@ -107,6 +187,8 @@ impl PgStore {
             pool: connect(url, CONNECT_TIMEOUT).await?,
             integrity: Arc::default(),
             fence: AtomicI64::new(0),
+            cache: None,
+            _listener: None,
         };
         let mut tx = store.begin_write().await?;
         let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM vault)")
@@ -122,13 +204,25 @@ impl PgStore {
         Ok(store)
     }
 
-    /// Opens the store in the database at `url`; applies newer migrations when `migrate`.
-    pub(crate) async fn open(url: &str, migrate: bool) -> Result<Self, StoreError> {
+    /// Opens the store in the database at `url`; applies newer migrations when `migrate`;
+    /// with `cached` (the daemon), keeps sealed current versions while it hears every change.
+    pub(crate) async fn open(url: &str, migrate: bool, cached: bool) -> Result<Self, StoreError> {
+        let pool = pool(url, CONNECT_TIMEOUT).await?;
+        let (cache, listener) = if cached {
+            let cache = Arc::new(Cache::default());
+            let (stop, stopped) = tokio::sync::watch::channel(());
+            tokio::spawn(listen(pool.clone(), cache.clone(), stopped));
+            (Some(cache), Some(stop))
+        } else {
+            (None, None)
+        };
         let store = PgStore {
             location: location(url),
-            pool: pool(url, CONNECT_TIMEOUT).await?,
+            pool,
             integrity: Arc::default(),
             fence: AtomicI64::new(0),
+            cache,
+            _listener: listener,
         };
         let has_migrations: bool =
             sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
@@ -220,6 +314,21 @@ impl PgStore {
         Ok(leader::leadership(&self.pool)
             .await?
             .filter(|l| l.valid_for_ms > 0))
+    }
+
+    /// The cache, while it may be used (its listener hears every change).
+    fn cache(&self) -> Option<&SealedCache> {
+        self.cache
+            .as_deref()
+            .filter(|c| c.listening.load(Ordering::SeqCst))
+            .map(|c| &c.rows)
+    }
+
+    /// Forgets cached rows after this daemon's own write (the announcement follows).
+    fn invalidate(&self, name: Option<&str>) {
+        if let Some(cache) = &self.cache {
+            cache.rows.invalidate(name);
+        }
     }
 
     /// Every write is committed when its call returns: nothing is queued.

@@ -13,7 +13,7 @@ use crate::store::{
 
 use super::audit::append_audit_in;
 use super::secrets::{insert_version, mark_current, retire_current};
-use super::{PgStore, is_unique_violation};
+use super::{PgStore, announce, is_unique_violation};
 
 impl PgStore {
     /// Plans a rotation. Fails with [`StoreError::Conflict`] if one is already active for the
@@ -154,7 +154,14 @@ impl PgStore {
         }
         let mut tx = self.begin_write().await?;
         advance_in(&mut tx, self.integrity(), rotation, change, &audit).await?;
+        let changes_versions = change.promote || change.revoke_version.is_some();
+        if changes_versions {
+            announce(&mut tx, Some(&rotation.secret_name)).await?;
+        }
         tx.commit().await?;
+        if changes_versions {
+            self.invalidate(Some(&rotation.secret_name));
+        }
         Ok(())
     }
 }

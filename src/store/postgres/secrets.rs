@@ -17,7 +17,7 @@ use crate::store::{
 use super::audit::append_audit_in;
 use super::incidents::resolutions_in;
 use super::rotations::active_rotation_in;
-use super::{PgStore, check_generation, is_unique_violation};
+use super::{PgStore, announce, check_generation, is_unique_violation};
 
 impl PgStore {
     /// A secret by name.
@@ -193,7 +193,9 @@ impl PgStore {
             audits.push(audit);
         }
         append_audit_in(&mut tx, self.integrity(), &audits).await?;
+        announce(&mut tx, None).await?;
         tx.commit().await?;
+        self.invalidate(None);
         Ok(audits.len())
     }
 
@@ -300,8 +302,18 @@ impl PgStore {
         name: &str,
         version: Option<i64>,
     ) -> Result<Option<Arc<SealedSecret>>, StoreError> {
-        // No cache on PostgreSQL (another daemon may write the rows): always the database.
-        Ok(self.sealed_in_db(name, version).await?.map(Arc::new))
+        let Some(cache) = self.cache().filter(|_| version.is_none()) else {
+            return Ok(self.sealed_in_db(name, version).await?.map(Arc::new));
+        };
+        let epoch = match cache.get(name) {
+            Ok(hit) => return Ok(Some(hit)),
+            Err(epoch) => epoch,
+        };
+        let found = self.sealed_in_db(name, None).await?.map(Arc::new);
+        if let Some(sealed) = &found {
+            cache.insert(epoch, name, sealed.clone());
+        }
+        Ok(found)
     }
 
     /// Adds a version and makes it current (the old current becomes previous, the old previous
@@ -314,8 +326,6 @@ impl PgStore {
         version: &NewVersion,
         audit: AuditEvent,
     ) -> Result<(), StoreError> {
-        // SQLite forgets its cached rows of `name` afterwards; there is no cache here.
-        let _ = name;
         let mut tx = self.begin_write().await?;
         check_generation(&mut tx, generation).await?;
         let now = now_millis();
@@ -353,7 +363,9 @@ impl PgStore {
             .execute(&mut *tx)
             .await?;
         append_audit_in(&mut tx, self.integrity(), &audits).await?;
+        announce(&mut tx, Some(name)).await?;
         tx.commit().await?;
+        self.invalidate(Some(name));
         Ok(())
     }
 
@@ -445,7 +457,9 @@ impl PgStore {
             .execute(&mut *tx)
             .await?;
         append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
+        announce(&mut tx, Some(name)).await?;
         tx.commit().await?;
+        self.invalidate(Some(name));
         // (SQLite then truncates its write-ahead log, whose frames still held the old pages.
         // PostgreSQL's WAL and dead tuples are the server's to recycle: nothing to do here.)
         Ok(Some(versions))
@@ -460,8 +474,6 @@ impl PgStore {
         version: i64,
         audit: AuditEvent,
     ) -> Result<(), StoreError> {
-        // SQLite forgets its cached rows of `name` afterwards; there is no cache here.
-        let _ = name;
         let mut tx = self.begin_write().await?;
         sqlx::query(
             "UPDATE versions SET stage = 'revoked', stage_changed_at = $1 \
@@ -473,7 +485,9 @@ impl PgStore {
         .execute(&mut *tx)
         .await?;
         append_audit_in(&mut tx, self.integrity(), &[audit]).await?;
+        announce(&mut tx, Some(name)).await?;
         tx.commit().await?;
+        self.invalidate(Some(name));
         Ok(())
     }
 }

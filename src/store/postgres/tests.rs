@@ -180,3 +180,106 @@ async fn the_postgres_schema_has_every_table_column_type_key_and_index_the_sqlit
     assert_eq!(sqlite_indexes, postgres_indexes);
     pool.close().await;
 }
+
+/// Waits (polling every 10 ms, at most 10 s) until `check` holds.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemons_cache_forgets_what_another_daemon_replaced_and_reads_the_database_while_deaf() {
+    use crate::audit::AuditEvent;
+    use crate::store::tests::secret_with_a_version;
+    use crate::store::{Access, NewVersion, Store, VersionTarget};
+
+    let Some(db) = Scratch::new().await else {
+        return;
+    };
+    let header = crate::store::VaultHeader {
+        kdf: crate::crypto::KdfParams::default(),
+        salt: vec![0; 16],
+        wrapped_root_key: vec![1; 60],
+        wrapped_fingerprint_key: vec![2; 60],
+        root_generation: 1,
+    };
+    let other = Store::create_postgres(&db.url, &header, AuditEvent::new("test", "created"))
+        .await
+        .unwrap();
+    let id = secret_with_a_version(&other, "app/key").await;
+    let daemon = Store::open_postgres(&db.url, Access::Exclusive)
+        .await
+        .unwrap();
+    let cached = daemon.postgres().unwrap();
+    eventually("the daemon to listen", async || cached.cache().is_some()).await;
+    let current = async || {
+        let sealed = daemon.sealed("app/key", None).await.unwrap().unwrap();
+        (sealed.version.version, sealed.version.ciphertext[0])
+    };
+    assert_eq!(current().await, (1, 1));
+
+    // A change no one announced (a row edited by hand) is not seen: the row is served from
+    // the cache.
+    let raw = db.pool().await;
+    sqlx::query("UPDATE versions SET ciphertext = '\\x09' WHERE version = 1")
+        .execute(&raw)
+        .await
+        .unwrap();
+    assert_eq!(current().await, (1, 1), "read from the cache");
+
+    // Another daemon's new version is announced: the cache forgets the old one.
+    let put = |n: i64| {
+        let other = other.clone();
+        let id = id.clone();
+        async move {
+            let version = NewVersion {
+                version: n,
+                ciphertext: vec![n as u8; 32],
+                meta: serde_json::Map::new(),
+                fingerprint: vec![n as u8; 32],
+            };
+            let target = VersionTarget::Existing {
+                secret_id: id,
+                expected_latest: Some(n - 1),
+            };
+            other
+                .put_version(
+                    "app/key",
+                    1,
+                    &target,
+                    &version,
+                    AuditEvent::new("test", "put"),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    put(2).await;
+    eventually("version 2", async || current().await == (2, 2)).await;
+
+    // The listener's connection is cut: until it listens again the cache is not used, so a
+    // version written meanwhile is served at once.
+    let cut: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .fetch_one(&raw)
+    .await
+    .unwrap();
+    assert_eq!(cut, 1);
+    put(3).await;
+    eventually("version 3", async || current().await == (3, 3)).await;
+    eventually("the daemon to listen again", async || {
+        cached.cache().is_some()
+    })
+    .await;
+    put(4).await;
+    eventually("version 4", async || current().await == (4, 4)).await;
+    raw.close().await;
+}
