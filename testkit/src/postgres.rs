@@ -106,6 +106,11 @@ impl Postgres {
         })
     }
 
+    /// The superuser's password (`postgres`).
+    pub fn admin_password(&self) -> &str {
+        &self.admin_password
+    }
+
     /// The superuser's URL, password included.
     pub fn admin_url(&self) -> String {
         let password: String = self
