@@ -63,12 +63,19 @@ fn wait_socket(path: &Path) {
     }
 }
 
+/// keywarden serving a store file in `dir`, its first version made.
 pub fn start_keywarden(dir: &Path) -> (Child, PathBuf) {
+    start_keywarden_on(dir, r#"path = "vault.db""#)
+}
+
+/// keywarden in `dir` on the store `[store]` names (`store` is that line: a `path` or a
+/// `url`), serving once the secret's first version answers.
+pub fn start_keywarden_on(dir: &Path, store: &str) -> (Child, PathBuf) {
     let config = dir.join("keywarden.toml");
     std::fs::write(
         &config,
         r#"[store]
-path = "vault.db"
+STORE
 weak_kdf_for_tests = true
 [store.kdf]
 memory_kib = 64
@@ -88,7 +95,8 @@ name = "bench"
 same_user = true
 secrets = ["bench/*"]
 max_ttl = "1h"
-"#,
+"#
+        .replace("STORE", store),
     )
     .unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_keywarden"))
