@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,9 +69,14 @@ fn psql(url: &str, sql: &str) {
 /// A daemon's environment on the shared store: its own directory, sockets and plugin work
 /// directory; the example plugin's upstream state in `upstream`'s directory.
 fn env_on(db: &Database, upstream: &Env, secrets: &str) -> Env {
+    env_at(&db.url, upstream, "", secrets)
+}
+
+/// Like [`env_on`], on the store at `url`, with `plugin_env` added to the plugin's environment.
+fn env_at(url: &str, upstream: &Env, plugin_env: &str, secrets: &str) -> Env {
     let env = Env::new();
     let written = std::fs::read_to_string(&env.config).unwrap();
-    let store = format!("url = {:?}\nleader_lease = \"1500ms\"", db.url);
+    let store = format!("url = {url:?}\nleader_lease = \"1500ms\"");
     let daemon = base_config("3s").replace(
         "[daemon]\n",
         &format!(
@@ -82,7 +89,7 @@ fn env_on(db: &Database, upstream: &Env, secrets: &str) -> Env {
         format!(
             "{}\n{daemon}\n{}\n{secrets}\n[[policy]]\nname = \"curl\"\nexe = [\"/usr/bin/curl\"]\nsecrets = [\"**\"]\n",
             written.replace("path = \"data/vault.db\"", &store),
-            example_plugin_config(upstream.dir.path(), ""),
+            example_plugin_config(upstream.dir.path(), plugin_env),
         ),
     )
     .unwrap();
@@ -352,5 +359,171 @@ fn a_store_over_tls_is_verified_against_its_ca_and_its_password_stays_out_of_the
     assert!(stdout.contains("app/tls"), "{stdout}");
     for printed in [stdout, String::from_utf8_lossy(&out.stderr).into_owned()] {
         assert!(!printed.contains(&password), "{printed}");
+    }
+}
+
+/// A TCP proxy to the database server that can stall: while `flowing` is false it holds what
+/// it reads (a partition that drops nothing and refuses nothing).
+struct Proxy {
+    port: u16,
+    flowing: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn to(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let flowing = Arc::new(AtomicBool::new(true));
+        let gate = flowing.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let (Ok(client), Ok(server)) = (client, TcpStream::connect(&upstream)) else {
+                    continue;
+                };
+                let ways = [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ];
+                for (mut from, mut to) in ways {
+                    let gate = gate.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => {
+                                    let _ = to.shutdown(std::net::Shutdown::Both);
+                                    return;
+                                }
+                                Ok(n) => n,
+                            };
+                            while !gate.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Proxy { port, flowing }
+    }
+}
+
+#[test]
+fn a_leader_whose_database_connection_stalls_steps_down_its_late_write_is_refused_and_the_rotation_finishes_once()
+ {
+    let Some(db) = Database::new() else {
+        return;
+    };
+    let server = db
+        .url
+        .split_once('@')
+        .unwrap()
+        .1
+        .split_once('/')
+        .unwrap()
+        .0
+        .to_string();
+    let proxy = Proxy::to(server);
+    let user = db
+        .url
+        .split_once("://")
+        .unwrap()
+        .1
+        .split_once('@')
+        .unwrap()
+        .0;
+    let through_proxy = format!("postgres://{user}@127.0.0.1:{}/{}", proxy.port, db.name);
+    let first = Env::new();
+    let secrets = r#"
+[secrets."svc/ha"]
+provider = "example"
+"#;
+    // The daemon behind the proxy leads; its plugin takes 1.5 s per operation, so a step is in
+    // flight when its connection stalls.
+    let a = env_at(
+        &through_proxy,
+        &first,
+        ", EXAMPLE_DELAY_MS = \"1500\"",
+        secrets,
+    );
+    let b = env_at(&db.url, &first, "", secrets);
+    a.ok(&["init"], None);
+    let a_daemon = a.start_daemon();
+    wait_for("the first version", Duration::from_secs(60), || {
+        (a.entry("svc/ha")["version"] == 1 && a.entry("svc/ha")["rotation_state"] == "done")
+            .then_some(())
+    });
+    let b_daemon = b.start_daemon();
+    let (leader_pid, term) = leader(&b).unwrap();
+    assert_eq!(leader_pid, a_daemon.pid());
+
+    a.ok(&["rotate", "svc/ha", "--no-wait"], None);
+    wait_for(
+        "the rotation to be planned",
+        Duration::from_secs(30),
+        || (b.entry("svc/ha")["rotation_state"] == "planned").then_some(()),
+    );
+    proxy.flowing.store(false, Ordering::SeqCst);
+    let stalled = Instant::now();
+
+    // The other daemon takes over under the next term; the stalled one stepped down first.
+    wait_for("the other daemon to lead", Duration::from_secs(30), || {
+        leader(&b).filter(|(pid, _)| *pid == b_daemon.pid())
+    });
+    let takeover = stalled.elapsed();
+    assert_eq!(leader(&b).unwrap().1, term + 1);
+    wait_for(
+        "the stalled daemon to step down",
+        Duration::from_secs(30),
+        || {
+            a_daemon
+                .log_text()
+                .contains("two thirds of its lease; stepping down")
+                .then_some(())
+        },
+    );
+
+    // The link comes back: the old leader's step, held in the stalled connection, is refused.
+    proxy.flowing.store(true, Ordering::SeqCst);
+    wait_for_explained(
+        "the new leader to finish the rotation",
+        Duration::from_secs(60),
+        || {
+            let e = b.entry("svc/ha");
+            (e["version"] == 2 && e["rotation_state"] == "done").then_some(())
+        },
+        || b.entry("svc/ha").to_string(),
+    );
+    wait_for_explained(
+        "the old leader's late write to be refused",
+        Duration::from_secs(30),
+        || {
+            a_daemon
+                .log_text()
+                .contains(&format!("its term {term} ended; term {} leads", term + 1))
+                .then_some(())
+        },
+        || a_daemon.log_text(),
+    );
+    eprintln!("takeover {takeover:?} after the leader's connection stalled (lease 1.5 s)");
+
+    // Exactly once: one live credential upstream, the one the store holds.
+    assert_eq!(
+        first.upstream_i64("SELECT count(*) FROM creds WHERE status = 'active' AND issued = 0"),
+        1,
+        "no orphan: only the current credential is live upstream"
+    );
+    assert_eq!(
+        first.upstream_i64("SELECT count(*) FROM events WHERE op = 'promote'"),
+        2,
+        "promoted once per version"
+    );
+    let verified = b.ok(&["audit", "verify"], None);
+    assert!(verified.contains("audit chain intact"), "{verified}");
+    for daemon in [a_daemon, b_daemon] {
+        assert_eq!(daemon.terminate(), Some(0));
     }
 }

@@ -124,7 +124,9 @@ impl PgStore {
             .collect()
     }
 
-    async fn rekey_in_db(
+    /// Installs a new root key: the header and every data key, in one transaction. Fails with
+    /// [`StoreError::Conflict`] if the set of secrets changed since `rewrapped` was computed.
+    pub async fn rekey(
         &self,
         old_generation: i64,
         header: &VaultHeader,
@@ -256,19 +258,6 @@ impl PgStore {
                 .push((r.try_get(0)?, r.try_get(1)?, meta(r.try_get(2)?)?));
         }
         Ok(material)
-    }
-
-    /// Installs a new root key: the header and every data key, in one transaction. Fails with
-    /// [`StoreError::Conflict`] if the set of secrets changed since `rewrapped` was computed.
-    pub async fn rekey(
-        &self,
-        old_generation: i64,
-        header: &VaultHeader,
-        rewrapped: &[RewrappedKey],
-        audit: AuditEvent,
-    ) -> Result<(), StoreError> {
-        self.rekey_in_db(old_generation, header, rewrapped, audit)
-            .await
     }
 }
 
