@@ -34,7 +34,13 @@ impl Database {
             eprintln!("skipping: KEYWARDEN_TEST_POSTGRES_URL is not set");
             return None;
         };
-        let name = format!("kw_it_{}", std::process::id());
+        // Unique per test: the tests of this file run at once in one process.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let name = format!(
+            "kw_it_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
         psql(
             &base,
             &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
