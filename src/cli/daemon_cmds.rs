@@ -200,7 +200,7 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
     let vault = Arc::new(Vault::unlock(store, &passphrase).await?);
     drop(passphrase);
     // On PostgreSQL the daemon campaigns for the store's leadership from now on, and runs its
-    // services only while it leads (docs/design.md §13).
+    // services as the leader or as a follower, as its role says (docs/design.md §13).
     let (campaign_stop, _) = tokio::sync::watch::channel(false);
     let (mut role, campaign) = match vault.store().postgres() {
         Some(pg) => {

@@ -78,11 +78,14 @@ impl PgStore {
 
     /// Adds to an incident's count of revoked leases.
     pub async fn add_incident_leases(&self, id: &str, revoked: i64) -> Result<(), StoreError> {
+        // A write transaction like any other: the leader's term fences it.
+        let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE incidents SET leases_revoked = leases_revoked + $1 WHERE id = $2")
             .bind(revoked)
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 

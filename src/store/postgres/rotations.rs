@@ -36,6 +36,8 @@ impl PgStore {
         error: &str,
         next_attempt_at: Millis,
     ) -> Result<i64, StoreError> {
+        // A write transaction like any other: the leader's term fences it.
+        let mut tx = self.begin_write().await?;
         let attempts: i64 = sqlx::query_scalar(
             "UPDATE rotations SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, \
              updated_at = $3 WHERE id = $4 RETURNING attempts",
@@ -44,17 +46,21 @@ impl PgStore {
         .bind(next_attempt_at)
         .bind(now_millis())
         .bind(rotation_id)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(attempts)
     }
 
     /// Resets a rotation's attempt count (an operator asked to resume it).
     pub async fn reset_rotation_attempts(&self, rotation_id: &str) -> Result<(), StoreError> {
+        // A write transaction like any other: the leader's term fences it.
+        let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE rotations SET attempts = 0, next_attempt_at = NULL WHERE id = $1")
             .bind(rotation_id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 

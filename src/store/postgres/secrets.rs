@@ -205,12 +205,14 @@ impl PgStore {
         secret_id: &str,
         at: Option<Millis>,
     ) -> Result<(), StoreError> {
-        // One statement outside a transaction, as on SQLite (no audit row, no read before it).
+        // A write transaction like any other: the leader's term fences it.
+        let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE secrets SET next_rotation_at = $1 WHERE id = $2")
             .bind(at)
             .bind(secret_id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 

@@ -283,3 +283,68 @@ async fn a_daemons_cache_forgets_what_another_daemon_replaced_and_reads_the_data
     eventually("version 4", async || current().await == (4, 4)).await;
     raw.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_of_a_fenced_store_is_refused_once_another_daemon_took_over() {
+    use crate::audit::AuditEvent;
+    use crate::store::postgres::leader::{Candidate, Timing, leadership};
+    use crate::store::tests::secret_with_a_version;
+    use crate::store::{Access, Store, StoreError};
+
+    let Some(db) = Scratch::new().await else {
+        return;
+    };
+    let header = crate::store::VaultHeader {
+        kdf: crate::crypto::KdfParams::default(),
+        salt: vec![0; 16],
+        wrapped_root_key: vec![1; 60],
+        wrapped_fingerprint_key: vec![2; 60],
+        root_generation: 1,
+    };
+    drop(
+        Store::create_postgres(&db.url, &header, AuditEvent::new("test", "created"))
+            .await
+            .unwrap(),
+    );
+    let store = Store::open_postgres(&db.url, Access::Exclusive)
+        .await
+        .unwrap();
+    let id = secret_with_a_version(&store, "app/key").await;
+    let pg = store.postgres().unwrap();
+    let timing = Timing {
+        ttl: Duration::from_millis(600),
+    };
+    let term = pg.candidate(timing).acquire().await.unwrap().unwrap();
+    pg.fence_writes(Some(term));
+    store.set_next_rotation(&id, Some(1)).await.unwrap();
+    let pool = db.pool().await;
+    eventually("the lease to run out", async || {
+        leadership(&pool).await.unwrap().unwrap().valid_for_ms < 0
+    })
+    .await;
+    let other = Candidate::new(pool.clone(), timing);
+    assert_eq!(other.acquire().await.unwrap(), Some(term + 1));
+    let refused = [
+        store.set_next_rotation(&id, Some(2)).await,
+        store.append_audit(&[AuditEvent::new("test", "late")]).await,
+        store
+            .record_secret_failure(&id, "late", false, AuditEvent::new("test", "late"))
+            .await
+            .map(drop),
+    ];
+    for result in refused {
+        assert!(
+            matches!(result, Err(StoreError::Fenced { mine, current }) if mine == term && current == term + 1),
+            "{result:?}"
+        );
+    }
+    // Nothing of them was written; unfenced (a follower's writes), the store writes again.
+    let late: i64 = sqlx::query_scalar("SELECT count(*) FROM audit WHERE action = 'late'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(late, 0);
+    pg.fence_writes(None);
+    store.set_next_rotation(&id, Some(3)).await.unwrap();
+    pool.close().await;
+}
