@@ -21,7 +21,7 @@ use crate::clock::Clock;
 use crate::clock::Millis;
 use crate::group_commit::WriteError;
 use crate::rotation::engine::PluginCallError;
-use crate::store::{LeaseEnd, LeaseOp, LeaseRow, UpstreamState};
+use crate::store::{LeaseEnd, LeaseOp, LeaseRow, StoreError, UpstreamState};
 
 /// How long to wait before retrying a failed upstream revocation.
 const REVOKE_RETRY: Duration = Duration::from_secs(5);
@@ -54,6 +54,17 @@ pub trait LeaseBackend: Send + Sync + 'static {
         &'a self,
         lease: &'a LeaseRow,
     ) -> BoxFuture<'a, Result<(), PluginCallError>>;
+
+    /// Where other daemons share the store (PostgreSQL): which of `ids` are still open in it,
+    /// with the expiry it holds (another daemon may have renewed or ended one). `None` where
+    /// this table is the only one (SQLite).
+    fn stored_expiries<'a>(
+        &'a self,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Option<HashMap<String, Millis>>, StoreError>> {
+        let _ = ids;
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// Why a lease operation was refused.
@@ -693,6 +704,47 @@ impl Leases {
         }
     }
 
+    /// Of the leases this table sees expired at `now`, those the store agrees have. On a store
+    /// other daemons share, one of them may have renewed a lease (it is put back here with the
+    /// stored expiry) or ended it (it is forgotten here, nothing written); without an answer
+    /// from the store, this table decides.
+    async fn expired_in_store(&self, expired: Vec<LeaseRow>, now: Millis) -> Vec<LeaseRow> {
+        if expired.is_empty() {
+            return expired;
+        }
+        let ids: Vec<String> = expired.iter().map(|l| l.id.clone()).collect();
+        let stored = match self.backend.stored_expiries(&ids).await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return expired,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the stored leases; ending them as seen here");
+                return expired;
+            }
+        };
+        let mut state = self.state.lock().expect("lease state");
+        expired
+            .into_iter()
+            .filter(|lease| match stored.get(&lease.id) {
+                None => {
+                    state.end(&lease.id);
+                    false
+                }
+                Some(&expires_at) if expires_at > now => {
+                    if let Some(old) = state.remove(&lease.id) {
+                        let mut renewed = LeaseRow::clone(&old);
+                        renewed.expires_at = expires_at;
+                        if let Some(r) = state.recorded.get_mut(&lease.id) {
+                            r.expires_at = expires_at;
+                        }
+                        state.insert(Arc::new(renewed));
+                    }
+                    false
+                }
+                Some(_) => true,
+            })
+            .collect()
+    }
+
     /// Ends leases as they expire, retries pending upstream revocations, and folds repeated
     /// fetches into the audit chain, until `shutdown`.
     pub async fn run_sweeper(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
@@ -722,6 +774,7 @@ impl Leases {
                     .filter_map(|(_, id)| state.live.get(id).map(|l| LeaseRow::clone(l)))
                     .collect()
             };
+            let expired = self.expired_in_store(expired, now).await;
             if !expired.is_empty() {
                 let audit = expired
                     .iter()
@@ -787,6 +840,8 @@ mod tests {
         audit: Mutex<Vec<String>>,
         revoked: Mutex<Vec<String>>,
         fail_revokes: Mutex<u32>,
+        /// A store other daemons share: its open leases and their expiries.
+        shared: Mutex<Option<HashMap<String, Millis>>>,
     }
 
     impl LeaseBackend for Arc<Memory> {
@@ -816,6 +871,18 @@ mod tests {
                 Ok(())
             };
             Box::pin(async move { result })
+        }
+
+        fn stored_expiries<'a>(
+            &'a self,
+            ids: &'a [String],
+        ) -> BoxFuture<'a, Result<Option<HashMap<String, Millis>>, StoreError>> {
+            let stored = self.shared.lock().unwrap().as_ref().map(|open| {
+                ids.iter()
+                    .filter_map(|id| open.get(id).map(|e| (id.clone(), *e)))
+                    .collect()
+            });
+            Box::pin(async move { Ok(stored) })
         }
     }
 
@@ -887,6 +954,44 @@ mod tests {
                 .count(),
             2
         );
+    }
+
+    /// On a shared store, another daemon renewed one lease and ended another: at their old
+    /// expiry here, the first is put back with the stored expiry and the second is forgotten;
+    /// neither is ended (nor its credential revoked) by this daemon.
+    #[tokio::test(start_paused = true)]
+    async fn on_a_shared_store_a_lease_another_daemon_renewed_or_ended_is_not_ended_here() {
+        let (memory, leases, _stop) = setup();
+        leases
+            .grant(lease("renewed", 1000, 60, true), ev)
+            .await
+            .unwrap();
+        leases
+            .grant(lease("ended", 1000, 60, true), ev)
+            .await
+            .unwrap();
+        leases
+            .grant(lease("expired", 1000, 60, true), ev)
+            .await
+            .unwrap();
+        *memory.shared.lock().unwrap() = Some(HashMap::from([
+            ("renewed".to_string(), T0 + 600_000),
+            ("expired".to_string(), T0 + 60_000),
+        ]));
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(*memory.revoked.lock().unwrap(), ["expired"]);
+        assert!(leases.get("ended").is_none(), "forgotten");
+        assert_eq!(leases.get("renewed").unwrap().expires_at, T0 + 600_000);
+        let expired_rows = memory
+            .audit
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| *a == "lease.expired")
+            .count();
+        assert_eq!(expired_rows, 1, "only the lease that did expire");
+        tokio::time::sleep(Duration::from_secs(540)).await;
+        assert_eq!(*memory.revoked.lock().unwrap(), ["expired", "renewed"]);
     }
 
     #[tokio::test(start_paused = true)]

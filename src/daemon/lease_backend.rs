@@ -1,12 +1,14 @@
 //! The daemon's lease backend: lease rows and their audit rows go through the group-commit
 //! writer; credentials issued for a lease are revoked through the secret's plugin.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use keywarden_plugin_sdk::{Credential, Secret};
 
 use crate::audit::AuditEvent;
+use crate::clock::Millis;
 use crate::group_commit::{GroupCommit, WriteError};
 use crate::leases::LeaseBackend;
 use crate::rotation::engine::{Engine, PluginCallError};
@@ -70,5 +72,17 @@ impl LeaseBackend for DaemonLeaseBackend {
         lease: &'a LeaseRow,
     ) -> BoxFuture<'a, Result<(), PluginCallError>> {
         Box::pin(self.revoke(lease))
+    }
+
+    fn stored_expiries<'a>(
+        &'a self,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Option<HashMap<String, Millis>>, StoreError>> {
+        Box::pin(async move {
+            match self.engine.vault().store().postgres() {
+                Some(pg) => pg.open_lease_expiries(ids).await.map(Some),
+                None => Ok(None),
+            }
+        })
     }
 }

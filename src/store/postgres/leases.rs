@@ -14,6 +14,21 @@ use super::PgStore;
 use super::audit::append_audit_in;
 
 impl PgStore {
+    /// Which of `ids` are open leases, with their expiry: what another daemon's sweeper checks
+    /// before it ends a lease this one may have renewed or ended.
+    pub async fn open_lease_expiries(
+        &self,
+        ids: &[String],
+    ) -> Result<std::collections::HashMap<String, Millis>, StoreError> {
+        let rows: Vec<(String, Millis)> = sqlx::query_as(
+            "SELECT id, expires_at FROM leases WHERE id = ANY($1) AND ended_at IS NULL",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
     /// Applies lease changes and audit rows in one group-committed transaction. Durable
     /// against a crash of the process (the write-ahead log is written before this returns) but
     /// not fsynced individually, so many fetches share one disk flush.
