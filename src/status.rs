@@ -109,6 +109,14 @@ pub async fn report(
     });
     if let Some(pg) = store.postgres() {
         report["leadership"] = leadership(pg).await?;
+    } else if let Some(pid) = store.lock_holder() {
+        // A SQLite store's one leader is the daemon holding its lock; there is no term.
+        let host = crate::store::host_name();
+        report["leadership"] = json!({
+            "leader": { "host": host, "pid": pid },
+            "term": null,
+            "daemons": [{ "host": host, "pid": pid, "role": "leader" }],
+        });
     }
     Ok(report)
 }

@@ -45,6 +45,19 @@ fn the_daemon_notifies_systemd_and_sighup_reloads_its_config_or_keeps_it() {
         let (code, _) = common::curl(&env.agent_socket(), "GET", "/v1/secrets/app/first", &[]);
         (code == 200).then_some(())
     });
+    // The daemon holding the store's lock is its one leader, and status says so.
+    let status: serde_json::Value =
+        serde_json::from_str(&env.ok(&["status", "--json"], None)).unwrap();
+    assert_eq!(
+        status["leadership"]["leader"]["pid"],
+        daemon.pid(),
+        "{status}"
+    );
+    let screen = env.ok(&["status"], None);
+    assert!(
+        screen.contains(&format!("pid {} (it holds the store's lock)", daemon.pid())),
+        "{screen}"
+    );
 
     // SIGHUP with a new secret in the file: it is served, without a passphrase or a restart.
     let config = std::fs::read_to_string(&env.config).unwrap();

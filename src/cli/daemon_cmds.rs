@@ -484,12 +484,17 @@ pub(crate) async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<Ex
     let leadership = &report["leadership"];
     if leadership.is_object() {
         match leadership["leader"].as_object() {
-            Some(l) => println!(
+            Some(l) if l.contains_key("term") => println!(
                 "leader: {} pid {} (term {}, lease {} ms left)",
                 l["host"].as_str().unwrap_or("?"),
                 l["pid"],
                 l["term"],
                 l["valid_for_ms"]
+            ),
+            Some(l) => println!(
+                "leader: {} pid {} (it holds the store's lock)",
+                l["host"].as_str().unwrap_or("?"),
+                l["pid"]
             ),
             None => println!("leader: none (the last lease ran out)"),
         }

@@ -100,6 +100,13 @@ fn permission_denied(path: &Path) -> StoreError {
     }
 }
 
+/// This host's name (for `status` and the leadership row).
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// The name /etc/passwd gives `uid`, else `uid N`.
 fn user_name(uid: u32) -> String {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
@@ -491,6 +498,16 @@ impl Store {
             Backend::Sqlite(b) => Some(b.as_ref()),
             Backend::Postgres(_) => None,
         }
+    }
+
+    /// The pid of the daemon holding this SQLite store's lock: the store's one leader (`None`
+    /// on PostgreSQL, whose leadership is a lease row, or when no daemon runs).
+    pub fn lock_holder(&self) -> Option<u32> {
+        let file = self.sqlite()?;
+        lock::holders(file.path())
+            .into_iter()
+            .find(|h| h.exclusive)
+            .map(|h| h.pid)
     }
 
     /// The PostgreSQL backend, where the store is one (the daemon campaigns for its

@@ -116,13 +116,10 @@ pub struct Candidate {
 impl Candidate {
     /// A candidate with a fresh daemon id, on this host and process.
     pub fn new(pool: PgPool, timing: Timing) -> Candidate {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default();
         Candidate {
             pool,
             id: uuid::Uuid::new_v4().simple().to_string(),
-            host,
+            host: crate::store::host_name(),
             pid: i64::from(std::process::id()),
             timing,
         }

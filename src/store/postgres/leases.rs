@@ -29,9 +29,9 @@ impl PgStore {
         Ok(rows.into_iter().collect())
     }
 
-    /// Applies lease changes and audit rows in one group-committed transaction. Durable
-    /// against a crash of the process (the write-ahead log is written before this returns) but
-    /// not fsynced individually, so many fetches share one disk flush.
+    /// Applies lease changes and audit rows in one transaction, committed as the server's
+    /// `synchronous_commit` says (on by default: durable when this returns). The caller batches
+    /// many fetches into one call.
     pub async fn apply_lease_batch(
         &self,
         ops: &[LeaseOp],
