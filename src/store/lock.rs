@@ -81,7 +81,14 @@ pub(crate) fn holders(store: &Path) -> Vec<Holder> {
     let Ok(meta) = std::fs::metadata(lock_path(store)) else {
         return Vec::new();
     };
-    let inode = meta.ino().to_string();
+    // /proc/locks names a file as MAJOR:MINOR:INODE (device numbers in hex): an inode number
+    // alone can be another file's on another device, held by someone else entirely.
+    let file_id = format!(
+        "{:02x}:{:02x}:{}",
+        rustix::fs::major(meta.dev()),
+        rustix::fs::minor(meta.dev()),
+        meta.ino()
+    );
     let table = std::fs::read_to_string("/proc/locks").unwrap_or_default();
     let mut found: Vec<Holder> = table
         .lines()
@@ -95,7 +102,7 @@ pub(crate) fn holders(store: &Path) -> Vec<Holder> {
                 fields.get(4)?,
                 fields.get(5)?,
             );
-            (*kind == "FLOCK" && file.rsplit(':').next() == Some(inode.as_str())).then(|| {
+            (*kind == "FLOCK" && *file == file_id).then(|| {
                 let pid: u32 = pid.parse().unwrap_or(0);
                 Holder {
                     pid,

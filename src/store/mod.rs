@@ -432,8 +432,18 @@ impl Store {
             match Store::open(path, Access::Exclusive).await {
                 Err(StoreError::Locked { path: p, lock: l }) => {
                     let holders = lock::holders(path);
-                    if holders.is_empty() || holders.iter().any(|h| h.exclusive) {
+                    // No holder seen: the lock was let go meanwhile, or the kernel's table,
+                    // read in pieces while other processes lock and unlock, missed its line.
+                    // Either way, look again (until the deadline) rather than guess.
+                    let unseen = holders.is_empty();
+                    if holders.iter().any(|h| h.exclusive)
+                        || (unseen && tokio::time::Instant::now() >= deadline)
+                    {
                         return Err(StoreError::Locked { path: p, lock: l });
+                    }
+                    if unseen {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        continue;
                     }
                     let named = holders
                         .iter()
