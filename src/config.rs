@@ -101,11 +101,23 @@ pub struct Config {
     #[serde(skip)]
     pub source_path: Option<PathBuf>,
     #[serde(skip)]
-    source_text: String,
+    source_text: SourceText,
 }
 
-/// `[store]`: where the vault lives and how its passphrase is stretched.
-#[derive(Debug, Deserialize)]
+/// The config file's text, kept to name lines in messages; `Debug` shows only its length (it
+/// may hold a database password in `[store] url`).
+#[derive(Default)]
+struct SourceText(String);
+
+impl std::fmt::Debug for SourceText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SourceText({} bytes)", self.0.len())
+    }
+}
+
+/// `[store]`: where the vault lives and how its passphrase is stretched. `Debug` shows `url`
+/// without its password.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// The SQLite file. Default: `$XDG_DATA_HOME/keywarden/vault.db`, else
@@ -131,6 +143,24 @@ pub struct StoreConfig {
 
 fn default_leader_lease() -> Duration {
     Duration::from_secs(10)
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("path", &self.path)
+            .field(
+                "url",
+                &self
+                    .url
+                    .as_ref()
+                    .map(|u| crate::store::Location::Postgres(u.clone()).to_string()),
+            )
+            .field("leader_lease", &self.leader_lease)
+            .field("kdf", &self.kdf)
+            .field("weak_kdf_for_tests", &self.weak_kdf_for_tests)
+            .finish()
+    }
 }
 
 impl Default for StoreConfig {
@@ -403,7 +433,7 @@ impl Config {
             .ok()
             .and_then(|p| p.parent().map(Path::to_path_buf));
         config.source_path = Some(path.to_path_buf());
-        config.source_text = text.to_string();
+        config.source_text = SourceText(text.to_string());
         config.validate()?;
         config.resolve_paths();
         Ok(config)
@@ -514,7 +544,7 @@ impl Config {
     /// The line where the deepest element of `path` that the document has starts (1 when the
     /// document has none of it).
     fn line_at(&self, path: &[Step<'_>]) -> usize {
-        let Ok(doc) = toml::de::DeTable::parse(&self.source_text) else {
+        let Ok(doc) = toml::de::DeTable::parse(&self.source_text.0) else {
             return 1;
         };
         let mut start = 0;
@@ -540,7 +570,7 @@ impl Config {
                 _ => (None, None),
             };
         }
-        self.source_text[..start].matches('\n').count() + 1
+        self.source_text.0[..start].matches('\n').count() + 1
     }
 
     /// An [`ConfigError::Invalid`] for `key` of the table `[section.name]`.
@@ -902,6 +932,19 @@ mod tests {
         assert!(err.contains("line 3"), "{err}");
         assert!(err.contains("paht"), "{err}");
         assert!(err.contains("/etc/kw.toml"), "{err}");
+    }
+
+    #[test]
+    fn a_database_password_in_the_store_url_shows_in_no_debug_or_display() {
+        let c = Config::parse(
+            "[store]\nurl = \"postgres://kw:hunter2-db-pass@db:5432/kw\"\n",
+            Path::new("/etc/keywarden/keywarden.toml"),
+        )
+        .unwrap();
+        let location = c.store_location(None).unwrap();
+        let shown = format!("{c:?} {location:?} {location}");
+        assert!(!shown.contains("hunter2-db-pass"), "{shown}");
+        assert!(shown.contains("postgres://kw@db:5432/kw"), "{shown}");
     }
 
     #[test]

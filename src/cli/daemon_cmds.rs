@@ -168,6 +168,24 @@ async fn role_changed(role: Option<&mut tokio::sync::watch::Receiver<Role>>, mod
     }
 }
 
+/// On PostgreSQL the daemon campaigns for the store's leadership from its start until `stop`,
+/// and runs its services as the leader or as a follower, as the role watch says
+/// (docs/design.md §13); `None` on SQLite.
+fn start_campaign(
+    ctx: &Context,
+    vault: &Vault,
+    stop: &tokio::sync::watch::Sender<bool>,
+) -> Option<(
+    tokio::sync::watch::Receiver<Role>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let timing = Timing {
+        ttl: ctx.config.store.leader_lease,
+    };
+    let pg = vault.store().postgres()?;
+    Some(pg.candidate(timing).campaign(stop.subscribe()))
+}
+
 /// Whether a store is already at `location`.
 async fn store_exists(location: &Location) -> anyhow::Result<bool> {
     match location {
@@ -199,19 +217,8 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
     };
     let vault = Arc::new(Vault::unlock(store, &passphrase).await?);
     drop(passphrase);
-    // On PostgreSQL the daemon campaigns for the store's leadership from now on, and runs its
-    // services as the leader or as a follower, as its role says (docs/design.md §13).
     let (campaign_stop, _) = tokio::sync::watch::channel(false);
-    let (mut role, campaign) = match vault.store().postgres() {
-        Some(pg) => {
-            let timing = Timing {
-                ttl: ctx.config.store.leader_lease,
-            };
-            let (role, task) = pg.candidate(timing).campaign(campaign_stop.subscribe());
-            (Some(role), Some(task))
-        }
-        None => (None, None),
-    };
+    let (mut role, campaign) = start_campaign(ctx, &vault, &campaign_stop).unzip();
     // The services run until a stop; a reload stops them and starts them again with the new
     // config on the same unlocked store and the same sockets. If they cannot start with it,
     // the previous one is put back.
@@ -312,6 +319,37 @@ fn remove_created_store(path: &Path, e: &crate::daemon::ServeError) -> anyhow::R
         bail!("{e} (the store this start created was removed)");
     }
     Ok(())
+}
+
+/// `status`'s leadership lines: the leader (its term and lease on PostgreSQL) and the daemons.
+fn print_leadership(leadership: &Value) {
+    if !leadership.is_object() {
+        return;
+    }
+    match leadership["leader"].as_object() {
+        Some(l) if l.contains_key("term") => println!(
+            "leader: {} pid {} (term {}, lease {} ms left)",
+            l["host"].as_str().unwrap_or("?"),
+            l["pid"],
+            l["term"],
+            l["valid_for_ms"]
+        ),
+        Some(l) => println!(
+            "leader: {} pid {} (it holds the store's lock)",
+            l["host"].as_str().unwrap_or("?"),
+            l["pid"]
+        ),
+        None => println!("leader: none (the last lease ran out)"),
+    }
+    for d in leadership["daemons"].as_array().into_iter().flatten() {
+        println!(
+            "daemon {} pid {}: {} (seen {} ms ago)",
+            d["host"].as_str().unwrap_or("?"),
+            d["pid"],
+            d["role"].as_str().unwrap_or("?"),
+            d["seen_ms_ago"]
+        );
+    }
 }
 
 /// Whether a daemon answers on the admin socket.
@@ -481,33 +519,7 @@ pub(crate) async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<Ex
             p["restarts"]
         );
     }
-    let leadership = &report["leadership"];
-    if leadership.is_object() {
-        match leadership["leader"].as_object() {
-            Some(l) if l.contains_key("term") => println!(
-                "leader: {} pid {} (term {}, lease {} ms left)",
-                l["host"].as_str().unwrap_or("?"),
-                l["pid"],
-                l["term"],
-                l["valid_for_ms"]
-            ),
-            Some(l) => println!(
-                "leader: {} pid {} (it holds the store's lock)",
-                l["host"].as_str().unwrap_or("?"),
-                l["pid"]
-            ),
-            None => println!("leader: none (the last lease ran out)"),
-        }
-        for d in leadership["daemons"].as_array().into_iter().flatten() {
-            println!(
-                "daemon {} pid {}: {} (seen {} ms ago)",
-                d["host"].as_str().unwrap_or("?"),
-                d["pid"],
-                d["role"].as_str().unwrap_or("?"),
-                d["seen_ms_ago"]
-            );
-        }
-    }
+    print_leadership(&report["leadership"]);
     super::broker_cmd::print_brokers(&report["brokers"]);
     println!(
         "audit chain: {} rows, head {}",

@@ -326,13 +326,19 @@ fn take_lock(path: &Path, access: Access) -> Result<Option<StoreLock>, StoreErro
     }
 }
 
-/// Where a store is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a store is. `Debug` shows what `Display` shows: never a database password.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Location {
     /// A SQLite file.
     File(PathBuf),
     /// A PostgreSQL database (`postgres://…`), which several daemons may share.
     Postgres(String),
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Location({self})")
+    }
 }
 
 impl std::fmt::Display for Location {
