@@ -206,7 +206,7 @@ async fn of_three_daemons_one_leads_and_a_killed_leader_is_replaced_under_a_new_
     // The leader dies without a word (its task aborted: no resign, no more renewals).
     let killed = Instant::now();
     campaigns[first].2.abort();
-    let (second, new_term) = wait_for("a new leader", Duration::from_secs(20), async || {
+    let (_, new_term) = wait_for("a new leader", Duration::from_secs(20), async || {
         let now = leaders(&campaigns);
         assert!(now.len() <= 1, "two leaders at once: {now:?}");
         now.first().copied().filter(|(i, _)| *i != first)
@@ -222,19 +222,16 @@ async fn of_three_daemons_one_leads_and_a_killed_leader_is_replaced_under_a_new_
         Err(StoreError::Fenced { .. })
     ));
 
-    // A clean stop: the leader resigns, so the last daemon would not wait out a lease; here
-    // every campaign stops, and no daemon leads any more.
-    let second_id = campaigns[second].0.clone();
+    // A clean stop: a leader resigns, so no one waits out its lease. Every campaign stops; the
+    // remaining one may take the lease the leader gave up an instant before its own stop, and
+    // then resigns too: no lease runs on.
     stop.send(true).unwrap();
     for (_, _, task) in campaigns {
         let _ = task.await;
     }
     let last = leadership(&pool).await.unwrap().unwrap();
-    assert_eq!(
-        (last.holder.as_str(), last.term),
-        (second_id.as_str(), new_term)
-    );
-    assert!(last.valid_for_ms <= 0, "the leader resigned: {last:?}");
+    assert!(last.term >= new_term, "{last:?}");
+    assert!(last.valid_for_ms <= 0, "every leader resigned: {last:?}");
     pool.close().await;
 }
 
