@@ -38,8 +38,8 @@ async fn one_daemon_leads_and_a_takeover_waits_for_the_lease_to_run_out_and_rais
     let pool = db.pool().await;
     assert_eq!(leadership(&pool).await.unwrap(), None);
     let (a, b) = (
-        Candidate::new(pool.clone(), timing(1000)),
-        Candidate::new(pool.clone(), timing(1000)),
+        Candidate::new(pool.clone(), timing(3000)),
+        Candidate::new(pool.clone(), timing(3000)),
     );
     assert_eq!(a.acquire().await.unwrap(), Some(1));
     assert_eq!(b.acquire().await.unwrap(), None, "a's lease lasts");
