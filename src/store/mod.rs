@@ -100,6 +100,18 @@ fn permission_denied(path: &Path) -> StoreError {
     }
 }
 
+/// Whether `e` is a unique-constraint violation (either backend).
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
+}
+
+/// A secret's stored tags (a JSON list); anything else is corruption.
+fn parse_tags(text: &str) -> Result<Vec<String>, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|_| StoreError::Corrupt("a secret's tags are not a JSON list".into()))
+}
+
 /// This host's name (for `status` and the leadership row).
 pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -344,10 +344,7 @@ impl PgStore {
 }
 
 /// Whether `e` is a unique-constraint violation.
-pub(super) fn is_unique_violation(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .is_some_and(|d| d.is_unique_violation())
-}
+pub(super) use super::is_unique_violation;
 
 /// [`StoreError::StaleKeys`] unless the root key's generation is still `generation`.
 pub(super) async fn check_generation(

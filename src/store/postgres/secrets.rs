@@ -8,11 +8,11 @@ use sqlx::postgres::{PgConnection, PgRow};
 use crate::audit::AuditEvent;
 use crate::clock::{Millis, now_millis};
 use crate::crypto::IntegrityKey;
-use crate::store::RotationState;
 use crate::store::{
     NewSecret, NewVersion, Registered, SealedSecret, SecretRecord, SecretSummary, Stage,
     StoreError, VersionRecord, VersionTarget,
 };
+use crate::store::{RotationState, parse_tags};
 
 use super::audit::append_audit_in;
 use super::incidents::resolutions_in;
@@ -514,12 +514,6 @@ fn version_from_row(row: &PgRow, first: usize) -> Result<VersionRecord, StoreErr
         fingerprint: row.try_get(first + 4)?,
         created_at: row.try_get(first + 5)?,
     })
-}
-
-/// A secret's tags, stored as a JSON list.
-pub(super) fn parse_tags(text: &str) -> Result<Vec<String>, StoreError> {
-    serde_json::from_str(text)
-        .map_err(|_| StoreError::Corrupt("a secret's tags are not a JSON list".into()))
 }
 
 /// Inserts a new secret's row; a name already taken is a conflict.

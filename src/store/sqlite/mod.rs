@@ -417,10 +417,7 @@ pub(super) fn unreadable(path: &Path, e: sqlx::Error) -> StoreError {
     }
 }
 
-pub(super) fn is_unique_violation(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .is_some_and(|d| d.is_unique_violation())
-}
+pub(super) use super::is_unique_violation;
 
 pub(super) async fn check_generation(
     tx: &mut SqliteConnection,

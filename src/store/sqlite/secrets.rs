@@ -8,11 +8,11 @@ use sqlx::sqlite::SqliteConnection;
 use crate::audit::AuditEvent;
 use crate::clock::{Millis, now_millis};
 use crate::crypto::IntegrityKey;
-use crate::store::RotationState;
 use crate::store::{
     NewSecret, NewVersion, Registered, SealedSecret, SecretRecord, SecretSummary, Stage,
     StoreError, VersionRecord, VersionTarget,
 };
+use crate::store::{RotationState, parse_tags};
 
 use rusqlite::{OptionalExtension, params};
 
@@ -541,11 +541,6 @@ fn version_from_row(row: &rusqlite::Row<'_>, first: usize) -> Result<VersionReco
         fingerprint: blob(row, first + 4)?,
         created_at: row.get(first + 5)?,
     })
-}
-
-pub(super) fn parse_tags(text: &str) -> Result<Vec<String>, StoreError> {
-    serde_json::from_str(text)
-        .map_err(|_| StoreError::Corrupt("a secret's tags are not a JSON list".into()))
 }
 
 /// Inserts a new secret's row; a name already taken is a conflict.
