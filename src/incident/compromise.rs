@@ -528,6 +528,8 @@ impl Incidents {
                 }
             }
         }
+        // Journaled and its leases revoked; no rotation of it started yet.
+        crash_point!("incident.opened");
         let done: HashSet<String> = store
             .incident_rotations(id)
             .await?

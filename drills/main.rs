@@ -1,0 +1,73 @@
+//! The reliability drills, run one at a time by name (`drills/run NAME [OPTIONS]`, which runs
+//! this binary in the test profile so the daemon it drives has its crash points):
+//!
+//! - `crash [--secrets N] [--kills N] [--max-life MS] [--seed N]`: SIGKILLs at random instants
+//!   and at every crash point, then checks nothing was lost, orphaned or left unaudited;
+//!
+//! each ends with the secrets-hygiene sweep, prints its figures and exits non-zero on any
+//! violation. `cargo test` runs this binary with no drill named: it then only says so.
+
+mod crash;
+mod hygiene;
+mod kit;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+fn usage() -> &'static str {
+    "drills: crash [--secrets N] [--kills N] [--max-life MS] [--seed N]"
+}
+
+/// `--name VALUE` pairs after the drill's name.
+fn options(args: &[String]) -> Result<std::collections::HashMap<String, u64>, String> {
+    let mut out = std::collections::HashMap::new();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let name = flag
+            .strip_prefix("--")
+            .ok_or_else(|| format!("unexpected {flag:?}"))?;
+        let value = it
+            .next()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("--{name} needs a number"))?;
+        out.insert(name.to_string(), value);
+    }
+    Ok(out)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--quiet" && a != "-q")
+        .collect();
+    // `cargo test` passes harness flags (--quiet, test filters) or nothing: no drill then.
+    let Some(drill) = args.first().filter(|a| !a.starts_with('-')) else {
+        println!("{}\n(no drill named: nothing to do)", usage());
+        return ExitCode::SUCCESS;
+    };
+    let opts = match options(&args[1..]) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}\n{}", usage());
+            return ExitCode::from(2);
+        }
+    };
+    let get = |name: &str, default: u64| opts.get(name).copied().unwrap_or(default);
+    let violations = match drill.as_str() {
+        "crash" => crash::run(&crash::Options {
+            secrets: get("secrets", 500) as usize,
+            kills: get("kills", 1000) as usize,
+            max_life: Duration::from_millis(get("max-life", 1500)),
+            seed: get("seed", kit::clock_seed()),
+        }),
+        other => {
+            eprintln!("no drill {other:?}\n{}", usage());
+            return ExitCode::from(2);
+        }
+    };
+    if violations == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
