@@ -285,56 +285,11 @@ pub fn run(o: &Options) -> usize {
     });
     let settle_time = settle_started.elapsed();
 
-    // Each stored secret: one current version, its credential the only live one upstream,
-    // its consumer holding it.
     let upstream = kit::open_db(&env.upstream_db());
-    let mut current = HashMap::new();
-    for i in 0..o.secrets {
-        let name = stored_name(i);
-        let Ok((200, body)) = kit::request(
-            &env.admin_socket(),
-            "GET",
-            &format!("/v1/admin/secrets/{name}"),
-            None,
-        ) else {
-            violations.check(false, || format!("{name}: the admin API did not answer"));
-            continue;
-        };
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let value = v["value"].as_str().unwrap().to_string();
-        let key = v["meta"]["key_id"].as_str().unwrap_or_default().to_string();
-        let live = kit::rows(
-            &upstream,
-            &format!(
-                "SELECT key_id, value FROM creds WHERE secret = '{name}' AND issued = 0 AND status = 'active'"
-            ),
-        );
-        violations.check(live == vec![(key.clone(), value.clone())], || {
-            format!(
-                "{name}: live upstream {:?}, current {key}",
-                live.iter().map(|l| &l.0).collect::<Vec<_>>()
-            )
-        });
-        let file = std::fs::read_to_string(env.dir.path().join(format!("out/{i:03}")));
-        violations.check(file.as_deref().ok() == Some(value.as_str()), || {
-            format!("{name}: its consumer file does not hold the current version")
-        });
-        current.insert(name, value);
-    }
-    violations.check(
-        kit::one(
-            &store,
-            "SELECT count(*) FROM (SELECT secret_id FROM versions WHERE stage = 'current' GROUP BY secret_id HAVING count(*) > 1)",
-        ) == 0,
-        || "a secret has two current versions".into(),
-    );
-    let quarantined = kit::rows(
-        &store,
-        "SELECT name FROM secrets WHERE quarantined_at IS NOT NULL",
-    );
-    violations.check(quarantined.is_empty(), || {
-        format!("quarantined: {quarantined:?}")
-    });
+    let stored: Vec<(String, String)> = (0..o.secrets)
+        .map(|i| (stored_name(i), format!("out/{i:03}")))
+        .collect();
+    let checked = crate::checks::stored_secrets(&env, &store, &upstream, &stored, &mut violations);
 
     // No issued credential live without an open lease.
     let open: HashSet<String> = kit::rows(&store, "SELECT id FROM leases WHERE ended_at IS NULL")
@@ -384,13 +339,7 @@ pub fn run(o: &Options) -> usize {
                 .collect::<Vec<_>>()
         )
     });
-    let verify = env.run(&["audit", "verify"], None);
-    violations.check(verify.status.success(), || {
-        format!(
-            "audit verify: {}",
-            String::from_utf8_lossy(&verify.stderr).trim()
-        )
-    });
+    crate::checks::audit_verifies(&env, &mut violations);
 
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     let resumed = log_text.matches("resuming rotation").count();
@@ -446,7 +395,7 @@ pub fn run(o: &Options) -> usize {
     println!(
         "  settled in {:.1} s; checked {} secrets, {} issued leases, {} audit rows",
         settle_time.as_secs_f64(),
-        current.len(),
+        checked,
         issued,
         audited.len()
     );

@@ -3,11 +3,16 @@
 //!
 //! - `crash [--secrets N] [--kills N] [--max-life MS] [--seed N]`: SIGKILLs at random instants
 //!   and at every crash point, then checks nothing was lost, orphaned or left unaudited;
+//! - `faults`: plugin misbehaviour, a removed consumer directory, a locked store, a full file
+//!   system, a broker upstream refusing connections, a PostgreSQL leader cut off; each must show
+//!   a clear error and clear by itself (time measured);
 //!
 //! each ends with the secrets-hygiene sweep, prints its figures and exits non-zero on any
 //! violation. `cargo test` runs this binary with no drill named: it then only says so.
 
+mod checks;
 mod crash;
+mod faults;
 mod hygiene;
 mod kit;
 
@@ -15,7 +20,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 fn usage() -> &'static str {
-    "drills: crash [--secrets N] [--kills N] [--max-life MS] [--seed N]"
+    "drills: crash [--secrets N] [--kills N] [--max-life MS] [--seed N] | faults"
 }
 
 /// `--name VALUE` pairs after the drill's name.
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
             max_life: Duration::from_millis(get("max-life", 1500)),
             seed: get("seed", kit::clock_seed()),
         }),
+        "faults" => faults::run(),
         other => {
             eprintln!("no drill {other:?}\n{}", usage());
             return ExitCode::from(2);

@@ -736,6 +736,7 @@ impl AdminApi {
         match (report, people, brokers) {
             (Ok(mut report), Ok(people), Ok(brokers)) => {
                 report["needs_person"] = serde_json::Value::Array(people);
+                report["store"] = crate::status::write_health(services.audit_writer.health());
                 if let Some(brokers) = brokers {
                     report["brokers"] = brokers;
                 }

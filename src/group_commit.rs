@@ -11,12 +11,13 @@
 //! slows fetches down rather than growing without limit. While the daemon runs, the in-memory lease
 //! table is authoritative; the store is its durable copy.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::AuditEvent;
+use crate::clock::Millis;
 use crate::store::{LeaseOp, Store, StoreError};
 
 /// Why rows handed to the writer were not written.
@@ -37,7 +38,8 @@ const MAX_BATCH: usize = 512;
 /// company before they are committed on their own.
 pub const DEFER_AT_MOST: Duration = Duration::from_millis(100);
 
-/// Waits before each further try of a batch that failed (a busy or momentarily full disk).
+/// Waits before each further try of a batch that failed (a momentarily full disk; a busy store
+/// is not tried again: SQLite's busy timeout already waited).
 const RETRY_AFTER: [Duration; 3] = [
     Duration::from_millis(50),
     Duration::from_millis(200),
@@ -57,6 +59,46 @@ struct Item {
 #[derive(Debug, Clone)]
 pub struct GroupCommit {
     tx: mpsc::Sender<Item>,
+    health: WriteHealth,
+}
+
+/// Whether the store takes writes, as the writer last found it: from a batch that failed (and
+/// is being tried again, or was refused) until the next one that commits. `status` shows it.
+#[derive(Debug, Clone, Default)]
+pub struct WriteHealth(Arc<Mutex<Option<WriteFailure>>>);
+
+/// The store refusing writes: since when, and the error of the latest batch.
+#[derive(Debug, Clone)]
+pub struct WriteFailure {
+    /// When the first batch of this spell failed.
+    pub since: Millis,
+    /// The latest batch's error (a store error: no value or key in it).
+    pub error: String,
+}
+
+impl WriteHealth {
+    /// The current spell of failures, if any.
+    pub fn failing(&self) -> Option<WriteFailure> {
+        self.0.lock().expect("health lock").clone()
+    }
+
+    fn failed(&self, error: &StoreError) {
+        let mut health = self.0.lock().expect("health lock");
+        let since = health
+            .as_ref()
+            .map_or_else(crate::clock::now_millis, |f| f.since);
+        *health = Some(WriteFailure {
+            since,
+            error: error.to_string(),
+        });
+    }
+
+    fn committed(&self) {
+        let mut health = self.0.lock().expect("health lock");
+        if health.take().is_some() {
+            tracing::info!("the store takes writes again");
+        }
+    }
 }
 
 impl std::fmt::Debug for Item {
@@ -73,6 +115,8 @@ impl GroupCommit {
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> (GroupCommit, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<Item>(4096);
+        let health = WriteHealth::default();
+        let writer_health = health.clone();
         let task = tokio::spawn(async move {
             loop {
                 let first = tokio::select! {
@@ -121,13 +165,18 @@ impl GroupCommit {
                     audit.extend(item.audit);
                     waiters.push(item.done);
                 }
-                let result = commit(&store, &ops, &audit).await;
+                let result = commit(&store, &ops, &audit, &writer_health).await;
                 for waiter in waiters {
                     let _ = waiter.send(result.clone());
                 }
             }
         });
-        (GroupCommit { tx }, task)
+        (GroupCommit { tx, health }, task)
+    }
+
+    /// Whether the store takes the writer's batches.
+    pub fn health(&self) -> &WriteHealth {
+        &self.health
     }
 
     /// Queues lease changes and audit rows and waits until they are committed.
@@ -174,17 +223,28 @@ fn take_queued(rx: &mut mpsc::Receiver<Item>, batch: &mut Vec<Item>) {
 }
 
 /// Commits one batch, trying again after short waits before giving up on it.
-async fn commit(store: &Store, ops: &[LeaseOp], audit: &[AuditEvent]) -> Result<(), WriteError> {
+async fn commit(
+    store: &Store,
+    ops: &[LeaseOp],
+    audit: &[AuditEvent],
+    health: &WriteHealth,
+) -> Result<(), WriteError> {
     let mut waits = RETRY_AFTER.iter();
     loop {
         match store.apply_lease_batch(ops, audit).await {
-            Ok(()) => return Ok(()),
-            Err(e) => match waits.next() {
+            Ok(()) => {
+                health.committed();
+                return Ok(());
+            }
+            // A busy store was waited for already (its busy timeout): refuse now.
+            Err(e) => match waits.next().filter(|_| !e.is_busy()) {
                 Some(wait) => {
+                    health.failed(&e);
                     tracing::warn!(error = %e, rows = audit.len(), "a batch of audit rows and leases could not be written; trying again");
                     tokio::time::sleep(*wait).await;
                 }
                 None => {
+                    health.failed(&e);
                     tracing::error!(error = %e, rows = audit.len(), "a batch of audit rows and leases could not be written; its requests are refused");
                     return Err(WriteError::Failed(Arc::new(e)));
                 }

@@ -30,6 +30,15 @@ pub fn secret_entry(s: &SecretSummary) -> Value {
     })
 }
 
+/// Whether the store takes the daemon's writes: `{"error": null, "failing_since": null}`, or
+/// the latest failed batch's error and since when writes fail (fetches are refused meanwhile).
+pub fn write_health(health: &crate::group_commit::WriteHealth) -> Value {
+    match health.failing() {
+        Some(f) => json!({ "error": f.error, "failing_since": time(Some(f.since)) }),
+        None => json!({ "error": null, "failing_since": null }),
+    }
+}
+
 /// One alert as `status --json` and `alerts list --json` show it.
 pub fn alert_entry(a: &AlertRecord) -> Value {
     json!({

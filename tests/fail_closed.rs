@@ -119,3 +119,47 @@ fn a_daemon_killed_while_32_clients_fetch_has_recorded_every_value_it_handed_out
     }
     env.ok(&["audit", "verify"], None);
 }
+
+#[test]
+fn a_store_that_takes_no_writes_refuses_fetches_says_so_in_status_and_recovers_by_itself() {
+    let env = Env::with_config(&format!(
+        "{}\n[secrets.\"app/key\"]\nprovider = \"random\"\n\n[[policy]]\nname = \"curl\"\n\
+         exe = [\"/usr/bin/curl\"]\nsecrets = [\"app/*\"]\n",
+        base_config("3s")
+    ));
+    let daemon = env.start_daemon();
+    let socket = env.agent_socket();
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&env.ok(&["status", "--json"], None)).unwrap()
+    };
+    assert_eq!(status()["store"]["error"], serde_json::Value::Null);
+
+    // Another process holds SQLite's write lock: the fetch's lease and audit row cannot be
+    // committed, so nothing is handed out.
+    let locker = rusqlite::Connection::open(&env.store).unwrap();
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (code, body) = common::curl(&socket, "GET", "/v1/secrets/app/key", &[]);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("nothing was handed out"), "{body}");
+    let report = status();
+    let error = report["store"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("locked"), "{report}");
+    assert!(report["store"]["failing_since"].is_string(), "{report}");
+    let text = env.ok(&["status"], None);
+    assert!(text.contains("STORE WRITES FAILING"), "{text}");
+    assert!(
+        daemon
+            .log_text()
+            .contains("a batch of audit rows and leases could not be written")
+    );
+
+    // The lock goes: the next fetch is served and status is clear, with nothing done by hand.
+    locker.execute_batch("ROLLBACK").unwrap();
+    drop(locker);
+    let (code, body) = common::curl(&socket, "GET", "/v1/secrets/app/key", &[]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(status()["store"]["error"], serde_json::Value::Null);
+    assert!(daemon.log_text().contains("the store takes writes again"));
+    assert_eq!(daemon.terminate(), Some(0));
+    env.ok(&["audit", "verify"], None);
+}

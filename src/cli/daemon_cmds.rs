@@ -519,6 +519,12 @@ pub(crate) async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<Ex
             p["restarts"]
         );
     }
+    if let Some(error) = report["store"]["error"].as_str() {
+        println!(
+            "STORE WRITES FAILING since {} (fetches are refused until it takes writes): {error}",
+            report["store"]["failing_since"].as_str().unwrap_or("?")
+        );
+    }
     print_leadership(&report["leadership"]);
     super::broker_cmd::print_brokers(&report["brokers"]);
     println!(

@@ -282,6 +282,21 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether SQLite gave up waiting for another connection's lock (its busy timeout has
+    /// already been waited out: trying again at once only waits as long again).
+    pub fn is_busy(&self) -> bool {
+        use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                matches!(e.code, DatabaseBusy | DatabaseLocked)
+            }
+            StoreError::Database(sqlx::Error::Database(e)) => {
+                matches!(e.code().as_deref(), Some("5" | "6" | "517" | "262"))
+            }
+            _ => false,
+        }
+    }
+
     /// Names the row a [`StoreError::Corrupt`] came from (other errors pass unchanged).
     pub(crate) fn in_row(self, row: impl std::fmt::Display) -> StoreError {
         match self {

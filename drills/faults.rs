@@ -1,0 +1,606 @@
+//! The faults drill: one fault at a time against a running daemon — a plugin that returns
+//! retryable errors, hangs, crashes, answers out of order, answers an id never sent, writes a
+//! line over the limit or one that is not JSON; a consumer's directory removed; the SQLite store
+//! locked by another process; its file system full (a tmpfs of its own, filled, then freed); the
+//! broker's upstream refusing connections; the PostgreSQL leader's connections cut and refused
+//! for a while. Each fault must show a clear error (in `status` and the log, or in the answer
+//! the agent gets) and the service must come back by itself once the fault is cleared: the drill
+//! measures how long that takes. At the end nothing may be lost (the crash drill's checks) and
+//! the hygiene sweep runs.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use keywarden_testkit::Env;
+use keywarden_testkit::daemon::{base_config, example_plugin_config, upstream_dir};
+
+use crate::kit::{self, Violations};
+
+/// Plugin misbehaviour, as settings of the example plugin's `EXAMPLE_FAULTS` file.
+const PLUGIN_FAULTS: &[(&str, &str)] = &[
+    (
+        "plugin: retryable errors",
+        r#"{"fail": {"op": "create", "retryable": true}}"#,
+    ),
+    ("plugin: hangs", r#"{"hang": {"op": "verify"}}"#),
+    ("plugin: crashes", r#"{"crash": {"op": "create"}}"#),
+    (
+        "plugin: answers an unknown id",
+        r#"{"lie": {"op": "create"}}"#,
+    ),
+    (
+        "plugin: a line over the limit",
+        r#"{"oversize": {"op": "create"}}"#,
+    ),
+    (
+        "plugin: a line that is not JSON",
+        r#"{"garbage": {"op": "promote"}}"#,
+    ),
+];
+
+/// Stored secrets (each with a file consumer); one per plugin fault and a few more.
+const SECRETS: usize = 16;
+/// Secrets rotated at once while the plugin answers out of order.
+const OUT_OF_ORDER: std::ops::Range<usize> = 8..16;
+
+/// One measured fault.
+struct Row {
+    fault: String,
+    /// What showed it (trimmed), or why nothing did.
+    error: String,
+    /// From clearing the fault to the service working again.
+    recovery: Option<Duration>,
+}
+
+fn name(i: usize) -> String {
+    format!("f/{i:02}")
+}
+
+fn config(env: &Env, broker_port: u16, faults_file: &Path) -> String {
+    let mut config = format!(
+        "{}\nbroker_socket = \"run/broker.sock\"\n\n{}\n\
+         [[policy]]\nname = \"drill\"\nuids = [{}]\nsecrets = [\"f/*\"]\nbrokers = [\"drill\"]\nmax_ttl = \"1h\"\n\n\
+         [brokers.drill]\npreset = \"bearer\"\nsecret = \"f/broker\"\nupstream = \"http://127.0.0.1:{broker_port}\"\n\
+         paths = [\"POST /v1/echo\"]\nconnect_timeout = \"2s\"\n\n\
+         [secrets.\"f/broker\"]\nprovider = \"example\"\n\n[secrets.\"f/sts\"]\nprovider = \"example-sts\"\n\n",
+        base_config("2s")
+            .replace("max_attempts = 4", "max_attempts = 1000")
+            .replace("retry_max = \"400ms\"", "retry_max = \"1s\""),
+        example_plugin_config(
+            env.dir.path(),
+            &format!(", EXAMPLE_FAULTS = {:?}", faults_file.display().to_string())
+        ),
+        rustix::process::getuid().as_raw(),
+    );
+    for i in 0..SECRETS {
+        config.push_str(&format!(
+            "[secrets.\"{}\"]\nprovider = \"example\"\ngrace = \"1s\"\nconsumers = [\"file-{i:02}\"]\n\n\
+             [consumers.file-{i:02}]\nkind = \"file\"\npath = \"out/{i:02}\"\n\n",
+            name(i)
+        ));
+    }
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    format!("{base}\n{config}")
+}
+
+/// `(version, rotation_state, last_error)` of a secret, from `GET /v1/admin/status`.
+fn secret_state(env: &Env, name: &str) -> (i64, String, String) {
+    let status = admin_json(env, "/v1/admin/status");
+    let entry = status["secrets"]
+        .as_array()
+        .and_then(|s| s.iter().find(|e| e["name"] == name).cloned())
+        .unwrap_or_default();
+    (
+        entry["version"].as_i64().unwrap_or(0),
+        entry["rotation_state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        entry["last_error"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+fn admin_json(env: &Env, path: &str) -> serde_json::Value {
+    match kit::request(&env.admin_socket(), "GET", path, None) {
+        Ok((200, body)) => serde_json::from_str(&body).unwrap_or_default(),
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// A fetch that needs a durable write before its answer (a credential issued per lease: a new
+/// lease each time); its status and body.
+fn probe_fetch(env: &Env) -> (u16, String) {
+    kit::request(&env.agent_socket(), "GET", "/v1/secrets/f/sts?ttl=2", None)
+        .unwrap_or((0, String::new()))
+}
+
+/// The text the log gained since `from` bytes.
+fn log_since(log: &Path, from: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.get(from..).unwrap_or_default().to_string()
+}
+
+fn log_len(log: &Path) -> usize {
+    std::fs::metadata(log).map_or(0, |m| m.len() as usize)
+}
+
+/// The first line of `text` with `needle`, shortened.
+fn line_with(text: &str, needle: &str) -> Option<String> {
+    text.lines()
+        .find(|l| l.contains(needle))
+        .map(|l| l.chars().take(160).collect())
+}
+
+/// A fake upstream for the broker: plain HTTP on 127.0.0.1, answering every request with a
+/// small JSON body; stopped (its port then refuses connections) and started again on the same
+/// port.
+struct FakeUpstream {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeUpstream {
+    fn start(port: u16) -> FakeUpstream {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        conn.set_nonblocking(false).unwrap();
+                        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        let mut seen = Vec::new();
+                        let mut buf = [0u8; 4096];
+                        // The request: headers, then as many bytes as it says.
+                        while let Ok(n) = conn.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            seen.extend_from_slice(&buf[..n]);
+                            let text = String::from_utf8_lossy(&seen).to_lowercase();
+                            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                                let len = head
+                                    .lines()
+                                    .find_map(|l| l.strip_prefix("content-length:"))
+                                    .and_then(|v| v.trim().parse::<usize>().ok())
+                                    .unwrap_or(0);
+                                if body.len() >= len {
+                                    break;
+                                }
+                            }
+                        }
+                        let body = r#"{"ok":true}"#;
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        FakeUpstream {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Closes the listening socket: connections are refused from now on.
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+/// A tmpfs mounted on a directory for the store, unmounted at the end; None where mounting is
+/// not allowed (not root).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Runs the drill; the number of violations.
+pub fn run() -> usize {
+    let started = Instant::now();
+    println!("faults drill");
+    let mut violations = Violations::default();
+    let mut rows = Vec::new();
+    let env = Env::new();
+    let faults_file = upstream_dir(env.dir.path()).join("faults.json");
+    let mut upstream_server = FakeUpstream::start(0);
+    // The store on a small file system of its own, to fill.
+    let tmpfs = Tmpfs::mount(&env.dir.path().join("data"), "64m");
+    std::fs::write(
+        &env.config,
+        config(&env, upstream_server.port, &faults_file),
+    )
+    .unwrap();
+    let log = env.dir.path().join("daemons.log");
+    let mut daemon = kit::spawn_daemon(&env, &log, None);
+    assert!(
+        kit::wait_ready(&env, &mut daemon, Duration::from_secs(60)),
+        "the daemon did not start:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let store = kit::open_db(&env.store);
+    assert!(kit::eventually(Duration::from_secs(60), || {
+        kit::one(
+            &store,
+            "SELECT count(*) FROM versions WHERE stage = 'current'",
+        ) == SECRETS as i64 + 1
+    }));
+
+    // The plugin: each fault on a rotation of its own secret.
+    for (i, (fault, settings)) in PLUGIN_FAULTS.iter().enumerate() {
+        let name = name(i);
+        let (v0, ..) = secret_state(&env, &name);
+        let from = log_len(&log);
+        std::fs::write(&faults_file, settings).unwrap();
+        env.ok(&["rotate", &name, "--no-wait"], None);
+        let mut error = String::new();
+        let shown = kit::eventually(Duration::from_secs(60), || {
+            error = secret_state(&env, &name).2;
+            !error.is_empty()
+        });
+        violations.check(shown, || format!("{fault}: no error in status"));
+        let logged = log_since(&log, from);
+        violations.check(logged.contains(&name), || {
+            format!("{fault}: nothing about {name} in the log")
+        });
+        std::fs::remove_file(&faults_file).unwrap();
+        let cleared = Instant::now();
+        let recovered = kit::eventually(Duration::from_secs(120), || {
+            let (v, state, _) = secret_state(&env, &name);
+            v == v0 + 1 && state == "done"
+        });
+        violations.check(recovered, || {
+            format!("{fault}: {name} did not rotate once cleared")
+        });
+        rows.push(Row {
+            fault: fault.to_string(),
+            error: format!("status: {}", error.chars().take(120).collect::<String>()),
+            recovery: recovered.then(|| cleared.elapsed()),
+        });
+    }
+
+    // Answers out of order: several rotations in flight, each answer after a random wait.
+    std::fs::write(&faults_file, r#"{"jitter_ms": 400}"#).unwrap();
+    let before: Vec<i64> = OUT_OF_ORDER
+        .map(|i| secret_state(&env, &name(i)).0)
+        .collect();
+    let t0 = Instant::now();
+    for i in OUT_OF_ORDER {
+        env.ok(&["rotate", &name(i), "--no-wait"], None);
+    }
+    let all_done = kit::eventually(Duration::from_secs(120), || {
+        OUT_OF_ORDER.zip(&before).all(|(i, v0)| {
+            let (v, state, _) = secret_state(&env, &name(i));
+            v == v0 + 1 && state == "done"
+        })
+    });
+    violations.check(all_done, || {
+        "answers out of order: rotations did not finish".into()
+    });
+    std::fs::remove_file(&faults_file).unwrap();
+    rows.push(Row {
+        fault: format!(
+            "plugin: answers out of order ({} rotations at once)",
+            OUT_OF_ORDER.len()
+        ),
+        error: "none expected: each answer matched by id".into(),
+        recovery: all_done.then(|| t0.elapsed()),
+    });
+
+    // A consumer's target directory removed: made again at the next delivery.
+    std::fs::remove_dir_all(env.dir.path().join("out")).unwrap();
+    let target = name(PLUGIN_FAULTS.len());
+    let (v0, ..) = secret_state(&env, &target);
+    let t0 = Instant::now();
+    env.ok(&["rotate", &target, "--no-wait"], None);
+    let redelivered = kit::eventually(Duration::from_secs(60), || {
+        let (v, state, _) = secret_state(&env, &target);
+        v == v0 + 1
+            && state == "done"
+            && env
+                .dir
+                .path()
+                .join(format!("out/{:02}", PLUGIN_FAULTS.len()))
+                .exists()
+    });
+    violations.check(redelivered, || {
+        "the removed consumer directory was not made again".into()
+    });
+    rows.push(Row {
+        fault: "consumer: target directory removed".into(),
+        error: "none expected: the directory is made again (0755) at the next delivery".into(),
+        recovery: redelivered.then(|| t0.elapsed()),
+    });
+
+    // The SQLite store locked by another process (this one): fetches that need a write fail
+    // closed, then work again once the lock is gone.
+    let locker = rusqlite::Connection::open(&env.store).unwrap();
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    rows.push(store_fault(
+        &env,
+        &log,
+        "store: SQLite file locked by another process",
+        &mut violations,
+        || {
+            locker.execute_batch("ROLLBACK").unwrap();
+        },
+    ));
+    drop(locker);
+
+    // The store's file system full.
+    if tmpfs.is_some() {
+        let fill = env.dir.path().join("data/fill");
+        let mut file = std::fs::File::create(&fill).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.sync_all();
+        rows.push(store_fault(
+            &env,
+            &log,
+            "store: file system full",
+            &mut violations,
+            || {
+                std::fs::remove_file(&fill).unwrap();
+            },
+        ));
+    } else {
+        println!("  (store: file system full skipped: cannot mount a tmpfs here)");
+    }
+
+    // The broker's upstream refusing connections.
+    let port = upstream_server.port;
+    let broker_call = || {
+        kit::request(
+            &env.dir.path().join("run/broker.sock"),
+            "POST",
+            "/v1/broker/drill/v1/echo",
+            Some("{}"),
+        )
+        .unwrap_or((0, String::new()))
+    };
+    violations.check(broker_call().0 == 200, || {
+        "the broker did not answer before the fault".into()
+    });
+    upstream_server.stop();
+    let (status, body) = broker_call();
+    violations.check(status == 502, || {
+        format!("broker with its upstream down answered {status}")
+    });
+    upstream_server = FakeUpstream::start(port);
+    let t0 = Instant::now();
+    let back = kit::eventually(Duration::from_secs(60), || broker_call().0 == 200);
+    violations.check(back, || {
+        "the broker did not recover with its upstream".into()
+    });
+    rows.push(Row {
+        fault: "broker: upstream refuses connections".into(),
+        error: format!(
+            "agent got {status}: {}",
+            body.trim().chars().take(110).collect::<String>()
+        ),
+        recovery: back.then(|| t0.elapsed()),
+    });
+    upstream_server.stop();
+
+    // The end state, then hygiene.
+    let upstream = kit::open_db(&env.upstream_db());
+    let stored: Vec<(String, String)> = (0..SECRETS)
+        .map(|i| (name(i), format!("out/{i:02}")))
+        .collect();
+    crate::checks::stored_secrets(&env, &store, &upstream, &stored, &mut violations);
+    crate::checks::audit_verifies(&env, &mut violations);
+    let known: Vec<String> = kit::rows(&upstream, "SELECT value FROM creds")
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    let hygiene = crate::hygiene::sweep(&env, daemon.id(), &known, &mut violations);
+    let code = kit::terminate(daemon);
+    violations.check(code == Some(0), || format!("the daemon exited {code:?}"));
+    drop(store);
+    drop(tmpfs);
+
+    if let Some(row) = postgres_connection_cut(&mut violations) {
+        rows.push(row);
+    }
+
+    println!("  | fault | what showed it | back after clearing |");
+    println!("  |---|---|---|");
+    for r in &rows {
+        println!(
+            "  | {} | {} | {} |",
+            r.fault,
+            r.error.replace('|', "/"),
+            r.recovery.map_or("NOT RECOVERED".into(), |d| format!(
+                "{:.2} s",
+                d.as_secs_f64()
+            ))
+        );
+    }
+    println!("  {hygiene}");
+    println!(
+        "faults drill: {} faults, {} violations in {:.0} s",
+        rows.len(),
+        violations.count(),
+        started.elapsed().as_secs_f64()
+    );
+    violations.count()
+}
+
+/// A store fault held until a fetch that needs a write fails closed and `status` shows the
+/// store's error; then `clear`, and the time until such fetches work again.
+fn store_fault(
+    env: &Env,
+    log: &Path,
+    fault: &str,
+    violations: &mut Violations,
+    clear: impl FnOnce(),
+) -> Row {
+    let from = log_len(log);
+    let mut answer = (0, String::new());
+    let closed = kit::eventually(Duration::from_secs(60), || {
+        answer = probe_fetch(env);
+        answer.0 != 200
+    });
+    violations.check(closed, || format!("{fault}: fetches still served"));
+    let mut shown = String::new();
+    let in_status = kit::eventually(Duration::from_secs(30), || {
+        shown = admin_json(env, "/v1/admin/status")["store"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        !shown.is_empty()
+    });
+    violations.check(in_status, || format!("{fault}: no store error in status"));
+    let logged = line_with(&log_since(log, from), "could not be written");
+    violations.check(logged.is_some(), || format!("{fault}: no error in the log"));
+    clear();
+    let t0 = Instant::now();
+    let back = kit::eventually(Duration::from_secs(60), || probe_fetch(env).0 == 200);
+    violations.check(back, || format!("{fault}: fetches did not come back"));
+    let cleared_in_status = kit::eventually(Duration::from_secs(30), || {
+        admin_json(env, "/v1/admin/status")["store"]["error"].is_null()
+    });
+    violations.check(cleared_in_status, || {
+        format!("{fault}: status still shows the error")
+    });
+    Row {
+        fault: fault.to_string(),
+        error: format!(
+            "agent got {}; status: {}",
+            answer.0,
+            shown.chars().take(100).collect::<String>()
+        ),
+        recovery: back.then(|| t0.elapsed()),
+    }
+}
+
+/// A daemon leading a PostgreSQL store (`KEYWARDEN_TEST_POSTGRES_URL`) whose connections are
+/// cut and refused for a while; None (and a note) without a server.
+fn postgres_connection_cut(violations: &mut Violations) -> Option<Row> {
+    let Ok(base) = std::env::var("KEYWARDEN_TEST_POSTGRES_URL") else {
+        println!("  (postgres: connection cut skipped: KEYWARDEN_TEST_POSTGRES_URL is not set)");
+        return None;
+    };
+    let db = format!("kw_drill_{}", std::process::id());
+    let psql = |sql: &str| {
+        let out = Command::new("psql")
+            .args([base.as_str(), "-qAt", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    psql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+    psql(&format!("CREATE DATABASE {db}"));
+    let url = format!("{}/{db}", base.rsplit_once('/').unwrap().0);
+    let env = Env::new();
+    let written = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        format!(
+            "{}\n{}\n{}\n[[policy]]\nname = \"drill\"\nuids = [{}]\nsecrets = [\"f/*\"]\n\n[secrets.\"f/sts\"]\nprovider = \"example-sts\"\n",
+            written.replace(
+                "path = \"data/vault.db\"",
+                &format!("url = {url:?}\nleader_lease = \"2s\"")
+            ),
+            base_config("2s"),
+            example_plugin_config(env.dir.path(), ""),
+            rustix::process::getuid().as_raw(),
+        ),
+    )
+    .unwrap();
+    let log = env.dir.path().join("daemons.log");
+    let mut daemon = kit::spawn_daemon(&env, &log, None);
+    assert!(kit::wait_ready(&env, &mut daemon, Duration::from_secs(60)));
+    let leads = |env: &Env| {
+        let s = admin_json(env, "/v1/admin/status");
+        s["leadership"]["leader"]["pid"].as_u64() == Some(u64::from(daemon.id()))
+    };
+    violations.check(
+        kit::eventually(Duration::from_secs(30), || {
+            leads(&env) && probe_fetch(&env).0 == 200
+        }),
+        || "postgres: the daemon did not lead".into(),
+    );
+    let from = log_len(&log);
+    psql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"));
+    psql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"
+    ));
+    let mut answer = (0, String::new());
+    let closed = kit::eventually(Duration::from_secs(30), || {
+        answer = probe_fetch(&env);
+        answer.0 != 200
+    });
+    violations.check(closed, || {
+        "postgres: fetches still served with no database".into()
+    });
+    let logged = log_since(&log, from);
+    let line = logged
+        .lines()
+        .find(|l| l.contains("ERROR") || l.contains("WARN"))
+        .map(|l| l.chars().take(120).collect::<String>());
+    violations.check(line.is_some(), || "postgres: nothing in the log".into());
+    psql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
+    let t0 = Instant::now();
+    let back = kit::eventually(Duration::from_secs(60), || {
+        probe_fetch(&env).0 == 200 && leads(&env)
+    });
+    violations.check(back, || {
+        "postgres: the daemon did not lead and serve again".into()
+    });
+    let recovery = back.then(|| t0.elapsed());
+    let code = kit::terminate(daemon);
+    violations.check(code == Some(0), || {
+        format!("postgres: the daemon exited {code:?}")
+    });
+    crate::checks::audit_verifies(&env, violations);
+    psql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+    Some(Row {
+        fault: "postgres: the leader's connections cut and refused".into(),
+        error: format!("agent got {}; log: {}", answer.0, line.unwrap_or_default()),
+        recovery,
+    })
+}
