@@ -1,6 +1,7 @@
 //! Property tests of the parsers that take input from outside (the fuzzing drill, with proptest:
 //! this machine has no nightly toolchain for cargo-fuzz): the config loader, secret names,
-//! consumer templates, `scan`'s patterns and the plugin protocol's request reader. On any input
+//! consumer templates, `scan`'s patterns, the plugin protocol's request reader and the signal
+//! listener's payloads (signals, leak reports). On any input
 //! each answers with a value or an error, never a panic, and what it accepts keeps its
 //! invariants. Inputs are random text and random edits of the committed seeds
 //! (`tests/seeds/`); a failure is shrunk by proptest and its input kept in
@@ -159,6 +160,39 @@ proptest! {
     }
 }
 
+proptest! {
+    #[test]
+    fn a_signal_or_leak_payload_parses_or_is_refused_without_repeating_what_it_holds(
+        signal in mutated("signal"),
+        leak in mutated("leak"),
+        noise in any::<Vec<u8>>(),
+        body in "[A-Za-z0-9]{24,40}",
+        shape in 0..6usize,
+    ) {
+        use keywarden::incident::signals::{parse_leak, parse_signal};
+        // A leaked token where the parser expects something else: serde's own messages
+        // repeat such strings ("invalid type: string \"…\"").
+        let token = format!("ghp_{body}");
+        let planted = [
+            format!("[\"{token}\"]"),
+            format!("{{\"token\": \"{token}\"}}"),
+            format!("[{{\"token\": [\"{token}\"]}}]"),
+            format!("[{{\"token\": \"{token}\", \"type\": 7}}]"),
+            format!("{{\"type\": \"alert\", \"{token}\": 1}}"),
+            format!("{{\"type\": 1, \"message\": \"{token}\", \"scope\": \"{token}\"}}"),
+        ];
+        for text in [signal.as_bytes(), leak.as_bytes(), &noise, planted[shape].as_bytes()] {
+            let errors = [
+                parse_signal(text).err().map(|e| e.to_string()),
+                parse_leak(text).err().map(|e| e.to_string()),
+            ];
+            for message in errors.into_iter().flatten() {
+                prop_assert!(!message.contains(&token) && !message.contains("ghp_") && !message.contains("sk-proj"), "{message}");
+            }
+        }
+    }
+}
+
 /// Every seed itself is accepted where it should be: the random edits start from valid input.
 #[test]
 fn the_seeds_are_valid_input() {
@@ -174,6 +208,14 @@ fn the_seeds_are_valid_input() {
             keywarden::scan::patterns::find(&text).len() >= 3,
             "{text:?}"
         );
+    }
+    for signal in seeds("signal") {
+        let parsed = keywarden::incident::signals::parse_signal(signal.as_bytes());
+        assert!(parsed.is_ok(), "{parsed:?}");
+    }
+    for leak in seeds("leak") {
+        let parsed = keywarden::incident::signals::parse_leak(leak.as_bytes());
+        assert!(parsed.is_ok_and(|items| items.len() == 2), "{leak}");
     }
     for line in seeds("plugin")
         .iter()

@@ -143,28 +143,72 @@ pub const QUIET: Millis = 10 * 60 * 1000;
 /// Quiet time between two rate alerts for the same secret.
 const RATE_ALERT_QUIET: Millis = 10 * 60 * 1000;
 
-/// A signal from an outside detector.
+/// A signal from an outside detector: `{"type": "compromise"|"alert", "scope"?, "message"?}`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SignalBody {
+pub struct SignalBody {
+    /// `compromise` or `alert` (anything else is refused by the handler).
     #[serde(rename = "type")]
-    kind: String,
+    pub kind: String,
+    /// What it concerns (everything when absent).
     #[serde(default)]
-    scope: Option<Scope>,
+    pub scope: Option<Scope>,
+    /// The detector's words.
     #[serde(default)]
-    message: String,
+    pub message: String,
 }
 
 /// One item of a GitHub secret-scanning partner report.
 #[derive(Debug, Deserialize)]
-struct LeakItem {
-    token: String,
+pub struct LeakItem {
+    /// The leaked token: possibly one of the store's values, so never repeated anywhere.
+    pub token: String,
+    /// The provider's name for the token's type.
     #[serde(rename = "type", default)]
-    token_type: String,
+    pub token_type: String,
+    /// Where it was found.
     #[serde(default)]
-    url: String,
+    pub url: String,
+    /// What kind of place that is.
     #[serde(default)]
-    source: String,
+    pub source: String,
+}
+
+/// A payload that does not parse, described by where, never by what it holds (serde's own
+/// message repeats string values, and a leak report's strings are leaked keys).
+#[derive(Debug, thiserror::Error)]
+#[error("{what} (line {line}, column {column})")]
+pub struct PayloadError {
+    what: &'static str,
+    line: usize,
+    column: usize,
+}
+
+fn payload<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &'static str,
+) -> Result<T, PayloadError> {
+    serde_json::from_slice(body).map_err(|e| PayloadError {
+        what,
+        line: e.line(),
+        column: e.column(),
+    })
+}
+
+/// Parses a `POST /v1/signals` body.
+pub fn parse_signal(body: &[u8]) -> Result<SignalBody, PayloadError> {
+    payload(
+        body,
+        r#"not a signal: {"type": "compromise"|"alert", "scope"?: {...}, "message"?: "..."}"#,
+    )
+}
+
+/// Parses a `POST /v1/signals/leak` body (a JSON array of `{"token", "type", "url", "source"}`).
+pub fn parse_leak(body: &[u8]) -> Result<Vec<LeakItem>, PayloadError> {
+    payload(
+        body,
+        r#"not a leak report: [{"token": "...", "type"?, "url"?, "source"?}, ...]"#,
+    )
 }
 
 /// Fetches (or brokered tokens) per minute, against a baseline (an exponential moving average
@@ -587,15 +631,9 @@ impl Signals {
     }
 
     async fn handle_signal(&self, body: &[u8]) -> Response<Full<Bytes>> {
-        let signal: SignalBody = match serde_json::from_slice(body) {
+        let signal = match parse_signal(body) {
             Ok(s) => s,
-            Err(e) => {
-                return http::error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("bad signal: {e}"),
-                );
-            }
+            Err(e) => return http::error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
         };
         let scope = signal.scope.unwrap_or_else(Scope::everything);
         let reaction = match signal.kind.as_str() {
@@ -623,15 +661,9 @@ impl Signals {
     }
 
     async fn handle_leak(&self, body: &[u8]) -> Response<Full<Bytes>> {
-        let items: Vec<LeakItem> = match serde_json::from_slice(body) {
+        let items = match parse_leak(body) {
             Ok(i) => i,
-            Err(e) => {
-                return http::error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("bad leak report: {e}"),
-                );
-            }
+            Err(e) => return http::error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
         };
         let mut matched = 0;
         for item in &items {
