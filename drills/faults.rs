@@ -8,13 +8,9 @@
 //! measures how long that takes. At the end nothing may be lost (the crash drill's checks) and
 //! the hygiene sweep runs.
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use keywarden_testkit::Env;
@@ -65,10 +61,11 @@ fn name(i: usize) -> String {
 fn config(env: &Env, broker_port: u16, faults_file: &Path) -> String {
     let mut config = format!(
         "{}\nbroker_socket = \"run/broker.sock\"\n\n{}\n\
-         [[policy]]\nname = \"drill\"\nuids = [{}]\nsecrets = [\"f/*\"]\nbrokers = [\"drill\"]\nmax_ttl = \"1h\"\n\n\
+         [[policy]]\nname = \"drill\"\nuids = [{}]\nsecrets = [\"f/*\"]\nbrokers = [\"drill\"]\nmax_ttl = \"100000h\"\n\n\
          [brokers.drill]\npreset = \"bearer\"\nsecret = \"f/broker\"\nupstream = \"http://127.0.0.1:{broker_port}\"\n\
          paths = [\"POST /v1/echo\"]\nconnect_timeout = \"2s\"\n\n\
-         [secrets.\"f/broker\"]\nprovider = \"example\"\n\n[secrets.\"f/sts\"]\nprovider = \"example-sts\"\n\n",
+         [secrets.\"f/broker\"]\nprovider = \"example\"\n\n[secrets.\"f/sts\"]\nprovider = \"example-sts\"\n\n\
+         [secrets.\"f/probe\"]\nprovider = \"random\"\n\n",
         base_config("2s")
             .replace("max_attempts = 4", "max_attempts = 1000")
             .replace("retry_max = \"400ms\"", "retry_max = \"1s\""),
@@ -81,7 +78,7 @@ fn config(env: &Env, broker_port: u16, faults_file: &Path) -> String {
     for i in 0..SECRETS {
         config.push_str(&format!(
             "[secrets.\"{}\"]\nprovider = \"example\"\ngrace = \"1s\"\nconsumers = [\"file-{i:02}\"]\n\n\
-             [consumers.file-{i:02}]\nkind = \"file\"\npath = \"out/{i:02}\"\n\n",
+             [consumers.file-{i:02}]\nkind = \"file\"\npath = \"out/{i:02}/key\"\n\n",
             name(i)
         ));
     }
@@ -113,11 +110,29 @@ fn admin_json(env: &Env, path: &str) -> serde_json::Value {
     }
 }
 
-/// A fetch that needs a durable write before its answer (a credential issued per lease: a new
-/// lease each time); its status and body.
-fn probe_fetch(env: &Env) -> (u16, String) {
-    kit::request(&env.agent_socket(), "GET", "/v1/secrets/f/sts?ttl=2", None)
-        .unwrap_or((0, String::new()))
+/// Fetches that need a durable write before their answer: a stored value for longer than its
+/// lease is recorded for (each probe asks for more), and a credential issued per lease (a new
+/// lease each time). Their statuses, and the body of the first that was not served.
+fn probe_fetch(env: &Env) -> ([u16; 2], String) {
+    static TTL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let ttl = 3600 * (TTL.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+    let mut refused = String::new();
+    let mut status = [0; 2];
+    for (i, path) in [
+        format!("/v1/secrets/f/probe?ttl={ttl}"),
+        "/v1/secrets/f/sts?ttl=2".into(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (code, body) =
+            kit::request(&env.agent_socket(), "GET", path, None).unwrap_or((0, String::new()));
+        if code != 200 && refused.is_empty() {
+            refused = body;
+        }
+        status[i] = code;
+    }
+    (status, refused)
 }
 
 /// The text the log gained since `from` bytes.
@@ -135,75 +150,6 @@ fn line_with(text: &str, needle: &str) -> Option<String> {
     text.lines()
         .find(|l| l.contains(needle))
         .map(|l| l.chars().take(160).collect())
-}
-
-/// A fake upstream for the broker: plain HTTP on 127.0.0.1, answering every request with a
-/// small JSON body; stopped (its port then refuses connections) and started again on the same
-/// port.
-struct FakeUpstream {
-    port: u16,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl FakeUpstream {
-    fn start(port: u16) -> FakeUpstream {
-        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut conn, _)) => {
-                        conn.set_nonblocking(false).unwrap();
-                        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                        let mut seen = Vec::new();
-                        let mut buf = [0u8; 4096];
-                        // The request: headers, then as many bytes as it says.
-                        while let Ok(n) = conn.read(&mut buf) {
-                            if n == 0 {
-                                break;
-                            }
-                            seen.extend_from_slice(&buf[..n]);
-                            let text = String::from_utf8_lossy(&seen).to_lowercase();
-                            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                                let len = head
-                                    .lines()
-                                    .find_map(|l| l.strip_prefix("content-length:"))
-                                    .and_then(|v| v.trim().parse::<usize>().ok())
-                                    .unwrap_or(0);
-                                if body.len() >= len {
-                                    break;
-                                }
-                            }
-                        }
-                        let body = r#"{"ok":true}"#;
-                        let _ = write!(
-                            conn,
-                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        FakeUpstream {
-            port,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Closes the listening socket: connections are refused from now on.
-    fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
 }
 
 /// A tmpfs mounted on a directory for the store, unmounted at the end; None where mounting is
@@ -234,15 +180,16 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Runs the drill; the number of violations.
-pub fn run() -> usize {
+/// Runs the drill (only the faults of one part, when asked); the number of violations.
+pub fn run(only: Option<&str>) -> usize {
+    let part = |name: &str| only.is_none_or(|o| o == name);
     let started = Instant::now();
     println!("faults drill");
     let mut violations = Violations::default();
     let mut rows = Vec::new();
     let env = Env::new();
     let faults_file = upstream_dir(env.dir.path()).join("faults.json");
-    let mut upstream_server = FakeUpstream::start(0);
+    let mut upstream_server = kit::FakeUpstream::start(0);
     // The store on a small file system of its own, to fill.
     let tmpfs = Tmpfs::mount(&env.dir.path().join("data"), "64m");
     std::fs::write(
@@ -262,169 +209,178 @@ pub fn run() -> usize {
         kit::one(
             &store,
             "SELECT count(*) FROM versions WHERE stage = 'current'",
-        ) == SECRETS as i64 + 1
+        ) == SECRETS as i64 + 2
     }));
 
-    // The plugin: each fault on a rotation of its own secret.
-    for (i, (fault, settings)) in PLUGIN_FAULTS.iter().enumerate() {
-        let name = name(i);
-        let (v0, ..) = secret_state(&env, &name);
-        let from = log_len(&log);
-        std::fs::write(&faults_file, settings).unwrap();
-        env.ok(&["rotate", &name, "--no-wait"], None);
-        let mut error = String::new();
-        let shown = kit::eventually(Duration::from_secs(60), || {
-            error = secret_state(&env, &name).2;
-            !error.is_empty()
+    if part("plugin") {
+        // The plugin: each fault on a rotation of its own secret.
+        for (i, (fault, settings)) in PLUGIN_FAULTS.iter().enumerate() {
+            let name = name(i);
+            let (v0, ..) = secret_state(&env, &name);
+            let from = log_len(&log);
+            std::fs::write(&faults_file, settings).unwrap();
+            env.ok(&["rotate", &name, "--no-wait"], None);
+            let mut error = String::new();
+            let shown = kit::eventually(Duration::from_secs(60), || {
+                error = secret_state(&env, &name).2;
+                !error.is_empty()
+            });
+            violations.check(shown, || format!("{fault}: no error in status"));
+            let logged = log_since(&log, from);
+            violations.check(logged.contains(&name), || {
+                format!("{fault}: nothing about {name} in the log")
+            });
+            std::fs::remove_file(&faults_file).unwrap();
+            let cleared = Instant::now();
+            let recovered = kit::eventually(Duration::from_secs(120), || {
+                let (v, state, _) = secret_state(&env, &name);
+                v == v0 + 1 && state == "done"
+            });
+            violations.check(recovered, || {
+                format!("{fault}: {name} did not rotate once cleared")
+            });
+            rows.push(Row {
+                fault: fault.to_string(),
+                error: format!("status: {}", error.chars().take(120).collect::<String>()),
+                recovery: recovered.then(|| cleared.elapsed()),
+            });
+        }
+
+        // Answers out of order: several rotations in flight, each answer after a random wait.
+        std::fs::write(&faults_file, r#"{"jitter_ms": 400}"#).unwrap();
+        let before: Vec<i64> = OUT_OF_ORDER
+            .map(|i| secret_state(&env, &name(i)).0)
+            .collect();
+        let t0 = Instant::now();
+        for i in OUT_OF_ORDER {
+            env.ok(&["rotate", &name(i), "--no-wait"], None);
+        }
+        let all_done = kit::eventually(Duration::from_secs(120), || {
+            OUT_OF_ORDER.zip(&before).all(|(i, v0)| {
+                let (v, state, _) = secret_state(&env, &name(i));
+                v == v0 + 1 && state == "done"
+            })
         });
-        violations.check(shown, || format!("{fault}: no error in status"));
-        let logged = log_since(&log, from);
-        violations.check(logged.contains(&name), || {
-            format!("{fault}: nothing about {name} in the log")
+        violations.check(all_done, || {
+            "answers out of order: rotations did not finish".into()
         });
         std::fs::remove_file(&faults_file).unwrap();
-        let cleared = Instant::now();
-        let recovered = kit::eventually(Duration::from_secs(120), || {
-            let (v, state, _) = secret_state(&env, &name);
-            v == v0 + 1 && state == "done"
+        rows.push(Row {
+            fault: format!(
+                "plugin: answers out of order ({} rotations at once)",
+                OUT_OF_ORDER.len()
+            ),
+            error: "none expected: each answer matched by id".into(),
+            recovery: all_done.then(|| t0.elapsed()),
         });
-        violations.check(recovered, || {
-            format!("{fault}: {name} did not rotate once cleared")
+
+        // A consumer's target directory removed: made again at the next delivery.
+        let target = name(PLUGIN_FAULTS.len());
+        std::fs::remove_dir_all(
+            env.dir
+                .path()
+                .join(format!("out/{:02}", PLUGIN_FAULTS.len())),
+        )
+        .unwrap();
+        let (v0, ..) = secret_state(&env, &target);
+        let t0 = Instant::now();
+        env.ok(&["rotate", &target, "--no-wait"], None);
+        let redelivered = kit::eventually(Duration::from_secs(60), || {
+            let (v, state, _) = secret_state(&env, &target);
+            v == v0 + 1
+                && state == "done"
+                && env
+                    .dir
+                    .path()
+                    .join(format!("out/{:02}/key", PLUGIN_FAULTS.len()))
+                    .exists()
+        });
+        violations.check(redelivered, || {
+            "the removed consumer directory was not made again".into()
         });
         rows.push(Row {
-            fault: fault.to_string(),
-            error: format!("status: {}", error.chars().take(120).collect::<String>()),
-            recovery: recovered.then(|| cleared.elapsed()),
+            fault: "consumer: target directory removed".into(),
+            error: "none expected: the directory is made again (0755) at the next delivery".into(),
+            recovery: redelivered.then(|| t0.elapsed()),
         });
     }
-
-    // Answers out of order: several rotations in flight, each answer after a random wait.
-    std::fs::write(&faults_file, r#"{"jitter_ms": 400}"#).unwrap();
-    let before: Vec<i64> = OUT_OF_ORDER
-        .map(|i| secret_state(&env, &name(i)).0)
-        .collect();
-    let t0 = Instant::now();
-    for i in OUT_OF_ORDER {
-        env.ok(&["rotate", &name(i), "--no-wait"], None);
-    }
-    let all_done = kit::eventually(Duration::from_secs(120), || {
-        OUT_OF_ORDER.zip(&before).all(|(i, v0)| {
-            let (v, state, _) = secret_state(&env, &name(i));
-            v == v0 + 1 && state == "done"
-        })
-    });
-    violations.check(all_done, || {
-        "answers out of order: rotations did not finish".into()
-    });
-    std::fs::remove_file(&faults_file).unwrap();
-    rows.push(Row {
-        fault: format!(
-            "plugin: answers out of order ({} rotations at once)",
-            OUT_OF_ORDER.len()
-        ),
-        error: "none expected: each answer matched by id".into(),
-        recovery: all_done.then(|| t0.elapsed()),
-    });
-
-    // A consumer's target directory removed: made again at the next delivery.
-    std::fs::remove_dir_all(env.dir.path().join("out")).unwrap();
-    let target = name(PLUGIN_FAULTS.len());
-    let (v0, ..) = secret_state(&env, &target);
-    let t0 = Instant::now();
-    env.ok(&["rotate", &target, "--no-wait"], None);
-    let redelivered = kit::eventually(Duration::from_secs(60), || {
-        let (v, state, _) = secret_state(&env, &target);
-        v == v0 + 1
-            && state == "done"
-            && env
-                .dir
-                .path()
-                .join(format!("out/{:02}", PLUGIN_FAULTS.len()))
-                .exists()
-    });
-    violations.check(redelivered, || {
-        "the removed consumer directory was not made again".into()
-    });
-    rows.push(Row {
-        fault: "consumer: target directory removed".into(),
-        error: "none expected: the directory is made again (0755) at the next delivery".into(),
-        recovery: redelivered.then(|| t0.elapsed()),
-    });
-
-    // The SQLite store locked by another process (this one): fetches that need a write fail
-    // closed, then work again once the lock is gone.
-    let locker = rusqlite::Connection::open(&env.store).unwrap();
-    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
-    rows.push(store_fault(
-        &env,
-        &log,
-        "store: SQLite file locked by another process",
-        &mut violations,
-        || {
-            locker.execute_batch("ROLLBACK").unwrap();
-        },
-    ));
-    drop(locker);
-
-    // The store's file system full.
-    if tmpfs.is_some() {
-        let fill = env.dir.path().join("data/fill");
-        let mut file = std::fs::File::create(&fill).unwrap();
-        let chunk = vec![0u8; 1 << 20];
-        while file.write_all(&chunk).is_ok() {}
-        let _ = file.sync_all();
+    if part("store") {
+        // The SQLite store locked by another process (this one): fetches that need a write fail
+        // closed, then work again once the lock is gone.
+        let locker = rusqlite::Connection::open(&env.store).unwrap();
+        locker.execute_batch("BEGIN IMMEDIATE").unwrap();
         rows.push(store_fault(
             &env,
             &log,
-            "store: file system full",
+            "store: SQLite file locked by another process",
             &mut violations,
             || {
-                std::fs::remove_file(&fill).unwrap();
+                locker.execute_batch("ROLLBACK").unwrap();
             },
         ));
-    } else {
-        println!("  (store: file system full skipped: cannot mount a tmpfs here)");
+        drop(locker);
+
+        // The store's file system full.
+        if tmpfs.is_some() {
+            let fill = env.dir.path().join("data/fill");
+            let mut file = std::fs::File::create(&fill).unwrap();
+            let chunk = vec![0u8; 1 << 20];
+            while file.write_all(&chunk).is_ok() {}
+            let _ = file.sync_all();
+            drop(file); // an unlinked file still open keeps its space
+            rows.push(store_fault(
+                &env,
+                &log,
+                "store: file system full",
+                &mut violations,
+                || {
+                    std::fs::remove_file(&fill).unwrap();
+                },
+            ));
+        } else {
+            println!("  (store: file system full skipped: cannot mount a tmpfs here)");
+        }
     }
-
-    // The broker's upstream refusing connections.
-    let port = upstream_server.port;
-    let broker_call = || {
-        kit::request(
-            &env.dir.path().join("run/broker.sock"),
-            "POST",
-            "/v1/broker/drill/v1/echo",
-            Some("{}"),
-        )
-        .unwrap_or((0, String::new()))
-    };
-    violations.check(broker_call().0 == 200, || {
-        "the broker did not answer before the fault".into()
-    });
-    upstream_server.stop();
-    let (status, body) = broker_call();
-    violations.check(status == 502, || {
-        format!("broker with its upstream down answered {status}")
-    });
-    upstream_server = FakeUpstream::start(port);
-    let t0 = Instant::now();
-    let back = kit::eventually(Duration::from_secs(60), || broker_call().0 == 200);
-    violations.check(back, || {
-        "the broker did not recover with its upstream".into()
-    });
-    rows.push(Row {
-        fault: "broker: upstream refuses connections".into(),
-        error: format!(
-            "agent got {status}: {}",
-            body.trim().chars().take(110).collect::<String>()
-        ),
-        recovery: back.then(|| t0.elapsed()),
-    });
-    upstream_server.stop();
-
+    if part("broker") {
+        // The broker's upstream refusing connections.
+        let port = upstream_server.port;
+        let broker_call = || {
+            kit::request(
+                &env.dir.path().join("run/broker.sock"),
+                "POST",
+                "/v1/broker/drill/v1/echo",
+                Some("{}"),
+            )
+            .unwrap_or((0, String::new()))
+        };
+        violations.check(broker_call().0 == 200, || {
+            "the broker did not answer before the fault".into()
+        });
+        upstream_server.stop();
+        let (status, body) = broker_call();
+        violations.check(status == 502, || {
+            format!("broker with its upstream down answered {status}")
+        });
+        upstream_server = kit::FakeUpstream::start(port);
+        let t0 = Instant::now();
+        let back = kit::eventually(Duration::from_secs(60), || broker_call().0 == 200);
+        violations.check(back, || {
+            "the broker did not recover with its upstream".into()
+        });
+        rows.push(Row {
+            fault: "broker: upstream refuses connections".into(),
+            error: format!(
+                "agent got {status}: {}",
+                body.trim().chars().take(110).collect::<String>()
+            ),
+            recovery: back.then(|| t0.elapsed()),
+        });
+        upstream_server.stop();
+    }
     // The end state, then hygiene.
     let upstream = kit::open_db(&env.upstream_db());
     let stored: Vec<(String, String)> = (0..SECRETS)
-        .map(|i| (name(i), format!("out/{i:02}")))
+        .map(|i| (name(i), format!("out/{i:02}/key")))
         .collect();
     crate::checks::stored_secrets(&env, &store, &upstream, &stored, &mut violations);
     crate::checks::audit_verifies(&env, &mut violations);
@@ -438,7 +394,10 @@ pub fn run() -> usize {
     drop(store);
     drop(tmpfs);
 
-    if let Some(row) = postgres_connection_cut(&mut violations) {
+    if let Some(row) = part("postgres")
+        .then(|| postgres_connection_cut(&mut violations))
+        .flatten()
+    {
         rows.push(row);
     }
 
@@ -475,12 +434,17 @@ fn store_fault(
     clear: impl FnOnce(),
 ) -> Row {
     let from = log_len(log);
-    let mut answer = (0, String::new());
+    let mut answer = ([0; 2], String::new());
     let closed = kit::eventually(Duration::from_secs(60), || {
         answer = probe_fetch(env);
-        answer.0 != 200
+        answer.0.iter().all(|s| *s != 200)
     });
-    violations.check(closed, || format!("{fault}: fetches still served"));
+    violations.check(closed && answer.0 == [503, 503], || {
+        format!(
+            "{fault}: fetches answered {:?}, not refused as unavailable (503)",
+            answer.0
+        )
+    });
     let mut shown = String::new();
     let in_status = kit::eventually(Duration::from_secs(30), || {
         shown = admin_json(env, "/v1/admin/status")["store"]["error"]
@@ -494,8 +458,15 @@ fn store_fault(
     violations.check(logged.is_some(), || format!("{fault}: no error in the log"));
     clear();
     let t0 = Instant::now();
-    let back = kit::eventually(Duration::from_secs(60), || probe_fetch(env).0 == 200);
-    violations.check(back, || format!("{fault}: fetches did not come back"));
+    let back = kit::eventually(Duration::from_secs(60), || probe_fetch(env).0 == [200, 200]);
+    violations.check(back, || {
+        let lines: Vec<String> = log_since(log, from).lines().map(str::to_string).collect();
+        format!(
+            "{fault}: fetches did not come back ({:?}); the log's last lines since the fault:\n{}",
+            probe_fetch(env),
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        )
+    });
     let cleared_in_status = kit::eventually(Duration::from_secs(30), || {
         admin_json(env, "/v1/admin/status")["store"]["error"].is_null()
     });
@@ -505,7 +476,7 @@ fn store_fault(
     Row {
         fault: fault.to_string(),
         error: format!(
-            "agent got {}; status: {}",
+            "agent got {:?}; status: {}",
             answer.0,
             shown.chars().take(100).collect::<String>()
         ),
@@ -540,7 +511,8 @@ fn postgres_connection_cut(violations: &mut Violations) -> Option<Row> {
     std::fs::write(
         &env.config,
         format!(
-            "{}\n{}\n{}\n[[policy]]\nname = \"drill\"\nuids = [{}]\nsecrets = [\"f/*\"]\n\n[secrets.\"f/sts\"]\nprovider = \"example-sts\"\n",
+            "{}\n{}\n{}\n[[policy]]\nname = \"drill\"\nuids = [{}]\nsecrets = [\"f/*\"]\nmax_ttl = \"100000h\"\n\n\
+             [secrets.\"f/sts\"]\nprovider = \"example-sts\"\n\n[secrets.\"f/probe\"]\nprovider = \"random\"\n",
             written.replace(
                 "path = \"data/vault.db\"",
                 &format!("url = {url:?}\nleader_lease = \"2s\"")
@@ -560,7 +532,7 @@ fn postgres_connection_cut(violations: &mut Violations) -> Option<Row> {
     };
     violations.check(
         kit::eventually(Duration::from_secs(30), || {
-            leads(&env) && probe_fetch(&env).0 == 200
+            leads(&env) && probe_fetch(&env).0 == [200, 200]
         }),
         || "postgres: the daemon did not lead".into(),
     );
@@ -569,27 +541,41 @@ fn postgres_connection_cut(violations: &mut Violations) -> Option<Row> {
     psql(&format!(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"
     ));
-    let mut answer = (0, String::new());
+    let mut answer = ([0; 2], String::new());
     let closed = kit::eventually(Duration::from_secs(30), || {
         answer = probe_fetch(&env);
-        answer.0 != 200
+        answer.0.iter().all(|s| *s != 200)
     });
-    violations.check(closed, || {
-        "postgres: fetches still served with no database".into()
+    // Refused as unavailable (503), or cut off while the services restart as a follower.
+    violations.check(
+        closed && answer.0.iter().all(|s| [503, 0].contains(s)),
+        || {
+            format!(
+                "postgres: fetches answered {:?}, not refused as unavailable (503): {}",
+                answer.0, answer.1
+            )
+        },
+    );
+    let mut line = None;
+    let logged = kit::eventually(Duration::from_secs(10), || {
+        line = log_since(&log, from)
+            .lines()
+            .find(|l| l.contains("ERROR") || l.contains("WARN"))
+            .map(|l| l.chars().take(120).collect::<String>());
+        line.is_some()
     });
-    let logged = log_since(&log, from);
-    let line = logged
-        .lines()
-        .find(|l| l.contains("ERROR") || l.contains("WARN"))
-        .map(|l| l.chars().take(120).collect::<String>());
-    violations.check(line.is_some(), || "postgres: nothing in the log".into());
+    violations.check(logged, || "postgres: nothing in the log".into());
     psql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
     let t0 = Instant::now();
     let back = kit::eventually(Duration::from_secs(60), || {
-        probe_fetch(&env).0 == 200 && leads(&env)
+        probe_fetch(&env).0 == [200, 200] && leads(&env)
     });
     violations.check(back, || {
-        "postgres: the daemon did not lead and serve again".into()
+        let lines: Vec<String> = log_since(&log, from).lines().map(str::to_string).collect();
+        format!(
+            "postgres: the daemon did not lead and serve again; the log's last lines:\n{}",
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        )
     });
     let recovery = back.then(|| t0.elapsed());
     let code = kit::terminate(daemon);
@@ -600,7 +586,11 @@ fn postgres_connection_cut(violations: &mut Violations) -> Option<Row> {
     psql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
     Some(Row {
         fault: "postgres: the leader's connections cut and refused".into(),
-        error: format!("agent got {}; log: {}", answer.0, line.unwrap_or_default()),
+        error: format!(
+            "agent got {:?}; log: {}",
+            answer.0,
+            line.unwrap_or_default()
+        ),
         recovery,
     })
 }

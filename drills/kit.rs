@@ -3,6 +3,7 @@
 //! were given, SQL on the files the drill checks, and the list of violations.
 
 use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -286,5 +287,74 @@ pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A fake upstream for the broker: plain HTTP on 127.0.0.1, answering every request with a
+/// small JSON body; stopped (its port then refuses connections) and started again on the same
+/// port.
+pub struct FakeUpstream {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeUpstream {
+    pub fn start(port: u16) -> FakeUpstream {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        conn.set_nonblocking(false).unwrap();
+                        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        let mut seen = Vec::new();
+                        let mut buf = [0u8; 4096];
+                        // The request: headers, then as many bytes as it says.
+                        while let Ok(n) = conn.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            seen.extend_from_slice(&buf[..n]);
+                            let text = String::from_utf8_lossy(&seen).to_lowercase();
+                            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                                let len = head
+                                    .lines()
+                                    .find_map(|l| l.strip_prefix("content-length:"))
+                                    .and_then(|v| v.trim().parse::<usize>().ok())
+                                    .unwrap_or(0);
+                                if body.len() >= len {
+                                    break;
+                                }
+                            }
+                        }
+                        let body = r#"{"ok":true}"#;
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        FakeUpstream {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Closes the listening socket: connections are refused from now on.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
     }
 }

@@ -3,9 +3,11 @@
 //!
 //! - `crash [--secrets N] [--kills N] [--max-life MS] [--seed N]`: SIGKILLs at random instants
 //!   and at every crash point, then checks nothing was lost, orphaned or left unaudited;
-//! - `faults`: plugin misbehaviour, a removed consumer directory, a locked store, a full file
+//! - `faults [--only plugin|store|broker|postgres]`: plugin misbehaviour, a removed consumer directory, a locked store, a full file
 //!   system, a broker upstream refusing connections, a PostgreSQL leader cut off; each must show
 //!   a clear error and clear by itself (time measured);
+//! - `hostile [--requests N] [--seed N]`: malformed, oversized, slow and foreign clients
+//!   against a live daemon while legitimate agents fetch (their p99 measured);
 //!
 //! each ends with the secrets-hygiene sweep, prints its figures and exits non-zero on any
 //! violation. `cargo test` runs this binary with no drill named: it then only says so.
@@ -13,29 +15,28 @@
 mod checks;
 mod crash;
 mod faults;
+mod hostile;
 mod hygiene;
 mod kit;
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
 fn usage() -> &'static str {
-    "drills: crash [--secrets N] [--kills N] [--max-life MS] [--seed N] | faults"
+    "drills: crash [--secrets N] [--kills N] [--max-life MS] [--seed N] | faults [--only plugin|store|broker|postgres] | hostile [--requests N] [--seed N]"
 }
 
 /// `--name VALUE` pairs after the drill's name.
-fn options(args: &[String]) -> Result<std::collections::HashMap<String, u64>, String> {
-    let mut out = std::collections::HashMap::new();
+fn options(args: &[String]) -> Result<HashMap<String, String>, String> {
+    let mut out = HashMap::new();
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let name = flag
             .strip_prefix("--")
             .ok_or_else(|| format!("unexpected {flag:?}"))?;
-        let value = it
-            .next()
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("--{name} needs a number"))?;
-        out.insert(name.to_string(), value);
+        let value = it.next().ok_or_else(|| format!("--{name} needs a value"))?;
+        out.insert(name.to_string(), value.clone());
     }
     Ok(out)
 }
@@ -57,17 +58,32 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let get = |name: &str, default: u64| opts.get(name).copied().unwrap_or(default);
-    let violations = match drill.as_str() {
-        "crash" => crash::run(&crash::Options {
-            secrets: get("secrets", 500) as usize,
-            kills: get("kills", 1000) as usize,
-            max_life: Duration::from_millis(get("max-life", 1500)),
-            seed: get("seed", kit::clock_seed()),
-        }),
-        "faults" => faults::run(),
-        other => {
-            eprintln!("no drill {other:?}\n{}", usage());
+    let number = |name: &str, default: u64| -> Result<u64, String> {
+        opts.get(name).map_or(Ok(default), |v| {
+            v.parse()
+                .map_err(|_| format!("--{name} needs a number, not {v:?}"))
+        })
+    };
+    let run = || -> Result<usize, String> {
+        Ok(match drill.as_str() {
+            "crash" => crash::run(&crash::Options {
+                secrets: number("secrets", 500)? as usize,
+                kills: number("kills", 1000)? as usize,
+                max_life: Duration::from_millis(number("max-life", 1500)?),
+                seed: number("seed", kit::clock_seed())?,
+            }),
+            "faults" => faults::run(opts.get("only").map(String::as_str)),
+            "hostile" => hostile::run(
+                number("requests", 10_000)? as usize,
+                number("seed", kit::clock_seed())?,
+            ),
+            other => return Err(format!("no drill {other:?}")),
+        })
+    };
+    let violations = match run() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("{e}\n{}", usage());
             return ExitCode::from(2);
         }
     };

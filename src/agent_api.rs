@@ -212,7 +212,10 @@ async fn issue_and_grant(
         .secret(name)
         .await?
         .ok_or_else(|| VaultError::NoSuchSecret(name.to_string()))?;
-    store.journal_issue(lease_id, &secret.id, name, now).await?;
+    store
+        .journal_issue(lease_id, &secret.id, name, now)
+        .await
+        .inspect_err(|e| services.audit_writer.health().failed(e))?;
     crash_point!("lease.issue-journaled");
     let revoke = |target: Option<Credential>| async move {
         match services

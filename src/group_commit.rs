@@ -82,7 +82,9 @@ impl WriteHealth {
         self.0.lock().expect("health lock").clone()
     }
 
-    fn failed(&self, error: &StoreError) {
+    /// A write of the store failed (a batch of the writer's, or another write on the fetch
+    /// path).
+    pub fn failed(&self, error: &StoreError) {
         let mut health = self.0.lock().expect("health lock");
         let since = health
             .as_ref()

@@ -292,7 +292,15 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+        if e.is_unavailable() {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("{e}; nothing was done, try again"),
+            )
+        } else {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+        }
     }
 }
 

@@ -533,3 +533,56 @@ provider = "example"
         assert_eq!(daemon.terminate(), Some(0));
     }
 }
+
+#[test]
+fn a_leader_whose_database_refuses_connections_steps_down_waits_and_leads_again() {
+    let Some(db) = Database::new() else {
+        return;
+    };
+    let first = Env::new();
+    let env = env_on(&db, &first, SECRETS);
+    env.ok(&["init"], None);
+    let daemon = env.start_daemon();
+    wait_for("the daemon to lead", Duration::from_secs(30), || {
+        (leader(&env).map(|l| l.0) == Some(daemon.pid())).then_some(())
+    });
+    let socket = env.dir.path().join("run/agent.sock");
+    assert_eq!(curl(&socket, "GET", "/v1/secrets/svc/ha", &[]).0, 200);
+
+    // Its connections cut, and new ones refused: it steps down, and its services cannot
+    // start again as a follower while the database refuses them.
+    psql(
+        &db.base,
+        &format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", db.name),
+    );
+    psql(
+        &db.base,
+        &format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}'",
+            db.name
+        ),
+    );
+    wait_for(
+        "the services to wait for the store",
+        Duration::from_secs(30),
+        || {
+            daemon
+                .log_text()
+                .contains("the services cannot start: the store is unavailable; trying again")
+                .then_some(())
+        },
+    );
+
+    // The database takes connections again: the same process leads and serves, nothing done
+    // by hand (it used to exit with the store's error).
+    psql(
+        &db.base,
+        &format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name),
+    );
+    wait_for("the daemon to lead again", Duration::from_secs(60), || {
+        (leader(&env).is_some_and(|l| l.0 == daemon.pid())
+            && curl(&socket, "GET", "/v1/secrets/svc/ha", &[]).0 == 200)
+            .then_some(())
+    });
+    assert_eq!(daemon.terminate(), Some(0));
+}

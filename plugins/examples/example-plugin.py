@@ -22,9 +22,13 @@ Settings (per secret or consumer) that make it misbehave, for tests:
   (any of these takes skip = N: let the first N such ops through)
   garbage = {op}                       answer with a line that is not JSON
   lie = {op}                           answer with an id that was never sent
+  oversize = {op}                      answer with a line over the protocol's 1 MiB limit
+  jitter_ms = N                        wait up to N ms before each op (answers out of order)
   chatty = true                        write the values it handles to stderr (redaction tests)
 The environment variable EXAMPLE_DELAY_MS delays every op (for benchmarks); EXAMPLE_LINGER=1
-makes it stay alive after its stdin closes (a badly behaved plugin, for the daemon's reaper).
+makes it stay alive after its stdin closes (a badly behaved plugin, for the daemon's reaper);
+EXAMPLE_FAULTS names a JSON file of settings added to every request's while it exists (the
+faults drill injects and clears misbehaviour with it, without a restart).
 """
 
 import json
@@ -38,6 +42,7 @@ import zlib
 from datetime import datetime, timedelta, timezone
 
 STATE = os.environ.get("EXAMPLE_STATE")
+FAULTS = os.environ.get("EXAMPLE_FAULTS")
 DELAY = int(os.environ.get("EXAMPLE_DELAY_MS", "0")) / 1000.0
 OUT = threading.Lock()
 KINDS = {
@@ -148,6 +153,12 @@ def misbehaviour(conn, req, when):
         if rule and rule.get("op") == op:
             reply({"id": req["id"] + 1000, "ok": {}})
             time.sleep(10**6)
+        rule = settings.get("oversize")
+        if rule and rule.get("op") == op:
+            reply({"id": req["id"], "ok": {"value": "x" * (1 << 21)}})
+            time.sleep(10**6)
+        if settings.get("jitter_ms"):
+            time.sleep(int(secrets.randbelow(int(settings["jitter_ms"]) + 1)) / 1000.0)
     elif selected("block"):
         event(conn, "blocked:" + op, secret)
         time.sleep(10**6)
@@ -251,9 +262,21 @@ def issue(conn, req):
 OPS = {"create": create, "verify": verify, "promote": promote, "revoke": revoke, "push": push, "issue": issue}
 
 
+def injected_faults():
+    """The settings in the EXAMPLE_FAULTS file, if it exists now."""
+    try:
+        with open(FAULTS) as f:
+            return json.load(f)
+    except (TypeError, OSError, ValueError):
+        return {}
+
+
 def handle(req):
     conn = db()
     try:
+        faults = injected_faults() if FAULTS else {}
+        if faults:
+            req = dict(req, settings=dict(req.get("settings") or {}, **faults))
         op = req.get("op")
         kind = req.get("kind")
         if op not in OPS or (kind is not None and (kind not in KINDS or op not in KINDS[kind]["ops"])):

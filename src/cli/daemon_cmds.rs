@@ -234,6 +234,7 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
     let mut running: Option<Box<Config>> = None;
     let mut previous: Option<Option<Box<Config>>> = None;
     let mut served_once = false;
+    let mut unavailable_wait = StartRetry::default();
     let outcome = loop {
         let config = running.as_deref().unwrap_or(&ctx.config);
         if !sockets.fit(config) {
@@ -274,6 +275,9 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
             pg.fence_writes(None);
         }
         served_once |= served.is_ok();
+        if served.is_ok() {
+            unavailable_wait = StartRetry::default();
+        }
         match (served, next) {
             (Ok(()), Some(Next::Reload(config))) => {
                 previous = Some(running.take());
@@ -281,6 +285,28 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
             }
             (Ok(()), Some(Next::RoleChanged)) => {}
             (Ok(()), _) => break Ok(()),
+            // The services ran before and the store is out of reach for now (a PostgreSQL
+            // leader that lost its database steps down, then cannot start as a follower):
+            // try again until it answers or a stop comes; exiting would need a person.
+            (Err(e), _) if served_once && e.store_unavailable() => {
+                let wait = unavailable_wait.next();
+                tracing::error!(error = %e, retry_in = ?wait, "the services cannot start: the store is unavailable; trying again");
+                let why = tokio::select! {
+                    why = signals.next(ctx, config) => Some(why),
+                    _ = tokio::time::sleep(wait) => None,
+                };
+                match why {
+                    Some(Next::Stop(signal)) => {
+                        tracing::info!(signal, "stop requested");
+                        break Ok(());
+                    }
+                    Some(Next::Reload(config)) => {
+                        previous = Some(running.take());
+                        running = Some(config);
+                    }
+                    Some(Next::RoleChanged) | None => {}
+                }
+            }
             (Err(e), _) if previous.is_some() => {
                 tracing::error!(error = %e, "the reloaded config does not start; going back to the previous one");
                 running = previous.take().flatten();
@@ -303,6 +329,19 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
         return Err(e.into());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits between starts of the services while the store is unavailable: 250 ms, doubling, at
+/// most 5 s.
+#[derive(Debug, Default)]
+struct StartRetry(u32);
+
+impl StartRetry {
+    fn next(&mut self) -> Duration {
+        let wait = Duration::from_millis(250) * 2u32.pow(self.0.min(5));
+        self.0 += 1;
+        wait.min(Duration::from_secs(5))
+    }
 }
 
 /// Removes the store a failed first start created; says so in the error.

@@ -94,6 +94,28 @@ pub enum ServeError {
     Store(#[from] StoreError),
 }
 
+impl ServeError {
+    /// Whether the services could not start because the store cannot be reached or written
+    /// for now (its database refuses connections, its disk is full): worth another try, unlike
+    /// a bad config.
+    pub fn store_unavailable(&self) -> bool {
+        use crate::incident::compromise::CompromiseError;
+        use crate::rotation::engine::EngineError;
+        use crate::vault::VaultError;
+        match self {
+            ServeError::Store(e)
+            | ServeError::Start(StartError::Store(e))
+            | ServeError::Start(StartError::Vault(VaultError::Store(e)))
+            | ServeError::Start(StartError::Engine(EngineError::Store(e)))
+            | ServeError::Start(StartError::Engine(EngineError::Vault(VaultError::Store(e))))
+            | ServeError::Start(StartError::Compromise(CompromiseError::Store(e))) => {
+                e.is_unavailable()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The agent and admin sockets, bound once and kept while the daemon's services stop and
 /// start again on a new config (SIGHUP): a connection that arrives meanwhile waits in the
 /// kernel's queue and is answered by the next run, instead of being refused.

@@ -282,6 +282,35 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the store could not take the operation for now (busy, full, unreachable), as
+    /// opposed to refusing it: answers say "unavailable" (503) rather than "internal error".
+    pub fn is_unavailable(&self) -> bool {
+        use rusqlite::ErrorCode::{DiskFull, SystemIoFailure};
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                self.is_busy() || matches!(e.code, DiskFull | SystemIoFailure)
+            }
+            StoreError::Database(e) => {
+                self.is_busy()
+                    || matches!(
+                        e,
+                        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+                    )
+                    || e.as_database_error().is_some_and(|d| {
+                        // SQLite: full, I/O error. PostgreSQL: connection exceptions (08…),
+                        // shut down by an administrator or the server (57P0…), too many
+                        // connections (53300), the database not accepting connections (55000).
+                        let code = d.code().unwrap_or_default();
+                        matches!(code.as_ref(), "13" | "10" | "53300" | "55000")
+                            || code.starts_with("08")
+                            || code.starts_with("57P0")
+                    })
+            }
+            StoreError::Commit(_) => true,
+            _ => false,
+        }
+    }
+
     /// Whether SQLite gave up waiting for another connection's lock (its busy timeout has
     /// already been waited out: trying again at once only waits as long again).
     pub fn is_busy(&self) -> bool {

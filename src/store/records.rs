@@ -247,7 +247,8 @@ pub struct SecretSummary {
     pub failed_attempts: i64,
     /// When automatic rotation was stopped for a person to look, if it was.
     pub quarantined_at: Option<Millis>,
-    /// The last rotation error.
+    /// The error of the rotation under way (its step is being tried again), else the last
+    /// failed rotation's.
     pub last_error: Option<String>,
 }
 

@@ -108,7 +108,9 @@ impl PgStore {
               ORDER BY r.created_at DESC, \
               (r.state NOT IN ('done', 'failed', 'rolled-back')) DESC, \
               r.updated_at DESC, r.id DESC LIMIT 1), \
-             s.failed_attempts, s.quarantined_at, s.last_error \
+             s.failed_attempts, s.quarantined_at, \
+             coalesce((SELECT r.last_error FROM rotations r WHERE r.secret_id = s.id \
+              AND r.state NOT IN ('done', 'failed', 'rolled-back') LIMIT 1), s.last_error) \
              FROM secrets s WHERE $1::text IS NULL OR s.name = $1 ORDER BY s.name COLLATE \"C\"",
         )
         .bind(name)

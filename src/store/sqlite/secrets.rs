@@ -158,7 +158,9 @@ impl SqliteStore {
              s.updated_at, s.tags, s.next_rotation_at, s.last_rotated_at, \
              (SELECT state FROM rotations r WHERE r.secret_id = s.id \
               ORDER BY r.created_at DESC, r.rowid DESC LIMIT 1), \
-             s.failed_attempts, s.quarantined_at, s.last_error \
+             s.failed_attempts, s.quarantined_at, \
+             coalesce((SELECT r.last_error FROM rotations r WHERE r.secret_id = s.id \
+              AND r.state NOT IN ('done', 'failed', 'rolled-back')), s.last_error) \
              FROM secrets s WHERE ?1 IS NULL OR s.name = ?1 ORDER BY s.name",
         )
         .bind(name)
