@@ -416,6 +416,18 @@ pub fn run(requests: usize, seed: u64) -> usize {
     let rss_after = keywarden_testkit::proc::rss_mb(pid);
     let rss_peak = rss_peak.load(Ordering::Relaxed) as f64 / 1024.0;
 
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let panics: Vec<&str> = log_text
+        .lines()
+        .filter(|l| l.contains("panicked"))
+        .collect();
+    violations.check(panics.is_empty(), || {
+        format!(
+            "the daemon panicked {} times: {:?}",
+            panics.len(),
+            &panics[..panics.len().min(3)]
+        )
+    });
     let alive = kit::request(&env.admin_socket(), "GET", "/v1/admin/status", None)
         .is_ok_and(|r| r.0 == 200);
     violations.check(alive, || "the daemon stopped answering".into());

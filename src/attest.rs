@@ -91,13 +91,8 @@ pub fn tcp_peer(local: SocketAddr, remote: SocketAddr) -> Option<(Peer, Option<O
     } else {
         "/proc/net/tcp6"
     };
-    let text = std::fs::read_to_string(table).ok()?;
-    let (uid, inode) = text.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (ours, theirs) = (parse_proc_addr(f.get(1)?)?, parse_proc_addr(f.get(2)?)?);
-        (ours == remote && theirs == local)
-            .then(|| Some((f.get(7)?.parse::<u32>().ok()?, *f.get(9)?)))?
-    })?;
+    // The client's socket: its local end is our remote one.
+    let (uid, inode) = socket_in_table(table, &proc_addr(remote), &proc_addr(local))?;
     let target = format!("socket:[{inode}]");
     let holds = |pid: i32| -> bool {
         std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
@@ -106,10 +101,20 @@ pub fn tcp_peer(local: SocketAddr, remote: SocketAddr) -> Option<(Peer, Option<O
             })
         })
     };
-    let pid = std::fs::read_dir("/proc")
+    // The socket's owner is almost always its holder: its processes are looked at first.
+    let pids: Vec<(i32, bool)> = std::fs::read_dir("/proc")
         .ok()?
         .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            Some((pid, e.metadata().is_ok_and(|m| m.uid() == uid)))
+        })
+        .collect();
+    let pid = pids
+        .iter()
+        .filter(|(_, owned)| *owned)
+        .chain(pids.iter().filter(|(_, owned)| !*owned))
+        .map(|(pid, _)| *pid)
         .find(|pid| holds(*pid))?;
     let pidfd = rustix::process::Pid::from_raw(pid)
         .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
@@ -132,21 +137,48 @@ pub fn tcp_peer(local: SocketAddr, remote: SocketAddr) -> Option<(Peer, Option<O
     ))
 }
 
+/// The uid and inode of the socket with these ends in a `/proc/net/tcp{,6}` table, read a line
+/// at a time into one buffer: the table lists every TCP socket of the host, those in TIME_WAIT
+/// too, so it runs to thousands of lines under a flood of connections. Sockets being torn down
+/// (inode 0) are skipped.
+fn socket_in_table(table: &str, local: &str, remote: &str) -> Option<(u32, u64)> {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(std::fs::File::open(table).ok()?);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?; // the header
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode …
+        let mut fields = line.split_whitespace().skip(1);
+        if fields.next() != Some(local) || fields.next() != Some(remote) {
+            continue;
+        }
+        let uid = fields.nth(4).and_then(|u| u.parse().ok());
+        let inode = fields.nth(1).and_then(|i| i.parse().ok());
+        if let (Some(uid), Some(inode)) = (uid, inode)
+            && inode != 0
+        {
+            return Some((uid, inode));
+        }
+    }
+}
+
 /// An address as `/proc/net/tcp{,6}` writes it: the IP as 32-bit words in host (little-endian)
-/// order, then the port, in hex.
-fn parse_proc_addr(text: &str) -> Option<SocketAddr> {
-    let (ip, port) = text.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let words: Option<Vec<u32>> = (0..ip.len() / 8)
-        .map(|i| u32::from_str_radix(ip.get(i * 8..i * 8 + 8)?, 16).ok())
-        .collect();
-    let bytes: Vec<u8> = words?.iter().flat_map(|w| w.to_le_bytes()).collect();
-    let ip = match bytes.len() {
-        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
-        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
-        _ => return None,
+/// order, then the port, in upper-case hex.
+fn proc_addr(address: SocketAddr) -> String {
+    let octets = match address.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
     };
-    Some(SocketAddr::new(ip, port))
+    let mut text: String = octets
+        .chunks(4)
+        .map(|w| format!("{:08X}", u32::from_le_bytes([w[0], w[1], w[2], w[3]])))
+        .collect();
+    text.push_str(&format!(":{:04X}", address.port()));
+    text
 }
 
 /// Peer executables hashed at once.
@@ -378,6 +410,31 @@ impl Identity for PeerIdentity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_written_as_proc_net_tcp_writes_them() {
+        assert_eq!(
+            proc_addr("127.0.0.1:8788".parse().unwrap()),
+            "0100007F:2254"
+        );
+        assert_eq!(
+            proc_addr("[::1]:443".parse().unwrap()),
+            "00000000000000000000000001000000:01BB"
+        );
+    }
+
+    #[test]
+    fn a_connection_of_this_process_is_found_in_the_table() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_server, remote) = listener.accept().unwrap();
+        let local = listener.local_addr().unwrap();
+        assert_eq!(remote, client.local_addr().unwrap());
+        let (peer, pidfd) = tcp_peer(local, remote).expect("found");
+        assert_eq!(peer.pid, Some(std::process::id() as i32));
+        assert_eq!(peer.uid, rustix::process::getuid().as_raw());
+        assert!(pidfd.is_some());
+    }
 
     #[test]
     fn attests_this_very_process() {

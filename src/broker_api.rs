@@ -325,7 +325,11 @@ fn split_path(path: &str) -> Result<(&str, &str), &'static str> {
     if path.contains('%') || path.contains('\\') {
         return Err("percent-encoded or backslashed paths are not accepted");
     }
-    let rest = path.strip_prefix("/v1/broker/").unwrap_or(&path[1..]);
+    // A CONNECT's authority-form target has an empty path, an OPTIONS `*` no slash.
+    let rest = match path.strip_prefix("/v1/broker/") {
+        Some(rest) => rest,
+        None => path.strip_prefix('/').ok_or("the path must start with /")?,
+    };
     let (name, rest) = rest
         .split_once('/')
         .ok_or("the path names no provider call")?;
@@ -589,6 +593,14 @@ impl http::Listener for LoopbackListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_target_that_is_no_path_is_refused_not_a_panic() {
+        // `CONNECT host:443` (an empty path) used to panic the connection's task.
+        assert!(split_path("").is_err());
+        assert!(split_path("*").is_err());
+        assert!(split_path("é/v1/x").is_err());
+    }
 
     #[test]
     fn paths_split_into_broker_and_call_and_tricks_are_refused() {
