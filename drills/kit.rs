@@ -193,7 +193,7 @@ impl Agents {
                     socket.clone(),
                 );
                 std::thread::spawn(move || {
-                    let mut rng = Rng::new(seed ^ (i as u64 + 1) * 0x9E37_79B9);
+                    let mut rng = Rng::new(seed ^ ((i as u64 + 1) * 0x9E37_79B9));
                     while !stop.load(Ordering::Relaxed) {
                         let name = &names[rng.below(names.len() as u64) as usize];
                         match request(&socket, "GET", &format!("/v1/secrets/{name}?ttl=2"), None) {
