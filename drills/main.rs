@@ -8,6 +8,9 @@
 //!   a clear error and clear by itself (time measured);
 //! - `hostile [--requests N] [--seed N]`: malformed, oversized, slow and foreign clients
 //!   against a live daemon while legitimate agents fetch (their p99 measured);
+//! - `soak [--minutes 10] [--clients 8]`: fetches, brokered requests, watchers, rotations every
+//!   few seconds and an incident at once: no failed request, no stale answer, memory and
+//!   descriptors flat;
 //!
 //! each ends with the secrets-hygiene sweep, prints its figures and exits non-zero on any
 //! violation. `cargo test` runs this binary with no drill named: it then only says so.
@@ -18,13 +21,14 @@ mod faults;
 mod hostile;
 mod hygiene;
 mod kit;
+mod soak;
 
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
 fn usage() -> &'static str {
-    "drills: crash [--secrets N] [--kills N] [--max-life MS] [--seed N] | faults [--only plugin|store|broker|postgres] | hostile [--requests N] [--seed N]"
+    "drills: crash [--secrets N] [--kills N] [--max-life MS] [--seed N] | faults [--only plugin|store|broker|postgres] | hostile [--requests N] [--seed N] | soak [--minutes N] [--clients N]"
 }
 
 /// `--name VALUE` pairs after the drill's name.
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
                 number("requests", 10_000)? as usize,
                 number("seed", kit::clock_seed())?,
             ),
+            "soak" => soak::run(number("minutes", 10)?, number("clients", 8)? as usize),
             other => return Err(format!("no drill {other:?}")),
         })
     };

@@ -546,6 +546,9 @@ fn a_leader_whose_database_refuses_connections_steps_down_waits_and_leads_again(
     wait_for("the daemon to lead", Duration::from_secs(30), || {
         (leader(&env).map(|l| l.0) == Some(daemon.pid())).then_some(())
     });
+    wait_for("the first version", Duration::from_secs(30), || {
+        (env.entry("svc/ha")["version"] == 1).then_some(())
+    });
     let socket = env.dir.path().join("run/agent.sock");
     assert_eq!(curl(&socket, "GET", "/v1/secrets/svc/ha", &[]).0, 200);
 

@@ -1,0 +1,325 @@
+//! The soak drill: for `minutes`, clients fetch back to back and send brokered requests, while
+//! ten secrets of the Python example plugin rotate every 3 s (the broker's key every 5 s),
+//! watchers long-poll for new versions, and half-way through a `rotate-all --assume-compromise`
+//! runs. No legitimate request may fail, no fetch that started after a watcher was told of a
+//! version may return an older one, and the daemon's resident memory and open descriptors stay
+//! flat (printed as a series). Then the end-state checks and the hygiene sweep.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keywarden_testkit::Env;
+use keywarden_testkit::daemon::{base_config, example_plugin_config};
+
+use crate::kit::{self, Rng, Violations};
+
+const SECRETS: usize = 10;
+
+fn name(i: usize) -> String {
+    format!("s/{i:02}")
+}
+
+/// What the clients saw: per secret, fetches (version, when started) and what watchers were
+/// told (version, when).
+#[derive(Default)]
+struct Seen {
+    fetched: HashMap<String, Vec<(i64, Instant)>>,
+    told: HashMap<String, Vec<(i64, Instant)>>,
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Runs the drill; the number of violations.
+pub fn run(minutes: u64, clients: usize) -> usize {
+    let started = Instant::now();
+    let length = Duration::from_secs(minutes * 60);
+    println!("soak drill: {minutes} min, {clients} fetching clients, {clients} broker clients");
+    let mut violations = Violations::default();
+    let env = Env::new();
+    let mut upstream = kit::FakeUpstream::start(0);
+    let mut config = format!(
+        "{}\nbroker_socket = \"run/broker.sock\"\n\n{}\n\
+         [[policy]]\nname = \"soak\"\nuids = [{}]\nsecrets = [\"s/*\"]\nbrokers = [\"soak\"]\nmax_ttl = \"1h\"\n\n\
+         [brokers.soak]\npreset = \"bearer\"\nsecret = \"s/broker\"\nupstream = \"http://127.0.0.1:{}\"\n\
+         paths = [\"POST /v1/echo\"]\n\n\
+         [secrets.\"s/broker\"]\nprovider = \"example\"\nrotate_every = \"5s\"\ngrace = \"1s\"\n\n",
+        base_config("5s"),
+        example_plugin_config(env.dir.path(), ""),
+        rustix::process::getuid().as_raw(),
+        upstream.port,
+    );
+    for i in 0..SECRETS {
+        config.push_str(&format!(
+            "[secrets.\"{}\"]\nprovider = \"example\"\nrotate_every = \"3s\"\ngrace = \"1s\"\nconsumers = [\"file-{i:02}\"]\n\n\
+             [consumers.file-{i:02}]\nkind = \"file\"\npath = \"out/{i:02}\"\n\n",
+            name(i)
+        ));
+    }
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, format!("{base}\n{config}")).unwrap();
+    let log = env.dir.path().join("daemons.log");
+    let mut daemon = kit::spawn_daemon(&env, &log, None);
+    assert!(
+        kit::wait_ready(&env, &mut daemon, Duration::from_secs(60)),
+        "the daemon did not start:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let pid = daemon.id();
+    let store = kit::open_db(&env.store);
+    assert!(kit::eventually(Duration::from_secs(60), || {
+        kit::one(
+            &store,
+            "SELECT count(*) FROM versions WHERE stage = 'current'",
+        ) == SECRETS as i64 + 1
+    }));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let (fetches, fetch_failures) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let (brokered, broker_failures) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let mut threads = Vec::new();
+    for c in 0..clients {
+        let (halt, seen, count, failures, socket) = (
+            stop.clone(),
+            seen.clone(),
+            fetches.clone(),
+            fetch_failures.clone(),
+            env.agent_socket(),
+        );
+        threads.push(std::thread::spawn(move || {
+            let mut rng = Rng::new(c as u64 + 1);
+            while !halt.load(Ordering::Relaxed) {
+                let secret = name(rng.below(SECRETS as u64) as usize);
+                let at = Instant::now();
+                match kit::request(&socket, "GET", &format!("/v1/secrets/{secret}?ttl=2"), None) {
+                    Ok((200, body)) => {
+                        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                        let version = v["version"].as_i64().unwrap();
+                        seen.lock()
+                            .unwrap()
+                            .fetched
+                            .entry(secret)
+                            .or_default()
+                            .push((version, at));
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("{secret}: {other:?}")),
+                }
+            }
+        }));
+        let (halt, count, failures, socket) = (
+            stop.clone(),
+            brokered.clone(),
+            broker_failures.clone(),
+            env.dir.path().join("run/broker.sock"),
+        );
+        threads.push(std::thread::spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                match kit::request(&socket, "POST", "/v1/broker/soak/v1/echo", Some("{}")) {
+                    Ok((200, _)) => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => failures.lock().unwrap().push(format!("{other:?}")),
+                }
+            }
+        }));
+    }
+    // One watcher per secret, long-polling for the next version.
+    for i in 0..SECRETS {
+        let (halt, seen, socket) = (stop.clone(), seen.clone(), env.agent_socket());
+        threads.push(std::thread::spawn(move || {
+            let secret = name(i);
+            let mut version = 0;
+            while !halt.load(Ordering::Relaxed) {
+                let path = format!(
+                    "/v1/secrets/{secret}?ttl=2&min_version={}&wait=5",
+                    version + 1
+                );
+                if let Ok((200, body)) = kit::request(&socket, "GET", &path, None) {
+                    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    version = v["version"].as_i64().unwrap();
+                    seen.lock()
+                        .unwrap()
+                        .told
+                        .entry(secret.clone())
+                        .or_default()
+                        .push((version, Instant::now()));
+                }
+            }
+        }));
+    }
+
+    // The series, and the incident half-way.
+    let every = (length / 20).max(Duration::from_secs(5));
+    let mut series = Vec::new();
+    let mut incident = None;
+    let soak_started = Instant::now();
+    while soak_started.elapsed() < length {
+        series.push((
+            soak_started.elapsed().as_secs(),
+            keywarden_testkit::proc::rss_mb(pid),
+            open_fds(pid),
+            fetches.load(Ordering::Relaxed),
+            brokered.load(Ordering::Relaxed),
+        ));
+        if incident.is_none() && soak_started.elapsed() >= length / 2 {
+            let cmd = env.cmd();
+            incident = Some(std::thread::spawn(move || {
+                keywarden_testkit::run_with(
+                    cmd,
+                    &["rotate-all", "--assume-compromise", "--yes", "--json"],
+                    None,
+                )
+            }));
+        }
+        std::thread::sleep(every.min(length.saturating_sub(soak_started.elapsed())));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    series.push((
+        soak_started.elapsed().as_secs(),
+        keywarden_testkit::proc::rss_mb(pid),
+        open_fds(pid),
+        fetches.load(Ordering::Relaxed),
+        brokered.load(Ordering::Relaxed),
+    ));
+    let incident = incident.map(|t| t.join().unwrap());
+    violations.check(
+        incident.as_ref().is_some_and(|o| o.status.success()),
+        || {
+            format!(
+                "the incident did not finish cleanly: {:?}",
+                incident.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+            )
+        },
+    );
+
+    // Failures, stale answers, flat memory and descriptors.
+    let fetch_failures = fetch_failures.lock().unwrap();
+    let broker_failures = broker_failures.lock().unwrap();
+    violations.check(fetch_failures.is_empty(), || {
+        format!(
+            "{} fetches failed, e.g. {:?}",
+            fetch_failures.len(),
+            &fetch_failures[..fetch_failures.len().min(3)]
+        )
+    });
+    violations.check(broker_failures.is_empty(), || {
+        format!(
+            "{} brokered requests failed, e.g. {:?}",
+            broker_failures.len(),
+            &broker_failures[..broker_failures.len().min(3)]
+        )
+    });
+    let seen = seen.lock().unwrap();
+    let mut stale = 0;
+    let mut told_count = 0;
+    for (secret, told) in &seen.told {
+        told_count += told.len();
+        for (version, at) in seen.fetched.get(secret).into_iter().flatten() {
+            let newest_told = told.iter().filter(|(_, t)| t < at).map(|(v, _)| *v).max();
+            if newest_told.is_some_and(|n| *version < n) {
+                stale += 1;
+            }
+        }
+    }
+    violations.check(stale == 0, || {
+        format!("{stale} fetches returned a version older than one a watcher had been told of")
+    });
+    // Flat: the last third of the series against the samples after the first (warm-up).
+    let steady = &series[1.min(series.len() - 1)..];
+    let (first, last) = (steady[0], steady[steady.len() - 1]);
+    violations.check(last.1 <= first.1 * 1.25 + 10.0, || {
+        format!(
+            "resident memory grew from {:.1} MB to {:.1} MB",
+            first.1, last.1
+        )
+    });
+    violations.check(last.2 <= first.2 + 16, || {
+        format!("open descriptors grew from {} to {}", first.2, last.2)
+    });
+
+    // The end state, with the schedules pushed out (a restart on a config of hourly ones), then
+    // hygiene.
+    let code = kit::terminate(daemon);
+    violations.check(code == Some(0), || {
+        format!("the daemon exited {code:?} at its stop")
+    });
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        config
+            .replace("rotate_every = \"3s\"", "rotate_every = \"1h\"")
+            .replace("rotate_every = \"5s\"", "rotate_every = \"1h\""),
+    )
+    .unwrap();
+    let in_an_hour = (chrono::Utc::now().timestamp() + 3600) * 1000;
+    env.sql(&[&format!(
+        "UPDATE secrets SET next_rotation_at = {in_an_hour}"
+    )]);
+    let mut daemon = kit::spawn_daemon(&env, &log, None);
+    assert!(kit::wait_ready(&env, &mut daemon, Duration::from_secs(60)));
+    let upstream_db = kit::open_db(&env.upstream_db());
+    let settled = kit::eventually(Duration::from_secs(60), || {
+        kit::one(
+            &store,
+            "SELECT count(*) FROM rotations WHERE state NOT IN ('done', 'failed', 'rolled-back')",
+        ) == 0
+    });
+    violations.check(settled, || "rotations did not settle".into());
+    let stored: Vec<(String, String)> = (0..SECRETS)
+        .map(|i| (name(i), format!("out/{i:02}")))
+        .collect();
+    crate::checks::stored_secrets(&env, &store, &upstream_db, &stored, &mut violations);
+    crate::checks::audit_verifies(&env, &mut violations);
+    let known: Vec<String> = kit::rows(&upstream_db, "SELECT value FROM creds")
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    let hygiene = crate::hygiene::sweep(&env, daemon.id(), &known, &mut violations);
+    let rotations = kit::one(
+        &store,
+        "SELECT count(*) FROM rotations WHERE state = 'done'",
+    );
+    let code = kit::terminate(daemon);
+    violations.check(code == Some(0), || format!("the daemon exited {code:?}"));
+    upstream.stop();
+
+    println!("  | s | RSS MB | open fds | fetches | brokered |");
+    println!("  |---|---|---|---|---|");
+    for (s, rss, fds, f, b) in &series {
+        println!("  | {s} | {rss:.1} | {fds} | {f} | {b} |");
+    }
+    let secs = series.last().unwrap().0.max(1) as f64;
+    println!(
+        "  {} fetches ({:.0}/s) and {} brokered requests ({:.0}/s), {} and {} failed; {rotations} rotations done; watchers told {told_count} new versions, {stale} stale answers",
+        fetches.load(Ordering::Relaxed),
+        fetches.load(Ordering::Relaxed) as f64 / secs,
+        brokered.load(Ordering::Relaxed),
+        brokered.load(Ordering::Relaxed) as f64 / secs,
+        fetch_failures.len(),
+        broker_failures.len()
+    );
+    println!("  {hygiene}");
+    println!(
+        "soak drill: {} violations in {:.0} s",
+        violations.count(),
+        started.elapsed().as_secs_f64()
+    );
+    violations.count()
+}
