@@ -4,10 +4,32 @@ use keywarden_testkit::Env;
 
 use crate::kit::{self, Violations};
 
+/// Everything a drill checks at its end, its daemon (`pid`) running: [`stored_secrets`],
+/// [`audit_verifies`], and the hygiene sweep for every value the example plugin's upstream ever
+/// held and `handed_out`. The number of secrets checked, and the sweep's summary.
+pub fn end_state(
+    env: &Env,
+    pid: u32,
+    secrets: &[(String, String)],
+    handed_out: &[String],
+    violations: &mut Violations,
+) -> (usize, String) {
+    let store = kit::open_db(&env.store);
+    let upstream = kit::open_db(&env.upstream_db());
+    let checked = stored_secrets(env, &store, &upstream, secrets, violations);
+    audit_verifies(env, violations);
+    let known: Vec<String> = kit::rows(&upstream, "SELECT value FROM creds")
+        .into_iter()
+        .map(|r| r.0)
+        .chain(handed_out.iter().cloned())
+        .collect();
+    (checked, crate::hygiene::sweep(env, pid, &known, violations))
+}
+
 /// Each `(secret, consumer file)`: one current version, its credential the only one live at
 /// the example plugin's upstream, the file holding it; no secret quarantined. The number of
 /// secrets checked.
-pub fn stored_secrets(
+fn stored_secrets(
     env: &Env,
     store: &rusqlite::Connection,
     upstream: &rusqlite::Connection,

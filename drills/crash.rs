@@ -145,12 +145,7 @@ pub fn run(o: &Options) -> usize {
         .collect();
 
     // First versions of everything, then the agents.
-    let mut daemon = kit::spawn_daemon(&env, &log, None);
-    assert!(
-        kit::wait_ready(&env, &mut daemon, Duration::from_secs(120)),
-        "the daemon did not start:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    let mut daemon = kit::start_daemon(&env, &log);
     let store = kit::open_db(&env.store);
     assert!(
         kit::eventually(Duration::from_secs(300), || {
@@ -261,8 +256,7 @@ pub fn run(o: &Options) -> usize {
         "UPDATE secrets SET next_rotation_at = {in_an_hour} WHERE next_rotation_at IS NOT NULL"
     )]);
     let settle_started = Instant::now();
-    let mut daemon = kit::spawn_daemon(&env, &log, None);
-    assert!(kit::wait_ready(&env, &mut daemon, Duration::from_secs(120)));
+    let daemon = kit::start_daemon(&env, &log);
     let settled = kit::eventually(Duration::from_secs(300), || {
         kit::one(
             &store,
@@ -286,10 +280,6 @@ pub fn run(o: &Options) -> usize {
     let settle_time = settle_started.elapsed();
 
     let upstream = kit::open_db(&env.upstream_db());
-    let stored: Vec<(String, String)> = (0..o.secrets)
-        .map(|i| (stored_name(i), format!("out/{i:03}")))
-        .collect();
-    let checked = crate::checks::stored_secrets(&env, &store, &upstream, &stored, &mut violations);
 
     // No issued credential live without an open lease.
     let open: HashSet<String> = kit::rows(&store, "SELECT id FROM leases WHERE ended_at IS NULL")
@@ -339,7 +329,6 @@ pub fn run(o: &Options) -> usize {
                 .collect::<Vec<_>>()
         )
     });
-    crate::checks::audit_verifies(&env, &mut violations);
 
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     let resumed = log_text.matches("resuming rotation").count();
@@ -357,13 +346,14 @@ pub fn run(o: &Options) -> usize {
     let rekeys = kit::one(&store, "SELECT root_generation FROM vault") - 1;
     let issued = kit::one(&upstream, "SELECT count(*) FROM creds WHERE issued = 1");
 
-    // Hygiene, while the daemon still runs (its sockets and limits are part of it).
-    let known: Vec<String> = kit::rows(&upstream, "SELECT value FROM creds")
-        .into_iter()
-        .map(|r| r.0)
-        .chain(fetched.iter().map(|f| f.value.clone()))
+    // The stored secrets, the audit chain and hygiene, while the daemon still runs (its
+    // sockets and limits are part of it).
+    let stored: Vec<(String, String)> = (0..o.secrets)
+        .map(|i| (stored_name(i), format!("out/{i:03}")))
         .collect();
-    let hygiene = crate::hygiene::sweep(&env, daemon.id(), &known, &mut violations);
+    let handed_out: Vec<String> = fetched.iter().map(|f| f.value.clone()).collect();
+    let (checked, hygiene) =
+        crate::checks::end_state(&env, daemon.id(), &stored, &handed_out, &mut violations);
     let code = kit::terminate(daemon);
     violations.check(code == Some(0), || {
         format!("the last daemon exited {code:?}")

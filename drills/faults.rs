@@ -198,12 +198,7 @@ pub fn run(only: Option<&str>) -> usize {
     )
     .unwrap();
     let log = env.dir.path().join("daemons.log");
-    let mut daemon = kit::spawn_daemon(&env, &log, None);
-    assert!(
-        kit::wait_ready(&env, &mut daemon, Duration::from_secs(60)),
-        "the daemon did not start:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    let daemon = kit::start_daemon(&env, &log);
     let store = kit::open_db(&env.store);
     assert!(kit::eventually(Duration::from_secs(60), || {
         kit::one(
@@ -378,17 +373,10 @@ pub fn run(only: Option<&str>) -> usize {
         upstream_server.stop();
     }
     // The end state, then hygiene.
-    let upstream = kit::open_db(&env.upstream_db());
     let stored: Vec<(String, String)> = (0..SECRETS)
         .map(|i| (name(i), format!("out/{i:02}/key")))
         .collect();
-    crate::checks::stored_secrets(&env, &store, &upstream, &stored, &mut violations);
-    crate::checks::audit_verifies(&env, &mut violations);
-    let known: Vec<String> = kit::rows(&upstream, "SELECT value FROM creds")
-        .into_iter()
-        .map(|r| r.0)
-        .collect();
-    let hygiene = crate::hygiene::sweep(&env, daemon.id(), &known, &mut violations);
+    let (_, hygiene) = crate::checks::end_state(&env, daemon.id(), &stored, &[], &mut violations);
     let code = kit::terminate(daemon);
     violations.check(code == Some(0), || format!("the daemon exited {code:?}"));
     drop(store);
@@ -524,8 +512,7 @@ fn postgres_connection_cut(violations: &mut Violations) -> Option<Row> {
     )
     .unwrap();
     let log = env.dir.path().join("daemons.log");
-    let mut daemon = kit::spawn_daemon(&env, &log, None);
-    assert!(kit::wait_ready(&env, &mut daemon, Duration::from_secs(60)));
+    let daemon = kit::start_daemon(&env, &log);
     let leads = |env: &Env| {
         let s = admin_json(env, "/v1/admin/status");
         s["leadership"]["leader"]["pid"].as_u64() == Some(u64::from(daemon.id()))

@@ -251,12 +251,7 @@ pub fn run(requests: usize, seed: u64) -> usize {
     )
     .unwrap();
     let log = env.dir.path().join("daemons.log");
-    let mut daemon = kit::spawn_daemon(&env, &log, None);
-    assert!(
-        kit::wait_ready(&env, &mut daemon, Duration::from_secs(60)),
-        "the daemon did not start:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    let daemon = kit::start_daemon(&env, &log);
     let pid = daemon.id();
     let value_of = |name: &str| -> String {
         let (_, body) = kit::request(

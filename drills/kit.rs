@@ -101,6 +101,18 @@ pub fn wait_ready(env: &Env, daemon: &mut Child, timeout: Duration) -> bool {
     false
 }
 
+/// [`spawn_daemon`] without crash points, waited for until it answers (up to 2 minutes: a
+/// first start creates every first version); panics with its log if it does not.
+pub fn start_daemon(env: &Env, log: &Path) -> Child {
+    let mut daemon = spawn_daemon(env, log, None);
+    assert!(
+        wait_ready(env, &mut daemon, Duration::from_secs(120)),
+        "the daemon did not start:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    daemon
+}
+
 /// SIGKILL and reap.
 pub fn kill9(mut daemon: Child) {
     let _ = daemon.kill();

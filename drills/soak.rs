@@ -62,12 +62,7 @@ pub fn run(minutes: u64, clients: usize) -> usize {
     let base = std::fs::read_to_string(&env.config).unwrap();
     std::fs::write(&env.config, format!("{base}\n{config}")).unwrap();
     let log = env.dir.path().join("daemons.log");
-    let mut daemon = kit::spawn_daemon(&env, &log, None);
-    assert!(
-        kit::wait_ready(&env, &mut daemon, Duration::from_secs(60)),
-        "the daemon did not start:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    let daemon = kit::start_daemon(&env, &log);
     let pid = daemon.id();
     let store = kit::open_db(&env.store);
     assert!(kit::eventually(Duration::from_secs(60), || {
@@ -167,14 +162,18 @@ pub fn run(minutes: u64, clients: usize) -> usize {
     let mut series = Vec::new();
     let mut incident = None;
     let soak_started = Instant::now();
-    while soak_started.elapsed() < length {
-        series.push((
+    // (seconds, RSS MB, open descriptors, fetches, brokered requests) so far.
+    let sample = || {
+        (
             soak_started.elapsed().as_secs(),
             keywarden_testkit::proc::rss_mb(pid),
             open_fds(pid),
             fetches.load(Ordering::Relaxed),
             brokered.load(Ordering::Relaxed),
-        ));
+        )
+    };
+    while soak_started.elapsed() < length {
+        series.push(sample());
         if incident.is_none() && soak_started.elapsed() >= length / 2 {
             let cmd = env.cmd();
             incident = Some(std::thread::spawn(move || {
@@ -191,13 +190,7 @@ pub fn run(minutes: u64, clients: usize) -> usize {
     for t in threads {
         t.join().unwrap();
     }
-    series.push((
-        soak_started.elapsed().as_secs(),
-        keywarden_testkit::proc::rss_mb(pid),
-        open_fds(pid),
-        fetches.load(Ordering::Relaxed),
-        brokered.load(Ordering::Relaxed),
-    ));
+    series.push(sample());
     let incident = incident.map(|t| t.join().unwrap());
     violations.check(
         incident.as_ref().is_some_and(|o| o.status.success()),
@@ -272,9 +265,7 @@ pub fn run(minutes: u64, clients: usize) -> usize {
     env.sql(&[&format!(
         "UPDATE secrets SET next_rotation_at = {in_an_hour}"
     )]);
-    let mut daemon = kit::spawn_daemon(&env, &log, None);
-    assert!(kit::wait_ready(&env, &mut daemon, Duration::from_secs(60)));
-    let upstream_db = kit::open_db(&env.upstream_db());
+    let daemon = kit::start_daemon(&env, &log);
     let settled = kit::eventually(Duration::from_secs(60), || {
         kit::one(
             &store,
@@ -285,13 +276,7 @@ pub fn run(minutes: u64, clients: usize) -> usize {
     let stored: Vec<(String, String)> = (0..SECRETS)
         .map(|i| (name(i), format!("out/{i:02}")))
         .collect();
-    crate::checks::stored_secrets(&env, &store, &upstream_db, &stored, &mut violations);
-    crate::checks::audit_verifies(&env, &mut violations);
-    let known: Vec<String> = kit::rows(&upstream_db, "SELECT value FROM creds")
-        .into_iter()
-        .map(|r| r.0)
-        .collect();
-    let hygiene = crate::hygiene::sweep(&env, daemon.id(), &known, &mut violations);
+    let (_, hygiene) = crate::checks::end_state(&env, daemon.id(), &stored, &[], &mut violations);
     let rotations = kit::one(
         &store,
         "SELECT count(*) FROM rotations WHERE state = 'done'",
