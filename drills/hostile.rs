@@ -1,9 +1,9 @@
 //! The hostile-clients drill: while legitimate agents fetch back to back, an admitted but
 //! poisoned client sends thousands of malformed requests (random methods, path tricks aimed at
 //! a secret its policy does not grant, broken headers and bodies, random edits of all of these)
-//! to the agent socket, the broker socket and the broker's loopback listener; others send
-//! oversized headers and bodies, hold slow connections open, and come as another uid (over the
-//! sockets and over TCP). Nothing may crash, no answer may carry a value the client may not
+//! to the agent socket, the broker socket and the broker's loopback listener (and, as GETs
+//! only, to the admin socket); others send oversized headers and bodies, hold slow connections
+//! open, and come as another uid (over the sockets and over TCP). Nothing may crash, no answer may carry a value the client may not
 //! have, memory stays bounded, and every legitimate request is served: its p50/p99 are measured
 //! before and during the attack.
 
@@ -48,6 +48,12 @@ const PATHS: &[&str] = &[
     "http://evil.example/v1/secrets/other/x",
     "*",
     "/metrics",
+    "/v1/admin/status",
+    "/v1/admin/secrets/h/a",
+    "/v1/admin/secrets/h%2Fa?version=-1",
+    "/v1/admin/incidents/../status",
+    "/v1/admin/rotations/00000000-0000-0000-0000-000000000000",
+    "/v1/admin/alerts?limit=99999999999999999999",
 ];
 const METHODS: &[&str] = &[
     "GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "G\0T", "get",
@@ -301,10 +307,12 @@ pub fn run(requests: usize, seed: u64) -> usize {
     let slow_opened = slow.len();
 
     // Malformed requests from 4 threads at every listener.
+    // The admin socket last: only GETs go there (its peer, root, may change anything).
     let targets = [
         Target::Unix(env.agent_socket()),
         Target::Unix(env.dir.path().join("run/broker.sock")),
         Target::Tcp(tcp),
+        Target::Unix(env.admin_socket()),
     ];
     let codes = Arc::new(Mutex::new(std::collections::BTreeMap::<u16, usize>::new()));
     let leaked = Arc::new(AtomicUsize::new(0));
@@ -321,13 +329,20 @@ pub fn run(requests: usize, seed: u64) -> usize {
             std::thread::spawn(move || {
                 let mut rng = Rng::new(seed ^ ((t as u64 + 7) * 0x9E37_79B9));
                 for _ in 0..requests / 4 {
-                    let request = malformed(&mut rng);
-                    let target = &targets[rng.below(targets.len() as u64) as usize];
-                    let (status, answer) = target.send(&request);
+                    let mut request = malformed(&mut rng);
+                    let at = rng.below(targets.len() as u64) as usize;
+                    let admin = at == targets.len() - 1;
+                    if admin {
+                        let method = request.iter().position(|b| *b == b' ').unwrap_or(0);
+                        request.splice(..method, *b"GET");
+                    }
+                    let (status, answer) = targets[at].send(&request);
                     *codes.lock().unwrap().entry(status).or_default() += 1;
-                    if forbidden
-                        .iter()
-                        .any(|v| keywarden_testkit::contains(&answer, v.as_bytes()))
+                    // The admin may read any value; no agent may read these.
+                    if !admin
+                        && forbidden
+                            .iter()
+                            .any(|v| keywarden_testkit::contains(&answer, v.as_bytes()))
                     {
                         leaked.fetch_add(1, Ordering::Relaxed);
                     }

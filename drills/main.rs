@@ -3,9 +3,9 @@
 //!
 //! - `crash [--secrets N] [--kills N] [--max-life MS] [--seed N]`: SIGKILLs at random instants
 //!   and at every crash point, then checks nothing was lost, orphaned or left unaudited;
-//! - `faults [--only plugin|store|broker|postgres]`: plugin misbehaviour, a removed consumer directory, a locked store, a full file
-//!   system, a broker upstream refusing connections, a PostgreSQL leader cut off; each must show
-//!   a clear error and clear by itself (time measured);
+//! - `faults [--only plugin|store|broker|postgres]`: plugin misbehaviour, a removed consumer
+//!   directory, a locked store, a full file system, a broker upstream refusing connections, a
+//!   PostgreSQL leader cut off; each must show a clear error and clear by itself (time measured);
 //! - `hostile [--requests N] [--seed N]`: malformed, oversized, slow and foreign clients
 //!   against a live daemon while legitimate agents fetch (their p99 measured);
 //! - `soak [--minutes 10] [--clients 8]`: fetches, brokered requests, watchers, rotations every
