@@ -224,14 +224,6 @@ fn summary(times: &[(u8, f64, bool)], phase: u8) -> (usize, usize, f64, f64) {
     (ms.len(), failed, at(0.5), at(0.99))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Runs the drill; the number of violations.
 pub fn run(requests: usize, seed: u64) -> usize {
     let started = Instant::now();
@@ -239,7 +231,7 @@ pub fn run(requests: usize, seed: u64) -> usize {
     let mut violations = Violations::default();
     let env = Env::new();
     let mut upstream = kit::FakeUpstream::start(0);
-    let tcp = free_port();
+    let tcp = keywarden_testkit::free_port();
     let base = std::fs::read_to_string(&env.config).unwrap();
     std::fs::write(
         &env.config,

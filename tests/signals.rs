@@ -14,14 +14,6 @@ use common::{Env, curl, curl_with};
 
 const KEY: &str = "signal-signing-key-for-tests-0123456789";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -99,7 +91,7 @@ fn alerts(env: &Env) -> Vec<serde_json::Value> {
 }
 
 fn setup() -> (Env, u16, common::daemon::Daemon) {
-    let port = free_port();
+    let port = keywarden_testkit::free_port();
     let env = env_with_plugin("");
     // The alert command runs confined: it may write only what its sandbox grants.
     let alerts_dir = env.dir.path().join("alerts");

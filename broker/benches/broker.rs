@@ -82,7 +82,7 @@ fn main() {
             .parse()
             .ok()
     });
-    let listen = free_port();
+    let listen = keywarden_testkit::free_port();
     let config = format!(
         r#"{base}broker_socket = "run/broker.sock"
 
@@ -193,14 +193,6 @@ fn current_uid() -> u32 {
         .find_map(|l| l.strip_prefix("Uid:"))
         .and_then(|ids| ids.split_whitespace().next()?.parse().ok())
         .unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The child of `parent` running `name`.

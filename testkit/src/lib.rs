@@ -322,3 +322,12 @@ where
     });
     port
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for listeners a test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -78,7 +78,7 @@ impl Postgres {
                 pwfile.to_str().unwrap(),
             ],
         );
-        let port = free_port();
+        let port = super::free_port();
         let mut options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1",
             dir.path().display()
@@ -178,12 +178,4 @@ impl Drop for Postgres {
             .stderr(Stdio::null())
             .status();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
