@@ -27,6 +27,7 @@ use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming};
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
+use keywarden_plugin_sdk::broker::relay::Relayed;
 use keywarden_plugin_sdk::broker::{
     DROPPED_REQUEST_HEADERS, KEY_HEADER_PREFIX, ROUTE_HEADER, UPSTREAM_MS_HEADER,
 };
@@ -296,7 +297,7 @@ impl BrokerApi {
         Response::from_parts(
             parts,
             BrokerBody::Metered(Box::new(Metered {
-                inner: body,
+                inner: Relayed::new(body),
                 meter: Some(UsageMeter::new(&content_type)),
                 finish: Some(finish),
             })),
@@ -479,7 +480,7 @@ impl Finish {
 /// An answer streaming back to the agent through the usage meter.
 #[derive(Debug)]
 pub struct Metered {
-    inner: Incoming,
+    inner: Relayed<Incoming>,
     meter: Option<UsageMeter>,
     finish: Option<Finish>,
 }

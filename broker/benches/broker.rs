@@ -52,8 +52,13 @@ const ANSWER: &str = r#"{"id":"c","object":"chat.completion","choices":[{"index"
 /// A streamed answer: this many events of `CHUNK` bytes each (4 MiB in all).
 const EVENTS: usize = 4096;
 const CHUNK: usize = 1024;
-/// Streamed answers per path.
-const STREAM_RUNS: usize = 15;
+/// Streamed answers per path (`BENCH_STREAMS`, default 15; more to profile).
+fn stream_runs() -> usize {
+    std::env::var("BENCH_STREAMS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15)
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -162,7 +167,8 @@ fn requests(runtime: &tokio::runtime::Runtime, direct: &Target, brokered: &Targe
 /// The streamed answer's table.
 fn streamed(runtime: &tokio::runtime::Runtime, direct: Target, brokered: Target) {
     println!(
-        "# a streamed answer ({EVENTS} events of {CHUNK} bytes), best of {STREAM_RUNS}, the two paths taking turns"
+        "# a streamed answer ({EVENTS} events of {CHUNK} bytes), best of {}, the two paths taking turns",
+        stream_runs()
     );
     println!("| path | time to first byte | throughput | ratio |");
     println!("|---|---|---|---|");
@@ -317,14 +323,14 @@ async fn load(target: Target, agents: usize, delay_ms: u64) -> Load {
 }
 
 /// Streamed answers through both targets, alternating so that both see the same machine:
-/// the best of [`STREAM_RUNS`] each, as (seconds to the first byte, MB/s over the whole body).
+/// the best of [`stream_runs`] each, as (seconds to the first byte, MB/s over the whole body).
 async fn streams(targets: [Target; 2]) -> [(f64, f64); 2] {
     let mut best = [(f64::MAX, 0.0f64); 2];
     let mut senders = Vec::new();
     for target in &targets {
         senders.push(target.connect().await);
     }
-    for _ in 0..STREAM_RUNS {
+    for _ in 0..stream_runs() {
         for (i, target) in targets.iter().enumerate() {
             let sender = &mut senders[i];
             sender.ready().await.unwrap();

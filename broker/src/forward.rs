@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
+use keywarden_plugin_sdk::broker::relay::Relayed;
 use keywarden_plugin_sdk::broker::{
     BrokerRoutes, DROPPED_REQUEST_HEADERS, Failure, KEY_HEADER_PREFIX, ROUTE_HEADER, RouteSpec,
     Routes, UPSTREAM_MS_HEADER,
@@ -144,7 +145,7 @@ impl Forwarder {
             parts
                 .headers
                 .insert(UPSTREAM_MS_HEADER, HeaderValue::from(upstream_ms as u64));
-            return Response::from_parts(parts, body.map_err(Into::into).boxed());
+            return Response::from_parts(parts, Relayed::new(body).map_err(Into::into).boxed());
         }
         let mut response = Response::new(
             Full::new(Bytes::from(

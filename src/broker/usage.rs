@@ -67,14 +67,19 @@ impl UsageMeter {
             return;
         }
         let mut rest = piece;
-        while let Some(end) = rest.iter().position(|b| *b == b'\n') {
-            if !self.overflowed {
-                self.held.extend_from_slice(&rest[..end]);
-                let line = std::mem::take(&mut self.held);
+        while let Some(end) = memchr::memchr(b'\n', rest) {
+            if self.overflowed {
+                self.overflowed = false;
+            } else if self.held.is_empty() {
+                // The whole line is in this piece: read it where it is.
+                self.line(&rest[..end]);
+            } else {
+                let mut line = std::mem::take(&mut self.held);
+                line.extend_from_slice(&rest[..end]);
                 self.line(&line);
+                line.clear();
+                self.held = line;
             }
-            self.overflowed = false;
-            self.held.clear();
             rest = &rest[end + 1..];
         }
         if self.held.len() + rest.len() > MAX_HELD_BYTES {
@@ -102,7 +107,7 @@ impl UsageMeter {
             return;
         };
         // Most events of a stream carry text, not usage: parse only those that may.
-        if !data.windows(4).any(|w| w == b"sage") {
+        if memchr::memmem::find(data, b"sage").is_none() {
             return;
         }
         self.event(data.trim_ascii());

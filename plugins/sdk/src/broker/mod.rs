@@ -13,6 +13,9 @@
 //! keeps no key after the request ends, so a promoted version is used by the very next request
 //! and a request in flight finishes on the key it started with.
 
+#[cfg(feature = "relay")]
+pub mod relay;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};

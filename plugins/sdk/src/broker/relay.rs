@@ -1,0 +1,223 @@
+//! A streamed answer relayed (by the daemon and by `keywarden-broker`) through a small buffer, so that each write carries every event
+//! that has arrived since the last one.
+//!
+//! hyper hands a body over one frame at a time: the connection's task decodes a frame and
+//! waits until the reader has taken it. Passed straight to another connection, a stream of
+//! small events then costs one write (and two task wakes) per event, whatever the reader's
+//! pace. Here a task drains the answer into a bounded channel as fast as it arrives, and the
+//! reader takes all that is waiting at once: an event still goes out the moment it arrives
+//! when the agent keeps up, and a fast stream goes out in few large writes when it does not.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::mpsc;
+
+/// Frames the task may read ahead of the reader.
+const FRAMES_AHEAD: usize = 64;
+/// The most one relayed frame joins; an answer known to be no larger passes straight through.
+const MAX_JOINED: usize = 64 << 10;
+
+/// A body relayed by a task of its own, its data frames joined as they wait.
+pub enum Relayed<B: Body> {
+    /// A small answer of known size: nothing to gain from a task.
+    Direct(B),
+    /// A stream, or a large answer.
+    Buffered {
+        /// Frames as the task read them.
+        frames: mpsc::Receiver<Result<Frame<Bytes>, B::Error>>,
+        /// A frame that could not join the last one (trailers, an error, the size cap).
+        held: Option<Result<Frame<Bytes>, B::Error>>,
+        /// The body's size as it announced it.
+        hint: SizeHint,
+    },
+}
+
+impl<B> Relayed<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Send,
+{
+    /// Relays `body`, spawning its reader unless it is small and of known size.
+    pub fn new(body: B) -> Relayed<B> {
+        let hint = body.size_hint();
+        if hint.exact().is_some_and(|n| n <= MAX_JOINED as u64) {
+            return Relayed::Direct(body);
+        }
+        let (tx, frames) = mpsc::channel(FRAMES_AHEAD);
+        tokio::spawn(async move {
+            let mut body = body;
+            loop {
+                let frame = tokio::select! {
+                    frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => frame,
+                    // The reader went away (the agent hung up) while the answer stalls:
+                    // dropping the body ends the request upstream now, not at its next byte.
+                    () = tx.closed() => break,
+                };
+                let Some(frame) = frame else { break };
+                let failed = frame.is_err();
+                if tx.send(frame).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Relayed::Buffered {
+            frames,
+            held: None,
+            hint,
+        }
+    }
+}
+
+impl<B> Body for Relayed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let (frames, held) = match self.get_mut() {
+            Relayed::Direct(body) => return Pin::new(body).poll_frame(cx),
+            Relayed::Buffered { frames, held, .. } => (frames, held),
+        };
+        let first = match held.take() {
+            Some(frame) => frame,
+            None => match ready!(frames.poll_recv(cx)) {
+                Some(frame) => frame,
+                None => return Poll::Ready(None),
+            },
+        };
+        let data = match first.map(Frame::into_data) {
+            Ok(Ok(data)) => data,
+            Ok(Err(frame)) => return Poll::Ready(Some(Ok(frame))),
+            Err(e) => return Poll::Ready(Some(Err(e))),
+        };
+        let mut joined: Option<BytesMut> = None;
+        while joined.as_ref().map_or(data.len(), BytesMut::len) < MAX_JOINED {
+            let Ok(next) = frames.try_recv() else { break };
+            match next.map(Frame::into_data) {
+                Ok(Ok(more)) => joined
+                    .get_or_insert_with(|| BytesMut::from(&data[..]))
+                    .extend_from_slice(&more),
+                Ok(Err(frame)) => {
+                    *held = Some(Ok(frame));
+                    break;
+                }
+                Err(e) => {
+                    *held = Some(Err(e));
+                    break;
+                }
+            }
+        }
+        Poll::Ready(Some(Ok(Frame::data(joined.map_or(data, BytesMut::freeze)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Relayed::Direct(body) => body.is_end_stream(),
+            Relayed::Buffered { .. } => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Relayed::Direct(body) => body.size_hint(),
+            Relayed::Buffered { hint, .. } => hint.clone(),
+        }
+    }
+}
+
+impl<B: Body> std::fmt::Debug for Relayed<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Relayed::Direct(_) => "Relayed::Direct",
+            Relayed::Buffered { .. } => "Relayed::Buffered",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+    use std::convert::Infallible;
+
+    fn stream(
+        frames: Vec<Frame<Bytes>>,
+    ) -> impl Body<Data = Bytes, Error = Infallible> + Send + Unpin + 'static {
+        StreamBody::new(futures_util::stream::iter(frames.into_iter().map(Ok)))
+    }
+
+    fn events(n: usize) -> Vec<Frame<Bytes>> {
+        (0..n)
+            .map(|i| Frame::data(Bytes::from(format!("data: {i}\n\n"))))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_fast_stream_arrives_whole_in_fewer_larger_frames() {
+        let expected: String = (0..1000).map(|i| format!("data: {i}\n\n")).collect();
+        let mut relayed = Relayed::new(stream(events(1000)));
+        let mut got = Vec::new();
+        let mut frames = 0;
+        while let Some(frame) = relayed.frame().await {
+            got.extend_from_slice(&frame.unwrap().into_data().unwrap());
+            frames += 1;
+        }
+        assert_eq!(String::from_utf8(got).unwrap(), expected);
+        assert!(frames < 1000, "{frames} frames: nothing was joined");
+    }
+
+    #[tokio::test]
+    async fn trailers_follow_the_data_they_came_after() {
+        let mut frames = events(3);
+        frames.push(Frame::trailers(http::HeaderMap::new()));
+        let mut relayed = Relayed::new(stream(frames));
+        let data = relayed.frame().await.unwrap().unwrap();
+        assert_eq!(
+            data.into_data().unwrap(),
+            "data: 0\n\ndata: 1\n\ndata: 2\n\n"
+        );
+        assert!(relayed.frame().await.unwrap().unwrap().is_trailers());
+        assert!(relayed.frame().await.is_none());
+    }
+
+    /// A body that never answers and says when it is dropped.
+    struct Stalled(#[allow(dead_code)] tokio::sync::oneshot::Sender<()>);
+
+    impl Body for Stalled {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_goes_away_drops_a_stalled_answer_at_once() {
+        let (alive, dropped) = tokio::sync::oneshot::channel();
+        let relayed = Relayed::new(Stalled(alive));
+        tokio::task::yield_now().await;
+        drop(relayed);
+        // With paused time the timeout fires as soon as nothing else can run.
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(3600), dropped).await;
+        assert!(waited.is_ok(), "the stalled answer outlived its reader");
+    }
+
+    #[tokio::test]
+    async fn a_small_answer_of_known_size_passes_straight_through() {
+        let relayed = Relayed::new(http_body_util::Full::new(Bytes::from_static(b"{}")));
+        assert!(matches!(relayed, Relayed::Direct(_)));
+        assert_eq!(relayed.size_hint().exact(), Some(2));
+    }
+}
