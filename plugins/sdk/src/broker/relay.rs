@@ -129,7 +129,7 @@ where
     fn size_hint(&self) -> SizeHint {
         match self {
             Relayed::Direct(body) => body.size_hint(),
-            Relayed::Buffered { hint, .. } => hint.clone(),
+            Relayed::Buffered { hint, .. } => *hint,
         }
     }
 }
