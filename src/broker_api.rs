@@ -294,10 +294,11 @@ impl BrokerApi {
             .unwrap_or("")
             .to_string();
         parts.headers.remove(UPSTREAM_MS_HEADER);
+        let body = Relayed::answer(&parts.headers, body);
         Response::from_parts(
             parts,
             BrokerBody::Metered(Box::new(Metered {
-                inner: Relayed::new(body),
+                inner: body,
                 meter: Some(UsageMeter::new(&content_type)),
                 finish: Some(finish),
             })),

@@ -145,7 +145,8 @@ impl Forwarder {
             parts
                 .headers
                 .insert(UPSTREAM_MS_HEADER, HeaderValue::from(upstream_ms as u64));
-            return Response::from_parts(parts, Relayed::new(body).map_err(Into::into).boxed());
+            let body = Relayed::answer(&parts.headers, body);
+            return Response::from_parts(parts, body.map_err(Into::into).boxed());
         }
         let mut response = Response::new(
             Full::new(Bytes::from(

@@ -40,10 +40,18 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Send,
 {
-    /// Relays `body`, spawning its reader unless it is small and of known size.
-    pub fn new(body: B) -> Relayed<B> {
+    /// Relays the body of an answer with `headers`, spawning its reader unless the answer is
+    /// small and of known size (a JSON answer: most are).
+    pub fn answer(headers: &http::HeaderMap, body: B) -> Relayed<B> {
+        let length = headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let hint = body.size_hint();
-        if hint.exact().is_some_and(|n| n <= MAX_JOINED as u64) {
+        if hint
+            .exact()
+            .or(length)
+            .is_some_and(|n| n <= MAX_JOINED as u64)
+        {
             return Relayed::Direct(body);
         }
         let (tx, frames) = mpsc::channel(FRAMES_AHEAD);
@@ -164,7 +172,7 @@ mod tests {
     #[tokio::test]
     async fn a_fast_stream_arrives_whole_in_fewer_larger_frames() {
         let expected: String = (0..1000).map(|i| format!("data: {i}\n\n")).collect();
-        let mut relayed = Relayed::new(stream(events(1000)));
+        let mut relayed = Relayed::answer(&http::HeaderMap::new(), stream(events(1000)));
         let mut got = Vec::new();
         let mut frames = 0;
         while let Some(frame) = relayed.frame().await {
@@ -179,7 +187,7 @@ mod tests {
     async fn trailers_follow_the_data_they_came_after() {
         let mut frames = events(3);
         frames.push(Frame::trailers(http::HeaderMap::new()));
-        let mut relayed = Relayed::new(stream(frames));
+        let mut relayed = Relayed::answer(&http::HeaderMap::new(), stream(frames));
         let data = relayed.frame().await.unwrap().unwrap();
         assert_eq!(
             data.into_data().unwrap(),
@@ -206,7 +214,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_reader_that_goes_away_drops_a_stalled_answer_at_once() {
         let (alive, dropped) = tokio::sync::oneshot::channel();
-        let relayed = Relayed::new(Stalled(alive));
+        let relayed = Relayed::answer(&http::HeaderMap::new(), Stalled(alive));
         tokio::task::yield_now().await;
         drop(relayed);
         // With paused time the timeout fires as soon as nothing else can run.
@@ -216,8 +224,22 @@ mod tests {
 
     #[tokio::test]
     async fn a_small_answer_of_known_size_passes_straight_through() {
-        let relayed = Relayed::new(http_body_util::Full::new(Bytes::from_static(b"{}")));
+        let relayed = Relayed::answer(
+            &http::HeaderMap::new(),
+            http_body_util::Full::new(Bytes::from_static(b"{}")),
+        );
         assert!(matches!(relayed, Relayed::Direct(_)));
         assert_eq!(relayed.size_hint().exact(), Some(2));
+        // A body that does not say its size, of an answer whose header does.
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::CONTENT_LENGTH, "28".parse().unwrap());
+        assert!(matches!(
+            Relayed::answer(&headers, stream(events(3))),
+            Relayed::Direct(_)
+        ));
+        assert!(matches!(
+            Relayed::answer(&http::HeaderMap::new(), stream(events(3))),
+            Relayed::Buffered { .. }
+        ));
     }
 }
