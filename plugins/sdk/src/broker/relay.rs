@@ -183,6 +183,30 @@ mod tests {
         assert!(frames < 1000, "{frames} frames: nothing was joined");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_event_of_a_stream_that_pauses_goes_out_alone_and_at_once() {
+        let paced = futures_util::stream::unfold(0, |i| async move {
+            if i == 3 {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            Some((
+                Ok::<_, Infallible>(Frame::data(Bytes::from(format!("data: {i}\n\n")))),
+                i + 1,
+            ))
+        });
+        let started = tokio::time::Instant::now();
+        let mut relayed =
+            Relayed::answer(&http::HeaderMap::new(), StreamBody::new(Box::pin(paced)));
+        for i in 0..3 {
+            let frame = relayed.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), format!("data: {i}\n\n"));
+            // Sent when it arrived, not held for the next one.
+            assert_eq!(started.elapsed().as_millis(), 100 * (i as u128 + 1));
+        }
+        assert!(relayed.frame().await.is_none());
+    }
+
     #[tokio::test]
     async fn trailers_follow_the_data_they_came_after() {
         let mut frames = events(3);
