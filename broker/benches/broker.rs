@@ -52,12 +52,12 @@ const ANSWER: &str = r#"{"id":"c","object":"chat.completion","choices":[{"index"
 /// A streamed answer: this many events of `CHUNK` bytes each (4 MiB in all).
 const EVENTS: usize = 4096;
 const CHUNK: usize = 1024;
-/// Streamed answers per path (`BENCH_STREAMS`, default 15; more to profile).
+/// Streamed answers per path (`BENCH_STREAMS`, default 40; more to profile).
 fn stream_runs() -> usize {
     std::env::var("BENCH_STREAMS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(15)
+        .unwrap_or(40)
 }
 
 fn main() {
