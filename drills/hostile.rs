@@ -232,178 +232,40 @@ pub fn run(requests: usize, seed: u64) -> usize {
     let env = Env::new();
     let mut upstream = kit::FakeUpstream::start(0);
     let tcp = keywarden_testkit::free_port();
-    let base = std::fs::read_to_string(&env.config).unwrap();
-    std::fs::write(
-        &env.config,
-        format!(
-            "{base}\n{}\nbroker_socket = \"run/broker.sock\"\n\n\
-             [[policy]]\nname = \"agent\"\nuids = [{}]\nsecrets = [\"h/*\"]\nbrokers = [\"hostile\"]\nmax_ttl = \"1h\"\n\n\
-             [brokers.hostile]\npreset = \"bearer\"\nsecret = \"h/key\"\nupstream = \"http://127.0.0.1:{}\"\n\
-             paths = [\"POST /v1/echo\"]\nlisten = \"127.0.0.1:{tcp}\"\n\n\
-             [secrets.\"h/a\"]\nprovider = \"random\"\n\n[secrets.\"h/key\"]\nprovider = \"random\"\n\n\
-             [secrets.\"other/x\"]\nprovider = \"random\"\n",
-            base_config("3s"),
-            rustix::process::getuid().as_raw(),
-            upstream.port,
-        ),
-    )
-    .unwrap();
+    write_config(&env, upstream.port, tcp);
     let log = env.dir.path().join("daemons.log");
     let daemon = kit::start_daemon(&env, &log);
     let pid = daemon.id();
-    let value_of = |name: &str| -> String {
-        let (_, body) = kit::request(
-            &env.admin_socket(),
-            "GET",
-            &format!("/v1/admin/secrets/{name}"),
-            None,
-        )
-        .unwrap();
-        serde_json::from_str::<serde_json::Value>(&body).unwrap()["value"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let forbidden = [value_of("other/x"), value_of("h/key")];
-
-    // Memory, sampled throughout.
-    let rss_peak = Arc::new(AtomicU64::new(0));
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let (peak, on) = (rss_peak.clone(), sampling.clone());
-        std::thread::spawn(move || {
-            while on.load(Ordering::Relaxed) {
-                let kb = (keywarden_testkit::proc::rss_mb(pid) * 1024.0) as u64;
-                peak.fetch_max(kb, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
+    let forbidden = [value_of(&env, "other/x"), value_of(&env, "h/key")];
+    let rss = RssPeak::start(pid);
 
     let legit = Legit::start(env.agent_socket(), 4);
     std::thread::sleep(Duration::from_secs(3)); // the baseline: 3 s of undisturbed fetches
     let rss_before = keywarden_testkit::proc::rss_mb(pid);
     legit.phase.store(1, Ordering::Relaxed);
     let attack_started = Instant::now();
-
-    // Slow clients: connections that send half a request and then nothing (fewer than a uid
-    // may hold: the legitimate agents here share the attacker's uid).
-    let slow: Vec<UnixStream> = (0..100)
-        .filter_map(|_| {
-            let mut s = UnixStream::connect(env.agent_socket()).ok()?;
-            s.write_all(b"GET /v1/secrets/h/a HTTP/1.1\r\nHost: x\r\n")
-                .ok()?;
-            Some(s)
-        })
-        .collect();
+    let slow = slow_clients(&env);
     let slow_opened = slow.len();
-
-    // Malformed requests from 4 threads at every listener.
-    // The admin socket last: only GETs go there (its peer, root, may change anything).
     let targets = [
         Target::Unix(env.agent_socket()),
         Target::Unix(env.dir.path().join("run/broker.sock")),
         Target::Tcp(tcp),
         Target::Unix(env.admin_socket()),
     ];
-    let codes = Arc::new(Mutex::new(std::collections::BTreeMap::<u16, usize>::new()));
-    let leaked = Arc::new(AtomicUsize::new(0));
-    let internal = Arc::new(Mutex::new(Vec::<String>::new()));
-    let attackers: Vec<_> = (0..4)
-        .map(|t| {
-            let (targets, codes, leaked, internal, forbidden) = (
-                targets.clone(),
-                codes.clone(),
-                leaked.clone(),
-                internal.clone(),
-                forbidden.clone(),
-            );
-            std::thread::spawn(move || {
-                let mut rng = Rng::new(seed ^ ((t as u64 + 7) * 0x9E37_79B9));
-                for _ in 0..requests / 4 {
-                    let mut request = malformed(&mut rng);
-                    let at = rng.below(targets.len() as u64) as usize;
-                    let admin = at == targets.len() - 1;
-                    if admin {
-                        let method = request.iter().position(|b| *b == b' ').unwrap_or(0);
-                        request.splice(..method, *b"GET");
-                    }
-                    let (status, answer) = targets[at].send(&request);
-                    *codes.lock().unwrap().entry(status).or_default() += 1;
-                    // The admin may read any value; no agent may read these.
-                    if !admin
-                        && forbidden
-                            .iter()
-                            .any(|v| keywarden_testkit::contains(&answer, v.as_bytes()))
-                    {
-                        leaked.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if status == 500 {
-                        internal.lock().unwrap().push(
-                            String::from_utf8_lossy(&request[..request.len().min(200)])
-                                .into_owned(),
-                        );
-                    }
-                }
-            })
-        })
-        .collect();
-
-    // Oversized: a 2 MiB header, a body that claims 1 GiB and sends 16 MiB.
-    let mut oversized = Vec::new();
-    for target in &targets {
-        let mut big = b"GET /v1/secrets/h/a HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
-        big.extend(std::iter::repeat_n(b'a', 2 << 20));
-        big.extend_from_slice(b"\r\n\r\n");
-        oversized.push(target.send(&big).0);
-        let mut body = b"POST /v1/broker/hostile/v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n\r\n".to_vec();
-        body.extend(std::iter::repeat_n(b'x', 16 << 20));
-        oversized.push(target.send(&body).0);
-    }
-
-    // Another uid: nobody, over TCP (attested, refused) and the sockets (not even reachable).
-    let as_nobody = |args: &[&str]| {
-        let out = std::process::Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5"])
-            .args(args)
-            .uid(65534)
-            .gid(65534)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    let nobody_tcp = as_nobody(&[
-        "-X",
-        "POST",
-        "-d",
-        "{}",
-        &format!("http://127.0.0.1:{tcp}/hostile/v1/echo"),
-    ]);
-    let sock = env.agent_socket().display().to_string();
-    let nobody_socket = as_nobody(&["--unix-socket", &sock, "http://localhost/v1/secrets/h/a"]);
+    let attackers = attack(&targets, requests, seed, &forbidden);
+    let oversized = oversized(&targets);
+    let (nobody_tcp, nobody_socket) = as_another_uid(&env, tcp);
     violations.check(nobody_tcp == "403", || {
         format!("another uid over TCP got {nobody_tcp}")
     });
     violations.check(nobody_socket == "000", || {
         format!("another uid reached the agent socket: {nobody_socket}")
     });
-
-    for a in attackers {
-        a.join().unwrap();
-    }
+    let seen = Seen::join(attackers);
     let attack_time = attack_started.elapsed();
     // The slow clients: how many the daemon closed once its header timeout (5 s) passed.
     std::thread::sleep(Duration::from_secs(6).saturating_sub(attack_started.elapsed()));
-    let slow_closed = slow
-        .into_iter()
-        .filter(|s| {
-            let mut s = s;
-            s.set_read_timeout(Some(Duration::from_millis(100)))
-                .unwrap();
-            let mut buf = [0u8; 256];
-            s.read(&mut buf).is_ok()
-        })
-        .count();
+    let slow_closed = slow.iter().filter(|s| closed(s)).count();
     violations.check(slow_closed == slow_opened, || {
         format!(
             "{} slow clients still held after the header timeout",
@@ -413,10 +275,8 @@ pub fn run(requests: usize, seed: u64) -> usize {
     legit.phase.store(2, Ordering::Relaxed);
     std::thread::sleep(Duration::from_secs(2));
     let times = legit.stop();
-    sampling.store(false, Ordering::Relaxed);
-    sampler.join().unwrap();
+    let rss_peak = rss.stop();
     let rss_after = keywarden_testkit::proc::rss_mb(pid);
-    let rss_peak = rss_peak.load(Ordering::Relaxed) as f64 / 1024.0;
 
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     let panics: Vec<&str> = log_text
@@ -433,15 +293,17 @@ pub fn run(requests: usize, seed: u64) -> usize {
     let alive = kit::request(&env.admin_socket(), "GET", "/v1/admin/status", None)
         .is_ok_and(|r| r.0 == 200);
     violations.check(alive, || "the daemon stopped answering".into());
-    violations.check(leaked.load(Ordering::Relaxed) == 0, || {
+    violations.check(seen.leaked == 0, || {
         format!(
             "{} answers carried a value the client may not have",
-            leaked.load(Ordering::Relaxed)
+            seen.leaked
         )
     });
-    let internal = internal.lock().unwrap();
-    violations.check(internal.is_empty(), || {
-        format!("500 answers to: {:?}", &internal[..internal.len().min(3)])
+    violations.check(seen.internal.is_empty(), || {
+        format!(
+            "500 answers to: {:?}",
+            &seen.internal[..seen.internal.len().min(3)]
+        )
     });
     let (base_n, base_failed, base_p50, base_p99) = summary(&times, 0);
     let (n, failed, p50, p99) = summary(&times, 1);
@@ -459,7 +321,7 @@ pub fn run(requests: usize, seed: u64) -> usize {
     println!(
         "  malformed: {requests} in {:.1} s; answers by status: {:?} (0: closed without one)",
         attack_time.as_secs_f64(),
-        codes.lock().unwrap()
+        seen.codes
     );
     println!("  oversized header / body per listener: {oversized:?}");
     println!(
@@ -482,4 +344,209 @@ pub fn run(requests: usize, seed: u64) -> usize {
         started.elapsed().as_secs_f64()
     );
     violations.count()
+}
+
+/// A bearer broker whose upstream is `upstream_port`, listening on `tcp`; an agent policy for
+/// this uid over `h/*` and the broker; `other/x`, which no agent may read.
+fn write_config(env: &Env, upstream_port: u16, tcp: u16) {
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        format!(
+            "{base}\n{}\nbroker_socket = \"run/broker.sock\"\n\n\
+             [[policy]]\nname = \"agent\"\nuids = [{}]\nsecrets = [\"h/*\"]\nbrokers = [\"hostile\"]\nmax_ttl = \"1h\"\n\n\
+             [brokers.hostile]\npreset = \"bearer\"\nsecret = \"h/key\"\nupstream = \"http://127.0.0.1:{upstream_port}\"\n\
+             paths = [\"POST /v1/echo\"]\nlisten = \"127.0.0.1:{tcp}\"\n\n\
+             [secrets.\"h/a\"]\nprovider = \"random\"\n\n[secrets.\"h/key\"]\nprovider = \"random\"\n\n\
+             [secrets.\"other/x\"]\nprovider = \"random\"\n",
+            base_config("3s"),
+            rustix::process::getuid().as_raw(),
+        ),
+    )
+    .unwrap();
+}
+
+/// A secret's current value, read as the operator.
+fn value_of(env: &Env, name: &str) -> String {
+    let (_, body) = kit::request(
+        &env.admin_socket(),
+        "GET",
+        &format!("/v1/admin/secrets/{name}"),
+        None,
+    )
+    .unwrap();
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The daemon's resident memory, sampled every 50 ms until stopped.
+struct RssPeak {
+    on: Arc<AtomicBool>,
+    peak_kb: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RssPeak {
+    fn start(pid: u32) -> RssPeak {
+        let on = Arc::new(AtomicBool::new(true));
+        let peak_kb = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (on, peak_kb) = (on.clone(), peak_kb.clone());
+            std::thread::spawn(move || {
+                while on.load(Ordering::Relaxed) {
+                    let kb = (keywarden_testkit::proc::rss_mb(pid) * 1024.0) as u64;
+                    peak_kb.fetch_max(kb, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
+        RssPeak {
+            on,
+            peak_kb,
+            thread,
+        }
+    }
+
+    /// Stops sampling: the peak, in MB.
+    fn stop(self) -> f64 {
+        self.on.store(false, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        self.peak_kb.load(Ordering::Relaxed) as f64 / 1024.0
+    }
+}
+
+/// Connections to the agent socket that send half a request and then nothing (fewer than a uid
+/// may hold: the legitimate agents here share the attacker's uid).
+fn slow_clients(env: &Env) -> Vec<UnixStream> {
+    (0..100)
+        .filter_map(|_| {
+            let mut s = UnixStream::connect(env.agent_socket()).ok()?;
+            s.write_all(b"GET /v1/secrets/h/a HTTP/1.1\r\nHost: x\r\n")
+                .ok()?;
+            Some(s)
+        })
+        .collect()
+}
+
+/// Whether the daemon closed (or answered) a slow client's connection.
+fn closed(mut s: &UnixStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    s.read(&mut buf).is_ok()
+}
+
+/// What the attacking threads saw.
+#[derive(Default)]
+struct Seen {
+    /// Answers by status (0: the connection closed without one).
+    codes: std::collections::BTreeMap<u16, usize>,
+    /// Answers to an agent that carried a value it may not have.
+    leaked: usize,
+    /// The start of each request answered 500.
+    internal: Vec<String>,
+}
+
+impl Seen {
+    /// What all the threads saw.
+    fn join(threads: Vec<std::thread::JoinHandle<Seen>>) -> Seen {
+        let mut all = Seen::default();
+        for t in threads {
+            let seen = t.join().unwrap();
+            for (status, n) in seen.codes {
+                *all.codes.entry(status).or_default() += n;
+            }
+            all.leaked += seen.leaked;
+            all.internal.extend(seen.internal);
+        }
+        all
+    }
+}
+
+/// `requests` malformed requests from 4 threads at random targets; the last target, the admin
+/// socket, gets only GETs (its peer, root, may change anything). No answer to an agent may carry
+/// a value of `forbidden`.
+fn attack(
+    targets: &[Target],
+    requests: usize,
+    seed: u64,
+    forbidden: &[String],
+) -> Vec<std::thread::JoinHandle<Seen>> {
+    (0..4)
+        .map(|t| {
+            let (targets, forbidden) = (targets.to_vec(), forbidden.to_vec());
+            std::thread::spawn(move || {
+                let mut seen = Seen::default();
+                let mut rng = Rng::new(seed ^ ((t as u64 + 7) * 0x9E37_79B9));
+                for _ in 0..requests / 4 {
+                    let mut request = malformed(&mut rng);
+                    let at = rng.below(targets.len() as u64) as usize;
+                    let admin = at == targets.len() - 1;
+                    if admin {
+                        let method = request.iter().position(|b| *b == b' ').unwrap_or(0);
+                        request.splice(..method, *b"GET");
+                    }
+                    let (status, answer) = targets[at].send(&request);
+                    *seen.codes.entry(status).or_default() += 1;
+                    // The admin may read any value; no agent may read these.
+                    if !admin
+                        && forbidden
+                            .iter()
+                            .any(|v| keywarden_testkit::contains(&answer, v.as_bytes()))
+                    {
+                        seen.leaked += 1;
+                    }
+                    if status == 500 {
+                        seen.internal.push(
+                            String::from_utf8_lossy(&request[..request.len().min(200)])
+                                .into_owned(),
+                        );
+                    }
+                }
+                seen
+            })
+        })
+        .collect()
+}
+
+/// A 2 MiB header, and a body that claims 1 GiB and sends 16 MiB, to each target: the statuses.
+fn oversized(targets: &[Target]) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for target in targets {
+        let mut big = b"GET /v1/secrets/h/a HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', 2 << 20));
+        big.extend_from_slice(b"\r\n\r\n");
+        statuses.push(target.send(&big).0);
+        let mut body = b"POST /v1/broker/hostile/v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n\r\n".to_vec();
+        body.extend(std::iter::repeat_n(b'x', 16 << 20));
+        statuses.push(target.send(&body).0);
+    }
+    statuses
+}
+
+/// Another uid, nobody, calls the broker over TCP (attested, refused: 403) and the agent socket
+/// (not even reachable: 000): curl's status codes.
+fn as_another_uid(env: &Env, tcp: u16) -> (String, String) {
+    let as_nobody = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5"])
+            .args(args)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let nobody_tcp = as_nobody(&[
+        "-X",
+        "POST",
+        "-d",
+        "{}",
+        &format!("http://127.0.0.1:{tcp}/hostile/v1/echo"),
+    ]);
+    let sock = env.agent_socket().display().to_string();
+    let nobody_socket = as_nobody(&["--unix-socket", &sock, "http://localhost/v1/secrets/h/a"]);
+    (nobody_tcp, nobody_socket)
 }
