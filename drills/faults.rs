@@ -208,168 +208,19 @@ pub fn run(only: Option<&str>) -> usize {
     }));
 
     if part("plugin") {
-        // The plugin: each fault on a rotation of its own secret.
-        for (i, (fault, settings)) in PLUGIN_FAULTS.iter().enumerate() {
-            let name = name(i);
-            let (v0, ..) = secret_state(&env, &name);
-            let from = log_len(&log);
-            std::fs::write(&faults_file, settings).unwrap();
-            env.ok(&["rotate", &name, "--no-wait"], None);
-            let mut error = String::new();
-            let shown = kit::eventually(Duration::from_secs(60), || {
-                error = secret_state(&env, &name).2;
-                !error.is_empty()
-            });
-            violations.check(shown, || format!("{fault}: no error in status"));
-            let logged = log_since(&log, from);
-            violations.check(logged.contains(&name), || {
-                format!("{fault}: nothing about {name} in the log")
-            });
-            std::fs::remove_file(&faults_file).unwrap();
-            let cleared = Instant::now();
-            let recovered = kit::eventually(Duration::from_secs(120), || {
-                let (v, state, _) = secret_state(&env, &name);
-                v == v0 + 1 && state == "done"
-            });
-            violations.check(recovered, || {
-                format!("{fault}: {name} did not rotate once cleared")
-            });
-            rows.push(Row {
-                fault: fault.to_string(),
-                error: format!("status: {}", error.chars().take(120).collect::<String>()),
-                recovery: recovered.then(|| cleared.elapsed()),
-            });
-        }
-
-        // Answers out of order: several rotations in flight, each answer after a random wait.
-        std::fs::write(&faults_file, r#"{"jitter_ms": 400}"#).unwrap();
-        let before: Vec<i64> = OUT_OF_ORDER
-            .map(|i| secret_state(&env, &name(i)).0)
-            .collect();
-        let t0 = Instant::now();
-        for i in OUT_OF_ORDER {
-            env.ok(&["rotate", &name(i), "--no-wait"], None);
-        }
-        let all_done = kit::eventually(Duration::from_secs(120), || {
-            OUT_OF_ORDER.zip(&before).all(|(i, v0)| {
-                let (v, state, _) = secret_state(&env, &name(i));
-                v == v0 + 1 && state == "done"
-            })
-        });
-        violations.check(all_done, || {
-            "answers out of order: rotations did not finish".into()
-        });
-        std::fs::remove_file(&faults_file).unwrap();
-        rows.push(Row {
-            fault: format!(
-                "plugin: answers out of order ({} rotations at once)",
-                OUT_OF_ORDER.len()
-            ),
-            error: "none expected: each answer matched by id".into(),
-            recovery: all_done.then(|| t0.elapsed()),
-        });
-
-        // A consumer's target directory removed: made again at the next delivery.
-        let target = name(PLUGIN_FAULTS.len());
-        std::fs::remove_dir_all(
-            env.dir
-                .path()
-                .join(format!("out/{:02}", PLUGIN_FAULTS.len())),
-        )
-        .unwrap();
-        let (v0, ..) = secret_state(&env, &target);
-        let t0 = Instant::now();
-        env.ok(&["rotate", &target, "--no-wait"], None);
-        let redelivered = kit::eventually(Duration::from_secs(60), || {
-            let (v, state, _) = secret_state(&env, &target);
-            v == v0 + 1
-                && state == "done"
-                && env
-                    .dir
-                    .path()
-                    .join(format!("out/{:02}/key", PLUGIN_FAULTS.len()))
-                    .exists()
-        });
-        violations.check(redelivered, || {
-            "the removed consumer directory was not made again".into()
-        });
-        rows.push(Row {
-            fault: "consumer: target directory removed".into(),
-            error: "none expected: the directory is made again (0755) at the next delivery".into(),
-            recovery: redelivered.then(|| t0.elapsed()),
-        });
+        rows.extend(plugin_faults(&env, &log, &faults_file, &mut violations));
+        rows.push(answers_out_of_order(&env, &faults_file, &mut violations));
+        rows.push(consumer_directory_removed(&env, &mut violations));
     }
     if part("store") {
-        // The SQLite store locked by another process (this one): fetches that need a write fail
-        // closed, then work again once the lock is gone.
-        let locker = rusqlite::Connection::open(&env.store).unwrap();
-        locker.execute_batch("BEGIN IMMEDIATE").unwrap();
-        rows.push(store_fault(
-            &env,
-            &log,
-            "store: SQLite file locked by another process",
-            &mut violations,
-            || {
-                locker.execute_batch("ROLLBACK").unwrap();
-            },
-        ));
-        drop(locker);
-
-        // The store's file system full.
-        if tmpfs.is_some() {
-            let fill = env.dir.path().join("data/fill");
-            let mut file = std::fs::File::create(&fill).unwrap();
-            let chunk = vec![0u8; 1 << 20];
-            while file.write_all(&chunk).is_ok() {}
-            let _ = file.sync_all();
-            drop(file); // an unlinked file still open keeps its space
-            rows.push(store_fault(
-                &env,
-                &log,
-                "store: file system full",
-                &mut violations,
-                || {
-                    std::fs::remove_file(&fill).unwrap();
-                },
-            ));
-        } else {
-            println!("  (store: file system full skipped: cannot mount a tmpfs here)");
-        }
+        rows.extend(store_faults(&env, &log, tmpfs.is_some(), &mut violations));
     }
     if part("broker") {
-        // The broker's upstream refusing connections.
-        let port = upstream_server.port;
-        let broker_call = || {
-            kit::request(
-                &env.dir.path().join("run/broker.sock"),
-                "POST",
-                "/v1/broker/drill/v1/echo",
-                Some("{}"),
-            )
-            .unwrap_or((0, String::new()))
-        };
-        violations.check(broker_call().0 == 200, || {
-            "the broker did not answer before the fault".into()
-        });
-        upstream_server.stop();
-        let (status, body) = broker_call();
-        violations.check(status == 502, || {
-            format!("broker with its upstream down answered {status}")
-        });
-        upstream_server = kit::FakeUpstream::start(port);
-        let t0 = Instant::now();
-        let back = kit::eventually(Duration::from_secs(60), || broker_call().0 == 200);
-        violations.check(back, || {
-            "the broker did not recover with its upstream".into()
-        });
-        rows.push(Row {
-            fault: "broker: upstream refuses connections".into(),
-            error: format!(
-                "agent got {status}: {}",
-                body.trim().chars().take(110).collect::<String>()
-            ),
-            recovery: back.then(|| t0.elapsed()),
-        });
+        rows.push(broker_upstream_down(
+            &env,
+            &mut upstream_server,
+            &mut violations,
+        ));
         upstream_server.stop();
     }
     // The end state, then hygiene.
@@ -389,9 +240,209 @@ pub fn run(only: Option<&str>) -> usize {
         rows.push(row);
     }
 
+    print_table(&rows);
+    println!("  {hygiene}");
+    println!(
+        "faults drill: {} faults, {} violations in {:.0} s",
+        rows.len(),
+        violations.count(),
+        started.elapsed().as_secs_f64()
+    );
+    violations.count()
+}
+
+/// The plugin's faults, each on a rotation of its own secret: shown in `status` and the log,
+/// and the secret rotates once the fault is cleared.
+fn plugin_faults(
+    env: &Env,
+    log: &Path,
+    faults_file: &Path,
+    violations: &mut Violations,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (i, (fault, settings)) in PLUGIN_FAULTS.iter().enumerate() {
+        let name = name(i);
+        let (v0, ..) = secret_state(env, &name);
+        let from = log_len(log);
+        std::fs::write(faults_file, settings).unwrap();
+        env.ok(&["rotate", &name, "--no-wait"], None);
+        let mut error = String::new();
+        let shown = kit::eventually(Duration::from_secs(60), || {
+            error = secret_state(env, &name).2;
+            !error.is_empty()
+        });
+        violations.check(shown, || format!("{fault}: no error in status"));
+        let logged = log_since(log, from);
+        violations.check(logged.contains(&name), || {
+            format!("{fault}: nothing about {name} in the log")
+        });
+        std::fs::remove_file(faults_file).unwrap();
+        let cleared = Instant::now();
+        let recovered = kit::eventually(Duration::from_secs(120), || {
+            let (v, state, _) = secret_state(env, &name);
+            v == v0 + 1 && state == "done"
+        });
+        violations.check(recovered, || {
+            format!("{fault}: {name} did not rotate once cleared")
+        });
+        rows.push(Row {
+            fault: fault.to_string(),
+            error: format!("status: {}", error.chars().take(120).collect::<String>()),
+            recovery: recovered.then(|| cleared.elapsed()),
+        });
+    }
+    rows
+}
+
+/// Answers out of order: several rotations in flight, each answer after a random wait.
+fn answers_out_of_order(env: &Env, faults_file: &Path, violations: &mut Violations) -> Row {
+    std::fs::write(faults_file, r#"{"jitter_ms": 400}"#).unwrap();
+    let before: Vec<i64> = OUT_OF_ORDER
+        .map(|i| secret_state(env, &name(i)).0)
+        .collect();
+    let t0 = Instant::now();
+    for i in OUT_OF_ORDER {
+        env.ok(&["rotate", &name(i), "--no-wait"], None);
+    }
+    let all_done = kit::eventually(Duration::from_secs(120), || {
+        OUT_OF_ORDER.zip(&before).all(|(i, v0)| {
+            let (v, state, _) = secret_state(env, &name(i));
+            v == v0 + 1 && state == "done"
+        })
+    });
+    violations.check(all_done, || {
+        "answers out of order: rotations did not finish".into()
+    });
+    std::fs::remove_file(faults_file).unwrap();
+    Row {
+        fault: format!(
+            "plugin: answers out of order ({} rotations at once)",
+            OUT_OF_ORDER.len()
+        ),
+        error: "none expected: each answer matched by id".into(),
+        recovery: all_done.then(|| t0.elapsed()),
+    }
+}
+
+/// A consumer's target directory removed: made again at the next delivery.
+fn consumer_directory_removed(env: &Env, violations: &mut Violations) -> Row {
+    let target = name(PLUGIN_FAULTS.len());
+    std::fs::remove_dir_all(
+        env.dir
+            .path()
+            .join(format!("out/{:02}", PLUGIN_FAULTS.len())),
+    )
+    .unwrap();
+    let (v0, ..) = secret_state(env, &target);
+    let t0 = Instant::now();
+    env.ok(&["rotate", &target, "--no-wait"], None);
+    let redelivered = kit::eventually(Duration::from_secs(60), || {
+        let (v, state, _) = secret_state(env, &target);
+        v == v0 + 1
+            && state == "done"
+            && env
+                .dir
+                .path()
+                .join(format!("out/{:02}/key", PLUGIN_FAULTS.len()))
+                .exists()
+    });
+    violations.check(redelivered, || {
+        "the removed consumer directory was not made again".into()
+    });
+    Row {
+        fault: "consumer: target directory removed".into(),
+        error: "none expected: the directory is made again (0755) at the next delivery".into(),
+        recovery: redelivered.then(|| t0.elapsed()),
+    }
+}
+
+/// The store locked by another process, then its file system full (when `small_fs`: the store
+/// is on a tmpfs of its own).
+fn store_faults(env: &Env, log: &Path, small_fs: bool, violations: &mut Violations) -> Vec<Row> {
+    let mut rows = Vec::new();
+    // The SQLite store locked by another process (this one): fetches that need a write fail
+    // closed, then work again once the lock is gone.
+    let locker = rusqlite::Connection::open(&env.store).unwrap();
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    rows.push(store_fault(
+        env,
+        log,
+        "store: SQLite file locked by another process",
+        violations,
+        || {
+            locker.execute_batch("ROLLBACK").unwrap();
+        },
+    ));
+    drop(locker);
+
+    // The store's file system full.
+    if small_fs {
+        let fill = env.dir.path().join("data/fill");
+        let mut file = std::fs::File::create(&fill).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.sync_all();
+        drop(file); // an unlinked file still open keeps its space
+        rows.push(store_fault(
+            env,
+            log,
+            "store: file system full",
+            violations,
+            || {
+                std::fs::remove_file(&fill).unwrap();
+            },
+        ));
+    } else {
+        println!("  (store: file system full skipped: cannot mount a tmpfs here)");
+    }
+    rows
+}
+
+/// The broker's upstream refusing connections: 502, then answers again once it is back.
+fn broker_upstream_down(
+    env: &Env,
+    upstream_server: &mut kit::FakeUpstream,
+    violations: &mut Violations,
+) -> Row {
+    let port = upstream_server.port;
+    let broker_call = || {
+        kit::request(
+            &env.dir.path().join("run/broker.sock"),
+            "POST",
+            "/v1/broker/drill/v1/echo",
+            Some("{}"),
+        )
+        .unwrap_or((0, String::new()))
+    };
+    violations.check(broker_call().0 == 200, || {
+        "the broker did not answer before the fault".into()
+    });
+    upstream_server.stop();
+    let (status, body) = broker_call();
+    violations.check(status == 502, || {
+        format!("broker with its upstream down answered {status}")
+    });
+    *upstream_server = kit::FakeUpstream::start(port);
+    let t0 = Instant::now();
+    let back = kit::eventually(Duration::from_secs(60), || broker_call().0 == 200);
+    violations.check(back, || {
+        "the broker did not recover with its upstream".into()
+    });
+    Row {
+        fault: "broker: upstream refuses connections".into(),
+        error: format!(
+            "agent got {status}: {}",
+            body.trim().chars().take(110).collect::<String>()
+        ),
+        recovery: back.then(|| t0.elapsed()),
+    }
+}
+
+/// The faults' table.
+fn print_table(rows: &[Row]) {
     println!("  | fault | what showed it | back after clearing |");
     println!("  |---|---|---|");
-    for r in &rows {
+    for r in rows {
         println!(
             "  | {} | {} | {} |",
             r.fault,
@@ -402,14 +453,6 @@ pub fn run(only: Option<&str>) -> usize {
             ))
         );
     }
-    println!("  {hygiene}");
-    println!(
-        "faults drill: {} faults, {} violations in {:.0} s",
-        rows.len(),
-        violations.count(),
-        started.elapsed().as_secs_f64()
-    );
-    violations.count()
 }
 
 /// A store fault held until a fetch that needs a write fails closed and `status` shows the
