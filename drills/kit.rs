@@ -64,7 +64,7 @@ impl Violations {
 
 /// `keywarden serve --init` in the background, its log appended to `log`, with `FAILPOINTS`
 /// set when `failpoints` is given. Not waited for: a drill may kill it while it starts.
-pub fn spawn_daemon(env: &Env, log: &Path, failpoints: Option<&str>) -> Child {
+pub fn spawn_daemon(env: &Env, log: &Path, failpoints: Option<&str>) -> Daemon {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -79,12 +79,41 @@ pub fn spawn_daemon(env: &Env, log: &Path, failpoints: Option<&str>) -> Child {
     if let Some(f) = failpoints {
         cmd.env("FAILPOINTS", f);
     }
-    cmd.spawn().expect("spawn keywarden serve")
+    Daemon(Some(cmd.spawn().expect("spawn keywarden serve")))
+}
+
+/// A daemon a drill started. Dropped (a failed assertion unwinds past it), it is killed with
+/// SIGKILL, so a failing drill leaves no daemon running behind it.
+pub struct Daemon(Option<Child>);
+
+impl Daemon {
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().expect("a running daemon").id()
+    }
+
+    /// Its exit status, once it has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child().try_wait().unwrap()
+    }
+
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("a running daemon")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Waits until the admin socket answers `GET /v1/admin/status` with 200; false if the daemon
 /// exited first or `timeout` passed.
-pub fn wait_ready(env: &Env, daemon: &mut Child, timeout: Duration) -> bool {
+pub fn wait_ready(env: &Env, daemon: &mut Daemon, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if matches!(
@@ -93,7 +122,7 @@ pub fn wait_ready(env: &Env, daemon: &mut Child, timeout: Duration) -> bool {
         ) {
             return true;
         }
-        if daemon.try_wait().unwrap().is_some() {
+        if daemon.try_wait().is_some() {
             return false;
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -103,7 +132,7 @@ pub fn wait_ready(env: &Env, daemon: &mut Child, timeout: Duration) -> bool {
 
 /// [`spawn_daemon`] without crash points, waited for until it answers (up to 2 minutes: a
 /// first start creates every first version); panics with its log if it does not.
-pub fn start_daemon(env: &Env, log: &Path) -> Child {
+pub fn start_daemon(env: &Env, log: &Path) -> Daemon {
     let mut daemon = spawn_daemon(env, log, None);
     assert!(
         wait_ready(env, &mut daemon, Duration::from_secs(120)),
@@ -114,20 +143,20 @@ pub fn start_daemon(env: &Env, log: &Path) -> Child {
 }
 
 /// SIGKILL and reap.
-pub fn kill9(mut daemon: Child) {
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+pub fn kill9(daemon: Daemon) {
+    drop(daemon);
 }
 
 /// SIGTERM and wait (up to 30 s); the exit code.
-pub fn terminate(mut daemon: Child) -> Option<i32> {
+pub fn terminate(mut daemon: Daemon) -> Option<i32> {
     let _ = rustix::process::kill_process(
-        rustix::process::Pid::from_child(&daemon),
+        rustix::process::Pid::from_child(daemon.child()),
         rustix::process::Signal::TERM,
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if let Some(status) = daemon.try_wait().unwrap() {
+        if let Some(status) = daemon.try_wait() {
+            daemon.0 = None;
             return status.code();
         }
         std::thread::sleep(Duration::from_millis(20));
