@@ -1,24 +1,32 @@
-//! A streamed answer relayed (by the daemon and by `keywarden-broker`) through a small buffer, so that each write carries every event
-//! that has arrived since the last one.
+//! A streamed answer relayed (by the daemon and by `keywarden-broker`) through a small buffer,
+//! so that each write carries every event that has arrived since the last one.
 //!
 //! hyper hands a body over one frame at a time: the connection's task decodes a frame and
 //! waits until the reader has taken it. Passed straight to another connection, a stream of
 //! small events then costs one write (and two task wakes) per event, whatever the reader's
-//! pace. Here a task drains the answer into a bounded channel as fast as it arrives, and the
-//! reader takes all that is waiting at once: an event still goes out the moment it arrives
-//! when the agent keeps up, and a fast stream goes out in few large writes when it does not.
+//! pace. Here a task reads the answer ahead into a bounded channel as fast as it arrives (at
+//! most [`BYTES_AHEAD`]: an agent that stops reading holds no more of the answer than that),
+//! and the reader takes all that is waiting at once: an event still goes out the moment it
+//! arrives when the agent keeps up, and a fast stream goes out in few large writes.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 
 /// Frames the task may read ahead of the reader.
 const FRAMES_AHEAD: usize = 64;
+/// Bytes of data the task may read ahead of the reader (a frame larger than this counts as
+/// this much).
+pub const BYTES_AHEAD: usize = 256 << 10;
 /// The most one relayed frame joins; an answer known to be no larger passes straight through.
 const MAX_JOINED: usize = 64 << 10;
+
+/// A frame as the task read it, and the read-ahead room it takes until the reader has it.
+type Ahead<E> = (Result<Frame<Bytes>, E>, u32);
 
 /// A body relayed by a task of its own, its data frames joined as they wait.
 pub enum Relayed<B: Body> {
@@ -27,8 +35,10 @@ pub enum Relayed<B: Body> {
     /// A stream, or a large answer.
     Buffered {
         /// Frames as the task read them.
-        frames: mpsc::Receiver<Result<Frame<Bytes>, B::Error>>,
-        /// A frame that could not join the last one (trailers, an error, the size cap).
+        frames: mpsc::Receiver<Ahead<B::Error>>,
+        /// Read-ahead room, in bytes, given back as frames are taken.
+        room: Arc<Semaphore>,
+        /// A frame that could not join the data before it (trailers, an error).
         held: Option<Result<Frame<Bytes>, B::Error>>,
         /// The body's size as it announced it.
         hint: SizeHint,
@@ -55,24 +65,39 @@ where
             return Relayed::Direct(body);
         }
         let (tx, frames) = mpsc::channel(FRAMES_AHEAD);
+        let room = Arc::new(Semaphore::new(BYTES_AHEAD));
+        let ahead = room.clone();
         tokio::spawn(async move {
             let mut body = body;
             loop {
+                // The reader may go away (the agent hung up) while the answer stalls, or
+                // while the room ahead is full: dropping the body ends the request upstream
+                // now, not at its next byte.
                 let frame = tokio::select! {
                     frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => frame,
-                    // The reader went away (the agent hung up) while the answer stalls:
-                    // dropping the body ends the request upstream now, not at its next byte.
                     () = tx.closed() => break,
                 };
                 let Some(frame) = frame else { break };
+                let size = frame
+                    .as_ref()
+                    .ok()
+                    .and_then(Frame::data_ref)
+                    .map_or(0, |d| d.len().min(BYTES_AHEAD)) as u32;
+                let taken = tokio::select! {
+                    permit = ahead.acquire_many(size) => permit,
+                    () = tx.closed() => break,
+                };
+                let Ok(permit) = taken else { break };
+                permit.forget();
                 let failed = frame.is_err();
-                if tx.send(frame).await.is_err() || failed {
+                if tx.send((frame, size)).await.is_err() || failed {
                     break;
                 }
             }
         });
         Relayed::Buffered {
             frames,
+            room,
             held: None,
             hint,
         }
@@ -91,14 +116,19 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let (frames, held) = match self.get_mut() {
+        let (frames, room, held) = match self.get_mut() {
             Relayed::Direct(body) => return Pin::new(body).poll_frame(cx),
-            Relayed::Buffered { frames, held, .. } => (frames, held),
+            Relayed::Buffered {
+                frames, room, held, ..
+            } => (frames, room, held),
         };
         let first = match held.take() {
             Some(frame) => frame,
             None => match ready!(frames.poll_recv(cx)) {
-                Some(frame) => frame,
+                Some((frame, size)) => {
+                    room.add_permits(size as usize);
+                    frame
+                }
                 None => return Poll::Ready(None),
             },
         };
@@ -109,7 +139,10 @@ where
         };
         let mut joined: Option<BytesMut> = None;
         while joined.as_ref().map_or(data.len(), BytesMut::len) < MAX_JOINED {
-            let Ok(next) = frames.try_recv() else { break };
+            let Ok((next, size)) = frames.try_recv() else {
+                break;
+            };
+            room.add_permits(size as usize);
             match next.map(Frame::into_data) {
                 Ok(Ok(more)) => joined
                     .get_or_insert_with(|| BytesMut::from(&data[..]))
@@ -154,6 +187,7 @@ impl<B: Body> std::fmt::Debug for Relayed<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::StreamExt;
     use http_body_util::{BodyExt, StreamBody};
     use std::convert::Infallible;
 
@@ -222,7 +256,9 @@ mod tests {
     }
 
     /// A body that never answers and says when it is dropped.
-    struct Stalled(#[allow(dead_code)] tokio::sync::oneshot::Sender<()>);
+    struct Stalled {
+        _alive: tokio::sync::oneshot::Sender<()>,
+    }
 
     impl Body for Stalled {
         type Data = Bytes;
@@ -238,12 +274,32 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_reader_that_goes_away_drops_a_stalled_answer_at_once() {
         let (alive, dropped) = tokio::sync::oneshot::channel();
-        let relayed = Relayed::answer(&http::HeaderMap::new(), Stalled(alive));
+        let relayed = Relayed::answer(&http::HeaderMap::new(), Stalled { _alive: alive });
         tokio::task::yield_now().await;
         drop(relayed);
         // With paused time the timeout fires as soon as nothing else can run.
         let waited = tokio::time::timeout(std::time::Duration::from_secs(3600), dropped).await;
         assert!(waited.is_ok(), "the stalled answer outlived its reader");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_that_stops_reading_holds_no_more_than_the_room_ahead() {
+        let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = read.clone();
+        let big = futures_util::stream::iter(0..1000).map(move |_| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; 16 << 10])))
+        });
+        let mut relayed = Relayed::answer(&http::HeaderMap::new(), StreamBody::new(big));
+        let first = relayed.frame().await.unwrap().unwrap();
+        assert!(!first.into_data().unwrap().is_empty());
+        // The agent reads nothing more; everything else runs until it waits.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let frames = read.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            frames * (16 << 10) <= BYTES_AHEAD + MAX_JOINED + 2 * (16 << 10),
+            "{frames} frames of 16 KiB read ahead"
+        );
     }
 
     #[tokio::test]
