@@ -83,9 +83,12 @@ where
                     .ok()
                     .and_then(Frame::data_ref)
                     .map_or(0, |d| d.len().min(BYTES_AHEAD)) as u32;
-                let taken = tokio::select! {
-                    permit = ahead.acquire_many(size) => permit,
-                    () = tx.closed() => break,
+                let taken = match ahead.try_acquire_many(size) {
+                    Ok(permit) => Ok(permit),
+                    Err(_) => tokio::select! {
+                        permit = ahead.acquire_many(size) => permit,
+                        () = tx.closed() => break,
+                    },
                 };
                 let Ok(permit) = taken else { break };
                 permit.forget();
