@@ -148,12 +148,7 @@ pub fn run(o: &Options) -> usize {
     let mut daemon = kit::start_daemon(&env, &log);
     let store = kit::open_db(&env.store);
     assert!(
-        kit::eventually(Duration::from_secs(300), || {
-            kit::one(
-                &store,
-                "SELECT count(*) FROM versions WHERE stage = 'current'",
-            ) == o.secrets as i64
-        }),
+        kit::first_versions(&store, o.secrets, Duration::from_secs(300)),
         "the first versions were not all created"
     );
     println!(

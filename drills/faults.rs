@@ -200,12 +200,11 @@ pub fn run(only: Option<&str>) -> usize {
     let log = env.dir.path().join("daemons.log");
     let daemon = kit::start_daemon(&env, &log);
     let store = kit::open_db(&env.store);
-    assert!(kit::eventually(Duration::from_secs(60), || {
-        kit::one(
-            &store,
-            "SELECT count(*) FROM versions WHERE stage = 'current'",
-        ) == SECRETS as i64 + 2
-    }));
+    assert!(kit::first_versions(
+        &store,
+        SECRETS + 2,
+        Duration::from_secs(60)
+    ));
 
     if part("plugin") {
         rows.extend(plugin_faults(&env, &log, &faults_file, &mut violations));

@@ -317,6 +317,17 @@ pub fn one(conn: &rusqlite::Connection, sql: &str) -> i64 {
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
+/// Waits until `count` secrets have a current version (a first start creates them); false
+/// after `timeout`.
+pub fn first_versions(store: &rusqlite::Connection, count: usize, timeout: Duration) -> bool {
+    eventually(timeout, || {
+        one(
+            store,
+            "SELECT count(*) FROM versions WHERE stage = 'current'",
+        ) == count as i64
+    })
+}
+
 /// Waits until `check` holds, polling every 50 ms; false after `timeout`.
 pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

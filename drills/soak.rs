@@ -41,121 +41,18 @@ pub fn run(minutes: u64, clients: usize) -> usize {
     let mut violations = Violations::default();
     let env = Env::new();
     let mut upstream = kit::FakeUpstream::start(0);
-    let mut config = format!(
-        "{}\nbroker_socket = \"run/broker.sock\"\n\n{}\n\
-         [[policy]]\nname = \"soak\"\nuids = [{}]\nsecrets = [\"s/*\"]\nbrokers = [\"soak\"]\nmax_ttl = \"1h\"\n\n\
-         [brokers.soak]\npreset = \"bearer\"\nsecret = \"s/broker\"\nupstream = \"http://127.0.0.1:{}\"\n\
-         paths = [\"POST /v1/echo\"]\n\n\
-         [secrets.\"s/broker\"]\nprovider = \"example\"\nrotate_every = \"5s\"\ngrace = \"1s\"\n\n",
-        base_config("5s"),
-        example_plugin_config(env.dir.path(), ""),
-        rustix::process::getuid().as_raw(),
-        upstream.port,
-    );
-    for i in 0..SECRETS {
-        config.push_str(&format!(
-            "[secrets.\"{}\"]\nprovider = \"example\"\nrotate_every = \"3s\"\ngrace = \"1s\"\nconsumers = [\"file-{i:02}\"]\n\n\
-             [consumers.file-{i:02}]\nkind = \"file\"\npath = \"out/{i:02}\"\n\n",
-            name(i)
-        ));
-    }
-    let base = std::fs::read_to_string(&env.config).unwrap();
-    std::fs::write(&env.config, format!("{base}\n{config}")).unwrap();
+    write_config(&env, upstream.port);
     let log = env.dir.path().join("daemons.log");
     let daemon = kit::start_daemon(&env, &log);
     let pid = daemon.id();
     let store = kit::open_db(&env.store);
-    assert!(kit::eventually(Duration::from_secs(60), || {
-        kit::one(
-            &store,
-            "SELECT count(*) FROM versions WHERE stage = 'current'",
-        ) == SECRETS as i64 + 1
-    }));
+    assert!(kit::first_versions(
+        &store,
+        SECRETS + 1,
+        Duration::from_secs(60)
+    ));
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let (fetches, fetch_failures) = (
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(Mutex::new(Vec::new())),
-    );
-    let (brokered, broker_failures) = (
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(Mutex::new(Vec::new())),
-    );
-    let mut threads = Vec::new();
-    for c in 0..clients {
-        let (halt, seen, count, failures, socket) = (
-            stop.clone(),
-            seen.clone(),
-            fetches.clone(),
-            fetch_failures.clone(),
-            env.agent_socket(),
-        );
-        threads.push(std::thread::spawn(move || {
-            let mut rng = Rng::new(c as u64 + 1);
-            while !halt.load(Ordering::Relaxed) {
-                let secret = name(rng.below(SECRETS as u64) as usize);
-                let at = Instant::now();
-                match kit::request(&socket, "GET", &format!("/v1/secrets/{secret}?ttl=2"), None) {
-                    Ok((200, body)) => {
-                        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-                        let version = v["version"].as_i64().unwrap();
-                        seen.lock()
-                            .unwrap()
-                            .fetched
-                            .entry(secret)
-                            .or_default()
-                            .push((version, at));
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                    other => failures
-                        .lock()
-                        .unwrap()
-                        .push(format!("{secret}: {other:?}")),
-                }
-            }
-        }));
-        let (halt, count, failures, socket) = (
-            stop.clone(),
-            brokered.clone(),
-            broker_failures.clone(),
-            env.dir.path().join("run/broker.sock"),
-        );
-        threads.push(std::thread::spawn(move || {
-            while !halt.load(Ordering::Relaxed) {
-                match kit::request(&socket, "POST", "/v1/broker/soak/v1/echo", Some("{}")) {
-                    Ok((200, _)) => {
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                    other => failures.lock().unwrap().push(format!("{other:?}")),
-                }
-            }
-        }));
-    }
-    // One watcher per secret, long-polling for the next version.
-    for i in 0..SECRETS {
-        let (halt, seen, socket) = (stop.clone(), seen.clone(), env.agent_socket());
-        threads.push(std::thread::spawn(move || {
-            let secret = name(i);
-            let mut version = 0;
-            while !halt.load(Ordering::Relaxed) {
-                let path = format!(
-                    "/v1/secrets/{secret}?ttl=2&min_version={}&wait=5",
-                    version + 1
-                );
-                if let Ok((200, body)) = kit::request(&socket, "GET", &path, None) {
-                    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-                    version = v["version"].as_i64().unwrap();
-                    seen.lock()
-                        .unwrap()
-                        .told
-                        .entry(secret.clone())
-                        .or_default()
-                        .push((version, Instant::now()));
-                }
-            }
-        }));
-    }
+    let load = Load::start(&env, clients);
 
     // The series, and the incident half-way.
     let every = (length / 20).max(Duration::from_secs(5));
@@ -168,8 +65,8 @@ pub fn run(minutes: u64, clients: usize) -> usize {
             soak_started.elapsed().as_secs(),
             keywarden_testkit::proc::rss_mb(pid),
             open_fds(pid),
-            fetches.load(Ordering::Relaxed),
-            brokered.load(Ordering::Relaxed),
+            load.fetches.load(Ordering::Relaxed),
+            load.brokered.load(Ordering::Relaxed),
         )
     };
     while soak_started.elapsed() < length {
@@ -186,10 +83,7 @@ pub fn run(minutes: u64, clients: usize) -> usize {
         }
         std::thread::sleep(every.min(length.saturating_sub(soak_started.elapsed())));
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
+    load.stop();
     series.push(sample());
     let incident = incident.map(|t| t.join().unwrap());
     violations.check(
@@ -203,8 +97,8 @@ pub fn run(minutes: u64, clients: usize) -> usize {
     );
 
     // Failures, stale answers, flat memory and descriptors.
-    let fetch_failures = fetch_failures.lock().unwrap();
-    let broker_failures = broker_failures.lock().unwrap();
+    let fetch_failures = load.fetch_failures.lock().unwrap();
+    let broker_failures = load.broker_failures.lock().unwrap();
     violations.check(fetch_failures.is_empty(), || {
         format!(
             "{} fetches failed, e.g. {:?}",
@@ -219,18 +113,7 @@ pub fn run(minutes: u64, clients: usize) -> usize {
             &broker_failures[..broker_failures.len().min(3)]
         )
     });
-    let seen = seen.lock().unwrap();
-    let mut stale = 0;
-    let mut told_count = 0;
-    for (secret, told) in &seen.told {
-        told_count += told.len();
-        for (version, at) in seen.fetched.get(secret).into_iter().flatten() {
-            let newest_told = told.iter().filter(|(_, t)| t < at).map(|(v, _)| *v).max();
-            if newest_told.is_some_and(|n| *version < n) {
-                stale += 1;
-            }
-        }
-    }
+    let (stale, told_count) = stale_answers(&load.seen.lock().unwrap());
     violations.check(stale == 0, || {
         format!("{stale} fetches returned a version older than one a watcher had been told of")
     });
@@ -293,10 +176,10 @@ pub fn run(minutes: u64, clients: usize) -> usize {
     let secs = series.last().unwrap().0.max(1) as f64;
     println!(
         "  {} fetches ({:.0}/s) and {} brokered requests ({:.0}/s), {} and {} failed; {rotations} rotations done; watchers told {told_count} new versions, {stale} stale answers",
-        fetches.load(Ordering::Relaxed),
-        fetches.load(Ordering::Relaxed) as f64 / secs,
-        brokered.load(Ordering::Relaxed),
-        brokered.load(Ordering::Relaxed) as f64 / secs,
+        load.fetches.load(Ordering::Relaxed),
+        load.fetches.load(Ordering::Relaxed) as f64 / secs,
+        load.brokered.load(Ordering::Relaxed),
+        load.brokered.load(Ordering::Relaxed) as f64 / secs,
         fetch_failures.len(),
         broker_failures.len()
     );
@@ -307,4 +190,166 @@ pub fn run(minutes: u64, clients: usize) -> usize {
         started.elapsed().as_secs_f64()
     );
     violations.count()
+}
+
+/// Ten secrets rotating every 3 s with a file consumer each, and a bearer broker (upstream on
+/// `upstream_port`) whose key rotates every 5 s; a policy for this uid over both.
+fn write_config(env: &Env, upstream_port: u16) {
+    let mut config = format!(
+        "{}\nbroker_socket = \"run/broker.sock\"\n\n{}\n\
+         [[policy]]\nname = \"soak\"\nuids = [{}]\nsecrets = [\"s/*\"]\nbrokers = [\"soak\"]\nmax_ttl = \"1h\"\n\n\
+         [brokers.soak]\npreset = \"bearer\"\nsecret = \"s/broker\"\nupstream = \"http://127.0.0.1:{}\"\n\
+         paths = [\"POST /v1/echo\"]\n\n\
+         [secrets.\"s/broker\"]\nprovider = \"example\"\nrotate_every = \"5s\"\ngrace = \"1s\"\n\n",
+        base_config("5s"),
+        example_plugin_config(env.dir.path(), ""),
+        rustix::process::getuid().as_raw(),
+        upstream_port,
+    );
+    for i in 0..SECRETS {
+        config.push_str(&format!(
+            "[secrets.\"{}\"]\nprovider = \"example\"\nrotate_every = \"3s\"\ngrace = \"1s\"\nconsumers = [\"file-{i:02}\"]\n\n\
+             [consumers.file-{i:02}]\nkind = \"file\"\npath = \"out/{i:02}\"\n\n",
+            name(i)
+        ));
+    }
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, format!("{base}\n{config}")).unwrap();
+}
+
+/// The clients: fetchers, senders of brokered requests and a watcher per secret, each on a
+/// thread of its own until stopped.
+struct Load {
+    halt: Arc<AtomicBool>,
+    seen: Arc<Mutex<Seen>>,
+    fetches: Arc<AtomicU64>,
+    fetch_failures: Arc<Mutex<Vec<String>>>,
+    brokered: Arc<AtomicU64>,
+    broker_failures: Arc<Mutex<Vec<String>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Load {
+    /// `clients` fetchers and as many brokered-request senders, and the watchers.
+    fn start(env: &Env, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let (fetches, fetch_failures) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(Mutex::new(Vec::new())),
+        );
+        let (brokered, broker_failures) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(Mutex::new(Vec::new())),
+        );
+        let mut threads = Vec::new();
+        for c in 0..clients {
+            let (halt, seen, count, failures, socket) = (
+                stop.clone(),
+                seen.clone(),
+                fetches.clone(),
+                fetch_failures.clone(),
+                env.agent_socket(),
+            );
+            threads.push(std::thread::spawn(move || {
+                let mut rng = Rng::new(c as u64 + 1);
+                while !halt.load(Ordering::Relaxed) {
+                    let secret = name(rng.below(SECRETS as u64) as usize);
+                    let at = Instant::now();
+                    match kit::request(&socket, "GET", &format!("/v1/secrets/{secret}?ttl=2"), None)
+                    {
+                        Ok((200, body)) => {
+                            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                            let version = v["version"].as_i64().unwrap();
+                            seen.lock()
+                                .unwrap()
+                                .fetched
+                                .entry(secret)
+                                .or_default()
+                                .push((version, at));
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{secret}: {other:?}")),
+                    }
+                }
+            }));
+            let (halt, count, failures, socket) = (
+                stop.clone(),
+                brokered.clone(),
+                broker_failures.clone(),
+                env.dir.path().join("run/broker.sock"),
+            );
+            threads.push(std::thread::spawn(move || {
+                while !halt.load(Ordering::Relaxed) {
+                    match kit::request(&socket, "POST", "/v1/broker/soak/v1/echo", Some("{}")) {
+                        Ok((200, _)) => {
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => failures.lock().unwrap().push(format!("{other:?}")),
+                    }
+                }
+            }));
+        }
+        // One watcher per secret, long-polling for the next version.
+        for i in 0..SECRETS {
+            let (halt, seen, socket) = (stop.clone(), seen.clone(), env.agent_socket());
+            threads.push(std::thread::spawn(move || {
+                let secret = name(i);
+                let mut version = 0;
+                while !halt.load(Ordering::Relaxed) {
+                    let path = format!(
+                        "/v1/secrets/{secret}?ttl=2&min_version={}&wait=5",
+                        version + 1
+                    );
+                    if let Ok((200, body)) = kit::request(&socket, "GET", &path, None) {
+                        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                        version = v["version"].as_i64().unwrap();
+                        seen.lock()
+                            .unwrap()
+                            .told
+                            .entry(secret.clone())
+                            .or_default()
+                            .push((version, Instant::now()));
+                    }
+                }
+            }));
+        }
+        Load {
+            halt: stop,
+            seen,
+            fetches,
+            fetch_failures,
+            brokered,
+            broker_failures,
+            threads: Mutex::new(threads),
+        }
+    }
+
+    /// Stops every client and waits for it.
+    fn stop(&self) {
+        self.halt.store(true, Ordering::Relaxed);
+        for t in self.threads.lock().unwrap().drain(..) {
+            t.join().unwrap();
+        }
+    }
+}
+
+/// Fetches that returned a version older than one a watcher had been told of before the
+/// fetch started, and how many versions watchers were told of.
+fn stale_answers(seen: &Seen) -> (usize, usize) {
+    let mut stale = 0;
+    let mut told_count = 0;
+    for (secret, told) in &seen.told {
+        told_count += told.len();
+        for (version, at) in seen.fetched.get(secret).into_iter().flatten() {
+            let newest_told = told.iter().filter(|(_, t)| t < at).map(|(v, _)| *v).max();
+            if newest_told.is_some_and(|n| *version < n) {
+                stale += 1;
+            }
+        }
+    }
+    (stale, told_count)
 }
