@@ -37,7 +37,7 @@ use crate::policy::{self, Policy};
 use crate::provider::Provider;
 use crate::rejections::Rejections;
 use crate::rotation::catalog::{Catalog, SecretSpec};
-use crate::services::Services;
+use crate::services::{RunEnd, Services};
 use crate::store::{AlertKind, LeaseRow, SecretRecord, UpstreamState};
 use crate::value::SecretValue;
 use crate::vault::{Bound, VaultError, short_fingerprint};
@@ -114,7 +114,7 @@ pub struct AgentApi {
     refused_uids: HashSet<u32>,
     rejections: Arc<Rejections>,
     watches: Slots,
-    closing: watch::Receiver<bool>,
+    closing: watch::Receiver<Option<RunEnd>>,
     signals: Option<Arc<Signals>>,
 }
 
@@ -482,7 +482,7 @@ impl AgentApi {
     pub fn new(
         services: Services,
         settings: AgentSettings,
-        closing: watch::Receiver<bool>,
+        closing: watch::Receiver<Option<RunEnd>>,
         signals: Option<Arc<Signals>>,
     ) -> Self {
         let needs_hash = settings.policies.iter().any(Policy::checks_hash);
@@ -751,7 +751,15 @@ impl AgentApi {
                     self.services.metrics.watch_timeouts.fetch_add(1, Ordering::Relaxed);
                     return Ok(false);
                 }
-                _ = closing.changed() => {
+                restart = async {
+                    let end = closing.wait_for(Option::is_some).await;
+                    matches!(end.as_deref(), Ok(Some(RunEnd::Restart)))
+                } => {
+                    // A restart cuts the wait short: answered as if it had run out (304), the
+                    // client asks again of the next run.
+                    if restart {
+                        return Ok(false);
+                    }
                     return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sealed", "the daemon is stopping"));
                 }
             }
@@ -843,13 +851,6 @@ impl Handler for AgentApi {
     }
 
     async fn handle(&self, conn: &AgentConn, request: Request<Bytes>) -> Response<Full<Bytes>> {
-        if *self.closing.borrow() {
-            return http::error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "sealed",
-                "the daemon is stopping",
-            );
-        }
         if self.refused_uids.contains(&conn.uid) {
             return http::error(
                 StatusCode::FORBIDDEN,

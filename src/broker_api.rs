@@ -32,7 +32,6 @@ use keywarden_plugin_sdk::broker::{
     DROPPED_REQUEST_HEADERS, KEY_HEADER_PREFIX, ROUTE_HEADER, UPSTREAM_MS_HEADER,
 };
 use serde_json::json;
-use tokio::sync::watch;
 
 use crate::attest::{Hasher, Peer, PeerIdentity};
 use crate::audit::AuditEvent;
@@ -67,7 +66,6 @@ pub struct BrokerApi {
     refused_uids: HashSet<u32>,
     rejections: Arc<Rejections>,
     signals: Arc<Signals>,
-    closing: watch::Receiver<bool>,
 }
 
 impl BrokerApi {
@@ -79,7 +77,6 @@ impl BrokerApi {
         refused_uids: HashSet<u32>,
         rejections: Arc<Rejections>,
         signals: Arc<Signals>,
-        closing: watch::Receiver<bool>,
     ) -> BrokerApi {
         BrokerApi {
             needs_hash: policies.iter().any(Policy::checks_hash),
@@ -91,7 +88,6 @@ impl BrokerApi {
             refused_uids,
             rejections,
             signals,
-            closing,
         }
     }
 
@@ -364,13 +360,6 @@ impl Handler for BrokerApi {
     }
 
     async fn handle(&self, conn: &BrokerConn, request: Request<Bytes>) -> Response<BrokerBody> {
-        if *self.closing.borrow() {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "sealed",
-                "the daemon is stopping",
-            );
-        }
         if self.refused_uids.contains(&conn.uid) {
             return error(
                 StatusCode::FORBIDDEN,

@@ -575,13 +575,13 @@ impl FirstRequest {
     }
 }
 
-/// Serves `listener` with `handler` until `shutdown` turns true, then lets each connection
+/// Serves `listener` with `handler` until `shutdown` changes, then lets each connection
 /// finish its request in flight (at most [`GRACEFUL_CLOSE`]) and returns once all are closed.
-pub async fn serve<H: Handler, L: Listener>(
+pub async fn serve<H: Handler, L: Listener, S: Send + Sync + 'static>(
     mut listener: L,
     handler: Arc<H>,
     limits: Limits,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<S>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let per_peer = Slots::new(limits.max_connections_per_peer);

@@ -40,3 +40,13 @@ pub struct Services {
     /// API).
     pub follower: bool,
 }
+
+/// Why a run of the services ends: the daemon stops, or it starts them again at once (a
+/// reloaded config, a change of leadership on PostgreSQL) on the same sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The daemon exits.
+    Stop,
+    /// The next run takes over the sockets as soon as this one has stopped.
+    Restart,
+}

@@ -135,3 +135,58 @@ fn the_daemon_notifies_systemd_and_sighup_reloads_its_config_or_keeps_it() {
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+#[test]
+fn a_fetch_or_a_watch_in_flight_when_the_daemon_reloads_or_stops_is_answered() {
+    // Each fetch is held (the failpoint sleeps) between reading the value and registering its
+    // lease while the daemon restarts its services (SIGHUP) or stops (SIGTERM): the services it
+    // started on answer it before they stop, rather than an error or a dropped connection. A
+    // watch open at the restart is answered as if its wait had run out.
+    let policy = "[[policy]]\nname = \"curl\"\nexe = [\"/usr/bin/curl\"]\nsecrets = [\"app/*\"]\n";
+    let env = Env::with_config(&format!(
+        "{}max_watches_per_uid = 1\n\n{policy}\n[secrets.\"app/first\"]\nprovider = \"random\"\n",
+        common::daemon::base_config("5s")
+    ));
+    env.ok(&["init"], None);
+    let daemon = env.start_daemon_with(&[("FAILPOINTS", "fetch.served=2*sleep(2000)")]);
+    common::daemon::wait_for("the first version", Duration::from_secs(20), || {
+        (env.entry("app/first")["version"] == 1).then_some(())
+    });
+    let watch = "/v1/secrets/app/first?min_version=2&wait=120";
+    let watcher = {
+        let socket = env.agent_socket();
+        // (Turned away while the probe below holds the uid's one watch.)
+        std::thread::spawn(move || {
+            loop {
+                let answer = common::curl(&socket, "GET", watch, &[]);
+                if answer.0 != 429 {
+                    return answer;
+                }
+            }
+        })
+    };
+    common::daemon::wait_for("the watch to be open", Duration::from_secs(20), || {
+        // The uid's one watch is taken once the first waits.
+        let probe = "/v1/secrets/app/first?min_version=2&wait=1";
+        (common::curl(&env.agent_socket(), "GET", probe, &[]).0 == 429).then_some(())
+    });
+    for (n, signal_name) in [(1, "HUP"), (2, "TERM")] {
+        let socket = env.agent_socket();
+        let fetch =
+            std::thread::spawn(move || common::curl(&socket, "GET", "/v1/secrets/app/first", &[]));
+        common::daemon::wait_for("the fetch to be held", Duration::from_secs(20), || {
+            (daemon
+                .log_text()
+                .matches("serving; registering its lease")
+                .count()
+                == n)
+                .then_some(())
+        });
+        signal(daemon.pid(), signal_name);
+        let (code, body) = fetch.join().unwrap();
+        assert_eq!(code, 200, "the fetch in flight at SIG{signal_name}: {body}");
+        assert!(body.contains("\"version\":1"), "{body}");
+    }
+    assert_eq!(watcher.join().unwrap().0, 304, "the watch open at SIGHUP");
+    assert_eq!(daemon.terminate(), Some(0));
+}

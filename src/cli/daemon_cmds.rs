@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::daemon::{Mode, Runtime};
 use crate::http;
 use crate::passphrase::{self, Purpose};
+use crate::services::RunEnd;
 use crate::store::Reason;
 use crate::store::postgres::leader::{Role, Timing};
 use crate::store::{Access, Location, Store, StoreError};
@@ -268,7 +269,12 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
                     "this daemon now leads the store: restarting its services as the leader"
                 ),
             }
+            let end = match why {
+                Next::Stop(_) => RunEnd::Stop,
+                Next::Reload(_) | Next::RoleChanged => RunEnd::Restart,
+            };
             next = Some(why);
+            end
         };
         let served = crate::daemon::serve_on(config, vault.clone(), &sockets, mode, until).await;
         if let Some(pg) = vault.store().postgres() {

@@ -20,7 +20,7 @@ use crate::incident::signals::Signals;
 use crate::policy::Policy;
 use crate::rejections::Rejections;
 use crate::sandbox::Role;
-use crate::services::Services;
+use crate::services::{RunEnd, Services};
 use crate::store::Store;
 
 /// The executable the daemon runs as the broker: `[daemon] broker`, else `keywarden-broker`
@@ -108,7 +108,7 @@ pub(super) fn serve(
     refused_uids: HashSet<u32>,
     rejections: Arc<Rejections>,
     signals: Arc<Signals>,
-    stop: watch::Receiver<bool>,
+    stop: watch::Receiver<Option<RunEnd>>,
 ) -> Vec<JoinHandle<()>> {
     let Some(brokers) = services.brokers.clone() else {
         return Vec::new();
@@ -135,7 +135,6 @@ pub(super) fn serve(
         refused_uids,
         rejections,
         signals,
-        stop.clone(),
     ));
     let mut servers = Vec::new();
     if let Some(socket) = socket {

@@ -16,6 +16,8 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use tokio::sync::watch;
+
 pub use catalog::{build_catalog, confined_uids, work_dir};
 pub use lease_backend::DaemonLeaseBackend;
 pub use runtime::{Mode, Runtime};
@@ -32,7 +34,7 @@ use crate::plugin_host::PluginError;
 use crate::policy::Policy;
 use crate::rejections::Rejections;
 use crate::sandbox::{Confinement, Role};
-use crate::services::Services;
+use crate::services::{RunEnd, Services};
 use crate::store::StoreError;
 use crate::vault::Vault;
 
@@ -223,20 +225,29 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let sockets = Sockets::bind(config)?;
-    let served = serve_on(config, vault, &sockets, Mode::Daemon, shutdown).await;
+    let stop = async {
+        shutdown.await;
+        RunEnd::Stop
+    };
+    let served = serve_on(config, vault, &sockets, Mode::Daemon, stop).await;
     sockets.remove();
     served
 }
 
-/// [`serve`] on agent and admin sockets bound by the caller, which it leaves bound; `mode` is
-/// [`Mode::Daemon`], or [`Mode::Follower`] on a PostgreSQL store another daemon leads (no
-/// scheduler, no rotations, no signal listener; the admin API only answers reads).
+/// [`serve`] on agent and admin sockets bound by the caller, which it leaves bound, until `end`
+/// says why this run ends; `mode` is [`Mode::Daemon`], or [`Mode::Follower`] on a PostgreSQL
+/// store another daemon leads (no scheduler, no rotations, no signal listener; the admin API
+/// only answers reads).
+///
+/// The servers stop before the services they call: a request in flight, or arriving on a
+/// connection already accepted, is answered by this run; connections made meanwhile wait in
+/// the sockets' backlog for the next run (or are refused once the daemon has stopped).
 pub async fn serve_on(
     config: &Config,
     vault: Arc<Vault>,
     sockets: &Sockets,
     mode: Mode,
-    shutdown: impl Future<Output = ()>,
+    end: impl Future<Output = RunEnd>,
 ) -> Result<(), ServeError> {
     let agent = &config.agent;
     let (agent_listener, admin_listener) = sockets.listeners()?;
@@ -290,10 +301,17 @@ pub async fn serve_on(
         brokers: brokers.as_ref().map(|(b, _)| b.clone()),
         follower: mode == Mode::Follower,
     };
+    let (close, closing) = watch::channel(None);
+    let rejections = Arc::new(Rejections::default());
+    let flusher = tokio::spawn({
+        let (rejections, store) = (rejections.clone(), services.vault.store().clone());
+        let stop = runtime.shutdown_signal();
+        async move { rejections.run_flusher(store, stop).await }
+    });
     let servers = match start_servers(
         config,
         &services,
-        &runtime,
+        (closing, rejections),
         signal_listener,
         agent_listener,
         admin_listener,
@@ -324,12 +342,14 @@ pub async fn serve_on(
         "serving {} declared secrets",
         config.secrets.len()
     ));
-    shutdown.await;
-    tracing::info!("stopping: finishing or parking steps in flight");
-    runtime.stop(config.daemon.shutdown_timeout).await;
+    let end = end.await;
+    let _ = close.send(Some(end));
     for server in servers {
         let _ = server.await;
     }
+    tracing::info!("stopping: finishing or parking steps in flight");
+    runtime.stop(config.daemon.shutdown_timeout).await;
+    let _ = flusher.await;
     if let Some((_, keeper)) = brokers {
         let _ = keeper.await;
     }
@@ -398,12 +418,12 @@ async fn release_memory_periodically(mut stop: tokio::sync::watch::Receiver<bool
     }
 }
 
-/// Starts the agent and admin APIs and, when configured, the signal listener; each stops when
-/// the runtime does.
+/// Starts the agent and admin APIs and, when configured, the brokers' and the signal
+/// listener; each stops when `closing` says why.
 async fn start_servers(
     config: &Config,
     services: &Services,
-    runtime: &Runtime,
+    (closing, rejections): (watch::Receiver<Option<RunEnd>>, Arc<Rejections>),
     signal_listener: Option<tokio::net::TcpListener>,
     agent_listener: tokio::net::UnixListener,
     admin_listener: tokio::net::UnixListener,
@@ -420,12 +440,7 @@ async fn start_servers(
         header_timeout: agent.header_timeout,
         ..http::Limits::default()
     };
-    let rejections = Arc::new(Rejections::default());
-    let flusher = rejections.clone();
-    let (store, stop) = (services.vault.store().clone(), runtime.shutdown_signal());
-    let mut servers = vec![tokio::spawn(async move {
-        flusher.run_flusher(store, stop).await
-    })];
+    let mut servers = Vec::new();
     let signal_cfg = &config.signals;
     let alert_confinement = if signal_cfg.alert_command.is_empty() {
         Confinement::default()
@@ -460,7 +475,7 @@ async fn start_servers(
             max_body_bytes: 1 << 20,
             ..http::Limits::default()
         };
-        let stop = runtime.shutdown_signal();
+        let stop = closing.clone();
         servers.push(match &signal_cfg.tls {
             Some(tls) => {
                 let listener = http::TlsListener::new(listener, &tls.cert, &tls.key)
@@ -483,14 +498,14 @@ async fn start_servers(
             rejections: rejections.clone(),
             max_watches_per_uid: agent.max_watches_per_uid,
         },
-        runtime.shutdown_signal(),
+        closing.clone(),
         Some(signals.clone()),
     ));
     servers.push(tokio::spawn(http::serve(
         agent_listener,
         agent_api,
         limits.clone(),
-        runtime.shutdown_signal(),
+        closing.clone(),
     )));
     servers.extend(brokers::serve(
         config,
@@ -499,7 +514,7 @@ async fn start_servers(
         refused_uids.clone(),
         rejections.clone(),
         signals,
-        runtime.shutdown_signal(),
+        closing.clone(),
     ));
     let admin_api = Arc::new(AdminApi::new(
         services.clone(),
@@ -517,7 +532,7 @@ async fn start_servers(
         admin_listener,
         admin_api,
         admin_limits,
-        runtime.shutdown_signal(),
+        closing,
     )));
     Ok(servers)
 }
