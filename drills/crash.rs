@@ -9,13 +9,14 @@
 //! has its audit row, and `audit verify` passes. Then the hygiene sweep.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use keywarden_testkit::Env;
 use keywarden_testkit::daemon::{base_config, example_plugin_config};
 
-use crate::kit::{self, Agents, Rng, Violations};
+use crate::kit::{self, Agents, Daemon, Rng, Violations};
 
 /// The drill's size.
 pub struct Options {
@@ -127,6 +128,13 @@ impl Commands {
     }
 }
 
+/// What the kills at random instants did.
+struct Kills {
+    /// Kills that came before the daemon answered its admin socket.
+    before_ready: usize,
+    took: Duration,
+}
+
 /// Runs the drill; the number of violations.
 pub fn run(o: &Options) -> usize {
     let started = Instant::now();
@@ -145,7 +153,7 @@ pub fn run(o: &Options) -> usize {
         .collect();
 
     // First versions of everything, then the agents.
-    let mut daemon = kit::start_daemon(&env, &log);
+    let daemon = kit::start_daemon(&env, &log);
     let store = kit::open_db(&env.store);
     assert!(
         kit::first_versions(&store, o.secrets, Duration::from_secs(300)),
@@ -158,171 +166,27 @@ pub fn run(o: &Options) -> usize {
     );
     let agents = Agents::start(4, env.agent_socket(), names.clone(), o.seed);
     let mut commands = Commands::default();
-
-    // Kills at random instants: scheduled rotations, then an incident, then rekeys.
-    let incident_at = o.kills * 2 / 5;
-    let rekeys_from = o.kills * 7 / 10;
-    let mut before_ready = 0;
-    let kills_started = Instant::now();
-    for k in 0..o.kills {
-        if k == incident_at {
-            commands.start(
-                &env,
-                &[
-                    "rotate-all",
-                    "--assume-compromise",
-                    "--yes",
-                    "--json",
-                    "--concurrency",
-                    "32",
-                ],
-            );
-        }
-        if k >= rekeys_from && k % 10 == 0 {
-            commands.start(&env, &["rekey"]);
-        }
-        let life = Duration::from_millis(rng.below(o.max_life.as_millis() as u64 + 1));
-        std::thread::sleep(life);
-        if !matches!(
-            kit::request(&env.admin_socket(), "GET", "/v1/admin/status", None),
-            Ok((200, _))
-        ) {
-            before_ready += 1;
-        }
-        kit::kill9(daemon);
-        commands.reap();
-        daemon = kit::spawn_daemon(&env, &log, None);
-        if (k + 1) % 100 == 0 {
-            println!(
-                "  {} kills in {:.0} s",
-                k + 1,
-                kills_started.elapsed().as_secs_f64()
-            );
-        }
-    }
-    let kill_time = kills_started.elapsed();
-
-    // Every crash point, each hit on purpose.
-    let mut points_hit = 0;
-    for (point, trigger) in CRASH_POINTS {
-        kit::kill9(daemon);
-        commands.kill_all();
-        let mut armed = kit::spawn_daemon(&env, &log, Some(&format!("{point}=return")));
-        if kit::wait_ready(&env, &mut armed, Duration::from_secs(60)) {
-            match trigger {
-                Trigger::Incident => commands.start(
-                    &env,
-                    &["rotate-all", "--assume-compromise", "--yes", "--json"],
-                ),
-                Trigger::Rekey => commands.start(&env, &["rekey"]),
-                Trigger::Rotate | Trigger::Agents => {}
-            }
-        }
-        let hit = kit::eventually(Duration::from_secs(60), || {
-            if armed.try_wait().is_some() {
-                return true;
-            }
-            if let Trigger::Rotate = trigger {
-                let name = stored_name(rng.below(o.secrets as u64) as usize);
-                let _ = env.run(&["rotate", &name, "--no-wait"], None);
-            }
-            false
-        });
-        let aborted = hit
-            && armed
-                .try_wait()
-                .is_some_and(|s| std::os::unix::process::ExitStatusExt::signal(&s).is_some());
-        violations.check(aborted, || format!("crash point {point} was not reached"));
-        points_hit += usize::from(aborted);
-        kit::kill9(armed);
-        commands.reap();
-        daemon = kit::spawn_daemon(&env, &log, None);
-    }
+    let (daemon, kills) = kill_at_random(o, &env, &log, &mut rng, &mut commands, daemon);
+    let (daemon, points_hit) = stop_at_every_crash_point(
+        o,
+        &env,
+        &log,
+        &mut rng,
+        &mut commands,
+        daemon,
+        &mut violations,
+    );
     kit::kill9(daemon);
     commands.kill_all();
     let (unanswered, refused) = (agents.unanswered.clone(), agents.failed.clone());
     let fetched = agents.stop();
 
-    // Settle: the schedules out of the way, every rotation, incident and lease finished.
-    std::fs::write(&env.config, config(&env, o.secrets, false)).unwrap();
-    let in_an_hour = (chrono::Utc::now().timestamp() + 3600) * 1000;
-    env.sql(&[&format!(
-        "UPDATE secrets SET next_rotation_at = {in_an_hour} WHERE next_rotation_at IS NOT NULL"
-    )]);
     let settle_started = Instant::now();
-    let daemon = kit::start_daemon(&env, &log);
-    let settled = kit::eventually(Duration::from_secs(300), || {
-        kit::one(
-            &store,
-            "SELECT count(*) FROM rotations WHERE state NOT IN ('done', 'failed', 'rolled-back')",
-        ) == 0
-            && kit::one(
-                &store,
-                "SELECT count(*) FROM incidents WHERE finished_at IS NULL AND closed_by IS NULL",
-            ) == 0
-            && kit::one(&store, "SELECT count(*) FROM leases WHERE ended_at IS NULL") == 0
-    });
-    violations.check(settled, || {
-        format!(
-            "not settled after 300 s: {:?}",
-            kit::rows(
-                &store,
-                "SELECT state, count(*) FROM rotations WHERE state NOT IN ('done', 'failed', 'rolled-back') GROUP BY state"
-            )
-        )
-    });
+    let daemon = settle(o, &env, &log, &store, &mut violations);
     let settle_time = settle_started.elapsed();
-
     let upstream = kit::open_db(&env.upstream_db());
-
-    // No issued credential live without an open lease.
-    let open: HashSet<String> = kit::rows(&store, "SELECT id FROM leases WHERE ended_at IS NULL")
-        .into_iter()
-        .map(|r| r.0)
-        .collect();
-    let orphans: Vec<String> = kit::rows(
-        &upstream,
-        "SELECT key_id, rotation_id FROM creds WHERE issued = 1 AND status = 'active'",
-    )
-    .into_iter()
-    .filter(|(_, lease)| !open.contains(lease))
-    .map(|r| r.0)
-    .collect();
-    violations.check(orphans.is_empty(), || {
-        format!("issued credentials live without a lease: {orphans:?}")
-    });
-
-    // Every value handed out has its audit row (its lease's `fetch.allowed`, same version).
-    let audited: HashMap<String, String> = kit::rows(
-        &store,
-        "SELECT json_extract(detail, '$.lease_id'), ifnull(json_extract(detail, '$.version'), '') \
-         FROM audit WHERE action = 'fetch.allowed'",
-    )
-    .into_iter()
-    .collect();
-    let unaudited: Vec<&kit::Fetched> = fetched
-        .iter()
-        .filter(|f| {
-            audited.get(&f.lease_id).map(String::as_str)
-                != Some(
-                    f.version
-                        .map(|v| v.to_string())
-                        .unwrap_or_default()
-                        .as_str(),
-                )
-        })
-        .collect();
-    violations.check(unaudited.is_empty(), || {
-        format!(
-            "{} values handed out without their audit row, e.g. {:?}",
-            unaudited.len(),
-            unaudited
-                .iter()
-                .take(3)
-                .map(|f| (&f.name, f.version, &f.lease_id))
-                .collect::<Vec<_>>()
-        )
-    });
+    no_issued_credential_without_a_lease(&store, &upstream, &mut violations);
+    let audited = every_value_handed_out_audited(&store, &fetched, &mut violations);
 
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     let resumed = log_text.matches("resuming rotation").count();
@@ -354,9 +218,10 @@ pub fn run(o: &Options) -> usize {
     });
 
     println!(
-        "  kills: {} ({before_ready} before the daemon answered) in {:.0} s, then {points_hit} of {} crash points",
+        "  kills: {} ({} before the daemon answered) in {:.0} s, then {points_hit} of {} crash points",
         o.kills,
-        kill_time.as_secs_f64(),
+        kills.before_ready,
+        kills.took.as_secs_f64(),
         CRASH_POINTS.len()
     );
     println!(
@@ -381,7 +246,7 @@ pub fn run(o: &Options) -> usize {
         settle_time.as_secs_f64(),
         checked,
         issued,
-        audited.len()
+        audited
     );
     println!("  {hygiene}");
     println!(
@@ -390,4 +255,204 @@ pub fn run(o: &Options) -> usize {
         started.elapsed().as_secs_f64()
     );
     violations.count()
+}
+
+/// Kills the daemon at random instants and starts it again, `o.kills` times: during scheduled
+/// rotations, then during a `rotate-all --assume-compromise`, then during `rekey`s. Returns the
+/// daemon last started.
+fn kill_at_random(
+    o: &Options,
+    env: &Env,
+    log: &Path,
+    rng: &mut Rng,
+    commands: &mut Commands,
+    mut daemon: Daemon,
+) -> (Daemon, Kills) {
+    let incident_at = o.kills * 2 / 5;
+    let rekeys_from = o.kills * 7 / 10;
+    let mut before_ready = 0;
+    let started = Instant::now();
+    for k in 0..o.kills {
+        if k == incident_at {
+            commands.start(
+                env,
+                &[
+                    "rotate-all",
+                    "--assume-compromise",
+                    "--yes",
+                    "--json",
+                    "--concurrency",
+                    "32",
+                ],
+            );
+        }
+        if k >= rekeys_from && k % 10 == 0 {
+            commands.start(env, &["rekey"]);
+        }
+        let life = Duration::from_millis(rng.below(o.max_life.as_millis() as u64 + 1));
+        std::thread::sleep(life);
+        if !matches!(
+            kit::request(&env.admin_socket(), "GET", "/v1/admin/status", None),
+            Ok((200, _))
+        ) {
+            before_ready += 1;
+        }
+        kit::kill9(daemon);
+        commands.reap();
+        daemon = kit::spawn_daemon(env, log, None);
+        if (k + 1) % 100 == 0 {
+            println!(
+                "  {} kills in {:.0} s",
+                k + 1,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let took = started.elapsed();
+    (daemon, Kills { before_ready, took })
+}
+
+/// Starts the daemon armed at each crash point in turn and makes it pass there; returns the
+/// daemon last started and how many points stopped it.
+fn stop_at_every_crash_point(
+    o: &Options,
+    env: &Env,
+    log: &Path,
+    rng: &mut Rng,
+    commands: &mut Commands,
+    mut daemon: Daemon,
+    violations: &mut Violations,
+) -> (Daemon, usize) {
+    let mut points_hit = 0;
+    for (point, trigger) in CRASH_POINTS {
+        kit::kill9(daemon);
+        commands.kill_all();
+        let mut armed = kit::spawn_daemon(env, log, Some(&format!("{point}=return")));
+        if kit::wait_ready(env, &mut armed, Duration::from_secs(60)) {
+            match trigger {
+                Trigger::Incident => commands.start(
+                    env,
+                    &["rotate-all", "--assume-compromise", "--yes", "--json"],
+                ),
+                Trigger::Rekey => commands.start(env, &["rekey"]),
+                Trigger::Rotate | Trigger::Agents => {}
+            }
+        }
+        let hit = kit::eventually(Duration::from_secs(60), || {
+            if armed.try_wait().is_some() {
+                return true;
+            }
+            if let Trigger::Rotate = trigger {
+                let name = stored_name(rng.below(o.secrets as u64) as usize);
+                let _ = env.run(&["rotate", &name, "--no-wait"], None);
+            }
+            false
+        });
+        let aborted = hit
+            && armed
+                .try_wait()
+                .is_some_and(|s| std::os::unix::process::ExitStatusExt::signal(&s).is_some());
+        violations.check(aborted, || format!("crash point {point} was not reached"));
+        points_hit += usize::from(aborted);
+        kit::kill9(armed);
+        commands.reap();
+        daemon = kit::spawn_daemon(env, log, None);
+    }
+    (daemon, points_hit)
+}
+
+/// Pushes the schedules out of the way and starts the daemon until every rotation, incident
+/// and lease has finished (at most 300 s); returns that daemon.
+fn settle(
+    o: &Options,
+    env: &Env,
+    log: &Path,
+    store: &rusqlite::Connection,
+    violations: &mut Violations,
+) -> Daemon {
+    std::fs::write(&env.config, config(env, o.secrets, false)).unwrap();
+    let in_an_hour = (chrono::Utc::now().timestamp() + 3600) * 1000;
+    env.sql(&[&format!(
+        "UPDATE secrets SET next_rotation_at = {in_an_hour} WHERE next_rotation_at IS NOT NULL"
+    )]);
+    let daemon = kit::start_daemon(env, log);
+    let settled = kit::eventually(Duration::from_secs(300), || {
+        kit::one(
+            store,
+            "SELECT count(*) FROM rotations WHERE state NOT IN ('done', 'failed', 'rolled-back')",
+        ) == 0
+            && kit::one(
+                store,
+                "SELECT count(*) FROM incidents WHERE finished_at IS NULL AND closed_by IS NULL",
+            ) == 0
+            && kit::one(store, "SELECT count(*) FROM leases WHERE ended_at IS NULL") == 0
+    });
+    violations.check(settled, || {
+        format!(
+            "not settled after 300 s: {:?}",
+            kit::rows(
+                store,
+                "SELECT state, count(*) FROM rotations WHERE state NOT IN ('done', 'failed', 'rolled-back') GROUP BY state"
+            )
+        )
+    });
+    daemon
+}
+
+/// No credential issued for a lease is live upstream without that lease open.
+fn no_issued_credential_without_a_lease(
+    store: &rusqlite::Connection,
+    upstream: &rusqlite::Connection,
+    violations: &mut Violations,
+) {
+    let open: HashSet<String> = kit::rows(store, "SELECT id FROM leases WHERE ended_at IS NULL")
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    let orphans: Vec<String> = kit::rows(
+        upstream,
+        "SELECT key_id, rotation_id FROM creds WHERE issued = 1 AND status = 'active'",
+    )
+    .into_iter()
+    .filter(|(_, lease)| !open.contains(lease))
+    .map(|r| r.0)
+    .collect();
+    violations.check(orphans.is_empty(), || {
+        format!("issued credentials live without a lease: {orphans:?}")
+    });
+}
+
+/// Every value handed out has its audit row (its lease's `fetch.allowed`, same version);
+/// returns how many such rows there are.
+fn every_value_handed_out_audited(
+    store: &rusqlite::Connection,
+    fetched: &[kit::Fetched],
+    violations: &mut Violations,
+) -> usize {
+    let audited: HashMap<String, String> = kit::rows(
+        store,
+        "SELECT json_extract(detail, '$.lease_id'), ifnull(json_extract(detail, '$.version'), '') \
+         FROM audit WHERE action = 'fetch.allowed'",
+    )
+    .into_iter()
+    .collect();
+    let unaudited: Vec<&kit::Fetched> = fetched
+        .iter()
+        .filter(|f| {
+            let version = f.version.map(|v| v.to_string()).unwrap_or_default();
+            audited.get(&f.lease_id) != Some(&version)
+        })
+        .collect();
+    violations.check(unaudited.is_empty(), || {
+        format!(
+            "{} values handed out without their audit row, e.g. {:?}",
+            unaudited.len(),
+            unaudited
+                .iter()
+                .take(3)
+                .map(|f| (&f.name, f.version, &f.lease_id))
+                .collect::<Vec<_>>()
+        )
+    });
+    audited.len()
 }

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
+use tokio::sync::watch;
 
 use crate::attest::Peer;
 use crate::audit::AuditEvent;
@@ -22,7 +23,7 @@ use crate::incident::compromise::{
 };
 use crate::rejections::Rejections;
 use crate::rotation::engine::EngineError;
-use crate::services::Services;
+use crate::services::{RunEnd, Services, run_ended};
 use crate::store::Reason;
 use crate::store::{RotationRecord, RotationState};
 use crate::store::{Scope, Trigger};
@@ -38,6 +39,8 @@ pub struct AdminApi {
     rejections: Arc<Rejections>,
     /// The KDF a new passphrase is wrapped with (`[store.kdf]`).
     kdf: crate::crypto::KdfParams,
+    /// Set when this run of the services ends: waits answer with what they have.
+    closing: watch::Receiver<Option<RunEnd>>,
 }
 
 /// The body of `POST /v1/admin/compromise` (and `…/plan`): the scope, and how to run.
@@ -137,6 +140,7 @@ impl AdminApi {
         refused_uids: &HashSet<u32>,
         rejections: Arc<Rejections>,
         kdf: crate::crypto::KdfParams,
+        closing: watch::Receiver<Option<RunEnd>>,
     ) -> Self {
         let mut allowed_uids: HashSet<u32> = extra_uids.iter().copied().collect();
         allowed_uids.insert(0);
@@ -147,6 +151,7 @@ impl AdminApi {
             allowed_uids,
             rejections,
             kdf,
+            closing,
         }
     }
 
@@ -233,7 +238,18 @@ impl AdminApi {
                     &json!({ "incident_id": id, "finished": false }),
                 );
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // At a stop or a restart the run is left to finish (or to resume at the next
+            // start) and the request is answered as if its wait had run out.
+            let mut closing = self.closing.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = run_ended(&mut closing) => {
+                    return http::json(
+                        StatusCode::ACCEPTED,
+                        &json!({ "incident_id": id, "finished": false }),
+                    );
+                }
+            }
         }
     }
 
@@ -640,7 +656,14 @@ impl AdminApi {
                 .rotation(&ticket.rotation_id)
                 .await
         } else {
-            self.services.engine.wait(&ticket.rotation_id, wait).await
+            // At a stop or a restart: the rotation as it stands.
+            let mut closing = self.closing.clone();
+            tokio::select! {
+                record = self.services.engine.wait(&ticket.rotation_id, wait) => record,
+                _ = run_ended(&mut closing) => {
+                    self.services.vault.store().rotation(&ticket.rotation_id).await
+                }
+            }
         };
         let record = match record {
             Ok(Some(r)) => r,

@@ -37,7 +37,7 @@ use crate::policy::{self, Policy};
 use crate::provider::Provider;
 use crate::rejections::Rejections;
 use crate::rotation::catalog::{Catalog, SecretSpec};
-use crate::services::{RunEnd, Services};
+use crate::services::{RunEnd, Services, run_ended};
 use crate::store::{AlertKind, LeaseRow, SecretRecord, UpstreamState};
 use crate::value::SecretValue;
 use crate::vault::{Bound, VaultError, short_fingerprint};
@@ -751,13 +751,10 @@ impl AgentApi {
                     self.services.metrics.watch_timeouts.fetch_add(1, Ordering::Relaxed);
                     return Ok(false);
                 }
-                restart = async {
-                    let end = closing.wait_for(Option::is_some).await;
-                    matches!(end.as_deref(), Ok(Some(RunEnd::Restart)))
-                } => {
+                end = run_ended(&mut closing) => {
                     // A restart cuts the wait short: answered as if it had run out (304), the
                     // client asks again of the next run.
-                    if restart {
+                    if end == RunEnd::Restart {
                         return Ok(false);
                     }
                     return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sealed", "the daemon is stopping"));

@@ -50,3 +50,12 @@ pub enum RunEnd {
     /// The next run takes over the sockets as soon as this one has stopped.
     Restart,
 }
+
+/// Resolves with why the run ends once `closing` says it does ([`RunEnd::Stop`] if its sender
+/// is gone).
+pub async fn run_ended(closing: &mut tokio::sync::watch::Receiver<Option<RunEnd>>) -> RunEnd {
+    match closing.wait_for(Option::is_some).await {
+        Ok(end) => end.unwrap_or(RunEnd::Stop),
+        Err(_) => RunEnd::Stop,
+    }
+}

@@ -190,3 +190,40 @@ fn a_fetch_or_a_watch_in_flight_when_the_daemon_reloads_or_stops_is_answered() {
     assert_eq!(watcher.join().unwrap().0, 304, "the watch open at SIGHUP");
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+#[test]
+fn a_rotation_waited_on_when_the_daemon_stops_is_answered_with_where_it_stands() {
+    // The rotation is held after its `created` step (the failpoint sleeps) while `keywarden
+    // rotate` waits for it and the daemon is told to stop: the command is answered with the
+    // rotation as it stands (it resumes at the next start), not cut off.
+    let env = Env::with_config(&format!(
+        "{}\n[secrets.\"app/first\"]\nprovider = \"random\"\n",
+        common::daemon::base_config("5s")
+    ));
+    env.ok(&["init"], None);
+    let daemon = env.start_daemon_with(&[("FAILPOINTS", "rotation.created=sleep(3000)")]);
+    common::daemon::wait_for("the first version", Duration::from_secs(30), || {
+        (env.entry("app/first")["version"] == 1).then_some(())
+    });
+    let rotate = env
+        .cmd()
+        .args(["rotate", "app/first", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::daemon::wait_for("the rotation to be held", Duration::from_secs(20), || {
+        (env.entry("app/first")["rotation_state"] == "created").then_some(())
+    });
+    signal(daemon.pid(), "TERM");
+    let out = rotate.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(answer["state"], "created", "{answer}");
+    assert_eq!(daemon.terminate(), Some(0));
+}

@@ -522,6 +522,7 @@ async fn start_servers(
         &refused_uids,
         rejections,
         config.store.kdf,
+        closing.clone(),
     ));
     // Bodies carry values (`put`, up to 256 KiB) and what `scan` found (`copies`).
     let admin_limits = http::Limits {
