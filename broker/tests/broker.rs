@@ -939,3 +939,104 @@ ca_file = {ca}
         assert!(!log.contains(key));
     }
 }
+
+#[test]
+fn a_reload_neither_refuses_nor_fails_a_brokered_request() {
+    // The broker socket and the loopback listeners stay open while SIGHUP restarts the
+    // services: agents asking throughout get every answer, and no connection is refused.
+    let s = Setup::new(ADMITTED, "");
+    let daemon = s.daemon.as_ref().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let running =
+        |stop: &std::sync::atomic::AtomicBool| !stop.load(std::sync::atomic::Ordering::Relaxed);
+    let requests = {
+        let (stop, socket) = (stop.clone(), s.socket());
+        std::thread::spawn(move || {
+            let (mut answered, mut failed) = (0, Vec::new());
+            while running(&stop) {
+                let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+                let args = ["-H", "content-type: application/json", "--data", body];
+                match curl(
+                    &socket,
+                    "POST",
+                    "/v1/broker/openai/v1/chat/completions",
+                    &args,
+                ) {
+                    (200, _) => answered += 1,
+                    (code, body) => failed.push(format!("{code} {body}")),
+                }
+            }
+            (answered, failed)
+        })
+    };
+    let over_tcp = {
+        let (stop, port) = (stop.clone(), s.openai_port);
+        std::thread::spawn(move || {
+            let url = format!("http://127.0.0.1:{port}/v1/broker/openai/v1/chat/completions");
+            let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+            let (mut answered, mut failed) = (0, Vec::new());
+            while running(&stop) {
+                let out = Command::new("curl")
+                    .args([
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "--data",
+                        body,
+                    ])
+                    .args(["-H", "content-type: application/json", &url])
+                    .output()
+                    .unwrap();
+                match String::from_utf8_lossy(&out.stdout).as_ref() {
+                    "200" => answered += 1,
+                    code => failed.push(format!("{code} (curl exit {:?})", out.status.code())),
+                }
+            }
+            (answered, failed)
+        })
+    };
+    // Connections alone, every millisecond: a listener closed for a moment refuses them.
+    let connects = {
+        let (stop, port) = (stop.clone(), s.openai_port);
+        std::thread::spawn(move || {
+            let (mut made, mut refused) = (0, 0);
+            while running(&stop) {
+                match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                    Ok(_) => made += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+                    Err(e) => panic!("connecting: {e}"),
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (made, refused)
+        })
+    };
+    let ok = Command::new("kill")
+        .args(["-HUP", &daemon.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    wait_for("the services to restart", Duration::from_secs(30), || {
+        (daemon.log_text().matches("keywarden is serving").count() == 2).then_some(())
+    });
+    let served_before = s.provider.seen().len();
+    wait_for("requests after the reload", Duration::from_secs(30), || {
+        (s.provider.seen().len() > served_before + 3).then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (made, refused) = connects.join().unwrap();
+    assert_eq!(
+        refused, 0,
+        "connections refused across the reload ({made} made)"
+    );
+    for (path, client) in [("the socket", requests), ("TCP", over_tcp)] {
+        let (answered, failed) = client.join().unwrap();
+        assert!(answered > 0, "nothing answered over {path}");
+        assert!(
+            failed.is_empty(),
+            "failed over {path} across the reload: {failed:?}"
+        );
+    }
+}

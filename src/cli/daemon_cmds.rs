@@ -240,7 +240,7 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
         let config = running.as_deref().unwrap_or(&ctx.config);
         if !sockets.fit(config) {
             // The new config moves a socket: the old one goes, the new one is bound.
-            sockets.remove();
+            sockets.release();
             sockets = match crate::daemon::Sockets::bind(config) {
                 Ok(sockets) => sockets,
                 Err(e) => break Err(e),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{ServeError, StartError};
+use super::StartError;
 use crate::broker::Brokers;
 use crate::broker::process::{BrokerProcess, BrokerSpec};
 use crate::broker_api::{BrokerApi, LoopbackListener};
@@ -73,30 +73,6 @@ pub(super) async fn start(
         .budgets
         .restore(&store.broker_spending(day, minute).await?, now);
     Ok(Some((Arc::new(brokers), keeper)))
-}
-
-/// Binds the broker socket and each broker's loopback listener (before anything else starts,
-/// so a conflict fails early).
-pub(super) async fn bind(
-    config: &Config,
-) -> Result<(Option<tokio::net::UnixListener>, Vec<LoopbackListener>), ServeError> {
-    if config.brokers.is_empty() {
-        return Ok((None, Vec::new()));
-    }
-    let socket = http::bind_socket(&config.agent.broker_socket, config.agent.socket_mode, 0o755)?;
-    let mut listeners = Vec::new();
-    for b in config.brokers.values() {
-        if let Some(address) = &b.listen {
-            let listener = tokio::net::TcpListener::bind(address)
-                .await
-                .map_err(|source| ServeError::Listen {
-                    address: address.clone(),
-                    source,
-                })?;
-            listeners.push(LoopbackListener(listener));
-        }
-    }
-    Ok((Some(socket), listeners))
 }
 
 /// Serves the broker API on the socket and the loopback listeners until `stop` (nothing

@@ -13,7 +13,7 @@ pub mod notify;
 mod runtime;
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -118,101 +118,190 @@ impl ServeError {
     }
 }
 
-/// The agent and admin sockets, bound once and kept while the daemon's services stop and
-/// start again on a new config (SIGHUP): a connection that arrives meanwhile waits in the
-/// kernel's queue and is answered by the next run, instead of being refused.
+/// The agent, admin and broker sockets and the brokers' loopback listeners, bound once and
+/// kept while the daemon's services stop and start again (a new config on SIGHUP, a change of
+/// leader): a connection that arrives meanwhile waits in the kernel's queue and is answered by
+/// the next run, instead of being refused.
 #[derive(Debug)]
 pub struct Sockets {
     agent: std::os::unix::net::UnixListener,
     admin: std::os::unix::net::UnixListener,
-    /// The config they were bound for: agent path and mode, admin path, whether admin uids
-    /// were set (which decides the admin socket's mode).
-    bound_for: (PathBuf, u32, PathBuf, bool),
+    /// The broker socket, with `[brokers]`.
+    broker: Option<std::os::unix::net::UnixListener>,
+    /// The brokers' `listen` addresses.
+    loopback: Vec<std::net::TcpListener>,
+    bound_for: Bound,
+}
+
+/// What in the config decides the sockets: a config that changes any of it binds them anew.
+#[derive(Debug, PartialEq, Eq)]
+struct Bound {
+    agent: PathBuf,
+    agent_mode: u32,
+    admin: PathBuf,
+    /// Whether admin uids were set (which decides the admin socket's mode).
+    admin_open: bool,
+    /// The broker socket, when `[brokers]` are configured.
+    broker: Option<PathBuf>,
+    loopback: Vec<String>,
+}
+
+impl Bound {
+    fn of(config: &Config) -> Bound {
+        let agent = &config.agent;
+        Bound {
+            agent: agent.socket.clone(),
+            agent_mode: agent.socket_mode,
+            admin: agent.admin_socket.clone(),
+            admin_open: !agent.admin_uids.is_empty(),
+            broker: (!config.brokers.is_empty()).then(|| agent.broker_socket.clone()),
+            loopback: config
+                .brokers
+                .values()
+                .filter_map(|b| b.listen.clone())
+                .collect(),
+        }
+    }
+
+    /// Removes the socket files.
+    fn remove(&self) {
+        for path in [Some(&self.admin), Some(&self.agent), self.broker.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// One run's listeners on the [`Sockets`].
+struct Listeners {
+    agent: tokio::net::UnixListener,
+    admin: tokio::net::UnixListener,
+    broker: Option<tokio::net::UnixListener>,
+    loopback: Vec<broker_api::LoopbackListener>,
 }
 
 impl Sockets {
-    /// Binds both (a conflict with another daemon fails here, before any work is done). The
+    /// Binds them all (a conflict with another daemon fails here, before any work is done). The
     /// agent socket first: a directory it creates is 0755 so agents can reach it; the admin
     /// socket's own mode (0600 unless admin_uids are set) protects it even in a shared
-    /// directory.
+    /// directory. On an error, the socket files it made are removed.
     pub fn bind(config: &Config) -> Result<Sockets, ServeError> {
+        let bound_for = Bound::of(config);
+        // The socket files this call made, removed again if a later one fails (never one it
+        // found in use: that is another daemon's).
+        let mut made = Vec::new();
+        let bound = Self::bind_all(config, &bound_for, &mut made);
+        if bound.is_err() {
+            for path in made {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        bound
+    }
+
+    fn bind_all(
+        config: &Config,
+        bound_for: &Bound,
+        made: &mut Vec<PathBuf>,
+    ) -> Result<Sockets, ServeError> {
+        let mut unix = |path: &Path, mode: u32, dir_mode: u32| {
+            let listener = http::bind_socket(path, mode, dir_mode)?;
+            made.push(path.to_path_buf());
+            listener.into_std().map_err(|source| SocketError::Io {
+                what: "cannot keep the socket",
+                path: path.to_path_buf(),
+                source,
+            })
+        };
         let agent = &config.agent;
-        let agent_listener = http::bind_socket(&agent.socket, agent.socket_mode, 0o755)?;
+        let agent_listener = unix(&agent.socket, agent.socket_mode, 0o755)?;
         // With admin_uids the socket must be reachable by them: the API's uid check is the gate.
         let (admin_mode, admin_dir_mode) = if agent.admin_uids.is_empty() {
             (0o600, 0o700)
         } else {
             (0o666, 0o711)
         };
-        let admin_listener =
-            match http::bind_socket(&agent.admin_socket, admin_mode, admin_dir_mode) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = std::fs::remove_file(&agent.socket);
-                    return Err(e.into());
-                }
-            };
-        let sockets = (agent_listener.into_std(), admin_listener.into_std());
-        match sockets {
-            (Ok(agent_l), Ok(admin_l)) => Ok(Sockets {
-                agent: agent_l,
-                admin: admin_l,
-                bound_for: Self::key(config),
-            }),
-            (Err(source), _) | (_, Err(source)) => {
-                let _ = std::fs::remove_file(&agent.socket);
-                let _ = std::fs::remove_file(&agent.admin_socket);
-                Err(SocketError::Io {
-                    what: "cannot keep the socket",
-                    path: agent.socket.clone(),
+        let admin_listener = unix(&agent.admin_socket, admin_mode, admin_dir_mode)?;
+        let broker = match &bound_for.broker {
+            Some(path) => Some(unix(path, agent.socket_mode, 0o755)?),
+            None => None,
+        };
+        let loopback = bound_for
+            .loopback
+            .iter()
+            .map(|address| {
+                std::net::TcpListener::bind(address).map_err(|source| ServeError::Listen {
+                    address: address.clone(),
                     source,
-                }
-                .into())
-            }
-        }
-    }
-
-    fn key(config: &Config) -> (PathBuf, u32, PathBuf, bool) {
-        let agent = &config.agent;
-        (
-            agent.socket.clone(),
-            agent.socket_mode,
-            agent.admin_socket.clone(),
-            agent.admin_uids.is_empty(),
-        )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Sockets {
+            agent: agent_listener,
+            admin: admin_listener,
+            broker,
+            loopback,
+            bound_for: Bound::of(config),
+        })
     }
 
     /// Whether they are the sockets `config` asks for (else unbind and bind anew).
     pub fn fit(&self, config: &Config) -> bool {
-        self.bound_for == Self::key(config)
+        self.bound_for == Bound::of(config)
     }
 
     /// Listeners for one run, on the same sockets (the sockets stay open when a run ends).
-    fn listeners(
-        &self,
-    ) -> Result<(tokio::net::UnixListener, tokio::net::UnixListener), SocketError> {
-        let run = |l: &std::os::unix::net::UnixListener, path: &PathBuf| {
+    fn listeners(&self) -> Result<Listeners, SocketError> {
+        let again = |source, path: &Path| SocketError::Io {
+            what: "cannot listen again on",
+            path: path.to_path_buf(),
+            source,
+        };
+        let unix = |l: &std::os::unix::net::UnixListener, path: &Path| {
             l.try_clone()
                 .and_then(|l| {
                     l.set_nonblocking(true)?;
                     tokio::net::UnixListener::from_std(l)
                 })
-                .map_err(|source| SocketError::Io {
-                    what: "cannot listen again on",
-                    path: path.clone(),
-                    source,
-                })
+                .map_err(|e| again(e, path))
         };
-        Ok((
-            run(&self.agent, &self.bound_for.0)?,
-            run(&self.admin, &self.bound_for.2)?,
-        ))
+        let broker = match (&self.broker, &self.bound_for.broker) {
+            (Some(l), Some(path)) => Some(unix(l, path)?),
+            _ => None,
+        };
+        let loopback = self
+            .loopback
+            .iter()
+            .map(|l| {
+                l.try_clone()
+                    .and_then(|l| {
+                        l.set_nonblocking(true)?;
+                        tokio::net::TcpListener::from_std(l)
+                    })
+                    .map(broker_api::LoopbackListener)
+                    .map_err(|e| again(e, &self.bound_for.agent))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Listeners {
+            agent: unix(&self.agent, &self.bound_for.agent)?,
+            admin: unix(&self.admin, &self.bound_for.admin)?,
+            broker,
+            loopback,
+        })
     }
 
     /// Removes their files (the sockets close when this is dropped).
     pub fn remove(&self) {
-        let _ = std::fs::remove_file(&self.bound_for.2);
-        let _ = std::fs::remove_file(&self.bound_for.0);
+        self.bound_for.remove();
+    }
+
+    /// Removes their files and closes the TCP listeners, so that binding for a new config can
+    /// take the same paths and addresses.
+    pub fn release(&mut self) {
+        self.remove();
+        self.loopback.clear();
     }
 }
 
@@ -250,26 +339,9 @@ pub async fn serve_on(
     end: impl Future<Output = RunEnd>,
 ) -> Result<(), ServeError> {
     let agent = &config.agent;
-    let (agent_listener, admin_listener) = sockets.listeners()?;
-    let remove_broker_socket = || {
-        if !config.brokers.is_empty() {
-            let _ = std::fs::remove_file(&agent.broker_socket);
-        }
-    };
-    let (broker_listeners, signal_listener) = match bind_per_run(config, mode).await {
-        Ok(listeners) => listeners,
-        Err(e) => {
-            remove_broker_socket();
-            return Err(e);
-        }
-    };
-    let runtime = match Runtime::start(config, vault.clone(), Clock::System, mode).await {
-        Ok(r) => r,
-        Err(e) => {
-            remove_broker_socket();
-            return Err(e.into());
-        }
-    };
+    let listeners = sockets.listeners()?;
+    let signal_listener = bind_signal_listener(config, mode).await?;
+    let runtime = Runtime::start(config, vault.clone(), Clock::System, mode).await?;
     let store_path = vault.store().path().to_path_buf();
     let brokers = match brokers::start(
         config,
@@ -282,7 +354,6 @@ pub async fn serve_on(
         Ok(b) => b,
         Err(e) => {
             runtime.stop(config.daemon.shutdown_timeout).await;
-            remove_broker_socket();
             return Err(e.into());
         }
     };
@@ -313,16 +384,13 @@ pub async fn serve_on(
         &services,
         (closing, rejections),
         signal_listener,
-        agent_listener,
-        admin_listener,
-        broker_listeners,
+        listeners,
     )
     .await
     {
         Ok(servers) => servers,
         Err(e) => {
             runtime.stop(config.daemon.shutdown_timeout).await;
-            remove_broker_socket();
             return Err(e);
         }
     };
@@ -355,38 +423,25 @@ pub async fn serve_on(
     }
     let _ = trimmer.await;
     flush(services.vault.store()).await;
-    remove_broker_socket();
     tracing::info!("stopped");
     Ok(())
 }
 
-/// What each run binds anew: the brokers' sockets and (but on a follower) the signal listener.
-async fn bind_per_run(
+/// The signal listener, which each run binds anew (a follower does not listen for signals).
+async fn bind_signal_listener(
     config: &Config,
     mode: Mode,
-) -> Result<
-    (
-        (
-            Option<tokio::net::UnixListener>,
-            Vec<broker_api::LoopbackListener>,
-        ),
-        Option<tokio::net::TcpListener>,
-    ),
-    ServeError,
-> {
-    let brokers = brokers::bind(config).await?;
-    let signals = match &config.signals.listen {
-        Some(address) if mode != Mode::Follower => Some(
-            tokio::net::TcpListener::bind(address)
-                .await
-                .map_err(|source| ServeError::Listen {
-                    address: address.clone(),
-                    source,
-                })?,
-        ),
-        _ => None,
-    };
-    Ok((brokers, signals))
+) -> Result<Option<tokio::net::TcpListener>, ServeError> {
+    match &config.signals.listen {
+        Some(address) if mode != Mode::Follower => tokio::net::TcpListener::bind(address)
+            .await
+            .map(Some)
+            .map_err(|source| ServeError::Listen {
+                address: address.clone(),
+                source,
+            }),
+        _ => Ok(None),
+    }
 }
 
 /// Commits what stopped tasks queued, then (SQLite) folds the write-ahead log into the store, so
@@ -425,12 +480,7 @@ async fn start_servers(
     services: &Services,
     (closing, rejections): (watch::Receiver<Option<RunEnd>>, Arc<Rejections>),
     signal_listener: Option<tokio::net::TcpListener>,
-    agent_listener: tokio::net::UnixListener,
-    admin_listener: tokio::net::UnixListener,
-    broker_listeners: (
-        Option<tokio::net::UnixListener>,
-        Vec<broker_api::LoopbackListener>,
-    ),
+    listeners: Listeners,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, ServeError> {
     let agent = &config.agent;
     let limits = http::Limits {
@@ -502,7 +552,7 @@ async fn start_servers(
         Some(signals.clone()),
     ));
     servers.push(tokio::spawn(http::serve(
-        agent_listener,
+        listeners.agent,
         agent_api,
         limits.clone(),
         closing.clone(),
@@ -510,7 +560,7 @@ async fn start_servers(
     servers.extend(brokers::serve(
         config,
         services,
-        broker_listeners,
+        (listeners.broker, listeners.loopback),
         refused_uids.clone(),
         rejections.clone(),
         signals,
@@ -530,7 +580,7 @@ async fn start_servers(
         ..limits
     };
     servers.push(tokio::spawn(http::serve(
-        admin_listener,
+        listeners.admin,
         admin_api,
         admin_limits,
         closing,
