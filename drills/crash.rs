@@ -142,7 +142,7 @@ pub fn run(o: &Options) -> usize {
         "crash drill: {} secrets (+{ISSUED} issued per lease), {} kills, daemon life up to {:?}, seed {}",
         o.secrets, o.kills, o.max_life, o.seed
     );
-    let mut rng = Rng::new(o.seed);
+    let rng = Rng::new(o.seed);
     let mut violations = Violations::default();
     let env = Env::new();
     std::fs::write(&env.config, config(&env, o.secrets, true)).unwrap();
@@ -165,19 +165,17 @@ pub fn run(o: &Options) -> usize {
         started.elapsed().as_secs_f64()
     );
     let agents = Agents::start(4, env.agent_socket(), names.clone(), o.seed);
-    let mut commands = Commands::default();
-    let (daemon, kills) = kill_at_random(o, &env, &log, &mut rng, &mut commands, daemon);
-    let (daemon, points_hit) = stop_at_every_crash_point(
+    let mut drill = Crashes {
         o,
-        &env,
-        &log,
-        &mut rng,
-        &mut commands,
-        daemon,
-        &mut violations,
-    );
+        env: &env,
+        log: &log,
+        rng,
+        commands: Commands::default(),
+    };
+    let (daemon, kills) = drill.kill_at_random(daemon);
+    let (daemon, points_hit) = drill.stop_at_every_crash_point(daemon, &mut violations);
     kit::kill9(daemon);
-    commands.kill_all();
+    drill.commands.kill_all();
     let (unanswered, refused) = (agents.unanswered.clone(), agents.failed.clone());
     let fetched = agents.stop();
 
@@ -257,108 +255,111 @@ pub fn run(o: &Options) -> usize {
     violations.count()
 }
 
-/// Kills the daemon at random instants and starts it again, `o.kills` times: during scheduled
-/// rotations, then during a `rotate-all --assume-compromise`, then during `rekey`s. Returns the
-/// daemon last started.
-fn kill_at_random(
-    o: &Options,
-    env: &Env,
-    log: &Path,
-    rng: &mut Rng,
-    commands: &mut Commands,
-    mut daemon: Daemon,
-) -> (Daemon, Kills) {
-    let incident_at = o.kills * 2 / 5;
-    let rekeys_from = o.kills * 7 / 10;
-    let mut before_ready = 0;
-    let started = Instant::now();
-    for k in 0..o.kills {
-        if k == incident_at {
-            commands.start(
-                env,
-                &[
-                    "rotate-all",
-                    "--assume-compromise",
-                    "--yes",
-                    "--json",
-                    "--concurrency",
-                    "32",
-                ],
-            );
-        }
-        if k >= rekeys_from && k % 10 == 0 {
-            commands.start(env, &["rekey"]);
-        }
-        let life = Duration::from_millis(rng.below(o.max_life.as_millis() as u64 + 1));
-        std::thread::sleep(life);
-        if !matches!(
-            kit::request(&env.admin_socket(), "GET", "/v1/admin/status", None),
-            Ok((200, _))
-        ) {
-            before_ready += 1;
-        }
-        kit::kill9(daemon);
-        commands.reap();
-        daemon = kit::spawn_daemon(env, log, None);
-        if (k + 1) % 100 == 0 {
-            println!(
-                "  {} kills in {:.0} s",
-                k + 1,
-                started.elapsed().as_secs_f64()
-            );
-        }
-    }
-    let took = started.elapsed();
-    (daemon, Kills { before_ready, took })
+/// The daemon's kills and crash points, and what they share.
+struct Crashes<'a> {
+    o: &'a Options,
+    env: &'a Env,
+    log: &'a Path,
+    rng: Rng,
+    /// CLI commands started in the background (an incident, rekeys).
+    commands: Commands,
 }
 
-/// Starts the daemon armed at each crash point in turn and makes it pass there; returns the
-/// daemon last started and how many points stopped it.
-fn stop_at_every_crash_point(
-    o: &Options,
-    env: &Env,
-    log: &Path,
-    rng: &mut Rng,
-    commands: &mut Commands,
-    mut daemon: Daemon,
-    violations: &mut Violations,
-) -> (Daemon, usize) {
-    let mut points_hit = 0;
-    for (point, trigger) in CRASH_POINTS {
-        kit::kill9(daemon);
-        commands.kill_all();
-        let mut armed = kit::spawn_daemon(env, log, Some(&format!("{point}=return")));
-        if kit::wait_ready(env, &mut armed, Duration::from_secs(60)) {
-            match trigger {
-                Trigger::Incident => commands.start(
+impl Crashes<'_> {
+    /// Kills the daemon at random instants and starts it again, `o.kills` times: during scheduled
+    /// rotations, then during a `rotate-all --assume-compromise`, then during `rekey`s. Returns the
+    /// daemon last started.
+    fn kill_at_random(&mut self, mut daemon: Daemon) -> (Daemon, Kills) {
+        let (o, env, log) = (self.o, self.env, self.log);
+        let incident_at = o.kills * 2 / 5;
+        let rekeys_from = o.kills * 7 / 10;
+        let mut before_ready = 0;
+        let started = Instant::now();
+        for k in 0..o.kills {
+            if k == incident_at {
+                self.commands.start(
                     env,
-                    &["rotate-all", "--assume-compromise", "--yes", "--json"],
-                ),
-                Trigger::Rekey => commands.start(env, &["rekey"]),
-                Trigger::Rotate | Trigger::Agents => {}
+                    &[
+                        "rotate-all",
+                        "--assume-compromise",
+                        "--yes",
+                        "--json",
+                        "--concurrency",
+                        "32",
+                    ],
+                );
+            }
+            if k >= rekeys_from && k % 10 == 0 {
+                self.commands.start(env, &["rekey"]);
+            }
+            let life = Duration::from_millis(self.rng.below(o.max_life.as_millis() as u64 + 1));
+            std::thread::sleep(life);
+            if !matches!(
+                kit::request(&env.admin_socket(), "GET", "/v1/admin/status", None),
+                Ok((200, _))
+            ) {
+                before_ready += 1;
+            }
+            kit::kill9(daemon);
+            self.commands.reap();
+            daemon = kit::spawn_daemon(env, log, None);
+            if (k + 1) % 100 == 0 {
+                println!(
+                    "  {} kills in {:.0} s",
+                    k + 1,
+                    started.elapsed().as_secs_f64()
+                );
             }
         }
-        let hit = kit::eventually(Duration::from_secs(60), || {
-            if armed.try_wait().is_some() {
-                return true;
-            }
-            if let Trigger::Rotate = trigger {
-                let name = stored_name(rng.below(o.secrets as u64) as usize);
-                let _ = env.run(&["rotate", &name, "--no-wait"], None);
-            }
-            false
-        });
-        let aborted = hit
-            && armed
-                .try_wait()
-                .is_some_and(|s| std::os::unix::process::ExitStatusExt::signal(&s).is_some());
-        violations.check(aborted, || format!("crash point {point} was not reached"));
-        points_hit += usize::from(aborted);
-        kit::kill9(armed);
-        commands.reap();
-        daemon = kit::spawn_daemon(env, log, None);
+        let took = started.elapsed();
+        (daemon, Kills { before_ready, took })
     }
-    (daemon, points_hit)
+
+    /// Starts the daemon armed at each crash point in turn and makes it pass there; returns the
+    /// daemon last started and how many points stopped it.
+    fn stop_at_every_crash_point(
+        &mut self,
+        mut daemon: Daemon,
+        violations: &mut Violations,
+    ) -> (Daemon, usize) {
+        let (o, env, log) = (self.o, self.env, self.log);
+        let mut points_hit = 0;
+        for (point, trigger) in CRASH_POINTS {
+            kit::kill9(daemon);
+            self.commands.kill_all();
+            let mut armed = kit::spawn_daemon(env, log, Some(&format!("{point}=return")));
+            if kit::wait_ready(env, &mut armed, Duration::from_secs(60)) {
+                match trigger {
+                    Trigger::Incident => self.commands.start(
+                        env,
+                        &["rotate-all", "--assume-compromise", "--yes", "--json"],
+                    ),
+                    Trigger::Rekey => self.commands.start(env, &["rekey"]),
+                    Trigger::Rotate | Trigger::Agents => {}
+                }
+            }
+            let hit = kit::eventually(Duration::from_secs(60), || {
+                if armed.try_wait().is_some() {
+                    return true;
+                }
+                if let Trigger::Rotate = trigger {
+                    let name = stored_name(self.rng.below(o.secrets as u64) as usize);
+                    let _ = env.run(&["rotate", &name, "--no-wait"], None);
+                }
+                false
+            });
+            let aborted = hit
+                && armed
+                    .try_wait()
+                    .is_some_and(|s| std::os::unix::process::ExitStatusExt::signal(&s).is_some());
+            violations.check(aborted, || format!("crash point {point} was not reached"));
+            points_hit += usize::from(aborted);
+            kit::kill9(armed);
+            self.commands.reap();
+            daemon = kit::spawn_daemon(env, log, None);
+        }
+        (daemon, points_hit)
+    }
 }
 
 /// Pushes the schedules out of the way and starts the daemon until every rotation, incident

@@ -205,6 +205,20 @@ listen = "127.0.0.1:{anthropic_port}"
     }
 }
 
+/// `curl -s` over TCP with `args`: the status it printed (`000` when no answer came) and its
+/// exit code.
+fn curl_tcp(args: &[&str]) -> (String, Option<i32>) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status.code(),
+    )
+}
+
 /// An audit row's detail, as JSON.
 fn detail(row: &Value) -> Value {
     match &row["detail"] {
@@ -397,25 +411,12 @@ fn calls_outside_the_preset_and_path_tricks_never_reach_the_provider() {
         "Origin: https://evil.example",
         "Sec-Fetch-Site: same-origin",
     ] {
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-H",
-                mark,
-                "--data",
-            ])
-            .arg(r#"{"model":"m","messages":[]}"#)
-            .arg(format!(
-                "http://127.0.0.1:{}/openai/v1/chat/completions",
-                s.openai_port
-            ))
-            .output()
-            .unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "403", "{mark}");
+        let url = format!(
+            "http://127.0.0.1:{}/openai/v1/chat/completions",
+            s.openai_port
+        );
+        let (code, _) = curl_tcp(&["-H", mark, "--data", r#"{"model":"m","messages":[]}"#, &url]);
+        assert_eq!(code, "403", "{mark}");
     }
     assert!(s.provider.seen().is_empty(), "{:?}", s.provider.seen());
     let denied = s.audit("broker.denied");
@@ -686,16 +687,12 @@ fn peers_no_policy_admits_are_refused_and_audited_over_the_socket_and_tcp() {
         "{denied:?}"
     );
     // The admitted user over TCP is served.
-    let out = Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--data"])
-        .arg(r#"{"model":"m","messages":[]}"#)
-        .arg(format!(
-            "http://127.0.0.1:{}/openai/v1/chat/completions",
-            s.openai_port
-        ))
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let url = format!(
+        "http://127.0.0.1:{}/openai/v1/chat/completions",
+        s.openai_port
+    );
+    let (code, _) = curl_tcp(&["--data", r#"{"model":"m","messages":[]}"#, &url]);
+    assert_eq!(code, "200");
 }
 
 #[test]
@@ -976,22 +973,10 @@ fn a_reload_neither_refuses_nor_fails_a_brokered_request() {
             let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
             let (mut answered, mut failed) = (0, Vec::new());
             while running(&stop) {
-                let out = Command::new("curl")
-                    .args([
-                        "-s",
-                        "-o",
-                        "/dev/null",
-                        "-w",
-                        "%{http_code}",
-                        "--data",
-                        body,
-                    ])
-                    .args(["-H", "content-type: application/json", &url])
-                    .output()
-                    .unwrap();
-                match String::from_utf8_lossy(&out.stdout).as_ref() {
-                    "200" => answered += 1,
-                    code => failed.push(format!("{code} (curl exit {:?})", out.status.code())),
+                let args = ["--data", body, "-H", "content-type: application/json", &url];
+                match curl_tcp(&args) {
+                    (code, _) if code == "200" => answered += 1,
+                    (code, exit) => failed.push(format!("{code} (curl exit {exit:?})")),
                 }
             }
             (answered, failed)
