@@ -188,11 +188,10 @@ impl Sockets {
     /// socket's own mode (0600 unless admin_uids are set) protects it even in a shared
     /// directory. On an error, the socket files it made are removed.
     pub fn bind(config: &Config) -> Result<Sockets, ServeError> {
-        let bound_for = Bound::of(config);
         // The socket files this call made, removed again if a later one fails (never one it
         // found in use: that is another daemon's).
         let mut made = Vec::new();
-        let bound = Self::bind_all(config, &bound_for, &mut made);
+        let bound = Self::bind_all(config, Bound::of(config), &mut made);
         if bound.is_err() {
             for path in made {
                 let _ = std::fs::remove_file(path);
@@ -203,7 +202,7 @@ impl Sockets {
 
     fn bind_all(
         config: &Config,
-        bound_for: &Bound,
+        bound_for: Bound,
         made: &mut Vec<PathBuf>,
     ) -> Result<Sockets, ServeError> {
         let mut unix = |path: &Path, mode: u32, dir_mode: u32| {
@@ -243,7 +242,7 @@ impl Sockets {
             admin: admin_listener,
             broker,
             loopback,
-            bound_for: Bound::of(config),
+            bound_for,
         })
     }
 
@@ -253,7 +252,7 @@ impl Sockets {
     }
 
     /// Listeners for one run, on the same sockets (the sockets stay open when a run ends).
-    fn listeners(&self) -> Result<Listeners, SocketError> {
+    fn listeners(&self) -> Result<Listeners, ServeError> {
         let again = |source, path: &Path| SocketError::Io {
             what: "cannot listen again on",
             path: path.to_path_buf(),
@@ -274,14 +273,18 @@ impl Sockets {
         let loopback = self
             .loopback
             .iter()
-            .map(|l| {
+            .zip(&self.bound_for.loopback)
+            .map(|(l, address)| {
                 l.try_clone()
                     .and_then(|l| {
                         l.set_nonblocking(true)?;
                         tokio::net::TcpListener::from_std(l)
                     })
                     .map(broker_api::LoopbackListener)
-                    .map_err(|e| again(e, &self.bound_for.agent))
+                    .map_err(|source| ServeError::Listen {
+                        address: address.clone(),
+                        source,
+                    })
             })
             .collect::<Result<_, _>>()?;
         Ok(Listeners {
@@ -323,7 +326,7 @@ pub async fn serve(
     served
 }
 
-/// [`serve`] on agent and admin sockets bound by the caller, which it leaves bound, until `end`
+/// [`serve`] on sockets bound by the caller, which it leaves bound, until `end`
 /// says why this run ends; `mode` is [`Mode::Daemon`], or [`Mode::Follower`] on a PostgreSQL
 /// store another daemon leads (no scheduler, no rotations, no signal listener; the admin API
 /// only answers reads).
