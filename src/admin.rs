@@ -228,27 +228,23 @@ impl AdminApi {
             Err(e) => return compromise_error(e),
         };
         let deadline = tokio::time::Instant::now() + wait;
+        let mut closing = self.closing.clone();
         loop {
             if !self.services.incidents.is_running(&id) {
                 return self.incident(&id).await;
             }
-            if tokio::time::Instant::now() >= deadline {
+            // At a stop or a restart the run is left to finish (or to resume at the next
+            // start) and the request is answered as if its wait had run out.
+            let waited_out = tokio::time::Instant::now() >= deadline
+                || tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => false,
+                    _ = run_ended(&mut closing) => true,
+                };
+            if waited_out {
                 return http::json(
                     StatusCode::ACCEPTED,
                     &json!({ "incident_id": id, "finished": false }),
                 );
-            }
-            // At a stop or a restart the run is left to finish (or to resume at the next
-            // start) and the request is answered as if its wait had run out.
-            let mut closing = self.closing.clone();
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                _ = run_ended(&mut closing) => {
-                    return http::json(
-                        StatusCode::ACCEPTED,
-                        &json!({ "incident_id": id, "finished": false }),
-                    );
-                }
             }
         }
     }

@@ -5,9 +5,9 @@
 //! waits until the reader has taken it. Passed straight to another connection, a stream of
 //! small events then costs one write (and two task wakes) per event, whatever the reader's
 //! pace. Here a task reads the answer ahead into a bounded channel as fast as it arrives (at
-//! most [`BYTES_AHEAD`]: an agent that stops reading holds no more of the answer than that),
-//! and the reader takes all that is waiting at once: an event still goes out the moment it
-//! arrives when the agent keeps up, and a fast stream goes out in few large writes.
+//! most 256 KiB: an agent that stops reading holds no more of the answer than that), and the
+//! reader takes all that is waiting at once: an event still goes out the moment it arrives
+//! when the agent keeps up, and a fast stream goes out in few large writes.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use tokio::sync::{Semaphore, mpsc};
 const FRAMES_AHEAD: usize = 64;
 /// Bytes of data the task may read ahead of the reader (a frame larger than this counts as
 /// this much).
-pub const BYTES_AHEAD: usize = 256 << 10;
+const BYTES_AHEAD: usize = 256 << 10;
 /// The most one relayed frame joins; an answer known to be no larger passes straight through.
 const MAX_JOINED: usize = 64 << 10;
 
