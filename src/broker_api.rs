@@ -27,7 +27,7 @@ use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming};
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use keywarden_plugin_sdk::broker::relay::Relayed;
+use keywarden_plugin_sdk::broker::relay::{Relayed, Source};
 use keywarden_plugin_sdk::broker::{
     DROPPED_REQUEST_HEADERS, KEY_HEADER_PREFIX, ROUTE_HEADER, UPSTREAM_MS_HEADER,
 };
@@ -290,7 +290,7 @@ impl BrokerApi {
             .unwrap_or("")
             .to_string();
         parts.headers.remove(UPSTREAM_MS_HEADER);
-        let body = Relayed::answer(&parts.headers, body);
+        let body = Relayed::answer(&parts.headers, body, Source::Broker);
         Response::from_parts(
             parts,
             BrokerBody::Metered(Box::new(Metered {

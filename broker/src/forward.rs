@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use keywarden_plugin_sdk::broker::relay::Relayed;
+use keywarden_plugin_sdk::broker::relay::{Relayed, Source};
 use keywarden_plugin_sdk::broker::{
     BrokerRoutes, DROPPED_REQUEST_HEADERS, Failure, KEY_HEADER_PREFIX, ROUTE_HEADER, RouteSpec,
     Routes, UPSTREAM_MS_HEADER,
@@ -145,7 +145,7 @@ impl Forwarder {
             parts
                 .headers
                 .insert(UPSTREAM_MS_HEADER, HeaderValue::from(upstream_ms as u64));
-            let body = Relayed::answer(&parts.headers, body);
+            let body = Relayed::answer(&parts.headers, body, Source::Provider);
             return Response::from_parts(parts, body.map_err(Into::into).boxed());
         }
         let mut response = Response::new(

@@ -25,9 +25,22 @@ const FRAMES_AHEAD: usize = 64;
 const BYTES_AHEAD: usize = 256 << 10;
 /// The most one relayed frame joins; an answer known to be no larger passes straight through.
 const MAX_JOINED: usize = 64 << 10;
+/// A data frame smaller than this is taken for one event of a stream (see `settling`).
+const EVENT_SIZE: usize = 4 << 10;
 
 /// A wait of the reader's until the runtime has run every task that was ready.
 type Settle = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
+
+/// Where a relayed answer comes from, which decides how its reader joins frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A provider, whose streams hyper decodes one small event per wake: the reader lets the
+    /// runtime decode what is already buffered before it writes (see `Relayed::poll_frame`).
+    Provider,
+    /// `keywarden-broker`, whose writes are already joined: the reader writes what is waiting
+    /// at once (a wait there costs more than it joins).
+    Broker,
+}
 
 /// A frame as the task read it, and the read-ahead room it takes until the reader has it.
 type Ahead<E> = (Result<Frame<Bytes>, E>, u32);
@@ -46,6 +59,10 @@ pub enum Relayed<B: Body> {
         held: Option<Result<Frame<Bytes>, B::Error>>,
         /// The body's size as it announced it.
         hint: SizeHint,
+        /// Where the answer comes from.
+        source: Source,
+        /// Whether the last frame taken was one event, not a block of joined ones.
+        events: bool,
         /// The reader's wait before it looks at the frames read ahead.
         settling: Option<Settle>,
     },
@@ -56,9 +73,9 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Send,
 {
-    /// Relays the body of an answer with `headers`, spawning its reader unless the answer is
-    /// small and of known size (a JSON answer: most are).
-    pub fn answer(headers: &http::HeaderMap, body: B) -> Relayed<B> {
+    /// Relays the body of an answer with `headers` from `source`, spawning its reader unless
+    /// the answer is small and of known size (a JSON answer: most are).
+    pub fn answer(headers: &http::HeaderMap, body: B, source: Source) -> Relayed<B> {
         let length = headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
@@ -109,6 +126,8 @@ where
             room,
             held: None,
             hint,
+            source,
+            events: false,
             settling: None,
         }
     }
@@ -126,25 +145,27 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let (frames, room, held, settling) = match self.get_mut() {
+        let (frames, room, held, source, events, settling) = match self.get_mut() {
             Relayed::Direct(body) => return Pin::new(body).poll_frame(cx),
             Relayed::Buffered {
                 frames,
                 room,
                 held,
+                source,
+                events,
                 settling,
                 ..
-            } => (frames, room, held, settling),
+            } => (frames, room, held, *source, events, settling),
         };
         // hyper decodes an answer one frame per wake of its connection's task, so a fast
-        // stream reaches the task reading ahead a frame at a time, even when many are already
-        // in the socket's buffer. Before it looks at what is waiting, the reader therefore
-        // lets the runtime run every task that is ready (`yield_now` wakes it after them):
-        // the frames decoded meanwhile go out in this write. Measured on the broker's
-        // benchmark: writes of 16 KiB on average instead of one per 1 KiB event, and the
-        // stream through the broker 1.6× as fast. An event of a slow stream still leaves as
-        // soon as nothing else is ready to run.
-        if held.is_none() {
+        // stream of small events (as providers send them) reaches the task reading ahead one
+        // event at a time, even when many are already in the socket's buffer. While a
+        // provider's frames are events, the reader therefore lets the runtime run every task
+        // that is ready before it looks at what is waiting (`yield_now` wakes it after them):
+        // the events decoded meanwhile go out in the same write. An event of a slow stream
+        // still leaves as soon as nothing else is ready to run. Measured with the broker's
+        // benchmark in docs/performance.md.
+        if source == Source::Provider && *events && held.is_none() {
             let wait = settling.get_or_insert_with(|| Box::pin(tokio::task::yield_now()));
             ready!(wait.as_mut().poll(cx));
             *settling = None;
@@ -164,6 +185,7 @@ where
             Ok(Err(frame)) => return Poll::Ready(Some(Ok(frame))),
             Err(e) => return Poll::Ready(Some(Err(e))),
         };
+        *events = data.len() < EVENT_SIZE;
         let mut joined: Option<BytesMut> = None;
         while joined.as_ref().map_or(data.len(), BytesMut::len) < MAX_JOINED {
             let Ok((next, size)) = frames.try_recv() else {
@@ -233,7 +255,11 @@ mod tests {
     #[tokio::test]
     async fn a_fast_stream_arrives_whole_in_fewer_larger_frames() {
         let expected: String = (0..1000).map(|i| format!("data: {i}\n\n")).collect();
-        let mut relayed = Relayed::answer(&http::HeaderMap::new(), stream(events(1000)));
+        let mut relayed = Relayed::answer(
+            &http::HeaderMap::new(),
+            stream(events(1000)),
+            Source::Provider,
+        );
         let mut got = Vec::new();
         let mut frames = 0;
         while let Some(frame) = relayed.frame().await {
@@ -280,6 +306,7 @@ mod tests {
                 left: 1000,
                 decoded: false,
             },
+            Source::Provider,
         );
         // Like hyper's writer, a task of its own: take frames while they are ready, write
         // when none is.
@@ -323,8 +350,11 @@ mod tests {
             ))
         });
         let started = tokio::time::Instant::now();
-        let mut relayed =
-            Relayed::answer(&http::HeaderMap::new(), StreamBody::new(Box::pin(paced)));
+        let mut relayed = Relayed::answer(
+            &http::HeaderMap::new(),
+            StreamBody::new(Box::pin(paced)),
+            Source::Provider,
+        );
         for i in 0..3 {
             let frame = relayed.frame().await.unwrap().unwrap();
             assert_eq!(frame.into_data().unwrap(), format!("data: {i}\n\n"));
@@ -338,7 +368,8 @@ mod tests {
     async fn trailers_follow_the_data_they_came_after() {
         let mut frames = events(3);
         frames.push(Frame::trailers(http::HeaderMap::new()));
-        let mut relayed = Relayed::answer(&http::HeaderMap::new(), stream(frames));
+        let mut relayed =
+            Relayed::answer(&http::HeaderMap::new(), stream(frames), Source::Provider);
         let data = relayed.frame().await.unwrap().unwrap();
         assert_eq!(
             data.into_data().unwrap(),
@@ -367,7 +398,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_reader_that_goes_away_drops_a_stalled_answer_at_once() {
         let (alive, dropped) = tokio::sync::oneshot::channel();
-        let relayed = Relayed::answer(&http::HeaderMap::new(), Stalled { _alive: alive });
+        let relayed = Relayed::answer(
+            &http::HeaderMap::new(),
+            Stalled { _alive: alive },
+            Source::Provider,
+        );
         tokio::task::yield_now().await;
         drop(relayed);
         // With paused time the timeout fires as soon as nothing else can run.
@@ -383,7 +418,11 @@ mod tests {
             counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; 16 << 10])))
         });
-        let mut relayed = Relayed::answer(&http::HeaderMap::new(), StreamBody::new(big));
+        let mut relayed = Relayed::answer(
+            &http::HeaderMap::new(),
+            StreamBody::new(big),
+            Source::Provider,
+        );
         let first = relayed.frame().await.unwrap().unwrap();
         assert!(!first.into_data().unwrap().is_empty());
         // The agent reads nothing more; everything else runs until it waits.
@@ -400,6 +439,7 @@ mod tests {
         let relayed = Relayed::answer(
             &http::HeaderMap::new(),
             http_body_util::Full::new(Bytes::from_static(b"{}")),
+            Source::Provider,
         );
         assert!(matches!(relayed, Relayed::Direct(_)));
         assert_eq!(relayed.size_hint().exact(), Some(2));
@@ -407,11 +447,11 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert(http::header::CONTENT_LENGTH, "28".parse().unwrap());
         assert!(matches!(
-            Relayed::answer(&headers, stream(events(3))),
+            Relayed::answer(&headers, stream(events(3)), Source::Provider),
             Relayed::Direct(_)
         ));
         assert!(matches!(
-            Relayed::answer(&http::HeaderMap::new(), stream(events(3))),
+            Relayed::answer(&http::HeaderMap::new(), stream(events(3)), Source::Provider),
             Relayed::Buffered { .. }
         ));
     }
