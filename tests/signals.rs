@@ -540,3 +540,49 @@ fn a_canary_fetched_in_a_loop_raises_one_alert_not_fifty() {
     );
     drop(daemon);
 }
+
+#[test]
+fn the_signal_listener_stays_open_across_a_reload() {
+    // A detector's signal must not be refused because the daemon was reloading: the listener
+    // stays open while SIGHUP restarts the services, and a connection made meanwhile waits in
+    // its backlog for the next run.
+    let (env, port, daemon) = setup();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let connects = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut made, mut refused) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                    Ok(_) => made += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+                    Err(e) => panic!("connecting: {e}"),
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (made, refused)
+        })
+    };
+    let ok = Command::new("kill")
+        .args(["-HUP", &daemon.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    wait_for("the services to restart", Duration::from_secs(30), || {
+        (daemon.log_text().matches("keywarden is serving").count() == 2).then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (made, refused) = connects.join().unwrap();
+    assert_eq!(
+        refused, 0,
+        "connections refused across the reload ({made} made)"
+    );
+    // And the run after the reload answers on it.
+    let body = r#"{"type":"compromise","scope":{"names":["app/a"]},"message":"after the reload"}"#;
+    let (code, reply) = post_signed(port, "/v1/signals", body, KEY);
+    assert_eq!(code, 202, "{reply}");
+    wait_for("app/a to be rotated", Duration::from_secs(20), || {
+        (env.entry("app/a")["version"] == 2).then_some(())
+    });
+    assert_eq!(daemon.terminate(), Some(0));
+}

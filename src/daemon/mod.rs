@@ -131,6 +131,9 @@ pub struct Sockets {
     /// The brokers' `listen` addresses.
     loopback: Vec<std::net::TcpListener>,
     bound_for: Bound,
+    /// The signal listener and its address, held while the daemon leads (see
+    /// [`Sockets::signal_listener`]).
+    signals: std::sync::Mutex<Option<(String, std::net::TcpListener)>>,
 }
 
 /// What in the config decides the sockets: a config that changes any of it binds them anew.
@@ -243,6 +246,7 @@ impl Sockets {
             broker,
             loopback,
             bound_for,
+            signals: std::sync::Mutex::new(None),
         })
     }
 
@@ -295,6 +299,43 @@ impl Sockets {
         })
     }
 
+    /// The signal listener for one run in `mode`. While the daemon leads it stays open from run
+    /// to run, so a detector's signal sent during a reload waits in the backlog for the next
+    /// run instead of being refused; it is bound anew when `[signals] listen` changes, and
+    /// closed while the daemon follows (a follower does not listen for signals: a detector is
+    /// refused at once and can go to the leader).
+    fn signal_listener(
+        &self,
+        config: &Config,
+        mode: Mode,
+    ) -> Result<Option<tokio::net::TcpListener>, ServeError> {
+        let mut held = self.signals.lock().unwrap_or_else(|e| e.into_inner());
+        let wanted = config.signals.listen.as_ref();
+        let Some(address) = wanted.filter(|_| mode != Mode::Follower) else {
+            *held = None;
+            return Ok(None);
+        };
+        let listen_error = |source| ServeError::Listen {
+            address: address.clone(),
+            source,
+        };
+        if held.as_ref().is_none_or(|(bound, _)| bound != address) {
+            // The old address is freed first: the new one may be the same port elsewhere.
+            *held = None;
+            let listener = std::net::TcpListener::bind(address).map_err(listen_error)?;
+            *held = Some((address.clone(), listener));
+        }
+        let (_, listener) = held.as_ref().expect("bound above");
+        listener
+            .try_clone()
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)
+            })
+            .map(Some)
+            .map_err(listen_error)
+    }
+
     /// Removes their files (the sockets close when this is dropped).
     pub fn remove(&self) {
         self.bound_for.remove();
@@ -343,7 +384,7 @@ pub async fn serve_on(
 ) -> Result<(), ServeError> {
     let agent = &config.agent;
     let listeners = sockets.listeners()?;
-    let signal_listener = bind_signal_listener(config, mode).await?;
+    let signal_listener = sockets.signal_listener(config, mode)?;
     let runtime = Runtime::start(config, vault.clone(), Clock::System, mode).await?;
     let store_path = vault.store().path().to_path_buf();
     let brokers = match brokers::start(
@@ -428,23 +469,6 @@ pub async fn serve_on(
     flush(services.vault.store()).await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// The signal listener, which each run binds anew (a follower does not listen for signals).
-async fn bind_signal_listener(
-    config: &Config,
-    mode: Mode,
-) -> Result<Option<tokio::net::TcpListener>, ServeError> {
-    match &config.signals.listen {
-        Some(address) if mode != Mode::Follower => tokio::net::TcpListener::bind(address)
-            .await
-            .map(Some)
-            .map_err(|source| ServeError::Listen {
-                address: address.clone(),
-                source,
-            }),
-        _ => Ok(None),
-    }
 }
 
 /// Commits what stopped tasks queued, then (SQLite) folds the write-ahead log into the store, so
