@@ -614,86 +614,94 @@ pub async fn serve<H: Handler, L: Listener, S: Send + Sync + 'static>(
             continue;
         };
         let conn_state = Arc::new(handler.connect(peer, pidfd, boot_seconds()));
-        let handler = handler.clone();
-        let limits = limits.clone();
-        let mut shutdown = shutdown.clone();
+        let (handler, limits, shutdown) = (handler.clone(), limits.clone(), shutdown.clone());
         connections.spawn(async move {
             let (_permit, _slot) = (permit, slot);
-            let (max_body, body_timeout) = (limits.max_body_bytes, limits.body_timeout);
-            let first_request = Arc::new(FirstRequest::default());
-            let service_first = first_request.clone();
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let handler = handler.clone();
-                let conn_state = conn_state.clone();
-                service_first.arrived();
-                async move {
-                    let (parts, body) = req.into_parts();
-                    let read =
-                        tokio::time::timeout(body_timeout, Limited::new(body, max_body).collect());
-                    let body = match read.await {
-                        Ok(Ok(b)) => b.to_bytes(),
-                        Ok(Err(_)) => {
-                            return Ok::<_, Infallible>(
-                                error(
-                                    StatusCode::PAYLOAD_TOO_LARGE,
-                                    "too_large",
-                                    format!("the request body is larger than {max_body} bytes"),
-                                )
-                                .map(H::Body::from),
-                            );
-                        }
-                        Err(_) => {
-                            return Ok(error(
-                                StatusCode::REQUEST_TIMEOUT,
-                                "timeout",
-                                format!("the request body did not arrive within {body_timeout:?}"),
-                            )
-                            .map(H::Body::from));
-                        }
-                    };
-                    Ok(handler
-                        .handle(&conn_state, Request::from_parts(parts, body))
-                        .await)
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .max_buf_size(limits.max_header_bytes.max(8192))
-                // One buffer, one write per flush: a streamed (brokered) answer's chunks, three
-                // pieces each, otherwise go out sixteen pieces per `writev`.
-                .writev(false)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                }
-                _ = shutdown.changed() => {
-                    // Accepted, but its first request not read yet: hyper would close it as
-                    // idle, and the client, whose request may already be on its way, would get
-                    // nothing back. It gets the header timeout for that request instead.
-                    if !first_request.seen() {
-                        let first = tokio::time::timeout(limits.header_timeout, first_request.wait());
-                        tokio::select! {
-                            result = conn.as_mut() => {
-                                if let Err(e) = result {
-                                    tracing::debug!(error = %e, "connection ended with an error");
-                                }
-                                return;
-                            }
-                            _ = first => {}
-                        }
-                    }
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(GRACEFUL_CLOSE, conn).await;
-                }
-            }
+            serve_connection(stream, handler, conn_state, &limits, shutdown).await;
         });
     }
     while connections.join_next().await.is_some() {}
+}
+
+/// Serves the requests of one accepted connection until it ends, or until `shutdown` changes:
+/// then the request in flight is answered and the connection closed.
+async fn serve_connection<H: Handler, S: Send + Sync + 'static>(
+    stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    handler: Arc<H>,
+    conn_state: Arc<H::Conn>,
+    limits: &Limits,
+    mut shutdown: watch::Receiver<S>,
+) {
+    let (max_body, body_timeout) = (limits.max_body_bytes, limits.body_timeout);
+    let first_request = Arc::new(FirstRequest::default());
+    let service_first = first_request.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let handler = handler.clone();
+        let conn_state = conn_state.clone();
+        service_first.arrived();
+        async move {
+            Ok::<_, Infallible>(match read_request::<H>(req, max_body, body_timeout).await {
+                Ok(request) => handler.handle(&conn_state, request).await,
+                Err(refused) => refused,
+            })
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        // One buffer, one write per flush: a streamed (brokered) answer's chunks, three
+        // pieces each, otherwise go out sixteen pieces per `writev`.
+        .writev(false)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let ended = |result: Result<(), hyper::Error>| {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    };
+    tokio::select! {
+        result = conn.as_mut() => ended(result),
+        _ = shutdown.changed() => {
+            // Accepted, but its first request not read yet: hyper would close it as idle, and
+            // the client, whose request may already be on its way, would get nothing back. It
+            // gets the header timeout for that request instead.
+            if !first_request.seen() {
+                let first = tokio::time::timeout(limits.header_timeout, first_request.wait());
+                tokio::select! {
+                    result = conn.as_mut() => return ended(result),
+                    _ = first => {}
+                }
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(GRACEFUL_CLOSE, conn).await;
+        }
+    }
+}
+
+/// Reads a request's body, at most `max_body` bytes within `body_timeout`; else the answer
+/// that refuses it.
+async fn read_request<H: Handler>(
+    request: Request<Incoming>,
+    max_body: usize,
+    body_timeout: Duration,
+) -> Result<Request<Bytes>, Response<H::Body>> {
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(body_timeout, Limited::new(body, max_body).collect()).await {
+        Ok(Ok(body)) => Ok(Request::from_parts(parts, body.to_bytes())),
+        Ok(Err(_)) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the request body is larger than {max_body} bytes"),
+        )
+        .map(H::Body::from)),
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!("the request body did not arrive within {body_timeout:?}"),
+        )
+        .map(H::Body::from)),
+    }
 }
 
 /// Sends one request over a Unix socket and returns the status and body.
