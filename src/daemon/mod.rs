@@ -518,49 +518,15 @@ async fn start_servers(
         ..http::Limits::default()
     };
     let mut servers = Vec::new();
-    let signal_cfg = &config.signals;
-    let alert_confinement = if signal_cfg.alert_command.is_empty() {
-        Confinement::default()
-    } else {
-        signal_cfg
-            .alert_sandbox
-            .resolve(&config.daemon.plugin_user, Role::Command)
-            .map_err(|e| StartError::from(config.invalid_signals("alert_sandbox", e.to_string())))?
-    };
-    let alerts = Alerts::new(
-        services.engine.clone(),
-        services.metrics.clone(),
-        signal_cfg.alert_command.clone(),
-        alert_confinement,
-        signal_cfg.alert_consumer.clone(),
-    );
-    let signals = Signals::new(
-        services.engine.clone(),
-        services.incidents.clone(),
-        alerts,
-        services.metrics.clone(),
-        SignalsSettings::from(signal_cfg),
-    )
-    .await?;
+    let signals = start_signals(config, services).await?;
     if let Some(listener) = signal_listener {
-        tracing::info!(address = ?listener.local_addr().ok(), "listening for signals");
-        let api = Arc::new(SignalApi {
-            signals: signals.clone(),
-            rejections: rejections.clone(),
-        });
-        let limits = http::Limits {
-            max_body_bytes: 1 << 20,
-            ..http::Limits::default()
-        };
-        let stop = closing.clone();
-        servers.push(match &signal_cfg.tls {
-            Some(tls) => {
-                let listener = http::TlsListener::new(listener, &tls.cert, &tls.key)
-                    .map_err(ServeError::Tls)?;
-                tokio::spawn(http::serve(listener, api, limits, stop))
-            }
-            None => tokio::spawn(http::serve(listener, api, limits, stop)),
-        });
+        servers.push(serve_signals(
+            listener,
+            config,
+            &signals,
+            &rejections,
+            closing.clone(),
+        )?);
     }
     // The users confined programs run as: neither socket serves them.
     let refused_uids = confined_uids(config);
@@ -613,4 +579,60 @@ async fn start_servers(
         closing,
     )));
     Ok(servers)
+}
+
+/// What handles compromise signals, leak reports, canaries and anomalies this run, and the
+/// alerts they raise.
+async fn start_signals(config: &Config, services: &Services) -> Result<Arc<Signals>, ServeError> {
+    let signal_cfg = &config.signals;
+    let alert_confinement = if signal_cfg.alert_command.is_empty() {
+        Confinement::default()
+    } else {
+        signal_cfg
+            .alert_sandbox
+            .resolve(&config.daemon.plugin_user, Role::Command)
+            .map_err(|e| StartError::from(config.invalid_signals("alert_sandbox", e.to_string())))?
+    };
+    let alerts = Alerts::new(
+        services.engine.clone(),
+        services.metrics.clone(),
+        signal_cfg.alert_command.clone(),
+        alert_confinement,
+        signal_cfg.alert_consumer.clone(),
+    );
+    Ok(Signals::new(
+        services.engine.clone(),
+        services.incidents.clone(),
+        alerts,
+        services.metrics.clone(),
+        SignalsSettings::from(signal_cfg),
+    )
+    .await?)
+}
+
+/// Serves the signal listener (over TLS when `[signals] tls` is set) until `closing` says why.
+fn serve_signals(
+    listener: tokio::net::TcpListener,
+    config: &Config,
+    signals: &Arc<Signals>,
+    rejections: &Arc<Rejections>,
+    closing: watch::Receiver<Option<RunEnd>>,
+) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+    tracing::info!(address = ?listener.local_addr().ok(), "listening for signals");
+    let api = Arc::new(SignalApi {
+        signals: signals.clone(),
+        rejections: rejections.clone(),
+    });
+    let limits = http::Limits {
+        max_body_bytes: 1 << 20,
+        ..http::Limits::default()
+    };
+    Ok(match &config.signals.tls {
+        Some(tls) => {
+            let listener =
+                http::TlsListener::new(listener, &tls.cert, &tls.key).map_err(ServeError::Tls)?;
+            tokio::spawn(http::serve(listener, api, limits, closing))
+        }
+        None => tokio::spawn(http::serve(listener, api, limits, closing)),
+    })
 }
