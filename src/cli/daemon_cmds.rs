@@ -82,6 +82,36 @@ enum Next {
     RoleChanged,
 }
 
+impl Next {
+    /// Says in the log (and to systemd) why this run ends, and how.
+    fn announce(&self, mode: Mode) -> RunEnd {
+        match self {
+            Next::Stop(signal) => {
+                tracing::info!(signal, "stop requested");
+                crate::daemon::notify::stopping();
+                RunEnd::Stop
+            }
+            Next::Reload(_) => {
+                tracing::info!("SIGHUP: reloading the config; restarting the services on it");
+                crate::daemon::notify::reloading();
+                RunEnd::Restart
+            }
+            Next::RoleChanged => {
+                if mode == Mode::Daemon {
+                    tracing::warn!(
+                        "this daemon no longer leads the store: it stops rotating and follows"
+                    );
+                } else {
+                    tracing::info!(
+                        "this daemon now leads the store: restarting its services as the leader"
+                    );
+                }
+                RunEnd::Restart
+            }
+        }
+    }
+}
+
 impl DaemonSignals {
     fn install() -> anyhow::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
@@ -199,25 +229,32 @@ async fn store_exists(location: &Location) -> anyhow::Result<bool> {
     }
 }
 
-pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let mut signals = DaemonSignals::install()?;
-    let location = ctx.store_location()?;
-    let creating = args.init && !store_exists(&location).await?;
+/// Asks for the passphrase, creates the store first when `creating`, opens it for the daemon
+/// and unlocks it.
+async fn unlock(ctx: &Context, location: &Location, creating: bool) -> anyhow::Result<Arc<Vault>> {
     let passphrase = passphrase::obtain(if creating {
         Purpose::Create
     } else {
         Purpose::Unlock
     })?;
     if creating {
-        Vault::init_at(&location, &passphrase, ctx.config.store.kdf, &ctx.actor).await?;
+        Vault::init_at(location, &passphrase, ctx.config.store.kdf, &ctx.actor).await?;
         tracing::info!(store = %location, "created a new store");
     }
-    let store = match &location {
+    let store = match location {
         Location::File(path) => Store::open_for_daemon(path, ctx.config.daemon.lock_wait).await?,
         Location::Postgres(url) => Store::open_postgres(url, Access::Exclusive).await?,
     };
-    let vault = Arc::new(Vault::unlock(store, &passphrase).await?);
-    drop(passphrase);
+    Ok(Arc::new(Vault::unlock(store, &passphrase).await?))
+}
+
+/// `keywarden serve`: unlocks the store (creating it with `--init`), binds the sockets and
+/// runs the services until a stop, starting them again on a reload or a change of leader.
+pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut signals = DaemonSignals::install()?;
+    let location = ctx.store_location()?;
+    let creating = args.init && !store_exists(&location).await?;
+    let vault = unlock(ctx, &location, creating).await?;
     let (campaign_stop, _) = tokio::sync::watch::channel(false);
     let (mut role, campaign) = start_campaign(ctx, &vault, &campaign_stop).unzip();
     // The services run until a stop; a reload stops them and starts them again with the new
@@ -253,26 +290,7 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
                 why = signals.next(ctx, config) => why,
                 _ = role_changed(role.as_mut(), mode) => Next::RoleChanged,
             };
-            match &why {
-                Next::Stop(signal) => {
-                    tracing::info!(signal, "stop requested");
-                    crate::daemon::notify::stopping();
-                }
-                Next::Reload(_) => {
-                    tracing::info!("SIGHUP: reloading the config; restarting the services on it");
-                    crate::daemon::notify::reloading();
-                }
-                Next::RoleChanged if mode == Mode::Daemon => tracing::warn!(
-                    "this daemon no longer leads the store: it stops rotating and follows"
-                ),
-                Next::RoleChanged => tracing::info!(
-                    "this daemon now leads the store: restarting its services as the leader"
-                ),
-            }
-            let end = match why {
-                Next::Stop(_) => RunEnd::Stop,
-                Next::Reload(_) | Next::RoleChanged => RunEnd::Restart,
-            };
+            let end = why.announce(mode);
             next = Some(why);
             end
         };
