@@ -548,29 +548,8 @@ fn the_signal_listener_stays_open_across_a_reload() {
     // its backlog for the next run.
     let (env, port, daemon) = setup();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let connects = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let (mut made, mut refused) = (0, 0);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match std::net::TcpStream::connect(("127.0.0.1", port)) {
-                    Ok(_) => made += 1,
-                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
-                    Err(e) => panic!("connecting: {e}"),
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            (made, refused)
-        })
-    };
-    let ok = Command::new("kill")
-        .args(["-HUP", &daemon.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    wait_for("the services to restart", Duration::from_secs(30), || {
-        (daemon.log_text().matches("keywarden is serving").count() == 2).then_some(())
-    });
+    let connects = keywarden_testkit::connect_every_millisecond(port, stop.clone());
+    daemon.reload();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (made, refused) = connects.join().unwrap();
     assert_eq!(

@@ -983,29 +983,8 @@ fn a_reload_neither_refuses_nor_fails_a_brokered_request() {
         })
     };
     // Connections alone, every millisecond: a listener closed for a moment refuses them.
-    let connects = {
-        let (stop, port) = (stop.clone(), s.openai_port);
-        std::thread::spawn(move || {
-            let (mut made, mut refused) = (0, 0);
-            while running(&stop) {
-                match std::net::TcpStream::connect(("127.0.0.1", port)) {
-                    Ok(_) => made += 1,
-                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
-                    Err(e) => panic!("connecting: {e}"),
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            (made, refused)
-        })
-    };
-    let ok = Command::new("kill")
-        .args(["-HUP", &daemon.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    wait_for("the services to restart", Duration::from_secs(30), || {
-        (daemon.log_text().matches("keywarden is serving").count() == 2).then_some(())
-    });
+    let connects = keywarden_testkit::connect_every_millisecond(s.openai_port, stop.clone());
+    daemon.reload();
     let served_before = s.provider.seen().len();
     wait_for("requests after the reload", Duration::from_secs(30), || {
         (s.provider.seen().len() > served_before + 3).then_some(())

@@ -249,6 +249,19 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGHUP, then waits until the services serve again on the reloaded config.
+    pub fn reload(&self) {
+        let served = self.log_text().matches("keywarden is serving").count();
+        let sent = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        wait_for("the services to restart", Duration::from_secs(30), || {
+            (self.log_text().matches("keywarden is serving").count() > served).then_some(())
+        });
+    }
+
     /// kill -9, as a crash or an OOM killer would.
     pub fn kill9(mut self) {
         let mut child = self.child.take().unwrap();

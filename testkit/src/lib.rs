@@ -323,6 +323,26 @@ where
     port
 }
 
+/// Connects to 127.0.0.1:`port` every millisecond until `stop` is set, and counts the
+/// connections made and refused: a listener closed for a moment (a daemon's reload) refuses.
+pub fn connect_every_millisecond(
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, usize)> {
+    std::thread::spawn(move || {
+        let (mut made, mut refused) = (0, 0);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(_) => made += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+                Err(e) => panic!("connecting: {e}"),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        (made, refused)
+    })
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago (for listeners a test starts).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
