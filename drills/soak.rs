@@ -44,7 +44,6 @@ pub fn run(minutes: u64, clients: usize) -> usize {
     write_config(&env, upstream.port);
     let log = env.dir.path().join("daemons.log");
     let daemon = kit::start_daemon(&env, &log);
-    let pid = daemon.id();
     let store = kit::open_db(&env.store);
     assert!(kit::first_versions(
         &store,
@@ -53,13 +52,56 @@ pub fn run(minutes: u64, clients: usize) -> usize {
     ));
 
     let load = Load::start(&env, clients);
+    let series = soak(&env, &load, daemon.id(), length, &mut violations);
+    let (stale, told_count) = check_load(&load, &series, &mut violations);
+    let code = kit::terminate(daemon);
+    violations.check(code == Some(0), || {
+        format!("the daemon exited {code:?} at its stop")
+    });
+    let (hygiene, rotations) = settle_and_sweep(&env, &store, &log, &mut violations);
+    upstream.stop();
 
-    // The series, and the incident half-way.
+    println!("  | s | RSS MB | open fds | fetches | brokered |");
+    println!("  |---|---|---|---|---|");
+    for (s, rss, fds, f, b) in &series {
+        println!("  | {s} | {rss:.1} | {fds} | {f} | {b} |");
+    }
+    let secs = series.last().unwrap().0.max(1) as f64;
+    println!(
+        "  {} fetches ({:.0}/s) and {} brokered requests ({:.0}/s), {} and {} failed; {rotations} rotations done; watchers told {told_count} new versions, {stale} stale answers",
+        load.fetches.load(Ordering::Relaxed),
+        load.fetches.load(Ordering::Relaxed) as f64 / secs,
+        load.brokered.load(Ordering::Relaxed),
+        load.brokered.load(Ordering::Relaxed) as f64 / secs,
+        load.fetch_failures.lock().unwrap().len(),
+        load.broker_failures.lock().unwrap().len()
+    );
+    println!("  {hygiene}");
+    println!(
+        "soak drill: {} violations in {:.0} s",
+        violations.count(),
+        started.elapsed().as_secs_f64()
+    );
+    violations.count()
+}
+
+/// One sample of the series: seconds into the soak, the daemon's resident memory (MB) and open
+/// descriptors, fetches and brokered requests so far.
+type Sample = (u64, f64, usize, u64, u64);
+
+/// Runs `load` against the daemon (`pid`) for `length`, sampling it twenty times, with a
+/// `rotate-all --assume-compromise` half-way that must finish cleanly; stops the load.
+fn soak(
+    env: &Env,
+    load: &Load,
+    pid: u32,
+    length: Duration,
+    violations: &mut Violations,
+) -> Vec<Sample> {
     let every = (length / 20).max(Duration::from_secs(5));
     let mut series = Vec::new();
     let mut incident = None;
     let soak_started = Instant::now();
-    // (seconds, RSS MB, open descriptors, fetches, brokered requests) so far.
     let sample = || {
         (
             soak_started.elapsed().as_secs(),
@@ -95,8 +137,12 @@ pub fn run(minutes: u64, clients: usize) -> usize {
             )
         },
     );
+    series
+}
 
-    // Failures, stale answers, flat memory and descriptors.
+/// No failed request, no stale answer, memory and descriptors flat over `series`; returns the
+/// stale answers and how many new versions watchers were told of.
+fn check_load(load: &Load, series: &[Sample], violations: &mut Violations) -> (usize, usize) {
     let fetch_failures = load.fetch_failures.lock().unwrap();
     let broker_failures = load.broker_failures.lock().unwrap();
     violations.check(fetch_failures.is_empty(), || {
@@ -117,7 +163,7 @@ pub fn run(minutes: u64, clients: usize) -> usize {
     violations.check(stale == 0, || {
         format!("{stale} fetches returned a version older than one a watcher had been told of")
     });
-    // Flat: the last third of the series against the samples after the first (warm-up).
+    // Flat: the last sample against the first after the warm-up.
     let steady = &series[1.min(series.len() - 1)..];
     let (first, last) = (steady[0], steady[steady.len() - 1]);
     violations.check(last.1 <= first.1 * 1.25 + 10.0, || {
@@ -129,13 +175,18 @@ pub fn run(minutes: u64, clients: usize) -> usize {
     violations.check(last.2 <= first.2 + 16, || {
         format!("open descriptors grew from {} to {}", first.2, last.2)
     });
+    (stale, told_count)
+}
 
-    // The end state, with the schedules pushed out (a restart on a config of hourly ones), then
-    // hygiene.
-    let code = kit::terminate(daemon);
-    violations.check(code == Some(0), || {
-        format!("the daemon exited {code:?} at its stop")
-    });
+/// Starts the daemon again with the schedules pushed out (hourly), waits for the rotations in
+/// flight to settle, then the end-state checks and the hygiene sweep; returns the sweep's
+/// summary and the rotations done.
+fn settle_and_sweep(
+    env: &Env,
+    store: &rusqlite::Connection,
+    log: &std::path::Path,
+    violations: &mut Violations,
+) -> (String, i64) {
     let config = std::fs::read_to_string(&env.config).unwrap();
     std::fs::write(
         &env.config,
@@ -148,10 +199,10 @@ pub fn run(minutes: u64, clients: usize) -> usize {
     env.sql(&[&format!(
         "UPDATE secrets SET next_rotation_at = {in_an_hour}"
     )]);
-    let daemon = kit::start_daemon(&env, &log);
+    let daemon = kit::start_daemon(env, log);
     let settled = kit::eventually(Duration::from_secs(60), || {
         kit::one(
-            &store,
+            store,
             "SELECT count(*) FROM rotations WHERE state NOT IN ('done', 'failed', 'rolled-back')",
         ) == 0
     });
@@ -159,37 +210,11 @@ pub fn run(minutes: u64, clients: usize) -> usize {
     let stored: Vec<(String, String)> = (0..SECRETS)
         .map(|i| (name(i), format!("out/{i:02}")))
         .collect();
-    let (_, hygiene) = crate::checks::end_state(&env, daemon.id(), &stored, &[], &mut violations);
-    let rotations = kit::one(
-        &store,
-        "SELECT count(*) FROM rotations WHERE state = 'done'",
-    );
+    let (_, hygiene) = crate::checks::end_state(env, daemon.id(), &stored, &[], violations);
+    let rotations = kit::one(store, "SELECT count(*) FROM rotations WHERE state = 'done'");
     let code = kit::terminate(daemon);
     violations.check(code == Some(0), || format!("the daemon exited {code:?}"));
-    upstream.stop();
-
-    println!("  | s | RSS MB | open fds | fetches | brokered |");
-    println!("  |---|---|---|---|---|");
-    for (s, rss, fds, f, b) in &series {
-        println!("  | {s} | {rss:.1} | {fds} | {f} | {b} |");
-    }
-    let secs = series.last().unwrap().0.max(1) as f64;
-    println!(
-        "  {} fetches ({:.0}/s) and {} brokered requests ({:.0}/s), {} and {} failed; {rotations} rotations done; watchers told {told_count} new versions, {stale} stale answers",
-        load.fetches.load(Ordering::Relaxed),
-        load.fetches.load(Ordering::Relaxed) as f64 / secs,
-        load.brokered.load(Ordering::Relaxed),
-        load.brokered.load(Ordering::Relaxed) as f64 / secs,
-        fetch_failures.len(),
-        broker_failures.len()
-    );
-    println!("  {hygiene}");
-    println!(
-        "soak drill: {} violations in {:.0} s",
-        violations.count(),
-        started.elapsed().as_secs_f64()
-    );
-    violations.count()
+    (hygiene, rotations)
 }
 
 /// Ten secrets rotating every 3 s with a file consumer each, and a bearer broker (upstream on
