@@ -278,33 +278,7 @@ pub fn run(requests: usize, seed: u64) -> usize {
     let rss_peak = rss.stop();
     let rss_after = keywarden_testkit::proc::rss_mb(pid);
 
-    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-    let panics: Vec<&str> = log_text
-        .lines()
-        .filter(|l| l.contains("panicked"))
-        .collect();
-    violations.check(panics.is_empty(), || {
-        format!(
-            "the daemon panicked {} times: {:?}",
-            panics.len(),
-            &panics[..panics.len().min(3)]
-        )
-    });
-    let alive = kit::request(&env.admin_socket(), "GET", "/v1/admin/status", None)
-        .is_ok_and(|r| r.0 == 200);
-    violations.check(alive, || "the daemon stopped answering".into());
-    violations.check(seen.leaked == 0, || {
-        format!(
-            "{} answers carried a value the client may not have",
-            seen.leaked
-        )
-    });
-    violations.check(seen.internal.is_empty(), || {
-        format!(
-            "500 answers to: {:?}",
-            &seen.internal[..seen.internal.len().min(3)]
-        )
-    });
+    check_unharmed(&env, &log, &seen, &mut violations);
     let (base_n, base_failed, base_p50, base_p99) = summary(&times, 0);
     let (n, failed, p50, p99) = summary(&times, 1);
     violations.check(base_failed == 0 && failed == 0, || {
@@ -344,6 +318,38 @@ pub fn run(requests: usize, seed: u64) -> usize {
         started.elapsed().as_secs_f64()
     );
     violations.count()
+}
+
+/// After the attack: the daemon never panicked and still answers, no answer carried a value
+/// its client may not have, and none was a 500.
+fn check_unharmed(env: &Env, log: &std::path::Path, seen: &Seen, violations: &mut Violations) {
+    let log_text = std::fs::read_to_string(log).unwrap_or_default();
+    let panics: Vec<&str> = log_text
+        .lines()
+        .filter(|l| l.contains("panicked"))
+        .collect();
+    violations.check(panics.is_empty(), || {
+        format!(
+            "the daemon panicked {} times: {:?}",
+            panics.len(),
+            &panics[..panics.len().min(3)]
+        )
+    });
+    let alive = kit::request(&env.admin_socket(), "GET", "/v1/admin/status", None)
+        .is_ok_and(|r| r.0 == 200);
+    violations.check(alive, || "the daemon stopped answering".into());
+    violations.check(seen.leaked == 0, || {
+        format!(
+            "{} answers carried a value the client may not have",
+            seen.leaked
+        )
+    });
+    violations.check(seen.internal.is_empty(), || {
+        format!(
+            "500 answers to: {:?}",
+            &seen.internal[..seen.internal.len().min(3)]
+        )
+    });
 }
 
 /// A bearer broker whose upstream is `upstream_port`, listening on `tcp`; an agent policy for
