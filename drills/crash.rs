@@ -186,21 +186,7 @@ pub fn run(o: &Options) -> usize {
     no_issued_credential_without_a_lease(&store, &upstream, &mut violations);
     let audited = every_value_handed_out_audited(&store, &fetched, &mut violations);
 
-    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-    let resumed = log_text.matches("resuming rotation").count();
-    let incidents_resumed = log_text
-        .matches("resuming an unfinished compromise run")
-        .count();
-    let rotations_done = kit::one(
-        &store,
-        "SELECT count(*) FROM rotations WHERE state = 'done'",
-    );
-    let emergency_done = kit::one(
-        &store,
-        "SELECT count(*) FROM rotations WHERE state = 'done' AND emergency = 1",
-    );
-    let rekeys = kit::one(&store, "SELECT root_generation FROM vault") - 1;
-    let issued = kit::one(&upstream, "SELECT count(*) FROM creds WHERE issued = 1");
+    let tally = Tally::read(&log, &store, &upstream);
 
     // The stored secrets, the audit chain and hygiene, while the daemon still runs (its
     // sockets and limits are part of it).
@@ -223,10 +209,12 @@ pub fn run(o: &Options) -> usize {
         CRASH_POINTS.len()
     );
     println!(
-        "  resumed: {resumed} rotations, {incidents_resumed} incident runs; {rekeys} rekeys committed"
+        "  resumed: {} rotations, {} incident runs; {} rekeys committed",
+        tally.resumed, tally.incidents_resumed, tally.rekeys
     );
     println!(
-        "  rotations done: {rotations_done} ({emergency_done} emergency); {issued} credentials issued per lease"
+        "  rotations done: {} ({} emergency); {} credentials issued per lease",
+        tally.rotations_done, tally.emergency_done, tally.issued
     );
     println!(
         "  agents: {} values handed out ({} distinct leases), {} requests unanswered while the daemon was down, {} refused",
@@ -243,7 +231,7 @@ pub fn run(o: &Options) -> usize {
         "  settled in {:.1} s; checked {} secrets, {} issued leases, {} audit rows",
         settle_time.as_secs_f64(),
         checked,
-        issued,
+        tally.issued,
         audited
     );
     println!("  {hygiene}");
@@ -253,6 +241,35 @@ pub fn run(o: &Options) -> usize {
         started.elapsed().as_secs_f64()
     );
     violations.count()
+}
+
+/// What the drill made happen, counted from the daemons' log and the stores.
+struct Tally {
+    resumed: usize,
+    incidents_resumed: usize,
+    rotations_done: i64,
+    emergency_done: i64,
+    rekeys: i64,
+    issued: i64,
+}
+
+impl Tally {
+    fn read(log: &Path, store: &rusqlite::Connection, upstream: &rusqlite::Connection) -> Tally {
+        let log_text = std::fs::read_to_string(log).unwrap_or_default();
+        Tally {
+            resumed: log_text.matches("resuming rotation").count(),
+            incidents_resumed: log_text
+                .matches("resuming an unfinished compromise run")
+                .count(),
+            rotations_done: kit::one(store, "SELECT count(*) FROM rotations WHERE state = 'done'"),
+            emergency_done: kit::one(
+                store,
+                "SELECT count(*) FROM rotations WHERE state = 'done' AND emergency = 1",
+            ),
+            rekeys: kit::one(store, "SELECT root_generation FROM vault") - 1,
+            issued: kit::one(upstream, "SELECT count(*) FROM creds WHERE issued = 1"),
+        }
+    }
 }
 
 /// The daemon's kills and crash points, and what they share.
@@ -372,16 +389,10 @@ fn settle(
     violations: &mut Violations,
 ) -> Daemon {
     std::fs::write(&env.config, config(env, o.secrets, false)).unwrap();
-    let in_an_hour = (chrono::Utc::now().timestamp() + 3600) * 1000;
-    env.sql(&[&format!(
-        "UPDATE secrets SET next_rotation_at = {in_an_hour} WHERE next_rotation_at IS NOT NULL"
-    )]);
+    kit::push_schedules_an_hour_out(env);
     let daemon = kit::start_daemon(env, log);
     let settled = kit::eventually(Duration::from_secs(300), || {
-        kit::one(
-            store,
-            "SELECT count(*) FROM rotations WHERE state NOT IN ('done', 'failed', 'rolled-back')",
-        ) == 0
+        kit::rotations_in_flight(store) == 0
             && kit::one(
                 store,
                 "SELECT count(*) FROM incidents WHERE finished_at IS NULL AND closed_by IS NULL",

@@ -311,6 +311,23 @@ pub fn rows(conn: &rusqlite::Connection, sql: &str) -> Vec<(String, String)> {
     .collect()
 }
 
+/// Moves every scheduled rotation an hour out, so a daemon started next only finishes what is
+/// in flight.
+pub fn push_schedules_an_hour_out(env: &Env) {
+    let in_an_hour = (chrono::Utc::now().timestamp() + 3600) * 1000;
+    env.sql(&[&format!(
+        "UPDATE secrets SET next_rotation_at = {in_an_hour} WHERE next_rotation_at IS NOT NULL"
+    )]);
+}
+
+/// Rotations not yet in a final state.
+pub fn rotations_in_flight(store: &rusqlite::Connection) -> i64 {
+    one(
+        store,
+        "SELECT count(*) FROM rotations WHERE state NOT IN ('done', 'failed', 'rolled-back')",
+    )
+}
+
 /// One integer.
 pub fn one(conn: &rusqlite::Connection, sql: &str) -> i64 {
     conn.query_row(sql, [], |r| r.get(0))

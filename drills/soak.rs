@@ -195,16 +195,10 @@ fn settle_and_sweep(
             .replace("rotate_every = \"5s\"", "rotate_every = \"1h\""),
     )
     .unwrap();
-    let in_an_hour = (chrono::Utc::now().timestamp() + 3600) * 1000;
-    env.sql(&[&format!(
-        "UPDATE secrets SET next_rotation_at = {in_an_hour}"
-    )]);
+    kit::push_schedules_an_hour_out(env);
     let daemon = kit::start_daemon(env, log);
     let settled = kit::eventually(Duration::from_secs(60), || {
-        kit::one(
-            store,
-            "SELECT count(*) FROM rotations WHERE state NOT IN ('done', 'failed', 'rolled-back')",
-        ) == 0
+        kit::rotations_in_flight(store) == 0
     });
     violations.check(settled, || "rotations did not settle".into());
     let stored: Vec<(String, String)> = (0..SECRETS)
