@@ -19,6 +19,10 @@
 //! 32 requests in flight without saturating anything, and the added latency is the broker's
 //! own.
 //!
+//! A last table splits the paced row's added latency: the same load sent straight to
+//! `keywarden-broker`'s private socket (the request the daemon would forward, the key supplied
+//! by the benchmark), so the broker process alone, against the whole path.
+//!
 //! Run with `cargo bench -p keywarden-broker --bench broker` (`BENCH_SECONDS=30` to profile).
 
 use std::path::{Path, PathBuf};
@@ -131,6 +135,13 @@ brokers = ["openai"]
     let brokered = Target::Broker(listen);
     requests(&runtime, &direct, &brokered, &[daemon_pid, broker_pid]);
     println!();
+    let process = Target::BrokerProcess(broker_socket(&env.store));
+    split(
+        &runtime,
+        [&direct, &process, &brokered],
+        &[daemon_pid, broker_pid],
+    );
+    println!();
     streamed(&runtime, direct, brokered);
     daemon.terminate();
 }
@@ -162,6 +173,46 @@ fn requests(runtime: &tokio::runtime::Runtime, direct: &Target, brokered: &Targe
             used / b.count as f64 * 1e6,
         );
     }
+}
+
+/// The paced row's load on each path, taking turns, with the CPU of `pids` per request.
+fn split(runtime: &tokio::runtime::Runtime, targets: [&Target; 3], pids: &[u32]) {
+    let cpu = || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+    println!(
+        "# where the added latency goes: 32 agents, the provider answering in {PROVIDER_MS} ms"
+    );
+    println!("| path | p50 / p99 | added p50 / p99 | daemon + broker CPU per request |");
+    println!("|---|---|---|---|");
+    let mut direct = None;
+    for (target, path) in targets.into_iter().zip([
+        "direct",
+        "keywarden-broker alone (its private socket, the key supplied)",
+        "through keywarden (daemon and broker)",
+    ]) {
+        let cpu_before = cpu();
+        let l = runtime.block_on(load(target.clone(), 32, PROVIDER_MS));
+        let used = cpu() - cpu_before;
+        let (d50, d99) = *direct.get_or_insert((l.p50, l.p99));
+        println!(
+            "| {path} | {:.2} / {:.2} ms | {:+.2} / {:+.2} ms | {:.0} µs |",
+            l.p50,
+            l.p99,
+            l.p50 - d50,
+            l.p99 - d99,
+            used / l.count as f64 * 1e6,
+        );
+    }
+}
+
+/// The broker process's private socket, `<work_dir>/broker/broker.sock`, in the default work
+/// directory beside the store (`plugin-work/<store>/`).
+fn broker_socket(store: &Path) -> PathBuf {
+    std::fs::read_dir(store.with_file_name("plugin-work"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("broker/broker.sock"))
+        .find(|p| p.exists())
+        .expect("the broker process's socket")
 }
 
 /// The streamed answer's table.
@@ -218,6 +269,8 @@ enum Target {
     Direct(u16, tokio_rustls::TlsConnector),
     /// The broker's loopback listener.
     Broker(u16),
+    /// `keywarden-broker`'s private socket, bypassing the daemon.
+    BrokerProcess(PathBuf),
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
@@ -233,6 +286,16 @@ impl Target {
                 let name = ServerName::try_from("127.0.0.1").unwrap();
                 let stream = tls.connect(name, tcp).await.unwrap();
                 let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .unwrap();
+                tokio::spawn(async move {
+                    let _ = c.await;
+                });
+                return s;
+            }
+            Target::BrokerProcess(socket) => {
+                let unix = tokio::net::UnixStream::connect(socket).await.unwrap();
+                let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(unix))
                     .await
                     .unwrap();
                 tokio::spawn(async move {
@@ -257,14 +320,25 @@ impl Target {
     }
 
     fn request(&self, body: &'static str, delay_ms: u64) -> Request<Full<Bytes>> {
-        let path = match self {
-            Target::Direct(..) => "/v1/chat/completions",
-            Target::Broker(_) => "/openai/v1/chat/completions",
+        let (path, credential) = match self {
+            Target::Direct(..) => (
+                "/v1/chat/completions",
+                ("authorization", "Bearer placeholder"),
+            ),
+            Target::Broker(_) => (
+                "/openai/v1/chat/completions",
+                ("authorization", "Bearer placeholder"),
+            ),
+            // What the daemon sends: the key of route 0 in its header.
+            Target::BrokerProcess(_) => (
+                "/v1/forward/openai/v1/chat/completions",
+                ("x-keywarden-key-0", KEY),
+            ),
         };
         Request::post(path)
             .header("host", "127.0.0.1")
             .header("content-type", "application/json")
-            .header("authorization", "Bearer placeholder")
+            .header(credential.0, credential.1)
             .header("x-bench-delay-ms", delay_ms)
             .body(Full::new(Bytes::from_static(body.as_bytes())))
             .unwrap()
