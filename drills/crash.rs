@@ -208,14 +208,7 @@ pub fn run(o: &Options) -> usize {
         kills.took.as_secs_f64(),
         CRASH_POINTS.len()
     );
-    println!(
-        "  resumed: {} rotations, {} incident runs; {} rekeys committed",
-        tally.resumed, tally.incidents_resumed, tally.rekeys
-    );
-    println!(
-        "  rotations done: {} ({} emergency); {} credentials issued per lease",
-        tally.rotations_done, tally.emergency_done, tally.issued
-    );
+    tally.print();
     println!(
         "  agents: {} values handed out ({} distinct leases), {} requests unanswered while the daemon was down, {} refused",
         fetched.len(),
@@ -254,6 +247,18 @@ struct Tally {
 }
 
 impl Tally {
+    /// What the daemons resumed and completed, two lines of the drill's report.
+    fn print(&self) {
+        println!(
+            "  resumed: {} rotations, {} incident runs; {} rekeys committed",
+            self.resumed, self.incidents_resumed, self.rekeys
+        );
+        println!(
+            "  rotations done: {} ({} emergency); {} credentials issued per lease",
+            self.rotations_done, self.emergency_done, self.issued
+        );
+    }
+
     fn read(log: &Path, store: &rusqlite::Connection, upstream: &rusqlite::Connection) -> Tally {
         let log_text = std::fs::read_to_string(log).unwrap_or_default();
         Tally {

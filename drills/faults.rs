@@ -516,6 +516,29 @@ fn store_fault(
 
 /// A daemon leading a PostgreSQL store (`KEYWARDEN_TEST_POSTGRES_URL`) whose connections are
 /// cut and refused for a while; None (and a note) without a server.
+/// A scratch directory whose store is the PostgreSQL database at `url` (a short leader lease),
+/// with the example plugin's `f/sts` and a `random` `f/probe` the drill's uid may fetch.
+fn postgres_env(url: &str) -> Env {
+    let env = Env::new();
+    let written = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        format!(
+            "{}\n{}\n{}\n[[policy]]\nname = \"drill\"\nuids = [{}]\nsecrets = [\"f/*\"]\nmax_ttl = \"100000h\"\n\n\
+             [secrets.\"f/sts\"]\nprovider = \"example-sts\"\n\n[secrets.\"f/probe\"]\nprovider = \"random\"\n",
+            written.replace(
+                "path = \"data/vault.db\"",
+                &format!("url = {url:?}\nleader_lease = \"2s\"")
+            ),
+            base_config("2s"),
+            example_plugin_config(env.dir.path(), ""),
+            rustix::process::getuid().as_raw(),
+        ),
+    )
+    .unwrap();
+    env
+}
+
 fn postgres_connection_cut(violations: &mut Violations) -> Option<Row> {
     let Ok(base) = std::env::var("KEYWARDEN_TEST_POSTGRES_URL") else {
         println!("  (postgres: connection cut skipped: KEYWARDEN_TEST_POSTGRES_URL is not set)");
@@ -535,24 +558,7 @@ fn postgres_connection_cut(violations: &mut Violations) -> Option<Row> {
     };
     psql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
     psql(&format!("CREATE DATABASE {db}"));
-    let url = format!("{}/{db}", base.rsplit_once('/').unwrap().0);
-    let env = Env::new();
-    let written = std::fs::read_to_string(&env.config).unwrap();
-    std::fs::write(
-        &env.config,
-        format!(
-            "{}\n{}\n{}\n[[policy]]\nname = \"drill\"\nuids = [{}]\nsecrets = [\"f/*\"]\nmax_ttl = \"100000h\"\n\n\
-             [secrets.\"f/sts\"]\nprovider = \"example-sts\"\n\n[secrets.\"f/probe\"]\nprovider = \"random\"\n",
-            written.replace(
-                "path = \"data/vault.db\"",
-                &format!("url = {url:?}\nleader_lease = \"2s\"")
-            ),
-            base_config("2s"),
-            example_plugin_config(env.dir.path(), ""),
-            rustix::process::getuid().as_raw(),
-        ),
-    )
-    .unwrap();
+    let env = postgres_env(&format!("{}/{db}", base.rsplit_once('/').unwrap().0));
     let log = env.dir.path().join("daemons.log");
     let daemon = kit::start_daemon(&env, &log);
     let leads = |env: &Env| {

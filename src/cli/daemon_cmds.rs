@@ -250,6 +250,30 @@ async fn unlock(ctx: &Context, location: &Location, creating: bool) -> anyhow::R
 
 /// `keywarden serve`: unlocks the store (creating it with `--init`), binds the sockets and
 /// runs the services until a stop, starting them again on a reload or a change of leader.
+/// The next stop, reload or role change, if one comes within `wait`.
+async fn signal_within(
+    signals: &mut DaemonSignals,
+    ctx: &Context,
+    config: &Config,
+    wait: std::time::Duration,
+) -> Option<Next> {
+    tokio::select! {
+        why = signals.next(ctx, config) => Some(why),
+        _ = tokio::time::sleep(wait) => None,
+    }
+}
+
+/// A leader resigns once its services have stopped, so another daemon takes over at once.
+async fn resign(
+    campaign_stop: &tokio::sync::watch::Sender<bool>,
+    campaign: Option<tokio::task::JoinHandle<()>>,
+) {
+    let _ = campaign_stop.send(true);
+    if let Some(campaign) = campaign {
+        let _ = campaign.await;
+    }
+}
+
 pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut signals = DaemonSignals::install()?;
     let location = ctx.store_location()?;
@@ -315,11 +339,7 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
             (Err(e), _) if served_once && e.store_unavailable() => {
                 let wait = unavailable_wait.next();
                 tracing::error!(error = %e, retry_in = ?wait, "the services cannot start: the store is unavailable; trying again");
-                let why = tokio::select! {
-                    why = signals.next(ctx, config) => Some(why),
-                    _ = tokio::time::sleep(wait) => None,
-                };
-                match why {
+                match signal_within(&mut signals, ctx, config, wait).await {
                     Some(Next::Stop(signal)) => {
                         tracing::info!(signal, "stop requested");
                         break Ok(());
@@ -339,11 +359,7 @@ pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<Exit
         }
     };
     sockets.remove();
-    // A leader resigns (its services have stopped), so another daemon takes over at once.
-    let _ = campaign_stop.send(true);
-    if let Some(campaign) = campaign {
-        let _ = campaign.await;
-    }
+    resign(&campaign_stop, campaign).await;
     if let Err(e) = outcome {
         if let (true, false, Location::File(path)) = (creating, served_once, &location) {
             // The daemon never started on the store it just created: a bad config must not
