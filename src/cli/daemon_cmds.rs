@@ -400,35 +400,39 @@ fn remove_created_store(path: &Path, e: &crate::daemon::ServeError) -> anyhow::R
     Ok(())
 }
 
-/// `status`'s leadership lines: the leader (its term and lease on PostgreSQL) and the daemons.
-fn print_leadership(leadership: &Value) {
+/// `status`'s leadership lines: the leader (its term and lease on PostgreSQL) and the daemons
+/// (on PostgreSQL, when each was last heard from).
+fn leadership_lines(leadership: &Value) -> Vec<String> {
     if !leadership.is_object() {
-        return;
+        return Vec::new();
     }
-    match leadership["leader"].as_object() {
-        Some(l) if l.contains_key("term") => println!(
+    let mut lines = vec![match leadership["leader"].as_object() {
+        Some(l) if l.contains_key("term") => format!(
             "leader: {} pid {} (term {}, lease {} ms left)",
             l["host"].as_str().unwrap_or("?"),
             l["pid"],
             l["term"],
             l["valid_for_ms"]
         ),
-        Some(l) => println!(
+        Some(l) => format!(
             "leader: {} pid {} (it holds the store's lock)",
             l["host"].as_str().unwrap_or("?"),
             l["pid"]
         ),
-        None => println!("leader: none (the last lease ran out)"),
-    }
+        None => "leader: none (the last lease ran out)".to_string(),
+    }];
     for d in leadership["daemons"].as_array().into_iter().flatten() {
-        println!(
-            "daemon {} pid {}: {} (seen {} ms ago)",
+        let seen = d["seen_ms_ago"]
+            .as_i64()
+            .map_or(String::new(), |ms| format!(" (seen {ms} ms ago)"));
+        lines.push(format!(
+            "daemon {} pid {}: {}{seen}",
             d["host"].as_str().unwrap_or("?"),
             d["pid"],
             d["role"].as_str().unwrap_or("?"),
-            d["seen_ms_ago"]
-        );
+        ));
     }
+    lines
 }
 
 /// Whether a daemon answers on the admin socket.
@@ -604,7 +608,9 @@ pub(crate) async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<Ex
             report["store"]["failing_since"].as_str().unwrap_or("?")
         );
     }
-    print_leadership(&report["leadership"]);
+    for line in leadership_lines(&report["leadership"]) {
+        println!("{line}");
+    }
     super::broker_cmd::print_brokers(&report["brokers"]);
     println!(
         "audit chain: {} rows, head {}",
@@ -754,4 +760,43 @@ pub(super) async fn admin(
         );
     }
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leadership_says_when_a_daemon_was_seen_only_where_the_store_knows() {
+        // A SQLite store's leader holds its lock: nothing records when it was last seen.
+        let sqlite = serde_json::json!({
+            "leader": { "host": "h", "pid": 7 },
+            "term": null,
+            "daemons": [{ "host": "h", "pid": 7, "role": "leader" }],
+        });
+        assert_eq!(
+            leadership_lines(&sqlite),
+            [
+                "leader: h pid 7 (it holds the store's lock)",
+                "daemon h pid 7: leader"
+            ]
+        );
+        let postgres = serde_json::json!({
+            "leader": { "host": "a", "pid": 1, "term": 3, "valid_for_ms": 900 },
+            "term": 3,
+            "daemons": [
+                { "host": "a", "pid": 1, "role": "leader", "seen_ms_ago": 12 },
+                { "host": "b", "pid": 2, "role": "follower", "seen_ms_ago": 340 },
+            ],
+        });
+        assert_eq!(
+            leadership_lines(&postgres),
+            [
+                "leader: a pid 1 (term 3, lease 900 ms left)",
+                "daemon a pid 1: leader (seen 12 ms ago)",
+                "daemon b pid 2: follower (seen 340 ms ago)"
+            ]
+        );
+        assert!(leadership_lines(&Value::Null).is_empty());
+    }
 }
