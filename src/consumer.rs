@@ -16,7 +16,7 @@ use crate::plugin_host::PluginHost;
 use crate::plugin_host::Settings;
 use crate::sandbox::Confinement;
 use crate::value::SecretValue;
-use crate::vault::Meta;
+use crate::vault::{Meta, Revealed};
 
 /// One version on its way to a consumer.
 #[derive(Debug)]
@@ -29,6 +29,18 @@ pub struct Delivery<'a> {
     pub value: &'a SecretValue,
     /// Its non-secret facts.
     pub meta: &'a Meta,
+}
+
+impl<'a> Delivery<'a> {
+    /// The delivery of a version read from the vault.
+    pub fn of(revealed: &'a Revealed) -> Delivery<'a> {
+        Delivery {
+            secret: &revealed.name,
+            version: revealed.version,
+            value: &revealed.value,
+            meta: &revealed.meta,
+        }
+    }
 }
 
 /// A configured consumer.
@@ -270,6 +282,17 @@ impl FileConsumer {
         Ok(())
     }
 
+    /// Whether the file holds what delivering `d` writes: not deleted, emptied or edited since.
+    /// Reads the file on the caller's thread (a small file: at start every secret checks its
+    /// files at once, and as many blocking tasks would each start a thread).
+    pub fn holds(&self, d: &Delivery<'_>) -> bool {
+        let Ok(content) = self.template.render(d) else {
+            return false;
+        };
+        std::fs::read(&self.path)
+            .is_ok_and(|bytes| Zeroizing::new(bytes).as_slice() == content.as_bytes())
+    }
+
     /// Writes `content` to a new temporary file beside the target and renames it over the
     /// target, everything relative to the target's directory opened once without following a
     /// symlink anywhere on its path (`openat2` with `RESOLVE_NO_SYMLINKS`): a directory on the
@@ -499,6 +522,27 @@ mod tests {
             meta: &Meta::new(),
         })
         .await
+    }
+
+    #[tokio::test]
+    async fn a_file_holds_its_delivery_until_it_is_edited_or_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = consumer_at(dir.path().join("token"));
+        let value = SecretValue::new("sk-consumer-value".into());
+        let (meta, v1) = (Meta::new(), 1);
+        let d = |version| Delivery {
+            secret: "s",
+            version,
+            value: &value,
+            meta: &meta,
+        };
+        assert!(!c.holds(&d(v1)), "nothing written yet");
+        deliver_v1(&c).await.unwrap();
+        assert!(c.holds(&d(v1)));
+        std::fs::write(&c.path, "sk-consumer-valuX").unwrap();
+        assert!(!c.holds(&d(v1)), "edited");
+        std::fs::remove_file(&c.path).unwrap();
+        assert!(!c.holds(&d(v1)), "deleted");
     }
 
     #[tokio::test]

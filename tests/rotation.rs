@@ -167,6 +167,56 @@ path = "out/token"
 }
 
 #[test]
+fn a_consumer_file_deleted_or_edited_is_written_again_at_start_and_reload() {
+    let env = env_with_plugin(
+        r#"
+[secrets."demo/token"]
+provider = "random"
+generate = { length = 24, charset = "hex" }
+consumers = ["token-file"]
+
+[consumers.token-file]
+kind = "file"
+path = "out/token"
+"#,
+    );
+    let file = env.dir.path().join("out/token");
+    let holds = |value: &str| std::fs::read_to_string(&file).is_ok_and(|c| c == value);
+    let daemon = env.start_daemon();
+    wait_for("the first version's file", Duration::from_secs(30), || {
+        std::fs::read_to_string(&file)
+            .is_ok_and(|c| c.len() == 24)
+            .then_some(())
+    });
+    assert_eq!(daemon.terminate(), Some(0));
+    let value = env.get("demo/token");
+    assert!(holds(&value));
+
+    // Deleted while the daemon was down (a tmpfs after a reboot), then edited.
+    for damage in [None, Some("edited by hand\n")] {
+        match damage {
+            None => std::fs::remove_file(&file).unwrap(),
+            Some(text) => std::fs::write(&file, text).unwrap(),
+        }
+        let daemon = env.start_daemon();
+        wait_for("the file written again", Duration::from_secs(30), || {
+            holds(&value).then_some(())
+        });
+        assert_eq!(daemon.terminate(), Some(0));
+    }
+    // Deleted while it runs: a reload writes it again.
+    let daemon = env.start_daemon();
+    std::fs::remove_file(&file).unwrap();
+    daemon.reload();
+    wait_for("the file written again", Duration::from_secs(30), || {
+        holds(&value).then_some(())
+    });
+    // The same version throughout: nothing was rotated to get there.
+    assert_eq!(env.entry("demo/token")["version"], 1);
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+#[test]
 fn a_failed_verification_rolls_back_and_keeps_the_current_credential() {
     let env = env_with_plugin(
         r#"

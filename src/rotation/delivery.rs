@@ -18,11 +18,14 @@ use crate::vault::Revealed;
 
 impl Engine {
     /// Delivers `version` to every consumer of `spec` that has not acknowledged it, each
-    /// retried with backoff on its own. Fails (for the caller to retry) if any is still behind.
+    /// retried with backoff on its own, and with `check_files` also to each file consumer whose
+    /// file no longer holds it (deleted, emptied or edited since it was written). Fails (for the
+    /// caller to retry) if any is still behind.
     pub(super) async fn deliver_all(
         &self,
         spec: &SecretSpec,
         version: i64,
+        check_files: bool,
     ) -> Result<(), StepError> {
         if spec.consumers.is_empty() {
             return Ok(());
@@ -37,15 +40,27 @@ impl Engine {
             .filter(|d| d.acked_at.is_some())
             .map(|d| (d.consumer, d.version))
             .collect();
-        let pending: Vec<&String> = spec
+        let (mut pending, current): (Vec<&String>, Vec<&String>) = spec
             .consumers
             .iter()
-            .filter(|c| acked.get(*c).is_none_or(|v| *v < version))
-            .collect();
-        if pending.is_empty() {
+            .partition(|c| acked.get(*c).is_none_or(|v| *v < version));
+        if pending.is_empty() && !check_files {
             return Ok(());
         }
         let revealed = self.vault.read(&spec.name, Some(version)).await?;
+        if check_files {
+            for name in current {
+                if let Some(Consumer::File(file)) = self.catalog.consumers.get(name.as_str()) {
+                    if !file.holds(&Delivery::of(&revealed)) {
+                        tracing::warn!(secret = %spec.name, consumer = %name, path = %file.path.display(), version, "the file no longer holds the current version (deleted or changed since); writing it again");
+                        pending.push(name);
+                    }
+                }
+            }
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
         let mut failures = Vec::new();
         let results = join_all(
             pending
@@ -79,12 +94,7 @@ impl Engine {
             .consumers
             .get(consumer_name)
             .ok_or_else(|| format!("consumer {consumer_name:?} is not declared"))?;
-        let delivery = Delivery {
-            secret: &spec.name,
-            version: revealed.version,
-            value: &revealed.value,
-            meta: &revealed.meta,
-        };
+        let delivery = Delivery::of(revealed);
         let result = match consumer {
             Consumer::File(file) => file.deliver(&delivery).await.map_err(|e| e.to_string()),
             Consumer::Plugin {
@@ -132,7 +142,9 @@ impl Engine {
     }
 
     /// Delivers the current version to consumers that lag behind it (a consumer added to the
-    /// config, a file deleted while the daemon was down). Retries with backoff.
+    /// config) and writes again a file consumer's file that no longer holds it (deleted, emptied
+    /// or edited while the daemon was down or since). Runs at start and reload. Retries with
+    /// backoff.
     pub async fn sync_consumers(&self, name: &str) -> Result<(), EngineError> {
         let spec = self.spec(name)?;
         let mut attempt = 0;
@@ -150,7 +162,7 @@ impl Engine {
             let Some(current) = store.sealed(name, None).await? else {
                 return Ok(());
             };
-            match self.deliver_all(spec, current.version.version).await {
+            match self.deliver_all(spec, current.version.version, true).await {
                 Ok(()) => return Ok(()),
                 Err(e) if attempt >= spec.max_attempts => {
                     return Err(EngineError::Undelivered {

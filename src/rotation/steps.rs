@@ -415,7 +415,7 @@ impl Engine {
                 self.revoke_old_now(rotation, spec, provider, from).await?;
             }
         }
-        self.deliver_all(spec, to).await?;
+        self.deliver_all(spec, to, false).await?;
         let outcome = self
             .advance(
                 rotation,
