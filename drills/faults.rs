@@ -514,8 +514,6 @@ fn store_fault(
     }
 }
 
-/// A daemon leading a PostgreSQL store (`KEYWARDEN_TEST_POSTGRES_URL`) whose connections are
-/// cut and refused for a while; None (and a note) without a server.
 /// A scratch directory whose store is the PostgreSQL database at `url` (a short leader lease),
 /// with the example plugin's `f/sts` and a `random` `f/probe` the drill's uid may fetch.
 fn postgres_env(url: &str) -> Env {
@@ -539,6 +537,8 @@ fn postgres_env(url: &str) -> Env {
     env
 }
 
+/// A daemon leading a PostgreSQL store (`KEYWARDEN_TEST_POSTGRES_URL`) whose connections are
+/// cut and refused for a while; None (and a note) without a server.
 fn postgres_connection_cut(violations: &mut Violations) -> Option<Row> {
     let Ok(base) = std::env::var("KEYWARDEN_TEST_POSTGRES_URL") else {
         println!("  (postgres: connection cut skipped: KEYWARDEN_TEST_POSTGRES_URL is not set)");

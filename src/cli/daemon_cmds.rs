@@ -248,14 +248,12 @@ async fn unlock(ctx: &Context, location: &Location, creating: bool) -> anyhow::R
     Ok(Arc::new(Vault::unlock(store, &passphrase).await?))
 }
 
-/// `keywarden serve`: unlocks the store (creating it with `--init`), binds the sockets and
-/// runs the services until a stop, starting them again on a reload or a change of leader.
 /// The next stop, reload or role change, if one comes within `wait`.
 async fn signal_within(
     signals: &mut DaemonSignals,
     ctx: &Context,
     config: &Config,
-    wait: std::time::Duration,
+    wait: Duration,
 ) -> Option<Next> {
     tokio::select! {
         why = signals.next(ctx, config) => Some(why),
@@ -274,6 +272,8 @@ async fn resign(
     }
 }
 
+/// `keywarden serve`: unlocks the store (creating it with `--init`), binds the sockets and
+/// runs the services until a stop, starting them again on a reload or a change of leader.
 pub(crate) async fn serve(ctx: &Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut signals = DaemonSignals::install()?;
     let location = ctx.store_location()?;
