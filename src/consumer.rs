@@ -529,20 +529,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = consumer_at(dir.path().join("token"));
         let value = SecretValue::new("sk-consumer-value".into());
-        let (meta, v1) = (Meta::new(), 1);
-        let d = |version| Delivery {
+        let meta = Meta::new();
+        let v1 = Delivery {
             secret: "s",
-            version,
+            version: 1,
             value: &value,
             meta: &meta,
         };
-        assert!(!c.holds(&d(v1)), "nothing written yet");
+        assert!(!c.holds(&v1), "nothing written yet");
         deliver_v1(&c).await.unwrap();
-        assert!(c.holds(&d(v1)));
+        assert!(c.holds(&v1));
         std::fs::write(&c.path, "sk-consumer-valuX").unwrap();
-        assert!(!c.holds(&d(v1)), "edited");
+        assert!(!c.holds(&v1), "edited");
         std::fs::remove_file(&c.path).unwrap();
-        assert!(!c.holds(&d(v1)), "deleted");
+        assert!(!c.holds(&v1), "deleted");
     }
 
     #[tokio::test]
