@@ -1,7 +1,7 @@
 //! The catalog: every configured plugin started (handshake included), and the providers,
 //! consumers and secrets of the config resolved against them, every reference checked.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -88,7 +88,36 @@ pub async fn build_catalog(config: &Config, store_path: &Path) -> Result<Catalog
             .secrets
             .insert(name.clone(), secret_spec(config, name, s));
     }
+    for (consumer, secrets) in shared_file_consumers(config) {
+        tracing::warn!(
+            consumer,
+            ?secrets,
+            "several secrets list this file consumer: its file holds whichever was delivered last; give each secret a file of its own"
+        );
+        catalog.shared_files.insert(consumer);
+    }
     Ok(catalog)
+}
+
+/// File consumers that more than one secret lists, with those secrets.
+fn shared_file_consumers(config: &Config) -> BTreeMap<String, Vec<String>> {
+    let mut users: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, secret) in &config.secrets {
+        for consumer in &secret.consumers {
+            if config
+                .consumers
+                .get(consumer)
+                .is_some_and(|c| c.kind == "file")
+            {
+                users
+                    .entry(consumer.clone())
+                    .or_default()
+                    .push(name.clone());
+            }
+        }
+    }
+    users.retain(|_, secrets| secrets.len() > 1);
+    users
 }
 
 /// Starts each plugin and registers the kinds it serves (no kind twice, none built in).
@@ -228,5 +257,41 @@ fn secret_spec(config: &Config, name: &str, s: &SecretConfig) -> SecretSpec {
         generate: s.generate,
         schedule: config.schedule_of(s),
         canary: s.canary,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_consumer_several_secrets_list_is_found_and_a_plugin_consumer_is_not() {
+        let config = Config::parse(
+            r#"
+[secrets."a"]
+provider = "random"
+consumers = ["shared-file", "own-file", "mirror"]
+[secrets."b"]
+provider = "random"
+consumers = ["shared-file", "mirror"]
+[consumers.shared-file]
+kind = "file"
+path = "shared.env"
+[consumers.own-file]
+kind = "file"
+path = "a.env"
+[consumers.mirror]
+kind = "example"
+"#,
+            Path::new("k.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            shared_file_consumers(&config),
+            BTreeMap::from([(
+                "shared-file".to_string(),
+                vec!["a".to_string(), "b".to_string()]
+            )])
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! The catalog: every secret, consumer, provider and plugin the engine can reach, resolved
 //! from the config at start (see `crate::daemon`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +46,9 @@ pub struct Catalog {
     pub secrets: BTreeMap<String, SecretSpec>,
     /// Declared consumers by name.
     pub consumers: BTreeMap<String, Consumer>,
+    /// File consumers that several secrets list: their file holds whichever secret was
+    /// delivered last, so start-up does not check it against any one of them.
+    pub shared_files: HashSet<String>,
     /// Providers by kind.
     pub providers: HashMap<String, Provider>,
     /// Every plugin host.

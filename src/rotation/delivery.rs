@@ -50,6 +50,9 @@ impl Engine {
         let revealed = self.vault.read(&spec.name, Some(version)).await?;
         if check_files {
             for name in current {
+                if self.catalog.shared_files.contains(name.as_str()) {
+                    continue;
+                }
                 if let Some(Consumer::File(file)) = self.catalog.consumers.get(name.as_str()) {
                     if !file.holds(&Delivery::of(&revealed)) {
                         tracing::warn!(secret = %spec.name, consumer = %name, path = %file.path.display(), version, "the file no longer holds the current version (deleted or changed since); writing it again");
