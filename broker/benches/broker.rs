@@ -277,46 +277,26 @@ type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 impl Target {
     async fn connect(&self) -> Sender {
-        let (sender, conn) = match self {
+        match self {
             Target::Direct(port, tls) => {
                 let tcp = tokio::net::TcpStream::connect(("127.0.0.1", *port))
                     .await
                     .unwrap();
                 tcp.set_nodelay(true).unwrap();
                 let name = ServerName::try_from("127.0.0.1").unwrap();
-                let stream = tls.connect(name, tcp).await.unwrap();
-                let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .unwrap();
-                tokio::spawn(async move {
-                    let _ = c.await;
-                });
-                return s;
+                handshake(tls.connect(name, tcp).await.unwrap()).await
             }
             Target::BrokerProcess(socket) => {
-                let unix = tokio::net::UnixStream::connect(socket).await.unwrap();
-                let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(unix))
-                    .await
-                    .unwrap();
-                tokio::spawn(async move {
-                    let _ = c.await;
-                });
-                return s;
+                handshake(tokio::net::UnixStream::connect(socket).await.unwrap()).await
             }
             Target::Broker(port) => {
                 let tcp = tokio::net::TcpStream::connect(("127.0.0.1", *port))
                     .await
                     .unwrap();
                 tcp.set_nodelay(true).unwrap();
-                hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                    .await
-                    .unwrap()
+                handshake(tcp).await
             }
-        };
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        sender
+        }
     }
 
     fn request(&self, body: &'static str, delay_ms: u64) -> Request<Full<Bytes>> {
@@ -343,6 +323,20 @@ impl Target {
             .body(Full::new(Bytes::from_static(body.as_bytes())))
             .unwrap()
     }
+}
+
+/// An HTTP/1.1 client connection over `io`, driven by a task of its own.
+async fn handshake<T>(io: T) -> Sender
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender
 }
 
 struct Load {
