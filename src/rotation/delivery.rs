@@ -12,7 +12,7 @@ use super::catalog::SecretSpec;
 use super::engine::{ACTOR, Engine, EngineError};
 use super::steps::StepError;
 use crate::audit::AuditEvent;
-use crate::consumer::{Consumer, Delivery};
+use crate::consumer::{Consumer, Delivery, FileConsumer};
 use crate::store::SecretRecord;
 use crate::vault::Revealed;
 
@@ -44,21 +44,27 @@ impl Engine {
             .consumers
             .iter()
             .partition(|c| acked.get(*c).is_none_or(|v| *v < version));
-        if pending.is_empty() && !check_files {
+        // A file several secrets write holds whichever came last: it is not checked.
+        let files: Vec<(&String, &FileConsumer)> = if check_files {
+            current
+                .into_iter()
+                .filter(|name| !self.catalog.shared_files.contains(name.as_str()))
+                .filter_map(|name| match self.catalog.consumers.get(name.as_str()) {
+                    Some(Consumer::File(file)) => Some((name, file)),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if pending.is_empty() && files.is_empty() {
             return Ok(());
         }
         let revealed = self.vault.read(&spec.name, Some(version)).await?;
-        if check_files {
-            for name in current {
-                if self.catalog.shared_files.contains(name.as_str()) {
-                    continue;
-                }
-                if let Some(Consumer::File(file)) = self.catalog.consumers.get(name.as_str()) {
-                    if !file.holds(&Delivery::of(&revealed)) {
-                        tracing::warn!(secret = %spec.name, consumer = %name, path = %file.path.display(), version, "the file no longer holds the current version (deleted or changed since); writing it again");
-                        pending.push(name);
-                    }
-                }
+        for (name, file) in files {
+            if !file.holds(&Delivery::of(&revealed)) {
+                tracing::warn!(secret = %spec.name, consumer = %name, path = %file.path.display(), version, "the file no longer holds the current version (deleted or changed since); writing it again");
+                pending.push(name);
             }
         }
         if pending.is_empty() {
