@@ -283,14 +283,28 @@ impl FileConsumer {
     }
 
     /// Whether the file holds what delivering `d` writes: not deleted, emptied or edited since.
-    /// Reads the file on the caller's thread (a small file: at start every secret checks its
-    /// files at once, and as many blocking tasks would each start a thread).
+    /// Whatever is at the path is not followed (a symlink), not waited on (a FIFO) and not read
+    /// unless it is a regular file of the expected size, so the check is one small read on the
+    /// caller's thread (at start every secret checks its files at once, and as many blocking
+    /// tasks would each start a thread).
     pub fn holds(&self, d: &Delivery<'_>) -> bool {
+        use rustix::fs::{FileType, Mode, OFlags};
+        use std::io::Read;
         let Ok(content) = self.template.render(d) else {
             return false;
         };
-        std::fs::read(&self.path)
-            .is_ok_and(|bytes| Zeroizing::new(bytes).as_slice() == content.as_bytes())
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let Ok(fd) = rustix::fs::open(&self.path, flags, Mode::empty()) else {
+            return false;
+        };
+        let regular_of_size = rustix::fs::fstat(&fd).is_ok_and(|st| {
+            FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+                && u64::try_from(st.st_size).is_ok_and(|n| n == content.len() as u64)
+        });
+        let mut bytes = Zeroizing::new(vec![0; content.len()]);
+        regular_of_size
+            && std::fs::File::from(fd).read_exact(&mut bytes).is_ok()
+            && bytes.as_slice() == content.as_bytes()
     }
 
     /// Writes `content` to a new temporary file beside the target and renames it over the
@@ -543,6 +557,21 @@ mod tests {
         assert!(!c.holds(&v1), "edited");
         std::fs::remove_file(&c.path).unwrap();
         assert!(!c.holds(&v1), "deleted");
+        // What something else put at the path is neither followed nor waited on.
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, "sk-consumer-value").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &c.path).unwrap();
+        assert!(!c.holds(&v1), "a symlink to the right content");
+        std::fs::remove_file(&c.path).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &c.path,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert!(!c.holds(&v1), "a FIFO");
     }
 
     #[tokio::test]
