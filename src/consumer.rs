@@ -301,9 +301,11 @@ impl FileConsumer {
             FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
                 && u64::try_from(st.st_size).is_ok_and(|n| n == content.len() as u64)
         });
+        if !regular_of_size {
+            return false;
+        }
         let mut bytes = Zeroizing::new(vec![0; content.len()]);
-        regular_of_size
-            && std::fs::File::from(fd).read_exact(&mut bytes).is_ok()
+        std::fs::File::from(fd).read_exact(&mut bytes).is_ok()
             && bytes.as_slice() == content.as_bytes()
     }
 

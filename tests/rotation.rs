@@ -133,21 +133,26 @@ fn a_plugin_rotation_creates_verifies_promotes_pushes_and_revokes() {
     env.ok(&["audit", "verify"], None);
 }
 
-#[test]
-fn a_random_secret_rotates_on_schedule_into_a_file() {
-    let env = env_with_plugin(
+/// A `random` secret `demo/token` (24 hex digits, `schedule` added to its section) written
+/// into `out/token` by a file consumer.
+fn token_into_file(schedule: &str) -> Env {
+    env_with_plugin(&format!(
         r#"
 [secrets."demo/token"]
 provider = "random"
-rotate_every = "1s"
-generate = { length = 24, charset = "hex" }
+{schedule}generate = {{ length = 24, charset = "hex" }}
 consumers = ["token-file"]
 
 [consumers.token-file]
 kind = "file"
 path = "out/token"
-"#,
-    );
+"#
+    ))
+}
+
+#[test]
+fn a_random_secret_rotates_on_schedule_into_a_file() {
+    let env = token_into_file("rotate_every = \"1s\"\n");
     let daemon = env.start_daemon();
     let version = wait_for("three scheduled rotations", Duration::from_secs(30), || {
         let e = env.entry("demo/token");
@@ -168,18 +173,7 @@ path = "out/token"
 
 #[test]
 fn a_consumer_file_deleted_or_edited_is_written_again_at_start_and_reload() {
-    let env = env_with_plugin(
-        r#"
-[secrets."demo/token"]
-provider = "random"
-generate = { length = 24, charset = "hex" }
-consumers = ["token-file"]
-
-[consumers.token-file]
-kind = "file"
-path = "out/token"
-"#,
-    );
+    let env = token_into_file("");
     let file = env.dir.path().join("out/token");
     let holds = |value: &str| std::fs::read_to_string(&file).is_ok_and(|c| c == value);
     let daemon = env.start_daemon();
