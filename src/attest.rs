@@ -15,7 +15,7 @@
 //! user namespace that bind-mounted its own binary over an allowed path) has no executable path
 //! here, so path policies deny it; hash policies still see the file the process runs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
@@ -80,19 +80,55 @@ fn same_mount_namespace(pid: i32) -> bool {
     }
 }
 
+/// Processes remembered by [`RecentOwners`].
+const RECENT_OWNERS: usize = 16;
+
+/// The processes that held the last loopback connections' other ends, most recent first.
+/// [`tcp_peer`] looks at them before walking every process's descriptors, so an agent that
+/// opens a connection per request is found at the cost of one directory listing. Only the
+/// order of the search changes: a remembered process must hold the very socket, as any other.
+#[derive(Debug, Default)]
+pub struct RecentOwners(Mutex<VecDeque<i32>>);
+
+impl RecentOwners {
+    fn pids(&self) -> Vec<i32> {
+        let recent = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        recent.iter().copied().collect()
+    }
+
+    fn note(&self, pid: i32) {
+        let mut recent = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        recent.retain(|p| *p != pid);
+        recent.push_front(pid);
+        recent.truncate(RECENT_OWNERS);
+    }
+}
+
 /// The process on this host that holds the other end of a loopback TCP connection from
 /// `remote` to `local`: the client socket's inode from `/proc/net/tcp` (or `tcp6`), then the
-/// process with that socket among its descriptors, pinned by a pidfd taken before the socket
-/// is looked for again. `None` when it cannot be found (a process of another user while the
-/// daemon is not root, one in another network namespace, or one that already closed).
-pub fn tcp_peer(local: SocketAddr, remote: SocketAddr) -> Option<(Peer, Option<OwnedFd>)> {
-    let table = if remote.is_ipv4() {
-        "/proc/net/tcp"
-    } else {
-        "/proc/net/tcp6"
-    };
+/// process with that socket among its descriptors (the `recent` owners looked at first),
+/// pinned by a pidfd taken before the socket is looked for again. `None` when it cannot be
+/// found (a process of another user while the daemon is not root, one in another network
+/// namespace, or one that already closed).
+pub fn tcp_peer(
+    local: SocketAddr,
+    remote: SocketAddr,
+    recent: &RecentOwners,
+) -> Option<(Peer, Option<OwnedFd>)> {
     // The client's socket: its local end is our remote one.
-    let (uid, inode) = socket_in_table(table, &proc_addr(remote), &proc_addr(local))?;
+    let (uid, inode) = match socket_by_diag(remote, local) {
+        Some(found) => found,
+        // No netlink here (a sandbox's address families), no `inet_diag` in this kernel, or the
+        // socket gone: the table, which lists every socket.
+        None => {
+            let table = if remote.is_ipv4() {
+                "/proc/net/tcp"
+            } else {
+                "/proc/net/tcp6"
+            };
+            socket_in_table(table, &proc_addr(remote), &proc_addr(local))?
+        }
+    };
     let target = format!("socket:[{inode}]");
     let holds = |pid: i32| -> bool {
         std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
@@ -101,27 +137,34 @@ pub fn tcp_peer(local: SocketAddr, remote: SocketAddr) -> Option<(Peer, Option<O
             })
         })
     };
-    // The socket's owner is almost always its holder: its processes are looked at first.
-    let pids: Vec<(i32, bool)> = std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .filter_map(|e| {
-            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
-            Some((pid, e.metadata().is_ok_and(|m| m.uid() == uid)))
-        })
-        .collect();
-    let pid = pids
-        .iter()
-        .filter(|(_, owned)| *owned)
-        .chain(pids.iter().filter(|(_, owned)| !*owned))
-        .map(|(pid, _)| *pid)
-        .find(|pid| holds(*pid))?;
+    let recent_pids = recent.pids();
+    let pid = match recent_pids.iter().copied().find(|pid| holds(*pid)) {
+        Some(pid) => pid,
+        None => {
+            // The socket's owner is almost always its holder: its processes are looked at first.
+            let pids: Vec<(i32, bool)> = std::fs::read_dir("/proc")
+                .ok()?
+                .flatten()
+                .filter_map(|e| {
+                    let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+                    Some((pid, e.metadata().is_ok_and(|m| m.uid() == uid)))
+                })
+                .filter(|(pid, _)| !recent_pids.contains(pid))
+                .collect();
+            pids.iter()
+                .filter(|(_, owned)| *owned)
+                .chain(pids.iter().filter(|(_, owned)| !*owned))
+                .map(|(pid, _)| *pid)
+                .find(|pid| holds(*pid))?
+        }
+    };
     let pidfd = rustix::process::Pid::from_raw(pid)
         .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
     // The pid may have been reused between the scan and the pidfd: it must still hold it.
     if !holds(pid) {
         return None;
     }
+    recent.note(pid);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let gid = status
         .lines()
@@ -135,6 +178,74 @@ pub fn tcp_peer(local: SocketAddr, remote: SocketAddr) -> Option<(Peer, Option<O
         },
         pidfd,
     ))
+}
+
+/// The uid and inode of the TCP socket whose local end is `local` and remote end `remote`, asked
+/// of the kernel by its exact address (`sock_diag(7)`): one hash lookup, where the
+/// `/proc/net/tcp` table walks every bucket of the connection table (about a millisecond on a
+/// small host, more on a large one). `None` when the kernel does not answer with it.
+fn socket_by_diag(local: SocketAddr, remote: SocketAddr) -> Option<(u32, u64)> {
+    use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+    use netlink_packet_sock_diag::SockDiagMessage;
+    use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+    use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+    use rustix::net::netlink::{SOCK_DIAG, SocketAddrNetlink};
+    use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
+
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST;
+    let mut request = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family: if local.is_ipv4() { AF_INET } else { AF_INET6 },
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id: SocketId {
+                source_port: local.port(),
+                destination_port: remote.port(),
+                source_address: local.ip(),
+                destination_address: remote.ip(),
+                interface_id: 0,
+                // INET_DIAG_NOCOOKIE: any socket with these ends.
+                cookie: [0xff; 8],
+            },
+        })
+        .into(),
+    );
+    request.finalize();
+    let mut bytes = vec![0; request.buffer_len()];
+    request.serialize(&mut bytes);
+    let socket = rustix::net::socket_with(
+        AddressFamily::NETLINK,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        Some(SOCK_DIAG),
+    )
+    .ok()?;
+    rustix::net::sendto(
+        &socket,
+        &bytes,
+        SendFlags::empty(),
+        &SocketAddrNetlink::new(0, 0),
+    )
+    .ok()?;
+    let mut answer = [0u8; 8192];
+    let (_, len) = rustix::net::recv(&socket, &mut answer[..], RecvFlags::empty()).ok()?;
+    match NetlinkMessage::<SockDiagMessage>::deserialize(&answer[..len])
+        .ok()?
+        .payload
+    {
+        // A socket being torn down has no inode.
+        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(found))
+            if found.header.inode != 0
+                && found.header.socket_id.source_port == local.port()
+                && found.header.socket_id.destination_port == remote.port() =>
+        {
+            Some((found.header.uid, u64::from(found.header.inode)))
+        }
+        _ => None,
+    }
 }
 
 /// The uid and inode of the socket with these ends in a `/proc/net/tcp{,6}` table, read a line
@@ -430,10 +541,43 @@ mod tests {
         let (_server, remote) = listener.accept().unwrap();
         let local = listener.local_addr().unwrap();
         assert_eq!(remote, client.local_addr().unwrap());
-        let (peer, pidfd) = tcp_peer(local, remote).expect("found");
+        // The kernel's answer by address is the table's line.
+        let in_table = socket_in_table("/proc/net/tcp", &proc_addr(remote), &proc_addr(local));
+        assert!(in_table.is_some());
+        assert_eq!(socket_by_diag(remote, local), in_table);
+        let recent = RecentOwners::default();
+        let (peer, pidfd) = tcp_peer(local, remote, &recent).expect("found");
         assert_eq!(peer.pid, Some(std::process::id() as i32));
         assert_eq!(peer.uid, rustix::process::getuid().as_raw());
         assert!(pidfd.is_some());
+        assert_eq!(recent.pids(), [std::process::id() as i32]);
+    }
+
+    #[test]
+    fn a_remembered_owner_is_not_taken_for_another_process() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let local = listener.local_addr().unwrap();
+        let recent = RecentOwners::default();
+        let me = std::process::id() as i32;
+        let _mine = std::net::TcpStream::connect(local).unwrap();
+        let (_server, remote) = listener.accept().unwrap();
+        assert_eq!(tcp_peer(local, remote, &recent).unwrap().0.pid, Some(me));
+        // Another process connects while this one, remembered, holds a connection too.
+        let mut child = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "exec 3<>/dev/tcp/127.0.0.1/{}; read -r _ <&0",
+                local.port()
+            ))
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (_theirs, remote) = listener.accept().unwrap();
+        let found = tcp_peer(local, remote, &recent).unwrap().0.pid;
+        drop(child.stdin.take());
+        child.wait().unwrap();
+        assert_eq!(found, Some(child.id() as i32));
+        assert_eq!(recent.pids(), [child.id() as i32, me]);
     }
 
     #[test]

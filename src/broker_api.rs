@@ -33,7 +33,7 @@ use keywarden_plugin_sdk::broker::{
 };
 use serde_json::json;
 
-use crate::attest::{Hasher, Peer, PeerIdentity};
+use crate::attest::{Hasher, Peer, PeerIdentity, RecentOwners};
 use crate::audit::AuditEvent;
 use crate::broker::budget::Caller;
 use crate::broker::usage::UsageMeter;
@@ -557,7 +557,25 @@ impl std::fmt::Debug for BrokerBody {
 /// The broker's loopback TCP listener: each connection is attributed to the process on this
 /// host that owns its other end; when none can be found the connection is served only a 403.
 #[derive(Debug)]
-pub struct LoopbackListener(pub tokio::net::TcpListener);
+pub struct LoopbackListener {
+    listener: tokio::net::TcpListener,
+    recent: Arc<RecentOwners>,
+}
+
+impl LoopbackListener {
+    /// Attributes the connections `listener` accepts.
+    pub fn new(listener: tokio::net::TcpListener) -> Self {
+        LoopbackListener {
+            listener,
+            recent: Arc::default(),
+        }
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+}
 
 impl http::Listener for LoopbackListener {
     type Stream = tokio::net::TcpStream;
@@ -565,15 +583,17 @@ impl http::Listener for LoopbackListener {
     async fn accept_peer(
         &mut self,
     ) -> std::io::Result<(tokio::net::TcpStream, Option<Peer>, Option<OwnedFd>)> {
-        let (stream, remote) = self.0.accept().await?;
+        let (stream, remote) = self.listener.accept().await?;
         // Streamed answers are written as their events arrive: each goes out at once instead
         // of waiting for the agent to acknowledge the one before (Nagle's algorithm).
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr()?;
-        let found = tokio::task::spawn_blocking(move || crate::attest::tcp_peer(local, remote))
-            .await
-            .ok()
-            .flatten();
+        let recent = self.recent.clone();
+        let found =
+            tokio::task::spawn_blocking(move || crate::attest::tcp_peer(local, remote, &recent))
+                .await
+                .ok()
+                .flatten();
         Ok(match found {
             Some((peer, pidfd)) => (stream, Some(peer), pidfd),
             None => (stream, Some(REMOTE_PEER), None),

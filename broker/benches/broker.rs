@@ -19,7 +19,8 @@
 //! 32 requests in flight without saturating anything, and the added latency is the broker's
 //! own.
 //!
-//! A last table splits the paced row's added latency: the same load sent straight to
+//! A second table sends each request on a new connection, as `curl` in a loop does: what
+//! attesting a connection costs. A last table splits the paced row's added latency: the same load sent straight to
 //! `keywarden-broker`'s private socket (the request the daemon would forward, the key supplied
 //! by the benchmark), so the broker process alone, against the whole path.
 //!
@@ -135,6 +136,8 @@ brokers = ["openai"]
     let brokered = Target::Broker(listen);
     requests(&runtime, &direct, &brokered, &[daemon_pid, broker_pid]);
     println!();
+    fresh_connections(&runtime, &brokered, &[daemon_pid, broker_pid]);
+    println!();
     let process = Target::BrokerProcess(broker_socket(&env.store));
     split(
         &runtime,
@@ -173,6 +176,41 @@ fn requests(runtime: &tokio::runtime::Runtime, direct: &Target, brokered: &Targe
             used / b.count as f64 * 1e6,
         );
     }
+}
+
+/// Requests each on a new loopback connection, one after another, as `curl` in a loop sends
+/// them: the daemon attests each connection (the process that owns its other end).
+fn fresh_connections(runtime: &tokio::runtime::Runtime, brokered: &Target, pids: &[u32]) {
+    const REQUESTS: usize = 500;
+    let cpu = || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+    println!("# a new loopback connection per request, {REQUESTS} one after another");
+    println!("| path | connect, request and answer p50 / p99 | daemon + broker CPU per request |");
+    println!("|---|---|---|");
+    let cpu_before = cpu();
+    let mut latencies = runtime.block_on(async {
+        let mut latencies = Vec::new();
+        for _ in 0..REQUESTS {
+            let t = Instant::now();
+            let mut sender = brokered.connect().await;
+            sender.ready().await.unwrap();
+            let answer = sender
+                .send_request(brokered.request(r#"{"model":"m","messages":[]}"#, 0))
+                .await
+                .unwrap();
+            assert!(answer.status().is_success(), "{}", answer.status());
+            answer.into_body().collect().await.unwrap();
+            latencies.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        latencies
+    });
+    let used = cpu() - cpu_before;
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "| through keywarden | {:.2} / {:.2} ms | {:.0} µs |",
+        latencies[REQUESTS / 2],
+        latencies[REQUESTS * 99 / 100],
+        used / REQUESTS as f64 * 1e6
+    );
 }
 
 /// The paced row's load on each path, taking turns, with the CPU of `pids` per request.

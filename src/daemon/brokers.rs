@@ -122,7 +122,7 @@ pub(super) fn serve(
         )));
     }
     for listener in listeners {
-        tracing::info!(address = ?listener.0.local_addr().ok(), "broker listening");
+        tracing::info!(address = ?listener.local_addr().ok(), "broker listening");
         servers.push(tokio::spawn(http::serve(
             listener,
             api.clone(),

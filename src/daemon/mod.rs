@@ -284,7 +284,7 @@ impl Sockets {
                         l.set_nonblocking(true)?;
                         tokio::net::TcpListener::from_std(l)
                     })
-                    .map(broker_api::LoopbackListener)
+                    .map(broker_api::LoopbackListener::new)
                     .map_err(|source| ServeError::Listen {
                         address: address.clone(),
                         source,
