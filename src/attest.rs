@@ -554,6 +554,19 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_connection_is_found_by_address_as_in_its_table() {
+        let Ok(listener) = std::net::TcpListener::bind("[::1]:0") else {
+            return; // no IPv6 loopback on this host
+        };
+        let local = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(local).unwrap();
+        let (_server, remote) = listener.accept().unwrap();
+        let in_table = socket_in_table("/proc/net/tcp6", &proc_addr(remote), &proc_addr(local));
+        assert!(in_table.is_some());
+        assert_eq!(socket_by_diag(remote, local), in_table);
+    }
+
+    #[test]
     fn a_remembered_owner_is_not_taken_for_another_process() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let local = listener.local_addr().unwrap();
