@@ -105,9 +105,9 @@ impl RecentOwners {
 }
 
 /// The process on this host that holds the other end of a loopback TCP connection from
-/// `remote` to `local`: the client socket's inode from `/proc/net/tcp` (or `tcp6`), then the
-/// process with that socket among its descriptors (the `recent` owners looked at first),
-/// pinned by a pidfd taken before the socket is looked for again. `None` when it cannot be
+/// `remote` to `local`: the client socket's uid and inode (asked of the kernel, or from
+/// `/proc/net/tcp{,6}`), then the process with that socket among its descriptors (the `recent`
+/// owners looked at first), pinned by a pidfd taken before the socket is looked for again. `None` when it cannot be
 /// found (a process of another user while the daemon is not root, one in another network
 /// namespace, or one that already closed).
 pub fn tcp_peer(

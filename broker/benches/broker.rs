@@ -20,9 +20,10 @@
 //! own.
 //!
 //! A second table sends each request on a new connection, as `curl` in a loop does: what
-//! attesting a connection costs. A last table splits the paced row's added latency: the same load sent straight to
-//! `keywarden-broker`'s private socket (the request the daemon would forward, the key supplied
-//! by the benchmark), so the broker process alone, against the whole path.
+//! attesting a connection costs. A last table splits the paced row's added latency: the same
+//! load sent straight to `keywarden-broker`'s private socket (the request the daemon would
+//! forward, the key supplied by the benchmark), so the broker process alone, against the whole
+//! path.
 //!
 //! Run with `cargo bench -p keywarden-broker --bench broker` (`BENCH_SECONDS=30` to profile).
 
