@@ -263,7 +263,7 @@ impl BrokerApi {
             Ok(a) => a,
             Err(e) => {
                 finish.status = StatusCode::BAD_GATEWAY.as_u16();
-                tokio::spawn(finish.write(None, true));
+                finish.record(None, true);
                 return error(StatusCode::BAD_GATEWAY, "broker", e.to_string());
             }
         };
@@ -421,8 +421,9 @@ struct Finish {
 }
 
 impl Finish {
-    /// Counts the tokens and writes the audit row; then the versions are released.
-    async fn write(self, usage: Option<crate::broker::usage::Usage>, complete: bool) {
+    /// Counts the tokens and piles up the audit row (it shares a later commit: nothing waits
+    /// for it); then the versions are released. No await: it runs as the answer ends.
+    fn record(self, usage: Option<crate::broker::usage::Usage>, complete: bool) {
         let tokens = usage.map_or(0, |u| u.total());
         let now = self.services.clock.now();
         self.brokers.budgets.spend(&self.caller, tokens, now);
@@ -455,14 +456,12 @@ impl Finish {
             tokens,
             self.started.elapsed(),
         );
-        // Nothing waits for this row (the answer has ended): it shares a later commit.
-        if let Err(e) = self.services.audit_writer.write_deferred(vec![event]).await {
-            tracing::error!(broker = %self.broker, error = %e, "could not record a brokered request");
-        }
-        if tokens > 0 {
-            self.signals
-                .note_tokens(&self.caller, tokens, &self.secrets)
-                .await;
+        self.services.audit_writer.defer(vec![event]);
+        if tokens > 0
+            && let Some(spike) = self.signals.note_tokens(&self.caller, tokens)
+        {
+            let (signals, caller, secrets) = (self.signals, self.caller, self.secrets);
+            tokio::spawn(async move { signals.act_on_tokens(spike, &caller, &secrets).await });
         }
     }
 }
@@ -478,7 +477,7 @@ pub struct Metered {
 impl Metered {
     fn end(&mut self, complete: bool) {
         if let (Some(meter), Some(finish)) = (self.meter.take(), self.finish.take()) {
-            tokio::spawn(finish.write(meter.finish(), complete));
+            finish.record(meter.finish(), complete);
         }
     }
 }

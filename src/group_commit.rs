@@ -4,8 +4,9 @@
 //! Audit fails closed (docs/design.md §9): every write waits until its batch is committed, so a
 //! fetch is answered only once its lease and audit row are durable, and a fetch whose rows cannot
 //! be committed is refused rather than served unrecorded. Rows no answer waits for (a brokered
-//! request's, written when its answer has ended) are deferred: they join the next batch, or are
-//! committed on their own after at most [`DEFER_AT_MOST`]. A batch that fails is tried again a few
+//! request's, written when its answer has ended) are deferred: piled up without waking the
+//! writer, they join the next batch, or are committed on their own after at most
+//! [`DEFER_AT_MOST`]. A batch that fails is tried again a few
 //! times before its writers are told. On shutdown the writer stops taking work, commits everything
 //! already handed to it, and only then ends. The queue is bounded, so a writer that falls behind
 //! slows fetches down rather than growing without limit. While the daemon runs, the in-memory lease
@@ -34,8 +35,8 @@ pub enum WriteError {
 /// Requests folded into one transaction at most.
 const MAX_BATCH: usize = 512;
 
-/// How long rows no request waits for (see [`GroupCommit::write_deferred`]) may wait for
-/// company before they are committed on their own.
+/// How long rows no request waits for (see [`GroupCommit::defer`]) may wait for company
+/// before they are committed on their own.
 pub const DEFER_AT_MOST: Duration = Duration::from_millis(100);
 
 /// Waits before each further try of a batch that failed (a momentarily full disk; a busy store
@@ -49,9 +50,29 @@ const RETRY_AFTER: [Duration; 3] = [
 struct Item {
     ops: Vec<LeaseOp>,
     audit: Vec<AuditEvent>,
-    /// No answer waits for these rows: they may wait for a later batch.
-    deferred: bool,
     done: oneshot::Sender<Result<(), WriteError>>,
+}
+
+/// Rows no answer waits for, until the writer takes them into a batch.
+#[derive(Debug, Default)]
+struct Pile {
+    /// The rows, and whether the writer has ended (rows piled then would never be written).
+    rows: Mutex<(Vec<AuditEvent>, bool)>,
+    /// Told when the pile stops being empty, and when it holds a full batch.
+    filled: tokio::sync::Notify,
+}
+
+impl Pile {
+    fn len(&self) -> usize {
+        self.rows.lock().unwrap_or_else(|e| e.into_inner()).0.len()
+    }
+
+    /// Takes the rows; with `last`, marks the writer ended.
+    fn take(&self, last: bool) -> Vec<AuditEvent> {
+        let mut pile = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+        pile.1 |= last;
+        std::mem::take(&mut pile.0)
+    }
 }
 
 /// A handle to the writer task. When every handle is dropped, the task commits what is queued
@@ -59,6 +80,7 @@ struct Item {
 #[derive(Debug, Clone)]
 pub struct GroupCommit {
     tx: mpsc::Sender<Item>,
+    pile: Arc<Pile>,
     health: WriteHealth,
 }
 
@@ -117,45 +139,52 @@ impl GroupCommit {
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> (GroupCommit, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<Item>(4096);
+        let pile = Arc::new(Pile::default());
         let health = WriteHealth::default();
         let writer_health = health.clone();
+        let writer_pile = pile.clone();
         let task = tokio::spawn(async move {
+            let pile = writer_pile;
             loop {
-                let first = tokio::select! {
-                    item = rx.recv() => item,
+                let woke = tokio::select! {
+                    item = rx.recv() => Some(item),
+                    () = pile.filled.notified() => None,
                     _ = shutdown.changed() => {
                         rx.close();
-                        rx.recv().await
+                        Some(rx.recv().await)
                     }
                 };
-                let Some(first) = first else { break };
-                let mut batch = vec![first];
+                let mut batch = Vec::new();
+                match woke {
+                    Some(Some(item)) => batch.push(item),
+                    // Stopped, and nothing queued: what is piled is written last.
+                    Some(None) => {
+                        let rows = pile.take(true);
+                        if !rows.is_empty() {
+                            let _ = commit(&store, &[], &rows, &writer_health).await;
+                        }
+                        break;
+                    }
+                    // Rows piled up: nobody waits for them.
+                    None => {}
+                }
                 // Let the requests already running queue their rows too: a bigger batch costs
                 // fewer round trips to the database thread per fetch.
                 tokio::task::yield_now().await;
                 take_queued(&mut rx, &mut batch);
-                if batch.iter().all(|item| item.deferred) {
-                    // Nobody waits: wait for a row someone waits for, or for a full batch, at
+                if batch.is_empty() && pile.len() < MAX_BATCH {
+                    // Only piled rows: wait for a row someone waits for, or for a full pile, at
                     // most DEFER_AT_MOST (a busy broker then costs one commit per interval).
-                    let deadline = tokio::time::sleep(DEFER_AT_MOST);
-                    tokio::pin!(deadline);
-                    while batch.len() < MAX_BATCH {
-                        tokio::select! {
-                            item = rx.recv() => {
-                                let Some(item) = item else { break };
-                                let urgent = !item.deferred;
-                                batch.push(item);
-                                if urgent {
-                                    take_queued(&mut rx, &mut batch);
-                                    break;
-                                }
-                            }
-                            _ = &mut deadline => break,
-                            _ = shutdown.changed() => {
-                                rx.close();
-                                take_queued(&mut rx, &mut batch);
-                                break;
-                            }
+                    tokio::select! {
+                        item = rx.recv() => {
+                            batch.extend(item);
+                            take_queued(&mut rx, &mut batch);
+                        }
+                        () = pile.filled.notified() => {}
+                        () = tokio::time::sleep(DEFER_AT_MOST) => {}
+                        _ = shutdown.changed() => {
+                            rx.close();
+                            take_queued(&mut rx, &mut batch);
                         }
                     }
                 }
@@ -167,13 +196,17 @@ impl GroupCommit {
                     audit.extend(item.audit);
                     waiters.push(item.done);
                 }
+                audit.extend(pile.take(false));
+                if ops.is_empty() && audit.is_empty() {
+                    continue;
+                }
                 let result = commit(&store, &ops, &audit, &writer_health).await;
                 for waiter in waiters {
                     let _ = waiter.send(result.clone());
                 }
             }
         });
-        (GroupCommit { tx, health }, task)
+        (GroupCommit { tx, pile, health }, task)
     }
 
     /// Whether the store takes the writer's batches.
@@ -183,31 +216,36 @@ impl GroupCommit {
 
     /// Queues lease changes and audit rows and waits until they are committed.
     pub async fn write(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), WriteError> {
-        self.queue(ops, audit, false).await
+        self.queue(ops, audit).await
     }
 
-    /// Queues audit rows that no answer waits for (a brokered request's, written once its
-    /// answer has ended) and waits until they are committed: with the next batch someone waits
-    /// for, or on their own after at most [`DEFER_AT_MOST`], or at shutdown. A daemon killed
-    /// meanwhile loses them.
-    pub async fn write_deferred(&self, audit: Vec<AuditEvent>) -> Result<(), WriteError> {
-        self.queue(Vec::new(), audit, true).await
+    /// Piles up audit rows that no answer waits for (a brokered request's, written once its
+    /// answer has ended), without waking the writer: they are committed with the next batch
+    /// someone waits for, or on their own after at most [`DEFER_AT_MOST`], or at shutdown. A
+    /// daemon killed meanwhile loses them.
+    pub fn defer(&self, audit: Vec<AuditEvent>) {
+        let mut pile = self.pile.rows.lock().unwrap_or_else(|e| e.into_inner());
+        if pile.1 {
+            drop(pile);
+            tracing::error!(
+                rows = audit.len(),
+                "the audit writer has stopped: a brokered request is not recorded"
+            );
+            return;
+        }
+        let was_empty = pile.0.is_empty();
+        pile.0.extend(audit);
+        let full = pile.0.len() >= MAX_BATCH;
+        drop(pile);
+        if was_empty || full {
+            self.pile.filled.notify_one();
+        }
     }
 
-    async fn queue(
-        &self,
-        ops: Vec<LeaseOp>,
-        audit: Vec<AuditEvent>,
-        deferred: bool,
-    ) -> Result<(), WriteError> {
+    async fn queue(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), WriteError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Item {
-                ops,
-                audit,
-                deferred,
-                done,
-            })
+            .send(Item { ops, audit, done })
             .await
             .map_err(|_| WriteError::Stopped)?;
         wait.await.map_err(|_| WriteError::Stopped)?
@@ -273,14 +311,19 @@ mod tests {
             .unwrap()
     }
 
-    /// A brokered request's row, handed to `writer` in a task of its own.
-    fn deferred_row(writer: &GroupCommit) -> tokio::task::JoinHandle<Result<(), WriteError>> {
-        let writer = writer.clone();
-        tokio::spawn(async move {
-            writer
-                .write_deferred(vec![AuditEvent::new("t", "broker.request")])
-                .await
-        })
+    /// A brokered request's row, piled up on `writer`.
+    fn deferred_row(writer: &GroupCommit) {
+        writer.defer(vec![AuditEvent::new("t", "broker.request")]);
+    }
+
+    /// Lets the paused clock run until `n` rows of `action` are in the file; the time it took.
+    async fn until_rows(path: &std::path::Path, action: &str, n: i64) -> Duration {
+        let started = tokio::time::Instant::now();
+        while rows(path, action) < n {
+            assert!(started.elapsed() < 10 * DEFER_AT_MOST, "never committed");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        started.elapsed()
     }
 
     /// A store, and a writer on it with its stop switch and task, on a paused clock (paused
@@ -304,35 +347,42 @@ mod tests {
         let (t, _stop, writer, _task) = paused_writer().await;
 
         // Alone, a deferred row waits the whole interval, then is committed.
-        let alone = deferred_row(&writer);
-        tokio::time::sleep(DEFER_AT_MOST / 2).await;
-        assert_eq!(rows(&t.path, "broker.request"), 0, "committed early");
-        alone.await.unwrap().unwrap();
-        assert_eq!(rows(&t.path, "broker.request"), 1);
+        deferred_row(&writer);
+        deferred_row(&writer);
+        let waited = until_rows(&t.path, "broker.request", 2).await;
+        assert!(waited >= DEFER_AT_MOST, "committed after {waited:?}");
+        assert!(waited < DEFER_AT_MOST * 2, "committed after {waited:?}");
 
         // A row someone waits for takes the deferred ones with it at once.
         let started = tokio::time::Instant::now();
-        let deferred = deferred_row(&writer);
-        tokio::task::yield_now().await;
+        deferred_row(&writer);
         writer
             .write(Vec::new(), vec![AuditEvent::new("t", "fetch.allowed")])
             .await
             .unwrap();
-        deferred.await.unwrap().unwrap();
+        assert_eq!(rows(&t.path, "broker.request"), 3);
         assert!(started.elapsed() < DEFER_AT_MOST);
-        assert_eq!(rows(&t.path, "broker.request"), 2);
+
+        // A full batch's worth does not wait.
+        for _ in 0..MAX_BATCH {
+            deferred_row(&writer);
+        }
+        let waited = until_rows(&t.path, "broker.request", 3 + MAX_BATCH as i64).await;
+        assert!(waited < DEFER_AT_MOST, "committed after {waited:?}");
     }
 
     #[tokio::test]
-    async fn deferred_rows_are_committed_at_shutdown() {
+    async fn deferred_rows_are_committed_at_shutdown_and_later_ones_refused() {
         let (t, stop, writer, task) = paused_writer().await;
         let started = tokio::time::Instant::now();
-        let deferred = deferred_row(&writer);
+        deferred_row(&writer);
         tokio::task::yield_now().await;
         stop.send(true).unwrap();
-        deferred.await.unwrap().unwrap();
         task.await.unwrap();
         assert!(started.elapsed() < DEFER_AT_MOST);
         assert_eq!(rows(&t.path, "broker.request"), 1);
+        // The writer has ended: a row piled now is reported lost, not kept forever.
+        deferred_row(&writer);
+        assert!(writer.pile.rows.lock().unwrap().0.is_empty());
     }
 }

@@ -265,6 +265,13 @@ struct Seen {
     tokens: HashMap<(String, u32, String), Rate>,
 }
 
+/// A caller's brokered tokens this minute far above its baseline ([`Signals::note_tokens`]).
+#[derive(Debug)]
+pub struct TokenSpike {
+    count: u64,
+    baseline: f64,
+}
+
 /// What an allowed fetch revealed that needs acting on (see [`Signals::note_fetch`]).
 #[derive(Debug)]
 pub struct FetchNews {
@@ -477,31 +484,33 @@ impl Signals {
         })
     }
 
-    /// Counts the tokens a brokered request of `caller` (policy, uid, executable) used; when its
-    /// rate this minute spikes far above its baseline, raises an anomaly over `secrets` (the
-    /// keys of the broker it called).
-    pub async fn note_tokens(
+    /// Counts the tokens a brokered request of `caller` (policy, uid, executable) used, and
+    /// says whether its rate this minute spiked far above its baseline (then
+    /// [`Signals::act_on_tokens`]). No await: it runs as the answer ends.
+    pub fn note_tokens(&self, caller: &(String, u32, String), tokens: u64) -> Option<TokenSpike> {
+        let now = self.engine.clock().now();
+        let mut seen = self.seen.lock().expect("seen lock");
+        if seen.tokens.len() > 65_536 && !seen.tokens.contains_key(caller) {
+            return None;
+        }
+        let (count, baseline) = seen.tokens.entry(caller.clone()).or_default().add(
+            now,
+            tokens,
+            self.config.rate_factor,
+            self.config.min_tokens,
+        )?;
+        Some(TokenSpike { count, baseline })
+    }
+
+    /// Raises the anomaly of a token spike of `caller` over `secrets` (the keys of the broker
+    /// it called).
+    pub async fn act_on_tokens(
         &self,
+        spike: TokenSpike,
         caller: &(String, u32, String),
-        tokens: u64,
         secrets: &[String],
     ) {
-        let now = self.engine.clock().now();
-        let spike = {
-            let mut seen = self.seen.lock().expect("seen lock");
-            if seen.tokens.len() > 65_536 && !seen.tokens.contains_key(caller) {
-                return;
-            }
-            seen.tokens.entry(caller.clone()).or_default().add(
-                now,
-                tokens,
-                self.config.rate_factor,
-                self.config.min_tokens,
-            )
-        };
-        let Some((count, baseline)) = spike else {
-            return;
-        };
+        let TokenSpike { count, baseline } = spike;
         let (policy, uid, exe) = caller;
         self.react(
             AlertKind::Anomaly,
