@@ -6,11 +6,11 @@
 //! be committed is refused rather than served unrecorded. Rows no answer waits for (a brokered
 //! request's, written when its answer has ended) are deferred: piled up without waking the
 //! writer, they join the next batch, or are committed on their own after at most
-//! [`DEFER_AT_MOST`]. A batch that fails is tried again a few
-//! times before its writers are told. On shutdown the writer stops taking work, commits everything
-//! already handed to it, and only then ends. The queue is bounded, so a writer that falls behind
-//! slows fetches down rather than growing without limit. While the daemon runs, the in-memory lease
-//! table is authoritative; the store is its durable copy.
+//! [`DEFER_AT_MOST`]. A batch that fails is tried again a few times before its writers are told.
+//! On shutdown the writer stops taking work, commits everything already handed to it, and only
+//! then ends. The queue is bounded, so a writer that falls behind slows fetches down rather than
+//! growing without limit. While the daemon runs, the in-memory lease table is authoritative; the
+//! store is its durable copy.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
