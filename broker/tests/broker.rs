@@ -774,7 +774,7 @@ fn rustix_is_root() -> bool {
 }
 
 #[test]
-fn a_stalled_upstream_times_out_and_an_oversized_body_never_leaves() {
+fn a_stalled_or_untrusted_upstream_fails_and_an_oversized_body_never_leaves() {
     let extra = r#"[brokers.strict]
 preset = "openai"
 secret = "openai/prod"
@@ -783,8 +783,13 @@ ca_file = "certs/ca.pem"
 first_byte_timeout = "1s"
 idle_timeout = "2s"
 max_body_bytes = 1024
+
+[brokers.untrusted]
+preset = "openai"
+secret = "openai/prod"
+upstream = "{upstream}"
 "#;
-    let policy = ADMITTED.replace(r#""anthropic"]"#, r#""anthropic", "strict"]"#);
+    let policy = ADMITTED.replace(r#""anthropic"]"#, r#""anthropic", "strict", "untrusted"]"#);
     let s = Setup::new(&policy, extra);
     let big = format!(
         r#"{{"model":"m","messages":[],"pad":"{}"}}"#,
@@ -837,6 +842,13 @@ max_body_bytes = 1024
     let before = s.provider.seen().len();
     let (status, _) = s.chat("/v1/broker/strict/v1/chat/completions", &[]);
     assert_eq!(status, 307);
+    assert_eq!(s.provider.seen().len(), before + 1);
+
+    // An upstream whose certificate no trusted root signed (the private CA is not configured
+    // for this broker) gets no request, so never the key.
+    let (status, body) = s.chat("/v1/broker/untrusted/v1/chat/completions", &[]);
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("certificate"), "{body}");
     assert_eq!(s.provider.seen().len(), before + 1);
     std::fs::write(s.provider.state.join("release"), "").unwrap();
 }
