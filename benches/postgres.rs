@@ -9,23 +9,13 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::fetch::{self, FETCH_PATH};
 
 /// The leader's lease in the failover measurement.
 const LEASE: &str = "2s";
-
-fn psql(url: &str, sql: &str) {
-    let ok = Command::new("psql")
-        .args([url, "-qAt", "-c", sql])
-        .stdout(Stdio::null())
-        .status()
-        .expect("psql")
-        .success();
-    assert!(ok, "psql {sql}");
-}
 
 /// The pid of the daemon that leads, as `keywarden status --json` in `dir` reports it.
 fn leader_pid(dir: &std::path::Path) -> Option<u64> {
@@ -39,12 +29,8 @@ fn leader_pid(dir: &std::path::Path) -> Option<u64> {
 }
 
 fn main() {
-    let base = std::env::var("KEYWARDEN_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let name = format!("kw_bench_{}", std::process::id());
-    psql(&base, &format!("CREATE DATABASE {name}"));
-    let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
-    let store = format!("url = {url:?}\nleader_lease = {LEASE:?}");
+    let database = common::postgres::Database::new();
+    let store = format!("url = {:?}\nleader_lease = {LEASE:?}", database.url);
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let (sqlite, sqlite_sock) = fetch::start_keywarden(dirs[0].path());
     let (mut leader, leader_sock) = fetch::start_keywarden_on(dirs[1].path(), &store);
@@ -100,5 +86,4 @@ fn main() {
             .status();
         let _ = child.wait();
     }
-    psql(&base, &format!("DROP DATABASE {name} WITH (FORCE)"));
 }

@@ -6,6 +6,9 @@
 //! not measured.
 //!
 //! Run with `cargo bench --bench rotate_all [-- --secrets 1000,10000]` (default 1,000).
+//! `-- --postgres` runs the daemon on a PostgreSQL store instead, in a database of the
+//! benchmark's own on the server at `KEYWARDEN_TEST_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`), dropped after.
 
 mod common;
 
@@ -29,12 +32,25 @@ fn main() {
                 .map(|n| n.parse().expect("--secrets N[,N...]"))
                 .collect()
         });
+    let postgres = args
+        .iter()
+        .any(|a| a == "--postgres")
+        .then(common::postgres::Database::new);
+    let url = postgres.as_ref().map(|db| db.url.as_str());
+    println!(
+        "store: {}",
+        if url.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        }
+    );
     println!(
         "| secrets | wall | ideal (secrets × {OPS} ops × {OP_DELAY_MS} ms ÷ {CONCURRENCY}) | ratio | daemon CPU per rotation (of it in the kernel) |"
     );
     println!("|---|---|---|---|---|");
     for secrets in sizes {
-        let f = common::emergency::run(secrets);
+        let f = common::emergency::run(secrets, url);
         println!(
             "| {secrets} | {:.1} s | {:.1} s | {:.2} | {:.2} ms ({:.2} ms) |",
             f.wall,

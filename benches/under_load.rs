@@ -119,7 +119,7 @@ fn emergency(full: bool) -> Vec<Row> {
     } else {
         vec![1_000]
     } {
-        let f = common::emergency::run(secrets);
+        let f = common::emergency::run(secrets, None);
         rows.push(Row {
             goal: format!(
                 "3. `rotate-all --assume-compromise --concurrency 32`, CLI, {secrets} secrets: wall ÷ ideal ({secrets} × {} ops × {} ms ÷ {} = {:.1} s)",

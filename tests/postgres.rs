@@ -271,6 +271,11 @@ fn three_daemons_serve_one_store_and_a_leader_killed_mid_rotation_is_replaced_an
     assert_ne!(new_pid, leader_pid);
     let verified = survivor.ok(&["audit", "verify"], None);
     assert!(verified.contains("audit chain intact"), "{verified}");
+    // The journal's writes shared transactions (group commit), each sealing the head once.
+    let keyed = survivor.run(&["audit", "verify", "--keyed", "--json"], None);
+    let report: Value = serde_json::from_slice(&keyed.stdout).unwrap();
+    assert_eq!(keyed.status.code(), Some(0), "{report}");
+    assert_eq!(report["unsealed_tail"], 0, "every row is sealed: {report}");
     for daemon in daemons.into_iter().flatten() {
         assert_eq!(daemon.terminate(), Some(0));
     }

@@ -26,10 +26,15 @@ pub struct Figures {
 }
 
 /// Gives `secrets` secrets their first versions (a run of the daemon with no delay, not
-/// measured), restarts the daemon with the delay, and times the CLI's `rotate-all`.
-pub fn run(secrets: usize) -> Figures {
+/// measured), restarts the daemon with the delay, and times the CLI's `rotate-all`. The store
+/// is a SQLite file, or the empty PostgreSQL database at `postgres_url`.
+pub fn run(secrets: usize, postgres_url: Option<&str>) -> Figures {
     let env = Env::new();
-    write_config(&env, secrets, 0);
+    let store = match postgres_url {
+        Some(url) => format!("url = {url:?}"),
+        None => "path = \"data/vault.db\"".to_string(),
+    };
+    write_config(&env, &store, secrets, 0);
     // The first start registers every secret before it serves (longer than the testkit's
     // 30 s wait at 10,000 secrets): started by hand, polled once a second (`list` reads every
     // secret; polling faster would slow the daemon).
@@ -45,7 +50,7 @@ pub fn run(secrets: usize) -> Figures {
         .args(["-TERM", &first.id().to_string()])
         .status();
     assert!(first.wait().unwrap().success());
-    write_config(&env, secrets, OP_DELAY_MS);
+    write_config(&env, &store, secrets, OP_DELAY_MS);
     let daemon = env.start_daemon_with(&[("KEYWARDEN_LOG", "warn")]);
     let cpu_before = keywarden_testkit::proc::cpu_user_system(daemon.pid());
     let start = Instant::now();
@@ -81,12 +86,13 @@ pub fn run(secrets: usize) -> Figures {
     }
 }
 
-fn write_config(env: &Env, secrets: usize, delay_ms: u64) {
+/// The config: `store` is the `[store]` line that says where (`path = …` or `url = …`).
+fn write_config(env: &Env, store: &str, secrets: usize, delay_ms: u64) {
     let root = env.dir.path();
     std::fs::create_dir_all(root.join("out")).unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut text = format!(
-        "[store]\npath = \"data/vault.db\"\nweak_kdf_for_tests = true\n[store.kdf]\n\
+        "[store]\n{store}\nweak_kdf_for_tests = true\n[store.kdf]\n\
          memory_kib = 64\niterations = 1\nparallelism = 1\n\n\
          [daemon]\nplugin_user = \"65534:65534\"\n\n[agent]\nsocket = \"run/agent.sock\"\n\
          admin_socket = \"run/admin.sock\"\n\n[plugins.slow]\ncommand = [{:?}]\nsha256 = \"{}\"\n\

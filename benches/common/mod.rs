@@ -10,6 +10,7 @@ pub mod emergency;
 pub mod engine;
 pub mod fetch;
 pub mod incident;
+pub mod postgres;
 pub mod scale;
 
 use std::sync::Arc;

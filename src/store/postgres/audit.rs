@@ -16,10 +16,12 @@ impl PgStore {
         if events.is_empty() {
             return Ok(());
         }
-        let mut tx = self.begin_write().await?;
-        append_audit_in(&mut tx, self.integrity(), events).await?;
-        tx.commit().await?;
-        Ok(())
+        let events: std::sync::Arc<[AuditEvent]> = events.into();
+        self.write(Box::new(move |conn, chain, _| {
+            let events = events.clone();
+            Box::pin(async move { chain.append(conn, &events).await })
+        }))
+        .await
     }
 
     /// Up to `limit` audit rows with `seq > after`, in order.
@@ -156,6 +158,135 @@ pub(super) async fn append_audit_in(
     if events.is_empty() {
         return Ok(());
     }
+    let head = load_head(conn).await?;
+    let (seq, hash, at) = append_rows(conn, head, events).await?;
+    if let Some(key) = sealer {
+        // The new head, sealed in the same transaction: the chain up to it is authenticated.
+        seal(conn, key, seq, &hash, at).await?;
+    }
+    Ok(())
+}
+
+/// The audit rows of a group commit's transaction (`batch.rs`): the chain's head is read once
+/// and carried from one job's rows to the next; the rows are written together, in one
+/// statement, and the head sealed once, just before the commit ([`Chain::finish`]).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Chain {
+    head: Option<(i64, Vec<u8>)>,
+    rows: Vec<ChainedRow>,
+}
+
+/// A row chained but not yet written.
+#[derive(Debug, Clone)]
+struct ChainedRow {
+    seq: i64,
+    at: Millis,
+    event: AuditEvent,
+    prev: Vec<u8>,
+    hash: Vec<u8>,
+}
+
+impl Chain {
+    /// Chains `events` after the head.
+    pub(super) async fn append(
+        &mut self,
+        conn: &mut PgConnection,
+        events: &[AuditEvent],
+    ) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (mut seq, mut prev) = match self.head.take() {
+            Some(head) => head,
+            None => load_head(conn).await?,
+        };
+        let at = now_millis();
+        for event in events {
+            seq += 1;
+            let hash = event_hash(&prev, seq, at, event);
+            self.rows.push(ChainedRow {
+                seq,
+                at,
+                event: event.clone(),
+                prev: std::mem::replace(&mut prev, hash.clone()),
+                hash,
+            });
+        }
+        self.head = Some((seq, prev));
+        Ok(())
+    }
+
+    /// Writes the rows chained (one statement) and seals the new head with `key`.
+    pub(super) async fn finish(
+        &self,
+        conn: &mut PgConnection,
+        key: Option<&IntegrityKey>,
+    ) -> Result<(), StoreError> {
+        let Some((seq, hash)) = self.head.as_ref().filter(|_| !self.rows.is_empty()) else {
+            return Ok(());
+        };
+        let rows = &self.rows;
+        sqlx::query(
+            "INSERT INTO audit (seq, at, actor, action, secret, incident_id, detail, \
+             prev_hash, hash) SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], \
+             $4::text[], $5::text[], $6::text[], $7::text[], $8::bytea[], $9::bytea[])",
+        )
+        .bind(rows.iter().map(|r| r.seq).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.at).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.event.actor.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.event.action.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.event.secret.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.event.incident_id.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.event.detail.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.prev.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.hash.clone()).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+        match key {
+            Some(key) => seal(conn, key, *seq, hash, now_millis()).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// The hash of `event` as row `seq` after `prev`.
+fn event_hash(prev: &[u8], seq: i64, at: Millis, event: &AuditEvent) -> Vec<u8> {
+    chain_hash(
+        prev,
+        seq,
+        at,
+        &event.actor,
+        &event.action,
+        event.secret.as_deref(),
+        event.incident_id.as_deref(),
+        &event.detail,
+    )
+    .to_vec()
+}
+
+/// The last row's sequence number and hash (the anchor's when every row was archived, the
+/// genesis hash in an empty chain).
+async fn load_head(conn: &mut PgConnection) -> Result<(i64, Vec<u8>), StoreError> {
     let last: Option<(i64, Vec<u8>)> =
         sqlx::query_as("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut *conn)
@@ -169,21 +300,19 @@ pub(super) async fn append_audit_in(
                 .await?
         }
     };
-    let (mut seq, mut prev) = last.unwrap_or((0, GENESIS_HASH.to_vec()));
+    Ok(last.unwrap_or((0, GENESIS_HASH.to_vec())))
+}
+
+/// Inserts `events` after `head`; the new head and the rows' time.
+async fn append_rows(
+    conn: &mut PgConnection,
+    (mut seq, mut prev): (i64, Vec<u8>),
+    events: &[AuditEvent],
+) -> Result<(i64, Vec<u8>, Millis), StoreError> {
     let at: Millis = now_millis();
     for event in events {
         seq += 1;
-        let hash = chain_hash(
-            &prev,
-            seq,
-            at,
-            &event.actor,
-            &event.action,
-            event.secret.as_deref(),
-            event.incident_id.as_deref(),
-            &event.detail,
-        )
-        .to_vec();
+        let hash = event_hash(&prev, seq, at, event);
         sqlx::query(
             "INSERT INTO audit (seq, at, actor, action, secret, incident_id, detail, \
              prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
@@ -201,11 +330,7 @@ pub(super) async fn append_audit_in(
         .await?;
         prev = hash;
     }
-    if let Some(key) = sealer {
-        // The new head, sealed in the same transaction: the chain up to it is authenticated.
-        seal(conn, key, seq, &prev, at).await?;
-    }
-    Ok(())
+    Ok((seq, prev, at))
 }
 
 pub(super) fn audit_from_row(row: &PgRow) -> Result<AuditRecord, StoreError> {

@@ -5,11 +5,10 @@ use sqlx::postgres::PgConnection;
 
 use crate::audit::AuditEvent;
 use crate::clock::now_millis;
-use crate::crypto::IntegrityKey;
 use crate::store::{DeliveryRecord, StoreError};
 
 use super::PgStore;
-use super::audit::append_audit_in;
+use super::audit::Chain;
 
 impl PgStore {
     /// What each consumer of a secret has acknowledged.
@@ -44,26 +43,27 @@ impl PgStore {
         version: i64,
         outcome: Result<AuditEvent, &str>,
     ) -> Result<(), StoreError> {
-        let mut tx = self.begin_write().await?;
-        delivery_in(
-            &mut tx,
-            self.integrity(),
-            secret_id,
-            consumer,
-            version,
-            outcome.as_ref().map_err(|e| *e),
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        let job = std::sync::Arc::new((
+            secret_id.to_string(),
+            consumer.to_string(),
+            outcome.map_err(str::to_string),
+        ));
+        self.write(Box::new(move |conn, chain, _| {
+            let job = job.clone();
+            Box::pin(async move {
+                let (secret_id, consumer, outcome) = &*job;
+                let outcome = outcome.as_ref().map_err(String::as_str);
+                delivery_in(conn, chain, secret_id, consumer, version, outcome).await
+            })
+        }))
+        .await
     }
 }
 
-/// The statements of [`PgStore::record_delivery`]; an audit row appended seals the chain's new
-/// head with `sealer`.
+/// The statements of [`PgStore::record_delivery`]; an audit row it appends goes on `chain`.
 async fn delivery_in(
     conn: &mut PgConnection,
-    sealer: Option<&IntegrityKey>,
+    chain: &mut Chain,
     secret_id: &str,
     consumer: &str,
     version: i64,
@@ -84,7 +84,7 @@ async fn delivery_in(
             .bind(now)
             .execute(&mut *conn)
             .await?;
-            append_audit_in(conn, sealer, std::slice::from_ref(audit)).await?;
+            chain.append(conn, std::slice::from_ref(audit)).await?;
         }
         Err(error) => {
             sqlx::query(

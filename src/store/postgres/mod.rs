@@ -10,6 +10,7 @@
 //! concurrently. One file per table group, as under `sqlite/`.
 
 mod audit;
+mod batch;
 mod brokers;
 mod deliveries;
 mod header;
@@ -36,6 +37,24 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations_postgres
 
 /// The advisory lock every write transaction holds (an arbitrary constant: "kw" and 1).
 const WRITER_LOCK: i64 = 0x6b77_0001;
+
+/// Begins a write transaction on `pool`: writers take turns on [`WRITER_LOCK`], and while
+/// `fence` holds a term (this daemon leads) the transaction is refused unless it is still
+/// the store's.
+async fn begin_write(
+    pool: &PgPool,
+    fence: &AtomicI64,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+    let mut tx = match fence.load(Ordering::SeqCst) {
+        0 => pool.begin().await?,
+        term => leader::begin_fenced(pool, term).await?,
+    };
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(WRITER_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
 
 /// How long making a connection may take before the operation fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,7 +90,9 @@ pub struct PgStore {
     integrity: Arc<OnceLock<IntegrityKey>>,
     /// The term this daemon leads under (0: none): while set, every write transaction checks
     /// it first and is refused once another daemon took over ([`leader::begin_fenced`]).
-    fence: AtomicI64,
+    fence: Arc<AtomicI64>,
+    /// In the daemon: the journal's group commit (see `batch.rs`).
+    batcher: Option<tokio::sync::mpsc::Sender<batch::Pending>>,
     /// In the daemon: sealed current versions, kept while [`listen`] hears every change.
     cache: Option<Arc<Cache>>,
     /// Dropped with the store: stops the listener.
@@ -186,7 +207,8 @@ impl PgStore {
             location: location(url),
             pool: connect(url, CONNECT_TIMEOUT).await?,
             integrity: Arc::default(),
-            fence: AtomicI64::new(0),
+            fence: Arc::default(),
+            batcher: None,
             cache: None,
             _listener: None,
         };
@@ -216,11 +238,21 @@ impl PgStore {
         } else {
             (None, None)
         };
+        let integrity: Arc<OnceLock<IntegrityKey>> = Arc::default();
+        let fence: Arc<AtomicI64> = Arc::default();
+        let batcher = cached.then(|| {
+            batch::start(batch::Writer {
+                pool: pool.clone(),
+                fence: fence.clone(),
+                integrity: integrity.clone(),
+            })
+        });
         let store = PgStore {
             location: location(url),
             pool,
-            integrity: Arc::default(),
-            fence: AtomicI64::new(0),
+            integrity,
+            fence,
+            batcher,
             cache,
             _listener: listener,
         };
@@ -298,15 +330,23 @@ impl PgStore {
     pub(super) async fn begin_write(
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
-        let mut tx = match self.fence.load(Ordering::SeqCst) {
-            0 => self.pool.begin().await?,
-            term => leader::begin_fenced(&self.pool, term).await?,
-        };
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(WRITER_LOCK)
-            .execute(&mut *tx)
-            .await?;
-        Ok(tx)
+        begin_write(&self.pool, &self.fence).await
+    }
+
+    /// Runs `job` in a write transaction: the daemon's group commit's (`batch.rs`), shared with
+    /// other jobs, or, without one (the CLI), a transaction of its own.
+    async fn write(&self, job: batch::Job) -> Result<(), StoreError> {
+        match &self.batcher {
+            Some(batcher) => batch::submit(batcher, job).await,
+            None => {
+                let mut tx = self.begin_write().await?;
+                let mut chain = audit::Chain::default();
+                job(&mut tx, &mut chain, self.integrity()).await?;
+                chain.finish(&mut tx, self.integrity()).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+        }
     }
 
     /// The daemon that leads the store, if its lease still runs (on the database's clock).

@@ -11,7 +11,7 @@ use crate::store::{
     NewRotation, NewVersion, RotationRecord, RotationState, Stage, StepChange, StoreError,
 };
 
-use super::audit::append_audit_in;
+use super::audit::{Chain, append_audit_in};
 use super::secrets::{insert_version, mark_current, retire_current};
 use super::{PgStore, announce, is_unique_violation};
 
@@ -23,10 +23,12 @@ impl PgStore {
         rotation: &NewRotation,
         audit: AuditEvent,
     ) -> Result<(), StoreError> {
-        let mut tx = self.begin_write().await?;
-        plan_in(&mut tx, self.integrity(), rotation, &audit).await?;
-        tx.commit().await?;
-        Ok(())
+        let job = std::sync::Arc::new((rotation.clone(), audit));
+        self.write(Box::new(move |conn, chain, _| {
+            let job = job.clone();
+            Box::pin(async move { plan_in(conn, chain, &job.0, &job.1).await })
+        }))
+        .await
     }
 
     /// Records a failed attempt at the current step and when to retry it.
@@ -158,13 +160,20 @@ impl PgStore {
                 to: change.to,
             });
         }
-        let mut tx = self.begin_write().await?;
-        advance_in(&mut tx, self.integrity(), rotation, change, &audit).await?;
         let changes_versions = change.promote || change.revoke_version.is_some();
-        if changes_versions {
-            announce(&mut tx, Some(&rotation.secret_name)).await?;
-        }
-        tx.commit().await?;
+        let job = std::sync::Arc::new((rotation.clone(), change.clone(), audit));
+        self.write(Box::new(move |conn, chain, key| {
+            let job = job.clone();
+            Box::pin(async move {
+                let (rotation, change, audit) = &*job;
+                advance_in(conn, chain, key, rotation, change, audit).await?;
+                if changes_versions {
+                    announce(conn, Some(&rotation.secret_name)).await?;
+                }
+                Ok(())
+            })
+        }))
+        .await?;
         if changes_versions {
             self.invalidate(Some(&rotation.secret_name));
         }
@@ -172,10 +181,10 @@ impl PgStore {
     }
 }
 
-/// The statements of [`PgStore::plan_rotation`]; the audit row is sealed with `sealer`.
+/// The statements of [`PgStore::plan_rotation`]; its audit row goes on `chain`.
 async fn plan_in(
     conn: &mut PgConnection,
-    sealer: Option<&IntegrityKey>,
+    chain: &mut Chain,
     rotation: &NewRotation,
     audit: &AuditEvent,
 ) -> Result<(), StoreError> {
@@ -210,14 +219,14 @@ async fn plan_in(
         }
         other => other?,
     };
-    append_audit_in(conn, sealer, std::slice::from_ref(audit)).await
+    chain.append(conn, std::slice::from_ref(audit)).await
 }
 
-/// The statements of one step ([`PgStore::advance_rotation`]); the audit row is sealed with
-/// `key`.
+/// The statements of one step ([`PgStore::advance_rotation`]); its audit row goes on `chain`.
 async fn advance_in(
     conn: &mut PgConnection,
-    key: Option<&IntegrityKey>, // for the current version's MAC at a promotion, and the seal
+    chain: &mut Chain,
+    key: Option<&IntegrityKey>, // for the current version's MAC at a promotion
     rotation: &RotationRecord,
     change: &StepChange,
     audit: &AuditEvent,
@@ -271,7 +280,7 @@ async fn advance_in(
             .execute(&mut *conn)
             .await?;
     }
-    append_audit_in(conn, key, std::slice::from_ref(audit)).await
+    chain.append(conn, std::slice::from_ref(audit)).await
 }
 
 const ROTATION_SELECT_BY_ID: &str = "SELECT r.id, r.secret_id, s.name, r.state, r.from_version, \

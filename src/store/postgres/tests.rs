@@ -348,3 +348,78 @@ async fn every_write_of_a_fenced_store_is_refused_once_another_daemon_took_over(
     store.set_next_rotation(&id, Some(3)).await.unwrap();
     pool.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_commit_shares_transactions_and_a_failed_job_leaves_the_chain_as_if_it_never_ran() {
+    use std::sync::{Arc, Mutex};
+
+    use crate::audit::{AuditEvent, ChainVerifier};
+    use crate::store::{Access, Store, StoreError};
+
+    let Some(db) = Scratch::new().await else {
+        return;
+    };
+    let header = crate::store::VaultHeader {
+        kdf: crate::crypto::KdfParams::default(),
+        salt: vec![0; 16],
+        wrapped_root_key: vec![1; 60],
+        wrapped_fingerprint_key: vec![2; 60],
+        root_generation: 1,
+    };
+    drop(
+        Store::create_postgres(&db.url, &header, AuditEvent::new("test", "created"))
+            .await
+            .unwrap(),
+    );
+    // Opened as the daemon opens it: with the group commit.
+    let store = Store::open_postgres(&db.url, Access::Exclusive)
+        .await
+        .unwrap();
+    let transactions = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+    let mut jobs = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let (store, transactions) = (store.clone(), transactions.clone());
+        jobs.spawn(async move {
+            let fails = i % 3 == 0;
+            let event: Arc<[AuditEvent]> = Arc::new([AuditEvent::new("test", format!("job-{i}"))]);
+            store
+                .postgres()
+                .expect("a PostgreSQL store")
+                .write(Box::new(move |conn, chain, _| {
+                    let (event, transactions) = (event.clone(), transactions.clone());
+                    Box::pin(async move {
+                        chain.append(&mut *conn, &event).await?;
+                        if fails {
+                            return Err(StoreError::Conflict("after its append".into()));
+                        }
+                        let txid: i64 = sqlx::query_scalar("SELECT txid_current()")
+                            .fetch_one(&mut *conn)
+                            .await?;
+                        transactions.lock().unwrap().insert(txid);
+                        Ok(())
+                    })
+                }))
+                .await
+                .is_ok()
+        });
+    }
+    let mut committed = 0;
+    while let Some(ok) = jobs.join_next().await {
+        committed += usize::from(ok.unwrap());
+    }
+    assert_eq!(committed, 26);
+    let shared = transactions.lock().unwrap().len();
+    assert!(
+        shared < committed,
+        "{committed} jobs committed in {shared} transactions: none shared"
+    );
+    let rows = store.audit_page(0, 1000).await.unwrap();
+    assert_eq!(rows.len(), 27, "the created row and each committed job's");
+    let mut chain = ChainVerifier::default();
+    for row in &rows {
+        chain.check(row).unwrap();
+        if let Some(i) = row.action.strip_prefix("job-") {
+            assert_ne!(i.parse::<usize>().unwrap() % 3, 0, "a failed job's row");
+        }
+    }
+}
