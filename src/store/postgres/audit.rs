@@ -225,41 +225,25 @@ impl Chain {
         let Some((seq, hash)) = self.head.as_ref().filter(|_| !self.rows.is_empty()) else {
             return Ok(());
         };
+        // One array per column, as `UNNEST` takes them.
+        fn column<T>(rows: &[ChainedRow], value: impl Fn(&ChainedRow) -> T) -> Vec<T> {
+            rows.iter().map(value).collect()
+        }
         let rows = &self.rows;
         sqlx::query(
             "INSERT INTO audit (seq, at, actor, action, secret, incident_id, detail, \
              prev_hash, hash) SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], \
              $4::text[], $5::text[], $6::text[], $7::text[], $8::bytea[], $9::bytea[])",
         )
-        .bind(rows.iter().map(|r| r.seq).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.at).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.event.actor.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| r.event.action.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| r.event.secret.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| r.event.incident_id.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| r.event.detail.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(rows.iter().map(|r| r.prev.clone()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.hash.clone()).collect::<Vec<_>>())
+        .bind(column(rows, |r| r.seq))
+        .bind(column(rows, |r| r.at))
+        .bind(column(rows, |r| r.event.actor.clone()))
+        .bind(column(rows, |r| r.event.action.clone()))
+        .bind(column(rows, |r| r.event.secret.clone()))
+        .bind(column(rows, |r| r.event.incident_id.clone()))
+        .bind(column(rows, |r| r.event.detail.clone()))
+        .bind(column(rows, |r| r.prev.clone()))
+        .bind(column(rows, |r| r.hash.clone()))
         .execute(&mut *conn)
         .await?;
         match key {
