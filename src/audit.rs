@@ -31,6 +31,20 @@ pub struct AuditEvent {
 }
 
 impl AuditEvent {
+    /// The hash of this event appended as row `seq` at `at` after a row hashed `prev_hash`.
+    pub fn hash_after(&self, prev_hash: &[u8], seq: i64, at: i64) -> [u8; DIGEST_LEN] {
+        chain_hash(
+            prev_hash,
+            seq,
+            at,
+            &self.actor,
+            &self.action,
+            self.secret.as_deref(),
+            self.incident_id.as_deref(),
+            &self.detail,
+        )
+    }
+
     /// An event with no secret, incident or detail.
     pub fn new(actor: impl Into<String>, action: impl Into<String>) -> Self {
         Self {

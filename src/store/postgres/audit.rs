@@ -3,7 +3,7 @@
 use sqlx::Row;
 use sqlx::postgres::{PgConnection, PgRow};
 
-use crate::audit::{AuditEvent, AuditRecord, GENESIS_HASH, chain_hash};
+use crate::audit::{AuditEvent, AuditRecord, GENESIS_HASH};
 use crate::clock::{Millis, now_millis};
 use crate::crypto::IntegrityKey;
 use crate::store::StoreError;
@@ -203,7 +203,7 @@ impl Chain {
         let at = now_millis();
         for event in events {
             seq += 1;
-            let hash = event_hash(&prev, seq, at, event);
+            let hash = event.hash_after(&prev, seq, at).to_vec();
             self.rows.push(ChainedRow {
                 seq,
                 at,
@@ -253,21 +253,6 @@ impl Chain {
     }
 }
 
-/// The hash of `event` as row `seq` after `prev`.
-fn event_hash(prev: &[u8], seq: i64, at: Millis, event: &AuditEvent) -> Vec<u8> {
-    chain_hash(
-        prev,
-        seq,
-        at,
-        &event.actor,
-        &event.action,
-        event.secret.as_deref(),
-        event.incident_id.as_deref(),
-        &event.detail,
-    )
-    .to_vec()
-}
-
 /// The last row's sequence number and hash (the anchor's when every row was archived, the
 /// genesis hash in an empty chain).
 async fn load_head(conn: &mut PgConnection) -> Result<(i64, Vec<u8>), StoreError> {
@@ -296,7 +281,7 @@ async fn append_rows(
     let at: Millis = now_millis();
     for event in events {
         seq += 1;
-        let hash = event_hash(&prev, seq, at, event);
+        let hash = event.hash_after(&prev, seq, at).to_vec();
         sqlx::query(
             "INSERT INTO audit (seq, at, actor, action, secret, incident_id, detail, \
              prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",

@@ -9,6 +9,7 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 
 use super::connect;
+use crate::audit::AuditEvent;
 
 /// A database of the test's own on the test server, dropped with this.
 pub(crate) struct Scratch {
@@ -46,6 +47,30 @@ impl Scratch {
 
     pub(crate) async fn pool(&self) -> PgPool {
         connect(&self.url, Duration::from_secs(30)).await.unwrap()
+    }
+
+    /// Creates a store here (with a placeholder header), and opens it as the daemon does.
+    async fn daemon_store(&self) -> crate::store::Store {
+        use crate::store::{Access, Store};
+        drop(
+            Store::create_postgres(&self.url, &header(), AuditEvent::new("test", "created"))
+                .await
+                .unwrap(),
+        );
+        Store::open_postgres(&self.url, Access::Exclusive)
+            .await
+            .unwrap()
+    }
+}
+
+/// A vault header that unlocks nothing: what the store tests need of one.
+fn header() -> crate::store::VaultHeader {
+    crate::store::VaultHeader {
+        kdf: crate::crypto::KdfParams::default(),
+        salt: vec![0; 16],
+        wrapped_root_key: vec![1; 60],
+        wrapped_fingerprint_key: vec![2; 60],
+        root_generation: 1,
     }
 }
 
@@ -195,21 +220,13 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemons_cache_forgets_what_another_daemon_replaced_and_reads_the_database_while_deaf() {
-    use crate::audit::AuditEvent;
     use crate::store::tests::secret_with_a_version;
     use crate::store::{Access, NewVersion, Store, VersionTarget};
 
     let Some(db) = Scratch::new().await else {
         return;
     };
-    let header = crate::store::VaultHeader {
-        kdf: crate::crypto::KdfParams::default(),
-        salt: vec![0; 16],
-        wrapped_root_key: vec![1; 60],
-        wrapped_fingerprint_key: vec![2; 60],
-        root_generation: 1,
-    };
-    let other = Store::create_postgres(&db.url, &header, AuditEvent::new("test", "created"))
+    let other = Store::create_postgres(&db.url, &header(), AuditEvent::new("test", "created"))
         .await
         .unwrap();
     let id = secret_with_a_version(&other, "app/key").await;
@@ -286,29 +303,14 @@ async fn a_daemons_cache_forgets_what_another_daemon_replaced_and_reads_the_data
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_write_of_a_fenced_store_is_refused_once_another_daemon_took_over() {
-    use crate::audit::AuditEvent;
+    use crate::store::StoreError;
     use crate::store::postgres::leader::{Candidate, Timing, leadership};
     use crate::store::tests::secret_with_a_version;
-    use crate::store::{Access, Store, StoreError};
 
     let Some(db) = Scratch::new().await else {
         return;
     };
-    let header = crate::store::VaultHeader {
-        kdf: crate::crypto::KdfParams::default(),
-        salt: vec![0; 16],
-        wrapped_root_key: vec![1; 60],
-        wrapped_fingerprint_key: vec![2; 60],
-        root_generation: 1,
-    };
-    drop(
-        Store::create_postgres(&db.url, &header, AuditEvent::new("test", "created"))
-            .await
-            .unwrap(),
-    );
-    let store = Store::open_postgres(&db.url, Access::Exclusive)
-        .await
-        .unwrap();
+    let store = db.daemon_store().await;
     let id = secret_with_a_version(&store, "app/key").await;
     let pg = store.postgres().unwrap();
     let timing = Timing {
@@ -353,28 +355,14 @@ async fn every_write_of_a_fenced_store_is_refused_once_another_daemon_took_over(
 async fn a_group_commit_shares_transactions_and_a_failed_job_leaves_the_chain_as_if_it_never_ran() {
     use std::sync::{Arc, Mutex};
 
-    use crate::audit::{AuditEvent, ChainVerifier};
-    use crate::store::{Access, Store, StoreError};
+    use crate::audit::ChainVerifier;
+    use crate::store::StoreError;
 
     let Some(db) = Scratch::new().await else {
         return;
     };
-    let header = crate::store::VaultHeader {
-        kdf: crate::crypto::KdfParams::default(),
-        salt: vec![0; 16],
-        wrapped_root_key: vec![1; 60],
-        wrapped_fingerprint_key: vec![2; 60],
-        root_generation: 1,
-    };
-    drop(
-        Store::create_postgres(&db.url, &header, AuditEvent::new("test", "created"))
-            .await
-            .unwrap(),
-    );
     // Opened as the daemon opens it: with the group commit.
-    let store = Store::open_postgres(&db.url, Access::Exclusive)
-        .await
-        .unwrap();
+    let store = db.daemon_store().await;
     let transactions = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
     let mut jobs = tokio::task::JoinSet::new();
     for i in 0..40 {

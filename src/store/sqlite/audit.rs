@@ -3,7 +3,7 @@
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
 
-use crate::audit::{AuditEvent, AuditRecord, GENESIS_HASH, chain_hash};
+use crate::audit::{AuditEvent, AuditRecord, GENESIS_HASH};
 use crate::clock::{Millis, now_millis};
 use crate::crypto::IntegrityKey;
 use crate::store::StoreError;
@@ -202,17 +202,7 @@ pub(super) fn append_audit(
     let mut rows = Vec::with_capacity(events.len());
     for event in events {
         seq += 1;
-        let hash = chain_hash(
-            &prev,
-            seq,
-            at,
-            &event.actor,
-            &event.action,
-            event.secret.as_deref(),
-            event.incident_id.as_deref(),
-            &event.detail,
-        )
-        .to_vec();
+        let hash = event.hash_after(&prev, seq, at).to_vec();
         rows.push((seq, event, std::mem::replace(&mut prev, hash.clone()), hash));
     }
     let mut rest = rows.as_slice();
