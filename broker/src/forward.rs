@@ -68,6 +68,41 @@ struct Broker {
     idle: Duration,
 }
 
+impl Route {
+    /// The head of the request to this route's upstream: `path_and_query` appended to its base
+    /// URL, the agent's `headers`, and `{header}: {prefix}{key}`; or why it cannot be made.
+    fn request(
+        &self,
+        incoming: &http::request::Parts,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        key: &HeaderValue,
+    ) -> Result<Request<()>, &'static str> {
+        let mut auth = self.spec.prefix.as_bytes().to_vec();
+        auth.extend_from_slice(key.as_bytes());
+        let mut auth =
+            HeaderValue::from_bytes(&auth).map_err(|_| "the key is not a valid header value")?;
+        auth.set_sensitive(true);
+        let uri = format!(
+            "{}{path_and_query}",
+            self.spec.upstream.trim_end_matches('/')
+        )
+        .parse::<Uri>()
+        .map_err(|_| "the upstream and path make no valid URL")?;
+        let mut request = Request::new(());
+        *request.method_mut() = incoming.method.clone();
+        *request.uri_mut() = uri;
+        let h = request.headers_mut();
+        h.clone_from(headers);
+        h.insert(self.header.clone(), auth);
+        h.insert(
+            hyper::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        Ok(request)
+    }
+}
+
 /// The configured brokers, each route with its own client.
 pub struct Forwarder {
     brokers: HashMap<String, Broker>,
@@ -98,11 +133,10 @@ impl Forwarder {
             Ok(b) => b.to_bytes(),
             Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("request body: {e}")),
         };
-        let query = parts
-            .uri
-            .query()
-            .map(|q| format!("?{q}"))
-            .unwrap_or_default();
+        let target = match parts.uri.query() {
+            Some(query) => format!("/{path}?{query}"),
+            None => format!("/{path}"),
+        };
         let headers = upstream_headers(&parts.headers);
         let mut attempts = Vec::new();
         let last = broker.routes.len().saturating_sub(1);
@@ -114,37 +148,13 @@ impl Forwarder {
                 attempts.push(format!("{}: no value to inject", route.spec.secret));
                 continue;
             };
-            let mut auth = route.spec.prefix.as_bytes().to_vec();
-            auth.extend_from_slice(key.as_bytes());
-            let Ok(mut auth) = HeaderValue::from_bytes(&auth) else {
-                attempts.push(format!(
-                    "{}: the key is not a valid header value",
-                    route.spec.secret
-                ));
-                continue;
+            let request = match route.request(&parts, &target, &headers, key) {
+                Ok(request) => request.map(|()| Full::new(body.clone())),
+                Err(why) => {
+                    attempts.push(format!("{}: {why}", route.spec.secret));
+                    continue;
+                }
             };
-            auth.set_sensitive(true);
-            let uri = format!(
-                "{}/{path}{query}",
-                route.spec.upstream.trim_end_matches('/')
-            );
-            let Ok(uri) = uri.parse::<Uri>() else {
-                attempts.push(format!(
-                    "{}: the upstream and path make no valid URL",
-                    route.spec.secret
-                ));
-                continue;
-            };
-            let mut request = Request::new(Full::new(body.clone()));
-            *request.method_mut() = parts.method.clone();
-            *request.uri_mut() = uri;
-            let h = request.headers_mut();
-            h.clone_from(&headers);
-            h.insert(route.header.clone(), auth);
-            h.insert(
-                hyper::header::ACCEPT_ENCODING,
-                HeaderValue::from_static("identity"),
-            );
             let send = route.client.request(request);
             let started = Instant::now();
             let answer = match tokio::time::timeout(broker.first_byte, send).await {
