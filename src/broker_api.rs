@@ -10,8 +10,8 @@
 //! Per request: the peer (attested at connect, over TCP by finding the process that owns the
 //! connection) needs a `[[policy]]` listing the broker; the method and path must be one the
 //! broker's preset allows; the policy's budget must not be spent. The agent's own credential
-//! headers are dropped. The request goes to `keywarden-broker` with the keys of the broker's
-//! routes; the answer streams back through a meter that reads the provider's usage, and when
+//! headers are dropped. The request goes to `keywarden-broker`, which adds the route's key
+//! (pushed to it, `broker/keys.rs`); the answer streams back through a meter that reads the provider's usage, and when
 //! it ends one `broker.request` audit row records who called what, the route, the status and
 //! the tokens (never a body or a header value).
 
@@ -29,7 +29,7 @@ use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use keywarden_plugin_sdk::broker::relay::{Relayed, Source};
 use keywarden_plugin_sdk::broker::{
-    DROPPED_REQUEST_HEADERS, KEY_HEADER_PREFIX, ROUTE_HEADER, UPSTREAM_MS_HEADER,
+    DROPPED_REQUEST_HEADERS, ROUTE_HEADER, UPSTREAM_MS_HEADER, VERSION_HEADER,
 };
 use serde_json::json;
 
@@ -40,7 +40,6 @@ use crate::broker::usage::UsageMeter;
 use crate::broker::{Broker, Brokers};
 use crate::http::{self, Handler, REMOTE_PEER};
 use crate::incident::signals::Signals;
-use crate::leases::Hold;
 use crate::policy::{self, Policy};
 use crate::rejections::Rejections;
 use crate::services::Services;
@@ -208,13 +207,13 @@ impl BrokerApi {
                 status: 0,
                 upstream_ms: None,
                 started: Instant::now(),
-                holds: Vec::new(),
+                version: None,
             },
         )
         .await
     }
 
-    /// Sends an admitted request to the broker process with the keys of the broker's routes.
+    /// Sends an admitted request to the broker process, which adds the route keys it holds.
     async fn forward(
         &self,
         broker: &Broker,
@@ -238,26 +237,6 @@ impl BrokerApi {
         let headers = forwarded.headers_mut().expect("a valid builder");
         copy_headers(&parts.headers, headers);
         headers.insert(hyper::header::HOST, HeaderValue::from_static("broker"));
-        for (i, secret) in broker.secrets().enumerate() {
-            // A route whose secret has no value yet is skipped by the broker.
-            let Ok(read) = self.services.vault.read(secret, None).await else {
-                continue;
-            };
-            let Ok(mut value) = HeaderValue::from_str(read.value.expose()) else {
-                continue;
-            };
-            value.set_sensitive(true);
-            headers.insert(
-                hyper::header::HeaderName::from_bytes(format!("{KEY_HEADER_PREFIX}{i}").as_bytes())
-                    .expect("a valid header name"),
-                value,
-            );
-            finish.holds.push((
-                secret.to_string(),
-                read.version,
-                self.services.leases.hold(&read.secret_id, read.version),
-            ));
-        }
         let forwarded = forwarded.body(Full::new(body)).expect("a valid request");
         let answer = match self.brokers.process.send(forwarded).await {
             Ok(a) => a,
@@ -278,11 +257,10 @@ impl BrokerApi {
             .headers
             .get(UPSTREAM_MS_HEADER)
             .and_then(|v| v.to_str().ok()?.parse().ok());
-        // Only the version of the route that answered stays in use while the answer streams.
-        let route = finish.route.clone();
-        finish
-            .holds
-            .retain(|(secret, _, _)| Some(secret) == route.as_ref());
+        finish.version = parts
+            .headers
+            .get(VERSION_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
         let content_type = parts
             .headers
             .get(hyper::header::CONTENT_TYPE)
@@ -290,6 +268,7 @@ impl BrokerApi {
             .unwrap_or("")
             .to_string();
         parts.headers.remove(UPSTREAM_MS_HEADER);
+        parts.headers.remove(VERSION_HEADER);
         let body = Relayed::answer(&parts.headers, body, Source::Broker);
         Response::from_parts(
             parts,
@@ -416,18 +395,18 @@ struct Finish {
     status: u16,
     upstream_ms: Option<u64>,
     started: Instant,
-    /// The versions the request uses (secret, version, hold): a rotation drains them.
-    holds: Vec<(String, i64, Hold)>,
+    /// The version of the key the answering route injected.
+    version: Option<i64>,
 }
 
 impl Finish {
     /// Counts the tokens and piles up the audit row (it shares a later commit: nothing waits
-    /// for it); then the versions are released. No await: it runs as the answer ends.
+    /// for it). No await: it runs as the answer ends.
     fn record(self, usage: Option<crate::broker::usage::Usage>, complete: bool) {
         let tokens = usage.map_or(0, |u| u.total());
         let now = self.services.clock.now();
         self.brokers.budgets.spend(&self.caller, tokens, now);
-        let version = self.holds.first().map(|(_, v, _)| *v);
+        let version = self.version;
         let event = AuditEvent::new(self.actor.clone(), "broker.request").detail(json!({
             "policy": self.caller.0,
             "uid": self.caller.1,

@@ -22,7 +22,7 @@
 //! A second table sends each request on a new connection, as `curl` in a loop does: what
 //! attesting a connection costs. A last table splits the paced row's added latency: the same
 //! load sent straight to `keywarden-broker`'s private socket (the request the daemon would
-//! forward, the key supplied by the benchmark), so the broker process alone, against the whole
+//! forward, with the key the daemon pushed it), so the broker process alone, against the whole
 //! path.
 //!
 //! Run with `cargo bench -p keywarden-broker --bench broker` (`BENCH_SECONDS=30` to profile).
@@ -225,7 +225,7 @@ fn split(runtime: &tokio::runtime::Runtime, targets: [&Target; 3], pids: &[u32])
     let mut direct = None;
     for (target, path) in targets.into_iter().zip([
         "direct",
-        "keywarden-broker alone (its private socket, the key supplied)",
+        "keywarden-broker alone (its private socket, the key pushed)",
         "through keywarden (daemon and broker)",
     ]) {
         let cpu_before = cpu();
@@ -348,10 +348,10 @@ impl Target {
                 "/openai/v1/chat/completions",
                 ("authorization", "Bearer placeholder"),
             ),
-            // What the daemon sends: the key of route 0 in its header.
+            // What the daemon sends: no credential (the broker holds the key the daemon pushed).
             Target::BrokerProcess(_) => (
                 "/v1/forward/openai/v1/chat/completions",
-                ("x-keywarden-key-0", KEY),
+                ("x-bench-target", "broker-process"),
             ),
         };
         Request::post(path)

@@ -25,13 +25,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use keywarden_plugin_sdk::broker::relay::{Relayed, Source};
 use keywarden_plugin_sdk::broker::{
-    BrokerRoutes, DROPPED_REQUEST_HEADERS, Failure, KEY_HEADER_PREFIX, ROUTE_HEADER, RouteSpec,
-    Routes, UPSTREAM_MS_HEADER,
+    BrokerRoutes, DROPPED_REQUEST_HEADERS, Failure, ROUTE_HEADER, RouteSpec, Routes,
+    UPSTREAM_MS_HEADER, VERSION_HEADER,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::time::Sleep;
 
+use crate::keys::{InUse, KeyTable};
 use crate::plain;
 
 /// A response body: the upstream's stream, or a short text.
@@ -118,8 +119,8 @@ impl Forwarder {
         Ok(Forwarder { brokers })
     }
 
-    /// Forwards `/v1/forward/{broker}/{path}`.
-    pub async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
+    /// Forwards `/v1/forward/{broker}/{path}` with each route's current key from `keys`.
+    pub async fn forward(&self, req: Request<Incoming>, keys: &Arc<KeyTable>) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let rest = &parts.uri.path()["/v1/forward/".len()..];
         let (name, path) = rest.split_once('/').unwrap_or((rest, ""));
@@ -141,14 +142,11 @@ impl Forwarder {
         let mut attempts = Vec::new();
         let last = broker.routes.len().saturating_sub(1);
         for (i, route) in broker.routes.iter().enumerate() {
-            let Some(key) = parts
-                .headers
-                .get(format!("{KEY_HEADER_PREFIX}{i}").as_str())
-            else {
+            let Some(key) = keys.take(&route.spec.secret) else {
                 attempts.push(format!("{}: no value to inject", route.spec.secret));
                 continue;
             };
-            let request = match route.request(&parts, &target, &headers, key) {
+            let request = match route.request(&parts, &target, &headers, &key.value) {
                 Ok(request) => request.map(|()| Full::new(body.clone())),
                 Err(why) => {
                     attempts.push(format!("{}: {why}", route.spec.secret));
@@ -178,7 +176,8 @@ impl Forwarder {
             }
             let upstream_ms = started.elapsed().as_millis();
             let (mut parts, body) = answer.into_parts();
-            let body = Idle::new(body, broker.idle);
+            let version = HeaderValue::from(key.version);
+            let body = Idle::new(body, broker.idle, key);
             for h in DROPPED_RESPONSE_HEADERS {
                 parts.headers.remove(*h);
             }
@@ -188,6 +187,7 @@ impl Forwarder {
             parts
                 .headers
                 .insert(UPSTREAM_MS_HEADER, HeaderValue::from(upstream_ms as u64));
+            parts.headers.insert(VERSION_HEADER, version);
             let body = Relayed::answer(&parts.headers, body, Source::Provider);
             return Response::from_parts(parts, body.map_err(Into::into).boxed());
         }
@@ -219,19 +219,22 @@ fn describe(e: &hyper_util::client::legacy::Error) -> String {
 }
 
 /// An answer's body that fails when the upstream sends nothing for `idle` between two pieces
-/// (a stalled stream ends instead of holding the agent and the key's version forever).
+/// (a stalled stream ends instead of holding the agent and the key's version forever). It keeps
+/// the key its request was sent with in use until it ends or is dropped.
 struct Idle {
     body: Incoming,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
+    _key: InUse,
 }
 
 impl Idle {
-    fn new(body: Incoming, idle: Duration) -> Idle {
+    fn new(body: Incoming, idle: Duration, key: InUse) -> Idle {
         Idle {
             body,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
+            _key: key,
         }
     }
 }

@@ -1,13 +1,14 @@
 //! `keywarden-broker`: the only process where a provider key meets an HTTP client. The daemon
-//! starts it confined like a plugin, hands it a listening Unix socket as its standard input and
-//! sends it, with each agent request it has admitted, the keys of that broker's routes; the
-//! broker adds the key on the way out, tries the fallbacks on a connect error, 429 or 5xx, and
-//! streams the answer back. It keeps no key after a request ends and reads no file.
-//! The protocol: `keywarden_plugin_sdk::broker` and docs/broker-protocol.md.
+//! starts it confined like a plugin, hands it a listening Unix socket as its standard input,
+//! pushes it the current key of each route secret (and each new version), and sends it the
+//! agent requests it has admitted; the broker adds the key on the way out, tries the fallbacks
+//! on a connect error, 429 or 5xx, and streams the answer back. It reads no file.
+//! The protocol: `keywarden_plugin_sdk::broker` and docs/broker.md.
 
 #![forbid(unsafe_code)]
 
 mod forward;
+mod keys;
 
 use std::convert::Infallible;
 use std::os::fd::AsFd;
@@ -20,14 +21,15 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use keywarden_plugin_sdk::broker::Routes;
+use keywarden_plugin_sdk::broker::{Keys, Routes};
 
 use crate::forward::{Body, Forwarder};
+use crate::keys::KeyTable;
 
 /// How long the broker waits for the daemon to attach before it gives up.
 const ATTACH_DEADLINE: Duration = Duration::from_secs(30);
-/// Largest `PUT /v1/routes` body.
-const MAX_ROUTES_BYTES: usize = 4 << 20;
+/// Largest `PUT /v1/routes` or `PUT /v1/keys` body.
+const MAX_PUT_BYTES: usize = 4 << 20;
 
 fn main() -> ExitCode {
     // TLS through rustls with ring: one well-known crypto library, no C toolchain needed.
@@ -60,6 +62,8 @@ struct State {
     /// Routes are set once, by the daemon, right after start: a later `PUT /v1/routes` (from
     /// anything else that reached the socket) could point a route's keys elsewhere.
     routes_set: std::sync::atomic::AtomicBool,
+    /// The route secrets' keys, as the daemon pushed them.
+    keys: Arc<KeyTable>,
     /// Sent once the daemon's attach connection closed.
     detached: tokio::sync::mpsc::Sender<()>,
     attached: tokio::sync::Notify,
@@ -80,6 +84,7 @@ async fn run() -> Result<(), String> {
     let state = Arc::new(State {
         forwarder: RwLock::new(Arc::new(Forwarder::new(Routes::default())?)),
         routes_set: std::sync::atomic::AtomicBool::new(false),
+        keys: Arc::default(),
         detached,
         attached: tokio::sync::Notify::new(),
     });
@@ -137,14 +142,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
             if state.routes_set.load(std::sync::atomic::Ordering::SeqCst) {
                 return plain(StatusCode::CONFLICT, "the routes are set once, at start");
             }
-            let body = match http_body_util::Limited::new(req.into_body(), MAX_ROUTES_BYTES)
-                .collect()
-                .await
-            {
-                Ok(b) => b.to_bytes(),
-                Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("routes: {e}")),
-            };
-            let routes: Routes = match serde_json::from_slice(&body) {
+            let routes: Routes = match read_json(req).await {
                 Ok(r) => r,
                 Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("routes: {e}")),
             };
@@ -162,12 +160,39 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
                 Err(e) => plain(StatusCode::BAD_REQUEST, &e),
             }
         }
+        (&Method::PUT, "/v1/keys") => {
+            let keys: Keys = match read_json(req).await {
+                Ok(k) => k,
+                Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("keys: {e}")),
+            };
+            match state.keys.set(keys).await {
+                Ok(()) => plain(StatusCode::NO_CONTENT, ""),
+                Err(e) => plain(StatusCode::BAD_REQUEST, &e),
+            }
+        }
         _ if path.starts_with("/v1/forward/") => {
             let forwarder = state.forwarder.read().expect("routes lock").clone();
-            forwarder.forward(req).await
+            forwarder.forward(req, &state.keys).await
         }
         _ => plain(StatusCode::NOT_FOUND, "no such endpoint"),
     }
+}
+
+/// A `PUT` body of at most [`MAX_PUT_BYTES`], parsed; the error names no value.
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, String> {
+    let body = http_body_util::Limited::new(req.into_body(), MAX_PUT_BYTES)
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    // Only where: serde_json's message may quote what it read, and a push holds keys.
+    serde_json::from_slice(&body).map_err(|e| {
+        format!(
+            "not the expected JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        )
+    })
 }
 
 /// A short text answer.

@@ -574,6 +574,41 @@ ca_file = "certs/ca.pem"
 }
 
 #[test]
+fn a_value_put_while_the_daemon_serves_is_pushed_to_the_broker_and_audited_by_version() {
+    // No request reads the key: the daemon pushes each new current version to the broker as
+    // its write commits, here a person's `put`.
+    let s = Setup::new(ADMITTED, "");
+    let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+    assert_eq!(status, 200, "{body}");
+    const NEW: &str = "sk-put-by-a-person-4b6d8f0a2c4e6a8c";
+    s.provider.accept(
+        &[(PRIMARY, "ok"), (NEW, "ok"), (BACKUP, "ok"), (ANTHROPIC, "ok")],
+        None,
+    );
+    s.env.put("openai/prod", NEW);
+    wait_for("a request with the new key", Duration::from_secs(10), || {
+        let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+        assert_eq!(status, 200, "{body}");
+        (s.provider.seen().last().unwrap()["key"] == NEW).then_some(())
+    });
+    // From then on, every request.
+    for _ in 0..3 {
+        let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(s.provider.seen().last().unwrap()["key"], NEW);
+    }
+    // Each request's row says which version answered (rows share a later commit: waited for).
+    let rows = wait_for("the rows of version 2", Duration::from_secs(10), || {
+        let rows = s.audit("broker.request");
+        (rows.iter().filter(|r| detail(r)["version"] == 2).count() >= 3).then_some(rows)
+    });
+    assert_eq!(detail(&rows[0])["version"], 1);
+    for row in &rows {
+        assert!(!row.to_string().contains(NEW), "the key in an audit row");
+    }
+}
+
+#[test]
 fn budgets_refuse_at_the_limit_with_retry_after_and_survive_a_restart() {
     let policy = r#"[[policy]]
 name = "agents"

@@ -2,11 +2,13 @@
 //! out, so no agent process ever holds it (../shared/DESIGN.md §11, docs/broker.md).
 //!
 //! The daemon attests the caller, checks its policy, budget and the path, and forwards the
-//! request with the route keys to `keywarden-broker`, a separate confined process and the only
-//! place a provider key meets an HTTP client (`process.rs`). This module holds what the daemon
-//! knows of brokers: their config and presets, budgets, and reading usage from answers.
+//! request to `keywarden-broker`, a separate confined process and the only place a provider key
+//! meets an HTTP client (`process.rs`), which holds the route keys the daemon pushes it
+//! (`keys.rs`). This module holds what the daemon knows of brokers: their config and presets,
+//! budgets, and reading usage from answers.
 
 pub mod budget;
+pub mod keys;
 pub mod presets;
 pub mod process;
 pub mod usage;

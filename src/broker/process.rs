@@ -1,7 +1,8 @@
 //! Runs `keywarden-broker`: pinned by SHA-256 and confined like a plugin, started with a
 //! listening Unix socket (in a private directory of the daemon's) as its standard input, told
-//! its routes, and kept attached so it exits when the daemon does. Restarted when it dies.
-//! Requests reach it over pooled HTTP/1.1 connections to that socket.
+//! its routes and given its keys, and kept attached so it exits when the daemon does.
+//! Restarted when it dies. Requests reach it over pooled HTTP/1.1 connections to that socket.
+//! While it runs, each new current version of a route secret is pushed to it (`keys.rs`).
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -18,8 +19,9 @@ use hyper_util::rt::TokioIo;
 use keywarden_plugin_sdk::broker::Routes;
 use tokio::io::AsyncBufReadExt;
 use tokio::net::UnixStream;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
+use super::keys::KeyPusher;
 use crate::sandbox::Confinement;
 
 /// Idle connections kept to the broker process.
@@ -40,6 +42,8 @@ pub struct BrokerSpec {
     pub dir: PathBuf,
     /// What it serves.
     pub routes: Routes,
+    /// Its routes' keys.
+    pub keys: Arc<KeyPusher>,
 }
 
 /// Why the broker process could not be used.
@@ -67,10 +71,12 @@ pub struct BrokerProcess {
 }
 
 impl BrokerProcess {
-    /// Checks the pin, binds the socket, starts the process and tells it its routes; then keeps
-    /// it running (restarting it when it dies) until `stop` turns true.
+    /// Checks the pin, binds the socket, starts the process and gives it its routes and keys;
+    /// then keeps it running (restarting it when it dies) and its keys current (`versions`:
+    /// the store's changes) until `stop` turns true.
     pub async fn start(
         spec: BrokerSpec,
+        versions: broadcast::Receiver<Option<Arc<str>>>,
         stop: watch::Receiver<bool>,
     ) -> Result<(Arc<BrokerProcess>, tokio::task::JoinHandle<()>), BrokerError> {
         let start_error = |why: String| BrokerError::Start {
@@ -99,8 +105,17 @@ impl BrokerProcess {
             restarts: Default::default(),
         });
         let child = process.spawn(&spec).await.map_err(start_error)?;
+        let watcher = tokio::spawn(process.clone().keep_keys(
+            spec.keys.clone(),
+            versions,
+            stop.clone(),
+        ));
         let keeper = tokio::spawn(process.clone().keep_running(spec, child, stop));
-        Ok((process, keeper))
+        let both = tokio::spawn(async move {
+            let _ = keeper.await;
+            let _ = watcher.await;
+        });
+        Ok((process, both))
     }
 
     /// How often the process was restarted.
@@ -108,7 +123,7 @@ impl BrokerProcess {
         self.restarts.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Starts the process, attaches to it and sends the routes.
+    /// Starts the process, attaches to it and sends the routes and keys.
     async fn spawn(&self, spec: &BrokerSpec) -> Result<tokio::process::Child, String> {
         let _ = std::fs::remove_file(&self.socket);
         let listener = std::os::unix::net::UnixListener::bind(&self.socket)
@@ -149,6 +164,7 @@ impl BrokerProcess {
         if !answer.status().is_success() {
             return Err(format!("it refused its routes ({})", answer.status()));
         }
+        spec.keys.start_over(self).await.map_err(|e| e.to_string())?;
         tracing::info!(pid = child.id(), "broker started");
         Ok(child)
     }
@@ -210,6 +226,27 @@ impl BrokerProcess {
                     }
                     Err(e) => tracing::error!(error = %e, "the broker could not be restarted"),
                 }
+            }
+        }
+    }
+
+    /// Pushes each change of a route secret's current version until `stop`.
+    async fn keep_keys(
+        self: Arc<Self>,
+        keys: Arc<KeyPusher>,
+        mut versions: broadcast::Receiver<Option<Arc<str>>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            let changed = tokio::select! {
+                changed = versions.recv() => changed,
+                _ = stopped(&mut stop) => return,
+            };
+            match changed {
+                Ok(name) => keys.changed(&self, name.as_deref()).await,
+                // Fell behind: any secret may have changed.
+                Err(broadcast::error::RecvError::Lagged(_)) => keys.changed(&self, None).await,
+                Err(broadcast::error::RecvError::Closed) => return,
             }
         }
     }

@@ -11,17 +11,19 @@ use tokio::task::JoinHandle;
 
 use super::StartError;
 use crate::broker::Brokers;
+use crate::broker::keys::KeyPusher;
 use crate::broker::process::{BrokerProcess, BrokerSpec};
 use crate::broker_api::{BrokerApi, LoopbackListener};
 use crate::clock::Millis;
 use crate::config::Config;
 use crate::http;
 use crate::incident::signals::Signals;
+use crate::leases::Leases;
 use crate::policy::Policy;
 use crate::rejections::Rejections;
 use crate::sandbox::Role;
 use crate::services::{RunEnd, Services};
-use crate::store::Store;
+use crate::vault::Vault;
 
 /// The executable the daemon runs as the broker: `[daemon] broker`, else `keywarden-broker`
 /// beside this program.
@@ -33,16 +35,19 @@ fn program(config: &Config) -> PathBuf {
     })
 }
 
-/// Starts the broker process and restores budgets and blocks, or `None` without `[brokers]`.
+/// Starts the broker process with its routes' keys (read from `vault`, their versions held in
+/// `leases` while the broker may use them) and restores budgets and blocks, or `None` without
+/// `[brokers]`.
 pub(super) async fn start(
     config: &Config,
-    store: &Store,
+    (vault, leases): (&Arc<Vault>, &Arc<Leases>),
     work: &Path,
     stop: watch::Receiver<bool>,
 ) -> Result<Option<(Arc<Brokers>, JoinHandle<()>)>, StartError> {
     if config.brokers.is_empty() {
         return Ok(None);
     }
+    let store = vault.store();
     let brokers = config.compile_brokers()?;
     let program = program(config);
     let sha256 = match &config.daemon.broker_sha256 {
@@ -62,8 +67,23 @@ pub(super) async fn start(
         confinement,
         dir: work.join("broker"),
         routes: crate::broker::routes_of(&brokers),
+        keys: Arc::new(KeyPusher::new(
+            vault.clone(),
+            leases.clone(),
+            brokers
+                .values()
+                .flat_map(|b| b.secrets().map(str::to_string))
+                .collect(),
+        )),
     };
-    let (process, keeper) = BrokerProcess::start(spec, stop)
+    // Watched before the first keys are read, so no change in between is missed.
+    let versions = store.watch_versions().ok_or_else(|| {
+        config.invalid_daemon(
+            "broker",
+            "this store does not tell of new versions in this process".to_string(),
+        )
+    })?;
+    let (process, keeper) = BrokerProcess::start(spec, versions, stop)
         .await
         .map_err(|e| config.invalid_daemon("broker", e.to_string()))?;
     let brokers = Brokers::new(brokers, process, store.blocked_brokers().await?);

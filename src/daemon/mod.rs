@@ -389,7 +389,10 @@ pub async fn serve_on(
     let store_path = vault.store().path().to_path_buf();
     let brokers = match brokers::start(
         config,
-        vault.store(),
+        (
+            &vault,
+            runtime.leases.as_ref().expect("daemon mode has leases"),
+        ),
         &work_dir(config, &store_path),
         runtime.shutdown_signal(),
     )

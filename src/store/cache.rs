@@ -5,18 +5,36 @@
 //! through this process and invalidates what it changed. A read that raced with a write does not
 //! populate the cache: writers bump an epoch under the same lock, and a reader inserts only if
 //! the epoch it saw before reading is still current.
+//!
+//! Every invalidation is also announced to [`SealedCache::watch`]ers, after the write
+//! committed: whoever keeps a copy of a current version elsewhere (the broker process's keys)
+//! learns that it may have changed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+use tokio::sync::broadcast;
 
 use super::SealedSecret;
 
 /// Entries beyond which the cache is simply cleared (a safety valve, not an LRU).
 const MAX_ENTRIES: usize = 200_000;
+/// Changes a slow watcher may fall behind by before it is told everything changed.
+const WATCH_BACKLOG: usize = 1024;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct SealedCache {
     inner: Mutex<Inner>,
+    changed: broadcast::Sender<Option<Arc<str>>>,
+}
+
+impl Default for SealedCache {
+    fn default() -> Self {
+        SealedCache {
+            inner: Mutex::default(),
+            changed: broadcast::channel(WATCH_BACKLOG).0,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -44,7 +62,7 @@ impl SealedCache {
         inner.current.insert(name.to_string(), sealed);
     }
 
-    /// Forgets `name` (or everything) after a write.
+    /// Forgets `name` (or everything) after a write, and tells the watchers.
     pub(crate) fn invalidate(&self, name: Option<&str>) {
         let mut inner = self.inner.lock().expect("cache lock");
         inner.epoch += 1;
@@ -54,6 +72,14 @@ impl SealedCache {
             }
             None => inner.current.clear(),
         }
+        drop(inner);
+        // No watcher is no error.
+        let _ = self.changed.send(name.map(Arc::from));
+    }
+
+    /// The names whose current version may have changed, as writes commit (`None`: any).
+    pub(crate) fn watch(&self) -> broadcast::Receiver<Option<Arc<str>>> {
+        self.changed.subscribe()
     }
 }
 
@@ -91,5 +117,15 @@ mod tests {
         assert_eq!(cache.get("a").unwrap().version.version, 2);
         cache.invalidate(None);
         assert!(cache.get("a").is_err());
+    }
+
+    #[test]
+    fn watchers_hear_each_invalidation() {
+        let cache = SealedCache::default();
+        let mut watch = cache.watch();
+        cache.invalidate(Some("a"));
+        cache.invalidate(None);
+        assert_eq!(watch.try_recv().unwrap().as_deref(), Some("a"));
+        assert_eq!(watch.try_recv().unwrap(), None);
     }
 }

@@ -26,6 +26,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use tokio::sync::broadcast;
 
 use super::cache::SealedCache;
 
@@ -362,6 +363,13 @@ impl PgStore {
             .as_deref()
             .filter(|c| c.listening.load(Ordering::SeqCst))
             .map(|c| &c.rows)
+    }
+
+    /// The names whose current version may have changed, as writes commit, this daemon's and
+    /// (as their announcements are heard) other daemons'; after a lost connection to the
+    /// announcements, `None` (any) once it is back. `None` outside the daemon.
+    pub fn watch_versions(&self) -> Option<broadcast::Receiver<Option<Arc<str>>>> {
+        self.cache.as_ref().map(|c| c.rows.watch())
     }
 
     /// Forgets cached rows after this daemon's own write (the announcement follows).

@@ -19,12 +19,14 @@ mod secrets;
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
+use tokio::sync::broadcast;
 
 use super::cache::SealedCache;
 use crate::audit::AuditEvent;
@@ -381,6 +383,12 @@ impl SqliteStore {
     /// The path the store was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The names whose current version may have changed, as writes commit; `None` unless
+    /// this process is the store's only writer (the daemon), which sees every write.
+    pub fn watch_versions(&self) -> Option<broadcast::Receiver<Option<Arc<str>>>> {
+        self.cache.as_ref().map(SealedCache::watch)
     }
 
     /// Forgets cached rows after a write: of `name`, or all of them.

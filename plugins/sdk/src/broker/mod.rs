@@ -5,13 +5,16 @@
 //! | request | reply |
 //! |---|---|
 //! | `PUT /v1/routes` with [`Routes`] | 204, once: a second `PUT` is refused (409) |
+//! | `PUT /v1/keys` with [`Keys`] | 204 once no request that started on an older version of those secrets is still running |
 //! | `GET /v1/attach` | never answers; when this connection closes the broker exits |
 //! | `ANY /v1/forward/{broker}/{path}?{query}` | the upstream's answer, streamed |
 //!
-//! A forwarded request carries, for each route `i` of its broker, the key to inject in the
-//! header `x-keywarden-key-{i}` (absent: that route has no value and is skipped). The broker
-//! keeps no key after the request ends, so a promoted version is used by the very next request
-//! and a request in flight finishes on the key it started with.
+//! The daemon pushes each route secret's current version with `PUT /v1/keys` when the broker
+//! starts and whenever it changes. The broker uses a new version for every request that starts
+//! after it arrived, while requests already running finish on the key they started with; the
+//! `PUT` is answered when the last of those has ended, and until then the daemon keeps the older
+//! version in use (so a rotation revokes it upstream only after). A version never replaces a
+//! newer one of the same secret, so pushes may arrive in any order.
 
 #[cfg(feature = "relay")]
 pub mod relay;
@@ -40,12 +43,12 @@ pub const DROPPED_REQUEST_HEADERS: &[&str] = &[
     "upgrade",
 ];
 
-/// Prefix of the per-route key headers on a forwarded request.
-pub const KEY_HEADER_PREFIX: &str = "x-keywarden-key-";
 /// Response header naming the route (secret) that answered.
 pub const ROUTE_HEADER: &str = "x-keywarden-route";
 /// Response header with the upstream's time to its answer's head, in milliseconds.
 pub const UPSTREAM_MS_HEADER: &str = "x-keywarden-upstream-ms";
+/// Response header with the version of the key the answering route injected.
+pub const VERSION_HEADER: &str = "x-keywarden-version";
 
 /// Everything the broker serves: `PUT /v1/routes`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -80,6 +83,32 @@ pub struct RouteSpec {
     pub prefix: String,
     /// Extra CA certificates to trust, PEM (a private CA), besides the system's.
     pub ca_pem: Option<String>,
+}
+
+/// `PUT /v1/keys`: route secrets' current versions, by secret name; `None` where a secret has
+/// no current version any more (its key is dropped at once).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Keys {
+    /// Secrets by name.
+    pub keys: BTreeMap<String, Option<Key>>,
+}
+
+/// One version of a route secret's value.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Key {
+    /// The version number; versions of a secret only move forward.
+    pub version: i64,
+    /// The value injected upstream.
+    pub value: String,
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Key")
+            .field("version", &self.version)
+            .field("value", &"<redacted>")
+            .finish()
+    }
 }
 
 /// The reply when no route answered (status 502 or 504).

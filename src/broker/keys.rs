@@ -1,0 +1,209 @@
+//! Pushing the route secrets' keys to `keywarden-broker` (`PUT /v1/keys`): every key when a
+//! broker process starts, and a secret's new current version as soon as the store says it may
+//! have changed (a rotation's promotion, a `put`, another daemon's write on PostgreSQL).
+//!
+//! The broker is a consumer of its keys: every version it may still use is held here like a
+//! lease ([`Hold`]) until the broker answers a push of a newer one, which it does once no
+//! request started on an older version is running. So a rotation's drain waits for the
+//! brokered requests in flight on the old key, and revokes it upstream only after.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Request;
+use keywarden_plugin_sdk::broker::{Key, Keys};
+
+use super::process::{BrokerError, BrokerProcess};
+use crate::leases::{Hold, Leases};
+use crate::vault::{Vault, VaultError};
+
+/// What the broker process has of each route secret.
+#[derive(Default)]
+struct State {
+    /// Bumped for each new broker process: answers to an older one's pushes are ignored.
+    generation: u64,
+    /// The latest version pushed (`None`: the key was dropped).
+    pushed: HashMap<String, Option<i64>>,
+    /// The versions the broker may still be using, held.
+    held: HashMap<String, Vec<(i64, Hold)>>,
+}
+
+/// Keeps the broker process's keys current.
+pub struct KeyPusher {
+    vault: Arc<Vault>,
+    leases: Arc<Leases>,
+    /// The route secrets.
+    secrets: Vec<String>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for KeyPusher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyPusher")
+            .field("secrets", &self.secrets)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One push: the body, and per secret the version it carries (`None`: dropped).
+struct Push {
+    keys: Keys,
+    versions: Vec<(String, Option<i64>)>,
+    generation: u64,
+}
+
+impl KeyPusher {
+    /// Pushes the values of `secrets` (read from `vault`), holding their versions in `leases`.
+    pub fn new(vault: Arc<Vault>, leases: Arc<Leases>, mut secrets: Vec<String>) -> Self {
+        secrets.sort();
+        secrets.dedup();
+        KeyPusher {
+            vault,
+            leases,
+            secrets,
+            state: Mutex::default(),
+        }
+    }
+
+    /// A new broker process has started: nothing the last one used is in use any more. Pushes
+    /// every key and waits until the process has taken them (at once: nothing older runs).
+    pub async fn start_over(&self, process: &BrokerProcess) -> Result<(), BrokerError> {
+        {
+            let mut state = self.state.lock().expect("key state");
+            let generation = state.generation + 1;
+            *state = State {
+                generation,
+                ..State::default()
+            };
+        }
+        match self.prepare(None).await {
+            Some(push) => self.send(process, push).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The current version of `name` (`None`: of any secret) may have changed: pushes what did
+    /// change, and lets go of older versions once the broker has no request left on them.
+    pub async fn changed(self: &Arc<Self>, process: &Arc<BrokerProcess>, name: Option<&str>) {
+        if name.is_some_and(|n| self.secrets.binary_search_by(|s| s.as_str().cmp(n)).is_err()) {
+            return;
+        }
+        let Some(push) = self.prepare(name).await else {
+            return;
+        };
+        // The broker answers once older requests have ended: that may be minutes away, and
+        // other secrets' versions must not wait behind it.
+        let (this, process) = (self.clone(), process.clone());
+        tokio::spawn(async move {
+            if let Err(e) = this.send(&process, push).await {
+                tracing::warn!(error = %e, "the broker process did not take a new key");
+            }
+        });
+    }
+
+    /// Reads the current versions of `name` (or every route secret) and notes, with holds, those
+    /// that differ from what was pushed; `None` when nothing changed.
+    async fn prepare(&self, name: Option<&str>) -> Option<Push> {
+        let names: Vec<&str> = match name {
+            Some(n) => vec![n],
+            None => self.secrets.iter().map(String::as_str).collect(),
+        };
+        let mut read = Vec::with_capacity(names.len());
+        for name in names {
+            match self.vault.read(name, None).await {
+                Ok(r) => read.push((name, Some((r.secret_id, r.version, r.value)))),
+                Err(VaultError::NoSuchSecret(_) | VaultError::NoCurrentVersion(_)) => {
+                    read.push((name, None));
+                }
+                // The store could not be read: the broker keeps what it has.
+                Err(e) => tracing::warn!(secret = name, error = %e, "cannot read a route's key"),
+            }
+        }
+        let mut state = self.state.lock().expect("key state");
+        let mut push = Push {
+            keys: Keys::default(),
+            versions: Vec::new(),
+            generation: state.generation,
+        };
+        for (name, current) in read {
+            let pushed = state.pushed.get(name).copied();
+            match current {
+                Some((secret_id, version, value)) => {
+                    if matches!(pushed, Some(Some(p)) if p >= version) {
+                        continue;
+                    }
+                    let hold = self.leases.hold(&secret_id, version);
+                    state
+                        .held
+                        .entry(name.to_string())
+                        .or_default()
+                        .push((version, hold));
+                    state.pushed.insert(name.to_string(), Some(version));
+                    push.keys.keys.insert(
+                        name.to_string(),
+                        Some(Key {
+                            version,
+                            value: value.expose().to_string(),
+                        }),
+                    );
+                    push.versions.push((name.to_string(), Some(version)));
+                }
+                None => {
+                    if pushed == Some(None) {
+                        continue;
+                    }
+                    state.pushed.insert(name.to_string(), None);
+                    push.keys.keys.insert(name.to_string(), None);
+                    push.versions.push((name.to_string(), None));
+                }
+            }
+        }
+        (!push.versions.is_empty()).then_some(push)
+    }
+
+    /// Sends `push` and, once the broker answered, lets go of the versions it replaced.
+    async fn send(&self, process: &BrokerProcess, push: Push) -> Result<(), BrokerError> {
+        let body = serde_json::to_vec(&push.keys).expect("keys serialize");
+        drop(push.keys);
+        let answer = process
+            .send(
+                Request::put("/v1/keys")
+                    .header("host", "broker")
+                    .body(Full::new(Bytes::from(body)))
+                    .expect("a valid request"),
+            )
+            .await;
+        let mut state = self.state.lock().expect("key state");
+        if state.generation != push.generation {
+            return Ok(()); // that process is gone, and its holds with it
+        }
+        let taken = match &answer {
+            Ok(a) => a.status().is_success(),
+            Err(_) => false,
+        };
+        for (name, version) in push.versions {
+            let held = state.held.entry(name.clone()).or_default();
+            match (taken, version) {
+                // Nothing older is in use: only this version (and any newer) stays held.
+                (true, Some(v)) => held.retain(|(h, _)| *h >= v),
+                (true, None) => held.clear(),
+                // Not taken: this version is not in use, and is pushed again at the next change.
+                (false, v) => {
+                    held.retain(|(h, _)| Some(*h) != v);
+                    state.pushed.remove(&name);
+                }
+            }
+        }
+        drop(state);
+        match answer {
+            Ok(a) if a.status().is_success() => Ok(()),
+            Ok(a) => Err(BrokerError::Unavailable(format!(
+                "it refused the keys ({})",
+                a.status()
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+}
