@@ -70,18 +70,22 @@ impl KeyPusher {
     /// A new broker process has started: nothing the last one used is in use any more. Pushes
     /// every key and waits until the process has taken them (at once: nothing older runs).
     pub async fn start_over(&self, process: &BrokerProcess) -> Result<(), BrokerError> {
-        {
-            let mut state = self.state.lock().expect("key state");
-            let generation = state.generation + 1;
-            *state = State {
-                generation,
-                ..State::default()
-            };
-        }
+        self.forget();
         match self.prepare(None).await {
             Some(push) => self.send(process, push).await,
             None => Ok(()),
         }
+    }
+
+    /// The broker process is gone, and with it every request that used a key: lets go of
+    /// every version held, and ignores what the pushes to it still in flight get back.
+    pub fn forget(&self) {
+        let mut state = self.state.lock().expect("key state");
+        let generation = state.generation + 1;
+        *state = State {
+            generation,
+            ..State::default()
+        };
     }
 
     /// The current version of `name` (`None`: of any secret) may have changed: pushes what did

@@ -203,6 +203,8 @@ impl BrokerProcess {
             tokio::select! {
                 status = child.wait() => {
                     tracing::error!(status = ?status.ok(), "the broker process exited; restarting it");
+                    // Its requests ended with it: no version is in use any more.
+                    spec.keys.forget();
                 }
                 _ = stopped(&mut stop) => {
                     let _ = child.kill().await;
