@@ -264,12 +264,12 @@ pub struct Leases {
     ended: Arc<Notify>,
     /// Set when a fetch was counted on a lease and not yet folded into the audit chain.
     unfolded: std::sync::atomic::AtomicBool,
-    /// Versions used by brokered requests in flight, which drain like leases.
+    /// Versions the broker process may still use, which drain like leases.
     in_use: Mutex<HashMap<(String, i64), usize>>,
 }
 
-/// A version in use by a request in flight (a brokered request): until it is dropped, a
-/// rotation drains it like a lease and revokes the old credential only after.
+/// A version in use outside the lease table (one the broker process may still use): until it
+/// is dropped, a rotation drains it like a lease and revokes the old credential only after.
 #[derive(Debug)]
 pub struct Hold {
     leases: Arc<Leases>,
@@ -335,7 +335,7 @@ impl Leases {
 
     /// Live leases on one version of a secret, and the earliest of their expiries. A lease is
     /// live until the sweeper has ended it (and recorded that), even a moment past its expiry.
-    /// Versions held by requests in flight ([`Hold`]) count as leases without an expiry.
+    /// Versions held ([`Hold`]) count as leases without an expiry.
     pub fn live_on(&self, secret_id: &str, version: i64) -> (i64, Option<Millis>) {
         let held = self
             .in_use

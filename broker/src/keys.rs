@@ -176,7 +176,10 @@ mod tests {
             async move { table.set(push("s", 2, "k2")).await }
         });
         tokio::time::sleep(Duration::from_secs(60)).await;
-        assert!(!pushing.is_finished(), "answered under a request on version 1");
+        assert!(
+            !pushing.is_finished(),
+            "answered under a request on version 1"
+        );
         let next = table.take("s").unwrap();
         assert_eq!((next.version, next.value.as_bytes()), (2, &b"k2"[..]));
         assert!(next.value.is_sensitive());

@@ -582,15 +582,24 @@ fn a_value_put_while_the_daemon_serves_is_pushed_to_the_broker_and_audited_by_ve
     assert_eq!(status, 200, "{body}");
     const NEW: &str = "sk-put-by-a-person-4b6d8f0a2c4e6a8c";
     s.provider.accept(
-        &[(PRIMARY, "ok"), (NEW, "ok"), (BACKUP, "ok"), (ANTHROPIC, "ok")],
+        &[
+            (PRIMARY, "ok"),
+            (NEW, "ok"),
+            (BACKUP, "ok"),
+            (ANTHROPIC, "ok"),
+        ],
         None,
     );
     s.env.put("openai/prod", NEW);
-    wait_for("a request with the new key", Duration::from_secs(10), || {
-        let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
-        assert_eq!(status, 200, "{body}");
-        (s.provider.seen().last().unwrap()["key"] == NEW).then_some(())
-    });
+    wait_for(
+        "a request with the new key",
+        Duration::from_secs(10),
+        || {
+            let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+            assert_eq!(status, 200, "{body}");
+            (s.provider.seen().last().unwrap()["key"] == NEW).then_some(())
+        },
+    );
     // From then on, every request.
     for _ in 0..3 {
         let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);

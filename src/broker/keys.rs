@@ -91,7 +91,11 @@ impl KeyPusher {
     /// The current version of `name` (`None`: of any secret) may have changed: pushes what did
     /// change, and lets go of older versions once the broker has no request left on them.
     pub async fn changed(self: &Arc<Self>, process: &Arc<BrokerProcess>, name: Option<&str>) {
-        if name.is_some_and(|n| self.secrets.binary_search_by(|s| s.as_str().cmp(n)).is_err()) {
+        if name.is_some_and(|n| {
+            self.secrets
+                .binary_search_by(|s| s.as_str().cmp(n))
+                .is_err()
+        }) {
             return;
         }
         let Some(push) = self.prepare(name).await else {

@@ -164,7 +164,10 @@ impl BrokerProcess {
         if !answer.status().is_success() {
             return Err(format!("it refused its routes ({})", answer.status()));
         }
-        spec.keys.start_over(self).await.map_err(|e| e.to_string())?;
+        spec.keys
+            .start_over(self)
+            .await
+            .map_err(|e| e.to_string())?;
         tracing::info!(pid = child.id(), "broker started");
         Ok(child)
     }

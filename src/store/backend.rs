@@ -46,9 +46,7 @@ impl Store {
 
     /// The names whose current version may have changed, as writes commit (`None`: any); only
     /// in the daemon (`None` elsewhere). See `cache.rs`.
-    pub fn watch_versions(
-        &self,
-    ) -> Option<tokio::sync::broadcast::Receiver<Option<Arc<str>>>> {
+    pub fn watch_versions(&self) -> Option<tokio::sync::broadcast::Receiver<Option<Arc<str>>>> {
         match &self.inner.backend {
             Backend::Sqlite(b) => b.watch_versions(),
             Backend::Postgres(b) => b.watch_versions(),
