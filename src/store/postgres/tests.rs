@@ -220,6 +220,7 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemons_cache_forgets_what_another_daemon_replaced_and_reads_the_database_while_deaf() {
+    // What the daemon hears is also what its watchers (the broker's key pusher) are told.
     use crate::store::tests::secret_with_a_version;
     use crate::store::{Access, NewVersion, Store, VersionTarget};
 
@@ -234,7 +235,16 @@ async fn a_daemons_cache_forgets_what_another_daemon_replaced_and_reads_the_data
         .await
         .unwrap();
     let cached = daemon.postgres().unwrap();
+    let mut watch = daemon
+        .watch_versions()
+        .expect("a daemon's store tells of new versions");
+    let mut heard = move || {
+        std::iter::from_fn(|| watch.try_recv().ok())
+            .map(|name| name.map(|n| n.to_string()))
+            .collect::<Vec<_>>()
+    };
     eventually("the daemon to listen", async || cached.cache().is_some()).await;
+    heard();
     let current = async || {
         let sealed = daemon.sealed("app/key", None).await.unwrap().unwrap();
         (sealed.version.version, sealed.version.ciphertext[0])
@@ -279,6 +289,7 @@ async fn a_daemons_cache_forgets_what_another_daemon_replaced_and_reads_the_data
     };
     put(2).await;
     eventually("version 2", async || current().await == (2, 2)).await;
+    assert!(heard().contains(&Some("app/key".to_string())));
 
     // The listener's connection is cut: until it listens again the cache is not used, so a
     // version written meanwhile is served at once.
@@ -296,8 +307,14 @@ async fn a_daemons_cache_forgets_what_another_daemon_replaced_and_reads_the_data
         cached.cache().is_some()
     })
     .await;
+    // While deaf, any secret may have changed: watchers are told so.
+    assert!(heard().contains(&None));
     put(4).await;
     eventually("version 4", async || current().await == (4, 4)).await;
+    eventually("version 4 heard", async || {
+        heard().contains(&Some("app/key".to_string()))
+    })
+    .await;
     raw.close().await;
 }
 
