@@ -615,6 +615,14 @@ fn a_value_put_while_the_daemon_serves_is_pushed_to_the_broker_and_audited_by_ve
     for row in &rows {
         assert!(!row.to_string().contains(NEW), "the key in an audit row");
     }
+
+    // A value no header can carry is no key: the route is skipped for the fallback.
+    s.env.put("openai/prod", "sk-broken\nin-two");
+    wait_for("the fallback route", Duration::from_secs(10), || {
+        let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+        assert_eq!(status, 200, "{body}");
+        (s.provider.seen().last().unwrap()["key"] == BACKUP).then_some(())
+    });
 }
 
 #[test]

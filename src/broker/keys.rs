@@ -121,6 +121,16 @@ impl KeyPusher {
         let mut read = Vec::with_capacity(names.len());
         for name in names {
             match self.vault.read(name, None).await {
+                // A value no header can carry (a line break in it) is no key: the route is
+                // skipped, as for a secret without a value.
+                Ok(r) if hyper::header::HeaderValue::from_str(r.value.expose()).is_err() => {
+                    tracing::warn!(
+                        secret = name,
+                        version = r.version,
+                        "the value cannot be sent in an HTTP header; the broker skips this route"
+                    );
+                    read.push((name, None));
+                }
                 Ok(r) => read.push((name, Some((r.secret_id, r.version, r.value)))),
                 Err(VaultError::NoSuchSecret(_) | VaultError::NoCurrentVersion(_)) => {
                     read.push((name, None));
