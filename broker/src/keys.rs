@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 
 /// A secret's current key.
 struct Current {
+    id: String,
     version: i64,
     value: HeaderValue,
 }
@@ -81,7 +82,7 @@ impl KeyTable {
 
     /// Takes in `keys` (a version never replaces a newer one of the same secret; `None` drops a
     /// secret's key), then waits until no request that started on an older version of those
-    /// secrets is still running. A key that is no valid header value is refused, and nothing
+    /// secrets (on any version, for a dropped key) is still running. A key that is no valid header value is refused, and nothing
     /// of the push is taken in.
     pub async fn set(&self, keys: Keys) -> Result<(), String> {
         let mut parsed = Vec::with_capacity(keys.keys.len());
@@ -93,6 +94,7 @@ impl KeyTable {
                     })?;
                     value.set_sensitive(true);
                     Some(Current {
+                        id: k.id,
                         version: k.version,
                         value,
                     })
@@ -111,12 +113,14 @@ impl KeyTable {
                         if inner
                             .current
                             .get(&secret)
-                            .is_none_or(|c| c.version < key.version)
+                            .is_none_or(|c| c.id != key.id || c.version < key.version)
                         {
                             inner.current.insert(secret, key);
                         }
                     }
                     None => {
+                        // Answered once no request uses any version of it.
+                        waits.push((secret.clone(), i64::MAX));
                         inner.current.remove(&secret);
                     }
                 }
@@ -157,6 +161,7 @@ mod tests {
         keys.keys.insert(
             secret.to_string(),
             Some(Key {
+                id: "id-1".into(),
                 version,
                 value: value.to_string(),
             }),
@@ -190,17 +195,37 @@ mod tests {
         pushing.await.unwrap().unwrap();
     }
 
-    #[tokio::test]
-    async fn an_older_push_never_replaces_a_newer_key_and_a_dropped_key_is_gone() {
+    #[tokio::test(start_paused = true)]
+    async fn an_older_push_never_replaces_a_newer_key_and_a_dropped_key_waits_for_every_request() {
         let table = Arc::new(KeyTable::default());
         table.set(push("s", 3, "k3")).await.unwrap();
         table.set(push("s", 2, "k2")).await.unwrap();
         assert_eq!(table.take("s").unwrap().version, 3);
         assert!(table.take("other").is_none());
-        let mut gone = Keys::default();
-        gone.keys.insert("s".into(), None);
-        table.set(gone).await.unwrap();
-        assert!(table.take("s").is_none());
+
+        // The same name, a secret made again: its version 1 is its key.
+        let mut again = push("s", 1, "k-again");
+        again.keys.get_mut("s").unwrap().as_mut().unwrap().id = "id-2".into();
+        table.set(again).await.unwrap();
+        assert_eq!(table.take("s").unwrap().value.as_bytes(), b"k-again");
+
+        let streaming = table.take("s").unwrap();
+        let dropping = tokio::spawn({
+            let table = table.clone();
+            async move {
+                let mut gone = Keys::default();
+                gone.keys.insert("s".into(), None);
+                table.set(gone).await
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(table.take("s").is_none(), "a dropped key is used");
+        assert!(
+            !dropping.is_finished(),
+            "answered under a request on the key"
+        );
+        drop(streaming);
+        dropping.await.unwrap().unwrap();
     }
 
     #[tokio::test]
@@ -210,6 +235,7 @@ mod tests {
         keys.keys.insert(
             "b".into(),
             Some(Key {
+                id: "id-b".into(),
                 version: 1,
                 value: "bad\nkey".into(),
             }),

@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use keywarden_plugin_sdk::broker::{Keys, Routes};
+use keywarden_plugin_sdk::broker::{Keys, Routes, TOKEN_HEADER};
 
 use crate::forward::{Body, Forwarder};
 use crate::keys::KeyTable;
@@ -62,6 +62,8 @@ struct State {
     /// Routes are set once, by the daemon, right after start: a later `PUT /v1/routes` (from
     /// anything else that reached the socket) could point a route's keys elsewhere.
     routes_set: std::sync::atomic::AtomicBool,
+    /// The token `PUT /v1/keys` carries, given with the routes.
+    token: std::sync::OnceLock<String>,
     /// The route secrets' keys, as the daemon pushed them.
     keys: Arc<KeyTable>,
     /// Sent once the daemon's attach connection closed.
@@ -84,6 +86,7 @@ async fn run() -> Result<(), String> {
     let state = Arc::new(State {
         forwarder: RwLock::new(Arc::new(Forwarder::new(Routes::default())?)),
         routes_set: std::sync::atomic::AtomicBool::new(false),
+        token: std::sync::OnceLock::new(),
         keys: Arc::default(),
         detached,
         attached: tokio::sync::Notify::new(),
@@ -146,6 +149,13 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
                 Ok(r) => r,
                 Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("routes: {e}")),
             };
+            if routes.token.len() < 32 {
+                return plain(
+                    StatusCode::BAD_REQUEST,
+                    "routes: a token of 32 characters or more",
+                );
+            }
+            let token = routes.token.clone();
             match Forwarder::new(routes) {
                 Ok(f) => {
                     if state
@@ -154,6 +164,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
                     {
                         return plain(StatusCode::CONFLICT, "the routes are set once, at start");
                     }
+                    let _ = state.token.set(token);
                     *state.forwarder.write().expect("routes lock") = Arc::new(f);
                     plain(StatusCode::NO_CONTENT, "")
                 }
@@ -161,6 +172,15 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
             }
         }
         (&Method::PUT, "/v1/keys") => {
+            // Only the daemon, which gave the token with the routes, may say which key a route
+            // injects (anything else that reached the socket could pin a key of its own).
+            let carried = req.headers().get(TOKEN_HEADER).map(|v| v.as_bytes());
+            let Some(token) = state.token.get() else {
+                return plain(StatusCode::CONFLICT, "keys come after the routes");
+            };
+            if !carried.is_some_and(|c| same(c, token.as_bytes())) {
+                return plain(StatusCode::FORBIDDEN, "keys are pushed by the daemon only");
+            }
             let keys: Keys = match read_json(req).await {
                 Ok(k) => k,
                 Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("keys: {e}")),
@@ -176,6 +196,11 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
         }
         _ => plain(StatusCode::NOT_FOUND, "no such endpoint"),
     }
+}
+
+/// Whether `a` and `b` are equal, in a time that does not depend on where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// A `PUT` body of at most [`MAX_PUT_BYTES`], parsed; the error names no value.

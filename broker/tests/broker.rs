@@ -625,6 +625,42 @@ fn a_value_put_while_the_daemon_serves_is_pushed_to_the_broker_and_audited_by_ve
     });
 }
 
+/// The broker process's private socket, `<work_dir>/broker/broker.sock`, in the default work
+/// directory beside the store (`plugin-work/<store>/`).
+fn broker_socket(store: &Path) -> PathBuf {
+    std::fs::read_dir(store.with_file_name("plugin-work"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("broker/broker.sock"))
+        .find(|p| p.exists())
+        .expect("the broker process's socket")
+}
+
+#[test]
+fn nothing_but_the_daemon_can_push_a_key_or_set_the_routes_of_the_broker_process() {
+    // A process that reaches the broker's private socket (one of the daemon's own user) tries
+    // to make the broker inject a key of its own, pinned with the highest version, so the
+    // agents' requests would run on an account it controls.
+    let s = Setup::new(ADMITTED, "");
+    let private = broker_socket(&s.env.store);
+    let pinned = r#"{"keys":{"openai/prod":{"id":"x","version":9223372036854775807,"value":"sk-attacker-0000"}}}"#;
+    let guessed = format!("x-keywarden-token: {}", "0".repeat(64));
+    for extra in [vec![], vec!["-H", guessed.as_str()]] {
+        let mut args = extra.clone();
+        args.extend(["-H", "content-type: application/json", "--data", pinned]);
+        let (code, body) = curl(&private, "PUT", "/v1/keys", &args);
+        assert_eq!(code, 403, "{body}");
+    }
+    // Nor can it set the routes (and a token of its own with them): they are set once.
+    let routes = format!(r#"{{"brokers":{{}},"token":"{}"}}"#, "1".repeat(64));
+    let (code, body) = curl(&private, "PUT", "/v1/routes", &["--data", &routes]);
+    assert_eq!(code, 409, "{body}");
+    // The agents' requests still carry the vault's key.
+    let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(s.provider.seen().last().unwrap()["key"], PRIMARY);
+}
+
 #[test]
 fn budgets_refuse_at_the_limit_with_retry_after_and_survive_a_restart() {
     let policy = r#"[[policy]]

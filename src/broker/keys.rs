@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
-use keywarden_plugin_sdk::broker::{Key, Keys};
+use keywarden_plugin_sdk::broker::{Key, Keys, TOKEN_HEADER};
+use tokio::sync::Notify;
 
 use super::process::{BrokerError, BrokerProcess};
 use crate::leases::{Hold, Leases};
@@ -24,8 +25,8 @@ use crate::vault::{Vault, VaultError};
 struct State {
     /// Bumped for each new broker process: answers to an older one's pushes are ignored.
     generation: u64,
-    /// The latest version pushed (`None`: the key was dropped).
-    pushed: HashMap<String, Option<i64>>,
+    /// The latest version pushed, with its secret's id (`None`: the key was dropped).
+    pushed: HashMap<String, Option<(String, i64)>>,
     /// The versions the broker may still be using, held.
     held: HashMap<String, Vec<(i64, Hold)>>,
 }
@@ -37,6 +38,8 @@ pub struct KeyPusher {
     /// The route secrets.
     secrets: Vec<String>,
     state: Mutex<State>,
+    /// Notified when a key could not be read or pushed: the watcher tries again.
+    failed: Notify,
 }
 
 impl std::fmt::Debug for KeyPusher {
@@ -64,7 +67,14 @@ impl KeyPusher {
             leases,
             secrets,
             state: Mutex::default(),
+            failed: Notify::new(),
         }
+    }
+
+    /// Resolves when a key could not be read or pushed since the last call (then every key is
+    /// read again and what differs pushed: [`KeyPusher::changed`] with `None`).
+    pub async fn failed(&self) {
+        self.failed.notified().await;
     }
 
     /// A new broker process has started: nothing the last one used is in use any more. Pushes
@@ -135,8 +145,11 @@ impl KeyPusher {
                 Err(VaultError::NoSuchSecret(_) | VaultError::NoCurrentVersion(_)) => {
                     read.push((name, None));
                 }
-                // The store could not be read: the broker keeps what it has.
-                Err(e) => tracing::warn!(secret = name, error = %e, "cannot read a route's key"),
+                // The store could not be read: the broker keeps what it has until a retry.
+                Err(e) => {
+                    tracing::warn!(secret = name, error = %e, "cannot read a route's key");
+                    self.failed.notify_one();
+                }
             }
         }
         let mut state = self.state.lock().expect("key state");
@@ -146,10 +159,10 @@ impl KeyPusher {
             generation: state.generation,
         };
         for (name, current) in read {
-            let pushed = state.pushed.get(name).copied();
+            let pushed = state.pushed.get(name).cloned();
             match current {
                 Some((secret_id, version, value)) => {
-                    if matches!(pushed, Some(Some(p)) if p >= version) {
+                    if matches!(&pushed, Some(Some((id, p))) if *id == secret_id && *p >= version) {
                         continue;
                     }
                     let hold = self.leases.hold(&secret_id, version);
@@ -158,10 +171,13 @@ impl KeyPusher {
                         .entry(name.to_string())
                         .or_default()
                         .push((version, hold));
-                    state.pushed.insert(name.to_string(), Some(version));
+                    state
+                        .pushed
+                        .insert(name.to_string(), Some((secret_id.clone(), version)));
                     push.keys.keys.insert(
                         name.to_string(),
                         Some(Key {
+                            id: secret_id,
                             version,
                             value: value.expose().to_string(),
                         }),
@@ -169,7 +185,7 @@ impl KeyPusher {
                     push.versions.push((name.to_string(), Some(version)));
                 }
                 None => {
-                    if pushed == Some(None) {
+                    if matches!(pushed, Some(None)) {
                         continue;
                     }
                     state.pushed.insert(name.to_string(), None);
@@ -189,6 +205,7 @@ impl KeyPusher {
             .send(
                 Request::put("/v1/keys")
                     .header("host", "broker")
+                    .header(TOKEN_HEADER, process.token())
                     .body(Full::new(Bytes::from(body)))
                     .expect("a valid request"),
             )
@@ -207,7 +224,7 @@ impl KeyPusher {
                 // Nothing older is in use: only this version (and any newer) stays held.
                 (true, Some(v)) => held.retain(|(h, _)| *h >= v),
                 (true, None) => held.clear(),
-                // Not taken: this version is not in use, and is pushed again at the next change.
+                // Not taken: this version is not in use, and is pushed again at the retry.
                 (false, v) => {
                     held.retain(|(h, _)| Some(*h) != v);
                     state.pushed.remove(&name);
@@ -215,6 +232,9 @@ impl KeyPusher {
             }
         }
         drop(state);
+        if !taken {
+            self.failed.notify_one();
+        }
         match answer {
             Ok(a) if a.status().is_success() => Ok(()),
             Ok(a) => Err(BrokerError::Unavailable(format!(

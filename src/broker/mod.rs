@@ -290,6 +290,8 @@ pub fn routes_of(brokers: &BTreeMap<String, Broker>) -> Routes {
             .iter()
             .map(|(name, b)| (name.clone(), b.routes.clone()))
             .collect(),
+        // Made for each broker process as it starts (`process.rs`).
+        token: String::new(),
     }
 }
 

@@ -26,6 +26,8 @@ use crate::sandbox::Confinement;
 
 /// Idle connections kept to the broker process.
 const POOL: usize = 64;
+/// Pause before the keys are read and pushed again after a failure.
+const KEYS_RETRY: Duration = Duration::from_secs(1);
 /// Longest pause between restarts of a broker that keeps dying.
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
 
@@ -66,6 +68,8 @@ pub enum BrokerError {
 #[derive(Debug)]
 pub struct BrokerProcess {
     socket: PathBuf,
+    /// The running process's token for `PUT /v1/keys` (a new one for each process).
+    token: Mutex<String>,
     idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
     restarts: std::sync::atomic::AtomicU64,
 }
@@ -101,6 +105,7 @@ impl BrokerProcess {
             .map_err(|e| start_error(format!("cannot create {}: {e}", spec.dir.display())))?;
         let process = Arc::new(BrokerProcess {
             socket: spec.dir.join("broker.sock"),
+            token: Mutex::default(),
             idle: Mutex::new(Vec::new()),
             restarts: Default::default(),
         });
@@ -116,6 +121,11 @@ impl BrokerProcess {
             let _ = watcher.await;
         });
         Ok((process, both))
+    }
+
+    /// The token of the running process's `PUT /v1/keys`.
+    pub(super) fn token(&self) -> String {
+        self.token.lock().expect("token lock").clone()
     }
 
     /// How often the process was restarted.
@@ -151,7 +161,15 @@ impl BrokerProcess {
         }
         self.idle.lock().expect("pool lock").clear();
         self.attach().await?;
-        let body = serde_json::to_vec(&spec.routes).expect("routes serialize");
+        let token = crate::crypto::random_bytes(32)
+            .map(|b| crate::crypto::hex(&b))
+            .map_err(|e| e.to_string())?;
+        *self.token.lock().expect("token lock") = token.clone();
+        let routes = Routes {
+            token,
+            ..spec.routes.clone()
+        };
+        let body = serde_json::to_vec(&routes).expect("routes serialize");
         let answer = self
             .send(
                 Request::put("/v1/routes")
@@ -245,6 +263,14 @@ impl BrokerProcess {
         loop {
             let changed = tokio::select! {
                 changed = versions.recv() => changed,
+                () = keys.failed() => {
+                    // A key could not be read or pushed: every key again, a moment later.
+                    tokio::select! {
+                        () = tokio::time::sleep(KEYS_RETRY) => {}
+                        _ = stopped(&mut stop) => return,
+                    }
+                    Ok(None)
+                }
                 _ = stopped(&mut stop) => return,
             };
             match changed {

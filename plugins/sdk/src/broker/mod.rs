@@ -5,7 +5,7 @@
 //! | request | reply |
 //! |---|---|
 //! | `PUT /v1/routes` with [`Routes`] | 204, once: a second `PUT` is refused (409) |
-//! | `PUT /v1/keys` with [`Keys`] | 204 once no request that started on an older version of those secrets is still running |
+//! | `PUT /v1/keys` with [`Keys`] and [`TOKEN_HEADER`] | 204 once no request that started on an older version of those secrets is still running |
 //! | `GET /v1/attach` | never answers; when this connection closes the broker exits |
 //! | `ANY /v1/forward/{broker}/{path}?{query}` | the upstream's answer, streamed |
 //!
@@ -49,12 +49,27 @@ pub const ROUTE_HEADER: &str = "x-keywarden-route";
 pub const UPSTREAM_MS_HEADER: &str = "x-keywarden-upstream-ms";
 /// Response header with the version of the key the answering route injected.
 pub const VERSION_HEADER: &str = "x-keywarden-version";
+/// Request header of `PUT /v1/keys` with the token given with the routes.
+pub const TOKEN_HEADER: &str = "x-keywarden-token";
 
 /// Everything the broker serves: `PUT /v1/routes`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct Routes {
     /// Brokers by name.
     pub brokers: BTreeMap<String, BrokerRoutes>,
+    /// What every `PUT /v1/keys` must carry in [`TOKEN_HEADER`]: made by the daemon for each
+    /// broker process and given with the routes (which are set once), so nothing else that
+    /// reaches the socket can push a key.
+    pub token: String,
+}
+
+impl std::fmt::Debug for Routes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routes")
+            .field("brokers", &self.brokers)
+            .field("token", &"<redacted>")
+            .finish()
+    }
 }
 
 /// One broker: its routes in the order they are tried, and its time-outs.
@@ -96,6 +111,9 @@ pub struct Keys {
 /// One version of a route secret's value.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Key {
+    /// The secret's id: a secret deleted and made again under the same name starts its
+    /// versions again, and its key replaces the old one's whatever their numbers.
+    pub id: String,
     /// The version number; versions of a secret only move forward.
     pub version: i64,
     /// The value injected upstream.
@@ -105,6 +123,7 @@ pub struct Key {
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Key")
+            .field("id", &self.id)
             .field("version", &self.version)
             .field("value", &"<redacted>")
             .finish()
