@@ -101,6 +101,11 @@ struct Setup {
 
 impl Setup {
     fn new(policy: &str, extra: &str) -> Setup {
+        Setup::with_daemon_env(policy, extra, &[])
+    }
+
+    /// Like [`Setup::new`], the daemon started with `vars` in its environment.
+    fn with_daemon_env(policy: &str, extra: &str, vars: &[(&str, &str)]) -> Setup {
         let env = Env::new();
         let (provider, ca) = Provider::start(env.dir.path());
         let (openai_port, anthropic_port) = (free_port(), free_port());
@@ -154,7 +159,7 @@ listen = "127.0.0.1:{anthropic_port}"
         env.put("openai/backup", BACKUP);
         env.put("anthropic/prod", ANTHROPIC);
         provider.accept(&[(PRIMARY, "ok"), (BACKUP, "ok"), (ANTHROPIC, "ok")], None);
-        let daemon = env.start_daemon();
+        let daemon = env.start_daemon_with(vars);
         Setup {
             env,
             provider,
@@ -623,6 +628,42 @@ fn a_value_put_while_the_daemon_serves_is_pushed_to_the_broker_and_audited_by_ve
         assert_eq!(status, 200, "{body}");
         (s.provider.seen().last().unwrap()["key"] == BACKUP).then_some(())
     });
+}
+
+#[test]
+fn a_key_push_that_was_lost_is_made_again_without_waiting_for_another_change() {
+    // The push at start goes through; the next one (the `put` below) is lost on its way.
+    let s = Setup::with_daemon_env(
+        ADMITTED,
+        "",
+        &[("FAILPOINTS", "broker.key-push=1*off->1*return->off")],
+    );
+    const NEW: &str = "sk-after-a-lost-push-0a1b2c3d4e5f";
+    s.provider.accept(
+        &[
+            (PRIMARY, "ok"),
+            (NEW, "ok"),
+            (BACKUP, "ok"),
+            (ANTHROPIC, "ok"),
+        ],
+        None,
+    );
+    s.env.put("openai/prod", NEW);
+    wait_for(
+        "a request with the new key",
+        Duration::from_secs(10),
+        || {
+            let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+            assert_eq!(status, 200, "{body}");
+            (s.provider.seen().last().unwrap()["key"] == NEW).then_some(())
+        },
+    );
+    let log = s.daemon.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("the push was lost"),
+        "the failpoint did not fire (a daemon built without failpoints?):\n{log}"
+    );
+    assert!(!log.contains(NEW), "the key in the daemon's log");
 }
 
 /// The broker process's private socket, `<work_dir>/broker/broker.sock`, in the default work

@@ -201,15 +201,27 @@ impl KeyPusher {
     async fn send(&self, process: &BrokerProcess, push: Push) -> Result<(), BrokerError> {
         let body = serde_json::to_vec(&push.keys).expect("keys serialize");
         drop(push.keys);
-        let answer = process
-            .send(
-                Request::put("/v1/keys")
-                    .header("host", "broker")
-                    .header(TOKEN_HEADER, process.token())
-                    .body(Full::new(Bytes::from(body)))
-                    .expect("a valid request"),
-            )
-            .await;
+        // A push lost on its way (tests: `FAILPOINTS=broker.key-push=…`).
+        #[cfg(feature = "failpoints")]
+        let lost = (|| {
+            fail::fail_point!("broker.key-push", |_| true);
+            false
+        })();
+        #[cfg(not(feature = "failpoints"))]
+        let lost = false;
+        let answer = if lost {
+            Err(BrokerError::Unavailable("the push was lost".into()))
+        } else {
+            process
+                .send(
+                    Request::put("/v1/keys")
+                        .header("host", "broker")
+                        .header(TOKEN_HEADER, process.token())
+                        .body(Full::new(Bytes::from(body)))
+                        .expect("a valid request"),
+                )
+                .await
+        };
         let mut state = self.state.lock().expect("key state");
         if state.generation != push.generation {
             return Ok(()); // that process is gone, and its holds with it
