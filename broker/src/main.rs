@@ -210,7 +210,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
-    // Only where: serde_json's message may quote what it read, and a push holds keys.
+    // Only the position: serde_json's message may quote what it read, and a push holds keys.
     serde_json::from_slice(&body).map_err(|e| {
         format!(
             "not the expected JSON (line {}, column {})",

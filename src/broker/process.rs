@@ -69,7 +69,7 @@ pub enum BrokerError {
 pub struct BrokerProcess {
     socket: PathBuf,
     /// The running process's token for `PUT /v1/keys` (a new one for each process).
-    token: Mutex<String>,
+    token: Mutex<Token>,
     idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
     restarts: std::sync::atomic::AtomicU64,
 }
@@ -105,7 +105,7 @@ impl BrokerProcess {
             .map_err(|e| start_error(format!("cannot create {}: {e}", spec.dir.display())))?;
         let process = Arc::new(BrokerProcess {
             socket: spec.dir.join("broker.sock"),
-            token: Mutex::default(),
+            token: Mutex::new(Token(String::new())),
             idle: Mutex::new(Vec::new()),
             restarts: Default::default(),
         });
@@ -125,7 +125,7 @@ impl BrokerProcess {
 
     /// The token of the running process's `PUT /v1/keys`.
     pub(super) fn token(&self) -> String {
-        self.token.lock().expect("token lock").clone()
+        self.token.lock().expect("token lock").0.clone()
     }
 
     /// How often the process was restarted.
@@ -164,7 +164,7 @@ impl BrokerProcess {
         let token = crate::crypto::random_bytes(32)
             .map(|b| crate::crypto::hex(&b))
             .map_err(|e| e.to_string())?;
-        *self.token.lock().expect("token lock") = token.clone();
+        *self.token.lock().expect("token lock") = Token(token.clone());
         let routes = Routes {
             token,
             ..spec.routes.clone()
@@ -321,6 +321,15 @@ impl BrokerProcess {
             pool.push(sender);
         }
         Ok(answer)
+    }
+}
+
+/// A broker process's token, never printed.
+struct Token(String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
     }
 }
 
