@@ -139,7 +139,7 @@ brokers = ["openai"]
     println!();
     fresh_connections(&runtime, &brokered, &[daemon_pid, broker_pid]);
     println!();
-    let process = Target::BrokerProcess(broker_socket(&env.store));
+    let process = Target::BrokerProcess(env.broker_process_socket());
     split(
         &runtime,
         [&direct, &process, &brokered],
@@ -241,17 +241,6 @@ fn split(runtime: &tokio::runtime::Runtime, targets: [&Target; 3], pids: &[u32])
             used / l.count as f64 * 1e6,
         );
     }
-}
-
-/// The broker process's private socket, `<work_dir>/broker/broker.sock`, in the default work
-/// directory beside the store (`plugin-work/<store>/`).
-fn broker_socket(store: &Path) -> PathBuf {
-    std::fs::read_dir(store.with_file_name("plugin-work"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("broker/broker.sock"))
-        .find(|p| p.exists())
-        .expect("the broker process's socket")
 }
 
 /// The streamed answer's table.

@@ -196,6 +196,30 @@ listen = "127.0.0.1:{anthropic_port}"
         curl(&self.socket(), "POST", path, &args)
     }
 
+    /// Puts `value` as `secret`'s new version, which the provider accepts beside the others.
+    fn put_accepted(&self, secret: &str, value: &str) {
+        self.provider.accept(
+            &[
+                (PRIMARY, "ok"),
+                (value, "ok"),
+                (BACKUP, "ok"),
+                (ANTHROPIC, "ok"),
+            ],
+            None,
+        );
+        self.env.put(secret, value);
+    }
+
+    /// Sends chat completions through `openai` until one reaches the provider with `key` (a
+    /// key is pushed to the broker as its write commits, not when the writer returns).
+    fn chat_until_key(&self, key: &str) {
+        wait_for("a request with that key", Duration::from_secs(10), || {
+            let (status, body) = self.chat("/v1/broker/openai/v1/chat/completions", &[]);
+            assert_eq!(status, 200, "{body}");
+            (self.provider.seen().last().unwrap()["key"] == key).then_some(())
+        });
+    }
+
     fn audit(&self, action: &str) -> Vec<Value> {
         let out = self
             .env
@@ -586,25 +610,8 @@ fn a_value_put_while_the_daemon_serves_is_pushed_to_the_broker_and_audited_by_ve
     let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
     assert_eq!(status, 200, "{body}");
     const NEW: &str = "sk-put-by-a-person-4b6d8f0a2c4e6a8c";
-    s.provider.accept(
-        &[
-            (PRIMARY, "ok"),
-            (NEW, "ok"),
-            (BACKUP, "ok"),
-            (ANTHROPIC, "ok"),
-        ],
-        None,
-    );
-    s.env.put("openai/prod", NEW);
-    wait_for(
-        "a request with the new key",
-        Duration::from_secs(10),
-        || {
-            let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
-            assert_eq!(status, 200, "{body}");
-            (s.provider.seen().last().unwrap()["key"] == NEW).then_some(())
-        },
-    );
+    s.put_accepted("openai/prod", NEW);
+    s.chat_until_key(NEW);
     // From then on, every request.
     for _ in 0..3 {
         let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
@@ -623,11 +630,7 @@ fn a_value_put_while_the_daemon_serves_is_pushed_to_the_broker_and_audited_by_ve
 
     // A value no header can carry is no key: the route is skipped for the fallback.
     s.env.put("openai/prod", "sk-broken\nin-two");
-    wait_for("the fallback route", Duration::from_secs(10), || {
-        let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
-        assert_eq!(status, 200, "{body}");
-        (s.provider.seen().last().unwrap()["key"] == BACKUP).then_some(())
-    });
+    s.chat_until_key(BACKUP);
 }
 
 #[test]
@@ -639,25 +642,8 @@ fn a_key_push_that_was_lost_is_made_again_without_waiting_for_another_change() {
         &[("FAILPOINTS", "broker.key-push=1*off->1*return->off")],
     );
     const NEW: &str = "sk-after-a-lost-push-0a1b2c3d4e5f";
-    s.provider.accept(
-        &[
-            (PRIMARY, "ok"),
-            (NEW, "ok"),
-            (BACKUP, "ok"),
-            (ANTHROPIC, "ok"),
-        ],
-        None,
-    );
-    s.env.put("openai/prod", NEW);
-    wait_for(
-        "a request with the new key",
-        Duration::from_secs(10),
-        || {
-            let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
-            assert_eq!(status, 200, "{body}");
-            (s.provider.seen().last().unwrap()["key"] == NEW).then_some(())
-        },
-    );
+    s.put_accepted("openai/prod", NEW);
+    s.chat_until_key(NEW);
     let log = s.daemon.as_ref().unwrap().log_text();
     assert!(
         log.contains("the push was lost"),
@@ -666,24 +652,13 @@ fn a_key_push_that_was_lost_is_made_again_without_waiting_for_another_change() {
     assert!(!log.contains(NEW), "the key in the daemon's log");
 }
 
-/// The broker process's private socket, `<work_dir>/broker/broker.sock`, in the default work
-/// directory beside the store (`plugin-work/<store>/`).
-fn broker_socket(store: &Path) -> PathBuf {
-    std::fs::read_dir(store.with_file_name("plugin-work"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("broker/broker.sock"))
-        .find(|p| p.exists())
-        .expect("the broker process's socket")
-}
-
 #[test]
 fn nothing_but_the_daemon_can_push_a_key_or_set_the_routes_of_the_broker_process() {
     // A process that reaches the broker's private socket (one of the daemon's own user) tries
     // to make the broker inject a key of its own, pinned with the highest version, so the
     // agents' requests would run on an account it controls.
     let s = Setup::new(ADMITTED, "");
-    let private = broker_socket(&s.env.store);
+    let private = s.env.broker_process_socket();
     let pinned = r#"{"keys":{"openai/prod":{"id":"x","version":9223372036854775807,"value":"sk-attacker-0000"}}}"#;
     let guessed = format!("x-keywarden-token: {}", "0".repeat(64));
     for extra in [vec![], vec!["-H", guessed.as_str()]] {

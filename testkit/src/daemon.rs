@@ -178,6 +178,17 @@ impl Env {
         )
     }
 
+    /// The broker process's private socket, `<work_dir>/broker/broker.sock`, in the default
+    /// work directory beside the store (`plugin-work/<store>/`), once a daemon started it.
+    pub fn broker_process_socket(&self) -> PathBuf {
+        std::fs::read_dir(self.store.with_file_name("plugin-work"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path().join("broker/broker.sock"))
+            .find(|p| p.exists())
+            .expect("the broker process's socket")
+    }
+
     /// The example plugin's upstream state file.
     pub fn upstream_db(&self) -> PathBuf {
         self.dir.path().join("upstream/upstream.db")
