@@ -11,9 +11,9 @@
 //! connection) needs a `[[policy]]` listing the broker; the method and path must be one the
 //! broker's preset allows; the policy's budget must not be spent. The agent's own credential
 //! headers are dropped. The request goes to `keywarden-broker`, which adds the route's key
-//! (pushed to it, `broker/keys.rs`); the answer streams back through a meter that reads the provider's usage, and when
-//! it ends one `broker.request` audit row records who called what, the route, the status and
-//! the tokens (never a body or a header value).
+//! (pushed to it, `broker/keys.rs`); the answer streams back through a meter that reads the
+//! provider's usage, and when it ends one `broker.request` audit row records who called what,
+//! the route, the status and the tokens (never a body or a header value).
 
 use std::collections::HashSet;
 use std::os::fd::OwnedFd;
