@@ -82,8 +82,8 @@ impl KeyTable {
 
     /// Takes in `keys` (a version never replaces a newer one of the same secret; `None` drops a
     /// secret's key), then waits until no request that started on an older version of those
-    /// secrets (on any version, for a dropped key) is still running. A key that is no valid header value is refused, and nothing
-    /// of the push is taken in.
+    /// secrets (on any version, for a dropped key) is still running. A key that is no valid
+    /// header value is refused, and nothing of the push is taken in.
     pub async fn set(&self, keys: Keys) -> Result<(), String> {
         let mut parsed = Vec::with_capacity(keys.keys.len());
         for (secret, key) in keys.keys {
