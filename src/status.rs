@@ -163,7 +163,13 @@ pub async fn brokers(brokers: &Brokers, store: &Store, now: Millis) -> Result<Va
         let mut routes = Vec::new();
         for secret in b.secrets() {
             let version = store.secret(secret).await?.and_then(|s| s.latest_version);
-            routes.push(json!({ "secret": secret, "version": version }));
+            let (serving, draining) = brokers.keys.in_use(secret);
+            routes.push(json!({
+                "secret": secret,
+                "version": version,
+                "serving": serving,
+                "draining": draining,
+            }));
         }
         list.insert(
             name.clone(),

@@ -587,6 +587,15 @@ ca_file = "certs/ca.pem"
         1,
         "the old key was revoked under a stream in flight"
     );
+    // An operator sees why: the broker serves version 2, version 1 drains under the stream.
+    let route = || {
+        let status: Value =
+            serde_json::from_str(&s.env.ok(&["broker", "status", "--json"], None)).unwrap();
+        status["brokers"]["rotating"]["routes"][0].clone()
+    };
+    let held = route();
+    assert_eq!(held["serving"], 2, "{held}");
+    assert_eq!(held["draining"], serde_json::json!([1]), "{held}");
 
     // The stream finishes, whole; only then is the old key revoked.
     std::fs::write(s.provider.state.join("release"), "").unwrap();
@@ -600,6 +609,7 @@ ca_file = "certs/ca.pem"
         (active(&old) == 0).then_some(())
     });
     assert_eq!(active(&new), 1);
+    assert_eq!(route()["draining"], serde_json::json!([]));
 }
 
 #[test]

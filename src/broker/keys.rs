@@ -87,6 +87,22 @@ impl KeyPusher {
         }
     }
 
+    /// The version of `secret` the broker process serves new requests with, and the older
+    /// ones requests there still use (held until they end), oldest first.
+    pub fn in_use(&self, secret: &str) -> (Option<i64>, Vec<i64>) {
+        let state = self.state.lock().expect("key state");
+        let serving = state.pushed.get(secret).cloned().flatten().map(|(_, v)| v);
+        let mut draining: Vec<i64> = state
+            .held
+            .get(secret)
+            .map(|h| h.iter().map(|(v, _)| *v).collect())
+            .unwrap_or_default();
+        draining.retain(|v| Some(*v) != serving);
+        draining.sort_unstable();
+        draining.dedup();
+        (serving, draining)
+    }
+
     /// The broker process is gone, and with it every request that used a key: lets go of
     /// every version held, and ignores what the pushes to it still in flight get back.
     pub fn forget(&self) {

@@ -247,6 +247,8 @@ pub struct Brokers {
     pub brokers: BTreeMap<String, Broker>,
     /// `keywarden-broker`.
     pub process: Arc<process::BrokerProcess>,
+    /// The keys pushed to it, and the versions still in use there.
+    pub keys: Arc<keys::KeyPusher>,
     /// What each policy and caller spent.
     pub budgets: budget::Budgets,
     blocked: Mutex<BTreeSet<String>>,
@@ -256,12 +258,13 @@ impl Brokers {
     /// The running brokers, `blocked` ones refusing every request.
     pub fn new(
         brokers: BTreeMap<String, Broker>,
-        process: Arc<process::BrokerProcess>,
+        (process, keys): (Arc<process::BrokerProcess>, Arc<keys::KeyPusher>),
         blocked: impl IntoIterator<Item = String>,
     ) -> Brokers {
         Brokers {
             brokers,
             process,
+            keys,
             budgets: budget::Budgets::default(),
             blocked: Mutex::new(blocked.into_iter().collect()),
         }

@@ -26,8 +26,8 @@ pub(crate) enum BrokerCommand {
         /// The broker.
         name: String,
     },
-    /// Each broker's routes and key versions, and today's requests and tokens per policy and
-    /// caller.
+    /// Each broker's routes, the key version its process serves (and older ones still draining
+    /// under requests in flight), and today's requests and tokens per policy and caller.
     Status {
         /// JSON instead of text.
         #[arg(long)]
@@ -82,7 +82,8 @@ pub(crate) async fn run(ctx: &Context, cmd: BrokerCommand) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-/// Each broker's routes with their key versions, then today's spending per policy and caller.
+/// Each broker's routes with the key version the broker process serves (and older ones still
+/// draining there), then today's spending per policy and caller.
 pub(super) fn print_brokers(brokers: &Value) {
     let Some(list) = brokers["brokers"].as_object() else {
         return;
@@ -94,10 +95,21 @@ pub(super) fn print_brokers(brokers: &Value) {
             .unwrap_or_default()
             .iter()
             .map(|r| {
+                let draining: Vec<String> = r["draining"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|v| format!(", v{v} draining"))
+                    .collect();
+                let serving = match r["serving"].as_i64() {
+                    Some(v) => format!("v{v}"),
+                    None => "no key".to_string(),
+                };
                 format!(
-                    "{} (v{})",
+                    "{} ({serving}{})",
                     r["secret"].as_str().unwrap_or("?"),
-                    r["version"]
+                    draining.concat()
                 )
             })
             .collect();

@@ -61,20 +61,21 @@ pub(super) async fn start(
         .broker_sandbox
         .resolve(&config.daemon.plugin_user, Role::Plugin)
         .map_err(|e| config.invalid_daemon("broker_sandbox", e.to_string()))?;
+    let keys = Arc::new(KeyPusher::new(
+        vault.clone(),
+        leases.clone(),
+        brokers
+            .values()
+            .flat_map(|b| b.secrets().map(str::to_string))
+            .collect(),
+    ));
     let spec = BrokerSpec {
         program,
         sha256,
         confinement,
         dir: work.join("broker"),
         routes: crate::broker::routes_of(&brokers),
-        keys: Arc::new(KeyPusher::new(
-            vault.clone(),
-            leases.clone(),
-            brokers
-                .values()
-                .flat_map(|b| b.secrets().map(str::to_string))
-                .collect(),
-        )),
+        keys: keys.clone(),
     };
     // Watched before the first keys are read, so no change in between is missed.
     let versions = store.watch_versions().ok_or_else(|| {
@@ -86,7 +87,7 @@ pub(super) async fn start(
     let (process, keeper) = BrokerProcess::start(spec, versions, stop)
         .await
         .map_err(|e| config.invalid_daemon("broker", e.to_string()))?;
-    let brokers = Brokers::new(brokers, process, store.blocked_brokers().await?);
+    let brokers = Brokers::new(brokers, (process, keys), store.blocked_brokers().await?);
     let now = crate::clock::now_millis();
     let (day, minute): (Millis, Millis) = (now - now % 86_400_000, now - now % 60_000);
     brokers
