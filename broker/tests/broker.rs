@@ -858,11 +858,13 @@ fn the_broker_runs_confined_as_its_own_user_and_exits_with_the_daemon() {
     // It holds no key in its environment.
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert!(!String::from_utf8_lossy(&environ).contains("sk-"));
-    // Killed, it is started again and serves.
+    // Killed, it is started again and serves, with the key put while it was down.
     Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()
         .unwrap();
+    const NEW: &str = "sk-put-while-the-broker-was-down-9f8e";
+    s.put_accepted("openai/prod", NEW);
     let (restarted, _) = wait_for("a new broker process", Duration::from_secs(20), || {
         broker_pid(daemon_pid).filter(|(p, _)| *p != pid)
     });
@@ -871,6 +873,7 @@ fn the_broker_runs_confined_as_its_own_user_and_exits_with_the_daemon() {
         (answer.0 == 200).then_some(answer)
     });
     assert_eq!(status, 200, "{body}");
+    s.chat_until_key(NEW);
     // When the daemon dies, even by SIGKILL, the broker exits: its attach connection closed.
     s.daemon.take().unwrap().kill9();
     wait_for("the broker to exit", Duration::from_secs(20), || {

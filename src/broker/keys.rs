@@ -25,6 +25,9 @@ use crate::vault::{Vault, VaultError};
 struct State {
     /// Bumped for each new broker process: answers to an older one's pushes are ignored.
     generation: u64,
+    /// The process died and has not started again: nothing to push to (its next start is
+    /// given every key).
+    down: bool,
     /// The latest version pushed, with its secret's id (`None`: the key was dropped).
     pushed: HashMap<String, Option<(String, i64)>>,
     /// The versions the broker may still be using, held.
@@ -80,7 +83,7 @@ impl KeyPusher {
     /// A new broker process has started: nothing the last one used is in use any more. Pushes
     /// every key and waits until the process has taken them (at once: nothing older runs).
     pub async fn start_over(&self, process: &BrokerProcess) -> Result<(), BrokerError> {
-        self.forget();
+        self.reset(false);
         match self.prepare(None).await {
             Some(push) => self.send(process, push).await,
             None => Ok(()),
@@ -106,10 +109,16 @@ impl KeyPusher {
     /// The broker process is gone, and with it every request that used a key: lets go of
     /// every version held, and ignores what the pushes to it still in flight get back.
     pub fn forget(&self) {
+        self.reset(true);
+    }
+
+    /// A new generation: nothing pushed, nothing held.
+    fn reset(&self, down: bool) {
         let mut state = self.state.lock().expect("key state");
         let generation = state.generation + 1;
         *state = State {
             generation,
+            down,
             ..State::default()
         };
     }
@@ -121,7 +130,8 @@ impl KeyPusher {
             self.secrets
                 .binary_search_by(|s| s.as_str().cmp(n))
                 .is_err()
-        }) {
+        }) || self.state.lock().expect("key state").down
+        {
             return;
         }
         let Some(push) = self.prepare(name).await else {

@@ -247,7 +247,10 @@ impl BrokerProcess {
                         delay = Duration::from_millis(100);
                         break;
                     }
-                    Err(e) => tracing::error!(error = %e, "the broker could not be restarted"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "the broker could not be restarted");
+                        spec.keys.forget();
+                    }
                 }
             }
         }
