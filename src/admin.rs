@@ -592,7 +592,11 @@ impl AdminApi {
         {
             return http::ApiError::from(e).response();
         }
-        brokers.set_blocked(name, block);
+        brokers.enforced.set_blocked(name, block);
+        // At once in the running process; a process that is down gets it when it starts.
+        if let Err(e) = brokers.process.push_state().await {
+            tracing::warn!(error = %e, broker = name, "the block reaches the broker process when it starts again");
+        }
         http::json(StatusCode::OK, &json!({ "broker": name, "blocked": block }))
     }
 

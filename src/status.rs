@@ -176,13 +176,13 @@ pub async fn brokers(brokers: &Brokers, store: &Store, now: Millis) -> Result<Va
             json!({
                 "routes": routes,
                 "listen": b.listen.map(|a| a.to_string()),
-                "blocked": brokers.is_blocked(name),
+                "blocked": brokers.enforced.is_blocked(name),
             }),
         );
     }
     Ok(json!({
         "brokers": list,
-        "today": brokers.budgets.today(now),
+        "today": brokers.enforced.budgets.today(now),
         "restarts": brokers.process.restarts(),
     }))
 }

@@ -25,21 +25,16 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use keywarden_plugin_sdk::broker::relay::{Relayed, Source};
 use keywarden_plugin_sdk::broker::{
-    BrokerRoutes, DROPPED_REQUEST_HEADERS, Failure, ROUTE_HEADER, RouteSpec, Routes,
-    UPSTREAM_MS_HEADER, VERSION_HEADER,
+    Allowed, BrokerRoutes, DROPPED_REQUEST_HEADERS, Failure, ROUTE_HEADER, RouteSpec, Routes,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::time::Sleep;
 
 use crate::keys::{InUse, KeyTable};
-use crate::plain;
 
 /// A response body: the upstream's stream, or a short text.
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
-
-/// Largest request body the daemon forwards (it enforces its own, smaller, limit first).
-const MAX_FORWARDED_BYTES: usize = 64 << 20;
 
 /// How long an idle connection to an upstream is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
@@ -63,10 +58,21 @@ struct Route {
     client: Upstream,
 }
 
-struct Broker {
+/// One broker: its routes, time-outs, and what agents may send through it.
+pub struct Broker {
     routes: Vec<Route>,
     first_byte: Duration,
     idle: Duration,
+    allowed: Vec<Allowed>,
+    /// Largest request body an agent may send.
+    pub max_body_bytes: usize,
+}
+
+impl Broker {
+    /// Whether an agent may call `method path`.
+    pub fn allows(&self, method: &str, path: &str) -> bool {
+        self.allowed.iter().any(|a| a.allows(method, path))
+    }
 }
 
 impl Route {
@@ -119,26 +125,22 @@ impl Forwarder {
         Ok(Forwarder { brokers })
     }
 
-    /// Forwards `/v1/forward/{broker}/{path}` with each route's current key from `keys`.
-    pub async fn forward(&self, req: Request<Incoming>, keys: &Arc<KeyTable>) -> Response<Body> {
-        let (parts, body) = req.into_parts();
-        let rest = &parts.uri.path()["/v1/forward/".len()..];
-        let (name, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let Some(broker) = self.brokers.get(name) else {
-            return plain(StatusCode::NOT_FOUND, "no such broker");
-        };
-        let body = match http_body_util::Limited::new(body, MAX_FORWARDED_BYTES)
-            .collect()
-            .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("request body: {e}")),
-        };
-        let target = match parts.uri.query() {
-            Some(query) => format!("/{path}?{query}"),
-            None => format!("/{path}"),
-        };
-        let headers = upstream_headers(&parts.headers);
+    /// The broker named `name`.
+    pub fn broker(&self, name: &str) -> Option<&Broker> {
+        self.brokers.get(name)
+    }
+
+    /// Sends an admitted request (`method`, `target`: the provider path and query, the agent's
+    /// `headers`, `body`) through `broker`'s routes with each route's current key from `keys`.
+    pub async fn send(
+        &self,
+        broker: &Broker,
+        head: &http::request::Parts,
+        target: &str,
+        body: Bytes,
+        keys: &Arc<KeyTable>,
+    ) -> Forwarded {
+        let headers = upstream_headers(&head.headers);
         let mut attempts = Vec::new();
         let last = broker.routes.len().saturating_sub(1);
         for (i, route) in broker.routes.iter().enumerate() {
@@ -146,7 +148,7 @@ impl Forwarder {
                 attempts.push(format!("{}: no value to inject", route.spec.secret));
                 continue;
             };
-            let request = match route.request(&parts, &target, &headers, &key.value) {
+            let request = match route.request(head, target, &headers, &key.value) {
                 Ok(request) => request.map(|()| Full::new(body.clone())),
                 Err(why) => {
                     attempts.push(format!("{}: {why}", route.spec.secret));
@@ -174,9 +176,9 @@ impl Forwarder {
                 attempts.push(format!("{}: upstream answered {status}", route.spec.secret));
                 continue;
             }
-            let upstream_ms = started.elapsed().as_millis();
+            let upstream_ms = started.elapsed().as_millis() as u64;
             let (mut parts, body) = answer.into_parts();
-            let version = HeaderValue::from(key.version);
+            let version = key.version;
             let body = Idle::new(body, broker.idle, key);
             for h in DROPPED_RESPONSE_HEADERS {
                 parts.headers.remove(*h);
@@ -184,12 +186,13 @@ impl Forwarder {
             if let Ok(v) = HeaderValue::from_str(&route.spec.secret) {
                 parts.headers.insert(ROUTE_HEADER, v);
             }
-            parts
-                .headers
-                .insert(UPSTREAM_MS_HEADER, HeaderValue::from(upstream_ms as u64));
-            parts.headers.insert(VERSION_HEADER, version);
             let body = Relayed::answer(&parts.headers, body, Source::Provider);
-            return Response::from_parts(parts, body.map_err(Into::into).boxed());
+            return Forwarded {
+                response: Response::from_parts(parts, body.map_err(Into::into).boxed()),
+                route: Some(route.spec.secret.clone()),
+                version: Some(version),
+                upstream_ms: Some(upstream_ms),
+            };
         }
         let mut response = Response::new(
             Full::new(Bytes::from(
@@ -199,8 +202,25 @@ impl Forwarder {
             .boxed(),
         );
         *response.status_mut() = StatusCode::BAD_GATEWAY;
-        response
+        Forwarded {
+            response,
+            route: None,
+            version: None,
+            upstream_ms: None,
+        }
     }
+}
+
+/// The answer to a forwarded request, and what its report says of it.
+pub struct Forwarded {
+    /// The upstream's answer (streaming), or 502 when no route answered.
+    pub response: Response<Body>,
+    /// The route (secret) that answered.
+    pub route: Option<String>,
+    /// The version of the key it injected.
+    pub version: Option<i64>,
+    /// Time to the answer's head.
+    pub upstream_ms: Option<u64>,
 }
 
 /// What went wrong with a request (hyper's errors name no URL, so no query is repeated).
@@ -303,6 +323,8 @@ fn broker(name: &str, b: BrokerRoutes) -> Result<Broker, String> {
         routes,
         first_byte: Duration::from_millis(b.first_byte_timeout_ms),
         idle: Duration::from_millis(b.idle_timeout_ms),
+        allowed: b.allowed,
+        max_body_bytes: b.max_body_bytes,
     })
 }
 

@@ -1,18 +1,24 @@
 //! `keywarden-broker`: the only process where a provider key meets an HTTP client. The daemon
-//! starts it confined like a plugin, hands it a listening Unix socket as its standard input,
-//! pushes it the current key of each route secret (and each new version), and sends it the
-//! agent requests it has admitted; the broker adds the key on the way out, tries the fallbacks
-//! on a connect error, 429 or 5xx, and streams the answer back. It reads no file.
+//! starts it confined like a plugin, hands it a listening Unix socket as its standard input
+//! (the daemon's private control socket) and a hand-off channel as its standard output, pushes
+//! it the current key of each route secret (and each new version), and hands it each agent
+//! connection it has attested, with its decision about the peer (`agents.rs`). The broker
+//! checks each request, adds the key on the way out, tries the fallbacks on a connect error,
+//! 429 or 5xx, streams the answer back and reports its end to the daemon. It reads no file.
 //! The protocol: `keywarden_plugin_sdk::broker` and docs/broker.md.
 
 #![forbid(unsafe_code)]
 
+mod agents;
 mod forward;
 mod keys;
+mod report;
+mod usage;
 
 use std::convert::Infallible;
 use std::os::fd::AsFd;
 use std::process::ExitCode;
+use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -21,14 +27,18 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use keywarden_plugin_sdk::broker::{Keys, Routes, TOKEN_HEADER};
+use keywarden_plugin_sdk::broker::budget::Budgets;
+use keywarden_plugin_sdk::broker::channel::Channel;
+use keywarden_plugin_sdk::broker::{Handoff, Keys, Routes, TOKEN_HEADER};
 
+use crate::agents::Limits;
 use crate::forward::{Body, Forwarder};
 use crate::keys::KeyTable;
+use crate::report::Reporter;
 
 /// How long the broker waits for the daemon to attach before it gives up.
 const ATTACH_DEADLINE: Duration = Duration::from_secs(30);
-/// Largest `PUT /v1/routes` or `PUT /v1/keys` body.
+/// Largest `PUT` body from the daemon.
 const MAX_PUT_BYTES: usize = 4 << 20;
 
 fn main() -> ExitCode {
@@ -57,8 +67,9 @@ fn main() -> ExitCode {
 }
 
 /// What every connection shares.
-struct State {
+pub(crate) struct State {
     forwarder: RwLock<Arc<Forwarder>>,
+    limits: RwLock<Limits>,
     /// Routes are set once, by the daemon, right after start: a later `PUT /v1/routes` (from
     /// anything else that reached the socket) could point a route's keys elsewhere.
     routes_set: std::sync::atomic::AtomicBool,
@@ -69,6 +80,27 @@ struct State {
     /// Sent once the daemon's attach connection closed.
     detached: tokio::sync::mpsc::Sender<()>,
     attached: tokio::sync::Notify,
+    /// Brokers an operator blocked (`PUT /v1/state`).
+    blocked: RwLock<HashSet<String>>,
+    /// What each policy and caller spent, seeded by the daemon's first `PUT /v1/state`.
+    budgets: Budgets,
+    seeded: std::sync::atomic::AtomicBool,
+    /// Reports to the daemon.
+    reporter: Reporter,
+}
+
+impl State {
+    fn forwarder(&self) -> Arc<Forwarder> {
+        self.forwarder.read().expect("routes lock").clone()
+    }
+
+    fn limits(&self) -> Limits {
+        *self.limits.read().expect("limits lock")
+    }
+
+    fn is_blocked(&self, broker: &str) -> bool {
+        self.blocked.read().expect("blocked lock").contains(broker)
+    }
 }
 
 async fn run() -> Result<(), String> {
@@ -82,15 +114,34 @@ async fn run() -> Result<(), String> {
         .map_err(|e| format!("standard input is not a listening Unix socket: {e}"))?;
     let listener = tokio::net::UnixListener::from_std(listener)
         .map_err(|e| format!("standard input is not a listening Unix socket: {e}"))?;
+    let handoffs = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .and_then(Channel::new)
+        .map_err(|e| format!("standard output is not the daemon's hand-off channel: {e}"))?;
     let (detached, mut gone) = tokio::sync::mpsc::channel(1);
     let state = Arc::new(State {
         forwarder: RwLock::new(Arc::new(Forwarder::new(Routes::default())?)),
+        limits: RwLock::new(Limits {
+            header_timeout: Duration::from_secs(5),
+            body_timeout: Duration::from_secs(60),
+        }),
         routes_set: std::sync::atomic::AtomicBool::new(false),
         token: std::sync::OnceLock::new(),
         keys: Arc::default(),
         detached,
         attached: tokio::sync::Notify::new(),
+        blocked: RwLock::default(),
+        budgets: Budgets::default(),
+        seeded: Default::default(),
+        reporter: Reporter::default(),
     });
+    let handoffs = Arc::new(handoffs);
+    let reports = {
+        let (state, handoffs) = (state.clone(), handoffs.clone());
+        async move { state.reporter.run(&handoffs).await }
+    };
+    tokio::pin!(reports);
     let deadline = tokio::time::sleep(ATTACH_DEADLINE);
     tokio::pin!(deadline);
     let mut attached = false;
@@ -113,6 +164,21 @@ async fn run() -> Result<(), String> {
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
+            }
+            received = handoffs.recv() => match received {
+                Ok(Some((record, Some(fd)))) => match serde_json::from_slice::<Handoff>(&record) {
+                    Ok(handoff) => {
+                        tokio::spawn(agents::serve(state.clone(), handoff, fd));
+                    }
+                    Err(e) => eprintln!("a hand-off record that is not one: {e}"),
+                },
+                Ok(Some((_, None))) => eprintln!("a hand-off record without a connection"),
+                // The daemon is gone.
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(format!("the hand-off channel: {e}")),
+            },
+            sent = &mut reports => {
+                return Err(format!("the hand-off channel: {}", sent.err().map_or("closed".into(), |e| e.to_string())));
             }
             _ = state.attached.notified() => attached = true,
             _ = gone.recv() => return Ok(()),
@@ -156,6 +222,10 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
                 );
             }
             let token = routes.token.clone();
+            let limits = Limits {
+                header_timeout: Duration::from_millis(routes.header_timeout_ms),
+                body_timeout: Duration::from_millis(routes.body_timeout_ms),
+            };
             match Forwarder::new(routes) {
                 Ok(f) => {
                     if state
@@ -166,20 +236,15 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
                     }
                     let _ = state.token.set(token);
                     *state.forwarder.write().expect("routes lock") = Arc::new(f);
+                    *state.limits.write().expect("limits lock") = limits;
                     plain(StatusCode::NO_CONTENT, "")
                 }
                 Err(e) => plain(StatusCode::BAD_REQUEST, &e),
             }
         }
         (&Method::PUT, "/v1/keys") => {
-            // Only the daemon, which gave the token with the routes, may say which key a route
-            // injects (anything else that reached the socket could pin a key of its own).
-            let carried = req.headers().get(TOKEN_HEADER).map(|v| v.as_bytes());
-            let Some(token) = state.token.get() else {
-                return plain(StatusCode::CONFLICT, "keys come after the routes");
-            };
-            if !carried.is_some_and(|c| same(c, token.as_bytes())) {
-                return plain(StatusCode::FORBIDDEN, "keys are pushed by the daemon only");
+            if let Err(refused) = from_the_daemon(state, &req) {
+                return refused;
             }
             let keys: Keys = match read_json(req).await {
                 Ok(k) => k,
@@ -190,12 +255,41 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
                 Err(e) => plain(StatusCode::BAD_REQUEST, &e),
             }
         }
-        _ if path.starts_with("/v1/forward/") => {
-            let forwarder = state.forwarder.read().expect("routes lock").clone();
-            forwarder.forward(req, &state.keys).await
+        (&Method::PUT, "/v1/state") => {
+            if let Err(refused) = from_the_daemon(state, &req) {
+                return refused;
+            }
+            let pushed: keywarden_plugin_sdk::broker::State = match read_json(req).await {
+                Ok(s) => s,
+                Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("state: {e}")),
+            };
+            *state.blocked.write().expect("blocked lock") = pushed.blocked.into_iter().collect();
+            if !state
+                .seeded
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                state.budgets.restore(&pushed.spent, pushed.at);
+            }
+            plain(StatusCode::NO_CONTENT, "")
         }
         _ => plain(StatusCode::NOT_FOUND, "no such endpoint"),
     }
+}
+
+/// Only the daemon, which gave the token with the routes, may say which key a route injects or
+/// what the broker enforces (anything else that reached the socket could pin a key of its own).
+fn from_the_daemon(state: &State, req: &Request<Incoming>) -> Result<(), Response<Body>> {
+    let carried = req.headers().get(TOKEN_HEADER).map(|v| v.as_bytes());
+    let Some(token) = state.token.get() else {
+        return Err(plain(StatusCode::CONFLICT, "keys come after the routes"));
+    };
+    if !carried.is_some_and(|c| same(c, token.as_bytes())) {
+        return Err(plain(
+            StatusCode::FORBIDDEN,
+            "keys are pushed by the daemon only",
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `a` and `b` are equal, in a time that does not depend on where they differ.

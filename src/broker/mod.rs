@@ -1,24 +1,25 @@
 //! The broker: agents call model providers through keywarden, which adds the key on the way
 //! out, so no agent process ever holds it (../shared/DESIGN.md §11, docs/broker.md).
 //!
-//! The daemon attests the caller, checks its policy, budget and the path, and forwards the
-//! request to `keywarden-broker`, a separate confined process and the only place a provider key
-//! meets an HTTP client (`process.rs`), which holds the route keys the daemon pushes it
-//! (`keys.rs`). This module holds what the daemon knows of brokers: their config and presets,
-//! budgets, and reading usage from answers.
+//! The daemon attests the caller, decides which brokers it may use under which policy, and
+//! hands its connection with that decision to `keywarden-broker`, a separate confined process
+//! and the only place a provider key meets an HTTP client (`process.rs`), which holds the route
+//! keys the daemon pushes it (`keys.rs`) and checks, forwards and meters each request. This
+//! module holds what the daemon knows of brokers: their config and presets, and the blocks and
+//! budgets it gives the process.
 
-pub mod budget;
 pub mod keys;
 pub mod presets;
 pub mod process;
-pub mod usage;
+
+pub use keywarden_plugin_sdk::broker::budget;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keywarden_plugin_sdk::broker::{BrokerRoutes, RouteSpec, Routes};
+use keywarden_plugin_sdk::broker::{BrokerRoutes, RouteSpec, Routes, State};
 use serde::Deserialize;
 
 use crate::parse::duration;
@@ -92,10 +93,6 @@ pub enum Fallback {
 pub struct Broker {
     /// Its name (`/v1/broker/{name}/…`).
     pub name: String,
-    /// What agents may call.
-    pub allowed: Vec<Allowed>,
-    /// Largest request body.
-    pub max_body_bytes: usize,
     /// The loopback address, if any.
     pub listen: Option<std::net::SocketAddr>,
     /// What the broker process is told.
@@ -110,9 +107,7 @@ impl Broker {
 
     /// Whether an agent may call `method path`.
     pub fn allows(&self, method: &str, path: &str) -> bool {
-        self.allowed
-            .iter()
-            .any(|a| a.method == method && path.starts_with(&a.prefix))
+        self.routes.allowed.iter().any(|a| a.allows(method, path))
     }
 }
 
@@ -158,14 +153,14 @@ pub fn compile(
     }
     Ok(Broker {
         name: name.to_string(),
-        allowed,
-        max_body_bytes: c.max_body_bytes,
         listen: c.listen.as_deref().map(loopback).transpose()?,
         routes: BrokerRoutes {
             routes,
             connect_timeout_ms: c.connect_timeout.as_millis() as u64,
             first_byte_timeout_ms: c.first_byte_timeout.as_millis() as u64,
             idle_timeout_ms: c.idle_timeout.as_millis() as u64,
+            allowed,
+            max_body_bytes: c.max_body_bytes,
         },
     })
 }
@@ -239,8 +234,8 @@ fn loopback(text: &str) -> Result<std::net::SocketAddr, Invalid> {
     Ok(addr)
 }
 
-/// The brokers as the daemon runs them: their settings, the process, the budgets' counters and
-/// which brokers an operator blocked.
+/// The brokers as the daemon runs them: their settings, the process, and what the process
+/// enforces besides its routes (blocks and budgets).
 #[derive(Debug)]
 pub struct Brokers {
     /// By name.
@@ -249,22 +244,49 @@ pub struct Brokers {
     pub process: Arc<process::BrokerProcess>,
     /// The keys pushed to it, and the versions still in use there.
     pub keys: Arc<keys::KeyPusher>,
-    /// What each policy and caller spent.
-    pub budgets: budget::Budgets,
-    blocked: Mutex<BTreeSet<String>>,
+    /// Blocks, and what each policy and caller spent.
+    pub enforced: Arc<Enforced>,
+    /// What the process reports, until the broker API takes it.
+    reports: Mutex<Option<tokio::sync::mpsc::Receiver<process::FromBroker>>>,
 }
 
 impl Brokers {
-    /// The running brokers, `blocked` ones refusing every request.
+    /// The running brokers.
     pub fn new(
         brokers: BTreeMap<String, Broker>,
         (process, keys): (Arc<process::BrokerProcess>, Arc<keys::KeyPusher>),
-        blocked: impl IntoIterator<Item = String>,
+        enforced: Arc<Enforced>,
+        reports: tokio::sync::mpsc::Receiver<process::FromBroker>,
     ) -> Brokers {
         Brokers {
             brokers,
             process,
             keys,
+            enforced,
+            reports: Mutex::new(Some(reports)),
+        }
+    }
+
+    /// What the broker process reports (once: the broker API reads it).
+    pub fn take_reports(&self) -> Option<tokio::sync::mpsc::Receiver<process::FromBroker>> {
+        self.reports.lock().expect("reports lock").take()
+    }
+}
+
+/// What the broker process enforces besides its routes and keys, as the daemon keeps it: the
+/// blocks (read back from the audit log at start) and the budgets' counters (from the day's
+/// audit rows at start, then from the process's reports). A process that starts is given both.
+#[derive(Debug, Default)]
+pub struct Enforced {
+    /// What each policy and caller spent.
+    pub budgets: budget::Budgets,
+    blocked: Mutex<BTreeSet<String>>,
+}
+
+impl Enforced {
+    /// Blocks `blocked`.
+    pub fn new(blocked: impl IntoIterator<Item = String>) -> Enforced {
+        Enforced {
             budgets: budget::Budgets::default(),
             blocked: Mutex::new(blocked.into_iter().collect()),
         }
@@ -284,10 +306,29 @@ impl Brokers {
             set.remove(name)
         }
     }
+
+    /// What a broker process is told.
+    pub fn state(&self, now: crate::clock::Millis) -> State {
+        State {
+            blocked: self
+                .blocked
+                .lock()
+                .expect("blocked lock")
+                .iter()
+                .cloned()
+                .collect(),
+            spent: self.budgets.spent(now),
+            at: now,
+        }
+    }
 }
 
-/// What the broker process is told about all brokers.
-pub fn routes_of(brokers: &BTreeMap<String, Broker>) -> Routes {
+/// What the broker process is told about all brokers, and the time agents have to send a
+/// request's head and body.
+pub fn routes_of(
+    brokers: &BTreeMap<String, Broker>,
+    (header_timeout, body_timeout): (Duration, Duration),
+) -> Routes {
     Routes {
         brokers: brokers
             .iter()
@@ -295,6 +336,8 @@ pub fn routes_of(brokers: &BTreeMap<String, Broker>) -> Routes {
             .collect(),
         // Made for each broker process as it starts (`process.rs`).
         token: String::new(),
+        header_timeout_ms: header_timeout.as_millis() as u64,
+        body_timeout_ms: body_timeout.as_millis() as u64,
     }
 }
 

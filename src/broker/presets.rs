@@ -20,38 +20,7 @@ pub enum Preset {
     Bearer,
 }
 
-/// An allowed method and path prefix.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Allowed {
-    /// `GET`, `POST`, ….
-    pub method: String,
-    /// The path starts with this (`/v1/chat/completions`).
-    pub prefix: String,
-}
-
-impl Allowed {
-    /// Parses `"POST /v1/chat/completions"`.
-    pub fn parse(text: &str) -> Result<Allowed, String> {
-        let (method, prefix) = text
-            .trim()
-            .split_once(' ')
-            .ok_or_else(|| format!("{text:?} is not \"METHOD /path/prefix\""))?;
-        let method = method.to_ascii_uppercase();
-        if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method.as_str()) {
-            return Err(format!("{text:?}: method {method:?} is not allowed"));
-        }
-        let prefix = prefix.trim();
-        if !prefix.starts_with('/') || prefix.contains("..") || prefix.contains('%') {
-            return Err(format!(
-                "{text:?}: the prefix must be an absolute path without '..' or '%'"
-            ));
-        }
-        Ok(Allowed {
-            method,
-            prefix: prefix.to_string(),
-        })
-    }
-}
+pub use keywarden_plugin_sdk::broker::Allowed;
 
 impl Preset {
     /// The API's base URL, if the preset has one (Azure's and `bearer`'s depend on the user).

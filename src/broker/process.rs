@@ -1,8 +1,10 @@
 //! Runs `keywarden-broker`: pinned by SHA-256 and confined like a plugin, started with a
-//! listening Unix socket (in a private directory of the daemon's) as its standard input, told
-//! its routes and given its keys, and kept attached so it exits when the daemon does.
-//! Restarted when it dies. Requests reach it over pooled HTTP/1.1 connections to that socket.
-//! While it runs, each new current version of a route secret is pushed to it (`keys.rs`).
+//! listening Unix socket (in a private directory of the daemon's) as its standard input and
+//! the hand-off channel as its standard output, told its routes, given its keys, the blocks
+//! and what each caller spent, and kept attached so it exits when the daemon does. Restarted
+//! when it dies. The daemon's pushes reach it over pooled HTTP/1.1 connections to that socket;
+//! agents' connections and the broker's reports about them over the channel. While it runs,
+//! each new current version of a route secret is pushed to it (`keys.rs`).
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -16,11 +18,13 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use keywarden_plugin_sdk::broker::Routes;
+use keywarden_plugin_sdk::broker::channel::{self, Channel};
+use keywarden_plugin_sdk::broker::{Handoff, Reports, Routes, TOKEN_HEADER};
 use tokio::io::AsyncBufReadExt;
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, watch};
 
+use super::Enforced;
 use super::keys::KeyPusher;
 use crate::sandbox::Confinement;
 
@@ -46,6 +50,17 @@ pub struct BrokerSpec {
     pub routes: Routes,
     /// Its routes' keys.
     pub keys: Arc<KeyPusher>,
+    /// The blocks and what each caller spent, given to each process as it starts.
+    pub enforced: Arc<Enforced>,
+}
+
+/// What the broker process says, in order.
+#[derive(Debug)]
+pub enum FromBroker {
+    /// Reports about connections handed to the process of this generation.
+    Reports(u64, Reports),
+    /// The process of this generation is gone, with every connection handed to it.
+    Gone(u64),
 }
 
 /// Why the broker process could not be used.
@@ -72,6 +87,13 @@ pub struct BrokerProcess {
     token: Mutex<Token>,
     idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
     restarts: std::sync::atomic::AtomicU64,
+    /// The running process's hand-off channel and its generation (one per process started).
+    channel: Mutex<Option<(u64, Arc<Channel>)>>,
+    generation: std::sync::atomic::AtomicU64,
+    /// Where the reports read from each process's channel go (let go once stopped, so the
+    /// reader of what arrives ends once the last process's channel closes).
+    reports: Mutex<Option<tokio::sync::mpsc::Sender<FromBroker>>>,
+    enforced: Arc<Enforced>,
 }
 
 impl BrokerProcess {
@@ -81,6 +103,7 @@ impl BrokerProcess {
     pub async fn start(
         spec: BrokerSpec,
         versions: broadcast::Receiver<Option<Arc<str>>>,
+        reports: tokio::sync::mpsc::Sender<FromBroker>,
         stop: watch::Receiver<bool>,
     ) -> Result<(Arc<BrokerProcess>, tokio::task::JoinHandle<()>), BrokerError> {
         let start_error = |why: String| BrokerError::Start {
@@ -108,6 +131,10 @@ impl BrokerProcess {
             token: Mutex::new(Token(String::new())),
             idle: Mutex::new(Vec::new()),
             restarts: Default::default(),
+            channel: Mutex::new(None),
+            generation: Default::default(),
+            reports: Mutex::new(Some(reports)),
+            enforced: spec.enforced.clone(),
         });
         let child = process.spawn(&spec).await.map_err(start_error)?;
         let watcher = tokio::spawn(process.clone().keep_keys(
@@ -135,7 +162,13 @@ impl BrokerProcess {
 
     /// Starts the process, attaches to it and sends the routes and keys.
     async fn spawn(&self, spec: &BrokerSpec) -> Result<tokio::process::Child, String> {
+        *self.channel.lock().expect("channel lock") = None;
         let _ = std::fs::remove_file(&self.socket);
+        let (ours, theirs) =
+            channel::pair().map_err(|e| format!("cannot make the hand-off channel: {e}"))?;
+        let ours = Arc::new(
+            Channel::new(ours).map_err(|e| format!("cannot use the hand-off channel: {e}"))?,
+        );
         let listener = std::os::unix::net::UnixListener::bind(&self.socket)
             .map_err(|e| format!("cannot bind {}: {e}", self.socket.display()))?;
         let mut cmd = spec.confinement.command(
@@ -147,7 +180,7 @@ impl BrokerProcess {
         cmd.env_clear()
             .env("LANG", "C")
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
-            .stdout(Stdio::null())
+            .stdout(Stdio::from(theirs))
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = cmd.spawn().map_err(|e| e.to_string())?;
@@ -165,6 +198,16 @@ impl BrokerProcess {
             .map(|b| crate::crypto::hex(&b))
             .map_err(|e| e.to_string())?;
         *self.token.lock().expect("token lock") = Token(token.clone());
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let reports = self.reports.lock().expect("reports lock").clone();
+        tokio::spawn(read_reports(
+            generation,
+            ours.clone(),
+            reports.ok_or("the daemon is stopping")?,
+        ));
         let routes = Routes {
             token,
             ..spec.routes.clone()
@@ -186,6 +229,8 @@ impl BrokerProcess {
             .start_over(self)
             .await
             .map_err(|e| e.to_string())?;
+        self.push_state().await.map_err(|e| e.to_string())?;
+        *self.channel.lock().expect("channel lock") = Some((generation, ours));
         tracing::info!(pid = child.id(), "broker started");
         Ok(child)
     }
@@ -230,13 +275,17 @@ impl BrokerProcess {
                 _ = stopped(&mut stop) => {
                     let _ = child.kill().await;
                     let _ = std::fs::remove_file(&self.socket);
+                    self.reports.lock().expect("reports lock").take();
                     return;
                 }
             }
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = stopped(&mut stop) => return,
+                    _ = stopped(&mut stop) => {
+                        self.reports.lock().expect("reports lock").take();
+                        return;
+                    }
                 }
                 delay = (delay * 2).min(MAX_RESTART_DELAY);
                 self.restarts
@@ -285,6 +334,49 @@ impl BrokerProcess {
         }
     }
 
+    /// Tells the running process which brokers are blocked and what each caller spent (the
+    /// latter taken only by a process's first push).
+    pub async fn push_state(&self) -> Result<(), BrokerError> {
+        let state = self.enforced.state(crate::clock::now_millis());
+        let body = serde_json::to_vec(&state).expect("state serializes");
+        let answer = self
+            .send(
+                Request::put("/v1/state")
+                    .header("host", "broker")
+                    .header(TOKEN_HEADER, self.token())
+                    .body(Full::new(Bytes::from(body)))
+                    .expect("a valid request"),
+            )
+            .await?;
+        if !answer.status().is_success() {
+            return Err(BrokerError::Unavailable(format!(
+                "it refused its state ({})",
+                answer.status()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Hands an agent's connection to the running process, with the decision about its peer;
+    /// `record` is told the generation of that process before the connection is sent.
+    pub async fn hand_off(
+        &self,
+        handoff: &Handoff,
+        connection: std::os::fd::BorrowedFd<'_>,
+        record: impl FnOnce(u64),
+    ) -> Result<(), BrokerError> {
+        let current = self.channel.lock().expect("channel lock").clone();
+        let (generation, channel) = current.ok_or_else(|| {
+            BrokerError::Unavailable("the broker process is starting".to_string())
+        })?;
+        let bytes = serde_json::to_vec(handoff).expect("a hand-off serializes");
+        record(generation);
+        channel
+            .send(&bytes, Some(connection))
+            .await
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))
+    }
+
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
         let stream = UnixStream::connect(&self.socket)
             .await
@@ -325,6 +417,36 @@ impl BrokerProcess {
         }
         Ok(answer)
     }
+}
+
+/// Reads a process's reports until its channel closes (the process is gone), then says so.
+async fn read_reports(
+    generation: u64,
+    channel: Arc<Channel>,
+    to: tokio::sync::mpsc::Sender<FromBroker>,
+) {
+    loop {
+        match channel.recv().await {
+            Ok(Some((record, _))) => match serde_json::from_slice::<Reports>(&record) {
+                Ok(reports) => {
+                    if to
+                        .send(FromBroker::Reports(generation, reports))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "a report from the broker that is not one"),
+            },
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "the broker's hand-off channel failed");
+                break;
+            }
+        }
+    }
+    let _ = to.send(FromBroker::Gone(generation)).await;
 }
 
 /// A broker process's token, never printed.

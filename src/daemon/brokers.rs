@@ -10,13 +10,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::StartError;
-use crate::broker::Brokers;
+use crate::broker::{Brokers, Enforced};
 use crate::broker::keys::KeyPusher;
 use crate::broker::process::{BrokerProcess, BrokerSpec};
-use crate::broker_api::{BrokerApi, LoopbackListener};
+use crate::broker_api::{self, BrokerApi, LoopbackListener};
 use crate::clock::Millis;
 use crate::config::Config;
-use crate::http;
 use crate::incident::signals::Signals;
 use crate::leases::Leases;
 use crate::policy::Policy;
@@ -69,13 +68,20 @@ pub(super) async fn start(
             .flat_map(|b| b.secrets().map(str::to_string))
             .collect(),
     ));
+    let enforced = Arc::new(Enforced::new(store.blocked_brokers().await?));
+    let now = crate::clock::now_millis();
+    let (day, minute): (Millis, Millis) = (now - now % 86_400_000, now - now % 60_000);
+    enforced
+        .budgets
+        .restore(&store.broker_spending(day, minute).await?, now);
     let spec = BrokerSpec {
         program,
         sha256,
         confinement,
         dir: work.join("broker"),
-        routes: crate::broker::routes_of(&brokers),
+        routes: crate::broker::routes_of(&brokers, (config.agent.header_timeout, body_timeout(config))),
         keys: keys.clone(),
+        enforced: enforced.clone(),
     };
     // Watched before the first keys are read, so no change in between is missed.
     let versions = store.watch_versions().ok_or_else(|| {
@@ -84,16 +90,22 @@ pub(super) async fn start(
             "this store does not tell of new versions in this process".to_string(),
         )
     })?;
-    let (process, keeper) = BrokerProcess::start(spec, versions, stop)
+    // Reports wait here while the broker API is busy; the process then waits to send more.
+    let (reports, reported) = tokio::sync::mpsc::channel(1024);
+    let (process, keeper) = BrokerProcess::start(spec, versions, reports, stop)
         .await
         .map_err(|e| config.invalid_daemon("broker", e.to_string()))?;
-    let brokers = Brokers::new(brokers, (process, keys), store.blocked_brokers().await?);
-    let now = crate::clock::now_millis();
-    let (day, minute): (Millis, Millis) = (now - now % 86_400_000, now - now % 60_000);
-    brokers
-        .budgets
-        .restore(&store.broker_spending(day, minute).await?, now);
+    let brokers = Brokers::new(brokers, (process, keys), enforced, reported);
     Ok(Some((Arc::new(brokers), keeper)))
+}
+
+/// Time an agent has to send a brokered request's body: `[agent] body_timeout`, at least a
+/// minute (prompts can be large).
+fn body_timeout(config: &Config) -> std::time::Duration {
+    config
+        .agent
+        .body_timeout
+        .max(std::time::Duration::from_secs(60))
 }
 
 /// Serves the broker API on the socket and the loopback listeners until `stop` (nothing
@@ -111,43 +123,31 @@ pub(super) fn serve(
         return Vec::new();
     };
     let agent = &config.agent;
-    let max_body = brokers
-        .brokers
-        .values()
-        .map(|b| b.max_body_bytes)
-        .max()
-        .unwrap_or(0);
-    let limits = http::Limits {
-        max_connections: agent.max_connections,
-        max_connections_per_peer: agent.max_connections_per_uid,
-        body_timeout: agent.body_timeout.max(std::time::Duration::from_secs(60)),
-        header_timeout: agent.header_timeout,
-        max_body_bytes: max_body,
-        ..http::Limits::default()
+    let Some(reports) = brokers.take_reports() else {
+        return Vec::new();
     };
     let api = Arc::new(BrokerApi::new(
-        services.clone(),
-        brokers,
+        (services.clone(), brokers),
         config.policy.iter().map(Policy::compile).collect(),
         refused_uids,
-        rejections,
-        signals,
+        (rejections, signals),
+        (agent.max_connections, agent.max_connections_per_uid),
     ));
+    // Ends once the last broker process of this run is gone (after the run's stop).
+    tokio::spawn(api.clone().read_reports(reports));
     let mut servers = Vec::new();
     if let Some(socket) = socket {
-        servers.push(tokio::spawn(http::serve(
+        servers.push(tokio::spawn(broker_api::serve(
             socket,
             api.clone(),
-            limits.clone(),
             stop.clone(),
         )));
     }
     for listener in listeners {
         tracing::info!(address = ?listener.local_addr().ok(), "broker listening");
-        servers.push(tokio::spawn(http::serve(
+        servers.push(tokio::spawn(broker_api::serve(
             listener,
             api.clone(),
-            limits.clone(),
             stop.clone(),
         )));
     }

@@ -1,4 +1,4 @@
-//! The broker protocol between the daemon and `keywarden-broker` (docs/broker-protocol.md):
+//! The broker protocol between the daemon and `keywarden-broker` (docs/broker.md):
 //! HTTP/1.1 over a Unix socket the daemon binds in a private directory and hands to the broker
 //! as its standard input. Only the daemon connects to it.
 //!
@@ -6,8 +6,13 @@
 //! |---|---|
 //! | `PUT /v1/routes` with [`Routes`] | 204, once: a second `PUT` is refused (409) |
 //! | `PUT /v1/keys` with [`Keys`] and [`TOKEN_HEADER`] | 204 once no request that started on an older version of those secrets is still running |
+//! | `PUT /v1/state` with [`State`] and [`TOKEN_HEADER`] | 204 |
 //! | `GET /v1/attach` | never answers; when this connection closes the broker exits |
-//! | `ANY /v1/forward/{broker}/{path}?{query}` | the upstream's answer, streamed |
+//! | `ANY /v1/forward/{broker}/{path}?{query}` | the upstream's answer, streamed (the broker benchmark's way in) |
+//!
+//! Agents' connections reach the broker on its standard output, a `SOCK_SEQPACKET` socket: each
+//! record from the daemon is a [`Handoff`] with the connection as `SCM_RIGHTS`; the broker
+//! serves it (the checks, budgets and usage of docs/broker.md) and sends back [`Reports`].
 //!
 //! The daemon pushes each route secret's current version with `PUT /v1/keys` when the broker
 //! starts and whenever it changes. The broker uses a new version for every request that starts
@@ -16,6 +21,9 @@
 //! version in use (so a rotation revokes it upstream only after). A version never replaces a
 //! newer one of the same secret, so pushes may arrive in any order.
 
+pub mod budget;
+#[cfg(feature = "handoff")]
+pub mod channel;
 #[cfg(feature = "relay")]
 pub mod relay;
 
@@ -61,6 +69,10 @@ pub struct Routes {
     /// broker process and given with the routes (which are set once), so nothing else that
     /// reaches the socket can push a key.
     pub token: String,
+    /// Time an agent has to send a complete request head, milliseconds.
+    pub header_timeout_ms: u64,
+    /// Time an agent has to send a request's body once its head arrived, milliseconds.
+    pub body_timeout_ms: u64,
 }
 
 impl std::fmt::Debug for Routes {
@@ -83,6 +95,48 @@ pub struct BrokerRoutes {
     pub first_byte_timeout_ms: u64,
     /// Longest silence between two pieces of the answer's body, milliseconds.
     pub idle_timeout_ms: u64,
+    /// What agents may call; anything else is refused (403) and never forwarded.
+    pub allowed: Vec<Allowed>,
+    /// Largest request body an agent may send, bytes.
+    pub max_body_bytes: usize,
+}
+
+/// An allowed method and path prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allowed {
+    /// `GET`, `POST`, ….
+    pub method: String,
+    /// The path starts with this (`/v1/chat/completions`).
+    pub prefix: String,
+}
+
+impl Allowed {
+    /// Parses `"POST /v1/chat/completions"`.
+    pub fn parse(text: &str) -> Result<Allowed, String> {
+        let (method, prefix) = text
+            .trim()
+            .split_once(' ')
+            .ok_or_else(|| format!("{text:?} is not \"METHOD /path/prefix\""))?;
+        let method = method.to_ascii_uppercase();
+        if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method.as_str()) {
+            return Err(format!("{text:?}: method {method:?} is not allowed"));
+        }
+        let prefix = prefix.trim();
+        if !prefix.starts_with('/') || prefix.contains("..") || prefix.contains('%') {
+            return Err(format!(
+                "{text:?}: the prefix must be an absolute path without '..' or '%'"
+            ));
+        }
+        Ok(Allowed {
+            method,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    /// Whether `method path` is one this allows.
+    pub fn allows(&self, method: &str, path: &str) -> bool {
+        self.method == method && path.starts_with(&self.prefix)
+    }
 }
 
 /// Where a route sends requests and how it adds the key.
@@ -136,3 +190,109 @@ pub struct Failure {
     /// What went wrong on each route tried, in order (never a key or a body).
     pub attempts: Vec<String>,
 }
+
+/// `PUT /v1/state` (with [`TOKEN_HEADER`]): what the broker process enforces besides the
+/// routes, sent right after the keys when it starts and again whenever a block changes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    /// Brokers an operator blocked: every new request through them is refused (503).
+    pub blocked: Vec<String>,
+    /// What each caller spent so far ([`budget::Budgets::restore`]'s rows: the policy, uid
+    /// and executable, requests this minute, requests and tokens today), so a process that
+    /// starts again counts on from there. Only the first `PUT` of a process seeds them.
+    pub spent: Vec<(budget::Caller, u64, u64, u64)>,
+    /// The moment `spent` was read, milliseconds since the Unix epoch.
+    pub at: budget::Millis,
+}
+
+/// A record on the hand-off channel from the daemon: an agent's connection, attested by the
+/// daemon, passed with it as `SCM_RIGHTS`, and what the daemon decided about its peer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Handoff {
+    /// The daemon's number for this connection; reports about it carry it.
+    pub conn: u64,
+    /// The decision, made once for the connection.
+    pub peer: Decision,
+}
+
+/// What the daemon decided about a connection's peer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Decision {
+    /// Every request is refused (403) for this reason: no process on this host owns the
+    /// connection, or its uid runs keywarden's plugins.
+    pub refused: Option<String>,
+    /// Who the peer is, for the budgets' counters: its uid…
+    pub uid: u32,
+    /// …and executable.
+    pub exe: String,
+    /// The brokers it may use, each with the policy that admits it there; any other is
+    /// refused (403).
+    pub admitted: BTreeMap<String, Admission>,
+}
+
+/// The policy that lets a peer use a broker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Admission {
+    /// The policy's name.
+    pub policy: String,
+    /// Its budget.
+    pub budget: budget::Budget,
+}
+
+/// A record on the hand-off channel from the broker: what happened on handed connections
+/// since the last one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Reports {
+    /// Requests whose answer ended.
+    #[serde(default)]
+    pub ended: Vec<Ended>,
+    /// Requests refused because the peer may not make them.
+    #[serde(default)]
+    pub denied: Vec<Denied>,
+    /// Connections that closed.
+    #[serde(default)]
+    pub closed: Vec<u64>,
+}
+
+/// A brokered request that ended (never a body, a query or a header value).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ended {
+    /// The connection it came on.
+    pub conn: u64,
+    /// The broker.
+    pub broker: String,
+    /// The route (secret) that answered.
+    pub route: Option<String>,
+    /// The version of the key that route injected.
+    pub version: Option<i64>,
+    /// The method.
+    pub method: String,
+    /// The provider path called.
+    pub path: String,
+    /// The status the agent got.
+    pub status: u16,
+    /// Input tokens, as the provider counted them.
+    pub tokens_in: Option<u64>,
+    /// Output tokens.
+    pub tokens_out: Option<u64>,
+    /// Time to the upstream's answer head.
+    pub upstream_ms: Option<u64>,
+    /// Time from the request's head to the answer's end.
+    pub ms: u64,
+    /// Whether the answer reached its end (not cut by the agent or the upstream).
+    pub complete: bool,
+}
+
+/// A request refused because the peer may not make it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Denied {
+    /// The connection it came on.
+    pub conn: u64,
+    /// The broker named.
+    pub broker: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Largest record on the hand-off channel, either way.
+pub const MAX_RECORD: usize = 64 << 10;

@@ -5,15 +5,16 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::clock::Millis;
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
 
 const MINUTE: Millis = 60_000;
 const DAY: Millis = 86_400_000;
 
 /// `budget = { requests_per_minute, tokens_per_day }` of a `[[policy]]`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Budget {
     /// Brokered requests allowed per minute (none: no limit).
@@ -86,7 +87,7 @@ impl Counters {
 pub type Caller = (String, u32, String);
 
 /// What was spent today, for `status`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Spending {
     /// The policy.
     pub policy: String,
@@ -164,6 +165,47 @@ impl Budgets {
             c.roll(now);
             c.tokens_today += tokens;
         }
+    }
+
+    /// Counts a request that ended and the tokens it used, without checking any budget (the
+    /// daemon's counters, kept from the broker process's reports: the broker admitted it).
+    pub fn count(&self, caller: &Caller, tokens: u64, now: Millis) {
+        for c in [
+            self.policies
+                .lock()
+                .expect("budget lock")
+                .entry(caller.0.clone())
+                .or_default(),
+            self.callers
+                .lock()
+                .expect("budget lock")
+                .entry(caller.clone())
+                .or_default(),
+        ] {
+            c.roll(now);
+            c.requests_this_minute += 1;
+            c.requests_today += 1;
+            c.tokens_today += tokens;
+        }
+    }
+
+    /// What each caller spent, in the shape [`Budgets::restore`] takes: requests this minute,
+    /// requests and tokens today.
+    pub fn spent(&self, now: Millis) -> Vec<(Caller, u64, u64, u64)> {
+        let mut callers = self.callers.lock().expect("budget lock");
+        callers
+            .iter_mut()
+            .map(|(caller, c)| {
+                c.roll(now);
+                (
+                    caller.clone(),
+                    c.requests_this_minute,
+                    c.requests_today,
+                    c.tokens_today,
+                )
+            })
+            .filter(|(_, minute, requests, _)| *minute + *requests > 0)
+            .collect()
     }
 
     /// Starts from what the audit log says was spent: per caller, requests in the current
@@ -285,5 +327,25 @@ mod tests {
         restarted
             .admit("agents", &budget, &caller(), T0 + DAY)
             .unwrap();
+    }
+
+    #[test]
+    fn counted_requests_seed_a_new_process_exactly() {
+        let daemon = Budgets::default();
+        let budget = Budget {
+            requests_per_minute: Some(2),
+            tokens_per_day: Some(100),
+        };
+        daemon.count(&caller(), 30, T0);
+        daemon.count(&caller(), 70, T0 + 1);
+        let broker = Budgets::default();
+        broker.restore(&daemon.spent(T0 + 2), T0 + 2);
+        let spent = broker.admit("agents", &budget, &caller(), T0 + 2).unwrap_err();
+        assert_eq!(spent.budget(), "requests_per_minute");
+        let spent = broker
+            .admit("agents", &budget, &caller(), T0 + MINUTE)
+            .unwrap_err();
+        assert_eq!(spent.budget(), "tokens_per_day");
+        assert_eq!(daemon.today(T0)[0].requests, 2);
     }
 }

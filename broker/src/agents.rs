@@ -1,0 +1,446 @@
+//! Agents' connections, handed over by the daemon once it has attested their peer
+//! (docs/broker.md). Per request: the daemon's decision for the peer must admit the broker
+//! named in the path, the method and path must be one the broker allows, the body within its
+//! limit, the broker not blocked and the policy's budget not spent. The agent's credential
+//! headers are dropped, the route's key added (`forward.rs`), the answer streamed back through
+//! a meter that reads the provider's usage, and its end reported to the daemon, which writes the
+//! audit row (`report.rs`).
+//!
+//! | request | reply |
+//! |---|---|
+//! | `ANY /v1/broker/{name}/{provider path}` | the provider's answer, streamed |
+//! | `ANY /{name}/{provider path}` | the same (so an SDK needs only a base URL) |
+//! | `GET /v1/health` | `{"status":"ok"}` |
+
+use std::convert::Infallible;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Frame, Incoming};
+use hyper::header::HeaderValue;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use keywarden_plugin_sdk::broker::budget::Caller;
+use keywarden_plugin_sdk::broker::{Decision, Denied, Ended, Handoff};
+use rustix::net::AddressFamily;
+use serde_json::json;
+
+use crate::State;
+use crate::forward::Body;
+use crate::usage::{Usage, UsageMeter};
+
+/// Longest path kept in a report (the rest is cut): reports travel in bounded records.
+const MAX_REPORTED_PATH: usize = 1024;
+
+/// A handed connection: the daemon's number for it and its decision about the peer.
+struct Conn {
+    id: u64,
+    peer: Decision,
+}
+
+/// Serves a connection the daemon handed over until it closes, then reports that it closed.
+pub async fn serve(state: Arc<State>, handoff: Handoff, fd: OwnedFd) {
+    let conn = Arc::new(Conn {
+        id: handoff.conn,
+        peer: handoff.peer,
+    });
+    let id = conn.id;
+    let served = match rustix::net::sockopt::socket_domain(&fd) {
+        Ok(AddressFamily::UNIX) => {
+            let stream = std::os::unix::net::UnixStream::from(fd);
+            match stream
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixStream::from_std(stream))
+            {
+                Ok(s) => serve_io(state.clone(), conn, s).await,
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        Ok(AddressFamily::INET | AddressFamily::INET6) => {
+            let stream = std::net::TcpStream::from(fd);
+            match stream
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpStream::from_std(stream))
+            {
+                Ok(s) => serve_io(state.clone(), conn, s).await,
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        Ok(other) => Err(format!("a socket of family {other:?}")),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = served {
+        eprintln!("a handed connection could not be served: {e}");
+    }
+    state.reporter.closed(id);
+}
+
+async fn serve_io<IO>(state: Arc<State>, conn: Arc<Conn>, io: IO) -> Result<(), String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let header_timeout = state.limits().header_timeout;
+    let service = hyper::service::service_fn(move |req| {
+        let (state, conn) = (state.clone(), conn.clone());
+        async move { Ok::<_, Infallible>(handle(&state, &conn, req).await) }
+    });
+    // Answers are copied into one buffer and written with one call when it fills (64 KiB) or
+    // the upstream pauses: a streamed answer's chunks (three pieces each) otherwise go out
+    // sixteen pieces per `writev`.
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .writev(false)
+        .max_buf_size(64 << 10)
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+    Ok(())
+}
+
+async fn handle(state: &Arc<State>, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    // A web page the user visits could otherwise make the browser call the loopback listener
+    // (cross-site requests, DNS rebinding): browsers mark every request they send with these
+    // headers; SDKs and agents send neither.
+    if ["origin", "sec-fetch-site", "sec-fetch-mode"]
+        .iter()
+        .any(|h| req.headers().contains_key(*h))
+    {
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "requests from web browsers are refused",
+        );
+    }
+    let path = req.uri().path().to_string();
+    if path == "/v1/health" {
+        return answer(StatusCode::OK, &json!({ "status": "ok" }));
+    }
+    let (name, rest) = match split_path(&path) {
+        Ok(split) => split,
+        Err(why) => return error(StatusCode::BAD_REQUEST, "bad_request", why),
+    };
+    let forwarder = state.forwarder();
+    let Some(broker) = forwarder.broker(name) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown",
+            format!("no broker named {name:?}"),
+        );
+    };
+    let deny = |reason: String| {
+        state.reporter.denied(Denied {
+            conn: conn.id,
+            broker: name.to_string(),
+            reason: cut(&reason),
+        });
+        error(StatusCode::FORBIDDEN, "forbidden", format!("refused: {reason}"))
+    };
+    if let Some(why) = &conn.peer.refused {
+        return deny(why.clone());
+    }
+    let Some(admission) = conn.peer.admitted.get(name) else {
+        return deny("no policy lets this peer use the broker".into());
+    };
+    let method = req.method().as_str().to_string();
+    if !broker.allows(&method, rest) {
+        return deny(format!("{method} {rest} is not an allowed call"));
+    }
+    let (parts, body) = req.into_parts();
+    let limits = state.limits();
+    let limit = broker.max_body_bytes;
+    let body = match tokio::time::timeout(limits.body_timeout, Limited::new(body, limit).collect())
+        .await
+    {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(_)) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the request body is larger than {limit} bytes"),
+            );
+        }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!(
+                    "the request body did not arrive within {:?}",
+                    limits.body_timeout
+                ),
+            );
+        }
+    };
+    if state.is_blocked(name) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "blocked",
+            format!("broker {name} is blocked by an operator"),
+        );
+    }
+    let caller: Caller = (
+        admission.policy.clone(),
+        conn.peer.uid,
+        conn.peer.exe.clone(),
+    );
+    if let Err(spent) =
+        state
+            .budgets
+            .admit(&admission.policy, &admission.budget, &caller, now_millis())
+    {
+        let mut response = answer(
+            StatusCode::TOO_MANY_REQUESTS,
+            &json!({ "error": {
+                "code": "budget",
+                "message": format!("policy {}: its {} budget is spent", admission.policy, spent.budget()),
+                "budget": spent.budget(),
+                "retry_after": spent.retry_after(),
+            }}),
+        );
+        response
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from(spent.retry_after()));
+        return response;
+    }
+    // A query's `key=` (Gemini's way of passing a key) is the agent's placeholder: dropped.
+    let query: Vec<&str> = parts
+        .uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("key="))
+        .collect();
+    let target = if query.is_empty() {
+        rest.to_string()
+    } else {
+        format!("{rest}?{}", query.join("&"))
+    };
+    let started = Instant::now();
+    let forwarded = forwarder
+        .send(broker, &parts, &target, body, &state.keys)
+        .await;
+    let (head, inner) = forwarded.response.into_parts();
+    let content_type = head
+        .headers
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let finish = Finish {
+        state: state.clone(),
+        caller,
+        ended: Ended {
+            conn: conn.id,
+            broker: name.to_string(),
+            route: forwarded.route,
+            version: forwarded.version,
+            method,
+            path: cut(rest),
+            status: head.status.as_u16(),
+            tokens_in: None,
+            tokens_out: None,
+            upstream_ms: forwarded.upstream_ms,
+            ms: 0,
+            complete: false,
+        },
+        started,
+    };
+    let metered = Metered {
+        meter: Some(UsageMeter::new(content_type)),
+        inner,
+        finish: Some(finish),
+    };
+    Response::from_parts(head, metered.boxed())
+}
+
+/// What the report of a request needs, sent when its answer ends.
+struct Finish {
+    state: Arc<State>,
+    caller: Caller,
+    ended: Ended,
+    started: Instant,
+}
+
+impl Finish {
+    /// Counts the tokens and reports the request.
+    fn record(mut self, usage: Option<Usage>, complete: bool) {
+        let tokens = usage.map_or(0, |u| u.total());
+        self.state.budgets.spend(&self.caller, tokens, now_millis());
+        self.ended.tokens_in = usage.map(|u| u.input);
+        self.ended.tokens_out = usage.map(|u| u.output);
+        self.ended.ms = self.started.elapsed().as_millis() as u64;
+        self.ended.complete = complete;
+        self.state.reporter.ended(self.ended);
+    }
+}
+
+/// An answer streaming back to the agent through the usage meter.
+struct Metered {
+    inner: Body,
+    meter: Option<UsageMeter>,
+    finish: Option<Finish>,
+}
+
+impl Metered {
+    fn end(&mut self, complete: bool) {
+        if let (Some(meter), Some(finish)) = (self.meter.take(), self.finish.take()) {
+            finish.record(meter.finish(), complete);
+        }
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        // The agent went away before the end, or the stream failed.
+        self.end(false);
+    }
+}
+
+impl hyper::body::Body for Metered {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(meter)) = (frame.data_ref(), this.meter.as_mut()) {
+                    meter.feed(data);
+                }
+            }
+            Poll::Ready(None) => this.end(true),
+            Poll::Ready(Some(Err(_))) => this.end(false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Splits `/v1/broker/{name}/{rest}` or `/{name}/{rest}` into the name and `/{rest}`, refusing
+/// paths that could mean something else upstream than what was checked.
+fn split_path(path: &str) -> Result<(&str, &str), &'static str> {
+    if path.contains('%') || path.contains('\\') {
+        return Err("percent-encoded or backslashed paths are not accepted");
+    }
+    // A CONNECT's authority-form target has an empty path, an OPTIONS `*` no slash.
+    let rest = match path.strip_prefix("/v1/broker/") {
+        Some(rest) => rest,
+        None => path.strip_prefix('/').ok_or("the path must start with /")?,
+    };
+    let (name, rest) = rest
+        .split_once('/')
+        .ok_or("the path names no provider call")?;
+    let rest = &path[path.len() - rest.len() - 1..];
+    if rest
+        .split('/')
+        .skip(1)
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err("empty, '.' and '..' path segments are not accepted");
+    }
+    Ok((name, rest))
+}
+
+/// `text`, cut at [`MAX_REPORTED_PATH`] bytes (on a character boundary).
+fn cut(text: &str) -> String {
+    let mut end = text.len().min(MAX_REPORTED_PATH);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A JSON answer.
+fn answer(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// An error answer `{"error":{"code","message"}}`, in the shape of the daemon's sockets.
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
+    answer(
+        status,
+        &json!({ "error": { "code": code, "message": message.into() } }),
+    )
+}
+
+/// How long an agent has to send a request's head and body.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Time allowed for a complete request head.
+    pub header_timeout: Duration,
+    /// Time allowed for a request's body once its head arrived.
+    pub body_timeout: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_that_is_no_path_is_refused_not_a_panic() {
+        // `CONNECT host:443` (an empty path) used to panic the connection's task.
+        assert!(split_path("").is_err());
+        assert!(split_path("*").is_err());
+        assert!(split_path("é/v1/x").is_err());
+    }
+
+    #[test]
+    fn paths_split_into_broker_and_call_and_tricks_are_refused() {
+        assert_eq!(
+            split_path("/v1/broker/openai/v1/chat/completions"),
+            Ok(("openai", "/v1/chat/completions"))
+        );
+        assert_eq!(
+            split_path("/openai/v1/chat/completions"),
+            Ok(("openai", "/v1/chat/completions"))
+        );
+        for bad in [
+            "/openai/v1/chat/../files",
+            "/openai/v1//chat/completions",
+            "/openai/v1/chat/%2e%2e/files",
+            "/openai",
+            "/openai/v1/./models",
+        ] {
+            assert!(split_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_reported_path_is_cut_on_a_character_boundary() {
+        let long = "é".repeat(MAX_REPORTED_PATH);
+        let c = cut(&long);
+        assert!(c.len() <= MAX_REPORTED_PATH && c.chars().all(|ch| ch == 'é'));
+        assert_eq!(cut("/v1/models"), "/v1/models");
+    }
+}

@@ -1,0 +1,66 @@
+//! Reports to the daemon: what happened on the connections it handed over (requests that
+//! ended, refusals, connections closed), batched: whatever piled up while the broker was busy
+//! leaves in one record on the hand-off channel.
+
+use std::sync::Mutex;
+
+use keywarden_plugin_sdk::broker::channel::Channel;
+use keywarden_plugin_sdk::broker::{Denied, Ended, Reports};
+use tokio::sync::Notify;
+
+/// Items per record: with paths cut at 1 KiB (`agents.rs`), a record stays under the channel's
+/// limit.
+const PER_RECORD: usize = 40;
+
+/// Reports waiting to be sent.
+#[derive(Default)]
+pub struct Reporter {
+    pending: Mutex<Reports>,
+    wake: Notify,
+}
+
+impl Reporter {
+    fn add(&self, add: impl FnOnce(&mut Reports)) {
+        add(&mut self.pending.lock().expect("reports lock"));
+        self.wake.notify_one();
+    }
+
+    /// A request's answer ended.
+    pub fn ended(&self, ended: Ended) {
+        self.add(|r| r.ended.push(ended));
+    }
+
+    /// A request was refused because the peer may not make it.
+    pub fn denied(&self, denied: Denied) {
+        self.add(|r| r.denied.push(denied));
+    }
+
+    /// A handed connection closed.
+    pub fn closed(&self, conn: u64) {
+        self.add(|r| r.closed.push(conn));
+    }
+
+    /// Sends what piles up, until the channel fails.
+    pub async fn run(&self, channel: &Channel) -> std::io::Result<()> {
+        loop {
+            self.wake.notified().await;
+            let mut batch = std::mem::take(&mut *self.pending.lock().expect("reports lock"));
+            while !(batch.ended.is_empty() && batch.denied.is_empty() && batch.closed.is_empty())
+            {
+                let record = Reports {
+                    ended: take(&mut batch.ended),
+                    denied: take(&mut batch.denied),
+                    closed: take(&mut batch.closed),
+                };
+                let bytes = serde_json::to_vec(&record).expect("reports serialize");
+                channel.send(&bytes, None).await?;
+            }
+        }
+    }
+}
+
+/// The first [`PER_RECORD`] items of `items`, leaving the rest.
+fn take<T>(items: &mut Vec<T>) -> Vec<T> {
+    let rest = items.split_off(items.len().min(PER_RECORD));
+    std::mem::replace(items, rest)
+}
