@@ -4,8 +4,9 @@
 //! A fake provider (this program with `--provider`, hyper over TLS with a private CA) answers
 //! chat completions with a small JSON body, or streams a large SSE answer. Agents (HTTP/1.1
 //! keep-alive clients) call it directly over TLS, and through the real `keywarden serve` +
-//! `keywarden-broker` over the broker's loopback listener (attestation, policy, budget check,
-//! the key read and injected, usage metered, one audit row per request).
+//! `keywarden-broker` over the broker's loopback listener (the daemon attests each connection
+//! and hands it to the broker, which checks the path and budget, injects the key, meters usage
+//! and reports each request, one audit row each).
 //!
 //! Prints, at 1 and 32 concurrent agents: requests/s, p50 and p99 latency both ways, the
 //! added latency, and the CPU the daemon and the broker process spent per request; then a
@@ -20,10 +21,9 @@
 //! own.
 //!
 //! A second table sends each request on a new connection, as `curl` in a loop does: what
-//! attesting a connection costs. A last table splits the paced row's added latency: the same
-//! load sent straight to `keywarden-broker`'s private socket (the request the daemon would
-//! forward, with the key the daemon pushed it), so the broker process alone, against the whole
-//! path.
+//! attesting and handing over a connection costs. A last table runs the paced row's load
+//! direct and through keywarden, taking turns three times: the broker goal's figure (added p99
+//! at 32 agents) and how much it moves between rounds.
 //!
 //! Run with `cargo bench -p keywarden-broker --bench broker` (`BENCH_SECONDS=30` to profile).
 
@@ -139,12 +139,7 @@ brokers = ["openai"]
     println!();
     fresh_connections(&runtime, &brokered, &[daemon_pid, broker_pid]);
     println!();
-    let process = Target::BrokerProcess(env.broker_process_socket());
-    split(
-        &runtime,
-        [&direct, &process, &brokered],
-        &[daemon_pid, broker_pid],
-    );
+    paced(&runtime, [&direct, &brokered], &[daemon_pid, broker_pid]);
     println!();
     streamed(&runtime, direct, brokered);
     daemon.terminate();
@@ -214,31 +209,29 @@ fn fresh_connections(runtime: &tokio::runtime::Runtime, brokered: &Target, pids:
     );
 }
 
-/// The paced row's load on each path, taking turns, with the CPU of `pids` per request.
-fn split(runtime: &tokio::runtime::Runtime, targets: [&Target; 3], pids: &[u32]) {
+/// The paced row's load, direct and through keywarden taking turns three times, with the CPU
+/// of `pids` per brokered request.
+fn paced(runtime: &tokio::runtime::Runtime, [direct, brokered]: [&Target; 2], pids: &[u32]) {
     let cpu = || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
     println!(
-        "# where the added latency goes: 32 agents, the provider answering in {PROVIDER_MS} ms"
+        "# 32 agents, the provider answering in {PROVIDER_MS} ms, the two paths taking turns"
     );
-    println!("| path | p50 / p99 | added p50 / p99 | daemon + broker CPU per request |");
-    println!("|---|---|---|---|");
-    let mut direct = None;
-    for (target, path) in targets.into_iter().zip([
-        "direct",
-        "keywarden-broker alone (its private socket, the key pushed)",
-        "through keywarden (daemon and broker)",
-    ]) {
+    println!("| round | direct p50 / p99 | through keywarden p50 / p99 | added p50 / p99 | daemon + broker CPU per request |");
+    println!("|---|---|---|---|---|");
+    for round in 1..=3 {
+        let d = runtime.block_on(load(direct.clone(), 32, PROVIDER_MS));
         let cpu_before = cpu();
-        let l = runtime.block_on(load(target.clone(), 32, PROVIDER_MS));
+        let b = runtime.block_on(load(brokered.clone(), 32, PROVIDER_MS));
         let used = cpu() - cpu_before;
-        let (d50, d99) = *direct.get_or_insert((l.p50, l.p99));
         println!(
-            "| {path} | {:.2} / {:.2} ms | {:+.2} / {:+.2} ms | {:.0} µs |",
-            l.p50,
-            l.p99,
-            l.p50 - d50,
-            l.p99 - d99,
-            used / l.count as f64 * 1e6,
+            "| {round} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:+.2} / {:+.2} ms | {:.0} µs |",
+            d.p50,
+            d.p99,
+            b.p50,
+            b.p99,
+            b.p50 - d.p50,
+            b.p99 - d.p99,
+            used / b.count as f64 * 1e6,
         );
     }
 }
@@ -297,8 +290,6 @@ enum Target {
     Direct(u16, tokio_rustls::TlsConnector),
     /// The broker's loopback listener.
     Broker(u16),
-    /// `keywarden-broker`'s private socket, bypassing the daemon.
-    BrokerProcess(PathBuf),
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
@@ -313,9 +304,6 @@ impl Target {
                 tcp.set_nodelay(true).unwrap();
                 let name = ServerName::try_from("127.0.0.1").unwrap();
                 handshake(tls.connect(name, tcp).await.unwrap()).await
-            }
-            Target::BrokerProcess(socket) => {
-                handshake(tokio::net::UnixStream::connect(socket).await.unwrap()).await
             }
             Target::Broker(port) => {
                 let tcp = tokio::net::TcpStream::connect(("127.0.0.1", *port))
@@ -336,11 +324,6 @@ impl Target {
             Target::Broker(_) => (
                 "/openai/v1/chat/completions",
                 ("authorization", "Bearer placeholder"),
-            ),
-            // What the daemon sends: no credential (the broker holds the key the daemon pushed).
-            Target::BrokerProcess(_) => (
-                "/v1/forward/openai/v1/chat/completions",
-                ("x-bench-target", "broker-process"),
             ),
         };
         Request::post(path)

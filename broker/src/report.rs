@@ -1,12 +1,17 @@
 //! Reports to the daemon: what happened on the connections it handed over (requests that
-//! ended, refusals, connections closed), batched: whatever piled up while the broker was busy
-//! leaves in one record on the hand-off channel.
+//! ended, refusals, connections closed), batched: whatever piles up within [`GATHER`] of the
+//! first report leaves in one record on the hand-off channel, so a busy broker wakes the daemon
+//! once per interval instead of once per request. Nothing waits for a report (the broker counts
+//! budgets itself; the daemon's audit rows share a later commit anyway).
 
 use std::sync::Mutex;
 
 use keywarden_plugin_sdk::broker::channel::Channel;
 use keywarden_plugin_sdk::broker::{Denied, Ended, Reports};
 use tokio::sync::Notify;
+
+/// How long reports gather before they are sent.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Items per record: with paths cut at 1 KiB (`agents.rs`), a record stays under the channel's
 /// limit.
@@ -44,6 +49,7 @@ impl Reporter {
     pub async fn run(&self, channel: &Channel) -> std::io::Result<()> {
         loop {
             self.wake.notified().await;
+            tokio::time::sleep(GATHER).await;
             let mut batch = std::mem::take(&mut *self.pending.lock().expect("reports lock"));
             while !(batch.ended.is_empty() && batch.denied.is_empty() && batch.closed.is_empty())
             {
