@@ -50,6 +50,7 @@ pub async fn serve(state: Arc<State>, handoff: Handoff, fd: OwnedFd) {
         peer: handoff.peer,
     });
     let id = conn.id;
+    state.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let served = match rustix::net::sockopt::socket_domain(&fd) {
         Ok(AddressFamily::UNIX) => {
             let stream = std::os::unix::net::UnixStream::from(fd);
@@ -78,6 +79,9 @@ pub async fn serve(state: Arc<State>, handoff: Handoff, fd: OwnedFd) {
         eprintln!("a handed connection could not be served: {e}");
     }
     state.reporter.closed(id);
+    if state.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+        state.all_closed.notify_waiters();
+    }
 }
 
 async fn serve_io<IO>(state: Arc<State>, conn: Arc<Conn>, io: IO) -> Result<(), String>
@@ -85,6 +89,7 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let header_timeout = state.limits().header_timeout;
+    let mut finishing = state.finishing.subscribe();
     let service = hyper::service::service_fn(move |req| {
         let (state, conn) = (state.clone(), conn.clone());
         async move { Ok::<_, Infallible>(handle(&state, &conn, req).await) }
@@ -92,13 +97,22 @@ where
     // Answers are copied into one buffer and written with one call when it fills (64 KiB) or
     // the upstream pauses: a streamed answer's chunks (three pieces each) otherwise go out
     // sixteen pieces per `writev`.
-    let _ = hyper::server::conn::http1::Builder::new()
+    let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .writev(false)
         .max_buf_size(64 << 10)
-        .serve_connection(TokioIo::new(io), service)
-        .await;
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = async { finishing.wait_for(|f| *f).await.is_ok() } => {
+            // The daemon is stopping or reloading: the request in flight is answered, then
+            // the connection closes (the agent reconnects to the next run).
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
     Ok(())
 }
 

@@ -87,6 +87,11 @@ pub(crate) struct State {
     seeded: std::sync::atomic::AtomicBool,
     /// Reports to the daemon.
     reporter: Reporter,
+    /// Set by `POST /v1/finish`: handed connections end after their request in flight.
+    finishing: tokio::sync::watch::Sender<bool>,
+    /// Handed connections open, and a wake when the last one closes.
+    open: std::sync::atomic::AtomicUsize,
+    all_closed: tokio::sync::Notify,
 }
 
 impl State {
@@ -135,6 +140,9 @@ async fn run() -> Result<(), String> {
         budgets: Budgets::default(),
         seeded: Default::default(),
         reporter: Reporter::default(),
+        finishing: tokio::sync::watch::Sender::new(false),
+        open: Default::default(),
+        all_closed: tokio::sync::Notify::new(),
     });
     let handoffs = Arc::new(handoffs);
     let reports = {
@@ -270,6 +278,24 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
             {
                 state.budgets.restore(&pushed.spent, pushed.at);
             }
+            plain(StatusCode::NO_CONTENT, "")
+        }
+        (&Method::POST, "/v1/finish") => {
+            if let Err(refused) = from_the_daemon(state, &req) {
+                return refused;
+            }
+            state.finishing.send_replace(true);
+            loop {
+                let closed = state.all_closed.notified();
+                tokio::pin!(closed);
+                closed.as_mut().enable();
+                if state.open.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                    break;
+                }
+                closed.await;
+            }
+            state.reporter.wake();
+            state.reporter.drained().await;
             plain(StatusCode::NO_CONTENT, "")
         }
         _ => plain(StatusCode::NOT_FOUND, "no such endpoint"),

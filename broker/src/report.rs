@@ -22,11 +22,20 @@ const PER_RECORD: usize = 40;
 pub struct Reporter {
     pending: Mutex<Reports>,
     wake: Notify,
+    /// Whether a batch is taken and not yet sent.
+    sending: std::sync::atomic::AtomicBool,
+    /// Notified whenever nothing is left to send.
+    idle: Notify,
 }
 
 impl Reporter {
     fn add(&self, add: impl FnOnce(&mut Reports)) {
         add(&mut self.pending.lock().expect("reports lock"));
+        self.wake.notify_one();
+    }
+
+    /// Sends what is pending (nothing new to add).
+    pub fn wake(&self) {
         self.wake.notify_one();
     }
 
@@ -45,12 +54,34 @@ impl Reporter {
         self.add(|r| r.closed.push(conn));
     }
 
+    /// Resolves once every report made so far has been sent.
+    pub async fn drained(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if !self.sending.load(std::sync::atomic::Ordering::SeqCst) && self.is_empty() {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        let pending = self.pending.lock().expect("reports lock");
+        pending.ended.is_empty() && pending.denied.is_empty() && pending.closed.is_empty()
+    }
+
     /// Sends what piles up, until the channel fails.
     pub async fn run(&self, channel: &Channel) -> std::io::Result<()> {
         loop {
             self.wake.notified().await;
             tokio::time::sleep(GATHER).await;
-            let mut batch = std::mem::take(&mut *self.pending.lock().expect("reports lock"));
+            let mut batch = {
+                let mut pending = self.pending.lock().expect("reports lock");
+                self.sending.store(true, std::sync::atomic::Ordering::SeqCst);
+                std::mem::take(&mut *pending)
+            };
             while !(batch.ended.is_empty() && batch.denied.is_empty() && batch.closed.is_empty())
             {
                 let record = Reports {
@@ -61,6 +92,8 @@ impl Reporter {
                 let bytes = serde_json::to_vec(&record).expect("reports serialize");
                 channel.send(&bytes, None).await?;
             }
+            self.sending.store(false, std::sync::atomic::Ordering::SeqCst);
+            self.idle.notify_waiters();
         }
     }
 }

@@ -1132,3 +1132,106 @@ fn a_reload_neither_refuses_nor_fails_a_brokered_request() {
         );
     }
 }
+
+#[test]
+fn a_reload_lets_a_stream_finish_and_ends_connections_admitted_under_the_old_policies() {
+    let s = Setup::new(ADMITTED, "");
+    // A stream the provider holds after its first event, in flight across the reload.
+    let stream = Command::new("curl")
+        .args(["-sN", "--unix-socket"])
+        .arg(s.socket())
+        .args([
+            "-H",
+            "content-type: application/json",
+            "--data",
+            r#"{"model":"m","messages":[],"stream":true,"hold":true}"#,
+            "http://localhost/v1/broker/openai/v1/chat/completions",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the held stream", Duration::from_secs(10), || {
+        s.provider
+            .seen()
+            .iter()
+            .any(|r| r["body"].as_str().unwrap().contains("hold"))
+            .then_some(())
+    });
+    // A keep-alive connection, admitted to `openai` under the policy of the time.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let socket = s.socket();
+    let mut sender = runtime.block_on(async {
+        let io = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        sender
+    });
+    let ask = |sender: &mut hyper::client::conn::http1::SendRequest<_>| {
+        runtime.block_on(async {
+            sender.ready().await.map_err(|e| e.to_string())?;
+            let answer = sender
+                .send_request(
+                    hyper::Request::post("/v1/broker/openai/v1/chat/completions")
+                        .header("host", "localhost")
+                        .header("content-type", "application/json")
+                        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                            br#"{"model":"m","messages":[]}"#,
+                        )))
+                        .unwrap(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = answer.status().as_u16();
+            http_body_util::BodyExt::collect(answer.into_body())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<u16, String>(status)
+        })
+    };
+    assert_eq!(ask(&mut sender), Ok(200));
+
+    // The reload takes `openai` out of the policy.
+    let text = std::fs::read_to_string(&s.env.config).unwrap();
+    std::fs::write(
+        &s.env.config,
+        text.replace(
+            r#"brokers = ["openai", "anthropic"]"#,
+            r#"brokers = ["anthropic"]"#,
+        ),
+    )
+    .unwrap();
+    let daemon = s.daemon.as_ref().unwrap();
+    std::thread::scope(|scope| {
+        let reloaded = scope.spawn(|| daemon.reload());
+        // The stopping run lets the stream finish: released only once the run is stopping.
+        wait_for("the stop of the run", Duration::from_secs(20), || {
+            daemon
+                .log_text()
+                .contains("letting requests in flight finish")
+                .then_some(())
+        });
+        std::fs::write(s.provider.state.join("release"), "").unwrap();
+        reloaded.join().unwrap();
+    });
+    let out = stream.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("streamed") && text.contains("[DONE]"),
+        "the stream was cut by the reload: {text}"
+    );
+    // The connection admitted under the old policy is gone with it...
+    let after = ask(&mut sender);
+    assert!(after.is_err(), "{after:?}");
+    // ...and a new one is decided under the new policy.
+    let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = s.chat("/v1/broker/anthropic/v1/messages", &[]);
+    assert_eq!(status, 200, "{body}");
+}

@@ -248,6 +248,8 @@ pub struct Brokers {
     pub enforced: Arc<Enforced>,
     /// What the process reports, until the broker API takes it.
     reports: Mutex<Option<tokio::sync::mpsc::Receiver<process::FromBroker>>>,
+    /// The task reading it.
+    reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Brokers {
@@ -264,14 +266,47 @@ impl Brokers {
             keys,
             enforced,
             reports: Mutex::new(Some(reports)),
+            reader: Mutex::new(None),
         }
     }
 
-    /// What the broker process reports (once: the broker API reads it).
-    pub fn take_reports(&self) -> Option<tokio::sync::mpsc::Receiver<process::FromBroker>> {
-        self.reports.lock().expect("reports lock").take()
+    /// What the broker process reports (once: the broker API reads it, in `reader`).
+    pub fn read_reports<F>(&self, reader: impl FnOnce(tokio::sync::mpsc::Receiver<process::FromBroker>) -> F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        if let Some(reports) = self.reports.lock().expect("reports lock").take() {
+            *self.reader.lock().expect("reader lock") = Some(tokio::spawn(reader(reports)));
+        }
+    }
+
+    /// Lets the requests in flight through the broker process end, at most
+    /// [`FINISH_AT_MOST`]; new ones are not taken (the daemon has stopped handing over).
+    pub async fn finish(&self) {
+        tracing::info!("broker: letting requests in flight finish");
+        if tokio::time::timeout(FINISH_AT_MOST, self.process.finish())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "requests through the broker still in flight after {FINISH_AT_MOST:?}; they are cut"
+            );
+        }
+    }
+
+    /// Resolves once the reports of every broker process of this run are read (after it
+    /// stopped).
+    pub async fn reports_read(&self) {
+        let reader = self.reader.lock().expect("reader lock").take();
+        if let Some(reader) = reader {
+            let _ = reader.await;
+        }
     }
 }
+
+/// How long a stop or a reload lets requests in flight through the broker finish (as the
+/// daemon's own sockets do).
+pub const FINISH_AT_MOST: Duration = Duration::from_secs(5);
 
 /// What the broker process enforces besides its routes and keys, as the daemon keeps it: the
 /// blocks (read back from the audit log at start) and the budgets' counters (from the day's

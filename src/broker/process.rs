@@ -357,6 +357,19 @@ impl BrokerProcess {
         Ok(())
     }
 
+    /// Asks the running process to answer the requests in flight on handed connections and
+    /// close them, and waits until it has, and has sent its reports.
+    pub async fn finish(&self) {
+        let request = Request::post("/v1/finish")
+            .header("host", "broker")
+            .header(TOKEN_HEADER, self.token())
+            .body(Full::new(Bytes::new()))
+            .expect("a valid request");
+        if let Err(e) = self.send(request).await {
+            tracing::debug!(error = %e, "the broker process could not finish");
+        }
+    }
+
     /// Hands an agent's connection to the running process, with the decision about its peer;
     /// `record` is told the generation of that process before the connection is sent.
     pub async fn hand_off(

@@ -123,18 +123,16 @@ pub(super) fn serve(
         return Vec::new();
     };
     let agent = &config.agent;
-    let Some(reports) = brokers.take_reports() else {
-        return Vec::new();
-    };
     let api = Arc::new(BrokerApi::new(
-        (services.clone(), brokers),
+        (services.clone(), brokers.clone()),
         config.policy.iter().map(Policy::compile).collect(),
         refused_uids,
         (rejections, signals),
         (agent.max_connections, agent.max_connections_per_uid),
     ));
     // Ends once the last broker process of this run is gone (after the run's stop).
-    tokio::spawn(api.clone().read_reports(reports));
+    let reader = api.clone();
+    brokers.read_reports(|reports| reader.read_reports(reports));
     let mut servers = Vec::new();
     if let Some(socket) = socket {
         servers.push(tokio::spawn(broker_api::serve(

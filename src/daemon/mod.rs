@@ -387,6 +387,8 @@ pub async fn serve_on(
     let signal_listener = sockets.signal_listener(config, mode)?;
     let runtime = Runtime::start(config, vault.clone(), Clock::System, mode).await?;
     let store_path = vault.store().path().to_path_buf();
+    // The broker process stops before the runtime (its last reports become audit rows).
+    let (broker_stop, broker_stopping) = watch::channel(false);
     let brokers = match brokers::start(
         config,
         (
@@ -394,7 +396,7 @@ pub async fn serve_on(
             runtime.leases.as_ref().expect("daemon mode has leases"),
         ),
         &work_dir(config, &store_path),
-        runtime.shutdown_signal(),
+        broker_stopping,
     )
     .await
     {
@@ -462,12 +464,17 @@ pub async fn serve_on(
     for server in servers {
         let _ = server.await;
     }
+    if let Some((brokers, keeper)) = brokers {
+        // Requests in flight through the broker process are answered (within a bound), and
+        // what it reported is read, before the audit writer stops.
+        brokers.finish().await;
+        let _ = broker_stop.send(true);
+        let _ = keeper.await;
+        brokers.reports_read().await;
+    }
     tracing::info!("stopping: finishing or parking steps in flight");
     runtime.stop(config.daemon.shutdown_timeout).await;
     let _ = flusher.await;
-    if let Some((_, keeper)) = brokers {
-        let _ = keeper.await;
-    }
     let _ = trimmer.await;
     flush(services.vault.store()).await;
     tracing::info!("stopped");
