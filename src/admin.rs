@@ -835,7 +835,6 @@ impl AdminApi {
 
 impl Handler for AdminApi {
     type Conn = Peer;
-    type Body = Full<Bytes>;
 
     fn connect(&self, peer: Peer, _pidfd: Option<OwnedFd>, _accepted: f64) -> Peer {
         peer

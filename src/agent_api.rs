@@ -833,7 +833,6 @@ fn valid_lease_id(id: &str) -> bool {
 
 impl Handler for AgentApi {
     type Conn = AgentConn;
-    type Body = Full<Bytes>;
 
     fn connect(&self, peer: Peer, pidfd: Option<OwnedFd>, accepted: f64) -> AgentConn {
         AgentConn {

@@ -97,7 +97,12 @@ impl BrokerApi {
 
     /// What the daemon decides about a connection's peer: which brokers it may use, under
     /// which policy; the actor its audit rows name.
-    async fn decide(&self, peer: Peer, pidfd: Option<OwnedFd>, accepted: f64) -> (Decision, String) {
+    async fn decide(
+        &self,
+        peer: Peer,
+        pidfd: Option<OwnedFd>,
+        accepted: f64,
+    ) -> (Decision, String) {
         let identity = tokio::sync::Mutex::new(PeerIdentity::attest(
             peer,
             pidfd,
@@ -260,7 +265,10 @@ impl BrokerApi {
         }
         for denied in reports.denied {
             let handed = self.handed.lock().expect("handed lock");
-            let Some(h) = handed.get(&denied.conn).filter(|h| h.generation == generation) else {
+            let Some(h) = handed
+                .get(&denied.conn)
+                .filter(|h| h.generation == generation)
+            else {
                 continue;
             };
             let (uid, actor) = (h.uid, h.actor.clone());

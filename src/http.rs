@@ -225,12 +225,6 @@ pub trait Handler: Send + Sync + 'static {
     /// What the handler keeps per connection (the peer's identity).
     type Conn: Send + Sync + 'static;
 
-    /// The answers' body: [`Full`] for the APIs that answer at once, a stream for the broker.
-    type Body: hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
-        + From<Full<Bytes>>
-        + Send
-        + 'static;
-
     /// Called once per connection, with the peer's credentials, a pidfd of the very process
     /// that connected (Unix sockets, where the kernel gives one) and the moment the connection
     /// was accepted (seconds since boot).
@@ -241,7 +235,7 @@ pub trait Handler: Send + Sync + 'static {
         &self,
         conn: &Self::Conn,
         request: Request<Bytes>,
-    ) -> impl Future<Output = Response<Self::Body>> + Send;
+    ) -> impl Future<Output = Response<Full<Bytes>>> + Send;
 }
 
 /// A JSON response.
@@ -640,7 +634,7 @@ async fn serve_connection<H: Handler, S: Send + Sync + 'static>(
         let conn_state = conn_state.clone();
         service_first.arrived();
         async move {
-            Ok::<_, Infallible>(match read_request::<H>(req, max_body, body_timeout).await {
+            Ok::<_, Infallible>(match read_request(req, max_body, body_timeout).await {
                 Ok(request) => handler.handle(&conn_state, request).await,
                 Err(refused) => refused,
             })
@@ -681,11 +675,11 @@ async fn serve_connection<H: Handler, S: Send + Sync + 'static>(
 
 /// Reads a request's body, at most `max_body` bytes within `body_timeout`; else the answer
 /// that refuses it.
-async fn read_request<H: Handler>(
+async fn read_request(
     request: Request<Incoming>,
     max_body: usize,
     body_timeout: Duration,
-) -> Result<Request<Bytes>, Response<H::Body>> {
+) -> Result<Request<Bytes>, Response<Full<Bytes>>> {
     let (parts, body) = request.into_parts();
     match tokio::time::timeout(body_timeout, Limited::new(body, max_body).collect()).await {
         Ok(Ok(body)) => Ok(Request::from_parts(parts, body.to_bytes())),
@@ -693,14 +687,12 @@ async fn read_request<H: Handler>(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
             format!("the request body is larger than {max_body} bytes"),
-        )
-        .map(H::Body::from)),
+        )),
         Err(_) => Err(error(
             StatusCode::REQUEST_TIMEOUT,
             "timeout",
             format!("the request body did not arrive within {body_timeout:?}"),
-        )
-        .map(H::Body::from)),
+        )),
     }
 }
 
@@ -785,7 +777,6 @@ mod tests {
 
     impl Handler for Answer {
         type Conn = ();
-        type Body = Full<Bytes>;
 
         fn connect(&self, _: Peer, _: Option<OwnedFd>, _: f64) {
             let _ = self.accepted.send(());

@@ -213,10 +213,10 @@ fn fresh_connections(runtime: &tokio::runtime::Runtime, brokered: &Target, pids:
 /// of `pids` per brokered request.
 fn paced(runtime: &tokio::runtime::Runtime, [direct, brokered]: [&Target; 2], pids: &[u32]) {
     let cpu = || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+    println!("# 32 agents, the provider answering in {PROVIDER_MS} ms, the two paths taking turns");
     println!(
-        "# 32 agents, the provider answering in {PROVIDER_MS} ms, the two paths taking turns"
+        "| round | direct p50 / p99 | through keywarden p50 / p99 | added p50 / p99 | daemon + broker CPU per request |"
     );
-    println!("| round | direct p50 / p99 | through keywarden p50 / p99 | added p50 / p99 | daemon + broker CPU per request |");
     println!("|---|---|---|---|---|");
     for round in 1..=3 {
         let d = runtime.block_on(load(direct.clone(), 32, PROVIDER_MS));

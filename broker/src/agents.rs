@@ -152,7 +152,11 @@ async fn handle(state: &Arc<State>, conn: &Conn, req: Request<Incoming>) -> Resp
             broker: name.to_string(),
             reason: cut(&reason),
         });
-        error(StatusCode::FORBIDDEN, "forbidden", format!("refused: {reason}"))
+        error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("refused: {reason}"),
+        )
     };
     if let Some(why) = &conn.peer.refused {
         return deny(why.clone());

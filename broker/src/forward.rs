@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
+use crate::relay::Relayed;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -23,7 +24,6 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use keywarden_plugin_sdk::broker::relay::{Relayed, Source};
 use keywarden_plugin_sdk::broker::{
     Allowed, BrokerRoutes, DROPPED_REQUEST_HEADERS, Failure, ROUTE_HEADER, RouteSpec, Routes,
 };
@@ -186,7 +186,7 @@ impl Forwarder {
             if let Ok(v) = HeaderValue::from_str(&route.spec.secret) {
                 parts.headers.insert(ROUTE_HEADER, v);
             }
-            let body = Relayed::answer(&parts.headers, body, Source::Provider);
+            let body = Relayed::answer(&parts.headers, body);
             return Forwarded {
                 response: Response::from_parts(parts, body.map_err(Into::into).boxed()),
                 route: Some(route.spec.secret.clone()),

@@ -12,13 +12,14 @@
 mod agents;
 mod forward;
 mod keys;
+mod relay;
 mod report;
 mod usage;
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::os::fd::AsFd;
 use std::process::ExitCode;
-use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -251,7 +252,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
             }
         }
         (&Method::PUT, "/v1/keys") => {
-            if let Err(refused) = from_the_daemon(state, &req) {
+            if let Some(refused) = unless_from_the_daemon(state, &req) {
                 return refused;
             }
             let keys: Keys = match read_json(req).await {
@@ -264,7 +265,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
             }
         }
         (&Method::PUT, "/v1/state") => {
-            if let Err(refused) = from_the_daemon(state, &req) {
+            if let Some(refused) = unless_from_the_daemon(state, &req) {
                 return refused;
             }
             let pushed: keywarden_plugin_sdk::broker::State = match read_json(req).await {
@@ -272,16 +273,13 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
                 Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("state: {e}")),
             };
             *state.blocked.write().expect("blocked lock") = pushed.blocked.into_iter().collect();
-            if !state
-                .seeded
-                .swap(true, std::sync::atomic::Ordering::SeqCst)
-            {
+            if !state.seeded.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 state.budgets.restore(&pushed.spent, pushed.at);
             }
             plain(StatusCode::NO_CONTENT, "")
         }
         (&Method::POST, "/v1/finish") => {
-            if let Err(refused) = from_the_daemon(state, &req) {
+            if let Some(refused) = unless_from_the_daemon(state, &req) {
                 return refused;
             }
             state.finishing.send_replace(true);
@@ -302,20 +300,21 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// Only the daemon, which gave the token with the routes, may say which key a route injects or
-/// what the broker enforces (anything else that reached the socket could pin a key of its own).
-fn from_the_daemon(state: &State, req: &Request<Incoming>) -> Result<(), Response<Body>> {
+/// The refusal of a request that does not carry the token: only the daemon, which gave it with
+/// the routes, may say which key a route injects or what the broker enforces (anything else
+/// that reached the socket could pin a key of its own).
+fn unless_from_the_daemon(state: &State, req: &Request<Incoming>) -> Option<Response<Body>> {
     let carried = req.headers().get(TOKEN_HEADER).map(|v| v.as_bytes());
     let Some(token) = state.token.get() else {
-        return Err(plain(StatusCode::CONFLICT, "keys come after the routes"));
+        return Some(plain(StatusCode::CONFLICT, "keys come after the routes"));
     };
     if !carried.is_some_and(|c| same(c, token.as_bytes())) {
-        return Err(plain(
+        return Some(plain(
             StatusCode::FORBIDDEN,
             "keys are pushed by the daemon only",
         ));
     }
-    Ok(())
+    None
 }
 
 /// Whether `a` and `b` are equal, in a time that does not depend on where they differ.

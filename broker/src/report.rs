@@ -79,11 +79,11 @@ impl Reporter {
             tokio::time::sleep(GATHER).await;
             let mut batch = {
                 let mut pending = self.pending.lock().expect("reports lock");
-                self.sending.store(true, std::sync::atomic::Ordering::SeqCst);
+                self.sending
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 std::mem::take(&mut *pending)
             };
-            while !(batch.ended.is_empty() && batch.denied.is_empty() && batch.closed.is_empty())
-            {
+            while !(batch.ended.is_empty() && batch.denied.is_empty() && batch.closed.is_empty()) {
                 let record = Reports {
                     ended: take(&mut batch.ended),
                     denied: take(&mut batch.denied),
@@ -92,7 +92,8 @@ impl Reporter {
                 let bytes = serde_json::to_vec(&record).expect("reports serialize");
                 channel.send(&bytes, None).await?;
             }
-            self.sending.store(false, std::sync::atomic::Ordering::SeqCst);
+            self.sending
+                .store(false, std::sync::atomic::Ordering::SeqCst);
             self.idle.notify_waiters();
         }
     }

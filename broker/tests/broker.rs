@@ -663,7 +663,7 @@ fn a_key_push_that_was_lost_is_made_again_without_waiting_for_another_change() {
 }
 
 #[test]
-fn nothing_but_the_daemon_can_push_a_key_or_set_the_routes_of_the_broker_process() {
+fn nothing_but_the_daemon_can_push_a_key_set_the_routes_or_stop_the_broker_process() {
     // A process that reaches the broker's private socket (one of the daemon's own user) tries
     // to make the broker inject a key of its own, pinned with the highest version, so the
     // agents' requests would run on an account it controls.
@@ -681,6 +681,16 @@ fn nothing_but_the_daemon_can_push_a_key_or_set_the_routes_of_the_broker_process
     let routes = format!(r#"{{"brokers":{{}},"token":"{}"}}"#, "1".repeat(64));
     let (code, body) = curl(&private, "PUT", "/v1/routes", &["--data", &routes]);
     assert_eq!(code, 409, "{body}");
+    // Nor lift a block or a spent budget (the state the daemon gives), nor make the broker
+    // close every agent's connection (what the daemon asks of it as it stops).
+    for extra in [vec![], vec!["-H", guessed.as_str()]] {
+        let mut args = extra.clone();
+        args.extend(["--data", r#"{"blocked":[],"spent":[],"at":0}"#]);
+        let (code, body) = curl(&private, "PUT", "/v1/state", &args);
+        assert_eq!(code, 403, "{body}");
+        let (code, body) = curl(&private, "POST", "/v1/finish", &extra);
+        assert_eq!(code, 403, "{body}");
+    }
     // The agents' requests still carry the vault's key.
     let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
     assert_eq!(status, 200, "{body}");

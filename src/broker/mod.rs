@@ -271,8 +271,10 @@ impl Brokers {
     }
 
     /// What the broker process reports (once: the broker API reads it, in `reader`).
-    pub fn read_reports<F>(&self, reader: impl FnOnce(tokio::sync::mpsc::Receiver<process::FromBroker>) -> F)
-    where
+    pub fn read_reports<F>(
+        &self,
+        reader: impl FnOnce(tokio::sync::mpsc::Receiver<process::FromBroker>) -> F,
+    ) where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         if let Some(reports) = self.reports.lock().expect("reports lock").take() {

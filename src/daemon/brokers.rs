@@ -10,9 +10,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::StartError;
-use crate::broker::{Brokers, Enforced};
 use crate::broker::keys::KeyPusher;
 use crate::broker::process::{BrokerProcess, BrokerSpec};
+use crate::broker::{Brokers, Enforced};
 use crate::broker_api::{self, BrokerApi, LoopbackListener};
 use crate::clock::Millis;
 use crate::config::Config;
@@ -79,7 +79,10 @@ pub(super) async fn start(
         sha256,
         confinement,
         dir: work.join("broker"),
-        routes: crate::broker::routes_of(&brokers, (config.agent.header_timeout, body_timeout(config))),
+        routes: crate::broker::routes_of(
+            &brokers,
+            (config.agent.header_timeout, body_timeout(config)),
+        ),
         keys: keys.clone(),
         enforced: enforced.clone(),
     };

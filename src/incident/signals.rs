@@ -736,7 +736,6 @@ pub struct SignalApi {
 
 impl Handler for SignalApi {
     type Conn = ();
-    type Body = Full<Bytes>;
 
     fn connect(&self, _peer: Peer, _pidfd: Option<std::os::fd::OwnedFd>, _accepted: f64) {}
 

@@ -340,7 +340,9 @@ mod tests {
         daemon.count(&caller(), 70, T0 + 1);
         let broker = Budgets::default();
         broker.restore(&daemon.spent(T0 + 2), T0 + 2);
-        let spent = broker.admit("agents", &budget, &caller(), T0 + 2).unwrap_err();
+        let spent = broker
+            .admit("agents", &budget, &caller(), T0 + 2)
+            .unwrap_err();
         assert_eq!(spent.budget(), "requests_per_minute");
         let spent = broker
             .admit("agents", &budget, &caller(), T0 + MINUTE)

@@ -107,7 +107,10 @@ impl Channel {
                     return Ok(None);
                 }
                 Ok((got, passed)) => {
-                    if got.flags.intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC) {
+                    if got
+                        .flags
+                        .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC)
+                    {
                         return Err(std::io::Error::other("a record was cut short"));
                     }
                     buf.truncate(got.bytes);

@@ -24,8 +24,6 @@
 pub mod budget;
 #[cfg(feature = "handoff")]
 pub mod channel;
-#[cfg(feature = "relay")]
-pub mod relay;
 
 use std::collections::BTreeMap;
 

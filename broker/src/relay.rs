@@ -1,4 +1,4 @@
-//! A streamed answer relayed (by the daemon and by `keywarden-broker`) through a small buffer,
+//! A provider's streamed answer relayed through a small buffer,
 //! so that each write carries every event that has arrived since the last one.
 //!
 //! hyper hands a body over one frame at a time: the connection's task decodes a frame and
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use http_body::{Body, Frame, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::{Semaphore, mpsc};
 
 /// Frames the task may read ahead of the reader.
@@ -30,17 +30,6 @@ const EVENT_SIZE: usize = 4 << 10;
 
 /// A wait of the reader's until the runtime has run every task that was ready.
 type Settle = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
-
-/// Where a relayed answer comes from, which decides how its reader joins frames.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// A provider, whose streams hyper decodes one small event per wake: the reader lets the
-    /// runtime decode what is already buffered before it writes (see `Relayed::poll_frame`).
-    Provider,
-    /// `keywarden-broker`, whose writes are already joined: the reader writes what is waiting
-    /// at once (a wait there costs more than it joins).
-    Broker,
-}
 
 /// A frame as the task read it, and the read-ahead room it takes until the reader has it.
 type Ahead<E> = (Result<Frame<Bytes>, E>, u32);
@@ -59,8 +48,6 @@ pub enum Relayed<B: Body> {
         held: Option<Result<Frame<Bytes>, B::Error>>,
         /// The body's size as it announced it.
         hint: SizeHint,
-        /// Where the answer comes from.
-        source: Source,
         /// Whether the last frame taken was one event, not a block of joined ones.
         events: bool,
         /// The reader's wait before it looks at the frames read ahead.
@@ -73,9 +60,9 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Send,
 {
-    /// Relays the body of an answer with `headers` from `source`, spawning its reader unless
+    /// Relays the body of an answer with `headers`, spawning its reader unless
     /// the answer is small and of known size (a JSON answer: most are).
-    pub fn answer(headers: &http::HeaderMap, body: B, source: Source) -> Relayed<B> {
+    pub fn answer(headers: &http::HeaderMap, body: B) -> Relayed<B> {
         let length = headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
@@ -126,7 +113,6 @@ where
             room,
             held: None,
             hint,
-            source,
             events: false,
             settling: None,
         }
@@ -145,17 +131,16 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let (frames, room, held, source, events, settling) = match self.get_mut() {
+        let (frames, room, held, events, settling) = match self.get_mut() {
             Relayed::Direct(body) => return Pin::new(body).poll_frame(cx),
             Relayed::Buffered {
                 frames,
                 room,
                 held,
-                source,
                 events,
                 settling,
                 ..
-            } => (frames, room, held, *source, events, settling),
+            } => (frames, room, held, events, settling),
         };
         // hyper decodes an answer one frame per wake of its connection's task, so a fast
         // stream of small events (as providers send them) reaches the task reading ahead one
@@ -165,7 +150,7 @@ where
         // the events decoded meanwhile go out in the same write. An event of a slow stream
         // still leaves as soon as nothing else is ready to run. Measured with the broker's
         // benchmark in docs/performance.md.
-        if source == Source::Provider && *events && held.is_none() {
+        if *events && held.is_none() {
             let wait = settling.get_or_insert_with(|| Box::pin(tokio::task::yield_now()));
             ready!(wait.as_mut().poll(cx));
             *settling = None;
@@ -255,11 +240,7 @@ mod tests {
     #[tokio::test]
     async fn a_fast_stream_arrives_whole_in_fewer_larger_frames() {
         let expected: String = (0..1000).map(|i| format!("data: {i}\n\n")).collect();
-        let mut relayed = Relayed::answer(
-            &http::HeaderMap::new(),
-            stream(events(1000)),
-            Source::Provider,
-        );
+        let mut relayed = Relayed::answer(&http::HeaderMap::new(), stream(events(1000)));
         let mut got = Vec::new();
         let mut frames = 0;
         while let Some(frame) = relayed.frame().await {
@@ -306,7 +287,6 @@ mod tests {
                 left: 1000,
                 decoded: false,
             },
-            Source::Provider,
         );
         // Like hyper's writer, a task of its own: take frames while they are ready, write
         // when none is.
@@ -350,11 +330,8 @@ mod tests {
             ))
         });
         let started = tokio::time::Instant::now();
-        let mut relayed = Relayed::answer(
-            &http::HeaderMap::new(),
-            StreamBody::new(Box::pin(paced)),
-            Source::Provider,
-        );
+        let mut relayed =
+            Relayed::answer(&http::HeaderMap::new(), StreamBody::new(Box::pin(paced)));
         for i in 0..3 {
             let frame = relayed.frame().await.unwrap().unwrap();
             assert_eq!(frame.into_data().unwrap(), format!("data: {i}\n\n"));
@@ -368,8 +345,7 @@ mod tests {
     async fn trailers_follow_the_data_they_came_after() {
         let mut frames = events(3);
         frames.push(Frame::trailers(http::HeaderMap::new()));
-        let mut relayed =
-            Relayed::answer(&http::HeaderMap::new(), stream(frames), Source::Provider);
+        let mut relayed = Relayed::answer(&http::HeaderMap::new(), stream(frames));
         let data = relayed.frame().await.unwrap().unwrap();
         assert_eq!(
             data.into_data().unwrap(),
@@ -398,11 +374,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_reader_that_goes_away_drops_a_stalled_answer_at_once() {
         let (alive, dropped) = tokio::sync::oneshot::channel();
-        let relayed = Relayed::answer(
-            &http::HeaderMap::new(),
-            Stalled { _alive: alive },
-            Source::Provider,
-        );
+        let relayed = Relayed::answer(&http::HeaderMap::new(), Stalled { _alive: alive });
         tokio::task::yield_now().await;
         drop(relayed);
         // With paused time the timeout fires as soon as nothing else can run.
@@ -418,11 +390,7 @@ mod tests {
             counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; 16 << 10])))
         });
-        let mut relayed = Relayed::answer(
-            &http::HeaderMap::new(),
-            StreamBody::new(big),
-            Source::Provider,
-        );
+        let mut relayed = Relayed::answer(&http::HeaderMap::new(), StreamBody::new(big));
         let first = relayed.frame().await.unwrap().unwrap();
         assert!(!first.into_data().unwrap().is_empty());
         // The agent reads nothing more; everything else runs until it waits.
@@ -439,7 +407,6 @@ mod tests {
         let relayed = Relayed::answer(
             &http::HeaderMap::new(),
             http_body_util::Full::new(Bytes::from_static(b"{}")),
-            Source::Provider,
         );
         assert!(matches!(relayed, Relayed::Direct(_)));
         assert_eq!(relayed.size_hint().exact(), Some(2));
@@ -447,11 +414,11 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert(http::header::CONTENT_LENGTH, "28".parse().unwrap());
         assert!(matches!(
-            Relayed::answer(&headers, stream(events(3)), Source::Provider),
+            Relayed::answer(&headers, stream(events(3))),
             Relayed::Direct(_)
         ));
         assert!(matches!(
-            Relayed::answer(&http::HeaderMap::new(), stream(events(3)), Source::Provider),
+            Relayed::answer(&http::HeaderMap::new(), stream(events(3))),
             Relayed::Buffered { .. }
         ));
     }
