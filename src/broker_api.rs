@@ -109,37 +109,46 @@ impl BrokerApi {
             accepted,
             self.hasher.cache(),
         ));
+        let refused = if peer == REMOTE_PEER {
+            Some("no process on this host owns the connection")
+        } else if self.refused_uids.contains(&peer.uid) {
+            Some("this uid runs keywarden's plugins and may not use the broker")
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            let who = identity.lock().await.clone();
+            let decision = Decision {
+                refused: Some(why.to_string()),
+                uid: peer.uid,
+                exe: "unknown".to_string(),
+                admitted: BTreeMap::new(),
+            };
+            return (decision, who.actor());
+        }
         let mut who = self.hasher.identity(&identity, self.needs_hash).await;
+        let mut admitted = BTreeMap::new();
+        for name in self.brokers.brokers.keys() {
+            if let Some(policy) =
+                policy::decide_broker(&self.policies, &mut who, name, self.daemon_uid)
+            {
+                let admission = Admission {
+                    policy: policy.name.clone(),
+                    budget: policy.budget,
+                };
+                admitted.insert(name.clone(), admission);
+            }
+        }
         let exe = who
             .exe
             .as_ref()
             .map_or("unknown".to_string(), |e| e.display().to_string());
-        let mut decision = Decision {
+        let decision = Decision {
             refused: None,
             uid: peer.uid,
             exe,
-            admitted: BTreeMap::new(),
+            admitted,
         };
-        if peer == REMOTE_PEER {
-            decision.refused = Some("no process on this host owns the connection".into());
-        } else if self.refused_uids.contains(&peer.uid) {
-            decision.refused =
-                Some("this uid runs keywarden's plugins and may not use the broker".into());
-        } else {
-            for name in self.brokers.brokers.keys() {
-                if let Some(policy) =
-                    policy::decide_broker(&self.policies, &mut who, name, self.daemon_uid)
-                {
-                    decision.admitted.insert(
-                        name.clone(),
-                        Admission {
-                            policy: policy.name.clone(),
-                            budget: policy.budget,
-                        },
-                    );
-                }
-            }
-        }
         (decision, who.actor())
     }
 
@@ -165,20 +174,16 @@ impl BrokerApi {
             conn,
             peer: decision,
         };
-        let handed = Handed {
-            generation: 0,
-            actor,
-            uid,
-            exe,
-            policies,
-            _slot: slot,
-            _permit: permit,
-        };
         // Recorded before it is sent: the process may report about the connection at once.
         let recorded = |generation| {
             let handed = Handed {
                 generation,
-                ..handed
+                actor,
+                uid,
+                exe,
+                policies,
+                _slot: slot,
+                _permit: permit,
             };
             self.handed
                 .lock()

@@ -51,10 +51,6 @@ pub const DROPPED_REQUEST_HEADERS: &[&str] = &[
 
 /// Response header naming the route (secret) that answered.
 pub const ROUTE_HEADER: &str = "x-keywarden-route";
-/// Response header with the upstream's time to its answer's head, in milliseconds.
-pub const UPSTREAM_MS_HEADER: &str = "x-keywarden-upstream-ms";
-/// Response header with the version of the key the answering route injected.
-pub const VERSION_HEADER: &str = "x-keywarden-version";
 /// Request header of `PUT /v1/keys` with the token given with the routes.
 pub const TOKEN_HEADER: &str = "x-keywarden-token";
 
