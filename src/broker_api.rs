@@ -19,15 +19,15 @@ use std::time::Duration;
 use keywarden_plugin_sdk::broker::{Admission, Decision, Handoff, Reports};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::task::JoinSet;
 
-use crate::attest::{Hasher, Peer, PeerIdentity, RecentOwners, boot_seconds};
+use crate::attest::{Hasher, Peer, PeerIdentity, RecentOwners};
 use crate::audit::AuditEvent;
 use crate::broker::Brokers;
 use crate::broker::budget::Caller;
 use crate::broker::process::FromBroker;
-use crate::http::{self, REMOTE_PEER, Slot, Slots};
+use crate::http::{self, Gate, REMOTE_PEER, Slot};
 use crate::incident::signals::Signals;
 use crate::policy::{self, Policy};
 use crate::rejections::Rejections;
@@ -60,10 +60,9 @@ pub struct BrokerApi {
     refused_uids: HashSet<u32>,
     rejections: Arc<Rejections>,
     signals: Arc<Signals>,
-    /// Connections served at once, over all the broker's listeners.
-    permits: Arc<Semaphore>,
-    /// Connections per uid (every TCP peer no process could be found for counts as one).
-    slots: Slots,
+    /// Connections at once and per uid, over all the broker's listeners (a handed connection
+    /// holds its place until the broker reports it closed).
+    gate: Gate,
     handed: Mutex<HashMap<u64, Handed>>,
     next: AtomicU64,
 }
@@ -88,8 +87,7 @@ impl BrokerApi {
             refused_uids,
             rejections,
             signals,
-            permits: Arc::new(Semaphore::new(max_connections)),
-            slots: Slots::new(per_uid),
+            gate: Gate::new(max_connections, per_uid),
             handed: Mutex::default(),
             next: AtomicU64::new(1),
         }
@@ -335,34 +333,12 @@ where
     let mut taking = JoinSet::new();
     loop {
         while taking.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            p = api.permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shutdown.changed() => break,
-        };
-        let (stream, peer, pidfd) = tokio::select! {
-            accepted = listener.accept_peer() => match accepted {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let accepted = boot_seconds();
-        let Some(peer) = peer else { continue };
-        let Some(slot) = api.slots.take(peer.uid) else {
-            // This peer holds its share of connections already (slow clients, a flood).
-            tracing::debug!(
-                uid = peer.uid,
-                "too many connections from one peer; closing"
-            );
-            continue;
+        let Some(a) = api.gate.accept(&mut listener, &mut shutdown).await else {
+            break;
         };
         let api = api.clone();
         taking.spawn(async move {
-            api.take(stream, (peer, pidfd, accepted), (slot, permit))
+            api.take(a.stream, (a.peer, a.pidfd, a.accepted), (a.slot, a.permit))
                 .await;
         });
     }

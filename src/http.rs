@@ -577,44 +577,101 @@ pub async fn serve<H: Handler, L: Listener, S: Send + Sync + 'static>(
     limits: Limits,
     mut shutdown: watch::Receiver<S>,
 ) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let per_peer = Slots::new(limits.max_connections_per_peer);
+    let gate = Gate::new(limits.max_connections, limits.max_connections_per_peer);
     let limits = Arc::new(limits);
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shutdown.changed() => break,
+        let Some(a) = gate.accept(&mut listener, &mut shutdown).await else {
+            break;
         };
-        let (stream, peer, pidfd) = tokio::select! {
-            accepted = listener.accept_peer() => match accepted {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let Some(peer) = peer else { continue };
-        let Some(slot) = per_peer.take(peer.uid) else {
-            // This peer holds its share of connections already (slow clients, a flood).
-            tracing::debug!(
-                uid = peer.uid,
-                "too many connections from one peer; closing"
-            );
-            continue;
-        };
-        let conn_state = Arc::new(handler.connect(peer, pidfd, boot_seconds()));
+        let conn_state = Arc::new(handler.connect(a.peer, a.pidfd, a.accepted));
         let (handler, limits, shutdown) = (handler.clone(), limits.clone(), shutdown.clone());
         connections.spawn(async move {
-            let (_permit, _slot) = (permit, slot);
-            serve_connection(stream, handler, conn_state, &limits, shutdown).await;
+            let (_permit, _slot) = (a.permit, a.slot);
+            serve_connection(a.stream, handler, conn_state, &limits, shutdown).await;
         });
     }
     while connections.join_next().await.is_some() {}
+}
+
+/// What every listener's connections must pass: at most so many at once, and at most so many
+/// per peer (a uid; every TCP peer counts as one).
+#[derive(Debug)]
+pub struct Gate {
+    permits: Arc<Semaphore>,
+    slots: Slots,
+}
+
+/// A connection through the [`Gate`], holding its place until dropped.
+#[derive(Debug)]
+pub struct Accepted<T> {
+    /// The connection.
+    pub stream: T,
+    /// Who is on the other end.
+    pub peer: Peer,
+    /// A pidfd of that process, where there is one.
+    pub pidfd: Option<OwnedFd>,
+    /// When it was accepted, seconds since boot.
+    pub accepted: f64,
+    /// Its place among the peer's connections.
+    pub slot: Slot,
+    /// Its place among all connections.
+    pub permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Gate {
+    /// At most `max` connections, `per_peer` of them one peer's.
+    pub fn new(max: usize, per_peer: usize) -> Gate {
+        Gate {
+            permits: Arc::new(Semaphore::new(max)),
+            slots: Slots::new(per_peer),
+        }
+    }
+
+    /// The next connection `listener` accepts that passes (one over its peer's share is
+    /// closed at once), or `None` once `shutdown` changes.
+    pub async fn accept<L: Listener, S>(
+        &self,
+        listener: &mut L,
+        shutdown: &mut watch::Receiver<S>,
+    ) -> Option<Accepted<L::Stream>> {
+        loop {
+            let permit = tokio::select! {
+                p = self.permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+                _ = shutdown.changed() => return None,
+            };
+            let (stream, peer, pidfd) = tokio::select! {
+                accepted = listener.accept_peer() => match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => return None,
+            };
+            let accepted = boot_seconds();
+            let Some(peer) = peer else { continue };
+            let Some(slot) = self.slots.take(peer.uid) else {
+                // This peer holds its share of connections already (slow clients, a flood).
+                tracing::debug!(
+                    uid = peer.uid,
+                    "too many connections from one peer; closing"
+                );
+                continue;
+            };
+            return Some(Accepted {
+                stream,
+                peer,
+                pidfd,
+                accepted,
+                slot,
+                permit,
+            });
+        }
+    }
 }
 
 /// Serves the requests of one accepted connection until it ends, or until `shutdown` changes:

@@ -148,17 +148,13 @@ brokers = ["openai"]
 /// The requests table: each row's load direct, then through the broker, with the CPU of
 /// `pids` (the daemon and the broker process) per brokered request.
 fn requests(runtime: &tokio::runtime::Runtime, direct: &Target, brokered: &Target, pids: &[u32]) {
-    let cpu = || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
     println!("# broker: requests through keywarden vs the same provider called directly");
     println!(
         "| agents | provider answers in | direct req/s | broker req/s | direct p50 / p99 | broker p50 / p99 | added p50 / p99 | daemon + broker CPU per request |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     for (agents, delay_ms) in [(1, 0), (32, 0), (32, PROVIDER_MS)] {
-        let d = runtime.block_on(load(direct.clone(), agents, delay_ms));
-        let cpu_before = cpu();
-        let b = runtime.block_on(load(brokered.clone(), agents, delay_ms));
-        let used = cpu() - cpu_before;
+        let (d, b, cpu) = side_by_side(runtime, [direct, brokered], (agents, delay_ms), pids);
         println!(
             "| {agents} | {delay_ms} ms | {:.0} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:+.2} / {:+.2} ms | {:.0} µs |",
             d.rate,
@@ -169,7 +165,7 @@ fn requests(runtime: &tokio::runtime::Runtime, direct: &Target, brokered: &Targe
             b.p99,
             b.p50 - d.p50,
             b.p99 - d.p99,
-            used / b.count as f64 * 1e6,
+            cpu,
         );
     }
 }
@@ -211,18 +207,14 @@ fn fresh_connections(runtime: &tokio::runtime::Runtime, brokered: &Target, pids:
 
 /// The paced row's load, direct and through keywarden taking turns three times, with the CPU
 /// of `pids` per brokered request.
-fn paced(runtime: &tokio::runtime::Runtime, [direct, brokered]: [&Target; 2], pids: &[u32]) {
-    let cpu = || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+fn paced(runtime: &tokio::runtime::Runtime, paths: [&Target; 2], pids: &[u32]) {
     println!("# 32 agents, the provider answering in {PROVIDER_MS} ms, the two paths taking turns");
     println!(
         "| round | direct p50 / p99 | through keywarden p50 / p99 | added p50 / p99 | daemon + broker CPU per request |"
     );
     println!("|---|---|---|---|---|");
     for round in 1..=3 {
-        let d = runtime.block_on(load(direct.clone(), 32, PROVIDER_MS));
-        let cpu_before = cpu();
-        let b = runtime.block_on(load(brokered.clone(), 32, PROVIDER_MS));
-        let used = cpu() - cpu_before;
+        let (d, b, cpu) = side_by_side(runtime, paths, (32, PROVIDER_MS), pids);
         println!(
             "| {round} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:+.2} / {:+.2} ms | {:.0} µs |",
             d.p50,
@@ -231,9 +223,25 @@ fn paced(runtime: &tokio::runtime::Runtime, [direct, brokered]: [&Target; 2], pi
             b.p99,
             b.p50 - d.p50,
             b.p99 - d.p99,
-            used / b.count as f64 * 1e6,
+            cpu,
         );
     }
+}
+
+/// `agents` agents against a provider answering in `delay_ms`, direct then through keywarden,
+/// with the CPU of `pids` per brokered request, in microseconds.
+fn side_by_side(
+    runtime: &tokio::runtime::Runtime,
+    [direct, brokered]: [&Target; 2],
+    (agents, delay_ms): (usize, u64),
+    pids: &[u32],
+) -> (Load, Load, f64) {
+    let cpu = || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+    let d = runtime.block_on(load(direct.clone(), agents, delay_ms));
+    let before = cpu();
+    let b = runtime.block_on(load(brokered.clone(), agents, delay_ms));
+    let per_request = (cpu() - before) / b.count as f64 * 1e6;
+    (d, b, per_request)
 }
 
 /// The streamed answer's table.

@@ -220,6 +220,32 @@ listen = "127.0.0.1:{anthropic_port}"
         });
     }
 
+    /// A streamed chat completion through `broker` that the provider holds after its first
+    /// event (until `release`), once the provider has it; and the key it was sent with.
+    fn held_stream(&self, broker: &str) -> (Child, String) {
+        let stream = Command::new("curl")
+            .args(["-sN", "--unix-socket"])
+            .arg(self.socket())
+            .args([
+                "-H",
+                "content-type: application/json",
+                "--data",
+                r#"{"model":"m","messages":[],"stream":true,"hold":true}"#,
+                &format!("http://localhost/v1/broker/{broker}/v1/chat/completions"),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let key = wait_for("the held stream", Duration::from_secs(10), || {
+            self.provider
+                .seen()
+                .iter()
+                .find(|r| r["body"].as_str().unwrap().contains("hold"))
+                .map(|r| r["key"].as_str().unwrap().to_string())
+        });
+        (stream, key)
+    }
+
     fn audit(&self, action: &str) -> Vec<Value> {
         let out = self
             .env
@@ -543,26 +569,7 @@ ca_file = "certs/ca.pem"
     );
 
     // A long stream, held by the provider after its first event.
-    let stream = Command::new("curl")
-        .args(["-sN", "--unix-socket"])
-        .arg(s.socket())
-        .args([
-            "-H",
-            "content-type: application/json",
-            "--data",
-            r#"{"model":"m","messages":[],"stream":true,"hold":true}"#,
-            "http://localhost/v1/broker/rotating/v1/chat/completions",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let old = wait_for("the held stream", Duration::from_secs(10), || {
-        s.provider
-            .seen()
-            .iter()
-            .find(|r| r["body"].as_str().unwrap().contains("hold"))
-            .map(|r| r["key"].as_str().unwrap().to_string())
-    });
+    let (stream, old) = s.held_stream("rotating");
 
     // Rotate: the new version is used by the very next request...
     s.env.ok(&["rotate", "openai/rotating", "--no-wait"], None);
@@ -1147,26 +1154,7 @@ fn a_reload_neither_refuses_nor_fails_a_brokered_request() {
 fn a_reload_lets_a_stream_finish_and_ends_connections_admitted_under_the_old_policies() {
     let s = Setup::new(ADMITTED, "");
     // A stream the provider holds after its first event, in flight across the reload.
-    let stream = Command::new("curl")
-        .args(["-sN", "--unix-socket"])
-        .arg(s.socket())
-        .args([
-            "-H",
-            "content-type: application/json",
-            "--data",
-            r#"{"model":"m","messages":[],"stream":true,"hold":true}"#,
-            "http://localhost/v1/broker/openai/v1/chat/completions",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("the held stream", Duration::from_secs(10), || {
-        s.provider
-            .seen()
-            .iter()
-            .any(|r| r["body"].as_str().unwrap().contains("hold"))
-            .then_some(())
-    });
+    let (stream, _) = s.held_stream("openai");
     // A keep-alive connection, admitted to `openai` under the policy of the time.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -150,26 +150,16 @@ impl Budgets {
 
     /// Adds the tokens a finished request used.
     pub fn spend(&self, caller: &Caller, tokens: u64, now: Millis) {
-        for c in [
-            self.policies
-                .lock()
-                .expect("budget lock")
-                .entry(caller.0.clone())
-                .or_default(),
-            self.callers
-                .lock()
-                .expect("budget lock")
-                .entry(caller.clone())
-                .or_default(),
-        ] {
-            c.roll(now);
-            c.tokens_today += tokens;
-        }
+        self.add(caller, 0, tokens, now);
     }
 
     /// Counts a request that ended and the tokens it used, without checking any budget (the
     /// daemon's counters, kept from the broker process's reports: the broker admitted it).
     pub fn count(&self, caller: &Caller, tokens: u64, now: Millis) {
+        self.add(caller, 1, tokens, now);
+    }
+
+    fn add(&self, caller: &Caller, requests: u64, tokens: u64, now: Millis) {
         for c in [
             self.policies
                 .lock()
@@ -183,8 +173,8 @@ impl Budgets {
                 .or_default(),
         ] {
             c.roll(now);
-            c.requests_this_minute += 1;
-            c.requests_today += 1;
+            c.requests_this_minute += requests;
+            c.requests_today += requests;
             c.tokens_today += tokens;
         }
     }
