@@ -117,6 +117,30 @@ where
 }
 
 async fn handle(state: &Arc<State>, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    match admit(state, conn, req).await {
+        Ok(admitted) => forward(state, conn, admitted).await,
+        Err(refused) => refused,
+    }
+}
+
+/// A request that passed every check, its body read.
+struct Admitted {
+    broker: String,
+    /// The provider path (after the broker's name).
+    path: String,
+    parts: http::request::Parts,
+    body: Bytes,
+    caller: Caller,
+}
+
+/// Checks a request against the browser marks, the path rules, the daemon's decision, the
+/// broker's allowed calls and body limit, the blocks and the budget; or the answer refusing it
+/// (a refusal the decision or the allowed calls make is reported to the daemon).
+async fn admit(
+    state: &Arc<State>,
+    conn: &Conn,
+    req: Request<Incoming>,
+) -> Result<Admitted, Response<Body>> {
     // A web page the user visits could otherwise make the browser call the loopback listener
     // (cross-site requests, DNS rebinding): browsers mark every request they send with these
     // headers; SDKs and agents send neither.
@@ -124,27 +148,25 @@ async fn handle(state: &Arc<State>, conn: &Conn, req: Request<Incoming>) -> Resp
         .iter()
         .any(|h| req.headers().contains_key(*h))
     {
-        return error(
+        return Err(error(
             StatusCode::FORBIDDEN,
             "forbidden",
             "requests from web browsers are refused",
-        );
+        ));
     }
     let path = req.uri().path().to_string();
     if path == "/v1/health" {
-        return answer(StatusCode::OK, &json!({ "status": "ok" }));
+        return Err(answer(StatusCode::OK, &json!({ "status": "ok" })));
     }
-    let (name, rest) = match split_path(&path) {
-        Ok(split) => split,
-        Err(why) => return error(StatusCode::BAD_REQUEST, "bad_request", why),
-    };
+    let (name, rest) =
+        split_path(&path).map_err(|why| error(StatusCode::BAD_REQUEST, "bad_request", why))?;
     let forwarder = state.forwarder();
     let Some(broker) = forwarder.broker(name) else {
-        return error(
+        return Err(error(
             StatusCode::NOT_FOUND,
             "unknown",
             format!("no broker named {name:?}"),
-        );
+        ));
     };
     let deny = |reason: String| {
         state.reporter.denied(Denied {
@@ -159,46 +181,41 @@ async fn handle(state: &Arc<State>, conn: &Conn, req: Request<Incoming>) -> Resp
         )
     };
     if let Some(why) = &conn.peer.refused {
-        return deny(why.clone());
+        return Err(deny(why.clone()));
     }
     let Some(admission) = conn.peer.admitted.get(name) else {
-        return deny("no policy lets this peer use the broker".into());
+        return Err(deny("no policy lets this peer use the broker".into()));
     };
     let method = req.method().as_str().to_string();
     if !broker.allows(&method, rest) {
-        return deny(format!("{method} {rest} is not an allowed call"));
+        return Err(deny(format!("{method} {rest} is not an allowed call")));
     }
     let (parts, body) = req.into_parts();
-    let limits = state.limits();
+    let body_timeout = state.limits().body_timeout;
     let limit = broker.max_body_bytes;
-    let body = match tokio::time::timeout(limits.body_timeout, Limited::new(body, limit).collect())
-        .await
-    {
+    let body = match tokio::time::timeout(body_timeout, Limited::new(body, limit).collect()).await {
         Ok(Ok(body)) => body.to_bytes(),
         Ok(Err(_)) => {
-            return error(
+            return Err(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
                 format!("the request body is larger than {limit} bytes"),
-            );
+            ));
         }
         Err(_) => {
-            return error(
+            return Err(error(
                 StatusCode::REQUEST_TIMEOUT,
                 "timeout",
-                format!(
-                    "the request body did not arrive within {:?}",
-                    limits.body_timeout
-                ),
-            );
+                format!("the request body did not arrive within {body_timeout:?}"),
+            ));
         }
     };
     if state.is_blocked(name) {
-        return error(
+        return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "blocked",
             format!("broker {name} is blocked by an operator"),
-        );
+        ));
     }
     let caller: Caller = (
         admission.policy.clone(),
@@ -222,8 +239,27 @@ async fn handle(state: &Arc<State>, conn: &Conn, req: Request<Incoming>) -> Resp
         response
             .headers_mut()
             .insert("retry-after", HeaderValue::from(spent.retry_after()));
-        return response;
+        return Err(response);
     }
+    Ok(Admitted {
+        broker: name.to_string(),
+        path: rest.to_string(),
+        parts,
+        body,
+        caller,
+    })
+}
+
+/// Sends an admitted request upstream and streams the answer back through the usage meter;
+/// its end is reported.
+async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Response<Body> {
+    let Admitted {
+        broker: name,
+        path,
+        parts,
+        body,
+        caller,
+    } = admitted;
     // A query's `key=` (Gemini's way of passing a key) is the agent's placeholder: dropped.
     let query: Vec<&str> = parts
         .uri
@@ -233,9 +269,17 @@ async fn handle(state: &Arc<State>, conn: &Conn, req: Request<Incoming>) -> Resp
         .filter(|p| !p.is_empty() && !p.starts_with("key="))
         .collect();
     let target = if query.is_empty() {
-        rest.to_string()
+        path.clone()
     } else {
-        format!("{rest}?{}", query.join("&"))
+        format!("{path}?{}", query.join("&"))
+    };
+    let forwarder = state.forwarder();
+    let Some(broker) = forwarder.broker(&name) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown",
+            format!("no broker named {name:?}"),
+        );
     };
     let started = Instant::now();
     let forwarded = forwarder
@@ -252,11 +296,11 @@ async fn handle(state: &Arc<State>, conn: &Conn, req: Request<Incoming>) -> Resp
         caller,
         ended: Ended {
             conn: conn.id,
-            broker: name.to_string(),
             route: forwarded.route,
             version: forwarded.version,
-            method,
-            path: cut(rest),
+            method: parts.method.as_str().to_string(),
+            path: cut(&path),
+            broker: name,
             status: head.status.as_u16(),
             tokens_in: None,
             tokens_out: None,
