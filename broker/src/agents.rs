@@ -25,7 +25,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use keywarden_plugin_sdk::broker::budget::Caller;
+use keywarden_plugin_sdk::broker::budget::{Caller, Spent};
 use keywarden_plugin_sdk::broker::{Decision, Denied, Ended, Handoff};
 use rustix::net::AddressFamily;
 use serde_json::json;
@@ -125,6 +125,7 @@ async fn handle(state: &Arc<State>, conn: &Conn, req: Request<Incoming>) -> Resp
 
 /// A request that passed every check, its body read.
 struct Admitted {
+    forwarder: Arc<crate::forward::Forwarder>,
     broker: String,
     /// The provider path (after the broker's name).
     path: String,
@@ -191,25 +192,7 @@ async fn admit(
         return Err(deny(format!("{method} {rest} is not an allowed call")));
     }
     let (parts, body) = req.into_parts();
-    let body_timeout = state.limits().body_timeout;
-    let limit = broker.max_body_bytes;
-    let body = match tokio::time::timeout(body_timeout, Limited::new(body, limit).collect()).await {
-        Ok(Ok(body)) => body.to_bytes(),
-        Ok(Err(_)) => {
-            return Err(error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("the request body is larger than {limit} bytes"),
-            ));
-        }
-        Err(_) => {
-            return Err(error(
-                StatusCode::REQUEST_TIMEOUT,
-                "timeout",
-                format!("the request body did not arrive within {body_timeout:?}"),
-            ));
-        }
-    };
+    let body = read_body(body, broker.max_body_bytes, state.limits().body_timeout).await?;
     if state.is_blocked(name) {
         return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -222,26 +205,12 @@ async fn admit(
         conn.peer.uid,
         conn.peer.exe.clone(),
     );
-    if let Err(spent) =
-        state
-            .budgets
-            .admit(&admission.policy, &admission.budget, &caller, now_millis())
-    {
-        let mut response = answer(
-            StatusCode::TOO_MANY_REQUESTS,
-            &json!({ "error": {
-                "code": "budget",
-                "message": format!("policy {}: its {} budget is spent", admission.policy, spent.budget()),
-                "budget": spent.budget(),
-                "retry_after": spent.retry_after(),
-            }}),
-        );
-        response
-            .headers_mut()
-            .insert("retry-after", HeaderValue::from(spent.retry_after()));
-        return Err(response);
-    }
+    state
+        .budgets
+        .admit(&admission.policy, &admission.budget, &caller, now_millis())
+        .map_err(|spent| budget_spent(&admission.policy, &spent))?;
     Ok(Admitted {
+        forwarder: forwarder.clone(),
         broker: name.to_string(),
         path: rest.to_string(),
         parts,
@@ -254,6 +223,7 @@ async fn admit(
 /// its end is reported.
 async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Response<Body> {
     let Admitted {
+        forwarder,
         broker: name,
         path,
         parts,
@@ -273,14 +243,9 @@ async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Respons
     } else {
         format!("{path}?{}", query.join("&"))
     };
-    let forwarder = state.forwarder();
-    let Some(broker) = forwarder.broker(&name) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "unknown",
-            format!("no broker named {name:?}"),
-        );
-    };
+    let broker = forwarder
+        .broker(&name)
+        .expect("admitted through a broker of this forwarder");
     let started = Instant::now();
     let forwarded = forwarder
         .send(broker, &parts, &target, body, &state.keys)
@@ -316,6 +281,44 @@ async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Respons
         finish: Some(finish),
     };
     Response::from_parts(head, metered.boxed())
+}
+
+/// A request's body, at most `limit` bytes within `timeout`; else the answer refusing it.
+async fn read_body(
+    body: Incoming,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, Response<Body>> {
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+        Ok(Err(_)) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the request body is larger than {limit} bytes"),
+        )),
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!("the request body did not arrive within {timeout:?}"),
+        )),
+    }
+}
+
+/// 429 for a spent budget of `policy`, with `Retry-After` and which budget.
+fn budget_spent(policy: &str, spent: &Spent) -> Response<Body> {
+    let mut response = answer(
+        StatusCode::TOO_MANY_REQUESTS,
+        &json!({ "error": {
+            "code": "budget",
+            "message": format!("policy {policy}: its {} budget is spent", spent.budget()),
+            "budget": spent.budget(),
+            "retry_after": spent.retry_after(),
+        }}),
+    );
+    response
+        .headers_mut()
+        .insert("retry-after", HeaderValue::from(spent.retry_after()));
+    response
 }
 
 /// What the report of a request needs, sent when its answer ends.
