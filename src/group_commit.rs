@@ -6,7 +6,10 @@
 //! be committed is refused rather than served unrecorded. Rows no answer waits for (a brokered
 //! request's, written when its answer has ended) are deferred: piled up without waking the
 //! writer, they join the next batch, or are committed on their own after at most
-//! [`DEFER_AT_MOST`]. A batch that fails is tried again a few times before its writers are told.
+//! [`DEFER_AT_MOST`]. A batch that fails is tried again a few times before its writers are told;
+//! its deferred rows are not dropped but piled up again and tried with every later batch, and
+//! while any wait ([`GroupCommit::backlog`]) the broker takes no new request, so what is served
+//! unrecorded stays bounded (and at most [`PILE_AT_MOST`] rows wait).
 //! On shutdown the writer stops taking work, commits everything already handed to it, and only
 //! then ends. The queue is bounded, so a writer that falls behind slows fetches down rather than
 //! growing without limit. While the daemon runs, the in-memory lease table is authoritative; the
@@ -39,6 +42,11 @@ const MAX_BATCH: usize = 512;
 /// before they are committed on their own.
 pub const DEFER_AT_MOST: Duration = Duration::from_millis(100);
 
+/// Deferred rows kept at most (rows of a batch that failed included); beyond, a row is dropped
+/// and an error logged. The broker takes no new request while rows wait after a failure, so
+/// only refusals (a few hundred bytes each) can pile up this far.
+pub const PILE_AT_MOST: usize = 10_000;
+
 /// Waits before each further try of a batch that failed (a momentarily full disk; a busy store
 /// is not tried again: SQLite's busy timeout already waited).
 const RETRY_AFTER: [Duration; 3] = [
@@ -54,15 +62,25 @@ struct Item {
 }
 
 /// Rows no answer waits for, until the writer takes them into a batch.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Pile {
     /// The rows, and whether the writer has ended (rows piled then would never be written).
     rows: Mutex<(Vec<AuditEvent>, bool)>,
     /// Told when the pile stops being empty, and when it holds a full batch.
     filled: tokio::sync::Notify,
+    /// Whether rows of a batch that failed wait in the pile.
+    backlog: tokio::sync::watch::Sender<bool>,
 }
 
 impl Pile {
+    fn new() -> Pile {
+        Pile {
+            rows: Mutex::default(),
+            filled: tokio::sync::Notify::new(),
+            backlog: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
     fn len(&self) -> usize {
         self.rows.lock().unwrap_or_else(|e| e.into_inner()).0.len()
     }
@@ -72,6 +90,24 @@ impl Pile {
         let mut pile = self.rows.lock().unwrap_or_else(|e| e.into_inner());
         pile.1 |= last;
         std::mem::take(&mut pile.0)
+    }
+
+    /// Puts back the rows of a batch that failed, ahead of those piled since (up to
+    /// [`PILE_AT_MOST`] in all), and wakes the writer to try them again.
+    fn put_back(&self, mut rows: Vec<AuditEvent>) {
+        let mut pile = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+        rows.append(&mut pile.0);
+        if rows.len() > PILE_AT_MOST {
+            tracing::error!(
+                rows = rows.len() - PILE_AT_MOST,
+                "the audit log cannot be written and too many brokered requests' rows wait: the latest are dropped"
+            );
+            rows.truncate(PILE_AT_MOST);
+        }
+        pile.0 = rows;
+        drop(pile);
+        self.backlog.send_replace(true);
+        self.filled.notify_one();
     }
 }
 
@@ -139,7 +175,7 @@ impl GroupCommit {
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> (GroupCommit, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<Item>(4096);
-        let pile = Arc::new(Pile::default());
+        let pile = Arc::new(Pile::new());
         let health = WriteHealth::default();
         let writer_health = health.clone();
         let writer_pile = pile.clone();
@@ -160,8 +196,13 @@ impl GroupCommit {
                     // Stopped, and nothing queued: what is piled is written last.
                     Some(None) => {
                         let rows = pile.take(true);
-                        if !rows.is_empty() {
-                            let _ = commit(&store, &[], &rows, &writer_health).await;
+                        if !rows.is_empty()
+                            && commit(&store, &[], &rows, &writer_health).await.is_err()
+                        {
+                            tracing::error!(
+                                rows = rows.len(),
+                                "the daemon stops with brokered requests' audit rows it could not write"
+                            );
                         }
                         break;
                     }
@@ -196,11 +237,18 @@ impl GroupCommit {
                     audit.extend(item.audit);
                     waiters.push(item.done);
                 }
+                let waited_for = audit.len();
                 audit.extend(pile.take(false));
                 if ops.is_empty() && audit.is_empty() {
                     continue;
                 }
                 let result = commit(&store, &ops, &audit, &writer_health).await;
+                if result.is_ok() {
+                    pile.backlog.send_if_modified(std::mem::take);
+                } else if audit.len() > waited_for {
+                    // Nobody waits for these to be told: they are kept and tried again.
+                    pile.put_back(audit.split_off(waited_for));
+                }
                 for waiter in waiters {
                     let _ = waiter.send(result.clone());
                 }
@@ -214,6 +262,12 @@ impl GroupCommit {
         &self.health
     }
 
+    /// Turns true when deferred rows could not be written and wait to be tried again, false
+    /// once they are committed.
+    pub fn backlog(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.pile.backlog.subscribe()
+    }
+
     /// Queues lease changes and audit rows and waits until they are committed.
     pub async fn write(&self, ops: Vec<LeaseOp>, audit: Vec<AuditEvent>) -> Result<(), WriteError> {
         self.queue(ops, audit).await
@@ -221,8 +275,8 @@ impl GroupCommit {
 
     /// Piles up audit rows that no answer waits for (a brokered request's, written once its
     /// answer has ended), without waking the writer: they are committed with the next batch
-    /// someone waits for, or on their own after at most [`DEFER_AT_MOST`], or at shutdown. A
-    /// daemon killed meanwhile loses them.
+    /// someone waits for, or on their own after at most [`DEFER_AT_MOST`], or at shutdown;
+    /// kept while the store refuses them. A daemon killed meanwhile loses them.
     pub fn defer(&self, audit: Vec<AuditEvent>) {
         let mut pile = self.pile.rows.lock().unwrap_or_else(|e| e.into_inner());
         if pile.1 {
@@ -230,6 +284,14 @@ impl GroupCommit {
             tracing::error!(
                 rows = audit.len(),
                 "the audit writer has stopped: a brokered request is not recorded"
+            );
+            return;
+        }
+        if pile.0.len() + audit.len() > PILE_AT_MOST {
+            drop(pile);
+            tracing::error!(
+                rows = audit.len(),
+                "the audit log cannot be written and too many brokered requests' rows wait: a row is dropped"
             );
             return;
         }
@@ -384,5 +446,55 @@ mod tests {
         // The writer has ended: a row piled now is reported lost, not kept forever.
         deferred_row(&writer);
         assert!(writer.pile.rows.lock().unwrap().0.is_empty());
+    }
+
+    #[tokio::test]
+    async fn deferred_rows_a_store_refuses_are_kept_and_written_once_it_takes_them() {
+        let (t, _stop, writer, _task) = paused_writer().await;
+        let mut backlog = writer.backlog();
+        // The store refuses every audit row (not busy: the writer's tries run on the clock).
+        let refuse = |on: bool| {
+            let db = rusqlite::Connection::open(&t.path).unwrap();
+            db.execute_batch(if on {
+                "CREATE TRIGGER refuse BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'full'); END"
+            } else {
+                "DROP TRIGGER refuse"
+            })
+            .unwrap();
+        };
+        refuse(true);
+        deferred_row(&writer);
+        deferred_row(&writer);
+        tokio::time::timeout(Duration::from_secs(10), backlog.wait_for(|b| *b))
+            .await
+            .expect("the failed rows are reported waiting")
+            .unwrap();
+        assert_eq!(rows(&t.path, "broker.request"), 0);
+        assert!(writer.health().failing().is_some());
+        // Later rows join them; nothing is dropped while the store refuses.
+        deferred_row(&writer);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(rows(&t.path, "broker.request"), 0);
+        assert!(*backlog.borrow());
+
+        refuse(false);
+        tokio::time::timeout(Duration::from_secs(10), backlog.wait_for(|b| !*b))
+            .await
+            .expect("the backlog is written")
+            .unwrap();
+        assert_eq!(rows(&t.path, "broker.request"), 3);
+        assert!(writer.health().failing().is_none());
+    }
+
+    #[test]
+    fn the_pile_keeps_at_most_its_bound() {
+        let pile = Pile::new();
+        pile.put_back(
+            (0..PILE_AT_MOST + 5)
+                .map(|_| AuditEvent::new("t", "broker.request"))
+                .collect(),
+        );
+        assert_eq!(pile.len(), PILE_AT_MOST);
+        assert!(*pile.backlog.borrow());
     }
 }

@@ -1,7 +1,8 @@
 //! Agents' connections, handed over by the daemon once it has attested their peer
 //! (docs/broker.md). Per request: the daemon's decision for the peer must admit the broker
 //! named in the path, the method and path must be one the broker allows, the body within its
-//! limit, the broker not blocked and the policy's budget not spent. The agent's credential
+//! limit, the broker not blocked, the daemon's audit log writable and the policy's budget not
+//! spent. The agent's credential
 //! headers are dropped, the route's key added (`forward.rs`), the answer streamed back through
 //! a meter that reads the provider's usage, and its end reported to the daemon, which writes the
 //! audit row (`report.rs`).
@@ -90,6 +91,7 @@ where
 {
     let header_timeout = state.limits().header_timeout;
     let mut finishing = state.finishing.subscribe();
+    let mut cutting = state.cutting.subscribe();
     let service = hyper::service::service_fn(move |req| {
         let (state, conn) = (state.clone(), conn.clone());
         async move { Ok::<_, Infallible>(handle(&state, &conn, req).await) }
@@ -108,9 +110,13 @@ where
         _ = conn.as_mut() => {}
         _ = async { finishing.wait_for(|f| *f).await.is_ok() } => {
             // The daemon is stopping or reloading: the request in flight is answered, then
-            // the connection closes (the agent reconnects to the next run).
+            // the connection closes (the agent reconnects to the next run); one still running
+            // after FINISH_AT_MOST is cut (dropped here, its end reported).
             conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = cutting.wait_for(|c| *c) => {}
+            }
         }
     }
     Ok(())
@@ -200,6 +206,13 @@ async fn admit(
             format!("broker {name} is blocked by an operator"),
         ));
     }
+    if state.audit_backlog() || state.reporter.backlogged() {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            "keywarden cannot write its audit log now; brokered requests resume once it can",
+        ));
+    }
     let caller: Caller = (
         admission.policy.clone(),
         conn.peer.uid,
@@ -246,7 +259,26 @@ async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Respons
     let broker = forwarder
         .broker(&name)
         .expect("admitted through a broker of this forwarder");
-    let started = Instant::now();
+    // Reported even if the agent hangs up (or a stop cuts the request) before an answer.
+    let mut unanswered = Unanswered(Some(Finish {
+        state: state.clone(),
+        caller,
+        ended: Ended {
+            conn: conn.id,
+            route: None,
+            version: None,
+            method: parts.method.as_str().to_string(),
+            path: cut(&path),
+            broker: name,
+            status: NO_ANSWER,
+            tokens_in: None,
+            tokens_out: None,
+            upstream_ms: None,
+            ms: 0,
+            complete: false,
+        },
+        started: Instant::now(),
+    }));
     let forwarded = forwarder
         .send(broker, &parts, &target, body, &state.keys)
         .await;
@@ -256,25 +288,11 @@ async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Respons
         .get(hyper::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let finish = Finish {
-        state: state.clone(),
-        caller,
-        ended: Ended {
-            conn: conn.id,
-            route: forwarded.route,
-            version: forwarded.version,
-            method: parts.method.as_str().to_string(),
-            path: cut(&path),
-            broker: name,
-            status: head.status.as_u16(),
-            tokens_in: None,
-            tokens_out: None,
-            upstream_ms: forwarded.upstream_ms,
-            ms: 0,
-            complete: false,
-        },
-        started,
-    };
+    let mut finish = unanswered.0.take().expect("taken once");
+    finish.ended.route = forwarded.route;
+    finish.ended.version = forwarded.version;
+    finish.ended.status = head.status.as_u16();
+    finish.ended.upstream_ms = forwarded.upstream_ms;
     let metered = Metered {
         meter: Some(UsageMeter::new(content_type)),
         inner,
@@ -339,6 +357,20 @@ impl Finish {
         self.ended.ms = self.started.elapsed().as_millis() as u64;
         self.ended.complete = complete;
         self.state.reporter.ended(self.ended);
+    }
+}
+
+/// The status reported for a request that ended before any answer reached the agent.
+const NO_ANSWER: u16 = 0;
+
+/// A request forwarded and not yet answered: reported ([`NO_ANSWER`]) if dropped so.
+struct Unanswered(Option<Finish>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(finish) = self.0.take() {
+            finish.record(None, false);
+        }
     }
 }
 

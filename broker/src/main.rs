@@ -30,7 +30,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use keywarden_plugin_sdk::broker::budget::Budgets;
 use keywarden_plugin_sdk::broker::channel::Channel;
-use keywarden_plugin_sdk::broker::{Handoff, Keys, Routes, TOKEN_HEADER};
+use keywarden_plugin_sdk::broker::{FINISH_AT_MOST, Handoff, Keys, Routes, TOKEN_HEADER};
 
 use crate::agents::Limits;
 use crate::forward::{Body, Forwarder};
@@ -83,6 +83,8 @@ pub(crate) struct State {
     attached: tokio::sync::Notify,
     /// Brokers an operator blocked (`PUT /v1/state`).
     blocked: RwLock<HashSet<String>>,
+    /// The daemon's audit log takes no rows now (`PUT /v1/state`): no request is forwarded.
+    audit_backlog: std::sync::atomic::AtomicBool,
     /// What each policy and caller spent, seeded by the daemon's first `PUT /v1/state`.
     budgets: Budgets,
     seeded: std::sync::atomic::AtomicBool,
@@ -90,6 +92,8 @@ pub(crate) struct State {
     reporter: Reporter,
     /// Set by `POST /v1/finish`: handed connections end after their request in flight.
     finishing: tokio::sync::watch::Sender<bool>,
+    /// Set when requests still run [`FINISH_AT_MOST`] after the finish: they are cut.
+    cutting: tokio::sync::watch::Sender<bool>,
     /// Handed connections open, and a wake when the last one closes.
     open: std::sync::atomic::AtomicUsize,
     all_closed: tokio::sync::Notify,
@@ -106,6 +110,23 @@ impl State {
 
     fn is_blocked(&self, broker: &str) -> bool {
         self.blocked.read().expect("blocked lock").contains(broker)
+    }
+
+    /// Resolves once no handed connection is open.
+    async fn all_closed(&self) {
+        loop {
+            let closed = self.all_closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.open.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+
+    fn audit_backlog(&self) -> bool {
+        self.audit_backlog.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -138,10 +159,12 @@ async fn run() -> Result<(), String> {
         detached,
         attached: tokio::sync::Notify::new(),
         blocked: RwLock::default(),
+        audit_backlog: Default::default(),
         budgets: Budgets::default(),
         seeded: Default::default(),
         reporter: Reporter::default(),
         finishing: tokio::sync::watch::Sender::new(false),
+        cutting: tokio::sync::watch::Sender::new(false),
         open: Default::default(),
         all_closed: tokio::sync::Notify::new(),
     });
@@ -273,6 +296,9 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
                 Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("state: {e}")),
             };
             *state.blocked.write().expect("blocked lock") = pushed.blocked.into_iter().collect();
+            state
+                .audit_backlog
+                .store(pushed.audit_backlog, std::sync::atomic::Ordering::SeqCst);
             if !state.seeded.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 state.budgets.restore(&pushed.spent, pushed.at);
             }
@@ -283,14 +309,14 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
                 return refused;
             }
             state.finishing.send_replace(true);
-            loop {
-                let closed = state.all_closed.notified();
-                tokio::pin!(closed);
-                closed.as_mut().enable();
-                if state.open.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-                    break;
-                }
-                closed.await;
+            if tokio::time::timeout(FINISH_AT_MOST, state.all_closed())
+                .await
+                .is_err()
+            {
+                // Cut: each request's end is reported as it is dropped.
+                eprintln!("requests still in flight after {FINISH_AT_MOST:?} are cut");
+                state.cutting.send_replace(true);
+                state.all_closed().await;
             }
             state.reporter.wake();
             state.reporter.drained().await;

@@ -13,6 +13,10 @@ use tokio::sync::Notify;
 /// How long reports gather before they are sent.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// Reports waiting at most before new requests are refused (503): the daemon has stopped
+/// reading them, and a request served now might never be recorded.
+const PENDING_AT_MOST: usize = 10_000;
+
 /// Items per record: with paths cut at 1 KiB (`agents.rs`), a record stays under the channel's
 /// limit.
 const PER_RECORD: usize = 40;
@@ -67,9 +71,19 @@ impl Reporter {
         }
     }
 
-    fn is_empty(&self) -> bool {
+    fn len(&self) -> usize {
         let pending = self.pending.lock().expect("reports lock");
-        pending.ended.is_empty() && pending.denied.is_empty() && pending.closed.is_empty()
+        pending.ended.len() + pending.denied.len() + pending.closed.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether so many reports wait that the daemon cannot be taking them: new requests are
+    /// refused until they leave.
+    pub fn backlogged(&self) -> bool {
+        self.len() >= PENDING_AT_MOST
     }
 
     /// Sends what piles up, until the channel fails.
@@ -103,4 +117,38 @@ impl Reporter {
 fn take<T>(items: &mut Vec<T>) -> Vec<T> {
     let rest = items.split_off(items.len().min(PER_RECORD));
     std::mem::replace(items, rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keywarden_plugin_sdk::broker::channel;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn reports_the_daemon_does_not_take_refuse_new_requests_until_they_leave() {
+        let (ours, daemons) = channel::pair().unwrap();
+        let (ours, daemons) = (Channel::new(ours).unwrap(), Channel::new(daemons).unwrap());
+        let reporter = std::sync::Arc::new(Reporter::default());
+        let sender = reporter.clone();
+        tokio::spawn(async move { sender.run(&ours).await });
+        // The daemon reads nothing: once the channel's buffer is full, reports wait here.
+        let mut made = 0;
+        while !reporter.backlogged() {
+            for _ in 0..100 {
+                reporter.closed(made);
+                made += 1;
+            }
+            tokio::time::sleep(GATHER * 2).await;
+            assert!(made < 10 * PENDING_AT_MOST as u64, "never backlogged");
+        }
+        // The daemon reads again: every report arrives, and requests are taken again.
+        let mut got = 0;
+        while got < made {
+            let record = daemons.recv().await.unwrap().unwrap();
+            let reports: Reports = serde_json::from_slice(&record.0).unwrap();
+            got += reports.closed.len() as u64;
+        }
+        reporter.drained().await;
+        assert!(!reporter.backlogged());
+    }
 }

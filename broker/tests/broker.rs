@@ -842,6 +842,79 @@ fn a_blocked_broker_refuses_at_once_and_stays_blocked_across_a_restart() {
 }
 
 #[test]
+fn requests_the_audit_log_cannot_record_are_kept_and_new_ones_refused_until_it_can() {
+    let s = Setup::new(ADMITTED, "");
+    let chat = || s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+    // Another process holds SQLite's write lock: no audit row can be committed.
+    let locker = rusqlite::Connection::open(&s.env.store).unwrap();
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // Until the daemon finds its rows refused, requests are served and their rows wait; then
+    // the broker forwards nothing more.
+    let refused = wait_for("requests refused", Duration::from_secs(60), || {
+        let (status, body) = chat();
+        (status == 503).then_some(body)
+    });
+    assert!(refused.contains("cannot write its audit log"), "{refused}");
+    let forwarded = s.provider.seen().len();
+    assert!(forwarded > 0);
+    assert_eq!(chat().0, 503);
+    assert_eq!(s.provider.seen().len(), forwarded);
+
+    // The lock goes: the rows that waited are written, and requests are served again.
+    locker.execute_batch("ROLLBACK").unwrap();
+    drop(locker);
+    wait_for("requests served again", Duration::from_secs(30), || {
+        (chat().0 == 200).then_some(())
+    });
+    let forwarded = s.provider.seen().len();
+    wait_for(
+        "a row for every forwarded request",
+        Duration::from_secs(10),
+        || (s.audit("broker.request").len() == forwarded).then_some(()),
+    );
+    let log = s.daemon.as_ref().unwrap().log_text();
+    assert!(log.contains("brokered requests are refused until the audit log takes their rows"));
+}
+
+#[test]
+fn a_request_the_agent_abandons_or_a_stop_cuts_still_has_its_audit_row() {
+    let mut s = Setup::new(ADMITTED, "");
+    let rows = |s: &Setup| -> Vec<Value> { s.audit("broker.request").iter().map(detail).collect() };
+    // The agent gives up while the provider has not answered: forwarded, so recorded, with no
+    // status (no answer reached the agent).
+    s.provider.accept(
+        &[(PRIMARY, "stall"), (BACKUP, "ok"), (ANTHROPIC, "ok")],
+        None,
+    );
+    let (status, _) = s.chat(
+        "/v1/broker/openai/v1/chat/completions",
+        &["--max-time", "1"],
+    );
+    assert_eq!(status, 0);
+    let abandoned = wait_for(
+        "the abandoned request's row",
+        Duration::from_secs(10),
+        || rows(&s).into_iter().find(|r| r["status"] == 0),
+    );
+    assert_eq!(abandoned["complete"], false, "{abandoned}");
+    assert_eq!(abandoned["path"], "/v1/chat/completions", "{abandoned}");
+
+    // A stream still running FINISH_AT_MOST into a stop is cut, and recorded as incomplete.
+    s.provider
+        .accept(&[(PRIMARY, "ok"), (BACKUP, "ok"), (ANTHROPIC, "ok")], None);
+    let (stream, _) = s.held_stream("openai");
+    assert_eq!(s.daemon.take().unwrap().terminate(), Some(0));
+    let out = stream.wait_with_output().unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("[DONE]"));
+    let cut: Vec<Value> = rows(&s)
+        .into_iter()
+        .filter(|r| r["status"] == 200 && r["complete"] == false)
+        .collect();
+    assert_eq!(cut.len(), 1, "{cut:?}");
+    s.env.ok(&["audit", "verify"], None);
+}
+
+#[test]
 fn the_broker_runs_confined_as_its_own_user_and_exits_with_the_daemon() {
     let mut s = Setup::new(ADMITTED, "");
     let daemon_pid = s.daemon.as_ref().unwrap().pid();

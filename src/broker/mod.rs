@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keywarden_plugin_sdk::broker::{BrokerRoutes, RouteSpec, Routes, State};
+use keywarden_plugin_sdk::broker::{BrokerRoutes, FINISH_AT_MOST, RouteSpec, Routes, State};
 use serde::Deserialize;
 
 use crate::parse::duration;
@@ -283,15 +283,16 @@ impl Brokers {
     }
 
     /// Lets the requests in flight through the broker process end, at most
-    /// [`FINISH_AT_MOST`]; new ones are not taken (the daemon has stopped handing over).
+    /// [`FINISH_AT_MOST`] (then they are cut, and reported); new ones are not taken (the
+    /// daemon has stopped handing over).
     pub async fn finish(&self) {
         tracing::info!("broker: letting requests in flight finish");
-        if tokio::time::timeout(FINISH_AT_MOST, self.process.finish())
+        if tokio::time::timeout(FINISH_WAIT, self.process.finish())
             .await
             .is_err()
         {
             tracing::warn!(
-                "requests through the broker still in flight after {FINISH_AT_MOST:?}; they are cut"
+                "the broker process did not finish within {FINISH_WAIT:?}: it is stopped, and what it still served ends unrecorded"
             );
         }
     }
@@ -306,9 +307,10 @@ impl Brokers {
     }
 }
 
-/// How long a stop or a reload lets requests in flight through the broker finish (as the
-/// daemon's own sockets do).
-pub const FINISH_AT_MOST: Duration = Duration::from_secs(5);
+/// How long a stop or a reload waits for the broker process to finish: it cuts what still runs
+/// after [`FINISH_AT_MOST`] and sends its last reports; a process that has not answered by
+/// then is stopped all the same.
+const FINISH_WAIT: Duration = FINISH_AT_MOST.saturating_add(Duration::from_secs(2));
 
 /// What the broker process enforces besides its routes and keys, as the daemon keeps it: the
 /// blocks (read back from the audit log at start) and the budgets' counters (from the day's
@@ -318,6 +320,8 @@ pub struct Enforced {
     /// What each policy and caller spent.
     pub budgets: budget::Budgets,
     blocked: Mutex<BTreeSet<String>>,
+    /// Whether brokered requests' audit rows wait for a store that refuses them.
+    audit_backlog: std::sync::atomic::AtomicBool,
 }
 
 impl Enforced {
@@ -326,7 +330,16 @@ impl Enforced {
         Enforced {
             budgets: budget::Budgets::default(),
             blocked: Mutex::new(blocked.into_iter().collect()),
+            audit_backlog: Default::default(),
         }
+    }
+
+    /// Records whether brokered requests' audit rows wait for a store that refuses them;
+    /// whether that changed anything.
+    pub fn set_audit_backlog(&self, backlog: bool) -> bool {
+        self.audit_backlog
+            .swap(backlog, std::sync::atomic::Ordering::SeqCst)
+            != backlog
     }
 
     /// Whether an operator blocked `name`.
@@ -354,6 +367,7 @@ impl Enforced {
                 .iter()
                 .cloned()
                 .collect(),
+            audit_backlog: self.audit_backlog.load(std::sync::atomic::Ordering::SeqCst),
             spent: self.budgets.spent(now),
             at: now,
         }

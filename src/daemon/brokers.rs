@@ -136,7 +136,11 @@ pub(super) fn serve(
     // Ends once the last broker process of this run is gone (after the run's stop).
     let reader = api.clone();
     brokers.read_reports(|reports| reader.read_reports(reports));
-    let mut servers = Vec::new();
+    let mut servers = vec![tokio::spawn(refuse_while_unrecorded(
+        brokers.clone(),
+        services.audit_writer.backlog(),
+        stop.clone(),
+    ))];
     if let Some(socket) = socket {
         servers.push(tokio::spawn(broker_api::serve(
             socket,
@@ -153,4 +157,33 @@ pub(super) fn serve(
         )));
     }
     servers
+}
+
+/// Tells the broker process to refuse new requests (503) while rows of brokered requests wait
+/// for a store that refuses them, and to take them again once they are written: what is served
+/// unrecorded stays bounded by what was in flight. Ends at `stop`.
+async fn refuse_while_unrecorded(
+    brokers: Arc<Brokers>,
+    mut backlog: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Option<RunEnd>>,
+) {
+    loop {
+        let waiting = *backlog.borrow_and_update();
+        if brokers.enforced.set_audit_backlog(waiting) {
+            if waiting {
+                tracing::error!(
+                    "brokered requests are refused until the audit log takes their rows"
+                );
+            } else {
+                tracing::info!("the audit log took the brokered requests' rows: they resume");
+            }
+            if let Err(e) = brokers.process.push_state().await {
+                tracing::warn!(error = %e, "the broker process could not be told");
+            }
+        }
+        tokio::select! {
+            changed = backlog.changed() => if changed.is_err() { return },
+            _ = stop.wait_for(Option::is_some) => return,
+        }
+    }
 }

@@ -54,6 +54,11 @@ pub const ROUTE_HEADER: &str = "x-keywarden-route";
 /// Request header of `PUT /v1/keys` with the token given with the routes.
 pub const TOKEN_HEADER: &str = "x-keywarden-token";
 
+/// How long `POST /v1/finish` (a stop or a reload) lets requests in flight on handed
+/// connections run, as the daemon's own sockets do; the broker then cuts them, reports each as
+/// ended incomplete, and answers.
+pub const FINISH_AT_MOST: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Everything the broker serves: `PUT /v1/routes`.
 #[derive(Clone, Default, Serialize, Deserialize)]
 pub struct Routes {
@@ -186,11 +191,16 @@ pub struct Failure {
 }
 
 /// `PUT /v1/state` (with [`TOKEN_HEADER`]): what the broker process enforces besides the
-/// routes, sent right after the keys when it starts and again whenever a block changes.
+/// routes, sent right after the keys when it starts and again whenever a block or the audit
+/// backlog changes.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct State {
     /// Brokers an operator blocked: every new request through them is refused (503).
     pub blocked: Vec<String>,
+    /// The daemon cannot write its audit log and rows of brokered requests wait: every new
+    /// request is refused (503) until they are written.
+    #[serde(default)]
+    pub audit_backlog: bool,
     /// What each caller spent so far ([`budget::Budgets::restore`]'s rows: the policy, uid
     /// and executable, requests this minute, requests and tokens today), so a process that
     /// starts again counts on from there. Only the first `PUT` of a process seeds them.
