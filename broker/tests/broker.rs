@@ -841,13 +841,51 @@ fn a_blocked_broker_refuses_at_once_and_stays_blocked_across_a_restart() {
     assert_eq!(s.provider.seen().len(), 1);
 }
 
+/// SQLite's write lock on a store, held by another process (Python's `sqlite3`, in a
+/// transaction begun with `BEGIN IMMEDIATE`) until dropped.
+struct WriteLock(Child);
+
+impl WriteLock {
+    fn take(store: &Path) -> WriteLock {
+        let mut child = Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3, sys\n\
+                 db = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+                 db.execute('BEGIN IMMEDIATE')\n\
+                 print('locked', flush=True)\n\
+                 sys.stdin.read()",
+            ])
+            .arg(store)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "locked");
+        WriteLock(child)
+    }
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        // Its standard input closes: it reads the end, exits, and the transaction is gone.
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn requests_the_audit_log_cannot_record_are_kept_and_new_ones_refused_until_it_can() {
     let s = Setup::new(ADMITTED, "");
     let chat = || s.chat("/v1/broker/openai/v1/chat/completions", &[]);
     // Another process holds SQLite's write lock: no audit row can be committed.
-    let locker = rusqlite::Connection::open(&s.env.store).unwrap();
-    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let locker = WriteLock::take(&s.env.store);
     // Until the daemon finds its rows refused, requests are served and their rows wait; then
     // the broker forwards nothing more.
     let refused = wait_for("requests refused", Duration::from_secs(60), || {
@@ -861,7 +899,6 @@ fn requests_the_audit_log_cannot_record_are_kept_and_new_ones_refused_until_it_c
     assert_eq!(s.provider.seen().len(), forwarded);
 
     // The lock goes: the rows that waited are written, and requests are served again.
-    locker.execute_batch("ROLLBACK").unwrap();
     drop(locker);
     wait_for("requests served again", Duration::from_secs(30), || {
         (chat().0 == 200).then_some(())
