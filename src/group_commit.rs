@@ -7,9 +7,9 @@
 //! request's, written when its answer has ended) are deferred: piled up without waking the
 //! writer, they join the next batch, or are committed on their own after at most
 //! [`DEFER_AT_MOST`]. A batch that fails is tried again a few times before its writers are told;
-//! its deferred rows are not dropped but piled up again and tried with every later batch, and
-//! while any wait ([`GroupCommit::backlog`]) the broker takes no new request, so what is served
-//! unrecorded stays bounded (and at most [`PILE_AT_MOST`] rows wait).
+//! its deferred rows are not dropped but piled up again and tried on their own until they
+//! commit, and while any wait ([`GroupCommit::backlog`]) the broker takes no new request, so
+//! what is served unrecorded stays bounded (and at most [`PILE_AT_MOST`] rows wait).
 //! On shutdown the writer stops taking work, commits everything already handed to it, and only
 //! then ends. The queue is bounded, so a writer that falls behind slows fetches down rather than
 //! growing without limit. While the daemon runs, the in-memory lease table is authoritative; the
@@ -237,20 +237,33 @@ impl GroupCommit {
                     audit.extend(item.audit);
                     waiters.push(item.done);
                 }
+                // Rows that failed before are tried on their own: whatever refused them cannot
+                // fail the requests waiting here.
+                let backlog = *pile.backlog.borrow();
                 let waited_for = audit.len();
-                audit.extend(pile.take(false));
-                if ops.is_empty() && audit.is_empty() {
-                    continue;
+                let retried = if backlog {
+                    pile.take(false)
+                } else {
+                    audit.extend(pile.take(false));
+                    Vec::new()
+                };
+                if !(ops.is_empty() && audit.is_empty()) {
+                    let result = commit(&store, &ops, &audit, &writer_health).await;
+                    if result.is_err() && audit.len() > waited_for {
+                        // Nobody waits for these to be told: they are kept and tried again.
+                        pile.put_back(audit.split_off(waited_for));
+                    }
+                    for waiter in waiters {
+                        let _ = waiter.send(result.clone());
+                    }
                 }
-                let result = commit(&store, &ops, &audit, &writer_health).await;
-                if result.is_ok() {
-                    pile.backlog.send_if_modified(std::mem::take);
-                } else if audit.len() > waited_for {
-                    // Nobody waits for these to be told: they are kept and tried again.
-                    pile.put_back(audit.split_off(waited_for));
-                }
-                for waiter in waiters {
-                    let _ = waiter.send(result.clone());
+                if !retried.is_empty() {
+                    match commit(&store, &[], &retried, &writer_health).await {
+                        Ok(()) => {
+                            pile.backlog.send_replace(false);
+                        }
+                        Err(_) => pile.put_back(retried),
+                    }
                 }
             }
         });
@@ -452,11 +465,13 @@ mod tests {
     async fn deferred_rows_a_store_refuses_are_kept_and_written_once_it_takes_them() {
         let (t, _stop, writer, _task) = paused_writer().await;
         let mut backlog = writer.backlog();
-        // The store refuses every audit row (not busy: the writer's tries run on the clock).
+        // The store refuses brokered requests' rows (not busy: the writer's tries run on the
+        // clock).
         let refuse = |on: bool| {
             let db = rusqlite::Connection::open(&t.path).unwrap();
             db.execute_batch(if on {
-                "CREATE TRIGGER refuse BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'full'); END"
+                "CREATE TRIGGER refuse BEFORE INSERT ON audit WHEN NEW.action = 'broker.request' \
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END"
             } else {
                 "DROP TRIGGER refuse"
             })
@@ -471,6 +486,12 @@ mod tests {
             .unwrap();
         assert_eq!(rows(&t.path, "broker.request"), 0);
         assert!(writer.health().failing().is_some());
+        // They are tried on their own: a fetch's rows are not failed with them.
+        writer
+            .write(Vec::new(), vec![AuditEvent::new("t", "fetch.allowed")])
+            .await
+            .unwrap();
+        assert_eq!(rows(&t.path, "fetch.allowed"), 1);
         // Later rows join them; nothing is dropped while the store refuses.
         deferred_row(&writer);
         tokio::time::sleep(Duration::from_secs(5)).await;
