@@ -207,11 +207,16 @@ async fn admit(
         ));
     }
     if state.audit_backlog() || state.reporter.backlogged() {
-        return Err(error(
+        let mut refused = error(
             StatusCode::SERVICE_UNAVAILABLE,
             "audit_unavailable",
             "keywarden cannot write its audit log now; brokered requests resume once it can",
-        ));
+        );
+        // The SDKs wait this long before they try again.
+        refused
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
+        return Err(refused);
     }
     let caller: Caller = (
         admission.policy.clone(),

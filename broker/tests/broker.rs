@@ -893,6 +893,12 @@ fn requests_the_audit_log_cannot_record_are_kept_and_new_ones_refused_until_it_c
         (status == 503).then_some(body)
     });
     assert!(refused.contains("cannot write its audit log"), "{refused}");
+    let (status, head) = s.chat(
+        "/v1/broker/openai/v1/chat/completions",
+        &["-D", "-", "-o", "/dev/null"],
+    );
+    assert_eq!(status, 503);
+    assert!(head.to_lowercase().contains("retry-after: 1"), "{head}");
     let forwarded = s.provider.seen().len();
     assert!(forwarded > 0);
     assert_eq!(chat().0, 503);
