@@ -58,6 +58,17 @@ pub fn run(minutes: u64, clients: usize) -> usize {
     violations.check(code == Some(0), || {
         format!("the daemon exited {code:?} at its stop")
     });
+    // Every brokered request has its audit row (a clean stop writes the last ones); one that
+    // failed may have one or not.
+    let rows = kit::one(
+        &store,
+        "SELECT count(*) FROM audit WHERE action = 'broker.request'",
+    ) as u64;
+    let answered = load.brokered.load(Ordering::Relaxed);
+    let failed = load.broker_failures.lock().unwrap().len() as u64;
+    violations.check(rows >= answered && rows <= answered + failed, || {
+        format!("{rows} broker.request rows for {answered} brokered requests answered and {failed} failed")
+    });
     let (hygiene, rotations) = settle_and_sweep(&env, &store, &log, &mut violations);
     upstream.stop();
 
@@ -76,6 +87,7 @@ pub fn run(minutes: u64, clients: usize) -> usize {
         load.fetch_failures.lock().unwrap().len(),
         load.broker_failures.lock().unwrap().len()
     );
+    println!("  audit: {rows} broker.request rows");
     println!("  {hygiene}");
     println!(
         "soak drill: {} violations in {:.0} s",
