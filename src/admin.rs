@@ -759,7 +759,7 @@ impl AdminApi {
         match (report, people, brokers) {
             (Ok(mut report), Ok(people), Ok(brokers)) => {
                 report["needs_person"] = serde_json::Value::Array(people);
-                report["store"] = crate::status::write_health(services.audit_writer.health());
+                report["store"] = crate::status::write_health(&services.audit_writer);
                 if let Some(brokers) = brokers {
                     report["brokers"] = brokers;
                 }
@@ -776,7 +776,7 @@ impl AdminApi {
     async fn metrics(&self) -> Response<Full<Bytes>> {
         let services = &self.services;
         let rendered = crate::metrics::render(
-            services.vault.store(),
+            (services.vault.store(), &services.audit_writer),
             services.clock.now(),
             &services.catalog.plugins,
             &services.metrics,

@@ -15,6 +15,7 @@
 //! growing without limit. While the daemon runs, the in-memory lease table is authoritative; the
 //! store is its durable copy.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,6 +71,8 @@ struct Pile {
     filled: tokio::sync::Notify,
     /// Whether rows of a batch that failed wait in the pile.
     backlog: tokio::sync::watch::Sender<bool>,
+    /// Those rows the writer is trying again now (out of the pile meanwhile).
+    retrying: std::sync::atomic::AtomicUsize,
 }
 
 impl Pile {
@@ -78,6 +81,7 @@ impl Pile {
             rows: Mutex::default(),
             filled: tokio::sync::Notify::new(),
             backlog: tokio::sync::watch::Sender::new(false),
+            retrying: Default::default(),
         }
     }
 
@@ -258,12 +262,15 @@ impl GroupCommit {
                     }
                 }
                 if !retried.is_empty() {
-                    match commit(&store, &[], &retried, &writer_health).await {
+                    pile.retrying.store(retried.len(), Ordering::SeqCst);
+                    let result = commit(&store, &[], &retried, &writer_health).await;
+                    match result {
                         Ok(()) => {
                             pile.backlog.send_replace(false);
                         }
                         Err(_) => pile.put_back(retried),
                     }
+                    pile.retrying.store(0, Ordering::SeqCst);
                 }
             }
         });
@@ -279,6 +286,15 @@ impl GroupCommit {
     /// once they are committed.
     pub fn backlog(&self) -> tokio::sync::watch::Receiver<bool> {
         self.pile.backlog.subscribe()
+    }
+
+    /// How many deferred rows wait after the store refused them (0 when none did).
+    pub fn waiting(&self) -> usize {
+        if *self.pile.backlog.borrow() {
+            self.pile.len() + self.pile.retrying.load(Ordering::SeqCst)
+        } else {
+            0
+        }
     }
 
     /// Queues lease changes and audit rows and waits until they are committed.
@@ -485,6 +501,7 @@ mod tests {
             .expect("the failed rows are reported waiting")
             .unwrap();
         assert_eq!(rows(&t.path, "broker.request"), 0);
+        assert_eq!(writer.waiting(), 2);
         assert!(writer.health().failing().is_some());
         // They are tried on their own: a fetch's rows are not failed with them.
         writer
@@ -504,6 +521,7 @@ mod tests {
             .expect("the backlog is written")
             .unwrap();
         assert_eq!(rows(&t.path, "broker.request"), 3);
+        assert_eq!(writer.waiting(), 0);
         assert!(writer.health().failing().is_none());
     }
 

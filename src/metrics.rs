@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::clock::Millis;
+use crate::group_commit::GroupCommit;
 use crate::plugin_host::PluginHost;
 use crate::store::{AlertKind, Store, StoreError};
 
@@ -158,10 +159,10 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Renders every metric: the store's secrets and rotations as of `now`, the plugins' restart
-/// counts, and the in-memory counters.
+/// Renders every metric: the store's secrets and rotations as of `now`, whether it takes the
+/// `writer`'s batches, the plugins' restart counts, and the in-memory counters.
 pub async fn render(
-    store: &Store,
+    (store, writer): (&Store, &GroupCommit),
     now: Millis,
     plugins: &[Arc<PluginHost>],
     metrics: &Metrics,
@@ -169,6 +170,21 @@ pub async fn render(
 ) -> Result<String, StoreError> {
     let mut out = String::new();
     render_store(&mut out, store, now).await?;
+    family(
+        &mut out,
+        "keywarden_store_writes_failing",
+        "gauge",
+        "Whether the store refuses the daemon's writes (fetches are refused meanwhile).",
+    );
+    let failing = writer.health().failing().is_some();
+    let _ = writeln!(out, "keywarden_store_writes_failing {}", u8::from(failing));
+    family(
+        &mut out,
+        "keywarden_audit_rows_waiting",
+        "gauge",
+        "Brokered requests' audit rows the store refused, kept to be written (brokered requests are refused meanwhile).",
+    );
+    let _ = writeln!(out, "keywarden_audit_rows_waiting {}", writer.waiting());
     render_counters(&mut out, metrics, live_leases);
     family(
         &mut out,

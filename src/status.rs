@@ -31,11 +31,18 @@ pub fn secret_entry(s: &SecretSummary) -> Value {
 }
 
 /// Whether the store takes the daemon's writes: `{"error": null, "failing_since": null}`, or
-/// the latest failed batch's error and since when writes fail (fetches are refused meanwhile).
-pub fn write_health(health: &crate::group_commit::WriteHealth) -> Value {
-    match health.failing() {
-        Some(f) => json!({ "error": f.error, "failing_since": time(Some(f.since)) }),
-        None => json!({ "error": null, "failing_since": null }),
+/// the latest failed batch's error and since when writes fail (fetches are refused meanwhile);
+/// and `brokered_rows_waiting`, the brokered requests' audit rows it refused and that wait to
+/// be written (brokered requests are refused meanwhile).
+pub fn write_health(writer: &crate::group_commit::GroupCommit) -> Value {
+    let waiting = writer.waiting();
+    match writer.health().failing() {
+        Some(f) => json!({
+            "error": f.error,
+            "failing_since": time(Some(f.since)),
+            "brokered_rows_waiting": waiting,
+        }),
+        None => json!({ "error": null, "failing_since": null, "brokered_rows_waiting": waiting }),
     }
 }
 

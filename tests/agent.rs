@@ -927,6 +927,8 @@ fn sockets_are_created_safely_and_metrics_are_served() {
     assert_eq!(code, 200);
     for line in [
         "keywarden_active_leases 1",
+        "keywarden_store_writes_failing 0",
+        "keywarden_audit_rows_waiting 0",
         "keywarden_fetch_decisions_total{decision=\"allow\"} 1",
         "keywarden_rotations_total{result=\"done\"} 1",
         "keywarden_secret_age_seconds{secret=\"app/token\"}",

@@ -2,10 +2,10 @@
 //! (docs/broker.md). Per request: the daemon's decision for the peer must admit the broker
 //! named in the path, the method and path must be one the broker allows, the body within its
 //! limit, the broker not blocked, the daemon's audit log writable and the policy's budget not
-//! spent. The agent's credential
-//! headers are dropped, the route's key added (`forward.rs`), the answer streamed back through
-//! a meter that reads the provider's usage, and its end reported to the daemon, which writes the
-//! audit row (`report.rs`).
+//! spent. The agent's credential headers are dropped, the route's key added (`forward.rs`), the
+//! answer streamed back through a meter that reads the provider's usage, and its end reported to
+//! the daemon, which writes the audit row (`report.rs`); a request dropped before its answer
+//! began (the agent hung up, a stop cut it) is reported too.
 //!
 //! | request | reply |
 //! |---|---|

@@ -901,6 +901,22 @@ fn requests_the_audit_log_cannot_record_are_kept_and_new_ones_refused_until_it_c
     assert!(head.to_lowercase().contains("retry-after: 1"), "{head}");
     let forwarded = s.provider.seen().len();
     assert!(forwarded > 0);
+    let status: Value = serde_json::from_str(&s.env.ok(&["status", "--json"], None)).unwrap();
+    assert!(
+        status["store"]["brokered_rows_waiting"].as_u64() > Some(0),
+        "{status}"
+    );
+    let text = s.env.ok(&["status"], None);
+    assert!(text.contains("BROKERED REQUESTS REFUSED"), "{text}");
+    let (_, metrics) = curl(&s.env.admin_socket(), "GET", "/metrics", &[]);
+    assert!(
+        metrics.contains("keywarden_store_writes_failing 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("keywarden_audit_rows_waiting 0"),
+        "{metrics}"
+    );
     assert_eq!(chat().0, 503);
     assert_eq!(s.provider.seen().len(), forwarded);
 

@@ -608,6 +608,14 @@ pub(crate) async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<Ex
             report["store"]["failing_since"].as_str().unwrap_or("?")
         );
     }
+    if let Some(rows) = report["store"]["brokered_rows_waiting"]
+        .as_u64()
+        .filter(|n| *n > 0)
+    {
+        println!(
+            "BROKERED REQUESTS REFUSED: {rows} audit rows of brokered requests wait for the store to take them"
+        );
+    }
     for line in leadership_lines(&report["leadership"]) {
         println!("{line}");
     }
