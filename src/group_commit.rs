@@ -477,6 +477,14 @@ mod tests {
         assert!(writer.pile.rows.lock().unwrap().0.is_empty());
     }
 
+    /// Lets the paused clock run until `backlog` says `to`.
+    async fn backlog_turns(backlog: &mut tokio::sync::watch::Receiver<bool>, to: bool) {
+        tokio::time::timeout(Duration::from_secs(10), backlog.wait_for(|b| *b == to))
+            .await
+            .unwrap_or_else(|_| panic!("the backlog never turned {to}"))
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn deferred_rows_a_store_refuses_are_kept_and_written_once_it_takes_them() {
         let (t, _stop, writer, _task) = paused_writer().await;
@@ -496,10 +504,7 @@ mod tests {
         refuse(true);
         deferred_row(&writer);
         deferred_row(&writer);
-        tokio::time::timeout(Duration::from_secs(10), backlog.wait_for(|b| *b))
-            .await
-            .expect("the failed rows are reported waiting")
-            .unwrap();
+        backlog_turns(&mut backlog, true).await;
         assert_eq!(rows(&t.path, "broker.request"), 0);
         assert_eq!(writer.waiting(), 2);
         assert!(writer.health().failing().is_some());
@@ -516,10 +521,7 @@ mod tests {
         assert!(*backlog.borrow());
 
         refuse(false);
-        tokio::time::timeout(Duration::from_secs(10), backlog.wait_for(|b| !*b))
-            .await
-            .expect("the backlog is written")
-            .unwrap();
+        backlog_turns(&mut backlog, false).await;
         assert_eq!(rows(&t.path, "broker.request"), 3);
         assert_eq!(writer.waiting(), 0);
         assert!(writer.health().failing().is_none());
