@@ -829,10 +829,21 @@ impl crate::rotation::drain::LeaseView for Leases {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const T0: Millis = 1_800_000_000_000;
+
+    /// A lease table over a backend in memory (for other modules' tests).
+    pub(crate) fn in_memory() -> Arc<Leases> {
+        Leases::new(
+            Arc::new(Memory::default()),
+            Clock::tokio(T0),
+            vec![],
+            Arc::new(Notify::new()),
+            100,
+        )
+    }
 
     #[derive(Default)]
     struct Memory {

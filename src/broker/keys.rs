@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 
 use super::process::{BrokerError, BrokerProcess};
 use crate::leases::{Hold, Leases};
-use crate::vault::{Vault, VaultError};
+use crate::vault::{Revealed, Vault, VaultError};
 
 /// What the broker process has of each route secret.
 #[derive(Default)]
@@ -32,6 +32,35 @@ struct State {
     pushed: HashMap<String, Option<(String, i64)>>,
     /// The versions the broker may still be using, held.
     held: HashMap<String, Vec<(i64, Hold)>>,
+}
+
+/// The version `read` says is current, held: read, held, then read again until the version
+/// held is still the current one. A version promoted away between its read and its hold may
+/// already be drained (the drain found no hold) and revoked upstream; the broker must not be
+/// given it.
+async fn hold_current<F, Fut>(
+    leases: &Arc<Leases>,
+    mut read: F,
+) -> Result<Option<(Revealed, Hold)>, VaultError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<Revealed>, VaultError>>,
+{
+    let mut current = read().await?;
+    loop {
+        let Some(r) = current else {
+            return Ok(None);
+        };
+        let hold = leases.hold(&r.secret_id, r.version);
+        let again = read().await?;
+        if again
+            .as_ref()
+            .is_some_and(|a| a.secret_id == r.secret_id && a.version == r.version)
+        {
+            return Ok(Some((r, hold)));
+        }
+        current = again;
+    }
 }
 
 /// Keeps the broker process's keys current.
@@ -156,10 +185,19 @@ impl KeyPusher {
         };
         let mut read = Vec::with_capacity(names.len());
         for name in names {
-            match self.vault.read(name, None).await {
+            let current = hold_current(&self.leases, || async {
+                match self.vault.read(name, None).await {
+                    Ok(r) => Ok(Some(r)),
+                    Err(VaultError::NoSuchSecret(_) | VaultError::NoCurrentVersion(_)) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            });
+            match current.await {
                 // A value no header can carry (a line break in it) is no key: the route is
                 // skipped, as for a secret without a value.
-                Ok(r) if hyper::header::HeaderValue::from_str(r.value.expose()).is_err() => {
+                Ok(Some((r, _)))
+                    if hyper::header::HeaderValue::from_str(r.value.expose()).is_err() =>
+                {
                     tracing::warn!(
                         secret = name,
                         version = r.version,
@@ -167,10 +205,10 @@ impl KeyPusher {
                     );
                     read.push((name, None));
                 }
-                Ok(r) => read.push((name, Some((r.secret_id, r.version, r.value)))),
-                Err(VaultError::NoSuchSecret(_) | VaultError::NoCurrentVersion(_)) => {
-                    read.push((name, None));
+                Ok(Some((r, hold))) => {
+                    read.push((name, Some((r.secret_id, r.version, r.value, hold))));
                 }
+                Ok(None) => read.push((name, None)),
                 // The store could not be read: the broker keeps what it has until a retry.
                 Err(e) => {
                     tracing::warn!(secret = name, error = %e, "cannot read a route's key");
@@ -187,11 +225,10 @@ impl KeyPusher {
         for (name, current) in read {
             let pushed = state.pushed.get(name).cloned();
             match current {
-                Some((secret_id, version, value)) => {
+                Some((secret_id, version, value, hold)) => {
                     if matches!(&pushed, Some(Some((id, p))) if *id == secret_id && *p >= version) {
                         continue;
                     }
-                    let hold = self.leases.hold(&secret_id, version);
                     state
                         .held
                         .entry(name.to_string())
@@ -281,5 +318,57 @@ impl KeyPusher {
             ))),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(version: i64) -> Revealed {
+        Revealed {
+            name: "openai/prod".into(),
+            secret_id: "s1".into(),
+            version,
+            stage: crate::store::Stage::Current,
+            value: crate::value::SecretValue::new(format!("sk-v{version}")),
+            meta: crate::vault::Meta::new(),
+            fingerprint: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_version_promoted_away_between_its_read_and_its_hold_is_not_the_one_held() {
+        let leases = crate::leases::tests::in_memory();
+        // Version 1 is read; version 2 is promoted before the hold (whose drain of version 1
+        // found nothing held); then version 2 is what the store says.
+        let mut reads = vec![Some(version(1)), Some(version(2)), Some(version(2))].into_iter();
+        let (held, hold) = hold_current(&leases, || std::future::ready(Ok(reads.next().unwrap())))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(held.version, 2);
+        assert_eq!(leases.live_on("s1", 2).0, 1);
+        assert_eq!(
+            leases.live_on("s1", 1).0,
+            0,
+            "the drained version is still held"
+        );
+        drop(hold);
+        assert_eq!(leases.live_on("s1", 2).0, 0);
+
+        // Unchanged between the two reads: held at once; gone: nothing held.
+        let mut reads = vec![Some(version(3)), Some(version(3))].into_iter();
+        let (held, _hold) = hold_current(&leases, || std::future::ready(Ok(reads.next().unwrap())))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(held.version, 3);
+        let mut reads = vec![Some(version(3)), None].into_iter();
+        let none = hold_current(&leases, || std::future::ready(Ok(reads.next().unwrap())))
+            .await
+            .unwrap();
+        assert!(none.is_none());
+        assert_eq!(leases.live_on("s1", 3).0, 1);
     }
 }
