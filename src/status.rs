@@ -35,15 +35,12 @@ pub fn secret_entry(s: &SecretSummary) -> Value {
 /// and `brokered_rows_waiting`, the brokered requests' audit rows it refused and that wait to
 /// be written (brokered requests are refused meanwhile).
 pub fn write_health(writer: &crate::group_commit::GroupCommit) -> Value {
-    let waiting = writer.waiting();
-    match writer.health().failing() {
-        Some(f) => json!({
-            "error": f.error,
-            "failing_since": time(Some(f.since)),
-            "brokered_rows_waiting": waiting,
-        }),
-        None => json!({ "error": null, "failing_since": null, "brokered_rows_waiting": waiting }),
-    }
+    let failing = writer.health().failing();
+    json!({
+        "error": failing.as_ref().map(|f| f.error.clone()),
+        "failing_since": time(failing.map(|f| f.since)),
+        "brokered_rows_waiting": writer.waiting(),
+    })
 }
 
 /// One alert as `status --json` and `alerts list --json` show it.
