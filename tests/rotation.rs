@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::Env;
-use common::daemon::{env_with_plugin, env_with_plugin_timeout, wait_for};
+use common::daemon::{env_with_plugin, env_with_plugin_timeout, wait_for, wait_for_explained};
 
 const SECRET: &str = r#"
 [secrets."svc/api"]
@@ -193,20 +193,74 @@ fn a_consumer_file_deleted_or_edited_is_written_again_at_start_and_reload() {
             Some(text) => std::fs::write(&file, text).unwrap(),
         }
         let daemon = env.start_daemon();
-        wait_for("the file written again", Duration::from_secs(30), || {
-            holds(&value).then_some(())
-        });
+        wait_for_explained(
+            &format!("the file written again after {damage:?}"),
+            Duration::from_secs(30),
+            || holds(&value).then_some(()),
+            || daemon.log_text(),
+        );
         assert_eq!(daemon.terminate(), Some(0));
     }
     // Deleted while it runs: a reload writes it again.
     let daemon = env.start_daemon();
     std::fs::remove_file(&file).unwrap();
     daemon.reload();
-    wait_for("the file written again", Duration::from_secs(30), || {
-        holds(&value).then_some(())
-    });
+    wait_for_explained(
+        "the file written again after a reload",
+        Duration::from_secs(30),
+        || holds(&value).then_some(()),
+        || daemon.log_text(),
+    );
     // The same version throughout: nothing was rotated to get there.
     assert_eq!(env.entry("demo/token")["version"], 1);
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+#[test]
+fn a_consumer_file_deleted_while_a_rotation_drains_is_written_again_at_start() {
+    // A lease on version 1 keeps the rotation to version 2 draining (grace 1h) across a
+    // restart; the file is lost meanwhile (a tmpfs after a reboot).
+    let env = env_with_plugin(
+        r#"
+[secrets."demo/token"]
+provider = "random"
+generate = { length = 24, charset = "hex" }
+consumers = ["token-file"]
+grace = "1h"
+
+[consumers.token-file]
+kind = "file"
+path = "out/token"
+
+[[policy]]
+name = "me"
+same_user = true
+secrets = ["demo/*"]
+"#,
+    );
+    let file = env.dir.path().join("out/token");
+    let daemon = env.start_daemon();
+    wait_for("the first version's file", Duration::from_secs(30), || {
+        (env.entry("demo/token")["rotation_state"] == "done").then_some(())
+    });
+    let (code, body) = common::curl(&env.agent_socket(), "GET", "/v1/secrets/demo/token", &[]);
+    assert_eq!(code, 200, "{body}");
+    env.ok(&["rotate", "demo/token", "--no-wait"], None);
+    wait_for("the rotation to drain", Duration::from_secs(30), || {
+        (env.entry("demo/token")["rotation_state"] == "draining").then_some(())
+    });
+    assert_eq!(daemon.terminate(), Some(0));
+    let value = env.get("demo/token");
+    std::fs::remove_file(&file).unwrap();
+
+    let daemon = env.start_daemon();
+    wait_for_explained(
+        "the file written again",
+        Duration::from_secs(30),
+        || (std::fs::read_to_string(&file).ok()? == value).then_some(()),
+        || daemon.log_text(),
+    );
+    assert_eq!(env.entry("demo/token")["rotation_state"], "draining");
     assert_eq!(daemon.terminate(), Some(0));
 }
 

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::backoff;
 use super::catalog::SecretSpec;
-use super::engine::{ACTOR, Engine, EngineError};
+use super::engine::{ACTOR, Engine, EngineError, RotationEvent};
 use super::steps::StepError;
 use crate::audit::AuditEvent;
 use crate::consumer::{Consumer, Delivery, FileConsumer};
@@ -153,21 +153,29 @@ impl Engine {
     /// Delivers the current version to consumers that lag behind it (a consumer added to the
     /// config) and writes again a file consumer's file that no longer holds it (deleted, emptied
     /// or edited while the daemon was down or since). Runs at start and reload. Retries with
-    /// backoff.
+    /// backoff. While a rotation of the secret has yet to push its version, waits for it to
+    /// move on (it delivers, or rolls back); one past its push (`pushed`, `draining`) delivers
+    /// nothing more, so its version's files are checked here.
     pub async fn sync_consumers(&self, name: &str) -> Result<(), EngineError> {
         let spec = self.spec(name)?;
+        // Subscribed before the state is read: no move in between is missed.
+        let mut moves = self.events.subscribe();
         let mut attempt = 0;
         loop {
-            attempt += 1;
             let store = self.vault.store();
             let secret = store.secret(name).await?;
             let active = match &secret {
                 Some(s) => store.latest_rotation(&s.id).await?,
                 None => None,
             };
-            if active.is_some_and(|r| !r.state.is_terminal()) {
-                return Ok(()); // the rotation in progress pushes
+            if active.is_some_and(|r| r.state.before_push()) {
+                let mut shutdown = self.shutdown.clone();
+                tokio::select! {
+                    () = next_move(&mut moves, name) => continue,
+                    _ = shutdown.changed() => return Ok(()),
+                }
             }
+            attempt += 1;
             let Some(current) = store.sealed(name, None).await? else {
                 return Ok(());
             };
@@ -188,6 +196,20 @@ impl Engine {
                         _ = shutdown.changed() => return Ok(()),
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Resolves at the next event of `name`'s rotations (or when events were missed).
+async fn next_move(moves: &mut tokio::sync::broadcast::Receiver<RotationEvent>, name: &str) {
+    loop {
+        match moves.recv().await {
+            Ok(event) if event.secret == name => return,
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                std::future::pending::<()>().await;
             }
         }
     }
