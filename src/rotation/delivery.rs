@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::backoff;
 use super::catalog::SecretSpec;
-use super::engine::{ACTOR, Engine, EngineError, RotationEvent};
+use super::engine::{ACTOR, Engine, EngineError};
 use super::steps::StepError;
 use crate::audit::AuditEvent;
 use crate::consumer::{Consumer, Delivery, FileConsumer};
@@ -158,8 +158,6 @@ impl Engine {
     /// nothing more, so its version's files are checked here.
     pub async fn sync_consumers(&self, name: &str) -> Result<(), EngineError> {
         let spec = self.spec(name)?;
-        // Subscribed before the state is read: no move in between is missed.
-        let mut moves = self.events.subscribe();
         let mut attempt = 0;
         loop {
             let store = self.vault.store();
@@ -168,10 +166,13 @@ impl Engine {
                 Some(s) => store.latest_rotation(&s.id).await?,
                 None => None,
             };
-            if active.is_some_and(|r| r.state.before_push()) {
+            if let Some(r) = active.filter(|r| r.state.before_push()) {
                 let mut shutdown = self.shutdown.clone();
                 tokio::select! {
-                    () = next_move(&mut moves, name) => continue,
+                    moved = self.pushed_or_over(&r.id) => {
+                        moved?;
+                        continue;
+                    }
                     _ = shutdown.changed() => return Ok(()),
                 }
             }
@@ -196,20 +197,6 @@ impl Engine {
                         _ = shutdown.changed() => return Ok(()),
                     }
                 }
-            }
-        }
-    }
-}
-
-/// Resolves at the next event of `name`'s rotations (or when events were missed).
-async fn next_move(moves: &mut tokio::sync::broadcast::Receiver<RotationEvent>, name: &str) {
-    loop {
-        match moves.recv().await {
-            Ok(event) if event.secret == name => return,
-            Ok(_) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                std::future::pending::<()>().await;
             }
         }
     }

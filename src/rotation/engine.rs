@@ -683,6 +683,35 @@ impl Engine {
         })
     }
 
+    /// Resolves once rotation `rotation_id` has pushed its version, is over, or is gone (told
+    /// only that rotation's moves).
+    pub(super) async fn pushed_or_over(&self, rotation_id: &str) -> Result<(), StoreError> {
+        let mut moves = self
+            .waiters
+            .lock()
+            .expect("waiters lock")
+            .entry(rotation_id.to_string())
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe();
+        let _unwatch = Unwatch {
+            engine: self,
+            rotation_id,
+        };
+        // Read after subscribing: a move in between is seen as a change.
+        let record = self.vault.store().rotation(rotation_id).await?;
+        if !record.is_some_and(|r| r.state.before_push()) {
+            return Ok(());
+        }
+        while moves.changed().await.is_ok() {
+            if let Some((state, _)) = *moves.borrow_and_update()
+                && !state.before_push()
+            {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
     /// Waits until the rotation is over, parked, or draining behind live leases; returns its
     /// last record.
     pub async fn wait(
