@@ -233,45 +233,7 @@ impl GroupCommit {
                         }
                     }
                 }
-                let mut ops = Vec::new();
-                let mut audit = Vec::new();
-                let mut waiters = Vec::with_capacity(batch.len());
-                for item in batch {
-                    ops.extend(item.ops);
-                    audit.extend(item.audit);
-                    waiters.push(item.done);
-                }
-                // Rows that failed before are tried on their own: whatever refused them cannot
-                // fail the requests waiting here.
-                let backlog = *pile.backlog.borrow();
-                let waited_for = audit.len();
-                let retried = if backlog {
-                    pile.take(false)
-                } else {
-                    audit.extend(pile.take(false));
-                    Vec::new()
-                };
-                if !(ops.is_empty() && audit.is_empty()) {
-                    let result = commit(&store, &ops, &audit, &writer_health).await;
-                    if result.is_err() && audit.len() > waited_for {
-                        // Nobody waits for these to be told: they are kept and tried again.
-                        pile.put_back(audit.split_off(waited_for));
-                    }
-                    for waiter in waiters {
-                        let _ = waiter.send(result.clone());
-                    }
-                }
-                if !retried.is_empty() {
-                    pile.retrying.store(retried.len(), Ordering::SeqCst);
-                    let result = commit(&store, &[], &retried, &writer_health).await;
-                    match result {
-                        Ok(()) => {
-                            pile.backlog.send_replace(false);
-                        }
-                        Err(_) => pile.put_back(retried),
-                    }
-                    pile.retrying.store(0, Ordering::SeqCst);
-                }
+                write_batch(&store, &pile, &writer_health, batch).await;
             }
         });
         (GroupCommit { tx, pile, health }, task)
@@ -340,6 +302,47 @@ impl GroupCommit {
             .await
             .map_err(|_| WriteError::Stopped)?;
         wait.await.map_err(|_| WriteError::Stopped)?
+    }
+}
+
+/// Commits `batch` with the piled rows, tells its writers how it went, and keeps piled rows
+/// the store refused. Rows that failed before are tried on their own: whatever refused them
+/// cannot fail the requests waiting here.
+async fn write_batch(store: &Store, pile: &Pile, health: &WriteHealth, batch: Vec<Item>) {
+    let mut ops = Vec::new();
+    let mut audit = Vec::new();
+    let mut waiters = Vec::with_capacity(batch.len());
+    for item in batch {
+        ops.extend(item.ops);
+        audit.extend(item.audit);
+        waiters.push(item.done);
+    }
+    let waited_for = audit.len();
+    let retried = if *pile.backlog.borrow() {
+        pile.take(false)
+    } else {
+        audit.extend(pile.take(false));
+        Vec::new()
+    };
+    if !(ops.is_empty() && audit.is_empty()) {
+        let result = commit(store, &ops, &audit, health).await;
+        if result.is_err() && audit.len() > waited_for {
+            // Nobody waits for these to be told: they are kept and tried again.
+            pile.put_back(audit.split_off(waited_for));
+        }
+        for waiter in waiters {
+            let _ = waiter.send(result.clone());
+        }
+    }
+    if !retried.is_empty() {
+        pile.retrying.store(retried.len(), Ordering::SeqCst);
+        match commit(store, &[], &retried, health).await {
+            Ok(()) => {
+                pile.backlog.send_replace(false);
+            }
+            Err(_) => pile.put_back(retried),
+        }
+        pile.retrying.store(0, Ordering::SeqCst);
     }
 }
 

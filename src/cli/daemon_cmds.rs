@@ -573,6 +573,23 @@ pub(crate) async fn rotate(ctx: &Context, args: RotateArgs) -> anyhow::Result<Ex
     rotate_outcome(&outcome?, args.json)
 }
 
+/// What `status` says of a store that refuses the daemon's writes (`store` of the report).
+fn store_lines(store: &Value) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some(error) = store["error"].as_str() {
+        lines.push(format!(
+            "STORE WRITES FAILING since {} (fetches are refused until it takes writes): {error}",
+            store["failing_since"].as_str().unwrap_or("?")
+        ));
+    }
+    if let Some(rows) = store["brokered_rows_waiting"].as_u64().filter(|n| *n > 0) {
+        lines.push(format!(
+            "BROKERED REQUESTS REFUSED: {rows} audit rows of brokered requests wait for the store to take them"
+        ));
+    }
+    lines
+}
+
 pub(crate) async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
     let report = match daemon_socket(ctx).await {
         Some(socket) => admin(socket, Method::GET, "/v1/admin/status", None).await?,
@@ -602,21 +619,10 @@ pub(crate) async fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<Ex
             p["restarts"]
         );
     }
-    if let Some(error) = report["store"]["error"].as_str() {
-        println!(
-            "STORE WRITES FAILING since {} (fetches are refused until it takes writes): {error}",
-            report["store"]["failing_since"].as_str().unwrap_or("?")
-        );
-    }
-    if let Some(rows) = report["store"]["brokered_rows_waiting"]
-        .as_u64()
-        .filter(|n| *n > 0)
+    for line in store_lines(&report["store"])
+        .into_iter()
+        .chain(leadership_lines(&report["leadership"]))
     {
-        println!(
-            "BROKERED REQUESTS REFUSED: {rows} audit rows of brokered requests wait for the store to take them"
-        );
-    }
-    for line in leadership_lines(&report["leadership"]) {
         println!("{line}");
     }
     super::broker_cmd::print_brokers(&report["brokers"]);

@@ -683,20 +683,33 @@ impl Engine {
         })
     }
 
-    /// Resolves once rotation `rotation_id` has pushed its version, is over, or is gone (told
-    /// only that rotation's moves).
-    pub(super) async fn pushed_or_over(&self, rotation_id: &str) -> Result<(), StoreError> {
-        let mut moves = self
+    /// The moves of rotation `rotation_id` (state, and whether it stopped on an error), and a
+    /// guard that forgets its channel when the last watcher is gone. Bind both in one `let`
+    /// (`let (moves, _unwatch) = …`): the guard is then dropped before the receiver.
+    fn watch_moves<'a>(
+        &'a self,
+        rotation_id: &'a str,
+    ) -> (watch::Receiver<Option<(RotationState, bool)>>, Unwatch<'a>) {
+        let moves = self
             .waiters
             .lock()
             .expect("waiters lock")
             .entry(rotation_id.to_string())
             .or_insert_with(|| watch::channel(None).0)
             .subscribe();
-        let _unwatch = Unwatch {
-            engine: self,
-            rotation_id,
-        };
+        (
+            moves,
+            Unwatch {
+                engine: self,
+                rotation_id,
+            },
+        )
+    }
+
+    /// Resolves once rotation `rotation_id` has pushed its version, is over, or is gone (told
+    /// only that rotation's moves).
+    pub(super) async fn pushed_or_over(&self, rotation_id: &str) -> Result<(), StoreError> {
+        let (mut moves, _unwatch) = self.watch_moves(rotation_id);
         // Read after subscribing: a move in between is seen as a change.
         let record = self.vault.store().rotation(rotation_id).await?;
         if !record.is_some_and(|r| r.state.before_push()) {
@@ -719,17 +732,7 @@ impl Engine {
         rotation_id: &str,
         timeout: Duration,
     ) -> Result<Option<RotationRecord>, StoreError> {
-        let mut moves = self
-            .waiters
-            .lock()
-            .expect("waiters lock")
-            .entry(rotation_id.to_string())
-            .or_insert_with(|| watch::channel(None).0)
-            .subscribe();
-        let _unwatch = Unwatch {
-            engine: self,
-            rotation_id,
-        };
+        let (mut moves, _unwatch) = self.watch_moves(rotation_id);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let record = self.vault.store().rotation(rotation_id).await?;
