@@ -265,6 +265,142 @@ secrets = ["demo/*"]
 }
 
 #[test]
+fn a_rotation_that_starts_while_a_lost_file_is_written_again_pushes_its_version_after() {
+    // At start the daemon writes again a file that lost its value. A failpoint holds that
+    // write between reading the version to write and writing it, and a rotation is requested
+    // meanwhile: its push must come after the old version's write, never before it (the file
+    // would hold the old value, revoked once the rotation ends).
+    let env = token_into_file("");
+    let file = env.dir.path().join("out/token");
+    let daemon = env.start_daemon();
+    wait_for("the first version's file", Duration::from_secs(30), || {
+        (env.entry("demo/token")["rotation_state"] == "done" && file.exists()).then_some(())
+    });
+    assert_eq!(daemon.terminate(), Some(0));
+    std::fs::remove_file(&file).unwrap();
+
+    let daemon = env.start_daemon_with(&[("FAILPOINTS", "consumers.rewrite=1*sleep(2000)")]);
+    wait_for_explained(
+        "the file's write to be held",
+        Duration::from_secs(30),
+        || daemon.log_text().contains("writing it again").then_some(()),
+        || daemon.log_text(),
+    );
+    env.ok(&["rotate", "demo/token"], None);
+    wait_for_explained(
+        "the held write to end",
+        Duration::from_secs(30),
+        || {
+            daemon
+                .log_text()
+                .lines()
+                .any(|l| l.contains("delivered") && l.contains("version=1"))
+                .then_some(())
+        },
+        || daemon.log_text(),
+    );
+    assert_eq!(env.entry("demo/token")["version"], 2);
+    let log = daemon.log_text();
+    assert_eq!(daemon.terminate(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        env.get("demo/token"),
+        "the file holds an older version: {log}"
+    );
+}
+
+#[test]
+fn a_lost_file_is_written_again_at_start_while_a_rotation_retries_before_its_push() {
+    // The second rotation's verify keeps failing (a provider that is down) and retries an hour
+    // later: the rotation stays `created` across a restart, and the file lost meanwhile must
+    // not wait for it. It holds the current version, still the first.
+    lost_file_while_a_rotation_retries(
+        r#"settings = { fail = { op = "verify", retryable = true, skip = 1 } }"#,
+        "",
+        "created",
+        "injected failure of verify",
+    );
+}
+
+#[test]
+fn a_lost_file_is_written_again_at_start_while_a_rotation_retries_its_push() {
+    // The second rotation's push to another consumer keeps failing: the rotation stays
+    // `promoted` (it never rolls back from there) across a restart, and the lost file gets
+    // the promoted version, the current one.
+    lost_file_while_a_rotation_retries(
+        "",
+        r#"settings = { consumer_name = "mirror", fail = { op = "push", retryable = true, skip = 1 } }"#,
+        "promoted",
+        "injected failure of push",
+    );
+}
+
+/// A secret of the example plugin (`secret_settings`) with a file consumer and a plugin
+/// consumer (`push_settings`), every retry an hour away: the second rotation stops in `state`
+/// on `error`, the daemon stops, the file is lost, and the next start writes it again.
+fn lost_file_while_a_rotation_retries(
+    secret_settings: &str,
+    push_settings: &str,
+    state: &str,
+    error: &str,
+) {
+    let env = env_with_plugin(&format!(
+        r#"
+[secrets."svc/key"]
+provider = "example"
+{secret_settings}
+consumers = ["key-file", "key-push"]
+
+[consumers.key-file]
+kind = "file"
+path = "out/key"
+
+[consumers.key-push]
+kind = "example"
+{push_settings}
+"#
+    ));
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        config
+            .replace("retry_base = \"50ms\"", "retry_base = \"1h\"")
+            .replace("retry_max = \"400ms\"", "retry_max = \"1h\""),
+    )
+    .unwrap();
+    let file = env.dir.path().join("out/key");
+    let daemon = env.start_daemon();
+    wait_for("the first version's file", Duration::from_secs(30), || {
+        (env.entry("svc/key")["rotation_state"] == "done" && file.exists()).then_some(())
+    });
+    env.ok(&["rotate", "svc/key", "--no-wait"], None);
+    wait_for_explained(
+        "the rotation to wait for its retry",
+        Duration::from_secs(30),
+        || {
+            let e = env.entry("svc/key");
+            (e["rotation_state"] == state
+                && e["last_error"].as_str().is_some_and(|m| m.contains(error)))
+            .then_some(())
+        },
+        || daemon.log_text(),
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+    let value = env.get("svc/key");
+    std::fs::remove_file(&file).unwrap();
+
+    let daemon = env.start_daemon();
+    wait_for_explained(
+        "the file written again",
+        Duration::from_secs(30),
+        || (std::fs::read_to_string(&file).ok()? == value).then_some(()),
+        || daemon.log_text(),
+    );
+    assert_eq!(env.entry("svc/key")["rotation_state"], state);
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+#[test]
 fn a_failed_verification_rolls_back_and_keeps_the_current_credential() {
     let env = env_with_plugin(
         r#"

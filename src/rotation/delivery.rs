@@ -70,6 +70,14 @@ impl Engine {
         if pending.is_empty() {
             return Ok(());
         }
+        // A test holds a sync here, between reading what to write and writing it
+        // (`FAILPOINTS=consumers.rewrite=sleep(…)`), while a rotation starts.
+        #[cfg(feature = "failpoints")]
+        if check_files && std::env::var_os("FAILPOINTS").is_some() {
+            tokio::task::block_in_place(|| {
+                crash_point!("consumers.rewrite");
+            });
+        }
         let mut failures = Vec::new();
         let results = join_all(
             pending
@@ -152,35 +160,28 @@ impl Engine {
 
     /// Delivers the current version to consumers that lag behind it (a consumer added to the
     /// config) and writes again a file consumer's file that no longer holds it (deleted, emptied
-    /// or edited while the daemon was down or since). Runs at start and reload. Retries with
-    /// backoff. While a rotation of the secret has yet to push its version, waits for it to
-    /// move on (it delivers, or rolls back); one past its push (`pushed`, `draining`) delivers
-    /// nothing more, so its version's files are checked here.
+    /// or edited while the daemon was down or since). Runs at start and reload, and after a
+    /// `put`. Retries with backoff.
+    ///
+    /// It holds the secret's delivery lock from reading the current version to the last write,
+    /// as a rotation's push does, so a rotation that moves on meanwhile pushes its version
+    /// after these writes, never before them. It need not wait for a rotation under way: before
+    /// its promotion the current version is still the one consumers must hold, and from then on
+    /// the current version is the rotation's own (a promoted rotation never rolls back), which
+    /// this delivers as its push would.
     pub async fn sync_consumers(&self, name: &str) -> Result<(), EngineError> {
         let spec = self.spec(name)?;
         let mut attempt = 0;
         loop {
-            let store = self.vault.store();
-            let secret = store.secret(name).await?;
-            let active = match &secret {
-                Some(s) => store.latest_rotation(&s.id).await?,
-                None => None,
-            };
-            if let Some(r) = active.filter(|r| r.state.before_push()) {
-                let mut shutdown = self.shutdown.clone();
-                tokio::select! {
-                    moved = self.pushed_or_over(&r.id) => {
-                        moved?;
-                        continue;
-                    }
-                    _ = shutdown.changed() => return Ok(()),
-                }
-            }
             attempt += 1;
-            let Some(current) = store.sealed(name, None).await? else {
-                return Ok(());
+            let delivered = {
+                let _delivering = self.delivery_lock(name).await;
+                let Some(current) = self.vault.store().sealed(name, None).await? else {
+                    return Ok(());
+                };
+                self.deliver_all(spec, current.version.version, true).await
             };
-            match self.deliver_all(spec, current.version.version, true).await {
+            match delivered {
                 Ok(()) => return Ok(()),
                 Err(e) if attempt >= spec.max_attempts => {
                     return Err(EngineError::Undelivered {
@@ -199,5 +200,18 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Takes `name`'s delivery lock (see [`Engine::sync_consumers`]). Only secrets with
+    /// consumers take one, so the locks are as many as they.
+    pub(super) async fn delivery_lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .delivering
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
     }
 }

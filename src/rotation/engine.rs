@@ -149,6 +149,9 @@ pub struct Engine {
     /// that rotation's moves (state, and whether it stopped on an error), so a thousand waits
     /// do not each wake on every other rotation's steps.
     pub(super) waiters: Mutex<HashMap<String, MoveWatch>>,
+    /// One lock per secret that its deliveries take (a rotation's push, a consumer sync), so
+    /// that an older version is never written over a newer one (see `delivery.rs`).
+    pub(super) delivering: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub(super) scheduler_wake: Arc<Notify>,
     pub(super) lease_wake: Arc<Notify>,
     pub(super) lease_view: std::sync::OnceLock<Arc<dyn LeaseView>>,
@@ -182,6 +185,7 @@ impl Engine {
             tasks: Mutex::new(tokio::task::JoinSet::new()),
             events,
             waiters: Mutex::new(HashMap::new()),
+            delivering: Mutex::new(HashMap::new()),
             scheduler_wake: Arc::new(Notify::new()),
             lease_wake: Arc::new(Notify::new()),
             lease_view: std::sync::OnceLock::new(),
@@ -704,25 +708,6 @@ impl Engine {
                 rotation_id,
             },
         )
-    }
-
-    /// Resolves once rotation `rotation_id` has pushed its version, is over, or is gone (told
-    /// only that rotation's moves).
-    pub(super) async fn pushed_or_over(&self, rotation_id: &str) -> Result<(), StoreError> {
-        let (mut moves, _unwatch) = self.watch_moves(rotation_id);
-        // Read after subscribing: a move in between is seen as a change.
-        let record = self.vault.store().rotation(rotation_id).await?;
-        if !record.is_some_and(|r| r.state.before_push()) {
-            return Ok(());
-        }
-        while moves.changed().await.is_ok() {
-            if let Some((state, _)) = *moves.borrow_and_update()
-                && !state.before_push()
-            {
-                return Ok(());
-            }
-        }
-        Ok(())
     }
 
     /// Waits until the rotation is over, parked, or draining behind live leases; returns its

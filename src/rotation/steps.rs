@@ -415,7 +415,10 @@ impl Engine {
                 self.revoke_old_now(rotation, spec, provider, from).await?;
             }
         }
-        self.deliver_all(spec, to, false).await?;
+        if !spec.consumers.is_empty() {
+            let _delivering = self.delivery_lock(&spec.name).await;
+            self.deliver_all(spec, to, false).await?;
+        }
         let outcome = self
             .advance(
                 rotation,

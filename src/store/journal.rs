@@ -61,18 +61,6 @@ pub const TRANSITIONS: [(RotationState, RotationState); 10] = {
 };
 
 impl RotationState {
-    /// Whether a rotation in this state has yet to push its version to the consumers (it will,
-    /// or it rolls back).
-    pub fn before_push(self) -> bool {
-        matches!(
-            self,
-            RotationState::Planned
-                | RotationState::Created
-                | RotationState::Verified
-                | RotationState::Promoted
-        )
-    }
-
     /// Whether the rotation is over.
     pub fn is_terminal(self) -> bool {
         matches!(
