@@ -596,14 +596,15 @@ impl PluginHost {
             .lock()
             .expect("pending lock")
             .insert(request.id, (request.op.clone(), tx));
-        let line = Zeroizing::new(serde_json::to_string(request).expect("requests serialize"));
+        let line = keywarden_plugin_sdk::protocol::line(&Zeroizing::new(
+            serde_json::to_string(request).expect("requests serialize"),
+        ));
         // One deadline for the whole call: a plugin that stops reading its input (the pipe
         // fills up) times out like one that never answers.
         let deadline = tokio::time::Instant::now() + self.spec.timeout;
         let written = tokio::time::timeout_at(deadline, async {
             let mut stdin = running.stdin.lock().await;
-            stdin.write_all(line.as_bytes()).await?;
-            stdin.write_all(b"\n").await?;
+            stdin.write_all(&line).await?;
             stdin.flush().await
         })
         .await;
@@ -666,10 +667,12 @@ impl PluginHost {
             op: Op::Shutdown.as_str().into(),
             ..Request::default()
         };
-        let line = serde_json::to_string(&request).expect("requests serialize");
+        let json = serde_json::to_string(&request).expect("requests serialize");
         {
             let mut stdin = running.stdin.lock().await;
-            let _ = stdin.write_all(format!("{line}\n").as_bytes()).await;
+            let _ = stdin
+                .write_all(&keywarden_plugin_sdk::protocol::line(&json))
+                .await;
             let _ = stdin.flush().await;
         }
         for _ in 0..50 {

@@ -107,15 +107,13 @@ where
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let hello = serde_json::to_string(&plugin.hello()).expect("hello serializes");
-    output.write_all(hello.as_bytes()).await?;
-    output.write_all(b"\n").await?;
+    output.write_all(&protocol::line(&hello)).await?;
     output.flush().await?;
 
     let (tx, mut rx) = mpsc::channel::<Zeroizing<String>>(64);
     let writer = tokio::spawn(async move {
-        while let Some(line) = rx.recv().await {
-            output.write_all(line.as_bytes()).await?;
-            output.write_all(b"\n").await?;
+        while let Some(json) = rx.recv().await {
+            output.write_all(&protocol::line(&json)).await?;
             output.flush().await?;
         }
         Ok::<_, std::io::Error>(())

@@ -18,6 +18,15 @@ pub const PLUGIN_FLAG: &str = "--keywarden-plugin=1";
 /// Longest line either side may send, in bytes (excluding the newline).
 pub const MAX_LINE_BYTES: usize = 1 << 20;
 
+/// A message as the line that carries it: `json` and its newline in one buffer, zeroed when
+/// dropped, to be written at once (a line written in two parts wakes its reader twice).
+pub fn line(json: &str) -> Zeroizing<Vec<u8>> {
+    let mut line = Zeroizing::new(Vec::with_capacity(json.len() + 1));
+    line.extend_from_slice(json.as_bytes());
+    line.push(b'\n');
+    line
+}
+
 /// A JSON object of non-secret facts (key ids, user names).
 pub type Meta = serde_json::Map<String, serde_json::Value>;
 
