@@ -1,5 +1,7 @@
 //! The end state every drill checks, with its daemon running: nothing lost, nothing orphaned.
 
+use std::path::Path;
+
 use keywarden_testkit::Env;
 
 use crate::kit::{self, Violations};
@@ -67,6 +69,20 @@ fn stored_secrets(
             format!("{name}: {file} does not hold the current version")
         });
         checked += 1;
+    }
+    // A daemon killed mid-write leaves a temporary file (holding a value) beside a consumer's
+    // file; the next start removes it.
+    let directories: std::collections::BTreeSet<_> = secrets
+        .iter()
+        .filter_map(|(_, file)| env.dir.path().join(file).parent().map(Path::to_path_buf))
+        .collect();
+    for dir in directories {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            violations.check(!(name.starts_with('.') && name.ends_with(".tmp")), || {
+                format!("{}: an interrupted write's {name} is left", dir.display())
+            });
+        }
     }
     violations.check(
         kit::one(

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -241,6 +242,71 @@ pub enum DeliveryError {
     },
 }
 
+/// A [`DeliveryError::Io`] maker: what was being done, to which path.
+fn io_error(what: &'static str, path: &Path) -> impl Fn(std::io::Error) -> DeliveryError {
+    let path = path.to_path_buf();
+    move |source| DeliveryError::Io {
+        what,
+        path: path.clone(),
+        source,
+    }
+}
+
+/// Removes what interrupted writes left beside the files of `consumers`: temporary files of
+/// their naming (`.NAME.<32 hex digits>.tmp`), which a daemon killed between creating one and
+/// renaming it over its file leaves behind, holding a value. Run at start, before anything is
+/// delivered (no write of this daemon is in flight); each directory is listed once, and one that
+/// others could write to is not touched (its files' writes fail with the reason). Returns the
+/// paths removed, and the directories that could not be swept with why.
+pub fn remove_leftovers(consumers: &[&FileConsumer]) -> (Vec<PathBuf>, Vec<DeliveryError>) {
+    let mut by_directory: BTreeMap<&Path, Vec<&FileConsumer>> = BTreeMap::new();
+    for c in consumers {
+        by_directory.entry(c.directory()).or_default().push(c);
+    }
+    let (mut removed, mut failed) = (Vec::new(), Vec::new());
+    for (dir, files) in by_directory {
+        if !dir.is_dir() {
+            continue;
+        }
+        match sweep(dir, &files) {
+            Ok(paths) => removed.extend(paths),
+            Err(e) => failed.push(e),
+        }
+    }
+    (removed, failed)
+}
+
+/// [`remove_leftovers`] in one directory, which holds every file of `files`.
+fn sweep(dir: &Path, files: &[&FileConsumer]) -> Result<Vec<PathBuf>, DeliveryError> {
+    let (dirfd, _) = files[0].open_directory()?;
+    let prefixes: Vec<Vec<u8>> = files
+        .iter()
+        .filter_map(|c| c.path.file_name())
+        .map(|name| [b".", name.as_encoded_bytes(), b"."].concat())
+        .collect();
+    let ours = |name: &[u8]| {
+        prefixes.iter().any(|prefix| {
+            name.strip_prefix(prefix.as_slice())
+                .and_then(|rest| rest.strip_suffix(b".tmp"))
+                .is_some_and(|id| id.len() == 32 && id.iter().all(u8::is_ascii_hexdigit))
+        })
+    };
+    let listing =
+        rustix::fs::Dir::read_from(&dirfd).map_err(|e| io_error("list", dir)(e.into()))?;
+    let mut removed = Vec::new();
+    for entry in listing {
+        let entry = entry.map_err(|e| io_error("list", dir)(e.into()))?;
+        let name = entry.file_name();
+        if ours(name.to_bytes()) {
+            let path = dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+            rustix::fs::unlinkat(&dirfd, name, rustix::fs::AtFlags::empty())
+                .map_err(|e| io_error("remove", &path)(e.into()))?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
 /// A user or group name that could not be resolved to an id.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{spec:?}: {why}")]
@@ -315,44 +381,17 @@ impl FileConsumer {
     /// path that another user swapped for a symlink cannot redirect the write. The directory
     /// must not be replaceable by others (see [`unsafe_directory`]).
     fn write_atomically(&self, content: &str) -> Result<(), DeliveryError> {
-        use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
-        let dir = self
-            .path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        let file_name = self
-            .path
-            .file_name()
-            .ok_or_else(|| DeliveryError::NoFileName(self.path.clone()))?;
-        let io = |what: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source: std::io::Error| DeliveryError::Io { what, path, source }
-        };
+        use rustix::fs::{AtFlags, Mode, OFlags};
+        let dir = self.directory();
         // Missing directories are made 0755 (explicitly: the daemon's umask is 077), so the
         // program that reads the file can reach it; the file's own mode protects it.
         let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
         for d in missing.into_iter().rev() {
             std::fs::create_dir(d)
                 .and_then(|()| std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)))
-                .map_err(io("create", d))?;
+                .map_err(io_error("create", d))?;
         }
-        let dirfd = rustix::fs::openat2(
-            rustix::fs::CWD,
-            dir,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::NO_SYMLINKS,
-        )
-        .map_err(|e| io("open the directory of", &self.path)(e.into()))?;
-        if let Some(why) = self
-            .unsafe_directory(&rustix::fs::fstat(&dirfd).map_err(|e| io("inspect", dir)(e.into()))?)
-        {
-            return Err(DeliveryError::UnsafeDirectory {
-                path: dir.to_path_buf(),
-                why,
-            });
-        }
+        let (dirfd, file_name) = self.open_directory()?;
         let tmp = format!(
             ".{}.{}.tmp",
             file_name.to_string_lossy(),
@@ -376,13 +415,50 @@ impl FileConsumer {
             }
             rustix::fs::fchmod(&f, Mode::from_raw_mode(self.mode))?;
             f.sync_all()?;
+            crash_point!("consumer.temp-written");
             rustix::fs::renameat(&dirfd, tmp.as_str(), &dirfd, file_name)?;
             Ok(rustix::fs::fsync(&dirfd)?)
         })();
         result.map_err(|source| {
             let _ = rustix::fs::unlinkat(&dirfd, tmp.as_str(), AtFlags::empty());
-            io("write", &self.path)(source)
+            io_error("write", &self.path)(source)
         })
+    }
+
+    /// The directory the file is in.
+    fn directory(&self) -> &Path {
+        self.path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    }
+
+    /// The file's directory, opened without following a symlink anywhere on its path
+    /// (`openat2` with `RESOLVE_NO_SYMLINKS`) and checked (see [`Self::unsafe_directory`]), and
+    /// the file's name in it.
+    fn open_directory(&self) -> Result<(rustix::fd::OwnedFd, &std::ffi::OsStr), DeliveryError> {
+        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        let dir = self.directory();
+        let file_name = self
+            .path
+            .file_name()
+            .ok_or_else(|| DeliveryError::NoFileName(self.path.clone()))?;
+        let dirfd = rustix::fs::openat2(
+            rustix::fs::CWD,
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS,
+        )
+        .map_err(|e| io_error("open the directory of", &self.path)(e.into()))?;
+        let st = rustix::fs::fstat(&dirfd).map_err(|e| io_error("inspect", dir)(e.into()))?;
+        if let Some(why) = self.unsafe_directory(&st) {
+            return Err(DeliveryError::UnsafeDirectory {
+                path: dir.to_path_buf(),
+                why,
+            });
+        }
+        Ok((dirfd, file_name))
     }
 
     /// Why the target's directory could let another user swap or read what is written: owned
@@ -538,6 +614,48 @@ mod tests {
             meta: &Meta::new(),
         })
         .await
+    }
+
+    #[test]
+    fn leftovers_of_interrupted_writes_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = consumer_at(dir.path().join("token"));
+        let missing = consumer_at(dir.path().join("not-yet/token"));
+        let (removed, failed) = remove_leftovers(&[&c, &missing]);
+        assert!(removed.is_empty() && failed.is_empty(), "{failed:?}");
+        let hex = "0123456789abcdef0123456789abcdef";
+        let leftover = format!(".token.{hex}.tmp");
+        let kept = [
+            "token".to_string(),
+            format!(".token.{}.tmp", &hex[..31]),
+            format!(".other.{hex}.tmp"),
+            format!(".token.{}g.tmp", &hex[..31]),
+            format!("token.{hex}.tmp"),
+            ".token.tmp".to_string(),
+        ];
+        for name in kept.iter().chain([&leftover]) {
+            std::fs::write(dir.path().join(name), "sk-left-behind").unwrap();
+        }
+        let (removed, failed) = remove_leftovers(&[&c, &missing]);
+        assert_eq!(removed, [dir.path().join(&leftover)], "{failed:?}");
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let mut expected = kept.to_vec();
+        expected.sort();
+        assert_eq!(left, expected);
+        // Nothing is touched in a directory others can write to.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::write(dir.path().join(&leftover), "sk-left-behind").unwrap();
+        let (removed, failed) = remove_leftovers(&[&c]);
+        assert!(removed.is_empty());
+        assert!(matches!(
+            failed[..],
+            [DeliveryError::UnsafeDirectory { .. }]
+        ));
+        assert!(dir.path().join(&leftover).exists());
     }
 
     #[tokio::test]

@@ -310,6 +310,62 @@ fn a_rotation_that_starts_while_a_lost_file_is_written_again_pushes_its_version_
 }
 
 #[test]
+fn a_daemon_killed_while_writing_a_file_leaves_nothing_beside_it_after_the_next_start() {
+    let env = token_into_file("");
+    let out = env.dir.path().join("out");
+    let file = out.join("token");
+    let daemon = env.start_daemon();
+    wait_for("the first version's file", Duration::from_secs(30), || {
+        (env.entry("demo/token")["rotation_state"] == "done" && file.exists()).then_some(())
+    });
+    assert_eq!(daemon.terminate(), Some(0));
+    let value = env.get("demo/token");
+    std::fs::remove_file(&file).unwrap();
+    let listing = || {
+        let mut names: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+
+    // The start writes the file again and is stopped, as `kill -9` would stop it, between
+    // writing the temporary file (which holds the value) and renaming it over the file.
+    let crashed = env
+        .cmd()
+        .args(["serve", "--init"])
+        .env("FAILPOINTS", "consumer.temp-written=return")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!crashed.success());
+    let left = listing();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(
+        left[0].starts_with(".token.") && left[0].ends_with(".tmp"),
+        "{left:?}"
+    );
+
+    let daemon = env.start_daemon();
+    wait_for_explained(
+        "the file written again",
+        Duration::from_secs(30),
+        || (std::fs::read_to_string(&file).ok()? == value).then_some(()),
+        || daemon.log_text(),
+    );
+    assert_eq!(listing(), ["token"], "{}", daemon.log_text());
+    assert!(
+        daemon
+            .log_text()
+            .contains("removed a temporary file an interrupted write left")
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+#[test]
 fn a_lost_file_is_written_again_at_start_while_a_rotation_retries_before_its_push() {
     // The second rotation's verify keeps failing (a provider that is down) and retries an hour
     // later: the rotation stays `created` across a restart, and the file lost meanwhile must

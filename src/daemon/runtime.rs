@@ -13,10 +13,12 @@ use super::catalog::{build_catalog, work_dir};
 use super::lease_backend::DaemonLeaseBackend;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::consumer::{Consumer, FileConsumer};
 use crate::group_commit::GroupCommit;
 use crate::incident::compromise::Incidents;
 use crate::leases::Leases;
 use crate::metrics::Metrics;
+use crate::rotation::catalog::Catalog;
 use crate::rotation::engine::{Engine, EngineSettings};
 use crate::rotation::scheduler::{Entry, Scheduler};
 use crate::store::{Reason, Registered};
@@ -113,6 +115,7 @@ impl Runtime {
             .collect();
         let mut tasks = Vec::new();
         if !matches!(mode, Mode::Inspect | Mode::Follower) {
+            remove_leftovers(&catalog);
             engine.resume_all().await?;
             tasks = bring_declared_secrets_up_to_date(&engine, &stored).await?;
         }
@@ -265,6 +268,26 @@ async fn bring_declared_secrets_up_to_date(
         result?;
     }
     Ok(tasks)
+}
+
+/// Removes the temporary files that writes a killed daemon interrupted left beside its file
+/// consumers' files (each holds a value), before anything is delivered.
+fn remove_leftovers(catalog: &Catalog) {
+    let files: Vec<&FileConsumer> = catalog
+        .consumers
+        .values()
+        .filter_map(|c| match c {
+            Consumer::File(file) => Some(file),
+            _ => None,
+        })
+        .collect();
+    let (removed, failed) = crate::consumer::remove_leftovers(&files);
+    for path in removed {
+        tracing::warn!(path = %path.display(), "removed a temporary file an interrupted write left beside a consumer's file");
+    }
+    for e in failed {
+        tracing::warn!(error = %e, "could not look for what interrupted writes left beside consumers' files");
+    }
 }
 
 /// How many first rotations start-up plans at once.
