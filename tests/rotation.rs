@@ -5,10 +5,13 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::Duration;
 
 use common::Env;
-use common::daemon::{env_with_plugin, env_with_plugin_timeout, wait_for, wait_for_explained};
+use common::daemon::{
+    Daemon, env_with_plugin, env_with_plugin_timeout, wait_for, wait_for_explained,
+};
 
 const SECRET: &str = r#"
 [secrets."svc/api"]
@@ -150,6 +153,22 @@ path = "out/token"
     ))
 }
 
+/// Stops `daemon`, deletes `file` (as a reboot empties a tmpfs), starts the daemon again and
+/// waits for the file to hold `name`'s current value again; the new daemon.
+fn restart_having_lost(env: &Env, daemon: Daemon, name: &str, file: &Path) -> Daemon {
+    assert_eq!(daemon.terminate(), Some(0));
+    let value = env.get(name);
+    std::fs::remove_file(file).unwrap();
+    let daemon = env.start_daemon();
+    wait_for_explained(
+        "the file written again",
+        Duration::from_secs(30),
+        || (std::fs::read_to_string(file).ok()? == value).then_some(()),
+        || daemon.log_text(),
+    );
+    daemon
+}
+
 #[test]
 fn a_random_secret_rotates_on_schedule_into_a_file() {
     let env = token_into_file("rotate_every = \"1s\"\n");
@@ -249,17 +268,7 @@ secrets = ["demo/*"]
     wait_for("the rotation to drain", Duration::from_secs(30), || {
         (env.entry("demo/token")["rotation_state"] == "draining").then_some(())
     });
-    assert_eq!(daemon.terminate(), Some(0));
-    let value = env.get("demo/token");
-    std::fs::remove_file(&file).unwrap();
-
-    let daemon = env.start_daemon();
-    wait_for_explained(
-        "the file written again",
-        Duration::from_secs(30),
-        || (std::fs::read_to_string(&file).ok()? == value).then_some(()),
-        || daemon.log_text(),
-    );
+    let daemon = restart_having_lost(&env, daemon, "demo/token", &file);
     assert_eq!(env.entry("demo/token")["rotation_state"], "draining");
     assert_eq!(daemon.terminate(), Some(0));
 }
@@ -441,17 +450,7 @@ kind = "example"
         },
         || daemon.log_text(),
     );
-    assert_eq!(daemon.terminate(), Some(0));
-    let value = env.get("svc/key");
-    std::fs::remove_file(&file).unwrap();
-
-    let daemon = env.start_daemon();
-    wait_for_explained(
-        "the file written again",
-        Duration::from_secs(30),
-        || (std::fs::read_to_string(&file).ok()? == value).then_some(()),
-        || daemon.log_text(),
-    );
+    let daemon = restart_having_lost(&env, daemon, "svc/key", &file);
     assert_eq!(env.entry("svc/key")["rotation_state"], state);
     assert_eq!(daemon.terminate(), Some(0));
 }
