@@ -279,17 +279,23 @@ pub fn remove_leftovers(consumers: &[&FileConsumer]) -> (Vec<PathBuf>, Vec<Deliv
 /// [`remove_leftovers`] in one directory, which holds every file of `files`.
 fn sweep(dir: &Path, files: &[&FileConsumer]) -> Result<Vec<PathBuf>, DeliveryError> {
     let (dirfd, _) = files[0].open_directory()?;
-    let prefixes: Vec<Vec<u8>> = files
+    let names: std::collections::HashSet<&[u8]> = files
         .iter()
         .filter_map(|c| c.path.file_name())
-        .map(|name| [b".", name.as_encoded_bytes(), b"."].concat())
+        .map(|name| name.as_encoded_bytes())
         .collect();
-    let ours = |name: &[u8]| {
-        prefixes.iter().any(|prefix| {
-            name.strip_prefix(prefix.as_slice())
-                .and_then(|rest| rest.strip_suffix(b".tmp"))
-                .is_some_and(|id| id.len() == 32 && id.iter().all(u8::is_ascii_hexdigit))
-        })
+    // `.NAME.<32 hex digits>.tmp`, NAME one of `files`.
+    let ours = |entry: &[u8]| {
+        let Some(middle) = entry
+            .strip_prefix(b".")
+            .and_then(|rest| rest.strip_suffix(b".tmp"))
+        else {
+            return false;
+        };
+        let (name, id) = middle.split_at(middle.len().saturating_sub(33));
+        id.strip_prefix(b".")
+            .is_some_and(|id| id.len() == 32 && id.iter().all(u8::is_ascii_hexdigit))
+            && names.contains(name)
     };
     let listing =
         rustix::fs::Dir::read_from(&dirfd).map_err(|e| io_error("list", dir)(e.into()))?;
