@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -268,17 +267,24 @@ pub fn remove_leftovers(consumers: &[&FileConsumer]) -> (Vec<PathBuf>, Vec<Deliv
         if !dir.is_dir() {
             continue;
         }
-        match sweep(dir, &files) {
-            Ok(paths) => removed.extend(paths),
-            Err(e) => failed.push(e),
-        }
+        sweep(dir, &files, &mut removed, &mut failed);
     }
     (removed, failed)
 }
 
-/// [`remove_leftovers`] in one directory, which holds every file of `files`.
-fn sweep(dir: &Path, files: &[&FileConsumer]) -> Result<Vec<PathBuf>, DeliveryError> {
-    let (dirfd, _) = files[0].open_directory()?;
+/// [`remove_leftovers`] in one directory, which holds every file of `files`: what it removed
+/// is added to `removed`, what it could not look at or remove to `failed`, and it goes on past
+/// an entry it cannot remove (a directory of that name is not one of ours).
+fn sweep(
+    dir: &Path,
+    files: &[&FileConsumer],
+    removed: &mut Vec<PathBuf>,
+    failed: &mut Vec<DeliveryError>,
+) {
+    let dirfd = match files[0].open_directory() {
+        Ok((dirfd, _)) => dirfd,
+        Err(e) => return failed.push(e),
+    };
     let names: std::collections::HashSet<&[u8]> = files
         .iter()
         .filter_map(|c| c.path.file_name())
@@ -297,20 +303,25 @@ fn sweep(dir: &Path, files: &[&FileConsumer]) -> Result<Vec<PathBuf>, DeliveryEr
             .is_some_and(|id| id.len() == 32 && id.iter().all(u8::is_ascii_hexdigit))
             && names.contains(name)
     };
-    let listing =
-        rustix::fs::Dir::read_from(&dirfd).map_err(|e| io_error("list", dir)(e.into()))?;
-    let mut removed = Vec::new();
+    let listing = match rustix::fs::Dir::read_from(&dirfd) {
+        Ok(listing) => listing,
+        Err(e) => return failed.push(io_error("list", dir)(e.into())),
+    };
     for entry in listing {
-        let entry = entry.map_err(|e| io_error("list", dir)(e.into()))?;
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => return failed.push(io_error("list", dir)(e.into())),
+        };
         let name = entry.file_name();
-        if ours(name.to_bytes()) {
-            let path = dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
-            rustix::fs::unlinkat(&dirfd, name, rustix::fs::AtFlags::empty())
-                .map_err(|e| io_error("remove", &path)(e.into()))?;
-            removed.push(path);
+        if entry.file_type() == rustix::fs::FileType::Directory || !ours(name.to_bytes()) {
+            continue;
+        }
+        let path = dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        match rustix::fs::unlinkat(&dirfd, name, rustix::fs::AtFlags::empty()) {
+            Ok(()) => removed.push(path),
+            Err(e) => failed.push(io_error("remove", &path)(e.into())),
         }
     }
-    Ok(removed)
 }
 
 /// A user or group name that could not be resolved to an id.
@@ -388,25 +399,17 @@ impl FileConsumer {
     /// must not be replaceable by others (see [`unsafe_directory`]).
     fn write_atomically(&self, content: &str) -> Result<(), DeliveryError> {
         use rustix::fs::{AtFlags, Mode, OFlags};
-        let dir = self.directory();
-        // Missing directories are made 0755 (explicitly: the daemon's umask is 077), so the
-        // program that reads the file can reach it; the file's own mode protects it.
-        let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
-        for d in missing.into_iter().rev() {
-            std::fs::create_dir(d)
-                .and_then(|()| std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)))
-                .map_err(io_error("create", d))?;
-        }
+        self.make_directories()?;
         let (dirfd, file_name) = self.open_directory()?;
-        let tmp = format!(
-            ".{}.{}.tmp",
-            file_name.to_string_lossy(),
-            uuid::Uuid::new_v4().simple()
-        );
+        // The name [`remove_leftovers`] looks for, byte for byte.
+        let mut tmp = std::ffi::OsString::from(".");
+        tmp.push(file_name);
+        tmp.push(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
+        let tmp = tmp.as_os_str();
         let result = (|| -> std::io::Result<()> {
             let fd = rustix::fs::openat(
                 &dirfd,
-                tmp.as_str(),
+                tmp,
                 OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::from_raw_mode(0o600),
             )?;
@@ -422,13 +425,66 @@ impl FileConsumer {
             rustix::fs::fchmod(&f, Mode::from_raw_mode(self.mode))?;
             f.sync_all()?;
             crash_point!("consumer.temp-written");
-            rustix::fs::renameat(&dirfd, tmp.as_str(), &dirfd, file_name)?;
+            rustix::fs::renameat(&dirfd, tmp, &dirfd, file_name)?;
             Ok(rustix::fs::fsync(&dirfd)?)
         })();
         result.map_err(|source| {
-            let _ = rustix::fs::unlinkat(&dirfd, tmp.as_str(), AtFlags::empty());
+            let _ = rustix::fs::unlinkat(&dirfd, tmp, AtFlags::empty());
             io_error("write", &self.path)(source)
         })
+    }
+
+    /// Makes the file's missing directories, 0755 (explicitly: the daemon's umask is 077) so
+    /// the program that reads the file can reach it; the file's own mode protects it. Each is
+    /// made with `mkdirat` in its parent's handle (the first parent opened without following a
+    /// symlink, as [`Self::open_directory`] opens), then opened without following a symlink,
+    /// made 0755 through that handle and synced into its parent. Nothing is done by path: a
+    /// user who can write above a new directory and swaps it for a symlink as it is made gets
+    /// an error, not a chmod or a directory made wherever the symlink points.
+    fn make_directories(&self) -> Result<(), DeliveryError> {
+        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        let missing: Vec<&Path> = self
+            .directory()
+            .ancestors()
+            .take_while(|d| !d.exists())
+            .collect();
+        let Some(top) = missing.last() else {
+            return Ok(());
+        };
+        let base = top
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let directory = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let mut parent = rustix::fs::openat2(
+            rustix::fs::CWD,
+            base,
+            directory,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS,
+        )
+        .map_err(|e| io_error("open", base)(e.into()))?;
+        for d in missing.into_iter().rev() {
+            let name = d
+                .file_name()
+                .ok_or_else(|| DeliveryError::NoFileName(d.to_path_buf()))?;
+            let made = match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o755)) {
+                Ok(()) => true,
+                Err(rustix::io::Errno::EXIST) => false,
+                Err(e) => return Err(io_error("create", d)(e.into())),
+            };
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("consumer.directory-made");
+            let fd = rustix::fs::openat(&parent, name, directory | OFlags::NOFOLLOW, Mode::empty())
+                .map_err(|e| io_error("open", d)(e.into()))?;
+            if made {
+                rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
+                    .and_then(|()| rustix::fs::fsync(&parent))
+                    .map_err(|e| io_error("create", d)(e.into()))?;
+            }
+            parent = fd;
+        }
+        Ok(())
     }
 
     /// The directory the file is in.
@@ -528,7 +584,7 @@ impl FileConsumer {
                 // The command was handed the value (in the file it reads); what it says about
                 // its failure is kept as the consumer's last error, so never with the value.
                 let stderr = Zeroizing::new(String::from_utf8_lossy(&out.stderr).into_owned());
-                let scrubbed = Zeroizing::new(stderr.replace(d.value.expose(), "[redacted]"));
+                let scrubbed = redact(&stderr, d.value.expose());
                 let tail: String = scrubbed
                     .lines()
                     .last()
@@ -550,9 +606,22 @@ impl FileConsumer {
     }
 }
 
+/// `text` with `value`, and each line of it of 8 characters or more, replaced by `[redacted]`:
+/// a command that prints one line of a multi-line value (a PEM key) shows nothing of it either.
+fn redact(text: &str, value: &str) -> Zeroizing<String> {
+    let mut out = Zeroizing::new(text.replace(value, "[redacted]"));
+    for line in value.lines().map(str::trim).filter(|line| line.len() >= 8) {
+        if out.contains(line) {
+            out = Zeroizing::new(out.replace(line, "[redacted]"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn templates_render_value_version_name_and_meta() {
@@ -623,6 +692,27 @@ mod tests {
     }
 
     #[test]
+    fn what_an_after_command_prints_of_a_multi_line_value_is_redacted() {
+        let pem = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nBKcwggSjAgEAAoIBAQC7\n-----END PRIVATE KEY-----\n";
+        let said = "reload failed: bad key line MIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n";
+        let shown = redact(said, pem);
+        assert!(
+            !shown.contains("MIIEvQIBADANBgkqhkiG9w0BAQEFAASC"),
+            "{}",
+            *shown
+        );
+        assert!(
+            shown.contains("reload failed: bad key line [redacted]"),
+            "{}",
+            *shown
+        );
+        assert_eq!(
+            *redact("whole: sk-one-line-key", "sk-one-line-key"),
+            "whole: [redacted]"
+        );
+    }
+
+    #[test]
     fn leftovers_of_interrupted_writes_are_removed_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
         let c = consumer_at(dir.path().join("token"));
@@ -652,6 +742,14 @@ mod tests {
         let mut expected = kept.to_vec();
         expected.sort();
         assert_eq!(left, expected);
+        // A directory of a leftover's name is not one: the sweep goes on past it.
+        let not_ours = format!(".token.{}.tmp", "f".repeat(32));
+        std::fs::create_dir(dir.path().join(&not_ours)).unwrap();
+        std::fs::write(dir.path().join(&leftover), "sk-left-behind").unwrap();
+        let (removed, failed) = remove_leftovers(&[&c]);
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(removed, [dir.path().join(&leftover)]);
+        std::fs::remove_dir(dir.path().join(&not_ours)).unwrap();
         // Nothing is touched in a directory others can write to.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         std::fs::write(dir.path().join(&leftover), "sk-left-behind").unwrap();
@@ -662,6 +760,38 @@ mod tests {
             [DeliveryError::UnsafeDirectory { .. }]
         ));
         assert!(dir.path().join(&leftover).exists());
+    }
+
+    /// The attack: a user who can write above a consumer's missing directory swaps each new
+    /// directory for a symlink to a victim the moment it is made. Nothing outside is changed
+    /// (before the fix, the daemon chmod-ed the victim 0755 and made directories inside it).
+    #[tokio::test]
+    async fn a_directory_swapped_for_a_symlink_as_it_is_made_redirects_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let victim = root.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let made = root.path().join("a");
+        let (made_in_callback, victim_in_callback) = (made.clone(), victim.clone());
+        fail::cfg_callback("consumer.directory-made", move || {
+            if made_in_callback.is_dir() && !made_in_callback.is_symlink() {
+                std::fs::rename(&made_in_callback, made_in_callback.with_extension("moved"))
+                    .unwrap();
+                std::os::unix::fs::symlink(&victim_in_callback, &made_in_callback).unwrap();
+            }
+        })
+        .unwrap();
+        let c = consumer_at(made.join("b/token"));
+        let result = deliver_v1(&c).await;
+        fail::remove("consumer.directory-made");
+        assert!(result.is_err(), "delivered through a symlink");
+        let mode = std::fs::metadata(&victim).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o700, "the victim's mode was changed");
+        assert_eq!(
+            std::fs::read_dir(&victim).unwrap().count(),
+            0,
+            "made inside the victim"
+        );
     }
 
     #[tokio::test]
