@@ -7,7 +7,7 @@
 use std::sync::Mutex;
 
 use keywarden_plugin_sdk::broker::channel::Channel;
-use keywarden_plugin_sdk::broker::{Denied, Ended, Reports};
+use keywarden_plugin_sdk::broker::{Denied, Ended, MAX_RECORD, Reports};
 use tokio::sync::Notify;
 
 /// How long reports gather before they are sent.
@@ -16,10 +16,6 @@ const GATHER: std::time::Duration = std::time::Duration::from_millis(10);
 /// Reports waiting at most before new requests are refused (503): the daemon has stopped
 /// reading them, and a request served now might never be recorded.
 const PENDING_AT_MOST: usize = 10_000;
-
-/// Items per record: with paths cut at 1 KiB (`agents.rs`), a record stays under the channel's
-/// limit.
-const PER_RECORD: usize = 40;
 
 /// Reports waiting to be sent.
 #[derive(Default)]
@@ -91,20 +87,14 @@ impl Reporter {
         loop {
             self.wake.notified().await;
             tokio::time::sleep(GATHER).await;
-            let mut batch = {
+            let batch = {
                 let mut pending = self.pending.lock().expect("reports lock");
                 self.sending
                     .store(true, std::sync::atomic::Ordering::SeqCst);
                 std::mem::take(&mut *pending)
             };
-            while !(batch.ended.is_empty() && batch.denied.is_empty() && batch.closed.is_empty()) {
-                let record = Reports {
-                    ended: take(&mut batch.ended),
-                    denied: take(&mut batch.denied),
-                    closed: take(&mut batch.closed),
-                };
-                let bytes = serde_json::to_vec(&record).expect("reports serialize");
-                channel.send(&bytes, None).await?;
+            for record in records(&batch) {
+                channel.send(&record, None).await?;
             }
             self.sending
                 .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -113,16 +103,116 @@ impl Reporter {
     }
 }
 
-/// The first [`PER_RECORD`] items of `items`, leaving the rest.
-fn take<T>(items: &mut Vec<T>) -> Vec<T> {
-    let rest = items.split_off(items.len().min(PER_RECORD));
-    std::mem::replace(items, rest)
+/// `batch` as [`Reports`] records of at most [`MAX_RECORD`] bytes each, whatever its reports
+/// hold (an agent's path of quotes doubles in JSON; a record the channel refused would end the
+/// process), and in order: every ended request and refusal before any closed connection, so
+/// the daemon, reading the records in turn, still knows each request's caller when its report
+/// arrives. Each report is serialized once.
+fn records(batch: &Reports) -> Vec<Vec<u8>> {
+    const EMPTY: usize = br#"{"ended":[],"denied":[],"closed":[]}"#.len();
+    let items = (batch.ended.iter().map(|e| (0, serde_json::to_vec(e))))
+        .chain(batch.denied.iter().map(|d| (1, serde_json::to_vec(d))))
+        .chain(batch.closed.iter().map(|c| (2, serde_json::to_vec(c))));
+    let mut lists: [Vec<Vec<u8>>; 3] = Default::default();
+    let (mut out, mut size) = (Vec::new(), EMPTY);
+    for (list, item) in items {
+        let item = item.expect("reports serialize");
+        if size + item.len() + 1 > MAX_RECORD && lists.iter().any(|l| !l.is_empty()) {
+            out.push(assemble(&mut lists));
+            size = EMPTY;
+        }
+        size += item.len() + 1;
+        lists[list].push(item);
+    }
+    if lists.iter().any(|l| !l.is_empty()) {
+        out.push(assemble(&mut lists));
+    }
+    out
+}
+
+/// One record of the serialized reports in `lists` (ended, denied, closed), which it empties.
+fn assemble(lists: &mut [Vec<Vec<u8>>; 3]) -> Vec<u8> {
+    let mut record = Vec::new();
+    for (i, (key, items)) in ["ended", "denied", "closed"]
+        .iter()
+        .zip(lists.iter_mut())
+        .enumerate()
+    {
+        record.extend_from_slice(if i == 0 { b"{\"" } else { b",\"" });
+        record.extend_from_slice(key.as_bytes());
+        record.extend_from_slice(b"\":[");
+        record.extend_from_slice(&items.join(&b',')[..]);
+        record.push(b']');
+        items.clear();
+    }
+    record.push(b'}');
+    record
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use keywarden_plugin_sdk::broker::channel;
+
+    /// What an agent controls in a report (its path, a refusal's reason) is cut at 1 KiB, but a
+    /// path of quotes doubles in JSON: 40 such reports of each kind once made a record the
+    /// channel refused, which ended the broker process and lost the batch.
+    #[test]
+    fn records_stay_under_the_channel_limit_and_keep_closes_after_the_requests() {
+        let quotes = "\"".repeat(1024);
+        let n = 200;
+        let batch = Reports {
+            ended: (0..n)
+                .map(|i| Ended {
+                    conn: i,
+                    broker: "openai".into(),
+                    route: Some("openai/prod".into()),
+                    version: Some(1),
+                    method: "GET".into(),
+                    path: format!("/{quotes}"),
+                    status: 200,
+                    tokens_in: None,
+                    tokens_out: None,
+                    upstream_ms: Some(1),
+                    ms: 1,
+                    complete: true,
+                })
+                .collect(),
+            denied: (0..n)
+                .map(|i| Denied {
+                    conn: i,
+                    broker: "openai".into(),
+                    reason: format!("GET /{quotes} is not an allowed call"),
+                })
+                .collect(),
+            closed: (0..n).collect(),
+        };
+        let records = records(&batch);
+        assert!(records.len() > 1);
+        let mut seen = Reports::default();
+        for record in &records {
+            assert!(record.len() <= MAX_RECORD, "{} bytes", record.len());
+            let r: Reports = serde_json::from_slice(record).unwrap();
+            assert!(
+                r.closed.is_empty()
+                    || (seen.ended.len() + r.ended.len() == batch.ended.len()
+                        && seen.denied.len() + r.denied.len() == batch.denied.len()),
+                "a close sent before a request's report"
+            );
+            seen.ended.extend(r.ended);
+            seen.denied.extend(r.denied);
+            seen.closed.extend(r.closed);
+        }
+        assert_eq!(seen.ended.len(), batch.ended.len());
+        assert!(
+            seen.ended
+                .iter()
+                .zip(&batch.ended)
+                .all(|(a, b)| a.conn == b.conn && a.path == b.path)
+        );
+        assert_eq!(seen.denied.len(), batch.denied.len());
+        assert_eq!(seen.closed, batch.closed);
+    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn reports_the_daemon_does_not_take_refuse_new_requests_until_they_leave() {

@@ -483,6 +483,51 @@ fn calls_outside_the_preset_and_path_tricks_never_reach_the_provider() {
     });
 }
 
+/// The attack: refusals whose paths are long runs of quotes (each doubles in JSON), pipelined
+/// so that 40 land in one batch of reports. The record was larger than the hand-off channel
+/// takes, which ended the broker process: every stream cut, the batch's audit rows lost.
+#[test]
+fn refusals_an_agent_makes_as_large_as_it_can_are_all_audited_and_the_broker_lives_on() {
+    use std::io::{Read, Write};
+    let s = Setup::new(ADMITTED, "");
+    // Each path its own, as repeats of one refusal share a row.
+    let quotes = "\"".repeat(1020);
+    let requests: String = (0..40)
+        .map(|i| format!("GET /openai/v1/{i:02}{quotes} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+        .collect();
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", s.openai_port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(requests.as_bytes()).unwrap();
+    let (mut answers, mut buf) = (String::new(), [0u8; 65536]);
+    while answers.matches("HTTP/1.1 403").count() < 40 {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "the connection closed after {answers}");
+        answers.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    drop(conn);
+    wait_for("40 refusals audited", Duration::from_secs(10), || {
+        let rows = s.audit("broker.denied");
+        eprintln!(
+            "DEBUG {} rows; {:?}",
+            rows.len(),
+            rows.last()
+                .map(|r| detail(r).to_string().chars().take(300).collect::<String>())
+        );
+        (rows
+            .iter()
+            .filter(|r| detail(r).to_string().contains("\\\"\\\""))
+            .count()
+            == 40)
+            .then_some(())
+    });
+    // The same broker process still answers.
+    let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+    assert_eq!(status, 200, "{body}");
+    let log = s.daemon.as_ref().unwrap().log_text();
+    assert!(!log.contains("the broker process exited"), "{log}");
+}
+
 #[test]
 fn fallback_takes_the_next_route_on_429_500_and_a_refused_connection() {
     let extra = format!(
