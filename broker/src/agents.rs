@@ -396,8 +396,10 @@ impl Metered {
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        // The agent went away before the end, or the stream failed.
-        self.end(false);
+        // Hyper stops polling an answer whose length says it has ended: that is its end too.
+        // Otherwise the agent went away before the end, or the stream failed.
+        let complete = hyper::body::Body::is_end_stream(&self.inner);
+        self.end(complete);
     }
 }
 

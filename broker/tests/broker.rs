@@ -413,6 +413,10 @@ fn official_sdks_and_curl_get_answers_and_the_key_is_nowhere_the_agent_can_see()
     assert_eq!(first["tokens"], 18);
     assert_eq!(first["route"], "openai/prod");
     assert_eq!(first["status"], 200);
+    // Each answer, JSON (its length known) or streamed, reached the agent whole.
+    for row in &rows {
+        assert_eq!(detail(row)["complete"], true, "{row}");
+    }
     if rows.len() >= 5 {
         let tokens: Vec<i64> = rows
             .iter()
