@@ -485,6 +485,26 @@ fn calls_outside_the_preset_and_path_tricks_never_reach_the_provider() {
             .any(|r| detail(r).to_string().contains("/v1/files"))
             .then_some(())
     });
+    // An allowed POST that asks the upstream to treat it as another method (headers some REST
+    // APIs honour): the headers never leave.
+    let overrides = [
+        "X-HTTP-Method-Override: DELETE",
+        "X-HTTP-Method: DELETE",
+        "X-Method-Override: DELETE",
+    ];
+    let args: Vec<&str> = overrides.iter().flat_map(|h| ["-H", *h]).collect();
+    let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &args);
+    assert_eq!(status, 200, "{body}");
+    let seen = s.provider.seen();
+    assert_eq!(seen.len(), 1);
+    let headers = seen[0]["headers"].as_object().unwrap();
+    for name in [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ] {
+        assert!(!headers.contains_key(name), "{name} reached the provider");
+    }
 }
 
 /// The attack: refusals whose paths are long runs of quotes (each doubles in JSON), pipelined

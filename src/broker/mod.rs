@@ -211,13 +211,26 @@ fn upstream(preset: Preset, given: &Option<String>, key: &'static str) -> Result
         .clone()
         .or_else(|| preset.upstream().map(str::to_string))
         .ok_or((key, format!("preset {preset:?} needs an upstream URL")))?;
-    if !(url.starts_with("https://") || url.starts_with("http://127.0.0.1")) {
+    if !(url.starts_with("https://") || plain_loopback(&url)) {
         return Err((
             key,
             format!("{url:?} must be an https:// URL (or http://127.0.0.1 for tests)"),
         ));
     }
     Ok(url)
+}
+
+/// Whether `url` is plain http to 127.0.0.1 itself, with a port or none: not a host whose name
+/// only begins so (`http://127.0.0.1.example.com`), nor one behind user info
+/// (`http://127.0.0.1@example.com`), which would carry the key in clear text to another host.
+fn plain_loopback(url: &str) -> bool {
+    url.strip_prefix("http://127.0.0.1").is_some_and(|rest| {
+        let port = rest.split(['/', '?', '#']).next().unwrap_or("");
+        port.is_empty()
+            || port
+                .strip_prefix(':')
+                .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    })
 }
 
 /// `listen`: a loopback address (the broker only serves this host).
@@ -456,11 +469,22 @@ mod tests {
                           listen = "0.0.0.0:8788""#),
             "listen"
         );
-        assert_eq!(
-            bad(r#"preset = "openai"
-                          secret = "s"
-                          upstream = "http://api.example.com""#),
-            "upstream"
-        );
+        for url in [
+            "http://api.example.com",
+            "http://127.0.0.1.example.com",
+            "http://127.0.0.1@example.com",
+            "http://127.0.0.1:@example.com",
+        ] {
+            let text = format!("preset = \"openai\"\nsecret = \"s\"\nupstream = {url:?}");
+            assert_eq!(bad(&text), "upstream", "{url}");
+        }
+        for url in [
+            "http://127.0.0.1:8080",
+            "http://127.0.0.1/v1",
+            "https://api.example.com",
+        ] {
+            let text = format!("preset = \"openai\"\nsecret = \"s\"\nupstream = {url:?}");
+            assert!(compile("b", &config(&text), |_| true).is_ok(), "{url}");
+        }
     }
 }

@@ -30,7 +30,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Request headers an agent may not pass on to a provider: its own credentials (a placeholder,
-/// or worse a real key), cookies, and hop-by-hop headers. Both the daemon and the broker drop
+/// or worse a real key), cookies, headers asking for another method than the one checked, and
+/// hop-by-hop headers. Both the daemon and the broker drop
 /// them (and every `x-keywarden-*` header).
 pub const DROPPED_REQUEST_HEADERS: &[&str] = &[
     "authorization",
@@ -39,6 +40,10 @@ pub const DROPPED_REQUEST_HEADERS: &[&str] = &[
     "x-goog-api-key",
     "proxy-authorization",
     "cookie",
+    // Asking the upstream to take the request as another method than the one checked.
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
     "host",
     "content-length",
     "connection",
