@@ -141,6 +141,8 @@ pub fn tcp_peer(
     let pid = match recent_pids.iter().copied().find(|pid| holds(*pid)) {
         Some(pid) => pid,
         None => {
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("attest.owner-walk");
             // The socket's owner is almost always its holder: its processes are looked at first.
             let pids: Vec<(i32, bool)> = std::fs::read_dir("/proc")
                 .ok()?

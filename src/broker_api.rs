@@ -347,11 +347,20 @@ where
 
 /// The broker's loopback TCP listener: each connection is attributed to the process on this
 /// host that owns its other end; when none can be found, every request on it is refused.
+/// Owners are looked for side by side, so one that takes long to find (a walk of every
+/// process's descriptors, which any local user can cause) holds up no other connection.
 #[derive(Debug)]
 pub struct LoopbackListener {
     listener: tokio::net::TcpListener,
     recent: Arc<RecentOwners>,
+    attesting: tokio::task::JoinSet<Attested>,
 }
+
+/// A connection and its owner, if found.
+type Attested = (tokio::net::TcpStream, Option<(Peer, Option<OwnedFd>)>);
+
+/// Connections whose owners are looked for at once, at most (each look a blocking task).
+const ATTESTING_AT_MOST: usize = 64;
 
 impl LoopbackListener {
     /// Attributes the connections `listener` accepts.
@@ -359,6 +368,7 @@ impl LoopbackListener {
         LoopbackListener {
             listener,
             recent: Arc::default(),
+            attesting: tokio::task::JoinSet::new(),
         }
     }
 
@@ -374,20 +384,35 @@ impl http::Listener for LoopbackListener {
     async fn accept_peer(
         &mut self,
     ) -> std::io::Result<(tokio::net::TcpStream, Option<Peer>, Option<OwnedFd>)> {
-        let (stream, remote) = self.listener.accept().await?;
-        // Streamed answers are written as their events arrive: each goes out at once instead
-        // of waiting for the agent to acknowledge the one before (Nagle's algorithm).
-        let _ = stream.set_nodelay(true);
-        let local = stream.local_addr()?;
-        let recent = self.recent.clone();
-        let found =
-            tokio::task::spawn_blocking(move || crate::attest::tcp_peer(local, remote, &recent))
-                .await
-                .ok()
-                .flatten();
-        Ok(match found {
-            Some((peer, pidfd)) => (stream, Some(peer), pidfd),
-            None => (stream, Some(REMOTE_PEER), None),
-        })
+        loop {
+            tokio::select! {
+                Some(done) = self.attesting.join_next(), if !self.attesting.is_empty() => {
+                    // A look that panicked: its connection is closed with it.
+                    let Ok((stream, found)) = done else { continue };
+                    return Ok(match found {
+                        Some((peer, pidfd)) => (stream, Some(peer), pidfd),
+                        None => (stream, Some(REMOTE_PEER), None),
+                    });
+                }
+                accepted = self.listener.accept(), if self.attesting.len() < ATTESTING_AT_MOST => {
+                    let (stream, remote) = accepted?;
+                    // Streamed answers are written as their events arrive: each goes out at
+                    // once instead of waiting for the agent to acknowledge the one before
+                    // (Nagle's algorithm).
+                    let _ = stream.set_nodelay(true);
+                    let local = stream.local_addr()?;
+                    let recent = self.recent.clone();
+                    self.attesting.spawn(async move {
+                        let found = tokio::task::spawn_blocking(move || {
+                            crate::attest::tcp_peer(local, remote, &recent)
+                        })
+                        .await
+                        .ok()
+                        .flatten();
+                        (stream, found)
+                    });
+                }
+            }
+        }
     }
 }

@@ -552,6 +552,49 @@ fn refusals_an_agent_makes_as_large_as_it_can_are_all_audited_and_the_broker_liv
     assert!(!log.contains("the broker process exited"), "{log}");
 }
 
+/// The attack: a connection whose owner takes long to find (any local user can make one: a
+/// socket passed in a message nobody reads is held by no process, and the daemon then walks
+/// every process's descriptors). Held here by a failpoint for 5 s on the first such walk, it
+/// must not hold up another agent's connection (the listener looked for owners one at a time).
+#[test]
+fn a_connection_whose_owner_is_slow_to_find_holds_up_no_other() {
+    use std::io::{Read, Write};
+    let s = Setup::with_daemon_env(
+        ADMITTED,
+        "",
+        &[("FAILPOINTS", "attest.owner-walk=1*sleep(5000)")],
+    );
+    // The first connection to the listener: its owner (this process) is looked for at length.
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", s.openai_port)).unwrap();
+    held.write_all(b"GET /openai/v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    // Another agent's request completes meanwhile, through the provider.
+    let url = format!(
+        "http://127.0.0.1:{}/openai/v1/chat/completions",
+        s.openai_port
+    );
+    let (code, _) = curl_tcp(&[
+        "-H",
+        "content-type: application/json",
+        "--data",
+        r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+        &url,
+    ]);
+    assert_eq!(code, "200");
+    held.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    match held.read(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the held connection was answered first: {other:?}"),
+    }
+    // Once its owner is found, it is served.
+    held.set_nonblocking(false).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let n = held.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 403"));
+}
+
 #[test]
 fn fallback_takes_the_next_route_on_429_500_and_a_refused_connection() {
     let extra = format!(
