@@ -352,8 +352,16 @@ where
 #[derive(Debug)]
 pub struct LoopbackListener {
     listener: tokio::net::TcpListener,
+    attestation: Attestation,
+}
+
+/// What a loopback listener keeps across reloads: the owners of its last connections, and the
+/// connections whose owners are being looked for, which a reload hands to the next run's
+/// listener instead of dropping them.
+#[derive(Debug, Clone, Default)]
+pub struct Attestation {
     recent: Arc<RecentOwners>,
-    attesting: tokio::task::JoinSet<Attested>,
+    pending: Arc<tokio::sync::Mutex<tokio::task::JoinSet<Attested>>>,
 }
 
 /// A connection and its owner, if found.
@@ -363,12 +371,11 @@ type Attested = (tokio::net::TcpStream, Option<(Peer, Option<OwnedFd>)>);
 const ATTESTING_AT_MOST: usize = 64;
 
 impl LoopbackListener {
-    /// Attributes the connections `listener` accepts.
-    pub fn new(listener: tokio::net::TcpListener) -> Self {
+    /// Attributes the connections `listener` accepts, keeping `attestation` between runs.
+    pub fn new(listener: tokio::net::TcpListener, attestation: Attestation) -> Self {
         LoopbackListener {
             listener,
-            recent: Arc::default(),
-            attesting: tokio::task::JoinSet::new(),
+            attestation,
         }
     }
 
@@ -384,9 +391,11 @@ impl http::Listener for LoopbackListener {
     async fn accept_peer(
         &mut self,
     ) -> std::io::Result<(tokio::net::TcpStream, Option<Peer>, Option<OwnedFd>)> {
+        // Only this run's listener takes it (the last run's let go when it stopped accepting).
+        let mut pending = self.attestation.pending.lock().await;
         loop {
             tokio::select! {
-                Some(done) = self.attesting.join_next(), if !self.attesting.is_empty() => {
+                Some(done) = pending.join_next(), if !pending.is_empty() => {
                     // A look that panicked: its connection is closed with it.
                     let Ok((stream, found)) = done else { continue };
                     return Ok(match found {
@@ -394,15 +403,15 @@ impl http::Listener for LoopbackListener {
                         None => (stream, Some(REMOTE_PEER), None),
                     });
                 }
-                accepted = self.listener.accept(), if self.attesting.len() < ATTESTING_AT_MOST => {
+                accepted = self.listener.accept(), if pending.len() < ATTESTING_AT_MOST => {
                     let (stream, remote) = accepted?;
                     // Streamed answers are written as their events arrive: each goes out at
                     // once instead of waiting for the agent to acknowledge the one before
                     // (Nagle's algorithm).
                     let _ = stream.set_nodelay(true);
                     let local = stream.local_addr()?;
-                    let recent = self.recent.clone();
-                    self.attesting.spawn(async move {
+                    let recent = self.attestation.recent.clone();
+                    pending.spawn(async move {
                         let found = tokio::task::spawn_blocking(move || {
                             crate::attest::tcp_peer(local, remote, &recent)
                         })

@@ -128,8 +128,8 @@ pub struct Sockets {
     admin: std::os::unix::net::UnixListener,
     /// The broker socket, with `[brokers]`.
     broker: Option<std::os::unix::net::UnixListener>,
-    /// The brokers' `listen` addresses.
-    loopback: Vec<std::net::TcpListener>,
+    /// The brokers' `listen` addresses, each with what its listener keeps across reloads.
+    loopback: Vec<(std::net::TcpListener, broker_api::Attestation)>,
     bound_for: Bound,
     /// The signal listener and its address, held while the daemon leads (see
     /// [`Sockets::signal_listener`]).
@@ -234,10 +234,12 @@ impl Sockets {
             .loopback
             .iter()
             .map(|address| {
-                std::net::TcpListener::bind(address).map_err(|source| ServeError::Listen {
-                    address: address.clone(),
-                    source,
-                })
+                std::net::TcpListener::bind(address)
+                    .map(|l| (l, broker_api::Attestation::default()))
+                    .map_err(|source| ServeError::Listen {
+                        address: address.clone(),
+                        source,
+                    })
             })
             .collect::<Result<_, _>>()?;
         Ok(Sockets {
@@ -278,13 +280,13 @@ impl Sockets {
             .loopback
             .iter()
             .zip(&self.bound_for.loopback)
-            .map(|(l, address)| {
+            .map(|((l, attestation), address)| {
                 l.try_clone()
                     .and_then(|l| {
                         l.set_nonblocking(true)?;
                         tokio::net::TcpListener::from_std(l)
                     })
-                    .map(broker_api::LoopbackListener::new)
+                    .map(|l| broker_api::LoopbackListener::new(l, attestation.clone()))
                     .map_err(|source| ServeError::Listen {
                         address: address.clone(),
                         source,
