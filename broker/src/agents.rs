@@ -17,7 +17,7 @@ use std::convert::Infallible;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -32,6 +32,7 @@ use rustix::net::AddressFamily;
 use serde_json::json;
 
 use crate::State;
+use crate::ask_usage::{HideUsageChunk, ask_for_usage};
 use crate::forward::Body;
 use crate::usage::{Usage, UsageMeter};
 
@@ -284,6 +285,11 @@ async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Respons
         },
         started: Instant::now(),
     }));
+    // A streamed chat completion that does not ask for its usage is made to (ask_usage.rs).
+    let (body, hide_usage) = match ask_for_usage(&parts.method, &path, &body) {
+        Some(asked) => (asked, true),
+        None => (body, false),
+    };
     let forwarded = forwarder
         .send(broker, &parts, &target, body, &state.keys)
         .await;
@@ -298,8 +304,11 @@ async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Respons
     finish.ended.version = forwarded.version;
     finish.ended.status = head.status.as_u16();
     finish.ended.upstream_ms = forwarded.upstream_ms;
+    let streamed = content_type.starts_with("text/event-stream");
     let metered = Metered {
         meter: Some(UsageMeter::new(content_type)),
+        hide: (hide_usage && streamed).then(HideUsageChunk::default),
+        inner_ended: false,
         inner,
         finish: Some(finish),
     };
@@ -379,10 +388,14 @@ impl Drop for Unanswered {
     }
 }
 
-/// An answer streaming back to the agent through the usage meter.
+/// An answer streaming back to the agent through the usage meter (and, for a stream whose
+/// usage the broker asked for, without the chunk that carries it).
 struct Metered {
     inner: Body,
     meter: Option<UsageMeter>,
+    hide: Option<HideUsageChunk>,
+    /// The upstream's answer has ended (what `hide` held back may still be sent).
+    inner_ended: bool,
     finish: Option<Finish>,
 }
 
@@ -398,7 +411,7 @@ impl Drop for Metered {
     fn drop(&mut self) {
         // Hyper stops polling an answer whose length says it has ended: that is its end too.
         // Otherwise the agent went away before the end, or the stream failed.
-        let complete = hyper::body::Body::is_end_stream(&self.inner);
+        let complete = hyper::body::Body::is_end_stream(self);
         self.end(complete);
     }
 }
@@ -412,22 +425,46 @@ impl hyper::body::Body for Metered {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(meter)) = (frame.data_ref(), this.meter.as_mut()) {
-                    meter.feed(data);
+        loop {
+            if this.inner_ended {
+                this.end(true);
+                return Poll::Ready(None);
+            }
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    let Some(data) = frame.data_ref() else {
+                        return Poll::Ready(Some(Ok(frame)));
+                    };
+                    if let Some(meter) = this.meter.as_mut() {
+                        meter.feed(data);
+                    }
+                    let Some(hide) = this.hide.as_mut() else {
+                        return Poll::Ready(Some(Ok(frame)));
+                    };
+                    let shown = hide.filter(data);
+                    if !shown.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(shown))));
+                    }
+                }
+                None => {
+                    this.inner_ended = true;
+                    let rest = this.hide.as_mut().map(HideUsageChunk::finish);
+                    if let Some(rest) = rest.filter(|rest| !rest.is_empty()) {
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
+                    }
+                }
+                Some(Err(e)) => {
+                    this.end(false);
+                    return Poll::Ready(Some(Err(e)));
                 }
             }
-            Poll::Ready(None) => this.end(true),
-            Poll::Ready(Some(Err(_))) => this.end(false),
-            Poll::Pending => {}
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner_ended
+            || (self.inner.is_end_stream()
+                && self.hide.as_ref().is_none_or(HideUsageChunk::is_empty))
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod agents;
+mod ask_usage;
 mod forward;
 mod keys;
 mod relay;

@@ -326,6 +326,11 @@ stream = client.chat.completions.create(
     model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
     stream_options={"include_usage": True})
 out["openai_stream"] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+# A stream as the SDK sends it by default, read as much code reads it: every chunk's first
+# choice (the usage chunk the broker asked for on its behalf must not reach it).
+stream = client.chat.completions.create(
+    model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
+out["openai_plain_stream"] = "".join(c.choices[0].delta.content or "" for c in stream)
 
 claude = anthropic.Anthropic()
 message = claude.messages.create(
@@ -388,6 +393,7 @@ fn official_sdks_and_curl_get_answers_and_the_key_is_nowhere_the_agent_can_see()
         let got: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(got["openai"], "hello from fake");
         assert_eq!(got["openai_stream"], "hello streamed");
+        assert_eq!(got["openai_plain_stream"], "hello streamed");
         assert_eq!(got["anthropic"], "hello from fake");
         assert_eq!(got["anthropic_stream"], "hello streamed");
         assert_eq!(got["openai_headers"]["x-keywarden-route"], "openai/prod");
@@ -407,7 +413,7 @@ fn official_sdks_and_curl_get_answers_and_the_key_is_nowhere_the_agent_can_see()
     // Every brokered request is an audit row with its tokens; none holds a key.
     let rows = wait_for("the audit rows", Duration::from_secs(10), || {
         let rows = s.audit("broker.request");
-        (rows.len() >= 5 || python_with_sdks().is_none() && !rows.is_empty()).then_some(rows)
+        (rows.len() >= 6 || python_with_sdks().is_none() && !rows.is_empty()).then_some(rows)
     });
     let first = detail(&rows[0]);
     assert_eq!(first["tokens"], 18);
@@ -417,13 +423,14 @@ fn official_sdks_and_curl_get_answers_and_the_key_is_nowhere_the_agent_can_see()
     for row in &rows {
         assert_eq!(detail(row)["complete"], true, "{row}");
     }
-    if rows.len() >= 5 {
+    if rows.len() >= 6 {
         let tokens: Vec<i64> = rows
             .iter()
             .map(|r| detail(r)["tokens"].as_i64().unwrap())
             .collect();
-        // curl, then the SDKs: JSON and stream (OpenAI: 11 + 7), JSON and stream (Anthropic: 13 + 5).
-        assert_eq!(tokens[..5], [18, 18, 18, 18, 18]);
+        // curl, then the SDKs: JSON, stream and a stream that did not ask for usage (OpenAI:
+        // 11 + 7), JSON and stream (Anthropic: 13 + 5).
+        assert_eq!(tokens[..6], [18; 6]);
     }
     let audit_text = s.env.ok(&["audit", "tail", "--json", "-n", "1000"], None);
     let log = std::fs::read_to_string(&s.daemon.as_ref().unwrap().log).unwrap();
@@ -833,9 +840,16 @@ brokers = ["anthropic"]
     // 18 tokens per answer, JSON or streamed: 0 → 18 → 36 → 54, then spent.
     let (status, _) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
     assert_eq!(status, 200);
+    // Streamed as the SDKs send it, without asking for usage: the broker asks on its behalf
+    // (else the stream would count 0 tokens) and the agent gets no usage chunk it did not ask for.
     let streamed = r#"{"model":"m","messages":[],"stream":true}"#;
     let (status, body) = s.post("/v1/broker/openai/v1/chat/completions", streamed, &[]);
     assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("streamed") && body.contains("[DONE]"),
+        "{body}"
+    );
+    assert!(!body.contains("prompt_tokens"), "{body}");
     let (status, _) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
     assert_eq!(status, 200);
     let spent = || {

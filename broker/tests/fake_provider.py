@@ -10,7 +10,8 @@ then wait until STATE_DIR/release exists before finishing). It checks the inject
 header of the API called (OpenAI: `Authorization: Bearer`, Anthropic: `x-api-key`, Gemini:
 `x-goog-api-key`, Azure OpenAI: `api-key`) and answers 401 to any other. It answers OpenAI chat
 completions (also under Azure's `/openai/deployments/NAME/`), Anthropic messages and Gemini's
-`generateContent` / `streamGenerateContent`, as JSON or as SSE streams with usage, and
+`generateContent` / `streamGenerateContent`, as JSON or as SSE streams with usage (an OpenAI chat
+stream only when `stream_options.include_usage` asks, as OpenAI does), and
 `GET /v1/models`. Each request is appended to STATE_DIR/seen.jsonl: the
 method, path, the key it carried, and every header name and value the agent could have set.
 """
@@ -156,18 +157,21 @@ class Handler(BaseHTTPRequestHandler):
                                  "message": {"role": "assistant", "content": "hello from fake"}}],
                     "usage": dict(USAGE, total_tokens=18),
                 })
-            chunk = lambda delta, usage=None: json.dumps({
+            # As OpenAI does: usage (null in every chunk, then a last chunk with no choices)
+            # only when the request asks for it.
+            include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+            chunk = lambda delta, usage=None: json.dumps(dict({
                 "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0,
                 "model": request.get("model", "m"),
                 "choices": [{"index": 0, "delta": delta, "finish_reason": None}] if delta else [],
-                "usage": usage,
-            })
-            return self.events([
+            }, **({"usage": usage} if include_usage else {})))
+            events = [
                 (None, chunk({"role": "assistant", "content": "hello "})),
                 (None, chunk({"content": "streamed"})),
-                (None, chunk(None, dict(USAGE, total_tokens=18))),
-                (None, "[DONE]"),
-            ], hold)
+            ]
+            if include_usage:
+                events.append((None, chunk(None, dict(USAGE, total_tokens=18))))
+            return self.events(events + [(None, "[DONE]")], hold)
         if self.path.startswith("/v1/messages"):
             message = {"id": "msg_1", "type": "message", "role": "assistant",
                        "model": request.get("model", "m"), "stop_reason": "end_turn",
