@@ -1,8 +1,9 @@
 //! Tokens used by a brokered request, read from the provider's own answer as it streams past:
-//! a JSON body (`usage`), or each `data:` event of a server-sent-event stream (OpenAI's final
-//! `usage` chunk, the Responses API's `response.usage`, Anthropic's `message_start` and
-//! `message_delta`, Gemini's `usageMetadata`). Counts in streams are cumulative, so the meter
-//! keeps the largest seen of each.
+//! a JSON body (`usage`; or a JSON array of chunks, Gemini's stream without `alt=sse`), or each
+//! `data:` event of a server-sent-event stream (OpenAI's final `usage` chunk, the Responses
+//! API's `response.usage`, Anthropic's `message_start` and `message_delta`, Gemini's
+//! `usageMetadata`). Counts in streams are cumulative, so the meter keeps the largest seen of
+//! each.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -97,7 +98,14 @@ impl UsageMeter {
             self.line(&line);
         } else if !self.overflowed {
             let held = std::mem::take(&mut self.held);
-            self.event(&held);
+            // A JSON array of chunks: Gemini's `streamGenerateContent` without `alt=sse`.
+            let chunks = (held.trim_ascii_start().first() == Some(&b'['))
+                .then(|| serde_json::from_slice::<Vec<&RawValue>>(&held).ok())
+                .flatten();
+            match chunks {
+                Some(chunks) => chunks.iter().for_each(|c| self.event(c.get().as_bytes())),
+                None => self.event(&held),
+            }
         }
         self.found.then_some(self.usage)
     }
@@ -268,6 +276,16 @@ mod tests {
         let gemini = r#"{"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":2}}"#;
         assert_eq!(
             read("application/json", gemini, 4),
+            Some(Usage {
+                input: 8,
+                output: 2
+            })
+        );
+        // Without `alt=sse`, Gemini streams one JSON array of cumulative chunks.
+        let array = r#" [{"candidates":[],"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":1}},
+                         {"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":2}}]"#;
+        assert_eq!(
+            read("application/json", array, 5),
             Some(Usage {
                 input: 8,
                 output: 2

@@ -1334,6 +1334,18 @@ ca_file = {ca}
         })
     });
     assert!(tokens.starts_with(&[10, 10, 18]), "{tokens:?}");
+    // Gemini's stream without `alt=sse` is one JSON array of chunks: counted too.
+    let (code, body) = s.post(
+        "/v1/broker/gemini/v1beta/models/gemini-2.0-flash:streamGenerateContent",
+        gemini_body,
+        &placeholder,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with('[') && body.contains("streamed"), "{body}");
+    wait_for("the array's tokens", Duration::from_secs(10), || {
+        let rows = s.audit("broker.request");
+        (rows.len() >= 4).then(|| assert_eq!(detail(&rows[3])["tokens"], 10, "{}", rows[3]))
+    });
     for key in [GEMINI, AZURE] {
         let log = s.daemon.as_ref().unwrap().log_text();
         assert!(!log.contains(key));

@@ -147,6 +147,14 @@ class Handler(BaseHTTPRequestHandler):
                 "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": out,
                                   "totalTokenCount": 8 + out},
             })
+            if "alt=sse" not in path:
+                # Without alt=sse Gemini streams one JSON array of the same chunks.
+                data = ("[" + ",".join([part("hello ", 1), part("streamed", 2)]) + "]").encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                return self.wfile.write(data)
             return self.events([(None, part("hello ", 1)), (None, part("streamed", 2))], hold)
         if path.startswith("/v1/chat/completions"):
             if not stream:
