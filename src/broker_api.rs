@@ -221,7 +221,9 @@ impl BrokerApi {
             let Some((caller, actor)) = self.caller(generation, ended.conn, &ended.broker) else {
                 continue;
             };
-            let tokens = ended.tokens_in.unwrap_or(0) + ended.tokens_out.unwrap_or(0);
+            let tokens = ended.tokens_in.unwrap_or(0)
+                + ended.tokens_out.unwrap_or(0)
+                + ended.tokens_estimated.unwrap_or(0);
             self.brokers.enforced.budgets.count(&caller, tokens, now);
             let event = AuditEvent::new(actor, "broker.request").detail(json!({
                 "policy": caller.0,
@@ -235,6 +237,7 @@ impl BrokerApi {
                 "status": ended.status,
                 "tokens_in": ended.tokens_in,
                 "tokens_out": ended.tokens_out,
+                "tokens_estimated": ended.tokens_estimated,
                 "tokens": tokens,
                 "upstream_ms": ended.upstream_ms,
                 "ms": ended.ms,

@@ -34,7 +34,7 @@ use serde_json::json;
 use crate::State;
 use crate::ask_usage::{HideUsageChunk, ask_for_usage};
 use crate::forward::Body;
-use crate::usage::{Usage, UsageMeter};
+use crate::usage::{Read, UsageMeter};
 
 /// Longest path kept in a report (the rest is cut): reports travel in bounded records.
 const MAX_REPORTED_PATH: usize = 1024;
@@ -279,11 +279,13 @@ async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Respons
             status: NO_ANSWER,
             tokens_in: None,
             tokens_out: None,
+            tokens_estimated: None,
             upstream_ms: None,
             ms: 0,
             complete: false,
         },
         started: Instant::now(),
+        request_bytes: body.len(),
     }));
     // A streamed chat completion that does not ask for its usage is made to (ask_usage.rs).
     let (body, hide_usage) = match ask_for_usage(&parts.method, &path, &body) {
@@ -359,15 +361,25 @@ struct Finish {
     caller: Caller,
     ended: Ended,
     started: Instant,
+    request_bytes: usize,
 }
 
 impl Finish {
-    /// Counts the tokens and reports the request.
-    fn record(mut self, usage: Option<Usage>, complete: bool) {
-        let tokens = usage.map_or(0, |u| u.total());
+    /// Counts the tokens and reports the request. A successful answer without usage counts an
+    /// estimate, so hanging up before a stream's last chunk (where OpenAI puts usage) does not
+    /// make a request free.
+    fn record(mut self, read: Read, complete: bool) {
+        let estimated = match read.usage {
+            None if (200..300).contains(&self.ended.status) => {
+                Some(self.request_bytes.div_ceil(4) as u64 + read.events)
+            }
+            _ => None,
+        };
+        let tokens = read.usage.map_or(0, |u| u.total()) + estimated.unwrap_or(0);
         self.state.budgets.spend(&self.caller, tokens, now_millis());
-        self.ended.tokens_in = usage.map(|u| u.input);
-        self.ended.tokens_out = usage.map(|u| u.output);
+        self.ended.tokens_in = read.usage.map(|u| u.input);
+        self.ended.tokens_out = read.usage.map(|u| u.output);
+        self.ended.tokens_estimated = estimated.filter(|&t| t > 0);
         self.ended.ms = self.started.elapsed().as_millis() as u64;
         self.ended.complete = complete;
         self.state.reporter.ended(self.ended);
@@ -383,7 +395,7 @@ struct Unanswered(Option<Finish>);
 impl Drop for Unanswered {
     fn drop(&mut self) {
         if let Some(finish) = self.0.take() {
-            finish.record(None, false);
+            finish.record(Read::default(), false);
         }
     }
 }

@@ -173,6 +173,7 @@ mod tests {
                     status: 200,
                     tokens_in: None,
                     tokens_out: None,
+                    tokens_estimated: None,
                     upstream_ms: Some(1),
                     ms: 1,
                     complete: true,

@@ -3,15 +3,20 @@
 //! `data:` event of a server-sent-event stream (OpenAI's final `usage` chunk, the Responses
 //! API's `response.usage`, Anthropic's `message_start` and `message_delta`, Gemini's
 //! `usageMetadata`). Counts in streams are cumulative, so the meter keeps the largest seen of
-//! each.
+//! each. A JSON answer too large to hold is read for usage in its last bytes, where providers put
+//! it; a stream's events are counted, for the estimate made when an answer carried no usage
+//! (agents.rs).
 
 use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
 /// The most of one JSON answer, or of one stream line, the meter holds to read usage from.
-/// Larger answers pass through uncounted (and the audit row says so).
 const MAX_HELD_BYTES: usize = 4 << 20;
+
+/// How much of the end of a JSON answer larger than [`MAX_HELD_BYTES`] is kept to read its
+/// usage from (OpenAI, Anthropic and Gemini all put it after the content).
+const TAIL_BYTES: usize = 64 << 10;
 
 /// Tokens in and out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -34,12 +39,24 @@ impl Usage {
     }
 }
 
+/// What the meter read of a whole answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Read {
+    /// The usage the answer carried, if it carried any.
+    pub usage: Option<Usage>,
+    /// The `data:` events of a stream.
+    pub events: u64,
+}
+
 /// Reads usage from an answer's body, piece by piece.
 #[derive(Debug)]
 pub struct UsageMeter {
     stream: bool,
     held: Vec<u8>,
     overflowed: bool,
+    /// The last bytes of a JSON answer larger than [`MAX_HELD_BYTES`].
+    tail: Vec<u8>,
+    events: u64,
     usage: Usage,
     found: bool,
 }
@@ -51,6 +68,8 @@ impl UsageMeter {
             stream: content_type.starts_with("text/event-stream"),
             held: Vec::new(),
             overflowed: false,
+            tail: Vec::new(),
+            events: 0,
             usage: Usage::default(),
             found: false,
         }
@@ -59,11 +78,18 @@ impl UsageMeter {
     /// Feeds the next piece of the body.
     pub fn feed(&mut self, piece: &[u8]) {
         if !self.stream {
-            if self.held.len() + piece.len() > MAX_HELD_BYTES {
-                self.overflowed = true;
-                self.held = Vec::new();
-            } else if !self.overflowed {
+            if !self.overflowed && self.held.len() + piece.len() <= MAX_HELD_BYTES {
                 self.held.extend_from_slice(piece);
+                return;
+            }
+            if !self.overflowed {
+                self.overflowed = true;
+                let held = std::mem::take(&mut self.held);
+                self.tail = held[held.len().saturating_sub(TAIL_BYTES)..].to_vec();
+            }
+            self.tail.extend_from_slice(piece);
+            if self.tail.len() > 2 * TAIL_BYTES {
+                self.tail.drain(..self.tail.len() - TAIL_BYTES);
             }
             return;
         }
@@ -91,12 +117,15 @@ impl UsageMeter {
         }
     }
 
-    /// The usage read once the body ended; `None` when the answer carried none.
-    pub fn finish(mut self) -> Option<Usage> {
+    /// What was read, once the body ended (or was cut).
+    pub fn finish(mut self) -> Read {
         if self.stream {
             let line = std::mem::take(&mut self.held);
             self.line(&line);
-        } else if !self.overflowed {
+        } else if self.overflowed {
+            let tail = std::mem::take(&mut self.tail);
+            self.tail(&tail);
+        } else {
             let held = std::mem::take(&mut self.held);
             // A JSON array of chunks: Gemini's `streamGenerateContent` without `alt=sse`.
             let chunks = (held.trim_ascii_start().first() == Some(&b'['))
@@ -107,13 +136,17 @@ impl UsageMeter {
                 None => self.event(&held),
             }
         }
-        self.found.then_some(self.usage)
+        Read {
+            usage: self.found.then_some(self.usage),
+            events: self.events,
+        }
     }
 
     fn line(&mut self, line: &[u8]) {
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };
+        self.events += 1;
         // Most events of a stream carry text, not usage: parse only those that may.
         if memchr::memmem::find(data, b"sage").is_none() {
             return;
@@ -143,6 +176,33 @@ impl UsageMeter {
             if let Some(u) = usage_of(&v) {
                 self.found = true;
                 self.usage.merge_max(u);
+            }
+        }
+    }
+}
+
+impl UsageMeter {
+    /// Reads every `"usage"` and `"usageMetadata"` key in the last bytes of an answer too large
+    /// to hold. Text the model wrote is in JSON strings, where every quote is escaped, so such
+    /// a key is not text; one the model made up as an object key (a Gemini function call's
+    /// arguments) can only raise the counts, as the largest of each is kept.
+    fn tail(&mut self, tail: &[u8]) {
+        for key in [&b"\"usage\""[..], b"\"usageMetadata\""] {
+            for at in memchr::memmem::find_iter(tail, key) {
+                let after = tail[at + key.len()..].trim_ascii_start();
+                let Some(value) = after.strip_prefix(b":") else {
+                    continue;
+                };
+                let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Value>();
+                if let Some(u) = values
+                    .next()
+                    .and_then(Result::ok)
+                    .as_ref()
+                    .and_then(usage_of)
+                {
+                    self.found = true;
+                    self.usage.merge_max(u);
+                }
             }
         }
     }
@@ -205,6 +265,10 @@ mod tests {
     use super::*;
 
     fn read(content_type: &str, body: &str, piece: usize) -> Option<Usage> {
+        meter(content_type, body, piece).usage
+    }
+
+    fn meter(content_type: &str, body: &str, piece: usize) -> Read {
         let mut meter = UsageMeter::new(content_type);
         for chunk in body.as_bytes().chunks(piece) {
             meter.feed(chunk);
@@ -268,6 +332,50 @@ mod tests {
                 input: 8,
                 output: 0
             })
+        );
+    }
+
+    #[test]
+    fn an_answer_larger_than_what_is_held_is_counted_from_its_end() {
+        let vector = vec!["0.0123456"; 1_000_000].join(",");
+        // A made-up usage in the content is a string, then a smaller one as an object key
+        // (a function call's arguments): neither lowers the count.
+        let json = format!(
+            r#"{{"data":[{{"embedding":[{vector}],"text":"\"usage\": {{\"prompt_tokens\":1}}","args":{{"usage":{{"prompt_tokens":2}}}}}}],"usage" : {{"prompt_tokens":4000,"total_tokens":4000}}}}"#
+        );
+        assert!(json.len() > MAX_HELD_BYTES);
+        for piece in [16 << 10, 1 << 20] {
+            assert_eq!(
+                read("application/json", &json, piece),
+                Some(Usage {
+                    input: 4000,
+                    output: 0
+                })
+            );
+        }
+        let gemini = format!(
+            r#"{{"candidates":[{{"content":{{"parts":[{{"text":"{}"}}]}}}}],"usageMetadata":{{"promptTokenCount":9,"candidatesTokenCount":1200000}}}}"#,
+            "x".repeat(5 << 20)
+        );
+        assert_eq!(
+            read("application/json", &gemini, 64 << 10),
+            Some(Usage {
+                input: 9,
+                output: 1_200_000
+            })
+        );
+    }
+
+    #[test]
+    fn a_stream_cut_before_its_usage_counts_its_events() {
+        let sse = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n\
+                   data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n";
+        assert_eq!(
+            meter("text/event-stream", sse, 7),
+            Read {
+                usage: None,
+                events: 2
+            }
         );
     }
 

@@ -462,6 +462,10 @@ fn calls_outside_the_preset_and_path_tricks_never_reach_the_provider() {
     let s = Setup::new(ADMITTED, "");
     for (path, want) in [
         ("/v1/broker/openai/v1/files", 403),
+        // Under an allowed call's name, but billed without usage in the answer (a batch), or
+        // only a longer name.
+        ("/v1/broker/anthropic/v1/messages/batches", 403),
+        ("/v1/broker/openai/v1/chat/completionsX", 403),
         ("/v1/broker/openai/v1/chat/../files", 400),
         ("/v1/broker/openai/v1/chat/%2e%2e/files", 400),
         ("/v1/broker/nosuch/v1/chat/completions", 404),
@@ -869,6 +873,62 @@ brokers = ["anthropic"]
     let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
     assert_eq!(status, 429, "{body}");
     assert_eq!(s.provider.seen().len(), seen);
+}
+
+#[test]
+fn a_stream_the_agent_cuts_before_its_usage_still_counts_against_the_budget() {
+    // OpenAI sends a stream's usage last: an agent that hangs up after the first chunk would
+    // otherwise have its prompt (all of it billed) counted as nothing.
+    let policy = r#"[[policy]]
+name = "agents"
+uids = [0]
+brokers = ["cut"]
+budget = { tokens_per_day = 50 }
+"#;
+    let extra = r#"[brokers.cut]
+preset = "openai"
+secret = "openai/prod"
+upstream = "{upstream}"
+ca_file = {ca}
+idle_timeout = "2s"
+"#;
+    let s = Setup::new(policy, extra);
+    let prompt = "x".repeat(300);
+    let body = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{prompt}"}}],"stream":true,"hold":true}}"#
+    );
+    let mut agent = Command::new("curl")
+        .args(["-sN", "--unix-socket"])
+        .arg(s.socket())
+        .args([
+            "--data",
+            &body,
+            "http://localhost/v1/broker/cut/v1/chat/completions",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first chunk reached the agent; it hangs up.
+    let mut first = [0u8; 5];
+    std::io::Read::read_exact(agent.stdout.as_mut().unwrap(), &mut first).unwrap();
+    assert_eq!(&first, b"data:");
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let row = wait_for(
+        "the cut request's audit row",
+        Duration::from_secs(20),
+        || s.audit("broker.request").into_iter().next(),
+    );
+    let detail = &row["detail"];
+    assert_eq!(detail["complete"], false, "{row}");
+    assert!(detail["tokens_in"].is_null(), "{row}");
+    // A token per 4 bytes of the request, and one per event streamed.
+    let estimated = detail["tokens_estimated"].as_u64().unwrap_or(0);
+    assert!(estimated > (body.len() / 4) as u64, "{row}");
+    assert_eq!(detail["tokens"], estimated, "{row}");
+    let (status, answer) = s.chat("/v1/broker/cut/v1/chat/completions", &[]);
+    assert_eq!(status, 429, "{answer}");
+    assert!(answer.contains("tokens_per_day"), "{answer}");
 }
 
 #[test]

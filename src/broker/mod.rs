@@ -42,7 +42,8 @@ pub struct BrokerConfig {
     pub upstream: Option<String>,
     /// Extra CA certificates (PEM) to trust for the upstream: a private CA.
     pub ca_file: Option<PathBuf>,
-    /// Allowed `"METHOD /path/prefix"`, replacing the preset's (`bearer` needs them).
+    /// Allowed calls, `"METHOD /path"` (the path and everything under it) or `"METHOD = /path"`
+    /// (that path alone), replacing the preset's (`bearer` needs them).
     pub paths: Option<Vec<String>>,
     /// Largest request body, bytes.
     #[serde(default = "default_max_body")]
@@ -145,7 +146,7 @@ pub fn compile(
     if allowed.is_empty() {
         return Err((
             "paths",
-            "list what agents may call, as \"METHOD /path/prefix\"".into(),
+            "list what agents may call, as \"METHOD /path\" or \"METHOD = /path\"".into(),
         ));
     }
     if c.max_body_bytes == 0 {
@@ -438,6 +439,54 @@ mod tests {
         assert!(!b.allows("GET", "/v1/chat/completions"));
         assert!(!b.allows("POST", "/v1/files"));
         assert!(!b.allows("DELETE", "/v1/models/x"));
+    }
+
+    #[test]
+    fn presets_refuse_calls_whose_answers_carry_no_usage() {
+        let allows = |preset: Preset, method: &str, path: &str| {
+            preset.allowed().iter().any(|a| a.allows(method, path))
+        };
+        assert!(allows(Preset::Anthropic, "POST", "/v1/messages"));
+        assert!(allows(
+            Preset::Anthropic,
+            "POST",
+            "/v1/messages/count_tokens"
+        ));
+        assert!(!allows(Preset::Anthropic, "POST", "/v1/messages/batches"));
+        assert!(!allows(Preset::Openai, "POST", "/v1/chat/completionsX"));
+        assert!(allows(Preset::Openai, "GET", "/v1/models/gpt-4o"));
+        let model = "/v1beta/models/gemini-2.0-flash";
+        assert!(allows(
+            Preset::Gemini,
+            "POST",
+            &format!("{model}:generateContent")
+        ));
+        assert!(allows(
+            Preset::Gemini,
+            "POST",
+            &format!("{model}:streamGenerateContent")
+        ));
+        assert!(!allows(
+            Preset::Gemini,
+            "POST",
+            &format!("{model}:batchGenerateContent")
+        ));
+        assert!(!allows(
+            Preset::Gemini,
+            "POST",
+            &format!("{model}:predictLongRunning")
+        ));
+        let deployment = "/openai/deployments/gpt-4o";
+        assert!(allows(
+            Preset::AzureOpenai,
+            "POST",
+            &format!("{deployment}/chat/completions")
+        ));
+        assert!(!allows(
+            Preset::AzureOpenai,
+            "POST",
+            &format!("{deployment}/images/generations")
+        ));
     }
 
     #[test]

@@ -43,30 +43,47 @@ impl Preset {
         }
     }
 
-    /// The methods and path prefixes an agent may call (`bearer`: none; the config lists them).
+    /// The calls an agent may make (`bearer`: none; the config lists them). Calls that cost
+    /// tokens are exact paths, so an endpoint whose answer carries no usage (a batch, a
+    /// long-running job, images) under the same name is not one of them.
     pub fn allowed(self) -> Vec<Allowed> {
         let list: &[&str] = match self {
             Preset::Openai => &[
-                "POST /v1/chat/completions",
-                "POST /v1/completions",
-                "POST /v1/responses",
+                "POST = /v1/chat/completions",
+                "POST = /v1/completions",
+                "POST = /v1/responses",
                 "GET /v1/responses/",
-                "POST /v1/embeddings",
-                "POST /v1/moderations",
+                "POST = /v1/embeddings",
+                "POST = /v1/moderations",
                 "GET /v1/models",
             ],
-            Preset::Anthropic => &["POST /v1/messages", "GET /v1/models", "POST /v1/complete"],
+            Preset::Anthropic => &[
+                "POST = /v1/messages",
+                "POST = /v1/messages/count_tokens",
+                "POST = /v1/complete",
+                "GET /v1/models",
+            ],
             Preset::Gemini => &[
-                "POST /v1beta/models/",
+                "POST = /v1beta/models/*:generateContent",
+                "POST = /v1beta/models/*:streamGenerateContent",
+                "POST = /v1beta/models/*:countTokens",
+                "POST = /v1beta/models/*:embedContent",
+                "POST = /v1beta/models/*:batchEmbedContents",
                 "GET /v1beta/models",
-                "POST /v1/models/",
+                "POST = /v1/models/*:generateContent",
+                "POST = /v1/models/*:streamGenerateContent",
+                "POST = /v1/models/*:countTokens",
+                "POST = /v1/models/*:embedContent",
+                "POST = /v1/models/*:batchEmbedContents",
                 "GET /v1/models",
             ],
             Preset::AzureOpenai => &[
-                "POST /openai/deployments/",
-                "POST /openai/v1/chat/completions",
-                "POST /openai/v1/responses",
-                "POST /openai/v1/embeddings",
+                "POST = /openai/deployments/*/chat/completions",
+                "POST = /openai/deployments/*/completions",
+                "POST = /openai/deployments/*/embeddings",
+                "POST = /openai/v1/chat/completions",
+                "POST = /openai/v1/responses",
+                "POST = /openai/v1/embeddings",
                 "GET /openai/models",
                 "GET /openai/v1/models",
             ],

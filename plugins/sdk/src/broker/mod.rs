@@ -105,41 +105,85 @@ pub struct BrokerRoutes {
     pub max_body_bytes: usize,
 }
 
-/// An allowed method and path prefix.
+/// An allowed method and path: the path and everything under it (`/v1/models` allows
+/// `/v1/models/gpt-4o`, never `/v1/modelsX`), or with `exact` the path alone. A `*` stands for
+/// one path segment, or the part of one before a `:` (`/v1beta/models/*:generateContent`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allowed {
     /// `GET`, `POST`, ….
     pub method: String,
-    /// The path starts with this (`/v1/chat/completions`).
-    pub prefix: String,
+    /// The path (`/v1/chat/completions`); called `prefix` on the wire, as it was before
+    /// `exact` and `*` existed.
+    #[serde(rename = "prefix")]
+    pub path: String,
+    /// The path alone, nothing under it.
+    #[serde(default)]
+    pub exact: bool,
 }
 
 impl Allowed {
-    /// Parses `"POST /v1/chat/completions"`.
+    /// Parses `"POST /v1/models"` (the path and everything under it) or `"POST = /v1/messages"`
+    /// (that path alone).
     pub fn parse(text: &str) -> Result<Allowed, String> {
-        let (method, prefix) = text
-            .trim()
-            .split_once(' ')
-            .ok_or_else(|| format!("{text:?} is not \"METHOD /path/prefix\""))?;
+        let usage = || format!("{text:?} is not \"METHOD /path\" or \"METHOD = /path\"");
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let (method, exact, path) = match words[..] {
+            [method, path] => (method, false, path),
+            [method, "=", path] => (method, true, path),
+            _ => return Err(usage()),
+        };
         let method = method.to_ascii_uppercase();
         if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method.as_str()) {
             return Err(format!("{text:?}: method {method:?} is not allowed"));
         }
-        let prefix = prefix.trim();
-        if !prefix.starts_with('/') || prefix.contains("..") || prefix.contains('%') {
+        if !path.starts_with('/') || path.contains("..") || path.contains('%') {
             return Err(format!(
-                "{text:?}: the prefix must be an absolute path without '..' or '%'"
+                "{text:?}: the path must be absolute, without '..' or '%'"
             ));
+        }
+        let bytes = path.as_bytes();
+        let wild_ok = bytes.iter().enumerate().all(|(i, &b)| {
+            b != b'*'
+                || (bytes[i - 1] == b'/' && matches!(bytes.get(i + 1), None | Some(b'/' | b':')))
+        });
+        if !wild_ok {
+            return Err(format!(
+                "{text:?}: '*' stands for a whole segment, or the part of one before ':'"
+            ));
+        }
+        if exact && path.ends_with('/') {
+            return Err(format!("{text:?}: an exact path does not end with '/'"));
         }
         Ok(Allowed {
             method,
-            prefix: prefix.to_string(),
+            path: path.to_string(),
+            exact,
         })
     }
 
     /// Whether `method path` is one this allows.
     pub fn allows(&self, method: &str, path: &str) -> bool {
-        self.method == method && path.starts_with(&self.prefix)
+        if self.method != method {
+            return false;
+        }
+        let mut rest = path.as_bytes();
+        for &b in self.path.as_bytes() {
+            if b == b'*' {
+                let n = rest
+                    .iter()
+                    .position(|&c| c == b'/' || c == b':')
+                    .unwrap_or(rest.len());
+                if n == 0 {
+                    return false;
+                }
+                rest = &rest[n..];
+            } else if rest.first() == Some(&b) {
+                rest = &rest[1..];
+            } else {
+                return false;
+            }
+        }
+        rest.is_empty() || (!self.exact && (rest[0] == b'/' || self.path.ends_with('/')))
     }
 }
 
@@ -284,6 +328,11 @@ pub struct Ended {
     pub tokens_in: Option<u64>,
     /// Output tokens.
     pub tokens_out: Option<u64>,
+    /// Tokens counted by estimate when a successful answer carried no usage (the agent hung
+    /// up before a stream's last chunk, an endpoint that reports none): a token per 4 bytes of
+    /// the request's body and one per event streamed.
+    #[serde(default)]
+    pub tokens_estimated: Option<u64>,
     /// Time to the upstream's answer head.
     pub upstream_ms: Option<u64>,
     /// Time from the request's head to the answer's end.
@@ -305,3 +354,87 @@ pub struct Denied {
 
 /// Largest record on the hand-off channel, either way.
 pub const MAX_RECORD: usize = 64 << 10;
+
+#[cfg(test)]
+mod tests {
+    use super::Allowed;
+
+    fn allows(rule: &str, method: &str, path: &str) -> bool {
+        Allowed::parse(rule).unwrap().allows(method, path)
+    }
+
+    #[test]
+    fn a_path_allows_itself_and_what_is_under_it_never_a_longer_name() {
+        assert!(allows("GET /v1/models", "GET", "/v1/models"));
+        assert!(allows("GET /v1/models", "GET", "/v1/models/gpt-4o"));
+        assert!(!allows("GET /v1/models", "GET", "/v1/modelsX"));
+        assert!(!allows("GET /v1/models", "GET", "/v1/models:x"));
+        assert!(!allows("GET /v1/models", "POST", "/v1/models"));
+        assert!(allows("GET /v1/responses/", "GET", "/v1/responses/r1"));
+        assert!(!allows("GET /v1/responses/", "GET", "/v1/responses"));
+    }
+
+    #[test]
+    fn an_exact_path_allows_nothing_under_it() {
+        assert!(allows("POST = /v1/messages", "POST", "/v1/messages"));
+        assert!(!allows(
+            "POST = /v1/messages",
+            "POST",
+            "/v1/messages/batches"
+        ));
+        assert!(!allows("post = /v1/messages", "POST", "/v1/messagesX"));
+    }
+
+    #[test]
+    fn a_star_is_one_segment_or_the_part_before_a_colon() {
+        let rule = "POST = /v1beta/models/*:generateContent";
+        assert!(allows(
+            rule,
+            "POST",
+            "/v1beta/models/gemini-2.0:generateContent"
+        ));
+        assert!(!allows(
+            rule,
+            "POST",
+            "/v1beta/models/g:batchGenerateContent"
+        ));
+        assert!(!allows(rule, "POST", "/v1beta/models/a/b:generateContent"));
+        assert!(!allows(rule, "POST", "/v1beta/models/:generateContent"));
+        assert!(!allows(rule, "POST", "/v1beta/models/x:generateContent:y"));
+        let rule = "POST = /openai/deployments/*/chat/completions";
+        assert!(allows(
+            rule,
+            "POST",
+            "/openai/deployments/gpt-4o/chat/completions"
+        ));
+        assert!(!allows(
+            rule,
+            "POST",
+            "/openai/deployments/gpt-4o/images/generations"
+        ));
+    }
+
+    #[test]
+    fn malformed_rules_are_refused_with_the_reason() {
+        for (rule, why) in [
+            ("POST", "is not"),
+            ("POST == /v1", "is not"),
+            ("TRACE /v1", "method"),
+            ("POST v1", "absolute"),
+            ("POST /v1/../admin", "absolute"),
+            ("POST /v1/%2e", "absolute"),
+            ("POST /v1/gpt*", "'*'"),
+            ("POST /v1/*x", "'*'"),
+            ("POST = /v1/", "exact"),
+        ] {
+            let e = Allowed::parse(rule).unwrap_err();
+            assert!(e.contains(why), "{rule}: {e}");
+        }
+    }
+
+    #[test]
+    fn rules_sent_before_exact_existed_still_read() {
+        let old: Allowed = serde_json::from_str(r#"{"method":"GET","prefix":"/v1"}"#).unwrap();
+        assert_eq!(old, Allowed::parse("GET /v1").unwrap());
+    }
+}
