@@ -26,7 +26,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use keywarden_plugin_sdk::broker::budget::{Caller, Spent};
+use keywarden_plugin_sdk::broker::budget::{Caller, Spent, estimate};
 use keywarden_plugin_sdk::broker::{Decision, Denied, Ended, Handoff};
 use rustix::net::AddressFamily;
 use serde_json::json;
@@ -226,7 +226,13 @@ async fn admit(
     );
     state
         .budgets
-        .admit(&admission.policy, &admission.budget, &caller, now_millis())
+        .admit(
+            &admission.policy,
+            &admission.budget,
+            &caller,
+            estimate(body.len(), 0),
+            now_millis(),
+        )
         .map_err(|spent| budget_spent(&admission.policy, &spent))?;
     Ok(Admitted {
         forwarder: forwarder.clone(),
@@ -344,7 +350,7 @@ fn budget_spent(policy: &str, spent: &Spent) -> Response<Body> {
         StatusCode::TOO_MANY_REQUESTS,
         &json!({ "error": {
             "code": "budget",
-            "message": format!("policy {policy}: its {} budget is spent", spent.budget()),
+            "message": format!("policy {policy}: its {} budget {}", spent.budget(), spent.message()),
             "budget": spent.budget(),
             "retry_after": spent.retry_after(),
         }}),
@@ -361,22 +367,26 @@ struct Finish {
     caller: Caller,
     ended: Ended,
     started: Instant,
+    /// The request body's size, from which the budget's hold and estimates are made.
     request_bytes: usize,
 }
 
 impl Finish {
-    /// Counts the tokens and reports the request. A successful answer without usage counts an
-    /// estimate, so hanging up before a stream's last chunk (where OpenAI puts usage) does not
-    /// make a request free.
+    /// Counts the tokens (letting go of those held since the request was admitted) and
+    /// reports the request. A successful answer without usage counts an estimate, so hanging
+    /// up before a stream's last chunk (where OpenAI puts usage) does not make a request free.
     fn record(mut self, read: Read, complete: bool) {
         let estimated = match read.usage {
             None if (200..300).contains(&self.ended.status) => {
-                Some(self.request_bytes.div_ceil(4) as u64 + read.events)
+                Some(estimate(self.request_bytes, read.events))
             }
             _ => None,
         };
         let tokens = read.usage.map_or(0, |u| u.total()) + estimated.unwrap_or(0);
-        self.state.budgets.spend(&self.caller, tokens, now_millis());
+        let held = estimate(self.request_bytes, 0);
+        self.state
+            .budgets
+            .spend(&self.caller, tokens, held, now_millis());
         self.ended.tokens_in = read.usage.map(|u| u.input);
         self.ended.tokens_out = read.usage.map(|u| u.output);
         self.ended.tokens_estimated = estimated.filter(|&t| t > 0);

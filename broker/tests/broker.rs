@@ -932,6 +932,57 @@ idle_timeout = "2s"
 }
 
 #[test]
+fn requests_started_together_cannot_each_spend_the_last_of_a_budget() {
+    // Checked only against what ended, a burst sent at 0 of 30 tokens would all be admitted
+    // (a harvester in the agent starting a thousand at once); one running holds its estimate.
+    let policy = r#"[[policy]]
+name = "agents"
+uids = [0]
+brokers = ["openai"]
+budget = { tokens_per_day = 30 }
+"#;
+    let s = Setup::new(policy, "");
+    let prompt = "x".repeat(100);
+    let body = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{prompt}"}}],"stream":true,"hold":true}}"#
+    );
+    let running = Command::new("curl")
+        .args(["-sN", "--unix-socket"])
+        .arg(s.socket())
+        .args([
+            "--data",
+            &body,
+            "http://localhost/v1/broker/openai/v1/chat/completions",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "the provider to hold the stream",
+        Duration::from_secs(10),
+        || (!s.provider.seen().is_empty()).then_some(()),
+    );
+    let (status, answer) = s.chat("/v1/broker/openai/v1/chat/completions", &["-i"]);
+    assert_eq!(status, 429, "{answer}");
+    assert!(
+        answer.to_lowercase().contains("retry-after: 1\r"),
+        "{answer}"
+    );
+    assert!(answer.contains("still running"), "{answer}");
+    assert_eq!(
+        s.provider.seen().len(),
+        1,
+        "the second request reached the provider"
+    );
+    // The stream ends with its usage (18 tokens): what it held is let go.
+    std::fs::write(s.provider.state.join("release"), "").unwrap();
+    let streamed = running.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&streamed.stdout).contains("[DONE]"));
+    let (status, answer) = s.chat("/v1/broker/openai/v1/chat/completions", &[]);
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[test]
 fn requests_per_minute_refuse_exactly_at_the_limit() {
     let policy = r#"[[policy]]
 name = "agents"

@@ -1,6 +1,8 @@
 //! Budgets of brokered requests: requests per minute and tokens per (UTC) day, per policy,
 //! with what each caller (uid, executable) spent kept beside them. The counters start from
-//! the day's `broker.request` audit rows, so a restart forgets nothing.
+//! the day's `broker.request` audit rows, so a restart forgets nothing. A request in flight
+//! holds its estimated tokens ([`estimate`]) against its policy's day until its usage is known,
+//! so a burst of requests started together cannot each spend the last of a budget.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -12,6 +14,13 @@ pub type Millis = i64;
 
 const MINUTE: Millis = 60_000;
 const DAY: Millis = 86_400_000;
+
+/// Tokens a request is taken to use until its answer says: one per 4 bytes of its body, and
+/// one per event streamed back (for a stream that ended before its usage, or an answer
+/// without one).
+pub fn estimate(body_bytes: usize, events: u64) -> u64 {
+    body_bytes.div_ceil(4) as u64 + events
+}
 
 /// `budget = { requests_per_minute, tokens_per_day }` of a `[[policy]]`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,8 +46,10 @@ pub enum Spent {
     Tokens {
         /// The limit.
         limit: u64,
-        /// Seconds until the next UTC day.
+        /// Seconds until the next UTC day, or 1 when `held`.
         retry_after: u64,
+        /// Not spent yet, but held by requests still running.
+        held: bool,
     },
 }
 
@@ -57,6 +68,16 @@ impl Spent {
             Spent::Tokens { .. } => "tokens_per_day",
         }
     }
+
+    /// What the refusal says of the budget.
+    pub fn message(&self) -> &'static str {
+        match self {
+            Spent::Tokens { held: true, .. } => {
+                "is held by requests still running until their usage is known"
+            }
+            _ => "is spent",
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -66,6 +87,8 @@ struct Counters {
     day: Millis,
     requests_today: u64,
     tokens_today: u64,
+    /// Estimated tokens of requests admitted and not ended yet (a policy's counters only).
+    reserved: u64,
 }
 
 impl Counters {
@@ -109,13 +132,16 @@ pub struct Budgets {
 }
 
 impl Budgets {
-    /// Counts a request against `policy`'s budget, or says which budget is spent (and counts
-    /// nothing).
+    /// Counts a request against `policy`'s budget and holds `reserve` tokens (its
+    /// [`estimate`]) until [`Budgets::spend`] says what it used; or says which budget is spent
+    /// (and counts nothing). Tokens held by requests in flight count as spent: when only they
+    /// fill the budget, it renews in a second, not the next day.
     pub fn admit(
         &self,
         policy: &str,
         budget: &Budget,
         caller: &Caller,
+        reserve: u64,
         now: Millis,
     ) -> Result<(), Spent> {
         let mut policies = self.policies.lock().expect("budget lock");
@@ -130,15 +156,23 @@ impl Budgets {
             }
         }
         if let Some(limit) = budget.tokens_per_day {
-            if c.tokens_today >= limit {
+            if c.tokens_today.saturating_add(c.reserved) >= limit {
+                let held = c.tokens_today < limit;
+                let retry_after = if held {
+                    1
+                } else {
+                    ((c.day + DAY - now) as u64).div_ceil(1000)
+                };
                 return Err(Spent::Tokens {
                     limit,
-                    retry_after: ((c.day + DAY - now) as u64).div_ceil(1000),
+                    retry_after,
+                    held,
                 });
             }
         }
         c.requests_this_minute += 1;
         c.requests_today += 1;
+        c.reserved = c.reserved.saturating_add(reserve);
         drop(policies);
         let mut callers = self.callers.lock().expect("budget lock");
         let c = callers.entry(caller.clone()).or_default();
@@ -148,8 +182,17 @@ impl Budgets {
         Ok(())
     }
 
-    /// Adds the tokens a finished request used.
-    pub fn spend(&self, caller: &Caller, tokens: u64, now: Millis) {
+    /// Adds the tokens a finished request used, and lets go of the `reserved` tokens
+    /// [`Budgets::admit`] held for it.
+    pub fn spend(&self, caller: &Caller, tokens: u64, reserved: u64, now: Millis) {
+        if let Some(c) = self
+            .policies
+            .lock()
+            .expect("budget lock")
+            .get_mut(&caller.0)
+        {
+            c.reserved = c.reserved.saturating_sub(reserved);
+        }
         self.add(caller, 0, tokens, now);
     }
 
@@ -265,10 +308,11 @@ mod tests {
             tokens_per_day: None,
         };
         for _ in 0..3 {
-            b.admit("agents", &budget, &caller(), T0 + 1_000).unwrap();
+            b.admit("agents", &budget, &caller(), 0, T0 + 1_000)
+                .unwrap();
         }
         let spent = b
-            .admit("agents", &budget, &caller(), T0 + 1_000)
+            .admit("agents", &budget, &caller(), 0, T0 + 1_000)
             .unwrap_err();
         assert_eq!(
             spent,
@@ -277,7 +321,32 @@ mod tests {
                 retry_after: 59
             }
         );
-        b.admit("agents", &budget, &caller(), T0 + MINUTE).unwrap();
+        b.admit("agents", &budget, &caller(), 0, T0 + MINUTE)
+            .unwrap();
+    }
+
+    #[test]
+    fn requests_in_flight_hold_their_estimate_until_their_usage_is_known() {
+        let b = Budgets::default();
+        let budget = Budget {
+            requests_per_minute: None,
+            tokens_per_day: Some(100),
+        };
+        // Nothing spent yet: the first of a burst goes, the rest wait for its usage.
+        b.admit("agents", &budget, &caller(), estimate(400, 0), T0)
+            .unwrap();
+        let spent = b
+            .admit("agents", &budget, &caller(), estimate(4, 0), T0)
+            .unwrap_err();
+        assert_eq!(spent.budget(), "tokens_per_day");
+        assert_eq!(spent.retry_after(), 1);
+        // It used 30: what it held is let go, the next one goes.
+        b.spend(&caller(), 30, estimate(400, 0), T0);
+        b.admit("agents", &budget, &caller(), estimate(4, 0), T0)
+            .unwrap();
+        b.spend(&caller(), 70, estimate(4, 0), T0);
+        let spent = b.admit("agents", &budget, &caller(), 0, T0).unwrap_err();
+        assert_eq!(spent.retry_after(), 14 * 3600);
     }
 
     #[test]
@@ -287,11 +356,11 @@ mod tests {
             requests_per_minute: None,
             tokens_per_day: Some(100),
         };
-        b.admit("agents", &budget, &caller(), T0).unwrap();
-        b.spend(&caller(), 60, T0);
-        b.admit("agents", &budget, &caller(), T0).unwrap();
-        b.spend(&caller(), 40, T0);
-        let spent = b.admit("agents", &budget, &caller(), T0).unwrap_err();
+        b.admit("agents", &budget, &caller(), 0, T0).unwrap();
+        b.spend(&caller(), 60, 0, T0);
+        b.admit("agents", &budget, &caller(), 0, T0).unwrap();
+        b.spend(&caller(), 40, 0, T0);
+        let spent = b.admit("agents", &budget, &caller(), 0, T0).unwrap_err();
         assert_eq!(spent.budget(), "tokens_per_day");
         assert_eq!(spent.retry_after(), 14 * 3600);
         assert_eq!(
@@ -310,12 +379,12 @@ mod tests {
         restarted.restore(&[(caller(), 2, 2, 100)], T0 + 1);
         assert!(
             restarted
-                .admit("agents", &budget, &caller(), T0 + 1)
+                .admit("agents", &budget, &caller(), 0, T0 + 1)
                 .is_err()
         );
         // The next day it renews.
         restarted
-            .admit("agents", &budget, &caller(), T0 + DAY)
+            .admit("agents", &budget, &caller(), 0, T0 + DAY)
             .unwrap();
     }
 
@@ -331,11 +400,11 @@ mod tests {
         let broker = Budgets::default();
         broker.restore(&daemon.spent(T0 + 2), T0 + 2);
         let spent = broker
-            .admit("agents", &budget, &caller(), T0 + 2)
+            .admit("agents", &budget, &caller(), 0, T0 + 2)
             .unwrap_err();
         assert_eq!(spent.budget(), "requests_per_minute");
         let spent = broker
-            .admit("agents", &budget, &caller(), T0 + MINUTE)
+            .admit("agents", &budget, &caller(), 0, T0 + MINUTE)
             .unwrap_err();
         assert_eq!(spent.budget(), "tokens_per_day");
         assert_eq!(daemon.today(T0)[0].requests, 2);
