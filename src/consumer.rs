@@ -570,20 +570,25 @@ impl FileConsumer {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .map_err(|e| failed(format!("could not start: {e}")))?;
-        match tokio::time::timeout(self.after_timeout, child.wait_with_output()).await {
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let run = async {
+            let said = last_lines(stderr, AFTER_STDERR_KEPT).await?;
+            Ok::<_, std::io::Error>((child.wait().await?, said))
+        };
+        match tokio::time::timeout(self.after_timeout, run).await {
             Err(_) => Err(failed(format!(
                 "did not finish within {:?} and was killed",
                 self.after_timeout
             ))),
             Ok(Err(e)) => Err(failed(format!("failed: {e}"))),
-            Ok(Ok(out)) if out.status.success() => Ok(()),
-            Ok(Ok(out)) => {
+            Ok(Ok((status, _))) if status.success() => Ok(()),
+            Ok(Ok((status, said))) => {
                 // The command was handed the value (in the file it reads); what it says about
                 // its failure is kept as the consumer's last error, so never with the value.
-                let stderr = Zeroizing::new(String::from_utf8_lossy(&out.stderr).into_owned());
+                let stderr = Zeroizing::new(String::from_utf8_lossy(&said).into_owned());
                 let scrubbed = redact(&stderr, d.value.expose());
                 let tail: String = scrubbed
                     .lines()
@@ -594,7 +599,7 @@ impl FileConsumer {
                     .collect();
                 Err(failed(format!(
                     "exited with {}{}",
-                    out.status,
+                    status,
                     if tail.is_empty() {
                         String::new()
                     } else {
@@ -604,6 +609,43 @@ impl FileConsumer {
             }
         }
     }
+}
+
+/// How much of the end of an `after` command's stderr is kept (the rest is read and dropped, so
+/// a command that writes without end neither blocks on its pipe nor grows the daemon).
+const AFTER_STDERR_KEPT: usize = 64 << 10;
+
+/// The whole lines among the last `keep` bytes `from` gives until its end. A line cut by the
+/// window is dropped, so a value it held is never shown in part (where `redact` could not
+/// find it).
+async fn last_lines(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    keep: usize,
+) -> std::io::Result<Zeroizing<Vec<u8>>> {
+    use tokio::io::AsyncReadExt;
+    let mut kept = Zeroizing::new(Vec::new());
+    let mut piece = Zeroizing::new(vec![0u8; 8192]);
+    let mut cut = false;
+    loop {
+        let n = from.read(&mut piece).await?;
+        if n == 0 {
+            break;
+        }
+        kept.extend_from_slice(&piece[..n]);
+        if kept.len() > 2 * keep {
+            let excess = kept.len() - keep;
+            kept.drain(..excess);
+            cut = true;
+        }
+    }
+    if cut {
+        let first_line_end = kept
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(kept.len(), |i| i + 1);
+        kept.drain(..first_line_end);
+    }
+    Ok(kept)
 }
 
 /// `text` with `value`, and each line of it of 8 characters or more, replaced by `[redacted]`:
@@ -622,6 +664,19 @@ fn redact(text: &str, value: &str) -> Zeroizing<String> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn an_after_commands_endless_stderr_keeps_only_its_last_whole_lines() {
+        let mut said = vec![b'x'; 10 << 20];
+        said.extend_from_slice(b"\nfirst\nlast words\n");
+        let kept = last_lines(&said[..], 1024).await.unwrap();
+        assert_eq!(&kept[..], b"first\nlast words\n");
+        // One line longer than the window: none of it.
+        let kept = last_lines(&vec![b'k'; 1 << 20][..], 1024).await.unwrap();
+        assert!(kept.is_empty());
+        let kept = last_lines(&b"short\n"[..], 1024).await.unwrap();
+        assert_eq!(&kept[..], b"short\n");
+    }
 
     #[test]
     fn templates_render_value_version_name_and_meta() {
