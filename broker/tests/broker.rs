@@ -497,11 +497,14 @@ fn calls_outside_the_preset_and_path_tricks_never_reach_the_provider() {
             .then_some(())
     });
     // An allowed POST that asks the upstream to treat it as another method (headers some REST
-    // APIs honour): the headers never leave.
+    // APIs honour), or to bill another organization or project the key belongs to: the
+    // headers never leave.
     let overrides = [
         "X-HTTP-Method-Override: DELETE",
         "X-HTTP-Method: DELETE",
         "X-Method-Override: DELETE",
+        "OpenAI-Organization: org-someone-else",
+        "OpenAI-Project: proj_someone_else",
     ];
     let args: Vec<&str> = overrides.iter().flat_map(|h| ["-H", *h]).collect();
     let (status, body) = s.chat("/v1/broker/openai/v1/chat/completions", &args);
@@ -513,6 +516,8 @@ fn calls_outside_the_preset_and_path_tricks_never_reach_the_provider() {
         "x-http-method-override",
         "x-http-method",
         "x-method-override",
+        "openai-organization",
+        "openai-project",
     ] {
         assert!(!headers.contains_key(name), "{name} reached the provider");
     }

@@ -30,8 +30,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Request headers an agent may not pass on to a provider: its own credentials (a placeholder,
-/// or worse a real key), cookies, headers asking for another method than the one checked, and
-/// hop-by-hop headers. Both the daemon and the broker drop
+/// or worse a real key), cookies, headers asking for another method than the one checked or
+/// another organization or project to bill than the key's own, and hop-by-hop headers. Both the daemon and the broker drop
 /// them (and every `x-keywarden-*` header).
 pub const DROPPED_REQUEST_HEADERS: &[&str] = &[
     "authorization",
@@ -44,6 +44,9 @@ pub const DROPPED_REQUEST_HEADERS: &[&str] = &[
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
+    // Choosing which of the key's organizations or projects pays (OpenAI): the key decides.
+    "openai-organization",
+    "openai-project",
     "host",
     "content-length",
     "connection",
