@@ -221,9 +221,10 @@ impl BrokerApi {
             let Some((caller, actor)) = self.caller(generation, ended.conn, &ended.broker) else {
                 continue;
             };
-            let tokens = ended.tokens_in.unwrap_or(0)
-                + ended.tokens_out.unwrap_or(0)
-                + ended.tokens_estimated.unwrap_or(0);
+            let tokens = [ended.tokens_in, ended.tokens_out, ended.tokens_estimated]
+                .into_iter()
+                .flatten()
+                .fold(0, u64::saturating_add);
             self.brokers.enforced.budgets.count(&caller, tokens, now);
             let event = AuditEvent::new(actor, "broker.request").detail(json!({
                 "policy": caller.0,

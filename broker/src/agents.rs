@@ -27,12 +27,12 @@ use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use keywarden_plugin_sdk::broker::budget::{Caller, Spent, estimate};
-use keywarden_plugin_sdk::broker::{Decision, Denied, Ended, Handoff};
+use keywarden_plugin_sdk::broker::{Decision, Denied, Ended, Handoff, passes_query_parameter};
 use rustix::net::AddressFamily;
 use serde_json::json;
 
 use crate::State;
-use crate::ask_usage::{HideUsageChunk, ask_for_usage};
+use crate::ask_usage::{HideUsageChunk, ask_for_usage, unmetered};
 use crate::forward::Body;
 use crate::usage::{Read, UsageMeter};
 
@@ -198,8 +198,21 @@ async fn admit(
     if !broker.allows(&method, rest) {
         return Err(deny(format!("{method} {rest} is not an allowed call")));
     }
+    // A compressed body could not be read for its size or asked for usage.
+    if req
+        .headers()
+        .get(hyper::header::CONTENT_ENCODING)
+        .is_some_and(|e| e != "identity")
+    {
+        return Err(deny(
+            "a compressed request body (content-encoding) is not accepted".into(),
+        ));
+    }
     let (parts, body) = req.into_parts();
     let body = read_body(body, broker.max_body_bytes, state.limits().body_timeout).await?;
+    if let Some(why) = unmetered(&parts.method, rest, &body) {
+        return Err(deny(why.into()));
+    }
     if state.is_blocked(name) {
         return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -255,13 +268,14 @@ async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Respons
         body,
         caller,
     } = admitted;
-    // A query's `key=` (Gemini's way of passing a key) is the agent's placeholder: dropped.
+    // A `key=` (the agent's placeholder) and parameters that would cut the usage out of the
+    // answer are dropped.
     let query: Vec<&str> = parts
         .uri
         .query()
         .unwrap_or("")
         .split('&')
-        .filter(|p| !p.is_empty() && !p.starts_with("key="))
+        .filter(|p| !p.is_empty() && passes_query_parameter(p))
         .collect();
     let target = if query.is_empty() {
         path.clone()
@@ -374,15 +388,26 @@ struct Finish {
 impl Finish {
     /// Counts the tokens (letting go of those held since the request was admitted) and
     /// reports the request. A successful answer without usage counts an estimate, so hanging
-    /// up before a stream's last chunk (where OpenAI puts usage) does not make a request free.
-    fn record(mut self, read: Read, complete: bool) {
+    /// up before a stream's last chunk (where OpenAI puts usage) does not make a request free;
+    /// a stream cut after its first usage (Anthropic's `message_start`) counts at least one
+    /// output token per event. A `GET` reads what was made before (a stored response and its
+    /// usage) and spends nothing.
+    fn record(mut self, mut read: Read, complete: bool) {
+        if self.ended.method == "GET" {
+            read = Read::default();
+        }
         let estimated = match read.usage {
+            None if self.ended.method == "GET" => None,
             None if (200..300).contains(&self.ended.status) => {
                 Some(estimate(self.request_bytes, read.events))
             }
+            Some(usage) if !complete => Some(read.events.saturating_sub(usage.output)),
             _ => None,
         };
-        let tokens = read.usage.map_or(0, |u| u.total()) + estimated.unwrap_or(0);
+        let tokens = read
+            .usage
+            .map_or(0, |u| u.total())
+            .saturating_add(estimated.unwrap_or(0));
         let held = estimate(self.request_bytes, 0);
         self.state
             .budgets
@@ -497,8 +522,9 @@ impl hyper::body::Body for Metered {
 /// Splits `/v1/broker/{name}/{rest}` or `/{name}/{rest}` into the name and `/{rest}`, refusing
 /// paths that could mean something else upstream than what was checked.
 fn split_path(path: &str) -> Result<(&str, &str), &'static str> {
-    if path.contains('%') || path.contains('\\') {
-        return Err("percent-encoded or backslashed paths are not accepted");
+    // `;` starts path parameters some servers strip (`..;/`).
+    if path.contains(['%', '\\', ';']) {
+        return Err("percent-encoded, backslashed or ';' paths are not accepted");
     }
     // A CONNECT's authority-form target has an empty path, an OPTIONS `*` no slash.
     let rest = match path.strip_prefix("/v1/broker/") {

@@ -4,7 +4,8 @@
 //! budget would never be reached. The broker asks for usage on the agent's behalf and, since
 //! the agent did not ask, takes the extra chunk that carries it (no choices, only `usage`)
 //! out of the stream after the meter has read it, so code that reads `choices[0]` of every
-//! chunk is not surprised.
+//! chunk is not surprised. Work that a provider bills after its answer, which so carries no
+//! usage (a background response), is refused ([`unmetered`]).
 
 use bytes::Bytes;
 use hyper::Method;
@@ -27,15 +28,32 @@ pub fn ask_for_usage(method: &Method, path: &str, body: &[u8]) -> Option<Bytes> 
     if request.get("stream") != Some(&Value::Bool(true)) {
         return None;
     }
-    let options = request
-        .entry("stream_options")
-        .or_insert_with(|| Value::Object(Map::new()))
-        .as_object_mut()?;
+    // Anything but an object (`null`) would be sent on as it is, asking for nothing.
+    let options = request.entry("stream_options").or_insert(Value::Null);
+    if !options.is_object() {
+        *options = Value::Object(Map::new());
+    }
+    let options = options.as_object_mut().expect("an object");
     if options.get("include_usage") == Some(&Value::Bool(true)) {
         return None;
     }
     options.insert("include_usage".into(), Value::Bool(true));
     serde_json::to_vec(&request).ok().map(Bytes::from)
+}
+
+/// Why `method path` with `body` may not go through, when its answer would carry no usage for
+/// work billed later: a background response (OpenAI's Responses API, `"background": true`)
+/// answers at once with `usage: null` and runs on; nothing counts what it spends.
+pub fn unmetered(method: &Method, path: &str, body: &[u8]) -> Option<&'static str> {
+    if method != Method::POST
+        || !path.ends_with("/responses")
+        || memchr::memmem::find(body, b"background").is_none()
+    {
+        return None;
+    }
+    let request: Map<String, Value> = serde_json::from_slice(body).ok()?;
+    (request.get("background") == Some(&Value::Bool(true)))
+        .then_some("background responses are billed after their answer, which carries no usage a budget could count")
 }
 
 /// Takes the usage-only chunk out of a server-sent-event stream, event by event: what comes
@@ -148,6 +166,11 @@ mod tests {
         assert_eq!(asked["temperature"], 0.7);
         let azure = "/openai/deployments/d/chat/completions";
         assert!(post(azure, r#"{"stream":true}"#).is_some());
+        let null = post(
+            "/v1/chat/completions",
+            r#"{"stream":true,"stream_options":null}"#,
+        );
+        assert_eq!(null.unwrap()["stream_options"]["include_usage"], true);
         let already = r#"{"stream":true,"stream_options":{"include_usage":true}}"#;
         assert!(post("/v1/chat/completions", already).is_none());
         assert!(post("/v1/chat/completions", r#"{"stream":false}"#).is_none());
@@ -156,6 +179,16 @@ mod tests {
         assert!(
             ask_for_usage(&Method::GET, "/v1/chat/completions", b"{\"stream\":true}").is_none()
         );
+    }
+
+    #[test]
+    fn a_background_response_is_refused() {
+        let post = |path: &str, body: &str| unmetered(&Method::POST, path, body.as_bytes());
+        assert!(post("/v1/responses", r#"{"model":"m","background":true}"#).is_some());
+        assert!(post("/openai/v1/responses", r#"{"background":true}"#).is_some());
+        assert!(post("/v1/responses", r#"{"background":false}"#).is_none());
+        assert!(post("/v1/responses", r#"{"input":"background"}"#).is_none());
+        assert!(post("/v1/chat/completions", r#"{"background":true}"#).is_none());
     }
 
     #[test]

@@ -25,7 +25,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use keywarden_plugin_sdk::broker::{
-    Allowed, BrokerRoutes, DROPPED_REQUEST_HEADERS, Failure, ROUTE_HEADER, RouteSpec, Routes,
+    Allowed, BrokerRoutes, Failure, ROUTE_HEADER, RouteSpec, Routes, passes_request_header,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -293,11 +293,7 @@ impl hyper::body::Body for Idle {
 fn upstream_headers(incoming: &HeaderMap) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for (name, value) in incoming {
-        let n = name.as_str();
-        if DROPPED_REQUEST_HEADERS.contains(&n)
-            || n == "accept-encoding"
-            || n.starts_with("x-keywarden-")
-        {
+        if !passes_request_header(name.as_str()) || name == "accept-encoding" {
             continue;
         }
         headers.append(name.clone(), value.clone());

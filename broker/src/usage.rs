@@ -30,7 +30,7 @@ pub struct Usage {
 impl Usage {
     /// Both together.
     pub fn total(&self) -> u64 {
-        self.input + self.output
+        self.input.saturating_add(self.output)
     }
 
     fn merge_max(&mut self, other: Usage) {
@@ -237,15 +237,26 @@ fn nested(raw: Option<&RawValue>) -> Option<&RawValue> {
 
 fn usage_of(v: &Value) -> Option<Usage> {
     let obj = v.as_object()?;
-    let count = |keys: &[&str]| -> u64 { keys.iter().filter_map(|k| obj.get(*k)?.as_u64()).sum() };
+    let count = |keys: &[&str]| -> u64 {
+        keys.iter()
+            .filter_map(|k| obj.get(*k)?.as_u64())
+            .fold(0, u64::saturating_add)
+    };
+    // Gemini counts apart what OpenAI and Anthropic count within: tool-use prompts, thoughts.
     let input = count(&[
         "prompt_tokens",
         "input_tokens",
         "cache_creation_input_tokens",
         "cache_read_input_tokens",
         "promptTokenCount",
+        "toolUsePromptTokenCount",
     ]);
-    let output = count(&["completion_tokens", "output_tokens", "candidatesTokenCount"]);
+    let output = count(&[
+        "completion_tokens",
+        "output_tokens",
+        "candidatesTokenCount",
+        "thoughtsTokenCount",
+    ]);
     let known = [
         "prompt_tokens",
         "input_tokens",
@@ -387,6 +398,15 @@ mod tests {
             Some(Usage {
                 input: 8,
                 output: 2
+            })
+        );
+        // A thinking model's thoughts and tool-use prompts are counted apart from the answer.
+        let thinking = r#"{"usageMetadata":{"promptTokenCount":8,"toolUsePromptTokenCount":3,"candidatesTokenCount":2,"thoughtsTokenCount":900}}"#;
+        assert_eq!(
+            read("application/json", thinking, 4),
+            Some(Usage {
+                input: 11,
+                output: 902
             })
         );
         // Without `alt=sse`, Gemini streams one JSON array of cumulative chunks.

@@ -475,6 +475,19 @@ fn calls_outside_the_preset_and_path_tricks_never_reach_the_provider() {
     }
     let (status, _) = curl(&s.socket(), "DELETE", "/v1/broker/openai/v1/models", &[]);
     assert_eq!(status, 403);
+    // `..;` (path parameters some servers strip); work billed after an answer that so carries
+    // no usage (a background response); a compressed body no estimate or usage request reads.
+    let (status, body) = s.chat("/v1/broker/openai/v1/models/..;/files", &[]);
+    assert_eq!(status, 400, "{body}");
+    let background = r#"{"model":"m","input":"hi","background":true}"#;
+    let (status, body) = s.post("/v1/broker/openai/v1/responses", background, &[]);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("background"), "{body}");
+    let (status, body) = s.chat(
+        "/v1/broker/openai/v1/chat/completions",
+        &["-H", "content-encoding: gzip"],
+    );
+    assert_eq!(status, 403, "{body}");
     // A web page calling the loopback listener through the user's browser (a cross-site
     // request, or DNS rebinding): the browser's marks get it refused.
     for mark in [
@@ -934,6 +947,53 @@ idle_timeout = "2s"
     let (status, answer) = s.chat("/v1/broker/cut/v1/chat/completions", &[]);
     assert_eq!(status, 429, "{answer}");
     assert!(answer.contains("tokens_per_day"), "{answer}");
+}
+
+#[test]
+fn an_anthropic_stream_cut_after_its_text_counts_an_output_token_per_event() {
+    // Anthropic's first event says 1 output token; the real count comes in `message_delta`,
+    // last. An agent that reads the text and hangs up before it must not get it for 1 token.
+    let s = Setup::new(ADMITTED, "");
+    let body =
+        r#"{"model":"m","max_tokens":4096,"messages":[],"stream":true,"deltas":50,"hold":52}"#;
+    let mut agent = Command::new("curl")
+        .args(["-sN", "--unix-socket"])
+        .arg(s.socket())
+        .args([
+            "-H",
+            "anthropic-version: 2023-06-01",
+            "--data",
+            body,
+            "http://localhost/v1/broker/anthropic/v1/messages",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(agent.stdout.take().unwrap()));
+    let texts = lines
+        .by_ref()
+        .map(Result::unwrap)
+        .take_while(|line| !line.contains("content_block_stop"))
+        .filter(|line| line.contains("text_delta"))
+        .count();
+    assert_eq!(texts, 50);
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let row = wait_for(
+        "the cut stream's audit row",
+        Duration::from_secs(20),
+        || s.audit("broker.request").into_iter().next(),
+    );
+    let detail = &row["detail"];
+    assert_eq!(detail["complete"], false, "{row}");
+    assert_eq!(
+        (detail["tokens_in"].as_u64(), detail["tokens_out"].as_u64()),
+        (Some(13), Some(1))
+    );
+    assert!(
+        detail["tokens_estimated"].as_u64().unwrap_or(0) >= 50,
+        "{row}"
+    );
 }
 
 #[test]
@@ -1406,10 +1466,19 @@ ca_file = {ca}
     );
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("hello from fake"), "{body}");
+    // Google's system parameters and headers that would cut the usage out of the answer, or
+    // bill another project, are dropped.
+    let mut cut_usage = placeholder.to_vec();
+    cut_usage.extend([
+        "-H",
+        "X-Goog-FieldMask: candidates",
+        "-H",
+        "X-Goog-User-Project: someone-else",
+    ]);
     let (code, body) = s.post(
-        "/v1/broker/gemini/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+        "/v1/broker/gemini/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse&fields=candidates&$fields=candidates&$alt=proto",
         gemini_body,
-        &placeholder,
+        &cut_usage,
     );
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("streamed"), "{body}");
@@ -1426,6 +1495,13 @@ ca_file = {ca}
     // Each request carried the stored key in the preset's header, and nothing the agent set.
     let seen = s.provider.seen();
     assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(
+        seen[1]["path"],
+        "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse"
+    );
+    for dropped in ["x-goog-fieldmask", "x-goog-user-project"] {
+        assert!(seen[1]["headers"].get(dropped).is_none(), "{}", seen[1]);
+    }
     for (request, header, key) in [
         (&seen[0], "x-goog-api-key", GEMINI),
         (&seen[1], "x-goog-api-key", GEMINI),

@@ -6,7 +6,9 @@
 Writes its port to STATE_DIR/port. Before each request it reads STATE_DIR/keys.json, a map of
 accepted keys to what to do with them: "ok", "429", "500", "redirect" (307 elsewhere), "stall" (no answer until
 STATE_DIR/release exists) or "hold" (stream the first event,
-then wait until STATE_DIR/release exists before finishing). It checks the injected key in the
+then wait until STATE_DIR/release exists before finishing); a request's body may say the same
+with `"hold": true`, or `"hold": N` to wait after event N, and an Anthropic stream sends
+`"deltas": N` text events (default 1). It checks the injected key in the
 header of the API called (OpenAI: `Authorization: Bearer`, Anthropic: `x-api-key`, Gemini:
 `x-goog-api-key`, Azure OpenAI: `api-key`) and answers 401 to any other. It answers OpenAI chat
 completions (also under Azure's `/openai/deployments/NAME/`), Anthropic messages and Gemini's
@@ -89,7 +91,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def events(self, events, hold):
+    def events(self, events, hold_at):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
@@ -99,7 +101,7 @@ class Handler(BaseHTTPRequestHandler):
             raw = text.encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
             self.wfile.flush()
-            if hold and i == 0:
+            if i == hold_at:
                 while not os.path.exists(os.path.join(STATE, "release")):
                     time.sleep(0.02)
         self.wfile.write(b"0\r\n\r\n")
@@ -129,7 +131,9 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(200, {})
         request = json.loads(body or b"{}")
         stream = bool(request.get("stream"))
-        hold = what == "hold" or bool(request.get("hold"))
+        asked = request.get("hold")
+        hold = 0 if what == "hold" or asked is True else (
+            asked if isinstance(asked, int) and not isinstance(asked, bool) else None)
         path = self.path
         if path.startswith("/openai/deployments/"):
             # Azure OpenAI: /openai/deployments/NAME/chat/completions?api-version=…
@@ -193,8 +197,10 @@ class Handler(BaseHTTPRequestHandler):
                 ("message_start", json.dumps({"type": "message_start", "message": start})),
                 ("content_block_start", json.dumps({"type": "content_block_start", "index": 0,
                                                     "content_block": {"type": "text", "text": ""}})),
+            ] + [
                 ("content_block_delta", json.dumps({"type": "content_block_delta", "index": 0,
-                                                    "delta": {"type": "text_delta", "text": "hello streamed"}})),
+                                                    "delta": {"type": "text_delta", "text": "hello streamed"}}))
+            ] * int(request.get("deltas", 1)) + [
                 ("content_block_stop", json.dumps({"type": "content_block_stop", "index": 0})),
                 ("message_delta", json.dumps({"type": "message_delta",
                                               "delta": {"stop_reason": "end_turn", "stop_sequence": None},

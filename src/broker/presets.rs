@@ -60,7 +60,6 @@ impl Preset {
             Preset::Anthropic => &[
                 "POST = /v1/messages",
                 "POST = /v1/messages/count_tokens",
-                "POST = /v1/complete",
                 "GET /v1/models",
             ],
             Preset::Gemini => &[

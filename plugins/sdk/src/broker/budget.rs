@@ -218,7 +218,7 @@ impl Budgets {
             c.roll(now);
             c.requests_this_minute += requests;
             c.requests_today += requests;
-            c.tokens_today += tokens;
+            c.tokens_today = c.tokens_today.saturating_add(tokens);
         }
     }
 
@@ -254,7 +254,7 @@ impl Budgets {
                 c.roll(now);
                 c.requests_this_minute += minute;
                 c.requests_today += requests;
-                c.tokens_today += tokens;
+                c.tokens_today = c.tokens_today.saturating_add(*tokens);
             }
         }
     }

@@ -57,6 +57,35 @@ pub const DROPPED_REQUEST_HEADERS: &[&str] = &[
     "upgrade",
 ];
 
+/// Whether a request header goes upstream: not one of [`DROPPED_REQUEST_HEADERS`], keywarden's
+/// own (`x-keywarden-*`), nor Google's system headers (`x-goog-*`: `X-Goog-FieldMask` cuts the
+/// usage out of an answer, `X-Goog-User-Project` picks who pays).
+pub fn passes_request_header(name: &str) -> bool {
+    !(DROPPED_REQUEST_HEADERS.contains(&name)
+        || name.starts_with("x-keywarden-")
+        || name.starts_with("x-goog-"))
+}
+
+/// Whether a query parameter (`name=value`, as sent) goes upstream. Dropped: a `key` (Gemini's
+/// way to pass a key: the agent's placeholder), Google's system parameters that cut the usage
+/// out of an answer or change its format (`fields`, `alt` but `alt=sse`/`alt=json`,
+/// `prettyPrint`, `callback`, …, and every `$name` form), credentials (`access_token`,
+/// `oauth_token`), and names that are not plain (`%`-encoded ones could spell any of these).
+pub fn passes_query_parameter(pair: &str) -> bool {
+    let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+    let plain = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'[' | b']'));
+    plain
+        && match name {
+            "alt" => value == "sse" || value == "json",
+            "key" | "fields" | "prettyPrint" | "callback" | "access_token" | "oauth_token"
+            | "quotaUser" | "userIp" | "upload_protocol" | "uploadType" => false,
+            _ => true,
+        }
+}
+
 /// Response header naming the route (secret) that answered.
 pub const ROUTE_HEADER: &str = "x-keywarden-route";
 /// Request header of `PUT /v1/keys` with the token given with the routes.
@@ -433,6 +462,36 @@ mod tests {
             let e = Allowed::parse(rule).unwrap_err();
             assert!(e.contains(why), "{rule}: {e}");
         }
+    }
+
+    #[test]
+    fn query_parameters_that_cut_usage_out_of_an_answer_do_not_pass() {
+        use super::passes_query_parameter as passes;
+        for kept in [
+            "alt=sse",
+            "alt=json",
+            "api-version=2024-10-21",
+            "limit=20",
+            "beta=true",
+        ] {
+            assert!(passes(kept), "{kept}");
+        }
+        for dropped in [
+            "key=placeholder",
+            "fields=candidates",
+            "$fields=candidates",
+            "%24fields=candidates",
+            "alt=proto",
+            "$alt=proto",
+            "prettyPrint=false",
+            "access_token=x",
+            "=x",
+        ] {
+            assert!(!passes(dropped), "{dropped}");
+        }
+        assert!(!super::passes_request_header("x-goog-fieldmask"));
+        assert!(!super::passes_request_header("x-keywarden-route"));
+        assert!(super::passes_request_header("anthropic-version"));
     }
 
     #[test]
