@@ -306,6 +306,7 @@ async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Respons
         },
         started: Instant::now(),
         request_bytes: body.len(),
+        lost_sends: 0,
     }));
     // A streamed chat completion that does not ask for its usage is made to (ask_usage.rs).
     let (body, hide_usage) = match ask_for_usage(&parts.method, &path, &body) {
@@ -326,6 +327,7 @@ async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Respons
     finish.ended.version = forwarded.version;
     finish.ended.status = head.status.as_u16();
     finish.ended.upstream_ms = forwarded.upstream_ms;
+    finish.lost_sends = forwarded.lost_sends;
     let streamed = content_type.starts_with("text/event-stream");
     let metered = Metered {
         meter: Some(UsageMeter::new(content_type)),
@@ -383,38 +385,45 @@ struct Finish {
     started: Instant,
     /// The request body's size, from which the budget's hold and estimates are made.
     request_bytes: usize,
+    /// Routes sent the request that gave no answer ([`crate::forward::Forwarded`]).
+    lost_sends: u64,
 }
 
 impl Finish {
     /// Counts the tokens (letting go of those held since the request was admitted) and
-    /// reports the request. A successful answer without usage counts an estimate, so hanging
-    /// up before a stream's last chunk (where OpenAI puts usage) does not make a request free;
-    /// a stream cut after its first usage (Anthropic's `message_start`) counts at least one
-    /// output token per event. A `GET` reads what was made before (a stored response and its
-    /// usage) and spends nothing.
+    /// reports the request. Where the provider may have done work its answer does not count,
+    /// an estimate is added: a successful answer without usage (a stream cut before its last
+    /// chunk, where OpenAI puts usage), one cut after a first usage (Anthropic's
+    /// `message_start`: at least an output token per event), a request the agent gave up on
+    /// before its answer, and each route that was sent it and never answered (then another
+    /// route was tried). A `GET` reads what was made before (a stored response and its usage)
+    /// and spends nothing.
     fn record(mut self, mut read: Read, complete: bool) {
-        if self.ended.method == "GET" {
+        let held = estimate(self.request_bytes, 0);
+        let estimated = if self.ended.method == "GET" {
             read = Read::default();
-        }
-        let estimated = match read.usage {
-            None if self.ended.method == "GET" => None,
-            None if (200..300).contains(&self.ended.status) => {
-                Some(estimate(self.request_bytes, read.events))
-            }
-            Some(usage) if !complete => Some(read.events.saturating_sub(usage.output)),
-            _ => None,
+            0
+        } else {
+            let answer = match read.usage {
+                None if (200..300).contains(&self.ended.status) => {
+                    estimate(self.request_bytes, read.events)
+                }
+                None if self.ended.status == NO_ANSWER => held,
+                Some(usage) if !complete => read.events.saturating_sub(usage.output),
+                _ => 0,
+            };
+            answer.saturating_add(held.saturating_mul(self.lost_sends))
         };
         let tokens = read
             .usage
             .map_or(0, |u| u.total())
-            .saturating_add(estimated.unwrap_or(0));
-        let held = estimate(self.request_bytes, 0);
+            .saturating_add(estimated);
         self.state
             .budgets
             .spend(&self.caller, tokens, held, now_millis());
         self.ended.tokens_in = read.usage.map(|u| u.input);
         self.ended.tokens_out = read.usage.map(|u| u.output);
-        self.ended.tokens_estimated = estimated.filter(|&t| t > 0);
+        self.ended.tokens_estimated = (estimated > 0).then_some(estimated);
         self.ended.ms = self.started.elapsed().as_millis() as u64;
         self.ended.complete = complete;
         self.state.reporter.ended(self.ended);

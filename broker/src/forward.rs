@@ -142,6 +142,7 @@ impl Forwarder {
     ) -> Forwarded {
         let headers = upstream_headers(&head.headers);
         let mut attempts = Vec::new();
+        let mut lost_sends = 0;
         let last = broker.routes.len().saturating_sub(1);
         for (i, route) in broker.routes.iter().enumerate() {
             let Some(key) = keys.take(&route.spec.secret) else {
@@ -160,10 +161,12 @@ impl Forwarder {
             let answer = match tokio::time::timeout(broker.first_byte, send).await {
                 Ok(Ok(answer)) => answer,
                 Ok(Err(e)) => {
+                    lost_sends += u64::from(!e.is_connect());
                     attempts.push(format!("{}: {}", route.spec.secret, describe(&e)));
                     continue;
                 }
                 Err(_) => {
+                    lost_sends += 1;
                     attempts.push(format!(
                         "{}: no answer within {:?}",
                         route.spec.secret, broker.first_byte
@@ -192,6 +195,7 @@ impl Forwarder {
                 route: Some(route.spec.secret.clone()),
                 version: Some(version),
                 upstream_ms: Some(upstream_ms),
+                lost_sends,
             };
         }
         let mut response = Response::new(
@@ -207,6 +211,7 @@ impl Forwarder {
             route: None,
             version: None,
             upstream_ms: None,
+            lost_sends,
         }
     }
 }
@@ -221,6 +226,9 @@ pub struct Forwarded {
     pub version: Option<i64>,
     /// Time to the answer's head.
     pub upstream_ms: Option<u64>,
+    /// Routes the request was sent to that gave no answer (a time-out, a connection lost
+    /// after sending): each may have done, and billed, the work.
+    pub lost_sends: u64,
 }
 
 /// What went wrong with a request (hyper's errors name no URL, so no query is repeated).

@@ -997,6 +997,45 @@ fn an_anthropic_stream_cut_after_its_text_counts_an_output_token_per_event() {
 }
 
 #[test]
+fn a_route_that_never_answered_still_counts_the_work_it_may_have_billed() {
+    // The primary takes the request and never answers; after `first_byte_timeout` the backup
+    // answers. The provider may bill both: counting only the answer's usage undercounts, and an
+    // agent can make it happen at will with requests that take long to answer.
+    let policy = r#"[[policy]]
+name = "agents"
+uids = [0]
+brokers = ["slow"]
+"#;
+    let extra = r#"[brokers.slow]
+preset = "openai"
+secret = "openai/prod"
+fallback = ["openai/backup"]
+upstream = "{upstream}"
+ca_file = {ca}
+first_byte_timeout = "1s"
+"#;
+    let s = Setup::new(policy, extra);
+    s.provider
+        .accept(&[(PRIMARY, "stall"), (BACKUP, "ok")], None);
+    let body = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(400)
+    );
+    let (status, answer) = s.post("/v1/broker/slow/v1/chat/completions", &body, &[]);
+    assert_eq!(status, 200, "{answer}");
+    let row = wait_for("the request's audit row", Duration::from_secs(20), || {
+        s.audit("broker.request").into_iter().next()
+    });
+    let detail = &row["detail"];
+    assert_eq!(detail["route"], "openai/backup", "{row}");
+    assert_eq!(detail["tokens_in"], 11, "{row}");
+    let held = body.len().div_ceil(4) as u64;
+    assert_eq!(detail["tokens_estimated"], held, "{row}");
+    assert_eq!(detail["tokens"], 18 + held, "{row}");
+    std::fs::write(s.provider.state.join("release"), "").unwrap();
+}
+
+#[test]
 fn requests_started_together_cannot_each_spend_the_last_of_a_budget() {
     // Checked only against what ended, a burst sent at 0 of 30 tokens would all be admitted
     // (a harvester in the agent starting a thousand at once); one running holds its estimate.

@@ -360,9 +360,11 @@ pub struct Ended {
     pub tokens_in: Option<u64>,
     /// Output tokens.
     pub tokens_out: Option<u64>,
-    /// Tokens counted by estimate when a successful answer carried no usage (the agent hung
-    /// up before a stream's last chunk, an endpoint that reports none): a token per 4 bytes of
-    /// the request's body and one per event streamed.
+    /// Tokens counted by estimate ([`budget::estimate`]) for work the provider may have done
+    /// that its answer does not count: a successful answer without usage (the agent hung up
+    /// before a stream's last chunk, an endpoint that reports none), events of a stream cut
+    /// after its first usage, a request given up before its answer, each route sent it that
+    /// never answered.
     #[serde(default)]
     pub tokens_estimated: Option<u64>,
     /// Time to the upstream's answer head.
