@@ -3,9 +3,9 @@
 //! `data:` event of a server-sent-event stream (OpenAI's final `usage` chunk, the Responses
 //! API's `response.usage`, Anthropic's `message_start` and `message_delta`, Gemini's
 //! `usageMetadata`). Counts in streams are cumulative, so the meter keeps the largest seen of
-//! each. A JSON answer too large to hold is read for usage in its last bytes, where providers put
-//! it; a stream's events are counted, for the estimate made when an answer carried no usage
-//! (agents.rs).
+//! each. A JSON answer too large to hold is followed byte by byte to keep only the values of its
+//! top-level usage keys ([`LargeAnswer`]); a stream's events are counted, for the estimate made
+//! when an answer carried no usage (agents.rs).
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -14,9 +14,8 @@ use serde_json::value::RawValue;
 /// The most of one JSON answer, or of one stream line, the meter holds to read usage from.
 const MAX_HELD_BYTES: usize = 4 << 20;
 
-/// How much of the end of a JSON answer larger than [`MAX_HELD_BYTES`] is kept to read its
-/// usage from (OpenAI, Anthropic and Gemini all put it after the content).
-const TAIL_BYTES: usize = 64 << 10;
+/// The largest usage object kept of an answer larger than [`MAX_HELD_BYTES`].
+const MAX_USAGE_BYTES: usize = 64 << 10;
 
 /// Tokens in and out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -54,8 +53,8 @@ pub struct UsageMeter {
     stream: bool,
     held: Vec<u8>,
     overflowed: bool,
-    /// The last bytes of a JSON answer larger than [`MAX_HELD_BYTES`].
-    tail: Vec<u8>,
+    /// A JSON answer larger than [`MAX_HELD_BYTES`], followed instead of held.
+    large: LargeAnswer,
     events: u64,
     usage: Usage,
     found: bool,
@@ -68,7 +67,7 @@ impl UsageMeter {
             stream: content_type.starts_with("text/event-stream"),
             held: Vec::new(),
             overflowed: false,
-            tail: Vec::new(),
+            large: LargeAnswer::default(),
             events: 0,
             usage: Usage::default(),
             found: false,
@@ -85,12 +84,9 @@ impl UsageMeter {
             if !self.overflowed {
                 self.overflowed = true;
                 let held = std::mem::take(&mut self.held);
-                self.tail = held[held.len().saturating_sub(TAIL_BYTES)..].to_vec();
+                self.large.feed(&held);
             }
-            self.tail.extend_from_slice(piece);
-            if self.tail.len() > 2 * TAIL_BYTES {
-                self.tail.drain(..self.tail.len() - TAIL_BYTES);
-            }
+            self.large.feed(piece);
             return;
         }
         let mut rest = piece;
@@ -123,8 +119,13 @@ impl UsageMeter {
             let line = std::mem::take(&mut self.held);
             self.line(&line);
         } else if self.overflowed {
-            let tail = std::mem::take(&mut self.tail);
-            self.tail(&tail);
+            for value in std::mem::take(&mut self.large.found) {
+                let v = serde_json::from_slice::<Value>(&value).ok();
+                if let Some(u) = v.as_ref().and_then(usage_of) {
+                    self.found = true;
+                    self.usage.merge_max(u);
+                }
+            }
         } else {
             let held = std::mem::take(&mut self.held);
             // A JSON array of chunks: Gemini's `streamGenerateContent` without `alt=sse`.
@@ -181,28 +182,85 @@ impl UsageMeter {
     }
 }
 
-impl UsageMeter {
-    /// Reads every `"usage"` and `"usageMetadata"` key in the last bytes of an answer too large
-    /// to hold. Text the model wrote is in JSON strings, where every quote is escaped, so such
-    /// a key is not text; one the model made up as an object key (a Gemini function call's
-    /// arguments) can only raise the counts, as the largest of each is kept.
-    fn tail(&mut self, tail: &[u8]) {
-        for key in [&b"\"usage\""[..], b"\"usageMetadata\""] {
-            for at in memchr::memmem::find_iter(tail, key) {
-                let after = tail[at + key.len()..].trim_ascii_start();
-                let Some(value) = after.strip_prefix(b":") else {
-                    continue;
-                };
-                let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Value>();
-                if let Some(u) = values
-                    .next()
-                    .and_then(Result::ok)
-                    .as_ref()
-                    .and_then(usage_of)
-                {
-                    self.found = true;
-                    self.usage.merge_max(u);
+/// Follows a JSON answer too large to hold, piece by piece, keeping the values of its own
+/// `usage` and `usageMetadata` keys: those of the top-level object, or of each element of a
+/// top-level array (Gemini's stream without `alt=sse`). Keys deeper down are not the answer's
+/// own (a Gemini function call's arguments are an object the model writes) and text is in
+/// strings, so neither can add or lower a count.
+#[derive(Debug, Default)]
+struct LargeAnswer {
+    /// How deep in objects and arrays the byte read is.
+    depth: usize,
+    /// The depth of the objects whose keys count: 1, or 2 in a top-level array.
+    own: Option<usize>,
+    in_string: bool,
+    escaped: bool,
+    /// The string being read, while it may be a key that counts (at most 16 bytes).
+    string: Option<Vec<u8>>,
+    /// The last string read at the owning depth names usage: its value is kept if an object.
+    named: bool,
+    /// The usage object being read.
+    value: Option<Vec<u8>>,
+    /// The usage objects read.
+    found: Vec<Vec<u8>>,
+}
+
+impl LargeAnswer {
+    fn feed(&mut self, piece: &[u8]) {
+        for &b in piece {
+            if let Some(value) = self.value.as_mut() {
+                value.push(b);
+                if value.len() > MAX_USAGE_BYTES {
+                    self.value = None;
                 }
+            }
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                } else if b == b'\\' {
+                    self.escaped = true;
+                } else if b == b'"' {
+                    self.in_string = false;
+                    if let Some(name) = self.string.take() {
+                        self.named = name == b"usage" || name == b"usageMetadata";
+                    }
+                    continue;
+                }
+                if let Some(name) = self.string.as_mut() {
+                    name.push(b);
+                    if name.len() > 16 {
+                        self.string = None;
+                    }
+                }
+                continue;
+            }
+            match b {
+                b'"' => {
+                    self.in_string = true;
+                    let owning = self.own == Some(self.depth) && self.value.is_none();
+                    self.string = owning.then(Vec::new);
+                }
+                b'{' | b'[' => {
+                    if self.own.is_none() {
+                        self.own = Some(if b == b'[' { 2 } else { 1 });
+                    }
+                    if b == b'{' && self.named && self.own == Some(self.depth) {
+                        self.value = Some(vec![b'{']);
+                    }
+                    self.named = false;
+                    self.depth += 1;
+                }
+                b'}' | b']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    self.named = false;
+                    if self.own == Some(self.depth)
+                        && let Some(value) = self.value.take()
+                    {
+                        self.found.push(value);
+                    }
+                }
+                b',' => self.named = false,
+                _ => {}
             }
         }
     }
@@ -347,12 +405,12 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_larger_than_what_is_held_is_counted_from_its_end() {
+    fn an_answer_larger_than_what_is_held_is_counted_from_its_own_usage() {
         let vector = vec!["0.0123456"; 1_000_000].join(",");
-        // A made-up usage in the content is a string, then a smaller one as an object key
-        // (a function call's arguments): neither lowers the count.
+        // A made-up usage in the content is a string, and others are keys of an object the
+        // model writes (a function call's arguments), one huge, one near 2^64: none counts.
         let json = format!(
-            r#"{{"data":[{{"embedding":[{vector}],"text":"\"usage\": {{\"prompt_tokens\":1}}","args":{{"usage":{{"prompt_tokens":2}}}}}}],"usage" : {{"prompt_tokens":4000,"total_tokens":4000}}}}"#
+            r#"{{"data":[{{"embedding":[{vector}],"text":"\"usage\": {{\"prompt_tokens\":1}}","args":{{"usage":{{"prompt_tokens":99999999}},"x":{{"usage":{{"prompt_tokens":18446744073709551615}}}}}}}}],"usage" : {{"prompt_tokens":4000,"total_tokens":4000}}}}"#
         );
         assert!(json.len() > MAX_HELD_BYTES);
         for piece in [16 << 10, 1 << 20] {
@@ -373,6 +431,19 @@ mod tests {
             Some(Usage {
                 input: 9,
                 output: 1_200_000
+            })
+        );
+        // Gemini's stream without `alt=sse`, too large: each element's own usage counts.
+        let array = format!(
+            r#"[{{"candidates":[{{"text":"{}"}}],"usageMetadata":{{"promptTokenCount":9,"candidatesTokenCount":1}}}},
+               {{"candidates":[],"usageMetadata":{{"promptTokenCount":9,"candidatesTokenCount":2}}}}]"#,
+            "x".repeat(5 << 20)
+        );
+        assert_eq!(
+            read("application/json", &array, 64 << 10),
+            Some(Usage {
+                input: 9,
+                output: 2
             })
         );
     }
