@@ -17,6 +17,7 @@ use std::convert::Infallible;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,7 @@ use serde_json::json;
 use crate::State;
 use crate::ask_usage::{HideUsageChunk, ask_for_usage, unmetered};
 use crate::forward::Body;
+use crate::stall::Unread;
 use crate::usage::{Read, UsageMeter};
 
 /// Longest path kept in a report (the rest is cut): reports travel in bounded records.
@@ -43,6 +45,9 @@ const MAX_REPORTED_PATH: usize = 1024;
 struct Conn {
     id: u64,
     peer: Decision,
+    /// How long a write to the agent may wait for it to read (milliseconds; stall.rs): the
+    /// idle time-out of the broker its last request went through.
+    unread_limit: Arc<AtomicU64>,
 }
 
 /// Serves a connection the daemon handed over until it closes, then reports that it closed.
@@ -50,6 +55,9 @@ pub async fn serve(state: Arc<State>, handoff: Handoff, fd: OwnedFd) {
     let conn = Arc::new(Conn {
         id: handoff.conn,
         peer: handoff.peer,
+        unread_limit: Arc::new(AtomicU64::new(
+            state.limits().body_timeout.as_millis() as u64
+        )),
     });
     let id = conn.id;
     state.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -91,6 +99,7 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let header_timeout = state.limits().header_timeout;
+    let io = Unread::new(io, conn.unread_limit.clone());
     let mut finishing = state.finishing.subscribe();
     let mut cutting = state.cutting.subscribe();
     let service = hyper::service::service_fn(move |req| {
@@ -285,6 +294,8 @@ async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Respons
     let broker = forwarder
         .broker(&name)
         .expect("admitted through a broker of this forwarder");
+    conn.unread_limit
+        .store(broker.idle.as_millis() as u64, Ordering::Relaxed);
     // Reported even if the agent hangs up (or a stop cuts the request) before an answer.
     let mut unanswered = Unanswered(Some(Finish {
         state: state.clone(),

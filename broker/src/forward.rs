@@ -62,7 +62,9 @@ struct Route {
 pub struct Broker {
     routes: Vec<Route>,
     first_byte: Duration,
-    idle: Duration,
+    /// Longest silence of an answer: between two pieces from the upstream, and (stall.rs) an
+    /// agent that reads nothing of it.
+    pub idle: Duration,
     allowed: Vec<Allowed>,
     /// Largest request body an agent may send.
     pub max_body_bytes: usize,

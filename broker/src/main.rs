@@ -15,6 +15,7 @@ mod forward;
 mod keys;
 mod relay;
 mod report;
+mod stall;
 mod usage;
 
 use std::collections::HashSet;

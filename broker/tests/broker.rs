@@ -1036,6 +1036,48 @@ first_byte_timeout = "1s"
 }
 
 #[test]
+fn an_agent_that_stops_reading_its_answer_is_cut_after_the_idle_time_out() {
+    // Not reading fills the socket: the answer is not polled, so nothing else would end the
+    // request, which holds its connection, its budget hold and its key version meanwhile.
+    let policy = r#"[[policy]]
+name = "agents"
+uids = [0]
+brokers = ["cut"]
+"#;
+    let extra = r#"[brokers.cut]
+preset = "anthropic"
+secret = "anthropic/prod"
+upstream = "{upstream}"
+ca_file = {ca}
+idle_timeout = "2s"
+"#;
+    let s = Setup::new(policy, extra);
+    let body = r#"{"model":"m","max_tokens":4096,"messages":[],"stream":true,"deltas":100000}"#;
+    let mut agent = std::os::unix::net::UnixStream::connect(s.socket()).unwrap();
+    write!(
+        agent,
+        "POST /v1/broker/cut/v1/messages HTTP/1.1\r\nHost: localhost\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // It reads nothing, and keeps the connection open.
+    let row = wait_for(
+        "the stalled request's audit row",
+        Duration::from_secs(30),
+        || s.audit("broker.request").into_iter().next(),
+    );
+    let detail = &row["detail"];
+    assert_eq!(detail["status"], 200, "{row}");
+    assert_eq!(detail["complete"], false, "{row}");
+    assert!(
+        detail["tokens_estimated"].as_u64().unwrap_or(0) > 0,
+        "{row}"
+    );
+    drop(agent);
+}
+
+#[test]
 fn requests_started_together_cannot_each_spend_the_last_of_a_budget() {
     // Checked only against what ended, a burst sent at 0 of 30 tokens would all be admitted
     // (a harvester in the agent starting a thousand at once); one running holds its estimate.
