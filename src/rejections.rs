@@ -5,7 +5,9 @@
 //! once, committed before the answer as usual. Repeats within [`WINDOW`] are answered without any durable write and counted
 //! in memory; when the window ends, one row records how many there were (`detail.repeats`). A
 //! flood of rejections from one peer therefore costs memory bounded by [`MAX_CAUSES`] and one
-//! row per cause every few seconds, and cannot slow the audit writer for everyone else. A crash
+//! row per cause every few seconds, and cannot slow the audit writer for everyone else. One
+//! peer varying what it asks for (a secret's name, a broker path) to make every rejection a new
+//! cause gets [`MAX_CAUSES_PER_PEER`] of them per window; the rest share one cause. A crash
 //! loses at most one window's counts, never a row of something that was handed out.
 
 use std::collections::HashMap;
@@ -23,6 +25,12 @@ pub const WINDOW: Duration = Duration::from_secs(10);
 
 /// Causes tracked at once; past it, new causes share one overflow entry.
 const MAX_CAUSES: usize = 10_000;
+
+/// Causes of one action and uid tracked at once; past it, that peer's new causes share one.
+const MAX_CAUSES_PER_PEER: usize = 32;
+
+/// The reason of a cause that stands for many.
+const MANY: &str = "many different causes";
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Cause {
@@ -43,7 +51,14 @@ struct Tally {
 /// The rejections seen in the current windows.
 #[derive(Debug, Default)]
 pub struct Rejections {
-    causes: Mutex<HashMap<Cause, Tally>>,
+    causes: Mutex<Causes>,
+}
+
+#[derive(Debug, Default)]
+struct Causes {
+    tallies: HashMap<Cause, Tally>,
+    /// How many of `tallies` each (action, uid) has.
+    per_peer: HashMap<(&'static str, u32), usize>,
 }
 
 impl Rejections {
@@ -58,27 +73,34 @@ impl Rejections {
         actor: &str,
     ) -> bool {
         let mut causes = self.causes.lock().expect("rejections lock");
+        let Causes { tallies, per_peer } = &mut *causes;
         let mut cause = Cause {
             action,
             uid,
             secret: secret.map(str::to_string),
             reason: reason.to_string(),
         };
-        if causes.len() >= MAX_CAUSES && !causes.contains_key(&cause) {
-            cause = Cause {
+        if !tallies.contains_key(&cause) {
+            let many = |uid| Cause {
                 action,
-                uid: u32::MAX,
+                uid,
                 secret: None,
-                reason: "many different causes".into(),
+                reason: MANY.into(),
             };
+            if tallies.len() >= MAX_CAUSES {
+                cause = many(u32::MAX);
+            } else if per_peer.get(&(action, uid)).copied().unwrap_or(0) >= MAX_CAUSES_PER_PEER {
+                cause = many(uid);
+            }
         }
-        match causes.get_mut(&cause) {
+        match tallies.get_mut(&cause) {
             Some(tally) => {
                 tally.repeats += 1;
                 false
             }
             None => {
-                causes.insert(
+                *per_peer.entry((action, cause.uid)).or_default() += 1;
+                tallies.insert(
                     cause,
                     Tally {
                         actor: actor.to_string(),
@@ -95,14 +117,22 @@ impl Rejections {
     fn take_due(&self, everything: bool) -> Vec<AuditEvent> {
         let now = tokio::time::Instant::now();
         let mut causes = self.causes.lock().expect("rejections lock");
-        let due: Vec<Cause> = causes
+        let Causes { tallies, per_peer } = &mut *causes;
+        let due: Vec<Cause> = tallies
             .iter()
             .filter(|(_, t)| everything || now.duration_since(t.since) >= WINDOW)
             .map(|(c, _)| c.clone())
             .collect();
         due.into_iter()
             .filter_map(|cause| {
-                let tally = causes.remove(&cause)?;
+                let tally = tallies.remove(&cause)?;
+                let peer = (cause.action, cause.uid);
+                if let Some(n) = per_peer.get_mut(&peer) {
+                    *n -= 1;
+                    if *n == 0 {
+                        per_peer.remove(&peer);
+                    }
+                }
                 (tally.repeats > 0).then(|| {
                     let mut event = AuditEvent::new(tally.actor, cause.action).detail(json!({
                         "reason": cause.reason,
@@ -177,6 +207,28 @@ mod tests {
         for i in 0..(MAX_CAUSES as u32 + 100) {
             r.first("fetch.denied", i, None, "no policy", "a");
         }
-        assert!(r.causes.lock().unwrap().len() <= MAX_CAUSES + 1);
+        assert!(r.causes.lock().unwrap().tallies.len() <= MAX_CAUSES + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_varying_its_requests_gets_few_rows_per_window() {
+        // An agent asking for a new made-up secret name (or broker path) each time.
+        let r = Rejections::default();
+        let written = (0..10_000)
+            .filter(|i| r.first("fetch.denied", 7, Some(&format!("x/{i}")), "no policy", "a"))
+            .count();
+        assert_eq!(written, MAX_CAUSES_PER_PEER + 1);
+        assert!(
+            r.first("fetch.denied", 8, Some("x/0"), "no policy", "b"),
+            "another peer"
+        );
+        tokio::time::advance(WINDOW).await;
+        let rows = r.take_due(false);
+        assert_eq!(rows.len(), 1, "the shared cause's repeats");
+        let detail: serde_json::Value = serde_json::from_str(&rows[0].detail).unwrap();
+        assert_eq!(detail["reason"], MANY);
+        assert_eq!(detail["repeats"], 10_000 - MAX_CAUSES_PER_PEER - 1);
+        assert!(r.causes.lock().unwrap().per_peer.is_empty());
+        assert!(r.first("fetch.denied", 7, Some("x/1"), "no policy", "a"));
     }
 }
