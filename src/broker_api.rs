@@ -33,6 +33,11 @@ use crate::policy::{self, Policy};
 use crate::rejections::Rejections;
 use crate::services::Services;
 
+/// More tokens than any one request uses: a larger count (an upstream or a broker process that
+/// lies) is cut to it, so a day's sum of `broker.request` rows stays within the store's 64-bit
+/// integers (it is read back at every start).
+const MAX_REQUEST_TOKENS: u64 = 1_000_000_000;
+
 /// A connection handed to the broker process, as the daemon decided it; its slots are given
 /// back when the process reports it closed (or dies).
 #[derive(Debug)]
@@ -224,7 +229,8 @@ impl BrokerApi {
             let tokens = [ended.tokens_in, ended.tokens_out, ended.tokens_estimated]
                 .into_iter()
                 .flatten()
-                .fold(0, u64::saturating_add);
+                .fold(0, u64::saturating_add)
+                .min(MAX_REQUEST_TOKENS);
             self.brokers.enforced.budgets.count(&caller, tokens, now);
             let event = AuditEvent::new(actor, "broker.request").detail(json!({
                 "policy": caller.0,

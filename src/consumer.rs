@@ -623,9 +623,10 @@ async fn last_lines(
     keep: usize,
 ) -> std::io::Result<Zeroizing<Vec<u8>>> {
     use tokio::io::AsyncReadExt;
-    let mut kept = Zeroizing::new(Vec::new());
+    // Made once as large as it gets: growing would leave copies of what it held behind.
+    let mut kept = Zeroizing::new(Vec::with_capacity(2 * keep + 8192));
     let mut piece = Zeroizing::new(vec![0u8; 8192]);
-    let mut cut = false;
+    let mut mid_line = false;
     loop {
         let n = from.read(&mut piece).await?;
         if n == 0 {
@@ -634,11 +635,11 @@ async fn last_lines(
         kept.extend_from_slice(&piece[..n]);
         if kept.len() > 2 * keep {
             let excess = kept.len() - keep;
+            mid_line = kept[excess - 1] != b'\n';
             kept.drain(..excess);
-            cut = true;
         }
     }
-    if cut {
+    if mid_line {
         let first_line_end = kept
             .iter()
             .position(|&b| b == b'\n')
@@ -676,6 +677,10 @@ mod tests {
         assert!(kept.is_empty());
         let kept = last_lines(&b"short\n"[..], 1024).await.unwrap();
         assert_eq!(&kept[..], b"short\n");
+        // A window that starts right at a line's start keeps that line.
+        let said = b"a\n".repeat(1600);
+        let kept = last_lines(&said[..], 1024).await.unwrap();
+        assert_eq!(kept.len(), 1024);
     }
 
     #[test]

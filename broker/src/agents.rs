@@ -33,7 +33,7 @@ use rustix::net::AddressFamily;
 use serde_json::json;
 
 use crate::State;
-use crate::ask_usage::{HideUsageChunk, ask_for_usage, unmetered};
+use crate::ask_usage::{HideUsageChunk, ask_for_usage, free, unmetered};
 use crate::forward::Body;
 use crate::stall::Unread;
 use crate::usage::{Read, UsageMeter};
@@ -211,7 +211,7 @@ async fn admit(
     if req
         .headers()
         .get(hyper::header::CONTENT_ENCODING)
-        .is_some_and(|e| e != "identity")
+        .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"))
     {
         return Err(deny(
             "a compressed request body (content-encoding) is not accepted".into(),
@@ -296,6 +296,7 @@ async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Respons
         .expect("admitted through a broker of this forwarder");
     conn.unread_limit
         .store(broker.idle.as_millis() as u64, Ordering::Relaxed);
+    let estimates = broker.estimates && !free(&path);
     // Reported even if the agent hangs up (or a stop cuts the request) before an answer.
     let mut unanswered = Unanswered(Some(Finish {
         state: state.clone(),
@@ -318,6 +319,7 @@ async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Respons
         started: Instant::now(),
         request_bytes: body.len(),
         lost_sends: 0,
+        estimates: false,
     }));
     // A streamed chat completion that does not ask for its usage is made to (ask_usage.rs).
     let (body, hide_usage) = match ask_for_usage(&parts.method, &path, &body) {
@@ -339,6 +341,7 @@ async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Respons
     finish.ended.status = head.status.as_u16();
     finish.ended.upstream_ms = forwarded.upstream_ms;
     finish.lost_sends = forwarded.lost_sends;
+    finish.estimates = estimates;
     let streamed = content_type.starts_with("text/event-stream");
     let metered = Metered {
         meter: Some(UsageMeter::new(content_type)),
@@ -398,6 +401,9 @@ struct Finish {
     request_bytes: usize,
     /// Routes sent the request that gave no answer ([`crate::forward::Forwarded`]).
     lost_sends: u64,
+    /// Whether work without usage counts an estimate: a model provider's call that costs
+    /// tokens (not a `bearer` API, not counting tokens).
+    estimates: bool,
 }
 
 impl Finish {
@@ -413,6 +419,8 @@ impl Finish {
         let held = estimate(self.request_bytes, 0);
         let estimated = if self.ended.method == "GET" {
             read = Read::default();
+            0
+        } else if !self.estimates {
             0
         } else {
             let answer = match read.usage {

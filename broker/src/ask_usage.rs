@@ -9,6 +9,9 @@
 
 use bytes::Bytes;
 use hyper::Method;
+use std::collections::BTreeMap;
+
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// The most of one unfinished event held back before the stream is passed through as it
@@ -18,42 +21,51 @@ const MAX_HELD_BYTES: usize = 4 << 20;
 /// The body of `method path` with `stream_options.include_usage` set, when it is a streamed
 /// chat completion that does not ask for usage; `None` to send it as it is.
 pub fn ask_for_usage(method: &Method, path: &str, body: &[u8]) -> Option<Bytes> {
-    if method != Method::POST
-        || !path.ends_with("/chat/completions")
-        || memchr::memmem::find(body, b"stream").is_none()
-    {
+    if method != Method::POST || !path.ends_with("/chat/completions") {
         return None;
     }
-    let mut request: Map<String, Value> = serde_json::from_slice(body).ok()?;
-    if request.get("stream") != Some(&Value::Bool(true)) {
+    let mut request = fields(body)?;
+    if request.get("stream").map(|v| v.get().trim()) != Some("true") {
         return None;
     }
     // Anything but an object (`null`) would be sent on as it is, asking for nothing.
-    let options = request.entry("stream_options").or_insert(Value::Null);
-    if !options.is_object() {
-        *options = Value::Object(Map::new());
-    }
-    let options = options.as_object_mut().expect("an object");
+    let mut options: Map<String, Value> = request
+        .get("stream_options")
+        .and_then(|v| serde_json::from_str(v.get()).ok())
+        .unwrap_or_default();
     if options.get("include_usage") == Some(&Value::Bool(true)) {
         return None;
     }
     options.insert("include_usage".into(), Value::Bool(true));
+    let options = serde_json::value::to_raw_value(&options).ok()?;
+    request.insert("stream_options".into(), &options);
     serde_json::to_vec(&request).ok().map(Bytes::from)
+}
+
+/// A request body's top-level fields as the provider reads them: keys unescaped (`"\u0073tream"`
+/// is `stream`), the last of a repeated key winning; values left unparsed (a body can be
+/// megabytes of images).
+fn fields(body: &[u8]) -> Option<BTreeMap<String, &RawValue>> {
+    serde_json::from_slice(body).ok()
 }
 
 /// Why `method path` with `body` may not go through, when its answer would carry no usage for
 /// work billed later: a background response (OpenAI's Responses API, `"background": true`)
 /// answers at once with `usage: null` and runs on; nothing counts what it spends.
 pub fn unmetered(method: &Method, path: &str, body: &[u8]) -> Option<&'static str> {
-    if method != Method::POST
-        || !path.ends_with("/responses")
-        || memchr::memmem::find(body, b"background").is_none()
-    {
+    if method != Method::POST || !path.ends_with("/responses") {
         return None;
     }
-    let request: Map<String, Value> = serde_json::from_slice(body).ok()?;
-    (request.get("background") == Some(&Value::Bool(true)))
+    (fields(body)?.get("background").map(|v| v.get().trim()) == Some("true"))
         .then_some("background responses are billed after their answer, which carries no usage a budget could count")
+}
+
+/// Whether a successful call to `path` costs no tokens, so its answer (which carries no usage)
+/// counts no estimate: counting tokens, moderation.
+pub fn free(path: &str) -> bool {
+    path.ends_with("/count_tokens")
+        || path.ends_with(":countTokens")
+        || path.ends_with("/moderations")
 }
 
 /// Takes the usage-only chunk out of a server-sent-event stream, event by event: what comes
@@ -171,6 +183,15 @@ mod tests {
             r#"{"stream":true,"stream_options":null}"#,
         );
         assert_eq!(null.unwrap()["stream_options"]["include_usage"], true);
+        // An escaped key, a repeated one: read as the provider reads them.
+        for tricky in [
+            r#"{"\u0073tream":true}"#,
+            r#"{ "stream" : true , "model": "m" }"#,
+            r#"{"stream":false,"stream":true,"stream_options":{"include_usage":true},"stream_options":{}}"#,
+        ] {
+            let asked = post("/v1/chat/completions", tricky).unwrap();
+            assert_eq!(asked["stream_options"]["include_usage"], true, "{tricky}");
+        }
         let already = r#"{"stream":true,"stream_options":{"include_usage":true}}"#;
         assert!(post("/v1/chat/completions", already).is_none());
         assert!(post("/v1/chat/completions", r#"{"stream":false}"#).is_none());
@@ -182,12 +203,24 @@ mod tests {
     }
 
     #[test]
+    fn calls_that_cost_no_tokens_are_known() {
+        assert!(free("/v1/messages/count_tokens"));
+        assert!(free("/v1beta/models/gemini-2.0-flash:countTokens"));
+        assert!(free("/v1/moderations"));
+        assert!(!free("/v1/messages"));
+        assert!(!free("/v1/chat/completions"));
+    }
+
+    #[test]
     fn a_background_response_is_refused() {
         let post = |path: &str, body: &str| unmetered(&Method::POST, path, body.as_bytes());
         assert!(post("/v1/responses", r#"{"model":"m","background":true}"#).is_some());
         assert!(post("/openai/v1/responses", r#"{"background":true}"#).is_some());
         assert!(post("/v1/responses", r#"{"background":false}"#).is_none());
         assert!(post("/v1/responses", r#"{"input":"background"}"#).is_none());
+        assert!(post("/v1/responses", r#"{"backgroun\u0064":true}"#).is_some());
+        let repeated = r#"{"background":false,"background":true}"#;
+        assert!(post("/v1/responses", repeated).is_some());
         assert!(post("/v1/chat/completions", r#"{"background":true}"#).is_none());
     }
 

@@ -68,6 +68,8 @@ pub struct Broker {
     allowed: Vec<Allowed>,
     /// Largest request body an agent may send.
     pub max_body_bytes: usize,
+    /// Whether answers without usage count an estimate (a model provider's).
+    pub estimates: bool,
 }
 
 impl Broker {
@@ -331,6 +333,7 @@ fn broker(name: &str, b: BrokerRoutes) -> Result<Broker, String> {
         idle: Duration::from_millis(b.idle_timeout_ms),
         allowed: b.allowed,
         max_body_bytes: b.max_body_bytes,
+        estimates: b.estimates,
     })
 }
 

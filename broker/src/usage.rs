@@ -119,12 +119,9 @@ impl UsageMeter {
             let line = std::mem::take(&mut self.held);
             self.line(&line);
         } else if self.overflowed {
-            for value in std::mem::take(&mut self.large.found) {
-                let v = serde_json::from_slice::<Value>(&value).ok();
-                if let Some(u) = v.as_ref().and_then(usage_of) {
-                    self.found = true;
-                    self.usage.merge_max(u);
-                }
+            if let Some(u) = self.large.usage {
+                self.found = true;
+                self.usage.merge_max(u);
             }
         } else {
             let held = std::mem::take(&mut self.held);
@@ -201,8 +198,8 @@ struct LargeAnswer {
     named: bool,
     /// The usage object being read.
     value: Option<Vec<u8>>,
-    /// The usage objects read.
-    found: Vec<Vec<u8>>,
+    /// The largest counts of the usage objects read so far.
+    usage: Option<Usage>,
 }
 
 impl LargeAnswer {
@@ -256,7 +253,10 @@ impl LargeAnswer {
                     if self.own == Some(self.depth)
                         && let Some(value) = self.value.take()
                     {
-                        self.found.push(value);
+                        let value = serde_json::from_slice::<Value>(&value).ok();
+                        if let Some(u) = value.as_ref().and_then(usage_of) {
+                            self.usage.get_or_insert_default().merge_max(u);
+                        }
                     }
                 }
                 b',' => self.named = false,

@@ -169,6 +169,25 @@ listen = "127.0.0.1:{anthropic_port}"
         }
     }
 
+    /// A setup whose one policy (`agents`, uid 0, with `budget` if not empty) may use one more
+    /// broker, `[brokers.{name}]` with `settings`, against the fake provider.
+    fn with_broker(name: &str, settings: &str, budget: &str) -> Setup {
+        let policy = format!(
+            "[[policy]]\nname = \"agents\"\nuids = [0]\nbrokers = [\"{name}\"]\n{budget}\n"
+        );
+        let extra = format!(
+            "[brokers.{name}]\nupstream = \"{{upstream}}\"\nca_file = {{ca}}\n{settings}\n"
+        );
+        Setup::new(&policy, &extra)
+    }
+
+    /// The first `broker.request` audit row, once it is written.
+    fn first_request_row(&self) -> Value {
+        wait_for("a broker.request row", Duration::from_secs(30), || {
+            self.audit("broker.request").into_iter().next()
+        })
+    }
+
     fn socket(&self) -> PathBuf {
         self.env.dir.path().join("run/broker.sock")
     }
@@ -895,20 +914,11 @@ brokers = ["anthropic"]
 fn a_stream_the_agent_cuts_before_its_usage_still_counts_against_the_budget() {
     // OpenAI sends a stream's usage last: an agent that hangs up after the first chunk would
     // otherwise have its prompt (all of it billed) counted as nothing.
-    let policy = r#"[[policy]]
-name = "agents"
-uids = [0]
-brokers = ["cut"]
-budget = { tokens_per_day = 50 }
-"#;
-    let extra = r#"[brokers.cut]
-preset = "openai"
-secret = "openai/prod"
-upstream = "{upstream}"
-ca_file = {ca}
-idle_timeout = "2s"
-"#;
-    let s = Setup::new(policy, extra);
+    let s = Setup::with_broker(
+        "cut",
+        "preset = \"openai\"\nsecret = \"openai/prod\"\nidle_timeout = \"2s\"",
+        "budget = { tokens_per_day = 50 }",
+    );
     let prompt = "x".repeat(300);
     let body = format!(
         r#"{{"model":"m","messages":[{{"role":"user","content":"{prompt}"}}],"stream":true,"hold":true}}"#
@@ -930,11 +940,7 @@ idle_timeout = "2s"
     assert_eq!(&first, b"data:");
     agent.kill().unwrap();
     agent.wait().unwrap();
-    let row = wait_for(
-        "the cut request's audit row",
-        Duration::from_secs(20),
-        || s.audit("broker.request").into_iter().next(),
-    );
+    let row = s.first_request_row();
     let detail = &row["detail"];
     assert_eq!(detail["complete"], false, "{row}");
     assert!(detail["tokens_in"].is_null(), "{row}");
@@ -977,11 +983,7 @@ fn an_anthropic_stream_cut_after_its_text_counts_an_output_token_per_event() {
     assert_eq!(texts, 50);
     agent.kill().unwrap();
     agent.wait().unwrap();
-    let row = wait_for(
-        "the cut stream's audit row",
-        Duration::from_secs(20),
-        || s.audit("broker.request").into_iter().next(),
-    );
+    let row = s.first_request_row();
     let detail = &row["detail"];
     assert_eq!(detail["complete"], false, "{row}");
     assert_eq!(
@@ -999,20 +1001,12 @@ fn a_route_that_never_answered_still_counts_the_work_it_may_have_billed() {
     // The primary takes the request and never answers; after `first_byte_timeout` the backup
     // answers. The provider may bill both: counting only the answer's usage undercounts, and an
     // agent can make it happen at will with requests that take long to answer.
-    let policy = r#"[[policy]]
-name = "agents"
-uids = [0]
-brokers = ["slow"]
-"#;
-    let extra = r#"[brokers.slow]
-preset = "openai"
-secret = "openai/prod"
-fallback = ["openai/backup"]
-upstream = "{upstream}"
-ca_file = {ca}
-first_byte_timeout = "1s"
-"#;
-    let s = Setup::new(policy, extra);
+    let s = Setup::with_broker(
+        "slow",
+        "preset = \"openai\"\nsecret = \"openai/prod\"\nfallback = [\"openai/backup\"]\n\
+         first_byte_timeout = \"1s\"",
+        "",
+    );
     s.provider
         .accept(&[(PRIMARY, "stall"), (BACKUP, "ok")], None);
     let body = format!(
@@ -1021,9 +1015,7 @@ first_byte_timeout = "1s"
     );
     let (status, answer) = s.post("/v1/broker/slow/v1/chat/completions", &body, &[]);
     assert_eq!(status, 200, "{answer}");
-    let row = wait_for("the request's audit row", Duration::from_secs(20), || {
-        s.audit("broker.request").into_iter().next()
-    });
+    let row = s.first_request_row();
     let detail = &row["detail"];
     assert_eq!(detail["route"], "openai/backup", "{row}");
     assert_eq!(detail["tokens_in"], 11, "{row}");
@@ -1037,19 +1029,11 @@ first_byte_timeout = "1s"
 fn an_agent_that_stops_reading_its_answer_is_cut_after_the_idle_time_out() {
     // Not reading fills the socket: the answer is not polled, so nothing else would end the
     // request, which holds its connection, its budget hold and its key version meanwhile.
-    let policy = r#"[[policy]]
-name = "agents"
-uids = [0]
-brokers = ["cut"]
-"#;
-    let extra = r#"[brokers.cut]
-preset = "anthropic"
-secret = "anthropic/prod"
-upstream = "{upstream}"
-ca_file = {ca}
-idle_timeout = "2s"
-"#;
-    let s = Setup::new(policy, extra);
+    let s = Setup::with_broker(
+        "cut",
+        "preset = \"anthropic\"\nsecret = \"anthropic/prod\"\nidle_timeout = \"2s\"",
+        "",
+    );
     let body = r#"{"model":"m","max_tokens":4096,"messages":[],"stream":true,"deltas":100000}"#;
     let mut agent = std::os::unix::net::UnixStream::connect(s.socket()).unwrap();
     write!(
@@ -1060,11 +1044,7 @@ idle_timeout = "2s"
     )
     .unwrap();
     // It reads nothing, and keeps the connection open.
-    let row = wait_for(
-        "the stalled request's audit row",
-        Duration::from_secs(30),
-        || s.audit("broker.request").into_iter().next(),
-    );
+    let row = s.first_request_row();
     let detail = &row["detail"];
     assert_eq!(detail["status"], 200, "{row}");
     assert_eq!(detail["complete"], false, "{row}");

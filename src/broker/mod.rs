@@ -152,6 +152,15 @@ pub fn compile(
     if c.max_body_bytes == 0 {
         return Err(("max_body_bytes", "must be more than zero".into()));
     }
+    for (key, time) in [
+        ("connect_timeout", c.connect_timeout),
+        ("first_byte_timeout", c.first_byte_timeout),
+        ("idle_timeout", c.idle_timeout),
+    ] {
+        if time.is_zero() {
+            return Err((key, "must be more than zero".into()));
+        }
+    }
     Ok(Broker {
         name: name.to_string(),
         listen: c.listen.as_deref().map(loopback).transpose()?,
@@ -162,6 +171,7 @@ pub fn compile(
             idle_timeout_ms: c.idle_timeout.as_millis() as u64,
             allowed,
             max_body_bytes: c.max_body_bytes,
+            estimates: c.preset != Preset::Bearer,
         },
     })
 }
@@ -439,6 +449,17 @@ mod tests {
         assert!(!b.allows("GET", "/v1/chat/completions"));
         assert!(!b.allows("POST", "/v1/files"));
         assert!(!b.allows("DELETE", "/v1/models/x"));
+        assert!(
+            b.routes.estimates,
+            "a model provider's work without usage is estimated"
+        );
+        let rest = config(
+            r#"preset = "bearer"
+               secret = "s"
+               upstream = "https://api.example.com"
+               paths = ["POST /v1/things"]"#,
+        );
+        assert!(!compile("rest", &rest, |_| true).unwrap().routes.estimates);
     }
 
     #[test]
@@ -517,6 +538,12 @@ mod tests {
                           secret = "s"
                           listen = "0.0.0.0:8788""#),
             "listen"
+        );
+        assert_eq!(
+            bad(r#"preset = "openai"
+                          secret = "s"
+                          idle_timeout = "0s""#),
+            "idle_timeout"
         );
         for url in [
             "http://api.example.com",

@@ -19,8 +19,13 @@ const DAY: Millis = 86_400_000;
 /// one per event streamed back (for a stream that ended before its usage, or an answer
 /// without one).
 pub fn estimate(body_bytes: usize, events: u64) -> u64 {
-    body_bytes.div_ceil(4) as u64 + events
+    (body_bytes.div_ceil(4) as u64).saturating_add(events)
 }
+
+/// The most one request in flight holds of its policy's day, whatever its estimate: a body of
+/// images (4 MiB of base64 is a million by [`estimate`], a few thousand tokens to the provider)
+/// would otherwise hold a budget from everyone for as long as it runs.
+pub const HOLD_AT_MOST: u64 = 32_768;
 
 /// `budget = { requests_per_minute, tokens_per_day }` of a `[[policy]]`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,7 +138,7 @@ pub struct Budgets {
 
 impl Budgets {
     /// Counts a request against `policy`'s budget and holds `reserve` tokens (its
-    /// [`estimate`]) until [`Budgets::spend`] says what it used; or says which budget is spent
+    /// [`estimate`], at most [`HOLD_AT_MOST`]) until [`Budgets::spend`] says what it used; or says which budget is spent
     /// (and counts nothing). Tokens held by requests in flight count as spent: when only they
     /// fill the budget, it renews in a second, not the next day.
     pub fn admit(
@@ -172,7 +177,7 @@ impl Budgets {
         }
         c.requests_this_minute += 1;
         c.requests_today += 1;
-        c.reserved = c.reserved.saturating_add(reserve);
+        c.reserved = c.reserved.saturating_add(reserve.min(HOLD_AT_MOST));
         drop(policies);
         let mut callers = self.callers.lock().expect("budget lock");
         let c = callers.entry(caller.clone()).or_default();
@@ -191,7 +196,7 @@ impl Budgets {
             .expect("budget lock")
             .get_mut(&caller.0)
         {
-            c.reserved = c.reserved.saturating_sub(reserved);
+            c.reserved = c.reserved.saturating_sub(reserved.min(HOLD_AT_MOST));
         }
         self.add(caller, 0, tokens, now);
     }
@@ -347,6 +352,19 @@ mod tests {
         b.spend(&caller(), 70, estimate(4, 0), T0);
         let spent = b.admit("agents", &budget, &caller(), 0, T0).unwrap_err();
         assert_eq!(spent.retry_after(), 14 * 3600);
+
+        // A body of images holds no more than HOLD_AT_MOST, and lets go of exactly that.
+        let large = Budget {
+            requests_per_minute: None,
+            tokens_per_day: Some(2 * HOLD_AT_MOST),
+        };
+        let image = estimate(4 << 20, 0);
+        let caller: Caller = ("large".into(), 1001, "/usr/bin/python3".into());
+        b.admit("large", &large, &caller, image, T0).unwrap();
+        b.admit("large", &large, &caller, image, T0).unwrap();
+        b.admit("large", &large, &caller, 1, T0).unwrap_err();
+        b.spend(&caller, 0, image, T0);
+        b.admit("large", &large, &caller, 1, T0).unwrap();
     }
 
     #[test]

@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 
 /// Request headers an agent may not pass on to a provider: its own credentials (a placeholder,
 /// or worse a real key), cookies, headers asking for another method than the one checked or
-/// another organization or project to bill than the key's own, and hop-by-hop headers. Both the daemon and the broker drop
-/// them (and every `x-keywarden-*` header).
+/// another organization or project to bill than the key's own, and hop-by-hop headers
+/// ([`passes_request_header`] drops them and more).
 pub const DROPPED_REQUEST_HEADERS: &[&str] = &[
     "authorization",
     "x-api-key",
@@ -70,20 +70,41 @@ pub fn passes_request_header(name: &str) -> bool {
 /// way to pass a key: the agent's placeholder), Google's system parameters that cut the usage
 /// out of an answer or change its format (`fields`, `alt` but `alt=sse`/`alt=json`,
 /// `prettyPrint`, `callback`, …, and every `$name` form), credentials (`access_token`,
-/// `oauth_token`), and names that are not plain (`%`-encoded ones could spell any of these).
+/// `oauth_token`), and names that are not plain once `%`-decoded (as the upstream reads them:
+/// `%24fields` is `$fields`; the SDKs' `include%5B%5D` is `include[]` and passes).
 pub fn passes_query_parameter(pair: &str) -> bool {
     let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+    let (Some(name), Some(value)) = (percent_decoded(name), percent_decoded(value)) else {
+        return false;
+    };
     let plain = !name.is_empty()
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'[' | b']'));
     plain
-        && match name {
+        && match name.as_str() {
             "alt" => value == "sse" || value == "json",
             "key" | "fields" | "prettyPrint" | "callback" | "access_token" | "oauth_token"
             | "quotaUser" | "userIp" | "upload_protocol" | "uploadType" => false,
             _ => true,
         }
+}
+
+/// `text` with its `%XX` escapes and `+` decoded, if that is UTF-8 and every escape whole.
+fn percent_decoded(text: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        out.push(match b {
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?
+            }
+            b'+' => b' ',
+            b => b,
+        });
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Response header naming the route (secret) that answered.
@@ -135,6 +156,10 @@ pub struct BrokerRoutes {
     pub allowed: Vec<Allowed>,
     /// Largest request body an agent may send, bytes.
     pub max_body_bytes: usize,
+    /// Whether the upstream is a model provider, for whose work an answer that carries no
+    /// usage counts an estimate (every preset but `bearer`; absent: none).
+    #[serde(default)]
+    pub estimates: bool,
 }
 
 /// An allowed method and path: the path and everything under it (`/v1/models` allows
@@ -360,12 +385,11 @@ pub struct Ended {
     pub tokens_in: Option<u64>,
     /// Output tokens.
     pub tokens_out: Option<u64>,
-    /// Tokens counted by estimate ([`budget::estimate`]) for work the provider may have done
-    /// that its answer does not count: a successful answer without usage (the agent hung up
-    /// before a stream's last chunk, an endpoint that reports none), events of a stream cut
+    /// Tokens counted by estimate ([`budget::estimate`]) for work a model provider may have
+    /// done that its answer does not count: a successful answer without usage (the agent hung
+    /// up before a stream's last chunk, an endpoint that reports none), events of a stream cut
     /// after its first usage, a request given up before its answer, each route sent it that
     /// never answered.
-    #[serde(default)]
     pub tokens_estimated: Option<u64>,
     /// Time to the upstream's answer head.
     pub upstream_ms: Option<u64>,
@@ -475,6 +499,7 @@ mod tests {
             "api-version=2024-10-21",
             "limit=20",
             "beta=true",
+            "include%5B%5D=file_search_call.results",
         ] {
             assert!(passes(kept), "{kept}");
         }
@@ -483,6 +508,9 @@ mod tests {
             "fields=candidates",
             "$fields=candidates",
             "%24fields=candidates",
+            "%66ields=candidates",
+            "alt=%70roto",
+            "f%2=x",
             "alt=proto",
             "$alt=proto",
             "prettyPrint=false",
