@@ -621,7 +621,9 @@ mod tests {
         let file = std::fs::OpenOptions::new().write(true).open(&big).unwrap();
         file.set_len(MAX_HASHED_EXE_BYTES + 1).unwrap();
         drop(file);
-        let mut child = std::process::Command::new(&big).arg("30").spawn().unwrap();
+        let mut child =
+            keywarden_testkit::unless_busy(|| std::process::Command::new(&big).arg("30").spawn())
+                .unwrap();
         let peer = Peer {
             uid: 0,
             gid: 0,

@@ -296,7 +296,6 @@ async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Respons
         .expect("admitted through a broker of this forwarder");
     conn.unread_limit
         .store(broker.idle.as_millis() as u64, Ordering::Relaxed);
-    let estimates = broker.estimates && !free(&path);
     // Reported even if the agent hangs up (or a stop cuts the request) before an answer.
     let mut unanswered = Unanswered(Some(Finish {
         state: state.clone(),
@@ -319,7 +318,7 @@ async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Respons
         started: Instant::now(),
         request_bytes: body.len(),
         lost_sends: 0,
-        estimates: false,
+        estimates: broker.estimates && !free(&path),
     }));
     // A streamed chat completion that does not ask for its usage is made to (ask_usage.rs).
     let (body, hide_usage) = match ask_for_usage(&parts.method, &path, &body) {
@@ -341,7 +340,6 @@ async fn forward(state: &Arc<State>, conn: &Conn, admitted: Admitted) -> Respons
     finish.ended.status = head.status.as_u16();
     finish.ended.upstream_ms = forwarded.upstream_ms;
     finish.lost_sends = forwarded.lost_sends;
-    finish.estimates = estimates;
     let streamed = content_type.starts_with("text/event-stream");
     let metered = Metered {
         meter: Some(UsageMeter::new(content_type)),

@@ -1026,6 +1026,33 @@ fn a_route_that_never_answered_still_counts_the_work_it_may_have_billed() {
 }
 
 #[test]
+fn a_request_the_agent_gives_up_on_before_its_answer_counts_its_estimate() {
+    // The provider may be working on it: leaving before the answer must not make it free.
+    let s = Setup::with_broker(
+        "slow",
+        "preset = \"openai\"\nsecret = \"openai/prod\"\nfirst_byte_timeout = \"60s\"",
+        "",
+    );
+    s.provider.accept(&[(PRIMARY, "stall")], None);
+    let body = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(400)
+    );
+    let (status, _) = curl(
+        &s.socket(),
+        "POST",
+        "/v1/broker/slow/v1/chat/completions",
+        &["--max-time", "1", "--data", &body],
+    );
+    assert_eq!(status, 0, "the agent gave up before an answer");
+    let row = s.first_request_row();
+    let detail = &row["detail"];
+    assert_eq!(detail["status"], 0, "{row}");
+    assert_eq!(detail["tokens_estimated"], body.len().div_ceil(4), "{row}");
+    std::fs::write(s.provider.state.join("release"), "").unwrap();
+}
+
+#[test]
 fn an_agent_that_stops_reading_its_answer_is_cut_after_the_idle_time_out() {
     // Not reading fills the socket: the answer is not polled, so nothing else would end the
     // request, which holds its connection, its budget hold and its key version meanwhile.

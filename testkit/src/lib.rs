@@ -250,6 +250,23 @@ pub fn curl(socket: &Path, method: &str, path: &str, extra: &[&str]) -> (u16, St
     curl_with(Path::new("/usr/bin/curl"), socket, method, path, extra)
 }
 
+/// `run`'s result, tried again while it fails because the executable is "busy": a freshly
+/// copied executable is, while a process forked by another test thread still holds the copy's
+/// write descriptor (that child execs and lets go of it at once).
+pub fn unless_busy<T>(mut run: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    let mut out = run();
+    for _ in 0..50 {
+        match &out {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                out = run();
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
 /// Like [`curl`] with a given curl executable (a copy, to be a different peer executable).
 pub fn curl_with(
     bin: &Path,
@@ -274,19 +291,7 @@ pub fn curl_with(
             .arg(format!("http://localhost{path}"))
             .output()
     };
-    // A freshly copied executable is "busy" while a process forked by another test thread
-    // still holds the copy's write descriptor; that child execs and lets go of it at once.
-    let mut out = run();
-    for _ in 0..50 {
-        match &out {
-            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-                out = run();
-            }
-            _ => break,
-        }
-    }
-    let out = out.expect("run curl");
+    let out = unless_busy(run).expect("run curl");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_string())
