@@ -182,12 +182,12 @@ impl Allowed {
     /// Parses `"POST /v1/models"` (the path and everything under it) or `"POST = /v1/messages"`
     /// (that path alone).
     pub fn parse(text: &str) -> Result<Allowed, String> {
-        let usage = || format!("{text:?} is not \"METHOD /path\" or \"METHOD = /path\"");
+        let malformed = || format!("{text:?} is not \"METHOD /path\" or \"METHOD = /path\"");
         let words: Vec<&str> = text.split_whitespace().collect();
         let (method, exact, path) = match words[..] {
             [method, path] => (method, false, path),
             [method, "=", path] => (method, true, path),
-            _ => return Err(usage()),
+            _ => return Err(malformed()),
         };
         let method = method.to_ascii_uppercase();
         if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method.as_str()) {
