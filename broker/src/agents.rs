@@ -222,24 +222,8 @@ async fn admit(
     if let Some(why) = unmetered(&parts.method, rest, &body) {
         return Err(deny(why.into()));
     }
-    if state.is_blocked(name) {
-        return Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "blocked",
-            format!("broker {name} is blocked by an operator"),
-        ));
-    }
-    if state.audit_backlog() || state.reporter.backlogged() {
-        let mut refused = error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "audit_unavailable",
-            "keywarden cannot write its audit log now; brokered requests resume once it can",
-        );
-        // The SDKs wait this long before they try again.
-        refused
-            .headers_mut()
-            .insert("retry-after", HeaderValue::from_static("1"));
-        return Err(refused);
+    if let Some(paused) = paused(state, name) {
+        return Err(paused);
     }
     let caller: Caller = (
         admission.policy.clone(),
@@ -264,6 +248,31 @@ async fn admit(
         body,
         caller,
     })
+}
+
+/// The answer (503) while requests through broker `name` are stopped: an operator blocked it,
+/// or the audit log cannot take their rows.
+fn paused(state: &State, name: &str) -> Option<Response<Body>> {
+    if state.is_blocked(name) {
+        return Some(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "blocked",
+            format!("broker {name} is blocked by an operator"),
+        ));
+    }
+    if state.audit_backlog() || state.reporter.backlogged() {
+        let mut refused = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            "keywarden cannot write its audit log now; brokered requests resume once it can",
+        );
+        // The SDKs wait this long before they try again.
+        refused
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
+        return Some(refused);
+    }
+    None
 }
 
 /// Sends an admitted request upstream and streams the answer back through the usage meter;
